@@ -1,0 +1,5 @@
+"""User-facing errors: the CLI prints them as one line and exits with code 2, no traceback."""
+
+
+class UserError(Exception):
+    """A mistake in the user's input or environment (bad flag, missing file, no network...)."""

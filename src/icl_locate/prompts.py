@@ -1,0 +1,138 @@
+"""Prompt formats of the paper, byte-identical, and the token spans of each prompt part.
+
+prompt = header + sep + examples + sep + query      (header + sep + query when k = 0)
+example = Q + src + A + tgt + " "                    (examples joined by sep)
+query   = Q + src + A
+
+Spans are character ranges of the prompt text; token spans come from the tokenizer's offset
+mapping of the *full* prompt (never from re-tokenising the pieces, which can tokenise
+differently at the seams). The separators around the examples belong to the examples span, as
+in the paper's code; BOS is its own span and is never hidden.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from .errors import UserError
+
+PARTS = ("instructions", "examples", "query")
+CharSpan = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """A format of the paper's configs (configs/format/*.yaml)."""
+
+    name: str
+    header: str  # may hold <L1>/<L2>, replaced by language names
+    q: str
+    a: str
+    sep: str = "\n"
+
+
+FORMATS: dict[str, PromptFormat] = {
+    f.name: f
+    for f in (
+        PromptFormat("instr_machine_translation", "Translate <L1> to <L2>:", "Q:", "A:"),
+        PromptFormat("instr_code_gen", "Write a program for the following task:\n", "Q:", "\nA:"),
+        PromptFormat("instr_none_QA", "", "Q:", "\nA:"),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Example:
+    """One (source, target) pair with a stable id from its dataset."""
+
+    id: str
+    source: str
+    target: str
+
+
+@dataclass
+class Prompt:
+    text: str
+    char_spans: dict[str, CharSpan | None]
+    example_ids: list[str] = field(default_factory=list)
+
+
+def render_header(fmt: PromptFormat, l1: str = "", l2: str = "") -> str:
+    return fmt.header.replace("<L1>", l1).replace("<L2>", l2)
+
+
+def build_prompt(fmt: PromptFormat, examples: Sequence[Example], query: str, header: str | None = None) -> Prompt:
+    """Assemble the paper's prompt and remember where each part is.
+
+    ``header`` overrides the format's header (after <L1>/<L2> substitution); pass "" for the
+    no-instructions variant.
+    """
+    header = fmt.header if header is None else header
+    shots = fmt.sep.join(f"{fmt.q}{ex.source.strip()}{fmt.a}{ex.target.strip()} " for ex in examples)
+    prefix = f"{header}{fmt.sep}{shots}" if shots else header
+    query_text = f"{fmt.q}{query.strip()}{fmt.a}"
+    text = f"{prefix}{fmt.sep}{query_text}"
+    query_start = len(prefix) + len(fmt.sep)
+    spans: dict[str, CharSpan | None] = {
+        "instructions": (0, len(header)) if header else None,
+        "examples": (len(header), query_start) if shots else None,
+        "query": (query_start, len(text)),
+    }
+    return Prompt(text=text, char_spans=spans, example_ids=[ex.id for ex in examples])
+
+
+def sample_examples(bank: Sequence[Example], k: int, seed: int) -> list[Example]:
+    """k examples drawn without replacement by a seeded RNG: same seed, same examples, any model."""
+    if k < 0:
+        raise UserError(f"number of examples must be >= 0, got {k}")
+    if k > len(bank):
+        raise UserError(f"{k} examples requested but the prompt bank has only {len(bank)}")
+    rng = random.Random(seed)
+    return [bank[i] for i in rng.sample(range(len(bank)), k)]
+
+
+# --------------------------------------------------------------------------- tokens
+
+@dataclass
+class EncodedPrompt:
+    """A tokenised prompt: ids and token ranges [start, end) of bos/instructions/examples/query."""
+
+    text: str
+    ids: list[int]
+    spans: dict[str, tuple[int, int] | None]
+    example_ids: list[str] = field(default_factory=list)
+
+    def span_text(self, tokenizer, part: str) -> str:
+        span = self.spans.get(part)
+        return "" if span is None else tokenizer.decode(self.ids[span[0]:span[1]])
+
+
+def encode_prompt(tokenizer, prompt: Prompt) -> EncodedPrompt:
+    """Tokenise the full prompt once and map each part's characters to token ranges.
+
+    A token belongs to the part that holds its first character; special tokens with empty
+    offsets at the start are BOS. A tokenizer that appends special tokens (EOS) at the end has
+    them dropped: a prompt must end where the answer begins.
+    """
+    enc = tokenizer(prompt.text, return_offsets_mapping=True, add_special_tokens=True)
+    ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+    special = set(tokenizer.all_special_ids)
+    while ids and ids[-1] in special and offsets[-1] == (0, 0) and len(ids) > 1:
+        ids.pop()
+        offsets.pop()
+    n_bos = 0
+    while n_bos < len(ids) and ids[n_bos] in special and offsets[n_bos] == (0, 0):
+        n_bos += 1
+    spans: dict[str, tuple[int, int] | None] = {"bos": (0, n_bos) if n_bos else None}
+    for part in PARTS:
+        char_span = prompt.char_spans.get(part)
+        if char_span is None:
+            spans[part] = None
+            continue
+        lo, hi = char_span
+        toks = [i for i in range(n_bos, len(ids)) if lo <= offsets[i][0] < hi]
+        spans[part] = (toks[0], toks[-1] + 1) if toks else None
+    return EncodedPrompt(text=prompt.text, ids=ids, spans=spans, example_ids=list(prompt.example_ids))
+

@@ -1,0 +1,206 @@
+"""Masking semantics on tiny random models of every covered family."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from icl_locate.engine import forward, greedy_decode, plan_for_prompt
+from icl_locate.masking import MaskPlan, decoder_layers, get_condition, hidden_ranges, merge_ranges
+from icl_locate.models import load_model
+
+FAMILIES = ["llama", "qwen2", "starcoder2", "gemma3", "gpt_neo", "bloom", "gpt2", "gpt_neox", "mistral"]
+SEQ = 20
+# row 0 hides a middle stretch, row 1 hides from the very first token (no BOS: "dead" rows)
+HIDDEN = [[(2, 7), (9, 11)], [(0, 6)]]
+
+_cache: dict = {}
+
+
+def tiny(family: str, attn: str | None = None):
+    key = (family, attn)
+    if key not in _cache:
+        _cache[key] = load_model(f"tiny:{family}", attn_implementation=attn).model
+    return _cache[key]
+
+
+def ids_pair(seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 200, (2, SEQ), generator=g)
+
+
+def replace_hidden(ids: torch.Tensor, hidden=HIDDEN) -> torch.Tensor:
+    out = ids.clone()
+    for row, ranges in enumerate(hidden):
+        for a, b in ranges:
+            out[row, a:b] = (out[row, a:b] + 17) % 200 + 3
+    return out
+
+
+def visible_positions(row: int) -> list[int]:
+    hidden = {i for a, b in HIDDEN[row] for i in range(a, b)}
+    return [i for i in range(SEQ) if i not in hidden]
+
+
+def n_layers(model) -> int:
+    return len(decoder_layers(model))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mask_from_last_layer_is_no_mask(family):
+    model = tiny(family)
+    ids = ids_pair()
+    plain = forward(model, ids).logits
+    past_end = forward(model, ids, plan=MaskPlan.from_layer(HIDDEN, n_layers(model), n_layers(model))).logits
+    assert torch.equal(plain, past_end)
+    # and the prepared model without a plan computes what transformers computes
+    from transformers import AutoModelForCausalLM
+
+    fresh = AutoModelForCausalLM.from_config(model.config.__class__.from_dict(
+        {**model.config.to_dict(), "_attn_implementation": None})).eval()
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        reference = fresh(ids, position_ids=None if family == "bloom" else torch.arange(SEQ)[None].expand(2, -1)).logits
+    torch.testing.assert_close(plain, reference, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hidden_tokens_are_invisible_from_layer_0(family):
+    model = tiny(family)
+    ids = ids_pair()
+    swapped = replace_hidden(ids)
+    plan = MaskPlan.from_layer(HIDDEN, 0, n_layers(model))
+    a, b = forward(model, ids, plan=plan).logits, forward(model, swapped, plan=plan).logits
+    assert torch.isfinite(a).all()
+    for row in range(2):
+        vis = visible_positions(row)
+        assert torch.equal(a[row, vis], b[row, vis]), f"row {row}: visible logits depend on hidden tokens"
+    # without the plan the hidden tokens matter
+    assert not torch.allclose(forward(model, ids).logits[0, -1], forward(model, swapped).logits[0, -1])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hidden_tokens_matter_when_masked_from_later_layer(family):
+    model = tiny(family)
+    ids = ids_pair()
+    swapped = replace_hidden(ids)
+    plan = MaskPlan.from_layer(HIDDEN, 2, n_layers(model))
+    a, b = forward(model, ids, plan=plan).logits, forward(model, swapped, plan=plan).logits
+    assert not torch.allclose(a[0, -1], b[0, -1], atol=1e-6)
+    # and masking does change the result compared with no mask
+    assert not torch.allclose(a[0, -1], forward(model, ids).logits[0, -1], atol=1e-6)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("from_layer", [0, 2])
+def test_kv_cache_decoding_equals_full_forward(family, from_layer):
+    from transformers import DynamicCache
+
+    model = tiny(family)
+    ids = ids_pair()
+    plan = MaskPlan.from_layer(HIDDEN, from_layer, n_layers(model))
+    full = forward(model, ids, plan=plan).logits
+    cache = DynamicCache()
+    prefix = 12
+    first = forward(model, ids[:, :prefix], cache=cache, plan=plan).logits
+    steps = [first]
+    for t in range(prefix, SEQ):
+        steps.append(forward(model, ids[:, t:t + 1], cache=cache, plan=plan).logits)
+    incremental = torch.cat(steps, dim=1)
+    torch.testing.assert_close(incremental, full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_decode_cache_and_no_cache_agree(family):
+    model = tiny(family)
+    prompt = ids_pair()[0].tolist()
+    plan = plan_for_prompt(HIDDEN[0], layers=range(1, n_layers(model)))
+    with_cache = greedy_decode(model, None, prompt, plan, max_new_tokens=8, use_cache=True)
+    without = greedy_decode(model, None, prompt, plan, max_new_tokens=8, use_cache=False)
+    assert with_cache.token_ids == without.token_ids
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_eager_attention_weights_are_zero_on_hidden_columns(family):
+    model = tiny(family, attn="eager")
+    ids = ids_pair()
+    from_layer = 2
+    plan = MaskPlan.from_layer(HIDDEN, from_layer, n_layers(model))
+    attentions = forward(model, ids, plan=plan, output_attentions=True).attentions
+    assert len(attentions) == n_layers(model)
+    for layer, weights in enumerate(attentions):
+        for row, ranges in enumerate(HIDDEN):
+            on_hidden = torch.cat([weights[row, :, :, a:b] for a, b in ranges], dim=-1)
+            if layer >= from_layer:
+                assert torch.count_nonzero(on_hidden) == 0, f"layer {layer} row {row} attends to hidden columns"
+            else:
+                assert torch.count_nonzero(on_hidden) > 0
+        assert torch.isfinite(weights).all()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_left_padded_batch_equals_rows_alone(family):
+    model = tiny(family)
+    g = torch.Generator().manual_seed(1)
+    lengths = [SEQ, 13]
+    rows = [torch.randint(3, 200, (n,), generator=g) for n in lengths]
+    hidden = [[(3, 8)], [(2, 5), (6, 9)]]
+    pad = max(lengths)
+    ids = torch.zeros(2, pad, dtype=torch.long)
+    mask = torch.zeros(2, pad, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, pad - len(r):] = r
+        mask[i, pad - len(r):] = 1
+    plan = MaskPlan.from_layer(hidden, 1, n_layers(model)).shifted([pad - n for n in lengths])
+    batched = forward(model, ids, attention_mask=mask, plan=plan).logits
+    for i, r in enumerate(rows):
+        alone = forward(model, r[None], plan=MaskPlan.from_layer([hidden[i]], 1, n_layers(model))).logits
+        torch.testing.assert_close(batched[i, pad - len(r):], alone[0], atol=1e-5, rtol=1e-5)
+
+
+# output projection of each family's attention, zeroed by hand as the reference for ablation
+OUT_PROJ = {"llama": "self_attn.o_proj", "qwen2": "self_attn.o_proj", "starcoder2": "self_attn.o_proj",
+            "gemma3": "self_attn.o_proj", "mistral": "self_attn.o_proj", "gpt2": "attn.c_proj",
+            "gpt_neox": "attention.dense", "gpt_neo": "attn.attention.out_proj", "bloom": "self_attention.dense"}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_whole_layer_ablation_equals_zeroed_attention(family):
+    model = tiny(family)
+    ids = ids_pair()
+    layer = 1
+    ablated = forward(model, ids, plan=MaskPlan.ablation([layer])).logits
+    proj = decoder_layers(model)[layer].get_submodule(OUT_PROJ[family])
+    saved = {k: v.clone() for k, v in proj.state_dict().items()}
+    try:
+        with torch.no_grad():
+            for p in proj.parameters():
+                p.zero_()
+        by_hand = forward(model, ids).logits
+    finally:
+        proj.load_state_dict(saved)
+    torch.testing.assert_close(ablated, by_hand, atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(ablated, forward(model, ids).logits)
+
+
+def test_conditions_and_ranges():
+    spans = {"bos": (0, 1), "instructions": (1, 5), "examples": (5, 30), "query": (30, 38)}
+    assert hidden_ranges(get_condition("TTF"), spans, 38) == [(1, 30)]
+    assert hidden_ranges(get_condition("examples"), spans, 38) == [(5, 30)]
+    assert hidden_ranges(get_condition("FFT"), spans, 38) == [(30, 38)]
+    assert hidden_ranges(get_condition("instructions+examples+query"), spans, 38) == [(1, 38)]
+    assert hidden_ranges(get_condition("all-but-last"), spans, 38) == [(1, 37)]
+    assert hidden_ranges(get_condition("baseline"), spans, 38) == []
+    assert merge_ranges([(5, 7), (1, 3), (3, 4)]) == [(1, 4), (5, 7)]
+    with pytest.raises(ValueError, match="unknown condition"):
+        get_condition("nope")
+
+
+def test_plan_validation():
+    with pytest.raises(ValueError):
+        MaskPlan.from_layer([[(0, 2)]], 7, 4)
+    with pytest.raises(ValueError):
+        MaskPlan.from_layer([[(3, 2)]], 0, 4)
+    model = tiny("llama")
+    with pytest.raises(ValueError, match="out of range"):
+        forward(model, ids_pair(), plan=MaskPlan.ablation([9]))
