@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from icl_locate.errors import UserError
 from icl_locate.engine import forward, greedy_decode, plan_for_prompt
 from icl_locate.masking import MaskPlan, decoder_layers, get_condition, hidden_ranges, merge_ranges
 from icl_locate.models import load_model
@@ -192,7 +193,7 @@ def test_conditions_and_ranges():
     assert hidden_ranges(get_condition("all-but-last"), spans, 38) == [(1, 37)]
     assert hidden_ranges(get_condition("baseline"), spans, 38) == []
     assert merge_ranges([(5, 7), (1, 3), (3, 4)]) == [(1, 4), (5, 7)]
-    with pytest.raises(ValueError, match="unknown condition"):
+    with pytest.raises(UserError, match="unknown condition"):
         get_condition("nope")
 
 

@@ -42,10 +42,12 @@ def _cache_kwarg(model: nn.Module) -> str:
 
 @torch.no_grad()
 def forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-            cache=None, plan: MaskPlan | None = None, output_attentions: bool = False):
+            cache=None, plan: MaskPlan | None = None, output_attentions: bool = False, last_only: bool = False):
     """One forward pass under ``plan``, with padding-aware positions.
 
     ``attention_mask`` is the 2D padding mask over all tokens so far (cache included).
+    ``last_only`` asks for logits at the last position only (saves a vocabulary-sized matmul
+    per prompt token where the model supports ``logits_to_keep``).
     """
     if attention_mask is None:
         past = cache.get_seq_length() if cache is not None else 0
@@ -58,6 +60,8 @@ def forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Ten
         kwargs["position_ids"] = position_ids_for(attention_mask)[:, -input_ids.shape[1]:]
     if output_attentions:
         kwargs["output_attentions"] = True
+    if last_only and _accepts(model, "logits_to_keep"):
+        kwargs["logits_to_keep"] = 1
     with apply_plan(model, plan):
         return model(**kwargs)
 
@@ -96,7 +100,7 @@ def greedy_decode(model: nn.Module, tokenizer, prompt_ids: Sequence[int], plan: 
     new: list[int] = []
     finish = "length"
     for _ in range(max_new_tokens):
-        out = forward(model, step_input, cache=cache, plan=plan)
+        out = forward(model, step_input, cache=cache, plan=plan, last_only=True)
         token = int(out.logits[0, -1].argmax())
         if token in eos:
             finish = "eos"

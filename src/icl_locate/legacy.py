@@ -43,7 +43,7 @@ class LegacyAdapter:
             mask = kwargs["attention_mask"] if in_kwargs else args[self.mask_arg_index]
             if mask is None:
                 raise RuntimeError(f"{type(module).__name__} received no attention mask at a masked layer")
-            hidden = plan.hidden_columns(mask.shape[-1], mask.device)
+            hidden = plan.hidden_columns(mask.shape[-1], mask.device, layer_idx)
             mask, module._icl_dead = hide_columns(mask, hidden)
             if in_kwargs:
                 kwargs["attention_mask"] = mask

@@ -34,6 +34,8 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from .errors import UserError
+
 Range = tuple[int, int]
 
 
@@ -72,7 +74,7 @@ def get_condition(name: str) -> Condition:
     for cond in CONDITIONS.values():
         if name in (cond.name, cond.paper_code):
             return cond
-    raise ValueError(f"unknown condition {name!r}; choose from: {', '.join(CONDITIONS)}")
+    raise UserError(f"unknown condition {name!r}; choose from: {', '.join(CONDITIONS)}")
 
 
 def hidden_ranges(condition: Condition, spans: dict[str, Range | None], prompt_len: int) -> list[Range]:
@@ -108,13 +110,16 @@ class MaskPlan:
 
     hidden: per batch row, the token column ranges [start, end) to hide, in the coordinates of
         the batch as fed to the model (left padding included).
-    layers: the layers where hiding applies.
+    layers: the layers where hiding applies (for every row, unless ``row_layers`` is given).
     ablate: layers whose whole attention sublayer is removed (adds nothing to the residual).
+    row_layers: optional per-row layer sets, so that one batch can mix rows masked from
+        different layers (the fast engine decodes (sentence, layer) rows together).
     """
 
     hidden: tuple[tuple[Range, ...], ...] = ()
     layers: frozenset[int] = frozenset()
     ablate: frozenset[int] = frozenset()
+    row_layers: tuple[frozenset[int], ...] | None = None
     _cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -123,6 +128,14 @@ class MaskPlan:
         if not 0 <= from_layer <= num_layers:
             raise ValueError(f"from_layer must be in 0..{num_layers}, got {from_layer}")
         return cls(hidden=_freeze(hidden), layers=frozenset(range(from_layer, num_layers)))
+
+    @classmethod
+    def per_row(cls, hidden: Sequence[Sequence[Range]], from_layers: Sequence[int], num_layers: int) -> "MaskPlan":
+        """Row i hides ``hidden[i]`` in every layer >= ``from_layers[i]``."""
+        if len(hidden) != len(from_layers):
+            raise ValueError("one from_layer per row")
+        rows = tuple(frozenset(range(j, num_layers)) for j in from_layers)
+        return cls(hidden=_freeze(hidden), layers=frozenset().union(*rows), row_layers=rows)
 
     @classmethod
     def at_layers(cls, hidden: Sequence[Sequence[Range]], layers: Sequence[int]) -> "MaskPlan":
@@ -138,21 +151,26 @@ class MaskPlan:
         if len(offsets) != len(self.hidden):
             raise ValueError("one offset per batch row")
         hidden = tuple(tuple((a + o, b + o) for a, b in row) for row, o in zip(self.hidden, offsets))
-        return MaskPlan(hidden=hidden, layers=self.layers, ablate=self.ablate)
+        return MaskPlan(hidden=hidden, layers=self.layers, ablate=self.ablate, row_layers=self.row_layers)
 
     def select_rows(self, rows: Sequence[int]) -> "MaskPlan":
-        return MaskPlan(hidden=tuple(self.hidden[i] for i in rows), layers=self.layers, ablate=self.ablate)
+        row_layers = None if self.row_layers is None else tuple(self.row_layers[i] for i in rows)
+        layers = self.layers if row_layers is None else frozenset().union(*row_layers)
+        return MaskPlan(hidden=tuple(self.hidden[i] for i in rows), layers=layers, ablate=self.ablate,
+                        row_layers=row_layers)
 
     def masks_layer(self, layer: int | None) -> bool:
         return layer is not None and layer in self.layers and any(self.hidden)
 
-    def hidden_columns(self, kv_len: int, device: torch.device) -> torch.Tensor:
-        """Bool [batch, kv_len]: True where a column is hidden."""
-        key = (kv_len, str(device))
+    def hidden_columns(self, kv_len: int, device: torch.device, layer: int | None = None) -> torch.Tensor:
+        """Bool [batch, kv_len]: True where a column is hidden (at ``layer``, for per-row plans)."""
+        key = (kv_len, str(device), layer if self.row_layers is not None else None)
         cols = self._cache.get(key)
         if cols is None:
             cols = torch.zeros(len(self.hidden), kv_len, dtype=torch.bool)
             for row, ranges in enumerate(self.hidden):
+                if self.row_layers is not None and layer not in self.row_layers[row]:
+                    continue
                 for start, end in ranges:
                     cols[row, max(start, 0):min(end, kv_len)] = True
             cols = cols.to(device)
@@ -269,7 +287,7 @@ def _make_attention(base: str) -> Callable:
             return stock(module, query, key, value, attention_mask, **kwargs)
         if attention_mask is None:  # never drop the hiding silently
             raise RuntimeError("masked layer received no attention mask; the mask function was bypassed")
-        hidden = plan.hidden_columns(attention_mask.shape[-1], attention_mask.device)
+        hidden = plan.hidden_columns(attention_mask.shape[-1], attention_mask.device, module.layer_idx)
         mask, dead = hide_columns(attention_mask, hidden)
         out, weights = stock(module, query, key, value, mask, **kwargs)
         return zero_dead_rows(out, weights, dead)

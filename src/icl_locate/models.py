@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -153,9 +154,12 @@ def _from_pretrained(source: str, spec: str, torch_dtype: torch.dtype, attn_impl
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype,
-                                                     attn_implementation=attn_implementation)
+        # the tokenizer (large vocabularies take seconds) loads while the weights do
+        with ThreadPoolExecutor(1) as pool:
+            tokenizer_job = pool.submit(AutoTokenizer.from_pretrained, source)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype,
+                                                         attn_implementation=attn_implementation)
+            tokenizer = tokenizer_job.result()
     except (OSError, ValueError) as err:
         if Path(source).exists():
             raise UserError(f"cannot load model from {source}: {err}") from None
@@ -235,7 +239,7 @@ def _build_checkpoint(target: Path, build, source_hash: str) -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as tmp:
         tmp_path = Path(tmp)
         build(tmp_path)
-        files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
+        files = {p.name: {"size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns, "sha256": _sha256(p)}
                  for p in sorted(tmp_path.iterdir()) if p.is_file()}
         (tmp_path / MANIFEST).write_text(json.dumps({"source_sha256": source_hash, "files": files}, indent=1))
         if target.exists():
@@ -256,7 +260,13 @@ def _checkpoint_ok(target: Path) -> bool:
 
 
 def _file_matches(path: Path, meta: dict) -> bool:
-    return path.is_file() and path.stat().st_size == meta["size"] and _sha256(path) == meta["sha256"]
+    """Size must match; the content hash is recomputed unless the file is untouched since the build."""
+    if not path.is_file():
+        return False
+    st = path.stat()
+    if st.st_size != meta["size"]:
+        return False
+    return st.st_mtime_ns == meta.get("mtime_ns") or _sha256(path) == meta["sha256"]
 
 
 def _sha256(path: Path) -> str:

@@ -7,7 +7,8 @@ query   = Q + src + A
 Spans are character ranges of the prompt text; token spans come from the tokenizer's offset
 mapping of the *full* prompt (never from re-tokenising the pieces, which can tokenise
 differently at the seams). The separators around the examples belong to the examples span, as
-in the paper's code; BOS is its own span and is never hidden.
+in the paper's code (so with k = 0 the examples span is the lone separator); BOS is its own span
+and is never hidden.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def build_prompt(fmt: PromptFormat, examples: Sequence[Example], query: str, hea
     query_start = len(prefix) + len(fmt.sep)
     spans: dict[str, CharSpan | None] = {
         "instructions": (0, len(header)) if header else None,
-        "examples": (len(header), query_start) if shots else None,
+        "examples": (len(header), query_start),  # with k = 0 just the separator, as the paper's code masks it
         "query": (query_start, len(text)),
     }
     return Prompt(text=text, char_spans=spans, example_ids=[ex.id for ex in examples])
@@ -103,6 +104,8 @@ class EncodedPrompt:
     ids: list[int]
     spans: dict[str, tuple[int, int] | None]
     example_ids: list[str] = field(default_factory=list)
+    offsets: list[tuple[int, int]] = field(default_factory=list)  # character range of each token
+    straddling: list[int] = field(default_factory=list)  # tokens that cross a part boundary
 
     def span_text(self, tokenizer, part: str) -> str:
         span = self.spans.get(part)
@@ -112,7 +115,9 @@ class EncodedPrompt:
 def encode_prompt(tokenizer, prompt: Prompt) -> EncodedPrompt:
     """Tokenise the full prompt once and map each part's characters to token ranges.
 
-    A token belongs to the part that holds its first character; special tokens with empty
+    A token belongs to the part that holds its first character (a token that crosses a part
+    boundary, e.g. Gemma's single "\n\n" token after the code header, is listed in
+    ``straddling`` and belongs to the part where it starts); special tokens with empty
     offsets at the start are BOS. A tokenizer that appends special tokens (EOS) at the end has
     them dropped: a prompt must end where the answer begins.
     """
@@ -134,5 +139,8 @@ def encode_prompt(tokenizer, prompt: Prompt) -> EncodedPrompt:
         lo, hi = char_span
         toks = [i for i in range(n_bos, len(ids)) if lo <= offsets[i][0] < hi]
         spans[part] = (toks[0], toks[-1] + 1) if toks else None
-    return EncodedPrompt(text=prompt.text, ids=ids, spans=spans, example_ids=list(prompt.example_ids))
+    boundaries = {b for span in prompt.char_spans.values() if span for b in span}
+    straddling = [i for i, (a, b) in enumerate(offsets) if any(a < x < b for x in boundaries)]
+    return EncodedPrompt(text=prompt.text, ids=ids, spans=spans, example_ids=list(prompt.example_ids),
+                         offsets=offsets, straddling=straddling)
 

@@ -1,0 +1,239 @@
+"""The fast exact sweep engine: greedy generations for many (query, layer) rows at once.
+
+Exact shortcuts (each checked against the reference engine in tests/test_fast_engine.py):
+
+* The context (BOS + instructions + examples) before the query does not depend on the query,
+  so its KV cache is computed once per distinct prefix and shared by every query.
+* Masking from layer j hides the masked columns at layers >= j, so their keys/values there
+  are never read: the *unmasked* prefix cache is exact for every j as long as no visible
+  prefix token comes after a hidden one (true for every paper condition except
+  "instructions": the examples then see no instructions and need their own cache per j).
+* Rows (query, j) for many queries and layers decode together in one batch; a finished row
+  (stop string, EOS, token limit) leaves the batch at once.
+* Logits are computed for the last position only.
+
+Layout of a batch row: [prefix | left padding | query | generated...]. Padding columns are
+excluded through the 2D attention mask; positions come from the mask's cumulative sum, so
+every real token keeps the position it has in the full prompt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from .engine import Generation, eos_ids, forward
+from .masking import Condition, MaskPlan, Range, hidden_ranges, num_layers
+
+
+@dataclass(frozen=True)
+class Variant:
+    """What a row does to the model: mask the condition from ``from_layer``, or ablate layers."""
+
+    from_layer: int | None = None
+    ablate: frozenset[int] = frozenset()
+
+
+@dataclass
+class _Row:
+    item: int
+    variant: Variant
+    prefix_key: tuple  # which prefix cache this row continues
+    query_ids: list[int]
+    query_hidden: list[Range]  # hidden ranges inside the query, relative to the query start
+    prefix_hidden: list[Range]  # hidden ranges inside the prefix
+
+
+def split_prompt(ids: Sequence[int], spans: dict) -> int:
+    """Where the query starts: everything before it is shared context."""
+    query = spans.get("query")
+    if query is None:
+        raise ValueError("prompt has no query span")
+    return query[0]
+
+
+def _needs_own_prefix_cache(prefix_hidden: Sequence[Range], prefix_len: int) -> bool:
+    """True if some visible prefix token comes after a hidden one (its states then depend on j)."""
+    if not prefix_hidden:
+        return False
+    first_hidden = min(a for a, _ in prefix_hidden)
+    hidden = {i for a, b in prefix_hidden for i in range(a, b)}
+    return any(i not in hidden for i in range(first_hidden, prefix_len))
+
+
+class SweepEngine:
+    """Decode every (item, variant) row; ``generate`` returns {(item index, variant): Generation}."""
+
+    def __init__(self, model: nn.Module, tokenizer, batch_size: int | None = None,
+                 max_batch_tokens: int = 48_000):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.n_layers = num_layers(model)
+        self.device = next(model.parameters()).device
+        self.eos = eos_ids(model, tokenizer)
+        self.batch_size = batch_size
+        self.max_batch_tokens = max_batch_tokens  # bounds KV memory: rows x (prefix + query + new)
+        self.stats = {"prefix_forwards": 0, "tokens_forwarded": 0, "logit_rows": 0, "steps": 0}
+
+    # ------------------------------------------------------------------ public
+
+    @torch.no_grad()
+    def generate(self, encoded: Sequence, condition: Condition | None, variants: Sequence[Variant],
+                 stop_strings: Sequence[str] = (), max_new_tokens: int = 50,
+                 progress: Callable[[int, int], None] | None = None) -> dict[tuple[int, Variant], Generation]:
+        rows = self._plan_rows(encoded, condition, variants)
+        prefix_caches = self._prefix_caches(encoded, rows)
+        results: dict[tuple[int, Variant], Generation] = {}
+        for chunk in self._chunks(rows, encoded, max_new_tokens):
+            for row, gen in zip(chunk, self._decode_chunk(chunk, prefix_caches, stop_strings, max_new_tokens)):
+                results[(row.item, row.variant)] = gen
+            if progress is not None:
+                progress(len(results), len(rows))
+        return results
+
+    # ------------------------------------------------------------------ planning
+
+    def _plan_rows(self, encoded, condition, variants) -> list[_Row]:
+        rows = []
+        for i, enc in enumerate(encoded):
+            start = split_prompt(enc.ids, enc.spans)
+            prefix, query = tuple(enc.ids[:start]), list(enc.ids[start:])
+            for v in variants:
+                if v.from_layer is not None and not 0 <= v.from_layer <= self.n_layers:
+                    raise ValueError(f"from_layer {v.from_layer} outside 0..{self.n_layers}")
+                masked = condition is not None and v.from_layer is not None and v.from_layer < self.n_layers
+                ranges = hidden_ranges(condition, enc.spans, len(enc.ids)) if masked else []
+                p_hidden = [(a, min(b, start)) for a, b in ranges if a < start]
+                q_hidden = [(max(a, start) - start, b - start) for a, b in ranges if b > start]
+                own = bool(v.ablate) or _needs_own_prefix_cache(p_hidden, start)
+                key = (prefix, v) if own else (prefix, None)
+                rows.append(_Row(i, v, key, query, q_hidden, p_hidden))
+        return rows
+
+    def _prefix_caches(self, encoded, rows: list[_Row]) -> dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Per-layer (keys, values) of each distinct prefix, computed once (batch of 1)."""
+        from transformers import DynamicCache
+
+        caches = {}
+        for row in rows:
+            if row.prefix_key in caches:
+                continue
+            prefix, variant = row.prefix_key
+            plan = None
+            if variant is not None:
+                layers = range(variant.from_layer, self.n_layers) if variant.from_layer is not None else ()
+                plan = MaskPlan(hidden=(tuple(row.prefix_hidden),), layers=frozenset(layers) if row.prefix_hidden
+                                else frozenset(), ablate=variant.ablate)
+            cache = DynamicCache()
+            ids = torch.tensor([list(prefix)], device=self.device)
+            forward(self.model, ids, cache=cache, plan=plan, last_only=True)
+            self.stats["prefix_forwards"] += 1
+            self.stats["tokens_forwarded"] += len(prefix)
+            caches[row.prefix_key] = [(layer.keys, layer.values) for layer in cache.layers]
+        return caches
+
+    def _chunks(self, rows: list[_Row], encoded, max_new_tokens: int):
+        """Batches of rows with one prefix length each, bounded in rows x tokens."""
+        by_prefix: dict[int, list[_Row]] = {}
+        for row in rows:
+            by_prefix.setdefault(len(row.prefix_key[0]), []).append(row)
+        for plen, group in by_prefix.items():
+            group.sort(key=lambda r: (r.variant.ablate and sorted(r.variant.ablate), len(r.query_ids)))
+            longest = plen + max(len(r.query_ids) for r in group) + max_new_tokens
+            size = self.batch_size or max(1, min(256, self.max_batch_tokens // longest))
+            chunk: list[_Row] = []
+            for row in group:
+                if chunk and (len(chunk) == size or row.variant.ablate != chunk[0].variant.ablate):
+                    yield chunk
+                    chunk = []
+                chunk.append(row)
+            if chunk:
+                yield chunk
+
+    # ------------------------------------------------------------------ decoding
+
+    def _decode_chunk(self, chunk: list[_Row], prefix_caches, stop_strings, max_new_tokens) -> list[Generation]:
+        from transformers import DynamicCache
+
+        n = len(chunk)
+        plen = len(chunk[0].prefix_key[0])
+        qmax = max(len(r.query_ids) for r in chunk)
+        pads = [qmax - len(r.query_ids) for r in chunk]
+        # Row b is [pad_b padding | prefix | query_b], all rows plen + qmax columns. Padding only
+        # on the far left keeps column distances equal to position distances (sliding windows
+        # and GPT-Neo's local attention work in columns). The first plen columns come from the
+        # prefix cache; the rest are fed as input (for padded rows: the prefix tail, then the query).
+        pad_id = self.tokenizer.pad_token_id or 0
+        ids = torch.empty(n, qmax, dtype=torch.long)
+        mask = torch.ones(n, plen + qmax, dtype=torch.long)
+        cached = []  # how many prefix tokens of each row sit in the cache part
+        for b, (row, pad) in enumerate(zip(chunk, pads)):
+            full = [pad_id] * pad + list(row.prefix_key[0]) + row.query_ids
+            ids[b] = torch.tensor(full[plen:])
+            mask[b, :pad] = 0
+            cached.append(max(0, plen - pad))
+        hidden = [[(pad + a, pad + b) for a, b in row.prefix_hidden]
+                  + [(pad + plen + a, pad + plen + b) for a, b in row.query_hidden]
+                  for row, pad in zip(chunk, pads)]
+        from_layers = [r.variant.from_layer if r.variant.from_layer is not None and h else self.n_layers
+                       for r, h in zip(chunk, hidden)]
+        plan = MaskPlan.per_row(hidden, from_layers, self.n_layers)
+        plan = MaskPlan(hidden=plan.hidden, layers=plan.layers, row_layers=plan.row_layers,
+                        ablate=chunk[0].variant.ablate)
+
+        cache = DynamicCache()
+        per_row = [prefix_caches[r.prefix_key] for r in chunk]
+        for layer in range(len(per_row[0])):
+            cache.update(_right_aligned([kv[layer][0] for kv in per_row], cached, plen),
+                         _right_aligned([kv[layer][1] for kv in per_row], cached, plen), layer)
+
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        alive = list(range(n))  # chunk positions still decoding, aligned with the batch
+        new_tokens: list[list[int]] = [[] for _ in range(n)]
+        finish = ["length"] * n
+        step_input = ids
+        for _ in range(max_new_tokens):
+            logits = forward(self.model, step_input, attention_mask=mask, cache=cache, plan=plan,
+                             last_only=True).logits[:, -1]
+            self.stats["tokens_forwarded"] += step_input.numel()
+            self.stats["logit_rows"] += logits.shape[0]
+            self.stats["steps"] += 1
+            tokens = logits.argmax(-1).tolist()
+            keep = []
+            for pos, (b, token) in enumerate(zip(alive, tokens)):
+                if token in self.eos:
+                    finish[b] = "eos"
+                    continue
+                new_tokens[b].append(token)
+                if stop_strings and any(s in self.tokenizer.decode(new_tokens[b]) for s in stop_strings):
+                    finish[b] = "stop"
+                    continue
+                if len(new_tokens[b]) < max_new_tokens:
+                    keep.append(pos)
+            if not keep:
+                break
+            if len(keep) < len(alive):
+                index = torch.tensor(keep, device=self.device)
+                cache.batch_select_indices(index)
+                mask = mask[index]
+                plan = plan.select_rows(keep)
+                tokens = [tokens[p] for p in keep]
+                alive = [alive[p] for p in keep]
+            step_input = torch.tensor(tokens, device=self.device)[:, None]
+            mask = torch.cat([mask, mask.new_ones(len(alive), 1)], dim=1)
+        return [Generation(token_ids=t, text=self.tokenizer.decode(t, skip_special_tokens=True), finish=f)
+                for t, f in zip(new_tokens, finish)]
+
+
+
+def _right_aligned(tensors: list[torch.Tensor], keep: list[int], width: int) -> torch.Tensor:
+    """[B, H, width, D]: row b holds the first keep[b] prefix positions of tensors[b], right-aligned."""
+    first = tensors[0]
+    out = first.new_zeros(len(tensors), first.shape[1], width, first.shape[3])
+    for b, (t, k) in enumerate(zip(tensors, keep)):
+        if k:
+            out[b, :, width - k:] = t[0, :, :k]
+    return out

@@ -1,0 +1,57 @@
+"""Shared fixtures: the offline data directory and the embedded model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# Tests never touch the network: the hub client reads this at import time.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _data_dir() -> Path | None:
+    env = os.environ.get("ICL_LOCATE_DATA_DIR")
+    for candidate in ([Path(env)] if env else []) + [REPO.parent / "shared" / "data"]:
+        if (candidate / "flores200").is_dir() or (candidate / "mbpp").is_dir():
+            return candidate
+    return None
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    path = _data_dir()
+    if path is None:
+        pytest.skip("no FLORES/MBPP data: set ICL_LOCATE_DATA_DIR (CI sets it to ../shared/data)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def gemma():
+    """The embedded Gemma-3-270M (built into the user cache on first use)."""
+    from icl_locate.models import load_model
+
+    return load_model("gemma-3-270m")
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer(data_dir):
+    """A GPT-2-style byte-level BPE trained on FLORES dev text (deterministic, offline)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from icl_locate.data import flores_file, resolve_language
+
+    lines = []
+    for lang in ("eng_Latn", "fra_Latn", "por_Latn"):
+        lines += flores_file(data_dir, resolve_language(lang), "dev").read_text(encoding="utf-8").splitlines()
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=2000, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tk.train_from_iterator(lines + ["Translate French to English:\nQ:A:\n"] * 50, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", pad_token="<|endoftext|>")

@@ -1,0 +1,100 @@
+"""The command line on tiny models and real data: outputs, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from icl_locate.cli import main
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_run_writes_predictions(tmp_path, capsys, data_dir):
+    out = tmp_path / "run.jsonl"
+    code, stdout, _ = run_cli(capsys, "run", "--model", "tiny:llama", "--pair", "fra-eng", "--condition",
+                              "instructions+examples", "--from-layer", "1", "--n-test", "2", "--k", "2",
+                              "--max-new-tokens", "4", "--data-dir", str(data_dir), "--out", str(out))
+    assert code == 0 and "corpus BLEU" in stdout
+    rows = [json.loads(l) for l in out.read_text().splitlines()]
+    assert len(rows) == 2
+    for key in ("example_id", "condition", "from_layer", "prompt", "prompt_token_ids", "masked_token_ranges",
+                "generation", "reference", "sentence_bleu", "in_context_example_ids"):
+        assert key in rows[0]
+    assert rows[0]["masked_layers"] == [1, 2, 3] and rows[0]["from_layer"] == 1
+    (start, end), = rows[0]["masked_token_ranges"]
+    assert start == 1 and end < len(rows[0]["prompt_token_ids"])  # BOS visible, query visible
+
+
+def test_run_from_last_layer_masks_nothing(tmp_path, capsys, data_dir):
+    out = tmp_path / "run.jsonl"
+    code, _, _ = run_cli(capsys, "run", "--model", "tiny:llama", "--pair", "fr-en", "--condition", "TTF",
+                         "--from-layer", "4", "--n-test", "1", "--k", "1", "--max-new-tokens", "2",
+                         "--data-dir", str(data_dir), "--out", str(out))
+    row = json.loads(out.read_text())
+    assert code == 0 and row["masked_token_ranges"] == [] and row["masked_layers"] == []
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["run", "--model", "tiny:llama", "--pair", "fra-eng", "--condition", "bogus"], "unknown condition"),
+    (["run", "--model", "tiny:llama", "--pair", "fra-xyz"], "unknown language code 'xyz'"),
+    (["run", "--model", "tiny:llama", "--pair", "fra-deu", "--data-dir", "/nonexistent"], "does not exist"),
+    (["run", "--model", "tiny:llama", "--pair", "fra-eng", "--condition", "TTF", "--from-layer", "9"],
+     "--from-layer must be in 0..4"),
+    (["run", "--model", "tiny:llama", "--pair", "fra-eng", "--out", "/nonexistent/dir/x.jsonl"], "does not exist"),
+    (["run", "--bogus-flag"], "unrecognized arguments"),
+    (["score-code", "--samples", "/nonexistent.jsonl"], "samples file not found"),
+])
+def test_bad_input_one_line_exit_2(argv, message, capsys, data_dir):
+    if "--data-dir" not in argv and argv[0] == "run":
+        argv = argv + ["--data-dir", str(data_dir)]
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert len(lines) == 1 and message in lines[0] and lines[0].startswith("icl-locate: error:")
+
+
+def test_missing_language_file_exit_2(tmp_path, capsys):
+    (tmp_path / "flores200" / "dev").mkdir(parents=True)
+    code, _, err = run_cli(capsys, "run", "--model", "tiny:llama", "--pair", "fra-eng", "--data-dir", str(tmp_path))
+    assert code == 2 and "FLORES dev file for French (fra_Latn) not found" in err
+
+
+def test_unwritable_out_leaves_nothing(tmp_path, capsys, data_dir):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        code, _, err = run_cli(capsys, "run", "--model", "tiny:llama", "--pair", "fra-eng", "--n-test", "1",
+                               "--data-dir", str(data_dir), "--out", str(locked / "x.jsonl"))
+        import os
+        if os.geteuid() != 0:  # root can write anywhere
+            assert code == 2 and "not writable" in err
+        assert code in (0, 2)
+    finally:
+        locked.chmod(0o700)
+
+
+def test_score_code_command(tmp_path, capsys):
+    from icl_locate.data import humaneval_problems
+
+    problems = humaneval_problems()[:3]
+    samples = tmp_path / "samples.jsonl"
+    lines = [{"task_id": p["task_id"], "completion": p["prompt"] + p["canonical_solution"]} for p in problems[:2]]
+    lines.append({"task_id": problems[2]["task_id"], "completion": "while True:\n    pass\n"})
+    samples.write_text("\n".join(json.dumps(l) for l in lines) + "\n")
+    code, out, _ = run_cli(capsys, "score-code", "--samples", str(samples))
+    assert code == 0 and "pass@1 = 66.7%" in out and "1 timed out" in out
+    results = [json.loads(l) for l in (tmp_path / "samples_results.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in results] == ["passed", "passed", "timed out"]
+
+
+def test_listing_commands(capsys):
+    assert run_cli(capsys, "tasks")[1].count("\n") >= 3
+    assert "TTF" in run_cli(capsys, "conditions")[1]
+    assert "meta-llama/Llama-3.1-8B" in run_cli(capsys, "models")[1]

@@ -1,0 +1,93 @@
+"""The fast sweep engine equals the reference engine, row for row."""
+
+from __future__ import annotations
+
+import pytest
+
+from icl_locate.engine import greedy_decode, plan_for_prompt
+from icl_locate.fast_engine import SweepEngine, Variant
+from icl_locate.masking import get_condition, hidden_ranges
+from icl_locate.models import load_model
+from icl_locate.prompts import FORMATS, Example, build_prompt, encode_prompt
+
+FAMILIES = ["llama", "gemma3", "qwen2", "starcoder2", "gpt_neo", "bloom", "gpt2"]
+BANK = [Example(str(i), f"phrase numero {i} ici", f"phrase number {i} here") for i in range(6)]
+QUERIES = ["une question", "une autre question un peu plus longue", "court"]
+
+_models: dict = {}
+
+
+def tiny(family):
+    if family not in _models:
+        _models[family] = load_model(f"tiny:{family}")
+    return _models[family]
+
+
+def encoded_prompts(tokenizer, shared: bool = True):
+    fmt = FORMATS["instr_machine_translation"]
+    out = []
+    for i, q in enumerate(QUERIES):
+        shots = BANK[:3] if shared else BANK[i:i + 2 + i % 2]
+        out.append(encode_prompt(tokenizer, build_prompt(fmt, shots, q, header="Translate French to English:")))
+    return out
+
+
+def reference(lm, enc, condition, variant: Variant, stop=(), max_new=6):
+    n = lm.info.num_layers
+    j = variant.from_layer
+    ranges = hidden_ranges(condition, enc.spans, len(enc.ids)) if condition and j is not None and j < n else []
+    plan = plan_for_prompt(ranges, layers=range(j, n) if ranges else (), ablate=variant.ablate)
+    return greedy_decode(lm.model, lm.tokenizer, enc.ids, plan, stop_strings=stop, max_new_tokens=max_new)
+
+
+def assert_same(lm, encs, condition, variants, stop=(), max_new=6, batch_size=None):
+    engine = SweepEngine(lm.model, lm.tokenizer, batch_size=batch_size)
+    fast = engine.generate(encs, condition, variants, stop_strings=stop, max_new_tokens=max_new)
+    assert len(fast) == len(encs) * len(variants)
+    for i, enc in enumerate(encs):
+        for v in variants:
+            ref = reference(lm, enc, condition, v, stop, max_new)
+            got = fast[(i, v)]
+            assert (got.token_ids, got.finish) == (ref.token_ids, ref.finish), (i, v)
+    return engine
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_shared_prefix_all_layers(family):
+    lm = tiny(family)
+    variants = [Variant(from_layer=j) for j in range(lm.info.num_layers + 1)]
+    engine = assert_same(lm, encoded_prompts(lm.tokenizer), get_condition("instructions+examples"), variants)
+    assert engine.stats["prefix_forwards"] == 1  # one shared context cache for every layer
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neo", "bloom"])
+@pytest.mark.parametrize("condition", ["query", "instructions+examples+query", "instructions", "examples",
+                                       "all-but-last", "baseline"])
+def test_conditions_including_query(family, condition):
+    lm = tiny(family)
+    assert_same(lm, encoded_prompts(lm.tokenizer), get_condition(condition),
+                [Variant(from_layer=j) for j in (0, 2, lm.info.num_layers)])
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt_neo"])
+def test_per_query_prompts_and_small_batches(family):
+    lm = tiny(family)
+    assert_same(lm, encoded_prompts(lm.tokenizer, shared=False), get_condition("examples"),
+                [Variant(from_layer=j) for j in (0, 1, 3)], batch_size=2)
+
+
+@pytest.mark.parametrize("family", ["llama", "bloom", "gpt2"])
+def test_early_stopping(family):
+    lm = tiny(family)
+    encs = encoded_prompts(lm.tokenizer)
+    first = reference(lm, encs[0], None, Variant(from_layer=lm.info.num_layers), max_new=12)
+    stop = (lm.tokenizer.decode(first.token_ids[2:3]),)  # a string the model is known to produce
+    assert_same(lm, encs, get_condition("instructions+examples"), [Variant(from_layer=j) for j in (0, 2, 4)],
+                stop=stop, max_new=12)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "bloom", "gpt_neo"])
+def test_whole_layer_ablation(family):
+    lm = tiny(family)
+    assert_same(lm, encoded_prompts(lm.tokenizer), None,
+                [Variant(ablate=frozenset({layer})) for layer in range(lm.info.num_layers)])

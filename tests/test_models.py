@@ -1,0 +1,78 @@
+"""Model loading: specs, errors, the checkpoint cache."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+
+from icl_locate.errors import UserError
+from icl_locate.models import ALIASES, _build_checkpoint, _checkpoint_ok, load_model
+
+
+def test_tiny_model_description():
+    lm = load_model("tiny:gpt_neo")
+    assert lm.info.num_layers == 4 and lm.info.model_type == "gpt_neo" and lm.info.dtype == "float32"
+    assert not lm.model.training and lm.model._icl_locate_prepared
+    assert lm.tokenizer("ab")["input_ids"][0] == lm.tokenizer.bos_token_id
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("no/such-model-xyz", "cannot load 'no/such-model-xyz' from the Hugging Face hub"),
+    ("missing.gguf", "GGUF file not found"),
+    ("tiny:nope", "unknown tiny family"),
+    ("not a model", "neither a local path"),
+])
+def test_bad_specs_give_clear_errors(spec, message, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match=message):
+        load_model(spec)
+
+
+def test_paper_alias_offline_names_hub_id_and_local_option(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError) as err:
+        load_model("llama-3.1-8b")
+    assert ALIASES["llama-3.1-8b"] in str(err.value) and "--model DIR" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_directory_without_config(tmp_path):
+    with pytest.raises(UserError, match="no config.json"):
+        load_model(str(tmp_path))
+
+
+def test_local_checkpoint_directory_round_trip(tmp_path):
+    lm = load_model("tiny:llama")
+    lm.model.save_pretrained(tmp_path)
+    lm.tokenizer.save_pretrained(tmp_path)
+    again = load_model(str(tmp_path))
+    ids = torch.tensor([[1, 5, 6, 7]])
+    torch.testing.assert_close(again.model(ids).logits, lm.model(ids).logits)
+
+
+def test_checkpoint_cache_detects_partial_and_corrupt_files(tmp_path):
+    target = tmp_path / "ckpt"
+    builds = []
+
+    def build(d):
+        builds.append(1)
+        (d / "model.safetensors").write_bytes(os.urandom(4096))
+        (d / "config.json").write_text("{}")
+
+    _build_checkpoint(target, build, source_hash="x")
+    assert _checkpoint_ok(target) and len(builds) == 1
+    weights = target / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[100] ^= 0xFF  # corrupt, same size
+    time.sleep(0.01)
+    weights.write_bytes(bytes(data))
+    assert not _checkpoint_ok(target)
+    _build_checkpoint(target, build, source_hash="x")
+    assert _checkpoint_ok(target) and len(builds) == 2
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    assert not _checkpoint_ok(target)
+    (target / "icl-locate-manifest.json").unlink()  # interrupted build
+    assert not _checkpoint_ok(target)
