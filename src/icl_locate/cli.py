@@ -216,6 +216,178 @@ def cmd_models(args) -> int:
     return 0
 
 
+def parse_layers(spec: str, n_layers: int) -> list[int]:
+    """'all' -> 0..L (L = no mask); else a comma list like '0,6,12,18'."""
+    if spec == "all":
+        return list(range(n_layers + 1))
+    try:
+        layers = sorted({int(x) for x in spec.split(",") if x.strip()})
+    except ValueError:
+        raise UserError(f"--layers must be 'all' or a comma list of integers, got {spec!r}") from None
+    bad = [x for x in layers if not 0 <= x <= n_layers]
+    if bad or not layers:
+        raise UserError(f"--layers must lie in 0..{n_layers}, got {spec!r}")
+    return layers
+
+
+def cmd_bench(args) -> int:
+    from .bench import run_bench, write_json
+    from .masking import get_condition
+    from .models import load_model
+    from .tasks import TaskOptions, build_items, get_task
+
+    task = get_task(args.task)
+    condition = get_condition(args.condition)
+    if args.json:
+        _check_writable(args.json)
+    data = task.load(TaskOptions(data_dir=args.data_dir, pair=args.pair))
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+    layers = parse_layers(args.layers, loaded.info.num_layers)
+    items = build_items(task, data, loaded.tokenizer, k=args.k, seed=args.seed, n_test=args.n_test)
+    _check_context(items, loaded, task.max_new_tokens)
+    print(f"bench: {loaded.info.spec} ({loaded.info.dtype}, {loaded.info.device}), {task.name} {data.label}, "
+          f"{condition.name}, layers {layers[0]}..{layers[-1]} ({len(layers)}), {len(items)} sentences, k={args.k}",
+          file=sys.stderr)
+    result = run_bench(loaded, task, items, condition, layers, skip_paper=args.skip_paper,
+                       batch_size=args.batch_size)
+    print(result.table())
+    if args.json:
+        write_json(args.json, result)
+        print(f"wrote {args.json}")
+    if args.require_identical is not None and result.data["identical_fraction"] < args.require_identical:
+        print(f"identical fraction {result.data['identical_fraction']:.3f} < {args.require_identical}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _csv(value: str | None, cast=str):
+    if value is None:
+        return None
+    try:
+        return [cast(x.strip()) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"bad list {value!r}") from None
+
+
+def _instructions_flag(value: str | None):
+    return {None: None, "yes": [True], "no": [False], "both": [True, False]}[value]
+
+
+def sweep_config_from_args(args):
+    from .sweep import load_config
+
+    overrides = dict(model=args.model, task=args.task, pairs=_csv(args.pairs), conditions=_csv(args.conditions),
+                     instructions=_instructions_flag(args.instructions), seeds=_csv(args.seeds, int),
+                     ks=_csv(args.ks, int), layers=args.layers, n_test=args.n_test,
+                     max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, data_dir=args.data_dir,
+                     dtype=args.dtype, device=args.device)
+    if args.layer_ablation:
+        overrides["layer_ablation"] = True
+    return load_config(args.preset, args.config, overrides)
+
+
+def run_sweep(config, store_path: str, command: str) -> dict:
+    """Plan, validate, open the store, execute. Shared by `sweep` and `demo`."""
+    from dataclasses import asdict
+
+    from .models import load_model
+    from .store import Store
+    from .sweep import Sweeper, plan_units, provenance
+
+    store_file = Path(store_path).expanduser()
+    if store_file.exists() and not store_file.is_file():
+        raise UserError(f"store {store_file} is not a file")
+    if not store_file.parent.is_dir():
+        raise UserError(f"cannot create store {store_file}: directory {store_file.parent} does not exist")
+    loaded = load_model(config.model, dtype=config.dtype, device=config.device)
+    units = plan_units(config, loaded.info.num_layers)
+    sweeper = Sweeper(loaded, None, config)
+    sweeper.check_units(units)  # bad data, k or context length fail here, before the store is touched
+    fingerprint = dict(model=loaded.info.spec, model_source=Path(loaded.info.source).name, dtype=loaded.info.dtype,
+                       max_new_tokens=config.max_new_tokens)
+    store = Store(store_file, fingerprint)
+    sweeper.store = store
+    files = [f for task, data in sweeper._data.values() for f in data.files]
+    run_id = store.start_run(command, asdict(config), provenance(loaded, files))
+    try:
+        result = sweeper.run(units, run_id)
+    except KeyboardInterrupt:
+        done = len(store.done_units())
+        print(f"\nicl-locate: interrupted; {done} units are safely in {store_file}. Rerun the same command to "
+              f"resume.", file=sys.stderr)
+        raise SystemExit(130)
+    finally:
+        store.close()
+    result["num_layers"] = loaded.info.num_layers
+    return result
+
+
+def cmd_sweep(args) -> int:
+    config = sweep_config_from_args(args)
+    if args.dry_run:
+        from .models import load_model
+        from .sweep import plan_units
+
+        loaded = load_model(config.model, dtype=config.dtype, device=config.device)
+        for unit in plan_units(config, loaded.info.num_layers):
+            print(unit.unit_id, unit.label(), f"layers={len(unit.layers)}")
+        return 0
+    result = run_sweep(config, args.store, " ".join(["icl-locate", *sys.argv[1:]]))
+    print(f"sweep finished: {result['ran']} units run, {result['skipped']} already done; store {args.store}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import build_report
+    from .store import Store
+
+    store = Store(args.store, create=False)
+    out_dir = Path(args.out_dir) if args.out_dir else Path(args.store).with_suffix("").with_name(
+        Path(args.store).stem + "_report")
+    path = build_report(store, out_dir, fmt=args.format, fraction=args.fraction, n_boot=args.bootstrap)
+    print(f"report: {path}")
+    return 0
+
+
+def cmd_lora_sweep(args) -> int:
+    from dataclasses import asdict
+
+    from .lora import LoraSettings, lora_sweep
+    from .models import load_model
+    from .store import Store
+
+    settings = LoraSettings(r=args.r, alpha=args.alpha, dropout=args.dropout, lr=args.lr, batch_size=args.batch_size,
+                            micro_batch=args.micro_batch, max_epochs=args.epochs, patience=args.patience,
+                            threshold=args.threshold, train_size=args.train_size, seed=args.seed)
+    if not 0 < settings.train_size <= 800:
+        raise UserError(f"--train-size must be in 1..800 (dev lines 1-800 are the training pool), "
+                        f"got {settings.train_size}")
+    out_dir = Path(args.out_dir)
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+    layers = parse_layers(args.layers, loaded.info.num_layers - 1) if args.layers != "all" else \
+        list(range(loaded.info.num_layers))
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create {out_dir}: {err.strerror}") from None
+    store = Store(args.store or out_dir / "study.sqlite",
+                  dict(model=loaded.info.spec, model_source=Path(loaded.info.source).name, dtype=loaded.info.dtype,
+                       max_new_tokens=None))
+    run_id = store.start_run(" ".join(["icl-locate", *sys.argv[1:]]), asdict(settings), {"model": loaded.info.as_dict()})
+    started = time.time()
+    results = lora_sweep(loaded, args.data_dir, args.pair, layers, settings, args.n_test, out_dir / "adapters",
+                         store=store, run_id=run_id)
+    store.close()
+    print(f"{'layer':>5} {'zero-shot BLEU':>15} {'epochs':>7} {'best val loss':>14} {'seconds':>8}")
+    for r in results:
+        print(f"{r['layer']:>5} {r['bleu']:15.2f} {len(r['curve']['train_loss']):>7} "
+              f"{r['curve']['best_val_loss']:14.4f} {r['seconds']:8.0f}")
+    print(f"done in {time.time() - started:.0f}s; adapters in {out_dir / 'adapters'}; results in the store "
+          f"{args.store or out_dir / 'study.sqlite'}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     """The README's main job on the embedded model."""
     from .demo import run_demo
@@ -252,6 +424,25 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--timeout", type=float, default=3.0, help="code tasks: seconds per sample")
     run.set_defaults(func=cmd_run)
 
+    bench = sub.add_parser("bench", help="time the paper's sweep method against the fast engine")
+    bench.add_argument("--model", default="gemma-3-270m")
+    bench.add_argument("--task", default="flores")
+    bench.add_argument("--pair", default="fra-eng")
+    bench.add_argument("--condition", default="instructions+examples")
+    bench.add_argument("--layers", default="all", help="'all' (0..L) or a comma list")
+    bench.add_argument("--n-test", type=int, default=8)
+    bench.add_argument("--k", type=int, default=5)
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--batch-size", type=int, default=None, help="fast engine rows per batch (default: auto)")
+    bench.add_argument("--skip-paper", action="store_true", help="skip (a), the slowest")
+    bench.add_argument("--require-identical", type=float, default=None,
+                       help="exit 1 if fewer (sentence, layer) pairs than this fraction match (b)")
+    bench.add_argument("--json", help="write the measurements here")
+    bench.add_argument("--data-dir")
+    bench.add_argument("--dtype", default=None)
+    bench.add_argument("--device", default=None)
+    bench.set_defaults(func=cmd_bench)
+
     sc = sub.add_parser("score-code", help="run HumanEval completions in the sandbox; print pass@1")
     sc.add_argument("--samples", required=True, help='JSONL lines {"task_id": ..., "completion": ...}')
     sc.add_argument("--out", help="per-sample results (default: <samples>_results.jsonl)")
@@ -270,6 +461,59 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--data-dir", help="where to put it (default $ICL_LOCATE_DATA_DIR or the XDG data dir)")
     fetch.add_argument("--sha256", help="expected sha256 of the archive")
     fetch.set_defaults(func=cmd_data_fetch)
+
+    sw = sub.add_parser("sweep", help="run a grid of conditions x layers x seeds into a results store")
+    sw.add_argument("--store", required=True, help="SQLite results file (created if missing; reruns resume)")
+    sw.add_argument("--preset", help="paper-mt, paper-code, paper-n-examples, paper-layer-ablation")
+    sw.add_argument("--config", help="experiment YAML (keys as SweepConfig)")
+    sw.add_argument("--model", default=None)
+    sw.add_argument("--task", default=None)
+    sw.add_argument("--pairs", help="comma list, e.g. fra-eng,eng-fra")
+    sw.add_argument("--conditions", help="comma list of masking conditions")
+    sw.add_argument("--instructions", choices=["yes", "no", "both"], default=None)
+    sw.add_argument("--seeds", help="comma list")
+    sw.add_argument("--ks", help="comma list of example counts")
+    sw.add_argument("--layers", default=None, help="'all' or a comma list")
+    sw.add_argument("--layer-ablation", action="store_true", help="also ablate each layer's attention")
+    sw.add_argument("--n-test", type=int, default=None)
+    sw.add_argument("--max-new-tokens", type=int, default=None)
+    sw.add_argument("--batch-size", type=int, default=None)
+    sw.add_argument("--data-dir", default=None)
+    sw.add_argument("--dtype", default=None)
+    sw.add_argument("--device", default=None)
+    sw.add_argument("--dry-run", action="store_true", help="print the planned units and exit")
+    sw.set_defaults(func=cmd_sweep)
+
+    rep = sub.add_parser("report", help="figures and an HTML/Markdown report from a results store")
+    rep.add_argument("store")
+    rep.add_argument("--out-dir", default=None, help="default: <store>_report/")
+    rep.add_argument("--format", choices=["html", "md"], default="html")
+    rep.add_argument("--fraction", type=float, default=0.95, help="recognition threshold (share of baseline)")
+    rep.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates")
+    rep.set_defaults(func=cmd_report)
+
+    lo = sub.add_parser("lora-sweep", help="train a LoRA adapter on one layer at a time; zero-shot BLEU per layer")
+    lo.add_argument("--model", default="gemma-3-270m")
+    lo.add_argument("--pair", default="fra-eng")
+    lo.add_argument("--layers", default="all", help="'all' or a comma list")
+    lo.add_argument("--train-size", type=int, default=800)
+    lo.add_argument("--epochs", type=int, default=100, help="maximum epochs (early stopping usually ends sooner)")
+    lo.add_argument("--patience", type=int, default=5)
+    lo.add_argument("--threshold", type=float, default=0.01)
+    lo.add_argument("--r", type=int, default=8)
+    lo.add_argument("--alpha", type=int, default=32)
+    lo.add_argument("--dropout", type=float, default=0.05)
+    lo.add_argument("--lr", type=float, default=1e-4)
+    lo.add_argument("--batch-size", type=int, default=32)
+    lo.add_argument("--micro-batch", type=int, default=8)
+    lo.add_argument("--seed", type=int, default=0)
+    lo.add_argument("--n-test", type=int, default=None)
+    lo.add_argument("--out-dir", default="runs/lora")
+    lo.add_argument("--store", default=None, help="results store (default <out-dir>/study.sqlite)")
+    lo.add_argument("--data-dir", default=None)
+    lo.add_argument("--dtype", default=None)
+    lo.add_argument("--device", default=None)
+    lo.set_defaults(func=cmd_lora_sweep)
 
     demo = sub.add_parser("demo", help="the main job: a small real study on the embedded model")
     demo.add_argument("--out-dir", default="runs/demo")

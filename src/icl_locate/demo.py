@@ -1,24 +1,24 @@
-"""The README's main job: a small but real layer sweep on the embedded Gemma-3-270M, fra->eng."""
+"""The README's main job: a small but real study on the embedded Gemma-3-270M, with its report.
+
+fra->eng, 5 examples, seed 0, the first ``--n-test`` devtest sentences; baseline plus
+instructions+examples and examples-only masking from every layer; results in a SQLite store
+(rerunning resumes), then the HTML report.
+"""
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
 
 from .errors import UserError
 
-DEMO_CONDITIONS = ("instructions+examples", "examples")
-
 
 def run_demo(args) -> int:
-    from .cli import write_jsonl_atomic
-    from .engine import predict
-    from .masking import get_condition
-    from .metrics import translation_scores
-    from .models import EMBEDDED, load_model
-    from .tasks import TaskOptions, build_items, get_task
+    from .cli import run_sweep
+    from .report import build_report
+    from .store import Store
+    from .sweep import SweepConfig
 
     out_dir = Path(args.out_dir)
     try:
@@ -26,28 +26,27 @@ def run_demo(args) -> int:
     except OSError as err:
         raise UserError(f"cannot create {out_dir}: {err.strerror}") from None
     started = time.time()
-    task = get_task("flores")
-    data = task.load(TaskOptions(data_dir=args.data_dir, pair="fra-eng"))
-    loaded = load_model(EMBEDDED)
-    n_layers = loaded.info.num_layers
-    items = build_items(task, data, loaded.tokenizer, k=5, seed=0, n_test=args.n_test)
-    layers = list(range(0, n_layers + 1, 3)) + ([n_layers] if n_layers % 3 else [])
-    rows, table = [], []
-    runs = [("baseline", n_layers)] + [(c, j) for c in DEMO_CONDITIONS for j in layers if j < n_layers]
-    for i, (cond_name, layer) in enumerate(runs, 1):
-        cond = get_condition(cond_name)
-        preds = predict(loaded, task, items, cond, layer)
-        scores = translation_scores([p.generation for p in preds], [p.reference for p in preds])
-        table.append((cond_name, layer, scores.bleu, scores.chrf))
-        rows += [dict(vars(p), sentence_bleu=b) for p, b in zip(preds, scores.sentence_bleu)]
-        print(f"[{i}/{len(runs)}] {cond_name:<22} from layer {layer:>2}: BLEU {scores.bleu:5.1f}  chrF "
-              f"{scores.chrf:5.1f}  ({time.time() - started:.0f}s)", file=sys.stderr, flush=True)
-    write_jsonl_atomic(out_dir / "predictions.jsonl", rows)
-    summary = [dict(condition=c, from_layer=j, bleu=b, chrf=f) for c, j, b, f in table]
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    print(f"\nGemma-3-270M fra->eng, 5-shot, {len(items)} devtest sentences ({time.time() - started:.0f}s)")
-    print(f"{'condition':<24} {'from layer':>10} {'BLEU':>6} {'chrF':>6}")
-    for c, j, b, f in table:
-        print(f"{c:<24} {j:>10} {b:6.1f} {f:6.1f}")
-    print(f"results: {out_dir}/predictions.jsonl, {out_dir}/summary.json")
+    config = SweepConfig(model="gemma-3-270m", task="flores", pairs=["fra-eng"],
+                         conditions=["instructions+examples", "examples"], instructions=[True], seeds=[0], ks=[5],
+                         layers="all", n_test=args.n_test, data_dir=args.data_dir)
+    store_path = out_dir / "study.sqlite"
+    run_sweep(config, str(store_path), f"icl-locate demo --n-test {args.n_test}")
+    report = build_report(Store(store_path, create=False), out_dir / "report")
+    _print_summary(store_path)
+    print(f"\nmain job done in {time.time() - started:.0f}s; report: {report}")
     return 0
+
+
+def _print_summary(store_path: Path) -> None:
+    from .analysis import analyse_curve, load_curves, savings
+    from .store import Store
+
+    store = Store(store_path, create=False)
+    for curve in load_curves(store):
+        c = analyse_curve(curve)
+        s = savings(c, c.layers[-1])
+        print(f"\n{c.key['pair']} {c.label()}: baseline BLEU {c.baseline:.1f}; recognition layer {c.recognition} "
+              f"(95% CI {c.recognition_ci[0]:.0f}-{c.recognition_ci[1]:.0f}) of {c.layers[-1]}; savings "
+              f"{100 * s.paper_formula:.1f}% (paper formula), {100 * s.token_exact:.1f}% (exact tokens)")
+        print("  BLEU by layer: " + " ".join(f"{l}:{v:.1f}" for l, v in zip(c.layers, c.score)))
+    store.close()

@@ -68,7 +68,7 @@ class SweepEngine:
     """Decode every (item, variant) row; ``generate`` returns {(item index, variant): Generation}."""
 
     def __init__(self, model: nn.Module, tokenizer, batch_size: int | None = None,
-                 max_batch_tokens: int = 48_000):
+                 max_batch_tokens: int = 32_000):
         self.model = model
         self.tokenizer = tokenizer
         self.n_layers = num_layers(model)
@@ -141,7 +141,7 @@ class SweepEngine:
         for row in rows:
             by_prefix.setdefault(len(row.prefix_key[0]), []).append(row)
         for plen, group in by_prefix.items():
-            group.sort(key=lambda r: (r.variant.ablate and sorted(r.variant.ablate), len(r.query_ids)))
+            group.sort(key=lambda r: (sorted(r.variant.ablate), len(r.query_ids)))
             longest = plen + max(len(r.query_ids) for r in group) + max_new_tokens
             size = self.batch_size or max(1, min(256, self.max_batch_tokens // longest))
             chunk: list[_Row] = []

@@ -37,6 +37,7 @@ class TranslationScores:
     chrf: float
     sentence_bleu: list[float] = field(default_factory=list)
     sentence_chrf: list[float] = field(default_factory=list)
+    sentence_stats: list[list[float]] = field(default_factory=list)  # BLEU sufficient statistics, for bootstrap
     hypotheses: list[str] = field(default_factory=list)  # what was scored (first sentences)
     signature: str = ""
 
@@ -58,9 +59,25 @@ def translation_scores(hypotheses: Sequence[str], references: Sequence[str], lan
         chrf=chrf.corpus_score(hyps, [refs]).score,
         sentence_bleu=[sent_bleu.sentence_score(h, [r]).score for h, r in zip(hyps, refs)],
         sentence_chrf=[chrf.sentence_score(h, [r]).score for h, r in zip(hyps, refs)],
+        sentence_stats=[bleu_statistics(bleu, h, r) for h, r in zip(hyps, refs)],
         hypotheses=hyps,
         signature=str(bleu.get_signature()),
     )
+
+
+def bleu_statistics(bleu, hypothesis: str, reference: str) -> list[float]:
+    """[sys_len, ref_len, correct_1..4, total_1..4]: corpus BLEU of any subset is a function of their sums."""
+    s = bleu.corpus_score([hypothesis], [[reference]])
+    return [s.sys_len, s.ref_len, *s.counts, *s.totals]
+
+
+def bleu_from_statistics(stats_sum) -> float:
+    """Corpus BLEU (lowercase 13a, exp smoothing as sacrebleu's default) from summed statistics."""
+    from sacrebleu.metrics import BLEU
+
+    sys_len, ref_len = stats_sum[0], stats_sum[1]
+    correct, total = list(stats_sum[2:6]), list(stats_sum[6:10])
+    return BLEU.compute_bleu(correct=correct, total=total, sys_len=sys_len, ref_len=ref_len).score
 
 
 def pass_at_1(passed: Sequence[bool]) -> float:

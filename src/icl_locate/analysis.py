@@ -1,0 +1,156 @@
+"""From stored predictions to answers: per-layer curves with bootstrap CIs, the task-recognition
+layer with its own interval, critical layers, and compute savings.
+
+Bootstrap: each replicate resamples test items (the same items for every layer and seed, so
+curves stay paired) and seeds, recomputes each layer's corpus score (BLEU from summed
+sufficient statistics; pass@1 as a mean), and finds the recognition layer of that replicate.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from .metrics import bleu_from_statistics
+
+DEFAULT_FRACTION = 0.95
+
+
+def recognition_layer(layers: Sequence[int], scores: Sequence[float], baseline: float,
+                      fraction: float = DEFAULT_FRACTION) -> int:
+    """First layer from which the score stays >= fraction x baseline for every later layer.
+
+    ``layers`` ascending; the last one is normally L (no masking), which always qualifies when
+    it is the baseline itself. With no plateau before L, the answer is L.
+    """
+    threshold = fraction * baseline
+    r = layers[-1]
+    for layer, score in zip(reversed(layers), reversed(scores)):
+        if score >= threshold - 1e-12:
+            r = layer
+        else:
+            break
+    return r
+
+
+def percentile_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
+    lo, hi = np.percentile(np.asarray(values, dtype=float), [50 * (1 - level), 50 * (1 + level)])
+    return float(lo), float(hi)
+
+
+@dataclass
+class Curve:
+    """One experimental cell (task, pair, kind, condition, instructions, k) over layers and seeds."""
+
+    key: dict
+    layers: list[int]
+    metric: str
+    seeds: list[int]
+    # per seed: per layer: per-item statistics (BLEU: 10 numbers; pass@1: 1)
+    item_stats: np.ndarray  # [seeds, layers, items, d]
+    context_tokens: float = 0.0
+    query_tokens: float = 0.0
+    score: list[float] = field(default_factory=list)
+    ci: list[tuple[float, float]] = field(default_factory=list)
+    recognition: int | None = None
+    recognition_ci: tuple[float, float] | None = None
+
+    @property
+    def baseline(self) -> float:
+        return self.score[-1]
+
+    def label(self) -> str:
+        k = self.key
+        what = k["condition"] if k["kind"] == "mask" else "layer ablation"
+        return f"{what} ({'instr' if k['instructions'] else 'no instr'}, k={k['k']})"
+
+
+def _corpus(metric: str, stats: np.ndarray) -> float:
+    """Corpus score of items ``stats`` [items, d]."""
+    if metric == "bleu":
+        return bleu_from_statistics(stats.sum(axis=0))
+    return 100.0 * float(stats[:, 0].mean())
+
+
+def load_curves(store) -> list[Curve]:
+    """Group the store's units into curves (one per cell; seeds stacked)."""
+    cells: dict[str, list[dict]] = {}
+    for unit in store.units():
+        spec = unit["spec"]
+        key = {k: spec[k] for k in ("task", "pair", "kind", "condition", "instructions", "k", "n_test")}
+        cells.setdefault(json.dumps(key, sort_keys=True), []).append(unit)
+    curves = []
+    for key_json, units in sorted(cells.items()):
+        key = json.loads(key_json)
+        units.sort(key=lambda u: u["spec"]["seed"])
+        per_seed, layers, metric = [], None, None
+        for unit in units:
+            preds = store.predictions(unit["unit_id"])
+            unit_layers = sorted({p["layer"] for p in preds})
+            layers = unit_layers if layers is None else sorted(set(layers) & set(unit_layers))
+            per_seed.append(preds)
+        for preds in per_seed:
+            metric = "bleu" if preds[0]["stats"] else "pass@1"
+        n_items = max(p["item"] for p in per_seed[0]) + 1
+        d = 10 if metric == "bleu" else 1
+        arr = np.zeros((len(per_seed), len(layers), n_items, d))
+        index = {layer: i for i, layer in enumerate(layers)}
+        for s, preds in enumerate(per_seed):
+            for p in preds:
+                if p["layer"] in index:
+                    arr[s, index[p["layer"]], p["item"]] = json.loads(p["stats"]) if d == 10 else [p["sentence_score"]]
+        curve = Curve(key=key, layers=layers, metric=metric, seeds=[u["spec"]["seed"] for u in units], item_stats=arr,
+                      context_tokens=float(np.mean([u["context_tokens"] for u in units])),
+                      query_tokens=float(np.mean([u["query_tokens"] for u in units])))
+        curves.append(curve)
+    return curves
+
+
+def analyse_curve(curve: Curve, fraction: float = DEFAULT_FRACTION, n_boot: int = 1000, seed: int = 0) -> Curve:
+    """Fill in score per layer (mean over seeds), 95% bootstrap CIs, recognition layer and its CI."""
+    S, L, N, _ = curve.item_stats.shape
+    curve.score = [float(np.mean([_corpus(curve.metric, curve.item_stats[s, l]) for s in range(S)]))
+                   for l in range(L)]
+    rng = np.random.default_rng(seed)
+    boot = np.zeros((n_boot, L))
+    recog = np.zeros(n_boot)
+    for b in range(n_boot):
+        items = rng.integers(0, N, N)
+        seeds = rng.integers(0, S, S)
+        for l in range(L):
+            boot[b, l] = np.mean([_corpus(curve.metric, curve.item_stats[s, l, items]) for s in seeds])
+        recog[b] = recognition_layer(curve.layers, boot[b], boot[b, -1], fraction)
+    curve.ci = [percentile_interval(boot[:, l]) for l in range(L)]
+    if curve.key["kind"] == "mask":
+        curve.recognition = recognition_layer(curve.layers, curve.score, curve.baseline, fraction)
+        curve.recognition_ci = percentile_interval(recog)
+    return curve
+
+
+def critical_layers(curve: Curve, fraction: float = DEFAULT_FRACTION) -> list[int]:
+    """Ablation curves: layers whose removal drops the score below fraction x baseline."""
+    return [layer for layer, score in zip(curve.layers[:-1], curve.score[:-1]) if score < fraction * curve.baseline]
+
+
+@dataclass
+class Savings:
+    recognition: int
+    num_layers: int
+    k: int
+    paper_formula: float  # (L - r)/L * k/(k+1)
+    token_exact: float  # (L - r)/L * context/(context + query), from the stored token counts
+
+
+def savings(curve: Curve, num_layers: int) -> Savings | None:
+    """Share of prompt processing saved by dropping the context after the recognition layer."""
+    if curve.recognition is None:
+        return None
+    r, L, k = curve.recognition, num_layers, curve.key["k"]
+    after = (L - r) / L
+    total = curve.context_tokens + curve.query_tokens
+    exact = after * curve.context_tokens / total if total else math.nan
+    return Savings(r, L, k, after * k / (k + 1), exact)

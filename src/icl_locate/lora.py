@@ -1,0 +1,243 @@
+"""Single-layer LoRA fine-tuning sweep (the paper's last experiment).
+
+For each layer l: a fresh LoRA adapter on that layer's attention output projection only,
+trained on FLORES dev lines 1..N in the zero-shot format ``Q:{src}\\nA:{tgt}<eos>`` with a
+causal-LM loss (padding ignored), early-stopped on the loss over dev lines 801-997, then
+evaluated by greedy zero-shot decoding (no instructions, no examples) on devtest.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .errors import UserError
+from .masking import attention_module, decoder_layers
+
+OUT_PROJ_NAMES = ("o_proj", "out_proj", "dense", "c_proj")  # llama-likes, gpt_neo, bloom/gpt_neox, gpt2
+
+
+@dataclass
+class LoraSettings:
+    """The paper's defaults (configs/training + its LoRA script); every one overridable."""
+
+    r: int = 8
+    alpha: int = 32
+    dropout: float = 0.05
+    lr: float = 1e-4
+    batch_size: int = 32
+    micro_batch: int = 8  # gradient accumulation keeps memory bounded; the update sees batch_size
+    max_epochs: int = 100
+    patience: int = 5
+    threshold: float = 0.01
+    train_size: int = 800
+    seed: int = 0
+
+
+def output_projection_name(model: nn.Module, layer: int) -> str:
+    """Full module name of layer ``layer``'s attention output projection, for any architecture."""
+    layers = decoder_layers(model)
+    if not 0 <= layer < len(layers):
+        raise UserError(f"layer {layer} out of range: the model has layers 0..{len(layers) - 1}")
+    attn = attention_module(layers[layer])
+    names = {id(m): n for n, m in model.named_modules()}
+    for name, module in attn.named_modules():
+        if name.split(".")[-1] in OUT_PROJ_NAMES:
+            return f"{names[id(attn)]}.{name}"
+    raise UserError(f"no attention output projection ({', '.join(OUT_PROJ_NAMES)}) in layer {layer}")
+
+
+def attach_adapter(model: nn.Module, layer: int, settings: LoraSettings):
+    """A PEFT model with one fresh LoRA adapter on ``layer``'s output projection (base weights frozen)."""
+    from peft import LoraConfig, get_peft_model
+
+    target = output_projection_name(model, layer)
+    config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                        target_modules=[target], bias="none", task_type="CAUSAL_LM")
+    torch.manual_seed(settings.seed)
+    return get_peft_model(model, config), target
+
+
+def encode_training_pairs(tokenizer, pairs, max_length: int = 512) -> list[list[int]]:
+    """``Q:{src}\\nA:{tgt}`` + EOS, tokenised (BOS as the tokenizer adds it)."""
+    out = []
+    for ex in pairs:
+        ids = tokenizer(f"Q:{ex.source.strip()}\nA:{ex.target.strip()}")["input_ids"][:max_length - 1]
+        out.append(ids + [tokenizer.eos_token_id])
+    return out
+
+
+def _batch(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s)
+        mask[i, :len(s)] = 1
+    labels = ids.masked_fill(mask == 0, -100)  # padding is ignored by the loss
+    return ids.to(device), mask.to(device), labels.to(device)
+
+
+def mean_loss(model, seqs, pad_id: int, micro_batch: int) -> float:
+    model.eval()
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(seqs), micro_batch):
+            ids, mask, labels = _batch(seqs[i:i + micro_batch], pad_id, next(model.parameters()).device)
+            n = int((labels[:, 1:] != -100).sum())
+            total += float(model(input_ids=ids, attention_mask=mask, labels=labels).loss) * n
+            tokens += n
+    return total / max(tokens, 1)
+
+
+def train_adapter(peft_model, train: list[list[int]], val: list[list[int]], pad_id: int, settings: LoraSettings,
+                  log: Callable[[str], None] = lambda m: None) -> dict:
+    """AdamW on the adapter; early stopping on validation loss; the best adapter weights are kept."""
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optim = torch.optim.AdamW(params, lr=settings.lr)
+    gen = torch.Generator().manual_seed(settings.seed)
+    device = next(peft_model.parameters()).device
+    curve = {"train_loss": [], "val_loss": [mean_loss(peft_model, val, pad_id, settings.micro_batch)]}
+    best, best_state, bad_epochs = curve["val_loss"][0], _adapter_state(peft_model), 0
+    for epoch in range(settings.max_epochs):
+        peft_model.train()
+        order = torch.randperm(len(train), generator=gen).tolist()
+        epoch_loss = []
+        for start in range(0, len(order), settings.batch_size):
+            batch = [train[i] for i in order[start:start + settings.batch_size]]
+            optim.zero_grad()
+            n_tokens = sum(len(s) - 1 for s in batch)
+            for m in range(0, len(batch), settings.micro_batch):
+                ids, mask, labels = _batch(batch[m:m + settings.micro_batch], pad_id, device)
+                part = int((labels[:, 1:] != -100).sum())
+                loss = peft_model(input_ids=ids, attention_mask=mask, labels=labels).loss * part / n_tokens
+                loss.backward()
+                epoch_loss.append(float(loss) * n_tokens / max(part, 1))
+            optim.step()
+        curve["train_loss"].append(sum(epoch_loss) / max(len(epoch_loss), 1))
+        val = mean_loss(peft_model, val, pad_id, settings.micro_batch)
+        curve["val_loss"].append(val)
+        log(f"    epoch {epoch + 1}: train {curve['train_loss'][-1]:.4f}  val {val:.4f}")
+        if val < best - settings.threshold:
+            best, best_state, bad_epochs = val, _adapter_state(peft_model), 0
+        else:
+            bad_epochs += 1
+            if bad_epochs >= settings.patience:
+                break
+    _load_adapter_state(peft_model, best_state)
+    curve["best_val_loss"] = best
+    return curve
+
+
+def _adapter_state(peft_model) -> dict:
+    return {k: v.detach().clone() for k, v in peft_model.named_parameters() if v.requires_grad}
+
+
+def _load_adapter_state(peft_model, state: dict) -> None:
+    with torch.no_grad():
+        for k, v in peft_model.named_parameters():
+            if k in state:
+                v.copy_(state[k])
+
+
+def zero_shot_items(tokenizer, test):
+    """Prompts ``Q:{src}\\nA:`` (no instructions, no examples) as encoded prompts for the engine."""
+    from .prompts import EncodedPrompt
+
+    items = []
+    for ex in test:
+        text = f"Q:{ex.source.strip()}\nA:"
+        ids = tokenizer(text)["input_ids"]
+        bos = 1 if ids and ids[0] == tokenizer.bos_token_id else 0
+        items.append(EncodedPrompt(text=text, ids=ids, spans={"bos": (0, bos) if bos else None, "instructions": None,
+                                                              "examples": None, "query": (bos, len(ids))}))
+    return items
+
+
+def evaluate_zero_shot(model, tokenizer, test, max_new_tokens: int = 50) -> tuple[float, list[str]]:
+    from .fast_engine import SweepEngine, Variant
+    from .metrics import translation_scores
+
+    encoded = zero_shot_items(tokenizer, test)
+    engine = SweepEngine(model, tokenizer)
+    gens = engine.generate(encoded, None, [Variant()], stop_strings=("\n", "Q:"), max_new_tokens=max_new_tokens)
+    texts = [gens[(i, Variant())].text.split("Q:")[0].strip() for i in range(len(encoded))]
+    return translation_scores(texts, [ex.target for ex in test]).bleu, texts
+
+
+def lora_sweep(loaded, data_dir: str | None, pair: str, layers: list[int], settings: LoraSettings, n_test: int | None,
+               out_dir: Path, store=None, run_id: int | None = None,
+               log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> list[dict]:
+    from .data import data_dir_or_default, flores_bitext, parse_pair
+
+    src, tgt = parse_pair(pair)
+    root = data_dir_or_default(data_dir)
+    dev = flores_bitext(root, src, tgt, "dev")
+    test = flores_bitext(root, src, tgt, "devtest")[:n_test] if n_test else flores_bitext(root, src, tgt, "devtest")
+    if not 0 < settings.train_size <= 800:
+        raise UserError(f"--train-size must be in 1..800 (dev lines 1-800 are the training pool), got "
+                        f"{settings.train_size}")
+    n_layers = len(decoder_layers(loaded.model))
+    bad = [l for l in layers if not 0 <= l < n_layers]
+    if bad:
+        raise UserError(f"layers {bad} out of range: the model has layers 0..{n_layers - 1}")
+    tok = loaded.tokenizer
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    train = encode_training_pairs(tok, dev[:settings.train_size])
+    val = encode_training_pairs(tok, dev[800:997])
+    results = []
+    done = {r["layer"] for r in (_stored_lora(store, pair, settings, n_test) if store else [])}
+    for layer in layers:
+        unit_id = _lora_unit_id(pair, layer, settings, n_test)
+        if layer in done:
+            log(f"layer {layer}: already in the store, skipped")
+            continue
+        started = time.time()
+        peft_model, target = attach_adapter(loaded.model, layer, settings)
+        log(f"layer {layer}: LoRA on {target} ({sum(p.numel() for p in peft_model.parameters() if p.requires_grad)} "
+            f"trainable parameters)")
+        curve = train_adapter(peft_model, train, val, pad_id, settings, log)
+        peft_model.eval()
+        bleu, _ = evaluate_zero_shot(peft_model, tok, test)
+        adapter_dir = out_dir / f"layer{layer:02d}"
+        peft_model.save_pretrained(adapter_dir)
+        result = dict(layer=layer, target=target, bleu=bleu, seconds=time.time() - started, curve=curve,
+                      adapter=str(adapter_dir))
+        results.append(result)
+        log(f"layer {layer}: zero-shot BLEU {bleu:.2f} ({result['seconds']:.0f}s)")
+        if store is not None:
+            with store.transaction():
+                store.db.execute("INSERT OR REPLACE INTO lora VALUES (?, ?, ?, ?, ?, ?)",
+                                 (unit_id, layer, "bleu", bleu, json.dumps(dict(curve, pair=pair, settings=asdict(
+                                     settings), n_test=n_test, target=target)), str(adapter_dir)))
+        peft_model.unload()  # back to the untouched base model for the next layer
+    return results
+
+
+def _lora_unit_id(pair: str, layer: int, settings: LoraSettings, n_test) -> str:
+    import hashlib
+
+    key = json.dumps(dict(pair=pair, layer=layer, settings=asdict(settings), n_test=n_test), sort_keys=True)
+    return "lora-" + hashlib.sha1(key.encode()).hexdigest()[:12]
+
+
+def _stored_lora(store, pair: str, settings: LoraSettings, n_test) -> list[dict]:
+    out = []
+    for unit_id, layer, value, curve in store.db.execute("SELECT unit_id, layer, value, curve FROM lora"):
+        meta = json.loads(curve)
+        if meta.get("pair") == pair and meta.get("settings") == asdict(settings) and meta.get("n_test") == n_test:
+            out.append(dict(layer=layer, bleu=value))
+    return out
+
+
+def stored_lora_results(store) -> list[dict]:
+    rows = store.db.execute("SELECT layer, value, curve FROM lora WHERE metric = 'bleu' ORDER BY layer")
+    return [dict(layer=l, bleu=v, **{k: json.loads(c).get(k) for k in ("pair", "n_test")}) for l, v, c in rows]
+

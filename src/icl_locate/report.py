@@ -1,0 +1,187 @@
+"""``icl-locate report STORE``: PNG figures and a self-contained HTML (or Markdown) report.
+
+Figures follow the paper's Figs 2-4: score per masking layer, one line per condition, the
+unmasked baseline dashed, 95% bootstrap bands, the recognition layer marked. The HTML embeds
+every figure (base64), so it opens offline on its own; the PNG files sit beside it.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import os
+from collections import defaultdict
+from pathlib import Path
+
+from .analysis import DEFAULT_FRACTION, analyse_curve, critical_layers, load_curves, savings
+from .errors import UserError
+
+
+def build_report(store, out_dir: Path, fmt: str = "html", fraction: float = DEFAULT_FRACTION,
+                 n_boot: int = 1000) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from .lora import stored_lora_results
+
+    curves = [analyse_curve(c, fraction, n_boot) for c in load_curves(store)]
+    lora = stored_lora_results(store)
+    if not curves and not lora:
+        raise UserError(f"store {store.path} holds no finished units yet")
+    runs = store.runs()
+    model = runs[-1]["provenance"].get("model", {}) if runs else {}
+    num_layers = model.get("num_layers") or max([max(c.layers) for c in curves] + [r["layer"] + 1 for r in lora])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    figures = _figures(curves, out_dir) + _lora_figures(lora, curves, out_dir)
+    sections = dict(model=model, curves=curves, num_layers=num_layers, fraction=fraction, figures=figures,
+                    runs=runs)
+    text = _html(**sections) if fmt == "html" else _markdown(**sections)
+    path = out_dir / ("report.html" if fmt == "html" else "report.md")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def _group(curves):
+    groups = defaultdict(list)
+    for c in curves:
+        groups[(c.key["task"], c.key["pair"], c.key["kind"], c.key["k"])].append(c)
+    return groups
+
+
+def _figures(curves, out_dir: Path) -> list[tuple[str, Path]]:
+    import matplotlib.pyplot as plt
+
+    figures = []
+    for (task, pair, kind, k), group in sorted(_group(curves).items()):
+        by_instr = defaultdict(list)
+        for c in group:
+            by_instr[c.key["instructions"]].append(c)
+        fig, axes = plt.subplots(1, len(by_instr), figsize=(6 * len(by_instr), 4), squeeze=False)
+        for ax, (instr, cs) in zip(axes[0], sorted(by_instr.items(), reverse=True)):
+            for c in sorted(cs, key=lambda c: c.key["condition"]):
+                lo, hi = zip(*c.ci)
+                name = c.key["condition"] if kind == "mask" else "attention of layer removed"
+                line, = ax.plot(c.layers, c.score, marker="o", ms=3, label=name)
+                ax.fill_between(c.layers, lo, hi, color=line.get_color(), alpha=0.15)
+                if c.recognition is not None and c.recognition < c.layers[-1]:
+                    ax.axvline(c.recognition, color=line.get_color(), ls=":", lw=1)
+            ax.axhline(cs[0].baseline, color="black", ls="--", lw=1, label="baseline (no mask)")
+            ax.set_xlabel("layer masked from" if kind == "mask" else "ablated layer")
+            ax.set_ylabel(cs[0].metric.upper() if cs[0].metric == "bleu" else "pass@1 (%)")
+            ax.set_title(f"{task} {pair} k={k} — {'with' if instr else 'without'} instructions", fontsize=10)
+            ax.legend(fontsize=7)
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        name = f"{kind}_{task}_{pair or 'all'}_k{k}.png".replace("/", "-")
+        path = out_dir / name
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        figures.append((f"{'Masking' if kind == 'mask' else 'Layer ablation'}: {task} {pair} k={k}", path))
+    return figures
+
+
+def _lora_figures(lora: list[dict], curves, out_dir: Path) -> list[tuple[str, Path]]:
+    """BLEU of single-layer LoRA per layer, with the recognition layer of a masking sweep marked."""
+    import matplotlib.pyplot as plt
+
+    figures = []
+    for pair in sorted({r["pair"] for r in lora}):
+        rows = sorted((r for r in lora if r["pair"] == pair), key=lambda r: r["layer"])
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot([r["layer"] for r in rows], [r["bleu"] for r in rows], marker="o", label="LoRA on this layer only")
+        masked = [c for c in curves if c.key["kind"] == "mask" and c.key["pair"] == pair and c.recognition is not None]
+        if masked:
+            c = sorted(masked, key=lambda c: (not c.key["instructions"], c.key["condition"]))[0]
+            ax.axvline(c.recognition, color="red", ls="--", label=f"recognition layer ({c.key['condition']})")
+        ax.set_xlabel("layer with the LoRA adapter")
+        ax.set_ylabel("zero-shot BLEU")
+        ax.set_title(f"single-layer LoRA, {pair}", fontsize=10)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = out_dir / f"lora_{pair}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        figures.append((f"Single-layer LoRA: {pair}", path))
+    return figures
+
+
+def _rows(curves, num_layers, fraction):
+    rows = []
+    for c in curves:
+        s = savings(c, num_layers)
+        rows.append(dict(
+            cell=f"{c.key['task']} {c.key['pair']}".strip(), what=c.label(), seeds=len(c.seeds),
+            items=c.item_stats.shape[2], metric=c.metric, baseline=c.baseline,
+            recognition="—" if c.recognition is None else
+            f"{c.recognition} (95% CI {c.recognition_ci[0]:.0f}–{c.recognition_ci[1]:.0f})",
+            critical=", ".join(map(str, critical_layers(c, fraction))) if c.key["kind"] == "ablation" else "—",
+            savings="—" if s is None else f"{100 * s.paper_formula:.1f}% / {100 * s.token_exact:.1f}%"))
+    return rows
+
+
+HEADERS = [("cell", "task"), ("what", "condition"), ("seeds", "seeds"), ("items", "test items"),
+           ("metric", "metric"), ("baseline", "baseline"), ("recognition", "recognition layer"),
+           ("critical", "critical layers"), ("savings", "savings: paper formula / exact tokens")]
+
+
+def _fmt(v):
+    return f"{v:.2f}" if isinstance(v, float) else str(v)
+
+
+def _html(model, curves, num_layers, fraction, figures, runs) -> str:
+    rows = _rows(curves, num_layers, fraction)
+    table = "<table><tr>" + "".join(f"<th>{h}</th>" for _, h in HEADERS) + "</tr>"
+    for r in rows:
+        table += "<tr>" + "".join(f"<td>{html.escape(_fmt(r[k]))}</td>" for k, _ in HEADERS) + "</tr>"
+    table += "</table>"
+    curves_html = ""
+    for c in curves:
+        cells = "".join(f"<tr><td>{l}</td><td>{s:.2f}</td><td>{lo:.2f}–{hi:.2f}</td></tr>"
+                        for l, s, (lo, hi) in zip(c.layers, c.score, c.ci))
+        curves_html += (f"<details><summary>{html.escape(c.key['task'] + ' ' + c.key['pair'] + ': ' + c.label())}"
+                        f"</summary><table><tr><th>layer</th><th>{c.metric}</th><th>95% CI</th></tr>{cells}"
+                        f"</table></details>")
+    figs = ""
+    for title, path in figures:
+        data = base64.b64encode(path.read_bytes()).decode()
+        figs += (f"<h3>{html.escape(title)}</h3><img alt=\"{path.name}\" title=\"{path.name}\" "
+                 f"src=\"data:image/png;base64,{data}\">")
+    prov = runs[-1]["provenance"] if runs else {}
+    return f"""<!DOCTYPE html><html><head><meta charset="utf-8"><title>icl-locate report</title>
+<style>body{{font-family:sans-serif;max-width:1200px;margin:2em auto}}table{{border-collapse:collapse;margin:1em 0}}
+td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px}}img{{max-width:100%}}</style></head><body>
+<h1>Where does in-context learning happen? — {html.escape(str(model.get('spec', '?')))}</h1>
+<p>{html.escape(str(model.get('architecture', '')))}, {num_layers} layers. Recognition layer: the first layer
+from which masking the context keeps the score at or above {fraction:.0%} of the unmasked baseline for every
+later layer. Savings: share of prompt processing saved by dropping the context after that layer,
+(L − r)/L · k/(k+1) as in the paper, and with the exact context/query token counts of these prompts.
+Intervals are 95% bootstrap intervals over test items and seeds.</p>
+<h2>Summary</h2>{table}<h2>Figures</h2>{figs}<h2>Per-layer scores</h2>{curves_html}
+<h2>Provenance</h2><pre>{html.escape(_provenance_text(prov, runs))}</pre></body></html>"""
+
+
+def _markdown(model, curves, num_layers, fraction, figures, runs) -> str:
+    rows = _rows(curves, num_layers, fraction)
+    lines = [f"# Where does in-context learning happen? — {model.get('spec', '?')}", "",
+             f"{model.get('architecture', '')}, {num_layers} layers; recognition threshold {fraction:.0%} of "
+             f"baseline; 95% bootstrap intervals over items and seeds.", "", "## Summary", "",
+             "| " + " | ".join(h for _, h in HEADERS) + " |", "|" + "---|" * len(HEADERS)]
+    lines += ["| " + " | ".join(_fmt(r[k]) for k, _ in HEADERS) + " |" for r in rows]
+    lines += ["", "## Figures", ""] + [f"![{title}]({path.name})" for title, path in figures]
+    for c in curves:
+        lines += ["", f"### {c.key['task']} {c.key['pair']}: {c.label()}", "", f"| layer | {c.metric} | 95% CI |",
+                  "|---|---|---|"]
+        lines += [f"| {l} | {s:.2f} | {lo:.2f}–{hi:.2f} |" for l, s, (lo, hi) in zip(c.layers, c.score, c.ci)]
+    lines += ["", "## Provenance", "", "```", _provenance_text(runs[-1]["provenance"] if runs else {}, runs), "```"]
+    return "\n".join(lines) + "\n"
+
+
+def _provenance_text(prov: dict, runs: list) -> str:
+    keep = {k: prov.get(k) for k in ("icl_locate", "python", "torch", "transformers", "platform")}
+    lines = [f"{k}: {v}" for k, v in keep.items()]
+    lines += [f"data {p}: sha256 {h}" for p, h in (prov.get("data_files") or {}).items()]
+    lines += [f"run {r['run_id']}: {r['command']}" for r in runs]
+    return "\n".join(lines)

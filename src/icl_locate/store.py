@@ -1,0 +1,182 @@
+"""The results store: one SQLite file per study (one model).
+
+Every prediction is kept (prompt token ids, hidden ranges, generation, reference, sentence
+scores) with the run's provenance. A work unit commits in one transaction, so a killed sweep
+leaves either the whole unit or nothing; rerunning skips finished units. Concurrent sweeps on
+one store are safe: SQLite's WAL mode serialises writers, a unit is committed only if no one
+committed it first, and live claims keep two processes from computing the same unit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sqlite3
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from .errors import UserError
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id INTEGER PRIMARY KEY AUTOINCREMENT, started REAL NOT NULL, host TEXT, pid INTEGER,
+    command TEXT, config TEXT, provenance TEXT);
+CREATE TABLE IF NOT EXISTS units (
+    unit_id TEXT PRIMARY KEY, run_id INTEGER, spec TEXT NOT NULL, finished REAL NOT NULL, seconds REAL,
+    context_tokens REAL, query_tokens REAL);
+CREATE TABLE IF NOT EXISTS claims (unit_id TEXT PRIMARY KEY, host TEXT, pid INTEGER, since REAL);
+CREATE TABLE IF NOT EXISTS scores (
+    unit_id TEXT NOT NULL, variant TEXT NOT NULL, layer INTEGER NOT NULL, metric TEXT NOT NULL, value REAL,
+    PRIMARY KEY (unit_id, variant, layer, metric));
+CREATE TABLE IF NOT EXISTS predictions (
+    unit_id TEXT NOT NULL, item INTEGER NOT NULL, example_id TEXT NOT NULL, variant TEXT NOT NULL,
+    layer INTEGER NOT NULL, prompt_token_ids TEXT, hidden_ranges TEXT, in_context_ids TEXT,
+    raw_generation TEXT, generation TEXT, reference TEXT, finish TEXT, sentence_score REAL, stats TEXT,
+    n_instructions INTEGER, n_examples INTEGER, n_query INTEGER,
+    PRIMARY KEY (unit_id, item, variant, layer));
+CREATE TABLE IF NOT EXISTS lora (
+    unit_id TEXT NOT NULL, layer INTEGER NOT NULL, metric TEXT NOT NULL, value REAL, curve TEXT,
+    adapter_path TEXT, PRIMARY KEY (unit_id, layer, metric));
+"""
+
+
+class Store:
+    """A study's SQLite store. ``fingerprint`` (model identity, engine settings) is fixed at creation."""
+
+    def __init__(self, path: str | Path, fingerprint: dict | None = None, create: bool = True):
+        self.path = Path(path).expanduser()
+        if not self.path.exists() and not create:
+            raise UserError(f"store {self.path} does not exist")
+        if self.path.exists() and self.path.is_dir():
+            raise UserError(f"store {self.path} is a directory")
+        parent = self.path.parent
+        if not parent.is_dir():
+            raise UserError(f"cannot create store {self.path}: directory {parent} does not exist")
+        if not self.path.exists() and not os.access(parent, os.W_OK):
+            raise UserError(f"cannot create store {self.path}: directory {parent} is not writable")
+        try:
+            self.db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA busy_timeout=60000")
+            self.db.executescript(SCHEMA)
+        except sqlite3.DatabaseError as err:
+            raise UserError(f"{self.path} is not a usable icl-locate store ({err})") from None
+        if fingerprint is not None:
+            self._check_fingerprint(fingerprint)
+
+    def _check_fingerprint(self, fingerprint: dict) -> None:
+        stored = self.meta("fingerprint")
+        wanted = json.dumps(fingerprint, sort_keys=True)
+        if stored is None:
+            with self.transaction():
+                if self.meta("fingerprint") is None:
+                    self.db.execute("INSERT INTO meta VALUES ('fingerprint', ?)", (wanted,))
+                    self.db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            stored = self.meta("fingerprint")
+        if stored != wanted:
+            old, new = json.loads(stored), fingerprint
+            diff = ", ".join(f"{k}: {old.get(k)!r} (store) vs {new.get(k)!r} (now)"
+                             for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
+            raise UserError(f"store {self.path} was written with other settings ({diff}); use another --store")
+
+    def meta(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        else:
+            self.db.execute("COMMIT")
+
+    # ------------------------------------------------------------------ runs and units
+
+    def start_run(self, command: str, config: dict, provenance: dict) -> int:
+        with self.transaction():
+            cur = self.db.execute(
+                "INSERT INTO runs (started, host, pid, command, config, provenance) VALUES (?, ?, ?, ?, ?, ?)",
+                (time.time(), socket.gethostname(), os.getpid(), command, json.dumps(config), json.dumps(provenance)))
+            return cur.lastrowid
+
+    def done_units(self) -> set[str]:
+        return {r[0] for r in self.db.execute("SELECT unit_id FROM units")}
+
+    def claim(self, unit_id: str) -> bool:
+        """Claim a unit for this process unless a live process on this host holds it."""
+        host, pid = socket.gethostname(), os.getpid()
+        with self.transaction():
+            if self.db.execute("SELECT 1 FROM units WHERE unit_id = ?", (unit_id,)).fetchone():
+                return False
+            row = self.db.execute("SELECT host, pid FROM claims WHERE unit_id = ?", (unit_id,)).fetchone()
+            if row and (row[0], row[1]) != (host, pid) and row[0] == host and _alive(row[1]):
+                return False
+            self.db.execute("INSERT OR REPLACE INTO claims VALUES (?, ?, ?, ?)", (unit_id, host, pid, time.time()))
+            return True
+
+    def commit_unit(self, unit_id: str, run_id: int, spec: dict, seconds: float, predictions: list[dict],
+                    scores: list[tuple[str, int, str, float]], context_tokens: float, query_tokens: float) -> bool:
+        """Write a finished unit and all its rows at once. False if someone committed it first."""
+        with self.transaction():
+            if self.db.execute("SELECT 1 FROM units WHERE unit_id = ?", (unit_id,)).fetchone():
+                return False
+            self.db.executemany(
+                "INSERT INTO predictions VALUES (:unit_id, :item, :example_id, :variant, :layer, :prompt_token_ids, "
+                ":hidden_ranges, :in_context_ids, :raw_generation, :generation, :reference, :finish, "
+                ":sentence_score, :stats, :n_instructions, :n_examples, :n_query)",
+                [dict(p, unit_id=unit_id) for p in predictions])
+            self.db.executemany("INSERT INTO scores VALUES (?, ?, ?, ?, ?)",
+                                [(unit_id, v, layer, m, val) for v, layer, m, val in scores])
+            self.db.execute("INSERT INTO units VALUES (?, ?, ?, ?, ?, ?, ?)",
+                            (unit_id, run_id, json.dumps(spec, sort_keys=True), time.time(), seconds,
+                             context_tokens, query_tokens))
+            self.db.execute("DELETE FROM claims WHERE unit_id = ?", (unit_id,))
+            return True
+
+    def release(self, unit_id: str) -> None:
+        with self.transaction():
+            self.db.execute("DELETE FROM claims WHERE unit_id = ? AND pid = ?", (unit_id, os.getpid()))
+
+    # ------------------------------------------------------------------ reading
+
+    def units(self) -> list[dict]:
+        rows = self.db.execute("SELECT unit_id, spec, seconds, context_tokens, query_tokens FROM units ORDER BY unit_id")
+        return [dict(unit_id=u, spec=json.loads(s), seconds=sec, context_tokens=c, query_tokens=q)
+                for u, s, sec, c, q in rows]
+
+    def predictions(self, unit_id: str) -> list[dict]:
+        cur = self.db.execute("SELECT * FROM predictions WHERE unit_id = ? ORDER BY variant, layer, item", (unit_id,))
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, row)) for row in cur]
+
+    def scores(self, unit_id: str) -> list[tuple[str, int, str, float]]:
+        return list(self.db.execute("SELECT variant, layer, metric, value FROM scores WHERE unit_id = ? "
+                                    "ORDER BY variant, layer", (unit_id,)))
+
+    def runs(self) -> list[dict]:
+        cur = self.db.execute("SELECT run_id, started, host, command, config, provenance FROM runs ORDER BY run_id")
+        return [dict(run_id=r, started=s, host=h, command=c, config=json.loads(cf), provenance=json.loads(p))
+                for r, s, h, c, cf, p in cur]
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
