@@ -91,3 +91,35 @@ def test_whole_layer_ablation(family):
     lm = tiny(family)
     assert_same(lm, encoded_prompts(lm.tokenizer), None,
                 [Variant(ablate=frozenset({layer})) for layer in range(lm.info.num_layers)])
+
+
+def test_bench_command_on_tiny_model(tmp_path, capsys, data_dir):
+    import json
+
+    from icl_locate.cli import main
+
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--model", "tiny:llama", "--n-test", "2", "--layers", "0,2,4", "--k", "1",
+                 "--data-dir", str(data_dir), "--json", str(out), "--require-identical", "1.0"])
+    assert code == 0
+    data = json.loads(out.read_text())
+    for key in ("seconds_paper", "seconds_paper_stop", "seconds_fast", "speedup_vs_paper", "speedup_vs_paper_stop",
+                "identical_fraction", "mismatches", "peak_rss_mb", "gflops_achieved", "gflops_matmul_peak"):
+        assert key in data
+    assert data["identical_fraction"] == 1.0 and data["pairs"] == 6
+    assert "(c) fast engine" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("family", ["llama", "bloom"])
+def test_prompts_without_bos_or_context(family):
+    """Zero-shot prompts of BOS-less tokenizers: nothing to share but the first token; query masked."""
+    from icl_locate.prompts import EncodedPrompt
+
+    lm = tiny(family)
+    encs = []
+    for q in QUERIES:
+        ids = lm.tokenizer(f"Q:{q}\nA:")["input_ids"][1:]  # drop BOS
+        encs.append(EncodedPrompt(text="", ids=ids, spans={"bos": None, "instructions": None, "examples": None,
+                                                         "query": (0, len(ids))}))
+    assert_same(lm, encs, get_condition("query"), [Variant(from_layer=j) for j in (0, 2, 4)])
+    assert_same(lm, encs, None, [Variant()])

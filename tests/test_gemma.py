@@ -69,3 +69,24 @@ def test_cli_run_code_generation(gemma, data_dir, tmp_path, capsys, condition, l
     assert all(r["result"] in ("passed", "failed", "timed out") for r in rows)
     assert "pass@1" in capsys.readouterr().out
     assert rows[0]["prompt"].startswith("Write a program for the following task:\n\nQ:")
+
+
+def test_fast_engine_matches_reference_on_gemma(gemma, mt_items):
+    from icl_locate.engine import greedy_decode, plan_for_prompt
+    from icl_locate.fast_engine import SweepEngine, Variant
+    from icl_locate.masking import hidden_ranges
+
+    task, items = mt_items
+    items = items[:2]
+    cond = get_condition("instructions+examples")
+    layers = [0, 6, 12, 18]
+    fast = SweepEngine(gemma.model, gemma.tokenizer).generate(
+        [it.encoded for it in items], cond, [Variant(from_layer=j) for j in layers], stop_strings=task.stop_strings,
+        max_new_tokens=task.max_new_tokens)
+    for i, it in enumerate(items):
+        for j in layers:
+            ranges = hidden_ranges(cond, it.encoded.spans, len(it.encoded.ids)) if j < 18 else []
+            ref = greedy_decode(gemma.model, gemma.tokenizer, it.encoded.ids,
+                                plan_for_prompt(ranges, layers=range(j, 18) if ranges else ()),
+                                stop_strings=task.stop_strings, max_new_tokens=task.max_new_tokens)
+            assert fast[(i, Variant(from_layer=j))].token_ids == ref.token_ids, (i, j)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from icl_locate.errors import UserError
-from icl_locate.lora import LoraSettings, attach_adapter, encode_training_pairs, lora_sweep, output_projection_name, \
-    train_adapter
+from icl_locate.lora import LoraSettings, _batch, attach_adapter, encode_training_pairs, lora_sweep, \
+    output_projection_name
 from icl_locate.models import load_model
 from icl_locate.prompts import Example
 
@@ -27,7 +27,11 @@ def test_one_layer_adapter_trains_alone(family):
     lora_params = {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
     assert lora_params and all(".lora_" in n and target in n for n in lora_params)
     seqs = encode_training_pairs(lm.tokenizer, PAIRS)
-    train_adapter(peft_model, seqs[:8], seqs[8:], lm.tokenizer.pad_token_id, settings)
+    ids, mask, labels = _batch(seqs[:4], lm.tokenizer.pad_token_id, "cpu")  # one training step
+    optim = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=settings.lr)
+    peft_model.train()
+    peft_model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    optim.step()
     changed = [n for n, p in peft_model.named_parameters() if p.requires_grad and not torch.equal(p, lora_params[n])]
     assert changed and all(target in n for n in changed)
     peft_model.unload()

@@ -25,6 +25,8 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from transformers.cache_utils import DynamicLayer
+
 from .engine import Generation, eos_ids, forward
 from .masking import Condition, MaskPlan, Range, hidden_ranges, num_layers
 
@@ -99,7 +101,7 @@ class SweepEngine:
     def _plan_rows(self, encoded, condition, variants) -> list[_Row]:
         rows = []
         for i, enc in enumerate(encoded):
-            start = split_prompt(enc.ids, enc.spans)
+            start = max(1, split_prompt(enc.ids, enc.spans))  # a prompt without BOS or context: share 1 token
             prefix, query = tuple(enc.ids[:start]), list(enc.ids[start:])
             for v in variants:
                 if v.from_layer is not None and not 0 <= v.from_layer <= self.n_layers:
@@ -184,11 +186,15 @@ class SweepEngine:
         plan = MaskPlan(hidden=plan.hidden, layers=plan.layers, row_layers=plan.row_layers,
                         ablate=chunk[0].variant.ablate)
 
+        # One preallocated buffer per layer, written in place: growing a DynamicCache by
+        # concatenation would copy the whole batch's cache at every step.
         cache = DynamicCache()
         per_row = [prefix_caches[r.prefix_key] for r in chunk]
-        for layer in range(len(per_row[0])):
-            cache.update(_right_aligned([kv[layer][0] for kv in per_row], cached, plen),
-                         _right_aligned([kv[layer][1] for kv in per_row], cached, plen), layer)
+        capacity = plen + qmax + max_new_tokens
+        cache.layers = [_PreallocatedLayer(_right_aligned([kv[layer][0] for kv in per_row], cached, plen, capacity),
+                                           _right_aligned([kv[layer][1] for kv in per_row], cached, plen, capacity),
+                                           plen)
+                        for layer in range(len(per_row[0]))]
 
         ids, mask = ids.to(self.device), mask.to(self.device)
         alive = list(range(n))  # chunk positions still decoding, aligned with the batch
@@ -229,11 +235,41 @@ class SweepEngine:
 
 
 
-def _right_aligned(tensors: list[torch.Tensor], keep: list[int], width: int) -> torch.Tensor:
-    """[B, H, width, D]: row b holds the first keep[b] prefix positions of tensors[b], right-aligned."""
+def _right_aligned(tensors: list[torch.Tensor], keep: list[int], width: int, capacity: int) -> torch.Tensor:
+    """[B, H, capacity, D]: in the first ``width`` columns, row b holds the first keep[b] prefix
+    positions of tensors[b], right-aligned; the rest is room for the tokens to come."""
     first = tensors[0]
-    out = first.new_zeros(len(tensors), first.shape[1], width, first.shape[3])
+    out = first.new_empty(len(tensors), first.shape[1], capacity, first.shape[3])
+    out[:, :, :width] = 0  # padding columns are masked, but must not hold NaNs (0 x NaN = NaN)
     for b, (t, k) in enumerate(zip(tensors, keep)):
         if k:
-            out[b, :, width - k:] = t[0, :, :k]
+            out[b, :, width - k:width] = t[0, :, :k]
     return out
+
+
+class _PreallocatedLayer(DynamicLayer):
+    """A cache layer that writes new keys/values into a preallocated buffer instead of concatenating."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int):
+        super().__init__()
+        self.buf_k, self.buf_v, self.length = keys, values, length
+        self.device = keys.device
+        self.is_initialized = True
+        self._views()
+
+    def _views(self) -> None:
+        self.keys, self.values = self.buf_k[:, :, :self.length], self.buf_v[:, :, :self.length]
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        end = self.length + key_states.shape[-2]
+        if end > self.buf_k.shape[-2]:
+            raise RuntimeError(f"preallocated cache of {self.buf_k.shape[-2]} positions is full")
+        self.buf_k[:, :, self.length:end] = key_states
+        self.buf_v[:, :, self.length:end] = value_states
+        self.length = end
+        self._views()
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.buf_k, self.buf_v = self.buf_k[indices], self.buf_v[indices]
+        self._views()

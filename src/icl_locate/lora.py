@@ -119,14 +119,14 @@ def train_adapter(peft_model, train: list[list[int]], val: list[list[int]], pad_
                 part = int((labels[:, 1:] != -100).sum())
                 loss = peft_model(input_ids=ids, attention_mask=mask, labels=labels).loss * part / n_tokens
                 loss.backward()
-                epoch_loss.append(float(loss) * n_tokens / max(part, 1))
+                epoch_loss.append(float(loss.detach()) * n_tokens / max(part, 1))
             optim.step()
         curve["train_loss"].append(sum(epoch_loss) / max(len(epoch_loss), 1))
-        val = mean_loss(peft_model, val, pad_id, settings.micro_batch)
-        curve["val_loss"].append(val)
-        log(f"    epoch {epoch + 1}: train {curve['train_loss'][-1]:.4f}  val {val:.4f}")
-        if val < best - settings.threshold:
-            best, best_state, bad_epochs = val, _adapter_state(peft_model), 0
+        val_loss = mean_loss(peft_model, val, pad_id, settings.micro_batch)
+        curve["val_loss"].append(val_loss)
+        log(f"    epoch {epoch + 1}: train {curve['train_loss'][-1]:.4f}  val {val_loss:.4f}")
+        if val_loss < best - settings.threshold:
+            best, best_state, bad_epochs = val_loss, _adapter_state(peft_model), 0
         else:
             bad_epochs += 1
             if bad_epochs >= settings.patience:

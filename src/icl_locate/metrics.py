@@ -75,8 +75,9 @@ def bleu_from_statistics(stats_sum) -> float:
     """Corpus BLEU (lowercase 13a, exp smoothing as sacrebleu's default) from summed statistics."""
     from sacrebleu.metrics import BLEU
 
-    sys_len, ref_len = stats_sum[0], stats_sum[1]
-    correct, total = list(stats_sum[2:6]), list(stats_sum[6:10])
+    stats = [int(round(x)) for x in stats_sum]
+    sys_len, ref_len = stats[0], stats[1]
+    correct, total = stats[2:6], stats[6:10]
     return BLEU.compute_bleu(correct=correct, total=total, sys_len=sys_len, ref_len=ref_len).score
 
 

@@ -8,7 +8,6 @@ attention needs an entry in ``legacy.ADAPTERS``; a new alias is one line in ``AL
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .data import file_sha256
 from .errors import UserError
 from .masking import num_layers, prepare_model
 
@@ -207,7 +207,7 @@ def embedded_checkpoint() -> Path:
 
 def gguf_checkpoint(path: Path) -> Path:
     """A user's .gguf file, dequantized once into a cached transformers checkpoint."""
-    digest = _sha256(path)
+    digest = file_sha256(path)
     target = cache_dir() / "models" / f"{path.stem}-{digest[:12]}"
     if _checkpoint_ok(target):
         return target
@@ -239,7 +239,7 @@ def _build_checkpoint(target: Path, build, source_hash: str) -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as tmp:
         tmp_path = Path(tmp)
         build(tmp_path)
-        files = {p.name: {"size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns, "sha256": _sha256(p)}
+        files = {p.name: {"size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns, "sha256": file_sha256(p)}
                  for p in sorted(tmp_path.iterdir()) if p.is_file()}
         (tmp_path / MANIFEST).write_text(json.dumps({"source_sha256": source_hash, "files": files}, indent=1))
         if target.exists():
@@ -266,15 +266,7 @@ def _file_matches(path: Path, meta: dict) -> bool:
     st = path.stat()
     if st.st_size != meta["size"]:
         return False
-    return st.st_mtime_ns == meta.get("mtime_ns") or _sha256(path) == meta["sha256"]
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+    return st.st_mtime_ns == meta.get("mtime_ns") or file_sha256(path) == meta["sha256"]
 
 
 # --------------------------------------------------------------------------- tiny models

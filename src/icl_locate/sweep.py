@@ -237,7 +237,8 @@ class Sweeper:
         t0 = time.time()
         gens = self.engine.generate([it.encoded for it in items], condition, list(variants.values()),
                                     stop_strings=task.stop_strings,
-                                    max_new_tokens=self.config.max_new_tokens or task.max_new_tokens)
+                                    max_new_tokens=self.config.max_new_tokens or task.max_new_tokens,
+                                    progress=self._row_progress(unit))
         seconds = time.time() - t0
         predictions, scores = [], []
         for (kind, layer), variant in variants.items():
@@ -259,6 +260,17 @@ class Sweeper:
         context = sum(n["n_instructions"] + n["n_examples"] for n in lengths) / len(items)
         query = sum(n["n_query"] for n in lengths) / len(items)
         self.store.commit_unit(unit.unit_id, run_id, asdict(unit), seconds, predictions, scores, context, query)
+
+
+    def _row_progress(self, unit: WorkUnit):
+        started = time.time()
+
+        def report(done: int, total: int) -> None:
+            rate = done / max(time.time() - started, 1e-9)
+            print(f"\r  {unit.label()}: {done}/{total} (item, layer) rows, ~{(total - done) / rate:.0f}s left",
+                  end="" if done < total else "\n", file=sys.stderr, flush=True)
+
+        return report
 
 
 def _span_lengths(spans: dict) -> dict:
