@@ -50,7 +50,7 @@ def test_mini_sweep_end_to_end(tmp_path, data_dir):
                          log=lambda m: None)
     assert [r["layer"] for r in results] == [0, 3]
     assert all((tmp_path / "adapters" / f"layer{l:02d}" / "adapter_config.json").exists() for l in (0, 3))
-    assert all(len(r["curve"]["val_loss"]) == len(r["curve"]["train_loss"]) + 1 for r in results)
+    assert all(len(r["curve"]["val_loss"]) == len(r["curve"]["train_loss"]) >= 1 for r in results)
     again = lora_sweep(lm, str(data_dir), "fra-eng", [0, 3], settings, 2, tmp_path / "adapters", store=store,
                        log=lambda m: None)
     assert again == []  # finished layers are skipped

@@ -157,7 +157,8 @@ def test_recognition_layer_synthetic(scores, expected):
 def _bernoulli_curve(rng, p_by_layer, items=60, seeds=1):
     stats = np.stack([np.stack([(rng.random((items, 1)) < p).astype(float) for p in p_by_layer])
                       for _ in range(seeds)])
-    return Curve(key=dict(task="t", pair="", kind="mask", condition="c", instructions=True, k=5, n_test=items),
+    return Curve(key=dict(task="t", pair="", kind="mask", condition="instructions+examples", instructions=True, k=5,
+                          n_test=items),
                  layers=list(range(len(p_by_layer))), metric="pass@1", seeds=list(range(seeds)), item_stats=stats,
                  context_tokens=300.0, query_tokens=60.0)
 
@@ -181,3 +182,10 @@ def test_recognition_ci_and_savings():
     s = savings(curve, 6)
     assert s.paper_formula == pytest.approx((6 - 3) / 6 * 5 / 6)
     assert s.token_exact == pytest.approx((6 - 3) / 6 * 300 / 360)
+
+
+def test_no_savings_for_masks_that_hide_the_query():
+    rng = np.random.default_rng(2)
+    curve = _bernoulli_curve(rng, [0.0, 0.9, 0.9])
+    curve.key["condition"] = "query"
+    assert savings(analyse_curve(curve, n_boot=20), 2) is None

@@ -18,6 +18,7 @@ import numpy as np
 from .metrics import bleu_from_statistics
 
 DEFAULT_FRACTION = 0.95
+CONTEXT_CONDITIONS = ("instructions+examples", "examples")  # masks after which the context could be dropped
 
 
 def recognition_layer(layers: Sequence[int], scores: Sequence[float], baseline: float,
@@ -146,8 +147,12 @@ class Savings:
 
 
 def savings(curve: Curve, num_layers: int) -> Savings | None:
-    """Share of prompt processing saved by dropping the context after the recognition layer."""
-    if curve.recognition is None:
+    """Share of prompt processing saved by dropping the context after the recognition layer.
+
+    Only meaningful where the mask hides the context (instructions and/or examples) and
+    leaves the query visible; other conditions get None.
+    """
+    if curve.recognition is None or curve.key.get("condition") not in CONTEXT_CONDITIONS:
         return None
     r, L, k = curve.recognition, num_layers, curve.key["k"]
     after = (L - r) / L

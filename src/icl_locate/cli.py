@@ -359,7 +359,8 @@ def cmd_lora_sweep(args) -> int:
 
     settings = LoraSettings(r=args.r, alpha=args.alpha, dropout=args.dropout, lr=args.lr, batch_size=args.batch_size,
                             micro_batch=args.micro_batch, max_epochs=args.epochs, patience=args.patience,
-                            threshold=args.threshold, train_size=args.train_size, seed=args.seed)
+                            threshold=args.threshold, train_size=args.train_size, seed=args.seed,
+                            val_size=args.val_size)
     if not 0 < settings.train_size <= 800:
         raise UserError(f"--train-size must be in 1..800 (dev lines 1-800 are the training pool), "
                         f"got {settings.train_size}")
@@ -497,6 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("--pair", default="fra-eng")
     lo.add_argument("--layers", default="all", help="'all' or a comma list")
     lo.add_argument("--train-size", type=int, default=800)
+    lo.add_argument("--val-size", type=int, default=197, help="validation pairs from dev 801-997")
     lo.add_argument("--epochs", type=int, default=100, help="maximum epochs (early stopping usually ends sooner)")
     lo.add_argument("--patience", type=int, default=5)
     lo.add_argument("--threshold", type=float, default=0.01)

@@ -9,6 +9,7 @@ evaluated by greedy zero-shot decoding (no instructions, no examples) on devtest
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -34,6 +35,7 @@ class LoraSettings:
     lr: float = 1e-4
     batch_size: int = 32
     micro_batch: int = 8  # gradient accumulation keeps memory bounded; the update sees batch_size
+    val_size: int = 197  # validation pairs from dev 801-997
     max_epochs: int = 100
     patience: int = 5
     threshold: float = 0.01
@@ -88,6 +90,7 @@ def _batch(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, to
 def mean_loss(model, seqs, pad_id: int, micro_batch: int) -> float:
     model.eval()
     total, tokens = 0.0, 0
+    seqs = sorted(seqs, key=len)  # similar lengths together: little padding
     with torch.no_grad():
         for i in range(0, len(seqs), micro_batch):
             ids, mask, labels = _batch(seqs[i:i + micro_batch], pad_id, next(model.parameters()).device)
@@ -104,14 +107,14 @@ def train_adapter(peft_model, train: list[list[int]], val: list[list[int]], pad_
     optim = torch.optim.AdamW(params, lr=settings.lr)
     gen = torch.Generator().manual_seed(settings.seed)
     device = next(peft_model.parameters()).device
-    curve = {"train_loss": [], "val_loss": [mean_loss(peft_model, val, pad_id, settings.micro_batch)]}
-    best, best_state, bad_epochs = curve["val_loss"][0], _adapter_state(peft_model), 0
+    curve = {"train_loss": [], "val_loss": []}
+    best, best_state, bad_epochs = math.inf, _adapter_state(peft_model), 0
     for epoch in range(settings.max_epochs):
         peft_model.train()
         order = torch.randperm(len(train), generator=gen).tolist()
         epoch_loss = []
         for start in range(0, len(order), settings.batch_size):
-            batch = [train[i] for i in order[start:start + settings.batch_size]]
+            batch = sorted((train[i] for i in order[start:start + settings.batch_size]), key=len)
             optim.zero_grad()
             n_tokens = sum(len(s) - 1 for s in batch)
             for m in range(0, len(batch), settings.micro_batch):
@@ -191,7 +194,9 @@ def lora_sweep(loaded, data_dir: str | None, pair: str, layers: list[int], setti
     tok = loaded.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     train = encode_training_pairs(tok, dev[:settings.train_size])
-    val = encode_training_pairs(tok, dev[800:997])
+    if not 0 < settings.val_size <= 197:
+        raise UserError(f"--val-size must be in 1..197 (dev lines 801-997), got {settings.val_size}")
+    val = encode_training_pairs(tok, dev[800:800 + settings.val_size])
     results = []
     done = {r["layer"] for r in (_stored_lora(store, pair, settings, n_test) if store else [])}
     for layer in layers:

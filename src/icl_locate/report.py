@@ -52,6 +52,7 @@ def _group(curves):
 
 def _figures(curves, out_dir: Path) -> list[tuple[str, Path]]:
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     figures = []
     for (task, pair, kind, k), group in sorted(_group(curves).items()):
@@ -69,6 +70,7 @@ def _figures(curves, out_dir: Path) -> list[tuple[str, Path]]:
                     ax.axvline(c.recognition, color=line.get_color(), ls=":", lw=1)
             ax.axhline(cs[0].baseline, color="black", ls="--", lw=1, label="baseline (no mask)")
             ax.set_xlabel("layer masked from" if kind == "mask" else "ablated layer")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_ylabel(cs[0].metric.upper() if cs[0].metric == "bleu" else "pass@1 (%)")
             ax.set_title(f"{task} {pair} k={k} — {'with' if instr else 'without'} instructions", fontsize=10)
             ax.legend(fontsize=7)

@@ -117,8 +117,11 @@ def plan_units(config: SweepConfig, num_layers: int) -> list[WorkUnit]:
     if any(k < 0 for k in config.ks):
         raise UserError("k must be >= 0")
     layers = tuple(parse_layers(config.layers, num_layers))
+    pairs = config.pairs if get_task(config.task).needs_pair else [""]  # pairs only mean something for MT
+    if not pairs:
+        raise UserError(f"task {config.task} needs at least one language pair (--pairs)")
     units = []
-    for pair in config.pairs:
+    for pair in pairs:
         for seed in config.seeds:
             for k in config.ks:
                 for instr in config.instructions:

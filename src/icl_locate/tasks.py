@@ -47,6 +47,7 @@ class Task:
     cut_strings: tuple[str, ...]  # post-processing: the answer ends before the first of these
     max_new_tokens: int
     load: Callable[[TaskOptions], TaskData]
+    needs_pair: bool = False  # translation tasks take --pair / --pairs
 
     @property
     def prompt_format(self) -> PromptFormat:
@@ -131,7 +132,7 @@ TASKS: dict[str, Task] = {
     for t in (
         Task("flores", "FLORES-200 translation (--pair fra-eng); examples from dev 801-997, test on devtest",
              format="instr_machine_translation", metric="bleu", stop_strings=("\n",), cut_strings=("Q:",),
-             max_new_tokens=50, load=load_flores),
+             max_new_tokens=50, load=load_flores, needs_pair=True),
         Task("humaneval", "HumanEval code generation prompted with MBPP 801-974 examples; pass@1",
              format="instr_code_gen", metric="pass@1", stop_strings=("\nQ:",), cut_strings=("Q:",),
              max_new_tokens=256, load=load_code),
