@@ -75,7 +75,7 @@ def cmd_run(args) -> int:
     from .models import load_model
     from .tasks import TaskOptions, build_items, get_task
 
-    task = get_task(args.task or ("flores" if args.pair else "flores"))
+    task = get_task(args.task or "flores")
     condition = get_condition(args.condition)
     out = _check_writable(args.out) if args.out else None
     data = task.load(TaskOptions(data_dir=args.data_dir, pair=args.pair, bank_path=args.bank, test_path=args.test))
@@ -120,7 +120,7 @@ def _score_translation(rows: list[dict], data, args) -> None:
     from .data import parse_pair
     from .metrics import translation_scores
 
-    language = parse_pair(args.pair)[1].iso1 or "en" if args.pair else "en"
+    language = (parse_pair(args.pair)[1].iso1 or "en") if args.pair else "en"
     scores = translation_scores([r["generation"] for r in rows], [r["reference"] for r in rows], language)
     for row, hyp, sb, sc in zip(rows, scores.hypotheses, scores.sentence_bleu, scores.sentence_chrf):
         row.update(scored_hypothesis=hyp, sentence_bleu=sb, sentence_chrf=sc)
@@ -197,7 +197,7 @@ def cmd_conditions(args) -> int:
 
 
 def cmd_data_fetch(args) -> int:
-    from .data import data_dir_or_default, default_data_dir, fetch_flores
+    from .data import default_data_dir, fetch_flores
 
     if args.dataset != "flores":
         raise UserError(f"unknown dataset {args.dataset!r}; available: flores")
