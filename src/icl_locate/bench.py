@@ -57,7 +57,7 @@ def paper_method(loaded, items, condition, layers, stop_strings=None, batch_size
                 hidden.append(ranges)
             plan = MaskPlan.from_layer(hidden, j, n).shifted(pads)
             kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
-                          past_key_values=DynamicCache())
+                          cache=DynamicCache())
             if stop_strings:
                 kwargs.update(stop_strings=list(stop_strings), tokenizer=tok)
             from .masking import apply_plan
