@@ -398,6 +398,13 @@ def cmd_demo(args) -> int:
 
 # --------------------------------------------------------------------------- parser
 
+def _add_data_and_device_options(parser: argparse.ArgumentParser) -> None:
+    """--data-dir, --dtype, --device: the same for every command that loads a model and data."""
+    parser.add_argument("--data-dir", default=None, help="data directory (default $ICL_LOCATE_DATA_DIR)")
+    parser.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: fp32 CPU, bf16 GPU)")
+    parser.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="icl-locate", description="Find where in-context learning happens inside a decoder LLM.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -418,9 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--per-query-examples", action="store_true", help="sample new examples for every query")
     run.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's (50 for MT)")
     run.add_argument("--out", help="write one JSON line per prediction here")
-    run.add_argument("--data-dir", help="data directory (default $ICL_LOCATE_DATA_DIR)")
-    run.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: fp32 CPU, bf16 GPU)")
-    run.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
+    _add_data_and_device_options(run)
     run.add_argument("--workers", type=int, default=2, help="code tasks: sandbox workers")
     run.add_argument("--timeout", type=float, default=3.0, help="code tasks: seconds per sample")
     run.set_defaults(func=cmd_run)
@@ -439,9 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--require-identical", type=float, default=None,
                        help="exit 1 if fewer (sentence, layer) pairs than this fraction match (b)")
     bench.add_argument("--json", help="write the measurements here")
-    bench.add_argument("--data-dir")
-    bench.add_argument("--dtype", default=None)
-    bench.add_argument("--device", default=None)
+    _add_data_and_device_options(bench)
     bench.set_defaults(func=cmd_bench)
 
     sc = sub.add_parser("score-code", help="run HumanEval completions in the sandbox; print pass@1")
@@ -479,9 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--n-test", type=int, default=None)
     sw.add_argument("--max-new-tokens", type=int, default=None)
     sw.add_argument("--batch-size", type=int, default=None)
-    sw.add_argument("--data-dir", default=None)
-    sw.add_argument("--dtype", default=None)
-    sw.add_argument("--device", default=None)
+    _add_data_and_device_options(sw)
     sw.add_argument("--dry-run", action="store_true", help="print the planned units and exit")
     sw.set_defaults(func=cmd_sweep)
 
@@ -512,9 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("--n-test", type=int, default=None)
     lo.add_argument("--out-dir", default="runs/lora")
     lo.add_argument("--store", default=None, help="results store (default <out-dir>/study.sqlite)")
-    lo.add_argument("--data-dir", default=None)
-    lo.add_argument("--dtype", default=None)
-    lo.add_argument("--device", default=None)
+    _add_data_and_device_options(lo)
     lo.set_defaults(func=cmd_lora_sweep)
 
     demo = sub.add_parser("demo", help="the main job: a small real study on the embedded model")

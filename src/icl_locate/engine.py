@@ -9,6 +9,7 @@ columns always keep their absolute positions and the hidden column indices stay 
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Sequence
@@ -32,7 +33,13 @@ def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def _accepts(model: nn.Module, name: str) -> bool:
-    return name in inspect.signature(model.forward).parameters
+    return name in _forward_parameters(type(model))
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_parameters(model_class: type) -> frozenset[str]:
+    """Keyword names of a model class's forward, looked up once (forward runs at every decode step)."""
+    return frozenset(inspect.signature(model_class.forward).parameters)
 
 
 def _cache_kwarg(model: nn.Module) -> str:

@@ -182,9 +182,7 @@ class SweepEngine:
                   for row, pad in zip(chunk, pads)]
         from_layers = [r.variant.from_layer if r.variant.from_layer is not None and h else self.n_layers
                        for r, h in zip(chunk, hidden)]
-        plan = MaskPlan.per_row(hidden, from_layers, self.n_layers)
-        plan = MaskPlan(hidden=plan.hidden, layers=plan.layers, row_layers=plan.row_layers,
-                        ablate=chunk[0].variant.ablate)
+        plan = MaskPlan.per_row(hidden, from_layers, self.n_layers, ablate=chunk[0].variant.ablate)
 
         # One preallocated buffer per layer, written in place: growing a DynamicCache by
         # concatenation would copy the whole batch's cache at every step.

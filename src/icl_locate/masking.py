@@ -130,12 +130,13 @@ class MaskPlan:
         return cls(hidden=_freeze(hidden), layers=frozenset(range(from_layer, num_layers)))
 
     @classmethod
-    def per_row(cls, hidden: Sequence[Sequence[Range]], from_layers: Sequence[int], num_layers: int) -> "MaskPlan":
-        """Row i hides ``hidden[i]`` in every layer >= ``from_layers[i]``."""
+    def per_row(cls, hidden: Sequence[Sequence[Range]], from_layers: Sequence[int], num_layers: int,
+                ablate: frozenset[int] = frozenset()) -> "MaskPlan":
+        """Row i hides ``hidden[i]`` in every layer >= ``from_layers[i]``; ``ablate`` applies to all rows."""
         if len(hidden) != len(from_layers):
             raise ValueError("one from_layer per row")
         rows = tuple(frozenset(range(j, num_layers)) for j in from_layers)
-        return cls(hidden=_freeze(hidden), layers=frozenset().union(*rows), row_layers=rows)
+        return cls(hidden=_freeze(hidden), layers=frozenset().union(*rows), row_layers=rows, ablate=ablate)
 
     @classmethod
     def at_layers(cls, hidden: Sequence[Sequence[Range]], layers: Sequence[int]) -> "MaskPlan":
