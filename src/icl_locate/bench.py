@@ -9,7 +9,6 @@ Generations of (a) are cut at the stop rule before comparing; (c) is compared wi
 
 from __future__ import annotations
 
-import json
 import resource
 import sys
 import time
@@ -205,8 +204,3 @@ def run_bench(loaded, task, items, condition, layers, skip_paper: bool = False, 
         gflops_matmul_peak=matmul_gflops(loaded.info.device, next(loaded.model.parameters()).dtype),
         engine_stats=engine.stats, threads=torch.get_num_threads())
     return BenchResult(data)
-
-
-def write_json(path: str, result: BenchResult) -> None:
-    with open(path, "w") as f:
-        json.dump(result.data, f, indent=1, default=float)

@@ -35,17 +35,23 @@ def _check_writable(path: str) -> Path:
     return out
 
 
-def write_jsonl_atomic(path: Path, rows: Sequence[dict]) -> None:
-    """All rows or nothing: write beside, then rename."""
+def write_atomic(path: Path, text: str) -> None:
+    """All of ``text`` or nothing: write beside, then rename."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def write_jsonl_atomic(path: Path, rows: Sequence[dict]) -> None:
+    write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    write_atomic(path, json.dumps(data, indent=1, default=float))
 
 
 def _short(text: str, width: int) -> str:
@@ -231,7 +237,7 @@ def parse_layers(spec: str, n_layers: int) -> list[int]:
 
 
 def cmd_bench(args) -> int:
-    from .bench import run_bench, write_json
+    from .bench import run_bench
     from .masking import get_condition
     from .models import load_model
     from .tasks import TaskOptions, build_items, get_task
@@ -252,13 +258,69 @@ def cmd_bench(args) -> int:
                        batch_size=args.batch_size)
     print(result.table())
     if args.json:
-        write_json(args.json, result)
+        write_json_atomic(Path(args.json), result.data)
         print(f"wrote {args.json}")
     if args.require_identical is not None and result.data["identical_fraction"] < args.require_identical:
         print(f"identical fraction {result.data['identical_fraction']:.3f} < {args.require_identical}",
               file=sys.stderr)
         return 1
     return 0
+
+
+def cmd_prune(args) -> int:
+    import dataclasses
+
+    from .masking import get_condition
+    from .models import load_model
+    from .pruning import check_supported, measure_pruning
+    from .tasks import TaskOptions, build_items, get_task
+
+    task = get_task(args.task)
+    if args.max_new_tokens is not None:
+        if args.max_new_tokens < 1:
+            raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+        task = dataclasses.replace(task, max_new_tokens=args.max_new_tokens)
+    condition = get_condition(args.condition)
+    out = _check_writable(args.json) if args.json else None
+    data = task.load(TaskOptions(data_dir=args.data_dir, pair=args.pair))
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+    check_supported(loaded.model)
+    n_layers = loaded.info.num_layers
+    if not 0 <= args.layer <= n_layers:
+        raise UserError(f"--layer must be in 0..{n_layers}, got {args.layer}")
+    items = build_items(task, data, loaded.tokenizer, k=args.k, seed=args.seed, n_test=args.n_test,
+                        per_query_examples=args.per_query_examples)
+    _check_context(items, loaded, task.max_new_tokens)
+    print(f"prune: {loaded.info.spec} ({loaded.info.dtype}, {loaded.info.device}), {task.name} {data.label}, "
+          f"{condition.name} pruned from layer {args.layer} of {n_layers}, {len(items)} requests, k={args.k}",
+          file=sys.stderr)
+    result = measure_pruning(loaded, task, items, condition, args.layer, args.k, _scorer(task, data, items, args),
+                             batch_size=args.batch_size, check_masked=not args.no_check,
+                             log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print(result.table())
+    if out is not None:
+        write_json_atomic(out, result.data)
+        print(f"wrote {out}")
+    return 0
+
+
+def _scorer(task, data, items, args):
+    """The task's metric on post-processed answers in item order: corpus BLEU, or pass@1 in the sandbox."""
+    if task.metric == "bleu":
+        from .data import parse_pair
+        from .metrics import translation_scores
+
+        language = (parse_pair(args.pair)[1].iso1 or "en") if args.pair else "en"
+        return lambda texts: translation_scores(texts, [it.item.target for it in items], language).bleu
+
+    from .metrics import pass_at_1
+    from .sandbox import Limits, score_samples
+
+    def pass_rate(texts):
+        samples = [{"task_id": it.item.id, "completion": t} for it, t in zip(items, texts)]
+        return pass_at_1([r.passed for r in score_samples(samples, data.problems, Limits(timeout=3.0), workers=2)])
+
+    return pass_rate
 
 
 def _csv(value: str | None, cast=str):
@@ -446,6 +508,23 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", help="write the measurements here")
     _add_data_and_device_options(bench)
     bench.set_defaults(func=cmd_bench)
+
+    pr = sub.add_parser("prune", help="context-pruned inference: time, memory, FLOPs and quality vs full processing")
+    pr.add_argument("--model", default="gemma-3-270m")
+    pr.add_argument("--task", default="flores")
+    pr.add_argument("--pair", default="fra-eng")
+    pr.add_argument("--condition", default="instructions+examples", help="the context range to prune")
+    pr.add_argument("--layer", type=int, required=True, help="r: the context is processed in layers < r only")
+    pr.add_argument("--n-test", type=int, default=16)
+    pr.add_argument("--k", type=int, default=5)
+    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--per-query-examples", action="store_true", help="sample new examples for every query")
+    pr.add_argument("--batch-size", type=int, default=8, help="requests decoded together")
+    pr.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's (50 for MT)")
+    pr.add_argument("--no-check", action="store_true", help="skip the check against masking from r")
+    pr.add_argument("--json", help="write the measurements here")
+    _add_data_and_device_options(pr)
+    pr.set_defaults(func=cmd_prune)
 
     sc = sub.add_parser("score-code", help="run HumanEval completions in the sandbox; print pass@1")
     sc.add_argument("--samples", required=True, help='JSONL lines {"task_id": ..., "completion": ...}')

@@ -194,43 +194,60 @@ class SweepEngine:
                                            plen)
                         for layer in range(len(per_row[0]))]
 
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        alive = list(range(n))  # chunk positions still decoding, aligned with the batch
-        new_tokens: list[list[int]] = [[] for _ in range(n)]
-        finish = ["length"] * n
-        step_input = ids
-        for _ in range(max_new_tokens):
-            logits = forward(self.model, step_input, attention_mask=mask, cache=cache, plan=plan,
-                             last_only=True).logits[:, -1]
-            self.stats["tokens_forwarded"] += step_input.numel()
-            self.stats["logit_rows"] += logits.shape[0]
-            self.stats["steps"] += 1
-            tokens = logits.argmax(-1).tolist()
-            keep = []
-            for pos, (b, token) in enumerate(zip(alive, tokens)):
-                if token in self.eos:
-                    finish[b] = "eos"
-                    continue
-                new_tokens[b].append(token)
-                if stop_strings and any(s in self.tokenizer.decode(new_tokens[b]) for s in stop_strings):
-                    finish[b] = "stop"
-                    continue
-                if len(new_tokens[b]) < max_new_tokens:
-                    keep.append(pos)
-            if not keep:
-                break
-            if len(keep) < len(alive):
-                index = torch.tensor(keep, device=self.device)
-                cache.batch_select_indices(index)
-                mask = mask[index]
-                plan = plan.select_rows(keep)
-                tokens = [tokens[p] for p in keep]
-                alive = [alive[p] for p in keep]
-            step_input = torch.tensor(tokens, device=self.device)[:, None]
-            mask = torch.cat([mask, mask.new_ones(len(alive), 1)], dim=1)
-        return [Generation(token_ids=t, text=self.tokenizer.decode(t, skip_special_tokens=True), finish=f)
-                for t, f in zip(new_tokens, finish)]
+        return decode_batch(self.model, self.tokenizer, self.eos, cache, ids.to(self.device), mask.to(self.device),
+                            plan, stop_strings, max_new_tokens, self.stats)
 
+
+def decode_batch(model: nn.Module, tokenizer, eos: set[int], cache, step_input: torch.Tensor,
+                 mask: torch.Tensor, plan: MaskPlan | None, stop_strings: Sequence[str], max_new_tokens: int,
+                 stats: dict | None = None,
+                 first_logits: Callable[[torch.Tensor], None] | None = None) -> list[Generation]:
+    """Greedy decoding of a batch whose prompts sit in ``cache`` up to ``step_input``.
+
+    ``step_input`` ([B, t]) is the rest of each prompt (at least its last token); ``mask`` is the
+    2D padding mask over cache + ``step_input``. A row leaves the batch as soon as it finishes
+    (EOS, a stop string, or ``max_new_tokens``); ``cache`` must support ``batch_select_indices``.
+    ``first_logits`` receives the first step's logits [B, vocab] (for tests).
+    """
+    n = step_input.shape[0]
+    device = step_input.device
+    alive = list(range(n))  # rows still decoding, aligned with the batch
+    new_tokens: list[list[int]] = [[] for _ in range(n)]
+    finish = ["length"] * n
+    for step in range(max_new_tokens):
+        logits = forward(model, step_input, attention_mask=mask, cache=cache, plan=plan,
+                         last_only=True).logits[:, -1]
+        if first_logits is not None and step == 0:
+            first_logits(logits)
+        if stats is not None:
+            stats["tokens_forwarded"] += step_input.numel()
+            stats["logit_rows"] += logits.shape[0]
+            stats["steps"] += 1
+        tokens = logits.argmax(-1).tolist()
+        keep = []
+        for pos, (b, token) in enumerate(zip(alive, tokens)):
+            if token in eos:
+                finish[b] = "eos"
+                continue
+            new_tokens[b].append(token)
+            if stop_strings and any(s in tokenizer.decode(new_tokens[b]) for s in stop_strings):
+                finish[b] = "stop"
+                continue
+            if len(new_tokens[b]) < max_new_tokens:
+                keep.append(pos)
+        if not keep:
+            break
+        if len(keep) < len(alive):
+            index = torch.tensor(keep, device=device)
+            cache.batch_select_indices(index)
+            mask = mask[index]
+            plan = plan.select_rows(keep) if plan is not None else None
+            tokens = [tokens[p] for p in keep]
+            alive = [alive[p] for p in keep]
+        step_input = torch.tensor(tokens, device=device)[:, None]
+        mask = torch.cat([mask, mask.new_ones(len(alive), 1)], dim=1)
+    return [Generation(token_ids=t, text=tokenizer.decode(t, skip_special_tokens=True), finish=f)
+            for t, f in zip(new_tokens, finish)]
 
 
 def _right_aligned(tensors: list[torch.Tensor], keep: list[int], width: int, capacity: int) -> torch.Tensor:
@@ -246,17 +263,24 @@ def _right_aligned(tensors: list[torch.Tensor], keep: list[int], width: int, cap
 
 
 class _PreallocatedLayer(DynamicLayer):
-    """A cache layer that writes new keys/values into a preallocated buffer instead of concatenating."""
+    """A cache layer that writes new keys/values into a preallocated buffer instead of concatenating.
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int):
+    ``dropped``: prompt columns this layer does not store (context pruning, pruning.py); it still
+    reports the full length, so that positions and masks are built over prompt columns.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int, dropped: int = 0):
         super().__init__()
-        self.buf_k, self.buf_v, self.length = keys, values, length
+        self.buf_k, self.buf_v, self.length, self.dropped = keys, values, length, dropped
         self.device = keys.device
         self.is_initialized = True
         self._views()
 
     def _views(self) -> None:
         self.keys, self.values = self.buf_k[:, :, :self.length], self.buf_v[:, :, :self.length]
+
+    def get_seq_length(self) -> int:
+        return self.length + self.dropped
 
     def update(self, key_states, value_states, *args, **kwargs):
         end = self.length + key_states.shape[-2]

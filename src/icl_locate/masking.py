@@ -114,12 +114,17 @@ class MaskPlan:
     ablate: layers whose whole attention sublayer is removed (adds nothing to the residual).
     row_layers: optional per-row layer sets, so that one batch can mix rows masked from
         different layers (the fast engine decodes (sentence, layer) rows together).
+    pruned_layers, dropped: context-pruned inference (pruning.py). At ``pruned_layers`` the
+        cache does not hold the columns ``dropped[row]`` (one range per row, the same width in
+        every row); the attention mask, built over all prompt columns, loses them there too.
     """
 
     hidden: tuple[tuple[Range, ...], ...] = ()
     layers: frozenset[int] = frozenset()
     ablate: frozenset[int] = frozenset()
     row_layers: tuple[frozenset[int], ...] | None = None
+    pruned_layers: frozenset[int] = frozenset()
+    dropped: tuple[Range, ...] = ()
     _cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -143,6 +148,15 @@ class MaskPlan:
         return cls(hidden=_freeze(hidden), layers=frozenset(layers))
 
     @classmethod
+    def pruned(cls, dropped: Sequence[Range], from_layer: int, num_layers: int) -> "MaskPlan":
+        """Row i's columns ``dropped[i]`` are absent from the cache at every layer >= ``from_layer``."""
+        widths = {b - a for a, b in dropped}
+        if len(widths) > 1:
+            raise ValueError(f"dropped ranges must have one width, got {sorted(widths)}")
+        return cls(pruned_layers=frozenset(range(from_layer, num_layers)),
+                   dropped=_freeze([dropped])[0])
+
+    @classmethod
     def ablation(cls, layers: Sequence[int]) -> "MaskPlan":
         """Remove the attention sublayer of ``layers`` entirely (the paper's 'mask all heads')."""
         return cls(ablate=frozenset(layers))
@@ -152,16 +166,36 @@ class MaskPlan:
         if len(offsets) != len(self.hidden):
             raise ValueError("one offset per batch row")
         hidden = tuple(tuple((a + o, b + o) for a, b in row) for row, o in zip(self.hidden, offsets))
+        if self.dropped:
+            raise ValueError("a pruned plan is built in batch columns already")
         return MaskPlan(hidden=hidden, layers=self.layers, ablate=self.ablate, row_layers=self.row_layers)
 
     def select_rows(self, rows: Sequence[int]) -> "MaskPlan":
         row_layers = None if self.row_layers is None else tuple(self.row_layers[i] for i in rows)
         layers = self.layers if row_layers is None else frozenset().union(*row_layers)
-        return MaskPlan(hidden=tuple(self.hidden[i] for i in rows), layers=layers, ablate=self.ablate,
-                        row_layers=row_layers)
+        return MaskPlan(hidden=tuple(self.hidden[i] for i in rows) if self.hidden else (), layers=layers,
+                        ablate=self.ablate, row_layers=row_layers, pruned_layers=self.pruned_layers,
+                        dropped=tuple(self.dropped[i] for i in rows) if self.dropped else ())
 
     def masks_layer(self, layer: int | None) -> bool:
         return layer is not None and layer in self.layers and any(self.hidden)
+
+    def prunes_layer(self, layer: int | None) -> bool:
+        return layer is not None and layer in self.pruned_layers and any(b > a for a, b in self.dropped)
+
+    def without_dropped_columns(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The 4D mask [B|1, H|1, q, kv] without each row's dropped columns: [B, H|1, q, kv - width]."""
+        batch, kv = len(self.dropped), attention_mask.shape[-1]
+        width = self.dropped[0][1] - self.dropped[0][0]
+        key = ("dropped", kv, str(attention_mask.device))
+        index = self._cache.get(key)
+        if index is None:
+            kept = torch.arange(kv - width)
+            starts = torch.tensor([a for a, _ in self.dropped])[:, None]
+            index = (kept[None, :] + width * (kept[None, :] >= starts)).to(attention_mask.device)
+            self._cache[key] = index
+        mask = attention_mask.expand(batch, *attention_mask.shape[1:])
+        return mask.gather(-1, index[:, None, None, :].expand(*mask.shape[:-1], kv - width))
 
     def hidden_columns(self, kv_len: int, device: torch.device, layer: int | None = None) -> torch.Tensor:
         """Bool [batch, kv_len]: True where a column is hidden (at ``layer``, for per-row plans)."""
@@ -201,11 +235,11 @@ def active_plan() -> MaskPlan | None:
 @contextlib.contextmanager
 def apply_plan(model: nn.Module, plan: MaskPlan | None) -> Iterator[None]:
     """Run ``model`` under ``plan`` inside the ``with`` block."""
-    if plan is not None and (plan.layers or plan.ablate):
+    if plan is not None and (plan.layers or plan.ablate or plan.pruned_layers):
         if not getattr(model, "_icl_locate_prepared", False):
             raise RuntimeError("model is not prepared for masking: call icl_locate.masking.prepare_model(model)")
         n = num_layers(model)
-        bad = sorted(x for x in plan.layers | plan.ablate if not 0 <= x < n)
+        bad = sorted(x for x in plan.layers | plan.ablate | plan.pruned_layers if not 0 <= x < n)
         if bad:
             raise ValueError(f"layers {bad} out of range for a model with {n} layers")
     token = _ACTIVE.set(plan)
@@ -284,10 +318,20 @@ def _make_attention(base: str) -> Callable:
     def attention(module, query, key, value, attention_mask, **kwargs):
         stock = _stock_attention(module, base)
         plan = _ACTIVE.get()
-        if plan is None or not plan.masks_layer(getattr(module, "layer_idx", None)):
+        layer = getattr(module, "layer_idx", None)
+        if plan is None or not (plan.masks_layer(layer) or plan.prunes_layer(layer)):
             return stock(module, query, key, value, attention_mask, **kwargs)
         if attention_mask is None:  # never drop the hiding silently
             raise RuntimeError("masked layer received no attention mask; the mask function was bypassed")
+        if plan.prunes_layer(layer):
+            # The mask spans every prompt column; this layer's cache lacks the pruned ones.
+            attention_mask = plan.without_dropped_columns(attention_mask)
+            if attention_mask.shape[-1] != key.shape[-2]:
+                raise RuntimeError(f"pruned layer {layer}: mask has {attention_mask.shape[-1]} columns, "
+                                   f"cache {key.shape[-2]}")
+            if not plan.masks_layer(layer):
+                return stock(module, query, key, value, attention_mask, **kwargs)
+            raise RuntimeError("a plan cannot both prune and mask the same layer")
         hidden = plan.hidden_columns(attention_mask.shape[-1], attention_mask.device, module.layer_idx)
         mask, dead = hide_columns(attention_mask, hidden)
         out, weights = stock(module, query, key, value, mask, **kwargs)

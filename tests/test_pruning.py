@@ -1,0 +1,219 @@
+"""Context-pruned inference equals masking the same range from layer r, and really skips the work."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from icl_locate.engine import forward, plan_for_prompt
+
+from icl_locate.errors import UserError
+from icl_locate.fast_engine import Variant
+from icl_locate.masking import decoder_layers, get_condition, hidden_ranges
+from icl_locate.pruning import ModelDims, PruneSplit, PrunedEngine, paper_savings, prune_split, request_flops
+
+from test_fast_engine import encoded_prompts, reference, tiny
+
+FAMILIES = ["llama", "gemma3", "qwen2", "starcoder2", "gpt2", "gpt_neox", "mistral"]
+
+
+def assert_pruned_equals_masked(lm, encs, condition, layers, batch_size=2, max_new=6, stop=()):
+    """Generations equal token for token, first-step logits to 1e-4; returns the largest logit change
+    that pruning caused against r = L (a test that sees none could not catch a no-op)."""
+    n = lm.info.num_layers
+    logits = {}
+    for r in layers:
+        engine = PrunedEngine(lm.model, lm.tokenizer, batch_size=batch_size, keep_first_logits=True)
+        got = engine.generate(encs, condition, r, stop_strings=stop, max_new_tokens=max_new)
+        for i, enc in enumerate(encs):
+            ref = reference(lm, enc, condition, Variant(from_layer=r), stop, max_new)
+            assert (got[i].token_ids, got[i].finish) == (ref.token_ids, ref.finish), (condition.name, r, i)
+            ranges = hidden_ranges(condition, enc.spans, len(enc.ids)) if r < n else []
+            plan = plan_for_prompt(ranges, layers=range(r, n) if ranges else ())
+            expected = forward(lm.model, torch.tensor([enc.ids]), plan=plan, last_only=True).logits[0, -1]
+            torch.testing.assert_close(engine.first_logits[i], expected.float(), atol=1e-4, rtol=1e-4)
+        logits[r] = torch.stack([engine.first_logits[i] for i in range(len(encs))])
+    if n not in logits:
+        return float("nan")
+    return max(float((logits[r] - logits[n]).abs().max()) for r in layers)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pruned_equals_masked_every_layer(family):
+    lm = tiny(family)
+    change = assert_pruned_equals_masked(lm, encoded_prompts(lm.tokenizer), get_condition("instructions+examples"),
+                                         range(lm.info.num_layers + 1))
+    assert change > 1e-2, "pruning never changed the logits: the test could not catch a no-op"
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@pytest.mark.parametrize("condition", ["examples", "instructions", "all-but-last", "baseline"])
+def test_pruned_other_ranges_and_per_query_prompts(family, condition):
+    lm = tiny(family)
+    for shared in (True, False):  # per-query prompts: contexts (and pruned widths) differ by row
+        assert_pruned_equals_masked(lm, encoded_prompts(lm.tokenizer, shared=shared), get_condition(condition),
+                                    (0, 1, 3, lm.info.num_layers), batch_size=3)
+
+
+def test_pruned_early_stopping():
+    lm = tiny("llama")
+    encs = encoded_prompts(lm.tokenizer)
+    first = reference(lm, encs[0], None, Variant(from_layer=lm.info.num_layers), max_new=12)
+    stop = (lm.tokenizer.decode(first.token_ids[2:3]),)
+    assert_pruned_equals_masked(lm, encs, get_condition("instructions+examples"), (0, 2, 4), max_new=12, stop=stop)
+
+
+def test_pruned_tokens_never_reach_layers_from_r():
+    """Count the tokens each decoder layer processes (completed forwards): the pruned range stops below r."""
+    lm = tiny("llama")
+    n = lm.info.num_layers
+    encs = encoded_prompts(lm.tokenizer)
+    condition = get_condition("instructions+examples")
+    r = 2
+    seen = [0] * n
+    handles = [layer.register_forward_hook(
+        lambda module, args, kwargs, out, i=i: seen.__setitem__(i, seen[i] + _tokens(args, kwargs)), with_kwargs=True)
+        for i, layer in enumerate(decoder_layers(lm.model))]
+    try:
+        gens = PrunedEngine(lm.model, lm.tokenizer, batch_size=1).generate(encs, condition, r, max_new_tokens=5)
+    finally:
+        for h in handles:
+            h.remove()
+    splits = [prune_split(condition, e.spans, len(e.ids)) for e in encs]
+    fed = [len(e.ids) + len(g.token_ids) - 1 + (g.finish == "eos") for e, g in zip(encs, gens)]
+    assert all(seen[i] == sum(fed) for i in range(r))
+    assert all(seen[i] == sum(fed) - sum(s.width for s in splits) for i in range(r, n))
+    assert min(s.width for s in splits) > 10  # the context really is most of the prompt
+
+
+def _tokens(args, kwargs) -> int:
+    hidden = args[0] if args else kwargs["hidden_states"]
+    return hidden.shape[0] * hidden.shape[1]
+
+
+def test_pruned_cache_holds_no_context_from_r():
+    lm = tiny("llama")
+    n = lm.info.num_layers
+    encs = encoded_prompts(lm.tokenizer)[:1]
+    condition = get_condition("instructions+examples")
+    width = prune_split(condition, encs[0].spans, len(encs[0].ids)).width
+    kv = {}
+    for r in (0, 2, n):
+        engine = PrunedEngine(lm.model, lm.tokenizer)
+        engine.generate(encs, condition, r, max_new_tokens=3)
+        kv[r] = engine.stats["kv_bytes_peak"]
+    per_column = kv[n] / n / (len(encs[0].ids) - 1 + 3)  # bytes per layer and stored column
+    assert kv[0] == pytest.approx(kv[n] - n * width * per_column)
+    assert kv[2] == pytest.approx(kv[n] - (n - 2) * width * per_column)
+
+
+def test_refuses_what_it_cannot_prune():
+    lm = tiny("gpt_neo")
+    with pytest.raises(UserError, match="AttentionInterface"):
+        PrunedEngine(lm.model, lm.tokenizer)
+    llama = tiny("llama")
+    enc = encoded_prompts(llama.tokenizer)[0]
+    with pytest.raises(UserError, match="last prompt token"):
+        prune_split(get_condition("instructions+examples+query"), enc.spans, len(enc.ids))
+    with pytest.raises(UserError, match="0..4"):
+        PrunedEngine(llama.model, llama.tokenizer).generate([enc], get_condition("examples"), 9)
+
+
+# --------------------------------------------------------------------------- analytic FLOPs
+
+def brute_force_flops(dims: ModelDims, split: PruneSplit, fed: int, r: int) -> float:
+    """Token by token, layer by layer, key by key."""
+    total = 0.0
+    n = split.length + fed
+    for layer, params in enumerate(dims.layer_params):
+        pruned = layer >= r and split.width > 0
+        stored = [c for c in range(n) if not (pruned and split.start <= c < split.end)]
+        for t in range(n):
+            if pruned and split.start <= t < split.end:
+                continue
+            window = dims.windows[layer]
+            visible = [c for c in stored if c <= t and (window is None or c > t - window)]
+            total += 2 * params + 4 * dims.attention_width * len(visible)
+    return total + 2 * dims.lm_head * (1 + fed)
+
+
+@pytest.mark.parametrize("window", [None, 7])
+def test_request_flops_matches_brute_force(window):
+    dims = ModelDims(layer_params=(100, 200, 300, 400), attention_width=8, windows=(window, None, window, None),
+                     lm_head=50)
+    for split in (PruneSplit(1, 20, 25), PruneSplit(24, 24, 25), PruneSplit(0, 10, 12)):
+        for r in range(5):
+            f = request_flops(dims, split, 6, r)
+            assert f["prompt"] + f["decode"] == pytest.approx(brute_force_flops(dims, split, 6, r))
+
+
+def test_paper_formula_is_the_weights_only_limit():
+    """Without attention FLOPs and with k examples of equal length as the whole context, the
+    prompt saving is exactly the paper's (L - r)/L x k/(k + 1)."""
+    L, k, ex = 32, 5, 40
+    dims = ModelDims(layer_params=(1000,) * L, attention_width=0, windows=(None,) * L, lm_head=0)
+    split = PruneSplit(0, k * ex, (k + 1) * ex)  # k examples pruned, the query (one example long) kept
+    for r in (0, 14, 32):
+        full = request_flops(dims, split, 0, L)["prompt"]
+        pruned = request_flops(dims, split, 0, r)["prompt"]
+        assert 1 - pruned / full == pytest.approx(paper_savings(L, r, k))
+
+
+def test_model_dims_of_gemma_like_config():
+    lm = tiny("gemma3")
+    dims = ModelDims.of(lm.model)
+    assert len(dims.layer_params) == lm.info.num_layers
+    assert sum(dims.layer_params) < sum(p.numel() for p in lm.model.parameters())
+    assert any(w is not None for w in dims.windows) == any(
+        t == "sliding_attention" for t in lm.model.config.layer_types)
+    assert np.all(np.array(dims.layer_params) > 0)
+
+
+# --------------------------------------------------------------------------- the command
+
+def test_prune_command_on_tiny_model(tmp_path, capsys, data_dir):
+    import json
+
+    from icl_locate.cli import main
+
+    out = tmp_path / "prune.json"
+    code = main(["prune", "--model", "tiny:llama", "--n-test", "3", "--layer", "2", "--k", "2",
+                 "--data-dir", str(data_dir), "--json", str(out), "--max-new-tokens", "8"])
+    assert code == 0
+    data = json.loads(out.read_text())
+    assert data["identical_to_masked"] == 3 and data["from_layer"] == 2
+    assert 0 < data["flops_saved_prompt"] < 1 and data["kv_saved"] > 0
+    assert data["full"]["token_layers"] > data["pruned"]["token_layers"]
+    assert "pruned == masked-from-r" in capsys.readouterr().out
+    assert [p.name for p in tmp_path.iterdir()] == ["prune.json"]  # no temporary file left behind
+
+
+def test_prune_command_bad_input(tmp_path, capsys, data_dir):
+    from icl_locate.cli import main
+
+    for args, message in ((["--layer", "99"], "0..4"), (["--layer", "2", "--condition", "query+nonsense"], "unknown condition"),
+                          (["--layer", "2", "--model", "tiny:gpt_neo"], "AttentionInterface")):
+        out = tmp_path / "x.json"
+        code = main(["prune", "--model", "tiny:llama", "--n-test", "2", "--k", "1", "--data-dir", str(data_dir),
+                     "--json", str(out), *args])
+        assert code == 2
+        assert message in capsys.readouterr().err
+        assert not out.exists()
+
+
+@pytest.mark.slow
+def test_pruned_gemma_equals_sweep_engine(gemma, data_dir):
+    from icl_locate.fast_engine import SweepEngine
+    from icl_locate.tasks import TaskOptions, build_items, get_task
+
+    task = get_task("flores")
+    data = task.load(TaskOptions(data_dir=str(data_dir), pair="fra-eng"))
+    items = build_items(task, data, gemma.tokenizer, k=5, seed=0, n_test=2)
+    encs = [it.encoded for it in items]
+    condition = get_condition("instructions+examples")
+    for r in (0, 6, 12):
+        pruned = PrunedEngine(gemma.model, gemma.tokenizer).generate(encs, condition, r, task.stop_strings, 50)
+        swept = SweepEngine(gemma.model, gemma.tokenizer).generate(encs, condition, [Variant(from_layer=r)],
+                                                                   stop_strings=task.stop_strings)
+        assert [g.token_ids for g in pruned] == [swept[(i, Variant(from_layer=r))].token_ids for i in range(2)]
