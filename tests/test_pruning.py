@@ -76,7 +76,8 @@ def test_pruned_tokens_never_reach_layers_from_r():
         lambda module, args, kwargs, out, i=i: seen.__setitem__(i, seen[i] + _tokens(args, kwargs)), with_kwargs=True)
         for i, layer in enumerate(decoder_layers(lm.model))]
     try:
-        gens = PrunedEngine(lm.model, lm.tokenizer, batch_size=1).generate(encs, condition, r, max_new_tokens=5)
+        engine = PrunedEngine(lm.model, lm.tokenizer, batch_size=1)
+        gens = engine.generate(encs, condition, r, max_new_tokens=5)
     finally:
         for h in handles:
             h.remove()
@@ -85,6 +86,7 @@ def test_pruned_tokens_never_reach_layers_from_r():
     assert all(seen[i] == sum(fed) for i in range(r))
     assert all(seen[i] == sum(fed) - sum(s.width for s in splits) for i in range(r, n))
     assert min(s.width for s in splits) > 10  # the context really is most of the prompt
+    assert engine.stats["token_layers"] == sum(seen)
 
 
 def _tokens(args, kwargs) -> int:

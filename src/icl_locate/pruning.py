@@ -199,9 +199,9 @@ class PrunedEngine:
         return _Prefilled(kv=kv, split=split, last_token=int(ids[-1]))
 
     def _forward(self, ids: torch.Tensor, cache, plan: MaskPlan | None, layers_run: int) -> None:
-        forward(self.model, ids, cache=cache, plan=plan, last_only=True)
-        self.stats["tokens_forwarded"] += ids.numel() if layers_run == self.n_layers else 0
+        # Counted first: a forward stopped before layer r ends in an exception.
         self.stats["token_layers"] += ids.numel() * layers_run
+        forward(self.model, ids, cache=cache, plan=plan, last_only=True)
 
     def _decode(self, rows: list[_Prefilled], r: int, stop_strings, max_new_tokens, items: list[int]) -> list[Generation]:
         """Stack the rows' caches right-aligned (left padding) and decode them together."""
