@@ -93,6 +93,21 @@ def test_whole_layer_ablation(family):
                 [Variant(ablate=frozenset({layer})) for layer in range(lm.info.num_layers)])
 
 
+def test_memory_bound_shrinks_batches_not_results():
+    """A KV budget too small for two rows gives one-row batches, with the same generations."""
+    lm = tiny("llama")
+    encs = encoded_prompts(lm.tokenizer)
+    variants = [Variant(from_layer=j) for j in (0, 2, 4)]
+    condition = get_condition("instructions+examples")
+    big = SweepEngine(lm.model, lm.tokenizer).generate(encs, condition, variants, max_new_tokens=6)
+    small_engine = SweepEngine(lm.model, lm.tokenizer, kv_memory_fraction=1e-12)
+    small = small_engine.generate(encs, condition, variants, max_new_tokens=6)
+    assert {k: v.token_ids for k, v in small.items()} == {k: v.token_ids for k, v in big.items()}
+    first_steps = small_engine.stats["logit_rows"]
+    assert small_engine.stats["steps"] >= len(encs) * len(variants)  # one batch per row
+    assert first_steps == sum(len(g.token_ids) + (g.finish == "eos") for g in small.values())
+
+
 def test_bench_command_on_tiny_model(tmp_path, capsys, data_dir):
     import json
 

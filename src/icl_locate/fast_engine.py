@@ -70,14 +70,17 @@ class SweepEngine:
     """Decode every (item, variant) row; ``generate`` returns {(item index, variant): Generation}."""
 
     def __init__(self, model: nn.Module, tokenizer, batch_size: int | None = None,
-                 max_batch_tokens: int = 32_000):
+                 max_batch_tokens: int = 32_000, kv_memory_fraction: float = 0.3):
         self.model = model
         self.tokenizer = tokenizer
         self.n_layers = num_layers(model)
         self.device = next(model.parameters()).device
         self.eos = eos_ids(model, tokenizer)
         self.batch_size = batch_size
-        self.max_batch_tokens = max_batch_tokens  # bounds KV memory: rows x (prefix + query + new)
+        # Automatic batches are bounded in rows x (prefix + query + new) tokens, and their KV
+        # cache in bytes by a fraction of the memory available when decoding starts.
+        self.max_batch_tokens = max_batch_tokens
+        self.kv_memory_fraction = kv_memory_fraction
         self.stats = {"prefix_forwards": 0, "tokens_forwarded": 0, "logit_rows": 0, "steps": 0}
 
     # ------------------------------------------------------------------ public
@@ -89,7 +92,7 @@ class SweepEngine:
         rows = self._plan_rows(encoded, condition, variants)
         prefix_caches = self._prefix_caches(encoded, rows)
         results: dict[tuple[int, Variant], Generation] = {}
-        for chunk in self._chunks(rows, encoded, max_new_tokens):
+        for chunk in self._chunks(rows, prefix_caches, max_new_tokens):
             for row, gen in zip(chunk, self._decode_chunk(chunk, prefix_caches, stop_strings, max_new_tokens)):
                 results[(row.item, row.variant)] = gen
             if progress is not None:
@@ -137,23 +140,25 @@ class SweepEngine:
             caches[row.prefix_key] = [(layer.keys, layer.values) for layer in cache.layers]
         return caches
 
-    def _chunks(self, rows: list[_Row], encoded, max_new_tokens: int):
-        """Batches of rows with one prefix length each, bounded in rows x tokens."""
-        by_prefix: dict[int, list[_Row]] = {}
+    def _chunks(self, rows: list[_Row], prefix_caches, max_new_tokens: int):
+        """Batches of rows with one prefix length and one ablation each, bounded in rows x tokens
+        and in KV bytes, and of even sizes (a small last batch would decode as long as a full one)."""
+        groups: dict[tuple, list[_Row]] = {}
         for row in rows:
-            by_prefix.setdefault(len(row.prefix_key[0]), []).append(row)
-        for plen, group in by_prefix.items():
-            group.sort(key=lambda r: (sorted(r.variant.ablate), len(r.query_ids)))
+            groups.setdefault((len(row.prefix_key[0]), tuple(sorted(row.variant.ablate))), []).append(row)
+        for (plen, _), group in groups.items():
+            group.sort(key=lambda r: len(r.query_ids))
             longest = plen + max(len(r.query_ids) for r in group) + max_new_tokens
-            size = self.batch_size or max(1, min(256, self.max_batch_tokens // longest))
-            chunk: list[_Row] = []
-            for row in group:
-                if chunk and (len(chunk) == size or row.variant.ablate != chunk[0].variant.ablate):
-                    yield chunk
-                    chunk = []
-                chunk.append(row)
-            if chunk:
-                yield chunk
+            size = self.batch_size or self._auto_rows(longest, prefix_caches[group[0].prefix_key])
+            n_batches = -(-len(group) // size)
+            even = -(-len(group) // n_batches)
+            for start in range(0, len(group), even):
+                yield group[start:start + even]
+
+    def _auto_rows(self, longest: int, prefix_kv) -> int:
+        kv_bytes_per_token = sum(k.shape[1] * k.shape[3] * k.element_size() * 2 for k, _ in prefix_kv)
+        by_memory = int(self.kv_memory_fraction * available_memory(self.device)) // max(1, kv_bytes_per_token)
+        return max(1, min(256, min(self.max_batch_tokens, by_memory) // longest))
 
     # ------------------------------------------------------------------ decoding
 
@@ -250,6 +255,20 @@ def decode_batch(model: nn.Module, tokenizer, eos: set[int], cache, step_input: 
             for t, f in zip(new_tokens, finish)]
 
 
+def available_memory(device: torch.device) -> int:
+    """Bytes free for new tensors: free GPU memory, or the kernel's MemAvailable on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 * 2 ** 30  # not Linux: assume 8 GiB
+
+
 def _right_aligned(tensors: list[torch.Tensor], keep: list[int], width: int, capacity: int) -> torch.Tensor:
     """[B, H, capacity, D]: in the first ``width`` columns, row b holds the first keep[b] prefix
     positions of tensors[b], right-aligned; the rest is room for the tokens to come."""
@@ -293,5 +312,12 @@ class _PreallocatedLayer(DynamicLayer):
         return self.keys, self.values
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self.buf_k, self.buf_v = self.buf_k[indices], self.buf_v[indices]
+        """Keep the rows ``indices`` (ascending), compacted in place: rows only move to lower slots,
+        so copying in order never overwrites a row still to move, and no second cache is allocated.
+        Only the filled columns are copied."""
+        for new, old in enumerate(indices.tolist()):
+            if new != old:
+                self.buf_k[new, :, :self.length].copy_(self.buf_k[old, :, :self.length])
+                self.buf_v[new, :, :self.length].copy_(self.buf_v[old, :, :self.length])
+        self.buf_k, self.buf_v = self.buf_k[:len(indices)], self.buf_v[:len(indices)]
         self._views()
