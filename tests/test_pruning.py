@@ -219,3 +219,26 @@ def test_pruned_gemma_equals_sweep_engine(gemma, data_dir):
         swept = SweepEngine(gemma.model, gemma.tokenizer).generate(encs, condition, [Variant(from_layer=r)],
                                                                    stop_strings=task.stop_strings)
         assert [g.token_ids for g in pruned] == [swept[(i, Variant(from_layer=r))].token_ids for i in range(2)]
+
+
+def test_prune_result_kept_in_study_store_and_reported(tmp_path, capsys, data_dir):
+    import sqlite3
+
+    from icl_locate.cli import main
+
+    store = tmp_path / "study.sqlite"
+    common = ["--model", "tiny:llama", "--k", "1", "--n-test", "2", "--max-new-tokens", "6", "--data-dir", str(data_dir)]
+    assert main(["sweep", "--model", "tiny:llama", "--pairs", "fra-eng", "--conditions", "instructions+examples",
+                 "--seeds", "0", "--ks", "1", "--n-test", "2", "--max-new-tokens", "6", "--layers", "0,2,4",
+                 "--data-dir", str(data_dir), "--store", str(store)]) == 0
+    assert main(["prune", *common, "--layer", "2", "--store", str(store)]) == 0
+    # another model's store is refused, and the store is left as it was
+    assert main(["prune", *common[2:], "--model", "tiny:gemma3", "--layer", "2", "--store", str(store)]) == 2
+    assert "holds model 'tiny:llama'" in capsys.readouterr().err
+    db = sqlite3.connect(store)
+    assert db.execute("SELECT COUNT(*) FROM pruning").fetchone()[0] == 1
+    db.close()
+    out = tmp_path / "report"
+    assert main(["report", str(store), "--out-dir", str(out), "--format", "md", "--bootstrap", "20"]) == 0
+    text = (out / "report.md").read_text()
+    assert "Context-pruned inference (measured)" in text and "| 2 / 4 |" in text and "2/2" in text

@@ -285,6 +285,7 @@ def cmd_prune(args) -> int:
     data = task.load(TaskOptions(data_dir=args.data_dir, pair=args.pair))
     loaded = load_model(args.model, dtype=args.dtype, device=args.device)
     check_supported(loaded.model)
+    store = _open_study_store(args.store, loaded) if args.store else None
     n_layers = loaded.info.num_layers
     if not 0 <= args.layer <= n_layers:
         raise UserError(f"--layer must be in 0..{n_layers}, got {args.layer}")
@@ -301,7 +302,29 @@ def cmd_prune(args) -> int:
     if out is not None:
         write_json_atomic(out, result.data)
         print(f"wrote {out}")
+    if store is not None:
+        from .sweep import provenance
+
+        command = getattr(args, "command_line", None) or " ".join(["icl-locate", *sys.argv[1:]])
+        run_id = store.start_run(command, vars(args) | {"func": "prune"}, provenance(loaded, data.files))
+        store.add_pruning(run_id, task.name, data.label, result.data)
+        store.close()
+        print(f"stored in {args.store}")
     return 0
+
+
+def _open_study_store(path: str, loaded):
+    """A study store for extra results (pruning): it must exist and hold this model in this dtype."""
+    from .store import Store
+
+    store = Store(path, create=False)
+    stored = json.loads(store.meta("fingerprint") or "{}")
+    mine = store_fingerprint(loaded)
+    for key in ("model", "model_source", "dtype"):
+        if key in stored and stored[key] != mine[key]:
+            store.close()
+            raise UserError(f"store {path} holds {key} {stored[key]!r}, this run uses {mine[key]!r}")
+    return store
 
 
 def _scorer(task, data, items, args):
@@ -349,6 +372,12 @@ def sweep_config_from_args(args):
     return load_config(args.preset, args.config, overrides)
 
 
+def store_fingerprint(loaded, max_new_tokens: int | None = None) -> dict:
+    """What a study store is fixed to at creation: the model, its dtype, the sweep's token limit."""
+    return dict(model=loaded.info.spec, model_source=Path(loaded.info.source).name, dtype=loaded.info.dtype,
+                max_new_tokens=max_new_tokens)
+
+
 def run_sweep(config, store_path: str, command: str) -> dict:
     """Plan, validate, open the store, execute. Shared by `sweep` and `demo`."""
     from dataclasses import asdict
@@ -366,9 +395,7 @@ def run_sweep(config, store_path: str, command: str) -> dict:
     units = plan_units(config, loaded.info.num_layers)
     sweeper = Sweeper(loaded, None, config)
     sweeper.check_units(units)  # bad data, k or context length fail here, before the store is touched
-    fingerprint = dict(model=loaded.info.spec, model_source=Path(loaded.info.source).name, dtype=loaded.info.dtype,
-                       max_new_tokens=config.max_new_tokens)
-    store = Store(store_file, fingerprint)
+    store = Store(store_file, store_fingerprint(loaded, config.max_new_tokens))
     sweeper.store = store
     files = [f for task, data in sweeper._data.values() for f in data.files]
     run_id = store.start_run(command, asdict(config), provenance(loaded, files))
@@ -434,9 +461,7 @@ def cmd_lora_sweep(args) -> int:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UserError(f"cannot create {out_dir}: {err.strerror}") from None
-    store = Store(args.store or out_dir / "study.sqlite",
-                  dict(model=loaded.info.spec, model_source=Path(loaded.info.source).name, dtype=loaded.info.dtype,
-                       max_new_tokens=None))
+    store = Store(args.store or out_dir / "study.sqlite", store_fingerprint(loaded))
     run_id = store.start_run(" ".join(["icl-locate", *sys.argv[1:]]), asdict(settings), {"model": loaded.info.as_dict()})
     started = time.time()
     results = lora_sweep(loaded, args.data_dir, args.pair, layers, settings, args.n_test, out_dir / "adapters",
@@ -523,6 +548,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's (50 for MT)")
     pr.add_argument("--no-check", action="store_true", help="skip the check against masking from r")
     pr.add_argument("--json", help="write the measurements here")
+    pr.add_argument("--store", help="also keep the measurement in this study store (shown by `report`)")
     _add_data_and_device_options(pr)
     pr.set_defaults(func=cmd_prune)
 

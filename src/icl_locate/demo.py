@@ -2,7 +2,9 @@
 
 fra->eng, 5 examples, seed 0, the first ``--n-test`` devtest sentences; baseline plus
 instructions+examples and examples-only masking from every layer; results in a SQLite store
-(rerunning resumes), then the HTML report.
+(rerunning resumes). Then context-pruned inference at the recognition layer found for
+instructions+examples (measured against full processing, kept in the same store), and the
+HTML report. Each step is an ordinary command, printed so that it can be rerun alone.
 """
 
 from __future__ import annotations
@@ -31,10 +33,39 @@ def run_demo(args) -> int:
                          layers="all", n_test=args.n_test, data_dir=args.data_dir)
     store_path = out_dir / "study.sqlite"
     run_sweep(config, str(store_path), f"icl-locate demo --n-test {args.n_test}")
-    report = build_report(Store(store_path, create=False), out_dir / "report")
     _print_summary(store_path)
+    _prune_at_recognition_layer(store_path, args)
+    report = build_report(Store(store_path, create=False), out_dir / "report")
     print(f"\nmain job done in {time.time() - started:.0f}s; report: {report}")
     return 0
+
+
+def _prune_at_recognition_layer(store_path: Path, args) -> None:
+    """The deployable saving: drop the context after the recognition layer, measured (once per store)."""
+    from .analysis import analyse_curve, load_curves
+    from .cli import build_parser
+    from .store import Store
+
+    store = Store(store_path, create=False)
+    try:
+        curve = next((analyse_curve(c) for c in load_curves(store)
+                      if c.key.get("condition") == "instructions+examples"), None)
+        done = any(p["condition"] == "instructions+examples" for p in store.pruning_results())
+    finally:
+        store.close()
+    if curve is None or curve.recognition is None or curve.recognition >= curve.layers[-1]:
+        print("\nno recognition layer below the last one: nothing to prune")
+        return
+    if done:
+        print(f"\ncontext-pruned inference already measured in {store_path}")
+        return
+    argv = ["prune", "--layer", str(curve.recognition), "--n-test", str(args.n_test), "--store", str(store_path)]
+    if args.data_dir:
+        argv += ["--data-dir", args.data_dir]
+    prune = build_parser().parse_args(argv)
+    prune.command_line = "icl-locate " + " ".join(argv)
+    print(f"\n$ {prune.command_line}", flush=True)
+    prune.func(prune)
 
 
 def _print_summary(store_path: Path) -> None:

@@ -26,15 +26,17 @@ def build_report(store, out_dir: Path, fmt: str = "html", fraction: float = DEFA
 
     curves = [analyse_curve(c, fraction, n_boot) for c in load_curves(store)]
     lora = stored_lora_results(store)
-    if not curves and not lora:
+    pruning = store.pruning_results()
+    if not curves and not lora and not pruning:
         raise UserError(f"store {store.path} holds no finished units yet")
     runs = store.runs()
     model = runs[-1]["provenance"].get("model", {}) if runs else {}
-    num_layers = model.get("num_layers") or max([max(c.layers) for c in curves] + [r["layer"] + 1 for r in lora])
+    num_layers = model.get("num_layers") or max([max(c.layers) for c in curves] + [r["layer"] + 1 for r in lora]
+                                                + [p["num_layers"] for p in pruning])
     out_dir.mkdir(parents=True, exist_ok=True)
     figures = _figures(curves, out_dir) + _lora_figures(lora, curves, out_dir)
     sections = dict(model=model, curves=curves, num_layers=num_layers, fraction=fraction, figures=figures,
-                    runs=runs)
+                    runs=runs, pruning=_pruning_rows(pruning))
     text = _html(**sections) if fmt == "html" else _markdown(**sections)
     path = out_dir / ("report.html" if fmt == "html" else "report.md")
     tmp = path.with_name(f".{path.name}.tmp")
@@ -129,11 +131,34 @@ HEADERS = [("cell", "task"), ("what", "condition"), ("seeds", "seeds"), ("items"
            ("critical", "critical layers"), ("savings", "savings: paper formula / exact tokens")]
 
 
+PRUNING_HEADERS = [("cell", "task"), ("condition", "pruned context"), ("layer", "r / L"),
+                   ("requests", "requests (batch)"), ("device", "device"), ("flops", "FLOPs saved: prompts / all"),
+                   ("time", "time saved: prompts / all"), ("kv", "KV cache saved"), ("quality", "score: full → pruned"),
+                   ("identical", "= masking from r")]
+
+
+def _pruning_rows(results: list[dict]) -> list[dict]:
+    """Measured context-pruned inference (icl-locate prune), one row per measurement."""
+    rows = []
+    for d in results:
+        full, pruned = d["full"], d["pruned"]
+        identical = d.get("identical_to_masked")
+        rows.append(dict(
+            cell=f"{d['task']} {d['pair']}", condition=d["condition"], layer=f"{d['from_layer']} / {d['num_layers']}",
+            requests=f"{d['sentences']} ({d['batch_size']})", device=f"{d['device']} {d['dtype']}",
+            flops=f"{100 * d['flops_saved_prompt']:.1f}% / {100 * d['flops_saved_total']:.1f}%",
+            time=f"{100 * d['time_saved_prefill']:.1f}% / {100 * d['time_saved_total']:.1f}%",
+            kv=f"{100 * d['kv_saved']:.1f}%",
+            quality=f"{d['metric']} {full['score']:.2f} → {pruned['score']:.2f}",
+            identical="—" if identical is None else f"{identical}/{d['sentences']}"))
+    return rows
+
+
 def _fmt(v):
     return f"{v:.2f}" if isinstance(v, float) else str(v)
 
 
-def _html(model, curves, num_layers, fraction, figures, runs) -> str:
+def _html(model, curves, num_layers, fraction, figures, runs, pruning) -> str:
     rows = _rows(curves, num_layers, fraction)
     table = "<table><tr>" + "".join(f"<th>{h}</th>" for _, h in HEADERS) + "</tr>"
     for r in rows:
@@ -151,6 +176,15 @@ def _html(model, curves, num_layers, fraction, figures, runs) -> str:
         data = base64.b64encode(path.read_bytes()).decode()
         figs += (f"<h3>{html.escape(title)}</h3><img alt=\"{path.name}\" title=\"{path.name}\" "
                  f"src=\"data:image/png;base64,{data}\">")
+    pruning_html = ""
+    if pruning:
+        pruning_html = ("<h2>Context-pruned inference (measured)</h2><p>The context is processed in layers &lt; r "
+                        "only and its keys/values are dropped from r on, against full processing of the same "
+                        "requests by the same code (icl-locate prune).</p><table><tr>"
+                        + "".join(f"<th>{h}</th>" for _, h in PRUNING_HEADERS) + "</tr>")
+        for r in pruning:
+            pruning_html += "<tr>" + "".join(f"<td>{html.escape(r[k])}</td>" for k, _ in PRUNING_HEADERS) + "</tr>"
+        pruning_html += "</table>"
     prov = runs[-1]["provenance"] if runs else {}
     return f"""<!DOCTYPE html><html><head><meta charset="utf-8"><title>icl-locate report</title>
 <style>body{{font-family:sans-serif;max-width:1200px;margin:2em auto}}table{{border-collapse:collapse;margin:1em 0}}
@@ -161,17 +195,21 @@ from which masking the context keeps the score at or above {fraction:.0%} of the
 later layer. Savings: share of prompt processing saved by dropping the context after that layer,
 (L − r)/L · k/(k+1) as in the paper, and with the exact context/query token counts of these prompts.
 Intervals are 95% bootstrap intervals over test items and seeds.</p>
-<h2>Summary</h2>{table}<h2>Figures</h2>{figs}<h2>Per-layer scores</h2>{curves_html}
+<h2>Summary</h2>{table}{pruning_html}<h2>Figures</h2>{figs}<h2>Per-layer scores</h2>{curves_html}
 <h2>Provenance</h2><pre>{html.escape(_provenance_text(prov, runs))}</pre></body></html>"""
 
 
-def _markdown(model, curves, num_layers, fraction, figures, runs) -> str:
+def _markdown(model, curves, num_layers, fraction, figures, runs, pruning) -> str:
     rows = _rows(curves, num_layers, fraction)
     lines = [f"# Where does in-context learning happen? — {model.get('spec', '?')}", "",
              f"{model.get('architecture', '')}, {num_layers} layers; recognition threshold {fraction:.0%} of "
              f"baseline; 95% bootstrap intervals over items and seeds.", "", "## Summary", "",
              "| " + " | ".join(h for _, h in HEADERS) + " |", "|" + "---|" * len(HEADERS)]
     lines += ["| " + " | ".join(_fmt(r[k]) for k, _ in HEADERS) + " |" for r in rows]
+    if pruning:
+        lines += ["", "## Context-pruned inference (measured)", "",
+                  "| " + " | ".join(h for _, h in PRUNING_HEADERS) + " |", "|" + "---|" * len(PRUNING_HEADERS)]
+        lines += ["| " + " | ".join(r[k] for k, _ in PRUNING_HEADERS) + " |" for r in pruning]
     lines += ["", "## Figures", ""] + [f"![{title}]({path.name})" for title, path in figures]
     for c in curves:
         lines += ["", f"### {c.key['task']} {c.key['pair']}: {c.label()}", "", f"| layer | {c.metric} | 95% CI |",

@@ -43,6 +43,8 @@ CREATE TABLE IF NOT EXISTS predictions (
 CREATE TABLE IF NOT EXISTS lora (
     unit_id TEXT NOT NULL, layer INTEGER NOT NULL, metric TEXT NOT NULL, value REAL, curve TEXT,
     adapter_path TEXT, PRIMARY KEY (unit_id, layer, metric));
+CREATE TABLE IF NOT EXISTS pruning (
+    measured REAL NOT NULL, run_id INTEGER, task TEXT, pair TEXT, condition TEXT, from_layer INTEGER, data TEXT);
 """
 
 
@@ -167,6 +169,17 @@ class Store:
         cur = self.db.execute("SELECT run_id, started, host, command, config, provenance FROM runs ORDER BY run_id")
         return [dict(run_id=r, started=s, host=h, command=c, config=json.loads(cf), provenance=json.loads(p))
                 for r, s, h, c, cf, p in cur]
+
+    def add_pruning(self, run_id: int, task: str, pair: str, data: dict) -> None:
+        """One context-pruning measurement (pruning.measure_pruning); every measurement is kept."""
+        with self.transaction():
+            self.db.execute("INSERT INTO pruning VALUES (?, ?, ?, ?, ?, ?, ?)",
+                            (time.time(), run_id, task, pair, data["condition"], data["from_layer"],
+                             json.dumps(data, default=float)))
+
+    def pruning_results(self) -> list[dict]:
+        rows = self.db.execute("SELECT task, pair, data FROM pruning ORDER BY measured")
+        return [dict(json.loads(d), task=t, pair=p) for t, p, d in rows]
 
     def close(self) -> None:
         self.db.close()
