@@ -89,10 +89,19 @@ def reset_peak_rss() -> None:
 
 def peak_rss_mb() -> float | None:
     """Peak resident set size since the last reset (Linux VmHWM), in MB."""
+    return _proc_status_mb("VmHWM:")
+
+
+def current_rss_mb() -> float | None:
+    """Resident set size now (Linux VmRSS), in MB."""
+    return _proc_status_mb("VmRSS:")
+
+
+def _proc_status_mb(field: str) -> float | None:
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass

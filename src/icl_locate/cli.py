@@ -307,7 +307,7 @@ def cmd_prune(args) -> int:
 
         command = getattr(args, "command_line", None) or " ".join(["icl-locate", *sys.argv[1:]])
         run_id = store.start_run(command, vars(args) | {"func": "prune"}, provenance(loaded, data.files))
-        store.add_pruning(run_id, task.name, data.label, result.data)
+        store.add_pruning(run_id, task.name, args.pair if task.needs_pair else "", result.data)
         store.close()
         print(f"stored in {args.store}")
     return 0

@@ -332,6 +332,8 @@ class PruneResult:
             lines.append(f"{name:<38} {a:10.2f} {b:10.2f} {saved(a, b):>8}")
         lines.append(f"{d['metric']:<38} {full['score']:10.2f} {pr['score']:10.2f} "
                      f"(kept {100 * d['quality_kept']:.1f}%)")
+        lines.append(f"memory at the start of each run: {full['memory_at_start_mb']:.0f} / {pr['memory_at_start_mb']:.0f} MB "
+                     "(the model and whatever the process held before)")
         lines.append(f"paper's estimate (L-r)/L x k/(k+1): {100 * d['paper_estimate']:.1f}% of prompt compute")
         if d.get("identical_to_masked") is not None:
             lines.append(f"pruned == masked-from-r sweep engine: {d['identical_to_masked']}/{d['sentences']} generations")
@@ -347,7 +349,7 @@ def measure_pruning(loaded, task, items, condition: Condition, from_layer: int, 
     """
     from .tasks import post_process
 
-    from .bench import peak_rss_mb, reset_peak_rss
+    from .bench import current_rss_mb, peak_rss_mb, reset_peak_rss
     from .fast_engine import SweepEngine, Variant
 
     model, tok = loaded.model, loaded.tokenizer
@@ -368,6 +370,7 @@ def measure_pruning(loaded, task, items, condition: Condition, from_layer: int, 
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         reset_peak_rss()
+        at_start = torch.cuda.memory_allocated() / 2 ** 20 if cuda else current_rss_mb()
         sync()
         started = time.perf_counter()
         gens = engine.generate(encoded, condition, r, task.stop_strings, task.max_new_tokens)
@@ -380,6 +383,7 @@ def measure_pruning(loaded, task, items, condition: Condition, from_layer: int, 
             from_layer=r, seconds=seconds, seconds_prefill=engine.stats["seconds_prefill"],
             seconds_decode=engine.stats["seconds_decode"], kv_mb_peak=engine.stats["kv_bytes_peak"] / 2 ** 20,
             peak_memory_mb=peak if peak is not None else float("nan"),
+            memory_at_start_mb=at_start if at_start is not None else float("nan"),
             gflop_prompt=sum(f["prompt"] for f in flops) / 1e9,
             gflop_total=sum(f["prompt"] + f["decode"] for f in flops) / 1e9,
             token_layers=engine.stats["token_layers"],
