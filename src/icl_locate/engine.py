@@ -33,7 +33,9 @@ def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def _accepts(model: nn.Module, name: str) -> bool:
-    return name in _forward_parameters(type(model))
+    # A PEFT wrapper passes keyword arguments through to the model it wraps: ask that one.
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return name in _forward_parameters(type(base))
 
 
 @functools.lru_cache(maxsize=None)
