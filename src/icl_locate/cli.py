@@ -123,11 +123,11 @@ def _check_context(items, loaded, max_new_tokens: int) -> None:
 
 
 def _score_translation(rows: list[dict], data, args) -> None:
-    from .data import parse_pair
+    from .data import target_language
     from .metrics import translation_scores
 
-    language = (parse_pair(args.pair)[1].iso1 or "en") if args.pair else "en"
-    scores = translation_scores([r["generation"] for r in rows], [r["reference"] for r in rows], language)
+    scores = translation_scores([r["generation"] for r in rows], [r["reference"] for r in rows],
+                                target_language(args.pair))
     for row, hyp, sb, sc in zip(rows, scores.hypotheses, scores.sentence_bleu, scores.sentence_chrf):
         row.update(scored_hypothesis=hyp, sentence_bleu=sb, sentence_chrf=sc)
     print(f"{'id':<14} {'generation':<44} {'reference':<44} {'sBLEU':>6}")
@@ -328,22 +328,10 @@ def _open_study_store(path: str, loaded):
 
 
 def _scorer(task, data, items, args):
-    """The task's metric on post-processed answers in item order: corpus BLEU, or pass@1 in the sandbox."""
-    if task.metric == "bleu":
-        from .data import parse_pair
-        from .metrics import translation_scores
+    """The task's metric on post-processed answers in item order (corpus BLEU, or pass@1 in the sandbox)."""
+    from .sweep import score_outputs
 
-        language = (parse_pair(args.pair)[1].iso1 or "en") if args.pair else "en"
-        return lambda texts: translation_scores(texts, [it.item.target for it in items], language).bleu
-
-    from .metrics import pass_at_1
-    from .sandbox import Limits, score_samples
-
-    def pass_rate(texts):
-        samples = [{"task_id": it.item.id, "completion": t} for it, t in zip(items, texts)]
-        return pass_at_1([r.passed for r in score_samples(samples, data.problems, Limits(timeout=3.0), workers=2)])
-
-    return pass_rate
+    return lambda texts: score_outputs(task, data, items, texts, args.pair)[2][task.metric]
 
 
 def _csv(value: str | None, cast=str):

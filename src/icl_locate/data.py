@@ -87,6 +87,11 @@ def parse_pair(pair: str) -> tuple[Language, Language]:
     return resolve_language(parts[0]), resolve_language(parts[1])
 
 
+def target_language(pair: str | None) -> str:
+    """ISO 639-1 code of a pair's target language (for sentence splitting); "en" when unknown."""
+    return (parse_pair(pair)[1].iso1 or "en") if pair else "en"
+
+
 # --------------------------------------------------------------------------- locations
 
 def default_data_dir() -> Path:

@@ -284,11 +284,10 @@ def _span_lengths(spans: dict) -> dict:
 def score_outputs(task, data, items, texts: list[str], pair: str):
     """Sentence scores, per-sentence BLEU statistics (for bootstrap), and corpus metrics."""
     if task.metric == "bleu":
-        from .data import parse_pair
+        from .data import target_language
         from .metrics import translation_scores
 
-        language = (parse_pair(pair)[1].iso1 or "en") if pair else "en"
-        scores = translation_scores(texts, [it.item.target for it in items], language)
+        scores = translation_scores(texts, [it.item.target for it in items], target_language(pair))
         return scores.sentence_bleu, scores.sentence_stats, dict(bleu=scores.bleu, chrf=scores.chrf)
     from .metrics import pass_at_1
     from .sandbox import score_samples
