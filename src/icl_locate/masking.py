@@ -165,9 +165,9 @@ class MaskPlan:
         """The same plan with each row's ranges moved right by its left-padding offset."""
         if len(offsets) != len(self.hidden):
             raise ValueError("one offset per batch row")
-        hidden = tuple(tuple((a + o, b + o) for a, b in row) for row, o in zip(self.hidden, offsets))
         if self.dropped:
             raise ValueError("a pruned plan is built in batch columns already")
+        hidden = tuple(tuple((a + o, b + o) for a, b in row) for row, o in zip(self.hidden, offsets))
         return MaskPlan(hidden=hidden, layers=self.layers, ablate=self.ablate, row_layers=self.row_layers)
 
     def select_rows(self, rows: Sequence[int]) -> "MaskPlan":
@@ -324,14 +324,14 @@ def _make_attention(base: str) -> Callable:
         if attention_mask is None:  # never drop the hiding silently
             raise RuntimeError("masked layer received no attention mask; the mask function was bypassed")
         if plan.prunes_layer(layer):
+            if plan.masks_layer(layer):
+                raise RuntimeError("a plan cannot both prune and mask the same layer")
             # The mask spans every prompt column; this layer's cache lacks the pruned ones.
             attention_mask = plan.without_dropped_columns(attention_mask)
             if attention_mask.shape[-1] != key.shape[-2]:
                 raise RuntimeError(f"pruned layer {layer}: mask has {attention_mask.shape[-1]} columns, "
                                    f"cache {key.shape[-2]}")
-            if not plan.masks_layer(layer):
-                return stock(module, query, key, value, attention_mask, **kwargs)
-            raise RuntimeError("a plan cannot both prune and mask the same layer")
+            return stock(module, query, key, value, attention_mask, **kwargs)
         hidden = plan.hidden_columns(attention_mask.shape[-1], attention_mask.device, module.layer_idx)
         mask, dead = hide_columns(attention_mask, hidden)
         out, weights = stock(module, query, key, value, mask, **kwargs)

@@ -347,10 +347,9 @@ def measure_pruning(loaded, task, items, condition: Condition, from_layer: int, 
 
     ``score`` maps the post-processed answers (in item order) to the task's metric.
     """
-    from .tasks import post_process
-
     from .bench import current_rss_mb, peak_rss_mb, reset_peak_rss
     from .fast_engine import SweepEngine, Variant
+    from .tasks import post_process
 
     model, tok = loaded.model, loaded.tokenizer
     n_layers = loaded.info.num_layers
