@@ -33,23 +33,21 @@ def run_demo(args) -> int:
                          layers="all", n_test=args.n_test, data_dir=args.data_dir)
     store_path = out_dir / "study.sqlite"
     run_sweep(config, str(store_path), f"icl-locate demo --n-test {args.n_test}")
-    _print_summary(store_path)
-    _prune_at_recognition_layer(store_path, args)
+    curves = _print_summary(store_path)
+    _prune_at_recognition_layer(store_path, curves, args)
     report = build_report(Store(store_path, create=False), out_dir / "report")
     print(f"\nmain job done in {time.time() - started:.0f}s; report: {report}")
     return 0
 
 
-def _prune_at_recognition_layer(store_path: Path, args) -> None:
+def _prune_at_recognition_layer(store_path: Path, curves: list, args) -> None:
     """The deployable saving: drop the context after the recognition layer, measured (once per store)."""
-    from .analysis import analyse_curve, load_curves
     from .cli import build_parser
     from .store import Store
 
+    curve = next((c for c in curves if c.key.get("condition") == "instructions+examples"), None)
     store = Store(store_path, create=False)
     try:
-        curve = next((analyse_curve(c) for c in load_curves(store)
-                      if c.key.get("condition") == "instructions+examples"), None)
         done = any(p["condition"] == "instructions+examples" for p in store.pruning_results())
     finally:
         store.close()
@@ -68,16 +66,18 @@ def _prune_at_recognition_layer(store_path: Path, args) -> None:
     prune.func(prune)
 
 
-def _print_summary(store_path: Path) -> None:
+def _print_summary(store_path: Path) -> list:
+    """Print each analysed curve; return them."""
     from .analysis import analyse_curve, load_curves, savings
     from .store import Store
 
     store = Store(store_path, create=False)
-    for curve in load_curves(store):
-        c = analyse_curve(curve)
+    curves = [analyse_curve(c) for c in load_curves(store)]
+    store.close()
+    for c in curves:
         s = savings(c, c.layers[-1])
         print(f"\n{c.key['pair']} {c.label()}: baseline BLEU {c.baseline:.1f}; recognition layer {c.recognition} "
               f"(95% CI {c.recognition_ci[0]:.0f}-{c.recognition_ci[1]:.0f}) of {c.layers[-1]}; savings "
               f"{100 * s.paper_formula:.1f}% (paper formula), {100 * s.token_exact:.1f}% (exact tokens)")
         print("  BLEU by layer: " + " ".join(f"{l}:{v:.1f}" for l, v in zip(c.layers, c.score)))
-    store.close()
+    return curves
