@@ -29,9 +29,11 @@ demo: setup
 	$(BIN)/icl-locate demo
 
 test: setup
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 
 test-fast: setup
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -m "not slow"
 
 clean:

@@ -32,7 +32,7 @@ def data_dir() -> Path:
 @pytest.fixture(scope="session")
 def gemma():
     """The embedded Gemma-3-270M (built into the user cache on first use)."""
-    from icl_locate.models import load_model
+    from icl_locate.core.models import load_model
 
     return load_model("gemma-3-270m")
 
@@ -43,7 +43,7 @@ def bpe_tokenizer(data_dir):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from icl_locate.data import flores_file, resolve_language
+    from icl_locate.tasks.data import flores_file, resolve_language
 
     lines = []
     for lang in ("eng_Latn", "fra_Latn", "por_Latn"):

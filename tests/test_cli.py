@@ -66,7 +66,7 @@ def test_missing_language_file_exit_2(tmp_path, capsys):
 
 
 def test_results_are_all_or_nothing(tmp_path):
-    from icl_locate.cli import write_jsonl_atomic
+    from icl_locate.util.fileio import write_jsonl_atomic
 
     out = tmp_path / "run.jsonl"
     out.write_text("previous results\n")
@@ -79,7 +79,7 @@ def test_results_are_all_or_nothing(tmp_path):
 
 
 def test_score_code_command(tmp_path, capsys):
-    from icl_locate.data import humaneval_problems
+    from icl_locate.tasks.data import humaneval_problems
 
     problems = humaneval_problems()[:3]
     samples = tmp_path / "samples.jsonl"

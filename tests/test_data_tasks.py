@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from icl_locate.data import flores_bitext, flores_file, parse_pair, resolve_language
-from icl_locate.errors import UserError
-from icl_locate.metrics import first_sentence, pass_at_1, translation_scores
-from icl_locate.tasks import TASKS, TaskOptions, build_items, get_task, humaneval_query, post_process, read_pairs
+from icl_locate.tasks.data import flores_bitext, flores_file, parse_pair, resolve_language
+from icl_locate.util.errors import UserError
+from icl_locate.tasks.metrics import first_sentence, pass_at_1, translation_scores
+from icl_locate.tasks.registry import TASKS, TaskOptions, build_items, get_task, humaneval_query, post_process, read_pairs
 
 
 def _tree(root, layout: str):

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from icl_locate.engine import greedy_decode, plan_for_prompt
-from icl_locate.fast_engine import SweepEngine, Variant
-from icl_locate.masking import get_condition, hidden_ranges
-from icl_locate.models import load_model
-from icl_locate.prompts import FORMATS, Example, build_prompt, encode_prompt
+from icl_locate.cli import main
+
+from icl_locate.core.conditions import MaskedPrompt, get_condition, hidden_ranges
+from icl_locate.core.interventions import UNCHANGED, AblateLayers, AttentionAblation, ColumnMask, MaskFrom
+from icl_locate.core.models import load_model
+from icl_locate.core.prompts import FORMATS, EncodedPrompt, Example, build_prompt, encode_prompt
+from icl_locate.engines.base import StopRule
+from icl_locate.engines.reference import ReferenceEngine, greedy_decode
+from icl_locate.engines.sweep import SweepEngine
 
 FAMILIES = ["llama", "gemma3", "qwen2", "starcoder2", "gpt_neo", "bloom", "gpt2"]
 BANK = [Example(str(i), f"phrase numero {i} ici", f"phrase number {i} here") for i in range(6)]
@@ -32,17 +38,26 @@ def encoded_prompts(tokenizer, shared: bool = True):
     return out
 
 
-def reference(lm, enc, condition, variant: Variant, stop=(), max_new=6):
+def reference(lm, enc, condition, row, stop=(), max_new=6):
+    """The paper's semantics written out: the condition's columns hidden in every layer >= j, one prompt at a time."""
     n = lm.info.num_layers
-    j = variant.from_layer
-    ranges = hidden_ranges(condition, enc.spans, len(enc.ids)) if condition and j is not None and j < n else []
-    plan = plan_for_prompt(ranges, layers=range(j, n) if ranges else (), ablate=variant.ablate)
-    return greedy_decode(lm.model, lm.tokenizer, enc.ids, plan, stop_strings=stop, max_new_tokens=max_new)
+    interventions = []
+    if isinstance(row, MaskFrom) and condition is not None and row.layer < n:
+        ranges = hidden_ranges(condition, enc.spans, len(enc.ids))
+        if ranges:
+            interventions.append(ColumnMask.at_layers([ranges], range(row.layer, n)))
+    if isinstance(row, AblateLayers) and row.layers:
+        interventions.append(AttentionAblation(row.layers))
+    return greedy_decode(lm.model, lm.tokenizer, enc.ids, interventions, StopRule(tuple(stop), max_new))
+
+
+def masked(encs, condition):
+    return [MaskedPrompt.of(e, condition) for e in encs]
 
 
 def assert_same(lm, encs, condition, variants, stop=(), max_new=6, batch_size=None):
     engine = SweepEngine(lm.model, lm.tokenizer, batch_size=batch_size)
-    fast = engine.generate(encs, condition, variants, stop_strings=stop, max_new_tokens=max_new)
+    fast = engine.generate(masked(encs, condition), variants, StopRule(tuple(stop), max_new))
     assert len(fast) == len(encs) * len(variants)
     for i, enc in enumerate(encs):
         for v in variants:
@@ -55,7 +70,7 @@ def assert_same(lm, encs, condition, variants, stop=(), max_new=6, batch_size=No
 @pytest.mark.parametrize("family", FAMILIES)
 def test_shared_prefix_all_layers(family):
     lm = tiny(family)
-    variants = [Variant(from_layer=j) for j in range(lm.info.num_layers + 1)]
+    variants = [MaskFrom(j) for j in range(lm.info.num_layers + 1)]
     engine = assert_same(lm, encoded_prompts(lm.tokenizer), get_condition("instructions+examples"), variants)
     assert engine.stats["prefix_forwards"] == 1  # one shared context cache for every layer
 
@@ -66,23 +81,23 @@ def test_shared_prefix_all_layers(family):
 def test_conditions_including_query(family, condition):
     lm = tiny(family)
     assert_same(lm, encoded_prompts(lm.tokenizer), get_condition(condition),
-                [Variant(from_layer=j) for j in (0, 2, lm.info.num_layers)])
+                [MaskFrom(j) for j in (0, 2, lm.info.num_layers)])
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3", "gpt_neo"])
 def test_per_query_prompts_and_small_batches(family):
     lm = tiny(family)
     assert_same(lm, encoded_prompts(lm.tokenizer, shared=False), get_condition("examples"),
-                [Variant(from_layer=j) for j in (0, 1, 3)], batch_size=2)
+                [MaskFrom(j) for j in (0, 1, 3)], batch_size=2)
 
 
 @pytest.mark.parametrize("family", ["llama", "bloom", "gpt2"])
 def test_early_stopping(family):
     lm = tiny(family)
     encs = encoded_prompts(lm.tokenizer)
-    first = reference(lm, encs[0], None, Variant(from_layer=lm.info.num_layers), max_new=12)
+    first = reference(lm, encs[0], None, MaskFrom(lm.info.num_layers), max_new=12)
     stop = (lm.tokenizer.decode(first.token_ids[2:3]),)  # a string the model is known to produce
-    assert_same(lm, encs, get_condition("instructions+examples"), [Variant(from_layer=j) for j in (0, 2, 4)],
+    assert_same(lm, encs, get_condition("instructions+examples"), [MaskFrom(j) for j in (0, 2, 4)],
                 stop=stop, max_new=12)
 
 
@@ -90,18 +105,18 @@ def test_early_stopping(family):
 def test_whole_layer_ablation(family):
     lm = tiny(family)
     assert_same(lm, encoded_prompts(lm.tokenizer), None,
-                [Variant(ablate=frozenset({layer})) for layer in range(lm.info.num_layers)])
+                [AblateLayers(frozenset({layer})) for layer in range(lm.info.num_layers)])
 
 
 def test_memory_bound_shrinks_batches_not_results():
     """A KV budget too small for two rows gives one-row batches, with the same generations."""
     lm = tiny("llama")
     encs = encoded_prompts(lm.tokenizer)
-    variants = [Variant(from_layer=j) for j in (0, 2, 4)]
+    variants = [MaskFrom(j) for j in (0, 2, 4)]
     condition = get_condition("instructions+examples")
-    big = SweepEngine(lm.model, lm.tokenizer).generate(encs, condition, variants, max_new_tokens=6)
+    big = SweepEngine(lm.model, lm.tokenizer).generate(masked(encs, condition), variants, StopRule((), 6))
     small_engine = SweepEngine(lm.model, lm.tokenizer, kv_memory_fraction=1e-12)
-    small = small_engine.generate(encs, condition, variants, max_new_tokens=6)
+    small = small_engine.generate(masked(encs, condition), variants, StopRule((), 6))
     assert {k: v.token_ids for k, v in small.items()} == {k: v.token_ids for k, v in big.items()}
     assert small_engine.stats["steps"] >= len(encs) * len(variants)  # one batch per row
     # one logit row per produced token: no row decoded beside another
@@ -109,10 +124,6 @@ def test_memory_bound_shrinks_batches_not_results():
 
 
 def test_bench_command_on_tiny_model(tmp_path, capsys, data_dir):
-    import json
-
-    from icl_locate.cli import main
-
     out = tmp_path / "bench.json"
     code = main(["bench", "--model", "tiny:llama", "--n-test", "2", "--layers", "0,2,4", "--k", "1",
                  "--data-dir", str(data_dir), "--json", str(out), "--require-identical", "1.0"])
@@ -128,13 +139,25 @@ def test_bench_command_on_tiny_model(tmp_path, capsys, data_dir):
 @pytest.mark.parametrize("family", ["llama", "bloom"])
 def test_prompts_without_bos_or_context(family):
     """Zero-shot prompts of BOS-less tokenizers: nothing to share but the first token; query masked."""
-    from icl_locate.prompts import EncodedPrompt
-
     lm = tiny(family)
     encs = []
     for q in QUERIES:
         ids = lm.tokenizer(f"Q:{q}\nA:")["input_ids"][1:]  # drop BOS
         encs.append(EncodedPrompt(text="", ids=ids, spans={"bos": None, "instructions": None, "examples": None,
                                                          "query": (0, len(ids))}))
-    assert_same(lm, encs, get_condition("query"), [Variant(from_layer=j) for j in (0, 2, 4)])
-    assert_same(lm, encs, None, [Variant()])
+    assert_same(lm, encs, get_condition("query"), [MaskFrom(j) for j in (0, 2, 4)])
+    assert_same(lm, encs, None, [UNCHANGED])
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neo"])
+def test_reference_engine_is_the_written_out_semantics(family):
+    """The engine-level oracle (used by run, bench margins and pruning checks) equals the test's own reference."""
+    lm = tiny(family)
+    encs = encoded_prompts(lm.tokenizer)
+    condition = get_condition("instructions+examples")
+    rows = [MaskFrom(0), MaskFrom(2), AblateLayers(frozenset({1})), UNCHANGED]
+    got = ReferenceEngine(lm.model, lm.tokenizer).generate(masked(encs, condition), rows, StopRule((), 5))
+    for i, enc in enumerate(encs):
+        for row in rows:
+            want = reference(lm, enc, condition if isinstance(row, MaskFrom) else None, row, max_new=5)
+            assert got[(i, row)].token_ids == want.token_ids, (i, row)

@@ -7,10 +7,13 @@ import json
 import pytest
 
 from icl_locate.cli import main
-from icl_locate.engine import predict
-from icl_locate.masking import get_condition
-from icl_locate.metrics import translation_scores
-from icl_locate.tasks import TaskOptions, build_items, get_task
+from icl_locate.core.conditions import MaskedPrompt, get_condition, hidden_ranges
+from icl_locate.core.interventions import ColumnMask, MaskFrom
+from icl_locate.engines.base import StopRule
+from icl_locate.engines.reference import ReferenceEngine, greedy_decode
+from icl_locate.engines.sweep import SweepEngine
+from icl_locate.tasks.metrics import translation_scores
+from icl_locate.tasks.registry import TaskOptions, build_items, get_task, post_process
 
 pytestmark = pytest.mark.slow
 
@@ -22,28 +25,36 @@ def mt_items(gemma, data_dir):
     return task, build_items(task, data, gemma.tokenizer, k=5, seed=0, n_test=8)
 
 
+def decode(gemma, task, items, condition, from_layer):
+    """(post-processed answers, prompts with their hidden ranges) by the reference engine."""
+    prompts = [MaskedPrompt.of(it.encoded, condition) for it in items]
+    gens = ReferenceEngine(gemma.model, gemma.tokenizer).generate(prompts, [MaskFrom(from_layer)],
+                                                                  StopRule(task.stop_strings, task.max_new_tokens))
+    return [post_process(task, gens[(i, MaskFrom(from_layer))].text) for i in range(len(items))], prompts
+
+
 def test_baseline_translates(gemma, mt_items):
     task, items = mt_items
-    preds = predict(gemma, task, items, get_condition("baseline"), gemma.info.num_layers)
-    bleu = translation_scores([p.generation for p in preds], [p.reference for p in preds]).bleu
+    answers, _ = decode(gemma, task, items, get_condition("baseline"), gemma.info.num_layers)
+    bleu = translation_scores(answers, [it.item.target for it in items]).bleu
     print(f"gemma-3-270m fra->eng 5-shot baseline BLEU on 8 devtest sentences: {bleu:.2f}")
     assert bleu > 15
 
 
 def test_masking_context_from_layer_0_destroys_translation(gemma, mt_items):
     task, items = mt_items
-    preds = predict(gemma, task, items, get_condition("instructions+examples"), 0)
-    bleu = translation_scores([p.generation for p in preds], [p.reference for p in preds]).bleu
+    answers, prompts = decode(gemma, task, items, get_condition("instructions+examples"), 0)
+    bleu = translation_scores(answers, [it.item.target for it in items]).bleu
     print(f"gemma-3-270m fra->eng instructions+examples masked from layer 0: BLEU {bleu:.2f}")
     assert bleu < 5
     tok = gemma.tokenizer
-    for p, item in zip(preds, items):
-        (start, end), = p.masked_token_ranges
+    for p, item in zip(prompts, items):
+        (start, end), = p.hidden
         header_end = item.prompt.char_spans["query"][0]
         assert start == 1  # BOS stays visible
-        assert tok.decode(p.prompt_token_ids[start:end]) == item.prompt.text[:header_end]
+        assert tok.decode(p.ids[start:end]) == item.prompt.text[:header_end]
         assert item.prompt.text[:header_end].startswith("Translate French to English:\nQ:")
-        assert tok.decode(p.prompt_token_ids[end:]) == item.prompt.text[header_end:]  # the query stays
+        assert tok.decode(p.ids[end:]) == item.prompt.text[header_end:]  # the query stays
 
 
 @pytest.mark.parametrize("condition,layer", [("baseline", None), ("instructions+examples", 4)])
@@ -72,21 +83,16 @@ def test_cli_run_code_generation(gemma, data_dir, tmp_path, capsys, condition, l
 
 
 def test_fast_engine_matches_reference_on_gemma(gemma, mt_items):
-    from icl_locate.engine import greedy_decode, plan_for_prompt
-    from icl_locate.fast_engine import SweepEngine, Variant
-    from icl_locate.masking import hidden_ranges
-
     task, items = mt_items
     items = items[:2]
     cond = get_condition("instructions+examples")
     layers = [0, 6, 12, 18]
+    stop = StopRule(task.stop_strings, task.max_new_tokens)
     fast = SweepEngine(gemma.model, gemma.tokenizer).generate(
-        [it.encoded for it in items], cond, [Variant(from_layer=j) for j in layers], stop_strings=task.stop_strings,
-        max_new_tokens=task.max_new_tokens)
+        [MaskedPrompt.of(it.encoded, cond) for it in items], [MaskFrom(j) for j in layers], stop)
     for i, it in enumerate(items):
         for j in layers:
             ranges = hidden_ranges(cond, it.encoded.spans, len(it.encoded.ids)) if j < 18 else []
-            ref = greedy_decode(gemma.model, gemma.tokenizer, it.encoded.ids,
-                                plan_for_prompt(ranges, layers=range(j, 18) if ranges else ()),
-                                stop_strings=task.stop_strings, max_new_tokens=task.max_new_tokens)
-            assert fast[(i, Variant(from_layer=j))].token_ids == ref.token_ids, (i, j)
+            plan = [ColumnMask.at_layers([ranges], range(j, 18))] if ranges else []
+            ref = greedy_decode(gemma.model, gemma.tokenizer, it.encoded.ids, plan, stop)
+            assert fast[(i, MaskFrom(j))].token_ids == ref.token_ids, (i, j)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from icl_locate.errors import UserError
-from icl_locate.lora import LoraSettings, _batch, attach_adapter, encode_training_pairs, lora_sweep, \
+from icl_locate.util.errors import UserError
+from icl_locate.experiments.lora import LoraSettings, _batch, attach_adapter, encode_training_pairs, lora_sweep, \
     output_projection_name
-from icl_locate.models import load_model
-from icl_locate.prompts import Example
+from icl_locate.core.models import load_model
+from icl_locate.core.prompts import Example
 
 EXPECTED = {"llama": "model.layers.1.self_attn.o_proj", "gpt_neo": "transformer.h.1.attn.attention.out_proj",
             "gemma3": "model.layers.1.self_attn.o_proj", "bloom": "transformer.h.1.self_attention.dense",
@@ -41,7 +41,7 @@ def test_one_layer_adapter_trains_alone(family):
 
 
 def test_mini_sweep_end_to_end(tmp_path, data_dir):
-    from icl_locate.store import Store
+    from icl_locate.results.store import Store
 
     lm = load_model("tiny:llama")
     store = Store(tmp_path / "s.sqlite", dict(model="tiny:llama"))
@@ -54,7 +54,7 @@ def test_mini_sweep_end_to_end(tmp_path, data_dir):
     again = lora_sweep(lm, str(data_dir), "fra-eng", [0, 3], settings, 2, tmp_path / "adapters", store=store,
                        log=lambda m: None)
     assert again == []  # finished layers are skipped
-    from icl_locate.report import build_report
+    from icl_locate.results.report import build_report
 
     page = build_report(store, tmp_path / "rep", n_boot=10).read_text()
     assert "lora_fra-eng.png" in page

@@ -5,10 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from icl_locate.errors import UserError
-from icl_locate.engine import forward, greedy_decode, plan_for_prompt
-from icl_locate.masking import MaskPlan, decoder_layers, get_condition, hidden_ranges, merge_ranges
-from icl_locate.models import load_model
+from transformers import AutoModelForCausalLM, DynamicCache
+
+from icl_locate.core.conditions import get_condition, hidden_ranges, merge_ranges
+from icl_locate.core.interventions import AttentionAblation, ColumnDrop, ColumnMask, intervene
+from icl_locate.core.models import load_model
+from icl_locate.core.structure import decoder_layers
+from icl_locate.engines.base import StopRule, forward
+from icl_locate.engines.reference import greedy_decode
+from icl_locate.util.errors import UserError
 
 FAMILIES = ["llama", "qwen2", "starcoder2", "gemma3", "gpt_neo", "bloom", "gpt2", "gpt_neox", "mistral"]
 SEQ = 20
@@ -52,11 +57,9 @@ def test_mask_from_last_layer_is_no_mask(family):
     model = tiny(family)
     ids = ids_pair()
     plain = forward(model, ids).logits
-    past_end = forward(model, ids, plan=MaskPlan.from_layer(HIDDEN, n_layers(model), n_layers(model))).logits
+    past_end = forward(model, ids, interventions=[ColumnMask.from_layer(HIDDEN, n_layers(model), n_layers(model))]).logits
     assert torch.equal(plain, past_end)
     # and the prepared model without a plan computes what transformers computes
-    from transformers import AutoModelForCausalLM
-
     fresh = AutoModelForCausalLM.from_config(model.config.__class__.from_dict(
         {**model.config.to_dict(), "_attn_implementation": None})).eval()
     fresh.load_state_dict(model.state_dict())
@@ -70,8 +73,8 @@ def test_hidden_tokens_are_invisible_from_layer_0(family):
     model = tiny(family)
     ids = ids_pair()
     swapped = replace_hidden(ids)
-    plan = MaskPlan.from_layer(HIDDEN, 0, n_layers(model))
-    a, b = forward(model, ids, plan=plan).logits, forward(model, swapped, plan=plan).logits
+    plan = ColumnMask.from_layer(HIDDEN, 0, n_layers(model))
+    a, b = forward(model, ids, interventions=[plan]).logits, forward(model, swapped, interventions=[plan]).logits
     assert torch.isfinite(a).all()
     for row in range(2):
         vis = visible_positions(row)
@@ -85,8 +88,8 @@ def test_hidden_tokens_matter_when_masked_from_later_layer(family):
     model = tiny(family)
     ids = ids_pair()
     swapped = replace_hidden(ids)
-    plan = MaskPlan.from_layer(HIDDEN, 2, n_layers(model))
-    a, b = forward(model, ids, plan=plan).logits, forward(model, swapped, plan=plan).logits
+    plan = ColumnMask.from_layer(HIDDEN, 2, n_layers(model))
+    a, b = forward(model, ids, interventions=[plan]).logits, forward(model, swapped, interventions=[plan]).logits
     assert not torch.allclose(a[0, -1], b[0, -1], atol=1e-6)
     # and masking does change the result compared with no mask
     assert not torch.allclose(a[0, -1], forward(model, ids).logits[0, -1], atol=1e-6)
@@ -95,18 +98,16 @@ def test_hidden_tokens_matter_when_masked_from_later_layer(family):
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("from_layer", [0, 2])
 def test_kv_cache_decoding_equals_full_forward(family, from_layer):
-    from transformers import DynamicCache
-
     model = tiny(family)
     ids = ids_pair()
-    plan = MaskPlan.from_layer(HIDDEN, from_layer, n_layers(model))
-    full = forward(model, ids, plan=plan).logits
+    plan = ColumnMask.from_layer(HIDDEN, from_layer, n_layers(model))
+    full = forward(model, ids, interventions=[plan]).logits
     cache = DynamicCache()
     prefix = 12
-    first = forward(model, ids[:, :prefix], cache=cache, plan=plan).logits
+    first = forward(model, ids[:, :prefix], cache=cache, interventions=[plan]).logits
     steps = [first]
     for t in range(prefix, SEQ):
-        steps.append(forward(model, ids[:, t:t + 1], cache=cache, plan=plan).logits)
+        steps.append(forward(model, ids[:, t:t + 1], cache=cache, interventions=[plan]).logits)
     incremental = torch.cat(steps, dim=1)
     torch.testing.assert_close(incremental, full, atol=1e-5, rtol=1e-5)
 
@@ -115,9 +116,9 @@ def test_kv_cache_decoding_equals_full_forward(family, from_layer):
 def test_greedy_decode_cache_and_no_cache_agree(family):
     model = tiny(family)
     prompt = ids_pair()[0].tolist()
-    plan = plan_for_prompt(HIDDEN[0], layers=range(1, n_layers(model)))
-    with_cache = greedy_decode(model, None, prompt, plan, max_new_tokens=8, use_cache=True)
-    without = greedy_decode(model, None, prompt, plan, max_new_tokens=8, use_cache=False)
+    plan = ColumnMask.at_layers([HIDDEN[0]], range(1, n_layers(model)))
+    with_cache = greedy_decode(model, None, prompt, [plan], StopRule(max_new_tokens=8), use_cache=True)
+    without = greedy_decode(model, None, prompt, [plan], StopRule(max_new_tokens=8), use_cache=False)
     assert with_cache.token_ids == without.token_ids
 
 
@@ -126,8 +127,8 @@ def test_eager_attention_weights_are_zero_on_hidden_columns(family):
     model = tiny(family, attn="eager")
     ids = ids_pair()
     from_layer = 2
-    plan = MaskPlan.from_layer(HIDDEN, from_layer, n_layers(model))
-    attentions = forward(model, ids, plan=plan, output_attentions=True).attentions
+    plan = ColumnMask.from_layer(HIDDEN, from_layer, n_layers(model))
+    attentions = forward(model, ids, interventions=[plan], output_attentions=True).attentions
     assert len(attentions) == n_layers(model)
     for layer, weights in enumerate(attentions):
         for row, ranges in enumerate(HIDDEN):
@@ -152,10 +153,10 @@ def test_left_padded_batch_equals_rows_alone(family):
     for i, r in enumerate(rows):
         ids[i, pad - len(r):] = r
         mask[i, pad - len(r):] = 1
-    plan = MaskPlan.from_layer(hidden, 1, n_layers(model)).shifted([pad - n for n in lengths])
-    batched = forward(model, ids, attention_mask=mask, plan=plan).logits
+    plan = ColumnMask.from_layer(hidden, 1, n_layers(model)).shifted([pad - n for n in lengths])
+    batched = forward(model, ids, attention_mask=mask, interventions=[plan]).logits
     for i, r in enumerate(rows):
-        alone = forward(model, r[None], plan=MaskPlan.from_layer([hidden[i]], 1, n_layers(model))).logits
+        alone = forward(model, r[None], interventions=[ColumnMask.from_layer([hidden[i]], 1, n_layers(model))]).logits
         torch.testing.assert_close(batched[i, pad - len(r):], alone[0], atol=1e-5, rtol=1e-5)
 
 
@@ -170,7 +171,7 @@ def test_whole_layer_ablation_equals_zeroed_attention(family):
     model = tiny(family)
     ids = ids_pair()
     layer = 1
-    ablated = forward(model, ids, plan=MaskPlan.ablation([layer])).logits
+    ablated = forward(model, ids, interventions=[AttentionAblation(frozenset([layer]))]).logits
     proj = decoder_layers(model)[layer].get_submodule(OUT_PROJ[family])
     saved = {k: v.clone() for k, v in proj.state_dict().items()}
     try:
@@ -199,9 +200,27 @@ def test_conditions_and_ranges():
 
 def test_plan_validation():
     with pytest.raises(ValueError):
-        MaskPlan.from_layer([[(0, 2)]], 7, 4)
+        ColumnMask.from_layer([[(0, 2)]], 7, 4)
     with pytest.raises(ValueError):
-        MaskPlan.from_layer([[(3, 2)]], 0, 4)
+        ColumnMask.from_layer([[(3, 2)]], 0, 4)
     model = tiny("llama")
     with pytest.raises(ValueError, match="out of range"):
-        forward(model, ids_pair(), plan=MaskPlan.ablation([9]))
+        forward(model, ids_pair(), interventions=[AttentionAblation(frozenset([9]))])
+
+
+def test_interventions_are_separate_values_that_refuse_bad_combinations():
+    model = tiny("llama")
+    mask = ColumnMask.from_layer(HIDDEN, 1, n_layers(model))
+    with pytest.raises(ValueError, match="two ColumnMask"):
+        forward(model, ids_pair(), interventions=[mask, mask])
+    drop = ColumnDrop.from_layer([(2, 5), (2, 5)], 2, n_layers(model))
+    with pytest.raises(ValueError, match="both prune and mask"):
+        forward(model, ids_pair(), interventions=[mask, drop])
+    # a scope never leaks: after the block the model computes the unmasked result again
+    plain = forward(model, ids_pair()).logits
+    with intervene(model, mask):
+        pass
+    assert torch.equal(forward(model, ids_pair()).logits, plain)
+    # select_rows keeps each row's own columns and layers
+    per_row = ColumnMask.per_row(HIDDEN, [1, 3], n_layers(model)).select_rows([1])
+    assert per_row.hidden == (tuple(HIDDEN[1]),) and per_row.layers == (frozenset({3}),)

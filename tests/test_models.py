@@ -8,8 +8,8 @@ import time
 import pytest
 import torch
 
-from icl_locate.errors import UserError
-from icl_locate.models import ALIASES, _build_checkpoint, _checkpoint_ok, load_model
+from icl_locate.util.errors import UserError
+from icl_locate.core.models import ALIASES, _build_checkpoint, _checkpoint_ok, load_model
 
 
 def test_tiny_model_description():

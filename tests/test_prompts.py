@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from icl_locate.errors import UserError
-from icl_locate.prompts import FORMATS, Example, build_prompt, encode_prompt, render_header, sample_examples
+from icl_locate.util.errors import UserError
+from icl_locate.core.prompts import FORMATS, Example, build_prompt, encode_prompt, render_header, sample_examples
 
 SHOTS = [Example("a", "Bonjour le monde.", "Hello world."), Example("b", " Merci beaucoup. ", "Thanks a lot.")]
 MT = FORMATS["instr_machine_translation"]

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import json
+import sqlite3
+
 import numpy as np
 import pytest
 import torch
 
-from icl_locate.engine import forward, plan_for_prompt
+from icl_locate.cli import main
+from icl_locate.core.conditions import MaskedPrompt, get_condition, hidden_ranges
+from icl_locate.core.interventions import ColumnMask, MaskFrom, PruneFrom
+from icl_locate.core.structure import decoder_layers
+from icl_locate.engines.base import StopRule, forward
+from icl_locate.engines.pruned import ModelDims, PruneSplit, PrunedEngine, paper_savings, prune_split, request_flops
+from icl_locate.engines.sweep import SweepEngine
+from icl_locate.tasks.registry import TaskOptions, build_items, get_task
+from icl_locate.util.errors import UserError
 
-from icl_locate.errors import UserError
-from icl_locate.fast_engine import Variant
-from icl_locate.masking import decoder_layers, get_condition, hidden_ranges
-from icl_locate.pruning import ModelDims, PruneSplit, PrunedEngine, paper_savings, prune_split, request_flops
-
-from test_fast_engine import encoded_prompts, reference, tiny
+from test_fast_engine import encoded_prompts, masked, reference, tiny
 
 FAMILIES = ["llama", "gemma3", "qwen2", "starcoder2", "gpt2", "gpt_neox", "mistral"]
 
@@ -25,13 +31,14 @@ def assert_pruned_equals_masked(lm, encs, condition, layers, batch_size=2, max_n
     logits = {}
     for r in layers:
         engine = PrunedEngine(lm.model, lm.tokenizer, batch_size=batch_size, keep_first_logits=True)
-        got = engine.generate(encs, condition, r, stop_strings=stop, max_new_tokens=max_new)
+        results = engine.generate(masked(encs, condition), [PruneFrom(r)], StopRule(tuple(stop), max_new))
+        got = [results[(i, PruneFrom(r))] for i in range(len(encs))]
         for i, enc in enumerate(encs):
-            ref = reference(lm, enc, condition, Variant(from_layer=r), stop, max_new)
+            ref = reference(lm, enc, condition, MaskFrom(r), stop, max_new)
             assert (got[i].token_ids, got[i].finish) == (ref.token_ids, ref.finish), (condition.name, r, i)
             ranges = hidden_ranges(condition, enc.spans, len(enc.ids)) if r < n else []
-            plan = plan_for_prompt(ranges, layers=range(r, n) if ranges else ())
-            expected = forward(lm.model, torch.tensor([enc.ids]), plan=plan, last_only=True).logits[0, -1]
+            plan = [ColumnMask.at_layers([ranges], range(r, n))] if ranges else []
+            expected = forward(lm.model, torch.tensor([enc.ids]), interventions=plan, last_only=True).logits[0, -1]
             torch.testing.assert_close(engine.first_logits[i], expected.float(), atol=1e-4, rtol=1e-4)
         logits[r] = torch.stack([engine.first_logits[i] for i in range(len(encs))])
     if n not in logits:
@@ -59,7 +66,7 @@ def test_pruned_other_ranges_and_per_query_prompts(family, condition):
 def test_pruned_early_stopping():
     lm = tiny("llama")
     encs = encoded_prompts(lm.tokenizer)
-    first = reference(lm, encs[0], None, Variant(from_layer=lm.info.num_layers), max_new=12)
+    first = reference(lm, encs[0], None, MaskFrom(lm.info.num_layers), max_new=12)
     stop = (lm.tokenizer.decode(first.token_ids[2:3]),)
     assert_pruned_equals_masked(lm, encs, get_condition("instructions+examples"), (0, 2, 4), max_new=12, stop=stop)
 
@@ -77,11 +84,11 @@ def test_pruned_tokens_never_reach_layers_from_r():
         for i, layer in enumerate(decoder_layers(lm.model))]
     try:
         engine = PrunedEngine(lm.model, lm.tokenizer, batch_size=1)
-        gens = engine.generate(encs, condition, r, max_new_tokens=5)
+        gens = engine.generate_pruned(masked(encs, condition), r, StopRule((), 5))
     finally:
         for h in handles:
             h.remove()
-    splits = [prune_split(condition, e.spans, len(e.ids)) for e in encs]
+    splits = [prune_split(p) for p in masked(encs, condition)]
     fed = [len(e.ids) + len(g.token_ids) - 1 + (g.finish == "eos") for e, g in zip(encs, gens)]
     assert all(seen[i] == sum(fed) for i in range(r))
     assert all(seen[i] == sum(fed) - sum(s.width for s in splits) for i in range(r, n))
@@ -99,11 +106,11 @@ def test_pruned_cache_holds_no_context_from_r():
     n = lm.info.num_layers
     encs = encoded_prompts(lm.tokenizer)[:1]
     condition = get_condition("instructions+examples")
-    width = prune_split(condition, encs[0].spans, len(encs[0].ids)).width
+    width = prune_split(masked(encs, condition)[0]).width
     kv = {}
     for r in (0, 2, n):
         engine = PrunedEngine(lm.model, lm.tokenizer)
-        engine.generate(encs, condition, r, max_new_tokens=3)
+        engine.generate_pruned(masked(encs, condition), r, StopRule((), 3))
         kv[r] = engine.stats["kv_bytes_peak"]
     per_column = kv[n] / n / (len(encs[0].ids) - 1 + 3)  # bytes per layer and stored column
     assert kv[0] == pytest.approx(kv[n] - n * width * per_column)
@@ -117,9 +124,13 @@ def test_refuses_what_it_cannot_prune():
     llama = tiny("llama")
     enc = encoded_prompts(llama.tokenizer)[0]
     with pytest.raises(UserError, match="last prompt token"):
-        prune_split(get_condition("instructions+examples+query"), enc.spans, len(enc.ids))
+        prune_split(MaskedPrompt.of(enc, get_condition("instructions+examples+query")))
     with pytest.raises(UserError, match="0..4"):
-        PrunedEngine(llama.model, llama.tokenizer).generate([enc], get_condition("examples"), 9)
+        PrunedEngine(llama.model, llama.tokenizer).generate(masked([enc], get_condition("examples")), [PruneFrom(9)],
+                                                            StopRule())
+    with pytest.raises(ValueError, match="PruneFrom rows only"):
+        PrunedEngine(llama.model, llama.tokenizer).generate(masked([enc], get_condition("examples")), [MaskFrom(2)],
+                                                            StopRule())
 
 
 # --------------------------------------------------------------------------- analytic FLOPs
@@ -175,10 +186,6 @@ def test_model_dims_of_gemma_like_config():
 # --------------------------------------------------------------------------- the command
 
 def test_prune_command_on_tiny_model(tmp_path, capsys, data_dir):
-    import json
-
-    from icl_locate.cli import main
-
     out = tmp_path / "prune.json"
     code = main(["prune", "--model", "tiny:llama", "--n-test", "3", "--layer", "2", "--k", "2",
                  "--data-dir", str(data_dir), "--json", str(out), "--max-new-tokens", "8"])
@@ -192,8 +199,6 @@ def test_prune_command_on_tiny_model(tmp_path, capsys, data_dir):
 
 
 def test_prune_command_bad_input(tmp_path, capsys, data_dir):
-    from icl_locate.cli import main
-
     for args, message in ((["--layer", "99"], "0..4"), (["--layer", "2", "--condition", "query+nonsense"], "unknown condition"),
                           (["--layer", "2", "--model", "tiny:gpt_neo"], "AttentionInterface")):
         out = tmp_path / "x.json"
@@ -206,26 +211,18 @@ def test_prune_command_bad_input(tmp_path, capsys, data_dir):
 
 @pytest.mark.slow
 def test_pruned_gemma_equals_sweep_engine(gemma, data_dir):
-    from icl_locate.fast_engine import SweepEngine
-    from icl_locate.tasks import TaskOptions, build_items, get_task
-
     task = get_task("flores")
     data = task.load(TaskOptions(data_dir=str(data_dir), pair="fra-eng"))
     items = build_items(task, data, gemma.tokenizer, k=5, seed=0, n_test=2)
-    encs = [it.encoded for it in items]
-    condition = get_condition("instructions+examples")
+    prompts = masked([it.encoded for it in items], get_condition("instructions+examples"))
+    stop = StopRule(task.stop_strings, 50)
     for r in (0, 6, 12):
-        pruned = PrunedEngine(gemma.model, gemma.tokenizer).generate(encs, condition, r, task.stop_strings, 50)
-        swept = SweepEngine(gemma.model, gemma.tokenizer).generate(encs, condition, [Variant(from_layer=r)],
-                                                                   stop_strings=task.stop_strings)
-        assert [g.token_ids for g in pruned] == [swept[(i, Variant(from_layer=r))].token_ids for i in range(2)]
+        pruned = PrunedEngine(gemma.model, gemma.tokenizer).generate_pruned(prompts, r, stop)
+        swept = SweepEngine(gemma.model, gemma.tokenizer).generate(prompts, [MaskFrom(r)], stop)
+        assert [g.token_ids for g in pruned] == [swept[(i, MaskFrom(r))].token_ids for i in range(2)]
 
 
 def test_prune_result_kept_in_study_store_and_reported(tmp_path, capsys, data_dir):
-    import sqlite3
-
-    from icl_locate.cli import main
-
     store = tmp_path / "study.sqlite"
     common = ["--model", "tiny:llama", "--k", "1", "--n-test", "2", "--max-new-tokens", "6", "--data-dir", str(data_dir)]
     assert main(["sweep", "--model", "tiny:llama", "--pairs", "fra-eng", "--conditions", "instructions+examples",

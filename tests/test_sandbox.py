@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from icl_locate.data import humaneval_problems
-from icl_locate.sandbox import Limits, Sandbox, check_program, score_samples
+from icl_locate.tasks.data import humaneval_problems
+from icl_locate.tasks.sandbox import Limits, Sandbox, check_program, score_samples
 
 PROBLEMS = {p["task_id"]: p for p in humaneval_problems()}
 P0 = PROBLEMS["HumanEval/0"]

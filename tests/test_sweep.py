@@ -13,8 +13,9 @@ import time
 import numpy as np
 import pytest
 
-from icl_locate.analysis import Curve, analyse_curve, recognition_layer, savings
+from icl_locate.results.analysis import Curve, analyse_curve, recognition_layer, savings
 from icl_locate.cli import main
+from icl_locate.tasks.metrics import PassAt1
 
 BASE = ["sweep", "--model", "tiny:llama", "--pairs", "fra-eng,eng-fra", "--conditions",
         "instructions+examples,examples", "--seeds", "0,1,2", "--ks", "1", "--n-test", "2",
@@ -159,7 +160,7 @@ def _bernoulli_curve(rng, p_by_layer, items=60, seeds=1):
                       for _ in range(seeds)])
     return Curve(key=dict(task="t", pair="", kind="mask", condition="instructions+examples", instructions=True, k=5,
                           n_test=items),
-                 layers=list(range(len(p_by_layer))), metric="pass@1", seeds=list(range(seeds)), item_stats=stats,
+                 layers=list(range(len(p_by_layer))), metric=PassAt1(), seeds=list(range(seeds)), item_stats=stats,
                  context_tokens=300.0, query_tokens=60.0)
 
 

@@ -17,7 +17,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from .errors import UserError
+from ..util.errors import UserError
 
 PARTS = ("instructions", "examples", "query")
 CharSpan = tuple[int, int]

@@ -9,23 +9,21 @@ from __future__ import annotations
 
 import base64
 import html
-import os
 from collections import defaultdict
 from pathlib import Path
 
+from ..util.errors import UserError
+from ..util.fileio import ensure_dir, write_atomic
 from .analysis import DEFAULT_FRACTION, analyse_curve, critical_layers, load_curves, savings
-from .errors import UserError
 
 
 def build_report(store, out_dir: Path, fmt: str = "html", fraction: float = DEFAULT_FRACTION,
                  n_boot: int = 1000) -> Path:
-    import matplotlib
+    import matplotlib  # lazy: plotting is only needed here, and its import costs about a second
 
     matplotlib.use("Agg")
-    from .lora import stored_lora_results
-
     curves = [analyse_curve(c, fraction, n_boot) for c in load_curves(store)]
-    lora = stored_lora_results(store)
+    lora = store.lora_results()
     pruning = store.pruning_results()
     if not curves and not lora and not pruning:
         raise UserError(f"store {store.path} holds no finished units yet")
@@ -33,15 +31,13 @@ def build_report(store, out_dir: Path, fmt: str = "html", fraction: float = DEFA
     model = runs[-1]["provenance"].get("model", {}) if runs else {}
     num_layers = model.get("num_layers") or max([max(c.layers) for c in curves] + [r["layer"] + 1 for r in lora]
                                                 + [p["num_layers"] for p in pruning])
-    out_dir.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out_dir)
     figures = _figures(curves, out_dir) + _lora_figures(lora, curves, out_dir)
     sections = dict(model=model, curves=curves, num_layers=num_layers, fraction=fraction, figures=figures,
                     runs=runs, pruning=_pruning_rows(pruning))
     text = _html(**sections) if fmt == "html" else _markdown(**sections)
     path = out_dir / ("report.html" if fmt == "html" else "report.md")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, text)
     return path
 
 
@@ -53,8 +49,8 @@ def _group(curves):
 
 
 def _figures(curves, out_dir: Path) -> list[tuple[str, Path]]:
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
+    import matplotlib.pyplot as plt  # lazy: see build_report
+    from matplotlib.ticker import MaxNLocator  # lazy: see build_report
 
     figures = []
     for (task, pair, kind, k), group in sorted(_group(curves).items()):
@@ -73,7 +69,7 @@ def _figures(curves, out_dir: Path) -> list[tuple[str, Path]]:
             ax.axhline(cs[0].baseline, color="black", ls="--", lw=1, label="baseline (no mask)")
             ax.set_xlabel("layer masked from" if kind == "mask" else "ablated layer")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.set_ylabel(cs[0].metric.upper() if cs[0].metric == "bleu" else "pass@1 (%)")
+            ax.set_ylabel(cs[0].metric.label)
             ax.set_title(f"{task} {pair} k={k} — {'with' if instr else 'without'} instructions", fontsize=10)
             ax.legend(fontsize=7)
             ax.grid(alpha=0.3)
@@ -88,7 +84,7 @@ def _figures(curves, out_dir: Path) -> list[tuple[str, Path]]:
 
 def _lora_figures(lora: list[dict], curves, out_dir: Path) -> list[tuple[str, Path]]:
     """BLEU of single-layer LoRA per layer, with the recognition layer of a masking sweep marked."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: see build_report
 
     figures = []
     for pair in sorted({r["pair"] for r in lora}):
@@ -118,7 +114,7 @@ def _rows(curves, num_layers, fraction):
         s = savings(c, num_layers)
         rows.append(dict(
             cell=f"{c.key['task']} {c.key['pair']}".strip(), what=c.label(), seeds=len(c.seeds),
-            items=c.item_stats.shape[2], metric=c.metric, baseline=c.baseline,
+            items=c.item_stats.shape[2], metric=c.metric.name, baseline=c.baseline,
             recognition="—" if c.recognition is None else
             f"{c.recognition} (95% CI {c.recognition_ci[0]:.0f}–{c.recognition_ci[1]:.0f})",
             critical=", ".join(map(str, critical_layers(c, fraction))) if c.key["kind"] == "ablation" else "—",
@@ -169,7 +165,7 @@ def _html(model, curves, num_layers, fraction, figures, runs, pruning) -> str:
         cells = "".join(f"<tr><td>{l}</td><td>{s:.2f}</td><td>{lo:.2f}–{hi:.2f}</td></tr>"
                         for l, s, (lo, hi) in zip(c.layers, c.score, c.ci))
         curves_html += (f"<details><summary>{html.escape(c.key['task'] + ' ' + c.key['pair'] + ': ' + c.label())}"
-                        f"</summary><table><tr><th>layer</th><th>{c.metric}</th><th>95% CI</th></tr>{cells}"
+                        f"</summary><table><tr><th>layer</th><th>{c.metric.name}</th><th>95% CI</th></tr>{cells}"
                         f"</table></details>")
     figs = ""
     for title, path in figures:
@@ -212,7 +208,7 @@ def _markdown(model, curves, num_layers, fraction, figures, runs, pruning) -> st
         lines += ["| " + " | ".join(r[k] for k, _ in PRUNING_HEADERS) + " |" for r in pruning]
     lines += ["", "## Figures", ""] + [f"![{title}]({path.name})" for title, path in figures]
     for c in curves:
-        lines += ["", f"### {c.key['task']} {c.key['pair']}: {c.label()}", "", f"| layer | {c.metric} | 95% CI |",
+        lines += ["", f"### {c.key['task']} {c.key['pair']}: {c.label()}", "", f"| layer | {c.metric.name} | 95% CI |",
                   "|---|---|---|"]
         lines += [f"| {l} | {s:.2f} | {lo:.2f}–{hi:.2f} |" for l, s, (lo, hi) in zip(c.layers, c.score, c.ci)]
     lines += ["", "## Provenance", "", "```", _provenance_text(runs[-1]["provenance"] if runs else {}, runs), "```"]

@@ -8,19 +8,32 @@ evaluated by greedy zero-shot decoding (no instructions, no examples) on devtest
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
-from .errors import UserError
-from .masking import attention_module, decoder_layers
+from ..core.conditions import MaskedPrompt
+from ..core.interventions import UNCHANGED
+from ..core.models import LoadedModel, load_model
+from ..core.prompts import EncodedPrompt, Example
+from ..core.structure import attention_module, decoder_layers
+from ..engines.base import Engine, StopRule
+from ..engines.sweep import SweepEngine
+from ..results.store import Store
+from ..tasks.data import data_dir_or_default, flores_bitext, parse_pair
+from ..tasks.metrics import translation_scores
+from ..util.errors import UserError
+from ..util.fileio import ensure_dir
+from .common import fingerprint
+from .settings import check_count, parse_layers
 
 OUT_PROJ_NAMES = ("o_proj", "out_proj", "dense", "c_proj")  # llama-likes, gpt_neo, bloom/gpt_neox, gpt2
 
@@ -58,7 +71,7 @@ def output_projection_name(model: nn.Module, layer: int) -> str:
 
 def attach_adapter(model: nn.Module, layer: int, settings: LoraSettings):
     """A PEFT model with one fresh LoRA adapter on ``layer``'s output projection (base weights frozen)."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model  # lazy: peft's import takes seconds and only LoRA needs it
 
     target = output_projection_name(model, layer)
     config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
@@ -150,36 +163,33 @@ def _load_adapter_state(peft_model, state: dict) -> None:
                 v.copy_(state[k])
 
 
-def zero_shot_items(tokenizer, test):
-    """Prompts ``Q:{src}\\nA:`` (no instructions, no examples) as encoded prompts for the engine."""
-    from .prompts import EncodedPrompt
-
+def zero_shot_prompts(tokenizer, test: Sequence[Example]) -> list[MaskedPrompt]:
+    """Prompts ``Q:{src}\\nA:`` (no instructions, no examples), nothing hidden."""
     items = []
     for ex in test:
         text = f"Q:{ex.source.strip()}\nA:"
         ids = tokenizer(text)["input_ids"]
         bos = 1 if ids and ids[0] == tokenizer.bos_token_id else 0
-        items.append(EncodedPrompt(text=text, ids=ids, spans={"bos": (0, bos) if bos else None, "instructions": None,
-                                                              "examples": None, "query": (bos, len(ids))}))
+        encoded = EncodedPrompt(text=text, ids=ids, spans={"bos": (0, bos) if bos else None, "instructions": None,
+                                                           "examples": None, "query": (bos, len(ids))})
+        items.append(MaskedPrompt.of(encoded, None))
     return items
 
 
-def evaluate_zero_shot(model, tokenizer, test, max_new_tokens: int = 50) -> tuple[float, list[str]]:
-    from .fast_engine import SweepEngine, Variant
-    from .metrics import translation_scores
-
-    encoded = zero_shot_items(tokenizer, test)
-    engine = SweepEngine(model, tokenizer)
-    gens = engine.generate(encoded, None, [Variant()], stop_strings=("\n", "Q:"), max_new_tokens=max_new_tokens)
-    texts = [gens[(i, Variant())].text.split("Q:")[0].strip() for i in range(len(encoded))]
-    return translation_scores(texts, [ex.target for ex in test]).bleu, texts
+ZERO_SHOT_STOP = StopRule(("\n", "Q:"), 50)
 
 
-def lora_sweep(loaded, data_dir: str | None, pair: str, layers: list[int], settings: LoraSettings, n_test: int | None,
-               out_dir: Path, store=None, run_id: int | None = None,
+def evaluate_zero_shot(engine: Engine, tokenizer, test: Sequence[Example], language: str = "en") -> tuple[float, list[str]]:
+    """Zero-shot BLEU of the model the engine runs (the adapter in place)."""
+    prompts = zero_shot_prompts(tokenizer, test)
+    gens = engine.generate(prompts, [UNCHANGED], ZERO_SHOT_STOP)
+    texts = [gens[(i, UNCHANGED)].text.split("Q:")[0].strip() for i in range(len(prompts))]
+    return translation_scores(texts, [ex.target for ex in test], language).bleu, texts
+
+
+def lora_sweep(loaded: LoadedModel, data_dir: str | None, pair: str, layers: list[int], settings: LoraSettings,
+               n_test: int | None, out_dir: Path, store: Store | None = None, run_id: int | None = None,
                log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> list[dict]:
-    from .data import data_dir_or_default, flores_bitext, parse_pair
-
     src, tgt = parse_pair(pair)
     root = data_dir_or_default(data_dir)
     dev = flores_bitext(root, src, tgt, "dev")
@@ -198,10 +208,9 @@ def lora_sweep(loaded, data_dir: str | None, pair: str, layers: list[int], setti
         raise UserError(f"--val-size must be in 1..197 (dev lines 801-997), got {settings.val_size}")
     val = encode_training_pairs(tok, dev[800:800 + settings.val_size])
     results = []
-    done = {r["layer"] for r in (_stored_lora(store, pair, settings, n_test) if store else [])}
     for layer in layers:
-        unit_id = _lora_unit_id(pair, layer, settings, n_test)
-        if layer in done:
+        unit_id = lora_unit_id(pair, layer, settings, n_test)
+        if store is not None and store.has_lora(unit_id):
             log(f"layer {layer}: already in the store, skipped")
             continue
         started = time.time()
@@ -210,7 +219,7 @@ def lora_sweep(loaded, data_dir: str | None, pair: str, layers: list[int], setti
             f"trainable parameters)")
         curve = train_adapter(peft_model, train, val, pad_id, settings, log)
         peft_model.eval()
-        bleu, _ = evaluate_zero_shot(peft_model, tok, test)
+        bleu, _ = evaluate_zero_shot(SweepEngine(peft_model, tok), tok, test, tgt.iso1 or "en")
         adapter_dir = out_dir / f"layer{layer:02d}"
         peft_model.save_pretrained(adapter_dir)
         result = dict(layer=layer, target=target, bleu=bleu, seconds=time.time() - started, curve=curve,
@@ -218,31 +227,62 @@ def lora_sweep(loaded, data_dir: str | None, pair: str, layers: list[int], setti
         results.append(result)
         log(f"layer {layer}: zero-shot BLEU {bleu:.2f} ({result['seconds']:.0f}s)")
         if store is not None:
-            with store.transaction():
-                store.db.execute("INSERT OR REPLACE INTO lora VALUES (?, ?, ?, ?, ?, ?)",
-                                 (unit_id, layer, "bleu", bleu, json.dumps(dict(curve, pair=pair, settings=asdict(
-                                     settings), n_test=n_test, target=target)), str(adapter_dir)))
+            store.add_lora(unit_id, layer, bleu, dict(curve, pair=pair, settings=asdict(settings), n_test=n_test,
+                                                      target=target), str(adapter_dir))
         peft_model.unload()  # back to the untouched base model for the next layer
     return results
 
 
-def _lora_unit_id(pair: str, layer: int, settings: LoraSettings, n_test) -> str:
-    import hashlib
-
+def lora_unit_id(pair: str, layer: int, settings: LoraSettings, n_test) -> str:
+    """Stable id of one (pair, layer, settings, test size): the store skips what it holds."""
     key = json.dumps(dict(pair=pair, layer=layer, settings=asdict(settings), n_test=n_test), sort_keys=True)
     return "lora-" + hashlib.sha1(key.encode()).hexdigest()[:12]
 
 
-def _stored_lora(store, pair: str, settings: LoraSettings, n_test) -> list[dict]:
-    out = []
-    for unit_id, layer, value, curve in store.db.execute("SELECT unit_id, layer, value, curve FROM lora"):
-        meta = json.loads(curve)
-        if meta.get("pair") == pair and meta.get("settings") == asdict(settings) and meta.get("n_test") == n_test:
-            out.append(dict(layer=layer, bleu=value))
-    return out
+@dataclass
+class LoraRun:
+    """``icl-locate lora-sweep``: which model, pair and layers, where results go."""
+
+    settings: LoraSettings
+    model: str = "gemma-3-270m"
+    pair: str = "fra-eng"
+    layers: str = "all"
+    n_test: int | None = None
+    out_dir: str = "runs/lora"
+    store: str | None = None
+    data_dir: str | None = None
+    dtype: str | None = None
+    device: str | None = None
 
 
-def stored_lora_results(store) -> list[dict]:
-    rows = store.db.execute("SELECT layer, value, curve FROM lora WHERE metric = 'bleu' ORDER BY layer")
-    return [dict(layer=l, bleu=v, **{k: json.loads(c).get(k) for k in ("pair", "n_test")}) for l, v, c in rows]
+def validate_lora(run: LoraRun) -> None:
+    """Settings checks that need neither data nor model."""
+    s = run.settings
+    if not 0 < s.train_size <= 800:
+        raise UserError(f"--train-size must be in 1..800 (dev lines 1-800 are the training pool), got {s.train_size}")
+    if not 0 < s.val_size <= 197:
+        raise UserError(f"--val-size must be in 1..197 (dev lines 801-997), got {s.val_size}")
+    check_count("--n-test", run.n_test)
+    for name in ("r", "batch_size", "micro_batch", "max_epochs", "patience"):
+        check_count(f"--{name.replace('_', '-')}", getattr(s, name))
+    parse_layers(run.layers)
+    parse_pair(run.pair)
 
+
+def run_lora_sweep(run: LoraRun, command: str) -> tuple[list[dict], Path]:
+    """Validate, load, train one adapter per layer into the store; returns the new results and the store path."""
+    validate_lora(run)
+    flores_bitext(data_dir_or_default(run.data_dir), *parse_pair(run.pair), "dev")  # data errors before the model
+    loaded = load_model(run.model, dtype=run.dtype, device=run.device)
+    n = loaded.info.num_layers
+    layers = list(range(n)) if run.layers == "all" else parse_layers(run.layers, n - 1)
+    out_dir = ensure_dir(run.out_dir)
+    store_path = Path(run.store) if run.store else out_dir / "study.sqlite"
+    store = Store.open(store_path, fingerprint(loaded), attach=store_path.exists())
+    try:
+        run_id = store.start_run(command, asdict(run.settings), {"model": loaded.info.as_dict()})
+        results = lora_sweep(loaded, run.data_dir, run.pair, layers, run.settings, run.n_test, out_dir / "adapters",
+                             store=store, run_id=run_id)
+    finally:
+        store.close()
+    return results, store_path

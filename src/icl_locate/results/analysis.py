@@ -15,7 +15,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .metrics import bleu_from_statistics
+from ..tasks.metrics import Metric
+from ..tasks.registry import get_task
 
 DEFAULT_FRACTION = 0.95
 CONTEXT_CONDITIONS = ("instructions+examples", "examples")  # masks after which the context could be dropped
@@ -49,9 +50,9 @@ class Curve:
 
     key: dict
     layers: list[int]
-    metric: str
+    metric: Metric
     seeds: list[int]
-    # per seed: per layer: per-item statistics (BLEU: 10 numbers; pass@1: 1)
+    # per seed: per layer: per-item statistics (the metric's sufficient statistics)
     item_stats: np.ndarray  # [seeds, layers, items, d]
     context_tokens: float = 0.0
     query_tokens: float = 0.0
@@ -70,11 +71,9 @@ class Curve:
         return f"{what} ({'instr' if k['instructions'] else 'no instr'}, k={k['k']})"
 
 
-def _corpus(metric: str, stats: np.ndarray) -> float:
-    """Corpus score of items ``stats`` [items, d]."""
-    if metric == "bleu":
-        return bleu_from_statistics(stats.sum(axis=0))
-    return 100.0 * float(stats[:, 0].mean())
+def item_stats(prediction: dict) -> list[float]:
+    """A stored prediction's sufficient statistics (stores written before pass@1 kept them: the item's score)."""
+    return json.loads(prediction["stats"]) if prediction["stats"] else [prediction["sentence_score"]]
 
 
 def load_curves(store) -> list[Curve]:
@@ -88,22 +87,21 @@ def load_curves(store) -> list[Curve]:
     for key_json, units in sorted(cells.items()):
         key = json.loads(key_json)
         units.sort(key=lambda u: u["spec"]["seed"])
-        per_seed, layers, metric = [], None, None
+        metric = get_task(key["task"]).metric
+        per_seed, layers = [], None
         for unit in units:
             preds = store.predictions(unit["unit_id"])
             unit_layers = sorted({p["layer"] for p in preds})
             layers = unit_layers if layers is None else sorted(set(layers) & set(unit_layers))
             per_seed.append(preds)
-        for preds in per_seed:
-            metric = "bleu" if preds[0]["stats"] else "pass@1"
         n_items = max(p["item"] for p in per_seed[0]) + 1
-        d = 10 if metric == "bleu" else 1
+        d = len(item_stats(per_seed[0][0]))
         arr = np.zeros((len(per_seed), len(layers), n_items, d))
         index = {layer: i for i, layer in enumerate(layers)}
         for s, preds in enumerate(per_seed):
             for p in preds:
                 if p["layer"] in index:
-                    arr[s, index[p["layer"]], p["item"]] = json.loads(p["stats"]) if d == 10 else [p["sentence_score"]]
+                    arr[s, index[p["layer"]], p["item"]] = item_stats(p)
         curve = Curve(key=key, layers=layers, metric=metric, seeds=[u["spec"]["seed"] for u in units], item_stats=arr,
                       context_tokens=float(np.mean([u["context_tokens"] for u in units])),
                       query_tokens=float(np.mean([u["query_tokens"] for u in units])))
@@ -114,7 +112,7 @@ def load_curves(store) -> list[Curve]:
 def analyse_curve(curve: Curve, fraction: float = DEFAULT_FRACTION, n_boot: int = 1000, seed: int = 0) -> Curve:
     """Fill in score per layer (mean over seeds), 95% bootstrap CIs, recognition layer and its CI."""
     S, L, N, _ = curve.item_stats.shape
-    curve.score = [float(np.mean([_corpus(curve.metric, curve.item_stats[s, l]) for s in range(S)]))
+    curve.score = [float(np.mean([curve.metric.aggregate(curve.item_stats[s, l]) for s in range(S)]))
                    for l in range(L)]
     rng = np.random.default_rng(seed)
     boot = np.zeros((n_boot, L))
@@ -123,7 +121,7 @@ def analyse_curve(curve: Curve, fraction: float = DEFAULT_FRACTION, n_boot: int 
         items = rng.integers(0, N, N)
         seeds = rng.integers(0, S, S)
         for l in range(L):
-            boot[b, l] = np.mean([_corpus(curve.metric, curve.item_stats[s, l, items]) for s in seeds])
+            boot[b, l] = np.mean([curve.metric.aggregate(curve.item_stats[s, l, items]) for s in seeds])
         recog[b] = recognition_layer(curve.layers, boot[b], boot[b, -1], fraction)
     curve.ci = [percentile_interval(boot[:, l]) for l in range(L)]
     if curve.key["kind"] == "mask":

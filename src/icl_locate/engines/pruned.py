@@ -16,8 +16,8 @@ Generations equal the reference engine's with the same range masked from layer r
 
 How it fits transformers: cache layers >= r hold fewer columns than the prompt has, but report
 the logical (unpruned) length, so positions and attention masks are built over prompt columns
-as usual; the attention wrapper in masking.py drops the pruned columns from the mask at those
-layers (``MaskPlan.pruned``). Architectures without ``AttentionInterface`` (GPT-Neo, Bloom)
+as usual; the attention wrapper in core/attention.py drops the pruned columns from the mask at those
+layers (``ColumnDrop``). Architectures without ``AttentionInterface`` (GPT-Neo, Bloom)
 are not supported.
 
 Each request is processed on its own, as a deployment without prefix caching would: a shared
@@ -28,19 +28,22 @@ pruning then only shortens attention.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
 from torch import nn
-
+from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from .engine import Generation, eos_ids, forward
-from .errors import UserError
-from .fast_engine import _PreallocatedLayer, _right_aligned, decode_batch
-from .masking import Condition, MaskPlan, decoder_layers, hidden_ranges, num_layers
+from ..core.attention import inline_attention
+from ..core.conditions import MaskedPrompt
+from ..core.interventions import ColumnDrop, PruneFrom, RowIntervention
+from ..core.structure import decoder_layers, num_layers, text_config
+from ..util.errors import UserError
+from .base import Generation, Progress, ResultKey, StopRule, eos_ids, forward
+from .decoding import PreallocatedLayer, decode_batch, right_aligned
 
 
 # --------------------------------------------------------------------------- what is pruned
@@ -58,9 +61,10 @@ class PruneSplit:
         return self.end - self.start
 
 
-def prune_split(condition: Condition, spans: dict, length: int) -> PruneSplit:
-    """Where ``condition`` cuts a prompt; one contiguous range that leaves the last token visible."""
-    ranges = hidden_ranges(condition, spans, length)
+def prune_split(prompt: MaskedPrompt) -> PruneSplit:
+    """Where the prompt's condition cuts it; one contiguous range that leaves the last token visible."""
+    ranges, length = prompt.hidden, len(prompt.ids)
+    condition = prompt.condition
     if not ranges:
         return PruneSplit(length - 1, length - 1, length)  # nothing to prune (e.g. the baseline)
     if len(ranges) > 1:
@@ -74,9 +78,7 @@ def prune_split(condition: Condition, spans: dict, length: int) -> PruneSplit:
 
 
 def check_supported(model: nn.Module) -> None:
-    from . import legacy
-
-    if legacy.adapter_for(model) is not None:
+    if inline_attention(model):
         raise UserError(f"context pruning needs a model that uses transformers' AttentionInterface; "
                         f"{model.config.model_type} computes attention inline")
 
@@ -148,13 +150,29 @@ class PrunedEngine:
         self.first_logits: dict[int, torch.Tensor] = {}  # item -> logits of its first new token (tests)
 
     @torch.no_grad()
-    def generate(self, encoded: Sequence, condition: Condition, from_layer: int, stop_strings: Sequence[str] = (),
-                 max_new_tokens: int = 50, progress: Callable[[int, int], None] | None = None) -> list[Generation]:
+    def generate(self, prompts: Sequence[MaskedPrompt], interventions: Sequence[RowIntervention], stop: StopRule,
+                 progress: Progress | None = None) -> dict[ResultKey, Generation]:
+        """Every prompt under every ``PruneFrom(r)``."""
+        out: dict[ResultKey, Generation] = {}
+        for row in interventions:
+            if not isinstance(row, PruneFrom):
+                raise ValueError(f"the pruned engine runs PruneFrom rows only, got {type(row).__name__}")
+            gens = self.generate_pruned(prompts, row.layer, stop,
+                                        None if progress is None else
+                                        (lambda done, total, base=len(out): progress(base + done,
+                                                                                    len(prompts) * len(interventions))))
+            out.update(((i, row), g) for i, g in enumerate(gens))
+        return out
+
+    @torch.no_grad()
+    def generate_pruned(self, prompts: Sequence[MaskedPrompt], from_layer: int, stop: StopRule,
+                        progress: Progress | None = None) -> list[Generation]:
+        """Every prompt with its hidden range pruned from ``from_layer``, in prompt order."""
         if not 0 <= from_layer <= self.n_layers:
             raise UserError(f"pruning layer must be in 0..{self.n_layers}, got {from_layer}")
-        splits = [prune_split(condition, enc.spans, len(enc.ids)) for enc in encoded]
+        splits = [prune_split(p) for p in prompts]
         # One batch holds rows with one pruned width, so every pruned layer's cache is rectangular.
-        order = sorted(range(len(encoded)), key=lambda i: (splits[i].width, i))
+        order = sorted(range(len(prompts)), key=lambda i: (splits[i].width, i))
         results: dict[int, Generation] = {}
         for lo in range(0, len(order), self.batch_size):
             chunk = order[lo:lo + self.batch_size]
@@ -163,20 +181,18 @@ class PrunedEngine:
                 groups.setdefault(splits[i].width, []).append(i)
             for rows in groups.values():
                 started = time.perf_counter()
-                prefilled = [self._prefill(encoded[i].ids, splits[i], from_layer) for i in rows]
+                prefilled = [self._prefill(prompts[i].ids, splits[i], from_layer) for i in rows]
                 self.stats["seconds_prefill"] += time.perf_counter() - started
                 started = time.perf_counter()
-                gens = self._decode(prefilled, from_layer, stop_strings, max_new_tokens, rows)
+                gens = self._decode(prefilled, from_layer, stop, rows)
                 self.stats["seconds_decode"] += time.perf_counter() - started
                 results.update(zip(rows, gens))
             if progress is not None:
-                progress(len(results), len(encoded))
-        return [results[i] for i in range(len(encoded))]
+                progress(len(results), len(prompts))
+        return [results[i] for i in range(len(prompts))]
 
     def _prefill(self, ids: Sequence[int], split: PruneSplit, r: int) -> _Prefilled:
         """Head through every layer, pruned range below r, tail (but its last token) through every layer."""
-        from transformers import DynamicCache
-
         cache = DynamicCache()
         cache.layers = [_LogicalLayer() for _ in range(self.n_layers)]
         ids_t = torch.tensor([list(ids)], device=self.device)
@@ -192,21 +208,20 @@ class PrunedEngine:
         if pruned:
             for layer in cache.layers[r:]:
                 layer.dropped = split.width
-        plan = MaskPlan.pruned([(split.start, split.end)], r, self.n_layers) if pruned else None
+        drop = ColumnDrop.from_layer([(split.start, split.end)], r, self.n_layers) if pruned else None
         if split.end < split.length - 1:
-            self._forward(ids_t[:, split.end:-1], cache, plan, self.n_layers)
+            self._forward(ids_t[:, split.end:-1], cache, drop, self.n_layers)
         kv = [(layer.keys, layer.values) if layer.is_initialized else (None, None) for layer in cache.layers]
         return _Prefilled(kv=kv, split=split, last_token=int(ids[-1]))
 
-    def _forward(self, ids: torch.Tensor, cache, plan: MaskPlan | None, layers_run: int) -> None:
+    def _forward(self, ids: torch.Tensor, cache, drop: ColumnDrop | None, layers_run: int) -> None:
         # Counted first: a forward stopped before layer r ends in an exception.
         self.stats["token_layers"] += ids.numel() * layers_run
-        forward(self.model, ids, cache=cache, plan=plan, last_only=True)
+        forward(self.model, ids, cache=cache, interventions=(drop,), last_only=True)
 
-    def _decode(self, rows: list[_Prefilled], r: int, stop_strings, max_new_tokens, items: list[int]) -> list[Generation]:
+    def _decode(self, rows: list[_Prefilled], r: int, stop: StopRule, items: list[int]) -> list[Generation]:
         """Stack the rows' caches right-aligned (left padding) and decode them together."""
-        from transformers import DynamicCache
-
+        max_new_tokens = stop.max_new_tokens
         width = rows[0].split.width if r < self.n_layers else 0
         cached = [row.split.length - 1 for row in rows]  # logical columns already in each row's cache
         w = max(cached)
@@ -223,26 +238,26 @@ class PrunedEngine:
             values = [row.kv[layer][1] if row.kv[layer][1] is not None else empty for row in rows]
             kept = [c - dropped for c in cached]
             capacity = w - dropped + max_new_tokens
-            cache.layers.append(_PreallocatedLayer(_right_aligned(keys, kept, w - dropped, capacity),
-                                                   _right_aligned(values, kept, w - dropped, capacity),
+            cache.layers.append(PreallocatedLayer(right_aligned(keys, kept, w - dropped, capacity),
+                                                   right_aligned(values, kept, w - dropped, capacity),
                                                    w - dropped, dropped=dropped))
         kv_bytes = sum(layer.buf_k.nbytes + layer.buf_v.nbytes for layer in cache.layers)
         self.stats["kv_bytes_peak"] = max(self.stats["kv_bytes_peak"], kv_bytes)
         mask = torch.ones(len(rows), w + 1, dtype=torch.long)
         for b, pad in enumerate(pads):
             mask[b, :pad] = 0
-        plan = None
+        drop = None
         if width and r < self.n_layers:
-            plan = MaskPlan.pruned([(pad + row.split.start, pad + row.split.end) for pad, row in zip(pads, rows)],
-                                   r, self.n_layers)
+            drop = ColumnDrop.from_layer([(pad + row.split.start, pad + row.split.end) for pad, row in zip(pads, rows)],
+                                         r, self.n_layers)
         step_input = torch.tensor([[row.last_token] for row in rows], device=self.device)
         before = self.stats["tokens_forwarded"]
 
         def keep(logits: torch.Tensor) -> None:
             self.first_logits.update(zip(items, logits.float().cpu()))
 
-        gens = decode_batch(self.model, self.tokenizer, self.eos, cache, step_input, mask.to(self.device), plan,
-                            stop_strings, max_new_tokens, self.stats, first_logits=keep if self.keep_first_logits else None)
+        gens = decode_batch(self.model, self.tokenizer, self.eos, cache, step_input, mask.to(self.device), (drop,),
+                            stop, self.stats, first_logits=keep if self.keep_first_logits else None)
         self.stats["token_layers"] += (self.stats["tokens_forwarded"] - before) * self.n_layers
         return gens
 
@@ -260,7 +275,7 @@ class ModelDims:
 
     @classmethod
     def of(cls, model: nn.Module) -> "ModelDims":
-        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        config = text_config(model)
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         layer_types = getattr(config, "layer_types", None) or ["full_attention"] * num_layers(model)
@@ -301,120 +316,3 @@ def request_flops(dims: ModelDims, split: PruneSplit, fed_after_prompt: int, fro
 def paper_savings(num_layers_: int, from_layer: int, k: int) -> float:
     """The paper's estimate: (L - r) / L x k / (k + 1)."""
     return (num_layers_ - from_layer) / num_layers_ * k / (k + 1)
-
-
-# --------------------------------------------------------------------------- measurement
-
-@dataclass
-class PruneResult:
-    data: dict = field(default_factory=dict)
-
-    def table(self) -> str:
-        d = self.data
-        full, pr = d["full"], d["pruned"]
-
-        def saved(a, b):
-            return f"{100 * (1 - b / a):6.1f}%" if a else "   n/a"
-
-        rows = [
-            ("analytic GFLOP, prompts", full["gflop_prompt"], pr["gflop_prompt"]),
-            ("analytic GFLOP, prompts + decoding", full["gflop_total"], pr["gflop_total"]),
-            ("seconds, prompt processing", full["seconds_prefill"], pr["seconds_prefill"]),
-            ("seconds, decoding", full["seconds_decode"], pr["seconds_decode"]),
-            ("seconds, total", full["seconds"], pr["seconds"]),
-            ("KV cache MB, largest batch", full["kv_mb_peak"], pr["kv_mb_peak"]),
-            ("peak memory MB (" + d["memory_kind"] + ")", full["peak_memory_mb"], pr["peak_memory_mb"]),
-        ]
-        lines = [f"context-pruned inference: {d['condition']} processed up to layer r={d['from_layer']} of "
-                 f"{d['num_layers']}; {d['sentences']} requests, batch {d['batch_size']}, {d['device']} {d['dtype']}",
-                 f"{'':<38} {'full':>10} {'pruned':>10} {'saved':>8}"]
-        for name, a, b in rows:
-            lines.append(f"{name:<38} {a:10.2f} {b:10.2f} {saved(a, b):>8}")
-        lines.append(f"{d['metric']:<38} {full['score']:10.2f} {pr['score']:10.2f} "
-                     f"(kept {100 * d['quality_kept']:.1f}%)")
-        lines.append(f"memory at the start of each run: {full['memory_at_start_mb']:.0f} / {pr['memory_at_start_mb']:.0f} MB "
-                     "(the model and whatever the process held before)")
-        lines.append(f"paper's estimate (L-r)/L x k/(k+1): {100 * d['paper_estimate']:.1f}% of prompt compute")
-        if d.get("identical_to_masked") is not None:
-            lines.append(f"pruned == masked-from-r sweep engine: {d['identical_to_masked']}/{d['sentences']} generations")
-        return "\n".join(lines)
-
-
-def measure_pruning(loaded, task, items, condition: Condition, from_layer: int, k: int,
-                    score: Callable[[list[str]], float], batch_size: int = 8, check_masked: bool = True,
-                    log=lambda msg: None) -> PruneResult:
-    """Full processing vs context pruned at ``from_layer`` on the same requests: FLOPs, time, memory, quality.
-
-    ``score`` maps the post-processed answers (in item order) to the task's metric.
-    """
-    from .bench import current_rss_mb, peak_rss_mb, reset_peak_rss
-    from .fast_engine import SweepEngine, Variant
-    from .tasks import post_process
-
-    model, tok = loaded.model, loaded.tokenizer
-    n_layers = loaded.info.num_layers
-    encoded = [it.encoded for it in items]
-    dims = ModelDims.of(model)
-    cuda = str(loaded.info.device).startswith("cuda")
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-
-    # Warm-up: one request each way, so that lazy initialisation is not timed.
-    PrunedEngine(model, tok, batch_size).generate(encoded[:1], condition, from_layer, task.stop_strings, 2)
-    PrunedEngine(model, tok, batch_size).generate(encoded[:1], condition, n_layers, task.stop_strings, 2)
-
-    runs = {}
-    for name, r in (("full", n_layers), ("pruned", from_layer)):
-        log(f"running {name} (context through {r} of {n_layers} layers) ...")
-        engine = PrunedEngine(model, tok, batch_size)
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        reset_peak_rss()
-        at_start = torch.cuda.memory_allocated() / 2 ** 20 if cuda else current_rss_mb()
-        sync()
-        started = time.perf_counter()
-        gens = engine.generate(encoded, condition, r, task.stop_strings, task.max_new_tokens)
-        sync()
-        seconds = time.perf_counter() - started
-        peak = torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else peak_rss_mb()
-        flops = [request_flops(dims, prune_split(condition, e.spans, len(e.ids)), _fed_back(g), r)
-                 for e, g in zip(encoded, gens)]
-        runs[name] = dict(
-            from_layer=r, seconds=seconds, seconds_prefill=engine.stats["seconds_prefill"],
-            seconds_decode=engine.stats["seconds_decode"], kv_mb_peak=engine.stats["kv_bytes_peak"] / 2 ** 20,
-            peak_memory_mb=peak if peak is not None else float("nan"),
-            memory_at_start_mb=at_start if at_start is not None else float("nan"),
-            gflop_prompt=sum(f["prompt"] for f in flops) / 1e9,
-            gflop_total=sum(f["prompt"] + f["decode"] for f in flops) / 1e9,
-            token_layers=engine.stats["token_layers"],
-            score=score([post_process(task, g.text) for g in gens]), generations=[g.text for g in gens],
-            token_ids=[g.token_ids for g in gens])
-        log(f"  {seconds:.1f}s")
-
-    identical = None
-    if check_masked:
-        log("checking against the sweep engine masking the same range from r ...")
-        fast = SweepEngine(model, tok).generate(encoded, condition, [Variant(from_layer=from_layer)],
-                                                stop_strings=task.stop_strings, max_new_tokens=task.max_new_tokens)
-        identical = sum(fast[(i, Variant(from_layer=from_layer))].token_ids == ids
-                        for i, ids in enumerate(runs["pruned"]["token_ids"]))
-    full, pruned = runs["full"], runs["pruned"]
-    data = dict(
-        model=loaded.info.spec, device=loaded.info.device, dtype=loaded.info.dtype, condition=condition.name,
-        from_layer=from_layer, num_layers=n_layers, k=k, sentences=len(items), batch_size=batch_size,
-        metric=task.metric, memory_kind="GPU allocated" if cuda else "process RSS",
-        full=full, pruned=pruned,
-        flops_saved_prompt=1 - pruned["gflop_prompt"] / full["gflop_prompt"],
-        flops_saved_total=1 - pruned["gflop_total"] / full["gflop_total"],
-        time_saved_prefill=1 - pruned["seconds_prefill"] / full["seconds_prefill"],
-        time_saved_total=1 - pruned["seconds"] / full["seconds"],
-        kv_saved=1 - pruned["kv_mb_peak"] / full["kv_mb_peak"],
-        quality_kept=pruned["score"] / full["score"] if full["score"] else float("nan"),
-        paper_estimate=paper_savings(n_layers, from_layer, k),
-        identical_to_masked=identical, threads=torch.get_num_threads())
-    return PruneResult(data)
-
-
-def _fed_back(gen: Generation) -> int:
-    """Generated tokens that went back into the model: all produced tokens but the last."""
-    produced = len(gen.token_ids) + (gen.finish == "eos")
-    return max(0, produced - 1)

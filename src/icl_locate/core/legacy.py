@@ -16,7 +16,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .masking import active_plan, attention_module, hide_columns
+from .interventions import active
+from .structure import attention_module
 
 
 @dataclass(frozen=True)
@@ -36,15 +37,14 @@ class LegacyAdapter:
     def _pre_hook(self, layer_idx: int):
         def hook(module, args, kwargs):
             module._icl_dead = None
-            plan = active_plan()
-            if plan is None or not plan.masks_layer(layer_idx):
+            mask_plan = active().mask
+            if mask_plan is None or not mask_plan.applies_to(layer_idx):
                 return None
             in_kwargs = "attention_mask" in kwargs
             mask = kwargs["attention_mask"] if in_kwargs else args[self.mask_arg_index]
             if mask is None:
                 raise RuntimeError(f"{type(module).__name__} received no attention mask at a masked layer")
-            hidden = plan.hidden_columns(mask.shape[-1], mask.device, layer_idx)
-            mask, module._icl_dead = hide_columns(mask, hidden)
+            mask, module._icl_dead = mask_plan.apply(mask, layer_idx)
             if in_kwargs:
                 kwargs["attention_mask"] = mask
             else:

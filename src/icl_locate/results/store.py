@@ -1,10 +1,16 @@
-"""The results store: one SQLite file per study (one model).
+"""The results store: one SQLite file per study (one model); every table is read and written here.
 
 Every prediction is kept (prompt token ids, hidden ranges, generation, reference, sentence
 scores) with the run's provenance. A work unit commits in one transaction, so a killed sweep
 leaves either the whole unit or nothing; rerunning skips finished units. Concurrent sweeps on
 one store are safe: SQLite's WAL mode serialises writers, a unit is committed only if no one
 committed it first, and live claims keep two processes from computing the same unit.
+
+Study identity (one rule, ``Store.open``): a store is fixed at creation to a fingerprint (the
+model, its source, its dtype, the sweep's token limit). A sweep must match it exactly, since its
+rows are only comparable under the same settings; an extra measurement attached to a study
+(context pruning, LoRA) must match the model identity (``MODEL_IDENTITY``), and records its own
+settings beside its result.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from .errors import UserError
+from ..util.errors import UserError
 
 SCHEMA_VERSION = 1
 
@@ -48,8 +54,30 @@ CREATE TABLE IF NOT EXISTS pruning (
 """
 
 
+MODEL_IDENTITY = ("model", "model_source", "dtype")
+
+
+def study_fingerprint(spec: str, source: str, dtype: str, max_new_tokens: int | None = None) -> dict:
+    """What a study store is fixed to at creation: the model, its dtype, the sweep's token limit."""
+    return dict(model=spec, model_source=Path(source).name, dtype=dtype, max_new_tokens=max_new_tokens)
+
+
 class Store:
     """A study's SQLite store. ``fingerprint`` (model identity, engine settings) is fixed at creation."""
+
+    @classmethod
+    def open(cls, path: str | Path, fingerprint: dict, attach: bool = False) -> "Store":
+        """The study store at ``path`` for ``fingerprint``: created (or resumed) by a sweep; with ``attach``
+        it must exist already and only the model identity must match (extra measurements)."""
+        if not attach:
+            return cls(path, fingerprint)
+        store = cls(path, create=False)
+        stored = json.loads(store.meta("fingerprint") or "{}")
+        for key in MODEL_IDENTITY:
+            if key in stored and stored[key] != fingerprint.get(key):
+                store.close()
+                raise UserError(f"store {path} holds {key} {stored[key]!r}, this run uses {fingerprint.get(key)!r}")
+        return store
 
     def __init__(self, path: str | Path, fingerprint: dict | None = None, create: bool = True):
         self.path = Path(path).expanduser()
@@ -181,8 +209,29 @@ class Store:
         rows = self.db.execute("SELECT task, pair, data FROM pruning ORDER BY measured")
         return [dict(json.loads(d), task=t, pair=p) for t, p, d in rows]
 
+    def has_lora(self, unit_id: str) -> bool:
+        return self.db.execute("SELECT 1 FROM lora WHERE unit_id = ?", (unit_id,)).fetchone() is not None
+
+    def add_lora(self, unit_id: str, layer: int, bleu: float, curve: dict, adapter_path: str) -> None:
+        """One single-layer LoRA result (its settings inside ``curve``); a rerun of the same unit replaces it."""
+        with self.transaction():
+            self.db.execute("INSERT OR REPLACE INTO lora VALUES (?, ?, ?, ?, ?, ?)",
+                            (unit_id, layer, "bleu", bleu, json.dumps(curve), adapter_path))
+
+    def lora_results(self) -> list[dict]:
+        """Every LoRA result: layer, bleu, pair, n_test, the training curve and settings."""
+        rows = self.db.execute("SELECT unit_id, layer, value, curve, adapter_path FROM lora WHERE metric = 'bleu' "
+                               "ORDER BY layer")
+        return [dict(json.loads(c), unit_id=u, layer=l, bleu=v, adapter=a) for u, l, v, c, a in rows]
+
     def close(self) -> None:
         self.db.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _alive(pid: int) -> bool:

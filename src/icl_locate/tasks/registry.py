@@ -1,7 +1,8 @@
 """The task registry. A task = prompt bank + test set + prompt format + stop rule + metric.
 
 Adding a task is one ``Task(...)`` entry in ``TASKS`` with a loader function that returns a
-``TaskData`` (compare lm-evaluation-harness's declarative tasks).
+``TaskData`` (compare lm-evaluation-harness's declarative tasks); its metric is an object from
+``metrics.py``.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .data import data_dir_or_default, flores_bitext, flores_file, humaneval_problems, mbpp_problems, parse_pair
-from .errors import UserError
-from .prompts import FORMATS, EncodedPrompt, Example, Prompt, PromptFormat, build_prompt, encode_prompt, \
+from ..core.prompts import FORMATS, EncodedPrompt, Example, Prompt, PromptFormat, build_prompt, encode_prompt, \
     render_header, sample_examples
+from ..util.errors import UserError
+from .data import data_dir_or_default, flores_bitext, flores_file, humaneval_problems, mbpp_problems, parse_pair
+from .metrics import Bleu, Metric, PassAt1
 
 
 @dataclass
@@ -35,6 +37,7 @@ class TaskData:
     problems: dict[str, dict] = field(default_factory=dict)  # code tasks: id -> HumanEval problem
     files: list[Path] = field(default_factory=list)  # data files read (provenance)
     label: str = ""  # e.g. "fra-eng"
+    language: str = ""  # ISO 639-1 code of the answers' language (BLEU's sentence splitting); "" = unknown
 
 
 @dataclass(frozen=True)
@@ -42,7 +45,7 @@ class Task:
     name: str
     description: str
     format: str  # key of prompts.FORMATS
-    metric: str  # "bleu" or "pass@1"
+    metric: Metric
     stop_strings: tuple[str, ...]  # decoding stops once the continuation contains one
     cut_strings: tuple[str, ...]  # post-processing: the answer ends before the first of these
     max_new_tokens: int
@@ -70,7 +73,7 @@ def load_flores(opts: TaskOptions) -> TaskData:
     lo, hi = FLORES_BANK_LINES
     files = [flores_file(data_dir, lang, split) for split in ("dev", "devtest") for lang in (src, tgt)]
     return TaskData(bank=dev[lo - 1:hi], test=devtest, l1=src.name, l2=tgt.name, files=files,
-                    label=f"{src.flores200}-{tgt.flores200}")
+                    label=f"{src.flores200}-{tgt.flores200}", language=tgt.iso1)
 
 
 def humaneval_query(prompt: str) -> str:
@@ -131,13 +134,13 @@ TASKS: dict[str, Task] = {
     t.name: t
     for t in (
         Task("flores", "FLORES-200 translation (--pair fra-eng); examples from dev 801-997, test on devtest",
-             format="instr_machine_translation", metric="bleu", stop_strings=("\n",), cut_strings=("Q:",),
+             format="instr_machine_translation", metric=Bleu(), stop_strings=("\n",), cut_strings=("Q:",),
              max_new_tokens=50, load=load_flores, needs_pair=True),
         Task("humaneval", "HumanEval code generation prompted with MBPP 801-974 examples; pass@1",
-             format="instr_code_gen", metric="pass@1", stop_strings=("\nQ:",), cut_strings=("Q:",),
+             format="instr_code_gen", metric=PassAt1(), stop_strings=("\nQ:",), cut_strings=("Q:",),
              max_new_tokens=256, load=load_code),
         Task("bitext", "your own (source, target) pairs: --bank FILE --test FILE (JSONL or TSV)",
-             format="instr_none_QA", metric="bleu", stop_strings=("\nQ:",), cut_strings=("Q:",),
+             format="instr_none_QA", metric=Bleu(), stop_strings=("\nQ:",), cut_strings=("Q:",),
              max_new_tokens=100, load=load_bitext),
     )
 }

@@ -1,0 +1,161 @@
+"""The command line's arguments: one subparser per command. ``cli.py`` turns them into settings."""
+
+from __future__ import annotations
+
+import argparse
+
+from .experiments.settings import PRESETS
+from .util.errors import UserError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line and exit code 2."""
+
+    def error(self, message: str):
+        raise UserError(f"{self.prog}: {message}")
+
+
+def _add_data_and_device_options(parser: argparse.ArgumentParser) -> None:
+    """--data-dir, --dtype, --device: the same for every command that loads a model and data."""
+    parser.add_argument("--data-dir", default=None, help="data directory (default $ICL_LOCATE_DATA_DIR)")
+    parser.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: fp32 CPU, bf16 GPU)")
+    parser.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="icl-locate", description="Find where in-context learning happens inside a decoder LLM.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    run = sub.add_parser("run", help="decode a test set under one masking condition and layer; score it")
+    run.add_argument("--model", default="gemma-3-270m", help="alias, hub id, local dir, .gguf file or tiny:<family>")
+    run.add_argument("--task", default=None, help="task name (see `icl-locate tasks`); default flores")
+    run.add_argument("--pair", help="translation direction, e.g. fra-eng, fr-en, fra_Latn-eng_Latn")
+    run.add_argument("--bank", help="bitext task: prompt-bank file (JSONL/TSV)")
+    run.add_argument("--test", help="bitext task: test file (JSONL/TSV)")
+    run.add_argument("--condition", default="baseline", help="masking condition (see `icl-locate conditions`)")
+    run.add_argument("--from-layer", type=int, default=None,
+                     help="mask in every layer >= this one; = number of layers masks nothing")
+    run.add_argument("--k", type=int, default=5, help="number of in-context examples (default 5)")
+    run.add_argument("--seed", type=int, default=0, help="seed for sampling the examples")
+    run.add_argument("--n-test", type=int, default=None, help="use the first N test items")
+    run.add_argument("--no-instructions", action="store_true", help="drop the instruction header")
+    run.add_argument("--per-query-examples", action="store_true", help="sample new examples for every query")
+    run.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's (50 for MT)")
+    run.add_argument("--out", help="write one JSON line per prediction here")
+    _add_data_and_device_options(run)
+    run.add_argument("--workers", type=int, default=2, help="code tasks: sandbox workers")
+    run.add_argument("--timeout", type=float, default=3.0, help="code tasks: seconds per sample")
+    run.set_defaults(command_name="run")
+
+    bench = sub.add_parser("bench", help="time the paper's sweep method against the fast engine")
+    bench.add_argument("--model", default="gemma-3-270m")
+    bench.add_argument("--task", default="flores")
+    bench.add_argument("--pair", default="fra-eng")
+    bench.add_argument("--condition", default="instructions+examples")
+    bench.add_argument("--layers", default="all", help="'all' (0..L) or a comma list")
+    bench.add_argument("--n-test", type=int, default=8)
+    bench.add_argument("--k", type=int, default=5)
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--batch-size", type=int, default=None, help="fast engine rows per batch (default: auto)")
+    bench.add_argument("--skip-paper", action="store_true", help="skip (a), the slowest")
+    bench.add_argument("--require-identical", type=float, default=None,
+                       help="exit 1 if fewer (sentence, layer) pairs than this fraction match (b)")
+    bench.add_argument("--json", help="write the measurements here")
+    _add_data_and_device_options(bench)
+    bench.set_defaults(command_name="bench")
+
+    pr = sub.add_parser("prune", help="context-pruned inference: time, memory, FLOPs and quality vs full processing")
+    pr.add_argument("--model", default="gemma-3-270m")
+    pr.add_argument("--task", default="flores")
+    pr.add_argument("--pair", default="fra-eng")
+    pr.add_argument("--condition", default="instructions+examples", help="the context range to prune")
+    pr.add_argument("--layer", type=int, required=True, help="r: the context is processed in layers < r only")
+    pr.add_argument("--n-test", type=int, default=16)
+    pr.add_argument("--k", type=int, default=5)
+    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--per-query-examples", action="store_true", help="sample new examples for every query")
+    pr.add_argument("--batch-size", type=int, default=8, help="requests decoded together")
+    pr.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's (50 for MT)")
+    pr.add_argument("--no-check", action="store_true", help="skip the check against masking from r")
+    pr.add_argument("--json", help="write the measurements here")
+    pr.add_argument("--store", help="also keep the measurement in this study store (shown by `report`)")
+    _add_data_and_device_options(pr)
+    pr.set_defaults(command_name="prune")
+
+    sc = sub.add_parser("score-code", help="run HumanEval completions in the sandbox; print pass@1")
+    sc.add_argument("--samples", required=True, help='JSONL lines {"task_id": ..., "completion": ...}')
+    sc.add_argument("--out", help="per-sample results (default: <samples>_results.jsonl)")
+    sc.add_argument("--workers", type=int, default=2)
+    sc.add_argument("--timeout", type=float, default=3.0)
+    sc.set_defaults(command_name="score-code")
+
+    sub.add_parser("tasks", help="list the registered tasks").set_defaults(command_name="tasks")
+    sub.add_parser("conditions", help="list the masking conditions").set_defaults(command_name="conditions")
+    sub.add_parser("models", help="list model aliases").set_defaults(command_name="models")
+
+    data = sub.add_parser("data", help="datasets")
+    data_sub = data.add_subparsers(dest="data_command", required=True, parser_class=Parser)
+    fetch = data_sub.add_parser("fetch", help="download a public dataset (needs internet)")
+    fetch.add_argument("dataset", help="flores")
+    fetch.add_argument("--data-dir", help="where to put it (default $ICL_LOCATE_DATA_DIR or the XDG data dir)")
+    fetch.add_argument("--sha256", help="expected sha256 of the archive")
+    fetch.set_defaults(command_name="data-fetch")
+
+    sw = sub.add_parser("sweep", help="run a grid of conditions x layers x seeds into a results store")
+    sw.add_argument("--store", required=True, help="SQLite results file (created if missing; reruns resume)")
+    sw.add_argument("--preset", help=", ".join(PRESETS))
+    sw.add_argument("--config", help="experiment YAML (keys as SweepConfig)")
+    sw.add_argument("--model", default=None)
+    sw.add_argument("--task", default=None)
+    sw.add_argument("--pairs", help="comma list, e.g. fra-eng,eng-fra")
+    sw.add_argument("--conditions", help="comma list of masking conditions")
+    sw.add_argument("--instructions", choices=["yes", "no", "both"], default=None)
+    sw.add_argument("--seeds", help="comma list")
+    sw.add_argument("--ks", help="comma list of example counts")
+    sw.add_argument("--layers", default=None, help="'all' or a comma list")
+    sw.add_argument("--layer-ablation", action="store_true", help="also ablate each layer's attention")
+    sw.add_argument("--n-test", type=int, default=None)
+    sw.add_argument("--max-new-tokens", type=int, default=None)
+    sw.add_argument("--batch-size", type=int, default=None)
+    _add_data_and_device_options(sw)
+    sw.add_argument("--dry-run", action="store_true", help="print the planned units and exit")
+    sw.set_defaults(command_name="sweep")
+
+    rep = sub.add_parser("report", help="figures and an HTML/Markdown report from a results store")
+    rep.add_argument("store")
+    rep.add_argument("--out-dir", default=None, help="default: <store>_report/")
+    rep.add_argument("--format", choices=["html", "md"], default="html")
+    rep.add_argument("--fraction", type=float, default=0.95, help="recognition threshold (share of baseline)")
+    rep.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates")
+    rep.set_defaults(command_name="report")
+
+    lo = sub.add_parser("lora-sweep", help="train a LoRA adapter on one layer at a time; zero-shot BLEU per layer")
+    lo.add_argument("--model", default="gemma-3-270m")
+    lo.add_argument("--pair", default="fra-eng")
+    lo.add_argument("--layers", default="all", help="'all' or a comma list")
+    lo.add_argument("--train-size", type=int, default=800)
+    lo.add_argument("--val-size", type=int, default=197, help="validation pairs from dev 801-997")
+    lo.add_argument("--epochs", type=int, default=100, help="maximum epochs (early stopping usually ends sooner)")
+    lo.add_argument("--patience", type=int, default=5)
+    lo.add_argument("--threshold", type=float, default=0.01)
+    lo.add_argument("--r", type=int, default=8)
+    lo.add_argument("--alpha", type=int, default=32)
+    lo.add_argument("--dropout", type=float, default=0.05)
+    lo.add_argument("--lr", type=float, default=1e-4)
+    lo.add_argument("--batch-size", type=int, default=32)
+    lo.add_argument("--micro-batch", type=int, default=8)
+    lo.add_argument("--seed", type=int, default=0)
+    lo.add_argument("--n-test", type=int, default=None)
+    lo.add_argument("--out-dir", default="runs/lora")
+    lo.add_argument("--store", default=None, help="results store (default <out-dir>/study.sqlite)")
+    _add_data_and_device_options(lo)
+    lo.set_defaults(command_name="lora-sweep")
+
+    demo = sub.add_parser("demo", help="the main job: a small real study on the embedded model")
+    demo.add_argument("--out-dir", default="runs/demo")
+    demo.add_argument("--n-test", type=int, default=16)
+    demo.add_argument("--data-dir", default=None)
+    demo.set_defaults(command_name="demo")
+    return p
+
+

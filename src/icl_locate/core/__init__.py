@@ -1,0 +1,1 @@
+"""The science core: prompts, masking conditions, interventions, the attention hooks, models."""

@@ -1,0 +1,135 @@
+"""The attention hooks: where interventions meet the model.
+
+* Models that dispatch attention through transformers' ``AttentionInterface`` (llama, gemma3,
+  qwen2, starcoder2, mistral, gpt2, gpt_neox, ...) are switched to our implementation names
+  ``icl_sdpa`` / ``icl_eager``. Those wrap the stock function and, at a layer where the active
+  ``ColumnMask`` applies (looked up by ``module.layer_idx``), remove the hidden columns from the
+  attention mask; where a ``ColumnDrop`` applies, they drop the pruned columns from it. A mask
+  function of the same name is registered in ``AttentionMaskInterface`` that always
+  materialises the mask: SDPA's "no mask needed, use is_causal" shortcut would otherwise hand
+  us ``None`` and the hiding would be silently lost.
+* GPT-Neo and Bloom compute attention inline: ``legacy.py`` covers them with module hooks.
+* ``AttentionAblation`` is a forward hook on every attention sublayer, for every family.
+
+A position whose every visible column is hidden (a hidden token at the very start of a prompt
+without BOS) attends to nothing: its attention output is zero. Nothing visible ever reads that
+position at a masked layer, so this only keeps it free of NaNs.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers import masking_utils
+from transformers.masking_utils import AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from . import legacy
+from .interventions import PREPARED_FLAG, active, zero_dead_rows
+from .structure import attention_module, decoder_layers
+
+IMPLEMENTATIONS = {"sdpa": "icl_sdpa", "eager": "icl_eager"}
+
+
+def _stock_attention(module: nn.Module, base: str) -> Callable:
+    """The function the model would use for ``base``: its own eager, or transformers' SDPA."""
+    if base == "eager":
+        modeling = sys.modules[type(module).__module__]
+        fn = getattr(modeling, "eager_attention_forward", None)
+        if fn is None:
+            raise RuntimeError(f"{type(module).__name__} has no module-level eager_attention_forward")
+        return fn
+    return ALL_ATTENTION_FUNCTIONS["sdpa"]
+
+
+def _make_attention(base: str) -> Callable:
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        stock = _stock_attention(module, base)
+        state = active()
+        layer = getattr(module, "layer_idx", None)
+        drop = state.drop is not None and state.drop.applies_to(layer)
+        mask = state.mask is not None and state.mask.applies_to(layer)
+        if not (drop or mask):
+            return stock(module, query, key, value, attention_mask, **kwargs)
+        if attention_mask is None:  # never drop the hiding silently
+            raise RuntimeError("intervened layer received no attention mask; the mask function was bypassed")
+        if drop:  # the mask spans every prompt column; this layer's cache lacks the pruned ones
+            attention_mask = state.drop.without_dropped_columns(attention_mask)
+            if attention_mask.shape[-1] != key.shape[-2]:
+                raise RuntimeError(f"pruned layer {layer}: mask has {attention_mask.shape[-1]} columns, "
+                                   f"cache {key.shape[-2]}")
+            return stock(module, query, key, value, attention_mask, **kwargs)
+        hidden_mask, dead = state.mask.apply(attention_mask, layer)
+        out, weights = stock(module, query, key, value, hidden_mask, **kwargs)
+        return zero_dead_rows(out, weights, dead)
+
+    attention.__name__ = f"icl_{base}_attention"
+    return attention
+
+
+def _make_mask(base: str) -> Callable:
+    if base == "sdpa":
+        def mask(*args, **kwargs):
+            kwargs["allow_is_causal_skip"] = False
+            return masking_utils.sdpa_mask(*args, **kwargs)
+    else:
+        def mask(*args, **kwargs):
+            return masking_utils.eager_mask(*args, **kwargs)
+    return mask
+
+
+# Registered once, when this module is imported (transformers' documented extension point).
+for _base, _name in IMPLEMENTATIONS.items():
+    AttentionInterface.register(_name, _make_attention(_base))
+    AttentionMaskInterface.register(_name, _make_mask(_base))
+
+
+def _ablation_hook(layer_idx: int, residual_in_output: bool):
+    def hook(module, args, kwargs, output):
+        ablation = active().ablation
+        if ablation is None or not ablation.applies_to(layer_idx):
+            return output
+        attn_out = output[0] if isinstance(output, tuple) else output
+        if residual_in_output:  # Bloom adds the residual inside its attention module
+            residual = kwargs["residual"] if "residual" in kwargs else args[1]
+            new = residual.clone()
+        else:
+            new = torch.zeros_like(attn_out)
+        if isinstance(output, tuple):
+            return (new,) + tuple(output[1:])
+        return new
+
+    return hook
+
+
+def prepare_model(model: nn.Module) -> nn.Module:
+    """Make ``model`` obey interventions. Idempotent; with none active it behaves as before."""
+    if getattr(model, PREPARED_FLAG, False):
+        return model
+    adapter = legacy.adapter_for(model)
+    layers = decoder_layers(model)
+    if adapter is not None:
+        adapter.install(model, layers)
+    else:
+        current = model.config._attn_implementation
+        base = "eager" if current in ("eager", "icl_eager") else "sdpa"
+        if current not in ("sdpa", "eager", "icl_sdpa", "icl_eager", None):
+            raise RuntimeError(
+                f"attention implementation {current!r} is not supported for masking; load with sdpa or eager")
+        model.set_attn_implementation(IMPLEMENTATIONS[base])
+    for idx, layer in enumerate(layers):
+        attention_module(layer).register_forward_hook(
+            _ablation_hook(idx, residual_in_output=adapter is not None and adapter.residual_in_attention),
+            with_kwargs=True,
+        )
+    setattr(model, PREPARED_FLAG, True)
+    return model
+
+
+def inline_attention(model: nn.Module) -> bool:
+    """True for families that compute attention inline (covered by ``legacy``, not by AttentionInterface)."""
+    return legacy.adapter_for(model) is not None

@@ -1,0 +1,317 @@
+"""Interventions: values that say what to do to attention, applied inside a ``with`` scope.
+
+Two levels, both plain values:
+
+* **Row interventions** say what one (prompt, setting) row of a sweep does to the model:
+  ``MaskFrom(j)`` (the paper's layer-from mask: hide the prompt's hidden columns at every layer
+  >= j), ``AblateLayers(ls)`` (remove those layers' attention sublayer), ``PruneFrom(r)``
+  (context-pruned inference: the hidden range is processed below r only) and ``UNCHANGED``.
+  They are hashable: engines key their results by them.
+* **Batch interventions** are what the attention hooks read while a batch runs forward:
+  ``ColumnMask`` (per-row hidden columns at per-row layers), ``AttentionAblation`` and
+  ``ColumnDrop`` (a pruned cache lacks some columns at some layers). ``intervene(model, ...)``
+  makes them active for the ``with`` block only (a context variable, so nothing leaks out);
+  without an active intervention a prepared model behaves exactly as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from dataclasses import dataclass
+from typing import Iterator, Sequence, Union
+
+import torch
+from torch import nn
+
+from .conditions import Range
+from .structure import num_layers
+
+# --------------------------------------------------------------------------- row interventions
+
+
+@dataclass(frozen=True)
+class MaskFrom:
+    """Hide the prompt's hidden columns in every layer >= ``layer`` (= number of layers: nothing)."""
+
+    layer: int
+
+
+@dataclass(frozen=True)
+class AblateLayers:
+    """Remove the whole attention sublayer of ``layers`` (the paper's 'mask all heads' of a layer)."""
+
+    layers: frozenset[int]
+
+
+@dataclass(frozen=True)
+class PruneFrom:
+    """Process the hidden range in layers < ``layer`` only; it is absent from the cache above."""
+
+    layer: int
+
+
+@dataclass(frozen=True)
+class Unchanged:
+    """No intervention (zero-shot evaluation)."""
+
+
+UNCHANGED = Unchanged()
+RowIntervention = Union[MaskFrom, AblateLayers, PruneFrom, Unchanged]
+
+
+# --------------------------------------------------------------------------- batch interventions
+
+def _freeze(hidden: Sequence[Sequence[Range]]) -> tuple[tuple[Range, ...], ...]:
+    out = []
+    for row in hidden:
+        frozen_row = []
+        for start, end in row:
+            if not (0 <= start <= end):
+                raise ValueError(f"bad hidden range ({start}, {end})")
+            frozen_row.append((int(start), int(end)))
+        out.append(tuple(frozen_row))
+    return tuple(out)
+
+
+class ColumnMask:
+    """Row b may not attend to the columns ``hidden[b]`` at the layers ``layers[b]``.
+
+    Columns are those of the batch as fed to the model (left padding included). Immutable;
+    the bool column matrix is built once per device on first use (``_columns``).
+    """
+
+    def __init__(self, hidden: Sequence[Sequence[Range]], layers: Sequence[frozenset[int]]):
+        if len(hidden) != len(layers):
+            raise ValueError("one layer set per row")
+        self.hidden = _freeze(hidden)
+        self.layers = tuple(frozenset(x) for x in layers)
+        self.active_layers = frozenset().union(*(ls for ls, h in zip(self.layers, self.hidden) if h))
+        self._columns: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def from_layer(cls, hidden: Sequence[Sequence[Range]], from_layer: int, n_layers: int) -> "ColumnMask":
+        """The paper's mask: every row hides its columns in every layer >= ``from_layer``."""
+        if not 0 <= from_layer <= n_layers:
+            raise ValueError(f"from_layer must be in 0..{n_layers}, got {from_layer}")
+        return cls(hidden, [frozenset(range(from_layer, n_layers))] * len(hidden))
+
+    @classmethod
+    def per_row(cls, hidden: Sequence[Sequence[Range]], from_layers: Sequence[int], n_layers: int) -> "ColumnMask":
+        """Row i hides ``hidden[i]`` in every layer >= ``from_layers[i]`` (rows of a sweep decode together)."""
+        if len(hidden) != len(from_layers):
+            raise ValueError("one from_layer per row")
+        return cls(hidden, [frozenset(range(j, n_layers)) for j in from_layers])
+
+    @classmethod
+    def at_layers(cls, hidden: Sequence[Sequence[Range]], layers: Sequence[int]) -> "ColumnMask":
+        return cls(hidden, [frozenset(layers)] * len(hidden))
+
+    def applies_to(self, layer: int | None) -> bool:
+        return layer is not None and layer in self.active_layers
+
+    def all_layers(self) -> frozenset[int]:
+        return frozenset().union(*self.layers)
+
+    def columns(self, layer: int, kv_len: int, device: torch.device) -> torch.Tensor:
+        """Bool [batch, kv_len]: True where a row may not look at ``layer``."""
+        base = self._columns.get(str(device))
+        if base is None:
+            width = max([1] + [end for row in self.hidden for _, end in row])
+            base = torch.zeros(len(self.hidden), width, dtype=torch.bool)
+            for row, ranges in enumerate(self.hidden):
+                for start, end in ranges:
+                    base[row, start:end] = True
+            base = base.to(device)
+            self._columns[str(device)] = base
+        rows = torch.tensor([layer in ls for ls in self.layers], device=device)
+        width = base.shape[1]
+        cols = base[:, :kv_len] if kv_len <= width else torch.cat([base, base.new_zeros(len(base), kv_len - width)], 1)
+        return cols & rows[:, None]
+
+    def apply(self, attention_mask: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The 4D mask without this layer's hidden columns, and the rows left seeing nothing (see hide_columns)."""
+        return hide_columns(attention_mask, self.columns(layer, attention_mask.shape[-1], attention_mask.device))
+
+    def shifted(self, offsets: Sequence[int]) -> "ColumnMask":
+        """The same mask with each row's ranges moved right by its left-padding offset."""
+        if len(offsets) != len(self.hidden):
+            raise ValueError("one offset per batch row")
+        return ColumnMask([[(a + o, b + o) for a, b in row] for row, o in zip(self.hidden, offsets)], self.layers)
+
+    def select_rows(self, rows: Sequence[int]) -> "ColumnMask":
+        return ColumnMask([self.hidden[i] for i in rows], [self.layers[i] for i in rows])
+
+
+@dataclass(frozen=True)
+class AttentionAblation:
+    """The attention sublayers of ``layers`` add nothing to the residual stream (every row)."""
+
+    layers: frozenset[int]
+
+    def applies_to(self, layer: int | None) -> bool:
+        return layer is not None and layer in self.layers
+
+    def all_layers(self) -> frozenset[int]:
+        return self.layers
+
+    def select_rows(self, rows: Sequence[int]) -> "AttentionAblation":
+        return self
+
+
+class ColumnDrop:
+    """Context-pruned caches: at ``layers`` the cache lacks row b's columns ``dropped[b]``.
+
+    Positions and the attention mask are built over every prompt column; at those layers the
+    mask loses the dropped columns too, so it matches the shorter cache. One width for all rows
+    keeps the cache rectangular.
+    """
+
+    def __init__(self, dropped: Sequence[Range], layers: frozenset[int]):
+        widths = {b - a for a, b in dropped}
+        if len(widths) > 1:
+            raise ValueError(f"dropped ranges must have one width, got {sorted(widths)}")
+        self.dropped = _freeze([dropped])[0]
+        self.layers = frozenset(layers)
+        self._index: dict[tuple, torch.Tensor] = {}
+
+    @classmethod
+    def from_layer(cls, dropped: Sequence[Range], from_layer: int, n_layers: int) -> "ColumnDrop":
+        return cls(dropped, frozenset(range(from_layer, n_layers)))
+
+    def applies_to(self, layer: int | None) -> bool:
+        return layer is not None and layer in self.layers and any(b > a for a, b in self.dropped)
+
+    def all_layers(self) -> frozenset[int]:
+        return self.layers
+
+    def select_rows(self, rows: Sequence[int]) -> "ColumnDrop":
+        return ColumnDrop([self.dropped[i] for i in rows], self.layers)
+
+    def without_dropped_columns(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The 4D mask [B|1, H|1, q, kv] without each row's dropped columns: [B, H|1, q, kv - width]."""
+        batch, kv = len(self.dropped), attention_mask.shape[-1]
+        width = self.dropped[0][1] - self.dropped[0][0]
+        key = (kv, str(attention_mask.device))
+        index = self._index.get(key)
+        if index is None:
+            kept = torch.arange(kv - width)
+            starts = torch.tensor([a for a, _ in self.dropped])[:, None]
+            index = (kept[None, :] + width * (kept[None, :] >= starts)).to(attention_mask.device)
+            self._index[key] = index
+        mask = attention_mask.expand(batch, *attention_mask.shape[1:])
+        return mask.gather(-1, index[:, None, None, :].expand(*mask.shape[:-1], kv - width))
+
+
+BatchIntervention = Union[ColumnMask, AttentionAblation, ColumnDrop]
+
+
+# --------------------------------------------------------------------------- mask surgery
+
+def hide_columns(attention_mask: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Remove hidden columns from a 4D attention mask.
+
+    attention_mask: [B|1, H|1, q, kv], bool (True = may attend) or additive float (0 / large negative).
+    hidden: bool [B, kv].
+    Returns the new mask and ``dead`` (bool [B, q]: rows that could see something before and
+    nothing now; None if there are none). Dead rows keep their old mask row so that the kernel
+    stays NaN-free; the caller zeroes their output.
+    """
+    if attention_mask.dim() != 4:
+        raise RuntimeError(f"expected a 4D attention mask, got shape {tuple(attention_mask.shape)}")
+    kv = attention_mask.shape[-1]
+    if hidden.shape[-1] != kv:
+        raise RuntimeError(f"hidden columns for {hidden.shape[-1]} keys, mask has {kv}")
+    if attention_mask.shape[0] not in (1, hidden.shape[0]):
+        raise RuntimeError(f"mask has {hidden.shape[0]} rows, batch has {attention_mask.shape[0]}")
+    if attention_mask.dtype == torch.bool:
+        visible = attention_mask
+    else:
+        visible = attention_mask > torch.finfo(attention_mask.dtype).min / 2
+    hide = hidden[:, None, None, :] & visible
+    still_visible = visible & ~hide
+    dead = visible.any(-1) & ~still_visible.any(-1)  # [B, H|1, q]
+    if dead.any():
+        hide = hide & ~dead[..., None]
+        dead_rows = dead.any(1)
+    else:
+        dead_rows = None
+    if attention_mask.dtype == torch.bool:
+        new_mask = attention_mask & ~hide
+    else:
+        new_mask = attention_mask.masked_fill(hide, torch.finfo(attention_mask.dtype).min)
+    return new_mask, dead_rows
+
+
+def zero_dead_rows(attn_output: torch.Tensor, attn_weights: torch.Tensor | None, dead: torch.Tensor | None):
+    """Zero attention output ([B, q, H, D]) and weights ([B, H, q, kv]) of dead query rows."""
+    if dead is None:
+        return attn_output, attn_weights
+    attn_output = attn_output.masked_fill(dead[:, :, None, None], 0.0)
+    if attn_weights is not None:
+        attn_weights = attn_weights.masked_fill(dead[:, None, :, None], 0.0)
+    return attn_output, attn_weights
+
+
+# --------------------------------------------------------------------------- the scope
+
+@dataclass(frozen=True)
+class Active:
+    """The interventions in force: at most one of each kind."""
+
+    mask: ColumnMask | None = None
+    ablation: AttentionAblation | None = None
+    drop: ColumnDrop | None = None
+
+    def select_rows(self, rows: Sequence[int]) -> "Active":
+        return Active(*(x.select_rows(rows) if x is not None else None for x in (self.mask, self.ablation, self.drop)))
+
+    def values(self) -> tuple[BatchIntervention, ...]:
+        return tuple(x for x in (self.mask, self.ablation, self.drop) if x is not None)
+
+
+NOTHING = Active()
+_ACTIVE: contextvars.ContextVar[Active] = contextvars.ContextVar("icl_locate_interventions", default=NOTHING)
+PREPARED_FLAG = "_icl_locate_prepared"
+
+
+def collect(interventions: Sequence[BatchIntervention | None]) -> Active:
+    """Sort interventions by kind; refuse two of a kind, and a mask and a drop on the same layer
+    (a pruned layer's columns are already gone: there is nothing left to hide)."""
+    slots: dict[str, BatchIntervention] = {}
+    for x in interventions:
+        if x is None:
+            continue
+        slot = {ColumnMask: "mask", AttentionAblation: "ablation", ColumnDrop: "drop"}.get(type(x))
+        if slot is None:
+            raise TypeError(f"not a batch intervention: {x!r}")
+        if slot in slots:
+            raise ValueError(f"two {type(x).__name__} interventions at once")
+        slots[slot] = x
+    active = Active(**slots)
+    if active.mask is not None and active.drop is not None and active.mask.active_layers & active.drop.layers:
+        raise ValueError("an intervention cannot both prune and mask the same layer")
+    return active
+
+
+def active() -> Active:
+    return _ACTIVE.get()
+
+
+@contextlib.contextmanager
+def intervene(model: nn.Module, *interventions: BatchIntervention | None) -> Iterator[Active]:
+    """Run ``model`` under ``interventions`` inside the ``with`` block."""
+    state = collect(interventions)
+    layers = frozenset().union(*(x.all_layers() for x in state.values()))
+    if layers:
+        if not getattr(model, PREPARED_FLAG, False):
+            raise RuntimeError("model is not prepared for interventions: call icl_locate.core.attention.prepare_model")
+        n = num_layers(model)
+        bad = sorted(x for x in layers if not 0 <= x < n)
+        if bad:
+            raise ValueError(f"layers {bad} out of range for a model with {n} layers")
+    token = _ACTIVE.set(state)
+    try:
+        yield state
+    finally:
+        _ACTIVE.reset(token)

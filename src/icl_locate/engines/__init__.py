@@ -1,0 +1,1 @@
+"""Engines: greedy generation under interventions, behind one small ``Engine`` protocol (base.py)."""

@@ -1,0 +1,125 @@
+"""What every engine shares: the Engine protocol, a generation, the stop rule, one forward pass.
+
+An engine takes prompts with their hidden columns (``MaskedPrompt``) and row interventions
+(``MaskFrom(j)``, ``AblateLayers``, ``PruneFrom(r)``, ``UNCHANGED``) and returns the greedy
+generation of every (prompt, intervention) pair. The reference engine decodes them one by one
+and is obviously right; the sweep and pruned engines are fast and tested against it.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass
+from typing import Callable, Protocol, Sequence
+
+import torch
+from torch import nn
+
+from ..core.conditions import MaskedPrompt
+from ..core.interventions import BatchIntervention, RowIntervention, intervene
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class Generation:
+    token_ids: list[int]
+    text: str  # decoded continuation (stop string included, if one was hit)
+    finish: str  # "stop", "eos" or "length"
+
+
+@dataclass(frozen=True)
+class StopRule:
+    """When greedy decoding ends: EOS (not kept), a stop string in the continuation (kept), or the limit."""
+
+    stop_strings: tuple[str, ...] = ()
+    max_new_tokens: int = 50
+
+    def after(self, tokenizer, eos: set[int], generated: list[int], token: int) -> str | None:
+        """Take ``token``: append it to ``generated`` unless it is EOS; the finish reason, or None to go on."""
+        if token in eos:
+            return "eos"
+        generated.append(token)
+        if self.stop_strings and any(s in tokenizer.decode(generated) for s in self.stop_strings):
+            return "stop"
+        if len(generated) >= self.max_new_tokens:
+            return "length"
+        return None
+
+    def cut(self, tokenizer, eos: set[int], token_ids: Sequence[int]) -> list[int]:
+        """``token_ids`` as this rule would have ended them (for outputs of decoders without the rule)."""
+        out: list[int] = []
+        for token in token_ids:
+            if self.after(tokenizer, eos, out, token) is not None:
+                break
+        return out
+
+
+ResultKey = tuple[int, RowIntervention]
+
+
+class Engine(Protocol):
+    """Greedy generation of every (prompt index, row intervention) pair."""
+
+    def generate(self, prompts: Sequence[MaskedPrompt], interventions: Sequence[RowIntervention], stop: StopRule,
+                 progress: Progress | None = None) -> dict[ResultKey, Generation]: ...
+
+
+def eos_ids(model: nn.Module, tokenizer) -> set[int]:
+    ids = set()
+    for source in (getattr(model, "generation_config", None), model.config):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        ids.update(value if isinstance(value, (list, tuple)) else [value] if value is not None else [])
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that ignore left padding: the first real token is position 0."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _accepts(model: nn.Module, name: str) -> bool:
+    # A PEFT wrapper passes keyword arguments through to the model it wraps: ask that one.
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return name in _forward_parameters(type(base))
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_parameters(model_class: type) -> frozenset[str]:
+    """Keyword names of a model class's forward, looked up once (forward runs at every decode step)."""
+    return frozenset(inspect.signature(model_class.forward).parameters)
+
+
+def _cache_kwarg(model: nn.Module) -> str:
+    """transformers 5.x renames ``past_key_values`` to ``cache``, model by model."""
+    return "cache" if _accepts(model, "cache") else "past_key_values"
+
+
+@torch.no_grad()
+def forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, cache=None,
+            interventions: Sequence[BatchIntervention | None] = (), output_attentions: bool = False,
+            last_only: bool = False):
+    """One forward pass under ``interventions``, with padding-aware positions.
+
+    ``attention_mask`` is the 2D padding mask over all tokens so far (cache included).
+    ``last_only`` asks for logits at the last position only (saves a vocabulary-sized matmul
+    per prompt token where the model supports ``logits_to_keep``).
+    """
+    if attention_mask is None:
+        past = cache.get_seq_length() if cache is not None else 0
+        attention_mask = torch.ones(input_ids.shape[0], past + input_ids.shape[1], dtype=torch.long,
+                                    device=input_ids.device)
+    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=cache is not None)
+    if cache is not None:
+        kwargs[_cache_kwarg(model)] = cache
+    if _accepts(model, "position_ids"):
+        kwargs["position_ids"] = position_ids_for(attention_mask)[:, -input_ids.shape[1]:]
+    if output_attentions:
+        kwargs["output_attentions"] = True
+    if last_only and _accepts(model, "logits_to_keep"):
+        kwargs["logits_to_keep"] = 1
+    with intervene(model, *interventions):
+        return model(**kwargs)

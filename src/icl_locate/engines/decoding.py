@@ -1,0 +1,116 @@
+"""The one batched greedy loop and the cache buffers it writes into (shared by the sweep and pruned engines)."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+from transformers.cache_utils import DynamicLayer
+
+from ..core.interventions import Active, BatchIntervention, collect
+from .base import Generation, StopRule, forward
+
+
+def decode_batch(model: nn.Module, tokenizer, eos: set[int], cache, step_input: torch.Tensor,
+                 mask: torch.Tensor, interventions: Sequence[BatchIntervention | None], stop: StopRule,
+                 stats: dict | None = None,
+                 first_logits: Callable[[torch.Tensor], None] | None = None) -> list[Generation]:
+    """Greedy decoding of a batch whose prompts sit in ``cache`` up to ``step_input``.
+
+    ``step_input`` ([B, t]) is the rest of each prompt (at least its last token); ``mask`` is the
+    2D padding mask over cache + ``step_input``. A row leaves the batch as soon as ``stop`` ends it,
+    and its rows leave every intervention with it; ``cache`` must support ``batch_select_indices``.
+    ``first_logits`` receives the first step's logits [B, vocab] (for tests).
+    """
+    n = step_input.shape[0]
+    device = step_input.device
+    state: Active = collect(interventions)
+    alive = list(range(n))  # rows still decoding, aligned with the batch
+    new_tokens: list[list[int]] = [[] for _ in range(n)]
+    finish = ["length"] * n
+    for step in range(stop.max_new_tokens):
+        logits = forward(model, step_input, attention_mask=mask, cache=cache, interventions=state.values(),
+                         last_only=True).logits[:, -1]
+        if first_logits is not None and step == 0:
+            first_logits(logits)
+        if stats is not None:
+            stats["tokens_forwarded"] += step_input.numel()
+            stats["logit_rows"] += logits.shape[0]
+            stats["steps"] += 1
+        tokens = logits.argmax(-1).tolist()
+        keep = []
+        for pos, (b, token) in enumerate(zip(alive, tokens)):
+            reason = stop.after(tokenizer, eos, new_tokens[b], token)
+            if reason is None:
+                keep.append(pos)
+            else:
+                finish[b] = reason
+        if not keep:
+            break
+        if len(keep) < len(alive):
+            index = torch.tensor(keep, device=device)
+            cache.batch_select_indices(index)
+            mask = mask[index]
+            state = state.select_rows(keep)
+            tokens = [tokens[p] for p in keep]
+            alive = [alive[p] for p in keep]
+        step_input = torch.tensor(tokens, device=device)[:, None]
+        mask = torch.cat([mask, mask.new_ones(len(alive), 1)], dim=1)
+    return [Generation(token_ids=t, text=tokenizer.decode(t, skip_special_tokens=True), finish=f)
+            for t, f in zip(new_tokens, finish)]
+
+
+def right_aligned(tensors: list[torch.Tensor], keep: list[int], width: int, capacity: int) -> torch.Tensor:
+    """[B, H, capacity, D]: in the first ``width`` columns, row b holds the first keep[b] prefix
+    positions of tensors[b], right-aligned; the rest is room for the tokens to come."""
+    first = tensors[0]
+    out = first.new_empty(len(tensors), first.shape[1], capacity, first.shape[3])
+    out[:, :, :width] = 0  # padding columns are masked, but must not hold NaNs (0 x NaN = NaN)
+    for b, (t, k) in enumerate(zip(tensors, keep)):
+        if k:
+            out[b, :, width - k:width] = t[0, :, :k]
+    return out
+
+
+class PreallocatedLayer(DynamicLayer):
+    """A cache layer that writes new keys/values into a preallocated buffer instead of concatenating
+    (growing a DynamicCache by concatenation copies the whole batch's cache at every step).
+
+    ``dropped``: prompt columns this layer does not store (context pruning); it still reports the
+    full length, so that positions and masks are built over prompt columns.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int, dropped: int = 0):
+        super().__init__()
+        self.buf_k, self.buf_v, self.length, self.dropped = keys, values, length, dropped
+        self.device = keys.device
+        self.is_initialized = True
+        self._views()
+
+    def _views(self) -> None:
+        self.keys, self.values = self.buf_k[:, :, :self.length], self.buf_v[:, :, :self.length]
+
+    def get_seq_length(self) -> int:
+        return self.length + self.dropped
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        end = self.length + key_states.shape[-2]
+        if end > self.buf_k.shape[-2]:
+            raise RuntimeError(f"preallocated cache of {self.buf_k.shape[-2]} positions is full")
+        self.buf_k[:, :, self.length:end] = key_states
+        self.buf_v[:, :, self.length:end] = value_states
+        self.length = end
+        self._views()
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep the rows ``indices`` (ascending), compacted in place: rows only move to lower slots,
+        so copying in order never overwrites a row still to move, and no second cache is allocated.
+        Only the filled columns are copied."""
+        for new, old in enumerate(indices.tolist()):
+            if new != old:
+                self.buf_k[new, :, :self.length].copy_(self.buf_k[old, :, :self.length])
+                self.buf_v[new, :, :self.length].copy_(self.buf_v[old, :, :self.length])
+        self.buf_k, self.buf_v = self.buf_k[:len(indices)], self.buf_v[:len(indices)]
+        self._views()

@@ -1,0 +1,81 @@
+"""The README's main job: a small but real study on the embedded Gemma-3-270M, with its report.
+
+fra->eng, 5 examples, seed 0, the first ``n_test`` devtest sentences; baseline plus
+instructions+examples and examples-only masking from every layer; results in a SQLite store
+(rerunning resumes). Then context-pruned inference at the recognition layer found for
+instructions+examples (measured against full processing, kept in the same store), and the
+HTML report. Each step is an ordinary command, printed so that it can be rerun alone.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from ..results.analysis import Curve, analyse_curve, load_curves, savings
+from ..results.report import build_report
+from ..results.store import Store
+from ..util.fileio import ensure_dir
+from .prune import PruneSettings, run_prune
+from .settings import SweepConfig
+from .sweep import run_sweep
+
+
+@dataclass
+class DemoSettings:
+    out_dir: str = "runs/demo"
+    n_test: int = 16
+    data_dir: str | None = None
+
+
+def run_demo(s: DemoSettings, say: Callable[[str], None] = print) -> Path:
+    """Sweep, summary, pruning at the recognition layer, report; returns the report's path."""
+    out_dir = ensure_dir(s.out_dir)
+    started = time.time()
+    config = SweepConfig(model="gemma-3-270m", task="flores", pairs=["fra-eng"],
+                         conditions=["instructions+examples", "examples"], instructions=[True], seeds=[0], ks=[5],
+                         layers="all", n_test=s.n_test, data_dir=s.data_dir)
+    store_path = out_dir / "study.sqlite"
+    run_sweep(config, store_path, f"icl-locate demo --n-test {s.n_test}")
+    with Store(store_path, create=False) as store:
+        curves = [analyse_curve(c) for c in load_curves(store)]
+    for line in summary_lines(curves):
+        say(line)
+    prune_at_recognition_layer(store_path, curves, s, say)
+    with Store(store_path, create=False) as store:
+        report = build_report(store, out_dir / "report")
+    say(f"\nmain job done in {time.time() - started:.0f}s; report: {report}")
+    return report
+
+
+def summary_lines(curves: list[Curve]) -> list[str]:
+    lines = []
+    for c in curves:
+        s = savings(c, c.layers[-1])
+        lines.append(f"\n{c.key['pair']} {c.label()}: baseline {c.metric.label} {c.baseline:.1f}; recognition layer "
+                     f"{c.recognition} (95% CI {c.recognition_ci[0]:.0f}-{c.recognition_ci[1]:.0f}) of "
+                     f"{c.layers[-1]}; savings {100 * s.paper_formula:.1f}% (paper formula), "
+                     f"{100 * s.token_exact:.1f}% (exact tokens)")
+        lines.append(f"  {c.metric.label} by layer: " + " ".join(f"{l}:{v:.1f}" for l, v in zip(c.layers, c.score)))
+    return lines
+
+
+def prune_at_recognition_layer(store_path: Path, curves: list[Curve], s: DemoSettings,
+                               say: Callable[[str], None]) -> None:
+    """The deployable saving: drop the context after the recognition layer, measured (once per store)."""
+    curve = next((c for c in curves if c.key.get("condition") == "instructions+examples"), None)
+    with Store(store_path, create=False) as store:
+        done = any(p["condition"] == "instructions+examples" for p in store.pruning_results())
+    if curve is None or curve.recognition is None or curve.recognition >= curve.layers[-1]:
+        say("\nno recognition layer below the last one: nothing to prune")
+        return
+    if done:
+        say(f"\ncontext-pruned inference already measured in {store_path}")
+        return
+    settings = PruneSettings(layer=curve.recognition, n_test=s.n_test, store=str(store_path), data_dir=s.data_dir)
+    command = f"icl-locate prune --layer {curve.recognition} --n-test {s.n_test} --store {store_path}" + \
+        (f" --data-dir {s.data_dir}" if s.data_dir else "")
+    say(f"\n$ {command}")
+    say(run_prune(settings, command, log=say).table())

@@ -1,0 +1,210 @@
+"""``icl-locate prune``: context-pruned inference against full processing of the same requests.
+
+Full processing is the same engine with r = L, so the comparison isolates pruning: analytic
+FLOPs, measured time (prompt processing and decoding), KV cache bytes, peak memory, the task
+score and the share kept, the paper's estimate, and (by default) a check that every pruned
+generation equals the sweep engine masking the same range from r.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from ..core.conditions import MaskedPrompt, get_condition
+from ..core.interventions import MaskFrom
+from ..core.models import LoadedModel, load_model
+from ..engines.base import Engine, Generation, StopRule
+from ..engines.pruned import ModelDims, PrunedEngine, check_supported, paper_savings, prune_split, request_flops
+from ..engines.sweep import SweepEngine
+from ..results.store import Store
+from ..tasks.registry import PromptedItem, Task, TaskOptions, build_items, get_task, post_process
+from ..util.errors import UserError
+from ..util.fileio import check_writable, write_json_atomic
+from ..util.system import current_rss_mb, peak_rss_mb, reset_peak_rss
+from .common import check_context, fingerprint, masked_prompts, provenance, stop_rule
+from .settings import check_count
+
+
+@dataclass
+class PruneSettings:
+    layer: int
+    model: str = "gemma-3-270m"
+    task: str = "flores"
+    pair: str = "fra-eng"
+    condition: str = "instructions+examples"
+    n_test: int = 16
+    k: int = 5
+    seed: int = 0
+    per_query_examples: bool = False
+    batch_size: int = 8
+    max_new_tokens: int | None = None
+    check: bool = True
+    json: str | None = None
+    store: str | None = None
+    data_dir: str | None = None
+    dtype: str | None = None
+    device: str | None = None
+
+
+def run_prune(s: PruneSettings, command: str, log=print) -> "PruneResult":
+    """Validate, load, measure, write the JSON and the store entry."""
+    task = get_task(s.task)
+    check_count("--max-new-tokens", s.max_new_tokens)
+    check_count("--batch-size", s.batch_size)
+    check_count("--n-test", s.n_test)
+    condition = get_condition(s.condition)
+    out = check_writable(s.json) if s.json else None
+    data = task.load(TaskOptions(data_dir=s.data_dir, pair=s.pair))
+    loaded = load_model(s.model, dtype=s.dtype, device=s.device)
+    check_supported(loaded.model)
+    store = Store.open(s.store, fingerprint(loaded), attach=True) if s.store else None
+    try:
+        n_layers = loaded.info.num_layers
+        if not 0 <= s.layer <= n_layers:
+            raise UserError(f"--layer must be in 0..{n_layers}, got {s.layer}")
+        items = build_items(task, data, loaded.tokenizer, k=s.k, seed=s.seed, n_test=s.n_test,
+                            per_query_examples=s.per_query_examples)
+        stop = stop_rule(task, s.max_new_tokens)
+        check_context(items, loaded, stop.max_new_tokens)
+        prompts = masked_prompts(items, condition)
+        for p in prompts:
+            prune_split(p)  # a condition pruning cannot run fails here, before any work
+        log(f"prune: {loaded.info.spec} ({loaded.info.dtype}, {loaded.info.device}), {task.name} {data.label}, "
+            f"{condition.name} pruned from layer {s.layer} of {n_layers}, {len(items)} requests, k={s.k}")
+        examples = [it.item for it in items]
+
+        def score(texts: list[str]) -> float:
+            return task.metric.score(texts, examples, data).corpus[task.metric.name]
+
+        result = measure_pruning(
+            loaded, task, items, prompts, s.layer, s.k, score, stop,
+            pruned_engine=lambda: PrunedEngine(loaded.model, loaded.tokenizer, s.batch_size),
+            masked_engine=SweepEngine(loaded.model, loaded.tokenizer) if s.check else None,
+            batch_size=s.batch_size, log=log)
+        if out is not None:
+            write_json_atomic(out, result.data)
+        if store is not None:
+            run_id = store.start_run(command, dataclasses.asdict(s) | {"func": "prune"}, provenance(loaded, data.files))
+            store.add_pruning(run_id, task.name, s.pair if task.needs_pair else "", result.data)
+        return result
+    finally:
+        if store is not None:
+            store.close()
+
+
+@dataclass
+class PruneResult:
+    data: dict = field(default_factory=dict)
+
+    def table(self) -> str:
+        d = self.data
+        full, pr = d["full"], d["pruned"]
+
+        def saved(a, b):
+            return f"{100 * (1 - b / a):6.1f}%" if a else "   n/a"
+
+        rows = [
+            ("analytic GFLOP, prompts", full["gflop_prompt"], pr["gflop_prompt"]),
+            ("analytic GFLOP, prompts + decoding", full["gflop_total"], pr["gflop_total"]),
+            ("seconds, prompt processing", full["seconds_prefill"], pr["seconds_prefill"]),
+            ("seconds, decoding", full["seconds_decode"], pr["seconds_decode"]),
+            ("seconds, total", full["seconds"], pr["seconds"]),
+            ("KV cache MB, largest batch", full["kv_mb_peak"], pr["kv_mb_peak"]),
+            ("peak memory MB (" + d["memory_kind"] + ")", full["peak_memory_mb"], pr["peak_memory_mb"]),
+        ]
+        lines = [f"context-pruned inference: {d['condition']} processed up to layer r={d['from_layer']} of "
+                 f"{d['num_layers']}; {d['sentences']} requests, batch {d['batch_size']}, {d['device']} {d['dtype']}",
+                 f"{'':<38} {'full':>10} {'pruned':>10} {'saved':>8}"]
+        for name, a, b in rows:
+            lines.append(f"{name:<38} {a:10.2f} {b:10.2f} {saved(a, b):>8}")
+        lines.append(f"{d['metric']:<38} {full['score']:10.2f} {pr['score']:10.2f} "
+                     f"(kept {100 * d['quality_kept']:.1f}%)")
+        lines.append(f"memory at the start of each run: {full['memory_at_start_mb']:.0f} / {pr['memory_at_start_mb']:.0f} MB "
+                     "(the model and whatever the process held before)")
+        lines.append(f"paper's estimate (L-r)/L x k/(k+1): {100 * d['paper_estimate']:.1f}% of prompt compute")
+        if d.get("identical_to_masked") is not None:
+            lines.append(f"pruned == masked-from-r sweep engine: {d['identical_to_masked']}/{d['sentences']} generations")
+        return "\n".join(lines)
+
+
+def measure_pruning(loaded: LoadedModel, task: Task, items: Sequence[PromptedItem], prompts: Sequence[MaskedPrompt],
+                    from_layer: int, k: int, score: Callable[[list[str]], float], stop: StopRule,
+                    pruned_engine: Callable[[], PrunedEngine], masked_engine: Engine | None = None,
+                    batch_size: int = 8, log=lambda msg: None) -> PruneResult:
+    """Full processing vs context pruned at ``from_layer`` on the same requests: FLOPs, time, memory, quality.
+
+    ``score`` maps the post-processed answers (in item order) to the task's metric; ``pruned_engine``
+    makes a fresh engine per run (its counters are per run); ``masked_engine``, when given, decodes the
+    same range masked from r, which pruning must equal.
+    """
+    model = loaded.model
+    n_layers = loaded.info.num_layers
+    condition = prompts[0].condition
+    dims = ModelDims.of(model)
+    cuda = str(loaded.info.device).startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    # Warm-up: one request each way, so that lazy initialisation is not timed.
+    warm_up = StopRule(stop.stop_strings, 2)
+    pruned_engine().generate_pruned(prompts[:1], from_layer, warm_up)
+    pruned_engine().generate_pruned(prompts[:1], n_layers, warm_up)
+
+    runs = {}
+    for name, r in (("full", n_layers), ("pruned", from_layer)):
+        log(f"running {name} (context through {r} of {n_layers} layers) ...")
+        engine = pruned_engine()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        reset_peak_rss()
+        at_start = torch.cuda.memory_allocated() / 2 ** 20 if cuda else current_rss_mb()
+        sync()
+        started = time.perf_counter()
+        gens = engine.generate_pruned(prompts, r, stop)
+        sync()
+        seconds = time.perf_counter() - started
+        peak = torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else peak_rss_mb()
+        flops = [request_flops(dims, prune_split(p), _fed_back(g), r) for p, g in zip(prompts, gens)]
+        runs[name] = dict(
+            from_layer=r, seconds=seconds, seconds_prefill=engine.stats["seconds_prefill"],
+            seconds_decode=engine.stats["seconds_decode"], kv_mb_peak=engine.stats["kv_bytes_peak"] / 2 ** 20,
+            peak_memory_mb=peak if peak is not None else float("nan"),
+            memory_at_start_mb=at_start if at_start is not None else float("nan"),
+            gflop_prompt=sum(f["prompt"] for f in flops) / 1e9,
+            gflop_total=sum(f["prompt"] + f["decode"] for f in flops) / 1e9,
+            token_layers=engine.stats["token_layers"],
+            score=score([post_process(task, g.text) for g in gens]), generations=[g.text for g in gens],
+            token_ids=[g.token_ids for g in gens])
+        log(f"  {seconds:.1f}s")
+
+    identical = None
+    if masked_engine is not None:
+        log("checking against the sweep engine masking the same range from r ...")
+        fast = masked_engine.generate(prompts, [MaskFrom(from_layer)], stop)
+        identical = sum(fast[(i, MaskFrom(from_layer))].token_ids == ids
+                        for i, ids in enumerate(runs["pruned"]["token_ids"]))
+    full, pruned = runs["full"], runs["pruned"]
+    data = dict(
+        model=loaded.info.spec, device=loaded.info.device, dtype=loaded.info.dtype, condition=condition.name,
+        from_layer=from_layer, num_layers=n_layers, k=k, sentences=len(items), batch_size=batch_size,
+        metric=task.metric.name, memory_kind="GPU allocated" if cuda else "process RSS",
+        full=full, pruned=pruned,
+        flops_saved_prompt=1 - pruned["gflop_prompt"] / full["gflop_prompt"],
+        flops_saved_total=1 - pruned["gflop_total"] / full["gflop_total"],
+        time_saved_prefill=1 - pruned["seconds_prefill"] / full["seconds_prefill"],
+        time_saved_total=1 - pruned["seconds"] / full["seconds"],
+        kv_saved=1 - pruned["kv_mb_peak"] / full["kv_mb_peak"],
+        quality_kept=pruned["score"] / full["score"] if full["score"] else float("nan"),
+        paper_estimate=paper_savings(n_layers, from_layer, k),
+        identical_to_masked=identical, threads=torch.get_num_threads())
+    return PruneResult(data)
+
+
+def _fed_back(gen: Generation) -> int:
+    """Generated tokens that went back into the model: all produced tokens but the last."""
+    produced = len(gen.token_ids) + (gen.finish == "eos")
+    return max(0, produced - 1)

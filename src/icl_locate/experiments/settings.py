@@ -1,0 +1,182 @@
+"""Sweep settings and planning: presets, YAML configs, validation, and the grid as work units.
+
+Everything here runs before any model loads, so a bad setting costs nothing: ``validate``
+checks names, numbers and layer syntax; ``load_task_data`` reads the data (bad paths and
+language codes fail here); ``plan_units`` (pure) turns a config into ``WorkUnit``s with stable
+ids once the model's number of layers is known. A unit = one (task, pair, condition or layer
+ablation, instructions on/off, seed, k) over all requested layers and test items; the engine
+decodes its (item, layer) rows together, and the store commits it in one transaction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from ..core.conditions import get_condition
+from ..core.models import resolve_dtype
+from ..tasks.data import parse_pair
+from ..tasks.registry import Task, TaskData, TaskOptions, get_task
+from ..util.errors import UserError
+
+MT_PAIRS = ["eng-fra", "fra-eng", "eng-por", "por-eng"]
+PAPER_CONDITIONS = ["instructions+examples", "examples", "query", "instructions+examples+query", "all-but-last"]
+
+
+@dataclass
+class SweepConfig:
+    model: str = "gemma-3-270m"
+    task: str = "flores"
+    pairs: list[str] = field(default_factory=lambda: ["fra-eng"])
+    conditions: list[str] = field(default_factory=lambda: ["instructions+examples"])
+    instructions: list[bool] = field(default_factory=lambda: [True])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    ks: list[int] = field(default_factory=lambda: [5])
+    layers: str = "all"  # "all" = 0..L, or "0,4,8"
+    layer_ablation: bool = False  # also run one unit per (pair, seed, k) ablating each layer's attention
+    n_test: int | None = None  # None = the whole test set
+    max_new_tokens: int | None = None  # None = the task's
+    batch_size: int | None = None
+    data_dir: str | None = None
+    dtype: str | None = None
+    device: str | None = None
+
+
+PRESETS: dict[str, dict] = {
+    "paper-mt": dict(task="flores", pairs=MT_PAIRS, conditions=PAPER_CONDITIONS, instructions=[True, False],
+                     seeds=[0, 1, 2], ks=[5]),
+    "paper-code": dict(task="humaneval", pairs=[""], conditions=PAPER_CONDITIONS, instructions=[True, False],
+                       seeds=[0, 1, 2], ks=[5]),
+    "paper-n-examples": dict(task="flores", pairs=MT_PAIRS, conditions=["instructions+examples"],
+                             instructions=[True], seeds=[0, 1, 2], ks=[0, 1, 2, 5, 10]),
+    "paper-layer-ablation": dict(task="flores", pairs=MT_PAIRS, conditions=[], instructions=[True],
+                                 seeds=[0, 1, 2], ks=[5], layer_ablation=True),
+}
+
+
+def load_config(preset: str | None = None, yaml_path: str | None = None, overrides: dict | None = None) -> SweepConfig:
+    """Preset, then YAML file, then command-line overrides (None values ignored)."""
+    values: dict = {}
+    if preset:
+        if preset not in PRESETS:
+            raise UserError(f"unknown preset {preset!r}; available: {', '.join(PRESETS)}")
+        values.update(PRESETS[preset])
+    if yaml_path:
+        try:
+            loaded = yaml.safe_load(Path(yaml_path).read_text()) or {}
+        except OSError as err:
+            raise UserError(f"cannot read {yaml_path}: {err.strerror}") from None
+        except yaml.YAMLError as err:
+            raise UserError(f"{yaml_path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        if not isinstance(loaded, dict):
+            raise UserError(f"{yaml_path} must hold a mapping of sweep settings")
+        values.update(loaded)
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    known = {f.name for f in fields(SweepConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UserError(f"unknown sweep setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return SweepConfig(**values)
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    task: str
+    pair: str
+    kind: str  # "mask" or "ablation"
+    condition: str  # masking condition ("" for ablation)
+    instructions: bool
+    seed: int
+    k: int
+    n_test: int | None
+    layers: tuple[int, ...]
+
+    @property
+    def unit_id(self) -> str:
+        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+    def label(self) -> str:
+        what = self.condition if self.kind == "mask" else "layer ablation"
+        return (f"{self.task} {self.pair or ''} {what} {'instr' if self.instructions else 'no-instr'} "
+                f"seed={self.seed} k={self.k}").replace("  ", " ")
+
+
+def parse_layers(spec: str, n_layers: int | None = None) -> list[int]:
+    """'all' -> 0..L (L = no mask); else a comma list like '0,6,12,18'. Without ``n_layers``
+    (before the model is loaded) only the syntax is checked and 'all' gives []."""
+    if spec == "all":
+        return list(range(n_layers + 1)) if n_layers is not None else []
+    try:
+        layers = sorted({int(x) for x in spec.split(",") if x.strip()})
+    except ValueError:
+        raise UserError(f"--layers must be 'all' or a comma list of integers, got {spec!r}") from None
+    if not layers or (n_layers is not None and any(not 0 <= x <= n_layers for x in layers)) or layers[0] < 0:
+        raise UserError(f"--layers must lie in 0..{n_layers if n_layers is not None else 'L'}, got {spec!r}")
+    return layers
+
+
+def check_count(name: str, value: int | None, minimum: int = 1) -> None:
+    if value is not None and value < minimum:
+        raise UserError(f"{name} must be >= {minimum}, got {value}")
+
+
+def validate(config: SweepConfig) -> None:
+    """Every check that needs no data and no model: names, numbers, layer syntax."""
+    task = get_task(config.task)
+    for c in config.conditions:
+        get_condition(c)
+    if not config.conditions and not config.layer_ablation:
+        raise UserError("nothing to run: no conditions and no layer ablation")
+    if any(k < 0 for k in config.ks):
+        raise UserError("k must be >= 0")
+    if not config.seeds or not config.ks or not config.instructions:
+        raise UserError("seeds, ks and instructions must each hold at least one value")
+    check_count("--n-test", config.n_test)
+    check_count("--max-new-tokens", config.max_new_tokens)
+    check_count("--batch-size", config.batch_size)
+    parse_layers(config.layers)
+    resolve_dtype(config.dtype, config.device or "cpu")
+    if task.needs_pair:
+        if not config.pairs:
+            raise UserError(f"task {config.task} needs at least one language pair (--pairs)")
+        for pair in config.pairs:
+            parse_pair(pair)
+
+
+def task_pairs(config: SweepConfig) -> list[str]:
+    """The language pairs of the grid ("" for tasks that take none: pairs only mean something for MT)."""
+    return config.pairs if get_task(config.task).needs_pair else [""]
+
+
+TaskCache = dict[tuple[str, str], tuple[Task, TaskData]]
+
+
+def load_task_data(config: SweepConfig) -> TaskCache:
+    """Read each (task, pair) of the grid once; bad paths or files fail here, before the model loads."""
+    task = get_task(config.task)
+    return {(task.name, pair): (task, task.load(TaskOptions(data_dir=config.data_dir, pair=pair or None)))
+            for pair in task_pairs(config)}
+
+
+def plan_units(config: SweepConfig, num_layers: int) -> list[WorkUnit]:
+    """Expand the grid (``validate`` it first)."""
+    validate(config)
+    layers = tuple(parse_layers(config.layers, num_layers))
+    units = []
+    for pair in task_pairs(config):
+        for seed in config.seeds:
+            for k in config.ks:
+                for instr in config.instructions:
+                    for cond in config.conditions:
+                        units.append(WorkUnit(config.task, pair, "mask", get_condition(cond).name, instr, seed, k,
+                                              config.n_test, layers))
+                if config.layer_ablation:
+                    units.append(WorkUnit(config.task, pair, "ablation", "", True, seed, k, config.n_test,
+                                          tuple(range(num_layers + 1))))
+    return list(dict.fromkeys(units))
+
+

@@ -1,0 +1,109 @@
+"""``icl-locate sweep``: plan the grid, check it, open the study store, execute, commit.
+
+The order is the point: settings and data are validated before the model loads; units are
+checked (k, context length) before the store is touched; an executor computes units on a worker
+it is handed, and this driver alone writes the store, one transaction per unit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from ..core.models import LoadedModel, load_model
+from ..engines.sweep import SweepEngine
+from ..results.store import Store
+from ..util.errors import Interrupted, UserError
+from ..util.progress import Progress
+from .common import fingerprint, provenance
+from .executors import Executor, LocalExecutor
+from .settings import SweepConfig, TaskCache, WorkUnit, load_task_data, plan_units, validate
+from .units import Worker, check_units
+
+
+@dataclass
+class SweepResult:
+    planned: int
+    skipped: int
+    ran: int
+    num_layers: int
+    store: Path
+
+
+def check_store_path(path: str | Path) -> Path:
+    store_file = Path(path).expanduser()
+    if store_file.exists() and not store_file.is_file():
+        raise UserError(f"store {store_file} is not a file")
+    if not store_file.parent.is_dir():
+        raise UserError(f"cannot create store {store_file}: directory {store_file.parent} does not exist")
+    return store_file
+
+
+def check_k(config: SweepConfig, tasks: TaskCache) -> None:
+    for task, data in tasks.values():
+        for k in config.ks:
+            if k > len(data.bank):
+                raise UserError(f"k={k} examples requested but the {task.name} prompt bank has {len(data.bank)}")
+
+
+def prepare(config: SweepConfig) -> tuple[LoadedModel, TaskCache, list[WorkUnit]]:
+    """Validate, read the data, load the model, plan: everything that can fail before the store opens."""
+    validate(config)
+    tasks = load_task_data(config)
+    check_k(config, tasks)
+    loaded = load_model(config.model, dtype=config.dtype, device=config.device)
+    return loaded, tasks, plan_units(config, loaded.info.num_layers)
+
+
+def run_sweep(config: SweepConfig, store_path: str | Path, command: str) -> SweepResult:
+    """Plan, validate, open the store, execute locally. Shared by ``sweep`` and ``demo``."""
+    store_file = check_store_path(store_path)
+    loaded, tasks, units = prepare(config)
+    worker = Worker(loaded, SweepEngine(loaded.model, loaded.tokenizer, batch_size=config.batch_size), tasks,
+                    config.max_new_tokens)
+    check_units(worker, units)  # bad k or context length fail here, before the store is touched
+    with Store.open(store_file, fingerprint(loaded, config.max_new_tokens)) as store:
+        files = [f for _, data in tasks.values() for f in data.files]
+        run_id = store.start_run(command, asdict(config), provenance(loaded, files))
+        try:
+            ran, skipped = execute(LocalExecutor(worker), store, units, run_id)
+        except KeyboardInterrupt:
+            raise Interrupted(f"interrupted; {len(store.done_units())} units are safely in {store_file}. "
+                                f"Rerun the same command to resume.") from None
+    return SweepResult(len(units), skipped, ran, loaded.info.num_layers, store_file)
+
+
+def execute(executor: Executor, store: Store, units: Sequence[WorkUnit], run_id: int) -> tuple[int, int]:
+    """Run the units the store does not hold yet through ``executor``; commit each as it comes back.
+
+    Units are claimed as the executor pulls them (so concurrent sweeps on one host split the work),
+    and the claims of units not finished are released on any exit. Returns (ran, skipped).
+    """
+    done = store.done_units()
+    todo = [u for u in units if u.unit_id not in done]
+    progress = Progress(len(todo), "sweep")
+    progress.log(f"{len(units)} units planned, {len(units) - len(todo)} already in the store, {len(todo)} to run")
+    claimed: dict[str, WorkUnit] = {}
+
+    def claim_as_pulled() -> Iterator[WorkUnit]:
+        for unit in todo:
+            if store.claim(unit.unit_id):
+                claimed[unit.unit_id] = unit
+                yield unit
+            else:
+                progress.advance(f"{unit.label()}: done or running elsewhere, skipped")
+
+    ran = 0
+    try:
+        for result in executor.map(claim_as_pulled(), progress):
+            store.commit_unit(result.unit.unit_id, run_id, asdict(result.unit), result.seconds, result.predictions,
+                              result.scores, result.context_tokens, result.query_tokens)
+            claimed.pop(result.unit.unit_id, None)
+            ran += 1
+            progress.advance(f"{result.unit.label()}: {result.seconds:.0f}s")
+    finally:
+        for unit_id in claimed:
+            store.release(unit_id)
+        progress.close()
+    return ran, len(units) - len(todo)

@@ -1,0 +1,102 @@
+"""Computing one work unit: a pure function of (worker, unit) that returns the rows to store.
+
+A ``Worker`` holds what computing needs and is loaded once: the model, an engine, the task data
+and the token limit. ``Worker.compute(unit)`` decodes every (item, layer) row of the unit with the
+engine, scores each layer with the task's metric and returns a ``UnitResult``; it writes
+nothing. Committing results is the driver's job (``sweep.execute``), so an executor can run
+workers anywhere (this process, Ray actors) and the store keeps one writer.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+from ..core.conditions import get_condition
+from ..core.interventions import AblateLayers, MaskFrom, RowIntervention
+from ..core.models import LoadedModel
+from ..engines.base import Engine, Progress
+from ..tasks.registry import build_items, post_process
+from ..util.errors import UserError
+from .common import check_context, masked_prompts, stop_rule
+from .settings import TaskCache, WorkUnit
+
+
+@dataclass
+class UnitResult:
+    """Everything the store keeps of one finished unit."""
+
+    unit: WorkUnit
+    seconds: float
+    predictions: list[dict]
+    scores: list[tuple[str, int, str, float]]  # (variant, layer, metric, value)
+    context_tokens: float
+    query_tokens: float
+
+
+def row_interventions(unit: WorkUnit, n_layers: int) -> dict[tuple[str, int], RowIntervention]:
+    """(variant, layer) as stored -> the row intervention that computes it."""
+    if unit.kind == "mask":
+        return {("mask", j): MaskFrom(j) for j in unit.layers}
+    return {("ablate", j): AblateLayers(frozenset({j}) if j < n_layers else frozenset()) for j in unit.layers}
+
+
+def span_lengths(spans: dict) -> dict:
+    length = lambda p: (spans[p][1] - spans[p][0]) if spans.get(p) else 0  # noqa: E731
+    return dict(n_instructions=length("instructions"), n_examples=length("examples"), n_query=length("query"))
+
+
+@dataclass
+class Worker:
+    """A loaded model with its engine and task data: computes units, writes nothing."""
+
+    loaded: LoadedModel
+    engine: Engine
+    tasks: TaskCache
+    max_new_tokens: int | None = None
+
+    def items(self, unit: WorkUnit):
+        task, data = self.tasks[(unit.task, unit.pair)]
+        return task, data, build_items(task, data, self.loaded.tokenizer, unit.k, unit.seed, unit.n_test,
+                                       unit.instructions)
+
+    def compute(self, unit: WorkUnit, progress: Progress | None = None) -> UnitResult:
+        task, data, items = self.items(unit)
+        n_layers = self.loaded.info.num_layers
+        condition = get_condition(unit.condition) if unit.kind == "mask" else None
+        prompts = masked_prompts(items, condition)
+        rows = row_interventions(unit, n_layers)
+        started = time.time()
+        gens = self.engine.generate(prompts, list(rows.values()), stop_rule(task, self.max_new_tokens), progress)
+        seconds = time.time() - started
+        predictions, scores = [], []
+        examples = [it.item for it in items]
+        for (kind, layer), row in rows.items():
+            outputs = [gens[(i, row)] for i in range(len(items))]
+            texts = [post_process(task, g.text) for g in outputs]
+            scored = task.metric.score(texts, examples, data)
+            scores += [(kind, layer, metric, value) for metric, value in scored.corpus.items()]
+            masked = condition is not None and layer < n_layers
+            for i, (it, prompt, g, text) in enumerate(zip(items, prompts, outputs, texts)):
+                predictions.append(dict(
+                    item=i, example_id=it.item.id, variant=kind, layer=layer,
+                    prompt_token_ids=json.dumps(prompt.ids), hidden_ranges=json.dumps(prompt.hidden if masked else []),
+                    in_context_ids=json.dumps(it.encoded.example_ids), raw_generation=g.text, generation=text,
+                    reference=it.item.target, finish=g.finish, sentence_score=scored.sentence[i],
+                    stats=json.dumps(scored.stats[i]), **span_lengths(prompt.spans)))
+        lengths = [span_lengths(it.encoded.spans) for it in items]
+        context = sum(n["n_instructions"] + n["n_examples"] for n in lengths) / len(items)
+        query = sum(n["n_query"] for n in lengths) / len(items)
+        return UnitResult(unit, seconds, predictions, scores, context, query)
+
+
+def check_units(worker: Worker, units: Sequence[WorkUnit]) -> None:
+    """Everything about the units that can fail on input before any decoding: k, context length."""
+    for unit in units:
+        task, data = worker.tasks[(unit.task, unit.pair)]
+        if unit.k > len(data.bank):
+            raise UserError(f"k={unit.k} examples requested but the {unit.task} prompt bank has {len(data.bank)}")
+        _, _, items = worker.items(unit)
+        check_context(items, worker.loaded, stop_rule(task, worker.max_new_tokens).max_new_tokens, unit.label())

@@ -1,0 +1,1 @@
+"""Results: the study store, the analysis of stored curves, and reports."""

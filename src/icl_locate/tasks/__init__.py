@@ -1,0 +1,1 @@
+"""Tasks: data on disk, the task registry, metrics and the code sandbox."""

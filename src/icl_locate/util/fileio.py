@@ -1,0 +1,62 @@
+"""Files written all-or-nothing, writability checked before work, and content hashes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+from .errors import UserError
+
+
+def check_writable(path: str | Path) -> Path:
+    """Fail before any work if ``path`` cannot be written."""
+    out = Path(path).expanduser()
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise UserError(f"cannot write {out}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"cannot write {out}: directory {parent} is not writable")
+    if out.is_dir():
+        raise UserError(f"cannot write {out}: it is a directory")
+    return out
+
+
+def ensure_dir(path: str | Path) -> Path:
+    """Create a directory (and parents), one error line if that is impossible."""
+    out = Path(path).expanduser()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create {out}: {err.strerror}") from None
+    return out
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    """All of ``text`` or nothing: write beside, then rename (a reader never sees half a file)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_jsonl_atomic(path: str | Path, rows: Sequence[dict]) -> None:
+    write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def write_json_atomic(path: str | Path, data: dict) -> None:
+    write_atomic(path, json.dumps(data, indent=1, default=float))
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
