@@ -16,6 +16,7 @@ from .experiments.bench import BenchSettings, run_bench
 from .experiments.code import score_code_file
 from .experiments.decode import RunSettings, run_decode
 from .experiments.demo import DemoSettings, run_demo
+from .experiments.executors import RaySettings
 from .experiments.lora import LoraRun, LoraSettings, run_lora_sweep
 from .experiments.prune import PruneSettings, run_prune
 from .experiments.settings import SweepConfig, load_config
@@ -138,13 +139,21 @@ def sweep_config_from_args(args) -> SweepConfig:
     return load_config(args.preset, args.config, overrides)
 
 
+def ray_settings(args) -> RaySettings | None:
+    """None for the local executor."""
+    if args.executor != "ray":
+        return None
+    return RaySettings(address=args.ray_address, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
+                       gpus_per_worker=args.gpus_per_worker)
+
+
 def cmd_sweep(args) -> int:
     config = sweep_config_from_args(args)
     if args.dry_run:
-        for unit in prepare(config)[2]:
+        for unit in prepare(config, weights=False)[2]:
             print(unit.unit_id, unit.label(), f"layers={len(unit.layers)}")
         return 0
-    result = run_sweep(config, args.store, command_line())
+    result = run_sweep(config, args.store, command_line(), ray_settings(args))
     print(f"sweep finished: {result.ran} units run, {result.skipped} already done; store {args.store}")
     return 0
 
@@ -160,7 +169,7 @@ def cmd_report(args) -> int:
 
 def cmd_lora_sweep(args) -> int:
     settings = settings_from(args, LoraSettings, rename={"epochs": "max_epochs"})
-    results, store = run_lora_sweep(settings_from(args, LoraRun, settings=settings), command_line())
+    results, store = run_lora_sweep(settings_from(args, LoraRun, settings=settings), command_line(), ray_settings(args))
     print(f"{'layer':>5} {'zero-shot BLEU':>15} {'epochs':>7} {'best val loss':>14} {'seconds':>8}")
     for r in results:
         print(f"{r['layer']:>5} {r['bleu']:15.2f} {len(r['curve']['train_loss']):>7} "

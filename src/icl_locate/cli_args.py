@@ -22,6 +22,18 @@ def _add_data_and_device_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
 
 
+def _add_executor_options(parser: argparse.ArgumentParser) -> None:
+    """Where units are computed: here (default) or on Ray workers (pip install 'icl-locate[ray]')."""
+    parser.add_argument("--executor", choices=["local", "ray"], default="local",
+                        help="local: this process; ray: Ray actors, each loading the model once")
+    parser.add_argument("--ray-address", default=None,
+                        help="default: start a local Ray instance; 'auto': join the running cluster; or its address")
+    parser.add_argument("--workers", type=int, default=2, help="ray: number of workers (actors)")
+    parser.add_argument("--cpus-per-worker", type=float, default=1.0, help="ray: CPUs reserved per worker")
+    parser.add_argument("--gpus-per-worker", type=float, default=0.0,
+                        help="ray: GPUs per worker; fractions (0.25) pack small models several to a GPU")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="icl-locate", description="Find where in-context learning happens inside a decoder LLM.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
@@ -119,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--batch-size", type=int, default=None)
     _add_data_and_device_options(sw)
     sw.add_argument("--dry-run", action="store_true", help="print the planned units and exit")
+    _add_executor_options(sw)
     sw.set_defaults(command_name="sweep")
 
     rep = sub.add_parser("report", help="figures and an HTML/Markdown report from a results store")
@@ -149,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("--out-dir", default="runs/lora")
     lo.add_argument("--store", default=None, help="results store (default <out-dir>/study.sqlite)")
     _add_data_and_device_options(lo)
+    _add_executor_options(lo)
     lo.set_defaults(command_name="lora-sweep")
 
     demo = sub.add_parser("demo", help="the main job: a small real study on the embedded model")

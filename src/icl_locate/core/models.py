@@ -8,6 +8,7 @@ attention needs an entry in ``legacy.ADAPTERS``; a new alias is one line in ``AL
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -26,7 +27,7 @@ from tokenizers import Tokenizer, decoders, models as bpe_models, pre_tokenizers
 from ..util.errors import UserError
 from ..util.fileio import file_sha256
 from .attention import prepare_model
-from .structure import num_layers, text_config
+from .structure import config_layers, decoder_config
 
 EMBEDDED = "gemma-3-270m"
 
@@ -80,7 +81,7 @@ class ModelInfo:
 
 @dataclass
 class LoadedModel:
-    model: nn.Module
+    model: nn.Module | None  # None: a description only (load_description), the weights live elsewhere
     tokenizer: object
     info: ModelInfo
 
@@ -108,15 +109,42 @@ def load_model(spec: str, dtype: str | torch.dtype | None = None, device: str | 
 
 
 def describe(model: nn.Module, spec: str, source: str, revision: str | None = None) -> ModelInfo:
-    config = text_config(model)
-    heads = next((getattr(config, a) for a in ("num_attention_heads", "num_heads", "n_head")
-                  if isinstance(getattr(config, a, None), int)), 0)
-    context = next((getattr(config, a) for a in ("max_position_embeddings", "n_positions", "seq_length")
-                    if isinstance(getattr(config, a, None), int)), None)
     param = next(model.parameters())
-    return ModelInfo(spec=spec, source=source, architecture=type(model).__name__, model_type=config.model_type,
-                     num_layers=num_layers(model), num_heads=heads, context_length=context,
-                     dtype=str(param.dtype).replace("torch.", ""), device=str(param.device), revision=revision)
+    return _describe_config(model.config, type(model).__name__, spec, source, param.dtype, str(param.device), revision)
+
+
+def _describe_config(config, architecture: str, spec: str, source: str, dtype: torch.dtype, device: str,
+                     revision: str | None = None) -> ModelInfo:
+    text = decoder_config(config)
+    heads = next((getattr(text, a) for a in ("num_attention_heads", "num_heads", "n_head")
+                  if isinstance(getattr(text, a, None), int)), 0)
+    context = next((getattr(text, a) for a in ("max_position_embeddings", "n_positions", "seq_length")
+                    if isinstance(getattr(text, a, None), int)), None)
+    return ModelInfo(spec=spec, source=source, architecture=architecture, model_type=text.model_type,
+                     num_layers=config_layers(config), num_heads=heads, context_length=context,
+                     dtype=str(dtype).replace("torch.", ""), device=device, revision=revision)
+
+
+def load_description(spec: str, dtype: str | torch.dtype | None = None, device: str | None = None) -> LoadedModel:
+    """The tokenizer and the model's description, without its weights (``model`` is None).
+
+    What a driver needs to plan units and check prompt lengths while workers elsewhere hold the
+    weights: the config and tokenizer of a hub model or checkpoint are a few kB to MB.
+    """
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch_dtype = resolve_dtype(dtype, device)
+    if spec.startswith("tiny:"):
+        loaded = load_model(spec, dtype=torch_dtype, device="cpu")
+        return LoadedModel(None, loaded.tokenizer, dataclasses.replace(loaded.info, device=device))
+    source = _resolve_source(spec)
+    try:
+        config = AutoConfig.from_pretrained(source)
+        tokenizer = _prepared_tokenizer(AutoTokenizer.from_pretrained(source))
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load the config and tokenizer of {source!r} ({_first_line(err)})") from None
+    architecture = (getattr(config, "architectures", None) or [type(config).__name__])[0]
+    return LoadedModel(None, tokenizer, _describe_config(config, architecture, spec, source, torch_dtype, device,
+                                                         getattr(config, "_commit_hash", None)))
 
 
 # --------------------------------------------------------------------------- resolution
@@ -168,10 +196,15 @@ def _from_pretrained(source: str, spec: str, torch_dtype: torch.dtype, attn_impl
         raise UserError(
             f"cannot load {source!r} from the Hugging Face hub ({_first_line(err)}). Without network access, "
             f"download it elsewhere (`hf download {source} --local-dir DIR`) and pass --model DIR") from None
+    return model, _prepared_tokenizer(tokenizer)
+
+
+def _prepared_tokenizer(tokenizer):
+    """Left padding, and a pad token (EOS where the model has none)."""
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    return model, tokenizer
+    return tokenizer
 
 
 def _first_line(err: Exception) -> str:

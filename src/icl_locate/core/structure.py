@@ -8,17 +8,26 @@ LAYER_LIST_NAMES = ("layers", "h", "blocks")
 ATTENTION_NAMES = ("self_attn", "self_attention", "attn", "attention")
 
 
-def text_config(model: nn.Module):
+def decoder_config(config):
     """The config that describes the decoder (multimodal models nest it as ``text_config``)."""
-    return getattr(model.config, "text_config", None) or model.config
+    return getattr(config, "text_config", None) or config
 
 
-def num_layers(model: nn.Module) -> int:
-    config = text_config(model)
+def text_config(model: nn.Module):
+    return decoder_config(model.config)
+
+
+def config_layers(config) -> int:
+    """Number of decoder layers a config describes."""
+    config = decoder_config(config)
     for attr in ("num_hidden_layers", "num_layers", "n_layer"):
         if isinstance(getattr(config, attr, None), int):
             return getattr(config, attr)
-    raise RuntimeError(f"cannot tell the number of layers of {type(model).__name__}")
+    raise RuntimeError(f"cannot tell the number of layers of a {type(config).__name__}")
+
+
+def num_layers(model: nn.Module) -> int:
+    return config_layers(model.config)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

@@ -11,18 +11,21 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+import safetensors.torch
 import torch
 from torch import nn
 
 from ..core.conditions import MaskedPrompt
 from ..core.interventions import UNCHANGED
-from ..core.models import LoadedModel, load_model
+from ..core.models import LoadedModel, load_description, load_model
 from ..core.prompts import EncodedPrompt, Example
 from ..core.structure import attention_module, decoder_layers
 from ..engines.base import Engine, StopRule
@@ -32,7 +35,9 @@ from ..tasks.data import data_dir_or_default, flores_bitext, parse_pair
 from ..tasks.metrics import translation_scores
 from ..util.errors import UserError
 from ..util.fileio import ensure_dir
+from ..util.progress import Progress
 from .common import fingerprint
+from .executors import Executor, LocalExecutor, RayExecutor, RaySettings
 from .settings import check_count, parse_layers
 
 OUT_PROJ_NAMES = ("o_proj", "out_proj", "dense", "c_proj")  # llama-likes, gpt_neo, bloom/gpt_neox, gpt2
@@ -187,50 +192,140 @@ def evaluate_zero_shot(engine: Engine, tokenizer, test: Sequence[Example], langu
     return translation_scores(texts, [ex.target for ex in test], language).bleu, texts
 
 
+@dataclass(frozen=True)
+class LoraUnit:
+    """One adapter to train: a layer of one pair under one setting (the store's unit)."""
+
+    pair: str
+    layer: int
+    settings: LoraSettings
+    n_test: int | None
+
+    @property
+    def unit_id(self) -> str:
+        return lora_unit_id(self.pair, self.layer, self.settings, self.n_test)
+
+    def label(self) -> str:
+        return f"LoRA {self.pair} layer {self.layer}"
+
+
+@dataclass
+class LoraResult:
+    """A trained adapter as it travels back to the driver: weights, config, curve, zero-shot BLEU."""
+
+    unit: LoraUnit
+    target: str
+    bleu: float
+    curve: dict
+    seconds: float
+    state: dict  # the adapter's tensors, as PEFT saves them
+    config: object  # its peft LoraConfig
+
+
+@dataclass
+class LoraData:
+    """Training, validation and test pairs of one language pair (FLORES dev 1-800 / 801-997 / devtest)."""
+
+    train: list[Example]
+    val: list[Example]
+    test: list[Example]
+    language: str
+
+    @classmethod
+    def load(cls, data_dir: str | None, pair: str, settings: LoraSettings, n_test: int | None) -> "LoraData":
+        src, tgt = parse_pair(pair)
+        root = data_dir_or_default(data_dir)
+        dev = flores_bitext(root, src, tgt, "dev")
+        test = flores_bitext(root, src, tgt, "devtest")
+        return cls(dev[:settings.train_size], dev[800:800 + settings.val_size], test[:n_test] if n_test else test,
+                   tgt.iso1 or "en")
+
+
+class LoraWorker:
+    """Trains one single-layer adapter per unit on its model; writes nothing (the driver saves and stores)."""
+
+    def __init__(self, loaded: LoadedModel, data: LoraData, log: Callable[[str], None] = lambda m: None):
+        self.loaded, self.data, self.log = loaded, data, log
+        tok = loaded.tokenizer
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self._encoded: dict[int, tuple[list, list]] = {}
+
+    @classmethod
+    def load(cls, run: "LoraRun") -> "LoraWorker":
+        """A worker for ``run`` (used by Ray actors: each loads the model once)."""
+        loaded = load_model(run.model, dtype=run.dtype, device=run.device)
+        return cls(loaded, LoraData.load(run.data_dir, run.pair, run.settings, run.n_test))
+
+    def compute(self, unit: LoraUnit, progress=None) -> LoraResult:
+        started = time.time()
+        tok, settings = self.loaded.tokenizer, unit.settings
+        train = encode_training_pairs(tok, self.data.train[:settings.train_size])
+        val = encode_training_pairs(tok, self.data.val[:settings.val_size])
+        peft_model, target = attach_adapter(self.loaded.model, unit.layer, settings)
+        try:
+            self.log(f"layer {unit.layer}: LoRA on {target} "
+                     f"({sum(p.numel() for p in peft_model.parameters() if p.requires_grad)} trainable parameters)")
+            curve = train_adapter(peft_model, train, val, self.pad_id, settings, self.log)
+            peft_model.eval()
+            bleu, _ = evaluate_zero_shot(SweepEngine(peft_model, tok), tok, self.data.test, self.data.language)
+            from peft import get_peft_model_state_dict  # lazy: see attach_adapter
+
+            state = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(peft_model).items()}
+            config = peft_model.peft_config["default"]
+        finally:
+            peft_model.unload()  # back to the untouched base model for the next unit
+        return LoraResult(unit, target, bleu, curve, time.time() - started, state, config)
+
+
+def save_adapter(result: LoraResult, directory: Path) -> Path:
+    """The adapter in PEFT's own layout (``PeftModel.from_pretrained`` loads it), written atomically."""
+    tmp = directory.with_name(f".{directory.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    safetensors.torch.save_file(result.state, str(tmp / "adapter_model.safetensors"))
+    result.config.save_pretrained(str(tmp))
+    shutil.rmtree(directory, ignore_errors=True)
+    os.replace(tmp, directory)
+    return directory
+
+
 def lora_sweep(loaded: LoadedModel, data_dir: str | None, pair: str, layers: list[int], settings: LoraSettings,
                n_test: int | None, out_dir: Path, store: Store | None = None, run_id: int | None = None,
-               log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> list[dict]:
-    src, tgt = parse_pair(pair)
-    root = data_dir_or_default(data_dir)
-    dev = flores_bitext(root, src, tgt, "dev")
-    test = flores_bitext(root, src, tgt, "devtest")[:n_test] if n_test else flores_bitext(root, src, tgt, "devtest")
+               log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
+               executor: Executor | None = None) -> list[dict]:
+    """One adapter per layer, through ``executor`` (default: this process, on ``loaded``); adapters and
+    results are written here, by the driver, as each comes back; layers the store holds are skipped."""
     if not 0 < settings.train_size <= 800:
         raise UserError(f"--train-size must be in 1..800 (dev lines 1-800 are the training pool), got "
                         f"{settings.train_size}")
-    n_layers = len(decoder_layers(loaded.model))
+    if not 0 < settings.val_size <= 197:
+        raise UserError(f"--val-size must be in 1..197 (dev lines 801-997), got {settings.val_size}")
+    n_layers = loaded.info.num_layers
     bad = [l for l in layers if not 0 <= l < n_layers]
     if bad:
         raise UserError(f"layers {bad} out of range: the model has layers 0..{n_layers - 1}")
-    tok = loaded.tokenizer
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    train = encode_training_pairs(tok, dev[:settings.train_size])
-    if not 0 < settings.val_size <= 197:
-        raise UserError(f"--val-size must be in 1..197 (dev lines 801-997), got {settings.val_size}")
-    val = encode_training_pairs(tok, dev[800:800 + settings.val_size])
-    results = []
+    data = LoraData.load(data_dir, pair, settings, n_test)
+    units = []
     for layer in layers:
-        unit_id = lora_unit_id(pair, layer, settings, n_test)
-        if store is not None and store.has_lora(unit_id):
+        unit = LoraUnit(pair, layer, settings, n_test)
+        if store is not None and store.has_lora(unit.unit_id):
             log(f"layer {layer}: already in the store, skipped")
-            continue
-        started = time.time()
-        peft_model, target = attach_adapter(loaded.model, layer, settings)
-        log(f"layer {layer}: LoRA on {target} ({sum(p.numel() for p in peft_model.parameters() if p.requires_grad)} "
-            f"trainable parameters)")
-        curve = train_adapter(peft_model, train, val, pad_id, settings, log)
-        peft_model.eval()
-        bleu, _ = evaluate_zero_shot(SweepEngine(peft_model, tok), tok, test, tgt.iso1 or "en")
-        adapter_dir = out_dir / f"layer{layer:02d}"
-        peft_model.save_pretrained(adapter_dir)
-        result = dict(layer=layer, target=target, bleu=bleu, seconds=time.time() - started, curve=curve,
-                      adapter=str(adapter_dir))
-        results.append(result)
-        log(f"layer {layer}: zero-shot BLEU {bleu:.2f} ({result['seconds']:.0f}s)")
-        if store is not None:
-            store.add_lora(unit_id, layer, bleu, dict(curve, pair=pair, settings=asdict(settings), n_test=n_test,
-                                                      target=target), str(adapter_dir))
-        peft_model.unload()  # back to the untouched base model for the next layer
-    return results
+        else:
+            units.append(unit)
+    executor = executor or LocalExecutor(LoraWorker(loaded, data, log))
+    results = []
+    with Progress(len(units), "lora-sweep") as progress:
+        for r in executor.map(units, progress):
+            adapter_dir = save_adapter(r, out_dir / f"layer{r.unit.layer:02d}")
+            result = dict(layer=r.unit.layer, target=r.target, bleu=r.bleu, seconds=r.seconds, curve=r.curve,
+                          adapter=str(adapter_dir))
+            results.append(result)
+            progress.advance(f"layer {r.unit.layer}: zero-shot BLEU {r.bleu:.2f} ({r.seconds:.0f}s)")
+            if store is not None:
+                store.add_lora(r.unit.unit_id, r.unit.layer, r.bleu,
+                               dict(r.curve, pair=pair, settings=asdict(settings), n_test=n_test, target=r.target),
+                               str(adapter_dir))
+    return sorted(results, key=lambda r: r["layer"])
 
 
 def lora_unit_id(pair: str, layer: int, settings: LoraSettings, n_test) -> str:
@@ -269,11 +364,13 @@ def validate_lora(run: LoraRun) -> None:
     parse_pair(run.pair)
 
 
-def run_lora_sweep(run: LoraRun, command: str) -> tuple[list[dict], Path]:
-    """Validate, load, train one adapter per layer into the store; returns the new results and the store path."""
+def run_lora_sweep(run: LoraRun, command: str, ray: RaySettings | None = None) -> tuple[list[dict], Path]:
+    """Validate, load, train one adapter per layer into the store (here, or on Ray workers: one unit per
+    layer); returns the new results and the store path."""
     validate_lora(run)
+    executor = RayExecutor(ray, LoraWorker.load, run) if ray is not None else None  # Ray missing: fails here
     flores_bitext(data_dir_or_default(run.data_dir), *parse_pair(run.pair), "dev")  # data errors before the model
-    loaded = load_model(run.model, dtype=run.dtype, device=run.device)
+    loaded = (load_description if ray is not None else load_model)(run.model, dtype=run.dtype, device=run.device)
     n = loaded.info.num_layers
     layers = list(range(n)) if run.layers == "all" else parse_layers(run.layers, n - 1)
     out_dir = ensure_dir(run.out_dir)
@@ -282,7 +379,7 @@ def run_lora_sweep(run: LoraRun, command: str) -> tuple[list[dict], Path]:
     try:
         run_id = store.start_run(command, asdict(run.settings), {"model": loaded.info.as_dict()})
         results = lora_sweep(loaded, run.data_dir, run.pair, layers, run.settings, run.n_test, out_dir / "adapters",
-                             store=store, run_id=run_id)
+                             store=store, run_id=run_id, executor=executor)
     finally:
         store.close()
     return results, store_path

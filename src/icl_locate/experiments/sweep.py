@@ -11,13 +11,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from ..core.models import LoadedModel, load_model
+from ..core.models import LoadedModel, load_description, load_model
 from ..engines.sweep import SweepEngine
 from ..results.store import Store
 from ..util.errors import Interrupted, UserError
 from ..util.progress import Progress
 from .common import fingerprint, provenance
-from .executors import Executor, LocalExecutor
+from .executors import Executor, LocalExecutor, RayExecutor, RaySettings
 from .settings import SweepConfig, TaskCache, WorkUnit, load_task_data, plan_units, validate
 from .units import Worker, check_units
 
@@ -47,27 +47,39 @@ def check_k(config: SweepConfig, tasks: TaskCache) -> None:
                 raise UserError(f"k={k} examples requested but the {task.name} prompt bank has {len(data.bank)}")
 
 
-def prepare(config: SweepConfig) -> tuple[LoadedModel, TaskCache, list[WorkUnit]]:
-    """Validate, read the data, load the model, plan: everything that can fail before the store opens."""
+def prepare(config: SweepConfig, weights: bool = True) -> tuple[LoadedModel, TaskCache, list[WorkUnit]]:
+    """Validate, read the data, load the model (only its description and tokenizer without ``weights``),
+    plan, check the units: everything that can fail before the store opens."""
     validate(config)
     tasks = load_task_data(config)
     check_k(config, tasks)
-    loaded = load_model(config.model, dtype=config.dtype, device=config.device)
-    return loaded, tasks, plan_units(config, loaded.info.num_layers)
+    loaded = (load_model if weights else load_description)(config.model, dtype=config.dtype, device=config.device)
+    units = plan_units(config, loaded.info.num_layers)
+    check_units(loaded, tasks, units, config.max_new_tokens)  # context length, before the store is touched
+    return loaded, tasks, units
 
 
-def run_sweep(config: SweepConfig, store_path: str | Path, command: str) -> SweepResult:
-    """Plan, validate, open the store, execute locally. Shared by ``sweep`` and ``demo``."""
+def run_sweep(config: SweepConfig, store_path: str | Path, command: str, ray: RaySettings | None = None) -> SweepResult:
+    """Plan, validate, open the store, execute (here, or on Ray workers with ``ray``). Shared by ``sweep`` and ``demo``.
+
+    With Ray the driver loads no weights: each worker loads the model once; the driver plans, checks
+    and commits.
+    """
     store_file = check_store_path(store_path)
-    loaded, tasks, units = prepare(config)
-    worker = Worker(loaded, SweepEngine(loaded.model, loaded.tokenizer, batch_size=config.batch_size), tasks,
-                    config.max_new_tokens)
-    check_units(worker, units)  # bad k or context length fail here, before the store is touched
+    executor: Executor
+    if ray is not None:
+        executor = RayExecutor(ray, Worker.load, config)  # Ray missing or bad settings: fails here, first
+        loaded, tasks, units = prepare(config, weights=False)
+    else:
+        loaded, tasks, units = prepare(config)
+        executor = LocalExecutor(Worker(loaded, SweepEngine(loaded.model, loaded.tokenizer,
+                                                            batch_size=config.batch_size), tasks,
+                                        config.max_new_tokens))
     with Store.open(store_file, fingerprint(loaded, config.max_new_tokens)) as store:
         files = [f for _, data in tasks.values() for f in data.files]
         run_id = store.start_run(command, asdict(config), provenance(loaded, files))
         try:
-            ran, skipped = execute(LocalExecutor(worker), store, units, run_id)
+            ran, skipped = execute(executor, store, units, run_id)
         except KeyboardInterrupt:
             raise Interrupted(f"interrupted; {len(store.done_units())} units are safely in {store_file}. "
                                 f"Rerun the same command to resume.") from None

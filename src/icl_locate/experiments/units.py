@@ -16,12 +16,13 @@ from typing import Sequence
 
 from ..core.conditions import get_condition
 from ..core.interventions import AblateLayers, MaskFrom, RowIntervention
-from ..core.models import LoadedModel
+from ..core.models import LoadedModel, load_model
 from ..engines.base import Engine, Progress
+from ..engines.sweep import SweepEngine
 from ..tasks.registry import build_items, post_process
 from ..util.errors import UserError
 from .common import check_context, masked_prompts, stop_rule
-from .settings import TaskCache, WorkUnit
+from .settings import SweepConfig, TaskCache, WorkUnit, load_task_data
 
 
 @dataclass
@@ -57,13 +58,16 @@ class Worker:
     tasks: TaskCache
     max_new_tokens: int | None = None
 
-    def items(self, unit: WorkUnit):
-        task, data = self.tasks[(unit.task, unit.pair)]
-        return task, data, build_items(task, data, self.loaded.tokenizer, unit.k, unit.seed, unit.n_test,
-                                       unit.instructions)
+    @classmethod
+    def load(cls, config: SweepConfig) -> "Worker":
+        """A worker for ``config``'s sweep: its data, its model (dtype and device as configured), the sweep engine."""
+        tasks = load_task_data(config)
+        loaded = load_model(config.model, dtype=config.dtype, device=config.device)
+        return cls(loaded, SweepEngine(loaded.model, loaded.tokenizer, batch_size=config.batch_size), tasks,
+                   config.max_new_tokens)
 
     def compute(self, unit: WorkUnit, progress: Progress | None = None) -> UnitResult:
-        task, data, items = self.items(unit)
+        task, data, items = unit_items(self.loaded.tokenizer, self.tasks, unit)
         n_layers = self.loaded.info.num_layers
         condition = get_condition(unit.condition) if unit.kind == "mask" else None
         prompts = masked_prompts(items, condition)
@@ -92,11 +96,17 @@ class Worker:
         return UnitResult(unit, seconds, predictions, scores, context, query)
 
 
-def check_units(worker: Worker, units: Sequence[WorkUnit]) -> None:
+def unit_items(tokenizer, tasks: TaskCache, unit: WorkUnit):
+    """The unit's task, data and prompted test items (deterministic: seeded example sampling)."""
+    task, data = tasks[(unit.task, unit.pair)]
+    return task, data, build_items(task, data, tokenizer, unit.k, unit.seed, unit.n_test, unit.instructions)
+
+
+def check_units(loaded: LoadedModel, tasks: TaskCache, units: Sequence[WorkUnit], max_new_tokens: int | None) -> None:
     """Everything about the units that can fail on input before any decoding: k, context length."""
     for unit in units:
-        task, data = worker.tasks[(unit.task, unit.pair)]
+        task, data = tasks[(unit.task, unit.pair)]
         if unit.k > len(data.bank):
             raise UserError(f"k={unit.k} examples requested but the {unit.task} prompt bank has {len(data.bank)}")
-        _, _, items = worker.items(unit)
-        check_context(items, worker.loaded, stop_rule(task, worker.max_new_tokens).max_new_tokens, unit.label())
+        _, _, items = unit_items(loaded.tokenizer, tasks, unit)
+        check_context(items, loaded, stop_rule(task, max_new_tokens).max_new_tokens, unit.label())
