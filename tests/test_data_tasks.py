@@ -7,7 +7,7 @@ import pytest
 from icl_locate.tasks.data import flores_bitext, flores_file, parse_pair, resolve_language
 from icl_locate.util.errors import UserError
 from icl_locate.tasks.metrics import first_sentence, pass_at_1, translation_scores
-from icl_locate.tasks.registry import TASKS, TaskOptions, build_items, get_task, humaneval_query, post_process, read_pairs
+from icl_locate.tasks.registry import TASKS, TaskOptions, build_items, get_task, humaneval_query, post_process
 
 
 def _tree(root, layout: str):
@@ -90,7 +90,7 @@ def test_bitext_task(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"src": 1}\n')
     with pytest.raises(UserError, match="bad.jsonl:1"):
-        read_pairs(str(bad))
+        get_task("bitext").load(TaskOptions(bank_path=str(bad), test_path=str(test)))
 
 
 def test_registry_and_post_processing():

@@ -96,3 +96,12 @@ def test_fast_engine_matches_reference_on_gemma(gemma, mt_items):
             plan = [ColumnMask.at_layers([ranges], range(j, 18))] if ranges else []
             ref = greedy_decode(gemma.model, gemma.tokenizer, it.encoded.ids, plan, stop)
             assert fast[(i, MaskFrom(j))].token_ids == ref.token_ids, (i, j)
+
+
+def test_real_curve_gets_a_recognition_layer(gemma, data_dir, tmp_path, capsys):
+    """The weak-baseline verdict stays away from a model that really translates."""
+    assert main(["sweep", "--pairs", "fra-eng", "--conditions", "instructions+examples", "--n-test", "6",
+                 "--layers", "0,9,18", "--data-dir", str(data_dir), "--store", str(tmp_path / "s.sqlite")]) == 0
+    out = capsys.readouterr().out
+    assert "instructions+examples (instr, k=5): baseline BLEU" in out
+    assert "no recognition layer" not in out and "; recognition layer " in out

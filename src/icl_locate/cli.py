@@ -52,7 +52,7 @@ def settings_from(args, cls, rename: dict[str, str] | None = None, **extra):
 
 def cmd_run(args) -> int:
     result = run_decode(settings_from(args, RunSettings, instructions=not args.no_instructions,
-                                      task=args.task or "flores"))
+                                      task=args.task or "flores"), log=err)
     err(result.description)
     print(f"{'id':<16} {'generation':<44} {'reference':<44} {result.metric:>7}")
     for r in result.rows:
@@ -135,7 +135,8 @@ def sweep_config_from_args(args) -> SweepConfig:
                      instructions=instructions, seeds=csv_list(args.seeds, int), ks=csv_list(args.ks, int),
                      layers=args.layers, n_test=args.n_test, max_new_tokens=args.max_new_tokens,
                      batch_size=args.batch_size, data_dir=args.data_dir, dtype=args.dtype, device=args.device,
-                     layer_ablation=True if args.layer_ablation else None)
+                     layer_ablation=True if args.layer_ablation else None, bank=args.bank, test=args.test,
+                     src_lang=args.src_lang, tgt_lang=args.tgt_lang)
     return load_config(args.preset, args.config, overrides)
 
 
@@ -155,6 +156,7 @@ def cmd_sweep(args) -> int:
         return 0
     result = run_sweep(config, args.store, command_line(), ray_settings(args))
     print(f"sweep finished: {result.ran} units run, {result.skipped} already done; store {args.store}")
+    print("\n".join(result.summary))
     return 0
 
 

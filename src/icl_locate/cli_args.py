@@ -22,6 +22,15 @@ def _add_data_and_device_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
 
 
+def _add_own_data_options(parser: argparse.ArgumentParser) -> None:
+    """Your own translation pairs with the built-in bitext task (task files name their data themselves)."""
+    parser.add_argument("--bank", help="bitext task: prompt-bank file (JSONL, TSV or CSV)")
+    parser.add_argument("--test", help="bitext task: test file (JSONL, TSV or CSV)")
+    parser.add_argument("--src-lang", help="bitext task: source language (name or FLORES code): the paper's "
+                                           "'Translate X to Y:' format")
+    parser.add_argument("--tgt-lang", help="bitext task: target language")
+
+
 def _add_executor_options(parser: argparse.ArgumentParser) -> None:
     """Where units are computed: here (default) or on Ray workers (pip install 'icl-locate[ray]')."""
     parser.add_argument("--executor", choices=["local", "ray"], default="local",
@@ -40,10 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="decode a test set under one masking condition and layer; score it")
     run.add_argument("--model", default="gemma-3-270m", help="alias, hub id, local dir, .gguf file or tiny:<family>")
-    run.add_argument("--task", default=None, help="task name (see `icl-locate tasks`); default flores")
+    run.add_argument("--task", default=None, help="task name (see `icl-locate tasks`) or task file (.yaml); default flores")
     run.add_argument("--pair", help="translation direction, e.g. fra-eng, fr-en, fra_Latn-eng_Latn")
-    run.add_argument("--bank", help="bitext task: prompt-bank file (JSONL/TSV)")
-    run.add_argument("--test", help="bitext task: test file (JSONL/TSV)")
     run.add_argument("--condition", default="baseline", help="masking condition (see `icl-locate conditions`)")
     run.add_argument("--from-layer", type=int, default=None,
                      help="mask in every layer >= this one; = number of layers masks nothing")
@@ -55,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's (50 for MT)")
     run.add_argument("--out", help="write one JSON line per prediction here")
     _add_data_and_device_options(run)
+    _add_own_data_options(run)
     run.add_argument("--workers", type=int, default=2, help="code tasks: sandbox workers")
     run.add_argument("--timeout", type=float, default=3.0, help="code tasks: seconds per sample")
     run.set_defaults(command_name="run")
@@ -74,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="exit 1 if fewer (sentence, layer) pairs than this fraction match (b)")
     bench.add_argument("--json", help="write the measurements here")
     _add_data_and_device_options(bench)
+    _add_own_data_options(bench)
     bench.set_defaults(command_name="bench")
 
     pr = sub.add_parser("prune", help="context-pruned inference: time, memory, FLOPs and quality vs full processing")
@@ -92,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--json", help="write the measurements here")
     pr.add_argument("--store", help="also keep the measurement in this study store (shown by `report`)")
     _add_data_and_device_options(pr)
+    _add_own_data_options(pr)
     pr.set_defaults(command_name="prune")
 
     sc = sub.add_parser("score-code", help="run HumanEval completions in the sandbox; print pass@1")
@@ -130,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--max-new-tokens", type=int, default=None)
     sw.add_argument("--batch-size", type=int, default=None)
     _add_data_and_device_options(sw)
+    _add_own_data_options(sw)
     sw.add_argument("--dry-run", action="store_true", help="print the planned units and exit")
     _add_executor_options(sw)
     sw.set_defaults(command_name="sweep")

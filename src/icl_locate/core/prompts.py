@@ -32,6 +32,7 @@ class PromptFormat:
     q: str
     a: str
     sep: str = "\n"
+    example_suffix: str = " "  # after each example's answer, as the paper's format has it
 
 
 FORMATS: dict[str, PromptFormat] = {
@@ -71,7 +72,7 @@ def build_prompt(fmt: PromptFormat, examples: Sequence[Example], query: str, hea
     no-instructions variant.
     """
     header = fmt.header if header is None else header
-    shots = fmt.sep.join(f"{fmt.q}{ex.source.strip()}{fmt.a}{ex.target.strip()} " for ex in examples)
+    shots = fmt.sep.join(f"{fmt.q}{ex.source.strip()}{fmt.a}{ex.target.strip()}{fmt.example_suffix}" for ex in examples)
     prefix = f"{header}{fmt.sep}{shots}" if shots else header
     query_text = f"{fmt.q}{query.strip()}{fmt.a}"
     text = f"{prefix}{fmt.sep}{query_text}"

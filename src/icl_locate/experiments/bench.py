@@ -22,11 +22,11 @@ from ..engines.base import StopRule, eos_ids, forward
 from ..engines.paper import PaperEngine
 from ..engines.reference import batch_interventions
 from ..engines.sweep import SweepEngine
-from ..tasks.registry import TaskOptions, build_items, get_task
+from ..tasks.registry import build_items
 from ..util.fileio import check_writable, write_json_atomic
 from ..util.progress import Progress
 from ..util.system import peak_rss_mb, reset_peak_rss
-from .common import check_context, masked_prompts, stop_rule
+from .common import check_context, masked_prompts, stop_rule, task_and_data
 from .settings import check_count, parse_layers
 
 
@@ -46,6 +46,10 @@ class BenchSettings:
     data_dir: str | None = None
     dtype: str | None = None
     device: str | None = None
+    bank: str | None = None  # bitext: your prompt bank and test files, and their languages
+    test: str | None = None
+    src_lang: str | None = None
+    tgt_lang: str | None = None
 
 
 def logit_margin(loaded: LoadedModel, prompt: MaskedPrompt, from_layer: int, common: list[int], a: int,
@@ -105,14 +109,13 @@ class BenchResult:
 
 def run_bench(s: BenchSettings, log=print) -> BenchResult:
     """Validate, load, run (a), (b), (c) on the same prompts and compare them."""
-    task = get_task(s.task)
     condition = get_condition(s.condition)
     parse_layers(s.layers)
     check_count("--n-test", s.n_test)
     check_count("--batch-size", s.batch_size)
     if s.json:
         check_writable(s.json)
-    data = task.load(TaskOptions(data_dir=s.data_dir, pair=s.pair))
+    task, data = task_and_data(s, s.pair, log)
     loaded = load_model(s.model, dtype=s.dtype, device=s.device)
     layers = parse_layers(s.layers, loaded.info.num_layers)
     items = build_items(task, data, loaded.tokenizer, k=s.k, seed=s.seed, n_test=s.n_test)

@@ -12,11 +12,11 @@ from ..core.interventions import MaskFrom
 from ..core.models import load_model
 from ..engines.reference import ReferenceEngine
 from ..tasks.metrics import PassAt1
-from ..tasks.registry import TaskOptions, build_items, get_task, post_process
+from ..tasks.registry import build_items, post_process
 from ..util.errors import UserError
 from ..util.fileio import check_writable, write_jsonl_atomic
 from ..util.progress import Progress
-from .common import check_context, masked_prompts, stop_rule
+from .common import check_context, masked_prompts, stop_rule, task_and_data
 from .settings import check_count
 
 
@@ -25,8 +25,6 @@ class RunSettings:
     model: str = "gemma-3-270m"
     task: str = "flores"
     pair: str | None = None
-    bank: str | None = None
-    test: str | None = None
     condition: str = "baseline"
     from_layer: int | None = None  # None: the last layer for the baseline, else required
     k: int = 5
@@ -39,6 +37,10 @@ class RunSettings:
     data_dir: str | None = None
     dtype: str | None = None
     device: str | None = None
+    bank: str | None = None  # bitext: your prompt bank and test files, and their languages
+    test: str | None = None
+    src_lang: str | None = None
+    tgt_lang: str | None = None
     workers: int = 2  # code tasks: sandbox workers
     timeout: float = 3.0  # code tasks: seconds per sample
 
@@ -53,14 +55,13 @@ class RunResult:
     metric: str = ""
 
 
-def run_decode(s: RunSettings) -> RunResult:
-    task = get_task(s.task)
-    if isinstance(task.metric, PassAt1):
-        task = dataclasses.replace(task, metric=dataclasses.replace(task.metric, workers=s.workers, timeout=s.timeout))
+def run_decode(s: RunSettings, log=print) -> RunResult:
     condition = get_condition(s.condition)
     check_count("--max-new-tokens", s.max_new_tokens)
     out = check_writable(s.out) if s.out else None
-    data = task.load(TaskOptions(data_dir=s.data_dir, pair=s.pair, bank_path=s.bank, test_path=s.test))
+    task, data = task_and_data(s, s.pair, log)
+    if isinstance(task.metric, PassAt1):
+        task = dataclasses.replace(task, metric=dataclasses.replace(task.metric, workers=s.workers, timeout=s.timeout))
     loaded = load_model(s.model, dtype=s.dtype, device=s.device)
     n_layers = loaded.info.num_layers
     from_layer = n_layers if s.from_layer is None and condition.name == "baseline" else s.from_layer

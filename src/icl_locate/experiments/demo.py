@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..results.analysis import Curve, analyse_curve, load_curves, savings
+from ..results.analysis import Curve, analyse_curve, load_curves, summary_lines
 from ..results.report import build_report
 from ..results.store import Store
 from ..util.fileio import ensure_dir
@@ -41,25 +41,15 @@ def run_demo(s: DemoSettings, say: Callable[[str], None] = print) -> Path:
     run_sweep(config, store_path, f"icl-locate demo --n-test {s.n_test}")
     with Store(store_path, create=False) as store:
         curves = [analyse_curve(c) for c in load_curves(store)]
-    for line in summary_lines(curves):
-        say(line)
+    for c in curves:
+        say("")
+        for line in summary_lines(c):
+            say(line)
     prune_at_recognition_layer(store_path, curves, s, say)
     with Store(store_path, create=False) as store:
         report = build_report(store, out_dir / "report")
     say(f"\nmain job done in {time.time() - started:.0f}s; report: {report}")
     return report
-
-
-def summary_lines(curves: list[Curve]) -> list[str]:
-    lines = []
-    for c in curves:
-        s = savings(c, c.layers[-1])
-        lines.append(f"\n{c.key['pair']} {c.label()}: baseline {c.metric.label} {c.baseline:.1f}; recognition layer "
-                     f"{c.recognition} (95% CI {c.recognition_ci[0]:.0f}-{c.recognition_ci[1]:.0f}) of "
-                     f"{c.layers[-1]}; savings {100 * s.paper_formula:.1f}% (paper formula), "
-                     f"{100 * s.token_exact:.1f}% (exact tokens)")
-        lines.append(f"  {c.metric.label} by layer: " + " ".join(f"{l}:{v:.1f}" for l, v in zip(c.layers, c.score)))
-    return lines
 
 
 def prune_at_recognition_layer(store_path: Path, curves: list[Curve], s: DemoSettings,

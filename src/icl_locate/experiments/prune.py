@@ -22,11 +22,11 @@ from ..engines.base import Engine, Generation, StopRule
 from ..engines.pruned import ModelDims, PrunedEngine, check_supported, paper_savings, prune_split, request_flops
 from ..engines.sweep import SweepEngine
 from ..results.store import Store
-from ..tasks.registry import PromptedItem, Task, TaskOptions, build_items, get_task, post_process
+from ..tasks.registry import PromptedItem, Task, build_items, post_process
 from ..util.errors import UserError
 from ..util.fileio import check_writable, write_json_atomic
 from ..util.system import current_rss_mb, peak_rss_mb, reset_peak_rss
-from .common import check_context, fingerprint, masked_prompts, provenance, stop_rule
+from .common import check_context, fingerprint, masked_prompts, provenance, stop_rule, task_and_data
 from .settings import check_count
 
 
@@ -49,17 +49,20 @@ class PruneSettings:
     data_dir: str | None = None
     dtype: str | None = None
     device: str | None = None
+    bank: str | None = None  # bitext: your prompt bank and test files, and their languages
+    test: str | None = None
+    src_lang: str | None = None
+    tgt_lang: str | None = None
 
 
 def run_prune(s: PruneSettings, command: str, log=print) -> "PruneResult":
     """Validate, load, measure, write the JSON and the store entry."""
-    task = get_task(s.task)
     check_count("--max-new-tokens", s.max_new_tokens)
     check_count("--batch-size", s.batch_size)
     check_count("--n-test", s.n_test)
     condition = get_condition(s.condition)
     out = check_writable(s.json) if s.json else None
-    data = task.load(TaskOptions(data_dir=s.data_dir, pair=s.pair))
+    task, data = task_and_data(s, s.pair, log)
     loaded = load_model(s.model, dtype=s.dtype, device=s.device)
     check_supported(loaded.model)
     store = Store.open(s.store, fingerprint(loaded), attach=True) if s.store else None

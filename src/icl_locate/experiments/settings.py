@@ -14,6 +14,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
@@ -44,6 +45,10 @@ class SweepConfig:
     data_dir: str | None = None
     dtype: str | None = None
     device: str | None = None
+    bank: str | None = None  # bitext: your prompt bank and test files, and their languages
+    test: str | None = None
+    src_lang: str | None = None
+    tgt_lang: str | None = None
 
 
 PRESETS: dict[str, dict] = {
@@ -94,10 +99,14 @@ class WorkUnit:
     k: int
     n_test: int | None
     layers: tuple[int, ...]
+    data: str = ""  # identity of user data (task file, files); "" for the built-in datasets
 
     @property
     def unit_id(self) -> str:
-        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        spec = asdict(self)
+        if not spec["data"]:  # ids of built-in tasks stay what they always were (stores resume)
+            del spec["data"]
+        return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
     def label(self) -> str:
         what = self.condition if self.kind == "mask" else "layer ablation"
@@ -126,7 +135,7 @@ def check_count(name: str, value: int | None, minimum: int = 1) -> None:
 
 def validate(config: SweepConfig) -> None:
     """Every check that needs no data and no model: names, numbers, layer syntax."""
-    task = get_task(config.task)
+    task = sweep_task(config)
     for c in config.conditions:
         get_condition(c)
     if not config.conditions and not config.layer_ablation:
@@ -149,34 +158,46 @@ def validate(config: SweepConfig) -> None:
 
 def task_pairs(config: SweepConfig) -> list[str]:
     """The language pairs of the grid ("" for tasks that take none: pairs only mean something for MT)."""
-    return config.pairs if get_task(config.task).needs_pair else [""]
+    return config.pairs if sweep_task(config).needs_pair else [""]
 
 
 TaskCache = dict[tuple[str, str], tuple[Task, TaskData]]
 
 
-def load_task_data(config: SweepConfig) -> TaskCache:
+def sweep_task(config: SweepConfig) -> Task:
+    return get_task(config.task, config.src_lang, config.tgt_lang)
+
+
+def load_task_data(config: SweepConfig, log: Callable[[str], None] = lambda line: None) -> TaskCache:
     """Read each (task, pair) of the grid once; bad paths or files fail here, before the model loads."""
-    task = get_task(config.task)
-    return {(task.name, pair): (task, task.load(TaskOptions(data_dir=config.data_dir, pair=pair or None)))
-            for pair in task_pairs(config)}
+    task = sweep_task(config)
+    cache = {}
+    for pair in task_pairs(config):
+        data = task.load(TaskOptions(data_dir=config.data_dir, pair=pair or None, bank_path=config.bank,
+                                     test_path=config.test, src_lang=config.src_lang, tgt_lang=config.tgt_lang))
+        for note in data.notes:
+            log(note)
+        cache[(task.name, pair)] = (task, data)
+    return cache
 
 
-def plan_units(config: SweepConfig, num_layers: int) -> list[WorkUnit]:
-    """Expand the grid (``validate`` it first)."""
+def plan_units(config: SweepConfig, num_layers: int, tasks: TaskCache | None = None) -> list[WorkUnit]:
+    """Expand the grid (``validate`` it first). ``tasks`` (the loaded data) gives user data its identity."""
     validate(config)
+    task = sweep_task(config)
     layers = tuple(parse_layers(config.layers, num_layers))
     units = []
     for pair in task_pairs(config):
         for seed in config.seeds:
             for k in config.ks:
+                data = tasks[(task.name, pair)][1].digest[:16] if tasks else ""
                 for instr in config.instructions:
                     for cond in config.conditions:
-                        units.append(WorkUnit(config.task, pair, "mask", get_condition(cond).name, instr, seed, k,
-                                              config.n_test, layers))
+                        units.append(WorkUnit(task.name, pair, "mask", get_condition(cond).name, instr, seed, k,
+                                              config.n_test, layers, data))
                 if config.layer_ablation:
-                    units.append(WorkUnit(config.task, pair, "ablation", "", True, seed, k, config.n_test,
-                                          tuple(range(num_layers + 1))))
+                    units.append(WorkUnit(task.name, pair, "ablation", "", True, seed, k, config.n_test,
+                                          tuple(range(num_layers + 1)), data))
     return list(dict.fromkeys(units))
 
 

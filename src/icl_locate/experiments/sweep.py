@@ -7,12 +7,14 @@ it is handed, and this driver alone writes the store, one transaction per unit.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import sys
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
 from ..core.models import LoadedModel, load_description, load_model
 from ..engines.sweep import SweepEngine
+from ..results.analysis import analyse_curve, load_curves, summary_lines
 from ..results.store import Store
 from ..util.errors import Interrupted, UserError
 from ..util.progress import Progress
@@ -29,6 +31,7 @@ class SweepResult:
     ran: int
     num_layers: int
     store: Path
+    summary: list[str] = field(default_factory=list)  # per curve: the recognition layer, or why there is none
 
 
 def check_store_path(path: str | Path) -> Path:
@@ -51,10 +54,10 @@ def prepare(config: SweepConfig, weights: bool = True) -> tuple[LoadedModel, Tas
     """Validate, read the data, load the model (only its description and tokenizer without ``weights``),
     plan, check the units: everything that can fail before the store opens."""
     validate(config)
-    tasks = load_task_data(config)
+    tasks = load_task_data(config, log=lambda line: print(line, file=sys.stderr, flush=True))
     check_k(config, tasks)
     loaded = (load_model if weights else load_description)(config.model, dtype=config.dtype, device=config.device)
-    units = plan_units(config, loaded.info.num_layers)
+    units = plan_units(config, loaded.info.num_layers, tasks)
     check_units(loaded, tasks, units, config.max_new_tokens)  # context length, before the store is touched
     return loaded, tasks, units
 
@@ -83,7 +86,12 @@ def run_sweep(config: SweepConfig, store_path: str | Path, command: str, ray: Ra
         except KeyboardInterrupt:
             raise Interrupted(f"interrupted; {len(store.done_units())} units are safely in {store_file}. "
                                 f"Rerun the same command to resume.") from None
-    return SweepResult(len(units), skipped, ran, loaded.info.num_layers, store_file)
+        lines = [line for curve in load_curves(store) for line in
+                 summary_lines(analyse_curve(curve, n_boot=SUMMARY_BOOTSTRAP), loaded.info.num_layers)]
+    return SweepResult(len(units), skipped, ran, loaded.info.num_layers, store_file, lines)
+
+
+SUMMARY_BOOTSTRAP = 200  # replicates for the terminal summary; `report` uses 1000
 
 
 def execute(executor: Executor, store: Store, units: Sequence[WorkUnit], run_id: int) -> tuple[int, int]:

@@ -15,8 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..tasks.metrics import Metric
-from ..tasks.registry import get_task
+from ..tasks.metrics import Metric, metric_named
 
 DEFAULT_FRACTION = 0.95
 CONTEXT_CONDITIONS = ("instructions+examples", "examples")  # masks after which the context could be dropped
@@ -58,8 +57,10 @@ class Curve:
     query_tokens: float = 0.0
     score: list[float] = field(default_factory=list)
     ci: list[tuple[float, float]] = field(default_factory=list)
-    recognition: int | None = None
+    recognition: int | None = None  # None where no recognition layer can be located (see ``verdict``)
     recognition_ci: tuple[float, float] | None = None
+    gain_ci: tuple[float, float] | None = None  # 95% CI of baseline - score masked from the first layer
+    verdict: str = ""  # the recognition layer, or why there is none, in words
 
     @property
     def baseline(self) -> float:
@@ -82,12 +83,13 @@ def load_curves(store) -> list[Curve]:
     for unit in store.units():
         spec = unit["spec"]
         key = {k: spec[k] for k in ("task", "pair", "kind", "condition", "instructions", "k", "n_test")}
+        key["data"] = spec.get("data", "")  # user data of another content is another cell
         cells.setdefault(json.dumps(key, sort_keys=True), []).append(unit)
     curves = []
     for key_json, units in sorted(cells.items()):
         key = json.loads(key_json)
         units.sort(key=lambda u: u["spec"]["seed"])
-        metric = get_task(key["task"]).metric
+        metric = metric_named(store.primary_metric(units[0]["unit_id"]))
         per_seed, layers = [], None
         for unit in units:
             preds = store.predictions(unit["unit_id"])
@@ -125,9 +127,28 @@ def analyse_curve(curve: Curve, fraction: float = DEFAULT_FRACTION, n_boot: int 
         recog[b] = recognition_layer(curve.layers, boot[b], boot[b, -1], fraction)
     curve.ci = [percentile_interval(boot[:, l]) for l in range(L)]
     if curve.key["kind"] == "mask":
-        curve.recognition = recognition_layer(curve.layers, curve.score, curve.baseline, fraction)
-        curve.recognition_ci = percentile_interval(recog)
+        curve.gain_ci = percentile_interval(boot[:, -1] - boot[:, 0])
+        recognition = recognition_layer(curve.layers, curve.score, curve.baseline, fraction)
+        curve.verdict = judge(curve, recognition, percentile_interval(recog), fraction)
+        if not curve.verdict.startswith("no recognition layer"):
+            curve.recognition, curve.recognition_ci = recognition, percentile_interval(recog)
     return curve
+
+
+def judge(curve: Curve, recognition: int, ci: tuple[float, float], fraction: float) -> str:
+    """The recognition layer, or an honest 'none': a baseline the bootstrap does not put above the
+    score masked from the first layer, or a curve that never climbs back to the threshold."""
+    first, last = curve.layers[0], curve.layers[-1]
+    if len(curve.layers) < 2:
+        return "no recognition layer: one layer setting only"
+    lo, hi = curve.gain_ci
+    if lo <= 0:
+        return (f"no recognition layer: baseline {curve.baseline:.1f} is not above masked-from-{first} "
+                f"{curve.score[0]:.1f} (95% CI of the difference {lo:.1f} to {hi:.1f})")
+    if recognition >= last:
+        return (f"no recognition layer: the score stays below {fraction:.0%} of the baseline "
+                f"({curve.baseline:.1f}) until the last layer")
+    return f"recognition layer {recognition} (95% CI {ci[0]:.0f}-{ci[1]:.0f}) of {last}"
 
 
 def critical_layers(curve: Curve, fraction: float = DEFAULT_FRACTION) -> list[int]:
@@ -151,9 +172,23 @@ def savings(curve: Curve, num_layers: int) -> Savings | None:
     leaves the query visible; other conditions get None.
     """
     if curve.recognition is None or curve.key.get("condition") not in CONTEXT_CONDITIONS:
-        return None
+        return None  # no recognition layer located, or a mask that hides more than the context
     r, L, k = curve.recognition, num_layers, curve.key["k"]
     after = (L - r) / L
     total = curve.context_tokens + curve.query_tokens
     exact = after * curve.context_tokens / total if total else math.nan
     return Savings(r, L, k, after * k / (k + 1), exact)
+
+
+def summary_lines(curve: Curve, num_layers: int | None = None) -> list[str]:
+    """Two lines per curve for a terminal: the verdict with baseline and savings, then the score by layer."""
+    head = f"{curve.key['task']} {curve.key['pair']} {curve.label()}".replace("  ", " ")
+    s = savings(curve, num_layers or curve.layers[-1])
+    if curve.key["kind"] != "mask":
+        found = f"critical layers {critical_layers(curve) or 'none'}"
+    else:
+        found = curve.verdict
+    saved = f"; savings {100 * s.paper_formula:.1f}% (paper formula), {100 * s.token_exact:.1f}% (exact tokens)" \
+        if s is not None else ""
+    return [f"{head}: baseline {curve.metric.label} {curve.baseline:.1f}; {found}{saved}",
+            f"  {curve.metric.label} by layer: " + " ".join(f"{l}:{v:.1f}" for l, v in zip(curve.layers, curve.score))]

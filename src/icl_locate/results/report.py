@@ -115,8 +115,8 @@ def _rows(curves, num_layers, fraction):
         rows.append(dict(
             cell=f"{c.key['task']} {c.key['pair']}".strip(), what=c.label(), seeds=len(c.seeds),
             items=c.item_stats.shape[2], metric=c.metric.name, baseline=c.baseline,
-            recognition="—" if c.recognition is None else
-            f"{c.recognition} (95% CI {c.recognition_ci[0]:.0f}–{c.recognition_ci[1]:.0f})",
+            recognition=("—" if c.key["kind"] != "mask" else c.verdict if c.recognition is None else
+                         f"{c.recognition} (95% CI {c.recognition_ci[0]:.0f}–{c.recognition_ci[1]:.0f})"),
             critical=", ".join(map(str, critical_layers(c, fraction))) if c.key["kind"] == "ablation" else "—",
             savings="—" if s is None else f"{100 * s.paper_formula:.1f}% / {100 * s.token_exact:.1f}%"))
     return rows

@@ -193,6 +193,13 @@ class Store:
         return list(self.db.execute("SELECT variant, layer, metric, value FROM scores WHERE unit_id = ? "
                                     "ORDER BY variant, layer", (unit_id,)))
 
+    def primary_metric(self, unit_id: str) -> str:
+        """The unit's own metric: the first score it stored (the task's metric; extras such as chrF follow)."""
+        row = self.db.execute("SELECT metric FROM scores WHERE unit_id = ? ORDER BY rowid LIMIT 1", (unit_id,)).fetchone()
+        if row is None:
+            raise UserError(f"store {self.path}: unit {unit_id} has no scores")
+        return row[0]
+
     def runs(self) -> list[dict]:
         cur = self.db.execute("SELECT run_id, started, host, command, config, provenance FROM runs ORDER BY run_id")
         return [dict(run_id=r, started=s, host=h, command=c, config=json.loads(cf), provenance=json.loads(p))

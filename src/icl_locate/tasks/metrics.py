@@ -14,7 +14,9 @@ and unusual punctuation, so BLEU here can differ slightly from the paper's on th
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import string
+import unicodedata
+from dataclasses import dataclass, field, fields
 from functools import lru_cache
 from typing import Protocol, Sequence
 
@@ -22,6 +24,7 @@ import numpy as np
 import pysbd
 from sacrebleu.metrics import BLEU, CHRF
 
+from ..util.errors import UserError
 from .sandbox import Limits, score_samples
 
 
@@ -164,3 +167,170 @@ class PassAt1:
 
     def aggregate(self, stats: np.ndarray) -> float:
         return 100.0 * float(stats[:, 0].mean())
+
+
+@dataclass(frozen=True)
+class Chrf:
+    """Corpus chrF (sacrebleu defaults) of first sentences, as the primary metric."""
+
+    name: str = "chrf"
+    label: str = "chrF"
+    higher_is_better: bool = True
+
+    def score(self, answers: Sequence[str], examples: Sequence, data) -> Scored:
+        language = getattr(data, "language", "") or "en"
+        hyps = [first_sentence(a, language) for a in answers]
+        refs = [ex.target for ex in examples]
+        chrf = CHRF()
+        stats = [list(map(float, row)) for row in chrf._extract_corpus_statistics(hyps, [refs])]
+        sentence = [chrf.sentence_score(h, [r]).score for h, r in zip(hyps, refs)]
+        corpus = self.aggregate(np.array(stats)) if stats else 0.0
+        return Scored(sentence=sentence, stats=stats, corpus={"chrf": corpus},
+                      details=[dict(scored_hypothesis=h, sentence_chrf=c) for h, c in zip(hyps, sentence)],
+                      summary=f"corpus chrF = {corpus:.2f} ({len(answers)} sentences)")
+
+    def aggregate(self, stats: np.ndarray) -> float:
+        return CHRF()._compute_score_from_stats([int(round(x)) for x in stats.sum(axis=0)]).score
+
+
+# --------------------------------------------------------------------------- short answers and labels
+
+@dataclass(frozen=True)
+class Normalise:
+    """How answers and references are compared: each step can be switched off in the task file."""
+
+    lowercase: bool = True
+    strip_punctuation: bool = True
+    collapse_whitespace: bool = True
+    strip_accents: bool = False
+
+    def __call__(self, text: str) -> str:
+        if self.strip_accents:
+            text = "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
+        if self.lowercase:
+            text = text.lower()
+        if self.strip_punctuation:
+            text = "".join(" " if unicodedata.category(c).startswith("P") or c in string.punctuation else c
+                           for c in text)
+        if self.collapse_whitespace:
+            text = " ".join(text.split())
+        return text
+
+
+@dataclass(frozen=True)
+class ExactMatch:
+    """The answer equals the reference after normalisation (case, punctuation, whitespace: configurable)."""
+
+    name: str = "exact_match"
+    label: str = "exact match (%)"
+    higher_is_better: bool = True
+    normalise: Normalise = Normalise()
+
+    def score(self, answers: Sequence[str], examples: Sequence, data) -> Scored:
+        hits = [float(self.normalise(a) == self.normalise(ex.target)) for a, ex in zip(answers, examples)]
+        value = 100.0 * sum(hits) / len(hits) if hits else 0.0
+        return Scored(sentence=hits, stats=[[h] for h in hits], corpus={self.name: value},
+                      details=[dict(normalised_answer=self.normalise(a), correct=bool(h)) for a, h in zip(answers, hits)],
+                      summary=f"exact match = {value:.1f}% ({int(sum(hits))}/{len(hits)})")
+
+    def aggregate(self, stats: np.ndarray) -> float:
+        return 100.0 * float(stats[:, 0].mean())
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    """Classification: the answer's first word, normalised, names a label (or one of its label words);
+    correct when that is the reference's label. An answer naming no label is wrong."""
+
+    name: str = "accuracy"
+    label: str = "accuracy (%)"
+    higher_is_better: bool = True
+    labels: tuple[str, ...] = ()
+    label_words: tuple[tuple[str, tuple[str, ...]], ...] = ()  # label -> words that also name it
+    normalise: Normalise = Normalise()
+
+    def words(self) -> dict[str, str]:
+        """normalised word -> label"""
+        table = {self.normalise(label): label for label in self.labels}
+        for label, words in self.label_words:
+            table.update({self.normalise(w): label for w in words})
+        return table
+
+    def predicted(self, answer: str) -> str | None:
+        first = self.normalise(answer).split(" ")[0] if answer.strip() else ""
+        return self.words().get(first)
+
+    def check_labels(self, targets: Sequence[str], where: str) -> None:
+        known = {self.normalise(label) for label in self.labels}
+        for i, target in enumerate(targets, 1):
+            if self.normalise(target) not in known:
+                raise UserError(f"{where}: label {target!r} of record {i} is not one of the labels "
+                                f"{list(self.labels)}")
+
+    def score(self, answers: Sequence[str], examples: Sequence, data) -> Scored:
+        predicted = [self.predicted(a) for a in answers]
+        hits = [float(p is not None and self.normalise(p) == self.normalise(ex.target))
+                for p, ex in zip(predicted, examples)]
+        value = 100.0 * sum(hits) / len(hits) if hits else 0.0
+        unknown = sum(p is None for p in predicted)
+        return Scored(sentence=hits, stats=[[h] for h in hits], corpus={self.name: value},
+                      details=[dict(predicted_label=p, correct=bool(h)) for p, h in zip(predicted, hits)],
+                      summary=f"accuracy = {value:.1f}% ({int(sum(hits))}/{len(hits)}; {unknown} answers named no label)")
+
+    def aggregate(self, stats: np.ndarray) -> float:
+        return 100.0 * float(stats[:, 0].mean())
+
+
+# --------------------------------------------------------------------------- registry
+
+METRICS: dict[str, type] = {"bleu": Bleu, "chrf": Chrf, "exact_match": ExactMatch, "accuracy": Accuracy,
+                             "pass@1": PassAt1}
+
+
+def metric_named(name: str) -> Metric:
+    """A metric by its stored name, default options (what ``aggregate`` needs: per-item statistics carry the rest)."""
+    if name not in METRICS:
+        raise UserError(f"unknown metric {name!r}; available: {', '.join(METRICS)}")
+    return METRICS[name]()
+
+
+def make_metric(spec: str | dict, where: str = "metric") -> Metric:
+    """A metric from a task file: a name, or a mapping with ``name`` and its options."""
+    if isinstance(spec, str):
+        spec = {"name": spec}
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+        raise UserError(f"{where}: give a metric name ({', '.join(METRICS)}) or a mapping with 'name'")
+    options = dict(spec)
+    name = options.pop("name")
+    cls = METRICS.get(name)
+    if cls is None:
+        raise UserError(f"{where}: unknown metric {name!r}; available: {', '.join(METRICS)}")
+    normalise = {k: options.pop(k) for k in [f.name for f in fields(Normalise)] if k in options}
+    for k, v in normalise.items():
+        if not isinstance(v, bool):
+            raise UserError(f"{where}: {k} must be true or false, got {v!r}")
+    kwargs: dict = {}
+    if cls in (ExactMatch, Accuracy):
+        kwargs["normalise"] = Normalise(**normalise)
+    elif normalise:
+        raise UserError(f"{where}: {name} takes no normalisation options ({', '.join(normalise)})")
+    if cls is Accuracy:
+        labels = options.pop("labels", None)
+        words = options.pop("label_words", None) or {}
+        if not isinstance(words, dict) or not all(isinstance(w, list) and all(isinstance(x, str) for x in w)
+                                                  for w in words.values()):
+            raise UserError(f"{where}: label_words maps each label to a list of words")
+        labels = labels if labels is not None else list(words)
+        if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(x, str) and x for x in labels):
+            raise UserError(f"{where}: accuracy needs labels: a list of at least two label names")
+        unknown = [label for label in words if label not in labels]
+        if unknown:
+            raise UserError(f"{where}: label_words names labels that are not in labels: {unknown}")
+        kwargs.update(labels=tuple(labels), label_words=tuple((k, tuple(v)) for k, v in words.items()))
+    if cls is PassAt1:
+        for key in ("workers", "timeout"):
+            if key in options:
+                kwargs[key] = options.pop(key)
+    if options:
+        raise UserError(f"{where}: unknown option(s) for {name}: {', '.join(sorted(options))}")
+    return cls(**kwargs)
