@@ -136,7 +136,7 @@ def sweep_config_from_args(args) -> SweepConfig:
                      layers=args.layers, n_test=args.n_test, max_new_tokens=args.max_new_tokens,
                      batch_size=args.batch_size, data_dir=args.data_dir, dtype=args.dtype, device=args.device,
                      layer_ablation=True if args.layer_ablation else None, bank=args.bank, test=args.test,
-                     src_lang=args.src_lang, tgt_lang=args.tgt_lang)
+                     src_lang=args.src_lang, tgt_lang=args.tgt_lang, heads=args.heads, from_layer=args.from_layer)
     return load_config(args.preset, args.config, overrides)
 
 

@@ -136,6 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--ks", help="comma list of example counts")
     sw.add_argument("--layers", default=None, help="'all' or a comma list")
     sw.add_argument("--layer-ablation", action="store_true", help="also ablate each layer's attention")
+    sw.add_argument("--heads", choices=["knockout", "restore"], default=None,
+                    help="head-level sweeps: knockout hides the context from one head at one layer; restore hides "
+                         "it from --from-layer on but gives it back to one head")
+    sw.add_argument("--from-layer", type=int, default=None,
+                    help="restore: hide the context from this layer on (default: the layer below the recognition "
+                         "layer of the store's layer sweep)")
     sw.add_argument("--n-test", type=int, default=None)
     sw.add_argument("--max-new-tokens", type=int, default=None)
     sw.add_argument("--batch-size", type=int, default=None)

@@ -63,7 +63,7 @@ def _make_attention(base: str) -> Callable:
                 raise RuntimeError(f"pruned layer {layer}: mask has {attention_mask.shape[-1]} columns, "
                                    f"cache {key.shape[-2]}")
             return stock(module, query, key, value, attention_mask, **kwargs)
-        hidden_mask, dead = state.mask.apply(attention_mask, layer)
+        hidden_mask, dead = state.mask.apply(attention_mask, layer, n_heads=query.shape[1])
         out, weights = stock(module, query, key, value, hidden_mask, **kwargs)
         return zero_dead_rows(out, weights, dead)
 

@@ -45,6 +45,21 @@ class AblateLayers:
 
 
 @dataclass(frozen=True)
+class HeadMask:
+    """Hide the prompt's hidden columns from the listed query heads only: ``heads`` holds
+    (layer, head) pairs; every other head, and every layer not listed, sees the whole prompt.
+    All heads of layers >= j is ``MaskFrom(j)``."""
+
+    heads: frozenset[tuple[int, int]]
+
+    def by_layer(self) -> dict[int, frozenset[int]]:
+        out: dict[int, set[int]] = {}
+        for layer, head in self.heads:
+            out.setdefault(layer, set()).add(head)
+        return {layer: frozenset(hs) for layer, hs in sorted(out.items())}
+
+
+@dataclass(frozen=True)
 class PruneFrom:
     """Process the hidden range in layers < ``layer`` only; it is absent from the cache above."""
 
@@ -57,7 +72,7 @@ class Unchanged:
 
 
 UNCHANGED = Unchanged()
-RowIntervention = Union[MaskFrom, AblateLayers, PruneFrom, Unchanged]
+RowIntervention = Union[MaskFrom, HeadMask, AblateLayers, PruneFrom, Unchanged]
 
 
 # --------------------------------------------------------------------------- batch interventions
@@ -74,18 +89,30 @@ def _freeze(hidden: Sequence[Sequence[Range]]) -> tuple[tuple[Range, ...], ...]:
     return tuple(out)
 
 
+HeadSets = dict[int, frozenset[int]]  # layer -> the query heads masked there (a layer not listed: all heads)
+
+
 class ColumnMask:
-    """Row b may not attend to the columns ``hidden[b]`` at the layers ``layers[b]``.
+    """Row b may not attend to the columns ``hidden[b]`` at the layers ``layers[b]``; with ``heads``,
+    row b hides them at such a layer only from the query heads ``heads[b][layer]`` (layers it does
+    not list: every head).
 
     Columns are those of the batch as fed to the model (left padding included). Immutable;
     the bool column matrix is built once per device on first use (``_columns``).
     """
 
-    def __init__(self, hidden: Sequence[Sequence[Range]], layers: Sequence[frozenset[int]]):
-        if len(hidden) != len(layers):
-            raise ValueError("one layer set per row")
+    def __init__(self, hidden: Sequence[Sequence[Range]], layers: Sequence[frozenset[int]],
+                 heads: Sequence[HeadSets | None] | None = None):
+        if len(hidden) != len(layers) or (heads is not None and len(heads) != len(hidden)):
+            raise ValueError("one layer set (and head map) per row")
         self.hidden = _freeze(hidden)
         self.layers = tuple(frozenset(x) for x in layers)
+        self.heads = tuple(dict(h) if h else None for h in heads) if heads is not None else (None,) * len(hidden)
+        for row_layers, row_heads in zip(self.layers, self.heads):
+            if row_heads and not set(row_heads) <= row_layers:
+                raise ValueError("heads are given for layers the row does not mask")
+            if row_heads and any(not hs or min(hs) < 0 for hs in row_heads.values()):
+                raise ValueError("a head set must be non-empty head indices >= 0")
         self.active_layers = frozenset().union(*(ls for ls, h in zip(self.layers, self.hidden) if h))
         self._columns: dict[str, torch.Tensor] = {}
 
@@ -106,6 +133,14 @@ class ColumnMask:
     @classmethod
     def at_layers(cls, hidden: Sequence[Sequence[Range]], layers: Sequence[int]) -> "ColumnMask":
         return cls(hidden, [frozenset(layers)] * len(hidden))
+
+    @classmethod
+    def at_heads(cls, hidden: Sequence[Sequence[Range]], heads: Sequence[HeadSets]) -> "ColumnMask":
+        """Row i hides ``hidden[i]`` from the heads ``heads[i][layer]`` of each listed layer only."""
+        return cls(hidden, [frozenset(h) for h in heads], heads)
+
+    def max_head(self) -> int:
+        return max([-1] + [max(hs) for row in self.heads if row for hs in row.values()])
 
     def applies_to(self, layer: int | None) -> bool:
         return layer is not None and layer in self.active_layers
@@ -129,18 +164,41 @@ class ColumnMask:
         cols = base[:, :kv_len] if kv_len <= width else torch.cat([base, base.new_zeros(len(base), kv_len - width)], 1)
         return cols & rows[:, None]
 
-    def apply(self, attention_mask: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The 4D mask without this layer's hidden columns, and the rows left seeing nothing (see hide_columns)."""
-        return hide_columns(attention_mask, self.columns(layer, attention_mask.shape[-1], attention_mask.device))
+    def head_rows(self, layer: int, n_heads: int, device: torch.device) -> torch.Tensor | None:
+        """Bool [batch, n_heads]: which query heads of each row hide at ``layer``; None when all do."""
+        if not any(row and layer in row for row in self.heads):
+            return None
+        if self.max_head() >= n_heads:
+            raise ValueError(f"head {self.max_head()} out of range: the attention has {n_heads} query heads")
+        rows = torch.ones(len(self.hidden), n_heads, dtype=torch.bool)
+        for b, row in enumerate(self.heads):
+            if row and layer in row:
+                rows[b] = False
+                rows[b, sorted(row[layer])] = True
+        return rows.to(device)
+
+    def apply(self, attention_mask: torch.Tensor, layer: int,
+              n_heads: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The 4D mask without this layer's hidden columns (per query head where heads are given; the
+        result is then [B, n_heads, q, kv]), and the (row, head, position)s left seeing nothing."""
+        cols = self.columns(layer, attention_mask.shape[-1], attention_mask.device)
+        heads = self.head_rows(layer, n_heads, attention_mask.device) if n_heads else None
+        if heads is None:
+            if any(row and layer in row for row in self.heads):
+                raise RuntimeError("a head-restricted mask needs the number of query heads")
+            return hide_columns(attention_mask, cols)
+        return hide_columns(attention_mask, cols[:, None, :] & heads[:, :, None])
 
     def shifted(self, offsets: Sequence[int]) -> "ColumnMask":
         """The same mask with each row's ranges moved right by its left-padding offset."""
         if len(offsets) != len(self.hidden):
             raise ValueError("one offset per batch row")
-        return ColumnMask([[(a + o, b + o) for a, b in row] for row, o in zip(self.hidden, offsets)], self.layers)
+        return ColumnMask([[(a + o, b + o) for a, b in row] for row, o in zip(self.hidden, offsets)], self.layers,
+                          self.heads)
 
     def select_rows(self, rows: Sequence[int]) -> "ColumnMask":
-        return ColumnMask([self.hidden[i] for i in rows], [self.layers[i] for i in rows])
+        return ColumnMask([self.hidden[i] for i in rows], [self.layers[i] for i in rows],
+                          [self.heads[i] for i in rows])
 
 
 @dataclass(frozen=True)
@@ -212,10 +270,10 @@ def hide_columns(attention_mask: torch.Tensor, hidden: torch.Tensor) -> tuple[to
     """Remove hidden columns from a 4D attention mask.
 
     attention_mask: [B|1, H|1, q, kv], bool (True = may attend) or additive float (0 / large negative).
-    hidden: bool [B, kv].
-    Returns the new mask and ``dead`` (bool [B, q]: rows that could see something before and
-    nothing now; None if there are none). Dead rows keep their old mask row so that the kernel
-    stays NaN-free; the caller zeroes their output.
+    hidden: bool [B, kv] (every head), or [B, H, kv] (per query head).
+    Returns the new mask ([B, 1 or H, q, kv]) and ``dead`` (bool [B, 1 or H, q]: query positions of
+    a head that could see something before and nothing now; None if there are none). Dead rows keep
+    their old mask row so that the kernel stays NaN-free; the caller zeroes their output.
     """
     if attention_mask.dim() != 4:
         raise RuntimeError(f"expected a 4D attention mask, got shape {tuple(attention_mask.shape)}")
@@ -224,32 +282,35 @@ def hide_columns(attention_mask: torch.Tensor, hidden: torch.Tensor) -> tuple[to
         raise RuntimeError(f"hidden columns for {hidden.shape[-1]} keys, mask has {kv}")
     if attention_mask.shape[0] not in (1, hidden.shape[0]):
         raise RuntimeError(f"mask has {hidden.shape[0]} rows, batch has {attention_mask.shape[0]}")
+    if hidden.dim() == 2:
+        hidden = hidden[:, None, :]  # every head alike
     if attention_mask.dtype == torch.bool:
         visible = attention_mask
     else:
         visible = attention_mask > torch.finfo(attention_mask.dtype).min / 2
-    hide = hidden[:, None, None, :] & visible
+    hide = hidden[:, :, None, :] & visible  # [B, 1|H, q, kv]
     still_visible = visible & ~hide
-    dead = visible.any(-1) & ~still_visible.any(-1)  # [B, H|1, q]
+    dead = visible.any(-1) & ~still_visible.any(-1)  # [B, 1|H, q]
     if dead.any():
         hide = hide & ~dead[..., None]
-        dead_rows = dead.any(1)
+        dead_rows = dead
     else:
         dead_rows = None
     if attention_mask.dtype == torch.bool:
         new_mask = attention_mask & ~hide
     else:
-        new_mask = attention_mask.masked_fill(hide, torch.finfo(attention_mask.dtype).min)
+        new_mask = torch.where(hide, torch.finfo(attention_mask.dtype).min, attention_mask)
     return new_mask, dead_rows
 
 
 def zero_dead_rows(attn_output: torch.Tensor, attn_weights: torch.Tensor | None, dead: torch.Tensor | None):
-    """Zero attention output ([B, q, H, D]) and weights ([B, H, q, kv]) of dead query rows."""
+    """Zero attention output ([B, q, H, D]) and weights ([B, H, q, kv]) of dead (row, head, position)s
+    (``dead``: [B, 1|H, q])."""
     if dead is None:
         return attn_output, attn_weights
-    attn_output = attn_output.masked_fill(dead[:, :, None, None], 0.0)
+    attn_output = attn_output.masked_fill(dead.permute(0, 2, 1)[..., None], 0.0)
     if attn_weights is not None:
-        attn_weights = attn_weights.masked_fill(dead[:, None, :, None], 0.0)
+        attn_weights = attn_weights.masked_fill(dead[..., None], 0.0)
     return attn_output, attn_weights
 
 

@@ -1,9 +1,11 @@
 """The one adapter for architectures that compute attention inline (GPT-Neo, Bloom).
 
-They do not dispatch through ``AttentionInterface``, so we hook their attention modules:
-a forward pre-hook removes the hidden columns from the additive attention mask they receive,
-and a forward hook gives rows that were left with nothing visible the output of attending to
-nothing (the output projection's bias; plus the residual, which Bloom adds inside the module).
+They do not dispatch through ``AttentionInterface``, so we hook their attention modules: a
+forward pre-hook removes the hidden columns from the additive attention mask they receive (per
+query head when the active mask names heads), and a forward pre-hook on the output projection
+zeroes the context of every (row, head, position) left with nothing visible, so such a head
+attends to nothing, as in the AttentionInterface families. (The projection's input is the heads'
+outputs side by side, head h in columns [h*D, (h+1)*D).)
 
 Adding another such architecture = one more entry in ``ADAPTERS``.
 """
@@ -13,7 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-import torch
 from torch import nn
 
 from .interventions import active
@@ -31,10 +32,11 @@ class LegacyAdapter:
     def install(self, model: nn.Module, layers: nn.ModuleList) -> None:
         for idx, layer in enumerate(layers):
             module = self.inner_attention(layer)
-            module.register_forward_pre_hook(self._pre_hook(idx), with_kwargs=True)
-            module.register_forward_hook(self._post_hook(idx), with_kwargs=True)
+            module.register_forward_pre_hook(self._mask_hook(idx), with_kwargs=True)
+            getattr(module, self.out_proj).register_forward_pre_hook(self._dead_heads_hook(module))
+            module.register_forward_hook(self._dead_weights_hook)
 
-    def _pre_hook(self, layer_idx: int):
+    def _mask_hook(self, layer_idx: int):
         def hook(module, args, kwargs):
             module._icl_dead = None
             mask_plan = active().mask
@@ -44,7 +46,7 @@ class LegacyAdapter:
             mask = kwargs["attention_mask"] if in_kwargs else args[self.mask_arg_index]
             if mask is None:
                 raise RuntimeError(f"{type(module).__name__} received no attention mask at a masked layer")
-            mask, module._icl_dead = mask_plan.apply(mask, layer_idx)
+            mask, module._icl_dead = mask_plan.apply(mask, layer_idx, n_heads=module.num_heads)
             if in_kwargs:
                 kwargs["attention_mask"] = mask
             else:
@@ -53,23 +55,28 @@ class LegacyAdapter:
 
         return hook
 
-    def _post_hook(self, layer_idx: int):
-        def hook(module, args, kwargs, output):
-            dead = getattr(module, "_icl_dead", None)
-            module._icl_dead = None
+    @staticmethod
+    def _dead_heads_hook(attention: nn.Module):
+        def hook(proj, args):
+            dead = getattr(attention, "_icl_dead", None)  # [B, 1|H, q]
             if dead is None:
-                return output
-            out, weights = output[0], output[1]
-            nothing = getattr(module, self.out_proj).bias
-            nothing = torch.zeros_like(out) + (nothing if nothing is not None else 0.0)
-            if self.residual_in_attention:
-                nothing = nothing + (kwargs["residual"] if "residual" in kwargs else args[1])
-            out = torch.where(dead[:, :, None], nothing, out)
-            if weights is not None:
-                weights = weights.masked_fill(dead[:, None, :, None], 0.0)
-            return (out, weights) + tuple(output[2:])
+                return None
+            context = args[0]  # [B, q, H * D]
+            b, q, width = context.shape
+            heads = context.view(b, q, attention.num_heads, width // attention.num_heads)
+            heads = heads.masked_fill(dead.permute(0, 2, 1)[..., None], 0.0)
+            return (heads.reshape(b, q, width),) + tuple(args[1:])
 
         return hook
+
+    @staticmethod
+    def _dead_weights_hook(module, args, output):
+        """Attention weights (when returned) of dead (row, head, position)s are zero too; then forget them."""
+        dead = getattr(module, "_icl_dead", None)
+        module._icl_dead = None
+        if dead is None or not isinstance(output, tuple) or len(output) < 2 or output[1] is None:
+            return output
+        return (output[0], output[1].masked_fill(dead[..., None], 0.0)) + tuple(output[2:])
 
 
 ADAPTERS: dict[str, LegacyAdapter] = {

@@ -16,8 +16,8 @@ from torch import nn
 from transformers import DynamicCache
 
 from ..core.conditions import MaskedPrompt
-from ..core.interventions import AblateLayers, AttentionAblation, BatchIntervention, ColumnMask, MaskFrom, \
-    PruneFrom, RowIntervention, Unchanged
+from ..core.interventions import AblateLayers, AttentionAblation, BatchIntervention, ColumnMask, HeadMask, \
+    MaskFrom, PruneFrom, RowIntervention, Unchanged
 from ..core.structure import num_layers
 from .base import Generation, Progress, ResultKey, StopRule, eos_ids, forward
 
@@ -34,6 +34,11 @@ def batch_interventions(prompt: MaskedPrompt, row: RowIntervention, n_layers: in
         if prompt.hidden and row.layer < n_layers:
             return (ColumnMask.from_layer([prompt.hidden], row.layer, n_layers),)
         return ()
+    if isinstance(row, HeadMask):
+        heads = row.by_layer()
+        if any(not 0 <= layer < n_layers for layer in heads):
+            raise ValueError(f"head mask layers {sorted(heads)} outside 0..{n_layers - 1}")
+        return (ColumnMask.at_heads([prompt.hidden], [heads]),) if prompt.hidden and heads else ()
     if isinstance(row, AblateLayers):
         return (AttentionAblation(row.layers),) if row.layers else ()
     if isinstance(row, Unchanged):

@@ -27,7 +27,8 @@ from torch import nn
 from transformers import DynamicCache
 
 from ..core.conditions import MaskedPrompt, Range
-from ..core.interventions import AblateLayers, AttentionAblation, ColumnMask, MaskFrom, RowIntervention, Unchanged
+from ..core.interventions import AblateLayers, AttentionAblation, ColumnMask, HeadMask, MaskFrom, RowIntervention, \
+    Unchanged
 from ..core.structure import num_layers
 from ..util.system import available_memory
 from .base import Generation, Progress, ResultKey, StopRule, eos_ids, forward
@@ -42,7 +43,8 @@ class _Row:
     query_ids: list[int]
     query_hidden: list[Range]  # hidden ranges inside the query, relative to the query start
     prefix_hidden: list[Range]  # hidden ranges inside the prefix
-    from_layer: int  # where this row's mask starts (= number of layers: no mask)
+    mask_layers: frozenset[int]  # layers where this row hides its columns (empty: no mask)
+    mask_heads: dict[int, frozenset[int]] | None  # per masked layer, the query heads that hide (None: all)
     ablate: frozenset[int]
 
 
@@ -56,7 +58,7 @@ def _needs_own_prefix_cache(prefix_hidden: Sequence[Range], prefix_len: int) -> 
 
 
 class SweepEngine:
-    """Decode every (prompt, intervention) row; supports ``MaskFrom``, ``AblateLayers`` and ``UNCHANGED``."""
+    """Decode every (prompt, intervention) row; supports ``MaskFrom``, ``HeadMask``, ``AblateLayers``, ``UNCHANGED``."""
 
     def __init__(self, model: nn.Module, tokenizer, batch_size: int | None = None,
                  max_batch_tokens: int = 32_000, kv_memory_fraction: float = 0.3):
@@ -89,16 +91,22 @@ class SweepEngine:
 
     # ------------------------------------------------------------------ planning
 
-    def _row_settings(self, prompt: MaskedPrompt, row: RowIntervention) -> tuple[int, frozenset[int]]:
-        """(mask from layer, ablated layers) of one row."""
+    def _row_settings(self, prompt: MaskedPrompt, row: RowIntervention):
+        """(masked layers, head sets or None, ablated layers) of one row."""
+        none: frozenset[int] = frozenset()
         if isinstance(row, MaskFrom):
             if not 0 <= row.layer <= self.n_layers:
                 raise ValueError(f"from_layer {row.layer} outside 0..{self.n_layers}")
-            return (row.layer if prompt.hidden else self.n_layers), frozenset()
+            return (frozenset(range(row.layer, self.n_layers)) if prompt.hidden else none), None, none
+        if isinstance(row, HeadMask):
+            heads = row.by_layer()
+            if any(not 0 <= layer < self.n_layers for layer in heads):
+                raise ValueError(f"head mask layers {sorted(heads)} outside 0..{self.n_layers - 1}")
+            return (frozenset(heads) if prompt.hidden else none), (heads if prompt.hidden else None), none
         if isinstance(row, AblateLayers):
-            return self.n_layers, row.layers
+            return none, None, row.layers
         if isinstance(row, Unchanged):
-            return self.n_layers, frozenset()
+            return none, None, none
         raise ValueError(f"the sweep engine does not run {type(row).__name__} rows")
 
     def _plan_rows(self, prompts: Sequence[MaskedPrompt], interventions: Sequence[RowIntervention]) -> list[_Row]:
@@ -107,13 +115,15 @@ class SweepEngine:
             start = max(1, prompt.query_start())  # a prompt without BOS or context: share 1 token
             prefix, query = tuple(prompt.ids[:start]), list(prompt.ids[start:])
             for v in interventions:
-                from_layer, ablate = self._row_settings(prompt, v)
-                ranges = prompt.hidden if from_layer < self.n_layers else ()
+                layers, heads, ablate = self._row_settings(prompt, v)
+                ranges = prompt.hidden if layers else ()
                 p_hidden = [(a, min(b, start)) for a, b in ranges if a < start]
                 q_hidden = [(max(a, start) - start, b - start) for a, b in ranges if b > start]
-                own = bool(ablate) or _needs_own_prefix_cache(p_hidden, start)
+                # A head mask lets other heads read the hidden columns, whose own states it changed:
+                # such a row's context is computed under its own intervention.
+                own = bool(ablate) or heads is not None or _needs_own_prefix_cache(p_hidden, start)
                 key = (prefix, v) if own else (prefix, None)
-                rows.append(_Row(i, v, key, query, q_hidden, p_hidden, from_layer, ablate))
+                rows.append(_Row(i, v, key, query, q_hidden, p_hidden, layers, heads, ablate))
         return rows
 
     def _prefix_caches(self, rows: list[_Row]) -> dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]]:
@@ -126,7 +136,7 @@ class SweepEngine:
             interventions = []
             if own is not None:
                 if row.prefix_hidden:
-                    interventions.append(ColumnMask.from_layer([row.prefix_hidden], row.from_layer, self.n_layers))
+                    interventions.append(ColumnMask([row.prefix_hidden], [row.mask_layers], [row.mask_heads]))
                 if row.ablate:
                     interventions.append(AttentionAblation(row.ablate))
             cache = DynamicCache()
@@ -180,8 +190,8 @@ class SweepEngine:
         hidden = [[(pad + a, pad + b) for a, b in row.prefix_hidden]
                   + [(pad + plen + a, pad + plen + b) for a, b in row.query_hidden]
                   for row, pad in zip(chunk, pads)]
-        from_layers = [r.from_layer if h else self.n_layers for r, h in zip(chunk, hidden)]
-        interventions = [ColumnMask.per_row(hidden, from_layers, self.n_layers)]
+        interventions = [ColumnMask(hidden, [r.mask_layers if h else frozenset() for r, h in zip(chunk, hidden)],
+                                    [r.mask_heads if h else None for r, h in zip(chunk, hidden)])]
         if chunk[0].ablate:
             interventions.append(AttentionAblation(chunk[0].ablate))
 

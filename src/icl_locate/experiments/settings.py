@@ -49,7 +49,11 @@ class SweepConfig:
     test: str | None = None
     src_lang: str | None = None
     tgt_lang: str | None = None
+    heads: str | None = None  # "knockout" or "restore": head-level sweeps instead of layer-from masks
+    from_layer: int | None = None  # restore: the context is hidden from this layer on (default: below recognition)
 
+
+HEAD_SWEEPS = ("knockout", "restore")
 
 PRESETS: dict[str, dict] = {
     "paper-mt": dict(task="flores", pairs=MT_PAIRS, conditions=PAPER_CONDITIONS, instructions=[True, False],
@@ -92,7 +96,7 @@ def load_config(preset: str | None = None, yaml_path: str | None = None, overrid
 class WorkUnit:
     task: str
     pair: str
-    kind: str  # "mask" or "ablation"
+    kind: str  # "mask", "ablation", "knockout" or "restore"
     condition: str  # masking condition ("" for ablation)
     instructions: bool
     seed: int
@@ -100,16 +104,19 @@ class WorkUnit:
     n_test: int | None
     layers: tuple[int, ...]
     data: str = ""  # identity of user data (task file, files); "" for the built-in datasets
+    from_layer: int | None = None  # restore: the layer from which the context is hidden
 
     @property
     def unit_id(self) -> str:
         spec = asdict(self)
-        if not spec["data"]:  # ids of built-in tasks stay what they always were (stores resume)
-            del spec["data"]
+        for key in ("data", "from_layer"):  # fields added later: ids of older kinds stay as they were
+            if spec[key] in ("", None):
+                del spec[key]
         return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
     def label(self) -> str:
-        what = self.condition if self.kind == "mask" else "layer ablation"
+        what = {"mask": self.condition, "ablation": "layer ablation", "knockout": f"{self.condition} head knockout",
+                "restore": f"{self.condition} head restoration from {self.from_layer}"}[self.kind]
         return (f"{self.task} {self.pair or ''} {what} {'instr' if self.instructions else 'no-instr'} "
                 f"seed={self.seed} k={self.k}").replace("  ", " ")
 
@@ -145,6 +152,16 @@ def validate(config: SweepConfig) -> None:
     if not config.seeds or not config.ks or not config.instructions:
         raise UserError("seeds, ks and instructions must each hold at least one value")
     check_count("--n-test", config.n_test)
+    if config.heads is not None:
+        if config.heads not in HEAD_SWEEPS:
+            raise UserError(f"--heads must be knockout or restore, got {config.heads!r}")
+        if not config.conditions:
+            raise UserError("--heads needs a condition (the columns hidden from the heads)")
+        if config.layer_ablation:
+            raise UserError("--heads and --layer-ablation are separate sweeps; run them one after the other")
+    if config.from_layer is not None and config.heads != "restore":
+        raise UserError("--from-layer is for --heads restore")
+    check_count("--from-layer", config.from_layer, minimum=0)
     check_count("--max-new-tokens", config.max_new_tokens)
     check_count("--batch-size", config.batch_size)
     parse_layers(config.layers)
@@ -181,10 +198,26 @@ def load_task_data(config: SweepConfig, log: Callable[[str], None] = lambda line
     return cache
 
 
-def plan_units(config: SweepConfig, num_layers: int, tasks: TaskCache | None = None) -> list[WorkUnit]:
-    """Expand the grid (``validate`` it first). ``tasks`` (the loaded data) gives user data its identity."""
+def head_layers(config: SweepConfig, num_layers: int, from_layer: int | None) -> tuple[int, ...]:
+    """The layers whose heads a head sweep visits: --layers (all: every layer; restore: from j on)."""
+    first = from_layer if config.heads == "restore" else 0
+    if config.heads == "restore" and not 0 <= first < num_layers:
+        raise UserError(f"--from-layer must be in 0..{num_layers - 1}, got {first}")
+    layers = range(first, num_layers) if config.layers == "all" else parse_layers(config.layers, num_layers - 1)
+    bad = [layer for layer in layers if layer < first]
+    if bad:
+        raise UserError(f"restoration gives the context back at layers >= {first} (where it is hidden); got {bad}")
+    return tuple(layers)
+
+
+def plan_units(config: SweepConfig, num_layers: int, tasks: TaskCache | None = None,
+               restore_from: Callable[[str, str, bool, int], int | None] | None = None) -> list[WorkUnit]:
+    """Expand the grid (``validate`` it first). ``tasks`` (the loaded data) gives user data its identity;
+    ``restore_from(pair, condition, instructions, k)`` gives a restoration's default layer."""
     validate(config)
     task = sweep_task(config)
+    if config.heads is not None:
+        return _plan_head_units(config, task.name, num_layers, tasks, restore_from)
     layers = tuple(parse_layers(config.layers, num_layers))
     units = []
     for pair in task_pairs(config):
@@ -198,6 +231,29 @@ def plan_units(config: SweepConfig, num_layers: int, tasks: TaskCache | None = N
                 if config.layer_ablation:
                     units.append(WorkUnit(task.name, pair, "ablation", "", True, seed, k, config.n_test,
                                           tuple(range(num_layers + 1)), data))
+    return list(dict.fromkeys(units))
+
+
+def _plan_head_units(config: SweepConfig, task: str, num_layers: int, tasks: TaskCache | None,
+                     restore_from) -> list[WorkUnit]:
+    units = []
+    for pair in task_pairs(config):
+        for seed in config.seeds:
+            for k in config.ks:
+                data = tasks[(task, pair)][1].digest[:16] if tasks else ""
+                for instr in config.instructions:
+                    for cond in config.conditions:
+                        name = get_condition(cond).name
+                        j = None
+                        if config.heads == "restore":
+                            j = config.from_layer if config.from_layer is not None else \
+                                (restore_from(pair, name, instr, k) if restore_from else None)
+                            if j is None:
+                                raise UserError(f"--heads restore needs --from-layer, or a layer sweep of {name} "
+                                                f"({pair or task}, k={k}) in the store whose recognition layer it "
+                                                f"starts below")
+                        units.append(WorkUnit(task, pair, config.heads, name, instr, seed, k, config.n_test,
+                                              head_layers(config, num_layers, j), data, j))
     return list(dict.fromkeys(units))
 
 

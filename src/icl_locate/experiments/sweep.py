@@ -14,7 +14,8 @@ from typing import Iterator, Sequence
 
 from ..core.models import LoadedModel, load_description, load_model
 from ..engines.sweep import SweepEngine
-from ..results.analysis import analyse_curve, load_curves, summary_lines
+from ..results.analysis import analyse_curve, analyse_head_map, head_summary_lines, load_curves, load_head_maps, \
+    summary_lines
 from ..results.store import Store
 from ..util.errors import Interrupted, UserError
 from ..util.progress import Progress
@@ -50,14 +51,34 @@ def check_k(config: SweepConfig, tasks: TaskCache) -> None:
                 raise UserError(f"k={k} examples requested but the {task.name} prompt bank has {len(data.bank)}")
 
 
-def prepare(config: SweepConfig, weights: bool = True) -> tuple[LoadedModel, TaskCache, list[WorkUnit]]:
+def recognition_below(store_file: Path | None):
+    """restore_from(pair, condition, instructions, k) -> the layer below the recognition layer that the
+    store's layer sweep of that cell shows (None where there is none)."""
+    table: dict = {}
+    if store_file is not None and store_file.is_file():
+        with Store(store_file, create=False) as store:
+            for c in load_curves(store):
+                if c.key["kind"] == "mask":
+                    c = analyse_curve(c, n_boot=SUMMARY_BOOTSTRAP)
+                    table[(c.key["pair"], c.key["condition"], c.key["instructions"], c.key["k"])] = c.recognition
+
+    def restore_from(pair: str, condition: str, instructions: bool, k: int) -> int | None:
+        r = table.get((pair, condition, instructions, k))
+        return None if r is None else max(0, r - 1)
+
+    return restore_from
+
+
+def prepare(config: SweepConfig, weights: bool = True,
+            store_file: Path | None = None) -> tuple[LoadedModel, TaskCache, list[WorkUnit]]:
     """Validate, read the data, load the model (only its description and tokenizer without ``weights``),
     plan, check the units: everything that can fail before the store opens."""
     validate(config)
     tasks = load_task_data(config, log=lambda line: print(line, file=sys.stderr, flush=True))
     check_k(config, tasks)
     loaded = (load_model if weights else load_description)(config.model, dtype=config.dtype, device=config.device)
-    units = plan_units(config, loaded.info.num_layers, tasks)
+    restore_from = recognition_below(store_file) if config.heads == "restore" and config.from_layer is None else None
+    units = plan_units(config, loaded.info.num_layers, tasks, restore_from)
     check_units(loaded, tasks, units, config.max_new_tokens)  # context length, before the store is touched
     return loaded, tasks, units
 
@@ -72,9 +93,9 @@ def run_sweep(config: SweepConfig, store_path: str | Path, command: str, ray: Ra
     executor: Executor
     if ray is not None:
         executor = RayExecutor(ray, Worker.load, config)  # Ray missing or bad settings: fails here, first
-        loaded, tasks, units = prepare(config, weights=False)
+        loaded, tasks, units = prepare(config, weights=False, store_file=store_file)
     else:
-        loaded, tasks, units = prepare(config)
+        loaded, tasks, units = prepare(config, store_file=store_file)
         executor = LocalExecutor(Worker(loaded, SweepEngine(loaded.model, loaded.tokenizer,
                                                             batch_size=config.batch_size), tasks,
                                         config.max_new_tokens))
@@ -88,6 +109,8 @@ def run_sweep(config: SweepConfig, store_path: str | Path, command: str, ray: Ra
                                 f"Rerun the same command to resume.") from None
         lines = [line for curve in load_curves(store) for line in
                  summary_lines(analyse_curve(curve, n_boot=SUMMARY_BOOTSTRAP), loaded.info.num_layers)]
+        lines += [line for m in load_head_maps(store) for line in
+                  head_summary_lines(analyse_head_map(m, n_boot=SUMMARY_BOOTSTRAP))]
     return SweepResult(len(units), skipped, ran, loaded.info.num_layers, store_file, lines)
 
 

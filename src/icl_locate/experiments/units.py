@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from ..core.conditions import get_condition
-from ..core.interventions import AblateLayers, MaskFrom, RowIntervention
+from ..core.interventions import AblateLayers, HeadMask, MaskFrom, RowIntervention
 from ..core.models import LoadedModel, load_model
 from ..engines.base import Engine, Progress
 from ..engines.sweep import SweepEngine
@@ -37,11 +37,23 @@ class UnitResult:
     query_tokens: float
 
 
-def row_interventions(unit: WorkUnit, n_layers: int) -> dict[tuple[str, int], RowIntervention]:
-    """(variant, layer) as stored -> the row intervention that computes it."""
+def row_interventions(unit: WorkUnit, n_layers: int, n_heads: int) -> dict[tuple[str, int], RowIntervention]:
+    """(variant, layer) as stored -> the row intervention that computes it. Head sweeps store the head
+    in the variant ("knockout/h3") and keep their references (baseline; restore: masked from j) beside."""
     if unit.kind == "mask":
         return {("mask", j): MaskFrom(j) for j in unit.layers}
-    return {("ablate", j): AblateLayers(frozenset({j}) if j < n_layers else frozenset()) for j in unit.layers}
+    if unit.kind == "ablation":
+        return {("ablate", j): AblateLayers(frozenset({j}) if j < n_layers else frozenset()) for j in unit.layers}
+    rows: dict[tuple[str, int], RowIntervention] = {("mask", n_layers): MaskFrom(n_layers)}
+    if unit.kind == "knockout":
+        rows.update({(f"knockout/h{h}", l): HeadMask(frozenset({(l, h)})) for l in unit.layers for h in range(n_heads)})
+        return rows
+    j = unit.from_layer
+    hidden_from_j = {(l, h) for l in range(j, n_layers) for h in range(n_heads)}
+    rows[("mask", j)] = MaskFrom(j)
+    rows.update({(f"restore/h{h}", l): HeadMask(frozenset(hidden_from_j - {(l, h)})) for l in unit.layers
+                 for h in range(n_heads)})
+    return rows
 
 
 def span_lengths(spans: dict) -> dict:
@@ -69,9 +81,9 @@ class Worker:
     def compute(self, unit: WorkUnit, progress: Progress | None = None) -> UnitResult:
         task, data, items = unit_items(self.loaded.tokenizer, self.tasks, unit)
         n_layers = self.loaded.info.num_layers
-        condition = get_condition(unit.condition) if unit.kind == "mask" else None
+        condition = get_condition(unit.condition) if unit.kind != "ablation" else None
         prompts = masked_prompts(items, condition)
-        rows = row_interventions(unit, n_layers)
+        rows = row_interventions(unit, n_layers, self.loaded.info.num_heads)
         started = time.time()
         gens = self.engine.generate(prompts, list(rows.values()), stop_rule(task, self.max_new_tokens), progress)
         seconds = time.time() - started

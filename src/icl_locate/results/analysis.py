@@ -82,6 +82,8 @@ def load_curves(store) -> list[Curve]:
     cells: dict[str, list[dict]] = {}
     for unit in store.units():
         spec = unit["spec"]
+        if spec["kind"] not in ("mask", "ablation"):
+            continue  # head sweeps: load_head_maps
         key = {k: spec[k] for k in ("task", "pair", "kind", "condition", "instructions", "k", "n_test")}
         key["data"] = spec.get("data", "")  # user data of another content is another cell
         cells.setdefault(json.dumps(key, sort_keys=True), []).append(unit)
@@ -192,3 +194,102 @@ def summary_lines(curve: Curve, num_layers: int | None = None) -> list[str]:
         if s is not None else ""
     return [f"{head}: baseline {curve.metric.label} {curve.baseline:.1f}; {found}{saved}",
             f"  {curve.metric.label} by layer: " + " ".join(f"{l}:{v:.1f}" for l, v in zip(curve.layers, curve.score))]
+
+
+# --------------------------------------------------------------------------- head sweeps
+
+@dataclass
+class HeadMap:
+    """One head sweep cell: the score change of every (layer, head) against its reference.
+
+    knockout: the context hidden from one head at one layer, against the unmasked baseline;
+    restore: the context hidden from layer j on except from one head, against everything hidden from j.
+    """
+
+    key: dict
+    layers: list[int]
+    heads: list[int]
+    metric: Metric
+    stats: np.ndarray  # [seeds, layers, heads, items, d]
+    reference: np.ndarray  # [seeds, items, d]
+    delta: np.ndarray = field(default_factory=lambda: np.zeros(0))  # [layers, heads]
+    ci: np.ndarray = field(default_factory=lambda: np.zeros(0))  # [layers, heads, 2]
+    reference_score: float = 0.0
+
+    def label(self) -> str:
+        k = self.key
+        what = "knockout" if k["kind"] == "knockout" else f"restoration from layer {k['from_layer']}"
+        return f"{k['condition']} head {what} ({'instr' if k['instructions'] else 'no instr'}, k={k['k']})"
+
+    def top(self, n: int = 10) -> list[tuple[int, int, float, tuple[float, float]]]:
+        """(layer, head, change, CI): the heads the task needs most (knockout: largest drops) or that
+        recover it most (restore: largest gains)."""
+        sign = -1.0 if self.key["kind"] == "knockout" else 1.0
+        order = np.argsort(-sign * self.delta, axis=None)[:n]
+        out = []
+        for flat in order:
+            li, hi = np.unravel_index(flat, self.delta.shape)
+            out.append((self.layers[li], self.heads[hi], float(self.delta[li, hi]),
+                        (float(self.ci[li, hi, 0]), float(self.ci[li, hi, 1]))))
+        return out
+
+
+def load_head_maps(store) -> list[HeadMap]:
+    cells: dict[str, list[dict]] = {}
+    for unit in store.units():
+        spec = unit["spec"]
+        if spec["kind"] in ("knockout", "restore"):
+            key = {k: spec.get(k, "") for k in ("task", "pair", "kind", "condition", "instructions", "k", "n_test",
+                                                 "data", "from_layer")}
+            cells.setdefault(json.dumps(key, sort_keys=True), []).append(unit)
+    maps = []
+    for key_json, units in sorted(cells.items()):
+        key = json.loads(key_json)
+        units.sort(key=lambda u: u["spec"]["seed"])
+        metric = metric_named(store.primary_metric(units[0]["unit_id"]))
+        per_seed = [store.predictions(u["unit_id"]) for u in units]
+        kind = key["kind"]
+        head_rows = [p for p in per_seed[0] if p["variant"].startswith(kind + "/h")]
+        layers = sorted({p["layer"] for p in head_rows})
+        heads = sorted({int(p["variant"].split("/h")[1]) for p in head_rows})
+        n_items = max(p["item"] for p in per_seed[0]) + 1
+        d = len(item_stats(per_seed[0][0]))
+        stats = np.zeros((len(per_seed), len(layers), len(heads), n_items, d))
+        reference = np.zeros((len(per_seed), n_items, d))
+        ref_layer = max(p["layer"] for p in per_seed[0] if p["variant"] == "mask") if kind == "knockout" \
+            else key["from_layer"]
+        li, hi = {l: i for i, l in enumerate(layers)}, {h: i for i, h in enumerate(heads)}
+        for s, preds in enumerate(per_seed):
+            for p in preds:
+                if p["variant"] == "mask" and p["layer"] == ref_layer:
+                    reference[s, p["item"]] = item_stats(p)
+                elif p["variant"].startswith(kind + "/h"):
+                    stats[s, li[p["layer"]], hi[int(p["variant"].split("/h")[1])], p["item"]] = item_stats(p)
+        maps.append(HeadMap(key, layers, heads, metric, stats, reference))
+    return maps
+
+
+def analyse_head_map(m: HeadMap, n_boot: int = 1000, seed: int = 0) -> HeadMap:
+    """Score change per (layer, head) against the reference (mean over seeds), with 95% bootstrap
+    intervals that resample items and seeds together for every cell (so changes stay paired)."""
+    S, L, H, N, _ = m.stats.shape
+    agg = m.metric.aggregate
+
+    def change(seeds, items):
+        ref = np.mean([agg(m.reference[s, items]) for s in seeds])
+        return np.array([[np.mean([agg(m.stats[s, l, h, items]) for s in seeds]) for h in range(H)]
+                         for l in range(L)]) - ref, ref
+
+    m.delta, m.reference_score = change(range(S), np.arange(N))
+    rng = np.random.default_rng(seed)
+    boot = np.stack([change(rng.integers(0, S, S), rng.integers(0, N, N))[0] for _ in range(n_boot)])
+    m.ci = np.stack([np.percentile(boot, 2.5, axis=0), np.percentile(boot, 97.5, axis=0)], axis=-1)
+    return m
+
+
+def head_summary_lines(m: HeadMap, n: int = 3) -> list[str]:
+    """The heads that matter most, for a terminal."""
+    head = f"{m.key['task']} {m.key['pair']} {m.label()}".replace("  ", " ")
+    ref = "baseline" if m.key["kind"] == "knockout" else f"masked from {m.key['from_layer']}"
+    tops = "; ".join(f"L{l}H{h} {d:+.1f} ({lo:+.1f} to {hi:+.1f})" for l, h, d, (lo, hi) in m.top(n))
+    return [f"{head}: {m.metric.label} {ref} {m.reference_score:.1f}; top heads: {tops}"]

@@ -12,9 +12,12 @@ import html
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
+
 from ..util.errors import UserError
 from ..util.fileio import ensure_dir, write_atomic
-from .analysis import DEFAULT_FRACTION, analyse_curve, critical_layers, load_curves, savings
+from .analysis import DEFAULT_FRACTION, HeadMap, analyse_curve, analyse_head_map, critical_layers, load_curves, \
+    load_head_maps, savings
 
 
 def build_report(store, out_dir: Path, fmt: str = "html", fraction: float = DEFAULT_FRACTION,
@@ -23,18 +26,19 @@ def build_report(store, out_dir: Path, fmt: str = "html", fraction: float = DEFA
 
     matplotlib.use("Agg")
     curves = [analyse_curve(c, fraction, n_boot) for c in load_curves(store)]
+    heads = [analyse_head_map(m, n_boot) for m in load_head_maps(store)]
     lora = store.lora_results()
     pruning = store.pruning_results()
-    if not curves and not lora and not pruning:
+    if not curves and not heads and not lora and not pruning:
         raise UserError(f"store {store.path} holds no finished units yet")
     runs = store.runs()
     model = runs[-1]["provenance"].get("model", {}) if runs else {}
     num_layers = model.get("num_layers") or max([max(c.layers) for c in curves] + [r["layer"] + 1 for r in lora]
-                                                + [p["num_layers"] for p in pruning])
+                                                + [p["num_layers"] for p in pruning] + [max(m.layers) + 1 for m in heads])
     ensure_dir(out_dir)
-    figures = _figures(curves, out_dir) + _lora_figures(lora, curves, out_dir)
+    figures = _figures(curves, out_dir) + _head_figures(heads, curves, out_dir) + _lora_figures(lora, curves, out_dir)
     sections = dict(model=model, curves=curves, num_layers=num_layers, fraction=fraction, figures=figures,
-                    runs=runs, pruning=_pruning_rows(pruning))
+                    runs=runs, pruning=_pruning_rows(pruning), heads=heads)
     text = _html(**sections) if fmt == "html" else _markdown(**sections)
     path = out_dir / ("report.html" if fmt == "html" else "report.md")
     write_atomic(path, text)
@@ -108,6 +112,55 @@ def _lora_figures(lora: list[dict], curves, out_dir: Path) -> list[tuple[str, Pa
     return figures
 
 
+def _cell(key: dict) -> tuple:
+    return key["task"], key["pair"], key["condition"], key["instructions"], key["k"]
+
+
+def _head_figures(maps: list[HeadMap], curves, out_dir: Path) -> list[tuple[str, Path]]:
+    """One layers x heads heatmap per head sweep: the score change of each single head's intervention."""
+    import matplotlib.pyplot as plt  # lazy: see build_report
+
+    recognition = {_cell(c.key): c.recognition for c in curves if c.key["kind"] == "mask"}
+    figures = []
+    for m in maps:
+        bound = float(np.abs(m.delta).max()) or 1.0
+        fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(m.heads) + 2.5), max(3.5, 0.28 * len(m.layers) + 1.5)))
+        image = ax.imshow(m.delta, cmap="RdBu", vmin=-bound, vmax=bound, aspect="auto", origin="lower",
+                          extent=(m.heads[0] - 0.5, m.heads[-1] + 0.5, m.layers[0] - 0.5, m.layers[-1] + 0.5))
+        fig.colorbar(image, ax=ax, label=f"{m.metric.label} change vs "
+                     + ("baseline" if m.key["kind"] == "knockout" else f"masked from {m.key['from_layer']}"))
+        r = recognition.get(_cell(m.key))
+        if r is not None:
+            ax.axhline(r - 0.5, color="black", ls="--", lw=1, label=f"recognition layer {r}")
+            ax.legend(fontsize=7, loc="upper right")
+        ax.set_xlabel("query head")
+        ax.set_ylabel("layer")
+        ax.set_xticks(m.heads)
+        ax.set_title(f"{m.key['task']} {m.key['pair']}: {m.label()}", fontsize=9)
+        fig.tight_layout()
+        path = out_dir / (f"heads_{m.key['kind']}_{m.key['task']}_{m.key['pair'] or 'all'}_{m.key['condition']}_"
+                          f"k{m.key['k']}{'' if m.key['instructions'] else '_noinstr'}.png").replace("/", "-")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        figures.append((f"Heads: {m.key['task']} {m.key['pair']} {m.label()}", path))
+    return figures
+
+
+HEAD_HEADERS = [("cell", "task"), ("what", "sweep"), ("reference", "reference score"), ("head", "layer / head"),
+                ("change", "change (95% CI)")]
+
+
+def _head_rows(maps: list[HeadMap], n: int = 5) -> list[dict]:
+    rows = []
+    for m in maps:
+        ref = ("baseline " if m.key["kind"] == "knockout" else f"masked from {m.key['from_layer']}: ") + \
+            f"{m.reference_score:.2f}"
+        for layer, head, change, (lo, hi) in m.top(n):
+            rows.append(dict(cell=f"{m.key['task']} {m.key['pair']}".strip(), what=m.label(), reference=ref,
+                             head=f"{layer} / {head}", change=f"{change:+.2f} ({lo:+.2f} to {hi:+.2f})"))
+    return rows
+
+
 def _rows(curves, num_layers, fraction):
     rows = []
     for c in curves:
@@ -154,7 +207,7 @@ def _fmt(v):
     return f"{v:.2f}" if isinstance(v, float) else str(v)
 
 
-def _html(model, curves, num_layers, fraction, figures, runs, pruning) -> str:
+def _html(model, curves, num_layers, fraction, figures, runs, pruning, heads) -> str:
     rows = _rows(curves, num_layers, fraction)
     table = "<table><tr>" + "".join(f"<th>{h}</th>" for _, h in HEADERS) + "</tr>"
     for r in rows:
@@ -181,6 +234,16 @@ def _html(model, curves, num_layers, fraction, figures, runs, pruning) -> str:
         for r in pruning:
             pruning_html += "<tr>" + "".join(f"<td>{html.escape(r[k])}</td>" for k, _ in PRUNING_HEADERS) + "</tr>"
         pruning_html += "</table>"
+    if heads:
+        pruning_html += ("<h2>Heads</h2><p>Knockout hides the context from one head at one layer (every other head "
+                         "sees it); restoration hides it from layer j on, but not from one head. The change is the "
+                         "score against the unmasked baseline (knockout: negative = the task needs that head) or "
+                         "against everything hidden from j (restoration: positive = that head alone brings the "
+                         "task back). Top heads, 95% bootstrap intervals over items and seeds:</p><table><tr>"
+                         + "".join(f"<th>{h}</th>" for _, h in HEAD_HEADERS) + "</tr>")
+        for r in _head_rows(heads):
+            pruning_html += "<tr>" + "".join(f"<td>{html.escape(r[k])}</td>" for k, _ in HEAD_HEADERS) + "</tr>"
+        pruning_html += "</table>"
     prov = runs[-1]["provenance"] if runs else {}
     return f"""<!DOCTYPE html><html><head><meta charset="utf-8"><title>icl-locate report</title>
 <style>body{{font-family:sans-serif;max-width:1200px;margin:2em auto}}table{{border-collapse:collapse;margin:1em 0}}
@@ -195,7 +258,7 @@ Intervals are 95% bootstrap intervals over test items and seeds.</p>
 <h2>Provenance</h2><pre>{html.escape(_provenance_text(prov, runs))}</pre></body></html>"""
 
 
-def _markdown(model, curves, num_layers, fraction, figures, runs, pruning) -> str:
+def _markdown(model, curves, num_layers, fraction, figures, runs, pruning, heads) -> str:
     rows = _rows(curves, num_layers, fraction)
     lines = [f"# Where does in-context learning happen? — {model.get('spec', '?')}", "",
              f"{model.get('architecture', '')}, {num_layers} layers; recognition threshold {fraction:.0%} of "
@@ -206,6 +269,10 @@ def _markdown(model, curves, num_layers, fraction, figures, runs, pruning) -> st
         lines += ["", "## Context-pruned inference (measured)", "",
                   "| " + " | ".join(h for _, h in PRUNING_HEADERS) + " |", "|" + "---|" * len(PRUNING_HEADERS)]
         lines += ["| " + " | ".join(r[k] for k, _ in PRUNING_HEADERS) + " |" for r in pruning]
+    if heads:
+        lines += ["", "## Heads (top heads per sweep; change vs reference, 95% CI)", "",
+                  "| " + " | ".join(h for _, h in HEAD_HEADERS) + " |", "|" + "---|" * len(HEAD_HEADERS)]
+        lines += ["| " + " | ".join(r[k] for k, _ in HEAD_HEADERS) + " |" for r in _head_rows(heads)]
     lines += ["", "## Figures", ""] + [f"![{title}]({path.name})" for title, path in figures]
     for c in curves:
         lines += ["", f"### {c.key['task']} {c.key['pair']}: {c.label()}", "", f"| layer | {c.metric.name} | 95% CI |",
