@@ -16,7 +16,7 @@ from icl_locate.core.prompts import FORMATS, Example, build_prompt
 from icl_locate.experiments.settings import WorkUnit
 from icl_locate.results.analysis import Curve, analyse_curve, savings
 from icl_locate.tasks.files import read_table
-from icl_locate.tasks.metrics import Accuracy, Chrf, ExactMatch, Normalise, make_metric
+from icl_locate.tasks.metrics import Chrf, ExactMatch, Normalise, make_metric
 from icl_locate.tasks.registry import TaskOptions, get_task, load_task_file
 from icl_locate.util.errors import UserError
 
