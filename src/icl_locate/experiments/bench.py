@@ -27,13 +27,11 @@ from ..util.fileio import check_writable, write_json_atomic
 from ..util.progress import Progress
 from ..util.system import peak_rss_mb, reset_peak_rss
 from .common import check_context, masked_prompts, stop_rule, task_and_data
-from .settings import check_count, parse_layers
+from .settings import ModelAndData, check_count, parse_layers
 
 
-@dataclass
-class BenchSettings:
-    model: str = "gemma-3-270m"
-    task: str = "flores"
+@dataclass(kw_only=True)
+class BenchSettings(ModelAndData):
     pair: str = "fra-eng"
     condition: str = "instructions+examples"
     layers: str = "all"
@@ -43,13 +41,6 @@ class BenchSettings:
     batch_size: int | None = None
     skip_paper: bool = False
     json: str | None = None
-    data_dir: str | None = None
-    dtype: str | None = None
-    device: str | None = None
-    bank: str | None = None  # bitext: your prompt bank and test files, and their languages
-    test: str | None = None
-    src_lang: str | None = None
-    tgt_lang: str | None = None
 
 
 def logit_margin(loaded: LoadedModel, prompt: MaskedPrompt, from_layer: int, common: list[int], a: int,

@@ -17,13 +17,11 @@ from ..util.errors import UserError
 from ..util.fileio import check_writable, write_jsonl_atomic
 from ..util.progress import Progress
 from .common import check_context, masked_prompts, stop_rule, task_and_data
-from .settings import check_count
+from .settings import ModelAndData, check_count
 
 
-@dataclass
-class RunSettings:
-    model: str = "gemma-3-270m"
-    task: str = "flores"
+@dataclass(kw_only=True)
+class RunSettings(ModelAndData):
     pair: str | None = None
     condition: str = "baseline"
     from_layer: int | None = None  # None: the last layer for the baseline, else required
@@ -34,13 +32,6 @@ class RunSettings:
     per_query_examples: bool = False
     max_new_tokens: int | None = None
     out: str | None = None
-    data_dir: str | None = None
-    dtype: str | None = None
-    device: str | None = None
-    bank: str | None = None  # bitext: your prompt bank and test files, and their languages
-    test: str | None = None
-    src_lang: str | None = None
-    tgt_lang: str | None = None
     workers: int = 2  # code tasks: sandbox workers
     timeout: float = 3.0  # code tasks: seconds per sample
 

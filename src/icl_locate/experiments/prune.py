@@ -27,14 +27,12 @@ from ..util.errors import UserError
 from ..util.fileio import check_writable, write_json_atomic
 from ..util.system import current_rss_mb, peak_rss_mb, reset_peak_rss
 from .common import check_context, fingerprint, masked_prompts, provenance, stop_rule, task_and_data
-from .settings import check_count
+from .settings import ModelAndData, check_count
 
 
-@dataclass
-class PruneSettings:
-    layer: int
-    model: str = "gemma-3-270m"
-    task: str = "flores"
+@dataclass(kw_only=True)
+class PruneSettings(ModelAndData):
+    layer: int  # r: the context is processed in layers < r only
     pair: str = "fra-eng"
     condition: str = "instructions+examples"
     n_test: int = 16
@@ -46,13 +44,6 @@ class PruneSettings:
     check: bool = True
     json: str | None = None
     store: str | None = None
-    data_dir: str | None = None
-    dtype: str | None = None
-    device: str | None = None
-    bank: str | None = None  # bitext: your prompt bank and test files, and their languages
-    test: str | None = None
-    src_lang: str | None = None
-    tgt_lang: str | None = None
 
 
 def run_prune(s: PruneSettings, command: str, log=print) -> "PruneResult":

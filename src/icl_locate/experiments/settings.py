@@ -28,10 +28,23 @@ MT_PAIRS = ["eng-fra", "fra-eng", "eng-por", "por-eng"]
 PAPER_CONDITIONS = ["instructions+examples", "examples", "query", "instructions+examples+query", "all-but-last"]
 
 
-@dataclass
-class SweepConfig:
+@dataclass(kw_only=True)
+class ModelAndData:
+    """Settings every experiment shares: the model, the task, where it runs and where the data is."""
+
     model: str = "gemma-3-270m"
-    task: str = "flores"
+    task: str = "flores"  # a built-in task or a task file
+    data_dir: str | None = None
+    dtype: str | None = None
+    device: str | None = None
+    bank: str | None = None  # bitext: your prompt bank and test files, and their languages
+    test: str | None = None
+    src_lang: str | None = None
+    tgt_lang: str | None = None
+
+
+@dataclass(kw_only=True)
+class SweepConfig(ModelAndData):
     pairs: list[str] = field(default_factory=lambda: ["fra-eng"])
     conditions: list[str] = field(default_factory=lambda: ["instructions+examples"])
     instructions: list[bool] = field(default_factory=lambda: [True])
@@ -42,13 +55,6 @@ class SweepConfig:
     n_test: int | None = None  # None = the whole test set
     max_new_tokens: int | None = None  # None = the task's
     batch_size: int | None = None
-    data_dir: str | None = None
-    dtype: str | None = None
-    device: str | None = None
-    bank: str | None = None  # bitext: your prompt bank and test files, and their languages
-    test: str | None = None
-    src_lang: str | None = None
-    tgt_lang: str | None = None
     heads: str | None = None  # "knockout" or "restore": head-level sweeps instead of layer-from masks
     from_layer: int | None = None  # restore: the context is hidden from this layer on (default: below recognition)
 
