@@ -151,3 +151,19 @@ def test_ctrl_c_stops_workers_and_exits_130(tmp_path, data_dir):
     assert computing_actor_pids() == []  # the workers are gone
     done = subprocess.run(cli(store, data_dir, *RAY), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and n_units(store) == 4
+
+
+def test_two_node_cluster_by_address(tmp_path, data_dir, local_store):
+    """--ray-address joins a running cluster (here two Ray nodes on this machine, one CPU each)."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)
+    try:
+        store = tmp_path / "ray.sqlite"
+        done = subprocess.run(cli(store, data_dir, *RAY, "--ray-address", cluster.address), capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert rows(store) == rows(local_store)
+    finally:
+        cluster.shutdown()

@@ -136,7 +136,7 @@ def _head_figures(maps: list[HeadMap], curves, out_dir: Path) -> list[tuple[str,
         ax.set_xlabel("query head")
         ax.set_ylabel("layer")
         ax.set_xticks(m.heads)
-        ax.set_title(f"{m.key['task']} {m.key['pair']}: {m.label()}", fontsize=9)
+        ax.set_title(f"{m.key['task']} {m.key['pair']}\n{m.label()}", fontsize=8)
         fig.tight_layout()
         path = out_dir / (f"heads_{m.key['kind']}_{m.key['task']}_{m.key['pair'] or 'all'}_{m.key['condition']}_"
                           f"k{m.key['k']}{'' if m.key['instructions'] else '_noinstr'}.png").replace("/", "-")
