@@ -182,6 +182,17 @@ def test_fast_engine_equals_reference_for_head_rows(family, condition):
     assert knocked or family == "bloom" or condition == "examples", "no head intervention changed any generation"
 
 
+def test_head_rows_keep_few_context_caches_alive():
+    """One context cache per head intervention, but only those of the batch being decoded are kept."""
+    lm = tiny("llama")
+    prompts = masked(encoded_prompts(lm.tokenizer), get_condition("instructions+examples"))
+    rows = [HeadMask(frozenset({(l, h)})) for l in range(4) for h in range(4)]
+    engine = SweepEngine(lm.model, lm.tokenizer, batch_size=3)
+    engine.generate(prompts, rows, StopRule((), 3))
+    assert engine.stats["prefix_forwards"] == len(rows)  # each context computed once
+    assert engine.stats["prefix_caches_alive_max"] <= 2  # a batch of 3 rows spans at most 2 interventions
+
+
 def test_unmasked_prefix_would_be_wrong_for_head_rows():
     """Why head rows compute their context under their own mask: other heads read the hidden tokens,
     whose states the mask changed, so sharing the unmasked context cache gives other logits."""

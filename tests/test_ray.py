@@ -139,17 +139,25 @@ def test_without_ray_one_install_line(monkeypatch, tmp_path, data_dir, capsys):
 
 def test_ctrl_c_stops_workers_and_exits_130(tmp_path, data_dir):
     store = tmp_path / "ray.sqlite"
-    proc = subprocess.Popen(cli(store, data_dir, *RAY), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while not computing_actor_pids() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
+    argv = cli(store, data_dir, *RAY)
+    argv[argv.index("--n-test") + 1] = "24"  # units long enough to interrupt one
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in proc.stderr:  # this driver's own progress: the first unit is done, the others are running
+        seen.append(line)
+        if line.startswith("sweep [1/"):
+            break
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-2000:]
-    assert "Rerun the same command to resume" in err
-    time.sleep(1)
+    rest = proc.stderr.read()
+    proc.wait(timeout=120)
+    assert proc.returncode == 130, "".join(seen)[-2000:] + rest[-2000:]
+    assert "Rerun the same command to resume" in rest
+    assert 1 <= n_units(store) < 4
+    deadline = time.time() + 20
+    while computing_actor_pids() and time.time() < deadline:
+        time.sleep(0.2)
     assert computing_actor_pids() == []  # the workers are gone
-    done = subprocess.run(cli(store, data_dir, *RAY), capture_output=True, text=True, timeout=600)
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and n_units(store) == 4
 
 

@@ -172,7 +172,7 @@ def test_example_task_files_load(data_dir):
 
 def test_builtin_unit_ids_unchanged_and_user_data_has_its_own():
     unit = WorkUnit("flores", "fra-eng", "mask", "examples", True, 0, 5, 16, (0, 1, 2))
-    spec = {k: v for k, v in asdict(unit).items() if k != "data"}
+    spec = {k: v for k, v in asdict(unit).items() if k not in ("data", "from_layer")}  # the fields before them
     assert unit.unit_id == hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     other = WorkUnit("flores", "fra-eng", "mask", "examples", True, 0, 5, 16, (0, 1, 2), data="abc")
     assert other.unit_id != unit.unit_id
@@ -223,3 +223,15 @@ def test_curve_that_never_returns_says_so():
 def test_clear_curve_is_located():
     c = analyse_curve(curve_from([0.0, 0.05, 0.9, 0.9, 0.9]), n_boot=300)
     assert c.recognition == 2 and c.verdict.startswith("recognition layer 2") and savings(c, 4) is not None
+
+
+def test_bench_and_prune_take_a_task_file(tmp_path, capsys):
+    path = write_task(tmp_path)
+    assert main(["bench", "--model", "tiny:llama", "--task", str(path), "--n-test", "2", "--layers", "0,4", "--k", "2",
+                 "--skip-paper", "--require-identical", "1.0"]) == 0
+    assert "read 20 pairs from" in capsys.readouterr().err
+    out = tmp_path / "prune.json"
+    assert main(["prune", "--model", "tiny:llama", "--task", str(path), "--n-test", "2", "--k", "2", "--layer", "2",
+                 "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["metric"] == "exact_match" and data["identical_to_masked"] == 2

@@ -19,6 +19,7 @@ every real token keeps the position it has in the full prompt.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -57,6 +58,27 @@ def _needs_own_prefix_cache(prefix_hidden: Sequence[Range], prefix_len: int) -> 
     return any(i not in hidden for i in range(first_hidden, prefix_len))
 
 
+class _PrefixCaches:
+    """Prefix caches made when a batch first needs them and dropped once their last row is decoded."""
+
+    def __init__(self, make, rows: list[_Row], stats: dict):
+        self.make, self.stats = make, stats
+        self.caches: dict[tuple, list] = {}
+        self.pending = Counter(r.prefix_key for r in rows)
+
+    def get(self, row: _Row) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if row.prefix_key not in self.caches:
+            self.caches[row.prefix_key] = self.make(row)
+            self.stats["prefix_caches_alive_max"] = max(self.stats["prefix_caches_alive_max"], len(self.caches))
+        return self.caches[row.prefix_key]
+
+    def done(self, rows: list[_Row]) -> None:
+        for row in rows:
+            self.pending[row.prefix_key] -= 1
+            if not self.pending[row.prefix_key]:
+                self.caches.pop(row.prefix_key, None)
+
+
 class SweepEngine:
     """Decode every (prompt, intervention) row; supports ``MaskFrom``, ``HeadMask``, ``AblateLayers``, ``UNCHANGED``."""
 
@@ -72,7 +94,8 @@ class SweepEngine:
         # cache in bytes by a fraction of the memory available when decoding starts.
         self.max_batch_tokens = max_batch_tokens
         self.kv_memory_fraction = kv_memory_fraction
-        self.stats = {"prefix_forwards": 0, "tokens_forwarded": 0, "logit_rows": 0, "steps": 0}
+        self.stats = {"prefix_forwards": 0, "tokens_forwarded": 0, "logit_rows": 0, "steps": 0,
+                      "prefix_caches_alive_max": 0}
 
     # ------------------------------------------------------------------ public
 
@@ -80,11 +103,12 @@ class SweepEngine:
     def generate(self, prompts: Sequence[MaskedPrompt], interventions: Sequence[RowIntervention], stop: StopRule,
                  progress: Progress | None = None) -> dict[ResultKey, Generation]:
         rows = self._plan_rows(prompts, interventions)
-        prefix_caches = self._prefix_caches(rows)
+        prefix_caches = _PrefixCaches(self._prefix_cache, rows, self.stats)
         results: dict[ResultKey, Generation] = {}
         for chunk in self._chunks(rows, prefix_caches, stop.max_new_tokens):
             for row, gen in zip(chunk, self._decode_chunk(chunk, prefix_caches, stop)):
                 results[(row.item, row.intervention)] = gen
+            prefix_caches.done(chunk)
             if progress is not None:
                 progress(len(results), len(rows))
         return results
@@ -126,37 +150,36 @@ class SweepEngine:
                 rows.append(_Row(i, v, key, query, q_hidden, p_hidden, layers, heads, ablate))
         return rows
 
-    def _prefix_caches(self, rows: list[_Row]) -> dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]]:
-        """Per-layer (keys, values) of each distinct prefix, computed once (batch of 1)."""
-        caches = {}
-        for row in rows:
-            if row.prefix_key in caches:
-                continue
-            prefix, own = row.prefix_key
-            interventions = []
-            if own is not None:
-                if row.prefix_hidden:
-                    interventions.append(ColumnMask([row.prefix_hidden], [row.mask_layers], [row.mask_heads]))
-                if row.ablate:
-                    interventions.append(AttentionAblation(row.ablate))
-            cache = DynamicCache()
-            ids = torch.tensor([list(prefix)], device=self.device)
-            forward(self.model, ids, cache=cache, interventions=interventions, last_only=True)
-            self.stats["prefix_forwards"] += 1
-            self.stats["tokens_forwarded"] += len(prefix)
-            caches[row.prefix_key] = [(layer.keys, layer.values) for layer in cache.layers]
-        return caches
+    def _prefix_cache(self, row: _Row) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per-layer (keys, values) of a row's prefix (batch of 1), under the row's own intervention
+        when its prefix needs one."""
+        prefix, own = row.prefix_key
+        interventions = []
+        if own is not None:
+            if row.prefix_hidden:
+                interventions.append(ColumnMask([row.prefix_hidden], [row.mask_layers], [row.mask_heads]))
+            if row.ablate:
+                interventions.append(AttentionAblation(row.ablate))
+        cache = DynamicCache()
+        ids = torch.tensor([list(prefix)], device=self.device)
+        forward(self.model, ids, cache=cache, interventions=interventions, last_only=True)
+        self.stats["prefix_forwards"] += 1
+        self.stats["tokens_forwarded"] += len(prefix)
+        return [(layer.keys, layer.values) for layer in cache.layers]
 
-    def _chunks(self, rows: list[_Row], prefix_caches, max_new_tokens: int):
+    def _chunks(self, rows: list[_Row], prefix_caches: "_PrefixCaches", max_new_tokens: int):
         """Batches of rows with one prefix length and one ablation each, bounded in rows x tokens
-        and in KV bytes, and of even sizes (a small last batch would decode as long as a full one)."""
+        and in KV bytes, and of even sizes (a small last batch would decode as long as a full one).
+        Rows of one prefix cache stay together (then by query length), so that only a few caches
+        are alive at a time: a head sweep has one per intervention."""
         groups: dict[tuple, list[_Row]] = {}
         for row in rows:
             groups.setdefault((len(row.prefix_key[0]), tuple(sorted(row.ablate))), []).append(row)
         for (plen, _), group in groups.items():
-            group.sort(key=lambda r: len(r.query_ids))
+            first_seen = {key: n for n, key in enumerate(dict.fromkeys(r.prefix_key for r in group))}
+            group.sort(key=lambda r: (first_seen[r.prefix_key], len(r.query_ids)))
             longest = plen + max(len(r.query_ids) for r in group) + max_new_tokens
-            size = self.batch_size or self._auto_rows(longest, prefix_caches[group[0].prefix_key])
+            size = self.batch_size or self._auto_rows(longest, prefix_caches.get(group[0]))
             n_batches = -(-len(group) // size)
             even = -(-len(group) // n_batches)
             for start in range(0, len(group), even):
@@ -195,7 +218,7 @@ class SweepEngine:
         if chunk[0].ablate:
             interventions.append(AttentionAblation(chunk[0].ablate))
 
-        per_row = [prefix_caches[r.prefix_key] for r in chunk]
+        per_row = [prefix_caches.get(r) for r in chunk]
         capacity = plen + qmax + stop.max_new_tokens
         cache = DynamicCache()
         cache.layers = [PreallocatedLayer(right_aligned([kv[layer][0] for kv in per_row], cached, plen, capacity),
