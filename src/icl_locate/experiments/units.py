@@ -20,7 +20,6 @@ from ..core.models import LoadedModel, load_model
 from ..engines.base import Engine, Progress
 from ..engines.sweep import SweepEngine
 from ..tasks.registry import build_items, post_process
-from ..util.errors import UserError
 from .common import check_context, masked_prompts, stop_rule
 from .settings import SweepConfig, TaskCache, WorkUnit, load_task_data
 
@@ -115,10 +114,8 @@ def unit_items(tokenizer, tasks: TaskCache, unit: WorkUnit):
 
 
 def check_units(loaded: LoadedModel, tasks: TaskCache, units: Sequence[WorkUnit], max_new_tokens: int | None) -> None:
-    """Everything about the units that can fail on input before any decoding: k, context length."""
+    """Prompt + answer must fit the model's context in every unit, checked before any decoding
+    (k against the bank was checked before the model loaded: ``sweep.check_k``)."""
     for unit in units:
-        task, data = tasks[(unit.task, unit.pair)]
-        if unit.k > len(data.bank):
-            raise UserError(f"k={unit.k} examples requested but the {unit.task} prompt bank has {len(data.bank)}")
-        _, _, items = unit_items(loaded.tokenizer, tasks, unit)
+        task, _, items = unit_items(loaded.tokenizer, tasks, unit)
         check_context(items, loaded, stop_rule(task, max_new_tokens).max_new_tokens, unit.label())

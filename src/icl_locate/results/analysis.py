@@ -72,26 +72,33 @@ class Curve:
         return f"{what} ({'instr' if k['instructions'] else 'no instr'}, k={k['k']})"
 
 
+CELL_FIELDS = ("task", "pair", "kind", "condition", "instructions", "k", "n_test", "data")  # data: user data's digest
+
+
+def _cells(store, kinds: tuple[str, ...], fields: tuple[str, ...]) -> list[tuple[dict, list[dict], Metric]]:
+    """The store's units of ``kinds`` grouped by ``fields`` (seeds of one cell together, in seed order),
+    with the cell's metric."""
+    cells: dict[str, list[dict]] = {}
+    for unit in store.units():
+        spec = unit["spec"]
+        if spec["kind"] in kinds:
+            cells.setdefault(json.dumps({k: spec.get(k, "") for k in fields}, sort_keys=True), []).append(unit)
+    out = []
+    for key_json, units in sorted(cells.items()):
+        units.sort(key=lambda u: u["spec"]["seed"])
+        out.append((json.loads(key_json), units, metric_named(store.primary_metric(units[0]["unit_id"]))))
+    return out
+
+
 def item_stats(prediction: dict) -> list[float]:
     """A stored prediction's sufficient statistics (stores written before pass@1 kept them: the item's score)."""
     return json.loads(prediction["stats"]) if prediction["stats"] else [prediction["sentence_score"]]
 
 
 def load_curves(store) -> list[Curve]:
-    """Group the store's units into curves (one per cell; seeds stacked)."""
-    cells: dict[str, list[dict]] = {}
-    for unit in store.units():
-        spec = unit["spec"]
-        if spec["kind"] not in ("mask", "ablation"):
-            continue  # head sweeps: load_head_maps
-        key = {k: spec[k] for k in ("task", "pair", "kind", "condition", "instructions", "k", "n_test")}
-        key["data"] = spec.get("data", "")  # user data of another content is another cell
-        cells.setdefault(json.dumps(key, sort_keys=True), []).append(unit)
+    """Group the store's layer-sweep units into curves (one per cell; seeds stacked)."""
     curves = []
-    for key_json, units in sorted(cells.items()):
-        key = json.loads(key_json)
-        units.sort(key=lambda u: u["spec"]["seed"])
-        metric = metric_named(store.primary_metric(units[0]["unit_id"]))
+    for key, units, metric in _cells(store, ("mask", "ablation"), CELL_FIELDS):
         per_seed, layers = [], None
         for unit in units:
             preds = store.predictions(unit["unit_id"])
@@ -235,18 +242,8 @@ class HeadMap:
 
 
 def load_head_maps(store) -> list[HeadMap]:
-    cells: dict[str, list[dict]] = {}
-    for unit in store.units():
-        spec = unit["spec"]
-        if spec["kind"] in ("knockout", "restore"):
-            key = {k: spec.get(k, "") for k in ("task", "pair", "kind", "condition", "instructions", "k", "n_test",
-                                                 "data", "from_layer")}
-            cells.setdefault(json.dumps(key, sort_keys=True), []).append(unit)
     maps = []
-    for key_json, units in sorted(cells.items()):
-        key = json.loads(key_json)
-        units.sort(key=lambda u: u["spec"]["seed"])
-        metric = metric_named(store.primary_metric(units[0]["unit_id"]))
+    for key, units, metric in _cells(store, ("knockout", "restore"), CELL_FIELDS + ("from_layer",)):
         per_seed = [store.predictions(u["unit_id"]) for u in units]
         kind = key["kind"]
         head_rows = [p for p in per_seed[0] if p["variant"].startswith(kind + "/h")]
