@@ -103,9 +103,10 @@ def cmd_bench(args) -> int:
     print(result.table())
     if args.json:
         print(f"wrote {args.json}")
-    if args.require_identical is not None and result.data["identical_fraction"] < args.require_identical:
-        err(f"identical fraction {result.data['identical_fraction']:.3f} < {args.require_identical}")
-        return 1
+    for key in ("identical_fraction", "identical_fraction_spec"):
+        if args.require_identical is not None and result.data[key] < args.require_identical:
+            err(f"{key} {result.data[key]:.3f} < {args.require_identical}")
+            return 1
     return 0
 
 
@@ -134,7 +135,8 @@ def sweep_config_from_args(args) -> SweepConfig:
     overrides = dict(model=args.model, task=args.task, pairs=csv_list(args.pairs), conditions=csv_list(args.conditions),
                      instructions=instructions, seeds=csv_list(args.seeds, int), ks=csv_list(args.ks, int),
                      layers=args.layers, n_test=args.n_test, max_new_tokens=args.max_new_tokens,
-                     batch_size=args.batch_size, data_dir=args.data_dir, dtype=args.dtype, device=args.device,
+                     batch_size=args.batch_size, engine=args.engine, data_dir=args.data_dir, dtype=args.dtype,
+                     device=args.device,
                      layer_ablation=True if args.layer_ablation else None, bank=args.bank, test=args.test,
                      src_lang=args.src_lang, tgt_lang=args.tgt_lang, heads=args.heads, from_layer=args.from_layer)
     return load_config(args.preset, args.config, overrides)

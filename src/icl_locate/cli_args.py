@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch-size", type=int, default=None, help="fast engine rows per batch (default: auto)")
     bench.add_argument("--skip-paper", action="store_true", help="skip (a), the slowest")
     bench.add_argument("--require-identical", type=float, default=None,
-                       help="exit 1 if fewer (sentence, layer) pairs than this fraction match (b)")
+                       help="exit 1 if fewer (sentence, layer) pairs than this fraction match (b), for (c) or (d)")
     bench.add_argument("--json", help="write the measurements here")
     _add_data_and_device_options(bench)
     _add_own_data_options(bench)
@@ -145,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--n-test", type=int, default=None)
     sw.add_argument("--max-new-tokens", type=int, default=None)
     sw.add_argument("--batch-size", type=int, default=None)
+    sw.add_argument("--engine", default=None, choices=["tree", "fast"],
+                    help="tree (default: shares every layer below a row's mask layer) or fast (the sweep engine); "
+                         "same generations")
     _add_data_and_device_options(sw)
     _add_own_data_options(sw)
     sw.add_argument("--dry-run", action="store_true", help="print the planned units and exit")

@@ -201,6 +201,28 @@ class ColumnMask:
                           [self.heads[i] for i in rows])
 
 
+class LayerColumnMasks:
+    """A different ``ColumnMask`` at each layer, for engines whose batch differs from layer to layer
+    (the tree engine runs N_l states at layer l): ``by_layer[l]`` has one row per state there."""
+
+    def __init__(self, by_layer: dict[int, ColumnMask]):
+        self.by_layer = {layer: mask for layer, mask in by_layer.items() if mask.applies_to(layer)}
+        self.active_layers = frozenset(self.by_layer)
+
+    def applies_to(self, layer: int | None) -> bool:
+        return layer in self.active_layers
+
+    def all_layers(self) -> frozenset[int]:
+        return self.active_layers
+
+    def apply(self, attention_mask: torch.Tensor, layer: int,
+              n_heads: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.by_layer[layer].apply(attention_mask, layer, n_heads)
+
+    def select_rows(self, rows: Sequence[int]) -> "LayerColumnMasks":
+        raise TypeError("rows of per-layer masks differ from layer to layer: build a new one instead")
+
+
 @dataclass(frozen=True)
 class AttentionAblation:
     """The attention sublayers of ``layers`` add nothing to the residual stream (every row)."""
@@ -261,7 +283,7 @@ class ColumnDrop:
         return mask.gather(-1, index[:, None, None, :].expand(*mask.shape[:-1], kv - width))
 
 
-BatchIntervention = Union[ColumnMask, AttentionAblation, ColumnDrop]
+BatchIntervention = Union[ColumnMask, LayerColumnMasks, AttentionAblation, ColumnDrop]
 
 
 # --------------------------------------------------------------------------- mask surgery
@@ -320,7 +342,7 @@ def zero_dead_rows(attn_output: torch.Tensor, attn_weights: torch.Tensor | None,
 class Active:
     """The interventions in force: at most one of each kind."""
 
-    mask: ColumnMask | None = None
+    mask: ColumnMask | LayerColumnMasks | None = None
     ablation: AttentionAblation | None = None
     drop: ColumnDrop | None = None
 
@@ -343,7 +365,8 @@ def collect(interventions: Sequence[BatchIntervention | None]) -> Active:
     for x in interventions:
         if x is None:
             continue
-        slot = {ColumnMask: "mask", AttentionAblation: "ablation", ColumnDrop: "drop"}.get(type(x))
+        slot = {ColumnMask: "mask", LayerColumnMasks: "mask", AttentionAblation: "ablation",
+                ColumnDrop: "drop"}.get(type(x))
         if slot is None:
             raise TypeError(f"not a batch intervention: {x!r}")
         if slot in slots:

@@ -8,10 +8,12 @@ and is obviously right; the sweep and pruned engines are fast and tested against
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+import time
 from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Iterator, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -76,6 +78,40 @@ def eos_ids(model: nn.Module, tokenizer) -> set[int]:
     return ids
 
 
+@contextlib.contextmanager
+def head_timer(model: nn.Module, times: dict) -> Iterator[None]:
+    """Add the seconds spent in the LM head to ``times["head"]`` while the block runs (on a GPU
+    each call synchronises, which costs a little: it is for the time breakdown)."""
+    head = model.get_output_embeddings()
+    device = next(model.parameters()).device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    started: list[float] = []
+
+    def before(module, args):
+        sync()
+        started.append(time.perf_counter())
+
+    def after(module, args, output):
+        sync()
+        times["head"] += time.perf_counter() - started.pop()
+
+    handles = [head.register_forward_pre_hook(before), head.register_forward_hook(after)] if head is not None else []
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def time_breakdown(times: dict) -> dict[str, float]:
+    """Seconds by part: context prefill, query prefill, decoding forwards, of which LM head and body
+    (everything else in the forwards: layers, attention, masks), and bookkeeping (the rest)."""
+    forwards = times["prefix"] + times["query_prefill"] + times["decode_forward"]
+    return dict(total=times["total"], prefix=times["prefix"], query_prefill=times["query_prefill"],
+                decode_forward=times["decode_forward"], head=times["head"], body=forwards - times["head"],
+                bookkeeping=times["total"] - forwards)
+
+
 def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that ignore left padding: the first real token is position 0."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -98,6 +134,20 @@ def _cache_kwarg(model: nn.Module) -> str:
     return "cache" if _accepts(model, "cache") else "past_key_values"
 
 
+def _model_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache) -> dict:
+    """Keyword arguments for ``model`` (a causal LM or its decoder) with padding-aware positions."""
+    if attention_mask is None:
+        past = cache.get_seq_length() if cache is not None else 0
+        attention_mask = torch.ones(input_ids.shape[0], past + input_ids.shape[1], dtype=torch.long,
+                                    device=input_ids.device)
+    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=cache is not None)
+    if cache is not None:
+        kwargs[_cache_kwarg(model)] = cache
+    if _accepts(model, "position_ids"):
+        kwargs["position_ids"] = position_ids_for(attention_mask)[:, -input_ids.shape[1]:]
+    return kwargs
+
+
 @torch.no_grad()
 def forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, cache=None,
             interventions: Sequence[BatchIntervention | None] = (), output_attentions: bool = False,
@@ -108,18 +158,21 @@ def forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Ten
     ``last_only`` asks for logits at the last position only (saves a vocabulary-sized matmul
     per prompt token where the model supports ``logits_to_keep``).
     """
-    if attention_mask is None:
-        past = cache.get_seq_length() if cache is not None else 0
-        attention_mask = torch.ones(input_ids.shape[0], past + input_ids.shape[1], dtype=torch.long,
-                                    device=input_ids.device)
-    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=cache is not None)
-    if cache is not None:
-        kwargs[_cache_kwarg(model)] = cache
-    if _accepts(model, "position_ids"):
-        kwargs["position_ids"] = position_ids_for(attention_mask)[:, -input_ids.shape[1]:]
+    kwargs = _model_inputs(model, input_ids, attention_mask, cache)
     if output_attentions:
         kwargs["output_attentions"] = True
     if last_only and _accepts(model, "logits_to_keep"):
         kwargs["logits_to_keep"] = 1
     with intervene(model, *interventions):
         return model(**kwargs)
+
+
+@torch.no_grad()
+def last_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, cache=None,
+                interventions: Sequence[BatchIntervention | None] = ()) -> torch.Tensor:
+    """Like ``forward``, without the LM head: the decoder's final hidden state (after its final
+    norm) at the last position, [B, hidden]."""
+    decoder = model.get_decoder()
+    with intervene(model, *interventions):
+        out = decoder(**_model_inputs(decoder, input_ids, attention_mask, cache))
+    return out.last_hidden_state[:, -1]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Callable, Sequence
 
 import torch
@@ -15,13 +16,15 @@ from .base import Generation, StopRule, forward
 def decode_batch(model: nn.Module, tokenizer, eos: set[int], cache, step_input: torch.Tensor,
                  mask: torch.Tensor, interventions: Sequence[BatchIntervention | None], stop: StopRule,
                  stats: dict | None = None,
-                 first_logits: Callable[[torch.Tensor], None] | None = None) -> list[Generation]:
+                 first_logits: Callable[[torch.Tensor], None] | None = None,
+                 times: dict | None = None) -> list[Generation]:
     """Greedy decoding of a batch whose prompts sit in ``cache`` up to ``step_input``.
 
     ``step_input`` ([B, t]) is the rest of each prompt (at least its last token); ``mask`` is the
     2D padding mask over cache + ``step_input``. A row leaves the batch as soon as ``stop`` ends it,
     and its rows leave every intervention with it; ``cache`` must support ``batch_select_indices``.
-    ``first_logits`` receives the first step's logits [B, vocab] (for tests).
+    ``first_logits`` receives the first step's logits [B, vocab] (for tests); ``times`` adds the
+    seconds of the first forward (the query's prefill) and of the others (decoding).
     """
     n = step_input.shape[0]
     device = step_input.device
@@ -30,15 +33,18 @@ def decode_batch(model: nn.Module, tokenizer, eos: set[int], cache, step_input: 
     new_tokens: list[list[int]] = [[] for _ in range(n)]
     finish = ["length"] * n
     for step in range(stop.max_new_tokens):
+        started = time.perf_counter()
         logits = forward(model, step_input, attention_mask=mask, cache=cache, interventions=state.values(),
                          last_only=True).logits[:, -1]
+        tokens = logits.argmax(-1).tolist()
+        if times is not None:
+            times["query_prefill" if step == 0 else "decode_forward"] += time.perf_counter() - started
         if first_logits is not None and step == 0:
             first_logits(logits)
         if stats is not None:
             stats["tokens_forwarded"] += step_input.numel()
             stats["logit_rows"] += logits.shape[0]
             stats["steps"] += 1
-        tokens = logits.argmax(-1).tolist()
         keep = []
         for pos, (b, token) in enumerate(zip(alive, tokens)):
             reason = stop.after(tokenizer, eos, new_tokens[b], token)

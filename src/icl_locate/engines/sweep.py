@@ -19,7 +19,8 @@ every real token keeps the position it has in the full prompt.
 
 from __future__ import annotations
 
-from collections import Counter
+import time
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -32,7 +33,7 @@ from ..core.interventions import AblateLayers, AttentionAblation, ColumnMask, He
     Unchanged
 from ..core.structure import num_layers
 from ..util.system import available_memory
-from .base import Generation, Progress, ResultKey, StopRule, eos_ids, forward
+from .base import Generation, Progress, ResultKey, StopRule, eos_ids, forward, head_timer
 from .decoding import PreallocatedLayer, decode_batch, right_aligned
 
 
@@ -94,23 +95,28 @@ class SweepEngine:
         # cache in bytes by a fraction of the memory available when decoding starts.
         self.max_batch_tokens = max_batch_tokens
         self.kv_memory_fraction = kv_memory_fraction
-        self.stats = {"prefix_forwards": 0, "tokens_forwarded": 0, "logit_rows": 0, "steps": 0,
+        self.stats = {"prefix_forwards": 0, "prefix_tokens": 0, "tokens_forwarded": 0, "logit_rows": 0, "steps": 0,
                       "prefix_caches_alive_max": 0}
+        # seconds: total, prefix (context caches), query_prefill, decode_forward, head (see base.time_breakdown)
+        self.times: dict[str, float] = defaultdict(float)
 
     # ------------------------------------------------------------------ public
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[MaskedPrompt], interventions: Sequence[RowIntervention], stop: StopRule,
                  progress: Progress | None = None) -> dict[ResultKey, Generation]:
+        started = time.perf_counter()
         rows = self._plan_rows(prompts, interventions)
         prefix_caches = _PrefixCaches(self._prefix_cache, rows, self.stats)
         results: dict[ResultKey, Generation] = {}
-        for chunk in self._chunks(rows, prefix_caches, stop.max_new_tokens):
-            for row, gen in zip(chunk, self._decode_chunk(chunk, prefix_caches, stop)):
-                results[(row.item, row.intervention)] = gen
-            prefix_caches.done(chunk)
-            if progress is not None:
-                progress(len(results), len(rows))
+        with head_timer(self.model, self.times):
+            for chunk in self._chunks(rows, prefix_caches, stop.max_new_tokens):
+                for row, gen in zip(chunk, self._decode_chunk(chunk, prefix_caches, stop)):
+                    results[(row.item, row.intervention)] = gen
+                prefix_caches.done(chunk)
+                if progress is not None:
+                    progress(len(results), len(rows))
+        self.times["total"] += time.perf_counter() - started
         return results
 
     # ------------------------------------------------------------------ planning
@@ -162,8 +168,11 @@ class SweepEngine:
                 interventions.append(AttentionAblation(row.ablate))
         cache = DynamicCache()
         ids = torch.tensor([list(prefix)], device=self.device)
+        started = time.perf_counter()
         forward(self.model, ids, cache=cache, interventions=interventions, last_only=True)
+        self.times["prefix"] += time.perf_counter() - started
         self.stats["prefix_forwards"] += 1
+        self.stats["prefix_tokens"] += len(prefix)
         self.stats["tokens_forwarded"] += len(prefix)
         return [(layer.keys, layer.values) for layer in cache.layers]
 
@@ -226,4 +235,4 @@ class SweepEngine:
                                           plen)
                         for layer in range(len(per_row[0]))]
         return decode_batch(self.model, self.tokenizer, self.eos, cache, ids.to(self.device), mask.to(self.device),
-                            interventions, stop, self.stats)
+                            interventions, stop, self.stats, times=self.times)

@@ -1,10 +1,15 @@
-"""``icl-locate bench``: the paper's way of running a layer sweep against the fast engine.
+"""``icl-locate bench``: the paper's way of running a layer sweep against our engines.
 
 (a) paper: every (sentence, layer) re-encodes the full prompt and runs HF ``generate`` with
     batch 2, ``max_new_tokens=50`` and no stopping criterion (as the paper's code does);
 (b) the same with our stopping rule (HF ``stop_strings``);
-(c) the fast engine.
-Generations of (a) are cut at the stop rule before comparing; (c) is compared with (b).
+(c) the fast engine (``engines/sweep.py``);
+(d) the tree engine (``engines/tree.py``): (c) plus sharing across mask layers and the screened head.
+Generations of (a) are cut at the stop rule before comparing; (c) and (d) are compared with (b).
+The JSON keys of (d) end in ``_spec`` (the name the issue that asked for it gave them).
+
+FLOPs per row are analytic: 2 x parameters for every token a layer runs and every row the LM head
+scores (attention over the cache left out, for all methods alike).
 """
 
 from __future__ import annotations
@@ -18,10 +23,12 @@ import torch
 from ..core.conditions import MaskedPrompt, get_condition
 from ..core.interventions import MaskFrom
 from ..core.models import LoadedModel, load_model
-from ..engines.base import StopRule, eos_ids, forward
+from ..core.structure import decoder_layers
+from ..engines.base import StopRule, eos_ids, forward, time_breakdown
 from ..engines.paper import PaperEngine
 from ..engines.reference import batch_interventions
 from ..engines.sweep import SweepEngine
+from ..engines.tree import TreeEngine
 from ..tasks.registry import build_items
 from ..util.fileio import check_writable, write_json_atomic
 from ..util.progress import Progress
@@ -75,6 +82,29 @@ def engine_flops(model, stats: dict) -> float:
     return 2.0 * params * stats["tokens_forwarded"] + 2.0 * emb.numel() * stats["logit_rows"]
 
 
+def layer_and_head_params(model) -> tuple[list[int], int]:
+    return ([sum(p.numel() for p in layer.parameters()) for layer in decoder_layers(model)],
+            model.get_output_embeddings().weight.numel())
+
+
+def flops(model, layer_tokens: list[int], logit_rows: int) -> float:
+    """2 x (each layer's parameters x the tokens it ran + the head's parameters x the rows it scored)."""
+    layers, head = layer_and_head_params(model)
+    return 2.0 * sum(p * t for p, t in zip(layers, layer_tokens)) + 2.0 * head * logit_rows
+
+
+def paper_flops(model, prompts: list[MaskedPrompt], n_rows: int, max_new_tokens: int, batch_size: int = 2) -> float:
+    """(a): per layer setting and batch of 2, the padded prompt plus max_new - 1 decoding steps
+    through every layer, and one head row per generated token (``generate`` keeps the last position)."""
+    layers, _ = layer_and_head_params(model)
+    tokens = rows = 0
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start:start + batch_size]
+        tokens += len(batch) * (max(len(p.ids) for p in batch) + max_new_tokens - 1)
+        rows += len(batch) * max_new_tokens
+    return n_rows * flops(model, [tokens] * len(layers), rows)
+
+
 @dataclass
 class BenchResult:
     data: dict
@@ -83,23 +113,35 @@ class BenchResult:
         d = self.data
         rows = [("(a) paper: full prompt, generate, batch 2, 50 tokens", d["seconds_paper"], 1.0),
                 ("(b) paper + stop rule", d["seconds_paper_stop"], d["seconds_paper"] / d["seconds_paper_stop"]),
-                ("(c) fast engine", d["seconds_fast"], d["speedup_vs_paper"])]
-        lines = [f"{'method':<54} {'seconds':>9} {'speed-up vs (a)':>16}"]
-        lines += [f"{name:<54} {sec:9.1f} {sp:15.1f}x" for name, sec, sp in rows]
-        lines.append(f"fast vs (b): {d['speedup_vs_paper_stop']:.1f}x; identical generations "
-                     f"{100 * d['identical_fraction']:.1f}% of {d['pairs']} (sentence, layer) pairs; "
-                     f"{len(d['mismatches'])} mismatches")
-        for m in d["mismatches"][:10]:
-            lines.append(f"  mismatch sentence {m['sentence']} layer {m['from_layer']}: logit margin "
-                         f"{m['logit_margin']:.4f} at new token {m['position']}")
+                ("(c) fast engine", d["seconds_fast"], d["speedup_vs_paper"]),
+                ("(d) tree engine", d["seconds_spec"], d["speedup_spec_vs_paper"])]
+        lines = [f"{'method':<54} {'seconds':>9} {'speed-up vs (a)':>16} {'GFLOP/row':>10}"]
+        per_row = [d["flops_per_row_paper"], None, d["flops_per_row_fast"], d["flops_per_row_spec"]]
+        lines += [f"{name:<54} {sec:9.1f} {sp:15.1f}x {'' if f is None else f'{f / 1e9:10.2f}'}"
+                  for (name, sec, sp), f in zip(rows, per_row)]
+        for label, key in (("fast", "identical_fraction"), ("tree", "identical_fraction_spec")):
+            found = d["mismatches" if label == "fast" else "mismatches_spec"]
+            lines.append(f"{label} vs (b): identical generations {100 * d[key]:.1f}% of {d['pairs']} (sentence, layer) "
+                         f"pairs; {len(found)} mismatches")
+            for m in found[:10]:
+                lines.append(f"  mismatch sentence {m['sentence']} layer {m['from_layer']}: logit margin "
+                             f"{m['logit_margin']:.4f} at new token {m['position']}")
+        lines.append(f"tree vs fast: {d['speedup_spec_vs_fast']:.2f}x; tree head: {d['head_spec']}")
+        for label, key in (("(c)", "time_breakdown_fast"), ("(d)", "time_breakdown_spec")):
+            t = d[key]
+            lines.append(f"{label} seconds: context {t['prefix']:.1f}, query prefill {t['query_prefill']:.1f}, "
+                         f"decoding {t['decode_forward']:.1f}; of the forwards LM head {t['head']:.1f}, body "
+                         f"{t['body']:.1f}; bookkeeping {t['bookkeeping']:.1f}")
         fast_peak = "n/a" if d.get("peak_rss_mb_fast") is None else f"{d['peak_rss_mb_fast']:.0f} MB"
-        lines.append(f"peak RSS {d['peak_rss_mb']:.0f} MB (whole process), {fast_peak} during (c); fast engine {d['gflops_achieved']:.1f} GFLOP/s vs "
-                     f"plain matmul {d['gflops_matmul_peak']:.1f} GFLOP/s")
+        spec_peak = "n/a" if d.get("peak_rss_mb_spec") is None else f"{d['peak_rss_mb_spec']:.0f} MB"
+        lines.append(f"peak RSS {d['peak_rss_mb']:.0f} MB (whole process), {fast_peak} during (c), {spec_peak} during "
+                     f"(d); fast engine {d['gflops_achieved']:.1f} GFLOP/s vs plain matmul "
+                     f"{d['gflops_matmul_peak']:.1f} GFLOP/s")
         return "\n".join(lines)
 
 
 def run_bench(s: BenchSettings, log=print) -> BenchResult:
-    """Validate, load, run (a), (b), (c) on the same prompts and compare them."""
+    """Validate, load, run (a) to (d) on the same prompts and compare them."""
     condition = get_condition(s.condition)
     parse_layers(s.layers)
     check_count("--n-test", s.n_test)
@@ -136,44 +178,66 @@ def compare_methods(loaded: LoadedModel, prompts: list[MaskedPrompt], layers: li
             results[name] = paper.generate_ids(prompts, rows, stop.max_new_tokens, rule, progress.inner(name))
             timings[name] = time.perf_counter() - started
         log(f"  {timings[name]:.1f}s")
-    log("running (c) fast engine ...")
-    reset_peak_rss()
-    engine = SweepEngine(loaded.model, tok, batch_size=batch_size)
-    started = time.perf_counter()
-    fast = engine.generate(prompts, rows, stop)
-    timings["fast"] = time.perf_counter() - started
-    peak_fast = peak_rss_mb()
-    log(f"  {timings['fast']:.1f}s")
+    engines = {"fast": SweepEngine(loaded.model, tok, batch_size=batch_size),
+               "spec": TreeEngine(loaded.model, tok, batch_size=batch_size)}
+    outputs, peaks = {}, {}
+    for name, engine in engines.items():
+        log(f"running ({'c' if name == 'fast' else 'd'}) {'fast' if name == 'fast' else 'tree'} engine ...")
+        reset_peak_rss()
+        started = time.perf_counter()
+        outputs[name] = engine.generate(prompts, rows, stop)
+        timings[name] = time.perf_counter() - started
+        peaks[name] = peak_rss_mb()
+        log(f"  {timings[name]:.1f}s")
 
-    identical, mismatches, paper_vs_stop = 0, [], 0
-    for i, prompt in enumerate(prompts):
-        for row in rows:
-            b = stop.cut(tok, eos, results["paper_stop"][(i, row)])
-            c = fast[(i, row)].token_ids
-            if "paper" in results:
-                paper_vs_stop += stop.cut(tok, eos, results["paper"][(i, row)]) == b
-            if b == c:
-                identical += 1
-                continue
-            k = next((p for p, (x, y) in enumerate(zip(b, c)) if x != y), min(len(b), len(c)))
-            if k < len(b) and k < len(c):
-                margin = logit_margin(loaded, prompt, row.layer, c[:k], b[k], c[k])
-            else:
-                margin = float("nan")  # one is a prefix of the other: they differ on stopping, not a token
-            mismatches.append(dict(sentence=i, from_layer=row.layer, position=k, logit_margin=margin,
-                                   paper_stop=tok.decode(b), fast=tok.decode(c)))
+    def compare(generated, label: str) -> tuple[int, list[dict]]:
+        identical, mismatches = 0, []
+        for i, prompt in enumerate(prompts):
+            for row in rows:
+                b = stop.cut(tok, eos, results["paper_stop"][(i, row)])
+                c = generated[(i, row)].token_ids
+                if b == c:
+                    identical += 1
+                    continue
+                k = next((p for p, (x, y) in enumerate(zip(b, c)) if x != y), min(len(b), len(c)))
+                if k < len(b) and k < len(c):
+                    margin = logit_margin(loaded, prompt, row.layer, c[:k], b[k], c[k])
+                else:
+                    margin = float("nan")  # one is a prefix of the other: they differ on stopping, not a token
+                mismatches.append(dict(sentence=i, from_layer=row.layer, position=k, logit_margin=margin,
+                                       paper_stop=tok.decode(b), **{label: tok.decode(c)}))
+        return identical, mismatches
+
+    identical, mismatches = compare(outputs["fast"], "fast")
+    identical_spec, mismatches_spec = compare(outputs["spec"], "spec")
+    paper_vs_stop = sum(stop.cut(tok, eos, results["paper"][key]) == stop.cut(tok, eos, results["paper_stop"][key])
+                        for key in results["paper_stop"]) if "paper" in results else None
     pairs = len(prompts) * len(layers)
     seconds_paper = timings.get("paper", float("nan"))
+    fast, spec = engines["fast"], engines["spec"]
+    n_layers = loaded.info.num_layers
+    flops_fast = flops(loaded.model, [fast.stats["tokens_forwarded"]] * n_layers, fast.stats["logit_rows"])
+    flops_spec = flops(loaded.model, [t + spec.stats["prefix_tokens"] for t in spec.stats["slot_tokens"]],
+                       spec.stats["logit_rows"] + spec.stats["prefix_forwards"])
     data = dict(
         model=loaded.info.spec, device=loaded.info.device, dtype=loaded.info.dtype,
         condition=prompts[0].condition.name if prompts[0].condition else "baseline",
         layers=list(layers), sentences=len(prompts), pairs=pairs,
         seconds_paper=seconds_paper, seconds_paper_stop=timings["paper_stop"], seconds_fast=timings["fast"],
         speedup_vs_paper=seconds_paper / timings["fast"], speedup_vs_paper_stop=timings["paper_stop"] / timings["fast"],
-        identical_fraction=identical / pairs, paper_cut_equals_paper_stop=paper_vs_stop / pairs if "paper" in results
-        else None, mismatches=mismatches,
-        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, peak_rss_mb_fast=peak_fast,
-        gflops_achieved=engine_flops(loaded.model, engine.stats) / timings["fast"] / 1e9,
+        identical_fraction=identical / pairs,
+        paper_cut_equals_paper_stop=None if paper_vs_stop is None else paper_vs_stop / pairs, mismatches=mismatches,
+        seconds_spec=timings["spec"], speedup_spec_vs_paper=seconds_paper / timings["spec"],
+        speedup_spec_vs_fast=timings["fast"] / timings["spec"], identical_fraction_spec=identical_spec / pairs,
+        mismatches_spec=mismatches_spec,
+        acceptance_rate=None,  # no draft verification in this engine (see README)
+        flops_per_row_paper=paper_flops(loaded.model, prompts, len(rows), stop.max_new_tokens) / pairs,
+        flops_per_row_fast=flops_fast / pairs, flops_per_row_spec=flops_spec / pairs,
+        time_breakdown_fast=time_breakdown(fast.times), time_breakdown_spec=time_breakdown(spec.times),
+        head_spec=spec.head_note, head_screen_stats=spec.head.stats if spec.head is not None else None,
+        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, peak_rss_mb_fast=peaks["fast"],
+        peak_rss_mb_spec=peaks["spec"],
+        gflops_achieved=engine_flops(loaded.model, fast.stats) / timings["fast"] / 1e9,
         gflops_matmul_peak=matmul_gflops(loaded.info.device, next(loaded.model.parameters()).dtype),
-        engine_stats=engine.stats, threads=torch.get_num_threads())
+        engine_stats=fast.stats, engine_stats_spec=spec.stats, threads=torch.get_num_threads())
     return BenchResult(data)

@@ -55,11 +55,13 @@ class SweepConfig(ModelAndData):
     n_test: int | None = None  # None = the whole test set
     max_new_tokens: int | None = None  # None = the task's
     batch_size: int | None = None
+    engine: str = "tree"  # "tree" (shares layers below each row's mask layer) or "fast" (the sweep engine)
     heads: str | None = None  # "knockout" or "restore": head-level sweeps instead of layer-from masks
     from_layer: int | None = None  # restore: the context is hidden from this layer on (default: below recognition)
 
 
 HEAD_SWEEPS = ("knockout", "restore")
+SWEEP_ENGINES = ("tree", "fast")
 
 PRESETS: dict[str, dict] = {
     "paper-mt": dict(task="flores", pairs=MT_PAIRS, conditions=PAPER_CONDITIONS, instructions=[True, False],
@@ -170,6 +172,8 @@ def validate(config: SweepConfig) -> None:
     check_count("--from-layer", config.from_layer, minimum=0)
     check_count("--max-new-tokens", config.max_new_tokens)
     check_count("--batch-size", config.batch_size)
+    if config.engine not in SWEEP_ENGINES:
+        raise UserError(f"--engine must be one of {', '.join(SWEEP_ENGINES)}, got {config.engine!r}")
     parse_layers(config.layers)
     resolve_dtype(config.dtype, config.device or "cpu")
     if task.needs_pair:

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from ..core.models import LoadedModel, load_description, load_model
-from ..engines.sweep import SweepEngine
 from ..results.analysis import analyse_curve, analyse_head_map, head_summary_lines, load_curves, load_head_maps, \
     summary_lines
 from ..results.store import Store
@@ -22,7 +21,7 @@ from ..util.progress import Progress
 from .common import fingerprint, provenance
 from .executors import Executor, LocalExecutor, RayExecutor, RaySettings
 from .settings import SweepConfig, TaskCache, WorkUnit, load_task_data, plan_units, validate
-from .units import Worker, check_units
+from .units import Worker, check_units, sweep_engine
 
 
 @dataclass
@@ -96,9 +95,7 @@ def run_sweep(config: SweepConfig, store_path: str | Path, command: str, ray: Ra
         loaded, tasks, units = prepare(config, weights=False, store_file=store_file)
     else:
         loaded, tasks, units = prepare(config, store_file=store_file)
-        executor = LocalExecutor(Worker(loaded, SweepEngine(loaded.model, loaded.tokenizer,
-                                                            batch_size=config.batch_size), tasks,
-                                        config.max_new_tokens))
+        executor = LocalExecutor(Worker(loaded, sweep_engine(config, loaded), tasks, config.max_new_tokens))
     with Store.open(store_file, fingerprint(loaded, config.max_new_tokens)) as store:
         files = [f for _, data in tasks.values() for f in data.files]
         run_id = store.start_run(command, asdict(config), provenance(loaded, files))

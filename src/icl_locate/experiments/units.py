@@ -19,6 +19,7 @@ from ..core.interventions import AblateLayers, HeadMask, MaskFrom, RowInterventi
 from ..core.models import LoadedModel, load_model
 from ..engines.base import Engine, Progress
 from ..engines.sweep import SweepEngine
+from ..engines.tree import TreeEngine
 from ..tasks.registry import build_items, post_process
 from .common import check_context, masked_prompts, stop_rule
 from .settings import SweepConfig, TaskCache, WorkUnit, load_task_data
@@ -60,6 +61,13 @@ def span_lengths(spans: dict) -> dict:
     return dict(n_instructions=length("instructions"), n_examples=length("examples"), n_query=length("query"))
 
 
+def sweep_engine(config: SweepConfig, loaded: LoadedModel) -> Engine:
+    """The engine ``config.engine`` names (both give the same generations; the tree engine is faster)."""
+    if config.engine == "fast":
+        return SweepEngine(loaded.model, loaded.tokenizer, batch_size=config.batch_size)
+    return TreeEngine(loaded.model, loaded.tokenizer, batch_size=config.batch_size)
+
+
 @dataclass
 class Worker:
     """A loaded model with its engine and task data: computes units, writes nothing."""
@@ -74,8 +82,7 @@ class Worker:
         """A worker for ``config``'s sweep: its data, its model (dtype and device as configured), the sweep engine."""
         tasks = load_task_data(config)
         loaded = load_model(config.model, dtype=config.dtype, device=config.device)
-        return cls(loaded, SweepEngine(loaded.model, loaded.tokenizer, batch_size=config.batch_size), tasks,
-                   config.max_new_tokens)
+        return cls(loaded, sweep_engine(config, loaded), tasks, config.max_new_tokens)
 
     def compute(self, unit: WorkUnit, progress: Progress | None = None) -> UnitResult:
         task, data, items = unit_items(self.loaded.tokenizer, self.tasks, unit)

@@ -1,0 +1,250 @@
+"""The tree engine (cross-layer sharing) equals the sweep engine and the reference, token for token;
+its shared states are the unmasked run's, stored once; the screened head is the full head's argmax."""
+
+from __future__ import annotations
+
+import json
+
+import sqlite3
+
+import pytest
+import torch
+from transformers import DynamicCache
+from test_fast_engine import FAMILIES, encoded_prompts, masked, reference, tiny
+
+from icl_locate.cli import main
+from icl_locate.core.conditions import get_condition
+from icl_locate.core.interventions import UNCHANGED, AblateLayers, HeadMask, MaskFrom
+from icl_locate.engines import head as head_module
+from icl_locate.engines.base import StopRule, forward
+from icl_locate.engines.reference import ReferenceEngine
+from icl_locate.engines.head import ScreenedHead
+from icl_locate.engines.sweep import SweepEngine, _PrefixCaches
+from icl_locate.engines.tree import TreeEngine, _TreeDecode
+
+
+def generations(engine, encs, condition, rows, stop=(), max_new=8):
+    out = engine.generate(masked(encs, condition), rows, StopRule(tuple(stop), max_new))
+    return {k: (g.token_ids, g.finish) for k, g in out.items()}
+
+
+def assert_tree_equals(lm, encs, condition, rows, stop=(), max_new=8, batch_size=None, check_reference=True):
+    tree = TreeEngine(lm.model, lm.tokenizer, batch_size=batch_size)
+    got = generations(tree, encs, condition, rows, stop, max_new)
+    fast = generations(SweepEngine(lm.model, lm.tokenizer, batch_size=batch_size), encs, condition, rows, stop,
+                       max_new)
+    assert got == fast
+    if check_reference:  # the engine-level oracle: one prompt, one row at a time
+        ref = generations(ReferenceEngine(lm.model, lm.tokenizer), encs, condition, rows, stop, max_new)
+        assert got == ref
+    return tree, got
+
+
+def shared_then_split(got: dict, rows) -> bool:
+    """Some two rows of one query agree on at least one token and then differ."""
+    by_item: dict[int, list[list[int]]] = {}
+    for (item, _), (tokens, _) in got.items():
+        by_item.setdefault(item, []).append(tokens)
+    for seqs in by_item.values():
+        for a in seqs:
+            for b in seqs:
+                n = next((p for p, (x, y) in enumerate(zip(a, b)) if x != y), None)
+                if n is not None and n >= 1:
+                    return True
+    return False
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_layer_every_family(family):
+    lm = tiny(family)
+    rows = [MaskFrom(j) for j in range(lm.info.num_layers + 1)] + [UNCHANGED]
+    tree, _ = assert_tree_equals(lm, encoded_prompts(lm.tokenizer), get_condition("instructions+examples"), rows)
+    assert tree.stats["prefix_forwards"] == 1
+    # the query's prefill alone already runs fewer states than rows at every layer but the last
+    assert all(s < r for s, r in zip(tree.stats["slot_tokens"][:-1], tree.stats["row_tokens"][:-1]))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neo", "bloom"])
+@pytest.mark.parametrize("condition", ["query", "instructions+examples+query", "instructions", "examples",
+                                       "all-but-last", "baseline"])
+def test_every_condition(family, condition):
+    lm = tiny(family)
+    rows = [MaskFrom(j) for j in range(lm.info.num_layers + 1)]
+    assert_tree_equals(lm, encoded_prompts(lm.tokenizer), get_condition(condition), rows)
+
+
+def test_rows_share_a_history_then_diverge():
+    """On the tiny llama, rows of one query agree for a while and then split; results stay exact."""
+    lm = tiny("llama")
+    rows = [MaskFrom(j) for j in range(lm.info.num_layers + 1)]
+    tree, got = assert_tree_equals(lm, encoded_prompts(lm.tokenizer), get_condition("instructions+examples"), rows,
+                                   max_new=12)
+    assert tree.stats["splits"] > 0
+    assert shared_then_split(got, rows)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt_neo"])
+def test_per_query_prompts_and_small_batches(family):
+    """Left padding across queries of different lengths and contexts; batches smaller than a query's rows."""
+    lm = tiny(family)
+    rows = [MaskFrom(j) for j in (0, 1, 3, lm.info.num_layers)]
+    for batch_size in (2, 3, None):
+        assert_tree_equals(lm, encoded_prompts(lm.tokenizer, shared=False), get_condition("examples"), rows,
+                           batch_size=batch_size, check_reference=batch_size is None)
+
+
+@pytest.mark.parametrize("family", ["llama", "bloom", "gpt2"])
+def test_stop_strings(family):
+    lm = tiny(family)
+    encs = encoded_prompts(lm.tokenizer)
+    first = reference(lm, encs[0], None, MaskFrom(lm.info.num_layers), max_new=12)
+    stop = (lm.tokenizer.decode(first.token_ids[2:3]),)
+    assert_tree_equals(lm, encs, get_condition("instructions+examples"),
+                       [MaskFrom(j) for j in range(lm.info.num_layers + 1)], stop=stop, max_new=12)
+
+
+def test_eos_ends_some_rows_of_a_group():
+    """A token the unmasked run produces is made EOS: rows that produce it end there, the others go on."""
+    lm = tiny("llama")
+    encs = encoded_prompts(lm.tokenizer)
+    first = reference(lm, encs[0], None, MaskFrom(lm.info.num_layers), max_new=12)
+    config = lm.model.generation_config
+    saved = config.eos_token_id
+    try:
+        config.eos_token_id = first.token_ids[3]
+        rows = [MaskFrom(j) for j in range(lm.info.num_layers + 1)]
+        _, got = assert_tree_equals(lm, encs, get_condition("instructions+examples"), rows, max_new=12)
+    finally:
+        config.eos_token_id = saved
+    finishes = {finish for _, finish in got.values()}
+    assert "eos" in finishes and "length" in finishes
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "bloom", "gpt_neo"])
+def test_layer_ablation_and_head_masks(family):
+    lm = tiny(family)
+    L = lm.info.num_layers
+    rows = [AblateLayers(frozenset({layer})) for layer in range(L)]
+    rows += [HeadMask(frozenset({(1, 0)})), HeadMask(frozenset({(0, 1), (L - 1, 0)})), MaskFrom(1), UNCHANGED]
+    assert_tree_equals(lm, encoded_prompts(lm.tokenizer), get_condition("instructions+examples"), rows)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt_neo", "bloom"])
+def test_shared_states_are_the_unmasked_run_and_stored_once(family):
+    """After the query's prefill, the keys/values of the shared slot at layer l are the unmasked run's
+    (1e-5), and layer l holds 1 + (l + 1) slots for the L + 1 rows of a full layer sweep."""
+    lm = tiny(family)
+    L = lm.info.num_layers
+    enc = encoded_prompts(lm.tokenizer)[1]
+    engine = TreeEngine(lm.model, lm.tokenizer)
+    rows = engine._plan_rows(masked([enc], get_condition("instructions+examples")), [MaskFrom(j) for j in range(L + 1)])
+    decode = _TreeDecode(engine, rows, _PrefixCaches(engine._prefix_cache, rows, engine.stats), StopRule((), 4))
+    with engine._slot_hooks():
+        decode.forward(0)
+    plain = forward(lm.model, torch.tensor([enc.ids]), cache=DynamicCache())
+    for layer in range(L):
+        keys = decode.keys[layer]
+        assert len(keys) == layer + 2  # the shared slot + own slots of rows j = 0..layer
+        shared = keys.index(("shared", 0))
+        cached = decode.cache.layers[layer]
+        assert cached.keys.shape[2] == len(enc.ids)
+        expected_k, expected_v = plain.cache.layers[layer].keys[0], plain.cache.layers[layer].values[0]
+        torch.testing.assert_close(cached.keys[shared], expected_k, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(cached.values[shared], expected_v, atol=1e-5, rtol=1e-5)
+    per_slot = [c.used_bytes() // c.rows for c in decode.cache.layers]
+    assert sum(c.used_bytes() for c in decode.cache.layers) == sum((l + 2) * b for l, b in enumerate(per_slot))
+    assert sum(c.used_bytes() for c in decode.cache.layers) < (L + 1) * sum(per_slot)
+
+
+def test_slicing_refuses_an_unknown_per_row_argument():
+    with pytest.raises(RuntimeError, match="does not know whether"):
+        TreeEngine._slice("mystery", torch.zeros(3, 2), torch.tensor([0, 2]), 3)
+    alibi = torch.arange(3 * 2 * 5.0).view(6, 1, 5)  # 3 rows x 2 heads
+    sliced = TreeEngine._slice("alibi", alibi, torch.tensor([2, 0]), 3)
+    assert torch.equal(sliced, torch.cat([alibi[4:6], alibi[0:2]]))
+
+
+# --------------------------------------------------------------------------- the screened head
+
+def _head_model(vocab=5000, d=64, softcap=None, seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Module()
+    model.lm_head = torch.nn.Linear(d, vocab, bias=False)
+    model.get_output_embeddings = lambda: model.lm_head
+    model.config = type("C", (), {"final_logit_softcapping": softcap})()
+    return model
+
+
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_screened_head_is_the_argmax_of_the_full_logits(softcap):
+    model = _head_model(softcap=softcap)
+    head = ScreenedHead(model)
+    hidden = torch.randn(300, 64) * torch.logspace(-1, 2, 300)[:, None]  # small to large logits
+    expected = head.full_logits(hidden).argmax(-1)
+    assert torch.equal(head.argmax(hidden), expected)
+    assert head.stats["candidates"] >= 300 and head.stats["full_rows"] == 0
+
+
+def test_screened_head_ties_go_to_the_first_token_and_crowds_fall_back(monkeypatch):
+    model = _head_model()
+    with torch.no_grad():
+        model.lm_head.weight[4000] = model.lm_head.weight[17]  # an exact tie: the reference picks 17
+    head = ScreenedHead(model)
+    hidden = model.lm_head.weight[17][None].clone() * 5
+    assert int(head.argmax(hidden)[0]) == int(head.full_logits(hidden).argmax(-1)[0]) == 17
+    monkeypatch.setattr(head_module, "MAX_CANDIDATES_PER_ROW", 0)  # every row crowded: full product
+    hidden = torch.randn(7, 64)
+    assert torch.equal(head.argmax(hidden), head.full_logits(hidden).argmax(-1))
+    assert head.stats["full_rows"] == 7
+
+
+def test_screened_head_refuses_what_it_cannot_certify():
+    model = _head_model()
+    model.lm_head = torch.nn.Linear(64, 100, bias=True)
+    assert "bias" in ScreenedHead.supported(model)
+    model.lm_head = torch.nn.Linear(64, 100, bias=False).to(torch.bfloat16)
+    assert "bfloat16" in ScreenedHead.supported(model)
+
+
+def test_engine_checks_the_screen_on_the_model():
+    lm = tiny("gemma3")
+    assert TreeEngine(lm.model, lm.tokenizer).head is not None
+    assert TreeEngine(lm.model, lm.tokenizer, screen_head=False).head is None
+    head = lm.model.get_output_embeddings()
+    original = head.forward
+    try:  # a model whose logits are not the plain head's: the screen is refused
+        head.forward = lambda x: original(x) * 2.0
+        engine = TreeEngine(lm.model, lm.tokenizer)
+        assert engine.head is None and "not softcap" in engine.head_note
+        with pytest.raises(ValueError, match="cannot screen"):
+            TreeEngine(lm.model, lm.tokenizer, screen_head=True)
+    finally:
+        head.forward = original
+
+
+# --------------------------------------------------------------------------- commands
+
+def test_bench_reports_the_tree_engine(tmp_path, data_dir):
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--model", "tiny:llama", "--n-test", "2", "--layers", "all", "--k", "1",
+                 "--data-dir", str(data_dir), "--json", str(out), "--require-identical", "1.0"])
+    assert code == 0
+    data = json.loads(out.read_text())
+    for key in ("seconds_spec", "speedup_spec_vs_paper", "speedup_spec_vs_fast", "identical_fraction_spec",
+                "acceptance_rate", "flops_per_row_fast", "flops_per_row_spec", "flops_per_row_paper",
+                "time_breakdown_fast", "time_breakdown_spec", "seconds_fast", "identical_fraction"):
+        assert key in data
+    assert data["identical_fraction_spec"] == 1.0
+    assert data["flops_per_row_spec"] < data["flops_per_row_fast"] < data["flops_per_row_paper"]
+
+
+def test_sweep_engines_store_the_same_rows(tmp_path, data_dir):
+    stores = {}
+    for engine in ("tree", "fast"):
+        stores[engine] = tmp_path / f"{engine}.sqlite"
+        assert main(["sweep", "--model", "tiny:llama", "--n-test", "2", "--ks", "1", "--layers", "all",
+                     "--data-dir", str(data_dir), "--store", str(stores[engine]), "--engine", engine]) == 0
+    query = "select unit_id, item, layer, generation from predictions order by 1, 2, 3"
+    rows = [sqlite3.connect(stores[e]).execute(query).fetchall() for e in ("tree", "fast")]
+    assert rows[0] == rows[1] and len(rows[0]) > 0
+
