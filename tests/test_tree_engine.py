@@ -18,6 +18,7 @@ from icl_locate.core.interventions import UNCHANGED, AblateLayers, HeadMask, Mas
 from icl_locate.engines import head as head_module
 from icl_locate.engines.base import StopRule, forward
 from icl_locate.engines.reference import ReferenceEngine
+from icl_locate.engines.drafts import Drafter
 from icl_locate.engines.head import ScreenedHead
 from icl_locate.engines.sweep import SweepEngine, _PrefixCaches
 from icl_locate.engines.tree import TreeEngine, _TreeDecode
@@ -248,3 +249,122 @@ def test_sweep_engines_store_the_same_rows(tmp_path, data_dir):
     rows = [sqlite3.connect(stores[e]).execute(query).fetchall() for e in ("tree", "fast")]
     assert rows[0] == rows[1] and len(rows[0]) > 0
 
+
+
+# --------------------------------------------------------------------------- drafts
+
+class OracleDrafter:
+    """Drafts from known generations: the continuation of the first reference row whose tokens
+    start with the group's history, optionally corrupted at one position."""
+
+    def __init__(self, references: dict[int, list[list[int]]], length: int, wrong_at: int | None = None):
+        self.references, self.length, self.wrong_at = references, length, wrong_at
+        self.proposed = 0
+
+    def propose(self, group, prompt, siblings, limit):
+        for ref in self.references[group.query]:
+            if ref[:len(group.history)] == group.history and len(ref) > len(group.history):
+                draft = ref[len(group.history):len(group.history) + self.length]  # may exceed limit: the engine cuts
+                if self.wrong_at is not None and self.wrong_at < len(draft):
+                    draft[self.wrong_at] = (draft[self.wrong_at] + 1) % 50
+                self.proposed += 1
+                return draft
+        return []
+
+    def feedback(self, group, accepted):
+        pass
+
+
+def _oracle_engine(lm, encs, rows, condition, length, wrong_at=None, max_new=16):
+    """A tree engine whose drafter knows the no-stop generations of every row."""
+    plain = TreeEngine(lm.model, lm.tokenizer).generate(masked(encs, condition), rows, StopRule((), max_new + 8))
+    references: dict[int, list[list[int]]] = {}
+    for (item, _), gen in plain.items():
+        references.setdefault(item, []).append(gen.token_ids)
+    engine = TreeEngine(lm.model, lm.tokenizer, draft_tokens=length)
+    engine.drafter = OracleDrafter(references, length, wrong_at)
+    return engine
+
+
+@pytest.mark.parametrize("family", ["llama", "bloom", "gpt2", "qwen2"])
+@pytest.mark.parametrize("length,wrong_at", [(4, None), (4, 2), (3, 0), (40, None)])
+def test_drafts_right_partly_right_wrong_and_too_long(family, length, wrong_at):
+    lm = tiny(family)
+    encs = encoded_prompts(lm.tokenizer)
+    condition = get_condition("instructions+examples")
+    rows = [MaskFrom(j) for j in range(lm.info.num_layers + 1)] + [UNCHANGED]
+    engine = _oracle_engine(lm, encs, rows, condition, length, wrong_at)
+    got = generations(engine, encs, condition, rows, max_new=16)
+    assert got == generations(SweepEngine(lm.model, lm.tokenizer), encs, condition, rows, max_new=16)
+    stats = engine.stats
+    assert engine.drafter.proposed > 0 and stats["draft_tokens"] > 0
+    if wrong_at == 0:
+        assert stats["draft_accepted"] == 0
+    else:
+        assert stats["draft_accepted"] > 0
+        assert stats["steps"] < 16 * len(encs)  # fewer forwards than tokens
+
+
+@pytest.mark.parametrize("family,position", [("llama", 4), ("qwen2", 3)])  # a token first produced there
+def test_stop_string_and_eos_inside_drafts(family, position):
+    lm = tiny(family)
+    encs = encoded_prompts(lm.tokenizer)
+    condition = get_condition("instructions+examples")
+    rows = [MaskFrom(j) for j in range(lm.info.num_layers + 1)]
+    first = reference(lm, encs[0], None, MaskFrom(lm.info.num_layers), max_new=12)
+    stop = (lm.tokenizer.decode(first.token_ids[position:position + 1]),)
+    engine = _oracle_engine(lm, encs, rows, condition, 6)  # drafts run past the stop string
+    got = generations(engine, encs, condition, rows, stop=stop, max_new=16)
+    assert got == generations(SweepEngine(lm.model, lm.tokenizer), encs, condition, rows, stop=stop, max_new=16)
+    assert any(finish == "stop" for _, finish in got.values()) and engine.stats["draft_accepted"] > 0
+    config = lm.model.generation_config
+    saved = config.eos_token_id
+    engine = _oracle_engine(lm, encs, rows, condition, 6)  # drafts made without EOS: they run past it
+    try:
+        config.eos_token_id = first.token_ids[position]
+        engine.eos = {first.token_ids[position]}
+        got = generations(engine, encs, condition, rows, max_new=16)
+        assert got == generations(SweepEngine(lm.model, lm.tokenizer), encs, condition, rows, max_new=16)
+    finally:
+        config.eos_token_id = saved
+    assert any(finish == "eos" for _, finish in got.values()) and engine.stats["draft_accepted"] > 0
+
+
+def test_ngram_drafts_exact_on_every_condition():
+    lm = tiny("llama")
+    encs = encoded_prompts(lm.tokenizer)
+    rows = [MaskFrom(j) for j in range(lm.info.num_layers + 1)] + [AblateLayers(frozenset({1})),
+                                                                     HeadMask(frozenset({(1, 0)}))]
+    for condition in ("instructions+examples", "instructions", "query", "baseline"):
+        engine = TreeEngine(lm.model, lm.tokenizer, draft_tokens=4)
+        got = generations(engine, encs, get_condition(condition), rows, max_new=20)
+        assert got == generations(SweepEngine(lm.model, lm.tokenizer), encs, get_condition(condition), rows,
+                                  max_new=20)
+        assert engine.stats["draft_tokens"] > 0
+
+
+def test_no_drafts_where_holes_would_shift_a_sliding_window():
+    lm = tiny("gemma3")  # a 16-column window, prompts longer than that
+    engine = TreeEngine(lm.model, lm.tokenizer, draft_tokens=4)
+    generations(engine, encoded_prompts(lm.tokenizer), get_condition("instructions+examples"), [MaskFrom(1)])
+    assert engine.stats["draft_tokens"] == 0
+
+
+def test_drafter_lookup_order_and_backoff():
+    group = type("G", (), {})()
+    group.history, group.fails, group.pause = [5, 6, 7], 0, 0
+    drafter = Drafter(max_tokens=3, patience=2)
+    assert drafter.propose(group, prompt=[6, 7, 1, 2], siblings=[[9, 5, 6, 7, 8, 9, 10, 11]], limit=10) == [8, 9, 10]
+    assert drafter.propose(group, prompt=[6, 7, 1, 2], siblings=[], limit=10) == [1, 2]  # 2-gram in the prompt
+    group.history = [1, 2, 3, 1, 2]
+    assert drafter.propose(group, prompt=[], siblings=[], limit=2) == [3, 1]  # own loop
+    assert drafter.propose(group, prompt=[], siblings=[], limit=0) == []
+    drafter.feedback(group, 0)
+    assert group.pause == 0
+    drafter.feedback(group, 0)
+    assert group.pause == 2
+    assert drafter.propose(group, prompt=[], siblings=[], limit=2) == []
+    assert drafter.propose(group, prompt=[], siblings=[], limit=2) == []
+    assert drafter.propose(group, prompt=[], siblings=[], limit=2) == [3, 1]
+    drafter.feedback(group, 1)
+    assert group.fails == 0

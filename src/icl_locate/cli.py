@@ -135,7 +135,8 @@ def sweep_config_from_args(args) -> SweepConfig:
     overrides = dict(model=args.model, task=args.task, pairs=csv_list(args.pairs), conditions=csv_list(args.conditions),
                      instructions=instructions, seeds=csv_list(args.seeds, int), ks=csv_list(args.ks, int),
                      layers=args.layers, n_test=args.n_test, max_new_tokens=args.max_new_tokens,
-                     batch_size=args.batch_size, engine=args.engine, data_dir=args.data_dir, dtype=args.dtype,
+                     batch_size=args.batch_size, engine=args.engine,
+                     draft_tokens=args.draft_tokens, data_dir=args.data_dir, dtype=args.dtype,
                      device=args.device,
                      layer_ablation=True if args.layer_ablation else None, bank=args.bank, test=args.test,
                      src_lang=args.src_lang, tgt_lang=args.tgt_lang, heads=args.heads, from_layer=args.from_layer)

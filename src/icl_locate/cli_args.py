@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--batch-size", type=int, default=None, help="fast engine rows per batch (default: auto)")
     bench.add_argument("--skip-paper", action="store_true", help="skip (a), the slowest")
+    bench.add_argument("--draft-tokens", type=int, default=0,
+                       help="(d): verify drafts of up to this many tokens per step (default 0: none; on a CPU "
+                            "drafts cost more arithmetic than the steps they save)")
     bench.add_argument("--require-identical", type=float, default=None,
                        help="exit 1 if fewer (sentence, layer) pairs than this fraction match (b), for (c) or (d)")
     bench.add_argument("--json", help="write the measurements here")
@@ -145,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--n-test", type=int, default=None)
     sw.add_argument("--max-new-tokens", type=int, default=None)
     sw.add_argument("--batch-size", type=int, default=None)
+    sw.add_argument("--draft-tokens", type=int, default=None,
+                    help="tree engine: verify drafts of up to this many tokens per step (default 0: none)")
     sw.add_argument("--engine", default=None, choices=["tree", "fast"],
                     help="tree (default: shares every layer below a row's mask layer) or fast (the sweep engine); "
                          "same generations")

@@ -45,3 +45,17 @@ def attention_module(layer: nn.Module) -> nn.Module:
         if isinstance(sub, nn.Module):
             return sub
     raise RuntimeError(f"could not find the attention sublayer of {type(layer).__name__}")
+
+
+def attention_window(model: nn.Module) -> int | None:
+    """The narrowest sliding window any layer attends within, in columns (None: every layer sees
+    the whole sequence). Read from ``layer_types`` (transformers' per-layer list), GPT-Neo's
+    ``attention_layers``/``window_size``, or a model-wide ``sliding_window``; a config that names
+    sliding layers without a window size gives 0 (treat as windowed)."""
+    config = text_config(model)
+    types = getattr(config, "layer_types", None) or getattr(config, "attention_layers", None)
+    if types is not None:
+        if not any(t in ("sliding_attention", "local") for t in types):
+            return None
+        return getattr(config, "sliding_window", None) or getattr(config, "window_size", None) or 0
+    return getattr(config, "sliding_window", None)

@@ -151,28 +151,29 @@ def _model_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
 @torch.no_grad()
 def forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, cache=None,
             interventions: Sequence[BatchIntervention | None] = (), output_attentions: bool = False,
-            last_only: bool = False):
+            last_only: bool = False, keep_last: int | None = None):
     """One forward pass under ``interventions``, with padding-aware positions.
 
     ``attention_mask`` is the 2D padding mask over all tokens so far (cache included).
-    ``last_only`` asks for logits at the last position only (saves a vocabulary-sized matmul
-    per prompt token where the model supports ``logits_to_keep``).
+    ``last_only`` asks for logits at the last position only, ``keep_last`` at the last n (saves a
+    vocabulary-sized matmul per prompt token where the model supports ``logits_to_keep``).
     """
     kwargs = _model_inputs(model, input_ids, attention_mask, cache)
     if output_attentions:
         kwargs["output_attentions"] = True
-    if last_only and _accepts(model, "logits_to_keep"):
-        kwargs["logits_to_keep"] = 1
+    keep = 1 if last_only else keep_last
+    if keep and _accepts(model, "logits_to_keep"):
+        kwargs["logits_to_keep"] = keep
     with intervene(model, *interventions):
         return model(**kwargs)
 
 
 @torch.no_grad()
 def last_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, cache=None,
-                interventions: Sequence[BatchIntervention | None] = ()) -> torch.Tensor:
-    """Like ``forward``, without the LM head: the decoder's final hidden state (after its final
-    norm) at the last position, [B, hidden]."""
+                interventions: Sequence[BatchIntervention | None] = (), positions: int = 1) -> torch.Tensor:
+    """Like ``forward``, without the LM head: the decoder's final hidden states (after its final
+    norm) at the last ``positions`` positions, [B, positions, hidden]."""
     decoder = model.get_decoder()
     with intervene(model, *interventions):
         out = decoder(**_model_inputs(decoder, input_ids, attention_mask, cache))
-    return out.last_hidden_state[:, -1]
+    return out.last_hidden_state[:, -positions:]

@@ -36,9 +36,10 @@ from transformers import DynamicCache
 
 from ..core.conditions import MaskedPrompt
 from ..core.interventions import AttentionAblation, ColumnMask, LayerColumnMasks, RowIntervention
-from ..core.structure import decoder_layers
+from ..core.structure import attention_window, decoder_layers
 from .base import Generation, Progress, ResultKey, StopRule, forward, last_hidden
 from .decoding import PreallocatedLayer, right_aligned
+from .drafts import Drafter
 from .head import ScreenedHead
 from .sweep import SweepEngine, _PrefixCaches, _Row
 
@@ -66,6 +67,10 @@ class _Group:
     query: int
     history: list[int]
     parent: int | None = None  # the group it split from at the last step (its shared slots are copied)
+    gid: int = 0
+    columns: list[int] = field(default_factory=list)  # generated columns: 1 = a token, 0 = a rejected draft's hole
+    fails: int = 0  # drafts missed in a row
+    pause: int = 0  # steps left without drafts
 
 
 def divergence_layer(row: _Row, n_layers: int) -> int:
@@ -132,14 +137,16 @@ class TreeEngine(SweepEngine):
     their divergence layers. Same rows, same results as ``SweepEngine``."""
 
     def __init__(self, model, tokenizer, batch_size: int | None = None, max_batch_tokens: int = 32_000,
-                 kv_memory_fraction: float = 0.3, screen_head: bool | None = None):
+                 kv_memory_fraction: float = 0.3, screen_head: bool | None = None, draft_tokens: int = 0):
         """``screen_head``: pick greedy tokens with ``ScreenedHead`` (True), with the model's own
-        head (False), or the former where it is supported and checked on this model (None)."""
+        head (False), or the former where it is supported and checked on this model (None).
+        ``draft_tokens``: verify drafts of up to this many tokens per step (0: none; see drafts.py)."""
         super().__init__(model, tokenizer, batch_size, max_batch_tokens, kv_memory_fraction)
         self.layers = decoder_layers(model)
         self._maps: _StepMaps | None = None
         self.stats.update(slot_tokens=[0] * self.n_layers, row_tokens=[0] * self.n_layers, splits=0,
-                          kv_bytes_peak=0, kv_bytes_unshared_peak=0)
+                          kv_bytes_peak=0, kv_bytes_unshared_peak=0, draft_tokens=0, draft_accepted=0)
+        self.drafter = Drafter(draft_tokens) if draft_tokens else None
         self.head, self.head_note = self._choose_head(screen_head)
 
     def _choose_head(self, screen_head: bool | None) -> tuple[ScreenedHead | None, str]:
@@ -261,14 +268,26 @@ class _TreeDecode:
         items = list(dict.fromkeys(r.item for r in chunk))
         query_of = {item: n for n, item in enumerate(items)}
         self.members = [_Member(r, divergence_layer(r, self.L), query_of[r.item], query_of[r.item]) for r in chunk]
-        self.groups = {q: _Group(q, []) for q in range(len(items))}
+        self.groups = {q: _Group(q, [], gid=q) for q in range(len(items))}
         self.alive = list(range(len(self.members)))
         self.plen = len(chunk[0].prefix_key[0])
         queries = [next(r.query_ids for r in chunk if r.item == item) for item in items]
         self.qmax = max(len(q) for q in queries)
         self.pads = [self.qmax - len(q) for q in queries]
         pad_id = self.tokenizer.pad_token_id or 0
-        self.capacity = self.plen + self.qmax + stop.max_new_tokens
+        # Rejected draft tokens leave holes in the cache (masked columns): room for up to as many
+        # holes as tokens. Holes count in column-based sliding windows, so every column must fit
+        # in the window (positions come from the mask and are right); no room for holes: no drafts.
+        base = self.plen + self.qmax + stop.max_new_tokens
+        window = attention_window(self.model)
+        holes = stop.max_new_tokens if engine.drafter is not None else 0
+        if window is not None:
+            holes = min(holes, window - base)
+        self.draft_ok = holes > 0
+        self.capacity = base + max(0, holes)
+        self.cache_started = False
+        self.context = [list(next(r.prefix_key[0] for r in chunk if r.item == item)) + list(q)
+                        for item, q in zip(items, queries)]
         # the prompt part of each query's row: [pad | prefix | query]; generated columns are all ones
         self.prompt_mask = torch.ones(len(items), self.plen + self.qmax, dtype=torch.long)
         self.inputs = torch.empty(len(items), self.qmax, dtype=torch.long)
@@ -379,57 +398,93 @@ class _TreeDecode:
     # -------------------------------------------------------------- the loop
 
     def run(self) -> list[Generation]:
-        for step in range(self.stop.max_new_tokens):
-            if not self.advance(self.forward(step)):
+        step = 0
+        while self.alive:
+            drafts = self._drafts() if step else {}
+            if not self.advance(self.forward(step, drafts), drafts):
                 break
+            step += 1
         return [Generation(token_ids=m.tokens, text=self.tokenizer.decode(m.tokens, skip_special_tokens=True),
                            finish=m.finish or "length") for m in self.members]
 
-    def forward(self, step: int) -> dict[int, int]:
-        """One forward over the leaves (step 0: the queries' prefill); each alive member's next token."""
+    def forward(self, step: int, drafts: dict[int, list[int]] | None = None) -> dict[int, list[int]]:
+        """One forward over the leaves: step 0 is the queries' prefill; later steps feed each group's
+        last token and its draft (padded to the longest). Each alive member's greedy tokens at the
+        fed positions (one at step 0)."""
+        drafts = drafts or {}
         if self.maps is None:
             self.masks, (self.maps, self.leaf_of) = self._column_masks(), self._maps()
         groups = [self.groups[self._group_of(key)] for key in self.keys[-1]]
-        mask = torch.cat([self.prompt_mask[[g.query for g in groups]],
-                          torch.ones(len(groups), step, dtype=torch.long)], 1)
         if step == 0:
             step_input = self.inputs[[g.query for g in groups]]
+            mask = self.prompt_mask[[g.query for g in groups]]
         else:
-            step_input = torch.tensor([[g.history[-1]] for g in groups])
-        self._count(self.engine.stats, step_input.shape[1])
+            width = 1 + max((len(d) for d in drafts.values()), default=0)
+            fed = [[g.history[-1]] + drafts.get(g.gid, []) for g in groups]
+            step_input = torch.tensor([f + [f[-1]] * (width - len(f)) for f in fed])  # padding: never accepted
+            mask = torch.cat([self.prompt_mask[[g.query for g in groups]],
+                              torch.tensor([g.columns for g in groups], dtype=torch.long).view(len(groups), -1),
+                              torch.ones(len(groups), width, dtype=torch.long)], 1)
+        width = 1 if step == 0 else step_input.shape[1]
+        self._count(self.engine.stats, step_input.shape[1], width)
         ablation = self.members[0].row.ablate  # one per batch
         interventions = [self.masks] + ([AttentionAblation(ablation)] if ablation else [])
         started = time.perf_counter()
         self.engine._maps = self.maps
         head = self.engine.head
+        ids, mask = step_input.to(self.device), mask.to(self.device)
         try:
             if head is None:
-                logits = forward(self.model, step_input.to(self.device), attention_mask=mask.to(self.device),
-                                 cache=self.cache, interventions=interventions, last_only=True).logits[:, -1]
+                logits = forward(self.model, ids, attention_mask=mask, cache=self.cache, interventions=interventions,
+                                 keep_last=width).logits[:, -width:]
                 tokens = logits.argmax(-1).tolist()
             else:  # the head hook does not see the screen: time it here
-                hidden = last_hidden(self.model, step_input.to(self.device), attention_mask=mask.to(self.device),
-                                     cache=self.cache, interventions=interventions)
+                hidden = last_hidden(self.model, ids, attention_mask=mask, cache=self.cache,
+                                     interventions=interventions, positions=width)
                 head_started = time.perf_counter()
-                tokens = head.argmax(hidden).tolist()
+                tokens = head.argmax(hidden.reshape(-1, hidden.shape[-1])).view(len(groups), width).tolist()
                 self.engine.times["head"] += time.perf_counter() - head_started
         finally:
             self.engine._maps = None
         self.engine.times["query_prefill" if step == 0 else "decode_forward"] += time.perf_counter() - started
         return {m: tokens[leaf] for m, leaf in zip(self.alive, self.leaf_of)}
 
-    def advance(self, token_of: dict[int, int]) -> bool:
+    def advance(self, predicted: dict[int, list[int]], drafts: dict[int, list[int]] | None = None) -> bool:
         """Take the tokens, then bring the slots in line; False when no row is left."""
-        if self._take(token_of) and self.alive:
+        if self._take(predicted, drafts or {}) and self.alive:
             self._restructure()
             self.maps = None
         self._track_memory(self.engine.stats)
         return bool(self.alive)
 
-    def _count(self, stats: dict, width: int) -> None:
+    # -------------------------------------------------------------- drafts
+
+    def _drafts(self) -> dict[int, list[int]]:
+        """A draft per alive group that has room for one (see ``Drafter``), within the cache."""
+        drafter = self.engine.drafter
+        if drafter is None or not self.draft_ok:
+            return {}
+        alive_groups = {self.members[m].group for m in self.alive}
+        # keep room for the longest remaining generation without drafts after this step
+        shortest = min(len(self.groups[g].history) for g in alive_groups)
+        room = self.capacity - self.cache.get_seq_length() - self.stop.max_new_tokens + shortest
+        if room <= 0:
+            return {}
+        out = {}
+        for g in alive_groups:
+            group = self.groups[g]
+            left = self.stop.max_new_tokens - len(group.history)
+            siblings = [self.groups[o].history for o in alive_groups if o != g and self.groups[o].query == group.query]
+            limit = min(room, left - 1)
+            draft = drafter.propose(group, self.context[group.query], siblings, limit)[:max(0, limit)]
+            if draft:
+                out[g] = draft
+        return out
+
+    def _count(self, stats: dict, width: int, scored: int) -> None:
         stats["steps"] += 1
         stats["tokens_forwarded"] += len(self.keys[-1]) * width
-        stats["logit_rows"] += len(self.keys[-1])
+        stats["logit_rows"] += len(self.keys[-1]) * scored
         for layer, keys in enumerate(self.keys):
             stats["slot_tokens"][layer] += len(keys) * width
             stats["row_tokens"][layer] += len(self.alive) * width
@@ -440,40 +495,61 @@ class _TreeDecode:
         stats["kv_bytes_peak"] = max(stats["kv_bytes_peak"], used)
         stats["kv_bytes_unshared_peak"] = max(stats["kv_bytes_unshared_peak"], per_row * len(self.alive))
 
-    def _take(self, token_of: dict[int, int]) -> bool:
-        """Give each alive member its token: split groups whose members disagree, finish the ones
-        the stop rule ends. True if the slots must change."""
+    def _take(self, predicted: dict[int, list[int]], drafts: dict[int, list[int]]) -> bool:
+        """Give each alive member the tokens it produced: its first prediction, then, while the
+        prediction equals the draft token fed next, the prediction after it (exactly what one-by-one
+        greedy decoding would produce). Members of a group that produced different sequences split
+        it; the stop rule is applied token by token (tokens after a stop are dropped). Fed columns
+        beyond a group's accepted tokens become holes its mask hides. True if the slots must change."""
         changed = False
+        width = 1 + max((len(d) for d in drafts.values()), default=0) if drafts else 1
         by_group: dict[int, list[int]] = {}
         for m in self.alive:
             by_group.setdefault(self.members[m].group, []).append(m)
         for g in by_group:
             self.groups[g].parent = None
         finished: set[int] = set()
+        stats = self.engine.stats
         for g, ms in by_group.items():
-            by_token: dict[int, list[int]] = {}
+            draft = drafts.get(g, [])
+            by_output: dict[tuple[int, ...], list[int]] = {}
             for m in ms:
-                by_token.setdefault(token_of[m], []).append(m)
+                out = [predicted[m][0]]
+                while len(out) <= len(draft) and out[-1] == draft[len(out) - 1]:
+                    out.append(predicted[m][len(out)])
+                by_output.setdefault(tuple(out), []).append(m)
+                stats["draft_tokens"] += len(draft)
+                stats["draft_accepted"] += len(out) - 1
+            if draft:
+                self.engine.drafter.feedback(self.groups[g], max(len(out) for out in by_output) - 1)
             # the part with the deepest divergence layer keeps the group (and its shared slots)
-            parts = sorted(by_token.items(), key=lambda kv: -max(self.members[m].d for m in kv[1]))
-            history = list(self.groups[g].history)
-            for n, (token, part) in enumerate(parts):
+            parts = sorted(by_output.items(), key=lambda kv: -max(self.members[m].d for m in kv[1]))
+            history, columns = list(self.groups[g].history), list(self.groups[g].columns)
+            for n, (out, part) in enumerate(parts):
                 if n == 0:
                     gid = g
                 else:
                     gid = max(self.groups) + 1
-                    self.groups[gid] = _Group(self.groups[g].query, list(history), parent=g)
-                    self.engine.stats["splits"] += 1
+                    self.groups[gid] = _Group(self.groups[g].query, list(history), parent=g, gid=gid,
+                                              columns=list(columns), fails=self.groups[g].fails,
+                                              pause=self.groups[g].pause)
+                    stats["splits"] += 1
                     changed = True
                     for m in part:
                         self.members[m].group = gid
-                reason = self.stop.after(self.tokenizer, self.engine.eos, self.groups[gid].history, token)
-                if reason is not None:
-                    changed = True
-                    for m in part:
-                        self.members[m].finish = reason
-                        self.members[m].tokens = list(self.groups[gid].history)
-                        finished.add(m)
+                group = self.groups[gid]
+                if self.cache_started:
+                    group.columns += [1] * len(out) + [0] * (width - len(out))
+                for token in out:
+                    reason = self.stop.after(self.tokenizer, self.engine.eos, group.history, token)
+                    if reason is not None:
+                        changed = True
+                        for m in part:
+                            self.members[m].finish = reason
+                            self.members[m].tokens = list(group.history)
+                            finished.add(m)
+                        break
+        self.cache_started = True
         if finished:
             self.alive = [m for m in self.alive if m not in finished]
         for m in self.alive:

@@ -46,6 +46,7 @@ class BenchSettings(ModelAndData):
     k: int = 5
     seed: int = 0
     batch_size: int | None = None
+    draft_tokens: int = 0  # (d): verify drafts of up to this many tokens (0: none)
     skip_paper: bool = False
     json: str | None = None
 
@@ -126,7 +127,9 @@ class BenchResult:
             for m in found[:10]:
                 lines.append(f"  mismatch sentence {m['sentence']} layer {m['from_layer']}: logit margin "
                              f"{m['logit_margin']:.4f} at new token {m['position']}")
-        lines.append(f"tree vs fast: {d['speedup_spec_vs_fast']:.2f}x; tree head: {d['head_spec']}")
+        drafts = ("no drafts" if not d["draft_tokens"] else f"drafts of <= {d['draft_tokens']} tokens, "
+                  f"{100 * (d['acceptance_rate'] or 0):.0f}% of draft tokens accepted")
+        lines.append(f"tree vs fast: {d['speedup_spec_vs_fast']:.2f}x; tree head: {d['head_spec']}; {drafts}")
         for label, key in (("(c)", "time_breakdown_fast"), ("(d)", "time_breakdown_spec")):
             t = d[key]
             lines.append(f"{label} seconds: context {t['prefix']:.1f}, query prefill {t['query_prefill']:.1f}, "
@@ -146,6 +149,7 @@ def run_bench(s: BenchSettings, log=print) -> BenchResult:
     parse_layers(s.layers)
     check_count("--n-test", s.n_test)
     check_count("--batch-size", s.batch_size)
+    check_count("--draft-tokens", s.draft_tokens, minimum=0)
     if s.json:
         check_writable(s.json)
     task, data = task_and_data(s, s.pair, log)
@@ -156,14 +160,16 @@ def run_bench(s: BenchSettings, log=print) -> BenchResult:
     check_context(items, loaded, stop.max_new_tokens)
     log(f"bench: {loaded.info.spec} ({loaded.info.dtype}, {loaded.info.device}), {task.name} {data.label}, "
         f"{condition.name}, layers {layers[0]}..{layers[-1]} ({len(layers)}), {len(items)} sentences, k={s.k}")
-    result = compare_methods(loaded, masked_prompts(items, condition), layers, stop, s.skip_paper, s.batch_size, log)
+    result = compare_methods(loaded, masked_prompts(items, condition), layers, stop, s.skip_paper, s.batch_size, log,
+                             draft_tokens=s.draft_tokens)
     if s.json:
         write_json_atomic(s.json, result.data)
     return result
 
 
 def compare_methods(loaded: LoadedModel, prompts: list[MaskedPrompt], layers: list[int], stop: StopRule,
-                    skip_paper: bool = False, batch_size: int | None = None, log=print) -> BenchResult:
+                    skip_paper: bool = False, batch_size: int | None = None, log=print,
+                    draft_tokens: int = 0) -> BenchResult:
     tok = loaded.tokenizer
     eos = eos_ids(loaded.model, tok)
     rows = [MaskFrom(j) for j in layers]
@@ -179,7 +185,7 @@ def compare_methods(loaded: LoadedModel, prompts: list[MaskedPrompt], layers: li
             timings[name] = time.perf_counter() - started
         log(f"  {timings[name]:.1f}s")
     engines = {"fast": SweepEngine(loaded.model, tok, batch_size=batch_size),
-               "spec": TreeEngine(loaded.model, tok, batch_size=batch_size)}
+               "spec": TreeEngine(loaded.model, tok, batch_size=batch_size, draft_tokens=draft_tokens)}
     outputs, peaks = {}, {}
     for name, engine in engines.items():
         log(f"running ({'c' if name == 'fast' else 'd'}) {'fast' if name == 'fast' else 'tree'} engine ...")
@@ -230,7 +236,9 @@ def compare_methods(loaded: LoadedModel, prompts: list[MaskedPrompt], layers: li
         seconds_spec=timings["spec"], speedup_spec_vs_paper=seconds_paper / timings["spec"],
         speedup_spec_vs_fast=timings["fast"] / timings["spec"], identical_fraction_spec=identical_spec / pairs,
         mismatches_spec=mismatches_spec,
-        acceptance_rate=None,  # no draft verification in this engine (see README)
+        draft_tokens=draft_tokens,
+        acceptance_rate=spec.stats["draft_accepted"] / spec.stats["draft_tokens"] if spec.stats["draft_tokens"]
+        else None,
         flops_per_row_paper=paper_flops(loaded.model, prompts, len(rows), stop.max_new_tokens) / pairs,
         flops_per_row_fast=flops_fast / pairs, flops_per_row_spec=flops_spec / pairs,
         time_breakdown_fast=time_breakdown(fast.times), time_breakdown_spec=time_breakdown(spec.times),

@@ -56,6 +56,7 @@ class SweepConfig(ModelAndData):
     max_new_tokens: int | None = None  # None = the task's
     batch_size: int | None = None
     engine: str = "tree"  # "tree" (shares layers below each row's mask layer) or "fast" (the sweep engine)
+    draft_tokens: int = 0  # tree engine: verify drafts of up to this many tokens per step
     heads: str | None = None  # "knockout" or "restore": head-level sweeps instead of layer-from masks
     from_layer: int | None = None  # restore: the context is hidden from this layer on (default: below recognition)
 
@@ -172,6 +173,9 @@ def validate(config: SweepConfig) -> None:
     check_count("--from-layer", config.from_layer, minimum=0)
     check_count("--max-new-tokens", config.max_new_tokens)
     check_count("--batch-size", config.batch_size)
+    check_count("--draft-tokens", config.draft_tokens, minimum=0)
+    if config.draft_tokens and config.engine != "tree":
+        raise UserError("--draft-tokens is for the tree engine")
     if config.engine not in SWEEP_ENGINES:
         raise UserError(f"--engine must be one of {', '.join(SWEEP_ENGINES)}, got {config.engine!r}")
     parse_layers(config.layers)

@@ -65,7 +65,7 @@ def sweep_engine(config: SweepConfig, loaded: LoadedModel) -> Engine:
     """The engine ``config.engine`` names (both give the same generations; the tree engine is faster)."""
     if config.engine == "fast":
         return SweepEngine(loaded.model, loaded.tokenizer, batch_size=config.batch_size)
-    return TreeEngine(loaded.model, loaded.tokenizer, batch_size=config.batch_size)
+    return TreeEngine(loaded.model, loaded.tokenizer, batch_size=config.batch_size, draft_tokens=config.draft_tokens)
 
 
 @dataclass
