@@ -5,11 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from icl_locate.util.errors import UserError
-from icl_locate.experiments.lora import LoraSettings, _batch, attach_adapter, encode_training_pairs, lora_sweep, \
-    output_projection_name
+from icl_locate.cli import main
 from icl_locate.core.models import load_model
 from icl_locate.core.prompts import Example
+from icl_locate.experiments.lora import LoraSettings, attach_adapter, lora_sweep, output_projection_name
+from icl_locate.experiments.lora_train import ReusedActivations, encode_pairs, fixed_micro_batches, \
+    make_micro_batch, mean_val_loss, plain_loss, train
+from icl_locate.results.store import Store
+from icl_locate.util.errors import UserError
 
 EXPECTED = {"llama": "model.layers.1.self_attn.o_proj", "gpt_neo": "transformer.h.1.attn.attention.out_proj",
             "gemma3": "model.layers.1.self_attn.o_proj", "bloom": "transformer.h.1.self_attention.dense",
@@ -26,11 +29,11 @@ def test_one_layer_adapter_trains_alone(family):
     peft_model, target = attach_adapter(lm.model, 1, settings)
     lora_params = {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
     assert lora_params and all(".lora_" in n and target in n for n in lora_params)
-    seqs = encode_training_pairs(lm.tokenizer, PAIRS)
-    ids, mask, labels = _batch(seqs[:4], lm.tokenizer.pad_token_id, "cpu")  # one training step
+    seqs = encode_pairs(lm.tokenizer, PAIRS)
+    mb = make_micro_batch(seqs[:4], "full", lm.tokenizer.pad_token_id, "cpu")  # one training step
     optim = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=settings.lr)
     peft_model.train()
-    peft_model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    plain_loss(peft_model, mb, 1.0 / mb.tokens, backward=True)
     optim.step()
     changed = [n for n, p in peft_model.named_parameters() if p.requires_grad and not torch.equal(p, lora_params[n])]
     assert changed and all(target in n for n in changed)
@@ -41,8 +44,6 @@ def test_one_layer_adapter_trains_alone(family):
 
 
 def test_mini_sweep_end_to_end(tmp_path, data_dir):
-    from icl_locate.results.store import Store
-
     lm = load_model("tiny:llama")
     store = Store(tmp_path / "s.sqlite", dict(model="tiny:llama"))
     settings = LoraSettings(batch_size=8, micro_batch=4, max_epochs=2, train_size=16, lr=1e-3)
@@ -66,3 +67,144 @@ def test_bad_input(tmp_path, data_dir, layers, train_size, message):
     with pytest.raises(UserError, match=message):
         lora_sweep(lm, str(data_dir), "fra-eng", layers, LoraSettings(train_size=train_size), 2, tmp_path,
                    log=lambda m: None)
+
+
+# --------------------------------------------------------------------------- activation reuse and losses
+
+REUSE_FAMILIES = ["llama", "gemma3", "gpt_neo", "bloom"]
+
+
+def _grads(peft_model) -> dict:
+    return {n: p.grad.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
+
+
+def test_answer_positions_are_the_target_tokens():
+    lm = load_model("tiny:llama")
+    for ex, seq in zip(PAIRS, encode_pairs(lm.tokenizer, PAIRS)):
+        answer = lm.tokenizer.decode(list(seq.ids[seq.answer_start:-1]))
+        assert answer.strip() == ex.target and seq.ids[-1] == lm.tokenizer.eos_token_id
+        assert list(seq.targets("full")) == list(range(1, len(seq.ids)))
+
+
+@pytest.mark.parametrize("family", REUSE_FAMILIES)
+@pytest.mark.parametrize("layer", [0, 2])
+@pytest.mark.parametrize("loss", ["answer", "full"])
+def test_reused_activations_give_the_plain_loss_and_gradients(family, layer, loss):
+    """From the kept input of layer l with the head at the loss positions only, in chunks: the
+    model's own loss (answer-only = its loss with the other labels masked) and the same gradients."""
+    lm = load_model(f"tiny:{family}")
+    settings = LoraSettings(dropout=0.0)
+    peft_model, _ = attach_adapter(lm.model, layer, settings)
+    try:
+        with torch.no_grad():  # a non-zero adapter, so that gradients reach both of its matrices
+            for n, p in peft_model.named_parameters():
+                if p.requires_grad:
+                    p.normal_(0, 0.05)
+        seqs = encode_pairs(lm.tokenizer, PAIRS)
+        batches = fixed_micro_batches(seqs, 5, loss, lm.tokenizer.pad_token_id, "cpu")
+        peft_model.train()
+        plain = [plain_loss(peft_model, mb, 1.0 / mb.tokens, True) for mb in batches]
+        plain_grads = _grads(peft_model)
+        peft_model.zero_grad()
+        reuse = ReusedActivations(peft_model.get_base_model(), layer)
+        reuse.fill(batches)
+        assert reuse.bytes > 0
+        with reuse.running():
+            reused = [reuse.loss(mb, 1.0 / mb.tokens, True) for mb in batches]
+        for a, b in zip(plain, reused):
+            assert a == pytest.approx(b, rel=1e-5)
+        for name, grad in _grads(peft_model).items():
+            torch.testing.assert_close(grad, plain_grads[name], rtol=1e-4, atol=1e-6)
+        assert all(g.abs().sum() > 0 for g in plain_grads.values())
+    finally:
+        peft_model.unload()
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt_neo"])
+def test_training_with_reuse_equals_plain_training(family):
+    """Same micro-batches, same order: the losses per epoch and the adapter after training agree."""
+    lm = load_model(f"tiny:{family}")
+    seqs = encode_pairs(lm.tokenizer, PAIRS)
+    outcomes = []
+    for reuse in (False, True):
+        settings = LoraSettings(dropout=0.0, lr=1e-2, batch_size=4, micro_batch=2, max_epochs=3, patience=5,
+                                reuse=reuse)
+        peft_model, _ = attach_adapter(lm.model, 1, settings)
+        try:
+            record = train(peft_model, seqs[:8], seqs[8:], 1, lm.tokenizer.pad_token_id, settings)
+            state = {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
+        finally:
+            peft_model.unload()
+        outcomes.append((record, state))
+    (plain, plain_state), (reused, reused_state) = outcomes
+    assert reused.path == "reuse" and plain.path == "plain" and reused.cache_bytes > 0
+    assert reused.train_loss == pytest.approx(plain.train_loss, rel=1e-4)
+    assert reused.val_loss == pytest.approx(plain.val_loss, rel=1e-4)
+    assert reused.train_tokens == plain.train_tokens
+    for name, value in plain_state.items():
+        torch.testing.assert_close(reused_state[name], value, rtol=1e-3, atol=1e-5)
+    assert any(not torch.equal(v, torch.zeros_like(v)) for v in plain_state.values())
+
+
+def test_bucketed_batches_give_the_unpadded_loss():
+    """Padding never counts: the loss over similar-length micro-batches equals one sequence at a time."""
+    lm = load_model("tiny:llama")
+    peft_model, _ = attach_adapter(lm.model, 1, LoraSettings(dropout=0.0))
+    try:
+        peft_model.eval()
+        seqs = encode_pairs(lm.tokenizer, PAIRS)
+        pad = lm.tokenizer.pad_token_id
+        loss_fn = lambda mb, scale, backward: plain_loss(peft_model, mb, scale, backward)  # noqa: E731
+        with torch.no_grad():
+            one_by_one = mean_val_loss(loss_fn, [make_micro_batch([s], "answer", pad, "cpu") for s in seqs])
+            bucketed = mean_val_loss(loss_fn, fixed_micro_batches(seqs, 4, "answer", pad, "cpu"))
+        assert bucketed == pytest.approx(one_by_one, rel=1e-5)
+    finally:
+        peft_model.unload()
+
+
+def test_reuse_refuses_a_model_whose_logits_it_would_get_wrong():
+    """A model whose own forward does more than head(last hidden state) (here: doubles its loss, as a
+    logit scale would change it) is caught before training."""
+    lm = load_model("tiny:llama")
+    settings = LoraSettings(dropout=0.0, max_epochs=1)
+    peft_model, _ = attach_adapter(lm.model, 1, settings)
+    original = lm.model.forward
+
+    def doubled(*args, **kwargs):
+        out = original(*args, **kwargs)
+        out.loss = out.loss * 2
+        return out
+
+    lm.model.forward = doubled
+    try:
+        seqs = encode_pairs(lm.tokenizer, PAIRS)
+        with pytest.raises(RuntimeError, match="--no-reuse"):
+            train(peft_model, seqs[:4], seqs[4:8], 1, lm.tokenizer.pad_token_id, settings)
+    finally:
+        del lm.model.forward
+        peft_model.unload()
+
+
+def test_preset_paper_is_in_the_stored_run_config(tmp_path, data_dir):
+    store = tmp_path / "s.sqlite"
+    code = main(["lora-sweep", "--model", "tiny:llama", "--preset", "paper", "--layers", "1", "--train-size", "8",
+                 "--val-size", "4", "--epochs", "1", "--n-test", "2", "--micro-batch", "4", "--out-dir",
+                 str(tmp_path / "out"), "--store", str(store), "--data-dir", str(data_dir)])
+    assert code == 0
+    with Store(store, create=False) as s:
+        config = s.runs()[-1]["config"]
+        result = s.lora_results()[0]
+    assert config["preset"] == "paper" and config["loss"] == "full"
+    assert (config["r"], config["alpha"], config["dropout"], config["lr"], config["batch_size"], config["patience"],
+            config["threshold"], config["val_size"], config["train_size"]) == (8, 32, 0.05, 1e-4, 32, 5, 0.01, 4, 8)
+    assert result["train_tokens"] > 0 and result["train_seconds"] > 0 and result["seconds"] > 0
+
+
+def test_bad_lora_options(tmp_path, data_dir, capsys):
+    base = ["lora-sweep", "--model", "tiny:llama", "--layers", "1", "--out-dir", str(tmp_path), "--data-dir",
+            str(data_dir)]
+    assert main(base + ["--no-bucketing"]) == 2
+    assert "needs fixed micro-batches" in capsys.readouterr().err
+    assert main(base + ["--loss", "tokens"]) == 2
+    assert "invalid choice" in capsys.readouterr().err

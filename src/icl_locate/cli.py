@@ -17,7 +17,7 @@ from .experiments.code import score_code_file
 from .experiments.decode import RunSettings, run_decode
 from .experiments.demo import DemoSettings, run_demo
 from .experiments.executors import RaySettings
-from .experiments.lora import LoraRun, LoraSettings, run_lora_sweep
+from .experiments.lora import LoraRun, LoraSettings, lora_settings, run_lora_sweep
 from .experiments.prune import PruneSettings, run_prune
 from .experiments.settings import SweepConfig, load_config
 from .experiments.sweep import prepare, run_sweep
@@ -172,13 +172,19 @@ def cmd_report(args) -> int:
     return 0
 
 
+LORA_RENAME = {"epochs": "max_epochs"}
+
+
 def cmd_lora_sweep(args) -> int:
-    settings = settings_from(args, LoraSettings, rename={"epochs": "max_epochs"})
+    given = {LORA_RENAME.get(k, k): v for k, v in vars(args).items()}
+    settings = lora_settings(args.preset, {k: given[k] for k in LoraSettings.__dataclass_fields__ if k in given})
     results, store = run_lora_sweep(settings_from(args, LoraRun, settings=settings), command_line(), ray_settings(args))
-    print(f"{'layer':>5} {'zero-shot BLEU':>15} {'epochs':>7} {'best val loss':>14} {'seconds':>8}")
+    print(f"{'layer':>5} {'zero-shot BLEU':>15} {'epochs':>7} {'best val loss':>14} {'seconds':>8} {'train tok/s':>12}")
     for r in results:
-        print(f"{r['layer']:>5} {r['bleu']:15.2f} {len(r['curve']['train_loss']):>7} "
-              f"{r['curve']['best_val_loss']:14.4f} {r['seconds']:8.0f}")
+        c = r["curve"]
+        rate = c["train_tokens"] / c["train_seconds"] if c.get("train_seconds") else float("nan")
+        print(f"{r['layer']:>5} {r['bleu']:15.2f} {len(c['train_loss']):>7} {c['best_val_loss']:14.4f} "
+              f"{r['seconds']:8.0f} {rate:12.0f}")
     print(f"adapters in {Path(args.out_dir) / 'adapters'}; results in the store {store}")
     return 0
 

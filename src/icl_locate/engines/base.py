@@ -104,12 +104,13 @@ def head_timer(model: nn.Module, times: dict) -> Iterator[None]:
 
 
 def time_breakdown(times: dict) -> dict[str, float]:
-    """Seconds by part: context prefill, query prefill, decoding forwards, of which LM head and body
-    (everything else in the forwards: layers, attention, masks), and bookkeeping (the rest)."""
-    forwards = times["prefix"] + times["query_prefill"] + times["decode_forward"]
+    """Seconds by part: context prefill, query prefill, decoding forwards (one token a row) and
+    verification forwards (with drafts); across them, LM head and body (everything else in the
+    forwards: layers, attention, masks); bookkeeping is the rest."""
+    forwards = times["prefix"] + times["query_prefill"] + times["decode_forward"] + times["verification"]
     return dict(total=times["total"], prefix=times["prefix"], query_prefill=times["query_prefill"],
-                decode_forward=times["decode_forward"], head=times["head"], body=forwards - times["head"],
-                bookkeeping=times["total"] - forwards)
+                decode_forward=times["decode_forward"], verification=times["verification"], head=times["head"],
+                body=forwards - times["head"], bookkeeping=times["total"] - forwards)
 
 
 def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:

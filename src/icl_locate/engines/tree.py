@@ -446,7 +446,8 @@ class _TreeDecode:
                 self.engine.times["head"] += time.perf_counter() - head_started
         finally:
             self.engine._maps = None
-        self.engine.times["query_prefill" if step == 0 else "decode_forward"] += time.perf_counter() - started
+        part = "query_prefill" if step == 0 else "verification" if drafts else "decode_forward"
+        self.engine.times[part] += time.perf_counter() - started
         return {m: tokens[leaf] for m, leaf in zip(self.alive, self.leaf_of)}
 
     def advance(self, predicted: dict[int, list[int]], drafts: dict[int, list[int]] | None = None) -> bool:

@@ -133,7 +133,8 @@ class BenchResult:
         for label, key in (("(c)", "time_breakdown_fast"), ("(d)", "time_breakdown_spec")):
             t = d[key]
             lines.append(f"{label} seconds: context {t['prefix']:.1f}, query prefill {t['query_prefill']:.1f}, "
-                         f"decoding {t['decode_forward']:.1f}; of the forwards LM head {t['head']:.1f}, body "
+                         f"decoding {t['decode_forward']:.1f}, verifying drafts {t['verification']:.1f}; of the "
+                         f"forwards LM head {t['head']:.1f}, body "
                          f"{t['body']:.1f}; bookkeeping {t['bookkeeping']:.1f}")
         fast_peak = "n/a" if d.get("peak_rss_mb_fast") is None else f"{d['peak_rss_mb_fast']:.0f} MB"
         spec_peak = "n/a" if d.get("peak_rss_mb_spec") is None else f"{d['peak_rss_mb_spec']:.0f} MB"

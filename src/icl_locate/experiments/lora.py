@@ -1,16 +1,16 @@
 """Single-layer LoRA fine-tuning sweep (the paper's last experiment).
 
 For each layer l: a fresh LoRA adapter on that layer's attention output projection only,
-trained on FLORES dev lines 1..N in the zero-shot format ``Q:{src}\\nA:{tgt}<eos>`` with a
-causal-LM loss (padding ignored), early-stopped on the loss over dev lines 801-997, then
-evaluated by greedy zero-shot decoding (no instructions, no examples) on devtest.
+trained on FLORES dev lines 1..N in the zero-shot format ``Q:{src}\\nA:{tgt}<eos>`` (loss on the
+answer tokens, or on every position as the paper's code; see ``lora_train``), early-stopped on
+the same loss over dev lines 801-997, then evaluated by greedy zero-shot decoding (no
+instructions, no examples) on devtest. One unit per layer: an executor can run them anywhere.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import shutil
 import sys
@@ -36,8 +36,10 @@ from ..tasks.metrics import translation_scores
 from ..util.errors import UserError
 from ..util.fileio import ensure_dir
 from ..util.progress import Progress
+from ..util.system import peak_rss_mb, reset_peak_rss
 from .common import fingerprint
 from .executors import Executor, LocalExecutor, RayExecutor, RaySettings
+from .lora_train import LOSSES, encode_pairs, train
 from .settings import check_count, parse_layers
 
 OUT_PROJ_NAMES = ("o_proj", "out_proj", "dense", "c_proj")  # llama-likes, gpt_neo, bloom/gpt_neox, gpt2
@@ -45,7 +47,8 @@ OUT_PROJ_NAMES = ("o_proj", "out_proj", "dense", "c_proj")  # llama-likes, gpt_n
 
 @dataclass
 class LoraSettings:
-    """The paper's defaults (configs/training + its LoRA script); every one overridable."""
+    """Defaults: the paper's (configs/training + its LoRA script), except the loss (see ``loss``);
+    every one overridable."""
 
     r: int = 8
     alpha: int = 32
@@ -59,6 +62,25 @@ class LoraSettings:
     threshold: float = 0.01
     train_size: int = 800
     seed: int = 0
+    loss: str = "answer"  # "answer": answer tokens only; "full": every position (the paper's code)
+    bucketing: bool = True  # fixed micro-batches of similar length, shuffled each epoch
+    reuse: bool = True  # keep the frozen layers' output once instead of recomputing it (same results)
+
+
+# ``--preset paper``: the paper's LoRA settings, loss included (its collator scores every position).
+LORA_PRESETS: dict[str, dict] = {
+    "paper": dict(train_size=800, val_size=197, patience=5, threshold=0.01, r=8, alpha=32, dropout=0.05, lr=1e-4,
+                  batch_size=32, max_epochs=100, loss="full"),
+}
+
+
+def lora_settings(preset: str | None, overrides: dict) -> LoraSettings:
+    """The preset's settings (or the defaults), then the options given (None: not given)."""
+    if preset is not None and preset not in LORA_PRESETS:
+        raise UserError(f"unknown LoRA preset {preset!r} (known: {', '.join(LORA_PRESETS)})")
+    values = dict(LORA_PRESETS.get(preset, {}))
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return LoraSettings(**values)
 
 
 def output_projection_name(model: nn.Module, layer: int) -> str:
@@ -83,89 +105,6 @@ def attach_adapter(model: nn.Module, layer: int, settings: LoraSettings):
                         target_modules=[target], bias="none", task_type="CAUSAL_LM")
     torch.manual_seed(settings.seed)
     return get_peft_model(model, config), target
-
-
-def encode_training_pairs(tokenizer, pairs, max_length: int = 512) -> list[list[int]]:
-    """``Q:{src}\\nA:{tgt}`` + EOS, tokenised (BOS as the tokenizer adds it)."""
-    out = []
-    for ex in pairs:
-        ids = tokenizer(f"Q:{ex.source.strip()}\nA:{ex.target.strip()}")["input_ids"][:max_length - 1]
-        out.append(ids + [tokenizer.eos_token_id])
-    return out
-
-
-def _batch(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s)
-        mask[i, :len(s)] = 1
-    labels = ids.masked_fill(mask == 0, -100)  # padding is ignored by the loss
-    return ids.to(device), mask.to(device), labels.to(device)
-
-
-def mean_loss(model, seqs, pad_id: int, micro_batch: int) -> float:
-    model.eval()
-    total, tokens = 0.0, 0
-    seqs = sorted(seqs, key=len)  # similar lengths together: little padding
-    with torch.no_grad():
-        for i in range(0, len(seqs), micro_batch):
-            ids, mask, labels = _batch(seqs[i:i + micro_batch], pad_id, next(model.parameters()).device)
-            n = int((labels[:, 1:] != -100).sum())
-            total += float(model(input_ids=ids, attention_mask=mask, labels=labels).loss) * n
-            tokens += n
-    return total / max(tokens, 1)
-
-
-def train_adapter(peft_model, train: list[list[int]], val: list[list[int]], pad_id: int, settings: LoraSettings,
-                  log: Callable[[str], None] = lambda m: None) -> dict:
-    """AdamW on the adapter; early stopping on validation loss; the best adapter weights are kept."""
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    optim = torch.optim.AdamW(params, lr=settings.lr)
-    gen = torch.Generator().manual_seed(settings.seed)
-    device = next(peft_model.parameters()).device
-    curve = {"train_loss": [], "val_loss": []}
-    best, best_state, bad_epochs = math.inf, _adapter_state(peft_model), 0
-    for epoch in range(settings.max_epochs):
-        peft_model.train()
-        order = torch.randperm(len(train), generator=gen).tolist()
-        epoch_loss = []
-        for start in range(0, len(order), settings.batch_size):
-            batch = sorted((train[i] for i in order[start:start + settings.batch_size]), key=len)
-            optim.zero_grad()
-            n_tokens = sum(len(s) - 1 for s in batch)
-            for m in range(0, len(batch), settings.micro_batch):
-                ids, mask, labels = _batch(batch[m:m + settings.micro_batch], pad_id, device)
-                part = int((labels[:, 1:] != -100).sum())
-                loss = peft_model(input_ids=ids, attention_mask=mask, labels=labels).loss * part / n_tokens
-                loss.backward()
-                epoch_loss.append(float(loss.detach()) * n_tokens / max(part, 1))
-            optim.step()
-        curve["train_loss"].append(sum(epoch_loss) / max(len(epoch_loss), 1))
-        val_loss = mean_loss(peft_model, val, pad_id, settings.micro_batch)
-        curve["val_loss"].append(val_loss)
-        log(f"    epoch {epoch + 1}: train {curve['train_loss'][-1]:.4f}  val {val_loss:.4f}")
-        if val_loss < best - settings.threshold:
-            best, best_state, bad_epochs = val_loss, _adapter_state(peft_model), 0
-        else:
-            bad_epochs += 1
-            if bad_epochs >= settings.patience:
-                break
-    _load_adapter_state(peft_model, best_state)
-    curve["best_val_loss"] = best
-    return curve
-
-
-def _adapter_state(peft_model) -> dict:
-    return {k: v.detach().clone() for k, v in peft_model.named_parameters() if v.requires_grad}
-
-
-def _load_adapter_state(peft_model, state: dict) -> None:
-    with torch.no_grad():
-        for k, v in peft_model.named_parameters():
-            if k in state:
-                v.copy_(state[k])
 
 
 def zero_shot_prompts(tokenizer, test: Sequence[Example]) -> list[MaskedPrompt]:
@@ -259,13 +198,15 @@ class LoraWorker:
     def compute(self, unit: LoraUnit, progress=None) -> LoraResult:
         started = time.time()
         tok, settings = self.loaded.tokenizer, unit.settings
-        train = encode_training_pairs(tok, self.data.train[:settings.train_size])
-        val = encode_training_pairs(tok, self.data.val[:settings.val_size])
+        train_seqs = encode_pairs(tok, self.data.train[:settings.train_size])
+        val_seqs = encode_pairs(tok, self.data.val[:settings.val_size])
         peft_model, target = attach_adapter(self.loaded.model, unit.layer, settings)
         try:
             self.log(f"layer {unit.layer}: LoRA on {target} "
                      f"({sum(p.numel() for p in peft_model.parameters() if p.requires_grad)} trainable parameters)")
-            curve = train_adapter(peft_model, train, val, self.pad_id, settings, self.log)
+            reset_peak_rss()
+            curve = train(peft_model, train_seqs, val_seqs, unit.layer, self.pad_id, settings, self.log).as_dict()
+            curve["peak_rss_mb"] = peak_rss_mb()
             peft_model.eval()
             bleu, _ = evaluate_zero_shot(SweepEngine(peft_model, tok), tok, self.data.test, self.data.language)
             from peft import get_peft_model_state_dict  # lazy: see attach_adapter
@@ -323,14 +264,21 @@ def lora_sweep(loaded: LoadedModel, data_dir: str | None, pair: str, layers: lis
             progress.advance(f"layer {r.unit.layer}: zero-shot BLEU {r.bleu:.2f} ({r.seconds:.0f}s)")
             if store is not None:
                 store.add_lora(r.unit.unit_id, r.unit.layer, r.bleu,
-                               dict(r.curve, pair=pair, settings=asdict(settings), n_test=n_test, target=r.target),
+                               dict(r.curve, pair=pair, settings=asdict(settings), n_test=n_test, target=r.target,
+                                    seconds=r.seconds),
                                str(adapter_dir))
     return sorted(results, key=lambda r: r["layer"])
 
 
 def lora_unit_id(pair: str, layer: int, settings: LoraSettings, n_test) -> str:
-    """Stable id of one (pair, layer, settings, test size): the store skips what it holds."""
-    key = json.dumps(dict(pair=pair, layer=layer, settings=asdict(settings), n_test=n_test), sort_keys=True)
+    """Stable id of one (pair, layer, settings, test size): the store skips what it holds. ``reuse``
+    is left out (it changes how, not what, is computed); settings of earlier versions keep their ids."""
+    values = asdict(settings)
+    values.pop("reuse")
+    for name, old_default in (("loss", "full"), ("bucketing", False)):
+        if values[name] == old_default:  # what earlier versions did, before these settings existed
+            values.pop(name)
+    key = json.dumps(dict(pair=pair, layer=layer, settings=values, n_test=n_test), sort_keys=True)
     return "lora-" + hashlib.sha1(key.encode()).hexdigest()[:12]
 
 
@@ -339,6 +287,7 @@ class LoraRun:
     """``icl-locate lora-sweep``: which model, pair and layers, where results go."""
 
     settings: LoraSettings
+    preset: str | None = None
     model: str = "gemma-3-270m"
     pair: str = "fra-eng"
     layers: str = "all"
@@ -360,6 +309,10 @@ def validate_lora(run: LoraRun) -> None:
     check_count("--n-test", run.n_test)
     for name in ("r", "batch_size", "micro_batch", "max_epochs", "patience"):
         check_count(f"--{name.replace('_', '-')}", getattr(s, name))
+    if s.loss not in LOSSES:
+        raise UserError(f"--loss must be one of {', '.join(LOSSES)}, got {s.loss!r}")
+    if s.reuse and not s.bucketing:
+        raise UserError("reusing activations needs fixed micro-batches: drop --no-bucketing or add --no-reuse")
     parse_layers(run.layers)
     parse_pair(run.pair)
 
@@ -377,7 +330,8 @@ def run_lora_sweep(run: LoraRun, command: str, ray: RaySettings | None = None) -
     store_path = Path(run.store) if run.store else out_dir / "study.sqlite"
     store = Store.open(store_path, fingerprint(loaded), attach=store_path.exists())
     try:
-        run_id = store.start_run(command, asdict(run.settings), {"model": loaded.info.as_dict()})
+        run_id = store.start_run(command, dict(asdict(run.settings), preset=run.preset),
+                                 {"model": loaded.info.as_dict()})
         results = lora_sweep(loaded, run.data_dir, run.pair, layers, run.settings, run.n_test, out_dir / "adapters",
                              store=store, run_id=run_id, executor=executor)
     finally:

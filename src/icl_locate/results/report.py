@@ -38,7 +38,7 @@ def build_report(store, out_dir: Path, fmt: str = "html", fraction: float = DEFA
     ensure_dir(out_dir)
     figures = _figures(curves, out_dir) + _head_figures(heads, curves, out_dir) + _lora_figures(lora, curves, out_dir)
     sections = dict(model=model, curves=curves, num_layers=num_layers, fraction=fraction, figures=figures,
-                    runs=runs, pruning=_pruning_rows(pruning), heads=heads)
+                    runs=runs, pruning=_pruning_rows(pruning), heads=heads, lora=_lora_rows(lora, curves))
     text = _html(**sections) if fmt == "html" else _markdown(**sections)
     path = out_dir / ("report.html" if fmt == "html" else "report.md")
     write_atomic(path, text)
@@ -86,23 +86,48 @@ def _figures(curves, out_dir: Path) -> list[tuple[str, Path]]:
     return figures
 
 
+def _recognition_curve(curves, pair: str):
+    """The masking curve of ``pair`` whose recognition layer the LoRA results are read against
+    (instructions+examples with instructions first, as in the paper), or None."""
+    masked = [c for c in curves if c.key["kind"] == "mask" and c.key["pair"] == pair]
+
+    def preference(c) -> tuple:
+        return (c.recognition is None, not c.key["instructions"], c.key["condition"] != "instructions+examples",
+                c.key["condition"])
+
+    return sorted(masked, key=preference)[0] if masked else None
+
+
 def _lora_figures(lora: list[dict], curves, out_dir: Path) -> list[tuple[str, Path]]:
-    """BLEU of single-layer LoRA per layer, with the recognition layer of a masking sweep marked."""
+    """Per layer: zero-shot BLEU of single-layer LoRA and the masking curve of the same pair on one
+    BLEU axis, the best validation loss on a second axis, the recognition layer marked."""
     import matplotlib.pyplot as plt  # lazy: see build_report
 
     figures = []
     for pair in sorted({r["pair"] for r in lora}):
         rows = sorted((r for r in lora if r["pair"] == pair), key=lambda r: r["layer"])
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot([r["layer"] for r in rows], [r["bleu"] for r in rows], marker="o", label="LoRA on this layer only")
-        masked = [c for c in curves if c.key["kind"] == "mask" and c.key["pair"] == pair and c.recognition is not None]
-        if masked:
-            c = sorted(masked, key=lambda c: (not c.key["instructions"], c.key["condition"]))[0]
-            ax.axvline(c.recognition, color="red", ls="--", label=f"recognition layer ({c.key['condition']})")
-        ax.set_xlabel("layer with the LoRA adapter")
-        ax.set_ylabel("zero-shot BLEU")
+        fig, ax = plt.subplots(figsize=(7, 4))
+        layers = [r["layer"] for r in rows]
+        ax.plot(layers, [r["bleu"] for r in rows], marker="o", color="tab:blue", label="LoRA on this layer only: BLEU")
+        c = _recognition_curve(curves, pair)
+        if c is not None:
+            ax.plot(c.layers, c.score, marker=".", ms=3, color="tab:gray",
+                    label=f"masking {c.label()} from this layer: {c.metric.label}")
+            if c.recognition is not None:
+                ax.axvline(c.recognition, color="red", ls="--", label=f"recognition layer {c.recognition}")
+        ax.set_xlabel("layer")
+        ax.set_ylabel("zero-shot BLEU (LoRA) / score (masking)")
+        losses = [(r["layer"], r.get("best_val_loss")) for r in rows if r.get("best_val_loss") is not None]
+        if losses:
+            twin = ax.twinx()
+            twin.plot(*zip(*losses), marker="s", ms=4, ls=":", color="tab:orange", label="LoRA: best validation loss")
+            twin.set_ylabel("best validation loss")
+            handles, labels = ax.get_legend_handles_labels()
+            more, more_labels = twin.get_legend_handles_labels()
+            ax.legend(handles + more, labels + more_labels, fontsize=7)
+        else:
+            ax.legend(fontsize=7)
         ax.set_title(f"single-layer LoRA, {pair}", fontsize=10)
-        ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
         fig.tight_layout()
         path = out_dir / f"lora_{pair}.png"
@@ -110,6 +135,28 @@ def _lora_figures(lora: list[dict], curves, out_dir: Path) -> list[tuple[str, Pa
         plt.close(fig)
         figures.append((f"Single-layer LoRA: {pair}", path))
     return figures
+
+
+LORA_HEADERS = [("pair", "pair"), ("layer", "layer"), ("bleu", "zero-shot BLEU"), ("epochs", "epochs"),
+                ("val", "best val loss"), ("loss", "loss on"), ("rate", "train tokens/s"), ("seconds", "seconds"),
+                ("vs", "vs recognition layer")]
+
+
+def _lora_rows(lora: list[dict], curves) -> list[dict]:
+    rows = []
+    for r in sorted(lora, key=lambda r: (r["pair"], r["layer"])):
+        c = _recognition_curve(curves, r["pair"])
+        recognition = None if c is None else c.recognition
+        seconds = r.get("train_seconds")
+        rows.append(dict(
+            pair=r["pair"], layer=str(r["layer"]), bleu=f"{r['bleu']:.2f}", epochs=str(len(r.get("train_loss", []))),
+            val="—" if r.get("best_val_loss") is None else f"{r['best_val_loss']:.4f}",
+            loss=r.get("settings", {}).get("loss", "full"),
+            rate="—" if not seconds else f"{r['train_tokens'] / seconds:.0f}",
+            seconds="—" if r.get("seconds") is None else f"{r['seconds']:.0f}",
+            vs="—" if recognition is None else ("before" if r["layer"] < recognition else
+                                                 "at" if r["layer"] == recognition else "after")))
+    return rows
 
 
 def _cell(key: dict) -> tuple:
@@ -207,7 +254,7 @@ def _fmt(v):
     return f"{v:.2f}" if isinstance(v, float) else str(v)
 
 
-def _html(model, curves, num_layers, fraction, figures, runs, pruning, heads) -> str:
+def _html(model, curves, num_layers, fraction, figures, runs, pruning, heads, lora) -> str:
     rows = _rows(curves, num_layers, fraction)
     table = "<table><tr>" + "".join(f"<th>{h}</th>" for _, h in HEADERS) + "</tr>"
     for r in rows:
@@ -244,6 +291,14 @@ def _html(model, curves, num_layers, fraction, figures, runs, pruning, heads) ->
         for r in _head_rows(heads):
             pruning_html += "<tr>" + "".join(f"<td>{html.escape(r[k])}</td>" for k, _ in HEAD_HEADERS) + "</tr>"
         pruning_html += "</table>"
+    if lora:
+        pruning_html += ("<h2>Single-layer LoRA</h2><p>One adapter on one layer's attention output projection; "
+                         "zero-shot BLEU after training, and where the layer sits against the recognition layer of "
+                         "this store's masking curve of the same pair.</p><table><tr>"
+                         + "".join(f"<th>{h}</th>" for _, h in LORA_HEADERS) + "</tr>")
+        for r in lora:
+            pruning_html += "<tr>" + "".join(f"<td>{html.escape(r[k])}</td>" for k, _ in LORA_HEADERS) + "</tr>"
+        pruning_html += "</table>"
     prov = runs[-1]["provenance"] if runs else {}
     return f"""<!DOCTYPE html><html><head><meta charset="utf-8"><title>icl-locate report</title>
 <style>body{{font-family:sans-serif;max-width:1200px;margin:2em auto}}table{{border-collapse:collapse;margin:1em 0}}
@@ -258,7 +313,7 @@ Intervals are 95% bootstrap intervals over test items and seeds.</p>
 <h2>Provenance</h2><pre>{html.escape(_provenance_text(prov, runs))}</pre></body></html>"""
 
 
-def _markdown(model, curves, num_layers, fraction, figures, runs, pruning, heads) -> str:
+def _markdown(model, curves, num_layers, fraction, figures, runs, pruning, heads, lora) -> str:
     rows = _rows(curves, num_layers, fraction)
     lines = [f"# Where does in-context learning happen? — {model.get('spec', '?')}", "",
              f"{model.get('architecture', '')}, {num_layers} layers; recognition threshold {fraction:.0%} of "
@@ -273,6 +328,10 @@ def _markdown(model, curves, num_layers, fraction, figures, runs, pruning, heads
         lines += ["", "## Heads (top heads per sweep; change vs reference, 95% CI)", "",
                   "| " + " | ".join(h for _, h in HEAD_HEADERS) + " |", "|" + "---|" * len(HEAD_HEADERS)]
         lines += ["| " + " | ".join(r[k] for k, _ in HEAD_HEADERS) + " |" for r in _head_rows(heads)]
+    if lora:
+        lines += ["", "## Single-layer LoRA", "",
+                  "| " + " | ".join(h for _, h in LORA_HEADERS) + " |", "|" + "---|" * len(LORA_HEADERS)]
+        lines += ["| " + " | ".join(r[k] for k, _ in LORA_HEADERS) + " |" for r in lora]
     lines += ["", "## Figures", ""] + [f"![{title}]({path.name})" for title, path in figures]
     for c in curves:
         lines += ["", f"### {c.key['task']} {c.key['pair']}: {c.label()}", "", f"| layer | {c.metric.name} | 95% CI |",
