@@ -140,7 +140,7 @@ def test_training_with_reuse_equals_plain_training(family):
     assert reused.path == "reuse" and plain.path == "plain" and reused.cache_bytes > 0
     assert reused.train_loss == pytest.approx(plain.train_loss, rel=1e-4)
     assert reused.val_loss == pytest.approx(plain.val_loss, rel=1e-4)
-    assert reused.train_tokens == plain.train_tokens
+    assert (reused.train_tokens, reused.sequence_tokens) == (plain.train_tokens, plain.sequence_tokens)
     for name, value in plain_state.items():
         torch.testing.assert_close(reused_state[name], value, rtol=1e-3, atol=1e-5)
     assert any(not torch.equal(v, torch.zeros_like(v)) for v in plain_state.values())

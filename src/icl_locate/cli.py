@@ -180,9 +180,9 @@ def cmd_lora_sweep(args) -> int:
     settings = lora_settings(args.preset, {k: given[k] for k in LoraSettings.__dataclass_fields__ if k in given})
     results, store = run_lora_sweep(settings_from(args, LoraRun, settings=settings), command_line(), ray_settings(args))
     print(f"{'layer':>5} {'zero-shot BLEU':>15} {'epochs':>7} {'best val loss':>14} {'seconds':>8} {'train tok/s':>12}")
-    for r in results:
+    for r in results:  # training tokens: the training sequences' tokens, whichever positions the loss scores
         c = r["curve"]
-        rate = c["train_tokens"] / c["train_seconds"] if c.get("train_seconds") else float("nan")
+        rate = c["sequence_tokens"] / c["train_seconds"] if c.get("train_seconds") else float("nan")
         print(f"{r['layer']:>5} {r['bleu']:15.2f} {len(c['train_loss']):>7} {c['best_val_loss']:14.4f} "
               f"{r['seconds']:8.0f} {rate:12.0f}")
     print(f"adapters in {Path(args.out_dir) / 'adapters'}; results in the store {store}")

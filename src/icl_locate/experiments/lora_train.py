@@ -268,7 +268,8 @@ class TrainingRecord:
     train_loss: list[float]
     val_loss: list[float]
     best_val_loss: float
-    train_tokens: int  # targets trained on, all epochs
+    train_tokens: int  # loss targets trained on, all epochs
+    sequence_tokens: int  # tokens of the training sequences processed (padding not counted), all epochs
     train_seconds: float  # optimizer steps, the activation cache's forwards included
     val_seconds: float
     cache_bytes: int
@@ -311,7 +312,7 @@ def train(peft_model, train_seqs: list[TrainingSequence], val_seqs: list[Trainin
     def loss_fn(mb: MicroBatch, scale: float, backward: bool) -> float:
         return reuse.loss(mb, scale, backward) if reuse is not None else plain_loss(peft_model, mb, scale, backward)
 
-    record = TrainingRecord([], [], math.inf, 0, reuse.seconds if reuse else 0.0, 0.0,
+    record = TrainingRecord([], [], math.inf, 0, 0, reuse.seconds if reuse else 0.0, 0.0,
                             reuse.bytes if reuse else 0, "reuse" if reuse else "plain")
     best_state, bad_epochs = adapter_state(peft_model), 0
     with scope:
@@ -325,6 +326,7 @@ def train(peft_model, train_seqs: list[TrainingSequence], val_seqs: list[Trainin
                 n_tokens = sum(mb.tokens for mb in step)
                 step_losses.append(sum(loss_fn(mb, 1.0 / n_tokens, True) for mb in step) / n_tokens)
                 record.train_tokens += n_tokens
+                record.sequence_tokens += sum(int(mb.mask.sum()) for mb in step)
                 optim.step()
             record.train_seconds += time.perf_counter() - started
             record.train_loss.append(sum(step_losses) / max(1, len(step_losses)))

@@ -152,7 +152,7 @@ def _lora_rows(lora: list[dict], curves) -> list[dict]:
             pair=r["pair"], layer=str(r["layer"]), bleu=f"{r['bleu']:.2f}", epochs=str(len(r.get("train_loss", []))),
             val="—" if r.get("best_val_loss") is None else f"{r['best_val_loss']:.4f}",
             loss=r.get("settings", {}).get("loss", "full"),
-            rate="—" if not seconds else f"{r['train_tokens'] / seconds:.0f}",
+            rate="—" if not seconds else f"{r.get('sequence_tokens', r['train_tokens']) / seconds:.0f}",
             seconds="—" if r.get("seconds") is None else f"{r['seconds']:.0f}",
             vs="—" if recognition is None else ("before" if r["layer"] < recognition else
                                                  "at" if r["layer"] == recognition else "after")))
