@@ -39,7 +39,13 @@ from ..util.errors import UserError
 from ..util.system import available_memory
 
 LOSSES = ("answer", "full")
-HEAD_CHUNK = 512  # loss positions per LM-head chunk
+HEAD_CHUNK_BYTES = 128 * 2 ** 20  # logits of one LM-head chunk (its softmax and gradient are as big again)
+
+
+def head_chunk_rows(vocab_size: int) -> int:
+    """Loss positions per LM-head chunk: 128 for a 262k vocabulary, 1024 for 32k. Each chunk reads the
+    whole head matrix (a memory-bound pass), so chunks are as large as the memory they may take."""
+    return max(16, HEAD_CHUNK_BYTES // (4 * vocab_size))
 
 
 @dataclass(frozen=True)
@@ -168,6 +174,7 @@ class ReusedActivations:
         self.decoder = model.get_decoder()
         self.head = model.get_output_embeddings()
         self.softcap = getattr(text_config(model), "final_logit_softcapping", None)
+        self.chunk = head_chunk_rows(self.head.weight.shape[0])
         self.inputs: dict[int, torch.Tensor] = {}
         self.returns_tuple = False
         self.seconds = 0.0
@@ -247,12 +254,12 @@ class ReusedActivations:
         targets = mb.ids[mb.rows, mb.positions]
         detached = states.detach().requires_grad_(backward)
         total = 0.0
-        for start in range(0, mb.tokens, HEAD_CHUNK):
+        for start in range(0, mb.tokens, self.chunk):
             with torch.set_grad_enabled(backward):
-                logits = self.head(detached[start:start + HEAD_CHUNK]).float()
+                logits = self.head(detached[start:start + self.chunk]).float()
                 if self.softcap:
                     logits = torch.tanh(logits / self.softcap) * self.softcap
-                chunk = F.cross_entropy(logits, targets[start:start + HEAD_CHUNK], reduction="sum")
+                chunk = F.cross_entropy(logits, targets[start:start + self.chunk], reduction="sum")
             if backward:
                 (chunk * scale).backward()
             total += float(chunk.detach())
