@@ -36,7 +36,7 @@ from transformers import DynamicCache
 
 from ..core.conditions import MaskedPrompt
 from ..core.interventions import AttentionAblation, ColumnMask, LayerColumnMasks, RowIntervention
-from ..core.structure import attention_window, decoder_layers
+from ..core.structure import attention_window, decoder_layers, text_config
 from .base import Generation, Progress, ResultKey, StopRule, forward, last_hidden
 from .decoding import PreallocatedLayer, right_aligned
 from .drafts import Drafter
@@ -163,7 +163,7 @@ class TreeEngine(SweepEngine):
     def _head_mismatch(self) -> str | None:
         """Check on this model that its logits are the screened head's full-precision logits of the
         decoder's last hidden state (no extra scaling or bias the screen would miss)."""
-        ids = torch.arange(1, 9, device=self.device)[None] % self.model.config.vocab_size
+        ids = torch.arange(1, 9, device=self.device)[None] % text_config(self.model).vocab_size
         logits = forward(self.model, ids, last_only=True).logits[:, -1].float()
         ours = ScreenedHead(self.model).full_logits(last_hidden(self.model, ids))
         if not torch.allclose(logits, ours, rtol=1e-4, atol=1e-4 * float(logits.abs().max())):

@@ -102,6 +102,7 @@ def _lora_figures(lora: list[dict], curves, out_dir: Path) -> list[tuple[str, Pa
     """Per layer: zero-shot BLEU of single-layer LoRA and the masking curve of the same pair on one
     BLEU axis, the best validation loss on a second axis, the recognition layer marked."""
     import matplotlib.pyplot as plt  # lazy: see build_report
+    from matplotlib.ticker import MaxNLocator  # lazy: see build_report
 
     figures = []
     for pair in sorted({r["pair"] for r in lora}):
@@ -116,6 +117,7 @@ def _lora_figures(lora: list[dict], curves, out_dir: Path) -> list[tuple[str, Pa
             if c.recognition is not None:
                 ax.axvline(c.recognition, color="red", ls="--", label=f"recognition layer {c.recognition}")
         ax.set_xlabel("layer")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("zero-shot BLEU (LoRA) / score (masking)")
         losses = [(r["layer"], r.get("best_val_loss")) for r in rows if r.get("best_val_loss") is not None]
         if losses:
