@@ -104,8 +104,9 @@ class PreallocatedLayer(DynamicLayer):
         end = self.length + key_states.shape[-2]
         if end > self.buf_k.shape[-2]:
             raise RuntimeError(f"preallocated cache of {self.buf_k.shape[-2]} positions is full")
-        self.buf_k[:, :, self.length:end] = key_states
-        self.buf_v[:, :, self.length:end] = value_states
+        rows = key_states.shape[0]  # the buffer may hold spare rows (the tree engine's slots)
+        self.buf_k[:rows, :, self.length:end] = key_states
+        self.buf_v[:rows, :, self.length:end] = value_states
         self.length = end
         self._views()
         return self.keys, self.values

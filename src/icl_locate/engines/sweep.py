@@ -181,18 +181,27 @@ class SweepEngine:
         and in KV bytes, and of even sizes (a small last batch would decode as long as a full one).
         Rows of one prefix cache stay together (then by query length), so that only a few caches
         are alive at a time: a head sweep has one per intervention."""
-        groups: dict[tuple, list[_Row]] = {}
-        for row in rows:
-            groups.setdefault((len(row.prefix_key[0]), tuple(sorted(row.ablate))), []).append(row)
-        for (plen, _), group in groups.items():
+        for plen, group in self._groups(rows):
             first_seen = {key: n for n, key in enumerate(dict.fromkeys(r.prefix_key for r in group))}
             group.sort(key=lambda r: (first_seen[r.prefix_key], len(r.query_ids)))
-            longest = plen + max(len(r.query_ids) for r in group) + max_new_tokens
-            size = self.batch_size or self._auto_rows(longest, prefix_caches.get(group[0]))
+            size = self._rows_per_batch(plen, group, prefix_caches, max_new_tokens)
             n_batches = -(-len(group) // size)
             even = -(-len(group) // n_batches)
             for start in range(0, len(group), even):
                 yield group[start:start + even]
+
+    @staticmethod
+    def _groups(rows: list[_Row]) -> list[tuple[int, list[_Row]]]:
+        """(prefix length, rows) for each (prefix length, ablation): what one batch may mix."""
+        groups: dict[tuple, list[_Row]] = {}
+        for row in rows:
+            groups.setdefault((len(row.prefix_key[0]), tuple(sorted(row.ablate))), []).append(row)
+        return [(plen, group) for (plen, _), group in groups.items()]
+
+    def _rows_per_batch(self, plen: int, group: list[_Row], prefix_caches: "_PrefixCaches", max_new_tokens: int) -> int:
+        """``batch_size``, else as many rows as the token and KV-memory bounds allow."""
+        longest = plen + max(len(r.query_ids) for r in group) + max_new_tokens
+        return self.batch_size or self._auto_rows(longest, prefix_caches.get(group[0]))
 
     def _auto_rows(self, longest: int, prefix_kv) -> int:
         kv_bytes_per_token = sum(k.shape[1] * k.shape[3] * k.element_size() * 2 for k, _ in prefix_kv)

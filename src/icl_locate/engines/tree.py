@@ -109,16 +109,6 @@ class SlotLayer(PreallocatedLayer):
         self.rows = rows
         self._views()
 
-    def update(self, key_states, value_states, *args, **kwargs):
-        end = self.length + key_states.shape[-2]
-        if end > self.buf_k.shape[-2]:
-            raise RuntimeError(f"preallocated cache of {self.buf_k.shape[-2]} positions is full")
-        self.buf_k[:self.rows, :, self.length:end] = key_states
-        self.buf_v[:self.rows, :, self.length:end] = value_states
-        self.length = end
-        self._views()
-        return self.keys, self.values
-
     def used_bytes(self) -> int:
         return 2 * self.keys.numel() * self.keys.element_size()
 
@@ -152,20 +142,22 @@ class TreeEngine(SweepEngine):
     def _choose_head(self, screen_head: bool | None) -> tuple[ScreenedHead | None, str]:
         if screen_head is False:
             return None, "the model's own LM head (screening off)"
-        why_not = ScreenedHead.supported(self.model) or self._head_mismatch()
+        why_not = ScreenedHead.supported(self.model)
+        head = ScreenedHead(self.model) if why_not is None else None
+        why_not = why_not or self._head_mismatch(head)
         if why_not is None:
-            return ScreenedHead(self.model), "bf16-screened LM head, candidates in full precision"
+            return head, "bf16-screened LM head, candidates in full precision"
         if screen_head:
             raise ValueError(f"cannot screen the LM head of this model: {why_not}")
         return None, f"the model's own LM head ({why_not})"
 
     @torch.no_grad()
-    def _head_mismatch(self) -> str | None:
+    def _head_mismatch(self, head: ScreenedHead) -> str | None:
         """Check on this model that its logits are the screened head's full-precision logits of the
         decoder's last hidden state (no extra scaling or bias the screen would miss)."""
         ids = torch.arange(1, 9, device=self.device)[None] % text_config(self.model).vocab_size
         logits = forward(self.model, ids, last_only=True).logits[:, -1].float()
-        ours = ScreenedHead(self.model).full_logits(last_hidden(self.model, ids))
+        ours = head.full_logits(last_hidden(self.model, ids)[:, -1])
         if not torch.allclose(logits, ours, rtol=1e-4, atol=1e-4 * float(logits.abs().max())):
             return "its logits are not softcap(lm_head(last hidden state))"
         return None
@@ -185,18 +177,12 @@ class TreeEngine(SweepEngine):
         states), unless one query alone has more rows than a batch holds. Rows with a context cache
         of their own (head masks, the "instructions" condition) batch as in the sweep engine, by
         cache, so that only a few such caches are alive at a time; they share little anyway."""
-        own = [r for r in rows if r.prefix_key[1] is not None]
-        yield from super()._chunks(own, prefix_caches, max_new_tokens)
-        groups: dict[tuple, list[_Row]] = {}
-        for row in rows:
-            if row.prefix_key[1] is None:
-                groups.setdefault((len(row.prefix_key[0]), tuple(sorted(row.ablate))), []).append(row)
-        for (plen, _), group in groups.items():
+        yield from super()._chunks([r for r in rows if r.prefix_key[1] is not None], prefix_caches, max_new_tokens)
+        for plen, group in self._groups([r for r in rows if r.prefix_key[1] is None]):
             by_query: dict[int, list[_Row]] = {}
             for row in group:
                 by_query.setdefault(row.item, []).append(row)
-            longest = plen + max(len(r.query_ids) for r in group) + max_new_tokens
-            size = self.batch_size or self._auto_rows(longest, prefix_caches.get(group[0]))
+            size = self._rows_per_batch(plen, group, prefix_caches, max_new_tokens)
             batch: list[_Row] = []
             for query_rows in sorted(by_query.values(), key=lambda rs: len(rs[0].query_ids)):
                 for start in range(0, len(query_rows), size):
@@ -286,13 +272,12 @@ class _TreeDecode:
         self.draft_ok = holes > 0
         self.capacity = base + max(0, holes)
         self.cache_started = False
-        self.context = [list(next(r.prefix_key[0] for r in chunk if r.item == item)) + list(q)
-                        for item, q in zip(items, queries)]
+        prefixes = [next(r.prefix_key[0] for r in chunk if r.item == item) for item in items]
+        self.context = [list(prefix) + list(q) for prefix, q in zip(prefixes, queries)]
         # the prompt part of each query's row: [pad | prefix | query]; generated columns are all ones
         self.prompt_mask = torch.ones(len(items), self.plen + self.qmax, dtype=torch.long)
         self.inputs = torch.empty(len(items), self.qmax, dtype=torch.long)
-        for q, (pad, query) in enumerate(zip(self.pads, queries)):
-            prefix = next(r.prefix_key[0] for r in chunk if r.item == items[q])
+        for q, (pad, prefix, query) in enumerate(zip(self.pads, prefixes, queries)):
             self.prompt_mask[q, :pad] = 0
             self.inputs[q] = torch.tensor(([pad_id] * pad + list(prefix) + list(query))[self.plen:])
         self.keys: list[list[Key]] = [self._needed(layer) for layer in range(self.L)]
@@ -503,7 +488,7 @@ class _TreeDecode:
         it; the stop rule is applied token by token (tokens after a stop are dropped). Fed columns
         beyond a group's accepted tokens become holes its mask hides. True if the slots must change."""
         changed = False
-        width = 1 + max((len(d) for d in drafts.values()), default=0) if drafts else 1
+        width = len(predicted[self.alive[0]])  # columns fed this step (all groups alike)
         by_group: dict[int, list[int]] = {}
         for m in self.alive:
             by_group.setdefault(self.members[m].group, []).append(m)
