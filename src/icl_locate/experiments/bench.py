@@ -76,13 +76,6 @@ def matmul_gflops(device: str = "cpu", dtype: torch.dtype = torch.float32, size:
     return 2 * size ** 3 * repeats / (time.perf_counter() - started) / 1e9
 
 
-def engine_flops(model, stats: dict) -> float:
-    """Matmul FLOPs of the fast engine's forwards: 2 x non-embedding params per token + logit rows."""
-    emb = model.get_input_embeddings().weight
-    params = sum(p.numel() for p in model.parameters()) - emb.numel()
-    return 2.0 * params * stats["tokens_forwarded"] + 2.0 * emb.numel() * stats["logit_rows"]
-
-
 def layer_and_head_params(model) -> tuple[list[int], int]:
     return ([sum(p.numel() for p in layer.parameters()) for layer in decoder_layers(model)],
             model.get_output_embeddings().weight.numel())
@@ -246,7 +239,7 @@ def compare_methods(loaded: LoadedModel, prompts: list[MaskedPrompt], layers: li
         head_spec=spec.head_note, head_screen_stats=spec.head.stats if spec.head is not None else None,
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, peak_rss_mb_fast=peaks["fast"],
         peak_rss_mb_spec=peaks["spec"],
-        gflops_achieved=engine_flops(loaded.model, fast.stats) / timings["fast"] / 1e9,
+        gflops_achieved=flops_fast / timings["fast"] / 1e9,
         gflops_matmul_peak=matmul_gflops(loaded.info.device, next(loaded.model.parameters()).dtype),
         engine_stats=fast.stats, engine_stats_spec=spec.stats, threads=torch.get_num_threads())
     return BenchResult(data)

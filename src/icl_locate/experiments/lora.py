@@ -39,7 +39,7 @@ from ..util.progress import Progress
 from ..util.system import peak_rss_mb, reset_peak_rss
 from .common import fingerprint
 from .executors import Executor, LocalExecutor, RayExecutor, RaySettings
-from .lora_train import LOSSES, encode_pairs, train
+from .lora_train import LOSSES, check_batching, encode_pairs, train
 from .settings import check_count, parse_layers
 
 OUT_PROJ_NAMES = ("o_proj", "out_proj", "dense", "c_proj")  # llama-likes, gpt_neo, bloom/gpt_neox, gpt2
@@ -311,8 +311,7 @@ def validate_lora(run: LoraRun) -> None:
         check_count(f"--{name.replace('_', '-')}", getattr(s, name))
     if s.loss not in LOSSES:
         raise UserError(f"--loss must be one of {', '.join(LOSSES)}, got {s.loss!r}")
-    if s.reuse and not s.bucketing:
-        raise UserError("reusing activations needs fixed micro-batches: drop --no-bucketing or add --no-reuse")
+    check_batching(s.reuse, s.bucketing)
     parse_layers(run.layers)
     parse_pair(run.pair)
 

@@ -106,10 +106,17 @@ def make_micro_batch(seqs: Sequence[TrainingSequence], loss: str, pad_id: int, d
                       torch.tensor(positions, device=device), len(positions), key)
 
 
-def fixed_micro_batches(seqs: list[TrainingSequence], size: int, loss: str, pad_id: int, device) -> list[MicroBatch]:
-    """Micro-batches of similar lengths, made once."""
+def check_batching(reuse: bool, bucketing: bool) -> None:
+    """Kept activations are keyed by micro-batch, so they need the fixed ones."""
+    if reuse and not bucketing:
+        raise UserError("reusing activations needs fixed micro-batches: drop --no-bucketing or add --no-reuse")
+
+
+def fixed_micro_batches(seqs: list[TrainingSequence], size: int, loss: str, pad_id: int, device,
+                        first_key: int = 0) -> list[MicroBatch]:
+    """Micro-batches of similar lengths, made once; keyed first_key, first_key + 1, ..."""
     order = sorted(range(len(seqs)), key=lambda i: (len(seqs[i].ids), i))
-    return [make_micro_batch([seqs[i] for i in order[s:s + size]], loss, pad_id, device, key=n)
+    return [make_micro_batch([seqs[i] for i in order[s:s + size]], loss, pad_id, device, key=first_key + n)
             for n, s in enumerate(range(0, len(order), size))]
 
 
@@ -294,6 +301,7 @@ def mean_val_loss(loss_fn, batches: Sequence[MicroBatch]) -> float:
 def train(peft_model, train_seqs: list[TrainingSequence], val_seqs: list[TrainingSequence], layer: int, pad_id: int, settings,
           log: Callable[[str], None] = lambda m: None) -> TrainingRecord:
     """AdamW on the adapter, early stopping on the validation loss (the best adapter is kept)."""
+    check_batching(settings.reuse, settings.bucketing)
     base = peft_model.get_base_model()
     device = next(peft_model.parameters()).device
     params = [p for p in peft_model.parameters() if p.requires_grad]
@@ -302,14 +310,11 @@ def train(peft_model, train_seqs: list[TrainingSequence], val_seqs: list[Trainin
     loss = settings.loss
     buckets = fixed_micro_batches(train_seqs, settings.micro_batch, loss, pad_id, device) if settings.bucketing \
         else None
-    val = fixed_micro_batches(val_seqs, settings.micro_batch, loss, pad_id, device)
-    for n, mb in enumerate(val):
-        mb.key = -1 - n  # distinct from the training micro-batches' keys
+    val = fixed_micro_batches(val_seqs, settings.micro_batch, loss, pad_id, device,
+                              first_key=len(buckets) if buckets is not None else 0)  # keys after training's
     reuse = ReusedActivations(base, layer) if settings.reuse else None
     scope = contextlib.nullcontext()
     if reuse is not None:
-        if buckets is None:
-            raise UserError("reusing activations needs fixed micro-batches: drop --no-bucketing or add --no-reuse")
         reuse.fill(buckets + val)
         log(f"    kept the input of layer {layer}: {reuse.bytes / 2 ** 20:.1f} MiB for "
             f"{len(buckets) + len(val)} micro-batches ({reuse.seconds:.1f}s)")

@@ -256,6 +256,19 @@ def _fmt(v):
     return f"{v:.2f}" if isinstance(v, float) else str(v)
 
 
+def _html_table(title: str, intro: str, headers: list[tuple[str, str]], rows: list[dict]) -> str:
+    """A titled HTML section: an introduction (HTML) and one table row per dict (text, escaped)."""
+    out = f"<h2>{title}</h2><p>{intro}</p><table><tr>" + "".join(f"<th>{h}</th>" for _, h in headers) + "</tr>"
+    for r in rows:
+        out += "<tr>" + "".join(f"<td>{html.escape(r[k])}</td>" for k, _ in headers) + "</tr>"
+    return out + "</table>"
+
+
+def _markdown_table(title: str, headers: list[tuple[str, str]], rows: list[dict]) -> list[str]:
+    return (["", f"## {title}", "", "| " + " | ".join(h for _, h in headers) + " |", "|" + "---|" * len(headers)]
+            + ["| " + " | ".join(r[k] for k, _ in headers) + " |" for r in rows])
+
+
 def _html(model, curves, num_layers, fraction, figures, runs, pruning, heads, lora) -> str:
     rows = _rows(curves, num_layers, fraction)
     table = "<table><tr>" + "".join(f"<th>{h}</th>" for _, h in HEADERS) + "</tr>"
@@ -274,33 +287,23 @@ def _html(model, curves, num_layers, fraction, figures, runs, pruning, heads, lo
         data = base64.b64encode(path.read_bytes()).decode()
         figs += (f"<h3>{html.escape(title)}</h3><img alt=\"{path.name}\" title=\"{path.name}\" "
                  f"src=\"data:image/png;base64,{data}\">")
-    pruning_html = ""
+    sections = ""
     if pruning:
-        pruning_html = ("<h2>Context-pruned inference (measured)</h2><p>The context is processed in layers &lt; r "
-                        "only and its keys/values are dropped from r on, against full processing of the same "
-                        "requests by the same code (icl-locate prune).</p><table><tr>"
-                        + "".join(f"<th>{h}</th>" for _, h in PRUNING_HEADERS) + "</tr>")
-        for r in pruning:
-            pruning_html += "<tr>" + "".join(f"<td>{html.escape(r[k])}</td>" for k, _ in PRUNING_HEADERS) + "</tr>"
-        pruning_html += "</table>"
+        sections += _html_table("Context-pruned inference (measured)",
+                                "The context is processed in layers &lt; r only and its keys/values are dropped from "
+                                "r on, against full processing of the same requests by the same code "
+                                "(icl-locate prune).", PRUNING_HEADERS, pruning)
     if heads:
-        pruning_html += ("<h2>Heads</h2><p>Knockout hides the context from one head at one layer (every other head "
-                         "sees it); restoration hides it from layer j on, but not from one head. The change is the "
-                         "score against the unmasked baseline (knockout: negative = the task needs that head) or "
-                         "against everything hidden from j (restoration: positive = that head alone brings the "
-                         "task back). Top heads, 95% bootstrap intervals over items and seeds:</p><table><tr>"
-                         + "".join(f"<th>{h}</th>" for _, h in HEAD_HEADERS) + "</tr>")
-        for r in _head_rows(heads):
-            pruning_html += "<tr>" + "".join(f"<td>{html.escape(r[k])}</td>" for k, _ in HEAD_HEADERS) + "</tr>"
-        pruning_html += "</table>"
+        sections += _html_table("Heads", "Knockout hides the context from one head at one layer (every other head "
+                                "sees it); restoration hides it from layer j on, but not from one head. The change is "
+                                "the score against the unmasked baseline (knockout: negative = the task needs that "
+                                "head) or against everything hidden from j (restoration: positive = that head alone "
+                                "brings the task back). Top heads, 95% bootstrap intervals over items and seeds:",
+                                HEAD_HEADERS, _head_rows(heads))
     if lora:
-        pruning_html += ("<h2>Single-layer LoRA</h2><p>One adapter on one layer's attention output projection; "
-                         "zero-shot BLEU after training, and where the layer sits against the recognition layer of "
-                         "this store's masking curve of the same pair.</p><table><tr>"
-                         + "".join(f"<th>{h}</th>" for _, h in LORA_HEADERS) + "</tr>")
-        for r in lora:
-            pruning_html += "<tr>" + "".join(f"<td>{html.escape(r[k])}</td>" for k, _ in LORA_HEADERS) + "</tr>"
-        pruning_html += "</table>"
+        sections += _html_table("Single-layer LoRA", "One adapter on one layer's attention output projection; "
+                                "zero-shot BLEU after training, and where the layer sits against the recognition "
+                                "layer of this store's masking curve of the same pair.", LORA_HEADERS, lora)
     prov = runs[-1]["provenance"] if runs else {}
     return f"""<!DOCTYPE html><html><head><meta charset="utf-8"><title>icl-locate report</title>
 <style>body{{font-family:sans-serif;max-width:1200px;margin:2em auto}}table{{border-collapse:collapse;margin:1em 0}}
@@ -311,7 +314,7 @@ from which masking the context keeps the score at or above {fraction:.0%} of the
 later layer. Savings: share of prompt processing saved by dropping the context after that layer,
 (L − r)/L · k/(k+1) as in the paper, and with the exact context/query token counts of these prompts.
 Intervals are 95% bootstrap intervals over test items and seeds.</p>
-<h2>Summary</h2>{table}{pruning_html}<h2>Figures</h2>{figs}<h2>Per-layer scores</h2>{curves_html}
+<h2>Summary</h2>{table}{sections}<h2>Figures</h2>{figs}<h2>Per-layer scores</h2>{curves_html}
 <h2>Provenance</h2><pre>{html.escape(_provenance_text(prov, runs))}</pre></body></html>"""
 
 
@@ -323,17 +326,12 @@ def _markdown(model, curves, num_layers, fraction, figures, runs, pruning, heads
              "| " + " | ".join(h for _, h in HEADERS) + " |", "|" + "---|" * len(HEADERS)]
     lines += ["| " + " | ".join(_fmt(r[k]) for k, _ in HEADERS) + " |" for r in rows]
     if pruning:
-        lines += ["", "## Context-pruned inference (measured)", "",
-                  "| " + " | ".join(h for _, h in PRUNING_HEADERS) + " |", "|" + "---|" * len(PRUNING_HEADERS)]
-        lines += ["| " + " | ".join(r[k] for k, _ in PRUNING_HEADERS) + " |" for r in pruning]
+        lines += _markdown_table("Context-pruned inference (measured)", PRUNING_HEADERS, pruning)
     if heads:
-        lines += ["", "## Heads (top heads per sweep; change vs reference, 95% CI)", "",
-                  "| " + " | ".join(h for _, h in HEAD_HEADERS) + " |", "|" + "---|" * len(HEAD_HEADERS)]
-        lines += ["| " + " | ".join(r[k] for k, _ in HEAD_HEADERS) + " |" for r in _head_rows(heads)]
+        lines += _markdown_table("Heads (top heads per sweep; change vs reference, 95% CI)", HEAD_HEADERS,
+                                 _head_rows(heads))
     if lora:
-        lines += ["", "## Single-layer LoRA", "",
-                  "| " + " | ".join(h for _, h in LORA_HEADERS) + " |", "|" + "---|" * len(LORA_HEADERS)]
-        lines += ["| " + " | ".join(r[k] for k, _ in LORA_HEADERS) + " |" for r in lora]
+        lines += _markdown_table("Single-layer LoRA", LORA_HEADERS, lora)
     lines += ["", "## Figures", ""] + [f"![{title}]({path.name})" for title, path in figures]
     for c in curves:
         lines += ["", f"### {c.key['task']} {c.key['pair']}: {c.label()}", "", f"| layer | {c.metric.name} | 95% CI |",
