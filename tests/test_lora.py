@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from icl_locate.cli import main
 from icl_locate.core.models import load_model
 from icl_locate.core.prompts import Example
-from icl_locate.experiments.lora import LoraSettings, attach_adapter, lora_sweep, output_projection_name
-from icl_locate.experiments.lora_train import ReusedActivations, encode_pairs, fixed_micro_batches, \
-    make_micro_batch, mean_val_loss, plain_loss, train
+from icl_locate.experiments.lora import LoraSettings, attach_adapter, lora_sweep, lora_unit_id, \
+    output_projection_name, resolve_autocast
+from icl_locate.experiments.lora_train import ChunkedHeadLoss, ReusedActivations, encode_pairs, \
+    fixed_micro_batches, make_micro_batch, mean_val_loss, plain_loss, train
 from icl_locate.results.store import Store
 from icl_locate.util.errors import UserError
 
@@ -120,6 +125,70 @@ def test_reused_activations_give_the_plain_loss_and_gradients(family, layer, los
         peft_model.unload()
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3", "bloom"])
+def test_pieces_within_an_activation_budget_give_the_whole_micro_batch(family):
+    """A micro-batch too big for the activation budget runs in row pieces: same loss sum, same
+    gradients; the measured bytes a token grow with the layers that run."""
+    lm = load_model(f"tiny:{family}")
+    peft_model, _ = attach_adapter(lm.model, 0, LoraSettings(dropout=0.0))
+    try:
+        with torch.no_grad():
+            for p in peft_model.parameters():
+                if p.requires_grad:
+                    p.normal_(0, 0.05)
+        seqs = encode_pairs(lm.tokenizer, PAIRS)
+        batches = fixed_micro_batches(seqs, 6, "answer", lm.tokenizer.pad_token_id, "cpu")
+        results = []
+        for budget in (None, 1):
+            peft_model.zero_grad()
+            reuse = ReusedActivations(peft_model.get_base_model(), 0, activation_bytes=budget)
+            reuse.fill(batches)
+            with reuse.running():
+                per_token = reuse.measure(batches[-1])
+                assert [reuse.rows_per_piece(mb) for mb in batches] == ([6, 6] if budget is None else [1, 1])
+                losses = [reuse.loss(mb, 1.0 / mb.tokens, True) for mb in batches]
+            results.append((losses, _grads(peft_model), per_token))
+        (whole, whole_grads, per_token), (pieces, piece_grads, _) = results
+        assert pieces == pytest.approx(whole, rel=1e-5)
+        for name, grad in whole_grads.items():
+            torch.testing.assert_close(piece_grads[name], grad, rtol=1e-4, atol=1e-6)
+    finally:
+        peft_model.unload()
+    peft_model, _ = attach_adapter(lm.model, 2, LoraSettings(dropout=0.0))
+    try:
+        upper = ReusedActivations(peft_model.get_base_model(), 2)
+        upper.fill(batches[-1:])
+        with upper.running():
+            assert 0 < upper.measure(batches[-1]) < per_token
+    finally:
+        peft_model.unload()
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_head_loss_equals_autograd(softcap, bias, dtype):
+    """The written-out head loss and gradient == autograd through head, float, softcap and
+    cross-entropy, whatever the chunking (11 positions in chunks of 4, 4, 3)."""
+    torch.manual_seed(0)
+    head = nn.Linear(16, 50, bias=bias).to(dtype)
+    states = (torch.randn(11, 16) * 3).to(dtype)
+    targets = torch.randint(0, 50, (11,))
+    x = states.clone().requires_grad_(True)
+    logits = head(x).float()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    expected = F.cross_entropy(logits, targets, reduction="sum")
+    (expected * 0.25).backward()
+    head_loss = ChunkedHeadLoss(head, softcap, chunk_rows=4)
+    assert [len(c) for c in head_loss.chunks(11)] == [4, 4, 3]
+    total, grad = head_loss(states, targets, 0.25, backward=True)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
+    assert total == pytest.approx(float(expected.detach()), rel=tol["rtol"])
+    torch.testing.assert_close(grad.float(), x.grad.float(), **tol)
+    assert head_loss(states, targets, 1.0, backward=False)[1] is None
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma3", "gpt_neo"])
 def test_training_with_reuse_equals_plain_training(family):
     """Same micro-batches, same order: the losses per epoch and the adapter after training agree."""
@@ -195,7 +264,7 @@ def test_preset_paper_is_in_the_stored_run_config(tmp_path, data_dir):
     with Store(store, create=False) as s:
         config = s.runs()[-1]["config"]
         result = s.lora_results()[0]
-    assert config["preset"] == "paper" and config["loss"] == "full"
+    assert config["preset"] == "paper" and config["loss"] == "full" and config["autocast"] == "off"  # auto on a CPU
     assert (config["r"], config["alpha"], config["dropout"], config["lr"], config["batch_size"], config["patience"],
             config["threshold"], config["val_size"], config["train_size"]) == (8, 32, 0.05, 1e-4, 32, 5, 0.01, 4, 8)
     assert result["train_tokens"] > 0 and result["train_seconds"] > 0 and result["seconds"] > 0
@@ -208,3 +277,39 @@ def test_bad_lora_options(tmp_path, data_dir, capsys):
     assert "needs fixed micro-batches" in capsys.readouterr().err
     assert main(base + ["--loss", "tokens"]) == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_unit_ids_of_earlier_versions_are_kept():
+    """The settings added later (autocast off, activation budget, reuse) leave the ids of earlier stores
+    alone, so a sweep resumes them (ids as the code before these settings computed them)."""
+    curve = resolve_autocast(LoraSettings(train_size=400, val_size=64, max_epochs=8, activation_mb=64), "cpu")
+    assert lora_unit_id("fra-eng", 3, curve, 64) == "lora-5531cdff77ae"
+    old = LoraSettings(loss="full", bucketing=False, reuse=False, autocast="off")
+    assert lora_unit_id("fra-eng", 3, old, None) == "lora-8016f40bb37a"
+    assert lora_unit_id("fra-eng", 3, replace(curve, autocast="bf16"), 64) != "lora-5531cdff77ae"
+    assert resolve_autocast(LoraSettings(), "cuda").autocast == ("bf16" if not torch.cuda.is_available()
+                                                                or torch.cuda.is_bf16_supported() else "off")
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_bf16_autocast_training(family):
+    """Under ``autocast="bf16"`` the matmuls run in bfloat16 (seen at the adapted projection), the
+    reuse path still equals the plain path, and the losses stay near float32's without equalling them."""
+    lm = load_model(f"tiny:{family}")
+    seqs = encode_pairs(lm.tokenizer, PAIRS)
+    records, dtypes = {}, set()
+    for autocast, reuse in (("off", True), ("bf16", False), ("bf16", True)):
+        settings = LoraSettings(dropout=0.0, lr=1e-2, batch_size=4, micro_batch=2, max_epochs=2, patience=5,
+                                reuse=reuse, autocast=autocast)
+        peft_model, target = attach_adapter(lm.model, 1, settings)
+        handle = peft_model.get_base_model().get_submodule(target).register_forward_hook(
+            lambda module, args, output, mode=autocast: dtypes.add((mode, output.dtype)))
+        try:
+            records[autocast, reuse] = train(peft_model, seqs[:8], seqs[8:], 1, lm.tokenizer.pad_token_id, settings)
+        finally:
+            handle.remove()
+            peft_model.unload()
+    assert dtypes == {("off", torch.float32), ("bf16", torch.bfloat16)}
+    fp32, plain, reused = records["off", True], records["bf16", False], records["bf16", True]
+    assert reused.val_loss == pytest.approx(plain.val_loss, rel=1e-2)
+    assert reused.val_loss == pytest.approx(fp32.val_loss, rel=5e-2) and reused.val_loss != fp32.val_loss

@@ -193,6 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="shuffle examples into batches each epoch instead of fixed similar-length micro-batches")
     lo.add_argument("--no-reuse", dest="reuse", action="store_const", const=False, default=None,
                     help="recompute the frozen layers below the adapter at every step (the old path; same results)")
+    lo.add_argument("--autocast", default=None, choices=["auto", "off", "bf16"],
+                    help="forward passes under bf16 autocast [auto: bf16 on a GPU, off on a CPU]")
+    lo.add_argument("--activation-mb", type=int, default=None,
+                    help="activations kept for backward per training piece, MiB; a micro-batch that needs more "
+                         "runs in row pieces (same results) [CPU: 1024; GPU: a quarter of its free memory]")
     lo.add_argument("--n-test", type=int, default=None)
     lo.add_argument("--out-dir", default="runs/lora")
     lo.add_argument("--store", default=None, help="results store (default <out-dir>/study.sqlite)")

@@ -15,7 +15,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -39,7 +39,7 @@ from ..util.progress import Progress
 from ..util.system import peak_rss_mb, reset_peak_rss
 from .common import fingerprint
 from .executors import Executor, LocalExecutor, RayExecutor, RaySettings
-from .lora_train import LOSSES, check_batching, encode_pairs, train
+from .lora_train import LOSSES, autocast_mode, check_autocast, check_batching, encode_pairs, train
 from .settings import check_count, parse_layers
 
 OUT_PROJ_NAMES = ("o_proj", "out_proj", "dense", "c_proj")  # llama-likes, gpt_neo, bloom/gpt_neox, gpt2
@@ -65,6 +65,8 @@ class LoraSettings:
     loss: str = "answer"  # "answer": answer tokens only; "full": every position (the paper's code)
     bucketing: bool = True  # fixed micro-batches of similar length, shuffled each epoch
     reuse: bool = True  # keep the frozen layers' output once instead of recomputing it (same results)
+    activation_mb: int | None = None  # saved activations per training piece (None: lora_train.activation_budget)
+    autocast: str = "auto"  # "bf16": forward passes under bf16 autocast; "auto": bf16 on a GPU (resolve_autocast)
 
 
 # ``--preset paper``: the paper's LoRA settings, loss included (its collator scores every position).
@@ -81,6 +83,12 @@ def lora_settings(preset: str | None, overrides: dict) -> LoraSettings:
     values = dict(LORA_PRESETS.get(preset, {}))
     values.update({k: v for k, v in overrides.items() if v is not None})
     return LoraSettings(**values)
+
+
+def resolve_autocast(settings: LoraSettings, device: str) -> LoraSettings:
+    """The settings with ``autocast="auto"`` made explicit for the device (so the store and the
+    unit id say what ran)."""
+    return replace(settings, autocast=autocast_mode(settings.autocast, device))
 
 
 def output_projection_name(model: nn.Module, layer: int) -> str:
@@ -245,6 +253,7 @@ def lora_sweep(loaded: LoadedModel, data_dir: str | None, pair: str, layers: lis
     bad = [l for l in layers if not 0 <= l < n_layers]
     if bad:
         raise UserError(f"layers {bad} out of range: the model has layers 0..{n_layers - 1}")
+    settings = resolve_autocast(settings, loaded.info.device)
     data = LoraData.load(data_dir, pair, settings, n_test)
     units = []
     for layer in layers:
@@ -272,10 +281,11 @@ def lora_sweep(loaded: LoadedModel, data_dir: str | None, pair: str, layers: lis
 
 def lora_unit_id(pair: str, layer: int, settings: LoraSettings, n_test) -> str:
     """Stable id of one (pair, layer, settings, test size): the store skips what it holds. ``reuse``
-    is left out (it changes how, not what, is computed); settings of earlier versions keep their ids."""
+    and ``activation_mb`` are left out (they change how, not what, is computed); settings of earlier versions keep their ids."""
     values = asdict(settings)
     values.pop("reuse")
-    for name, old_default in (("loss", "full"), ("bucketing", False)):
+    values.pop("activation_mb")
+    for name, old_default in (("loss", "full"), ("bucketing", False), ("autocast", "off")):
         if values[name] == old_default:  # what earlier versions did, before these settings existed
             values.pop(name)
     key = json.dumps(dict(pair=pair, layer=layer, settings=values, n_test=n_test), sort_keys=True)
@@ -307,11 +317,13 @@ def validate_lora(run: LoraRun) -> None:
     if not 0 < s.val_size <= 197:
         raise UserError(f"--val-size must be in 1..197 (dev lines 801-997), got {s.val_size}")
     check_count("--n-test", run.n_test)
-    for name in ("r", "batch_size", "micro_batch", "max_epochs", "patience"):
+    for name in ("r", "batch_size", "micro_batch", "max_epochs", "patience", "activation_mb"):
         check_count(f"--{name.replace('_', '-')}", getattr(s, name))
     if s.loss not in LOSSES:
         raise UserError(f"--loss must be one of {', '.join(LOSSES)}, got {s.loss!r}")
     check_batching(s.reuse, s.bucketing)
+    if s.autocast != "auto":
+        check_autocast(s.autocast)
     parse_layers(run.layers)
     parse_pair(run.pair)
 
@@ -327,11 +339,12 @@ def run_lora_sweep(run: LoraRun, command: str, ray: RaySettings | None = None) -
     layers = list(range(n)) if run.layers == "all" else parse_layers(run.layers, n - 1)
     out_dir = ensure_dir(run.out_dir)
     store_path = Path(run.store) if run.store else out_dir / "study.sqlite"
+    settings = resolve_autocast(run.settings, loaded.info.device)
     store = Store.open(store_path, fingerprint(loaded), attach=store_path.exists())
     try:
-        run_id = store.start_run(command, dict(asdict(run.settings), preset=run.preset),
+        run_id = store.start_run(command, dict(asdict(settings), preset=run.preset),
                                  {"model": loaded.info.as_dict()})
-        results = lora_sweep(loaded, run.data_dir, run.pair, layers, run.settings, run.n_test, out_dir / "adapters",
+        results = lora_sweep(loaded, run.data_dir, run.pair, layers, settings, run.n_test, out_dir / "adapters",
                              store=store, run_id=run_id, executor=executor)
     finally:
         store.close()

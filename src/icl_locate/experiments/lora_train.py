@@ -39,7 +39,14 @@ from ..util.errors import UserError
 from ..util.system import available_memory
 
 LOSSES = ("answer", "full")
-HEAD_CHUNK_BYTES = 128 * 2 ** 20  # logits of one LM-head chunk (its softmax and gradient are as big again)
+AUTOCAST = ("off", "bf16")
+HEAD_CHUNK_BYTES = 128 * 2 ** 20  # float32 logits of one LM-head chunk (a softcap needs a second buffer)
+
+
+def autocast_scope(mode: str, device: torch.device):
+    """Forward passes under bf16 autocast (matmuls in bfloat16; softmax, norms and the loss in float32,
+    as torch's autocast lists say) or as they are. Backward runs outside, in the forward's dtypes."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=mode == "bf16")
 
 
 def head_chunk_rows(vocab_size: int) -> int:
@@ -106,6 +113,20 @@ def make_micro_batch(seqs: Sequence[TrainingSequence], loss: str, pad_id: int, d
                       torch.tensor(positions, device=device), len(positions), key)
 
 
+def autocast_mode(mode: str, device: str) -> str:
+    """"auto" made explicit: bf16 on a GPU that has it (bf16 matmuls are what GPUs are fast at), off
+    on a CPU (float32 stays the default there: this project measures and tests on CPUs)."""
+    if mode != "auto":
+        return mode
+    gpu = device.startswith("cuda") and (not torch.cuda.is_available() or torch.cuda.is_bf16_supported())
+    return "bf16" if gpu else "off"
+
+
+def check_autocast(mode: str) -> None:
+    if mode not in AUTOCAST:
+        raise UserError(f"--autocast must be one of auto, {', '.join(AUTOCAST)}, got {mode!r}")
+
+
 def check_batching(reuse: bool, bucketing: bool) -> None:
     """Kept activations are keyed by micro-batch, so they need the fixed ones."""
     if reuse and not bucketing:
@@ -138,10 +159,11 @@ def epoch_steps(seqs: list[TrainingSequence], buckets: list[MicroBatch] | None, 
 
 # --------------------------------------------------------------------------- the plain path
 
-def plain_loss(model: nn.Module, mb: MicroBatch, scale: float, backward: bool) -> float:
+def plain_loss(model: nn.Module, mb: MicroBatch, scale: float, backward: bool, autocast: str = "off") -> float:
     """Sum of the targets' cross-entropies by the model's own forward and loss; backward on
     ``loss sum * scale`` when asked."""
-    out = model(input_ids=mb.ids, attention_mask=mb.mask, labels=mb.labels())
+    with autocast_scope(autocast, mb.ids.device):
+        out = model(input_ids=mb.ids, attention_mask=mb.mask, labels=mb.labels())
     total = out.loss * mb.tokens  # the model's loss is the mean over the targets
     if backward:
         (total * scale).backward()
@@ -175,13 +197,16 @@ def _hidden_argument(args: tuple, kwargs: dict) -> torch.Tensor:
 class ReusedActivations:
     """The input of the adapted layer for every micro-batch, and a scope that runs the model from it."""
 
-    def __init__(self, model: nn.Module, layer: int):
-        self.model, self.layer = model, layer
+    def __init__(self, model: nn.Module, layer: int, activation_bytes: int | None = None, autocast: str = "off"):
+        self.model, self.layer, self.autocast = model, layer, autocast
+        self.activation_bytes = activation_bytes  # None: no split
+        self.bytes_per_token: float | None = None  # what autograd keeps, measured by ``measure``
         self.layers = decoder_layers(model)
         self.decoder = model.get_decoder()
-        self.head = model.get_output_embeddings()
-        self.softcap = getattr(text_config(model), "final_logit_softcapping", None)
-        self.chunk = head_chunk_rows(self.head.weight.shape[0])
+        self.head_loss = ChunkedHeadLoss(model.get_output_embeddings(),
+                                         getattr(text_config(model), "final_logit_softcapping", None),
+                                         head_chunk_rows(model.get_output_embeddings().weight.shape[0]),
+                                         torch.bfloat16 if autocast == "bf16" else None)
         self.inputs: dict[int, torch.Tensor] = {}
         self.returns_tuple = False
         self.seconds = 0.0
@@ -212,7 +237,8 @@ class ReusedActivations:
                 if mb.key in self.inputs:
                     continue
                 try:
-                    self.decoder(input_ids=mb.ids, attention_mask=mb.mask, use_cache=False)
+                    with autocast_scope(self.autocast, mb.ids.device):
+                        self.decoder(input_ids=mb.ids, attention_mask=mb.mask, use_cache=False)
                 except _Stop:
                     pass
                 self.inputs[mb.key] = captured.pop()
@@ -253,29 +279,143 @@ class ReusedActivations:
 
     def loss(self, mb: MicroBatch, scale: float, backward: bool) -> float:
         """Sum of the targets' cross-entropies from the kept input (inside ``running``); backward on
-        ``loss sum * scale`` when asked, one head chunk at a time."""
-        self._current = self.inputs[mb.key]
-        with torch.set_grad_enabled(backward):
-            hidden = self.decoder(input_ids=mb.ids, attention_mask=mb.mask, use_cache=False).last_hidden_state
-            states = hidden[mb.rows, mb.positions - 1]  # [N, d]: the position before each target
-        targets = mb.ids[mb.rows, mb.positions]
-        detached = states.detach().requires_grad_(backward)
-        total = 0.0
-        for start in range(0, mb.tokens, self.chunk):
-            with torch.set_grad_enabled(backward):
-                logits = self.head(detached[start:start + self.chunk]).float()
-                if self.softcap:
-                    logits = torch.tanh(logits / self.softcap) * self.softcap
-                chunk = F.cross_entropy(logits, targets[start:start + self.chunk], reduction="sum")
-            if backward:
-                (chunk * scale).backward()
-            total += float(chunk.detach())
+        ``loss sum * scale`` when asked. A training micro-batch runs in row pieces that keep the
+        activations autograd saves within ``activation_bytes`` (same sums, same gradients)."""
+        rows = self.rows_per_piece(mb) if backward else mb.ids.shape[0]
+        return sum(self._piece_loss(mb, start, start + rows, scale, backward)
+                   for start in range(0, mb.ids.shape[0], rows))
+
+    def rows_per_piece(self, mb: MicroBatch) -> int:
+        if self.activation_bytes is None or self.bytes_per_token is None:
+            return mb.ids.shape[0]
+        return max(1, int(self.activation_bytes // (self.bytes_per_token * mb.ids.shape[1])))
+
+    def _piece_loss(self, mb: MicroBatch, start: int, stop: int, scale: float, backward: bool) -> float:
+        """Rows start..stop of ``mb``, cut to their longest sequence (right padding: the cut columns
+        are padding, which no kept position attends to)."""
+        width = int(mb.mask[start:stop].sum(dim=1).max())
+        ids, mask = mb.ids[start:stop, :width], mb.mask[start:stop, :width]
+        chosen = (mb.rows >= start) & (mb.rows < stop)
+        rows, positions = mb.rows[chosen] - start, mb.positions[chosen]
+        self._current = self.inputs[mb.key][start:stop, :width]
+        with torch.set_grad_enabled(backward), autocast_scope(self.autocast, ids.device):
+            hidden = self.decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+            states = hidden[rows, positions - 1]  # [N, d]: the position before each target
+        total, grad = self.head_loss(states.detach(), ids[rows, positions], scale, backward)
         if backward:
-            states.backward(detached.grad)
+            states.backward(grad)
         return total
+
+    def measure(self, mb: MicroBatch) -> float:
+        """Bytes autograd keeps per token (row x column) to run layers l..L-1 backward, measured on
+        the longest row of ``mb`` (inside ``running``, in training mode): tensors saved for backward, weights and kept
+        inputs left out. Sets ``bytes_per_token``."""
+        existing = {t.untyped_storage().data_ptr() for t in [*self.model.parameters(), *self.inputs.values()]}
+        saved: dict[int, int] = {}
+
+        def pack(tensor):
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in existing:
+                saved[storage.data_ptr()] = storage.nbytes()
+            return tensor
+
+        lengths = mb.mask.sum(dim=1)
+        row, width = int(lengths.argmax()), int(lengths.max())
+        self._current = self.inputs[mb.key][row:row + 1, :width]
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), \
+                autocast_scope(self.autocast, mb.ids.device):
+            hidden = self.decoder(input_ids=mb.ids[row:row + 1, :width], attention_mask=mb.mask[row:row + 1, :width],
+                                  use_cache=False).last_hidden_state
+        del hidden
+        self.bytes_per_token = sum(saved.values()) / width
+        return self.bytes_per_token
+
+
+class ChunkedHeadLoss:
+    """Cross-entropy of the LM head at chosen positions, and its gradient with respect to their
+    hidden states, written out one chunk of positions at a time.
+
+    Why not autograd: it would allocate logits, their softcap, the log-softmax and its gradient
+    afresh for every chunk (four or more [chunk, vocabulary] tensors, each a pass over memory and,
+    at this size, fresh pages); here one reused buffer (two with a softcap) is updated in place and
+    ``exp`` runs once for the loss and the gradient. Same arithmetic otherwise: logits in the head's
+    dtype, then float32; the softcap ``c * tanh(z / c)`` as the model's config says."""
+
+    def __init__(self, head: nn.Module, softcap: float | None, chunk_rows: int,
+                 compute_dtype: torch.dtype | None = None):
+        if not isinstance(head, nn.Linear):
+            raise RuntimeError(f"the output embedding is a {type(head).__name__}, not a Linear; train with --no-reuse")
+        self.weight, self.bias, self.softcap = head.weight, head.bias, softcap
+        if compute_dtype is not None and compute_dtype != head.weight.dtype:  # autocast: one copy, not one a chunk
+            self.weight = head.weight.detach().to(compute_dtype)
+            self.bias = None if head.bias is None else head.bias.detach().to(compute_dtype)
+        self.chunk_rows = chunk_rows
+        self._buffers: list[torch.Tensor] = []
+
+    def _buffer(self, index: int, rows: int) -> torch.Tensor:
+        while len(self._buffers) <= index:
+            self._buffers.append(torch.empty(0))
+        buf = self._buffers[index]
+        if buf.shape[0] < rows:
+            buf = self._buffers[index] = torch.empty(rows, self.weight.shape[0], dtype=torch.float32,
+                                                     device=self.weight.device)
+        return buf[:rows]
+
+    def chunks(self, n: int) -> list[range]:
+        """Equal chunks of at most ``chunk_rows`` positions: every chunk reads the whole head matrix,
+        so a short last chunk would cost almost as much as a full one."""
+        count = max(1, math.ceil(n / self.chunk_rows))
+        size = math.ceil(n / count)
+        return [range(s, min(n, s + size)) for s in range(0, n, size)]
+
+    @torch.no_grad()
+    def __call__(self, states: torch.Tensor, targets: torch.Tensor, scale: float,
+                 backward: bool) -> tuple[float, torch.Tensor | None]:
+        """(sum of the cross-entropies, their gradient times ``scale`` w.r.t. ``states`` or None)."""
+        grad = torch.empty_like(states) if backward else None
+        total = 0.0
+        for part in self.chunks(states.shape[0]):
+            x, t = states[part.start:part.stop].to(self.weight.dtype), targets[part.start:part.stop]
+            z = self._buffer(0, len(part))
+            if self.weight.dtype == torch.float32:  # straight into the buffer
+                torch.mm(x, self.weight.t(), out=z)
+                if self.bias is not None:
+                    z.add_(self.bias)
+            else:
+                z.copy_(F.linear(x, self.weight, self.bias))
+            if self.softcap:
+                tanh = z.div_(self.softcap).tanh_()
+                z = torch.mul(tanh, self.softcap, out=self._buffer(1, len(part)))
+            picked = z.gather(1, t[:, None]).squeeze(1)
+            top = z.amax(dim=1)
+            sums = z.sub_(top[:, None]).exp_().sum(dim=1)  # z now holds exp(z - max)
+            total += float((sums.log() + top - picked).sum())
+            if backward:
+                p = z.div_(sums[:, None])  # softmax
+                p[torch.arange(len(part), device=p.device), t] -= 1.0
+                p.mul_(scale)
+                if self.softcap:  # d(c tanh(z / c))/dz = 1 - tanh^2
+                    p.mul_(tanh.square_().neg_().add_(1.0))
+                grad[part.start:part.stop] = (p.to(self.weight.dtype) @ self.weight).to(grad.dtype)
+        return total, grad
 
 
 # --------------------------------------------------------------------------- the loop
+
+CPU_ACTIVATION_MB = 1024
+
+
+def activation_budget(activation_mb: int | None, device: torch.device) -> int:
+    """Bytes of saved activations one training piece may take: ``activation_mb`` if given; else on a
+    CPU a fixed CPU_ACTIVATION_MB (larger pieces are not faster there: the matrices are already
+    large enough; measured 200 vs 201 tokens/s for 4- and 8-row micro-batches on the embedded
+    model), on a GPU a quarter of its free memory (wide pieces are what keeps a GPU busy)."""
+    if activation_mb is not None:
+        return activation_mb * 2 ** 20
+    if device.type == "cpu":
+        return CPU_ACTIVATION_MB * 2 ** 20
+    return available_memory(device) // 4
+
 
 @dataclass
 class TrainingRecord:
@@ -288,6 +428,7 @@ class TrainingRecord:
     val_seconds: float
     cache_bytes: int
     path: str
+    bytes_per_token: float | None = None  # activations autograd keeps per token (reuse path), measured
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -304,6 +445,7 @@ def train(peft_model, train_seqs: list[TrainingSequence], val_seqs: list[Trainin
     check_batching(settings.reuse, settings.bucketing)
     base = peft_model.get_base_model()
     device = next(peft_model.parameters()).device
+    autocast = autocast_mode(settings.autocast, str(device))
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(params, lr=settings.lr)
     gen = torch.Generator().manual_seed(settings.seed)
@@ -312,7 +454,8 @@ def train(peft_model, train_seqs: list[TrainingSequence], val_seqs: list[Trainin
         else None
     val = fixed_micro_batches(val_seqs, settings.micro_batch, loss, pad_id, device,
                               first_key=len(buckets) if buckets is not None else 0)  # keys after training's
-    reuse = ReusedActivations(base, layer) if settings.reuse else None
+    reuse = ReusedActivations(base, layer, activation_budget(settings.activation_mb, device), autocast) \
+        if settings.reuse else None
     scope = contextlib.nullcontext()
     if reuse is not None:
         reuse.fill(buckets + val)
@@ -322,12 +465,22 @@ def train(peft_model, train_seqs: list[TrainingSequence], val_seqs: list[Trainin
         scope = reuse.running()
 
     def loss_fn(mb: MicroBatch, scale: float, backward: bool) -> float:
-        return reuse.loss(mb, scale, backward) if reuse is not None else plain_loss(peft_model, mb, scale, backward)
+        if reuse is not None:
+            return reuse.loss(mb, scale, backward)
+        return plain_loss(peft_model, mb, scale, backward, autocast)
 
     record = TrainingRecord([], [], math.inf, 0, 0, reuse.seconds if reuse else 0.0, 0.0,
                             reuse.bytes if reuse else 0, "reuse" if reuse else "plain")
     best_state, bad_epochs = adapter_state(peft_model), 0
     with scope:
+        if reuse is not None:
+            peft_model.train()  # dropout masks count too
+            widest = max(buckets, key=lambda mb: mb.ids.shape[1])
+            record.bytes_per_token = reuse.measure(widest)
+            log(f"    autograd keeps {reuse.bytes_per_token / 2 ** 10:.0f} KiB a token for layers {layer}.."
+                f"{len(decoder_layers(base)) - 1}; the widest micro-batch runs in pieces of "
+                f"{reuse.rows_per_piece(widest)} of {widest.ids.shape[0]} rows "
+                f"(at most {reuse.activation_bytes / 2 ** 20:.0f} MiB)")
         for epoch in range(settings.max_epochs):
             peft_model.train()
             started = time.perf_counter()
@@ -366,7 +519,7 @@ def check_reuse(peft_model, reuse: ReusedActivations, mb: MicroBatch) -> None:
     was_training = peft_model.training
     peft_model.eval()
     try:
-        plain = plain_loss(peft_model, mb, 1.0, False)
+        plain = plain_loss(peft_model, mb, 1.0, False, reuse.autocast)
         with reuse.running():
             reused = reuse.loss(mb, 1.0, False)
     finally:
