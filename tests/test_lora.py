@@ -164,6 +164,32 @@ def test_pieces_within_an_activation_budget_give_the_whole_micro_batch(family):
         peft_model.unload()
 
 
+def test_inputs_beyond_the_memory_budget_go_to_files_with_the_same_losses():
+    lm = load_model("tiny:gemma3")
+    peft_model, _ = attach_adapter(lm.model, 1, LoraSettings(dropout=0.0))
+    try:
+        seqs = encode_pairs(lm.tokenizer, PAIRS)
+        batches = fixed_micro_batches(seqs, 4, "answer", lm.tokenizer.pad_token_id, "cpu")
+        losses, grads = [], []
+        for memory_bytes in (None, 0):
+            peft_model.zero_grad()
+            reuse = ReusedActivations(peft_model.get_base_model(), 1)
+            reuse.fill(batches, memory_bytes=memory_bytes)
+            with reuse.running():
+                losses.append([reuse.loss(mb, 1.0, True) for mb in batches])
+            grads.append(_grads(peft_model))
+        files = list(reuse.spilled.values())
+        assert (reuse.bytes, len(files)) == (0, len(batches)) and reuse.disk_bytes > 0
+        assert all(f.exists() for f in files)
+        reuse.close()
+        assert not any(f.exists() for f in files)
+        assert losses[1] == pytest.approx(losses[0], rel=1e-6)
+        for name, grad in grads[0].items():
+            torch.testing.assert_close(grads[1][name], grad)
+    finally:
+        peft_model.unload()
+
+
 @pytest.mark.parametrize("softcap", [None, 5.0])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -5,13 +5,18 @@
   paper's loss: every non-padding position, prompt included).
 * **reuse** (the default): the layers below the adapted layer l do not depend on the adapter, so
   their output -- the input of layer l -- is computed once, without gradients, for every training
-  and validation micro-batch, and kept (in the model's dtype; its bytes are reported). Each epoch
-  then runs layers l..L-1 from it: the layers below are swapped for pass-throughs while the
-  adapter trains (the model's own forward still builds masks and rotary tables) and a pre-hook on
-  layer l hands it the kept input. The LM head runs only at the loss positions, in chunks, and
-  the cross-entropy is backpropagated chunk by chunk into the final hidden states, so no
+  and validation micro-batch, and kept (in the model's dtype, in memory up to half the free
+  memory, beyond that in files read back memory-mapped; the bytes are reported). Each epoch then
+  runs layers l..L-1 from it: the layers below are swapped for pass-throughs while the adapter
+  trains (the model's own forward still builds masks and rotary tables) and a pre-hook on layer l
+  hands it the kept input. A training micro-batch runs in row pieces whose saved activations
+  (measured per token on the model at start) fit ``activation_mb``. The LM head runs only at the
+  loss positions, in chunks whose loss and gradient are written out (``ChunkedHeadLoss``), so no
   [positions, vocabulary] tensor for a whole micro-batch ever exists. Exact: same losses and
   gradients as the plain path up to float rounding (tested), and checked on the model at start.
+
+Precision: the model's dtype, or with ``autocast="bf16"`` the forward passes under bf16 autocast
+(``"auto"``: on a GPU), both paths alike.
 
 Losses: ``answer`` (the default) scores only the answer tokens (after ``A:``, EOS included) -- what
 zero-shot decoding is evaluated on; ``full`` scores every position as the paper's code does.
@@ -26,8 +31,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -190,6 +197,10 @@ class _PassThrough(nn.Module):
         return (hidden_states,) if self.returns_tuple else hidden_states
 
 
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
 def _hidden_argument(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
@@ -207,18 +218,24 @@ class ReusedActivations:
                                          getattr(text_config(model), "final_logit_softcapping", None),
                                          head_chunk_rows(model.get_output_embeddings().weight.shape[0]),
                                          torch.bfloat16 if autocast == "bf16" else None)
-        self.inputs: dict[int, torch.Tensor] = {}
+        self.inputs: dict[int, torch.Tensor] = {}  # in memory
+        self.spilled: dict[int, Path] = {}  # in files, beyond the memory budget
+        self.disk_bytes = 0
+        self._spill_dir: tempfile.TemporaryDirectory | None = None
         self.returns_tuple = False
         self.seconds = 0.0
         self._current: torch.Tensor | None = None
 
     @property
     def bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.inputs.values())
+        """Bytes of kept inputs in memory (``disk_bytes``: in files)."""
+        return sum(_nbytes(t) for t in self.inputs.values())
 
     @torch.no_grad()
-    def fill(self, batches: Sequence[MicroBatch], memory_fraction: float = 0.5) -> None:
-        """One forward per micro-batch up to the adapted layer; its input is kept."""
+    def fill(self, batches: Sequence[MicroBatch], memory_bytes: int | None = None) -> None:
+        """One forward per micro-batch up to the adapted layer; its input is kept: in memory up to
+        ``memory_bytes`` (default: half the free memory), beyond that in files of a temporary
+        directory, read back memory-mapped (exact either way; ``close`` deletes them)."""
         started = time.perf_counter()
         captured: list[torch.Tensor] = []
 
@@ -229,26 +246,52 @@ class ReusedActivations:
         def output_type(module, args, output):
             self.returns_tuple = isinstance(output, tuple)
 
-        budget = memory_fraction * available_memory(next(self.model.parameters()).device)
+        budget = memory_bytes if memory_bytes is not None else available_memory(self.device) // 2
         handles = [self.layers[self.layer].register_forward_pre_hook(grab, with_kwargs=True),
                    self.layers[0].register_forward_hook(output_type)]
         try:
             for mb in batches:
-                if mb.key in self.inputs:
+                if mb.key in self.inputs or mb.key in self.spilled:
                     continue
                 try:
                     with autocast_scope(self.autocast, mb.ids.device):
                         self.decoder(input_ids=mb.ids, attention_mask=mb.mask, use_cache=False)
                 except _Stop:
                     pass
-                self.inputs[mb.key] = captured.pop()
-                if self.bytes > budget:
-                    raise UserError(f"the kept activations of layer {self.layer} need more than "
-                                    f"{budget / 2 ** 30:.1f} GiB (half the free memory); train with --no-reuse")
+                kept = captured.pop()
+                if self.bytes + _nbytes(kept) <= budget:
+                    self.inputs[mb.key] = kept
+                else:
+                    self._spill(mb.key, kept)
         finally:
             for h in handles:
                 h.remove()
         self.seconds += time.perf_counter() - started
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _spill(self, key: int, tensor: torch.Tensor) -> None:
+        if self._spill_dir is None:
+            self._spill_dir = tempfile.TemporaryDirectory(prefix="icl-locate-activations-")
+        path = Path(self._spill_dir.name) / f"{key}.pt"
+        torch.save(tensor.cpu(), path)
+        self.spilled[key] = path
+        self.disk_bytes += _nbytes(tensor)
+
+    def kept(self, key: int) -> torch.Tensor:
+        """The kept input of micro-batch ``key`` (a file's is memory-mapped: on a CPU the page
+        cache holds it, not the process's heap)."""
+        if key in self.inputs:
+            return self.inputs[key]
+        return torch.load(self.spilled[key], mmap=True, weights_only=True).to(self.device)
+
+    def close(self) -> None:
+        """Delete the files of spilled inputs (if any)."""
+        if self._spill_dir is not None:
+            self._spill_dir.cleanup()
+            self._spill_dir, self.spilled, self.disk_bytes = None, {}, 0
 
     @contextlib.contextmanager
     def running(self) -> Iterator[None]:
@@ -297,7 +340,7 @@ class ReusedActivations:
         ids, mask = mb.ids[start:stop, :width], mb.mask[start:stop, :width]
         chosen = (mb.rows >= start) & (mb.rows < stop)
         rows, positions = mb.rows[chosen] - start, mb.positions[chosen]
-        self._current = self.inputs[mb.key][start:stop, :width]
+        self._current = self.kept(mb.key)[start:stop, :width]
         with torch.set_grad_enabled(backward), autocast_scope(self.autocast, ids.device):
             hidden = self.decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
             states = hidden[rows, positions - 1]  # [N, d]: the position before each target
@@ -310,7 +353,8 @@ class ReusedActivations:
         """Bytes autograd keeps per token (row x column) to run layers l..L-1 backward, measured on
         the longest row of ``mb`` (inside ``running``, in training mode): tensors saved for backward, weights and kept
         inputs left out. Sets ``bytes_per_token``."""
-        existing = {t.untyped_storage().data_ptr() for t in [*self.model.parameters(), *self.inputs.values()]}
+        kept = self.kept(mb.key)
+        existing = {t.untyped_storage().data_ptr() for t in [*self.model.parameters(), *self.inputs.values(), kept]}
         saved: dict[int, int] = {}
 
         def pack(tensor):
@@ -321,7 +365,7 @@ class ReusedActivations:
 
         lengths = mb.mask.sum(dim=1)
         row, width = int(lengths.argmax()), int(lengths.max())
-        self._current = self.inputs[mb.key][row:row + 1, :width]
+        self._current = kept[row:row + 1, :width]
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), \
                 autocast_scope(self.autocast, mb.ids.device):
             hidden = self.decoder(input_ids=mb.ids[row:row + 1, :width], attention_mask=mb.mask[row:row + 1, :width],
@@ -426,8 +470,9 @@ class TrainingRecord:
     sequence_tokens: int  # tokens of the training sequences processed (padding not counted), all epochs
     train_seconds: float  # optimizer steps, the activation cache's forwards included
     val_seconds: float
-    cache_bytes: int
-    path: str
+    path: str  # "reuse" or "plain"
+    cache_bytes: int = 0  # kept inputs of the adapted layer, in memory
+    cache_disk_bytes: int = 0  # ... and in files, beyond the memory budget
     bytes_per_token: float | None = None  # activations autograd keeps per token (reuse path), measured
 
     def as_dict(self) -> dict:
@@ -443,7 +488,6 @@ def train(peft_model, train_seqs: list[TrainingSequence], val_seqs: list[Trainin
           log: Callable[[str], None] = lambda m: None) -> TrainingRecord:
     """AdamW on the adapter, early stopping on the validation loss (the best adapter is kept)."""
     check_batching(settings.reuse, settings.bucketing)
-    base = peft_model.get_base_model()
     device = next(peft_model.parameters()).device
     autocast = autocast_mode(settings.autocast, str(device))
     params = [p for p in peft_model.parameters() if p.requires_grad]
@@ -454,33 +498,17 @@ def train(peft_model, train_seqs: list[TrainingSequence], val_seqs: list[Trainin
         else None
     val = fixed_micro_batches(val_seqs, settings.micro_batch, loss, pad_id, device,
                               first_key=len(buckets) if buckets is not None else 0)  # keys after training's
-    reuse = ReusedActivations(base, layer, activation_budget(settings.activation_mb, device), autocast) \
-        if settings.reuse else None
-    scope = contextlib.nullcontext()
-    if reuse is not None:
-        reuse.fill(buckets + val)
-        log(f"    kept the input of layer {layer}: {reuse.bytes / 2 ** 20:.1f} MiB for "
-            f"{len(buckets) + len(val)} micro-batches ({reuse.seconds:.1f}s)")
-        check_reuse(peft_model, reuse, buckets[0])
-        scope = reuse.running()
-
-    def loss_fn(mb: MicroBatch, scale: float, backward: bool) -> float:
-        if reuse is not None:
-            return reuse.loss(mb, scale, backward)
-        return plain_loss(peft_model, mb, scale, backward, autocast)
-
-    record = TrainingRecord([], [], math.inf, 0, 0, reuse.seconds if reuse else 0.0, 0.0,
-                            reuse.bytes if reuse else 0, "reuse" if reuse else "plain")
+    record = TrainingRecord([], [], math.inf, 0, 0, 0.0, 0.0, "reuse" if settings.reuse else "plain")
     best_state, bad_epochs = adapter_state(peft_model), 0
-    with scope:
-        if reuse is not None:
-            peft_model.train()  # dropout masks count too
-            widest = max(buckets, key=lambda mb: mb.ids.shape[1])
-            record.bytes_per_token = reuse.measure(widest)
-            log(f"    autograd keeps {reuse.bytes_per_token / 2 ** 10:.0f} KiB a token for layers {layer}.."
-                f"{len(decoder_layers(base)) - 1}; the widest micro-batch runs in pieces of "
-                f"{reuse.rows_per_piece(widest)} of {widest.ids.shape[0]} rows "
-                f"(at most {reuse.activation_bytes / 2 ** 20:.0f} MiB)")
+    with contextlib.ExitStack() as scope:
+        reuse = scope.enter_context(reused_activations(peft_model, layer, buckets, val, settings, record, log)) \
+            if settings.reuse else None
+
+        def loss_fn(mb: MicroBatch, scale: float, backward: bool) -> float:
+            if reuse is not None:
+                return reuse.loss(mb, scale, backward)
+            return plain_loss(peft_model, mb, scale, backward, autocast)
+
         for epoch in range(settings.max_epochs):
             peft_model.train()
             started = time.perf_counter()
@@ -510,6 +538,35 @@ def train(peft_model, train_seqs: list[TrainingSequence], val_seqs: list[Trainin
                     break
     load_adapter_state(peft_model, best_state)
     return record
+
+
+@contextlib.contextmanager
+def reused_activations(peft_model, layer: int, buckets: list[MicroBatch], val: list[MicroBatch], settings,
+                       record: TrainingRecord, log: Callable[[str], None]) -> Iterator[ReusedActivations]:
+    """Keep the input of ``layer`` for every micro-batch, check the path on the model, measure what
+    a training token keeps for backward; inside, the model runs from the kept inputs."""
+    base = peft_model.get_base_model()
+    device = next(base.parameters()).device
+    reuse = ReusedActivations(base, layer, activation_budget(settings.activation_mb, device),
+                              autocast_mode(settings.autocast, str(device)))
+    try:
+        reuse.fill(buckets + val)
+        record.train_seconds, record.cache_bytes, record.cache_disk_bytes = reuse.seconds, reuse.bytes, reuse.disk_bytes
+        spilled = f" and {reuse.disk_bytes / 2 ** 20:.1f} MiB in files" if reuse.disk_bytes else ""
+        log(f"    kept the input of layer {layer}: {reuse.bytes / 2 ** 20:.1f} MiB in memory{spilled} for "
+            f"{len(buckets) + len(val)} micro-batches ({reuse.seconds:.1f}s)")
+        check_reuse(peft_model, reuse, buckets[0])
+        with reuse.running():
+            peft_model.train()  # dropout masks count too
+            widest = max(buckets, key=lambda mb: mb.ids.shape[1])
+            record.bytes_per_token = reuse.measure(widest)
+            log(f"    autograd keeps {reuse.bytes_per_token / 2 ** 10:.0f} KiB a token for layers {layer}.."
+                f"{len(reuse.layers) - 1}; the widest micro-batch runs in pieces of "
+                f"{reuse.rows_per_piece(widest)} of {widest.ids.shape[0]} rows "
+                f"(at most {reuse.activation_bytes / 2 ** 20:.0f} MiB)")
+            yield reuse
+    finally:
+        reuse.close()
 
 
 @torch.no_grad()
