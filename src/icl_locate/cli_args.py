@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="forward passes under bf16 autocast [auto: bf16 on a GPU, off on a CPU]")
     lo.add_argument("--activation-mb", type=int, default=None,
                     help="activations kept for backward per training piece, MiB; a micro-batch that needs more "
-                         "runs in row pieces (same results) [CPU: 1024; GPU: a quarter of its free memory]")
+                         "runs in row pieces (same results) [CPU: 512; GPU: a quarter of its free memory]")
     lo.add_argument("--n-test", type=int, default=None)
     lo.add_argument("--out-dir", default="runs/lora")
     lo.add_argument("--store", default=None, help="results store (default <out-dir>/study.sqlite)")
