@@ -107,7 +107,7 @@ def _lora_figures(lora: list[dict], curves, out_dir: Path) -> list[tuple[str, Pa
     figures = []
     for pair in sorted({r["pair"] for r in lora}):
         rows = sorted((r for r in lora if r["pair"] == pair), key=lambda r: r["layer"])
-        fig, ax = plt.subplots(figsize=(7, 4))
+        fig, ax = plt.subplots(figsize=(7, 4.6))
         layers = [r["layer"] for r in rows]
         ax.plot(layers, [r["bleu"] for r in rows], marker="o", color="tab:blue", label="LoRA on this layer only: BLEU")
         c = _recognition_curve(curves, pair)
@@ -119,16 +119,16 @@ def _lora_figures(lora: list[dict], curves, out_dir: Path) -> list[tuple[str, Pa
         ax.set_xlabel("layer")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("zero-shot BLEU (LoRA) / score (masking)")
+        handles, labels = ax.get_legend_handles_labels()
         losses = [(r["layer"], r.get("best_val_loss")) for r in rows if r.get("best_val_loss") is not None]
         if losses:
             twin = ax.twinx()
             twin.plot(*zip(*losses), marker="s", ms=4, ls=":", color="tab:orange", label="LoRA: best validation loss")
             twin.set_ylabel("best validation loss")
-            handles, labels = ax.get_legend_handles_labels()
             more, more_labels = twin.get_legend_handles_labels()
-            ax.legend(handles + more, labels + more_labels, fontsize=7)
-        else:
-            ax.legend(fontsize=7)
+            handles, labels = handles + more, labels + more_labels
+        # below the axes: inside, it hides points of the curves (they span the whole plot)
+        ax.legend(handles, labels, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
         ax.set_title(f"single-layer LoRA, {pair}", fontsize=10)
         ax.grid(alpha=0.3)
         fig.tight_layout()
