@@ -213,6 +213,8 @@ def test_chunked_head_loss_equals_autograd(softcap, bias, dtype):
     assert total == pytest.approx(float(expected.detach()), rel=tol["rtol"])
     torch.testing.assert_close(grad.float(), x.grad.float(), **tol)
     assert head_loss(states, targets, 1.0, backward=False)[1] is None
+    with pytest.raises(UserError, match="not a Linear"):
+        ChunkedHeadLoss(nn.Sequential(head), softcap, chunk_rows=4)
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3", "gpt_neo"])
@@ -274,7 +276,7 @@ def test_reuse_refuses_a_model_whose_logits_it_would_get_wrong():
     lm.model.forward = doubled
     try:
         seqs = encode_pairs(lm.tokenizer, PAIRS)
-        with pytest.raises(RuntimeError, match="--no-reuse"):
+        with pytest.raises(UserError, match="--no-reuse"):  # one line from the CLI: a path this model can't take
             train(peft_model, seqs[:4], seqs[4:8], 1, lm.tokenizer.pad_token_id, settings)
     finally:
         del lm.model.forward

@@ -388,7 +388,7 @@ class ChunkedHeadLoss:
     def __init__(self, head: nn.Module, softcap: float | None, chunk_rows: int,
                  compute_dtype: torch.dtype | None = None):
         if not isinstance(head, nn.Linear):
-            raise RuntimeError(f"the output embedding is a {type(head).__name__}, not a Linear; train with --no-reuse")
+            raise UserError(f"the output embedding is a {type(head).__name__}, not a Linear; train with --no-reuse")
         self.weight, self.bias, self.softcap = head.weight, head.bias, softcap
         if compute_dtype is not None and compute_dtype != head.weight.dtype:  # autocast: one copy, not one a chunk
             self.weight = head.weight.detach().to(compute_dtype)
@@ -583,7 +583,7 @@ def check_reuse(peft_model, reuse: ReusedActivations, mb: MicroBatch) -> None:
     finally:
         peft_model.train(was_training)
     if not math.isclose(plain, reused, rel_tol=1e-3, abs_tol=1e-3):
-        raise RuntimeError(f"reusing activations gives loss {reused:.5f} where the model's own forward gives "
+        raise UserError(f"reusing activations gives loss {reused:.5f} where the model's own forward gives "
                            f"{plain:.5f}; train with --no-reuse")
 
 
