@@ -315,6 +315,8 @@ def test_unit_ids_of_earlier_versions_are_kept():
     old = LoraSettings(loss="full", bucketing=False, reuse=False, autocast="off")
     assert lora_unit_id("fra-eng", 3, old, None) == "lora-8016f40bb37a"
     assert lora_unit_id("fra-eng", 3, replace(curve, autocast="bf16"), 64) != "lora-5531cdff77ae"
+    with pytest.raises(UserError, match="--autocast"):  # a mode it does not know is not run as float32
+        resolve_autocast(LoraSettings(autocast="fp8"), "cpu")
     assert resolve_autocast(LoraSettings(), "cuda").autocast == ("bf16" if not torch.cuda.is_available()
                                                                 or torch.cuda.is_bf16_supported() else "off")
 

@@ -85,6 +85,15 @@ def lora_settings(preset: str | None, overrides: dict) -> LoraSettings:
     return LoraSettings(**values)
 
 
+def check_sizes(settings: LoraSettings) -> None:
+    """Training pairs come from dev lines 1-800, validation pairs from 801-997."""
+    if not 0 < settings.train_size <= 800:
+        raise UserError(f"--train-size must be in 1..800 (dev lines 1-800 are the training pool), got "
+                        f"{settings.train_size}")
+    if not 0 < settings.val_size <= 197:
+        raise UserError(f"--val-size must be in 1..197 (dev lines 801-997), got {settings.val_size}")
+
+
 def resolve_autocast(settings: LoraSettings, device: str) -> LoraSettings:
     """The settings with ``autocast="auto"`` made explicit for the device (so the store and the
     unit id say what ran)."""
@@ -244,11 +253,7 @@ def lora_sweep(loaded: LoadedModel, data_dir: str | None, pair: str, layers: lis
                executor: Executor | None = None) -> list[dict]:
     """One adapter per layer, through ``executor`` (default: this process, on ``loaded``); adapters and
     results are written here, by the driver, as each comes back; layers the store holds are skipped."""
-    if not 0 < settings.train_size <= 800:
-        raise UserError(f"--train-size must be in 1..800 (dev lines 1-800 are the training pool), got "
-                        f"{settings.train_size}")
-    if not 0 < settings.val_size <= 197:
-        raise UserError(f"--val-size must be in 1..197 (dev lines 801-997), got {settings.val_size}")
+    check_sizes(settings)
     n_layers = loaded.info.num_layers
     bad = [l for l in layers if not 0 <= l < n_layers]
     if bad:
@@ -281,7 +286,8 @@ def lora_sweep(loaded: LoadedModel, data_dir: str | None, pair: str, layers: lis
 
 def lora_unit_id(pair: str, layer: int, settings: LoraSettings, n_test) -> str:
     """Stable id of one (pair, layer, settings, test size): the store skips what it holds. ``reuse``
-    and ``activation_mb`` are left out (they change how, not what, is computed); settings of earlier versions keep their ids."""
+    and ``activation_mb`` are left out (they change how, not what, is computed); settings of earlier
+    versions keep their ids."""
     values = asdict(settings)
     values.pop("reuse")
     values.pop("activation_mb")
@@ -312,18 +318,14 @@ class LoraRun:
 def validate_lora(run: LoraRun) -> None:
     """Settings checks that need neither data nor model."""
     s = run.settings
-    if not 0 < s.train_size <= 800:
-        raise UserError(f"--train-size must be in 1..800 (dev lines 1-800 are the training pool), got {s.train_size}")
-    if not 0 < s.val_size <= 197:
-        raise UserError(f"--val-size must be in 1..197 (dev lines 801-997), got {s.val_size}")
+    check_sizes(s)
     check_count("--n-test", run.n_test)
     for name in ("r", "batch_size", "micro_batch", "max_epochs", "patience", "activation_mb"):
         check_count(f"--{name.replace('_', '-')}", getattr(s, name))
     if s.loss not in LOSSES:
         raise UserError(f"--loss must be one of {', '.join(LOSSES)}, got {s.loss!r}")
     check_batching(s.reuse, s.bucketing)
-    if s.autocast != "auto":
-        check_autocast(s.autocast)
+    check_autocast(s.autocast)
     parse_layers(run.layers)
     parse_pair(run.pair)
 

@@ -123,6 +123,7 @@ def make_micro_batch(seqs: Sequence[TrainingSequence], loss: str, pad_id: int, d
 def autocast_mode(mode: str, device: str) -> str:
     """"auto" made explicit: bf16 on a GPU that has it (bf16 matmuls are what GPUs are fast at), off
     on a CPU (float32 stays the default there: this project measures and tests on CPUs)."""
+    check_autocast(mode)
     if mode != "auto":
         return mode
     gpu = device.startswith("cuda") and (not torch.cuda.is_available() or torch.cuda.is_bf16_supported())
@@ -130,7 +131,7 @@ def autocast_mode(mode: str, device: str) -> str:
 
 
 def check_autocast(mode: str) -> None:
-    if mode not in AUTOCAST:
+    if mode != "auto" and mode not in AUTOCAST:
         raise UserError(f"--autocast must be one of auto, {', '.join(AUTOCAST)}, got {mode!r}")
 
 
@@ -216,8 +217,7 @@ class ReusedActivations:
         self.decoder = model.get_decoder()
         self.head_loss = ChunkedHeadLoss(model.get_output_embeddings(),
                                          getattr(text_config(model), "final_logit_softcapping", None),
-                                         head_chunk_rows(model.get_output_embeddings().weight.shape[0]),
-                                         torch.bfloat16 if autocast == "bf16" else None)
+                                         compute_dtype=torch.bfloat16 if autocast == "bf16" else None)
         self.inputs: dict[int, torch.Tensor] = {}  # in memory
         self.spilled: dict[int, Path] = {}  # in files, beyond the memory budget
         self.disk_bytes = 0
@@ -325,7 +325,8 @@ class ReusedActivations:
         ``loss sum * scale`` when asked. A training micro-batch runs in row pieces that keep the
         activations autograd saves within ``activation_bytes`` (same sums, same gradients)."""
         rows = self.rows_per_piece(mb) if backward else mb.ids.shape[0]
-        return sum(self._piece_loss(mb, start, start + rows, scale, backward)
+        kept = self.kept(mb.key)  # once: a spilled input is read from its file
+        return sum(self._piece_loss(mb, kept, start, start + rows, scale, backward)
                    for start in range(0, mb.ids.shape[0], rows))
 
     def rows_per_piece(self, mb: MicroBatch) -> int:
@@ -333,14 +334,15 @@ class ReusedActivations:
             return mb.ids.shape[0]
         return max(1, int(self.activation_bytes // (self.bytes_per_token * mb.ids.shape[1])))
 
-    def _piece_loss(self, mb: MicroBatch, start: int, stop: int, scale: float, backward: bool) -> float:
-        """Rows start..stop of ``mb``, cut to their longest sequence (right padding: the cut columns
-        are padding, which no kept position attends to)."""
+    def _piece_loss(self, mb: MicroBatch, kept: torch.Tensor, start: int, stop: int, scale: float,
+                    backward: bool) -> float:
+        """Rows start..stop of ``mb`` (``kept``: its kept input), cut to their longest sequence (right
+        padding: the cut columns are padding, which no kept position attends to)."""
         width = int(mb.mask[start:stop].sum(dim=1).max())
         ids, mask = mb.ids[start:stop, :width], mb.mask[start:stop, :width]
         chosen = (mb.rows >= start) & (mb.rows < stop)
         rows, positions = mb.rows[chosen] - start, mb.positions[chosen]
-        self._current = self.kept(mb.key)[start:stop, :width]
+        self._current = kept[start:stop, :width]
         with torch.set_grad_enabled(backward), autocast_scope(self.autocast, ids.device):
             hidden = self.decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
             states = hidden[rows, positions - 1]  # [N, d]: the position before each target
@@ -351,8 +353,8 @@ class ReusedActivations:
 
     def measure(self, mb: MicroBatch) -> float:
         """Bytes autograd keeps per token (row x column) to run layers l..L-1 backward, measured on
-        the longest row of ``mb`` (inside ``running``, in training mode): tensors saved for backward, weights and kept
-        inputs left out. Sets ``bytes_per_token``."""
+        the longest row of ``mb`` (inside ``running``, in training mode): tensors saved for backward,
+        weights and kept inputs left out. Sets ``bytes_per_token``."""
         kept = self.kept(mb.key)
         existing = {t.untyped_storage().data_ptr() for t in [*self.model.parameters(), *self.inputs.values(), kept]}
         saved: dict[int, int] = {}
@@ -385,15 +387,16 @@ class ChunkedHeadLoss:
     ``exp`` runs once for the loss and the gradient. Same arithmetic otherwise: logits in the head's
     dtype, then float32; the softcap ``c * tanh(z / c)`` as the model's config says."""
 
-    def __init__(self, head: nn.Module, softcap: float | None, chunk_rows: int,
+    def __init__(self, head: nn.Module, softcap: float | None, chunk_rows: int | None = None,
                  compute_dtype: torch.dtype | None = None):
+        """``chunk_rows``: loss positions per chunk (default: ``head_chunk_rows`` of the vocabulary)."""
         if not isinstance(head, nn.Linear):
             raise UserError(f"the output embedding is a {type(head).__name__}, not a Linear; train with --no-reuse")
         self.weight, self.bias, self.softcap = head.weight, head.bias, softcap
         if compute_dtype is not None and compute_dtype != head.weight.dtype:  # autocast: one copy, not one a chunk
             self.weight = head.weight.detach().to(compute_dtype)
             self.bias = None if head.bias is None else head.bias.detach().to(compute_dtype)
-        self.chunk_rows = chunk_rows
+        self.chunk_rows = chunk_rows or head_chunk_rows(head.weight.shape[0])
         self._buffers: list[torch.Tensor] = []
 
     def _buffer(self, index: int, rows: int) -> torch.Tensor:
@@ -502,8 +505,8 @@ def train(peft_model, train_seqs: list[TrainingSequence], val_seqs: list[Trainin
     record = TrainingRecord([], [], math.inf, 0, 0, 0.0, 0.0, "reuse" if settings.reuse else "plain")
     best_state, bad_epochs = adapter_state(peft_model), 0
     with contextlib.ExitStack() as scope:
-        reuse = scope.enter_context(reused_activations(peft_model, layer, buckets, val, settings, record, log)) \
-            if settings.reuse else None
+        reuse = scope.enter_context(reused_activations(peft_model, layer, buckets, val, settings.activation_mb,
+                                                       autocast, record, log)) if settings.reuse else None
 
         def loss_fn(mb: MicroBatch, scale: float, backward: bool) -> float:
             if reuse is not None:
@@ -542,14 +545,14 @@ def train(peft_model, train_seqs: list[TrainingSequence], val_seqs: list[Trainin
 
 
 @contextlib.contextmanager
-def reused_activations(peft_model, layer: int, buckets: list[MicroBatch], val: list[MicroBatch], settings,
-                       record: TrainingRecord, log: Callable[[str], None]) -> Iterator[ReusedActivations]:
+def reused_activations(peft_model, layer: int, buckets: list[MicroBatch], val: list[MicroBatch],
+                       activation_mb: int | None, autocast: str, record: TrainingRecord,
+                       log: Callable[[str], None]) -> Iterator[ReusedActivations]:
     """Keep the input of ``layer`` for every micro-batch, check the path on the model, measure what
     a training token keeps for backward; inside, the model runs from the kept inputs."""
     base = peft_model.get_base_model()
     device = next(base.parameters()).device
-    reuse = ReusedActivations(base, layer, activation_budget(settings.activation_mb, device),
-                              autocast_mode(settings.autocast, str(device)))
+    reuse = ReusedActivations(base, layer, activation_budget(activation_mb, device), autocast)
     try:
         reuse.fill(buckets + val)
         record.train_seconds, record.cache_bytes, record.cache_disk_bytes = reuse.seconds, reuse.bytes, reuse.disk_bytes
