@@ -456,7 +456,7 @@ def activation_budget(activation_mb: int | None, device: torch.device) -> int:
     """Bytes of saved activations one training piece may take: ``activation_mb`` if given; else on a
     CPU a fixed CPU_ACTIVATION_MB (wider pieces are not faster there: on the embedded model, adapter
     on layer 0, pieces of 1, 3 and 7 rows trained at 208, 200 and 213 tokens/s, within run-to-run
-    noise, with peaks of 2.5, 2.8 and 3.3 GB), on a GPU a quarter of its free memory (wide pieces
+    noise, with peaks of 2482, 2811 and 3284 MiB), on a GPU a quarter of its free memory (wide pieces
     are what keeps a GPU busy)."""
     if activation_mb is not None:
         return activation_mb * 2 ** 20
