@@ -54,7 +54,8 @@ def test_settings_fail_before_any_model_loads(argv, message, no_model_loads, cap
 
 def tiny_worker(data_dir, config):
     loaded = load_model(config.model)
-    return Worker(loaded, SweepEngine(loaded.model, loaded.tokenizer), load_task_data(config), config.max_new_tokens)
+    return Worker(loaded, load_task_data(config), max_new_tokens=config.max_new_tokens,
+                  engine=SweepEngine(loaded.model, loaded.tokenizer))
 
 
 class FailingSecond:

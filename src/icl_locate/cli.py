@@ -44,7 +44,8 @@ def short(text: str, width: int) -> str:
 def settings_from(args, cls, rename: dict[str, str] | None = None, **extra):
     """The dataclass ``cls`` filled from same-named arguments (``rename``: argument -> field)."""
     names = set(cls.__dataclass_fields__)
-    values = {(rename or {}).get(k, k): v for k, v in vars(args).items()}
+    # an option left out (None) keeps the settings' own default
+    values = {(rename or {}).get(k, k): v for k, v in vars(args).items() if v is not None}
     return cls(**({k: v for k, v in values.items() if k in names} | extra))
 
 
@@ -135,7 +136,7 @@ def sweep_config_from_args(args) -> SweepConfig:
     overrides = dict(model=args.model, task=args.task, pairs=csv_list(args.pairs), conditions=csv_list(args.conditions),
                      instructions=instructions, seeds=csv_list(args.seeds, int), ks=csv_list(args.ks, int),
                      layers=args.layers, n_test=args.n_test, max_new_tokens=args.max_new_tokens,
-                     batch_size=args.batch_size, engine=args.engine,
+                     batch_size=args.batch_size, engine=args.engine, head=args.head,
                      draft_tokens=args.draft_tokens, data_dir=args.data_dir, dtype=args.dtype,
                      device=args.device,
                      layer_ablation=True if args.layer_ablation else None, bank=args.bank, test=args.test,

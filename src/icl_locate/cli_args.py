@@ -31,6 +31,19 @@ def _add_own_data_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tgt-lang", help="bitext task: target language")
 
 
+def _add_engine_options(parser: argparse.ArgumentParser) -> None:
+    """The engine's hardware-dependent choices: measured on this machine and model unless forced."""
+    parser.add_argument("--engine", default=None, choices=["auto", "tree", "fast"],
+                        help="auto (default): the faster on this machine, measured at start (cached); tree: shares "
+                             "every layer below a row's mask layer; fast: the sweep engine; same generations")
+    parser.add_argument("--head", default=None, choices=["auto", "screen", "plain"],
+                        help="tree engine's LM head: auto (default, measured), screen (bf16 screen + exact "
+                             "candidates; pays where bf16 is fast), plain (the model's own); same tokens")
+    parser.add_argument("--draft-tokens", default=None,
+                        help="tree engine: auto (default: drafts only where a forward of a few more tokens costs "
+                             "about one token's, measured) or N: verify drafts of up to N tokens per step (0: none)")
+
+
 def _add_executor_options(parser: argparse.ArgumentParser) -> None:
     """Where units are computed: here (default) or on Ray workers (pip install 'icl-locate[ray]')."""
     parser.add_argument("--executor", choices=["local", "ray"], default="local",
@@ -76,11 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--n-test", type=int, default=8)
     bench.add_argument("--k", type=int, default=5)
     bench.add_argument("--seed", type=int, default=0)
-    bench.add_argument("--batch-size", type=int, default=None, help="fast engine rows per batch (default: auto)")
+    bench.add_argument("--batch-size", type=int, default=None, help="engine rows per batch (default: auto)")
     bench.add_argument("--skip-paper", action="store_true", help="skip (a), the slowest")
-    bench.add_argument("--draft-tokens", type=int, default=0,
-                       help="(d): verify drafts of up to this many tokens per step (default 0: none; on a CPU "
-                            "drafts cost more arithmetic than the steps they save)")
+    _add_engine_options(bench)
     bench.add_argument("--require-identical", type=float, default=None,
                        help="exit 1 if fewer (sentence, layer) pairs than this fraction match (b), for (c) or (d)")
     bench.add_argument("--json", help="write the measurements here")
@@ -148,11 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--n-test", type=int, default=None)
     sw.add_argument("--max-new-tokens", type=int, default=None)
     sw.add_argument("--batch-size", type=int, default=None)
-    sw.add_argument("--draft-tokens", type=int, default=None,
-                    help="tree engine: verify drafts of up to this many tokens per step (default 0: none)")
-    sw.add_argument("--engine", default=None, choices=["tree", "fast"],
-                    help="tree (default: shares every layer below a row's mask layer) or fast (the sweep engine); "
-                         "same generations")
+    _add_engine_options(sw)
     _add_data_and_device_options(sw)
     _add_own_data_options(sw)
     sw.add_argument("--dry-run", action="store_true", help="print the planned units and exit")

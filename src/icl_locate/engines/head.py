@@ -16,7 +16,7 @@ So the result is the argmax of the fp32 logits: it can differ from the plain hea
 logits tie to within fp32 rounding (the same kind of difference a different batch size makes).
 Rows with too many candidates fall back to the full fp32 product. Used only where it is checked
 to be exact: the model's logits must be ``head(final hidden state)``, softcapped by
-``final_logit_softcapping`` when the config sets it, with no bias (``ScreenedHead.check``).
+``final_logit_softcapping`` when the config sets it, with no bias (``screen_mismatch``).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..core.structure import text_config
+from .base import forward, last_hidden
 
 UNIT_BF16 = 2.0 ** -8
 UNIT_FP32 = 2.0 ** -24
@@ -110,3 +111,16 @@ class ScreenedHead:
                     tokens[again] = self.full_logits(hidden[again]).argmax(-1)
                     self.stats["full_rows"] += len(again)
         return tokens
+
+
+@torch.no_grad()
+def screen_mismatch(model: nn.Module, head: ScreenedHead) -> str | None:
+    """Check on ``model`` itself that its logits are the screened head's full-precision logits of the
+    decoder's last hidden state (no extra scaling or bias the screen would miss); None: they are."""
+    device = next(model.parameters()).device
+    ids = torch.arange(1, 9, device=device)[None] % text_config(model).vocab_size
+    logits = forward(model, ids, last_only=True).logits[:, -1].float()
+    ours = head.full_logits(last_hidden(model, ids)[:, -1])
+    if not torch.allclose(logits, ours, rtol=1e-4, atol=1e-4 * float(logits.abs().max())):
+        return "its logits are not softcap(lm_head(last hidden state))"
+    return None

@@ -36,11 +36,11 @@ from transformers import DynamicCache
 
 from ..core.conditions import MaskedPrompt
 from ..core.interventions import AttentionAblation, ColumnMask, LayerColumnMasks, RowIntervention
-from ..core.structure import attention_window, decoder_layers, text_config
+from ..core.structure import attention_window, decoder_layers
 from .base import Generation, Progress, ResultKey, StopRule, forward, last_hidden
 from .decoding import PreallocatedLayer, right_aligned
 from .drafts import Drafter
-from .head import ScreenedHead
+from .head import ScreenedHead, screen_mismatch
 from .sweep import SweepEngine, _PrefixCaches, _Row
 
 # Keyword arguments of a decoder layer that carry one row per batch row, by name. Any other
@@ -144,23 +144,12 @@ class TreeEngine(SweepEngine):
             return None, "the model's own LM head (screening off)"
         why_not = ScreenedHead.supported(self.model)
         head = ScreenedHead(self.model) if why_not is None else None
-        why_not = why_not or self._head_mismatch(head)
+        why_not = why_not or screen_mismatch(self.model, head)
         if why_not is None:
             return head, "bf16-screened LM head, candidates in full precision"
         if screen_head:
             raise ValueError(f"cannot screen the LM head of this model: {why_not}")
         return None, f"the model's own LM head ({why_not})"
-
-    @torch.no_grad()
-    def _head_mismatch(self, head: ScreenedHead) -> str | None:
-        """Check on this model that its logits are the screened head's full-precision logits of the
-        decoder's last hidden state (no extra scaling or bias the screen would miss)."""
-        ids = torch.arange(1, 9, device=self.device)[None] % text_config(self.model).vocab_size
-        logits = forward(self.model, ids, last_only=True).logits[:, -1].float()
-        ours = head.full_logits(last_hidden(self.model, ids)[:, -1])
-        if not torch.allclose(logits, ours, rtol=1e-4, atol=1e-4 * float(logits.abs().max())):
-            return "its logits are not softcap(lm_head(last hidden state))"
-        return None
 
     # ------------------------------------------------------------------ public
 

@@ -4,7 +4,8 @@
     batch 2, ``max_new_tokens=50`` and no stopping criterion (as the paper's code does);
 (b) the same with our stopping rule (HF ``stop_strings``);
 (c) the fast engine (``engines/sweep.py``);
-(d) the tree engine (``engines/tree.py``): (c) plus sharing across mask layers and the screened head.
+(d) the engine configuration chosen for this machine (``engines/calibrate.py``: by default the tree
+    engine, ``engines/tree.py``, with the LM head and drafts measured fastest here; flags force them).
 Generations of (a) are cut at the stop rule before comparing; (c) and (d) are compared with (b).
 The JSON keys of (d) end in ``_spec`` (the name the issue that asked for it gave them).
 
@@ -27,8 +28,8 @@ from ..core.structure import decoder_layers
 from ..engines.base import StopRule, eos_ids, forward, time_breakdown
 from ..engines.paper import PaperEngine
 from ..engines.reference import batch_interventions
+from ..engines.calibrate import Calibrator, Choices, EngineRequest, build_engine, parse_draft_tokens
 from ..engines.sweep import SweepEngine
-from ..engines.tree import TreeEngine
 from ..tasks.registry import build_items
 from ..util.fileio import check_writable, write_json_atomic
 from ..util.progress import Progress
@@ -46,7 +47,9 @@ class BenchSettings(ModelAndData):
     k: int = 5
     seed: int = 0
     batch_size: int | None = None
-    draft_tokens: int = 0  # (d): verify drafts of up to this many tokens (0: none)
+    engine: str = "auto"  # (d): auto (measured) | tree | fast
+    head: str = "auto"  # (d): auto (measured) | screen | plain
+    draft_tokens: int | str = "auto"  # (d): auto (measured) or drafts of up to N tokens (0: none)
     skip_paper: bool = False
     json: str | None = None
 
@@ -108,13 +111,13 @@ class BenchResult:
         rows = [("(a) paper: full prompt, generate, batch 2, 50 tokens", d["seconds_paper"], 1.0),
                 ("(b) paper + stop rule", d["seconds_paper_stop"], d["seconds_paper"] / d["seconds_paper_stop"]),
                 ("(c) fast engine", d["seconds_fast"], d["speedup_vs_paper"]),
-                ("(d) tree engine", d["seconds_spec"], d["speedup_spec_vs_paper"])]
+                (f"(d) {d.get('engine_spec', 'tree engine')}", d["seconds_spec"], d["speedup_spec_vs_paper"])]
         lines = [f"{'method':<54} {'seconds':>9} {'speed-up vs (a)':>16} {'GFLOP/row':>10}"]
         per_row = [d["flops_per_row_paper"], None, d["flops_per_row_fast"], d["flops_per_row_spec"]]
         lines += [f"{name:<54} {sec:9.1f} {sp:15.1f}x {'' if f is None else f'{f / 1e9:10.2f}'}"
                   for (name, sec, sp), f in zip(rows, per_row)]
-        for label, key in (("fast", "identical_fraction"), ("tree", "identical_fraction_spec")):
-            found = d["mismatches" if label == "fast" else "mismatches_spec"]
+        for label, key in (("(c)", "identical_fraction"), ("(d)", "identical_fraction_spec")):
+            found = d["mismatches" if label == "(c)" else "mismatches_spec"]
             lines.append(f"{label} vs (b): identical generations {100 * d[key]:.1f}% of {d['pairs']} (sentence, layer) "
                          f"pairs; {len(found)} mismatches")
             for m in found[:10]:
@@ -122,7 +125,7 @@ class BenchResult:
                              f"{m['logit_margin']:.4f} at new token {m['position']}")
         drafts = ("no drafts" if not d["draft_tokens"] else f"drafts of <= {d['draft_tokens']} tokens, "
                   f"{100 * (d['acceptance_rate'] or 0):.0f}% of draft tokens accepted")
-        lines.append(f"tree vs fast: {d['speedup_spec_vs_fast']:.2f}x; tree head: {d['head_spec']}; {drafts}")
+        lines.append(f"(d) vs fast: {d['speedup_spec_vs_fast']:.2f}x; (d) head: {d['head_spec']}; {drafts}")
         for label, key in (("(c)", "time_breakdown_fast"), ("(d)", "time_breakdown_spec")):
             t = d[key]
             lines.append(f"{label} seconds: context {t['prefix']:.1f}, query prefill {t['query_prefill']:.1f}, "
@@ -134,6 +137,8 @@ class BenchResult:
         lines.append(f"peak RSS {d['peak_rss_mb']:.0f} MB (whole process), {fast_peak} during (c), {spec_peak} during "
                      f"(d); fast engine {d['gflops_achieved']:.1f} GFLOP/s vs plain matmul "
                      f"{d['gflops_matmul_peak']:.1f} GFLOP/s")
+        if d.get("hardware"):
+            lines.append(f"(d) chosen here: {Choices.from_dict(d['hardware']['choices']).line()}")
         return "\n".join(lines)
 
 
@@ -143,7 +148,8 @@ def run_bench(s: BenchSettings, log=print) -> BenchResult:
     parse_layers(s.layers)
     check_count("--n-test", s.n_test)
     check_count("--batch-size", s.batch_size)
-    check_count("--draft-tokens", s.draft_tokens, minimum=0)
+    request = EngineRequest(s.engine, s.head, parse_draft_tokens(s.draft_tokens), s.batch_size)
+    request.check()
     if s.json:
         check_writable(s.json)
     task, data = task_and_data(s, s.pair, log)
@@ -154,16 +160,14 @@ def run_bench(s: BenchSettings, log=print) -> BenchResult:
     check_context(items, loaded, stop.max_new_tokens)
     log(f"bench: {loaded.info.spec} ({loaded.info.dtype}, {loaded.info.device}), {task.name} {data.label}, "
         f"{condition.name}, layers {layers[0]}..{layers[-1]} ({len(layers)}), {len(items)} sentences, k={s.k}")
-    result = compare_methods(loaded, masked_prompts(items, condition), layers, stop, s.skip_paper, s.batch_size, log,
-                             draft_tokens=s.draft_tokens)
+    result = compare_methods(loaded, masked_prompts(items, condition), layers, stop, s.skip_paper, log, request)
     if s.json:
         write_json_atomic(s.json, result.data)
     return result
 
 
 def compare_methods(loaded: LoadedModel, prompts: list[MaskedPrompt], layers: list[int], stop: StopRule,
-                    skip_paper: bool = False, batch_size: int | None = None, log=print,
-                    draft_tokens: int = 0) -> BenchResult:
+                    skip_paper: bool = False, log=print, request: EngineRequest = EngineRequest()) -> BenchResult:
     tok = loaded.tokenizer
     eos = eos_ids(loaded.model, tok)
     rows = [MaskFrom(j) for j in layers]
@@ -178,11 +182,13 @@ def compare_methods(loaded: LoadedModel, prompts: list[MaskedPrompt], layers: li
             results[name] = paper.generate_ids(prompts, rows, stop.max_new_tokens, rule, progress.inner(name))
             timings[name] = time.perf_counter() - started
         log(f"  {timings[name]:.1f}s")
-    engines = {"fast": SweepEngine(loaded.model, tok, batch_size=batch_size),
-               "spec": TreeEngine(loaded.model, tok, batch_size=batch_size, draft_tokens=draft_tokens)}
+    choices = Calibrator(loaded.model, tok, request).choose(prompts, rows, stop, loaded.info.as_dict())
+    log(choices.line())
+    engines = {"fast": SweepEngine(loaded.model, tok, batch_size=request.batch_size),
+               "spec": build_engine(loaded.model, tok, choices)}
     outputs, peaks = {}, {}
     for name, engine in engines.items():
-        log(f"running ({'c' if name == 'fast' else 'd'}) {'fast' if name == 'fast' else 'tree'} engine ...")
+        log(f"running ({'c' if name == 'fast' else 'd'}) {'fast engine' if name == 'fast' else choices.summary()} ...")
         reset_peak_rss()
         started = time.perf_counter()
         outputs[name] = engine.generate(prompts, rows, stop)
@@ -217,7 +223,8 @@ def compare_methods(loaded: LoadedModel, prompts: list[MaskedPrompt], layers: li
     fast, spec = engines["fast"], engines["spec"]
     n_layers = loaded.info.num_layers
     flops_fast = flops(loaded.model, [fast.stats["tokens_forwarded"]] * n_layers, fast.stats["logit_rows"])
-    flops_spec = flops(loaded.model, [t + spec.stats["prefix_tokens"] for t in spec.stats["slot_tokens"]],
+    layer_tokens = spec.stats.get("slot_tokens") or [spec.stats["tokens_forwarded"]] * n_layers
+    flops_spec = flops(loaded.model, [t + spec.stats["prefix_tokens"] for t in layer_tokens],
                        spec.stats["logit_rows"] + spec.stats["prefix_forwards"])
     data = dict(
         model=loaded.info.spec, device=loaded.info.device, dtype=loaded.info.dtype,
@@ -230,13 +237,15 @@ def compare_methods(loaded: LoadedModel, prompts: list[MaskedPrompt], layers: li
         seconds_spec=timings["spec"], speedup_spec_vs_paper=seconds_paper / timings["spec"],
         speedup_spec_vs_fast=timings["fast"] / timings["spec"], identical_fraction_spec=identical_spec / pairs,
         mismatches_spec=mismatches_spec,
-        draft_tokens=draft_tokens,
-        acceptance_rate=spec.stats["draft_accepted"] / spec.stats["draft_tokens"] if spec.stats["draft_tokens"]
-        else None,
+        draft_tokens=choices.draft_tokens,
+        acceptance_rate=spec.stats.get("draft_accepted", 0) / spec.stats["draft_tokens"]
+        if spec.stats.get("draft_tokens") else None,
         flops_per_row_paper=paper_flops(loaded.model, prompts, len(rows), stop.max_new_tokens) / pairs,
         flops_per_row_fast=flops_fast / pairs, flops_per_row_spec=flops_spec / pairs,
         time_breakdown_fast=time_breakdown(fast.times), time_breakdown_spec=time_breakdown(spec.times),
-        head_spec=spec.head_note, head_screen_stats=spec.head.stats if spec.head is not None else None,
+        engine_spec=choices.summary(), head_spec=getattr(spec, "head_note", "the model's own LM head"),
+        head_screen_stats=spec.head.stats if getattr(spec, "head", None) is not None else None,
+        hardware=dict(choices.hardware, choices=choices.as_dict()),
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, peak_rss_mb_fast=peaks["fast"],
         peak_rss_mb_spec=peaks["spec"],
         gflops_achieved=flops_fast / timings["fast"] / 1e9,

@@ -25,7 +25,7 @@ from ..results.store import Store
 from ..tasks.registry import PromptedItem, Task, build_items, post_process
 from ..util.errors import UserError
 from ..util.fileio import check_writable, write_json_atomic
-from ..util.system import current_rss_mb, peak_rss_mb, reset_peak_rss
+from ..util.system import current_rss_mb, hardware, hardware_line, peak_rss_mb, reset_peak_rss
 from .common import check_context, fingerprint, masked_prompts, provenance, stop_rule, task_and_data
 from .settings import ModelAndData, check_count
 
@@ -70,6 +70,9 @@ def run_prune(s: PruneSettings, command: str, log=print) -> "PruneResult":
             prune_split(p)  # a condition pruning cannot run fails here, before any work
         log(f"prune: {loaded.info.spec} ({loaded.info.dtype}, {loaded.info.device}), {task.name} {data.label}, "
             f"{condition.name} pruned from layer {s.layer} of {n_layers}, {len(items)} requests, k={s.k}")
+        machine = hardware(loaded.info.device)
+        log(f"engine: pruned, {s.batch_size} requests a batch (--batch-size), the model's own LM head (a pruned "
+            f"request is timed as a deployment would run it: no choice measured); on {hardware_line(machine)}")
         examples = [it.item for it in items]
 
         def score(texts: list[str]) -> float:
@@ -80,6 +83,7 @@ def run_prune(s: PruneSettings, command: str, log=print) -> "PruneResult":
             pruned_engine=lambda: PrunedEngine(loaded.model, loaded.tokenizer, s.batch_size),
             masked_engine=SweepEngine(loaded.model, loaded.tokenizer) if s.check else None,
             batch_size=s.batch_size, log=log)
+        result.data["hardware"] = machine
         if out is not None:
             write_json_atomic(out, result.data)
         if store is not None:

@@ -20,6 +20,7 @@ import yaml
 
 from ..core.conditions import get_condition
 from ..core.models import resolve_dtype
+from ..engines.calibrate import EngineRequest, parse_draft_tokens
 from ..tasks.data import parse_pair
 from ..tasks.registry import Task, TaskData, TaskOptions, get_task
 from ..util.errors import UserError
@@ -55,14 +56,23 @@ class SweepConfig(ModelAndData):
     n_test: int | None = None  # None = the whole test set
     max_new_tokens: int | None = None  # None = the task's
     batch_size: int | None = None
-    engine: str = "tree"  # "tree" (shares layers below each row's mask layer) or "fast" (the sweep engine)
-    draft_tokens: int = 0  # tree engine: verify drafts of up to this many tokens per step
+    # the engine, its LM head and drafts: "auto" measures each choice on this machine and model
+    # (engines/calibrate.py); "tree" / "fast", "screen" / "plain" and a number force one
+    engine: str = "auto"
+    head: str = "auto"
+    draft_tokens: int | str = "auto"
     heads: str | None = None  # "knockout" or "restore": head-level sweeps instead of layer-from masks
     from_layer: int | None = None  # restore: the context is hidden from this layer on (default: below recognition)
 
 
 HEAD_SWEEPS = ("knockout", "restore")
-SWEEP_ENGINES = ("tree", "fast")
+
+
+def engine_request(config: SweepConfig) -> EngineRequest:
+    """The engine choices the config forces (checked); "auto" ones are measured when the model is loaded."""
+    request = EngineRequest(config.engine, config.head, parse_draft_tokens(config.draft_tokens), config.batch_size)
+    request.check()
+    return request
 
 PRESETS: dict[str, dict] = {
     "paper-mt": dict(task="flores", pairs=MT_PAIRS, conditions=PAPER_CONDITIONS, instructions=[True, False],
@@ -173,11 +183,7 @@ def validate(config: SweepConfig) -> None:
     check_count("--from-layer", config.from_layer, minimum=0)
     check_count("--max-new-tokens", config.max_new_tokens)
     check_count("--batch-size", config.batch_size)
-    check_count("--draft-tokens", config.draft_tokens, minimum=0)
-    if config.draft_tokens and config.engine != "tree":
-        raise UserError("--draft-tokens is for the tree engine")
-    if config.engine not in SWEEP_ENGINES:
-        raise UserError(f"--engine must be one of {', '.join(SWEEP_ENGINES)}, got {config.engine!r}")
+    engine_request(config)
     parse_layers(config.layers)
     resolve_dtype(config.dtype, config.device or "cpu")
     if task.needs_pair:

@@ -20,8 +20,8 @@ from ..util.errors import Interrupted, UserError
 from ..util.progress import Progress
 from .common import fingerprint, provenance
 from .executors import Executor, LocalExecutor, RayExecutor, RaySettings
-from .settings import SweepConfig, TaskCache, WorkUnit, load_task_data, plan_units, validate
-from .units import Worker, check_units, sweep_engine
+from .settings import SweepConfig, TaskCache, WorkUnit, engine_request, load_task_data, plan_units, validate
+from .units import Worker, check_units
 
 
 @dataclass
@@ -95,7 +95,7 @@ def run_sweep(config: SweepConfig, store_path: str | Path, command: str, ray: Ra
         loaded, tasks, units = prepare(config, weights=False, store_file=store_file)
     else:
         loaded, tasks, units = prepare(config, store_file=store_file)
-        executor = LocalExecutor(Worker(loaded, sweep_engine(config, loaded), tasks, config.max_new_tokens))
+        executor = LocalExecutor(Worker(loaded, tasks, engine_request(config), config.max_new_tokens))
     with Store.open(store_file, fingerprint(loaded, config.max_new_tokens)) as store:
         files = [f for _, data in tasks.values() for f in data.files]
         run_id = store.start_run(command, asdict(config), provenance(loaded, files))
@@ -135,8 +135,12 @@ def execute(executor: Executor, store: Store, units: Sequence[WorkUnit], run_id:
                 progress.advance(f"{unit.label()}: done or running elsewhere, skipped")
 
     ran = 0
+    seen_choices: list[dict] = []
     try:
         for result in executor.map(claim_as_pulled(), progress):
+            if result.choices is not None and result.choices not in seen_choices:
+                seen_choices.append(result.choices)  # each engine configuration once, with the machine
+                store.add_run_engine(run_id, result.choices)
             store.commit_unit(result.unit.unit_id, run_id, asdict(result.unit), result.seconds, result.predictions,
                               result.scores, result.context_tokens, result.query_tokens)
             claimed.pop(result.unit.unit_id, None)

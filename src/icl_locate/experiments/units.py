@@ -1,7 +1,8 @@
 """Computing one work unit: a pure function of (worker, unit) that returns the rows to store.
 
-A ``Worker`` holds what computing needs and is loaded once: the model, an engine, the task data
-and the token limit. ``Worker.compute(unit)`` decodes every (item, layer) row of the unit with the
+A ``Worker`` holds what computing needs and is loaded once: the model, the task data, the token
+limit and the engine choices asked for; the engine itself is chosen by measuring on the first
+unit of each shape (``engines/calibrate.py``, cached per machine and model). ``Worker.compute(unit)`` decodes every (item, layer) row of the unit with the
 engine, scores each layer with the task's metric and returns a ``UnitResult``; it writes
 nothing. Committing results is the driver's job (``sweep.execute``), so an executor can run
 workers anywhere (this process, Ray actors) and the store keeps one writer.
@@ -11,18 +12,19 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
-from typing import Sequence
+import sys
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
 from ..core.conditions import get_condition
 from ..core.interventions import AblateLayers, HeadMask, MaskFrom, RowIntervention
 from ..core.models import LoadedModel, load_model
-from ..engines.base import Engine, Progress
-from ..engines.sweep import SweepEngine
-from ..engines.tree import TreeEngine
+from ..core.conditions import MaskedPrompt
+from ..engines.base import Engine, Progress, StopRule
+from ..engines.calibrate import Calibrator, Choices, EngineRequest, build_engine
 from ..tasks.registry import build_items, post_process
 from .common import check_context, masked_prompts, stop_rule
-from .settings import SweepConfig, TaskCache, WorkUnit, load_task_data
+from .settings import SweepConfig, TaskCache, WorkUnit, engine_request, load_task_data
 
 
 @dataclass
@@ -35,6 +37,7 @@ class UnitResult:
     scores: list[tuple[str, int, str, float]]  # (variant, layer, metric, value)
     context_tokens: float
     query_tokens: float
+    choices: dict | None = None  # the engine's configuration and the measurements behind it (Choices)
 
 
 def row_interventions(unit: WorkUnit, n_layers: int, n_heads: int) -> dict[tuple[str, int], RowIntervention]:
@@ -61,28 +64,44 @@ def span_lengths(spans: dict) -> dict:
     return dict(n_instructions=length("instructions"), n_examples=length("examples"), n_query=length("query"))
 
 
-def sweep_engine(config: SweepConfig, loaded: LoadedModel) -> Engine:
-    """The engine ``config.engine`` names (both give the same generations; the tree engine is faster)."""
-    if config.engine == "fast":
-        return SweepEngine(loaded.model, loaded.tokenizer, batch_size=config.batch_size)
-    return TreeEngine(loaded.model, loaded.tokenizer, batch_size=config.batch_size, draft_tokens=config.draft_tokens)
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 @dataclass
 class Worker:
-    """A loaded model with its engine and task data: computes units, writes nothing."""
+    """A loaded model with its task data and engine choices: computes units, writes nothing.
+
+    ``engine`` given: every unit runs on it. Otherwise each shape of work (rows per query and their
+    kinds) gets the engine ``Calibrator`` measures best for it, once, and says so through ``log``."""
 
     loaded: LoadedModel
-    engine: Engine
     tasks: TaskCache
+    request: EngineRequest = field(default_factory=EngineRequest)
     max_new_tokens: int | None = None
+    engine: Engine | None = None
+    log: Callable[[str], None] = _stderr
+    engines: dict[tuple, tuple[Engine, Choices]] = field(default_factory=dict)
 
     @classmethod
     def load(cls, config: SweepConfig) -> "Worker":
-        """A worker for ``config``'s sweep: its data, its model (dtype and device as configured), the sweep engine."""
+        """A worker for ``config``'s sweep: its data, its model (dtype and device as configured)."""
         tasks = load_task_data(config)
         loaded = load_model(config.model, dtype=config.dtype, device=config.device)
-        return cls(loaded, sweep_engine(config, loaded), tasks, config.max_new_tokens)
+        return cls(loaded, tasks, engine_request(config), config.max_new_tokens)
+
+    def engine_for(self, prompts: Sequence[MaskedPrompt], rows: Sequence[RowIntervention],
+                   stop: StopRule) -> tuple[Engine, Choices | None]:
+        """The engine for this shape of work: given, or measured on its first prompt (cached)."""
+        if self.engine is not None:
+            return self.engine, None
+        shape = (len(rows), tuple(sorted({type(r).__name__ for r in rows})))
+        if shape not in self.engines:
+            model, tokenizer = self.loaded.model, self.loaded.tokenizer
+            choices = Calibrator(model, tokenizer, self.request).choose(prompts, rows, stop, self.loaded.info.as_dict())
+            self.log(choices.line())
+            self.engines[shape] = build_engine(model, tokenizer, choices), choices
+        return self.engines[shape]
 
     def compute(self, unit: WorkUnit, progress: Progress | None = None) -> UnitResult:
         task, data, items = unit_items(self.loaded.tokenizer, self.tasks, unit)
@@ -90,8 +109,10 @@ class Worker:
         condition = get_condition(unit.condition) if unit.kind != "ablation" else None
         prompts = masked_prompts(items, condition)
         rows = row_interventions(unit, n_layers, self.loaded.info.num_heads)
+        stop = stop_rule(task, self.max_new_tokens)
+        engine, choices = self.engine_for(prompts, list(rows.values()), stop)
         started = time.time()
-        gens = self.engine.generate(prompts, list(rows.values()), stop_rule(task, self.max_new_tokens), progress)
+        gens = engine.generate(prompts, list(rows.values()), stop, progress)
         seconds = time.time() - started
         predictions, scores = [], []
         examples = [it.item for it in items]
@@ -111,7 +132,8 @@ class Worker:
         lengths = [span_lengths(it.encoded.spans) for it in items]
         context = sum(n["n_instructions"] + n["n_examples"] for n in lengths) / len(items)
         query = sum(n["n_query"] for n in lengths) / len(items)
-        return UnitResult(unit, seconds, predictions, scores, context, query)
+        return UnitResult(unit, seconds, predictions, scores, context, query,
+                          choices.as_dict() if choices is not None else None)
 
 
 def unit_items(tokenizer, tasks: TaskCache, unit: WorkUnit):

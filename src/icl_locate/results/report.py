@@ -16,6 +16,7 @@ import numpy as np
 
 from ..util.errors import UserError
 from ..util.fileio import ensure_dir, write_atomic
+from ..util.system import hardware_line
 from .analysis import DEFAULT_FRACTION, HeadMap, analyse_curve, analyse_head_map, critical_layers, load_curves, \
     load_head_maps, savings
 
@@ -345,5 +346,14 @@ def _provenance_text(prov: dict, runs: list) -> str:
     keep = {k: prov.get(k) for k in ("icl_locate", "python", "torch", "transformers", "platform")}
     lines = [f"{k}: {v}" for k, v in keep.items()]
     lines += [f"data {p}: sha256 {h}" for p, h in (prov.get("data_files") or {}).items()]
-    lines += [f"run {r['run_id']}: {r['command']}" for r in runs]
+    for r in runs:
+        lines.append(f"run {r['run_id']}: {r['command']}")
+        lines += [f"  {engine_line(e)}" for e in r["provenance"].get("engines", [])]
     return "\n".join(lines)
+
+
+def engine_line(choices: dict) -> str:
+    """An engine configuration a run used, its measured reasons and the machine (see engines/calibrate.py)."""
+    reasons = choices["reasons"]
+    return (f"engine {choices['engine']} ({reasons['engine']}); head {choices['head']} ({reasons['head']}); "
+            f"drafts {choices['draft_tokens'] or 'off'} ({reasons['drafts']}); on {hardware_line(choices['hardware'])}")

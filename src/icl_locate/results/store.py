@@ -139,6 +139,14 @@ class Store:
                 (time.time(), socket.gethostname(), os.getpid(), command, json.dumps(config), json.dumps(provenance)))
             return cur.lastrowid
 
+    def add_run_engine(self, run_id: int, choices: dict) -> None:
+        """Keep an engine configuration a run used (choices, reasons, measurements, hardware) in its record."""
+        with self.transaction():
+            (provenance,) = self.db.execute("SELECT provenance FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+            provenance = json.loads(provenance)
+            provenance.setdefault("engines", []).append(choices)
+            self.db.execute("UPDATE runs SET provenance = ? WHERE run_id = ?", (json.dumps(provenance), run_id))
+
     def done_units(self) -> set[str]:
         return {r[0] for r in self.db.execute("SELECT unit_id FROM units")}
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import platform
+
 import torch
 
 
@@ -44,3 +46,30 @@ def available_memory(device: torch.device) -> int:
         return torch.cuda.mem_get_info(device)[0]
     kb = _proc_kb("/proc/meminfo", "MemAvailable:")
     return kb * 1024 if kb is not None else 8 * 2 ** 30  # not Linux: assume 8 GiB
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name (Linux ``/proc/cpuinfo``; else what ``platform`` knows)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("model name", "Model", "Hardware")) and ":" in line:
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def hardware(device: torch.device | str) -> dict:
+    """What the speed of this run depends on: CPU model, the instruction set torch's CPU kernels
+    dispatch to (``ATEN_CPU_CAPABILITY`` can lower it), the GPU in use and the thread count."""
+    device = torch.device(device)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return dict(cpu=cpu_model(), cpu_capability=torch.backends.cpu.get_cpu_capability(), gpu=gpu,
+                threads=torch.get_num_threads(), device=str(device), torch=torch.__version__)
+
+
+def hardware_line(info: dict) -> str:
+    """One line naming the machine (for logs and reports)."""
+    gpu = f"GPU {info['gpu']}" if info.get("gpu") else "no GPU"
+    return f"{info['cpu']} (torch CPU capability {info['cpu_capability']}, {info['threads']} threads), {gpu}"

@@ -1,0 +1,329 @@
+"""Measure, then choose: every hardware-dependent choice of a sweep engine, timed on the loaded model.
+
+Which engine and LM head are fastest depends on the machine, not on the method: a bf16 screen of
+the LM head pays off only where bf16 products are faster than fp32 ones (CPUs with AVX-512 BF16,
+GPUs), sharing across mask layers pays off when the body is what costs, and drafts pay off only
+where a forward of a few more tokens costs about as much as one (latency-bound decoding, GPUs).
+So an engine starts by timing each choice on the model itself, briefly, and picks the faster:
+
+- head: the model's own LM head vs the bf16-screened head (``engines/head.py``), on final hidden
+  states of the first prompt (and the screen must give the same tokens there, or it is refused);
+- drafts: the body's forward of 1 + N tokens against 1 token, per row; drafts of N tokens are used
+  where the longer forward costs at most ``DRAFT_COST_LIMIT`` times the shorter (so even one token
+  accepted in every few steps pays), the largest such N of ``DRAFT_LENGTHS`` (tried shortest first);
+- engine: a short run (``MINI_RUN_TOKENS`` new tokens) of one query's rows on the fast engine and
+  on the tree engine with the head and drafts chosen above;
+- batch size: the engines' memory rule (rows x tokens and a share of free memory); not timed.
+
+Every choice can be forced (``EngineRequest``); generations are the same whatever is chosen (the
+engines are tested against the reference engine). The result is cached under the cache directory,
+keyed by the machine, the model, its dtype and device, the library versions and the shape of the
+work (rows per query and their kinds), so a second run pays nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import transformers
+
+from .. import __version__
+from ..core.conditions import MaskedPrompt
+from ..core.models import cache_dir
+from ..util.errors import UserError
+from ..util.fileio import write_json_atomic
+from ..util.system import hardware, hardware_line
+from .base import Engine, StopRule, last_hidden
+from .head import ScreenedHead, screen_mismatch
+from .sweep import SweepEngine
+from .tree import TreeEngine
+
+ENGINES = ("auto", "tree", "fast")
+HEADS = ("auto", "screen", "plain")
+DRAFT_LENGTHS = (2, 4, 8)
+DRAFT_COST_LIMIT = 1.25
+HEAD_SAMPLE_ROWS = 16  # final hidden states the heads are timed on (per-row cost is what matters)
+MINI_RUN_TOKENS = 3  # new tokens in the engine comparison: the query's prefill and two decoding steps
+MINI_RUN_ROWS = 10  # at most this many rows of the first query (a spread of them) in the engine comparison
+REPEATS = 3  # timings are the median of this many runs after one warm-up
+CALIBRATION_VERSION = 3  # part of the cache key: a change of the procedure re-measures
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    """What the user asked for; "auto" (and draft_tokens None) means measure and choose."""
+
+    engine: str = "auto"  # auto | tree | fast
+    head: str = "auto"  # auto | screen | plain (the tree engine's LM head; the fast engine uses the model's)
+    draft_tokens: int | None = None  # None: measure; 0: no drafts; N: drafts of up to N tokens (tree engine)
+    batch_size: int | None = None  # rows per batch; None: the engines' memory rule
+
+    def check(self) -> None:
+        if self.engine not in ENGINES:
+            raise UserError(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if self.head not in HEADS:
+            raise UserError(f"--head must be one of {', '.join(HEADS)}, got {self.head!r}")
+        if self.draft_tokens is not None and self.draft_tokens < 0:
+            raise UserError(f"--draft-tokens must be 'auto' or >= 0, got {self.draft_tokens}")
+        if self.engine == "fast" and self.draft_tokens:
+            raise UserError("--draft-tokens is for the tree engine (--engine fast has no drafts)")
+        if self.engine == "fast" and self.head == "screen":
+            raise UserError("--head screen is for the tree engine (--engine fast uses the model's own head)")
+
+
+def parse_draft_tokens(value: str | int | None) -> int | None:
+    """'auto' (or None) -> None; else a count >= 0."""
+    if value is None or value == "auto":
+        return None
+    try:
+        count = int(value)
+    except (TypeError, ValueError):
+        raise UserError(f"--draft-tokens must be 'auto' or a number, got {value!r}") from None
+    if count < 0:
+        raise UserError(f"--draft-tokens must be 'auto' or >= 0, got {count}")
+    return count
+
+
+@dataclass
+class Choices:
+    """What an engine runs with, why, and what was measured (seconds) to decide it."""
+
+    engine: str  # "tree" or "fast"
+    head: str  # "screen" or "plain"
+    draft_tokens: int
+    batch_size: int | None
+    reasons: dict[str, str]
+    measured: dict[str, float] = field(default_factory=dict)
+    hardware: dict = field(default_factory=dict)
+    calibration_seconds: float = 0.0
+    cached: bool = False
+
+    def line(self) -> str:
+        """One line for the terminal: the choices and the measured reasons."""
+        cost = "cached" if self.cached else f"{self.calibration_seconds:.1f}s"
+        return (f"engine: {self.engine} ({self.reasons['engine']}); head: {self.head} ({self.reasons['head']}); "
+                f"drafts: {self.draft_tokens or 'off'} ({self.reasons['drafts']}); batch: "
+                f"{self.batch_size or 'auto'} ({self.reasons['batch']}); calibration {cost}; on "
+                f"{hardware_line(self.hardware)}")
+
+    def summary(self) -> str:
+        """The configuration in a few words, e.g. "tree engine, screened head, no drafts"."""
+        if self.engine == "fast":
+            return "fast engine"
+        head = "screened head" if self.head == "screen" else "plain head"
+        drafts = f"drafts <= {self.draft_tokens}" if self.draft_tokens else "no drafts"
+        return f"tree engine, {head}, {drafts}"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Choices":
+        return cls(**data)
+
+
+Timer = Callable[[str, Callable[[], object], int], float]
+
+
+def measure_seconds(name: str, fn: Callable[[], object], repeats: int = REPEATS) -> float:
+    """Seconds ``fn`` takes (GPU work synchronised): with ``repeats`` > 1 one warm-up, then the median
+    of that many runs; with 1, a single run (for work that is long enough to time once)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() and torch.cuda.is_initialized() else (lambda: None)
+    if repeats > 1:
+        fn()
+        sync()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def _ratio(slow: float, fast: float) -> str:
+    return f"{slow / fast:.1f}x" if fast > 0 else "inf"
+
+
+class Calibrator:
+    """Chooses an engine's configuration for the rows at hand (see the module docstring).
+
+    ``timer(name, fn, repeats)`` runs ``fn`` and returns its seconds (tests inject fake timings by
+    name: "head/plain", "head/screen", "body/1", "body/1+N", "engine/fast", "engine/tree"; a timer
+    must run ``fn`` at least once: the engine comparison compares the engines' tokens)."""
+
+    def __init__(self, model, tokenizer, request: EngineRequest = EngineRequest(), cache: Path | None = None,
+                 timer: Timer = measure_seconds, use_cache: bool = True):
+        request.check()
+        self.model, self.tokenizer, self.request = model, tokenizer, request
+        self.cache = cache if cache is not None else cache_dir() / "calibration"
+        self.timer, self.use_cache = timer, use_cache
+        self.device = next(model.parameters()).device
+
+    # ------------------------------------------------------------------ entry
+
+    def choose(self, prompts: Sequence[MaskedPrompt], interventions: Sequence, stop: StopRule,
+               model_id: dict | None = None) -> Choices:
+        """The choices for decoding ``interventions`` on ``prompts`` (cached per machine, model and work)."""
+        key = self.key(prompts, interventions, model_id)
+        path = self.cache / f"{key}.json"
+        if self.use_cache and path.is_file():
+            try:
+                return replace(Choices.from_dict(json.loads(path.read_text())), cached=True)
+            except (ValueError, TypeError):
+                pass  # an unreadable or old entry: measure again
+        started = time.perf_counter()
+        choices = self.measure(prompts, interventions, stop)
+        choices.calibration_seconds = time.perf_counter() - started
+        if self.use_cache:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                write_json_atomic(path, choices.as_dict())
+            except OSError:
+                pass  # a read-only cache only costs the next run the measurement
+        return choices
+
+    def key(self, prompts: Sequence[MaskedPrompt], interventions: Sequence, model_id: dict | None) -> str:
+        """Machine + model + dtype/device + library versions + the shape of the work + the request."""
+        param = next(self.model.parameters())
+        kinds = sorted({type(row).__name__ for row in interventions})
+        spec = dict(version=CALIBRATION_VERSION, hardware=hardware(self.device), model=model_id or dict(
+            type=type(self.model).__name__, config=self.model.config.to_json_string()), dtype=str(param.dtype),
+            transformers=transformers.__version__, icl_locate=__version__, rows_per_query=len(interventions),
+            kinds=kinds, request=asdict(self.request), threads_env=os.environ.get("OMP_NUM_THREADS"))
+        return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+    # ------------------------------------------------------------------ measuring
+
+    def measure(self, prompts: Sequence[MaskedPrompt], interventions: Sequence, stop: StopRule) -> Choices:
+        reasons: dict[str, str] = {}
+        measured: dict[str, float] = {}
+        engine = self.request.engine
+        head = "plain" if engine == "fast" else self._choose_head(prompts[0], reasons, measured)
+        drafts = 0 if engine == "fast" else self._choose_drafts(prompts[0], len(interventions), reasons, measured)
+        if engine == "fast":
+            reasons["head"] = "the fast engine uses the model's own head"
+            reasons["drafts"] = "the fast engine has no drafts"
+        if engine == "auto":
+            engine = self._choose_engine(prompts[0], interventions, stop, head, drafts, reasons, measured)
+            if engine == "fast":
+                head, drafts = "plain", 0
+        else:
+            reasons["engine"] = "forced"
+        reasons["batch"] = "forced" if self.request.batch_size else "memory rule: rows x tokens and free memory"
+        return Choices(engine, head, drafts, self.request.batch_size, reasons, measured, hardware(self.device))
+
+    def _sample_hidden(self, prompt: MaskedPrompt) -> torch.Tensor:
+        """Final hidden states of the prompt's last positions: rows like those the head decodes."""
+        ids = torch.tensor([prompt.ids], device=self.device)
+        hidden = last_hidden(self.model, ids, positions=min(len(prompt.ids), HEAD_SAMPLE_ROWS))[0]
+        reps = -(-HEAD_SAMPLE_ROWS // hidden.shape[0])
+        return hidden.repeat(reps, 1)[:HEAD_SAMPLE_ROWS].contiguous()
+
+    def _choose_head(self, prompt: MaskedPrompt, reasons: dict, measured: dict) -> str:
+        wanted = self.request.head
+        if wanted == "plain":
+            reasons["head"] = "forced"
+            return "plain"
+        why_not = ScreenedHead.supported(self.model)
+        screen = ScreenedHead(self.model) if why_not is None else None
+        if screen is not None:
+            why_not = screen_mismatch(self.model, screen)
+        if why_not is not None:
+            if wanted == "screen":
+                raise UserError(f"cannot screen the LM head of this model: {why_not}")
+            reasons["head"] = f"no screen: {why_not}"
+            return "plain"
+        hidden = self._sample_hidden(prompt)
+        lm_head = self.model.get_output_embeddings()
+        with torch.no_grad():
+            plain_tokens = screen.full_logits(hidden).argmax(-1)
+            if not torch.equal(screen.argmax(hidden), plain_tokens):
+                if wanted == "screen":
+                    raise UserError("the screened LM head disagreed with the plain head on this model's own "
+                                    "hidden states; use --head plain")
+                reasons["head"] = "no screen: it disagreed with the plain head on a sample"
+                return "plain"
+            if wanted == "screen":
+                reasons["head"] = "forced"
+                return "screen"
+            cap = screen._cap
+            measured["head/plain"] = self.timer("head/plain", lambda: cap(lm_head(hidden)).argmax(-1), REPEATS)
+            measured["head/screen"] = self.timer("head/screen", lambda: screen.argmax(hidden), REPEATS)
+        plain, screened = measured["head/plain"], measured["head/screen"]
+        if screened < plain:
+            reasons["head"] = f"bf16 screen {_ratio(plain, screened)} faster than the full product here"
+            return "screen"
+        reasons["head"] = f"bf16 screen {_ratio(screened, plain)} slower than the full product here"
+        return "plain"
+
+    def _choose_drafts(self, prompt: MaskedPrompt, rows: int, reasons: dict, measured: dict) -> int:
+        if self.request.draft_tokens is not None:
+            reasons["drafts"] = "forced"
+            return self.request.draft_tokens
+        width = max(DRAFT_LENGTHS)
+        ids = torch.tensor([prompt.ids[-(1 + width):]] * max(1, min(rows, MINI_RUN_ROWS)), device=self.device)
+        one = self.timer("body/1", lambda: last_hidden(self.model, ids[:, :1]), REPEATS)
+        measured["body/1"] = one
+        best = 0
+        for n in DRAFT_LENGTHS:
+            cost = self.timer(f"body/1+{n}", lambda n=n: last_hidden(self.model, ids[:, :1 + n], positions=1 + n),
+                              REPEATS)
+            measured[f"body/1+{n}"] = cost
+            if cost > DRAFT_COST_LIMIT * one:
+                break  # longer drafts cost more still
+            best = n
+        if best:
+            reasons["drafts"] = (f"a forward of {1 + best} tokens costs {_ratio(measured[f'body/1+{best}'], one)} "
+                                 f"one token's here")
+        else:
+            n = DRAFT_LENGTHS[0]
+            reasons["drafts"] = (f"a forward of {1 + n} tokens costs {_ratio(measured[f'body/1+{n}'], one)} "
+                                 f"one token's here (> {DRAFT_COST_LIMIT}x)")
+        return best
+
+    def _choose_engine(self, prompt: MaskedPrompt, interventions: Sequence, stop: StopRule, head: str, drafts: int,
+                       reasons: dict, measured: dict) -> str:
+        rows = list(interventions)
+        if len(rows) > MINI_RUN_ROWS:  # a spread of the rows, first and last included
+            step = (len(rows) - 1) / (MINI_RUN_ROWS - 1)
+            rows = list(dict.fromkeys(rows[round(i * step)] for i in range(MINI_RUN_ROWS)))
+        short = StopRule(stop.stop_strings, min(stop.max_new_tokens, MINI_RUN_TOKENS))
+        engines = {"fast": SweepEngine(self.model, self.tokenizer, batch_size=self.request.batch_size),
+                   "tree": TreeEngine(self.model, self.tokenizer, batch_size=self.request.batch_size,
+                                      screen_head=head == "screen", draft_tokens=drafts)}
+        outputs = {}
+        for name, engine in engines.items():
+            def run(engine=engine, name=name):
+                outputs[name] = engine.generate([prompt], rows, short)
+
+            measured[f"engine/{name}"] = self.timer(f"engine/{name}", run, 1)  # seconds of work: timed once
+        same = {k: g.token_ids for k, g in outputs["fast"].items()} == \
+               {k: g.token_ids for k, g in outputs["tree"].items()}
+        fast, tree = measured["engine/fast"], measured["engine/tree"]
+        what = f"on {len(rows)} rows x {short.max_new_tokens} tokens"
+        if not same:  # never seen; the tree engine is tested equal: keep the simpler engine and say why
+            reasons["engine"] = f"tree and fast engines gave different tokens {what}; the fast engine is kept"
+            return "fast"
+        if tree <= fast:
+            reasons["engine"] = f"{_ratio(fast, tree)} faster than the fast engine {what}"
+            return "tree"
+        reasons["engine"] = f"{_ratio(tree, fast)} faster than the tree engine {what}"
+        return "fast"
+
+
+def build_engine(model, tokenizer, choices: Choices) -> Engine:
+    """The engine ``choices`` describe."""
+    if choices.engine == "fast":
+        return SweepEngine(model, tokenizer, batch_size=choices.batch_size)
+    return TreeEngine(model, tokenizer, batch_size=choices.batch_size, screen_head=choices.head == "screen",
+                      draft_tokens=choices.draft_tokens)
+

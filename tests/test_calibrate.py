@@ -1,0 +1,204 @@
+"""The calibration measures, then chooses: it picks the faster measured choice, honours every forcing
+flag, caches per key (a changed key measures again), and every choice decodes the same tokens as
+the reference engine. The chosen path and the machine are stored with the run and the bench."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import pytest
+from test_fast_engine import FAMILIES, encoded_prompts, masked, tiny
+
+from icl_locate.cli import main
+from icl_locate.core.conditions import get_condition
+from icl_locate.core.interventions import MaskFrom
+from icl_locate.core.models import load_model
+from icl_locate.engines import calibrate
+from icl_locate.engines.base import StopRule
+from icl_locate.engines.calibrate import Calibrator, Choices, EngineRequest, build_engine, parse_draft_tokens
+from icl_locate.engines.head import ScreenedHead
+from icl_locate.engines.reference import ReferenceEngine
+from icl_locate.engines.sweep import SweepEngine
+from icl_locate.engines.tree import TreeEngine
+from icl_locate.util.errors import UserError
+
+STOP = StopRule((), 6)
+
+
+class FakeTimer:
+    """Runs each measured function once (so the engines' tokens are compared) and returns the
+    seconds given for its name; records what was measured."""
+
+    def __init__(self, **seconds: float):
+        self.seconds = {name.replace("__", "/").replace("_plus_", "+"): s for name, s in seconds.items()}
+        self.calls: list[str] = []
+
+    def __call__(self, name, fn, repeats):
+        fn()
+        self.calls.append(name)
+        return self.seconds.get(name, 1.0)
+
+
+def work(lm):
+    prompts = masked(encoded_prompts(lm.tokenizer), get_condition("instructions+examples"))
+    return prompts, [MaskFrom(j) for j in range(lm.info.num_layers + 1)]
+
+
+def choose(lm, tmp_path, timer, request=EngineRequest(), use_cache=True):
+    prompts, rows = work(lm)
+    return Calibrator(lm.model, lm.tokenizer, request, cache=tmp_path / "cal", timer=timer,
+                      use_cache=use_cache).choose(prompts, rows, STOP)
+
+
+@pytest.mark.parametrize("plain, screen, expected", [(1.0, 0.5, "screen"), (0.5, 1.0, "plain")])
+def test_the_faster_head_is_chosen(tmp_path, plain, screen, expected):
+    timer = FakeTimer(head__plain=plain, head__screen=screen, engine__fast=2.0, engine__tree=1.0)
+    choices = choose(tiny("llama"), tmp_path, timer)
+    assert choices.head == expected and choices.engine == "tree"
+    assert choices.measured["head/plain"] == plain and choices.measured["head/screen"] == screen
+    assert ("faster" if expected == "screen" else "slower") in choices.reasons["head"]
+
+
+@pytest.mark.parametrize("costs, expected", [
+    (dict(body__1=1.0, body__1_plus_2=1.1, body__1_plus_4=1.2, body__1_plus_8=2.0), 4),
+    (dict(body__1=1.0, body__1_plus_2=1.1, body__1_plus_4=1.2, body__1_plus_8=1.25), 8),
+    (dict(body__1=1.0, body__1_plus_2=2.0, body__1_plus_4=1.0, body__1_plus_8=1.0), 0),
+])
+def test_drafts_only_where_a_longer_forward_costs_about_one_token(tmp_path, costs, expected):
+    choices = choose(tiny("llama"), tmp_path, FakeTimer(**costs, engine__fast=2.0, engine__tree=1.0))
+    assert choices.draft_tokens == expected
+
+
+def test_the_faster_engine_is_chosen_and_the_fast_engine_takes_the_plain_head(tmp_path):
+    choices = choose(tiny("llama"), tmp_path, FakeTimer(head__plain=1.0, head__screen=0.1, body__1=1.0,
+                                                        body__1_plus_2=1.0, engine__fast=1.0, engine__tree=3.0))
+    assert (choices.engine, choices.head, choices.draft_tokens) == ("fast", "plain", 0)
+    assert "3.0x faster than the tree engine" in choices.reasons["engine"]
+    assert isinstance(build_engine(tiny("llama").model, tiny("llama").tokenizer, choices), SweepEngine)
+
+
+@pytest.mark.parametrize("request_, measured_prefixes, expected", [
+    (EngineRequest(engine="fast"), set(), ("fast", "plain", 0)),
+    (EngineRequest(engine="tree", head="plain", draft_tokens=3), set(), ("tree", "plain", 3)),
+    (EngineRequest(engine="tree", head="screen", draft_tokens=0), set(), ("tree", "screen", 0)),
+    (EngineRequest(head="plain", draft_tokens=0), {"engine"}, None),
+    (EngineRequest(engine="tree"), {"head", "body"}, None),
+])
+def test_forcing_flags_are_honoured_and_not_measured(tmp_path, request_, measured_prefixes, expected):
+    timer = FakeTimer(head__plain=0.1, head__screen=1.0, engine__fast=2.0, engine__tree=1.0)
+    choices = choose(tiny("llama"), tmp_path, timer, request_)
+    assert {name.split("/")[0] for name in timer.calls} == measured_prefixes
+    if expected is not None:
+        assert (choices.engine, choices.head, choices.draft_tokens) == expected
+    for name, value in (("engine", request_.engine), ("head", request_.head)):
+        if value != "auto":
+            assert getattr(choices, name) == value
+
+
+def test_bad_requests_are_one_line_errors():
+    for request in (EngineRequest(engine="gpu"), EngineRequest(head="int4"), EngineRequest(engine="fast", head="screen"),
+                    EngineRequest(engine="fast", draft_tokens=2)):
+        with pytest.raises(UserError):
+            request.check()
+    assert parse_draft_tokens("auto") is None and parse_draft_tokens("3") == 3
+    with pytest.raises(UserError):
+        parse_draft_tokens("many")
+
+
+def test_a_forced_screen_on_a_model_that_cannot_take_it_is_refused(tmp_path):
+    lm = load_model("tiny:llama", dtype="bfloat16")  # a bf16 head: nothing for a bf16 screen to gain
+    with pytest.raises(UserError, match="cannot screen"):
+        choose(lm, tmp_path, FakeTimer(), EngineRequest(head="screen"))
+    auto = choose(lm, tmp_path, FakeTimer(engine__fast=2.0, engine__tree=1.0))
+    assert auto.head == "plain" and auto.reasons["head"].startswith("no screen: the LM head is torch.bfloat16")
+
+
+def test_the_cache_is_keyed_and_reused_and_a_changed_key_measures_again(tmp_path, monkeypatch):
+    lm = tiny("llama")
+    first = FakeTimer(head__plain=1.0, head__screen=0.5)
+    measured = choose(lm, tmp_path, first)
+    assert not measured.cached and first.calls
+    again = FakeTimer(head__plain=0.5, head__screen=1.0)  # would choose otherwise: not asked
+    cached = choose(lm, tmp_path, again)
+    assert cached.cached and not again.calls and cached.head == measured.head == "screen"
+    assert len(list((tmp_path / "cal").glob("*.json"))) == 1
+    # another request, another shape of work, another machine: each measures again
+    forced = FakeTimer()
+    choose(lm, tmp_path, forced, EngineRequest(engine="tree"))
+    assert forced.calls
+    prompts, rows = work(lm)
+    other_shape = FakeTimer()
+    Calibrator(lm.model, lm.tokenizer, cache=tmp_path / "cal", timer=other_shape).choose(prompts, rows[:3], STOP)
+    assert other_shape.calls
+    real = calibrate.hardware
+    monkeypatch.setattr(calibrate, "hardware", lambda device: dict(real(device), cpu_capability="AVX2"))
+    other_machine = FakeTimer(head__plain=0.5, head__screen=1.0)
+    assert choose(lm, tmp_path, other_machine).head == "plain" and other_machine.calls
+    assert len(list((tmp_path / "cal").glob("*.json"))) == 4
+
+
+def test_a_real_measurement_records_its_timings_and_hardware(tmp_path):
+    choices = choose(tiny("llama"), tmp_path, calibrate.measure_seconds)
+    assert {"head/plain", "head/screen", "body/1", "engine/fast", "engine/tree"} <= set(choices.measured)
+    assert all(v > 0 for v in choices.measured.values())
+    assert choices.hardware["cpu_capability"] and choices.hardware["threads"] >= 1
+    line = choices.line()
+    assert line.startswith(f"engine: {choices.engine} (") and "head:" in line and "calibration" in line
+    assert Choices.from_dict(json.loads(json.dumps(choices.as_dict()))) == choices
+
+
+def configurations(lm):
+    yield Choices("fast", "plain", 0, None, {})
+    yield Choices("tree", "plain", 0, None, {})
+    yield Choices("tree", "plain", 3, None, {})
+    yield Choices("tree", "plain", 0, 2, {})
+    if ScreenedHead.supported(lm.model) is None:
+        yield Choices("tree", "screen", 0, None, {})
+        yield Choices("tree", "screen", 3, None, {})
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_choice_decodes_the_reference_tokens(family):
+    lm = tiny(family)
+    prompts, rows = work(lm)
+    stop = StopRule((), 8)
+    reference = ReferenceEngine(lm.model, lm.tokenizer).generate(prompts, rows, stop)
+    expected = {k: g.token_ids for k, g in reference.items()}
+    seen = set()
+    for choices in configurations(lm):
+        engine = build_engine(lm.model, lm.tokenizer, choices)
+        if isinstance(engine, TreeEngine) and choices.head == "screen" and engine.head is None:
+            continue  # the model's logits are not head(hidden): the engine refuses to screen
+        seen.add(choices.summary())
+        got = engine.generate(prompts, rows, stop)
+        assert {k: g.token_ids for k, g in got.items()} == expected, choices.summary()
+    assert len(seen) >= 4
+
+
+def test_a_sweep_stores_the_chosen_path_and_the_machine(tmp_path, data_dir, capsys):
+    store = tmp_path / "s.sqlite"
+    assert main(["sweep", "--model", "tiny:llama", "--store", str(store), "--data-dir", str(data_dir), "--pairs",
+                 "fra-eng", "--ks", "1", "--n-test", "2", "--max-new-tokens", "4", "--layers", "0,2,4"]) == 0
+    err = capsys.readouterr().err
+    assert "engine: " in err and "head: " in err and "torch CPU capability" in err
+    db = sqlite3.connect(store)
+    (provenance,) = db.execute("SELECT provenance FROM runs").fetchone()
+    engines = json.loads(provenance)["engines"]
+    assert len(engines) == 1 and engines[0]["engine"] in ("tree", "fast")
+    assert engines[0]["hardware"]["cpu_capability"] and "engine" in engines[0]["reasons"]
+    assert main(["report", str(store), "--format", "md"]) == 0
+    report = (tmp_path / "s_report" / "report.md").read_text()
+    assert f"engine {engines[0]['engine']} (" in report and "torch CPU capability" in report
+
+
+def test_bench_json_keeps_the_hardware_and_the_choices(tmp_path, data_dir):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--model", "tiny:llama", "--n-test", "2", "--layers", "0,2,4", "--k", "1", "--skip-paper",
+                 "--engine", "tree", "--head", "plain", "--draft-tokens", "0", "--data-dir", str(data_dir), "--json",
+                 str(out)]) == 0
+    data = json.loads(out.read_text())
+    hardware = data["hardware"]
+    assert {"cpu", "cpu_capability", "gpu", "threads"} <= set(hardware)
+    assert (hardware["choices"]["engine"], hardware["choices"]["head"]) == ("tree", "plain")
+    assert data["identical_fraction_spec"] == 1.0
