@@ -16,7 +16,8 @@ from icl_locate.core.interventions import MaskFrom
 from icl_locate.core.models import load_model
 from icl_locate.engines import calibrate
 from icl_locate.engines.base import StopRule
-from icl_locate.engines.calibrate import Calibrator, Choices, EngineRequest, build_engine, parse_draft_tokens
+from icl_locate.engines.calibrate import Calibrator, Choices, build_engine
+from icl_locate.engines.request import EngineRequest, parse_draft_tokens
 from icl_locate.engines.head import ScreenedHead
 from icl_locate.engines.reference import ReferenceEngine
 from icl_locate.engines.sweep import SweepEngine

@@ -1,6 +1,8 @@
 """Command line: ``icl-locate <command>``. Parse, call one experiments function, print.
 
-User mistakes -> one error line, exit code 2; Ctrl-C -> exit code 130.
+User mistakes -> one error line, exit code 2; Ctrl-C -> exit code 130. Parsing, ``--help``, the
+listing commands and settings validation import no torch or transformers: each command imports
+the experiment code it runs inside its function (seconds of imports only where a model is used).
 """
 
 from __future__ import annotations
@@ -10,22 +12,11 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .cli_args import build_parser
+from .core.catalog import ALIASES, EMBEDDED, TINY_CONFIGS
 from .core.conditions import CONDITIONS
-from .core.models import ALIASES, EMBEDDED, TINY_CONFIGS
-from .experiments.bench import BenchSettings, run_bench
-from .experiments.code import score_code_file
-from .experiments.decode import RunSettings, run_decode
-from .experiments.demo import DemoSettings, run_demo
-from .experiments.executors import RaySettings
-from .experiments.lora import LoraRun, LoraSettings, lora_settings, run_lora_sweep
-from .experiments.prune import PruneSettings, run_prune
-from .experiments.settings import SweepConfig, load_config
-from .experiments.sweep import prepare, run_sweep
-from .results.report import build_report
-from .results.store import Store
-from .tasks.data import default_data_dir, fetch_flores
-from .tasks.registry import TASKS
+from .experiments.settings import SweepConfig, load_config, validate
 from .util.errors import Interrupted, UserError
+from .util.fileio import write_json_atomic
 
 
 def err(message: str) -> None:
@@ -52,6 +43,8 @@ def settings_from(args, cls, rename: dict[str, str] | None = None, **extra):
 # --------------------------------------------------------------------------- commands
 
 def cmd_run(args) -> int:
+    from .experiments.decode import RunSettings, run_decode  # lazy: torch (see the module docstring)
+
     result = run_decode(settings_from(args, RunSettings, instructions=not args.no_instructions,
                                       task=args.task or "flores"), log=err)
     err(result.description)
@@ -66,6 +59,8 @@ def cmd_run(args) -> int:
 
 
 def cmd_score_code(args) -> int:
+    from .experiments.code import score_code_file  # lazy: the sandbox and HumanEval
+
     scores = score_code_file(args.samples, args.out, workers=args.workers, timeout=args.timeout)
     print(scores.summary())
     print(f"per-sample results: {scores.out}")
@@ -73,6 +68,8 @@ def cmd_score_code(args) -> int:
 
 
 def cmd_tasks(args) -> int:
+    from .tasks.registry import TASKS  # lazy: the metrics' packages (sacrebleu, numpy)
+
     for task in TASKS.values():
         print(f"{task.name:<10} {task.metric.name:<7} format={task.format:<26} {task.description}")
     return 0
@@ -93,6 +90,8 @@ def cmd_models(args) -> int:
 
 
 def cmd_data_fetch(args) -> int:
+    from .tasks.data import default_data_dir, fetch_flores  # lazy: only this command downloads
+
     if args.dataset != "flores":
         raise UserError(f"unknown dataset {args.dataset!r}; available: flores")
     fetch_flores(Path(args.data_dir).expanduser() if args.data_dir else default_data_dir(), sha256=args.sha256)
@@ -100,6 +99,8 @@ def cmd_data_fetch(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    from .experiments.bench import BenchSettings, run_bench  # lazy: torch
+
     result = run_bench(settings_from(args, BenchSettings), log=err)
     print(result.table())
     if args.json:
@@ -112,6 +113,8 @@ def cmd_bench(args) -> int:
 
 
 def cmd_prune(args) -> int:
+    from .experiments.prune import PruneSettings, run_prune  # lazy: torch
+
     result = run_prune(settings_from(args, PruneSettings, check=not args.no_check), command_line(), log=err)
     print(result.table())
     if args.json:
@@ -144,8 +147,10 @@ def sweep_config_from_args(args) -> SweepConfig:
     return load_config(args.preset, args.config, overrides)
 
 
-def ray_settings(args) -> RaySettings | None:
-    """None for the local executor."""
+def ray_settings(args):
+    """RaySettings, or None for the local executor."""
+    from .experiments.executors import RaySettings  # lazy: torch (the executors compute units)
+
     if args.executor != "ray":
         return None
     return RaySettings(address=args.ray_address, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
@@ -154,6 +159,9 @@ def ray_settings(args) -> RaySettings | None:
 
 def cmd_sweep(args) -> int:
     config = sweep_config_from_args(args)
+    validate(config)  # bad settings fail here, before the model stack is imported
+    from .experiments.sweep import prepare, run_sweep  # lazy: torch
+
     if args.dry_run:
         for unit in prepare(config, weights=False)[2]:
             print(unit.unit_id, unit.label(), f"layers={len(unit.layers)}")
@@ -165,6 +173,9 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_report(args) -> int:
+    from .results.report import build_report  # lazy: matplotlib and the analysis
+    from .results.store import Store  # lazy: with the report
+
     store_path = Path(args.store)
     out_dir = Path(args.out_dir) if args.out_dir else store_path.with_name(store_path.stem + "_report")
     with Store(store_path, create=False) as store:
@@ -177,6 +188,8 @@ LORA_RENAME = {"epochs": "max_epochs"}
 
 
 def cmd_lora_sweep(args) -> int:
+    from .experiments.lora import LoraRun, LoraSettings, lora_settings, run_lora_sweep  # lazy: torch, peft
+
     given = {LORA_RENAME.get(k, k): v for k, v in vars(args).items()}
     settings = lora_settings(args.preset, {k: given[k] for k in LoraSettings.__dataclass_fields__ if k in given})
     results, store = run_lora_sweep(settings_from(args, LoraRun, settings=settings), command_line(), ray_settings(args))
@@ -190,7 +203,19 @@ def cmd_lora_sweep(args) -> int:
     return 0
 
 
+def cmd_startup(args) -> int:
+    from .experiments.startup import StartupSettings, run_startup, startup_table  # lazy: with the command
+
+    result = run_startup(settings_from(args, StartupSettings), log=err)
+    print(startup_table(result))
+    if args.json:
+        write_json_atomic(args.json, result)
+    return 0
+
+
 def cmd_demo(args) -> int:
+    from .experiments.demo import DemoSettings, run_demo  # lazy: torch
+
     run_demo(settings_from(args, DemoSettings))
     return 0
 
@@ -198,7 +223,7 @@ def cmd_demo(args) -> int:
 COMMANDS: dict[str, Callable] = {
     "run": cmd_run, "score-code": cmd_score_code, "tasks": cmd_tasks, "conditions": cmd_conditions,
     "models": cmd_models, "data-fetch": cmd_data_fetch, "bench": cmd_bench, "prune": cmd_prune, "sweep": cmd_sweep,
-    "report": cmd_report, "lora-sweep": cmd_lora_sweep, "demo": cmd_demo,
+    "report": cmd_report, "lora-sweep": cmd_lora_sweep, "demo": cmd_demo, "startup": cmd_startup,
 }
 
 

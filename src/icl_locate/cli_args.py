@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .experiments.settings import PRESETS
+from .experiments.presets import PRESETS
 from .util.errors import UserError
 
 
@@ -211,6 +211,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_and_device_options(lo)
     _add_executor_options(lo)
     lo.set_defaults(command_name="lora-sweep")
+
+    st = sub.add_parser("startup", help="where a command's first seconds go: imports, model load, first token "
+                                        "(fresh processes, medians)")
+    st.add_argument("--model", default=None, help="model to load (default: the embedded gemma-3-270m)")
+    st.add_argument("--repeats", type=int, default=None, help="fresh processes per measurement (default 3)")
+    st.add_argument("--json", default=None, help="also write the measurements here")
+    st.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: fp32 CPU, bf16 GPU)")
+    st.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
+    st.set_defaults(command_name="startup")
 
     demo = sub.add_parser("demo", help="the main job: a small real study on the embedded model")
     demo.add_argument("--out-dir", default="runs/demo")

@@ -27,40 +27,8 @@ from tokenizers import Tokenizer, decoders, models as bpe_models, pre_tokenizers
 from ..util.errors import UserError
 from ..util.fileio import file_sha256
 from .attention import prepare_model
+from .catalog import ALIASES, DTYPE_NAMES, EMBEDDED, TINY_CONFIGS, check_dtype_name
 from .structure import config_layers, decoder_config
-
-EMBEDDED = "gemma-3-270m"
-
-# alias -> Hugging Face hub id (the paper's models)
-ALIASES: dict[str, str] = {
-    "gpt-neo-2.7b": "EleutherAI/gpt-neo-2.7B",
-    "bloom-3b": "bigscience/bloom-3b",
-    "starcoder2-7b": "bigcode/starcoder2-7b",
-    "llama-3.1-8b": "meta-llama/Llama-3.1-8B",
-    "llama-3.1-8b-instruct": "meta-llama/Llama-3.1-8B-Instruct",
-}
-
-# tiny random models for tests and smoke runs: "tiny:<family>"
-TINY_CONFIGS: dict[str, dict] = {
-    "llama": dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048),
-    "qwen2": dict(model_type="qwen2", hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048),
-    "mistral": dict(model_type="mistral", hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048),
-    "starcoder2": dict(model_type="starcoder2", hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048),
-    "gemma3": dict(model_type="gemma3_text", hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=16,
-                   max_position_embeddings=2048),
-    "gpt2": dict(model_type="gpt2", n_embd=32, n_layer=4, n_head=4, n_positions=2048),
-    "gpt_neox": dict(model_type="gpt_neox", hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                     num_attention_heads=4, max_position_embeddings=2048),
-    "gpt_neo": dict(model_type="gpt_neo", hidden_size=32, num_layers=4, num_heads=4,
-                    attention_types=[[["global", "local"], 2]], window_size=16, max_position_embeddings=2048),
-    "bloom": dict(model_type="bloom", hidden_size=32, n_layer=4, n_head=4),
-}
-
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -154,11 +122,8 @@ def resolve_dtype(dtype, device: str) -> torch.dtype:
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if dtype not in names:
-        raise UserError(f"unknown dtype {dtype!r}; choose from {', '.join(names)}")
-    return names[dtype]
+    check_dtype_name(dtype)
+    return getattr(torch, DTYPE_NAMES[dtype])
 
 
 def _resolve_source(spec: str) -> str:

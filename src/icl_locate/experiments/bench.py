@@ -28,7 +28,8 @@ from ..core.structure import decoder_layers
 from ..engines.base import StopRule, eos_ids, forward, time_breakdown
 from ..engines.paper import PaperEngine
 from ..engines.reference import batch_interventions
-from ..engines.calibrate import Calibrator, Choices, EngineRequest, build_engine, parse_draft_tokens
+from ..engines.calibrate import Calibrator, Choices, build_engine
+from ..engines.request import EngineRequest, parse_draft_tokens
 from ..engines.sweep import SweepEngine
 from ..tasks.registry import build_items
 from ..util.fileio import check_writable, write_json_atomic

@@ -18,16 +18,13 @@ from typing import Callable
 
 import yaml
 
+from ..core.catalog import check_dtype_name
 from ..core.conditions import get_condition
-from ..core.models import resolve_dtype
-from ..engines.calibrate import EngineRequest, parse_draft_tokens
+from ..engines.request import EngineRequest, parse_draft_tokens
 from ..tasks.data import parse_pair
 from ..tasks.registry import Task, TaskData, TaskOptions, get_task
 from ..util.errors import UserError
-
-MT_PAIRS = ["eng-fra", "fra-eng", "eng-por", "por-eng"]
-PAPER_CONDITIONS = ["instructions+examples", "examples", "query", "instructions+examples+query", "all-but-last"]
-
+from .presets import PRESETS
 
 @dataclass(kw_only=True)
 class ModelAndData:
@@ -73,18 +70,6 @@ def engine_request(config: SweepConfig) -> EngineRequest:
     request = EngineRequest(config.engine, config.head, parse_draft_tokens(config.draft_tokens), config.batch_size)
     request.check()
     return request
-
-PRESETS: dict[str, dict] = {
-    "paper-mt": dict(task="flores", pairs=MT_PAIRS, conditions=PAPER_CONDITIONS, instructions=[True, False],
-                     seeds=[0, 1, 2], ks=[5]),
-    "paper-code": dict(task="humaneval", pairs=[""], conditions=PAPER_CONDITIONS, instructions=[True, False],
-                       seeds=[0, 1, 2], ks=[5]),
-    "paper-n-examples": dict(task="flores", pairs=MT_PAIRS, conditions=["instructions+examples"],
-                             instructions=[True], seeds=[0, 1, 2], ks=[0, 1, 2, 5, 10]),
-    "paper-layer-ablation": dict(task="flores", pairs=MT_PAIRS, conditions=[], instructions=[True],
-                                 seeds=[0, 1, 2], ks=[5], layer_ablation=True),
-}
-
 
 def load_config(preset: str | None = None, yaml_path: str | None = None, overrides: dict | None = None) -> SweepConfig:
     """Preset, then YAML file, then command-line overrides (None values ignored)."""
@@ -185,7 +170,7 @@ def validate(config: SweepConfig) -> None:
     check_count("--batch-size", config.batch_size)
     engine_request(config)
     parse_layers(config.layers)
-    resolve_dtype(config.dtype, config.device or "cpu")
+    check_dtype_name(config.dtype)
     if task.needs_pair:
         if not config.pairs:
             raise UserError(f"task {config.task} needs at least one language pair (--pairs)")

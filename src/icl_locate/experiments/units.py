@@ -21,7 +21,8 @@ from ..core.interventions import AblateLayers, HeadMask, MaskFrom, RowInterventi
 from ..core.models import LoadedModel, load_model
 from ..core.conditions import MaskedPrompt
 from ..engines.base import Engine, Progress, StopRule
-from ..engines.calibrate import Calibrator, Choices, EngineRequest, build_engine
+from ..engines.calibrate import Calibrator, Choices, build_engine
+from ..engines.request import EngineRequest
 from ..tasks.registry import build_items, post_process
 from .common import check_context, masked_prompts, stop_rule
 from .settings import SweepConfig, TaskCache, WorkUnit, engine_request, load_task_data

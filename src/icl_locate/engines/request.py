@@ -1,0 +1,46 @@
+"""What the user asks of a sweep engine (``--engine``, ``--head``, ``--draft-tokens``, ``--batch-size``), as
+plain data checked before anything loads; ``calibrate.py`` measures what is left to "auto"."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..util.errors import UserError
+
+ENGINES = ("auto", "tree", "fast")
+HEADS = ("auto", "screen", "plain")
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    """What the user asked for; "auto" (and draft_tokens None) means measure and choose."""
+
+    engine: str = "auto"  # auto | tree | fast
+    head: str = "auto"  # auto | screen | plain (the tree engine's LM head; the fast engine uses the model's)
+    draft_tokens: int | None = None  # None: measure; 0: no drafts; N: drafts of up to N tokens (tree engine)
+    batch_size: int | None = None  # rows per batch; None: the engines' memory rule
+
+    def check(self) -> None:
+        if self.engine not in ENGINES:
+            raise UserError(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if self.head not in HEADS:
+            raise UserError(f"--head must be one of {', '.join(HEADS)}, got {self.head!r}")
+        if self.draft_tokens is not None and self.draft_tokens < 0:
+            raise UserError(f"--draft-tokens must be 'auto' or >= 0, got {self.draft_tokens}")
+        if self.engine == "fast" and self.draft_tokens:
+            raise UserError("--draft-tokens is for the tree engine (--engine fast has no drafts)")
+        if self.engine == "fast" and self.head == "screen":
+            raise UserError("--head screen is for the tree engine (--engine fast uses the model's own head)")
+
+
+def parse_draft_tokens(value: str | int | None) -> int | None:
+    """'auto' (or None) -> None; else a count >= 0."""
+    if value is None or value == "auto":
+        return None
+    try:
+        count = int(value)
+    except (TypeError, ValueError):
+        raise UserError(f"--draft-tokens must be 'auto' or a number, got {value!r}") from None
+    if count < 0:
+        raise UserError(f"--draft-tokens must be 'auto' or >= 0, got {count}")
+    return count

@@ -1,0 +1,93 @@
+"""A responsive command line: parsing, --help, the listing commands and settings validation run with
+torch and transformers made unimportable; the start-up benchmark reports its phases; the embedded
+model loads as a plain transformers load of its checkpoint would."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from icl_locate.cli import main
+
+# A child interpreter in which the model stack cannot be imported at all.
+REFUSE = textwrap.dedent("""
+    import sys
+    class Refuse:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in {"torch", "transformers", "ray", "matplotlib", "peft", "accelerate"}:
+                raise ImportError(f"{name} is refused in this test")
+    sys.meta_path.insert(0, Refuse())
+    from icl_locate.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def without_model_stack(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", REFUSE, *argv], capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--help"], "usage: icl-locate"),
+    (["sweep", "--help"], "--engine"),
+    (["bench", "--help"], "--head"),
+    (["run", "--help"], "--from-layer"),
+    (["tasks"], "flores"),
+    (["conditions"], "instructions+examples"),
+    (["models"], "gemma-3-270m"),
+])
+def test_listing_and_help_import_no_torch(argv, expected):
+    done = without_model_stack(*argv)
+    assert done.returncode == 0, done.stderr
+    assert expected in done.stdout
+
+
+def test_the_refusing_hook_does_refuse():
+    done = subprocess.run([sys.executable, "-c", REFUSE.replace("from icl_locate.cli import main", "import torch")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and "refused in this test" in done.stderr
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["sweep", "--store", "x.sqlite", "--conditions", "bogus"], "unknown condition"),
+    (["sweep", "--store", "x.sqlite", "--dtype", "float8"], "unknown dtype"),
+    (["sweep", "--store", "x.sqlite", "--engine", "fast", "--head", "screen"], "--head screen is for the tree engine"),
+    (["sweep", "--store", "x.sqlite", "--draft-tokens", "lots"], "--draft-tokens must be 'auto' or a number"),
+    (["sweep", "--store", "x.sqlite", "--preset", "nope"], "unknown preset"),
+])
+def test_sweep_settings_are_validated_without_torch(argv, message):
+    done = without_model_stack(*argv)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1 and message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_startup_reports_every_phase_on_a_tiny_model(tmp_path, capsys):
+    out = tmp_path / "startup.json"
+    assert main(["startup", "--model", "tiny:llama", "--repeats", "1", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    for key in ("help", "imports_cli", "imports_model_stack", "model_load", "first_token", "to_model_loaded"):
+        assert data[key] > 0, key
+    assert data["to_model_loaded"] >= data["model_load"]
+    assert data["hardware"]["cpu_capability"]
+    table = capsys.readouterr().out
+    assert "start to model loaded" in table and "torch CPU capability" in table
+
+
+@pytest.mark.slow
+def test_the_embedded_model_loads_as_its_checkpoint_does(gemma):
+    """load_model gives the weights and config a plain transformers load of the cached checkpoint gives."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(gemma.info.source, dtype=torch.float32)
+    ours = gemma.model.state_dict()
+    theirs = plain.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    def settings(config) -> dict:  # the attention wiring is ours (icl_sdpa): everything else must agree
+        return {k: v for k, v in config.to_dict().items() if "attn_implementation" not in k}
+
+    assert settings(gemma.model.config) == settings(plain.config)
