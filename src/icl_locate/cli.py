@@ -143,7 +143,8 @@ def sweep_config_from_args(args) -> SweepConfig:
                      draft_tokens=args.draft_tokens, data_dir=args.data_dir, dtype=args.dtype,
                      device=args.device,
                      layer_ablation=True if args.layer_ablation else None, bank=args.bank, test=args.test,
-                     src_lang=args.src_lang, tgt_lang=args.tgt_lang, heads=args.heads, from_layer=args.from_layer)
+                     src_lang=args.src_lang, tgt_lang=args.tgt_lang, heads=args.heads, from_layer=args.from_layer,
+                     audit=args.audit)
     return load_config(args.preset, args.config, overrides)
 
 
@@ -169,6 +170,9 @@ def cmd_sweep(args) -> int:
     result = run_sweep(config, args.store, command_line(), ray_settings(args))
     print(f"sweep finished: {result.ran} units run, {result.skipped} already done; store {args.store}")
     print("\n".join(result.summary))
+    if args.audit_strict and result.audit_faults:
+        err(f"icl-locate: {result.audit_faults} audited row(s) disagree with the reference engine beyond a near-tie")
+        return 1
     return 0
 
 

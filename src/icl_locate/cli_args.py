@@ -160,6 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--max-new-tokens", type=int, default=None)
     sw.add_argument("--batch-size", type=int, default=None)
     _add_engine_options(sw)
+    sw.add_argument("--audit", type=int, default=None,
+                    help="after each unit, decode this many of its rows again with the reference engine and compare "
+                         "(0: off; default 2)")
+    sw.add_argument("--audit-strict", action="store_true",
+                    help="exit 1 when an audited row disagrees with the reference at a margin above the dtype's "
+                         "threshold (an engine fault, not a near-tie)")
     _add_data_and_device_options(sw)
     _add_own_data_options(sw)
     sw.add_argument("--dry-run", action="store_true", help="print the planned units and exit")

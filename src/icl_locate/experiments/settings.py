@@ -58,6 +58,10 @@ class SweepConfig(ModelAndData):
     engine: str = "auto"
     head: str = "auto"
     draft_tokens: int | str = "auto"
+    # after each unit, this many of its (item, layer) rows are decoded again by the reference engine
+    # and compared (engines/audit.py); 2 costs a few percent of a 19-layer unit on a CPU
+    audit: int = 2
+    audit_seed: int = 0  # the rows are drawn with this seed and the unit's id (stored with each row)
     heads: str | None = None  # "knockout" or "restore": head-level sweeps instead of layer-from masks
     from_layer: int | None = None  # restore: the context is hidden from this layer on (default: below recognition)
 
@@ -167,6 +171,7 @@ def validate(config: SweepConfig) -> None:
         raise UserError("--from-layer is for --heads restore")
     check_count("--from-layer", config.from_layer, minimum=0)
     check_count("--max-new-tokens", config.max_new_tokens)
+    check_count("--audit", config.audit, minimum=0)
     check_count("--batch-size", config.batch_size)
     engine_request(config)
     parse_layers(config.layers)

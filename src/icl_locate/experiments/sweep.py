@@ -32,6 +32,7 @@ class SweepResult:
     num_layers: int
     store: Path
     summary: list[str] = field(default_factory=list)  # per curve: the recognition layer, or why there is none
+    audit_faults: int = 0  # audited rows that disagree with the reference engine beyond a near-tie
 
 
 def check_store_path(path: str | Path) -> Path:
@@ -95,7 +96,8 @@ def run_sweep(config: SweepConfig, store_path: str | Path, command: str, ray: Ra
         loaded, tasks, units = prepare(config, weights=False, store_file=store_file)
     else:
         loaded, tasks, units = prepare(config, store_file=store_file)
-        executor = LocalExecutor(Worker(loaded, tasks, engine_request(config), config.max_new_tokens))
+        executor = LocalExecutor(Worker(loaded, tasks, engine_request(config), config.max_new_tokens, config.audit,
+                                        config.audit_seed))
     with Store.open(store_file, fingerprint(loaded, config.max_new_tokens)) as store:
         files = [f for _, data in tasks.values() for f in data.files]
         run_id = store.start_run(command, asdict(config), provenance(loaded, files))
@@ -108,7 +110,37 @@ def run_sweep(config: SweepConfig, store_path: str | Path, command: str, ray: Ra
                  summary_lines(analyse_curve(curve, n_boot=SUMMARY_BOOTSTRAP), loaded.info.num_layers)]
         lines += [line for m in load_head_maps(store) for line in
                   head_summary_lines(analyse_head_map(m, n_boot=SUMMARY_BOOTSTRAP))]
-    return SweepResult(len(units), skipped, ran, loaded.info.num_layers, store_file, lines)
+        audit_lines, faults = audit_summary(store)
+    return SweepResult(len(units), skipped, ran, loaded.info.num_layers, store_file, lines + audit_lines, faults)
+
+
+def audit_note(result) -> str:
+    """'; audit 2/2 rows agree' (and the faults) for a unit's progress line."""
+    if not result.audit:
+        return ""
+    agree = sum(r["agree"] for r in result.audit)
+    faults = sum(r["fault"] for r in result.audit)
+    fault_text = f", {faults} ENGINE FAULT(S)" if faults else ""
+    return (f"; audit {agree}/{len(result.audit)} rows agree with the reference engine{fault_text} "
+            f"({result.audit_seconds:.0f}s)")
+
+
+def audit_summary(store: Store) -> tuple[list[str], int]:
+    """Lines on the store's audited rows (agreement; every disagreement with its margin), and the faults."""
+    rows = store.audits()
+    if not rows:
+        return [], 0
+    faults = [r for r in rows if r["fault"]]
+    lines = [f"audit: {sum(r['agree'] for r in rows)}/{len(rows)} sampled rows agree with the reference engine; "
+             f"{len(faults)} engine fault(s) (a disagreement at a margin above the dtype's threshold)"]
+    for r in rows:
+        if not r["agree"]:
+            kind = "ENGINE FAULT" if r["fault"] else "near-tie"
+            margin = "n/a" if r["margin"] is None else f"{r['margin']:.4g}"
+            lines.append(f"  {kind}: unit {r['unit_id']} item {r['item']} {r['variant']} layer {r['layer']}: first "
+                         f"difference at new token {r['position']}, reference margin {margin} (threshold "
+                         f"{r['threshold']:.3g})")
+    return lines, len(faults)
 
 
 SUMMARY_BOOTSTRAP = 200  # replicates for the terminal summary; `report` uses 1000
@@ -142,10 +174,10 @@ def execute(executor: Executor, store: Store, units: Sequence[WorkUnit], run_id:
                 seen_choices.append(result.choices)  # each engine configuration once, with the machine
                 store.add_run_engine(run_id, result.choices)
             store.commit_unit(result.unit.unit_id, run_id, asdict(result.unit), result.seconds, result.predictions,
-                              result.scores, result.context_tokens, result.query_tokens)
+                              result.scores, result.context_tokens, result.query_tokens, result.audit)
             claimed.pop(result.unit.unit_id, None)
             ran += 1
-            progress.advance(f"{result.unit.label()}: {result.seconds:.0f}s")
+            progress.advance(f"{result.unit.label()}: {result.seconds:.0f}s{audit_note(result)}")
     finally:
         for unit_id in claimed:
             store.release(unit_id)

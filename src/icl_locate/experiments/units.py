@@ -20,6 +20,7 @@ from ..core.conditions import get_condition
 from ..core.interventions import AblateLayers, HeadMask, MaskFrom, RowIntervention
 from ..core.models import LoadedModel, load_model
 from ..core.conditions import MaskedPrompt
+from ..engines.audit import audit_rows, sample_rows
 from ..engines.base import Engine, Progress, StopRule
 from ..engines.calibrate import Calibrator, Choices, build_engine
 from ..engines.request import EngineRequest
@@ -39,6 +40,8 @@ class UnitResult:
     context_tokens: float
     query_tokens: float
     choices: dict | None = None  # the engine's configuration and the measurements behind it (Choices)
+    audit: list[dict] = field(default_factory=list)  # rows decoded again by the reference engine (audit.py)
+    audit_seconds: float = 0.0
 
 
 def row_interventions(unit: WorkUnit, n_layers: int, n_heads: int) -> dict[tuple[str, int], RowIntervention]:
@@ -80,6 +83,8 @@ class Worker:
     tasks: TaskCache
     request: EngineRequest = field(default_factory=EngineRequest)
     max_new_tokens: int | None = None
+    audit: int = 0  # rows per unit decoded again by the reference engine
+    audit_seed: int = 0
     engine: Engine | None = None
     log: Callable[[str], None] = _stderr
     engines: dict[tuple, tuple[Engine, Choices]] = field(default_factory=dict)
@@ -89,7 +94,7 @@ class Worker:
         """A worker for ``config``'s sweep: its data, its model (dtype and device as configured)."""
         tasks = load_task_data(config)
         loaded = load_model(config.model, dtype=config.dtype, device=config.device)
-        return cls(loaded, tasks, engine_request(config), config.max_new_tokens)
+        return cls(loaded, tasks, engine_request(config), config.max_new_tokens, config.audit, config.audit_seed)
 
     def engine_for(self, prompts: Sequence[MaskedPrompt], rows: Sequence[RowIntervention],
                    stop: StopRule) -> tuple[Engine, Choices | None]:
@@ -115,6 +120,7 @@ class Worker:
         started = time.time()
         gens = engine.generate(prompts, list(rows.values()), stop, progress)
         seconds = time.time() - started
+        audited, audit_seconds = self.audit_unit(unit, prompts, rows, gens, stop)
         predictions, scores = [], []
         examples = [it.item for it in items]
         for (kind, layer), row in rows.items():
@@ -134,7 +140,21 @@ class Worker:
         context = sum(n["n_instructions"] + n["n_examples"] for n in lengths) / len(items)
         query = sum(n["n_query"] for n in lengths) / len(items)
         return UnitResult(unit, seconds, predictions, scores, context, query,
-                          choices.as_dict() if choices is not None else None)
+                          choices.as_dict() if choices is not None else None, audited, audit_seconds)
+
+    def audit_unit(self, unit: WorkUnit, prompts, rows: dict, gens, stop: StopRule) -> tuple[list[dict], float]:
+        """``self.audit`` rows of the unit, drawn with the stored seed, against the reference engine."""
+        if not self.audit:
+            return [], 0.0
+        started = time.time()
+        keys, interventions = list(rows), list(rows.values())
+        seed = f"{self.audit_seed}:{unit.unit_id}"
+        picked = sample_rows(len(prompts), interventions, self.audit, seed)
+        checked = audit_rows(self.loaded.model, self.loaded.tokenizer, prompts, interventions, gens, stop, picked)
+        out = [dict(item=r.item, variant=keys[index][0], layer=keys[index][1], agree=r.agree, position=r.position,
+                    margin=r.margin, threshold=r.threshold, fault=r.fault, seed=seed)
+               for r, (_, index) in zip(checked, picked)]
+        return out, time.time() - started
 
 
 def unit_items(tokenizer, tasks: TaskCache, unit: WorkUnit):

@@ -39,7 +39,8 @@ def build_report(store, out_dir: Path, fmt: str = "html", fraction: float = DEFA
     ensure_dir(out_dir)
     figures = _figures(curves, out_dir) + _head_figures(heads, curves, out_dir) + _lora_figures(lora, curves, out_dir)
     sections = dict(model=model, curves=curves, num_layers=num_layers, fraction=fraction, figures=figures,
-                    runs=runs, pruning=_pruning_rows(pruning), heads=heads, lora=_lora_rows(lora, curves))
+                    runs=runs, pruning=_pruning_rows(pruning), heads=heads, lora=_lora_rows(lora, curves),
+                    audit=_audit_rows(store.audits()))
     text = _html(**sections) if fmt == "html" else _markdown(**sections)
     path = out_dir / ("report.html" if fmt == "html" else "report.md")
     write_atomic(path, text)
@@ -253,6 +254,32 @@ def _pruning_rows(results: list[dict]) -> list[dict]:
     return rows
 
 
+AUDIT_HEADERS = [("unit", "unit"), ("what", "rows"), ("agree", "agree with the reference engine"),
+                 ("disagreements", "disagreements: item, row, first differing token, reference margin (threshold)")]
+AUDIT_INTRO = ("After each unit a few of its rows, drawn at random with a stored seed, are decoded again by the "
+               "reference engine (one prompt at a time, the model's own LM head, same dtype and device). A "
+               "disagreement at a reference top-1/top-2 logit margin below the dtype's threshold is a near-tie "
+               "(rounding); above it, an ENGINE FAULT.")
+
+
+def _audit_rows(audited: list[dict]) -> list[dict]:
+    """One row per audited unit: its agreement and every disagreement with its margin."""
+    by_unit: dict[str, list[dict]] = {}
+    for a in audited:
+        by_unit.setdefault(a["unit_id"], []).append(a)
+    rows = []
+    for unit_id, checked in by_unit.items():
+        spec = checked[0]["spec"]
+        what = " ".join(str(spec.get(k) or "") for k in ("task", "pair", "kind", "condition")).split()
+        notes = [f"{'ENGINE FAULT' if a['fault'] else 'near-tie'}: item {a['item']} {a['variant']} layer {a['layer']} "
+                 f"at token {a['position']}, margin "
+                 f"{'n/a' if a['margin'] is None else format(a['margin'], '.3g')} ({a['threshold']:.3g})"
+                 for a in checked if not a["agree"]]
+        rows.append(dict(unit=unit_id, what=" ".join(what), agree=f"{sum(a['agree'] for a in checked)}/{len(checked)}",
+                         disagreements="; ".join(notes) or "none"))
+    return rows
+
+
 def _fmt(v):
     return f"{v:.2f}" if isinstance(v, float) else str(v)
 
@@ -270,7 +297,7 @@ def _markdown_table(title: str, headers: list[tuple[str, str]], rows: list[dict]
             + ["| " + " | ".join(r[k] for k, _ in headers) + " |" for r in rows])
 
 
-def _html(model, curves, num_layers, fraction, figures, runs, pruning, heads, lora) -> str:
+def _html(model, curves, num_layers, fraction, figures, runs, pruning, heads, lora, audit) -> str:
     rows = _rows(curves, num_layers, fraction)
     table = "<table><tr>" + "".join(f"<th>{h}</th>" for _, h in HEADERS) + "</tr>"
     for r in rows:
@@ -305,6 +332,8 @@ def _html(model, curves, num_layers, fraction, figures, runs, pruning, heads, lo
         sections += _html_table("Single-layer LoRA", "One adapter on one layer's attention output projection; "
                                 "zero-shot BLEU after training, and where the layer sits against the recognition "
                                 "layer of this store's masking curve of the same pair.", LORA_HEADERS, lora)
+    if audit:
+        sections += _html_table("Audit: engine vs reference engine", html.escape(AUDIT_INTRO), AUDIT_HEADERS, audit)
     prov = runs[-1]["provenance"] if runs else {}
     return f"""<!DOCTYPE html><html><head><meta charset="utf-8"><title>icl-locate report</title>
 <style>body{{font-family:sans-serif;max-width:1200px;margin:2em auto}}table{{border-collapse:collapse;margin:1em 0}}
@@ -319,7 +348,7 @@ Intervals are 95% bootstrap intervals over test items and seeds.</p>
 <h2>Provenance</h2><pre>{html.escape(_provenance_text(prov, runs))}</pre></body></html>"""
 
 
-def _markdown(model, curves, num_layers, fraction, figures, runs, pruning, heads, lora) -> str:
+def _markdown(model, curves, num_layers, fraction, figures, runs, pruning, heads, lora, audit) -> str:
     rows = _rows(curves, num_layers, fraction)
     lines = [f"# Where does in-context learning happen? — {model.get('spec', '?')}", "",
              f"{model.get('architecture', '')}, {num_layers} layers; recognition threshold {fraction:.0%} of "
@@ -333,6 +362,8 @@ def _markdown(model, curves, num_layers, fraction, figures, runs, pruning, heads
                                  _head_rows(heads))
     if lora:
         lines += _markdown_table("Single-layer LoRA", LORA_HEADERS, lora)
+    if audit:
+        lines += _markdown_table("Audit: engine vs reference engine", AUDIT_HEADERS, audit) + ["", AUDIT_INTRO]
     lines += ["", "## Figures", ""] + [f"![{title}]({path.name})" for title, path in figures]
     for c in curves:
         lines += ["", f"### {c.key['task']} {c.key['pair']}: {c.label()}", "", f"| layer | {c.metric.name} | 95% CI |",

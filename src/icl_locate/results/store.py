@@ -49,6 +49,9 @@ CREATE TABLE IF NOT EXISTS predictions (
 CREATE TABLE IF NOT EXISTS lora (
     unit_id TEXT NOT NULL, layer INTEGER NOT NULL, metric TEXT NOT NULL, value REAL, curve TEXT,
     adapter_path TEXT, PRIMARY KEY (unit_id, layer, metric));
+CREATE TABLE IF NOT EXISTS audits (
+    unit_id TEXT NOT NULL, item INTEGER NOT NULL, variant TEXT NOT NULL, layer INTEGER NOT NULL, agree INTEGER,
+    position INTEGER, margin REAL, threshold REAL, fault INTEGER, seed TEXT, PRIMARY KEY (unit_id, item, variant, layer));
 CREATE TABLE IF NOT EXISTS pruning (
     measured REAL NOT NULL, run_id INTEGER, task TEXT, pair TEXT, condition TEXT, from_layer INTEGER, data TEXT);
 """
@@ -163,8 +166,10 @@ class Store:
             return True
 
     def commit_unit(self, unit_id: str, run_id: int, spec: dict, seconds: float, predictions: list[dict],
-                    scores: list[tuple[str, int, str, float]], context_tokens: float, query_tokens: float) -> bool:
-        """Write a finished unit and all its rows at once. False if someone committed it first."""
+                    scores: list[tuple[str, int, str, float]], context_tokens: float, query_tokens: float,
+                    audit: list[dict] = ()) -> bool:
+        """Write a finished unit and all its rows (and its audited rows) at once. False if someone
+        committed it first."""
         with self.transaction():
             if self.db.execute("SELECT 1 FROM units WHERE unit_id = ?", (unit_id,)).fetchone():
                 return False
@@ -175,6 +180,9 @@ class Store:
                 [dict(p, unit_id=unit_id) for p in predictions])
             self.db.executemany("INSERT INTO scores VALUES (?, ?, ?, ?, ?)",
                                 [(unit_id, v, layer, m, val) for v, layer, m, val in scores])
+            self.db.executemany(
+                "INSERT INTO audits VALUES (:unit_id, :item, :variant, :layer, :agree, :position, :margin, :threshold, "
+                ":fault, :seed)", [dict(a, unit_id=unit_id) for a in audit])
             self.db.execute("INSERT INTO units VALUES (?, ?, ?, ?, ?, ?, ?)",
                             (unit_id, run_id, json.dumps(spec, sort_keys=True), time.time(), seconds,
                              context_tokens, query_tokens))
@@ -207,6 +215,18 @@ class Store:
         if row is None:
             raise UserError(f"store {self.path}: unit {unit_id} has no scores")
         return row[0]
+
+    def audits(self) -> list[dict]:
+        """Every audited row (engine vs reference engine), with its unit's spec, in unit order."""
+        cur = self.db.execute("SELECT a.unit_id, u.spec, a.item, a.variant, a.layer, a.agree, a.position, a.margin, "
+                              "a.threshold, a.fault, a.seed FROM audits a JOIN units u USING (unit_id) "
+                              "ORDER BY u.finished, a.item, a.variant, a.layer")
+        names = ("unit_id", "spec", "item", "variant", "layer", "agree", "position", "margin", "threshold", "fault",
+                 "seed")
+        rows = [dict(zip(names, r)) for r in cur]
+        for r in rows:
+            r["spec"], r["agree"], r["fault"] = json.loads(r["spec"]), bool(r["agree"]), bool(r["fault"])
+        return rows
 
     def runs(self) -> list[dict]:
         cur = self.db.execute("SELECT run_id, started, host, command, config, provenance FROM runs ORDER BY run_id")
