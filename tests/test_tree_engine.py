@@ -16,8 +16,8 @@ from icl_locate.cli import main
 from icl_locate.core.conditions import get_condition
 from icl_locate.core.interventions import UNCHANGED, AblateLayers, HeadMask, MaskFrom
 from icl_locate.engines import head as head_module
-from icl_locate.engines.base import StopRule, forward
-from icl_locate.engines.reference import ReferenceEngine
+from icl_locate.engines.base import StopRule, forward, last_hidden
+from icl_locate.engines.reference import ReferenceEngine, batch_interventions
 from icl_locate.engines.drafts import Drafter
 from icl_locate.engines.head import ScreenedHead
 from icl_locate.engines.sweep import SweepEngine, _PrefixCaches
@@ -368,3 +368,78 @@ def test_drafter_lookup_order_and_backoff():
     assert drafter.propose(group, prompt=[], siblings=[], limit=2) == [3, 1]
     drafter.feedback(group, 1)
     assert group.fails == 0
+
+
+class RecordingHead:
+    """The model's own head, computed in full, recording the final hidden states it is given."""
+
+    def __init__(self, model):
+        self.full = ScreenedHead(model)
+        self.hidden: torch.Tensor | None = None
+
+    def argmax(self, hidden):
+        self.hidden = hidden.detach().clone()
+        return self.full.full_logits(hidden).argmax(-1)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # families whose tiny models split groups on these prompts
+@pytest.mark.parametrize("wrong_at", [None, 1])
+def test_every_live_slot_equals_a_batch_of_one_run_of_its_row(family, wrong_at):
+    """At every decoding step, with groups that split and drafts that are rejected (holes in the
+    cache), each live member's keys/values at every layer (its own or its group's shared slot) and
+    its final hidden state equal a batch-of-one run on that row's prompt and history under its own
+    mask (1e-5, fp32)."""
+    lm = tiny(family)
+    L = lm.info.num_layers
+    encs = encoded_prompts(lm.tokenizer)
+    condition = get_condition("instructions+examples")
+    prompts = masked(encs, condition)
+    interventions = [MaskFrom(j) for j in range(L + 1)]
+    engine = _oracle_engine(lm, encs, interventions, condition, 3, wrong_at)
+    engine.head = RecordingHead(lm.model)
+    rows = engine._plan_rows(prompts, interventions)
+    decode = _TreeDecode(engine, rows, _PrefixCaches(engine._prefix_cache, rows, engine.stats), StopRule((), 12))
+    checked_steps = splits_seen = holes_seen = 0
+    with engine._slot_hooks():
+        step = 0
+        while decode.alive:
+            drafts = decode._drafts() if step else {}
+            alive = list(decode.alive)
+            before = {m: len(decode.members[m].tokens) for m in alive}
+            predicted = decode.forward(step, drafts)
+            leaves = dict(zip(alive, decode.leaf_of))
+            width = engine.head.hidden.shape[0] // len(decode.keys[-1])
+            hidden = engine.head.hidden.view(len(decode.keys[-1]), width, -1)
+            decode.advance(predicted, drafts)
+            step += 1
+            for m in decode.alive:
+                member = decode.members[m]
+                prompt, row = prompts[member.row.item], member.row.intervention
+                history = member.tokens
+                ids = torch.tensor([prompt.ids + history[:-1]])
+                reference = DynamicCache()
+                interventions_m = batch_interventions(prompt, row, L)
+                forward(lm.model, ids, cache=reference, interventions=interventions_m)
+                group = decode.groups[member.group]
+                visible = torch.cat([decode.prompt_mask[member.query],
+                                     torch.tensor(group.columns, dtype=torch.long)]).bool()
+                holes_seen += int((torch.tensor(group.columns) == 0).sum()) if group.columns else 0
+                # columns hidden from layer j on are never read there: their states may differ (shared context)
+                hidden_cols = torch.zeros(ids.shape[1], dtype=torch.bool)
+                for a, b in prompt.hidden:
+                    hidden_cols[a:b] = True
+                for layer in range(L):
+                    read = ~hidden_cols if layer >= row.layer else torch.ones_like(hidden_cols)
+                    slot = decode.keys[layer].index(decode._key(m, layer))
+                    cached = decode.cache.layers[layer]
+                    for ours, theirs in ((cached.keys[slot][:, visible], reference.layers[layer].keys[0]),
+                                         (cached.values[slot][:, visible], reference.layers[layer].values[0])):
+                        torch.testing.assert_close(ours[:, read], theirs[:, read], atol=1e-5, rtol=1e-5)
+                accepted = len(history) - before[m]
+                expected = last_hidden(lm.model, ids, interventions=interventions_m)[0, -1]
+                torch.testing.assert_close(hidden[leaves[m], accepted - 1], expected, atol=1e-5, rtol=1e-5)
+            checked_steps += 1
+            splits_seen = engine.stats["splits"]
+    assert checked_steps >= 3 and splits_seen > 0
+    if wrong_at is not None:
+        assert holes_seen > 0 and engine.stats["draft_tokens"] > engine.stats["draft_accepted"]

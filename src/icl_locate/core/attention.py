@@ -13,7 +13,9 @@
 
 A position whose every visible column is hidden (a hidden token at the very start of a prompt
 without BOS) attends to nothing: its attention output is zero. Nothing visible ever reads that
-position at a masked layer, so this only keeps it free of NaNs.
+position at a masked layer, so this only keeps it free of NaNs. Left padding positions, which
+attend to nothing at any layer, get the same treatment (one visible column for the kernel, a
+zero output), so a kernel that returns NaN for a fully masked row cannot poison real rows.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from transformers.masking_utils import AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from . import legacy
-from .interventions import PREPARED_FLAG, active, zero_dead_rows
+from .interventions import PREPARED_FLAG, active, keep_blind_rows_finite, zero_dead_rows
 from .structure import attention_module, decoder_layers
 
 IMPLEMENTATIONS = {"sdpa": "icl_sdpa", "eager": "icl_eager"}
@@ -54,7 +56,11 @@ def _make_attention(base: str) -> Callable:
         drop = state.drop is not None and state.drop.applies_to(layer)
         mask = state.mask is not None and state.mask.applies_to(layer)
         if not (drop or mask):
-            return stock(module, query, key, value, attention_mask, **kwargs)
+            if attention_mask is None or attention_mask.dim() != 4:
+                return stock(module, query, key, value, attention_mask, **kwargs)
+            attention_mask, blind = keep_blind_rows_finite(attention_mask)  # left padding rows
+            out, weights = stock(module, query, key, value, attention_mask, **kwargs)
+            return zero_dead_rows(out, weights, blind)
         if attention_mask is None:  # never drop the hiding silently
             raise RuntimeError("intervened layer received no attention mask; the mask function was bypassed")
         if drop:  # the mask spans every prompt column; this layer's cache lacks the pruned ones
@@ -62,7 +68,9 @@ def _make_attention(base: str) -> Callable:
             if attention_mask.shape[-1] != key.shape[-2]:
                 raise RuntimeError(f"pruned layer {layer}: mask has {attention_mask.shape[-1]} columns, "
                                    f"cache {key.shape[-2]}")
-            return stock(module, query, key, value, attention_mask, **kwargs)
+            attention_mask, blind = keep_blind_rows_finite(attention_mask)
+            out, weights = stock(module, query, key, value, attention_mask, **kwargs)
+            return zero_dead_rows(out, weights, blind)
         hidden_mask, dead = state.mask.apply(attention_mask, layer, n_heads=query.shape[1])
         out, weights = stock(module, query, key, value, hidden_mask, **kwargs)
         return zero_dead_rows(out, weights, dead)

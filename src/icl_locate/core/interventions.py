@@ -322,7 +322,32 @@ def hide_columns(attention_mask: torch.Tensor, hidden: torch.Tensor) -> tuple[to
         new_mask = attention_mask & ~hide
     else:
         new_mask = torch.where(hide, torch.finfo(attention_mask.dtype).min, attention_mask)
-    return new_mask, dead_rows
+    return keep_blind_rows_finite(new_mask, dead_rows)
+
+
+def keep_blind_rows_finite(attention_mask: torch.Tensor, dead: torch.Tensor | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rows that may attend to nothing at all (left padding) get one visible column, and join ``dead``.
+
+    Some fused attention kernels return NaN for a fully masked row, and a NaN in a padding
+    position's output spreads to real rows through 0 x NaN once its keys/values are read with
+    weight 0. The visible column keeps the kernel finite; the caller zeroes the row's output.
+    attention_mask: [B|1, H|1, q, kv]; dead: [B, 1|H, q] or None. Returns (mask, dead rows or None).
+    """
+    if attention_mask.dtype == torch.bool:
+        blind = ~attention_mask.any(-1)  # [B|1, H|1, q]
+    else:
+        blind = ~(attention_mask > torch.finfo(attention_mask.dtype).min / 2).any(-1)
+    if not blind.any():
+        return attention_mask, dead
+    first = torch.zeros(attention_mask.shape[-1], dtype=torch.bool, device=attention_mask.device)
+    first[0] = True
+    opened = blind[..., None] & first  # [B|1, H|1, q, kv]: column 0 of each blind row
+    if attention_mask.dtype == torch.bool:
+        attention_mask = attention_mask | opened
+    else:
+        attention_mask = attention_mask.masked_fill(opened, 0.0)
+    return attention_mask, blind if dead is None else dead | blind
 
 
 def zero_dead_rows(attn_output: torch.Tensor, attn_weights: torch.Tensor | None, dead: torch.Tensor | None):

@@ -51,9 +51,12 @@ def attention_window(model: nn.Module) -> int | None:
     """The narrowest sliding window any layer attends within, in columns (None: every layer sees
     the whole sequence). Read from ``layer_types`` (transformers' per-layer list), GPT-Neo's
     ``attention_layers``/``window_size``, or a model-wide ``sliding_window``; a config that names
-    sliding layers without a window size gives 0 (treat as windowed)."""
+    sliding layers without a window size, or chunked attention (``attention_chunk_size``, whose
+    chunk borders are counted in columns), gives 0 (no room for holes)."""
     config = text_config(model)
     types = getattr(config, "layer_types", None) or getattr(config, "attention_layers", None)
+    if getattr(config, "attention_chunk_size", None) or "chunked_attention" in (types or ()):
+        return 0  # chunked attention (Llama 4): holes would move the chunk borders
     if types is not None:
         if not any(t in ("sliding_attention", "local") for t in types):
             return None

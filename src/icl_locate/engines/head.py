@@ -1,8 +1,9 @@
 """The greedy token without the full-precision LM head product: a bf16 screen, then a certificate.
 
-For Gemma-3-270M the LM head (vocabulary 262,144 x hidden 640) costs 1.7x the whole transformer
-body per generated token, and a CPU with bf16 instructions multiplies bf16 about 4x faster than
-fp32. Greedy decoding needs only the top token, so:
+A model with a large vocabulary spends much of each generated token in the LM head, and where bf16
+products are faster than fp32 ones (CPUs with bf16 instructions, GPUs; ``calibrate.py`` measures
+it on the machine at hand) most of that product can run in bf16. Greedy decoding needs only the
+top token, so:
 
 1. ``approx = bf16(h) @ bf16(W).T`` over the whole vocabulary (fp32 accumulation, bf16 result);
 2. a rigorous bound ``E`` on ``|approx - h @ W.T|``: rounding h and W to bf16 changes each product
@@ -14,12 +15,18 @@ fp32. Greedy decoding needs only the top token, so:
 
 So the result is the argmax of the fp32 logits: it can differ from the plain head only where two
 logits tie to within fp32 rounding (the same kind of difference a different batch size makes).
-Rows with too many candidates fall back to the full fp32 product. Used only where it is checked
+Rows with too many candidates fall back to the full fp32 product. The screen follows the head: a
+weight replaced or changed in place (through the tensor, not through ``.data``) rebuilds it. The bound assumes fp32 accumulation, so on a GPU
+the bf16 product runs with reduced-precision reductions switched off, and every few calls one
+row's exact logits verify it: if it is ever exceeded, the screen switches itself off with a
+warning and the full head decides from then on. Used only where it is checked
 to be exact: the model's logits must be ``head(final hidden state)``, softcapped by
 ``final_logit_softcapping`` when the config sets it, with no bias (``screen_mismatch``).
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 from torch import nn
@@ -30,22 +37,36 @@ from .base import forward, last_hidden
 UNIT_BF16 = 2.0 ** -8
 UNIT_FP32 = 2.0 ** -24
 SAFETY = 1.01  # headroom over the bound, for the few operations it does not itemise
+CHECK_EVERY = 8  # one row's full logits verify the bound every this many calls (about 1/(8 B) of the head)
 MAX_CANDIDATES_PER_ROW = 256  # beyond this a row's logits are computed in full instead
 
 
 class ScreenedHead:
     """``argmax(hidden)`` equal to ``argmax(lm_head(hidden))`` (softcapped), computed with a bf16 screen."""
 
-    def __init__(self, model: nn.Module):
-        head = model.get_output_embeddings()
-        self.weight = head.weight  # [V, d], the model's own (fp32)
+    def __init__(self, model: nn.Module, check_every: int = CHECK_EVERY):
+        """``check_every``: every this many calls, one row's full logits verify the bound (0: never)."""
+        self.head = model.get_output_embeddings()
+        self.softcap = getattr(text_config(model), "final_logit_softcapping", None)
+        self.check_every, self.calls, self.disabled = check_every, 0, False
+        self.stats = {"rows": 0, "candidates": 0, "full_rows": 0, "rebuilt": 0, "checked_rows": 0}
+        self._build()
+
+    def _build(self) -> None:
+        """The bf16 copy of the head and the bound's constants, for the head's weight as it is now."""
+        self.weight = self.head.weight  # [V, d], the model's own (fp32)
+        self.version = self.weight._version  # in-place changes of the weight bump it
         self.screen = self.weight.detach().to(torch.bfloat16)
         self.max_norm = float(self.weight.detach().float().norm(dim=1).max())
-        self.softcap = getattr(text_config(model), "final_logit_softcapping", None)
         d = self.weight.shape[1]
         self.input_term = (2 * UNIT_BF16 + UNIT_BF16 ** 2 + d * UNIT_FP32 * (1 + UNIT_BF16) ** 2) * SAFETY
         self.output_term = UNIT_BF16 / (1 - UNIT_BF16) * SAFETY
-        self.stats = {"rows": 0, "candidates": 0, "full_rows": 0}
+
+    def _refresh(self) -> None:
+        """Rebuild the screen if the head's weight was replaced or changed in place since it was built."""
+        if self.head.weight is not self.weight or self.head.weight._version != self.version:
+            self._build()
+            self.stats["rebuilt"] += 1
 
     @staticmethod
     def supported(model: nn.Module) -> str | None:
@@ -67,14 +88,48 @@ class ScreenedHead:
     def full_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self._cap(hidden @ self.weight.T)
 
+    def _approx(self, hidden: torch.Tensor) -> torch.Tensor:
+        """bf16 logits [B, V]; on a GPU with reduced-precision reductions switched off in this scope
+        (the bound assumes fp32 accumulation)."""
+        if hidden.device.type != "cuda":
+            return hidden.to(torch.bfloat16) @ self.screen.T
+        flags = torch.backends.cuda.matmul
+        saved = flags.allow_bf16_reduced_precision_reduction
+        flags.allow_bf16_reduced_precision_reduction = False
+        try:
+            return hidden.to(torch.bfloat16) @ self.screen.T
+        finally:
+            flags.allow_bf16_reduced_precision_reduction = saved
+
+    def _bound_holds(self, hidden: torch.Tensor, approx: torch.Tensor, bound: torch.Tensor) -> bool:
+        """Every ``check_every`` calls: one row's exact logits must lie within its bound of the screen's."""
+        self.calls += 1
+        if not self.check_every or self.calls % self.check_every:
+            return True
+        row = self.calls // self.check_every % hidden.shape[0]
+        exact = hidden[row] @ self.weight.T  # [V], before the softcap (the bound is on the product)
+        self.stats["checked_rows"] += 1
+        error = float((approx[row].float() - exact).abs().max())
+        if error <= float(bound[row]):
+            return True
+        warnings.warn(f"the bf16-screened LM head's error bound was exceeded on this device ({error:.3g} > "
+                      f"{float(bound[row]):.3g}); the screen is switched off and the full head used from now on")
+        self.disabled = True
+        return False
+
     @torch.no_grad()
     def argmax(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [B, d] final hidden states (after the final norm) -> [B] greedy tokens."""
         hidden = hidden.float()
-        approx = hidden.to(torch.bfloat16) @ self.screen.T  # [B, V] bf16
+        self._refresh()
+        if self.disabled:
+            return self.full_logits(hidden).argmax(-1)
+        approx = self._approx(hidden)  # [B, V] bf16
         top = approx.max(-1).values.float()
         magnitude = torch.maximum(top.abs(), approx.min(-1).values.float().abs())
         bound = self.output_term * magnitude + self.input_term * hidden.norm(dim=-1) * self.max_norm
+        if not self._bound_holds(hidden, approx, bound):
+            return self.full_logits(hidden).argmax(-1)
         threshold = (top - 2 * bound).to(approx.dtype)
         # bf16 rounding of the threshold must not drop a candidate: step one bf16 ulp down
         threshold = torch.nextafter(threshold, torch.full_like(threshold, -float("inf")))

@@ -73,6 +73,17 @@ class _Group:
     pause: int = 0  # steps left without drafts
 
 
+def _holds_tensor(value) -> bool:
+    """A tensor, or a tuple / list / dict with one somewhere inside."""
+    if isinstance(value, torch.Tensor):
+        return True
+    if isinstance(value, (tuple, list)):
+        return any(_holds_tensor(v) for v in value)
+    if isinstance(value, dict):
+        return any(_holds_tensor(v) for v in value.values())
+    return False
+
+
 def divergence_layer(row: _Row, n_layers: int) -> int:
     """The first layer at which the row computes something the unmasked run does not."""
     return min(row.mask_layers | row.ablate | {n_layers})
@@ -215,8 +226,14 @@ class TreeEngine(SweepEngine):
 
     @staticmethod
     def _slice(name: str, value, leaf: torch.Tensor, leaves: int):
-        if isinstance(value, (tuple, list)) and name in PER_ROW:
+        if isinstance(value, (tuple, list)) and (name in PER_ROW or name in PER_ROW_TIMES_HEADS):
             return type(value)(TreeEngine._slice(name, v, leaf, leaves) for v in value)
+        if isinstance(value, dict) and (name in PER_ROW or name in PER_ROW_TIMES_HEADS):
+            return {key: TreeEngine._slice(name, v, leaf, leaves) for key, v in value.items()}
+        if name not in NOT_PER_ROW and _holds_tensor(value) and not isinstance(value, torch.Tensor):
+            raise RuntimeError(f"the tree engine does not know whether the decoder layer argument {name!r} (a "
+                               f"{type(value).__name__} holding tensors) has one row per batch row; add it to "
+                               f"PER_ROW or NOT_PER_ROW in engines/tree.py")
         if not isinstance(value, torch.Tensor) or name in NOT_PER_ROW or value.dim() == 0:
             return value
         if name in PER_ROW:
