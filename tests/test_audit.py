@@ -127,3 +127,29 @@ def test_audit_strict_fails_on_an_engine_fault(tmp_path, data_dir, capsys, monke
     assert faults and all(p == 0 and m > t for p, m, t in faults)
     assert db.execute("SELECT COUNT(*) FROM units").fetchone()[0] == 1  # the results are kept all the same
     assert json.loads(db.execute("SELECT value FROM meta WHERE key = 'fingerprint'").fetchone()[0])
+
+
+def test_auto_audits_within_its_share_of_the_decoding_time(tmp_path, data_dir):
+    """--audit auto: the first unit audits one row; later rows only while the audit's time (at its
+    measured cost per row) stays within AUDIT_SHARE of the decoding time."""
+    from icl_locate.experiments.settings import SweepConfig, load_task_data
+    from icl_locate.experiments.units import AUDIT_SHARE, Worker
+
+    config = SweepConfig(model="tiny:llama", pairs=["fra-eng"], ks=[1], n_test=2, max_new_tokens=4, layers="0,2,4",
+                         data_dir=str(data_dir))
+    from icl_locate.core.models import load_model
+    from icl_locate.experiments.settings import plan_units
+
+    loaded = load_model(config.model)
+    worker = Worker(loaded, load_task_data(config), audit=None)
+    (unit,) = plan_units(config, loaded.info.num_layers, load_task_data(config))
+    worker.seconds.update(decoding=0.0, audit=0.0, audit_rows=0)
+    first = worker.compute(unit)
+    assert len(first.audit) >= 1
+    # pretend audited rows cost far more than decoding: no further row fits the budget
+    worker.seconds["audit"] = 1e6
+    assert worker.compute(unit).audit == []
+    # and far less: every row of the unit fits
+    worker.seconds.update(audit=1e-9, decoding=1e6)
+    assert len(worker.compute(unit).audit) == 2 * 3  # items x layers
+    assert AUDIT_SHARE == 0.05

@@ -160,9 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--max-new-tokens", type=int, default=None)
     sw.add_argument("--batch-size", type=int, default=None)
     _add_engine_options(sw)
-    sw.add_argument("--audit", type=int, default=None,
-                    help="after each unit, decode this many of its rows again with the reference engine and compare "
-                         "(0: off; default 2)")
+    sw.add_argument("--audit", default=None,
+                    help="after each unit, decode rows again with the reference engine and compare: auto (default: "
+                         "as many as keep it within 5%% of the decoding time, at least one) or N per unit (0: off)")
     sw.add_argument("--audit-strict", action="store_true",
                     help="exit 1 when an audited row disagrees with the reference at a margin above the dtype's "
                          "threshold (an engine fault, not a near-tie)")

@@ -58,15 +58,29 @@ class SweepConfig(ModelAndData):
     engine: str = "auto"
     head: str = "auto"
     draft_tokens: int | str = "auto"
-    # after each unit, this many of its (item, layer) rows are decoded again by the reference engine
-    # and compared (engines/audit.py); 2 costs a few percent of a 19-layer unit on a CPU
-    audit: int = 2
+    # after each unit, some of its (item, layer) rows are decoded again by the reference engine and
+    # compared (engines/audit.py): "auto" as many as keep the audit within 5% of the decoding time
+    # (at least one), or this many per unit (0: none)
+    audit: int | str = "auto"
     audit_seed: int = 0  # the rows are drawn with this seed and the unit's id (stored with each row)
     heads: str | None = None  # "knockout" or "restore": head-level sweeps instead of layer-from masks
     from_layer: int | None = None  # restore: the context is hidden from this layer on (default: below recognition)
 
 
 HEAD_SWEEPS = ("knockout", "restore")
+
+
+def audit_per_unit(setting: int | str | None) -> int | None:
+    """--audit: 'auto' -> None (rows within the audit's share of the decoding time), else rows per unit."""
+    if setting is None or setting == "auto":
+        return None
+    try:
+        count = int(setting)
+    except (TypeError, ValueError):
+        raise UserError(f"--audit must be 'auto' or a number of rows, got {setting!r}") from None
+    if count < 0:
+        raise UserError(f"--audit must be 'auto' or >= 0, got {count}")
+    return count
 
 
 def engine_request(config: SweepConfig) -> EngineRequest:
@@ -171,7 +185,7 @@ def validate(config: SweepConfig) -> None:
         raise UserError("--from-layer is for --heads restore")
     check_count("--from-layer", config.from_layer, minimum=0)
     check_count("--max-new-tokens", config.max_new_tokens)
-    check_count("--audit", config.audit, minimum=0)
+    audit_per_unit(config.audit)
     check_count("--batch-size", config.batch_size)
     engine_request(config)
     parse_layers(config.layers)

@@ -20,7 +20,8 @@ from ..util.errors import Interrupted, UserError
 from ..util.progress import Progress
 from .common import fingerprint, provenance
 from .executors import Executor, LocalExecutor, RayExecutor, RaySettings
-from .settings import SweepConfig, TaskCache, WorkUnit, engine_request, load_task_data, plan_units, validate
+from .settings import SweepConfig, TaskCache, WorkUnit, audit_per_unit, engine_request, load_task_data, plan_units, \
+    validate
 from .units import Worker, check_units
 
 
@@ -96,8 +97,8 @@ def run_sweep(config: SweepConfig, store_path: str | Path, command: str, ray: Ra
         loaded, tasks, units = prepare(config, weights=False, store_file=store_file)
     else:
         loaded, tasks, units = prepare(config, store_file=store_file)
-        executor = LocalExecutor(Worker(loaded, tasks, engine_request(config), config.max_new_tokens, config.audit,
-                                        config.audit_seed))
+        executor = LocalExecutor(Worker(loaded, tasks, engine_request(config), config.max_new_tokens,
+                                        audit_per_unit(config.audit), config.audit_seed))
     with Store.open(store_file, fingerprint(loaded, config.max_new_tokens)) as store:
         files = [f for _, data in tasks.values() for f in data.files]
         run_id = store.start_run(command, asdict(config), provenance(loaded, files))

@@ -26,7 +26,7 @@ from ..engines.calibrate import Calibrator, Choices, build_engine
 from ..engines.request import EngineRequest
 from ..tasks.registry import build_items, post_process
 from .common import check_context, masked_prompts, stop_rule
-from .settings import SweepConfig, TaskCache, WorkUnit, engine_request, load_task_data
+from .settings import SweepConfig, TaskCache, WorkUnit, audit_per_unit, engine_request, load_task_data
 
 
 @dataclass
@@ -68,6 +68,9 @@ def span_lengths(spans: dict) -> dict:
     return dict(n_instructions=length("instructions"), n_examples=length("examples"), n_query=length("query"))
 
 
+AUDIT_SHARE = 0.05  # --audit auto: the audit's share of a worker's decoding time
+
+
 def _stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
@@ -83,18 +86,21 @@ class Worker:
     tasks: TaskCache
     request: EngineRequest = field(default_factory=EngineRequest)
     max_new_tokens: int | None = None
-    audit: int = 0  # rows per unit decoded again by the reference engine
+    audit: int | None = 0  # rows per unit decoded again by the reference engine; None: within AUDIT_SHARE
     audit_seed: int = 0
     engine: Engine | None = None
     log: Callable[[str], None] = _stderr
     engines: dict[tuple, tuple[Engine, Choices]] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=lambda: {"decoding": 0.0, "audit": 0.0, "audit_rows": 0})
+    last_decode_seconds: float = 0.0
 
     @classmethod
     def load(cls, config: SweepConfig) -> "Worker":
         """A worker for ``config``'s sweep: its data, its model (dtype and device as configured)."""
         tasks = load_task_data(config)
         loaded = load_model(config.model, dtype=config.dtype, device=config.device)
-        return cls(loaded, tasks, engine_request(config), config.max_new_tokens, config.audit, config.audit_seed)
+        return cls(loaded, tasks, engine_request(config), config.max_new_tokens, audit_per_unit(config.audit),
+                   config.audit_seed)
 
     def engine_for(self, prompts: Sequence[MaskedPrompt], rows: Sequence[RowIntervention],
                    stop: StopRule) -> tuple[Engine, Choices | None]:
@@ -119,7 +125,7 @@ class Worker:
         engine, choices = self.engine_for(prompts, list(rows.values()), stop)
         started = time.time()
         gens = engine.generate(prompts, list(rows.values()), stop, progress)
-        seconds = time.time() - started
+        seconds = self.last_decode_seconds = time.time() - started
         audited, audit_seconds = self.audit_unit(unit, prompts, rows, gens, stop)
         predictions, scores = [], []
         examples = [it.item for it in items]
@@ -143,18 +149,34 @@ class Worker:
                           choices.as_dict() if choices is not None else None, audited, audit_seconds)
 
     def audit_unit(self, unit: WorkUnit, prompts, rows: dict, gens, stop: StopRule) -> tuple[list[dict], float]:
-        """``self.audit`` rows of the unit, drawn with the stored seed, against the reference engine."""
-        if not self.audit:
+        """Rows of the unit, drawn with the stored seed, decoded again by the reference engine: ``self.audit``
+        of them, or (None) as many as keep this worker's audit within ``AUDIT_SHARE`` of its decoding
+        time, at least one in its first unit."""
+        self.seconds["decoding"] += self.last_decode_seconds
+        if self.audit == 0:
             return [], 0.0
         started = time.time()
         keys, interventions = list(rows), list(rows.values())
         seed = f"{self.audit_seed}:{unit.unit_id}"
-        picked = sample_rows(len(prompts), interventions, self.audit, seed)
-        checked = audit_rows(self.loaded.model, self.loaded.tokenizer, prompts, interventions, gens, stop, picked)
-        out = [dict(item=r.item, variant=keys[index][0], layer=keys[index][1], agree=r.agree, position=r.position,
-                    margin=r.margin, threshold=r.threshold, fault=r.fault, seed=seed)
-               for r, (_, index) in zip(checked, picked)]
+        wanted = self.audit if self.audit is not None else len(prompts) * len(interventions)
+        out = []
+        for pair in sample_rows(len(prompts), interventions, wanted, seed):
+            if self.audit is None and not self._audit_budget_left():
+                break
+            row_started = time.time()
+            (r,) = audit_rows(self.loaded.model, self.loaded.tokenizer, prompts, interventions, gens, stop, [pair])
+            self.seconds["audit"] += time.time() - row_started
+            self.seconds["audit_rows"] += 1
+            out.append(dict(item=r.item, variant=keys[pair[1]][0], layer=keys[pair[1]][1], agree=r.agree,
+                            position=r.position, margin=r.margin, threshold=r.threshold, fault=r.fault, seed=seed))
         return out, time.time() - started
+
+    def _audit_budget_left(self) -> bool:
+        """Room for one more row (at its measured average cost) within AUDIT_SHARE of the decoding so far."""
+        done = self.seconds["audit_rows"]
+        if not done:
+            return True
+        return self.seconds["audit"] * (done + 1) / done <= AUDIT_SHARE * self.seconds["decoding"]
 
 
 def unit_items(tokenizer, tasks: TaskCache, unit: WorkUnit):
