@@ -9,11 +9,10 @@ position where they differ, and the reference's top-1 minus top-2 logit there. A
 at a margin above ``margin_threshold(dtype)`` cannot come from rounding and is flagged as a fault.
 
 Thresholds: a logit is a dot product of the final hidden state with a head row; reordering a
-sum of n terms in a format with unit roundoff u moves it by at most about n u of the summed
-magnitudes, and the layers below add their own rounding. ``MARGIN_THRESHOLDS`` is 2^-7 (bf16),
-2^-10 (fp16) and 2^-17 (fp32) times 100 logit units, about 2^7 * u * 100: a margin above it is
-two orders of magnitude beyond one rounding of a logit of typical size (|logit| <= 100) and
-well above the differences measured between batched and one-at-a-time runs (README, "Audit").
+sum in a format with unit roundoff u moves it by about u times the summed magnitudes, and the
+layers below add their own rounding. ``MARGIN_THRESHOLDS`` is 2^7 unit roundoffs of a logit of
+size 100 (fp32 7.6e-4, fp16 0.098, bf16 0.78): a margin above it is two orders of magnitude
+beyond one rounding of a typical logit (README, "Audit", has what was measured).
 """
 
 from __future__ import annotations
