@@ -33,14 +33,19 @@ class EngineRequest:
             raise UserError("--head screen is for the tree engine (--engine fast uses the model's own head)")
 
 
-def parse_draft_tokens(value: str | int | None) -> int | None:
-    """'auto' (or None) -> None; else a count >= 0."""
+def auto_or_count(flag: str, value: str | int | None) -> int | None:
+    """A setting that is 'auto' (or None: not given) -> None, else a count >= 0 (``flag`` names it in errors)."""
     if value is None or value == "auto":
         return None
     try:
         count = int(value)
     except (TypeError, ValueError):
-        raise UserError(f"--draft-tokens must be 'auto' or a number, got {value!r}") from None
+        raise UserError(f"{flag} must be 'auto' or a number >= 0, got {value!r}") from None
     if count < 0:
-        raise UserError(f"--draft-tokens must be 'auto' or >= 0, got {count}")
+        raise UserError(f"{flag} must be 'auto' or a number >= 0, got {count}")
     return count
+
+
+def parse_draft_tokens(value: str | int | None) -> int | None:
+    """--draft-tokens: 'auto' -> None (measured); else drafts of up to this many tokens (0: none)."""
+    return auto_or_count("--draft-tokens", value)

@@ -20,7 +20,7 @@ import yaml
 
 from ..core.catalog import check_dtype_name
 from ..core.conditions import get_condition
-from ..engines.request import EngineRequest, parse_draft_tokens
+from ..engines.request import EngineRequest, auto_or_count, parse_draft_tokens
 from ..tasks.data import parse_pair
 from ..tasks.registry import Task, TaskData, TaskOptions, get_task
 from ..util.errors import UserError
@@ -72,15 +72,7 @@ HEAD_SWEEPS = ("knockout", "restore")
 
 def audit_per_unit(setting: int | str | None) -> int | None:
     """--audit: 'auto' -> None (rows within the audit's share of the decoding time), else rows per unit."""
-    if setting is None or setting == "auto":
-        return None
-    try:
-        count = int(setting)
-    except (TypeError, ValueError):
-        raise UserError(f"--audit must be 'auto' or a number of rows, got {setting!r}") from None
-    if count < 0:
-        raise UserError(f"--audit must be 'auto' or >= 0, got {count}")
-    return count
+    return auto_or_count("--audit", setting)
 
 
 def engine_request(config: SweepConfig) -> EngineRequest:
