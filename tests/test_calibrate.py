@@ -28,8 +28,8 @@ STOP = StopRule((), 6)
 
 
 class FakeTimer:
-    """Runs each measured function once (so the engines' tokens are compared) and returns the
-    seconds given for its name; records what was measured."""
+    """Runs each measured function once and returns the seconds given for its name; records what was
+    measured."""
 
     def __init__(self, **seconds: float):
         self.seconds = {name.replace("__", "/").replace("_plus_", "+"): s for name, s in seconds.items()}

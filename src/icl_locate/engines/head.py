@@ -80,13 +80,14 @@ class ScreenedHead:
             return f"the LM head is {head.weight.dtype}, not float32 (nothing to gain)"
         return None
 
-    def _cap(self, logits: torch.Tensor) -> torch.Tensor:
+    def cap(self, logits: torch.Tensor) -> torch.Tensor:
+        """The model's final logit softcap (``final_logit_softcapping``), or the logits as they are."""
         if not self.softcap:
             return logits
         return torch.tanh(logits / self.softcap) * self.softcap
 
     def full_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self._cap(hidden @ self.weight.T)
+        return self.cap(hidden @ self.weight.T)
 
     def _approx(self, hidden: torch.Tensor) -> torch.Tensor:
         """bf16 logits [B, V]; on a GPU with reduced-precision reductions switched off in this scope
@@ -156,7 +157,7 @@ class ScreenedHead:
             index = index[rows]
             valid = index >= 0
             logits = torch.einsum("bkd,bd->bk", self.weight[index.clamp(min=0)], hidden[rows])
-            logits = self._cap(logits).masked_fill(~valid, -float("inf"))
+            logits = self.cap(logits).masked_fill(~valid, -float("inf"))
             best = logits.argmax(-1)  # first maximum = smallest token id: candidates are ascending
             tokens[rows] = index.gather(1, best[:, None])[:, 0]
             if self.softcap:  # a saturated cap makes ties the screen cannot see: do those rows in full
