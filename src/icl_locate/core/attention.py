@@ -56,7 +56,9 @@ def _make_attention(base: str) -> Callable:
         drop = state.drop is not None and state.drop.applies_to(layer)
         mask = state.mask is not None and state.mask.applies_to(layer)
         if not (drop or mask):
-            if attention_mask is None or attention_mask.dim() != 4:
+            # one query position is the token just fed, which sees itself: only a prefill (several
+            # positions) can hold left padding rows that see nothing
+            if attention_mask is None or attention_mask.dim() != 4 or attention_mask.shape[-2] == 1:
                 return stock(module, query, key, value, attention_mask, **kwargs)
             attention_mask, blind = keep_blind_rows_finite(attention_mask)  # left padding rows
             out, weights = stock(module, query, key, value, attention_mask, **kwargs)

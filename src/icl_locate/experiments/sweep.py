@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from ..core.models import LoadedModel, load_description, load_model
-from ..results.analysis import analyse_curve, analyse_head_map, head_summary_lines, load_curves, load_head_maps, \
+from ..results.analysis import analyse_curve, audit_disagreement, analyse_head_map, head_summary_lines, load_curves, load_head_maps, \
     summary_lines
 from ..results.store import Store
 from ..util.errors import Interrupted, UserError
@@ -134,13 +134,7 @@ def audit_summary(store: Store) -> tuple[list[str], int]:
     faults = [r for r in rows if r["fault"]]
     lines = [f"audit: {sum(r['agree'] for r in rows)}/{len(rows)} sampled rows agree with the reference engine; "
              f"{len(faults)} engine fault(s) (a disagreement at a margin above the dtype's threshold)"]
-    for r in rows:
-        if not r["agree"]:
-            kind = "ENGINE FAULT" if r["fault"] else "near-tie"
-            margin = "n/a" if r["margin"] is None else f"{r['margin']:.4g}"
-            lines.append(f"  {kind}: unit {r['unit_id']} item {r['item']} {r['variant']} layer {r['layer']}: first "
-                         f"difference at new token {r['position']}, reference margin {margin} (threshold "
-                         f"{r['threshold']:.3g})")
+    lines += [f"  unit {r['unit_id']}: {audit_disagreement(r)}" for r in rows if not r["agree"]]
     return lines, len(faults)
 
 

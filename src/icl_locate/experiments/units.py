@@ -2,24 +2,24 @@
 
 A ``Worker`` holds what computing needs and is loaded once: the model, the task data, the token
 limit and the engine choices asked for; the engine itself is chosen by measuring on the first
-unit of each shape (``engines/calibrate.py``, cached per machine and model). ``Worker.compute(unit)`` decodes every (item, layer) row of the unit with the
-engine, scores each layer with the task's metric and returns a ``UnitResult``; it writes
-nothing. Committing results is the driver's job (``sweep.execute``), so an executor can run
-workers anywhere (this process, Ray actors) and the store keeps one writer.
+unit of each shape (``engines/calibrate.py``, cached per machine and model).
+``Worker.compute(unit)`` decodes every (item, layer) row of the unit with the engine, scores each
+layer with the task's metric and returns a ``UnitResult``; it writes nothing. Committing results
+is the driver's job (``sweep.execute``), so an executor can run workers anywhere (this process,
+Ray actors) and the store keeps one writer.
 """
 
 from __future__ import annotations
 
 import json
-import time
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from ..core.conditions import get_condition
+from ..core.conditions import MaskedPrompt, get_condition
 from ..core.interventions import AblateLayers, HeadMask, MaskFrom, RowIntervention
 from ..core.models import LoadedModel, load_model
-from ..core.conditions import MaskedPrompt
 from ..engines.audit import audit_rows, sample_rows
 from ..engines.base import Engine, Progress, StopRule
 from ..engines.calibrate import Calibrator, Choices, build_engine
@@ -92,7 +92,6 @@ class Worker:
     log: Callable[[str], None] = _stderr
     engines: dict[tuple, tuple[Engine, Choices]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=lambda: {"decoding": 0.0, "audit": 0.0, "audit_rows": 0})
-    last_decode_seconds: float = 0.0
 
     @classmethod
     def load(cls, config: SweepConfig) -> "Worker":
@@ -125,8 +124,8 @@ class Worker:
         engine, choices = self.engine_for(prompts, list(rows.values()), stop)
         started = time.time()
         gens = engine.generate(prompts, list(rows.values()), stop, progress)
-        seconds = self.last_decode_seconds = time.time() - started
-        audited, audit_seconds = self.audit_unit(unit, prompts, rows, gens, stop)
+        seconds = time.time() - started
+        audited, audit_seconds = self.audit_unit(unit, prompts, rows, gens, stop, seconds)
         predictions, scores = [], []
         examples = [it.item for it in items]
         for (kind, layer), row in rows.items():
@@ -148,11 +147,12 @@ class Worker:
         return UnitResult(unit, seconds, predictions, scores, context, query,
                           choices.as_dict() if choices is not None else None, audited, audit_seconds)
 
-    def audit_unit(self, unit: WorkUnit, prompts, rows: dict, gens, stop: StopRule) -> tuple[list[dict], float]:
+    def audit_unit(self, unit: WorkUnit, prompts, rows: dict, gens, stop: StopRule,
+                   decode_seconds: float) -> tuple[list[dict], float]:
         """Rows of the unit, drawn with the stored seed, decoded again by the reference engine: ``self.audit``
         of them, or (None) as many as keep this worker's audit within ``AUDIT_SHARE`` of its decoding
         time, at least one in its first unit."""
-        self.seconds["decoding"] += self.last_decode_seconds
+        self.seconds["decoding"] += decode_seconds
         if self.audit == 0:
             return [], 0.0
         started = time.time()

@@ -290,3 +290,11 @@ def head_summary_lines(m: HeadMap, n: int = 3) -> list[str]:
     ref = "baseline" if m.key["kind"] == "knockout" else f"masked from {m.key['from_layer']}"
     tops = "; ".join(f"L{l}H{h} {d:+.1f} ({lo:+.1f} to {hi:+.1f})" for l, h, d, (lo, hi) in m.top(n))
     return [f"{head}: {m.metric.label} {ref} {m.reference_score:.1f}; top heads: {tops}"]
+
+
+def audit_disagreement(row: dict) -> str:
+    """One audited row that disagrees with the reference engine: a near-tie or an engine fault, where."""
+    kind = "ENGINE FAULT" if row["fault"] else "near-tie"
+    margin = "n/a" if row["margin"] is None else f"{row['margin']:.4g}"
+    return (f"{kind}: item {row['item']} {row['variant']} layer {row['layer']}: first difference at new token "
+            f"{row['position']}, reference margin {margin} (threshold {row['threshold']:.3g})")

@@ -17,7 +17,7 @@ import numpy as np
 from ..util.errors import UserError
 from ..util.fileio import ensure_dir, write_atomic
 from ..util.system import hardware_line
-from .analysis import DEFAULT_FRACTION, HeadMap, analyse_curve, analyse_head_map, critical_layers, load_curves, \
+from .analysis import DEFAULT_FRACTION, HeadMap, analyse_curve, audit_disagreement, analyse_head_map, critical_layers, load_curves, \
     load_head_maps, savings
 
 
@@ -271,10 +271,7 @@ def _audit_rows(audited: list[dict]) -> list[dict]:
     for unit_id, checked in by_unit.items():
         spec = checked[0]["spec"]
         what = " ".join(str(spec.get(k) or "") for k in ("task", "pair", "kind", "condition")).split()
-        notes = [f"{'ENGINE FAULT' if a['fault'] else 'near-tie'}: item {a['item']} {a['variant']} layer {a['layer']} "
-                 f"at token {a['position']}, margin "
-                 f"{'n/a' if a['margin'] is None else format(a['margin'], '.3g')} ({a['threshold']:.3g})"
-                 for a in checked if not a["agree"]]
+        notes = [audit_disagreement(a) for a in checked if not a["agree"]]
         rows.append(dict(unit=unit_id, what=" ".join(what), agree=f"{sum(a['agree'] for a in checked)}/{len(checked)}",
                          disagreements="; ".join(notes) or "none"))
     return rows
