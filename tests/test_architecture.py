@@ -27,7 +27,7 @@ def import_cycles(graph) -> list[list[str]]:
         stack.append(module)
         for other in sorted(graph.find_modules_directly_imported_by(module)):
             if state.get(other) == "open":
-                cycles.append(stack[stack.index(other):] + [other])
+                cycles.append(stack[stack.index(other) :] + [other])
             elif other not in state:
                 visit(other)
         stack.pop()
@@ -79,8 +79,12 @@ def test_function_local_imports_only_for_heavy_optional_packages():
             own = module.startswith(".") and path.name in LAZY_OWN_MODULES_IN
             if (module.split(".")[0] not in LAZY_OK and not own) or "#" not in text:
                 bad.append(f"{path.relative_to(PACKAGE)}:{line}: {text.strip()}")
-    assert bad == [], "function-local imports (allowed: " + ", ".join(sorted(LAZY_OK)) + \
-        ", each with a comment saying why):\n" + "\n".join(bad)
+    assert bad == [], (
+        "function-local imports (allowed: "
+        + ", ".join(sorted(LAZY_OK))
+        + ", each with a comment saying why):\n"
+        + "\n".join(bad)
+    )
 
 
 def test_cli_only_parses_calls_and_prints():

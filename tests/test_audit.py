@@ -9,7 +9,6 @@ from dataclasses import replace
 
 import pytest
 import torch
-from test_fast_engine import encoded_prompts, masked, tiny
 
 from icl_locate.cli import main
 from icl_locate.core.conditions import get_condition
@@ -19,6 +18,7 @@ from icl_locate.engines.audit import audit_rows, margin_threshold, reference_mar
 from icl_locate.engines.base import StopRule
 from icl_locate.engines.tree import TreeEngine
 from icl_locate.experiments import units
+from test_fast_engine import encoded_prompts, masked, tiny
 
 STOP = StopRule((), 6)
 
@@ -82,8 +82,27 @@ def test_margin_thresholds_grow_with_the_unit_roundoff():
     assert margin_threshold(torch.float32) < margin_threshold(torch.float16) < margin_threshold(torch.bfloat16)
 
 
-SWEEP = ["sweep", "--model", "tiny:llama", "--pairs", "fra-eng", "--ks", "1", "--n-test", "2", "--max-new-tokens", "4",
-         "--layers", "0,2,4", "--engine", "tree", "--head", "plain", "--draft-tokens", "0"]
+SWEEP = [
+    "sweep",
+    "--model",
+    "tiny:llama",
+    "--pairs",
+    "fra-eng",
+    "--ks",
+    "1",
+    "--n-test",
+    "2",
+    "--max-new-tokens",
+    "4",
+    "--layers",
+    "0,2,4",
+    "--engine",
+    "tree",
+    "--head",
+    "plain",
+    "--draft-tokens",
+    "0",
+]
 
 
 def test_a_sweep_stores_and_reports_its_audit(tmp_path, data_dir, capsys):
@@ -93,7 +112,9 @@ def test_a_sweep_stores_and_reports_its_audit(tmp_path, data_dir, capsys):
     assert "audit 3/3 rows agree with the reference engine" in out.err
     assert "audit: 3/3 sampled rows agree" in out.out
     db = sqlite3.connect(store)
-    rows = db.execute("SELECT item, variant, layer, agree, position, margin, threshold, fault, seed FROM audits").fetchall()
+    rows = db.execute(
+        "SELECT item, variant, layer, agree, position, margin, threshold, fault, seed FROM audits"
+    ).fetchall()
     assert len(rows) == 3 and all(r[3] == 1 and r[4] is None and r[7] == 0 for r in rows)
     assert all(r[8].startswith("0:") for r in rows)
     assert main(["report", str(store), "--format", "md"]) == 0
@@ -109,14 +130,19 @@ class Corrupting:
 
     def generate(self, prompts, interventions, stop, progress=None):
         out = self.engine.generate(prompts, interventions, stop, progress)
-        return {k: replace(g, token_ids=[(g.token_ids[0] + 1) % self.vocab] + g.token_ids[1:]) if g.token_ids else g
-                for k, g in out.items()}
+        return {
+            k: replace(g, token_ids=[(g.token_ids[0] + 1) % self.vocab] + g.token_ids[1:]) if g.token_ids else g
+            for k, g in out.items()
+        }
 
 
 def test_audit_strict_fails_on_an_engine_fault(tmp_path, data_dir, capsys, monkeypatch):
     real = units.build_engine
-    monkeypatch.setattr(units, "build_engine", lambda model, tok, choices: Corrupting(real(model, tok, choices),
-                                                                                     model.config.vocab_size))
+    monkeypatch.setattr(
+        units,
+        "build_engine",
+        lambda model, tok, choices: Corrupting(real(model, tok, choices), model.config.vocab_size),
+    )
     store = tmp_path / "s.sqlite"
     code = main(SWEEP + ["--store", str(store), "--data-dir", str(data_dir), "--audit", "4", "--audit-strict"])
     out = capsys.readouterr()
@@ -135,8 +161,15 @@ def test_auto_audits_within_its_share_of_the_decoding_time(tmp_path, data_dir):
     from icl_locate.experiments.settings import SweepConfig, load_task_data
     from icl_locate.experiments.units import AUDIT_SHARE, Worker
 
-    config = SweepConfig(model="tiny:llama", pairs=["fra-eng"], ks=[1], n_test=2, max_new_tokens=4, layers="0,2,4",
-                         data_dir=str(data_dir))
+    config = SweepConfig(
+        model="tiny:llama",
+        pairs=["fra-eng"],
+        ks=[1],
+        n_test=2,
+        max_new_tokens=4,
+        layers="0,2,4",
+        data_dir=str(data_dir),
+    )
     from icl_locate.core.models import load_model
     from icl_locate.experiments.settings import plan_units
 

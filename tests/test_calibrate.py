@@ -8,7 +8,6 @@ import json
 import sqlite3
 
 import pytest
-from test_fast_engine import FAMILIES, encoded_prompts, masked, tiny
 
 from icl_locate.cli import main
 from icl_locate.core.conditions import get_condition
@@ -17,12 +16,13 @@ from icl_locate.core.models import load_model
 from icl_locate.engines import calibrate
 from icl_locate.engines.base import StopRule
 from icl_locate.engines.calibrate import Calibrator, Choices, build_engine
-from icl_locate.engines.request import EngineRequest, parse_draft_tokens
 from icl_locate.engines.head import ScreenedHead
 from icl_locate.engines.reference import ReferenceEngine
+from icl_locate.engines.request import EngineRequest, parse_draft_tokens
 from icl_locate.engines.sweep import SweepEngine
 from icl_locate.engines.tree import TreeEngine
 from icl_locate.util.errors import UserError
+from test_fast_engine import FAMILIES, encoded_prompts, masked, tiny
 
 STOP = StopRule((), 6)
 
@@ -48,8 +48,9 @@ def work(lm):
 
 def choose(lm, tmp_path, timer, request=EngineRequest(), use_cache=True):
     prompts, rows = work(lm)
-    return Calibrator(lm.model, lm.tokenizer, request, cache=tmp_path / "cal", timer=timer,
-                      use_cache=use_cache).choose(prompts, rows, STOP)
+    return Calibrator(lm.model, lm.tokenizer, request, cache=tmp_path / "cal", timer=timer, use_cache=use_cache).choose(
+        prompts, rows, STOP
+    )
 
 
 @pytest.mark.parametrize("plain, screen, expected", [(1.0, 0.5, "screen"), (0.5, 1.0, "plain")])
@@ -61,31 +62,42 @@ def test_the_faster_head_is_chosen(tmp_path, plain, screen, expected):
     assert ("faster" if expected == "screen" else "slower") in choices.reasons["head"]
 
 
-@pytest.mark.parametrize("costs, expected", [
-    (dict(body__1=1.0, body__1_plus_2=1.1, body__1_plus_4=1.2, body__1_plus_8=2.0), 4),
-    (dict(body__1=1.0, body__1_plus_2=1.1, body__1_plus_4=1.2, body__1_plus_8=1.25), 8),
-    (dict(body__1=1.0, body__1_plus_2=2.0, body__1_plus_4=1.0, body__1_plus_8=1.0), 0),
-])
+@pytest.mark.parametrize(
+    "costs, expected",
+    [
+        (dict(body__1=1.0, body__1_plus_2=1.1, body__1_plus_4=1.2, body__1_plus_8=2.0), 4),
+        (dict(body__1=1.0, body__1_plus_2=1.1, body__1_plus_4=1.2, body__1_plus_8=1.25), 8),
+        (dict(body__1=1.0, body__1_plus_2=2.0, body__1_plus_4=1.0, body__1_plus_8=1.0), 0),
+    ],
+)
 def test_drafts_only_where_a_longer_forward_costs_about_one_token(tmp_path, costs, expected):
     choices = choose(tiny("llama"), tmp_path, FakeTimer(**costs, engine__fast=2.0, engine__tree=1.0))
     assert choices.draft_tokens == expected
 
 
 def test_the_faster_engine_is_chosen_and_the_fast_engine_takes_the_plain_head(tmp_path):
-    choices = choose(tiny("llama"), tmp_path, FakeTimer(head__plain=1.0, head__screen=0.1, body__1=1.0,
-                                                        body__1_plus_2=1.0, engine__fast=1.0, engine__tree=3.0))
+    choices = choose(
+        tiny("llama"),
+        tmp_path,
+        FakeTimer(
+            head__plain=1.0, head__screen=0.1, body__1=1.0, body__1_plus_2=1.0, engine__fast=1.0, engine__tree=3.0
+        ),
+    )
     assert (choices.engine, choices.head, choices.draft_tokens) == ("fast", "plain", 0)
     assert "3.0x faster than the tree engine" in choices.reasons["engine"]
     assert isinstance(build_engine(tiny("llama").model, tiny("llama").tokenizer, choices), SweepEngine)
 
 
-@pytest.mark.parametrize("request_, measured_prefixes, expected", [
-    (EngineRequest(engine="fast"), set(), ("fast", "plain", 0)),
-    (EngineRequest(engine="tree", head="plain", draft_tokens=3), set(), ("tree", "plain", 3)),
-    (EngineRequest(engine="tree", head="screen", draft_tokens=0), set(), ("tree", "screen", 0)),
-    (EngineRequest(head="plain", draft_tokens=0), {"engine"}, None),
-    (EngineRequest(engine="tree"), {"head", "body"}, None),
-])
+@pytest.mark.parametrize(
+    "request_, measured_prefixes, expected",
+    [
+        (EngineRequest(engine="fast"), set(), ("fast", "plain", 0)),
+        (EngineRequest(engine="tree", head="plain", draft_tokens=3), set(), ("tree", "plain", 3)),
+        (EngineRequest(engine="tree", head="screen", draft_tokens=0), set(), ("tree", "screen", 0)),
+        (EngineRequest(head="plain", draft_tokens=0), {"engine"}, None),
+        (EngineRequest(engine="tree"), {"head", "body"}, None),
+    ],
+)
 def test_forcing_flags_are_honoured_and_not_measured(tmp_path, request_, measured_prefixes, expected):
     timer = FakeTimer(head__plain=0.1, head__screen=1.0, engine__fast=2.0, engine__tree=1.0)
     choices = choose(tiny("llama"), tmp_path, timer, request_)
@@ -98,8 +110,12 @@ def test_forcing_flags_are_honoured_and_not_measured(tmp_path, request_, measure
 
 
 def test_bad_requests_are_one_line_errors():
-    for request in (EngineRequest(engine="gpu"), EngineRequest(head="int4"), EngineRequest(engine="fast", head="screen"),
-                    EngineRequest(engine="fast", draft_tokens=2)):
+    for request in (
+        EngineRequest(engine="gpu"),
+        EngineRequest(head="int4"),
+        EngineRequest(engine="fast", head="screen"),
+        EngineRequest(engine="fast", draft_tokens=2),
+    ):
         with pytest.raises(UserError):
             request.check()
     assert parse_draft_tokens("auto") is None and parse_draft_tokens("3") == 3
@@ -179,8 +195,30 @@ def test_every_choice_decodes_the_reference_tokens(family):
 
 def test_a_sweep_stores_the_chosen_path_and_the_machine(tmp_path, data_dir, capsys):
     store = tmp_path / "s.sqlite"
-    assert main(["sweep", "--model", "tiny:llama", "--store", str(store), "--data-dir", str(data_dir), "--pairs",
-                 "fra-eng", "--ks", "1", "--n-test", "2", "--max-new-tokens", "4", "--layers", "0,2,4"]) == 0
+    assert (
+        main(
+            [
+                "sweep",
+                "--model",
+                "tiny:llama",
+                "--store",
+                str(store),
+                "--data-dir",
+                str(data_dir),
+                "--pairs",
+                "fra-eng",
+                "--ks",
+                "1",
+                "--n-test",
+                "2",
+                "--max-new-tokens",
+                "4",
+                "--layers",
+                "0,2,4",
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     assert "engine: " in err and "head: " in err and "torch CPU capability" in err
     db = sqlite3.connect(store)
@@ -195,9 +233,33 @@ def test_a_sweep_stores_the_chosen_path_and_the_machine(tmp_path, data_dir, caps
 
 def test_bench_json_keeps_the_hardware_and_the_choices(tmp_path, data_dir):
     out = tmp_path / "bench.json"
-    assert main(["bench", "--model", "tiny:llama", "--n-test", "2", "--layers", "0,2,4", "--k", "1", "--skip-paper",
-                 "--engine", "tree", "--head", "plain", "--draft-tokens", "0", "--data-dir", str(data_dir), "--json",
-                 str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--model",
+                "tiny:llama",
+                "--n-test",
+                "2",
+                "--layers",
+                "0,2,4",
+                "--k",
+                "1",
+                "--skip-paper",
+                "--engine",
+                "tree",
+                "--head",
+                "plain",
+                "--draft-tokens",
+                "0",
+                "--data-dir",
+                str(data_dir),
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     data = json.loads(out.read_text())
     hardware = data["hardware"]
     assert {"cpu", "cpu_capability", "gpu", "threads"} <= set(hardware)

@@ -17,39 +17,92 @@ def run_cli(capsys, *argv):
 
 def test_run_writes_predictions(tmp_path, capsys, data_dir):
     out = tmp_path / "run.jsonl"
-    code, stdout, _ = run_cli(capsys, "run", "--model", "tiny:llama", "--pair", "fra-eng", "--condition",
-                              "instructions+examples", "--from-layer", "1", "--n-test", "2", "--k", "2",
-                              "--max-new-tokens", "4", "--data-dir", str(data_dir), "--out", str(out))
+    code, stdout, _ = run_cli(
+        capsys,
+        "run",
+        "--model",
+        "tiny:llama",
+        "--pair",
+        "fra-eng",
+        "--condition",
+        "instructions+examples",
+        "--from-layer",
+        "1",
+        "--n-test",
+        "2",
+        "--k",
+        "2",
+        "--max-new-tokens",
+        "4",
+        "--data-dir",
+        str(data_dir),
+        "--out",
+        str(out),
+    )
     assert code == 0 and "corpus BLEU" in stdout
     rows = [json.loads(l) for l in out.read_text().splitlines()]
     assert len(rows) == 2
-    for key in ("example_id", "condition", "from_layer", "prompt", "prompt_token_ids", "masked_token_ranges",
-                "generation", "reference", "sentence_bleu", "in_context_example_ids"):
+    for key in (
+        "example_id",
+        "condition",
+        "from_layer",
+        "prompt",
+        "prompt_token_ids",
+        "masked_token_ranges",
+        "generation",
+        "reference",
+        "sentence_bleu",
+        "in_context_example_ids",
+    ):
         assert key in rows[0]
     assert rows[0]["masked_layers"] == [1, 2, 3] and rows[0]["from_layer"] == 1
-    (start, end), = rows[0]["masked_token_ranges"]
+    ((start, end),) = rows[0]["masked_token_ranges"]
     assert start == 1 and end < len(rows[0]["prompt_token_ids"])  # BOS visible, query visible
 
 
 def test_run_from_last_layer_masks_nothing(tmp_path, capsys, data_dir):
     out = tmp_path / "run.jsonl"
-    code, _, _ = run_cli(capsys, "run", "--model", "tiny:llama", "--pair", "fr-en", "--condition", "TTF",
-                         "--from-layer", "4", "--n-test", "1", "--k", "1", "--max-new-tokens", "2",
-                         "--data-dir", str(data_dir), "--out", str(out))
+    code, _, _ = run_cli(
+        capsys,
+        "run",
+        "--model",
+        "tiny:llama",
+        "--pair",
+        "fr-en",
+        "--condition",
+        "TTF",
+        "--from-layer",
+        "4",
+        "--n-test",
+        "1",
+        "--k",
+        "1",
+        "--max-new-tokens",
+        "2",
+        "--data-dir",
+        str(data_dir),
+        "--out",
+        str(out),
+    )
     row = json.loads(out.read_text())
     assert code == 0 and row["masked_token_ranges"] == [] and row["masked_layers"] == []
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["run", "--model", "tiny:llama", "--pair", "fra-eng", "--condition", "bogus"], "unknown condition"),
-    (["run", "--model", "tiny:llama", "--pair", "fra-xyz"], "unknown language code 'xyz'"),
-    (["run", "--model", "tiny:llama", "--pair", "fra-deu", "--data-dir", "/nonexistent"], "does not exist"),
-    (["run", "--model", "tiny:llama", "--pair", "fra-eng", "--condition", "TTF", "--from-layer", "9"],
-     "--from-layer must be in 0..4"),
-    (["run", "--model", "tiny:llama", "--pair", "fra-eng", "--out", "/nonexistent/dir/x.jsonl"], "does not exist"),
-    (["run", "--bogus-flag"], "unrecognized arguments"),
-    (["score-code", "--samples", "/nonexistent.jsonl"], "samples file not found"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["run", "--model", "tiny:llama", "--pair", "fra-eng", "--condition", "bogus"], "unknown condition"),
+        (["run", "--model", "tiny:llama", "--pair", "fra-xyz"], "unknown language code 'xyz'"),
+        (["run", "--model", "tiny:llama", "--pair", "fra-deu", "--data-dir", "/nonexistent"], "does not exist"),
+        (
+            ["run", "--model", "tiny:llama", "--pair", "fra-eng", "--condition", "TTF", "--from-layer", "9"],
+            "--from-layer must be in 0..4",
+        ),
+        (["run", "--model", "tiny:llama", "--pair", "fra-eng", "--out", "/nonexistent/dir/x.jsonl"], "does not exist"),
+        (["run", "--bogus-flag"], "unrecognized arguments"),
+        (["score-code", "--samples", "/nonexistent.jsonl"], "samples file not found"),
+    ],
+)
 def test_bad_input_one_line_exit_2(argv, message, capsys, data_dir):
     if "--data-dir" not in argv and argv[0] == "run":
         argv = argv + ["--data-dir", str(data_dir)]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from icl_locate.tasks.data import flores_bitext, flores_file, parse_pair, resolve_language
-from icl_locate.util.errors import UserError
 from icl_locate.tasks.metrics import first_sentence, pass_at_1, translation_scores
 from icl_locate.tasks.registry import TASKS, TaskOptions, build_items, get_task, humaneval_query, post_process
+from icl_locate.util.errors import UserError
 
 
 def _tree(root, layout: str):

@@ -11,11 +11,11 @@ import pytest
 
 from icl_locate.cli import main
 from icl_locate.core.models import load_model
+from icl_locate.engines.sweep import SweepEngine
 from icl_locate.experiments import bench, decode, prune, sweep
 from icl_locate.experiments.executors import LocalExecutor
 from icl_locate.experiments.settings import SweepConfig, load_task_data, plan_units
 from icl_locate.experiments.units import Worker
-from icl_locate.engines.sweep import SweepEngine
 from icl_locate.results.store import Store
 from icl_locate.tasks.metrics import Bleu, PassAt1, translation_scores
 from icl_locate.util.progress import Progress
@@ -24,6 +24,7 @@ from icl_locate.util.progress import Progress
 @pytest.fixture
 def no_model_loads(monkeypatch):
     """Any model load fails the test: the settings must be refused first."""
+
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the settings were checked")
 
@@ -31,19 +32,22 @@ def no_model_loads(monkeypatch):
         monkeypatch.setattr(module, "load_model", refuse)
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["sweep", "--store", "S", "--preset", "nope"], "unknown preset"),
-    (["sweep", "--store", "S", "--conditions", "bogus"], "unknown condition"),
-    (["sweep", "--store", "S", "--layers", "1,x"], "--layers must be"),
-    (["sweep", "--store", "S", "--pairs", "fra-xyz"], "unknown language code"),
-    (["sweep", "--store", "S", "--n-test", "0"], "--n-test must be >= 1"),
-    (["sweep", "--store", "S", "--dtype", "fp7"], "unknown dtype"),
-    (["sweep", "--store", "S", "--ks", "500"], "prompt bank has 197"),
-    (["sweep", "--store", "S", "--dry-run", "--task", "nope"], "unknown task"),
-    (["bench", "--condition", "bogus"], "unknown condition"),
-    (["prune", "--layer", "2", "--condition", "bogus"], "unknown condition"),
-    (["run", "--condition", "bogus", "--pair", "fra-eng"], "unknown condition"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["sweep", "--store", "S", "--preset", "nope"], "unknown preset"),
+        (["sweep", "--store", "S", "--conditions", "bogus"], "unknown condition"),
+        (["sweep", "--store", "S", "--layers", "1,x"], "--layers must be"),
+        (["sweep", "--store", "S", "--pairs", "fra-xyz"], "unknown language code"),
+        (["sweep", "--store", "S", "--n-test", "0"], "--n-test must be >= 1"),
+        (["sweep", "--store", "S", "--dtype", "fp7"], "unknown dtype"),
+        (["sweep", "--store", "S", "--ks", "500"], "prompt bank has 197"),
+        (["sweep", "--store", "S", "--dry-run", "--task", "nope"], "unknown task"),
+        (["bench", "--condition", "bogus"], "unknown condition"),
+        (["prune", "--layer", "2", "--condition", "bogus"], "unknown condition"),
+        (["run", "--condition", "bogus", "--pair", "fra-eng"], "unknown condition"),
+    ],
+)
 def test_settings_fail_before_any_model_loads(argv, message, no_model_loads, capsys, tmp_path, data_dir):
     argv = [str(tmp_path / "s.sqlite") if a == "S" else a for a in argv]
     assert main([*argv, "--data-dir", str(data_dir)]) == 2
@@ -54,8 +58,12 @@ def test_settings_fail_before_any_model_loads(argv, message, no_model_loads, cap
 
 def tiny_worker(data_dir, config):
     loaded = load_model(config.model)
-    return Worker(loaded, load_task_data(config), max_new_tokens=config.max_new_tokens,
-                  engine=SweepEngine(loaded.model, loaded.tokenizer))
+    return Worker(
+        loaded,
+        load_task_data(config),
+        max_new_tokens=config.max_new_tokens,
+        engine=SweepEngine(loaded.model, loaded.tokenizer),
+    )
 
 
 class FailingSecond:
@@ -72,8 +80,17 @@ class FailingSecond:
 
 
 def test_driver_commits_what_comes_back_and_releases_the_rest(tmp_path, data_dir):
-    config = SweepConfig(model="tiny:llama", pairs=["fra-eng"], conditions=["examples", "instructions+examples"],
-                         seeds=[0], ks=[1], layers="0,4", n_test=2, max_new_tokens=3, data_dir=str(data_dir))
+    config = SweepConfig(
+        model="tiny:llama",
+        pairs=["fra-eng"],
+        conditions=["examples", "instructions+examples"],
+        seeds=[0],
+        ks=[1],
+        layers="0,4",
+        n_test=2,
+        max_new_tokens=3,
+        data_dir=str(data_dir),
+    )
     worker = tiny_worker(data_dir, config)
     units = plan_units(config, worker.loaded.info.num_layers)
     path = tmp_path / "s.sqlite"
@@ -91,8 +108,17 @@ def test_driver_commits_what_comes_back_and_releases_the_rest(tmp_path, data_dir
 
 
 def test_computing_a_unit_writes_nothing_and_is_repeatable(tmp_path, data_dir):
-    config = SweepConfig(model="tiny:qwen2", pairs=["fra-eng"], conditions=["instructions+examples"], seeds=[0],
-                         ks=[1], layers="0,2,4", n_test=2, max_new_tokens=3, data_dir=str(data_dir))
+    config = SweepConfig(
+        model="tiny:qwen2",
+        pairs=["fra-eng"],
+        conditions=["instructions+examples"],
+        seeds=[0],
+        ks=[1],
+        layers="0,2,4",
+        n_test=2,
+        max_new_tokens=3,
+        data_dir=str(data_dir),
+    )
     worker = tiny_worker(data_dir, config)
     unit = plan_units(config, worker.loaded.info.num_layers)[0]
     first, second = worker.compute(unit), worker.compute(unit)

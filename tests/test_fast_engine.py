@@ -7,7 +7,6 @@ import json
 import pytest
 
 from icl_locate.cli import main
-
 from icl_locate.core.conditions import MaskedPrompt, get_condition, hidden_ranges
 from icl_locate.core.interventions import UNCHANGED, AblateLayers, AttentionAblation, ColumnMask, MaskFrom
 from icl_locate.core.models import load_model
@@ -33,7 +32,7 @@ def encoded_prompts(tokenizer, shared: bool = True):
     fmt = FORMATS["instr_machine_translation"]
     out = []
     for i, q in enumerate(QUERIES):
-        shots = BANK[:3] if shared else BANK[i:i + 2 + i % 2]
+        shots = BANK[:3] if shared else BANK[i : i + 2 + i % 2]
         out.append(encode_prompt(tokenizer, build_prompt(fmt, shots, q, header="Translate French to English:")))
     return out
 
@@ -76,19 +75,26 @@ def test_shared_prefix_all_layers(family):
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt_neo", "bloom"])
-@pytest.mark.parametrize("condition", ["query", "instructions+examples+query", "instructions", "examples",
-                                       "all-but-last", "baseline"])
+@pytest.mark.parametrize(
+    "condition", ["query", "instructions+examples+query", "instructions", "examples", "all-but-last", "baseline"]
+)
 def test_conditions_including_query(family, condition):
     lm = tiny(family)
-    assert_same(lm, encoded_prompts(lm.tokenizer), get_condition(condition),
-                [MaskFrom(j) for j in (0, 2, lm.info.num_layers)])
+    assert_same(
+        lm, encoded_prompts(lm.tokenizer), get_condition(condition), [MaskFrom(j) for j in (0, 2, lm.info.num_layers)]
+    )
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3", "gpt_neo"])
 def test_per_query_prompts_and_small_batches(family):
     lm = tiny(family)
-    assert_same(lm, encoded_prompts(lm.tokenizer, shared=False), get_condition("examples"),
-                [MaskFrom(j) for j in (0, 1, 3)], batch_size=2)
+    assert_same(
+        lm,
+        encoded_prompts(lm.tokenizer, shared=False),
+        get_condition("examples"),
+        [MaskFrom(j) for j in (0, 1, 3)],
+        batch_size=2,
+    )
 
 
 @pytest.mark.parametrize("family", ["llama", "bloom", "gpt2"])
@@ -97,15 +103,20 @@ def test_early_stopping(family):
     encs = encoded_prompts(lm.tokenizer)
     first = reference(lm, encs[0], None, MaskFrom(lm.info.num_layers), max_new=12)
     stop = (lm.tokenizer.decode(first.token_ids[2:3]),)  # a string the model is known to produce
-    assert_same(lm, encs, get_condition("instructions+examples"), [MaskFrom(j) for j in (0, 2, 4)],
-                stop=stop, max_new=12)
+    assert_same(
+        lm, encs, get_condition("instructions+examples"), [MaskFrom(j) for j in (0, 2, 4)], stop=stop, max_new=12
+    )
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3", "bloom", "gpt_neo"])
 def test_whole_layer_ablation(family):
     lm = tiny(family)
-    assert_same(lm, encoded_prompts(lm.tokenizer), None,
-                [AblateLayers(frozenset({layer})) for layer in range(lm.info.num_layers)])
+    assert_same(
+        lm,
+        encoded_prompts(lm.tokenizer),
+        None,
+        [AblateLayers(frozenset({layer})) for layer in range(lm.info.num_layers)],
+    )
 
 
 def test_memory_bound_shrinks_batches_not_results():
@@ -125,12 +136,39 @@ def test_memory_bound_shrinks_batches_not_results():
 
 def test_bench_command_on_tiny_model(tmp_path, capsys, data_dir):
     out = tmp_path / "bench.json"
-    code = main(["bench", "--model", "tiny:llama", "--n-test", "2", "--layers", "0,2,4", "--k", "1",
-                 "--data-dir", str(data_dir), "--json", str(out), "--require-identical", "1.0"])
+    code = main(
+        [
+            "bench",
+            "--model",
+            "tiny:llama",
+            "--n-test",
+            "2",
+            "--layers",
+            "0,2,4",
+            "--k",
+            "1",
+            "--data-dir",
+            str(data_dir),
+            "--json",
+            str(out),
+            "--require-identical",
+            "1.0",
+        ]
+    )
     assert code == 0
     data = json.loads(out.read_text())
-    for key in ("seconds_paper", "seconds_paper_stop", "seconds_fast", "speedup_vs_paper", "speedup_vs_paper_stop",
-                "identical_fraction", "mismatches", "peak_rss_mb", "gflops_achieved", "gflops_matmul_peak"):
+    for key in (
+        "seconds_paper",
+        "seconds_paper_stop",
+        "seconds_fast",
+        "speedup_vs_paper",
+        "speedup_vs_paper_stop",
+        "identical_fraction",
+        "mismatches",
+        "peak_rss_mb",
+        "gflops_achieved",
+        "gflops_matmul_peak",
+    ):
         assert key in data
     assert data["identical_fraction"] == 1.0 and data["pairs"] == 6
     assert "(c) fast engine" in capsys.readouterr().out
@@ -143,8 +181,11 @@ def test_prompts_without_bos_or_context(family):
     encs = []
     for q in QUERIES:
         ids = lm.tokenizer(f"Q:{q}\nA:")["input_ids"][1:]  # drop BOS
-        encs.append(EncodedPrompt(text="", ids=ids, spans={"bos": None, "instructions": None, "examples": None,
-                                                         "query": (0, len(ids))}))
+        encs.append(
+            EncodedPrompt(
+                text="", ids=ids, spans={"bos": None, "instructions": None, "examples": None, "query": (0, len(ids))}
+            )
+        )
     assert_same(lm, encs, get_condition("query"), [MaskFrom(j) for j in (0, 2, 4)])
     assert_same(lm, encs, None, [UNCHANGED])
 

@@ -28,8 +28,9 @@ def mt_items(gemma, data_dir):
 def decode(gemma, task, items, condition, from_layer):
     """(post-processed answers, prompts with their hidden ranges) by the reference engine."""
     prompts = [MaskedPrompt.of(it.encoded, condition) for it in items]
-    gens = ReferenceEngine(gemma.model, gemma.tokenizer).generate(prompts, [MaskFrom(from_layer)],
-                                                                  StopRule(task.stop_strings, task.max_new_tokens))
+    gens = ReferenceEngine(gemma.model, gemma.tokenizer).generate(
+        prompts, [MaskFrom(from_layer)], StopRule(task.stop_strings, task.max_new_tokens)
+    )
     return [post_process(task, gens[(i, MaskFrom(from_layer))].text) for i in range(len(items))], prompts
 
 
@@ -49,7 +50,7 @@ def test_masking_context_from_layer_0_destroys_translation(gemma, mt_items):
     assert bleu < 5
     tok = gemma.tokenizer
     for p, item in zip(prompts, items):
-        (start, end), = p.hidden
+        ((start, end),) = p.hidden
         header_end = item.prompt.char_spans["query"][0]
         assert start == 1  # BOS stays visible
         assert tok.decode(p.ids[start:end]) == item.prompt.text[:header_end]
@@ -60,8 +61,21 @@ def test_masking_context_from_layer_0_destroys_translation(gemma, mt_items):
 @pytest.mark.parametrize("condition,layer", [("baseline", None), ("instructions+examples", 4)])
 def test_cli_run_translation(gemma, data_dir, tmp_path, capsys, condition, layer):
     out = tmp_path / "run.jsonl"
-    argv = ["run", "--model", "gemma-3-270m", "--pair", "fra-eng", "--condition", condition, "--n-test", "2",
-            "--data-dir", str(data_dir), "--out", str(out)] + (["--from-layer", str(layer)] if layer else [])
+    argv = [
+        "run",
+        "--model",
+        "gemma-3-270m",
+        "--pair",
+        "fra-eng",
+        "--condition",
+        condition,
+        "--n-test",
+        "2",
+        "--data-dir",
+        str(data_dir),
+        "--out",
+        str(out),
+    ] + (["--from-layer", str(layer)] if layer else [])
     assert main(argv) == 0
     rows = [json.loads(l) for l in out.read_text().splitlines()]
     assert len(rows) == 2 and all(r["generation"] for r in rows)
@@ -71,8 +85,25 @@ def test_cli_run_translation(gemma, data_dir, tmp_path, capsys, condition, layer
 @pytest.mark.parametrize("condition,layer", [("baseline", None), ("instructions+examples", 0)])
 def test_cli_run_code_generation(gemma, data_dir, tmp_path, capsys, condition, layer):
     out = tmp_path / "code.jsonl"
-    argv = ["run", "--model", "gemma-3-270m", "--task", "humaneval", "--condition", condition, "--n-test", "2",
-            "--k", "2", "--max-new-tokens", "96", "--data-dir", str(data_dir), "--out", str(out)]
+    argv = [
+        "run",
+        "--model",
+        "gemma-3-270m",
+        "--task",
+        "humaneval",
+        "--condition",
+        condition,
+        "--n-test",
+        "2",
+        "--k",
+        "2",
+        "--max-new-tokens",
+        "96",
+        "--data-dir",
+        str(data_dir),
+        "--out",
+        str(out),
+    ]
     argv += ["--from-layer", str(layer)] if layer is not None else []
     assert main(argv) == 0
     rows = [json.loads(l) for l in out.read_text().splitlines()]
@@ -89,7 +120,8 @@ def test_fast_engine_matches_reference_on_gemma(gemma, mt_items):
     layers = [0, 6, 12, 18]
     stop = StopRule(task.stop_strings, task.max_new_tokens)
     fast = SweepEngine(gemma.model, gemma.tokenizer).generate(
-        [MaskedPrompt.of(it.encoded, cond) for it in items], [MaskFrom(j) for j in layers], stop)
+        [MaskedPrompt.of(it.encoded, cond) for it in items], [MaskFrom(j) for j in layers], stop
+    )
     for i, it in enumerate(items):
         for j in layers:
             ranges = hidden_ranges(cond, it.encoded.spans, len(it.encoded.ids)) if j < 18 else []
@@ -100,8 +132,26 @@ def test_fast_engine_matches_reference_on_gemma(gemma, mt_items):
 
 def test_real_curve_gets_a_recognition_layer(gemma, data_dir, tmp_path, capsys):
     """The weak-baseline verdict stays away from a model that really translates."""
-    assert main(["sweep", "--pairs", "fra-eng", "--conditions", "instructions+examples", "--n-test", "6",
-                 "--layers", "0,9,18", "--data-dir", str(data_dir), "--store", str(tmp_path / "s.sqlite")]) == 0
+    assert (
+        main(
+            [
+                "sweep",
+                "--pairs",
+                "fra-eng",
+                "--conditions",
+                "instructions+examples",
+                "--n-test",
+                "6",
+                "--layers",
+                "0,9,18",
+                "--data-dir",
+                str(data_dir),
+                "--store",
+                str(tmp_path / "s.sqlite"),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "instructions+examples (instr, k=5): baseline BLEU" in out
     assert "no recognition layer" not in out and "; recognition layer " in out

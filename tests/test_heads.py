@@ -15,7 +15,6 @@ from icl_locate.core.structure import attention_module, decoder_layers
 from icl_locate.engines.base import StopRule, forward
 from icl_locate.engines.reference import ReferenceEngine
 from icl_locate.engines.sweep import SweepEngine
-
 from test_fast_engine import encoded_prompts, masked
 
 INTERFACE = ["llama", "qwen2", "gemma3", "starcoder2", "mistral"]  # llama/qwen2/...: 4 query heads, 2 KV heads
@@ -52,13 +51,15 @@ def reference_attention(module, query, key, value, attention_mask, scaling=None,
     key, value = key.repeat_interleave(n_rep, dim=1), value.repeat_interleave(n_rep, dim=1)
     scores = query @ key.transpose(2, 3) * (scaling if scaling is not None else query.shape[-1] ** -0.5)
     if attention_mask is not None:
-        scores = scores + attention_mask[:, :, :, :key.shape[-2]]
+        scores = scores + attention_mask[:, :, :, : key.shape[-2]]
     scores = scores.clone()
     for b, ranges in enumerate(REFERENCE["hidden"]):
         for h in REFERENCE["heads"].get(module.layer_idx, ()):
             for a, e in ranges:
                 scores[b, h, :, a:e] = float("-inf")
-    dead = torch.isinf(scores).all(-1, keepdim=True) | (scores <= torch.finfo(scores.dtype).min / 2).all(-1, keepdim=True)
+    dead = torch.isinf(scores).all(-1, keepdim=True) | (scores <= torch.finfo(scores.dtype).min / 2).all(
+        -1, keepdim=True
+    )
     weights = torch.softmax(scores.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
     return (weights @ value).transpose(1, 2).contiguous(), weights
 
@@ -93,7 +94,7 @@ def legacy_reference_logits(model, ids, hidden, heads):
             if name in kwargs:
                 kwargs[name] = mask
                 return args, kwargs
-            return args[:index] + (mask,) + args[index + 1:], kwargs
+            return args[:index] + (mask,) + args[index + 1 :], kwargs
 
         handles.append(inner.register_forward_pre_hook(hook, with_kwargs=True))
     try:
@@ -104,6 +105,7 @@ def legacy_reference_logits(model, ids, hidden, heads):
 
 
 # --------------------------------------------------------------------------- masks
+
 
 @pytest.mark.parametrize("family", INTERFACE)
 def test_head_masks_equal_the_written_out_reference(family):
@@ -119,7 +121,9 @@ def test_head_masks_equal_the_written_out_reference(family):
 def test_sdpa_head_masks_equal_eager(family):
     ids = ids_pair()
     sdpa = forward(tiny(family).model, ids, interventions=[ColumnMask.at_heads(HIDDEN, [HEADS, HEADS])]).logits
-    eager = forward(tiny(family, "eager").model, ids, interventions=[ColumnMask.at_heads(HIDDEN, [HEADS, HEADS])]).logits
+    eager = forward(
+        tiny(family, "eager").model, ids, interventions=[ColumnMask.at_heads(HIDDEN, [HEADS, HEADS])]
+    ).logits
     torch.testing.assert_close(sdpa, eager, atol=1e-5, rtol=1e-5)
 
 
@@ -153,11 +157,15 @@ def test_bad_head_index_is_refused():
     with pytest.raises(ValueError, match="head 7 out of range"):
         forward(lm.model, ids_pair(), interventions=[ColumnMask.at_heads(HIDDEN, [{1: frozenset({7})}] * 2)])
     with pytest.raises(ValueError, match="outside 0..3"):
-        SweepEngine(lm.model, lm.tokenizer).generate(masked(encoded_prompts(lm.tokenizer), get_condition("examples")),
-                                                     [HeadMask(frozenset({(9, 0)}))], StopRule((), 2))
+        SweepEngine(lm.model, lm.tokenizer).generate(
+            masked(encoded_prompts(lm.tokenizer), get_condition("examples")),
+            [HeadMask(frozenset({(9, 0)}))],
+            StopRule((), 2),
+        )
 
 
 # --------------------------------------------------------------------------- engines
+
 
 def knockout_and_restore_rows(n_layers: int, n_heads: int, j: int = 2) -> list:
     knockout = [HeadMask(frozenset({(l, h)})) for l in range(n_layers) for h in range(n_heads)]
@@ -176,7 +184,9 @@ def test_fast_engine_equals_reference_for_head_rows(family, condition):
     fast = SweepEngine(lm.model, lm.tokenizer, batch_size=5).generate(prompts, rows, stop)
     ref = ReferenceEngine(lm.model, lm.tokenizer).generate(prompts, rows, stop)
     assert {k: (g.token_ids, g.finish) for k, g in fast.items()} == {k: (g.token_ids, g.finish) for k, g in ref.items()}
-    knocked = [k for k in fast if isinstance(k[1], HeadMask) and fast[k].token_ids != fast[(k[0], MaskFrom(4))].token_ids]
+    knocked = [
+        k for k in fast if isinstance(k[1], HeadMask) and fast[k].token_ids != fast[(k[0], MaskFrom(4))].token_ids
+    ]
     # The tiny random Bloom's greedy tokens do not react to single heads (its per-head masks are
     # checked on logits above); elsewhere a head row that changes nothing would mean a no-op.
     assert knocked or family == "bloom" or condition == "examples", "no head intervention changed any generation"
@@ -217,8 +227,21 @@ import sqlite3  # noqa: E402
 
 from icl_locate.cli import main  # noqa: E402
 
-SWEEP = ["sweep", "--model", "tiny:llama", "--pairs", "fra-eng", "--conditions", "instructions+examples", "--ks", "1",
-         "--n-test", "3", "--max-new-tokens", "5"]
+SWEEP = [
+    "sweep",
+    "--model",
+    "tiny:llama",
+    "--pairs",
+    "fra-eng",
+    "--conditions",
+    "instructions+examples",
+    "--ks",
+    "1",
+    "--n-test",
+    "3",
+    "--max-new-tokens",
+    "5",
+]
 
 
 def digest(path) -> str:
@@ -248,17 +271,21 @@ def test_head_sweeps_store_and_report(tmp_path, data_dir, capsys):
     assert main([*common, "--heads", "knockout"]) == 0 and "0 units run" in capsys.readouterr().out  # resumable
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--heads", "restore", "--from-layer", "9"], "--from-layer must be in 0..3"),
-    (["--heads", "knockout", "--layers", "0,7"], "--layers must lie in 0..3"),
-    (["--heads", "restore", "--from-layer", "2", "--layers", "1"], "at layers >= 2"),
-    (["--from-layer", "1"], "--from-layer is for --heads restore"),
-    (["--heads", "sideways"], "invalid choice"),
-])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--heads", "restore", "--from-layer", "9"], "--from-layer must be in 0..3"),
+        (["--heads", "knockout", "--layers", "0,7"], "--layers must lie in 0..3"),
+        (["--heads", "restore", "--from-layer", "2", "--layers", "1"], "at layers >= 2"),
+        (["--from-layer", "1"], "--from-layer is for --heads restore"),
+        (["--heads", "sideways"], "invalid choice"),
+    ],
+)
 def test_bad_head_sweep_settings_one_line_store_unchanged(tmp_path, data_dir, capsys, extra, message):
     store = tmp_path / "s.sqlite"
-    assert main([*SWEEP, "--store", str(store), "--data-dir", str(data_dir), "--heads", "knockout",
-                 "--layers", "0"]) == 0
+    assert (
+        main([*SWEEP, "--store", str(store), "--data-dir", str(data_dir), "--heads", "knockout", "--layers", "0"]) == 0
+    )
     before = digest(store)
     capsys.readouterr()
     code = main([*SWEEP, "--store", str(store), "--data-dir", str(data_dir), *extra])

@@ -12,16 +12,34 @@ from torch import nn
 from icl_locate.cli import main
 from icl_locate.core.models import load_model
 from icl_locate.core.prompts import Example
-from icl_locate.experiments.lora import LoraSettings, attach_adapter, lora_sweep, lora_unit_id, \
-    output_projection_name, resolve_autocast
-from icl_locate.experiments.lora_train import ChunkedHeadLoss, ReusedActivations, encode_pairs, \
-    fixed_micro_batches, make_micro_batch, mean_val_loss, plain_loss, train
+from icl_locate.experiments.lora import (
+    LoraSettings,
+    attach_adapter,
+    lora_sweep,
+    lora_unit_id,
+    output_projection_name,
+    resolve_autocast,
+)
+from icl_locate.experiments.lora_train import (
+    ChunkedHeadLoss,
+    ReusedActivations,
+    encode_pairs,
+    fixed_micro_batches,
+    make_micro_batch,
+    mean_val_loss,
+    plain_loss,
+    train,
+)
 from icl_locate.results.store import Store
 from icl_locate.util.errors import UserError
 
-EXPECTED = {"llama": "model.layers.1.self_attn.o_proj", "gpt_neo": "transformer.h.1.attn.attention.out_proj",
-            "gemma3": "model.layers.1.self_attn.o_proj", "bloom": "transformer.h.1.self_attention.dense",
-            "gpt2": "transformer.h.1.attn.c_proj"}
+EXPECTED = {
+    "llama": "model.layers.1.self_attn.o_proj",
+    "gpt_neo": "transformer.h.1.attn.attention.out_proj",
+    "gemma3": "model.layers.1.self_attn.o_proj",
+    "bloom": "transformer.h.1.self_attention.dense",
+    "gpt2": "transformer.h.1.attn.c_proj",
+}
 PAIRS = [Example(str(i), f"phrase {i} en francais", f"sentence {i} in english") for i in range(12)]
 
 
@@ -52,13 +70,15 @@ def test_mini_sweep_end_to_end(tmp_path, data_dir):
     lm = load_model("tiny:llama")
     store = Store(tmp_path / "s.sqlite", dict(model="tiny:llama"))
     settings = LoraSettings(batch_size=8, micro_batch=4, max_epochs=2, train_size=16, lr=1e-3)
-    results = lora_sweep(lm, str(data_dir), "fra-eng", [0, 3], settings, 2, tmp_path / "adapters", store=store,
-                         log=lambda m: None)
+    results = lora_sweep(
+        lm, str(data_dir), "fra-eng", [0, 3], settings, 2, tmp_path / "adapters", store=store, log=lambda m: None
+    )
     assert [r["layer"] for r in results] == [0, 3]
     assert all((tmp_path / "adapters" / f"layer{l:02d}" / "adapter_config.json").exists() for l in (0, 3))
     assert all(len(r["curve"]["val_loss"]) == len(r["curve"]["train_loss"]) >= 1 for r in results)
-    again = lora_sweep(lm, str(data_dir), "fra-eng", [0, 3], settings, 2, tmp_path / "adapters", store=store,
-                       log=lambda m: None)
+    again = lora_sweep(
+        lm, str(data_dir), "fra-eng", [0, 3], settings, 2, tmp_path / "adapters", store=store, log=lambda m: None
+    )
     assert again == []  # finished layers are skipped
     from icl_locate.results.report import build_report
 
@@ -70,8 +90,9 @@ def test_mini_sweep_end_to_end(tmp_path, data_dir):
 def test_bad_input(tmp_path, data_dir, layers, train_size, message):
     lm = load_model("tiny:llama")
     with pytest.raises(UserError, match=message):
-        lora_sweep(lm, str(data_dir), "fra-eng", layers, LoraSettings(train_size=train_size), 2, tmp_path,
-                   log=lambda m: None)
+        lora_sweep(
+            lm, str(data_dir), "fra-eng", layers, LoraSettings(train_size=train_size), 2, tmp_path, log=lambda m: None
+        )
 
 
 # --------------------------------------------------------------------------- activation reuse and losses
@@ -86,7 +107,7 @@ def _grads(peft_model) -> dict:
 def test_answer_positions_are_the_target_tokens():
     lm = load_model("tiny:llama")
     for ex, seq in zip(PAIRS, encode_pairs(lm.tokenizer, PAIRS)):
-        answer = lm.tokenizer.decode(list(seq.ids[seq.answer_start:-1]))
+        answer = lm.tokenizer.decode(list(seq.ids[seq.answer_start : -1]))
         assert answer.strip() == ex.target and seq.ids[-1] == lm.tokenizer.eos_token_id
         assert list(seq.targets("full")) == list(range(1, len(seq.ids)))
 
@@ -224,8 +245,9 @@ def test_training_with_reuse_equals_plain_training(family):
     seqs = encode_pairs(lm.tokenizer, PAIRS)
     outcomes = []
     for reuse in (False, True):
-        settings = LoraSettings(dropout=0.0, lr=1e-2, batch_size=4, micro_batch=2, max_epochs=3, patience=5,
-                                reuse=reuse)
+        settings = LoraSettings(
+            dropout=0.0, lr=1e-2, batch_size=4, micro_batch=2, max_epochs=3, patience=5, reuse=reuse
+        )
         peft_model, _ = attach_adapter(lm.model, 1, settings)
         try:
             record = train(peft_model, seqs[:8], seqs[8:], 1, lm.tokenizer.pad_token_id, settings)
@@ -285,22 +307,64 @@ def test_reuse_refuses_a_model_whose_logits_it_would_get_wrong():
 
 def test_preset_paper_is_in_the_stored_run_config(tmp_path, data_dir):
     store = tmp_path / "s.sqlite"
-    code = main(["lora-sweep", "--model", "tiny:llama", "--preset", "paper", "--layers", "1", "--train-size", "8",
-                 "--val-size", "4", "--epochs", "1", "--n-test", "2", "--micro-batch", "4", "--out-dir",
-                 str(tmp_path / "out"), "--store", str(store), "--data-dir", str(data_dir)])
+    code = main(
+        [
+            "lora-sweep",
+            "--model",
+            "tiny:llama",
+            "--preset",
+            "paper",
+            "--layers",
+            "1",
+            "--train-size",
+            "8",
+            "--val-size",
+            "4",
+            "--epochs",
+            "1",
+            "--n-test",
+            "2",
+            "--micro-batch",
+            "4",
+            "--out-dir",
+            str(tmp_path / "out"),
+            "--store",
+            str(store),
+            "--data-dir",
+            str(data_dir),
+        ]
+    )
     assert code == 0
     with Store(store, create=False) as s:
         config = s.runs()[-1]["config"]
         result = s.lora_results()[0]
     assert config["preset"] == "paper" and config["loss"] == "full" and config["autocast"] == "off"  # auto on a CPU
-    assert (config["r"], config["alpha"], config["dropout"], config["lr"], config["batch_size"], config["patience"],
-            config["threshold"], config["val_size"], config["train_size"]) == (8, 32, 0.05, 1e-4, 32, 5, 0.01, 4, 8)
+    assert (
+        config["r"],
+        config["alpha"],
+        config["dropout"],
+        config["lr"],
+        config["batch_size"],
+        config["patience"],
+        config["threshold"],
+        config["val_size"],
+        config["train_size"],
+    ) == (8, 32, 0.05, 1e-4, 32, 5, 0.01, 4, 8)
     assert result["train_tokens"] > 0 and result["train_seconds"] > 0 and result["seconds"] > 0
 
 
 def test_bad_lora_options(tmp_path, data_dir, capsys):
-    base = ["lora-sweep", "--model", "tiny:llama", "--layers", "1", "--out-dir", str(tmp_path), "--data-dir",
-            str(data_dir)]
+    base = [
+        "lora-sweep",
+        "--model",
+        "tiny:llama",
+        "--layers",
+        "1",
+        "--out-dir",
+        str(tmp_path),
+        "--data-dir",
+        str(data_dir),
+    ]
     assert main(base + ["--no-bucketing"]) == 2
     assert "needs fixed micro-batches" in capsys.readouterr().err
     assert main(base + ["--loss", "tokens"]) == 2
@@ -317,8 +381,9 @@ def test_unit_ids_of_earlier_versions_are_kept():
     assert lora_unit_id("fra-eng", 3, replace(curve, autocast="bf16"), 64) != "lora-5531cdff77ae"
     with pytest.raises(UserError, match="--autocast"):  # a mode it does not know is not run as float32
         resolve_autocast(LoraSettings(autocast="fp8"), "cpu")
-    assert resolve_autocast(LoraSettings(), "cuda").autocast == ("bf16" if not torch.cuda.is_available()
-                                                                or torch.cuda.is_bf16_supported() else "off")
+    assert resolve_autocast(LoraSettings(), "cuda").autocast == (
+        "bf16" if not torch.cuda.is_available() or torch.cuda.is_bf16_supported() else "off"
+    )
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
@@ -329,11 +394,15 @@ def test_bf16_autocast_training(family):
     seqs = encode_pairs(lm.tokenizer, PAIRS)
     records, dtypes = {}, set()
     for autocast, reuse in (("off", True), ("bf16", False), ("bf16", True)):
-        settings = LoraSettings(dropout=0.0, lr=1e-2, batch_size=4, micro_batch=2, max_epochs=2, patience=5,
-                                reuse=reuse, autocast=autocast)
+        settings = LoraSettings(
+            dropout=0.0, lr=1e-2, batch_size=4, micro_batch=2, max_epochs=2, patience=5, reuse=reuse, autocast=autocast
+        )
         peft_model, target = attach_adapter(lm.model, 1, settings)
-        handle = peft_model.get_base_model().get_submodule(target).register_forward_hook(
-            lambda module, args, output, mode=autocast: dtypes.add((mode, output.dtype)))
+        handle = (
+            peft_model.get_base_model()
+            .get_submodule(target)
+            .register_forward_hook(lambda module, args, output, mode=autocast: dtypes.add((mode, output.dtype)))
+        )
         try:
             records[autocast, reuse] = train(peft_model, seqs[:8], seqs[8:], 1, lm.tokenizer.pad_token_id, settings)
         finally:

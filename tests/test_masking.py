@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from icl_locate.core.conditions import get_condition, hidden_ranges, merge_ranges
@@ -57,11 +56,14 @@ def test_mask_from_last_layer_is_no_mask(family):
     model = tiny(family)
     ids = ids_pair()
     plain = forward(model, ids).logits
-    past_end = forward(model, ids, interventions=[ColumnMask.from_layer(HIDDEN, n_layers(model), n_layers(model))]).logits
+    past_end = forward(
+        model, ids, interventions=[ColumnMask.from_layer(HIDDEN, n_layers(model), n_layers(model))]
+    ).logits
     assert torch.equal(plain, past_end)
     # and the prepared model without a plan computes what transformers computes
-    fresh = AutoModelForCausalLM.from_config(model.config.__class__.from_dict(
-        {**model.config.to_dict(), "_attn_implementation": None})).eval()
+    fresh = AutoModelForCausalLM.from_config(
+        model.config.__class__.from_dict({**model.config.to_dict(), "_attn_implementation": None})
+    ).eval()
     fresh.load_state_dict(model.state_dict())
     with torch.no_grad():
         reference = fresh(ids, position_ids=None if family == "bloom" else torch.arange(SEQ)[None].expand(2, -1)).logits
@@ -107,7 +109,7 @@ def test_kv_cache_decoding_equals_full_forward(family, from_layer):
     first = forward(model, ids[:, :prefix], cache=cache, interventions=[plan]).logits
     steps = [first]
     for t in range(prefix, SEQ):
-        steps.append(forward(model, ids[:, t:t + 1], cache=cache, interventions=[plan]).logits)
+        steps.append(forward(model, ids[:, t : t + 1], cache=cache, interventions=[plan]).logits)
     incremental = torch.cat(steps, dim=1)
     torch.testing.assert_close(incremental, full, atol=1e-5, rtol=1e-5)
 
@@ -151,19 +153,27 @@ def test_left_padded_batch_equals_rows_alone(family):
     ids = torch.zeros(2, pad, dtype=torch.long)
     mask = torch.zeros(2, pad, dtype=torch.long)
     for i, r in enumerate(rows):
-        ids[i, pad - len(r):] = r
-        mask[i, pad - len(r):] = 1
+        ids[i, pad - len(r) :] = r
+        mask[i, pad - len(r) :] = 1
     plan = ColumnMask.from_layer(hidden, 1, n_layers(model)).shifted([pad - n for n in lengths])
     batched = forward(model, ids, attention_mask=mask, interventions=[plan]).logits
     for i, r in enumerate(rows):
         alone = forward(model, r[None], interventions=[ColumnMask.from_layer([hidden[i]], 1, n_layers(model))]).logits
-        torch.testing.assert_close(batched[i, pad - len(r):], alone[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(batched[i, pad - len(r) :], alone[0], atol=1e-5, rtol=1e-5)
 
 
 # output projection of each family's attention, zeroed by hand as the reference for ablation
-OUT_PROJ = {"llama": "self_attn.o_proj", "qwen2": "self_attn.o_proj", "starcoder2": "self_attn.o_proj",
-            "gemma3": "self_attn.o_proj", "mistral": "self_attn.o_proj", "gpt2": "attn.c_proj",
-            "gpt_neox": "attention.dense", "gpt_neo": "attn.attention.out_proj", "bloom": "self_attention.dense"}
+OUT_PROJ = {
+    "llama": "self_attn.o_proj",
+    "qwen2": "self_attn.o_proj",
+    "starcoder2": "self_attn.o_proj",
+    "gemma3": "self_attn.o_proj",
+    "mistral": "self_attn.o_proj",
+    "gpt2": "attn.c_proj",
+    "gpt_neox": "attention.dense",
+    "gpt_neo": "attn.attention.out_proj",
+    "bloom": "self_attention.dense",
+}
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -8,8 +8,8 @@ import time
 import pytest
 import torch
 
-from icl_locate.util.errors import UserError
 from icl_locate.core.models import ALIASES, _build_checkpoint, _checkpoint_ok, load_model
+from icl_locate.util.errors import UserError
 
 
 def test_tiny_model_description():
@@ -19,12 +19,15 @@ def test_tiny_model_description():
     assert lm.tokenizer("ab")["input_ids"][0] == lm.tokenizer.bos_token_id
 
 
-@pytest.mark.parametrize("spec,message", [
-    ("no/such-model-xyz", "cannot load 'no/such-model-xyz' from the Hugging Face hub"),
-    ("missing.gguf", "GGUF file not found"),
-    ("tiny:nope", "unknown tiny family"),
-    ("not a model", "neither a local path"),
-])
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        ("no/such-model-xyz", "cannot load 'no/such-model-xyz' from the Hugging Face hub"),
+        ("missing.gguf", "GGUF file not found"),
+        ("tiny:nope", "unknown tiny family"),
+        ("not a model", "neither a local path"),
+    ],
+)
 def test_bad_specs_give_clear_errors(spec, message, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UserError, match=message):

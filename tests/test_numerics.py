@@ -9,7 +9,6 @@ import pytest
 import torch
 from transformers import DynamicCache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from test_fast_engine import FAMILIES, encoded_prompts, masked
 
 from icl_locate.core.conditions import get_condition
 from icl_locate.core.interventions import ColumnMask, MaskFrom
@@ -21,6 +20,7 @@ from icl_locate.engines.head import ScreenedHead
 from icl_locate.engines.reference import ReferenceEngine
 from icl_locate.engines.sweep import SweepEngine
 from icl_locate.engines.tree import TreeEngine
+from test_fast_engine import FAMILIES, encoded_prompts, masked
 
 ATTENTION_FAMILIES = ["llama", "gemma3", "qwen2", "starcoder2", "gpt2"]  # on AttentionInterface (sdpa and eager)
 
@@ -31,8 +31,11 @@ def nan_prone_sdpa(module, query, key, value, attention_mask, scaling=None, drop
     key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
     scores = query @ key.transpose(-1, -2) * (scaling or query.shape[-1] ** -0.5)
     if attention_mask is not None:
-        visible = attention_mask if attention_mask.dtype == torch.bool else \
-            attention_mask > torch.finfo(attention_mask.dtype).min / 2
+        visible = (
+            attention_mask
+            if attention_mask.dtype == torch.bool
+            else attention_mask > torch.finfo(attention_mask.dtype).min / 2
+        )
         scores = scores.masked_fill(~visible, -float("inf"))
     weights = scores.softmax(-1)  # a row of -inf gives NaN
     return (weights @ value).transpose(1, 2).contiguous(), weights
@@ -65,8 +68,9 @@ def test_the_nan_prone_kernel_does_return_nan():
     assert torch.isnan(out[0, 1]).all() and torch.isfinite(out[0, 0]).all()
 
 
-@pytest.mark.parametrize("value", [(torch.zeros(2, 3),), [torch.zeros(2, 3), 1], {"local": torch.zeros(2, 3)},
-                                   ((torch.zeros(2, 3),),)])
+@pytest.mark.parametrize(
+    "value", [(torch.zeros(2, 3),), [torch.zeros(2, 3), 1], {"local": torch.zeros(2, 3)}, ((torch.zeros(2, 3),),)]
+)
 def test_an_unknown_per_row_argument_inside_a_container_is_refused(value):
     with pytest.raises(RuntimeError, match="'mystery_embeddings'"):
         TreeEngine._slice("mystery_embeddings", value, torch.tensor([0]), 2)
@@ -90,8 +94,9 @@ def test_chunked_attention_gets_no_hole_based_drafts():
         assert attention_window(lm.model) == 0
         encs = encoded_prompts(lm.tokenizer)
         engine = TreeEngine(lm.model, lm.tokenizer, draft_tokens=4)
-        engine.generate(masked(encs, get_condition("instructions+examples")), [MaskFrom(j) for j in range(5)],
-                        StopRule((), 8))
+        engine.generate(
+            masked(encs, get_condition("instructions+examples")), [MaskFrom(j) for j in range(5)], StopRule((), 8)
+        )
         assert engine.stats["draft_tokens"] == 0
     finally:
         del lm.model.config.attention_chunk_size
@@ -141,8 +146,12 @@ def test_bf16_models_every_engine_equals_the_reference_up_to_near_ties(family):
     stop = StopRule((), 8)
     all_pairs = [(i, r) for i in range(len(prompts)) for r in range(len(rows))]
     threshold = margin_threshold(torch.bfloat16)
-    engines = [SweepEngine(lm.model, lm.tokenizer), TreeEngine(lm.model, lm.tokenizer),
-               TreeEngine(lm.model, lm.tokenizer, draft_tokens=3), ReferenceEngine(lm.model, lm.tokenizer)]
+    engines = [
+        SweepEngine(lm.model, lm.tokenizer),
+        TreeEngine(lm.model, lm.tokenizer),
+        TreeEngine(lm.model, lm.tokenizer, draft_tokens=3),
+        ReferenceEngine(lm.model, lm.tokenizer),
+    ]
     for engine in engines:
         gens = engine.generate(prompts, rows, stop)
         checked = audit_rows(lm.model, lm.tokenizer, prompts, rows, gens, stop, all_pairs)

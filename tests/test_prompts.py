@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from icl_locate.util.errors import UserError
 from icl_locate.core.prompts import FORMATS, Example, build_prompt, encode_prompt, render_header, sample_examples
+from icl_locate.util.errors import UserError
 
 SHOTS = [Example("a", "Bonjour le monde.", "Hello world."), Example("b", " Merci beaucoup. ", "Thanks a lot.")]
 MT = FORMATS["instr_machine_translation"]
@@ -14,18 +14,35 @@ NONE = FORMATS["instr_none_QA"]
 
 GOLDEN = [
     # (format, header, k, expected prompt)
-    (MT, render_header(MT, "French", "English"), 2,
-     "Translate French to English:\nQ:Bonjour le monde.A:Hello world. \nQ:Merci beaucoup.A:Thanks a lot. \n"
-     "Q:Il pleut.A:"),
-    (MT, render_header(MT, "English", "French"), 1,
-     "Translate English to French:\nQ:Bonjour le monde.A:Hello world. \nQ:Il pleut.A:"),
+    (
+        MT,
+        render_header(MT, "French", "English"),
+        2,
+        "Translate French to English:\nQ:Bonjour le monde.A:Hello world. \nQ:Merci beaucoup.A:Thanks a lot. \n"
+        "Q:Il pleut.A:",
+    ),
+    (
+        MT,
+        render_header(MT, "English", "French"),
+        1,
+        "Translate English to French:\nQ:Bonjour le monde.A:Hello world. \nQ:Il pleut.A:",
+    ),
     (MT, render_header(MT, "French", "English"), 0, "Translate French to English:\nQ:Il pleut.A:"),
     (MT, "", 1, "\nQ:Bonjour le monde.A:Hello world. \nQ:Il pleut.A:"),  # the no-instructions variant
-    (CODE, CODE.header, 2,
-     "Write a program for the following task:\n\nQ:Bonjour le monde.\nA:Hello world. \nQ:Merci beaucoup.\n"
-     "A:Thanks a lot. \nQ:Il pleut.\nA:"),
+    (
+        CODE,
+        CODE.header,
+        2,
+        "Write a program for the following task:\n\nQ:Bonjour le monde.\nA:Hello world. \nQ:Merci beaucoup.\n"
+        "A:Thanks a lot. \nQ:Il pleut.\nA:",
+    ),
     (CODE, CODE.header, 0, "Write a program for the following task:\n\nQ:Il pleut.\nA:"),
-    (NONE, NONE.header, 2, "\nQ:Bonjour le monde.\nA:Hello world. \nQ:Merci beaucoup.\nA:Thanks a lot. \nQ:Il pleut.\nA:"),
+    (
+        NONE,
+        NONE.header,
+        2,
+        "\nQ:Bonjour le monde.\nA:Hello world. \nQ:Merci beaucoup.\nA:Thanks a lot. \nQ:Il pleut.\nA:",
+    ),
 ]
 
 
@@ -70,7 +87,7 @@ def _check_spans(tokenizer, fmt, header, k):
             if enc.spans[part] is None:  # e.g. k = 0: the lone separator merged into the header's last token
                 continue
             a, b = enc.spans[part]
-            expected = prompt.text[enc.offsets[a][0]:enc.offsets[b - 1][1]]
+            expected = prompt.text[enc.offsets[a][0] : enc.offsets[b - 1][1]]
             assert abs(len(expected) - (char_span[1] - char_span[0])) <= 2
         else:
             expected = prompt.text[slice(*char_span)]

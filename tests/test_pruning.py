@@ -14,11 +14,10 @@ from icl_locate.core.conditions import MaskedPrompt, get_condition, hidden_range
 from icl_locate.core.interventions import ColumnMask, MaskFrom, PruneFrom
 from icl_locate.core.structure import decoder_layers
 from icl_locate.engines.base import StopRule, forward
-from icl_locate.engines.pruned import ModelDims, PruneSplit, PrunedEngine, paper_savings, prune_split, request_flops
+from icl_locate.engines.pruned import ModelDims, PrunedEngine, PruneSplit, paper_savings, prune_split, request_flops
 from icl_locate.engines.sweep import SweepEngine
 from icl_locate.tasks.registry import TaskOptions, build_items, get_task
 from icl_locate.util.errors import UserError
-
 from test_fast_engine import encoded_prompts, masked, reference, tiny
 
 FAMILIES = ["llama", "gemma3", "qwen2", "starcoder2", "gpt2", "gpt_neox", "mistral"]
@@ -49,8 +48,9 @@ def assert_pruned_equals_masked(lm, encs, condition, layers, batch_size=2, max_n
 @pytest.mark.parametrize("family", FAMILIES)
 def test_pruned_equals_masked_every_layer(family):
     lm = tiny(family)
-    change = assert_pruned_equals_masked(lm, encoded_prompts(lm.tokenizer), get_condition("instructions+examples"),
-                                         range(lm.info.num_layers + 1))
+    change = assert_pruned_equals_masked(
+        lm, encoded_prompts(lm.tokenizer), get_condition("instructions+examples"), range(lm.info.num_layers + 1)
+    )
     assert change > 1e-2, "pruning never changed the logits: the test could not catch a no-op"
 
 
@@ -59,8 +59,13 @@ def test_pruned_equals_masked_every_layer(family):
 def test_pruned_other_ranges_and_per_query_prompts(family, condition):
     lm = tiny(family)
     for shared in (True, False):  # per-query prompts: contexts (and pruned widths) differ by row
-        assert_pruned_equals_masked(lm, encoded_prompts(lm.tokenizer, shared=shared), get_condition(condition),
-                                    (0, 1, 3, lm.info.num_layers), batch_size=3)
+        assert_pruned_equals_masked(
+            lm,
+            encoded_prompts(lm.tokenizer, shared=shared),
+            get_condition(condition),
+            (0, 1, 3, lm.info.num_layers),
+            batch_size=3,
+        )
 
 
 def test_pruned_early_stopping():
@@ -79,9 +84,13 @@ def test_pruned_tokens_never_reach_layers_from_r():
     condition = get_condition("instructions+examples")
     r = 2
     seen = [0] * n
-    handles = [layer.register_forward_hook(
-        lambda module, args, kwargs, out, i=i: seen.__setitem__(i, seen[i] + _tokens(args, kwargs)), with_kwargs=True)
-        for i, layer in enumerate(decoder_layers(lm.model))]
+    handles = [
+        layer.register_forward_hook(
+            lambda module, args, kwargs, out, i=i: seen.__setitem__(i, seen[i] + _tokens(args, kwargs)),
+            with_kwargs=True,
+        )
+        for i, layer in enumerate(decoder_layers(lm.model))
+    ]
     try:
         engine = PrunedEngine(lm.model, lm.tokenizer, batch_size=1)
         gens = engine.generate_pruned(masked(encs, condition), r, StopRule((), 5))
@@ -126,14 +135,17 @@ def test_refuses_what_it_cannot_prune():
     with pytest.raises(UserError, match="last prompt token"):
         prune_split(MaskedPrompt.of(enc, get_condition("instructions+examples+query")))
     with pytest.raises(UserError, match="0..4"):
-        PrunedEngine(llama.model, llama.tokenizer).generate(masked([enc], get_condition("examples")), [PruneFrom(9)],
-                                                            StopRule())
+        PrunedEngine(llama.model, llama.tokenizer).generate(
+            masked([enc], get_condition("examples")), [PruneFrom(9)], StopRule()
+        )
     with pytest.raises(ValueError, match="PruneFrom rows only"):
-        PrunedEngine(llama.model, llama.tokenizer).generate(masked([enc], get_condition("examples")), [MaskFrom(2)],
-                                                            StopRule())
+        PrunedEngine(llama.model, llama.tokenizer).generate(
+            masked([enc], get_condition("examples")), [MaskFrom(2)], StopRule()
+        )
 
 
 # --------------------------------------------------------------------------- analytic FLOPs
+
 
 def brute_force_flops(dims: ModelDims, split: PruneSplit, fed: int, r: int) -> float:
     """Token by token, layer by layer, key by key."""
@@ -153,8 +165,9 @@ def brute_force_flops(dims: ModelDims, split: PruneSplit, fed: int, r: int) -> f
 
 @pytest.mark.parametrize("window", [None, 7])
 def test_request_flops_matches_brute_force(window):
-    dims = ModelDims(layer_params=(100, 200, 300, 400), attention_width=8, windows=(window, None, window, None),
-                     lm_head=50)
+    dims = ModelDims(
+        layer_params=(100, 200, 300, 400), attention_width=8, windows=(window, None, window, None), lm_head=50
+    )
     for split in (PruneSplit(1, 20, 25), PruneSplit(24, 24, 25), PruneSplit(0, 10, 12)):
         for r in range(5):
             f = request_flops(dims, split, 6, r)
@@ -179,16 +192,35 @@ def test_model_dims_of_gemma_like_config():
     assert len(dims.layer_params) == lm.info.num_layers
     assert sum(dims.layer_params) < sum(p.numel() for p in lm.model.parameters())
     assert any(w is not None for w in dims.windows) == any(
-        t == "sliding_attention" for t in lm.model.config.layer_types)
+        t == "sliding_attention" for t in lm.model.config.layer_types
+    )
     assert np.all(np.array(dims.layer_params) > 0)
 
 
 # --------------------------------------------------------------------------- the command
 
+
 def test_prune_command_on_tiny_model(tmp_path, capsys, data_dir):
     out = tmp_path / "prune.json"
-    code = main(["prune", "--model", "tiny:llama", "--n-test", "3", "--layer", "2", "--k", "2",
-                 "--data-dir", str(data_dir), "--json", str(out), "--max-new-tokens", "8"])
+    code = main(
+        [
+            "prune",
+            "--model",
+            "tiny:llama",
+            "--n-test",
+            "3",
+            "--layer",
+            "2",
+            "--k",
+            "2",
+            "--data-dir",
+            str(data_dir),
+            "--json",
+            str(out),
+            "--max-new-tokens",
+            "8",
+        ]
+    )
     assert code == 0
     data = json.loads(out.read_text())
     assert data["identical_to_masked"] == 3 and data["from_layer"] == 2
@@ -199,11 +231,28 @@ def test_prune_command_on_tiny_model(tmp_path, capsys, data_dir):
 
 
 def test_prune_command_bad_input(tmp_path, capsys, data_dir):
-    for args, message in ((["--layer", "99"], "0..4"), (["--layer", "2", "--condition", "query+nonsense"], "unknown condition"),
-                          (["--layer", "2", "--model", "tiny:gpt_neo"], "AttentionInterface")):
+    for args, message in (
+        (["--layer", "99"], "0..4"),
+        (["--layer", "2", "--condition", "query+nonsense"], "unknown condition"),
+        (["--layer", "2", "--model", "tiny:gpt_neo"], "AttentionInterface"),
+    ):
         out = tmp_path / "x.json"
-        code = main(["prune", "--model", "tiny:llama", "--n-test", "2", "--k", "1", "--data-dir", str(data_dir),
-                     "--json", str(out), *args])
+        code = main(
+            [
+                "prune",
+                "--model",
+                "tiny:llama",
+                "--n-test",
+                "2",
+                "--k",
+                "1",
+                "--data-dir",
+                str(data_dir),
+                "--json",
+                str(out),
+                *args,
+            ]
+        )
         assert code == 2
         assert message in capsys.readouterr().err
         assert not out.exists()
@@ -224,10 +273,46 @@ def test_pruned_gemma_equals_sweep_engine(gemma, data_dir):
 
 def test_prune_result_kept_in_study_store_and_reported(tmp_path, capsys, data_dir):
     store = tmp_path / "study.sqlite"
-    common = ["--model", "tiny:llama", "--k", "1", "--n-test", "2", "--max-new-tokens", "6", "--data-dir", str(data_dir)]
-    assert main(["sweep", "--model", "tiny:llama", "--pairs", "fra-eng", "--conditions", "instructions+examples",
-                 "--seeds", "0", "--ks", "1", "--n-test", "2", "--max-new-tokens", "6", "--layers", "0,2,4",
-                 "--data-dir", str(data_dir), "--store", str(store)]) == 0
+    common = [
+        "--model",
+        "tiny:llama",
+        "--k",
+        "1",
+        "--n-test",
+        "2",
+        "--max-new-tokens",
+        "6",
+        "--data-dir",
+        str(data_dir),
+    ]
+    assert (
+        main(
+            [
+                "sweep",
+                "--model",
+                "tiny:llama",
+                "--pairs",
+                "fra-eng",
+                "--conditions",
+                "instructions+examples",
+                "--seeds",
+                "0",
+                "--ks",
+                "1",
+                "--n-test",
+                "2",
+                "--max-new-tokens",
+                "6",
+                "--layers",
+                "0,2,4",
+                "--data-dir",
+                str(data_dir),
+                "--store",
+                str(store),
+            ]
+        )
+        == 0
+    )
     assert main(["prune", *common, "--layer", "2", "--store", str(store)]) == 0
     # another model's store is refused, and the store is left as it was
     assert main(["prune", *common[2:], "--model", "tiny:gemma3", "--layer", "2", "--store", str(store)]) == 2

@@ -17,21 +17,48 @@ from icl_locate.cli import main
 
 ray = pytest.importorskip("ray")
 
-BASE = ["sweep", "--model", "tiny:llama", "--pairs", "fra-eng,eng-fra", "--conditions",
-        "instructions+examples,examples", "--seeds", "0", "--ks", "1", "--n-test", "3", "--layers", "all"]
+BASE = [
+    "sweep",
+    "--model",
+    "tiny:llama",
+    "--pairs",
+    "fra-eng,eng-fra",
+    "--conditions",
+    "instructions+examples,examples",
+    "--seeds",
+    "0",
+    "--ks",
+    "1",
+    "--n-test",
+    "3",
+    "--layers",
+    "all",
+]
 SLOW = ["--max-new-tokens", "40"]  # units long enough to be caught mid-way
 RAY = ["--executor", "ray", "--workers", "2", "--cpus-per-worker", "1"]
 
 
 def cli(store, data_dir, *extra) -> list[str]:
-    return [sys.executable, "-m", "icl_locate.cli", *BASE, *SLOW, "--store", str(store), "--data-dir", str(data_dir),
-            *extra]
+    return [
+        sys.executable,
+        "-m",
+        "icl_locate.cli",
+        *BASE,
+        *SLOW,
+        "--store",
+        str(store),
+        "--data-dir",
+        str(data_dir),
+        *extra,
+    ]
 
 
 def rows(store) -> list[tuple]:
     db = sqlite3.connect(store)
-    out = db.execute("SELECT unit_id, item, variant, layer, prompt_token_ids, hidden_ranges, generation, "
-                     "sentence_score, stats FROM predictions ORDER BY 1, 2, 3, 4").fetchall()
+    out = db.execute(
+        "SELECT unit_id, item, variant, layer, prompt_token_ids, hidden_ranges, generation, "
+        "sentence_score, stats FROM predictions ORDER BY 1, 2, 3, 4"
+    ).fetchall()
     db.close()
     return out
 
@@ -101,8 +128,22 @@ def test_driver_killed_then_rerun_resumes(tmp_path, data_dir, local_store):
 def test_a_unit_that_keeps_failing_stops_with_one_line(tmp_path, data_dir, capsys):
     """A worker that cannot load its model: bounded retries, one line naming the unit and the error."""
     store = tmp_path / "ray.sqlite"
-    code = main([*BASE, "--max-new-tokens", "4", "--store", str(store), "--data-dir", str(data_dir), *RAY,
-                 "--dtype", "float16", "--device", "meta"])
+    code = main(
+        [
+            *BASE,
+            "--max-new-tokens",
+            "4",
+            "--store",
+            str(store),
+            "--data-dir",
+            str(data_dir),
+            *RAY,
+            "--dtype",
+            "float16",
+            "--device",
+            "meta",
+        ]
+    )
     err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("icl-locate: error")]
     assert code == 2 and len(err) == 1, err
     assert "flores" in err[0] and "times" in err[0]
@@ -110,9 +151,31 @@ def test_a_unit_that_keeps_failing_stops_with_one_line(tmp_path, data_dir, capsy
 
 
 def test_lora_sweep_through_ray_equals_local(tmp_path, data_dir):
-    common = ["lora-sweep", "--model", "tiny:llama", "--pair", "fra-eng", "--layers", "1,3", "--train-size", "8",
-              "--val-size", "4", "--epochs", "1", "--batch-size", "4", "--micro-batch", "2", "--lr", "1e-3",
-              "--n-test", "2", "--data-dir", str(data_dir)]
+    common = [
+        "lora-sweep",
+        "--model",
+        "tiny:llama",
+        "--pair",
+        "fra-eng",
+        "--layers",
+        "1,3",
+        "--train-size",
+        "8",
+        "--val-size",
+        "4",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--micro-batch",
+        "2",
+        "--lr",
+        "1e-3",
+        "--n-test",
+        "2",
+        "--data-dir",
+        str(data_dir),
+    ]
     assert main([*common, "--out-dir", str(tmp_path / "local")]) == 0
     assert main([*common, "--out-dir", str(tmp_path / "ray"), *RAY]) == 0
     for layer in (1, 3):
@@ -169,8 +232,9 @@ def test_two_node_cluster_by_address(tmp_path, data_dir, local_store):
     cluster.add_node(num_cpus=1)
     try:
         store = tmp_path / "ray.sqlite"
-        done = subprocess.run(cli(store, data_dir, *RAY, "--ray-address", cluster.address), capture_output=True,
-                              text=True, timeout=600)
+        done = subprocess.run(
+            cli(store, data_dir, *RAY, "--ray-address", cluster.address), capture_output=True, text=True, timeout=600
+        )
         assert done.returncode == 0, done.stderr[-2000:]
         assert rows(store) == rows(local_store)
     finally:

@@ -73,8 +73,8 @@ HOSTILE = {
     "exit(0) before tests": "import sys\nsys.exit(0)\n",
     "os._exit(0) before tests": "import os\nos._exit(0)\n",
     "redefine check": "def check(candidate):\n    return True\n"
-                      "def has_close_elements(numbers, threshold):\n    return None\n"
-                      "import builtins\nbuiltins.check = check\n",
+    "def has_close_elements(numbers, threshold):\n    return None\n"
+    "import builtins\nbuiltins.check = check\n",
     "print 100 MB": "import sys\nsys.stdout.write('x' * 100_000_000)\n",
     "kill the parent": "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\n",
     "kill everything": "import os, signal\nos.kill(-1, signal.SIGKILL)\n",
@@ -102,8 +102,7 @@ def test_cannot_delete_or_write_outside_its_directory(canary):
         "    try:\n"
         "        open(path, 'w').write('pwned')\n"
         "    except OSError:\n"
-        "        pass\n" % (str(outside / "new.txt"), str(escape), str(inside))
-        + CORRECT
+        "        pass\n" % (str(outside / "new.txt"), str(escape), str(inside)) + CORRECT
     )
     result = run(completion)
     assert (outside / "keep.txt").read_text() == "alive"
@@ -122,8 +121,7 @@ def test_cannot_read_parent_secrets(monkeypatch):
         "    try:\n"
         "        print(open(f'/proc/{pid}/environ').read())\n"
         "    except OSError as e:\n"
-        "        print('denied', e)\n"
-        + CORRECT
+        "        print('denied', e)\n" + CORRECT
     )
     result = run(completion)
     assert "s3cr3t-value" not in result.stdout + result.stderr
@@ -147,9 +145,7 @@ def test_no_network():
     thread = threading.Thread(target=accept)
     thread.start()
     completion = (
-        "import socket\n"
-        f"s = socket.create_connection(('127.0.0.1', {port}), timeout=1)\n"
-        "s.sendall(b'leak')\n" + CORRECT
+        f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=1)\ns.sendall(b'leak')\n" + CORRECT
     )
     result = run(completion)
     server.close()
@@ -162,7 +158,8 @@ def test_no_network():
 def test_other_samples_unaffected_by_a_fork_bomb():
     samples = [{"task_id": "HumanEval/0", "completion": HOSTILE["fork bomb"]}] + [
         {"task_id": k, "completion": PROBLEMS[k]["prompt"] + PROBLEMS[k]["canonical_solution"]}
-        for k in ("HumanEval/1", "HumanEval/2", "HumanEval/3")]
+        for k in ("HumanEval/1", "HumanEval/2", "HumanEval/3")
+    ]
     results = score_samples(samples, PROBLEMS, workers=2)
     assert results[0].status in ("failed", "timed out")
     assert all(r.passed for r in results[1:])

@@ -30,15 +30,18 @@ def without_model_stack(*argv: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", REFUSE, *argv], capture_output=True, text=True, timeout=60)
 
 
-@pytest.mark.parametrize("argv, expected", [
-    (["--help"], "usage: icl-locate"),
-    (["sweep", "--help"], "--engine"),
-    (["bench", "--help"], "--head"),
-    (["run", "--help"], "--from-layer"),
-    (["tasks"], "flores"),
-    (["conditions"], "instructions+examples"),
-    (["models"], "gemma-3-270m"),
-])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--help"], "usage: icl-locate"),
+        (["sweep", "--help"], "--engine"),
+        (["bench", "--help"], "--head"),
+        (["run", "--help"], "--from-layer"),
+        (["tasks"], "flores"),
+        (["conditions"], "instructions+examples"),
+        (["models"], "gemma-3-270m"),
+    ],
+)
 def test_listing_and_help_import_no_torch(argv, expected):
     done = without_model_stack(*argv)
     assert done.returncode == 0, done.stderr
@@ -46,18 +49,28 @@ def test_listing_and_help_import_no_torch(argv, expected):
 
 
 def test_the_refusing_hook_does_refuse():
-    done = subprocess.run([sys.executable, "-c", REFUSE.replace("from icl_locate.cli import main", "import torch")],
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-c", REFUSE.replace("from icl_locate.cli import main", "import torch")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode != 0 and "refused in this test" in done.stderr
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["sweep", "--store", "x.sqlite", "--conditions", "bogus"], "unknown condition"),
-    (["sweep", "--store", "x.sqlite", "--dtype", "float8"], "unknown dtype"),
-    (["sweep", "--store", "x.sqlite", "--engine", "fast", "--head", "screen"], "--head screen is for the tree engine"),
-    (["sweep", "--store", "x.sqlite", "--draft-tokens", "lots"], "--draft-tokens must be 'auto' or a number"),
-    (["sweep", "--store", "x.sqlite", "--preset", "nope"], "unknown preset"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["sweep", "--store", "x.sqlite", "--conditions", "bogus"], "unknown condition"),
+        (["sweep", "--store", "x.sqlite", "--dtype", "float8"], "unknown dtype"),
+        (
+            ["sweep", "--store", "x.sqlite", "--engine", "fast", "--head", "screen"],
+            "--head screen is for the tree engine",
+        ),
+        (["sweep", "--store", "x.sqlite", "--draft-tokens", "lots"], "--draft-tokens must be 'auto' or a number"),
+        (["sweep", "--store", "x.sqlite", "--preset", "nope"], "unknown preset"),
+    ],
+)
 def test_sweep_settings_are_validated_without_torch(argv, message):
     done = without_model_stack(*argv)
     assert done.returncode == 2, done.stderr
@@ -87,6 +100,7 @@ def test_the_embedded_model_loads_as_its_checkpoint_does(gemma):
     theirs = plain.state_dict()
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
     def settings(config) -> dict:  # the attention wiring is ours (icl_sdpa): everything else must agree
         return {k: v for k, v in config.to_dict().items() if "attn_implementation" not in k}
 

@@ -12,25 +12,42 @@ import time
 import numpy as np
 import pytest
 
-from icl_locate.results.analysis import Curve, analyse_curve, recognition_layer, savings
 from icl_locate.cli import main
+from icl_locate.results.analysis import Curve, analyse_curve, recognition_layer, savings
 from icl_locate.tasks.metrics import PassAt1
 
-BASE = ["sweep", "--model", "tiny:llama", "--pairs", "fra-eng,eng-fra", "--conditions",
-        "instructions+examples,examples", "--seeds", "0,1,2", "--ks", "1", "--n-test", "2",
-        "--max-new-tokens", "6", "--layers", "0,2,4"]
+BASE = [
+    "sweep",
+    "--model",
+    "tiny:llama",
+    "--pairs",
+    "fra-eng,eng-fra",
+    "--conditions",
+    "instructions+examples,examples",
+    "--seeds",
+    "0,1,2",
+    "--ks",
+    "1",
+    "--n-test",
+    "2",
+    "--max-new-tokens",
+    "6",
+    "--layers",
+    "0,2,4",
+]
 N_UNITS = 2 * 2 * 3
 
 
 def sweep_cmd(store, data_dir, extra=()):
-    return [sys.executable, "-m", "icl_locate.cli", *BASE, "--store", str(store), "--data-dir", str(data_dir),
-            *extra]
+    return [sys.executable, "-m", "icl_locate.cli", *BASE, "--store", str(store), "--data-dir", str(data_dir), *extra]
 
 
 def rows(store) -> list[tuple]:
     db = sqlite3.connect(store)
-    out = db.execute("SELECT unit_id, item, example_id, variant, layer, prompt_token_ids, hidden_ranges, "
-                     "generation, reference, sentence_score FROM predictions ORDER BY 1, 2, 4, 5").fetchall()
+    out = db.execute(
+        "SELECT unit_id, item, example_id, variant, layer, prompt_token_ids, hidden_ranges, "
+        "generation, reference, sentence_score FROM predictions ORDER BY 1, 2, 4, 5"
+    ).fetchall()
     db.close()
     return out
 
@@ -84,19 +101,24 @@ def test_rerun_is_a_no_op(tmp_path, data_dir, reference_store, capsys):
 
 def test_two_concurrent_sweeps(tmp_path, data_dir, reference_store):
     store = tmp_path / "c.sqlite"
-    procs = [subprocess.Popen(sweep_cmd(store, data_dir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-             for _ in range(2)]
+    procs = [
+        subprocess.Popen(sweep_cmd(store, data_dir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        for _ in range(2)
+    ]
     for p in procs:
         assert p.wait(timeout=300) == 0, p.stderr.read().decode()[-2000:]
     assert rows(store) == rows(reference_store)
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--conditions", "bogus"], "unknown condition"),
-    (["--pairs", "fra-xyz"], "unknown language code"),
-    (["--ks", "500"], "prompt bank has 197"),
-    (["--ks", "20"], "exceeds the model's context"),
-])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--conditions", "bogus"], "unknown condition"),
+        (["--pairs", "fra-xyz"], "unknown language code"),
+        (["--ks", "500"], "prompt bank has 197"),
+        (["--ks", "20"], "exceeds the model's context"),
+    ],
+)
 def test_bad_input_leaves_store_unchanged(tmp_path, data_dir, reference_store, capsys, extra, message):
     before = digest(reference_store)
     code = main([*BASE, "--store", str(reference_store), "--data-dir", str(data_dir), *extra])
@@ -144,23 +166,33 @@ def test_report_of_missing_store(tmp_path, capsys):
 
 # --------------------------------------------------------------------------- analysis on synthetic data
 
-@pytest.mark.parametrize("scores,expected", [
-    ([0, 1, 2, 30, 31, 30, 30], 3),  # clear plateau
-    ([0, 1, 2, 3, 4, 5, 30], 6),  # no plateau before L
-    ([0, 2, 29, 27, 30, 28.6, 30], 4),  # noisy: 27 < 0.95 * 30 breaks the first plateau
-    ([31, 30, 30, 29, 30, 30, 30], 0),  # never hurts
-])
+
+@pytest.mark.parametrize(
+    "scores,expected",
+    [
+        ([0, 1, 2, 30, 31, 30, 30], 3),  # clear plateau
+        ([0, 1, 2, 3, 4, 5, 30], 6),  # no plateau before L
+        ([0, 2, 29, 27, 30, 28.6, 30], 4),  # noisy: 27 < 0.95 * 30 breaks the first plateau
+        ([31, 30, 30, 29, 30, 30, 30], 0),  # never hurts
+    ],
+)
 def test_recognition_layer_synthetic(scores, expected):
     assert recognition_layer(list(range(len(scores))), scores, scores[-1], 0.95) == expected
 
 
 def _bernoulli_curve(rng, p_by_layer, items=60, seeds=1):
-    stats = np.stack([np.stack([(rng.random((items, 1)) < p).astype(float) for p in p_by_layer])
-                      for _ in range(seeds)])
-    return Curve(key=dict(task="t", pair="", kind="mask", condition="instructions+examples", instructions=True, k=5,
-                          n_test=items),
-                 layers=list(range(len(p_by_layer))), metric=PassAt1(), seeds=list(range(seeds)), item_stats=stats,
-                 context_tokens=300.0, query_tokens=60.0)
+    stats = np.stack([np.stack([(rng.random((items, 1)) < p).astype(float) for p in p_by_layer]) for _ in range(seeds)])
+    return Curve(
+        key=dict(
+            task="t", pair="", kind="mask", condition="instructions+examples", instructions=True, k=5, n_test=items
+        ),
+        layers=list(range(len(p_by_layer))),
+        metric=PassAt1(),
+        seeds=list(range(seeds)),
+        item_stats=stats,
+        context_tokens=300.0,
+        query_tokens=60.0,
+    )
 
 
 def test_bootstrap_ci_coverage():

@@ -29,10 +29,12 @@ def ex(target: str, i: int = 0) -> Example:
 
 # --------------------------------------------------------------------------- metrics, by hand
 
+
 def test_exact_match_by_hand():
     m = ExactMatch()
-    s = m.score(["Paris", " paris. ", "Lyon", "New  York!"], [ex("Paris"), ex("Paris"), ex("Paris"), ex("new york")],
-                None)
+    s = m.score(
+        ["Paris", " paris. ", "Lyon", "New  York!"], [ex("Paris"), ex("Paris"), ex("Paris"), ex("new york")], None
+    )
     assert s.sentence == [1.0, 1.0, 0.0, 1.0] and s.corpus["exact_match"] == 75.0
     strict = make_metric({"name": "exact_match", "lowercase": False, "strip_punctuation": False})
     assert strict.score(["paris", "Paris!"], [ex("Paris"), ex("Paris")], None).corpus["exact_match"] == 0.0
@@ -41,8 +43,11 @@ def test_exact_match_by_hand():
 
 def test_accuracy_by_hand():
     m = make_metric({"name": "accuracy", "labels": ["positive", "negative"], "label_words": {"positive": ["good"]}})
-    s = m.score(["Positive!", "good movie", "negative", "neutral", ""],
-                [ex("positive"), ex("positive"), ex("positive"), ex("negative"), ex("negative")], None)
+    s = m.score(
+        ["Positive!", "good movie", "negative", "neutral", ""],
+        [ex("positive"), ex("positive"), ex("positive"), ex("negative"), ex("negative")],
+        None,
+    )
     assert s.sentence == [1.0, 1.0, 0.0, 0.0, 0.0] and s.corpus["accuracy"] == 40.0
     assert [d["predicted_label"] for d in s.details] == ["positive", "positive", "negative", None, None]
 
@@ -63,10 +68,12 @@ def test_normalise_steps():
 
 # --------------------------------------------------------------------------- files, verbatim
 
-NASTY = ['"Bonjour," dit-il.\t"Hello," he said.',
-         '«\xa0Merci\xa0»\t“Thanks”',
-         "'single'\t  spaced  target  ",
-         'un "guillemet\tan "unclosed quote']
+NASTY = [
+    '"Bonjour," dit-il.\t"Hello," he said.',
+    "«\xa0Merci\xa0»\t“Thanks”",
+    "'single'\t  spaced  target  ",
+    'un "guillemet\tan "unclosed quote',
+]
 
 
 @pytest.mark.parametrize("crlf,bom", [(False, False), (True, False), (False, True), (True, True)])
@@ -91,11 +98,14 @@ def test_jsonl_with_tabs_and_newlines_in_fields(tmp_path):
     assert data.notes == [f"read 2 pairs from {path}, 1 empty line skipped"] * 2
 
 
-@pytest.mark.parametrize("content,message", [
-    (b"a\tb\nc\td\te\n", "pairs.tsv:2: expected 2 tab-separated columns, found 3"),
-    (b"a\tb\nonly one column\n", "pairs.tsv:2: expected 2 tab-separated columns, found 1"),
-    (b"a\tb\nc\xff\td\n", "not UTF-8 at byte offset 5"),
-])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (b"a\tb\nc\td\te\n", "pairs.tsv:2: expected 2 tab-separated columns, found 3"),
+        (b"a\tb\nonly one column\n", "pairs.tsv:2: expected 2 tab-separated columns, found 1"),
+        (b"a\tb\nc\xff\td\n", "not UTF-8 at byte offset 5"),
+    ],
+)
 def test_malformed_data_files_one_line(tmp_path, content, message):
     path = tmp_path / "pairs.tsv"
     path.write_bytes(content)
@@ -105,11 +115,19 @@ def test_malformed_data_files_one_line(tmp_path, content, message):
 
 # --------------------------------------------------------------------------- task files
 
+
 def write_task(tmp_path: Path, **overrides) -> Path:
     (tmp_path / "bank.tsv").write_text("".join(f"question {i}\tanswer {i}\n" for i in range(20)))
     (tmp_path / "test.tsv").write_text("".join(f"query {i}\tanswer {i}\n" for i in range(8)))
-    spec = dict(name="toy", data=dict(bank="bank.tsv", test="test.tsv"), prompt=dict(q="Q:", a=" A:"),
-                stop=["\n"], cut=["Q:"], max_new_tokens=4, metric="exact_match")
+    spec = dict(
+        name="toy",
+        data=dict(bank="bank.tsv", test="test.tsv"),
+        prompt=dict(q="Q:", a=" A:"),
+        stop=["\n"],
+        cut=["Q:"],
+        max_new_tokens=4,
+        metric="exact_match",
+    )
     for key, value in overrides.items():
         if value is None:
             spec.pop(key)
@@ -122,18 +140,21 @@ def write_task(tmp_path: Path, **overrides) -> Path:
     return path
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (dict(metric=None), "missing metric"),
-    (dict(metric="rouge"), "unknown metric 'rouge'"),
-    (dict(metric={"name": "accuracy"}), "accuracy needs labels"),
-    (dict(metric={"name": "accuracy", "labels": ["yes", "no"]}), "label 'answer 0' of record 1 is not one of"),
-    (dict(data=dict(bank="bank.tsv", test="test.tsv", bank_lines="5-3")), "bank_lines: a range runs from 1"),
-    (dict(data=dict(bank="bank.tsv", test="test.tsv", bank_lines="1-500")), "bank_lines 1-500"),
-    (dict(data=dict(bank="missing.tsv", test="test.tsv")), "file not found"),
-    (dict(prompt=dict(q="Q:")), "prompt needs q and a"),
-    (dict(colour="blue"), "unknown key(s) colour"),
-    (dict(max_new_tokens=0), "max_new_tokens must be a positive integer"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (dict(metric=None), "missing metric"),
+        (dict(metric="rouge"), "unknown metric 'rouge'"),
+        (dict(metric={"name": "accuracy"}), "accuracy needs labels"),
+        (dict(metric={"name": "accuracy", "labels": ["yes", "no"]}), "label 'answer 0' of record 1 is not one of"),
+        (dict(data=dict(bank="bank.tsv", test="test.tsv", bank_lines="5-3")), "bank_lines: a range runs from 1"),
+        (dict(data=dict(bank="bank.tsv", test="test.tsv", bank_lines="1-500")), "bank_lines 1-500"),
+        (dict(data=dict(bank="missing.tsv", test="test.tsv")), "file not found"),
+        (dict(prompt=dict(q="Q:")), "prompt needs q and a"),
+        (dict(colour="blue"), "unknown key(s) colour"),
+        (dict(max_new_tokens=0), "max_new_tokens must be a positive integer"),
+    ],
+)
 def test_malformed_task_files_one_line(tmp_path, capsys, overrides, message):
     path = write_task(tmp_path, **overrides)
     code = main(["run", "--model", "tiny:llama", "--task", str(path), "--k", "1", "--n-test", "1"])
@@ -143,9 +164,11 @@ def test_malformed_task_files_one_line(tmp_path, capsys, overrides, message):
 
 def test_paper_prompts_unchanged_through_task_specs():
     shots = [Example("1", " Bonjour le monde ", "Hello world"), Example("2", "Merci", "Thanks ")]
-    for task, fmt, header in (("flores", "instr_machine_translation", "Translate French to English:"),
-                              ("humaneval", "instr_code_gen", "Write a program for the following task:\n"),
-                              ("bitext", "instr_none_QA", "")):
+    for task, fmt, header in (
+        ("flores", "instr_machine_translation", "Translate French to English:"),
+        ("humaneval", "instr_code_gen", "Write a program for the following task:\n"),
+        ("bitext", "instr_none_QA", ""),
+    ):
         old = build_prompt(FORMATS[fmt], shots, "Une question", header=header)
         new = build_prompt(get_task(task).prompt_format, shots, "Une question", header=header)
         assert (new.text, new.char_spans) == (old.text, old.char_spans), task
@@ -155,8 +178,11 @@ def test_paper_prompts_unchanged_through_task_specs():
 def test_bitext_with_languages_gets_the_translation_format(tmp_path):
     (tmp_path / "p.tsv").write_text("chat\tcat\nchien\tdog\n")
     task = get_task("bitext", "fra", "eng_Latn")
-    data = task.load(TaskOptions(bank_path=str(tmp_path / "p.tsv"), test_path=str(tmp_path / "p.tsv"),
-                                 src_lang="fra", tgt_lang="eng_Latn"))
+    data = task.load(
+        TaskOptions(
+            bank_path=str(tmp_path / "p.tsv"), test_path=str(tmp_path / "p.tsv"), src_lang="fra", tgt_lang="eng_Latn"
+        )
+    )
     assert task.prompt_format.header == "Translate <L1> to <L2>:" and (data.l1, data.l2) == ("French", "English")
     assert task.stop_strings == ("\n",) and data.language == "en"
 
@@ -181,8 +207,23 @@ def test_builtin_unit_ids_unchanged_and_user_data_has_its_own():
 def test_sweep_and_report_on_a_task_file(tmp_path, capsys):
     path = write_task(tmp_path)
     store = tmp_path / "s.sqlite"
-    argv = ["sweep", "--model", "tiny:llama", "--task", str(path), "--conditions", "instructions+examples",
-            "--seeds", "0", "--ks", "2", "--layers", "0,2,4", "--store", str(store)]
+    argv = [
+        "sweep",
+        "--model",
+        "tiny:llama",
+        "--task",
+        str(path),
+        "--conditions",
+        "instructions+examples",
+        "--seeds",
+        "0",
+        "--ks",
+        "2",
+        "--layers",
+        "0,2,4",
+        "--store",
+        str(store),
+    ]
     assert main(argv) == 0
     out, err = capsys.readouterr()
     assert "read 20 pairs from" in err and "sweep finished: 1 units run" in out
@@ -201,12 +242,28 @@ def test_sweep_and_report_on_a_task_file(tmp_path, capsys):
 
 # --------------------------------------------------------------------------- the verdict
 
+
 def curve_from(p_by_layer, items=80) -> Curve:
     """Exactly round(p x items) correct items at each layer (the same items stay correct as p grows)."""
     stats = np.stack([np.stack([(np.arange(items)[:, None] < round(p * items)).astype(float) for p in p_by_layer])])
-    return Curve(key=dict(task="t", pair="", kind="mask", condition="instructions+examples", instructions=True, k=5,
-                          n_test=items, data=""), layers=list(range(len(p_by_layer))), metric=ExactMatch(),
-                 seeds=[0], item_stats=stats, context_tokens=300.0, query_tokens=60.0)
+    return Curve(
+        key=dict(
+            task="t",
+            pair="",
+            kind="mask",
+            condition="instructions+examples",
+            instructions=True,
+            k=5,
+            n_test=items,
+            data="",
+        ),
+        layers=list(range(len(p_by_layer))),
+        metric=ExactMatch(),
+        seeds=[0],
+        item_stats=stats,
+        context_tokens=300.0,
+        query_tokens=60.0,
+    )
 
 
 def test_weak_baseline_gets_no_recognition_layer():
@@ -227,11 +284,48 @@ def test_clear_curve_is_located():
 
 def test_bench_and_prune_take_a_task_file(tmp_path, capsys):
     path = write_task(tmp_path)
-    assert main(["bench", "--model", "tiny:llama", "--task", str(path), "--n-test", "2", "--layers", "0,4", "--k", "2",
-                 "--skip-paper", "--require-identical", "1.0"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--model",
+                "tiny:llama",
+                "--task",
+                str(path),
+                "--n-test",
+                "2",
+                "--layers",
+                "0,4",
+                "--k",
+                "2",
+                "--skip-paper",
+                "--require-identical",
+                "1.0",
+            ]
+        )
+        == 0
+    )
     assert "read 20 pairs from" in capsys.readouterr().err
     out = tmp_path / "prune.json"
-    assert main(["prune", "--model", "tiny:llama", "--task", str(path), "--n-test", "2", "--k", "2", "--layer", "2",
-                 "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "prune",
+                "--model",
+                "tiny:llama",
+                "--task",
+                str(path),
+                "--n-test",
+                "2",
+                "--k",
+                "2",
+                "--layer",
+                "2",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     data = json.loads(out.read_text())
     assert data["metric"] == "exact_match" and data["identical_to_masked"] == 2

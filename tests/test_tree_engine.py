@@ -4,24 +4,23 @@ its shared states are the unmasked run's, stored once; the screened head is the 
 from __future__ import annotations
 
 import json
-
 import sqlite3
 
 import pytest
 import torch
 from transformers import DynamicCache
-from test_fast_engine import FAMILIES, encoded_prompts, masked, reference, tiny
 
 from icl_locate.cli import main
 from icl_locate.core.conditions import get_condition
 from icl_locate.core.interventions import UNCHANGED, AblateLayers, HeadMask, MaskFrom
 from icl_locate.engines import head as head_module
 from icl_locate.engines.base import StopRule, forward, last_hidden
-from icl_locate.engines.reference import ReferenceEngine, batch_interventions
 from icl_locate.engines.drafts import Drafter
 from icl_locate.engines.head import ScreenedHead
+from icl_locate.engines.reference import ReferenceEngine, batch_interventions
 from icl_locate.engines.sweep import SweepEngine, _PrefixCaches
 from icl_locate.engines.tree import TreeEngine, _TreeDecode
+from test_fast_engine import FAMILIES, encoded_prompts, masked, reference, tiny
 
 
 def generations(engine, encs, condition, rows, stop=(), max_new=8):
@@ -32,8 +31,7 @@ def generations(engine, encs, condition, rows, stop=(), max_new=8):
 def assert_tree_equals(lm, encs, condition, rows, stop=(), max_new=8, batch_size=None, check_reference=True):
     tree = TreeEngine(lm.model, lm.tokenizer, batch_size=batch_size)
     got = generations(tree, encs, condition, rows, stop, max_new)
-    fast = generations(SweepEngine(lm.model, lm.tokenizer, batch_size=batch_size), encs, condition, rows, stop,
-                       max_new)
+    fast = generations(SweepEngine(lm.model, lm.tokenizer, batch_size=batch_size), encs, condition, rows, stop, max_new)
     assert got == fast
     if check_reference:  # the engine-level oracle: one prompt, one row at a time
         ref = generations(ReferenceEngine(lm.model, lm.tokenizer), encs, condition, rows, stop, max_new)
@@ -66,8 +64,9 @@ def test_every_layer_every_family(family):
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt_neo", "bloom"])
-@pytest.mark.parametrize("condition", ["query", "instructions+examples+query", "instructions", "examples",
-                                       "all-but-last", "baseline"])
+@pytest.mark.parametrize(
+    "condition", ["query", "instructions+examples+query", "instructions", "examples", "all-but-last", "baseline"]
+)
 def test_every_condition(family, condition):
     lm = tiny(family)
     rows = [MaskFrom(j) for j in range(lm.info.num_layers + 1)]
@@ -78,8 +77,9 @@ def test_rows_share_a_history_then_diverge():
     """On the tiny llama, rows of one query agree for a while and then split; results stay exact."""
     lm = tiny("llama")
     rows = [MaskFrom(j) for j in range(lm.info.num_layers + 1)]
-    tree, got = assert_tree_equals(lm, encoded_prompts(lm.tokenizer), get_condition("instructions+examples"), rows,
-                                   max_new=12)
+    tree, got = assert_tree_equals(
+        lm, encoded_prompts(lm.tokenizer), get_condition("instructions+examples"), rows, max_new=12
+    )
     assert tree.stats["splits"] > 0
     assert shared_then_split(got, rows)
 
@@ -90,8 +90,14 @@ def test_per_query_prompts_and_small_batches(family):
     lm = tiny(family)
     rows = [MaskFrom(j) for j in (0, 1, 3, lm.info.num_layers)]
     for batch_size in (2, 3, None):
-        assert_tree_equals(lm, encoded_prompts(lm.tokenizer, shared=False), get_condition("examples"), rows,
-                           batch_size=batch_size, check_reference=batch_size is None)
+        assert_tree_equals(
+            lm,
+            encoded_prompts(lm.tokenizer, shared=False),
+            get_condition("examples"),
+            rows,
+            batch_size=batch_size,
+            check_reference=batch_size is None,
+        )
 
 
 @pytest.mark.parametrize("family", ["llama", "bloom", "gpt2"])
@@ -100,8 +106,14 @@ def test_stop_strings(family):
     encs = encoded_prompts(lm.tokenizer)
     first = reference(lm, encs[0], None, MaskFrom(lm.info.num_layers), max_new=12)
     stop = (lm.tokenizer.decode(first.token_ids[2:3]),)
-    assert_tree_equals(lm, encs, get_condition("instructions+examples"),
-                       [MaskFrom(j) for j in range(lm.info.num_layers + 1)], stop=stop, max_new=12)
+    assert_tree_equals(
+        lm,
+        encs,
+        get_condition("instructions+examples"),
+        [MaskFrom(j) for j in range(lm.info.num_layers + 1)],
+        stop=stop,
+        max_new=12,
+    )
 
 
 def test_eos_ends_some_rows_of_a_group():
@@ -167,6 +179,7 @@ def test_slicing_refuses_an_unknown_per_row_argument():
 
 # --------------------------------------------------------------------------- the screened head
 
+
 def _head_model(vocab=5000, d=64, softcap=None, seed=0):
     torch.manual_seed(seed)
     model = torch.nn.Module()
@@ -225,15 +238,44 @@ def test_engine_checks_the_screen_on_the_model():
 
 # --------------------------------------------------------------------------- commands
 
+
 def test_bench_reports_the_tree_engine(tmp_path, data_dir):
     out = tmp_path / "bench.json"
-    code = main(["bench", "--model", "tiny:llama", "--n-test", "2", "--layers", "all", "--k", "1",
-                 "--data-dir", str(data_dir), "--json", str(out), "--require-identical", "1.0"])
+    code = main(
+        [
+            "bench",
+            "--model",
+            "tiny:llama",
+            "--n-test",
+            "2",
+            "--layers",
+            "all",
+            "--k",
+            "1",
+            "--data-dir",
+            str(data_dir),
+            "--json",
+            str(out),
+            "--require-identical",
+            "1.0",
+        ]
+    )
     assert code == 0
     data = json.loads(out.read_text())
-    for key in ("seconds_spec", "speedup_spec_vs_paper", "speedup_spec_vs_fast", "identical_fraction_spec",
-                "acceptance_rate", "flops_per_row_fast", "flops_per_row_spec", "flops_per_row_paper",
-                "time_breakdown_fast", "time_breakdown_spec", "seconds_fast", "identical_fraction"):
+    for key in (
+        "seconds_spec",
+        "speedup_spec_vs_paper",
+        "speedup_spec_vs_fast",
+        "identical_fraction_spec",
+        "acceptance_rate",
+        "flops_per_row_fast",
+        "flops_per_row_spec",
+        "flops_per_row_paper",
+        "time_breakdown_fast",
+        "time_breakdown_spec",
+        "seconds_fast",
+        "identical_fraction",
+    ):
         assert key in data
     assert data["identical_fraction_spec"] == 1.0
     assert data["flops_per_row_spec"] < data["flops_per_row_fast"] < data["flops_per_row_paper"]
@@ -243,15 +285,35 @@ def test_sweep_engines_store_the_same_rows(tmp_path, data_dir):
     stores = {}
     for engine in ("tree", "fast"):
         stores[engine] = tmp_path / f"{engine}.sqlite"
-        assert main(["sweep", "--model", "tiny:llama", "--n-test", "2", "--ks", "1", "--layers", "all",
-                     "--data-dir", str(data_dir), "--store", str(stores[engine]), "--engine", engine]) == 0
+        assert (
+            main(
+                [
+                    "sweep",
+                    "--model",
+                    "tiny:llama",
+                    "--n-test",
+                    "2",
+                    "--ks",
+                    "1",
+                    "--layers",
+                    "all",
+                    "--data-dir",
+                    str(data_dir),
+                    "--store",
+                    str(stores[engine]),
+                    "--engine",
+                    engine,
+                ]
+            )
+            == 0
+        )
     query = "select unit_id, item, layer, generation from predictions order by 1, 2, 3"
     rows = [sqlite3.connect(stores[e]).execute(query).fetchall() for e in ("tree", "fast")]
     assert rows[0] == rows[1] and len(rows[0]) > 0
 
 
-
 # --------------------------------------------------------------------------- drafts
+
 
 class OracleDrafter:
     """Drafts from known generations: the continuation of the first reference row whose tokens
@@ -263,8 +325,8 @@ class OracleDrafter:
 
     def propose(self, group, prompt, siblings, limit):
         for ref in self.references[group.query]:
-            if ref[:len(group.history)] == group.history and len(ref) > len(group.history):
-                draft = ref[len(group.history):len(group.history) + self.length]  # may exceed limit: the engine cuts
+            if ref[: len(group.history)] == group.history and len(ref) > len(group.history):
+                draft = ref[len(group.history) : len(group.history) + self.length]  # may exceed limit: the engine cuts
                 if self.wrong_at is not None and self.wrong_at < len(draft):
                     draft[self.wrong_at] = (draft[self.wrong_at] + 1) % 50
                 self.proposed += 1
@@ -312,7 +374,7 @@ def test_stop_string_and_eos_inside_drafts(family, position):
     condition = get_condition("instructions+examples")
     rows = [MaskFrom(j) for j in range(lm.info.num_layers + 1)]
     first = reference(lm, encs[0], None, MaskFrom(lm.info.num_layers), max_new=12)
-    stop = (lm.tokenizer.decode(first.token_ids[position:position + 1]),)
+    stop = (lm.tokenizer.decode(first.token_ids[position : position + 1]),)
     engine = _oracle_engine(lm, encs, rows, condition, 6)  # drafts run past the stop string
     got = generations(engine, encs, condition, rows, stop=stop, max_new=16)
     assert got == generations(SweepEngine(lm.model, lm.tokenizer), encs, condition, rows, stop=stop, max_new=16)
@@ -333,13 +395,14 @@ def test_stop_string_and_eos_inside_drafts(family, position):
 def test_ngram_drafts_exact_on_every_condition():
     lm = tiny("llama")
     encs = encoded_prompts(lm.tokenizer)
-    rows = [MaskFrom(j) for j in range(lm.info.num_layers + 1)] + [AblateLayers(frozenset({1})),
-                                                                     HeadMask(frozenset({(1, 0)}))]
+    rows = [MaskFrom(j) for j in range(lm.info.num_layers + 1)] + [
+        AblateLayers(frozenset({1})),
+        HeadMask(frozenset({(1, 0)})),
+    ]
     for condition in ("instructions+examples", "instructions", "query", "baseline"):
         engine = TreeEngine(lm.model, lm.tokenizer, draft_tokens=4)
         got = generations(engine, encs, get_condition(condition), rows, max_new=20)
-        assert got == generations(SweepEngine(lm.model, lm.tokenizer), encs, get_condition(condition), rows,
-                                  max_new=20)
+        assert got == generations(SweepEngine(lm.model, lm.tokenizer), encs, get_condition(condition), rows, max_new=20)
         assert engine.stats["draft_tokens"] > 0
 
 
@@ -421,8 +484,9 @@ def test_every_live_slot_equals_a_batch_of_one_run_of_its_row(family, wrong_at):
                 interventions_m = batch_interventions(prompt, row, L)
                 forward(lm.model, ids, cache=reference, interventions=interventions_m)
                 group = decode.groups[member.group]
-                visible = torch.cat([decode.prompt_mask[member.query],
-                                     torch.tensor(group.columns, dtype=torch.long)]).bool()
+                visible = torch.cat(
+                    [decode.prompt_mask[member.query], torch.tensor(group.columns, dtype=torch.long)]
+                ).bool()
                 holes_seen += int((torch.tensor(group.columns) == 0).sum()) if group.columns else 0
                 # columns hidden from layer j on are never read there: their states may differ (shared context)
                 hidden_cols = torch.zeros(ids.shape[1], dtype=torch.bool)
@@ -432,8 +496,10 @@ def test_every_live_slot_equals_a_batch_of_one_run_of_its_row(family, wrong_at):
                     read = ~hidden_cols if layer >= row.layer else torch.ones_like(hidden_cols)
                     slot = decode.keys[layer].index(decode._key(m, layer))
                     cached = decode.cache.layers[layer]
-                    for ours, theirs in ((cached.keys[slot][:, visible], reference.layers[layer].keys[0]),
-                                         (cached.values[slot][:, visible], reference.layers[layer].values[0])):
+                    for ours, theirs in (
+                        (cached.keys[slot][:, visible], reference.layers[layer].keys[0]),
+                        (cached.values[slot][:, visible], reference.layers[layer].values[0]),
+                    ):
                         torch.testing.assert_close(ours[:, read], theirs[:, read], atol=1e-5, rtol=1e-5)
                 accepted = len(history) - before[m]
                 expected = last_hidden(lm.model, ids, interventions=interventions_m)[0, -1]

@@ -8,10 +8,10 @@ the experiment code it runs inside its function (seconds of imports only where a
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
-from .cli_args import build_parser
+from .cli_args import build_parser, csv_list, settings_from, short
 from .core.catalog import ALIASES, EMBEDDED, TINY_CONFIGS
 from .core.conditions import CONDITIONS
 from .experiments.settings import SweepConfig, load_config, validate
@@ -27,31 +27,22 @@ def command_line() -> str:
     return " ".join(["icl-locate", *sys.argv[1:]])
 
 
-def short(text: str, width: int) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
-def settings_from(args, cls, rename: dict[str, str] | None = None, **extra):
-    """The dataclass ``cls`` filled from same-named arguments (``rename``: argument -> field)."""
-    names = set(cls.__dataclass_fields__)
-    # an option left out (None) keeps the settings' own default
-    values = {(rename or {}).get(k, k): v for k, v in vars(args).items() if v is not None}
-    return cls(**({k: v for k, v in values.items() if k in names} | extra))
-
-
 # --------------------------------------------------------------------------- commands
+
 
 def cmd_run(args) -> int:
     from .experiments.decode import RunSettings, run_decode  # lazy: torch (see the module docstring)
 
-    result = run_decode(settings_from(args, RunSettings, instructions=not args.no_instructions,
-                                      task=args.task or "flores"), log=err)
+    result = run_decode(
+        settings_from(args, RunSettings, instructions=not args.no_instructions, task=args.task or "flores"), log=err
+    )
     err(result.description)
     print(f"{'id':<16} {'generation':<44} {'reference':<44} {result.metric:>7}")
     for r in result.rows:
-        print(f"{r['example_id']:<16} {short(r['generation'], 44):<44} {short(r['reference'], 44):<44} "
-              f"{r['sentence_score']:7.1f}")
+        print(
+            f"{r['example_id']:<16} {short(r['generation'], 44):<44} {short(r['reference'], 44):<44} "
+            f"{r['sentence_score']:7.1f}"
+        )
     print(result.summary)
     if result.out is not None:
         print(f"wrote {len(result.rows)} predictions to {result.out} ({result.seconds:.0f}s decoding)")
@@ -124,27 +115,17 @@ def cmd_prune(args) -> int:
     return 0
 
 
-def csv_list(value: str | None, cast: Callable = str) -> list | None:
-    if value is None:
-        return None
-    try:
-        return [cast(x.strip()) for x in value.split(",") if x.strip()]
-    except ValueError:
-        raise UserError(f"bad list {value!r}") from None
-
-
 def sweep_config_from_args(args) -> SweepConfig:
     """Preset, then YAML, then the flags given (a flag left out keeps the preset's or YAML's value)."""
-    instructions = {None: None, "yes": [True], "no": [False], "both": [True, False]}[args.instructions]
-    overrides = dict(model=args.model, task=args.task, pairs=csv_list(args.pairs), conditions=csv_list(args.conditions),
-                     instructions=instructions, seeds=csv_list(args.seeds, int), ks=csv_list(args.ks, int),
-                     layers=args.layers, n_test=args.n_test, max_new_tokens=args.max_new_tokens,
-                     batch_size=args.batch_size, engine=args.engine, head=args.head,
-                     draft_tokens=args.draft_tokens, data_dir=args.data_dir, dtype=args.dtype,
-                     device=args.device,
-                     layer_ablation=True if args.layer_ablation else None, bank=args.bank, test=args.test,
-                     src_lang=args.src_lang, tgt_lang=args.tgt_lang, heads=args.heads, from_layer=args.from_layer,
-                     audit=args.audit)
+    overrides = {name: getattr(args, name) for name in SweepConfig.__dataclass_fields__ if hasattr(args, name)}
+    overrides |= dict(
+        pairs=csv_list(args.pairs),
+        conditions=csv_list(args.conditions),
+        instructions={None: None, "yes": [True], "no": [False], "both": [True, False]}[args.instructions],
+        seeds=csv_list(args.seeds, int),
+        ks=csv_list(args.ks, int),
+        layer_ablation=True if args.layer_ablation else None,
+    )
     return load_config(args.preset, args.config, overrides)
 
 
@@ -154,8 +135,12 @@ def ray_settings(args):
 
     if args.executor != "ray":
         return None
-    return RaySettings(address=args.ray_address, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
-                       gpus_per_worker=args.gpus_per_worker)
+    return RaySettings(
+        address=args.ray_address,
+        workers=args.workers,
+        cpus_per_worker=args.cpus_per_worker,
+        gpus_per_worker=args.gpus_per_worker,
+    )
 
 
 def cmd_sweep(args) -> int:
@@ -201,8 +186,10 @@ def cmd_lora_sweep(args) -> int:
     for r in results:  # training tokens: the training sequences' tokens, whichever positions the loss scores
         c = r["curve"]
         rate = c["sequence_tokens"] / c["train_seconds"] if c.get("train_seconds") else float("nan")
-        print(f"{r['layer']:>5} {r['bleu']:15.2f} {len(c['train_loss']):>7} {c['best_val_loss']:14.4f} "
-              f"{r['seconds']:8.0f} {rate:12.0f}")
+        print(
+            f"{r['layer']:>5} {r['bleu']:15.2f} {len(c['train_loss']):>7} {c['best_val_loss']:14.4f} "
+            f"{r['seconds']:8.0f} {rate:12.0f}"
+        )
     print(f"adapters in {Path(args.out_dir) / 'adapters'}; results in the store {store}")
     return 0
 
@@ -225,9 +212,19 @@ def cmd_demo(args) -> int:
 
 
 COMMANDS: dict[str, Callable] = {
-    "run": cmd_run, "score-code": cmd_score_code, "tasks": cmd_tasks, "conditions": cmd_conditions,
-    "models": cmd_models, "data-fetch": cmd_data_fetch, "bench": cmd_bench, "prune": cmd_prune, "sweep": cmd_sweep,
-    "report": cmd_report, "lora-sweep": cmd_lora_sweep, "demo": cmd_demo, "startup": cmd_startup,
+    "run": cmd_run,
+    "score-code": cmd_score_code,
+    "tasks": cmd_tasks,
+    "conditions": cmd_conditions,
+    "models": cmd_models,
+    "data-fetch": cmd_data_fetch,
+    "bench": cmd_bench,
+    "prune": cmd_prune,
+    "sweep": cmd_sweep,
+    "report": cmd_report,
+    "lora-sweep": cmd_lora_sweep,
+    "demo": cmd_demo,
+    "startup": cmd_startup,
 }
 
 

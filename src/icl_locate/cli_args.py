@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 from .experiments.presets import PRESETS
 from .util.errors import UserError
@@ -13,6 +14,34 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         raise UserError(f"{self.prog}: {message}")
+
+
+# --------------------------------------------------------------------------- arguments -> values
+
+
+def short(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def settings_from(args, cls, rename: dict[str, str] | None = None, **extra):
+    """The dataclass ``cls`` filled from same-named arguments (``rename``: argument -> field)."""
+    names = set(cls.__dataclass_fields__)
+    # an option left out (None) keeps the settings' own default
+    values = {(rename or {}).get(k, k): v for k, v in vars(args).items() if v is not None}
+    return cls(**({k: v for k, v in values.items() if k in names} | extra))
+
+
+def csv_list(value: str | None, cast: Callable = str) -> list | None:
+    if value is None:
+        return None
+    try:
+        return [cast(x.strip()) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"bad list {value!r}") from None
+
+
+# --------------------------------------------------------------------------- parsers
 
 
 def _add_data_and_device_options(parser: argparse.ArgumentParser) -> None:
@@ -26,34 +55,57 @@ def _add_own_data_options(parser: argparse.ArgumentParser) -> None:
     """Your own translation pairs with the built-in bitext task (task files name their data themselves)."""
     parser.add_argument("--bank", help="bitext task: prompt-bank file (JSONL, TSV or CSV)")
     parser.add_argument("--test", help="bitext task: test file (JSONL, TSV or CSV)")
-    parser.add_argument("--src-lang", help="bitext task: source language (name or FLORES code): the paper's "
-                                           "'Translate X to Y:' format")
+    parser.add_argument(
+        "--src-lang", help="bitext task: source language (name or FLORES code): the paper's 'Translate X to Y:' format"
+    )
     parser.add_argument("--tgt-lang", help="bitext task: target language")
 
 
 def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     """The engine's hardware-dependent choices: measured on this machine and model unless forced."""
-    parser.add_argument("--engine", default=None, choices=["auto", "tree", "fast"],
-                        help="auto (default): the faster on this machine, measured at start (cached); tree: shares "
-                             "every layer below a row's mask layer; fast: the sweep engine; same generations")
-    parser.add_argument("--head", default=None, choices=["auto", "screen", "plain"],
-                        help="tree engine's LM head: auto (default, measured), screen (bf16 screen + exact "
-                             "candidates; pays where bf16 is fast), plain (the model's own); same tokens")
-    parser.add_argument("--draft-tokens", default=None,
-                        help="tree engine: auto (default: drafts only where a forward of a few more tokens costs "
-                             "about one token's, measured) or N: verify drafts of up to N tokens per step (0: none)")
+    parser.add_argument(
+        "--engine",
+        default=None,
+        choices=["auto", "tree", "fast"],
+        help="auto (default): the faster on this machine, measured at start (cached); tree: shares "
+        "every layer below a row's mask layer; fast: the sweep engine; same generations",
+    )
+    parser.add_argument(
+        "--head",
+        default=None,
+        choices=["auto", "screen", "plain"],
+        help="tree engine's LM head: auto (default, measured), screen (bf16 screen + exact "
+        "candidates; pays where bf16 is fast), plain (the model's own); same tokens",
+    )
+    parser.add_argument(
+        "--draft-tokens",
+        default=None,
+        help="tree engine: auto (default: drafts only where a forward of a few more tokens costs "
+        "about one token's, measured) or N: verify drafts of up to N tokens per step (0: none)",
+    )
 
 
 def _add_executor_options(parser: argparse.ArgumentParser) -> None:
     """Where units are computed: here (default) or on Ray workers (pip install 'icl-locate[ray]')."""
-    parser.add_argument("--executor", choices=["local", "ray"], default="local",
-                        help="local: this process; ray: Ray actors, each loading the model once")
-    parser.add_argument("--ray-address", default=None,
-                        help="default: start a local Ray instance; 'auto': join the running cluster; or its address")
+    parser.add_argument(
+        "--executor",
+        choices=["local", "ray"],
+        default="local",
+        help="local: this process; ray: Ray actors, each loading the model once",
+    )
+    parser.add_argument(
+        "--ray-address",
+        default=None,
+        help="default: start a local Ray instance; 'auto': join the running cluster; or its address",
+    )
     parser.add_argument("--workers", type=int, default=2, help="ray: number of workers (actors)")
     parser.add_argument("--cpus-per-worker", type=float, default=1.0, help="ray: CPUs reserved per worker")
-    parser.add_argument("--gpus-per-worker", type=float, default=0.0,
-                        help="ray: GPUs per worker; fractions (0.25) pack small models several to a GPU")
+    parser.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        default=0.0,
+        help="ray: GPUs per worker; fractions (0.25) pack small models several to a GPU",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,11 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="decode a test set under one masking condition and layer; score it")
     run.add_argument("--model", default="gemma-3-270m", help="alias, hub id, local dir, .gguf file or tiny:<family>")
-    run.add_argument("--task", default=None, help="task name (see `icl-locate tasks`) or task file (.yaml); default flores")
+    run.add_argument(
+        "--task", default=None, help="task name (see `icl-locate tasks`) or task file (.yaml); default flores"
+    )
     run.add_argument("--pair", help="translation direction, e.g. fra-eng, fr-en, fra_Latn-eng_Latn")
     run.add_argument("--condition", default="baseline", help="masking condition (see `icl-locate conditions`)")
-    run.add_argument("--from-layer", type=int, default=None,
-                     help="mask in every layer >= this one; = number of layers masks nothing")
+    run.add_argument(
+        "--from-layer", type=int, default=None, help="mask in every layer >= this one; = number of layers masks nothing"
+    )
     run.add_argument("--k", type=int, default=5, help="number of in-context examples (default 5)")
     run.add_argument("--seed", type=int, default=0, help="seed for sampling the examples")
     run.add_argument("--n-test", type=int, default=None, help="use the first N test items")
@@ -92,8 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch-size", type=int, default=None, help="engine rows per batch (default: auto)")
     bench.add_argument("--skip-paper", action="store_true", help="skip (a), the slowest")
     _add_engine_options(bench)
-    bench.add_argument("--require-identical", type=float, default=None,
-                       help="exit 1 if fewer (sentence, layer) pairs than this fraction match (b), for (c) or (d)")
+    bench.add_argument(
+        "--require-identical",
+        type=float,
+        default=None,
+        help="exit 1 if fewer (sentence, layer) pairs than this fraction match (b), for (c) or (d)",
+    )
     bench.add_argument("--json", help="write the measurements here")
     _add_data_and_device_options(bench)
     _add_own_data_options(bench)
@@ -150,22 +209,36 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--ks", help="comma list of example counts")
     sw.add_argument("--layers", default=None, help="'all' or a comma list")
     sw.add_argument("--layer-ablation", action="store_true", help="also ablate each layer's attention")
-    sw.add_argument("--heads", choices=["knockout", "restore"], default=None,
-                    help="head-level sweeps: knockout hides the context from one head at one layer; restore hides "
-                         "it from --from-layer on but gives it back to one head")
-    sw.add_argument("--from-layer", type=int, default=None,
-                    help="restore: hide the context from this layer on (default: the layer below the recognition "
-                         "layer of the store's layer sweep)")
+    sw.add_argument(
+        "--heads",
+        choices=["knockout", "restore"],
+        default=None,
+        help="head-level sweeps: knockout hides the context from one head at one layer; restore hides "
+        "it from --from-layer on but gives it back to one head",
+    )
+    sw.add_argument(
+        "--from-layer",
+        type=int,
+        default=None,
+        help="restore: hide the context from this layer on (default: the layer below the recognition "
+        "layer of the store's layer sweep)",
+    )
     sw.add_argument("--n-test", type=int, default=None)
     sw.add_argument("--max-new-tokens", type=int, default=None)
     sw.add_argument("--batch-size", type=int, default=None)
     _add_engine_options(sw)
-    sw.add_argument("--audit", default=None,
-                    help="after each unit, decode rows again with the reference engine and compare: auto (default: "
-                         "as many as keep it within 5%% of the decoding time, at least one) or N per unit (0: off)")
-    sw.add_argument("--audit-strict", action="store_true",
-                    help="exit 1 when an audited row disagrees with the reference at a margin above the dtype's "
-                         "threshold (an engine fault, not a near-tie)")
+    sw.add_argument(
+        "--audit",
+        default=None,
+        help="after each unit, decode rows again with the reference engine and compare: auto (default: "
+        "as many as keep it within 5%% of the decoding time, at least one) or N per unit (0: off)",
+    )
+    sw.add_argument(
+        "--audit-strict",
+        action="store_true",
+        help="exit 1 when an audited row disagrees with the reference at a margin above the dtype's "
+        "threshold (an engine fault, not a near-tie)",
+    )
     _add_data_and_device_options(sw)
     _add_own_data_options(sw)
     sw.add_argument("--dry-run", action="store_true", help="print the planned units and exit")
@@ -184,9 +257,13 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("--model", default="gemma-3-270m")
     lo.add_argument("--pair", default="fra-eng")
     lo.add_argument("--layers", default="all", help="'all' or a comma list")
-    lo.add_argument("--preset", default=None, choices=["paper"],
-                    help="paper: the paper's settings (800 pairs, 197 validation pairs, patience 5, threshold 0.01, "
-                         "r 8, alpha 32, dropout 0.05, lr 1e-4, batch 32, loss on every position)")
+    lo.add_argument(
+        "--preset",
+        default=None,
+        choices=["paper"],
+        help="paper: the paper's settings (800 pairs, 197 validation pairs, patience 5, threshold 0.01, "
+        "r 8, alpha 32, dropout 0.05, lr 1e-4, batch 32, loss on every position)",
+    )
     # None = not given: the preset's value, else LoraSettings' default (shown in brackets)
     lo.add_argument("--train-size", type=int, default=None, help="[800]")
     lo.add_argument("--val-size", type=int, default=None, help="validation pairs from dev 801-997 [197]")
@@ -200,17 +277,41 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("--batch-size", type=int, default=None, help="[32]")
     lo.add_argument("--micro-batch", type=int, default=None, help="[8]")
     lo.add_argument("--seed", type=int, default=None, help="[0]")
-    lo.add_argument("--loss", default=None, choices=["answer", "full"],
-                    help="answer: the answer tokens only [default]; full: every position, as the paper's code")
-    lo.add_argument("--no-bucketing", dest="bucketing", action="store_const", const=False, default=None,
-                    help="shuffle examples into batches each epoch instead of fixed similar-length micro-batches")
-    lo.add_argument("--no-reuse", dest="reuse", action="store_const", const=False, default=None,
-                    help="recompute the frozen layers below the adapter at every step (the old path; same results)")
-    lo.add_argument("--autocast", default=None, choices=["auto", "off", "bf16"],
-                    help="forward passes under bf16 autocast [auto: bf16 on a GPU, off on a CPU]")
-    lo.add_argument("--activation-mb", type=int, default=None,
-                    help="activations kept for backward per training piece, MiB; a micro-batch that needs more "
-                         "runs in row pieces (same results) [CPU: 512; GPU: a quarter of its free memory]")
+    lo.add_argument(
+        "--loss",
+        default=None,
+        choices=["answer", "full"],
+        help="answer: the answer tokens only [default]; full: every position, as the paper's code",
+    )
+    lo.add_argument(
+        "--no-bucketing",
+        dest="bucketing",
+        action="store_const",
+        const=False,
+        default=None,
+        help="shuffle examples into batches each epoch instead of fixed similar-length micro-batches",
+    )
+    lo.add_argument(
+        "--no-reuse",
+        dest="reuse",
+        action="store_const",
+        const=False,
+        default=None,
+        help="recompute the frozen layers below the adapter at every step (the old path; same results)",
+    )
+    lo.add_argument(
+        "--autocast",
+        default=None,
+        choices=["auto", "off", "bf16"],
+        help="forward passes under bf16 autocast [auto: bf16 on a GPU, off on a CPU]",
+    )
+    lo.add_argument(
+        "--activation-mb",
+        type=int,
+        default=None,
+        help="activations kept for backward per training piece, MiB; a micro-batch that needs more "
+        "runs in row pieces (same results) [CPU: 512; GPU: a quarter of its free memory]",
+    )
     lo.add_argument("--n-test", type=int, default=None)
     lo.add_argument("--out-dir", default="runs/lora")
     lo.add_argument("--store", default=None, help="results store (default <out-dir>/study.sqlite)")
@@ -218,8 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_executor_options(lo)
     lo.set_defaults(command_name="lora-sweep")
 
-    st = sub.add_parser("startup", help="where a command's first seconds go: imports, model load, first token "
-                                        "(fresh processes, medians)")
+    st = sub.add_parser(
+        "startup",
+        help="where a command's first seconds go: imports, model load, first token (fresh processes, medians)",
+    )
     st.add_argument("--model", default=None, help="model to load (default: the embedded gemma-3-270m)")
     st.add_argument("--repeats", type=int, default=None, help="fresh processes per measurement (default 3)")
     st.add_argument("--json", default=None, help="also write the measurements here")
@@ -233,5 +336,3 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--data-dir", default=None)
     demo.set_defaults(command_name="demo")
     return p
-
-

@@ -21,12 +21,11 @@ zero output), so a kernel that returns NaN for a fully masked row cannot poison 
 from __future__ import annotations
 
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
-from transformers import AttentionInterface
-from transformers import masking_utils
+from transformers import AttentionInterface, masking_utils
 from transformers.masking_utils import AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -68,8 +67,9 @@ def _make_attention(base: str) -> Callable:
         if drop:  # the mask spans every prompt column; this layer's cache lacks the pruned ones
             attention_mask = state.drop.without_dropped_columns(attention_mask)
             if attention_mask.shape[-1] != key.shape[-2]:
-                raise RuntimeError(f"pruned layer {layer}: mask has {attention_mask.shape[-1]} columns, "
-                                   f"cache {key.shape[-2]}")
+                raise RuntimeError(
+                    f"pruned layer {layer}: mask has {attention_mask.shape[-1]} columns, cache {key.shape[-2]}"
+                )
             attention_mask, blind = keep_blind_rows_finite(attention_mask)
             out, weights = stock(module, query, key, value, attention_mask, **kwargs)
             return zero_dead_rows(out, weights, blind)
@@ -83,12 +83,15 @@ def _make_attention(base: str) -> Callable:
 
 def _make_mask(base: str) -> Callable:
     if base == "sdpa":
+
         def mask(*args, **kwargs):
             kwargs["allow_is_causal_skip"] = False
             return masking_utils.sdpa_mask(*args, **kwargs)
     else:
+
         def mask(*args, **kwargs):
             return masking_utils.eager_mask(*args, **kwargs)
+
     return mask
 
 
@@ -129,7 +132,8 @@ def prepare_model(model: nn.Module) -> nn.Module:
         base = "eager" if current in ("eager", "icl_eager") else "sdpa"
         if current not in ("sdpa", "eager", "icl_sdpa", "icl_eager", None):
             raise RuntimeError(
-                f"attention implementation {current!r} is not supported for masking; load with sdpa or eager")
+                f"attention implementation {current!r} is not supported for masking; load with sdpa or eager"
+            )
         model.set_attn_implementation(IMPLEMENTATIONS[base])
     for idx, layer in enumerate(layers):
         attention_module(layer).register_forward_hook(

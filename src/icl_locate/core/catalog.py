@@ -18,28 +18,83 @@ ALIASES: dict[str, str] = {
 
 # tiny random models for tests and smoke runs: "tiny:<family>"
 TINY_CONFIGS: dict[str, dict] = {
-    "llama": dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048),
-    "qwen2": dict(model_type="qwen2", hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048),
-    "mistral": dict(model_type="mistral", hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048),
-    "starcoder2": dict(model_type="starcoder2", hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048),
-    "gemma3": dict(model_type="gemma3_text", hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=16,
-                   max_position_embeddings=2048),
+    "llama": dict(
+        model_type="llama",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+    ),
+    "qwen2": dict(
+        model_type="qwen2",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+    ),
+    "mistral": dict(
+        model_type="mistral",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+    ),
+    "starcoder2": dict(
+        model_type="starcoder2",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+    ),
+    "gemma3": dict(
+        model_type="gemma3_text",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        sliding_window=16,
+        max_position_embeddings=2048,
+    ),
     "gpt2": dict(model_type="gpt2", n_embd=32, n_layer=4, n_head=4, n_positions=2048),
-    "gpt_neox": dict(model_type="gpt_neox", hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                     num_attention_heads=4, max_position_embeddings=2048),
-    "gpt_neo": dict(model_type="gpt_neo", hidden_size=32, num_layers=4, num_heads=4,
-                    attention_types=[[["global", "local"], 2]], window_size=16, max_position_embeddings=2048),
+    "gpt_neox": dict(
+        model_type="gpt_neox",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        max_position_embeddings=2048,
+    ),
+    "gpt_neo": dict(
+        model_type="gpt_neo",
+        hidden_size=32,
+        num_layers=4,
+        num_heads=4,
+        attention_types=[[["global", "local"], 2]],
+        window_size=16,
+        max_position_embeddings=2048,
+    ),
     "bloom": dict(model_type="bloom", hidden_size=32, n_layer=4, n_head=4),
 }
 
 # --dtype names -> torch dtype names (``models.resolve_dtype`` maps them to torch dtypes)
-DTYPE_NAMES: dict[str, str] = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-                               "float16": "float16", "fp16": "float16"}
+DTYPE_NAMES: dict[str, str] = {
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+}
 
 
 def check_dtype_name(dtype: str | None) -> None:

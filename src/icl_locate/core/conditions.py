@@ -8,8 +8,8 @@ store keeps them as they are, so condition -> ranges is decided in exactly one p
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from ..util.errors import UserError
 from .prompts import EncodedPrompt
@@ -32,15 +32,28 @@ CONDITIONS: dict[str, Condition] = {
     c.name: c
     for c in (
         Condition("baseline", "baseline", frozenset(), description="nothing hidden"),
-        Condition("instructions+examples", "TTF", frozenset({"instructions", "examples"}),
-                  description="hide the instructions and the in-context examples"),
+        Condition(
+            "instructions+examples",
+            "TTF",
+            frozenset({"instructions", "examples"}),
+            description="hide the instructions and the in-context examples",
+        ),
         Condition("examples", "FTF", frozenset({"examples"}), description="hide the examples only"),
         Condition("query", "FFT", frozenset({"query"}), description="hide the test query only"),
-        Condition("instructions+examples+query", "TTT", frozenset({"instructions", "examples", "query"}),
-                  description="hide instructions, examples and query"),
+        Condition(
+            "instructions+examples+query",
+            "TTT",
+            frozenset({"instructions", "examples", "query"}),
+            description="hide instructions, examples and query",
+        ),
         Condition("instructions", "TF", frozenset({"instructions"}), description="hide the instructions only"),
-        Condition("all-but-last", "mask_all", frozenset(), all_but_last=True,
-                  description="hide every prompt token but BOS and the last one"),
+        Condition(
+            "all-but-last",
+            "mask_all",
+            frozenset(),
+            all_but_last=True,
+            description="hide every prompt token but BOS and the last one",
+        ),
     )
 }
 
@@ -90,7 +103,7 @@ class MaskedPrompt:
     hidden: tuple[Range, ...]
 
     @classmethod
-    def of(cls, encoded: EncodedPrompt, condition: Condition | None) -> "MaskedPrompt":
+    def of(cls, encoded: EncodedPrompt, condition: Condition | None) -> MaskedPrompt:
         ranges = hidden_ranges(condition, encoded.spans, len(encoded.ids)) if condition is not None else []
         return cls(encoded, condition, tuple(ranges))
 

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence, Union
+from typing import Union
 
 import torch
 from torch import nn
@@ -77,6 +78,7 @@ RowIntervention = Union[MaskFrom, HeadMask, AblateLayers, PruneFrom, Unchanged]
 
 # --------------------------------------------------------------------------- batch interventions
 
+
 def _freeze(hidden: Sequence[Sequence[Range]]) -> tuple[tuple[Range, ...], ...]:
     out = []
     for row in hidden:
@@ -101,8 +103,12 @@ class ColumnMask:
     the bool column matrix is built once per device on first use (``_columns``).
     """
 
-    def __init__(self, hidden: Sequence[Sequence[Range]], layers: Sequence[frozenset[int]],
-                 heads: Sequence[HeadSets | None] | None = None):
+    def __init__(
+        self,
+        hidden: Sequence[Sequence[Range]],
+        layers: Sequence[frozenset[int]],
+        heads: Sequence[HeadSets | None] | None = None,
+    ):
         if len(hidden) != len(layers) or (heads is not None and len(heads) != len(hidden)):
             raise ValueError("one layer set (and head map) per row")
         self.hidden = _freeze(hidden)
@@ -117,25 +123,25 @@ class ColumnMask:
         self._columns: dict[str, torch.Tensor] = {}
 
     @classmethod
-    def from_layer(cls, hidden: Sequence[Sequence[Range]], from_layer: int, n_layers: int) -> "ColumnMask":
+    def from_layer(cls, hidden: Sequence[Sequence[Range]], from_layer: int, n_layers: int) -> ColumnMask:
         """The paper's mask: every row hides its columns in every layer >= ``from_layer``."""
         if not 0 <= from_layer <= n_layers:
             raise ValueError(f"from_layer must be in 0..{n_layers}, got {from_layer}")
         return cls(hidden, [frozenset(range(from_layer, n_layers))] * len(hidden))
 
     @classmethod
-    def per_row(cls, hidden: Sequence[Sequence[Range]], from_layers: Sequence[int], n_layers: int) -> "ColumnMask":
+    def per_row(cls, hidden: Sequence[Sequence[Range]], from_layers: Sequence[int], n_layers: int) -> ColumnMask:
         """Row i hides ``hidden[i]`` in every layer >= ``from_layers[i]`` (rows of a sweep decode together)."""
         if len(hidden) != len(from_layers):
             raise ValueError("one from_layer per row")
         return cls(hidden, [frozenset(range(j, n_layers)) for j in from_layers])
 
     @classmethod
-    def at_layers(cls, hidden: Sequence[Sequence[Range]], layers: Sequence[int]) -> "ColumnMask":
+    def at_layers(cls, hidden: Sequence[Sequence[Range]], layers: Sequence[int]) -> ColumnMask:
         return cls(hidden, [frozenset(layers)] * len(hidden))
 
     @classmethod
-    def at_heads(cls, hidden: Sequence[Sequence[Range]], heads: Sequence[HeadSets]) -> "ColumnMask":
+    def at_heads(cls, hidden: Sequence[Sequence[Range]], heads: Sequence[HeadSets]) -> ColumnMask:
         """Row i hides ``hidden[i]`` from the heads ``heads[i][layer]`` of each listed layer only."""
         return cls(hidden, [frozenset(h) for h in heads], heads)
 
@@ -177,8 +183,9 @@ class ColumnMask:
                 rows[b, sorted(row[layer])] = True
         return rows.to(device)
 
-    def apply(self, attention_mask: torch.Tensor, layer: int,
-              n_heads: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def apply(
+        self, attention_mask: torch.Tensor, layer: int, n_heads: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The 4D mask without this layer's hidden columns (per query head where heads are given; the
         result is then [B, n_heads, q, kv]), and the (row, head, position)s left seeing nothing."""
         cols = self.columns(layer, attention_mask.shape[-1], attention_mask.device)
@@ -189,16 +196,16 @@ class ColumnMask:
             return hide_columns(attention_mask, cols)
         return hide_columns(attention_mask, cols[:, None, :] & heads[:, :, None])
 
-    def shifted(self, offsets: Sequence[int]) -> "ColumnMask":
+    def shifted(self, offsets: Sequence[int]) -> ColumnMask:
         """The same mask with each row's ranges moved right by its left-padding offset."""
         if len(offsets) != len(self.hidden):
             raise ValueError("one offset per batch row")
-        return ColumnMask([[(a + o, b + o) for a, b in row] for row, o in zip(self.hidden, offsets)], self.layers,
-                          self.heads)
+        return ColumnMask(
+            [[(a + o, b + o) for a, b in row] for row, o in zip(self.hidden, offsets)], self.layers, self.heads
+        )
 
-    def select_rows(self, rows: Sequence[int]) -> "ColumnMask":
-        return ColumnMask([self.hidden[i] for i in rows], [self.layers[i] for i in rows],
-                          [self.heads[i] for i in rows])
+    def select_rows(self, rows: Sequence[int]) -> ColumnMask:
+        return ColumnMask([self.hidden[i] for i in rows], [self.layers[i] for i in rows], [self.heads[i] for i in rows])
 
 
 class LayerColumnMasks:
@@ -215,11 +222,12 @@ class LayerColumnMasks:
     def all_layers(self) -> frozenset[int]:
         return self.active_layers
 
-    def apply(self, attention_mask: torch.Tensor, layer: int,
-              n_heads: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def apply(
+        self, attention_mask: torch.Tensor, layer: int, n_heads: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.by_layer[layer].apply(attention_mask, layer, n_heads)
 
-    def select_rows(self, rows: Sequence[int]) -> "LayerColumnMasks":
+    def select_rows(self, rows: Sequence[int]) -> LayerColumnMasks:
         raise TypeError("rows of per-layer masks differ from layer to layer: build a new one instead")
 
 
@@ -235,7 +243,7 @@ class AttentionAblation:
     def all_layers(self) -> frozenset[int]:
         return self.layers
 
-    def select_rows(self, rows: Sequence[int]) -> "AttentionAblation":
+    def select_rows(self, rows: Sequence[int]) -> AttentionAblation:
         return self
 
 
@@ -256,7 +264,7 @@ class ColumnDrop:
         self._index: dict[tuple, torch.Tensor] = {}
 
     @classmethod
-    def from_layer(cls, dropped: Sequence[Range], from_layer: int, n_layers: int) -> "ColumnDrop":
+    def from_layer(cls, dropped: Sequence[Range], from_layer: int, n_layers: int) -> ColumnDrop:
         return cls(dropped, frozenset(range(from_layer, n_layers)))
 
     def applies_to(self, layer: int | None) -> bool:
@@ -265,7 +273,7 @@ class ColumnDrop:
     def all_layers(self) -> frozenset[int]:
         return self.layers
 
-    def select_rows(self, rows: Sequence[int]) -> "ColumnDrop":
+    def select_rows(self, rows: Sequence[int]) -> ColumnDrop:
         return ColumnDrop([self.dropped[i] for i in rows], self.layers)
 
     def without_dropped_columns(self, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -287,6 +295,7 @@ BatchIntervention = Union[ColumnMask, LayerColumnMasks, AttentionAblation, Colum
 
 
 # --------------------------------------------------------------------------- mask surgery
+
 
 def hide_columns(attention_mask: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Remove hidden columns from a 4D attention mask.
@@ -325,8 +334,9 @@ def hide_columns(attention_mask: torch.Tensor, hidden: torch.Tensor) -> tuple[to
     return keep_blind_rows_finite(new_mask, dead_rows)
 
 
-def keep_blind_rows_finite(attention_mask: torch.Tensor, dead: torch.Tensor | None = None
-                           ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def keep_blind_rows_finite(
+    attention_mask: torch.Tensor, dead: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Rows that may attend to nothing at all (left padding) get one visible column, and join ``dead``.
 
     Some fused attention kernels return NaN for a fully masked row, and a NaN in a padding
@@ -363,6 +373,7 @@ def zero_dead_rows(attn_output: torch.Tensor, attn_weights: torch.Tensor | None,
 
 # --------------------------------------------------------------------------- the scope
 
+
 @dataclass(frozen=True)
 class Active:
     """The interventions in force: at most one of each kind."""
@@ -371,7 +382,7 @@ class Active:
     ablation: AttentionAblation | None = None
     drop: ColumnDrop | None = None
 
-    def select_rows(self, rows: Sequence[int]) -> "Active":
+    def select_rows(self, rows: Sequence[int]) -> Active:
         return Active(*(x.select_rows(rows) if x is not None else None for x in (self.mask, self.ablation, self.drop)))
 
     def values(self) -> tuple[BatchIntervention, ...]:
@@ -390,8 +401,9 @@ def collect(interventions: Sequence[BatchIntervention | None]) -> Active:
     for x in interventions:
         if x is None:
             continue
-        slot = {ColumnMask: "mask", LayerColumnMasks: "mask", AttentionAblation: "ablation",
-                ColumnDrop: "drop"}.get(type(x))
+        slot = {ColumnMask: "mask", LayerColumnMasks: "mask", AttentionAblation: "ablation", ColumnDrop: "drop"}.get(
+            type(x)
+        )
         if slot is None:
             raise TypeError(f"not a batch intervention: {x!r}")
         if slot in slots:

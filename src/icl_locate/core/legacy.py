@@ -12,8 +12,8 @@ Adding another such architecture = one more entry in ``ADAPTERS``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from torch import nn
 
@@ -50,7 +50,7 @@ class LegacyAdapter:
             if in_kwargs:
                 kwargs["attention_mask"] = mask
             else:
-                args = args[: self.mask_arg_index] + (mask,) + args[self.mask_arg_index + 1:]
+                args = args[: self.mask_arg_index] + (mask,) + args[self.mask_arg_index + 1 :]
             return args, kwargs
 
         return hook

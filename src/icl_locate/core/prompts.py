@@ -14,8 +14,8 @@ and is never hidden.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from ..util.errors import UserError
 
@@ -97,6 +97,7 @@ def sample_examples(bank: Sequence[Example], k: int, seed: int) -> list[Example]
 
 # --------------------------------------------------------------------------- tokens
 
+
 @dataclass
 class EncodedPrompt:
     """A tokenised prompt: ids and token ranges [start, end) of bos/instructions/examples/query."""
@@ -110,7 +111,7 @@ class EncodedPrompt:
 
     def span_text(self, tokenizer, part: str) -> str:
         span = self.spans.get(part)
-        return "" if span is None else tokenizer.decode(self.ids[span[0]:span[1]])
+        return "" if span is None else tokenizer.decode(self.ids[span[0] : span[1]])
 
 
 def encode_prompt(tokenizer, prompt: Prompt) -> EncodedPrompt:
@@ -142,6 +143,11 @@ def encode_prompt(tokenizer, prompt: Prompt) -> EncodedPrompt:
         spans[part] = (toks[0], toks[-1] + 1) if toks else None
     boundaries = {b for span in prompt.char_spans.values() if span for b in span}
     straddling = [i for i, (a, b) in enumerate(offsets) if any(a < x < b for x in boundaries)]
-    return EncodedPrompt(text=prompt.text, ids=ids, spans=spans, example_ids=list(prompt.example_ids),
-                         offsets=offsets, straddling=straddling)
-
+    return EncodedPrompt(
+        text=prompt.text,
+        ids=ids,
+        spans=spans,
+        example_ids=list(prompt.example_ids),
+        offsets=offsets,
+        straddling=straddling,
+    )

@@ -18,8 +18,8 @@ beyond one rounding of a typical logit (README, "Audit", has what was measured).
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -30,8 +30,7 @@ from ..core.structure import num_layers
 from .base import Generation, StopRule, forward
 from .reference import batch_interventions, greedy_decode
 
-MARGIN_THRESHOLDS = {torch.float32: 100 * 2.0 ** -17, torch.bfloat16: 100 * 2.0 ** -7,
-                     torch.float16: 100 * 2.0 ** -10}
+MARGIN_THRESHOLDS = {torch.float32: 100 * 2.0**-17, torch.bfloat16: 100 * 2.0**-7, torch.float16: 100 * 2.0**-10}
 
 
 def margin_threshold(dtype: torch.dtype) -> float:
@@ -68,15 +67,24 @@ def reference_margin(model: nn.Module, prompt: MaskedPrompt, row: RowInterventio
     """Top-1 minus top-2 logit of the reference forward after ``prompt + tokens`` under ``row``."""
     device = next(model.parameters()).device
     ids = torch.tensor([list(prompt.ids) + list(tokens)], device=device)
-    logits = forward(model, ids, interventions=batch_interventions(prompt, row, num_layers(model)),
-                     last_only=True).logits[0, -1].float()
+    logits = (
+        forward(model, ids, interventions=batch_interventions(prompt, row, num_layers(model)), last_only=True)
+        .logits[0, -1]
+        .float()
+    )
     top = logits.topk(2).values
     return float(top[0] - top[1])
 
 
-def audit_rows(model: nn.Module, tokenizer, prompts: Sequence[MaskedPrompt], rows: Sequence[RowIntervention],
-          generations: dict[tuple[int, RowIntervention], Generation], stop: StopRule,
-          picked: Sequence[tuple[int, int]]) -> list[AuditedRow]:
+def audit_rows(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[MaskedPrompt],
+    rows: Sequence[RowIntervention],
+    generations: dict[tuple[int, RowIntervention], Generation],
+    stop: StopRule,
+    picked: Sequence[tuple[int, int]],
+) -> list[AuditedRow]:
     """Decode the ``picked`` (item, row index) pairs with the reference engine (batch of one, the
     model's own head, no sharing, same dtype and device) and compare with ``generations``."""
     threshold = margin_threshold(next(model.parameters()).dtype)

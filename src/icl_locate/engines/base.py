@@ -12,8 +12,9 @@ import contextlib
 import functools
 import inspect
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterator, Protocol, Sequence
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -64,8 +65,13 @@ ResultKey = tuple[int, RowIntervention]
 class Engine(Protocol):
     """Greedy generation of every (prompt index, row intervention) pair."""
 
-    def generate(self, prompts: Sequence[MaskedPrompt], interventions: Sequence[RowIntervention], stop: StopRule,
-                 progress: Progress | None = None) -> dict[ResultKey, Generation]: ...
+    def generate(
+        self,
+        prompts: Sequence[MaskedPrompt],
+        interventions: Sequence[RowIntervention],
+        stop: StopRule,
+        progress: Progress | None = None,
+    ) -> dict[ResultKey, Generation]: ...
 
 
 def eos_ids(model: nn.Module, tokenizer) -> set[int]:
@@ -108,9 +114,16 @@ def time_breakdown(times: dict) -> dict[str, float]:
     verification forwards (with drafts); across them, LM head and body (everything else in the
     forwards: layers, attention, masks); bookkeeping is the rest."""
     forwards = times["prefix"] + times["query_prefill"] + times["decode_forward"] + times["verification"]
-    return dict(total=times["total"], prefix=times["prefix"], query_prefill=times["query_prefill"],
-                decode_forward=times["decode_forward"], verification=times["verification"], head=times["head"],
-                body=forwards - times["head"], bookkeeping=times["total"] - forwards)
+    return dict(
+        total=times["total"],
+        prefix=times["prefix"],
+        query_prefill=times["query_prefill"],
+        decode_forward=times["decode_forward"],
+        verification=times["verification"],
+        head=times["head"],
+        body=forwards - times["head"],
+        bookkeeping=times["total"] - forwards,
+    )
 
 
 def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -124,7 +137,7 @@ def _accepts(model: nn.Module, name: str) -> bool:
     return name in _forward_parameters(type(base))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _forward_parameters(model_class: type) -> frozenset[str]:
     """Keyword names of a model class's forward, looked up once (forward runs at every decode step)."""
     return frozenset(inspect.signature(model_class.forward).parameters)
@@ -139,20 +152,28 @@ def _model_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     """Keyword arguments for ``model`` (a causal LM or its decoder) with padding-aware positions."""
     if attention_mask is None:
         past = cache.get_seq_length() if cache is not None else 0
-        attention_mask = torch.ones(input_ids.shape[0], past + input_ids.shape[1], dtype=torch.long,
-                                    device=input_ids.device)
+        attention_mask = torch.ones(
+            input_ids.shape[0], past + input_ids.shape[1], dtype=torch.long, device=input_ids.device
+        )
     kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=cache is not None)
     if cache is not None:
         kwargs[_cache_kwarg(model)] = cache
     if _accepts(model, "position_ids"):
-        kwargs["position_ids"] = position_ids_for(attention_mask)[:, -input_ids.shape[1]:]
+        kwargs["position_ids"] = position_ids_for(attention_mask)[:, -input_ids.shape[1] :]
     return kwargs
 
 
 @torch.no_grad()
-def forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, cache=None,
-            interventions: Sequence[BatchIntervention | None] = (), output_attentions: bool = False,
-            last_only: bool = False, keep_last: int | None = None):
+def forward(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    cache=None,
+    interventions: Sequence[BatchIntervention | None] = (),
+    output_attentions: bool = False,
+    last_only: bool = False,
+    keep_last: int | None = None,
+):
     """One forward pass under ``interventions``, with padding-aware positions.
 
     ``attention_mask`` is the 2D padding mask over all tokens so far (cache included).
@@ -170,8 +191,14 @@ def forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Ten
 
 
 @torch.no_grad()
-def last_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, cache=None,
-                interventions: Sequence[BatchIntervention | None] = (), positions: int = 1) -> torch.Tensor:
+def last_hidden(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    cache=None,
+    interventions: Sequence[BatchIntervention | None] = (),
+    positions: int = 1,
+) -> torch.Tensor:
     """Like ``forward``, without the LM head: the decoder's final hidden states (after its final
     norm) at the last ``positions`` positions, [B, positions, hidden]."""
     decoder = model.get_decoder()

@@ -28,9 +28,9 @@ import json
 import os
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 import transformers
@@ -73,10 +73,12 @@ class Choices:
     def line(self) -> str:
         """One line for the terminal: the choices and the measured reasons."""
         cost = "cached" if self.cached else f"{self.calibration_seconds:.1f}s"
-        return (f"engine: {self.engine} ({self.reasons['engine']}); head: {self.head} ({self.reasons['head']}); "
-                f"drafts: {self.draft_tokens or 'off'} ({self.reasons['drafts']}); batch: "
-                f"{self.batch_size or 'auto'} ({self.reasons['batch']}); calibration {cost}; on "
-                f"{hardware_line(self.hardware)}")
+        return (
+            f"engine: {self.engine} ({self.reasons['engine']}); head: {self.head} ({self.reasons['head']}); "
+            f"drafts: {self.draft_tokens or 'off'} ({self.reasons['drafts']}); batch: "
+            f"{self.batch_size or 'auto'} ({self.reasons['batch']}); calibration {cost}; on "
+            f"{hardware_line(self.hardware)}"
+        )
 
     def summary(self) -> str:
         """The configuration in a few words, e.g. "tree engine, screened head, no drafts"."""
@@ -90,7 +92,7 @@ class Choices:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Choices":
+    def from_dict(cls, data: dict) -> Choices:
         return cls(**data)
 
 
@@ -123,8 +125,15 @@ class Calibrator:
     ``timer(name, fn, repeats)`` runs ``fn`` and returns its seconds (tests inject fake timings by
     name: "head/plain", "head/screen", "body/1", "body/1+N", "engine/fast", "engine/tree")."""
 
-    def __init__(self, model, tokenizer, request: EngineRequest = EngineRequest(), cache: Path | None = None,
-                 timer: Timer = measure_seconds, use_cache: bool = True):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        request: EngineRequest = EngineRequest(),
+        cache: Path | None = None,
+        timer: Timer = measure_seconds,
+        use_cache: bool = True,
+    ):
         request.check()
         self.model, self.tokenizer, self.request = model, tokenizer, request
         self.cache = cache if cache is not None else cache_dir() / "calibration"
@@ -133,8 +142,9 @@ class Calibrator:
 
     # ------------------------------------------------------------------ entry
 
-    def choose(self, prompts: Sequence[MaskedPrompt], interventions: Sequence, stop: StopRule,
-               model_id: dict | None = None) -> Choices:
+    def choose(
+        self, prompts: Sequence[MaskedPrompt], interventions: Sequence, stop: StopRule, model_id: dict | None = None
+    ) -> Choices:
         """The choices for decoding ``interventions`` on ``prompts`` (cached per machine, model and work)."""
         key = self.key(prompts, interventions, model_id)
         path = self.cache / f"{key}.json"
@@ -158,10 +168,18 @@ class Calibrator:
         """Machine + model + dtype/device + library versions + the shape of the work + the request."""
         param = next(self.model.parameters())
         kinds = sorted({type(row).__name__ for row in interventions})
-        spec = dict(version=CALIBRATION_VERSION, hardware=hardware(self.device), model=model_id or dict(
-            type=type(self.model).__name__, config=self.model.config.to_json_string()), dtype=str(param.dtype),
-            transformers=transformers.__version__, icl_locate=__version__, rows_per_query=len(interventions),
-            kinds=kinds, request=asdict(self.request), threads_env=os.environ.get("OMP_NUM_THREADS"))
+        spec = dict(
+            version=CALIBRATION_VERSION,
+            hardware=hardware(self.device),
+            model=model_id or dict(type=type(self.model).__name__, config=self.model.config.to_json_string()),
+            dtype=str(param.dtype),
+            transformers=transformers.__version__,
+            icl_locate=__version__,
+            rows_per_query=len(interventions),
+            kinds=kinds,
+            request=asdict(self.request),
+            threads_env=os.environ.get("OMP_NUM_THREADS"),
+        )
         return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
     # ------------------------------------------------------------------ measuring
@@ -211,8 +229,10 @@ class Calibrator:
             plain_tokens = screen.full_logits(hidden).argmax(-1)
             if not torch.equal(screen.argmax(hidden), plain_tokens):
                 if wanted == "screen":
-                    raise UserError("the screened LM head disagreed with the plain head on this model's own "
-                                    "hidden states; use --head plain")
+                    raise UserError(
+                        "the screened LM head disagreed with the plain head on this model's own "
+                        "hidden states; use --head plain"
+                    )
                 reasons["head"] = "no screen: it disagreed with the plain head on a sample"
                 return "plain"
             if wanted == "screen":
@@ -233,39 +253,59 @@ class Calibrator:
             reasons["drafts"] = "forced"
             return self.request.draft_tokens
         width = max(DRAFT_LENGTHS)
-        ids = torch.tensor([prompt.ids[-(1 + width):]] * max(1, min(rows, MINI_RUN_ROWS)), device=self.device)
+        ids = torch.tensor([prompt.ids[-(1 + width) :]] * max(1, min(rows, MINI_RUN_ROWS)), device=self.device)
         one = self.timer("body/1", lambda: last_hidden(self.model, ids[:, :1]), REPEATS)
         measured["body/1"] = one
         best = 0
         for n in DRAFT_LENGTHS:
-            cost = self.timer(f"body/1+{n}", lambda n=n: last_hidden(self.model, ids[:, :1 + n], positions=1 + n),
-                              REPEATS)
+            cost = self.timer(
+                f"body/1+{n}", lambda n=n: last_hidden(self.model, ids[:, : 1 + n], positions=1 + n), REPEATS
+            )
             measured[f"body/1+{n}"] = cost
             if cost > DRAFT_COST_LIMIT * one:
                 break  # longer drafts cost more still
             best = n
         if best:
-            reasons["drafts"] = (f"a forward of {1 + best} tokens costs {_ratio(measured[f'body/1+{best}'], one)} "
-                                 f"one token's here")
+            reasons["drafts"] = (
+                f"a forward of {1 + best} tokens costs {_ratio(measured[f'body/1+{best}'], one)} one token's here"
+            )
         else:
             n = DRAFT_LENGTHS[0]
-            reasons["drafts"] = (f"a forward of {1 + n} tokens costs {_ratio(measured[f'body/1+{n}'], one)} "
-                                 f"one token's here (> {DRAFT_COST_LIMIT}x)")
+            reasons["drafts"] = (
+                f"a forward of {1 + n} tokens costs {_ratio(measured[f'body/1+{n}'], one)} "
+                f"one token's here (> {DRAFT_COST_LIMIT}x)"
+            )
         return best
 
-    def _choose_engine(self, prompt: MaskedPrompt, interventions: Sequence, stop: StopRule, head: str, drafts: int,
-                       reasons: dict, measured: dict) -> str:
+    def _choose_engine(
+        self,
+        prompt: MaskedPrompt,
+        interventions: Sequence,
+        stop: StopRule,
+        head: str,
+        drafts: int,
+        reasons: dict,
+        measured: dict,
+    ) -> str:
         rows = list(interventions)
         if len(rows) > MINI_RUN_ROWS:  # a spread of the rows, first and last included
             step = (len(rows) - 1) / (MINI_RUN_ROWS - 1)
             rows = list(dict.fromkeys(rows[round(i * step)] for i in range(MINI_RUN_ROWS)))
         short = StopRule(stop.stop_strings, min(stop.max_new_tokens, MINI_RUN_TOKENS))
-        engines = {"fast": SweepEngine(self.model, self.tokenizer, batch_size=self.request.batch_size),
-                   "tree": TreeEngine(self.model, self.tokenizer, batch_size=self.request.batch_size,
-                                      screen_head=head == "screen", draft_tokens=drafts)}
+        engines = {
+            "fast": SweepEngine(self.model, self.tokenizer, batch_size=self.request.batch_size),
+            "tree": TreeEngine(
+                self.model,
+                self.tokenizer,
+                batch_size=self.request.batch_size,
+                screen_head=head == "screen",
+                draft_tokens=drafts,
+            ),
+        }
         for name, engine in engines.items():
             measured[f"engine/{name}"] = self.timer(  # seconds of work: timed once
-                f"engine/{name}", lambda engine=engine: engine.generate([prompt], rows, short), 1)
+                f"engine/{name}", lambda engine=engine: engine.generate([prompt], rows, short), 1
+            )
         fast, tree = measured["engine/fast"], measured["engine/tree"]
         what = f"on {len(rows)} rows x {short.max_new_tokens} tokens"
         if tree <= fast:
@@ -279,6 +319,10 @@ def build_engine(model, tokenizer, choices: Choices) -> Engine:
     """The engine ``choices`` describe."""
     if choices.engine == "fast":
         return SweepEngine(model, tokenizer, batch_size=choices.batch_size)
-    return TreeEngine(model, tokenizer, batch_size=choices.batch_size, screen_head=choices.head == "screen",
-                      draft_tokens=choices.draft_tokens)
-
+    return TreeEngine(
+        model,
+        tokenizer,
+        batch_size=choices.batch_size,
+        screen_head=choices.head == "screen",
+        draft_tokens=choices.draft_tokens,
+    )

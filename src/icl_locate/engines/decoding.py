@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -13,11 +13,19 @@ from ..core.interventions import Active, BatchIntervention, collect
 from .base import Generation, StopRule, forward
 
 
-def decode_batch(model: nn.Module, tokenizer, eos: set[int], cache, step_input: torch.Tensor,
-                 mask: torch.Tensor, interventions: Sequence[BatchIntervention | None], stop: StopRule,
-                 stats: dict | None = None,
-                 first_logits: Callable[[torch.Tensor], None] | None = None,
-                 times: dict | None = None) -> list[Generation]:
+def decode_batch(
+    model: nn.Module,
+    tokenizer,
+    eos: set[int],
+    cache,
+    step_input: torch.Tensor,
+    mask: torch.Tensor,
+    interventions: Sequence[BatchIntervention | None],
+    stop: StopRule,
+    stats: dict | None = None,
+    first_logits: Callable[[torch.Tensor], None] | None = None,
+    times: dict | None = None,
+) -> list[Generation]:
     """Greedy decoding of a batch whose prompts sit in ``cache`` up to ``step_input``.
 
     ``step_input`` ([B, t]) is the rest of each prompt (at least its last token); ``mask`` is the
@@ -34,8 +42,9 @@ def decode_batch(model: nn.Module, tokenizer, eos: set[int], cache, step_input: 
     finish = ["length"] * n
     for step in range(stop.max_new_tokens):
         started = time.perf_counter()
-        logits = forward(model, step_input, attention_mask=mask, cache=cache, interventions=state.values(),
-                         last_only=True).logits[:, -1]
+        logits = forward(
+            model, step_input, attention_mask=mask, cache=cache, interventions=state.values(), last_only=True
+        ).logits[:, -1]
         tokens = logits.argmax(-1).tolist()
         if times is not None:
             times["query_prefill" if step == 0 else "decode_forward"] += time.perf_counter() - started
@@ -63,8 +72,10 @@ def decode_batch(model: nn.Module, tokenizer, eos: set[int], cache, step_input: 
             alive = [alive[p] for p in keep]
         step_input = torch.tensor(tokens, device=device)[:, None]
         mask = torch.cat([mask, mask.new_ones(len(alive), 1)], dim=1)
-    return [Generation(token_ids=t, text=tokenizer.decode(t, skip_special_tokens=True), finish=f)
-            for t, f in zip(new_tokens, finish)]
+    return [
+        Generation(token_ids=t, text=tokenizer.decode(t, skip_special_tokens=True), finish=f)
+        for t, f in zip(new_tokens, finish)
+    ]
 
 
 def right_aligned(tensors: list[torch.Tensor], keep: list[int], width: int, capacity: int) -> torch.Tensor:
@@ -75,7 +86,7 @@ def right_aligned(tensors: list[torch.Tensor], keep: list[int], width: int, capa
     out[:, :, :width] = 0  # padding columns are masked, but must not hold NaNs (0 x NaN = NaN)
     for b, (t, k) in enumerate(zip(tensors, keep)):
         if k:
-            out[b, :, width - k:width] = t[0, :, :k]
+            out[b, :, width - k : width] = t[0, :, :k]
     return out
 
 
@@ -95,7 +106,7 @@ class PreallocatedLayer(DynamicLayer):
         self._views()
 
     def _views(self) -> None:
-        self.keys, self.values = self.buf_k[:, :, :self.length], self.buf_v[:, :, :self.length]
+        self.keys, self.values = self.buf_k[:, :, : self.length], self.buf_v[:, :, : self.length]
 
     def get_seq_length(self) -> int:
         return self.length + self.dropped
@@ -105,8 +116,8 @@ class PreallocatedLayer(DynamicLayer):
         if end > self.buf_k.shape[-2]:
             raise RuntimeError(f"preallocated cache of {self.buf_k.shape[-2]} positions is full")
         rows = key_states.shape[0]  # the buffer may hold spare rows (the tree engine's slots)
-        self.buf_k[:rows, :, self.length:end] = key_states
-        self.buf_v[:rows, :, self.length:end] = value_states
+        self.buf_k[:rows, :, self.length : end] = key_states
+        self.buf_v[:rows, :, self.length : end] = value_states
         self.length = end
         self._views()
         return self.keys, self.values
@@ -117,7 +128,7 @@ class PreallocatedLayer(DynamicLayer):
         Only the filled columns are copied."""
         for new, old in enumerate(indices.tolist()):
             if new != old:
-                self.buf_k[new, :, :self.length].copy_(self.buf_k[old, :, :self.length])
-                self.buf_v[new, :, :self.length].copy_(self.buf_v[old, :, :self.length])
-        self.buf_k, self.buf_v = self.buf_k[:len(indices)], self.buf_v[:len(indices)]
+                self.buf_k[new, :, : self.length].copy_(self.buf_k[old, :, : self.length])
+                self.buf_v[new, :, : self.length].copy_(self.buf_v[old, :, : self.length])
+        self.buf_k, self.buf_v = self.buf_k[: len(indices)], self.buf_v[: len(indices)]
         self._views()

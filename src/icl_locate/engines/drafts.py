@@ -15,7 +15,8 @@ A group whose drafts keep failing drafts less: after ``patience`` misses in a ro
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 
 class DraftState(Protocol):
@@ -29,8 +30,8 @@ def _continuation(source: Sequence[int], key: Sequence[int], limit: int) -> list
     key at the very end of the group's own history does not find itself)."""
     n = len(key)
     for i in range(len(source) - n - 1, -1, -1):
-        if source[i + n - 1] == key[-1] and list(source[i:i + n]) == list(key):
-            return list(source[i + n:i + n + limit])
+        if source[i + n - 1] == key[-1] and list(source[i : i + n]) == list(key):
+            return list(source[i + n : i + n + limit])
     return []
 
 
@@ -40,8 +41,9 @@ class Drafter:
             raise ValueError("draft length, n-gram size and patience must be >= 1")
         self.max_tokens, self.ngram, self.patience = max_tokens, ngram, patience
 
-    def propose(self, group: DraftState, prompt: Sequence[int], siblings: Sequence[Sequence[int]],
-                limit: int) -> list[int]:
+    def propose(
+        self, group: DraftState, prompt: Sequence[int], siblings: Sequence[Sequence[int]], limit: int
+    ) -> list[int]:
         """Up to min(max_tokens, limit) draft tokens for ``group`` (empty: no draft this step)."""
         limit = min(self.max_tokens, limit)
         if group.pause > 0:

@@ -34,8 +34,8 @@ from torch import nn
 from ..core.structure import text_config
 from .base import forward, last_hidden
 
-UNIT_BF16 = 2.0 ** -8
-UNIT_FP32 = 2.0 ** -24
+UNIT_BF16 = 2.0**-8
+UNIT_FP32 = 2.0**-24
 SAFETY = 1.01  # headroom over the bound, for the few operations it does not itemise
 CHECK_EVERY = 8  # one row's full logits verify the bound every this many calls (about 1/(8 B) of the head)
 MAX_CANDIDATES_PER_ROW = 256  # beyond this a row's logits are computed in full instead
@@ -59,7 +59,7 @@ class ScreenedHead:
         self.screen = self.weight.detach().to(torch.bfloat16)
         self.max_norm = float(self.weight.detach().float().norm(dim=1).max())
         d = self.weight.shape[1]
-        self.input_term = (2 * UNIT_BF16 + UNIT_BF16 ** 2 + d * UNIT_FP32 * (1 + UNIT_BF16) ** 2) * SAFETY
+        self.input_term = (2 * UNIT_BF16 + UNIT_BF16**2 + d * UNIT_FP32 * (1 + UNIT_BF16) ** 2) * SAFETY
         self.output_term = UNIT_BF16 / (1 - UNIT_BF16) * SAFETY
 
     def _refresh(self) -> None:
@@ -113,8 +113,10 @@ class ScreenedHead:
         error = float((approx[row].float() - exact).abs().max())
         if error <= float(bound[row]):
             return True
-        warnings.warn(f"the bf16-screened LM head's error bound was exceeded on this device ({error:.3g} > "
-                      f"{float(bound[row]):.3g}); the screen is switched off and the full head used from now on")
+        warnings.warn(
+            f"the bf16-screened LM head's error bound was exceeded on this device ({error:.3g} > "
+            f"{float(bound[row]):.3g}); the screen is switched off and the full head used from now on"
+        )
         self.disabled = True
         return False
 

@@ -7,7 +7,7 @@ but the token limit, as in the paper; a StopRule passes its stop strings to ``ge
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -27,13 +27,19 @@ class PaperEngine:
         self.n_layers = num_layers(model)
 
     @torch.no_grad()
-    def generate_ids(self, prompts: Sequence[MaskedPrompt], rows: Sequence[MaskFrom], max_new_tokens: int,
-                     stop: StopRule | None = None, progress: Progress | None = None) -> dict[tuple[int, MaskFrom], list[int]]:
+    def generate_ids(
+        self,
+        prompts: Sequence[MaskedPrompt],
+        rows: Sequence[MaskFrom],
+        max_new_tokens: int,
+        stop: StopRule | None = None,
+        progress: Progress | None = None,
+    ) -> dict[tuple[int, MaskFrom], list[int]]:
         tok, n = self.tokenizer, self.n_layers
         out: dict[tuple[int, MaskFrom], list[int]] = {}
         for row in rows:
             for start in range(0, len(prompts), self.batch_size):
-                batch = prompts[start:start + self.batch_size]
+                batch = prompts[start : start + self.batch_size]
                 width = max(len(p.ids) for p in batch)
                 ids = torch.full((len(batch), width), tok.pad_token_id, dtype=torch.long)
                 mask = torch.zeros_like(ids)
@@ -45,16 +51,17 @@ class PaperEngine:
                     pads.append(pad)
                 hidden = [p.hidden if row.layer < n else () for p in batch]
                 column_mask = ColumnMask.from_layer(hidden, row.layer, n).shifted(pads)
-                kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
-                              cache=DynamicCache())
+                kwargs = dict(
+                    max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id, cache=DynamicCache()
+                )
                 if stop is not None and stop.stop_strings:
                     kwargs.update(stop_strings=list(stop.stop_strings), tokenizer=tok)
                 with intervene(self.model, column_mask):  # holds for every forward of generate
-                    seqs = self.model.generate(ids.to(self.model.device), attention_mask=mask.to(self.model.device),
-                                               **kwargs)
+                    seqs = self.model.generate(
+                        ids.to(self.model.device), attention_mask=mask.to(self.model.device), **kwargs
+                    )
                 for b in range(len(batch)):
                     out[(start + b, row)] = seqs[b, width:].tolist()
                 if progress is not None:
                     progress(len(out), len(prompts) * len(rows))
         return out
-

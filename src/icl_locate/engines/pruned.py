@@ -28,8 +28,8 @@ pruning then only shortens attention.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -45,8 +45,8 @@ from ..util.errors import UserError
 from .base import Generation, Progress, ResultKey, StopRule, eos_ids, forward
 from .decoding import PreallocatedLayer, decode_batch, right_aligned
 
-
 # --------------------------------------------------------------------------- what is pruned
+
 
 @dataclass(frozen=True)
 class PruneSplit:
@@ -68,22 +68,29 @@ def prune_split(prompt: MaskedPrompt) -> PruneSplit:
     if not ranges:
         return PruneSplit(length - 1, length - 1, length)  # nothing to prune (e.g. the baseline)
     if len(ranges) > 1:
-        raise UserError(f"condition {condition.name!r} hides {len(ranges)} separate ranges; "
-                        "context pruning drops one contiguous range")
+        raise UserError(
+            f"condition {condition.name!r} hides {len(ranges)} separate ranges; "
+            "context pruning drops one contiguous range"
+        )
     start, end = ranges[0]
     if end >= length:
-        raise UserError(f"condition {condition.name!r} hides the last prompt token; "
-                        "context pruning needs it to start generating (use a context condition)")
+        raise UserError(
+            f"condition {condition.name!r} hides the last prompt token; "
+            "context pruning needs it to start generating (use a context condition)"
+        )
     return PruneSplit(start, end, length)
 
 
 def check_supported(model: nn.Module) -> None:
     if inline_attention(model):
-        raise UserError(f"context pruning needs a model that uses transformers' AttentionInterface; "
-                        f"{model.config.model_type} computes attention inline")
+        raise UserError(
+            f"context pruning needs a model that uses transformers' AttentionInterface; "
+            f"{model.config.model_type} computes attention inline"
+        )
 
 
 # --------------------------------------------------------------------------- cache layers
+
 
 class _LogicalLayer(DynamicLayer):
     """A growing cache layer that may lack ``dropped`` columns but reports the logical length."""
@@ -120,6 +127,7 @@ class _stop_before_layer:
 
 # --------------------------------------------------------------------------- the engine
 
+
 @dataclass
 class _Prefilled:
     """One prompt in its own cache, all but its last token."""
@@ -144,29 +152,46 @@ class PrunedEngine:
         self.n_layers = num_layers(model)
         self.device = next(model.parameters()).device
         self.eos = eos_ids(model, tokenizer)
-        self.stats = {"tokens_forwarded": 0, "logit_rows": 0, "steps": 0, "seconds_prefill": 0.0,
-                      "seconds_decode": 0.0, "kv_bytes_peak": 0, "token_layers": 0}
+        self.stats = {
+            "tokens_forwarded": 0,
+            "logit_rows": 0,
+            "steps": 0,
+            "seconds_prefill": 0.0,
+            "seconds_decode": 0.0,
+            "kv_bytes_peak": 0,
+            "token_layers": 0,
+        }
         self.keep_first_logits = keep_first_logits
         self.first_logits: dict[int, torch.Tensor] = {}  # item -> logits of its first new token (tests)
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[MaskedPrompt], interventions: Sequence[RowIntervention], stop: StopRule,
-                 progress: Progress | None = None) -> dict[ResultKey, Generation]:
+    def generate(
+        self,
+        prompts: Sequence[MaskedPrompt],
+        interventions: Sequence[RowIntervention],
+        stop: StopRule,
+        progress: Progress | None = None,
+    ) -> dict[ResultKey, Generation]:
         """Every prompt under every ``PruneFrom(r)``."""
         out: dict[ResultKey, Generation] = {}
         for row in interventions:
             if not isinstance(row, PruneFrom):
                 raise ValueError(f"the pruned engine runs PruneFrom rows only, got {type(row).__name__}")
-            gens = self.generate_pruned(prompts, row.layer, stop,
-                                        None if progress is None else
-                                        (lambda done, total, base=len(out): progress(base + done,
-                                                                                    len(prompts) * len(interventions))))
+            gens = self.generate_pruned(
+                prompts,
+                row.layer,
+                stop,
+                None
+                if progress is None
+                else (lambda done, total, base=len(out): progress(base + done, len(prompts) * len(interventions))),
+            )
             out.update(((i, row), g) for i, g in enumerate(gens))
         return out
 
     @torch.no_grad()
-    def generate_pruned(self, prompts: Sequence[MaskedPrompt], from_layer: int, stop: StopRule,
-                        progress: Progress | None = None) -> list[Generation]:
+    def generate_pruned(
+        self, prompts: Sequence[MaskedPrompt], from_layer: int, stop: StopRule, progress: Progress | None = None
+    ) -> list[Generation]:
         """Every prompt with its hidden range pruned from ``from_layer``, in prompt order."""
         if not 0 <= from_layer <= self.n_layers:
             raise UserError(f"pruning layer must be in 0..{self.n_layers}, got {from_layer}")
@@ -175,7 +200,7 @@ class PrunedEngine:
         order = sorted(range(len(prompts)), key=lambda i: (splits[i].width, i))
         results: dict[int, Generation] = {}
         for lo in range(0, len(order), self.batch_size):
-            chunk = order[lo:lo + self.batch_size]
+            chunk = order[lo : lo + self.batch_size]
             groups: dict[int, list[int]] = {}
             for i in chunk:
                 groups.setdefault(splits[i].width, []).append(i)
@@ -198,19 +223,19 @@ class PrunedEngine:
         ids_t = torch.tensor([list(ids)], device=self.device)
         pruned = split.width > 0 and r < self.n_layers
         if split.start > 0:
-            self._forward(ids_t[:, :split.start], cache, None, self.n_layers)
+            self._forward(ids_t[:, : split.start], cache, None, self.n_layers)
         if split.width > 0 and r > 0:
             if pruned:
                 with _stop_before_layer(self.model, r):
-                    self._forward(ids_t[:, split.start:split.end], cache, None, r)
+                    self._forward(ids_t[:, split.start : split.end], cache, None, r)
             else:
-                self._forward(ids_t[:, split.start:split.end], cache, None, self.n_layers)
+                self._forward(ids_t[:, split.start : split.end], cache, None, self.n_layers)
         if pruned:
             for layer in cache.layers[r:]:
                 layer.dropped = split.width
         drop = ColumnDrop.from_layer([(split.start, split.end)], r, self.n_layers) if pruned else None
         if split.end < split.length - 1:
-            self._forward(ids_t[:, split.end:-1], cache, drop, self.n_layers)
+            self._forward(ids_t[:, split.end : -1], cache, drop, self.n_layers)
         kv = [(layer.keys, layer.values) if layer.is_initialized else (None, None) for layer in cache.layers]
         return _Prefilled(kv=kv, split=split, last_token=int(ids[-1]))
 
@@ -238,9 +263,14 @@ class PrunedEngine:
             values = [row.kv[layer][1] if row.kv[layer][1] is not None else empty for row in rows]
             kept = [c - dropped for c in cached]
             capacity = w - dropped + max_new_tokens
-            cache.layers.append(PreallocatedLayer(right_aligned(keys, kept, w - dropped, capacity),
-                                                   right_aligned(values, kept, w - dropped, capacity),
-                                                   w - dropped, dropped=dropped))
+            cache.layers.append(
+                PreallocatedLayer(
+                    right_aligned(keys, kept, w - dropped, capacity),
+                    right_aligned(values, kept, w - dropped, capacity),
+                    w - dropped,
+                    dropped=dropped,
+                )
+            )
         kv_bytes = sum(layer.buf_k.nbytes + layer.buf_v.nbytes for layer in cache.layers)
         self.stats["kv_bytes_peak"] = max(self.stats["kv_bytes_peak"], kv_bytes)
         mask = torch.ones(len(rows), w + 1, dtype=torch.long)
@@ -248,21 +278,33 @@ class PrunedEngine:
             mask[b, :pad] = 0
         drop = None
         if width and r < self.n_layers:
-            drop = ColumnDrop.from_layer([(pad + row.split.start, pad + row.split.end) for pad, row in zip(pads, rows)],
-                                         r, self.n_layers)
+            drop = ColumnDrop.from_layer(
+                [(pad + row.split.start, pad + row.split.end) for pad, row in zip(pads, rows)], r, self.n_layers
+            )
         step_input = torch.tensor([[row.last_token] for row in rows], device=self.device)
         before = self.stats["tokens_forwarded"]
 
         def keep(logits: torch.Tensor) -> None:
             self.first_logits.update(zip(items, logits.float().cpu()))
 
-        gens = decode_batch(self.model, self.tokenizer, self.eos, cache, step_input, mask.to(self.device), (drop,),
-                            stop, self.stats, first_logits=keep if self.keep_first_logits else None)
+        gens = decode_batch(
+            self.model,
+            self.tokenizer,
+            self.eos,
+            cache,
+            step_input,
+            mask.to(self.device),
+            (drop,),
+            stop,
+            self.stats,
+            first_logits=keep if self.keep_first_logits else None,
+        )
         self.stats["token_layers"] += (self.stats["tokens_forwarded"] - before) * self.n_layers
         return gens
 
 
 # --------------------------------------------------------------------------- analytic FLOPs
+
 
 @dataclass(frozen=True)
 class ModelDims:
@@ -274,7 +316,7 @@ class ModelDims:
     lm_head: int  # vocabulary x hidden size
 
     @classmethod
-    def of(cls, model: nn.Module) -> "ModelDims":
+    def of(cls, model: nn.Module) -> ModelDims:
         config = text_config(model)
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -282,8 +324,12 @@ class ModelDims:
         window = getattr(config, "sliding_window", None)
         windows = tuple(window if t == "sliding_attention" and window else None for t in layer_types)
         emb = model.get_input_embeddings().weight
-        return cls(layer_params=tuple(sum(p.numel() for p in layer.parameters()) for layer in decoder_layers(model)),
-                   attention_width=heads * head_dim, windows=windows, lm_head=emb.numel())
+        return cls(
+            layer_params=tuple(sum(p.numel() for p in layer.parameters()) for layer in decoder_layers(model)),
+            attention_width=heads * head_dim,
+            windows=windows,
+            lm_head=emb.numel(),
+        )
 
 
 def request_flops(dims: ModelDims, split: PruneSplit, fed_after_prompt: int, from_layer: int) -> dict[str, float]:

@@ -9,15 +9,24 @@ columns always keep their absolute positions and the hidden column indices stay 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 from transformers import DynamicCache
 
 from ..core.conditions import MaskedPrompt
-from ..core.interventions import AblateLayers, AttentionAblation, BatchIntervention, ColumnMask, HeadMask, \
-    MaskFrom, PruneFrom, RowIntervention, Unchanged
+from ..core.interventions import (
+    AblateLayers,
+    AttentionAblation,
+    BatchIntervention,
+    ColumnMask,
+    HeadMask,
+    MaskFrom,
+    PruneFrom,
+    RowIntervention,
+    Unchanged,
+)
 from ..core.structure import num_layers
 from .base import Generation, Progress, ResultKey, StopRule, eos_ids, forward
 
@@ -47,9 +56,14 @@ def batch_interventions(prompt: MaskedPrompt, row: RowIntervention, n_layers: in
 
 
 @torch.no_grad()
-def greedy_decode(model: nn.Module, tokenizer, prompt_ids: Sequence[int],
-                  interventions: Sequence[BatchIntervention] = (), stop: StopRule = StopRule(),
-                  use_cache: bool = True) -> Generation:
+def greedy_decode(
+    model: nn.Module,
+    tokenizer,
+    prompt_ids: Sequence[int],
+    interventions: Sequence[BatchIntervention] = (),
+    stop: StopRule = StopRule(),
+    use_cache: bool = True,
+) -> Generation:
     """Greedy decoding of one prompt under one-row ``interventions``."""
     device = next(model.parameters()).device
     eos = eos_ids(model, tokenizer)
@@ -78,14 +92,25 @@ class ReferenceEngine:
         self.model, self.tokenizer, self.use_cache = model, tokenizer, use_cache
         self.n_layers = num_layers(model)
 
-    def generate(self, prompts: Sequence[MaskedPrompt], interventions: Sequence[RowIntervention], stop: StopRule,
-                 progress: Progress | None = None) -> dict[ResultKey, Generation]:
+    def generate(
+        self,
+        prompts: Sequence[MaskedPrompt],
+        interventions: Sequence[RowIntervention],
+        stop: StopRule,
+        progress: Progress | None = None,
+    ) -> dict[ResultKey, Generation]:
         out: dict[ResultKey, Generation] = {}
         total = len(prompts) * len(interventions)
         for row in interventions:
             for i, prompt in enumerate(prompts):
-                out[(i, row)] = greedy_decode(self.model, self.tokenizer, prompt.ids,
-                                              batch_interventions(prompt, row, self.n_layers), stop, self.use_cache)
+                out[(i, row)] = greedy_decode(
+                    self.model,
+                    self.tokenizer,
+                    prompt.ids,
+                    batch_interventions(prompt, row, self.n_layers),
+                    stop,
+                    self.use_cache,
+                )
                 if progress is not None:
                     progress(len(out), total)
         return out

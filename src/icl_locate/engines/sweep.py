@@ -21,16 +21,23 @@ from __future__ import annotations
 
 import time
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import nn
 from transformers import DynamicCache
 
 from ..core.conditions import MaskedPrompt, Range
-from ..core.interventions import AblateLayers, AttentionAblation, ColumnMask, HeadMask, MaskFrom, RowIntervention, \
-    Unchanged
+from ..core.interventions import (
+    AblateLayers,
+    AttentionAblation,
+    ColumnMask,
+    HeadMask,
+    MaskFrom,
+    RowIntervention,
+    Unchanged,
+)
 from ..core.structure import num_layers
 from ..util.system import available_memory
 from .base import Generation, Progress, ResultKey, StopRule, eos_ids, forward, head_timer
@@ -83,8 +90,14 @@ class _PrefixCaches:
 class SweepEngine:
     """Decode every (prompt, intervention) row; supports ``MaskFrom``, ``HeadMask``, ``AblateLayers``, ``UNCHANGED``."""
 
-    def __init__(self, model: nn.Module, tokenizer, batch_size: int | None = None,
-                 max_batch_tokens: int = 32_000, kv_memory_fraction: float = 0.3):
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        batch_size: int | None = None,
+        max_batch_tokens: int = 32_000,
+        kv_memory_fraction: float = 0.3,
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.n_layers = num_layers(model)
@@ -95,16 +108,27 @@ class SweepEngine:
         # cache in bytes by a fraction of the memory available when decoding starts.
         self.max_batch_tokens = max_batch_tokens
         self.kv_memory_fraction = kv_memory_fraction
-        self.stats = {"prefix_forwards": 0, "prefix_tokens": 0, "tokens_forwarded": 0, "logit_rows": 0, "steps": 0,
-                      "prefix_caches_alive_max": 0}
+        self.stats = {
+            "prefix_forwards": 0,
+            "prefix_tokens": 0,
+            "tokens_forwarded": 0,
+            "logit_rows": 0,
+            "steps": 0,
+            "prefix_caches_alive_max": 0,
+        }
         # seconds: total, prefix (context caches), query_prefill, decode_forward, head (see base.time_breakdown)
         self.times: dict[str, float] = defaultdict(float)
 
     # ------------------------------------------------------------------ public
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[MaskedPrompt], interventions: Sequence[RowIntervention], stop: StopRule,
-                 progress: Progress | None = None) -> dict[ResultKey, Generation]:
+    def generate(
+        self,
+        prompts: Sequence[MaskedPrompt],
+        interventions: Sequence[RowIntervention],
+        stop: StopRule,
+        progress: Progress | None = None,
+    ) -> dict[ResultKey, Generation]:
         started = time.perf_counter()
         rows = self._plan_rows(prompts, interventions)
         prefix_caches = _PrefixCaches(self._prefix_cache, rows, self.stats)
@@ -176,7 +200,7 @@ class SweepEngine:
         self.stats["tokens_forwarded"] += len(prefix)
         return [(layer.keys, layer.values) for layer in cache.layers]
 
-    def _chunks(self, rows: list[_Row], prefix_caches: "_PrefixCaches", max_new_tokens: int):
+    def _chunks(self, rows: list[_Row], prefix_caches: _PrefixCaches, max_new_tokens: int):
         """Batches of rows with one prefix length and one ablation each, bounded in rows x tokens
         and in KV bytes, and of even sizes (a small last batch would decode as long as a full one).
         Rows of one prefix cache stay together (then by query length), so that only a few caches
@@ -188,7 +212,7 @@ class SweepEngine:
             n_batches = -(-len(group) // size)
             even = -(-len(group) // n_batches)
             for start in range(0, len(group), even):
-                yield group[start:start + even]
+                yield group[start : start + even]
 
     @staticmethod
     def _groups(rows: list[_Row]) -> list[tuple[int, list[_Row]]]:
@@ -198,7 +222,7 @@ class SweepEngine:
             groups.setdefault((len(row.prefix_key[0]), tuple(sorted(row.ablate))), []).append(row)
         return [(plen, group) for (plen, _), group in groups.items()]
 
-    def _rows_per_batch(self, plen: int, group: list[_Row], prefix_caches: "_PrefixCaches", max_new_tokens: int) -> int:
+    def _rows_per_batch(self, plen: int, group: list[_Row], prefix_caches: _PrefixCaches, max_new_tokens: int) -> int:
         """``batch_size``, else as many rows as the token and KV-memory bounds allow."""
         longest = plen + max(len(r.query_ids) for r in group) + max_new_tokens
         return self.batch_size or self._auto_rows(longest, prefix_caches.get(group[0]))
@@ -228,20 +252,41 @@ class SweepEngine:
             ids[b] = torch.tensor(full[plen:])
             mask[b, :pad] = 0
             cached.append(max(0, plen - pad))
-        hidden = [[(pad + a, pad + b) for a, b in row.prefix_hidden]
-                  + [(pad + plen + a, pad + plen + b) for a, b in row.query_hidden]
-                  for row, pad in zip(chunk, pads)]
-        interventions = [ColumnMask(hidden, [r.mask_layers if h else frozenset() for r, h in zip(chunk, hidden)],
-                                    [r.mask_heads if h else None for r, h in zip(chunk, hidden)])]
+        hidden = [
+            [(pad + a, pad + b) for a, b in row.prefix_hidden]
+            + [(pad + plen + a, pad + plen + b) for a, b in row.query_hidden]
+            for row, pad in zip(chunk, pads)
+        ]
+        interventions = [
+            ColumnMask(
+                hidden,
+                [r.mask_layers if h else frozenset() for r, h in zip(chunk, hidden)],
+                [r.mask_heads if h else None for r, h in zip(chunk, hidden)],
+            )
+        ]
         if chunk[0].ablate:
             interventions.append(AttentionAblation(chunk[0].ablate))
 
         per_row = [prefix_caches.get(r) for r in chunk]
         capacity = plen + qmax + stop.max_new_tokens
         cache = DynamicCache()
-        cache.layers = [PreallocatedLayer(right_aligned([kv[layer][0] for kv in per_row], cached, plen, capacity),
-                                          right_aligned([kv[layer][1] for kv in per_row], cached, plen, capacity),
-                                          plen)
-                        for layer in range(len(per_row[0]))]
-        return decode_batch(self.model, self.tokenizer, self.eos, cache, ids.to(self.device), mask.to(self.device),
-                            interventions, stop, self.stats, times=self.times)
+        cache.layers = [
+            PreallocatedLayer(
+                right_aligned([kv[layer][0] for kv in per_row], cached, plen, capacity),
+                right_aligned([kv[layer][1] for kv in per_row], cached, plen, capacity),
+                plen,
+            )
+            for layer in range(len(per_row[0]))
+        ]
+        return decode_batch(
+            self.model,
+            self.tokenizer,
+            self.eos,
+            cache,
+            ids.to(self.device),
+            mask.to(self.device),
+            interventions,
+            stop,
+            self.stats,
+            times=self.times,
+        )

@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import inspect
 import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
 
 import torch
 from transformers import DynamicCache
@@ -99,24 +99,26 @@ class SlotLayer(PreallocatedLayer):
 
     def _views(self) -> None:
         rows = getattr(self, "rows", self.buf_k.shape[0])
-        self.keys, self.values = self.buf_k[:rows, :, :self.length], self.buf_v[:rows, :, :self.length]
+        self.keys, self.values = self.buf_k[:rows, :, : self.length], self.buf_v[:rows, :, : self.length]
 
     def rearrange(self, keep: list[int], copies: list[int]) -> None:
         """Keep old rows ``keep`` (ascending) in that order, then append copies of new rows ``copies``."""
         for new, old in enumerate(keep):
             if new != old:
-                self.buf_k[new, :, :self.length].copy_(self.buf_k[old, :, :self.length])
-                self.buf_v[new, :, :self.length].copy_(self.buf_v[old, :, :self.length])
+                self.buf_k[new, :, : self.length].copy_(self.buf_k[old, :, : self.length])
+                self.buf_v[new, :, : self.length].copy_(self.buf_v[old, :, : self.length])
         rows = len(keep) + len(copies)
         if rows > self.buf_k.shape[0]:
             grown = max(rows, 2 * self.buf_k.shape[0])
-            self.buf_k = torch.cat([self.buf_k[:len(keep)], self.buf_k.new_empty(grown - len(keep),
-                                                                                *self.buf_k.shape[1:])])
-            self.buf_v = torch.cat([self.buf_v[:len(keep)], self.buf_v.new_empty(grown - len(keep),
-                                                                                *self.buf_v.shape[1:])])
+            self.buf_k = torch.cat(
+                [self.buf_k[: len(keep)], self.buf_k.new_empty(grown - len(keep), *self.buf_k.shape[1:])]
+            )
+            self.buf_v = torch.cat(
+                [self.buf_v[: len(keep)], self.buf_v.new_empty(grown - len(keep), *self.buf_v.shape[1:])]
+            )
         for n, source in enumerate(copies):
-            self.buf_k[len(keep) + n, :, :self.length].copy_(self.buf_k[source, :, :self.length])
-            self.buf_v[len(keep) + n, :, :self.length].copy_(self.buf_v[source, :, :self.length])
+            self.buf_k[len(keep) + n, :, : self.length].copy_(self.buf_k[source, :, : self.length])
+            self.buf_v[len(keep) + n, :, : self.length].copy_(self.buf_v[source, :, : self.length])
         self.rows = rows
         self._views()
 
@@ -137,16 +139,31 @@ class TreeEngine(SweepEngine):
     """Decode every (prompt, intervention) row, sharing the states of rows of one query below
     their divergence layers. Same rows, same results as ``SweepEngine``."""
 
-    def __init__(self, model, tokenizer, batch_size: int | None = None, max_batch_tokens: int = 32_000,
-                 kv_memory_fraction: float = 0.3, screen_head: bool | None = None, draft_tokens: int = 0):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        batch_size: int | None = None,
+        max_batch_tokens: int = 32_000,
+        kv_memory_fraction: float = 0.3,
+        screen_head: bool | None = None,
+        draft_tokens: int = 0,
+    ):
         """``screen_head``: pick greedy tokens with ``ScreenedHead`` (True), with the model's own
         head (False), or the former where it is supported and checked on this model (None).
         ``draft_tokens``: verify drafts of up to this many tokens per step (0: none; see drafts.py)."""
         super().__init__(model, tokenizer, batch_size, max_batch_tokens, kv_memory_fraction)
         self.layers = decoder_layers(model)
         self._maps: _StepMaps | None = None
-        self.stats.update(slot_tokens=[0] * self.n_layers, row_tokens=[0] * self.n_layers, splits=0,
-                          kv_bytes_peak=0, kv_bytes_unshared_peak=0, draft_tokens=0, draft_accepted=0)
+        self.stats.update(
+            slot_tokens=[0] * self.n_layers,
+            row_tokens=[0] * self.n_layers,
+            splits=0,
+            kv_bytes_peak=0,
+            kv_bytes_unshared_peak=0,
+            draft_tokens=0,
+            draft_accepted=0,
+        )
         self.drafter = Drafter(draft_tokens) if draft_tokens else None
         self.head, self.head_note = self._choose_head(screen_head)
 
@@ -165,8 +182,13 @@ class TreeEngine(SweepEngine):
     # ------------------------------------------------------------------ public
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[MaskedPrompt], interventions: Sequence[RowIntervention], stop: StopRule,
-                 progress: Progress | None = None) -> dict[ResultKey, Generation]:
+    def generate(
+        self,
+        prompts: Sequence[MaskedPrompt],
+        interventions: Sequence[RowIntervention],
+        stop: StopRule,
+        progress: Progress | None = None,
+    ) -> dict[ResultKey, Generation]:
         with self._slot_hooks():
             return super().generate(prompts, interventions, stop, progress)
 
@@ -186,7 +208,7 @@ class TreeEngine(SweepEngine):
             batch: list[_Row] = []
             for query_rows in sorted(by_query.values(), key=lambda rs: len(rs[0].query_ids)):
                 for start in range(0, len(query_rows), size):
-                    part = query_rows[start:start + size]
+                    part = query_rows[start : start + size]
                     if len(batch) + len(part) > size:
                         yield batch
                         batch = []
@@ -198,8 +220,10 @@ class TreeEngine(SweepEngine):
 
     @contextmanager
     def _slot_hooks(self) -> Iterator[None]:
-        handles = [layer.register_forward_pre_hook(self._pre_hook(idx), with_kwargs=True)
-                   for idx, layer in enumerate(self.layers)]
+        handles = [
+            layer.register_forward_pre_hook(self._pre_hook(idx), with_kwargs=True)
+            for idx, layer in enumerate(self.layers)
+        ]
         try:
             yield
         finally:
@@ -231,9 +255,11 @@ class TreeEngine(SweepEngine):
         if isinstance(value, dict) and (name in PER_ROW or name in PER_ROW_TIMES_HEADS):
             return {key: TreeEngine._slice(name, v, leaf, leaves) for key, v in value.items()}
         if name not in NOT_PER_ROW and _holds_tensor(value) and not isinstance(value, torch.Tensor):
-            raise RuntimeError(f"the tree engine does not know whether the decoder layer argument {name!r} (a "
-                               f"{type(value).__name__} holding tensors) has one row per batch row; add it to "
-                               f"PER_ROW or NOT_PER_ROW in engines/tree.py")
+            raise RuntimeError(
+                f"the tree engine does not know whether the decoder layer argument {name!r} (a "
+                f"{type(value).__name__} holding tensors) has one row per batch row; add it to "
+                f"PER_ROW or NOT_PER_ROW in engines/tree.py"
+            )
         if not isinstance(value, torch.Tensor) or name in NOT_PER_ROW or value.dim() == 0:
             return value
         if name in PER_ROW:
@@ -241,8 +267,10 @@ class TreeEngine(SweepEngine):
         if name in PER_ROW_TIMES_HEADS:
             per_row = value.view(leaves, -1, *value.shape[1:]).index_select(0, leaf)
             return per_row.reshape(-1, *value.shape[1:])
-        raise RuntimeError(f"the tree engine does not know whether the decoder layer argument {name!r} "
-                           f"has one row per batch row; add it to PER_ROW or NOT_PER_ROW in engines/tree.py")
+        raise RuntimeError(
+            f"the tree engine does not know whether the decoder layer argument {name!r} "
+            f"has one row per batch row; add it to PER_ROW or NOT_PER_ROW in engines/tree.py"
+        )
 
     # ------------------------------------------------------------------ decoding
 
@@ -285,7 +313,7 @@ class _TreeDecode:
         self.inputs = torch.empty(len(items), self.qmax, dtype=torch.long)
         for q, (pad, prefix, query) in enumerate(zip(self.pads, prefixes, queries)):
             self.prompt_mask[q, :pad] = 0
-            self.inputs[q] = torch.tensor(([pad_id] * pad + list(prefix) + list(query))[self.plen:])
+            self.inputs[q] = torch.tensor(([pad_id] * pad + list(prefix) + list(query))[self.plen :])
         self.keys: list[list[Key]] = [self._needed(layer) for layer in range(self.L)]
         self.cache = self._initial_cache(prefix_caches)
         self.maps: _StepMaps | None = None  # rebuilt after the slots change
@@ -314,8 +342,13 @@ class _TreeDecode:
             rows = [self.members[self._first_member(k, layer)] for k in keys]
             kv = [prefix_caches.get(m.row)[layer] for m in rows]
             cached = [max(0, self.plen - self.pads[m.query]) for m in rows]
-            layers.append(SlotLayer(right_aligned([k for k, _ in kv], cached, self.plen, self.capacity),
-                                    right_aligned([v for _, v in kv], cached, self.plen, self.capacity), self.plen))
+            layers.append(
+                SlotLayer(
+                    right_aligned([k for k, _ in kv], cached, self.plen, self.capacity),
+                    right_aligned([v for _, v in kv], cached, self.plen, self.capacity),
+                    self.plen,
+                )
+            )
         cache.layers = layers
         return cache
 
@@ -375,8 +408,10 @@ class _TreeDecode:
                 row = member.row if member is not None else None
                 if row is not None and layer in row.mask_layers and (row.prefix_hidden or row.query_hidden):
                     pad = self.pads[member.query]
-                    hidden.append([(pad + a, pad + b) for a, b in row.prefix_hidden]
-                                  + [(pad + self.plen + a, pad + self.plen + b) for a, b in row.query_hidden])
+                    hidden.append(
+                        [(pad + a, pad + b) for a, b in row.prefix_hidden]
+                        + [(pad + self.plen + a, pad + self.plen + b) for a, b in row.query_hidden]
+                    )
                     layers.append(frozenset({layer}))
                     heads.append({layer: row.mask_heads[layer]} if row.mask_heads else None)
                 else:
@@ -395,8 +430,14 @@ class _TreeDecode:
             if not self.advance(self.forward(step, drafts), drafts):
                 break
             step += 1
-        return [Generation(token_ids=m.tokens, text=self.tokenizer.decode(m.tokens, skip_special_tokens=True),
-                           finish=m.finish or "length") for m in self.members]
+        return [
+            Generation(
+                token_ids=m.tokens,
+                text=self.tokenizer.decode(m.tokens, skip_special_tokens=True),
+                finish=m.finish or "length",
+            )
+            for m in self.members
+        ]
 
     def forward(self, step: int, drafts: dict[int, list[int]] | None = None) -> dict[int, list[int]]:
         """One forward over the leaves: step 0 is the queries' prefill; later steps feed each group's
@@ -413,9 +454,14 @@ class _TreeDecode:
             width = 1 + max((len(d) for d in drafts.values()), default=0)
             fed = [[g.history[-1]] + drafts.get(g.gid, []) for g in groups]
             step_input = torch.tensor([f + [f[-1]] * (width - len(f)) for f in fed])  # padding: never accepted
-            mask = torch.cat([self.prompt_mask[[g.query for g in groups]],
-                              torch.tensor([g.columns for g in groups], dtype=torch.long).view(len(groups), -1),
-                              torch.ones(len(groups), width, dtype=torch.long)], 1)
+            mask = torch.cat(
+                [
+                    self.prompt_mask[[g.query for g in groups]],
+                    torch.tensor([g.columns for g in groups], dtype=torch.long).view(len(groups), -1),
+                    torch.ones(len(groups), width, dtype=torch.long),
+                ],
+                1,
+            )
         width = 1 if step == 0 else step_input.shape[1]
         self._count(self.engine.stats, step_input.shape[1], width)
         ablation = self.members[0].row.ablate  # one per batch
@@ -426,12 +472,14 @@ class _TreeDecode:
         ids, mask = step_input.to(self.device), mask.to(self.device)
         try:
             if head is None:
-                logits = forward(self.model, ids, attention_mask=mask, cache=self.cache, interventions=interventions,
-                                 keep_last=width).logits[:, -width:]
+                logits = forward(
+                    self.model, ids, attention_mask=mask, cache=self.cache, interventions=interventions, keep_last=width
+                ).logits[:, -width:]
                 tokens = logits.argmax(-1).tolist()
             else:  # the head hook does not see the screen: time it here
-                hidden = last_hidden(self.model, ids, attention_mask=mask, cache=self.cache,
-                                     interventions=interventions, positions=width)
+                hidden = last_hidden(
+                    self.model, ids, attention_mask=mask, cache=self.cache, interventions=interventions, positions=width
+                )
                 head_started = time.perf_counter()
                 tokens = head.argmax(hidden.reshape(-1, hidden.shape[-1])).view(len(groups), width).tolist()
                 self.engine.times["head"] += time.perf_counter() - head_started
@@ -468,7 +516,7 @@ class _TreeDecode:
             left = self.stop.max_new_tokens - len(group.history)
             siblings = [self.groups[o].history for o in alive_groups if o != g and self.groups[o].query == group.query]
             limit = min(room, left - 1)
-            draft = drafter.propose(group, self.context[group.query], siblings, limit)[:max(0, limit)]
+            draft = drafter.propose(group, self.context[group.query], siblings, limit)[: max(0, limit)]
             if draft:
                 out[g] = draft
         return out
@@ -522,9 +570,15 @@ class _TreeDecode:
                     gid = g
                 else:
                     gid = max(self.groups) + 1
-                    self.groups[gid] = _Group(self.groups[g].query, list(history), parent=g, gid=gid,
-                                              columns=list(columns), fails=self.groups[g].fails,
-                                              pause=self.groups[g].pause)
+                    self.groups[gid] = _Group(
+                        self.groups[g].query,
+                        list(history),
+                        parent=g,
+                        gid=gid,
+                        columns=list(columns),
+                        fails=self.groups[g].fails,
+                        pause=self.groups[g].pause,
+                    )
                     stats["splits"] += 1
                     changed = True
                     for m in part:

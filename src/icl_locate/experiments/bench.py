@@ -26,9 +26,9 @@ from ..core.interventions import MaskFrom
 from ..core.models import LoadedModel, load_model
 from ..core.structure import decoder_layers
 from ..engines.base import StopRule, eos_ids, forward, time_breakdown
+from ..engines.calibrate import Calibrator, Choices, build_engine
 from ..engines.paper import PaperEngine
 from ..engines.reference import batch_interventions
-from ..engines.calibrate import Calibrator, Choices, build_engine
 from ..engines.request import EngineRequest, parse_draft_tokens
 from ..engines.sweep import SweepEngine
 from ..tasks.registry import build_items
@@ -55,8 +55,9 @@ class BenchSettings(ModelAndData):
     json: str | None = None
 
 
-def logit_margin(loaded: LoadedModel, prompt: MaskedPrompt, from_layer: int, common: list[int], a: int,
-                 b: int) -> float:
+def logit_margin(
+    loaded: LoadedModel, prompt: MaskedPrompt, from_layer: int, common: list[int], a: int, b: int
+) -> float:
     """|logit(a) - logit(b)| at the first differing position, by the reference forward."""
     interventions = batch_interventions(prompt, MaskFrom(from_layer), loaded.info.num_layers)
     ids = torch.tensor([prompt.ids + common], device=loaded.model.device)
@@ -64,8 +65,9 @@ def logit_margin(loaded: LoadedModel, prompt: MaskedPrompt, from_layer: int, com
     return float((logits[a] - logits[b]).abs())
 
 
-def matmul_gflops(device: str = "cpu", dtype: torch.dtype = torch.float32, size: int | None = None,
-                  repeats: int = 10) -> float:
+def matmul_gflops(
+    device: str = "cpu", dtype: torch.dtype = torch.float32, size: int | None = None, repeats: int = 10
+) -> float:
     """A plain torch matmul on the engine's device and dtype, for comparison."""
     size = size or (2048 if device == "cpu" else 8192)
     a = torch.randn(size, size, device=device, dtype=dtype)
@@ -77,12 +79,14 @@ def matmul_gflops(device: str = "cpu", dtype: torch.dtype = torch.float32, size:
     for _ in range(repeats):
         torch.mm(a, b)
     sync()
-    return 2 * size ** 3 * repeats / (time.perf_counter() - started) / 1e9
+    return 2 * size**3 * repeats / (time.perf_counter() - started) / 1e9
 
 
 def layer_and_head_params(model) -> tuple[list[int], int]:
-    return ([sum(p.numel() for p in layer.parameters()) for layer in decoder_layers(model)],
-            model.get_output_embeddings().weight.numel())
+    return (
+        [sum(p.numel() for p in layer.parameters()) for layer in decoder_layers(model)],
+        model.get_output_embeddings().weight.numel(),
+    )
 
 
 def flops(model, layer_tokens: list[int], logit_rows: int) -> float:
@@ -97,7 +101,7 @@ def paper_flops(model, prompts: list[MaskedPrompt], n_rows: int, max_new_tokens:
     layers, _ = layer_and_head_params(model)
     tokens = rows = 0
     for start in range(0, len(prompts), batch_size):
-        batch = prompts[start:start + batch_size]
+        batch = prompts[start : start + batch_size]
         tokens += len(batch) * (max(len(p.ids) for p in batch) + max_new_tokens - 1)
         rows += len(batch) * max_new_tokens
     return n_rows * flops(model, [tokens] * len(layers), rows)
@@ -109,35 +113,51 @@ class BenchResult:
 
     def table(self) -> str:
         d = self.data
-        rows = [("(a) paper: full prompt, generate, batch 2, 50 tokens", d["seconds_paper"], 1.0),
-                ("(b) paper + stop rule", d["seconds_paper_stop"], d["seconds_paper"] / d["seconds_paper_stop"]),
-                ("(c) fast engine", d["seconds_fast"], d["speedup_vs_paper"]),
-                (f"(d) {d.get('engine_spec', 'tree engine')}", d["seconds_spec"], d["speedup_spec_vs_paper"])]
+        rows = [
+            ("(a) paper: full prompt, generate, batch 2, 50 tokens", d["seconds_paper"], 1.0),
+            ("(b) paper + stop rule", d["seconds_paper_stop"], d["seconds_paper"] / d["seconds_paper_stop"]),
+            ("(c) fast engine", d["seconds_fast"], d["speedup_vs_paper"]),
+            (f"(d) {d.get('engine_spec', 'tree engine')}", d["seconds_spec"], d["speedup_spec_vs_paper"]),
+        ]
         lines = [f"{'method':<54} {'seconds':>9} {'speed-up vs (a)':>16} {'GFLOP/row':>10}"]
         per_row = [d["flops_per_row_paper"], None, d["flops_per_row_fast"], d["flops_per_row_spec"]]
-        lines += [f"{name:<54} {sec:9.1f} {sp:15.1f}x {'' if f is None else f'{f / 1e9:10.2f}'}"
-                  for (name, sec, sp), f in zip(rows, per_row)]
+        lines += [
+            f"{name:<54} {sec:9.1f} {sp:15.1f}x {'' if f is None else f'{f / 1e9:10.2f}'}"
+            for (name, sec, sp), f in zip(rows, per_row)
+        ]
         for label, key in (("(c)", "identical_fraction"), ("(d)", "identical_fraction_spec")):
             found = d["mismatches" if label == "(c)" else "mismatches_spec"]
-            lines.append(f"{label} vs (b): identical generations {100 * d[key]:.1f}% of {d['pairs']} (sentence, layer) "
-                         f"pairs; {len(found)} mismatches")
+            lines.append(
+                f"{label} vs (b): identical generations {100 * d[key]:.1f}% of {d['pairs']} (sentence, layer) "
+                f"pairs; {len(found)} mismatches"
+            )
             for m in found[:10]:
-                lines.append(f"  mismatch sentence {m['sentence']} layer {m['from_layer']}: logit margin "
-                             f"{m['logit_margin']:.4f} at new token {m['position']}")
-        drafts = ("no drafts" if not d["draft_tokens"] else f"drafts of <= {d['draft_tokens']} tokens, "
-                  f"{100 * (d['acceptance_rate'] or 0):.0f}% of draft tokens accepted")
+                lines.append(
+                    f"  mismatch sentence {m['sentence']} layer {m['from_layer']}: logit margin "
+                    f"{m['logit_margin']:.4f} at new token {m['position']}"
+                )
+        drafts = (
+            "no drafts"
+            if not d["draft_tokens"]
+            else f"drafts of <= {d['draft_tokens']} tokens, "
+            f"{100 * (d['acceptance_rate'] or 0):.0f}% of draft tokens accepted"
+        )
         lines.append(f"(d) vs fast: {d['speedup_spec_vs_fast']:.2f}x; (d) head: {d['head_spec']}; {drafts}")
         for label, key in (("(c)", "time_breakdown_fast"), ("(d)", "time_breakdown_spec")):
             t = d[key]
-            lines.append(f"{label} seconds: context {t['prefix']:.1f}, query prefill {t['query_prefill']:.1f}, "
-                         f"decoding {t['decode_forward']:.1f}, verifying drafts {t['verification']:.1f}; of the "
-                         f"forwards LM head {t['head']:.1f}, body "
-                         f"{t['body']:.1f}; bookkeeping {t['bookkeeping']:.1f}")
+            lines.append(
+                f"{label} seconds: context {t['prefix']:.1f}, query prefill {t['query_prefill']:.1f}, "
+                f"decoding {t['decode_forward']:.1f}, verifying drafts {t['verification']:.1f}; of the "
+                f"forwards LM head {t['head']:.1f}, body "
+                f"{t['body']:.1f}; bookkeeping {t['bookkeeping']:.1f}"
+            )
         fast_peak = "n/a" if d.get("peak_rss_mb_fast") is None else f"{d['peak_rss_mb_fast']:.0f} MB"
         spec_peak = "n/a" if d.get("peak_rss_mb_spec") is None else f"{d['peak_rss_mb_spec']:.0f} MB"
-        lines.append(f"peak RSS {d['peak_rss_mb']:.0f} MB (whole process), {fast_peak} during (c), {spec_peak} during "
-                     f"(d); fast engine {d['gflops_achieved']:.1f} GFLOP/s vs plain matmul "
-                     f"{d['gflops_matmul_peak']:.1f} GFLOP/s")
+        lines.append(
+            f"peak RSS {d['peak_rss_mb']:.0f} MB (whole process), {fast_peak} during (c), {spec_peak} during "
+            f"(d); fast engine {d['gflops_achieved']:.1f} GFLOP/s vs plain matmul "
+            f"{d['gflops_matmul_peak']:.1f} GFLOP/s"
+        )
         if d.get("hardware"):
             lines.append(f"(d) chosen here: {Choices.from_dict(d['hardware']['choices']).line()}")
         return "\n".join(lines)
@@ -159,16 +179,25 @@ def run_bench(s: BenchSettings, log=print) -> BenchResult:
     items = build_items(task, data, loaded.tokenizer, k=s.k, seed=s.seed, n_test=s.n_test)
     stop = stop_rule(task)
     check_context(items, loaded, stop.max_new_tokens)
-    log(f"bench: {loaded.info.spec} ({loaded.info.dtype}, {loaded.info.device}), {task.name} {data.label}, "
-        f"{condition.name}, layers {layers[0]}..{layers[-1]} ({len(layers)}), {len(items)} sentences, k={s.k}")
+    log(
+        f"bench: {loaded.info.spec} ({loaded.info.dtype}, {loaded.info.device}), {task.name} {data.label}, "
+        f"{condition.name}, layers {layers[0]}..{layers[-1]} ({len(layers)}), {len(items)} sentences, k={s.k}"
+    )
     result = compare_methods(loaded, masked_prompts(items, condition), layers, stop, s.skip_paper, log, request)
     if s.json:
         write_json_atomic(s.json, result.data)
     return result
 
 
-def compare_methods(loaded: LoadedModel, prompts: list[MaskedPrompt], layers: list[int], stop: StopRule,
-                    skip_paper: bool = False, log=print, request: EngineRequest = EngineRequest()) -> BenchResult:
+def compare_methods(
+    loaded: LoadedModel,
+    prompts: list[MaskedPrompt],
+    layers: list[int],
+    stop: StopRule,
+    skip_paper: bool = False,
+    log=print,
+    request: EngineRequest = EngineRequest(),
+) -> BenchResult:
     tok = loaded.tokenizer
     eos = eos_ids(loaded.model, tok)
     rows = [MaskFrom(j) for j in layers]
@@ -185,8 +214,10 @@ def compare_methods(loaded: LoadedModel, prompts: list[MaskedPrompt], layers: li
         log(f"  {timings[name]:.1f}s")
     choices = Calibrator(loaded.model, tok, request).choose(prompts, rows, stop, loaded.info.as_dict())
     log(choices.line())
-    engines = {"fast": SweepEngine(loaded.model, tok, batch_size=request.batch_size),
-               "spec": build_engine(loaded.model, tok, choices)}
+    engines = {
+        "fast": SweepEngine(loaded.model, tok, batch_size=request.batch_size),
+        "spec": build_engine(loaded.model, tok, choices),
+    }
     outputs, peaks = {}, {}
     for name, engine in engines.items():
         log(f"running ({'c' if name == 'fast' else 'd'}) {'fast engine' if name == 'fast' else choices.summary()} ...")
@@ -211,45 +242,80 @@ def compare_methods(loaded: LoadedModel, prompts: list[MaskedPrompt], layers: li
                     margin = logit_margin(loaded, prompt, row.layer, c[:k], b[k], c[k])
                 else:
                     margin = float("nan")  # one is a prefix of the other: they differ on stopping, not a token
-                mismatches.append(dict(sentence=i, from_layer=row.layer, position=k, logit_margin=margin,
-                                       paper_stop=tok.decode(b), **{label: tok.decode(c)}))
+                mismatches.append(
+                    dict(
+                        sentence=i,
+                        from_layer=row.layer,
+                        position=k,
+                        logit_margin=margin,
+                        paper_stop=tok.decode(b),
+                        **{label: tok.decode(c)},
+                    )
+                )
         return identical, mismatches
 
     identical, mismatches = compare(outputs["fast"], "fast")
     identical_spec, mismatches_spec = compare(outputs["spec"], "spec")
-    paper_vs_stop = sum(stop.cut(tok, eos, results["paper"][key]) == stop.cut(tok, eos, results["paper_stop"][key])
-                        for key in results["paper_stop"]) if "paper" in results else None
+    paper_vs_stop = (
+        sum(
+            stop.cut(tok, eos, results["paper"][key]) == stop.cut(tok, eos, results["paper_stop"][key])
+            for key in results["paper_stop"]
+        )
+        if "paper" in results
+        else None
+    )
     pairs = len(prompts) * len(layers)
     seconds_paper = timings.get("paper", float("nan"))
     fast, spec = engines["fast"], engines["spec"]
     n_layers = loaded.info.num_layers
     flops_fast = flops(loaded.model, [fast.stats["tokens_forwarded"]] * n_layers, fast.stats["logit_rows"])
     layer_tokens = spec.stats.get("slot_tokens") or [spec.stats["tokens_forwarded"]] * n_layers
-    flops_spec = flops(loaded.model, [t + spec.stats["prefix_tokens"] for t in layer_tokens],
-                       spec.stats["logit_rows"] + spec.stats["prefix_forwards"])
+    flops_spec = flops(
+        loaded.model,
+        [t + spec.stats["prefix_tokens"] for t in layer_tokens],
+        spec.stats["logit_rows"] + spec.stats["prefix_forwards"],
+    )
     data = dict(
-        model=loaded.info.spec, device=loaded.info.device, dtype=loaded.info.dtype,
+        model=loaded.info.spec,
+        device=loaded.info.device,
+        dtype=loaded.info.dtype,
         condition=prompts[0].condition.name if prompts[0].condition else "baseline",
-        layers=list(layers), sentences=len(prompts), pairs=pairs,
-        seconds_paper=seconds_paper, seconds_paper_stop=timings["paper_stop"], seconds_fast=timings["fast"],
-        speedup_vs_paper=seconds_paper / timings["fast"], speedup_vs_paper_stop=timings["paper_stop"] / timings["fast"],
+        layers=list(layers),
+        sentences=len(prompts),
+        pairs=pairs,
+        seconds_paper=seconds_paper,
+        seconds_paper_stop=timings["paper_stop"],
+        seconds_fast=timings["fast"],
+        speedup_vs_paper=seconds_paper / timings["fast"],
+        speedup_vs_paper_stop=timings["paper_stop"] / timings["fast"],
         identical_fraction=identical / pairs,
-        paper_cut_equals_paper_stop=None if paper_vs_stop is None else paper_vs_stop / pairs, mismatches=mismatches,
-        seconds_spec=timings["spec"], speedup_spec_vs_paper=seconds_paper / timings["spec"],
-        speedup_spec_vs_fast=timings["fast"] / timings["spec"], identical_fraction_spec=identical_spec / pairs,
+        paper_cut_equals_paper_stop=None if paper_vs_stop is None else paper_vs_stop / pairs,
+        mismatches=mismatches,
+        seconds_spec=timings["spec"],
+        speedup_spec_vs_paper=seconds_paper / timings["spec"],
+        speedup_spec_vs_fast=timings["fast"] / timings["spec"],
+        identical_fraction_spec=identical_spec / pairs,
         mismatches_spec=mismatches_spec,
         draft_tokens=choices.draft_tokens,
         acceptance_rate=spec.stats.get("draft_accepted", 0) / spec.stats["draft_tokens"]
-        if spec.stats.get("draft_tokens") else None,
+        if spec.stats.get("draft_tokens")
+        else None,
         flops_per_row_paper=paper_flops(loaded.model, prompts, len(rows), stop.max_new_tokens) / pairs,
-        flops_per_row_fast=flops_fast / pairs, flops_per_row_spec=flops_spec / pairs,
-        time_breakdown_fast=time_breakdown(fast.times), time_breakdown_spec=time_breakdown(spec.times),
-        engine_spec=choices.summary(), head_spec=getattr(spec, "head_note", "the model's own LM head"),
+        flops_per_row_fast=flops_fast / pairs,
+        flops_per_row_spec=flops_spec / pairs,
+        time_breakdown_fast=time_breakdown(fast.times),
+        time_breakdown_spec=time_breakdown(spec.times),
+        engine_spec=choices.summary(),
+        head_spec=getattr(spec, "head_note", "the model's own LM head"),
         head_screen_stats=spec.head.stats if getattr(spec, "head", None) is not None else None,
         hardware=dict(choices.hardware, choices=choices.as_dict()),
-        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, peak_rss_mb_fast=peaks["fast"],
+        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        peak_rss_mb_fast=peaks["fast"],
         peak_rss_mb_spec=peaks["spec"],
         gflops_achieved=flops_fast / timings["fast"] / 1e9,
         gflops_matmul_peak=matmul_gflops(loaded.info.device, next(loaded.model.parameters()).dtype),
-        engine_stats=fast.stats, engine_stats_spec=spec.stats, threads=torch.get_num_threads())
+        engine_stats=fast.stats,
+        engine_stats_spec=spec.stats,
+        threads=torch.get_num_threads(),
+    )
     return BenchResult(data)

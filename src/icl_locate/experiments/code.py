@@ -20,9 +20,11 @@ class CodeScores:
 
     def summary(self) -> str:
         counts = {s: sum(r.status == s for r in self.results) for s in ("passed", "failed", "timed out")}
-        return (f"pass@1 = {pass_at_1([r.passed for r in self.results]):.1f}% over {len(self.results)} samples "
-                f"({counts['passed']} passed, {counts['failed']} failed, {counts['timed out']} timed out); "
-                f"sandbox isolation: {', '.join(self.results[0].isolation) or 'resource limits only'}")
+        return (
+            f"pass@1 = {pass_at_1([r.passed for r in self.results]):.1f}% over {len(self.results)} samples "
+            f"({counts['passed']} passed, {counts['failed']} failed, {counts['timed out']} timed out); "
+            f"sandbox isolation: {', '.join(self.results[0].isolation) or 'resource limits only'}"
+        )
 
 
 def read_samples(path: Path, problems: dict) -> list[dict]:
@@ -36,7 +38,7 @@ def read_samples(path: Path, problems: dict) -> list[dict]:
                 sample = json.loads(line)
                 task_id, completion = sample["task_id"], sample["completion"]
             except (ValueError, KeyError, TypeError):
-                raise UserError(f"{path}:{n}: expected {{\"task_id\": ..., \"completion\": ...}}") from None
+                raise UserError(f'{path}:{n}: expected {{"task_id": ..., "completion": ...}}') from None
             if task_id not in problems:
                 raise UserError(f"{path}:{n}: unknown HumanEval task_id {task_id!r}")
             samples.append({"task_id": task_id, "completion": completion})

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 import platform
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 import transformers
@@ -26,8 +26,16 @@ def task_and_data(settings, pair: str | None, log: Callable[[str], None]) -> tup
 
     ``settings`` has task, data_dir, bank, test, src_lang, tgt_lang (every experiment's settings do)."""
     task = get_task(settings.task, settings.src_lang, settings.tgt_lang)
-    data = task.load(TaskOptions(data_dir=settings.data_dir, pair=pair, bank_path=settings.bank,
-                                 test_path=settings.test, src_lang=settings.src_lang, tgt_lang=settings.tgt_lang))
+    data = task.load(
+        TaskOptions(
+            data_dir=settings.data_dir,
+            pair=pair,
+            bank_path=settings.bank,
+            test_path=settings.test,
+            src_lang=settings.src_lang,
+            tgt_lang=settings.tgt_lang,
+        )
+    )
     for note in data.notes:
         log(note)
     return task, data
@@ -48,9 +56,11 @@ def check_context(items: Sequence[PromptedItem], loaded: LoadedModel, max_new_to
     limit = loaded.info.context_length
     longest = max(len(it.encoded.ids) for it in items)
     if limit and longest + max_new_tokens > limit:
-        raise UserError(f"{what + ': ' if what else ''}prompt of {longest} tokens + {max_new_tokens} new tokens "
-                        f"exceeds the model's context of {limit}; use fewer examples (--k) or a shorter "
-                        f"--max-new-tokens")
+        raise UserError(
+            f"{what + ': ' if what else ''}prompt of {longest} tokens + {max_new_tokens} new tokens "
+            f"exceeds the model's context of {limit}; use fewer examples (--k) or a shorter "
+            f"--max-new-tokens"
+        )
 
 
 def fingerprint(loaded: LoadedModel, max_new_tokens: int | None = None) -> dict:
@@ -60,10 +70,15 @@ def fingerprint(loaded: LoadedModel, max_new_tokens: int | None = None) -> dict:
 def provenance(loaded: LoadedModel, data_files: Sequence[Path]) -> dict:
     """Versions, platform, model identity and data hashes, stored with every run."""
     return dict(
-        icl_locate=__version__, python=platform.python_version(), torch=torch.__version__,
-        transformers=transformers.__version__, platform=platform.platform(), model=loaded.info.as_dict(),
+        icl_locate=__version__,
+        python=platform.python_version(),
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+        platform=platform.platform(),
+        model=loaded.info.as_dict(),
         model_files=_model_file_hashes(loaded.info.source),
-        data_files={str(p): file_sha256(p) for p in data_files if Path(p).is_file()})
+        data_files={str(p): file_sha256(p) for p in data_files if Path(p).is_file()},
+    )
 
 
 def _model_file_hashes(source: str) -> dict:
@@ -74,5 +89,8 @@ def _model_file_hashes(source: str) -> dict:
     manifest = path / "icl-locate-manifest.json"
     if manifest.is_file():
         return json.loads(manifest.read_text())
-    return {p.name: {"size": p.stat().st_size, **({"sha256": file_sha256(p)} if p.suffix == ".json" else {})}
-            for p in sorted(path.iterdir()) if p.is_file()}
+    return {
+        p.name: {"size": p.stat().st_size, **({"sha256": file_sha256(p)} if p.suffix == ".json" else {})}
+        for p in sorted(path.iterdir())
+        if p.is_file()
+    }

@@ -60,32 +60,58 @@ def run_decode(s: RunSettings, log=print) -> RunResult:
         raise UserError(f"--from-layer is required for condition {condition.name} (0..{n_layers})")
     if not 0 <= from_layer <= n_layers:
         raise UserError(f"--from-layer must be in 0..{n_layers} for {loaded.info.spec}, got {from_layer}")
-    items = build_items(task, data, loaded.tokenizer, k=s.k, seed=s.seed, n_test=s.n_test,
-                        instructions=s.instructions, per_query_examples=s.per_query_examples)
+    items = build_items(
+        task,
+        data,
+        loaded.tokenizer,
+        k=s.k,
+        seed=s.seed,
+        n_test=s.n_test,
+        instructions=s.instructions,
+        per_query_examples=s.per_query_examples,
+    )
     stop = stop_rule(task, s.max_new_tokens)
     check_context(items, loaded, stop.max_new_tokens)
-    description = (f"{loaded.info.spec}: {loaded.info.architecture}, {n_layers} layers, {loaded.info.dtype} on "
-                   f"{loaded.info.device} | task {task.name} {data.label} | condition {condition.name} from layer "
-                   f"{from_layer} | k={s.k} seed={s.seed} | {len(items)} test items")
+    description = (
+        f"{loaded.info.spec}: {loaded.info.architecture}, {n_layers} layers, {loaded.info.dtype} on "
+        f"{loaded.info.device} | task {task.name} {data.label} | condition {condition.name} from layer "
+        f"{from_layer} | k={s.k} seed={s.seed} | {len(items)} test items"
+    )
     prompts = masked_prompts(items, condition)
     row = MaskFrom(from_layer)
     started = time.time()
     with Progress(len(prompts), "decoding") as progress:
         gens = ReferenceEngine(loaded.model, loaded.tokenizer).generate(
-            prompts, [row], stop, lambda done, total: progress.advance(items[done - 1].item.id))
+            prompts, [row], stop, lambda done, total: progress.advance(items[done - 1].item.id)
+        )
     seconds = time.time() - started
     masked = from_layer < n_layers
     rows = []
     for i, (it, prompt) in enumerate(zip(items, prompts)):
         g = gens[(i, row)]
         ranges = list(prompt.hidden) if masked else []
-        rows.append(dict(
-            example_id=it.item.id, condition=condition.name, from_layer=from_layer, prompt=prompt.encoded.text,
-            prompt_token_ids=list(prompt.ids), masked_token_ranges=[list(r) for r in ranges],
-            masked_layers=list(range(from_layer, n_layers)) if ranges else [], raw_generation=g.text,
-            generation=post_process(task, g.text), reference=it.item.target, finish=g.finish,
-            in_context_example_ids=list(it.encoded.example_ids), model=loaded.info.spec, task=task.name,
-            data=data.label, seed=s.seed, k=s.k, instructions=s.instructions))
+        rows.append(
+            dict(
+                example_id=it.item.id,
+                condition=condition.name,
+                from_layer=from_layer,
+                prompt=prompt.encoded.text,
+                prompt_token_ids=list(prompt.ids),
+                masked_token_ranges=[list(r) for r in ranges],
+                masked_layers=list(range(from_layer, n_layers)) if ranges else [],
+                raw_generation=g.text,
+                generation=post_process(task, g.text),
+                reference=it.item.target,
+                finish=g.finish,
+                in_context_example_ids=list(it.encoded.example_ids),
+                model=loaded.info.spec,
+                task=task.name,
+                data=data.label,
+                seed=s.seed,
+                k=s.k,
+                instructions=s.instructions,
+            )
+        )
     scored = task.metric.score([r["generation"] for r in rows], [it.item for it in items], data)
     for r, score, details in zip(rows, scored.sentence, scored.details):
         r.update(details, sentence_score=score)

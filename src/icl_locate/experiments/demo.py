@@ -10,9 +10,9 @@ HTML report. Each step is an ordinary command, printed so that it can be rerun a
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from ..results.analysis import Curve, analyse_curve, load_curves, summary_lines
 from ..results.report import build_report
@@ -34,9 +34,18 @@ def run_demo(s: DemoSettings, say: Callable[[str], None] = print) -> Path:
     """Sweep, summary, pruning at the recognition layer, report; returns the report's path."""
     out_dir = ensure_dir(s.out_dir)
     started = time.time()
-    config = SweepConfig(model="gemma-3-270m", task="flores", pairs=["fra-eng"],
-                         conditions=["instructions+examples", "examples"], instructions=[True], seeds=[0], ks=[5],
-                         layers="all", n_test=s.n_test, data_dir=s.data_dir)
+    config = SweepConfig(
+        model="gemma-3-270m",
+        task="flores",
+        pairs=["fra-eng"],
+        conditions=["instructions+examples", "examples"],
+        instructions=[True],
+        seeds=[0],
+        ks=[5],
+        layers="all",
+        n_test=s.n_test,
+        data_dir=s.data_dir,
+    )
     store_path = out_dir / "study.sqlite"
     run_sweep(config, store_path, f"icl-locate demo --n-test {s.n_test}")
     with Store(store_path, create=False) as store:
@@ -52,8 +61,9 @@ def run_demo(s: DemoSettings, say: Callable[[str], None] = print) -> Path:
     return report
 
 
-def prune_at_recognition_layer(store_path: Path, curves: list[Curve], s: DemoSettings,
-                               say: Callable[[str], None]) -> None:
+def prune_at_recognition_layer(
+    store_path: Path, curves: list[Curve], s: DemoSettings, say: Callable[[str], None]
+) -> None:
     """The deployable saving: drop the context after the recognition layer, measured (once per store)."""
     curve = next((c for c in curves if c.key.get("condition") == "instructions+examples"), None)
     with Store(store_path, create=False) as store:
@@ -65,7 +75,8 @@ def prune_at_recognition_layer(store_path: Path, curves: list[Curve], s: DemoSet
         say(f"\ncontext-pruned inference already measured in {store_path}")
         return
     settings = PruneSettings(layer=curve.recognition, n_test=s.n_test, store=str(store_path), data_dir=s.data_dir)
-    command = f"icl-locate prune --layer {curve.recognition} --n-test {s.n_test} --store {store_path}" + \
-        (f" --data-dir {s.data_dir}" if s.data_dir else "")
+    command = f"icl-locate prune --layer {curve.recognition} --n-test {s.n_test} --store {store_path}" + (
+        f" --data-dir {s.data_dir}" if s.data_dir else ""
+    )
     say(f"\n$ {command}")
     say(run_prune(settings, command, log=say).table())

@@ -14,8 +14,9 @@ from __future__ import annotations
 import os
 import socket
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -97,8 +98,13 @@ def first_error_line(error: BaseException) -> str:
     if cause is not None and not isinstance(cause, type(error)):
         error = cause
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    named = [line for line in lines if ": " in line and line.split(":")[0].replace(".", "").isidentifier()
-             and line.split(":")[0].split(".")[-1][:1].isupper()]
+    named = [
+        line
+        for line in lines
+        if ": " in line
+        and line.split(":")[0].replace(".", "").isidentifier()
+        and line.split(":")[0].split(".")[-1][:1].isupper()
+    ]
     return (named[-1] if named else lines[-1] if lines else type(error).__name__)[:300]
 
 
@@ -119,9 +125,16 @@ class RayExecutor:
         ray, s = self.ray, self.settings
         started_here = not ray.is_initialized()
         if started_here:
-            ray.init(address=s.address, include_dashboard=False, log_to_driver=False,
-                     **({"num_cpus": max(os.cpu_count() or 1, int(s.workers * s.cpus_per_worker))}
-                        if s.address is None else {}))
+            ray.init(
+                address=s.address,
+                include_dashboard=False,
+                log_to_driver=False,
+                **(
+                    {"num_cpus": max(os.cpu_count() or 1, int(s.workers * s.cpus_per_worker))}
+                    if s.address is None
+                    else {}
+                ),
+            )
         actors = [self._start() for _ in range(s.workers)]
         try:
             yield from self._drive(units, actors, progress)
@@ -155,10 +168,13 @@ class RayExecutor:
             except ray.exceptions.RayActorError as error:  # the worker process died: killed, out of memory, node lost
                 attempts[unit.unit_id] = attempts.get(unit.unit_id, 0) + 1
                 if attempts[unit.unit_id] >= s.max_attempts:
-                    raise UserError(f"unit {unit.label()} lost its worker {attempts[unit.unit_id]} times; last: "
-                                    f"{first_error_line(error)}") from None
-                progress.log(f"worker {i} died while computing {unit.label()}; starting a new one, the unit "
-                             f"is computed again")
+                    raise UserError(
+                        f"unit {unit.label()} lost its worker {attempts[unit.unit_id]} times; last: "
+                        f"{first_error_line(error)}"
+                    ) from None
+                progress.log(
+                    f"worker {i} died while computing {unit.label()}; starting a new one, the unit is computed again"
+                )
                 actors[i] = self._start()
                 retry.append(unit)
                 idle.append(i)
@@ -166,8 +182,10 @@ class RayExecutor:
             except ray.exceptions.RayTaskError as error:  # the unit itself raised
                 attempts[unit.unit_id] = attempts.get(unit.unit_id, 0) + 1
                 if attempts[unit.unit_id] >= s.max_attempts:
-                    raise UserError(f"unit {unit.label()} failed {attempts[unit.unit_id]} times on worker {i}: "
-                                    f"{first_error_line(error)}") from None
+                    raise UserError(
+                        f"unit {unit.label()} failed {attempts[unit.unit_id]} times on worker {i}: "
+                        f"{first_error_line(error)}"
+                    ) from None
                 retry.append(unit)
                 idle.append(i)
                 continue

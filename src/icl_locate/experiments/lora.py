@@ -15,9 +15,9 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable, Sequence
 
 import safetensors.torch
 import torch
@@ -71,8 +71,19 @@ class LoraSettings:
 
 # ``--preset paper``: the paper's LoRA settings, loss included (its collator scores every position).
 LORA_PRESETS: dict[str, dict] = {
-    "paper": dict(train_size=800, val_size=197, patience=5, threshold=0.01, r=8, alpha=32, dropout=0.05, lr=1e-4,
-                  batch_size=32, max_epochs=100, loss="full"),
+    "paper": dict(
+        train_size=800,
+        val_size=197,
+        patience=5,
+        threshold=0.01,
+        r=8,
+        alpha=32,
+        dropout=0.05,
+        lr=1e-4,
+        batch_size=32,
+        max_epochs=100,
+        loss="full",
+    ),
 }
 
 
@@ -88,8 +99,9 @@ def lora_settings(preset: str | None, overrides: dict) -> LoraSettings:
 def check_sizes(settings: LoraSettings) -> None:
     """Training pairs come from dev lines 1-800, validation pairs from 801-997."""
     if not 0 < settings.train_size <= 800:
-        raise UserError(f"--train-size must be in 1..800 (dev lines 1-800 are the training pool), got "
-                        f"{settings.train_size}")
+        raise UserError(
+            f"--train-size must be in 1..800 (dev lines 1-800 are the training pool), got {settings.train_size}"
+        )
     if not 0 < settings.val_size <= 197:
         raise UserError(f"--val-size must be in 1..197 (dev lines 801-997), got {settings.val_size}")
 
@@ -118,8 +130,14 @@ def attach_adapter(model: nn.Module, layer: int, settings: LoraSettings):
     from peft import LoraConfig, get_peft_model  # lazy: peft's import takes seconds and only LoRA needs it
 
     target = output_projection_name(model, layer)
-    config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                        target_modules=[target], bias="none", task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=[target],
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     torch.manual_seed(settings.seed)
     return get_peft_model(model, config), target
 
@@ -131,8 +149,11 @@ def zero_shot_prompts(tokenizer, test: Sequence[Example]) -> list[MaskedPrompt]:
         text = f"Q:{ex.source.strip()}\nA:"
         ids = tokenizer(text)["input_ids"]
         bos = 1 if ids and ids[0] == tokenizer.bos_token_id else 0
-        encoded = EncodedPrompt(text=text, ids=ids, spans={"bos": (0, bos) if bos else None, "instructions": None,
-                                                           "examples": None, "query": (bos, len(ids))})
+        encoded = EncodedPrompt(
+            text=text,
+            ids=ids,
+            spans={"bos": (0, bos) if bos else None, "instructions": None, "examples": None, "query": (bos, len(ids))},
+        )
         items.append(MaskedPrompt.of(encoded, None))
     return items
 
@@ -140,7 +161,9 @@ def zero_shot_prompts(tokenizer, test: Sequence[Example]) -> list[MaskedPrompt]:
 ZERO_SHOT_STOP = StopRule(("\n", "Q:"), 50)
 
 
-def evaluate_zero_shot(engine: Engine, tokenizer, test: Sequence[Example], language: str = "en") -> tuple[float, list[str]]:
+def evaluate_zero_shot(
+    engine: Engine, tokenizer, test: Sequence[Example], language: str = "en"
+) -> tuple[float, list[str]]:
     """Zero-shot BLEU of the model the engine runs (the adapter in place)."""
     prompts = zero_shot_prompts(tokenizer, test)
     gens = engine.generate(prompts, [UNCHANGED], ZERO_SHOT_STOP)
@@ -188,13 +211,17 @@ class LoraData:
     language: str
 
     @classmethod
-    def load(cls, data_dir: str | None, pair: str, settings: LoraSettings, n_test: int | None) -> "LoraData":
+    def load(cls, data_dir: str | None, pair: str, settings: LoraSettings, n_test: int | None) -> LoraData:
         src, tgt = parse_pair(pair)
         root = data_dir_or_default(data_dir)
         dev = flores_bitext(root, src, tgt, "dev")
         test = flores_bitext(root, src, tgt, "devtest")
-        return cls(dev[:settings.train_size], dev[800:800 + settings.val_size], test[:n_test] if n_test else test,
-                   tgt.iso1 or "en")
+        return cls(
+            dev[: settings.train_size],
+            dev[800 : 800 + settings.val_size],
+            test[:n_test] if n_test else test,
+            tgt.iso1 or "en",
+        )
 
 
 class LoraWorker:
@@ -207,7 +234,7 @@ class LoraWorker:
         self._encoded: dict[int, tuple[list, list]] = {}
 
     @classmethod
-    def load(cls, run: "LoraRun") -> "LoraWorker":
+    def load(cls, run: LoraRun) -> LoraWorker:
         """A worker for ``run`` (used by Ray actors: each loads the model once)."""
         loaded = load_model(run.model, dtype=run.dtype, device=run.device)
         return cls(loaded, LoraData.load(run.data_dir, run.pair, run.settings, run.n_test))
@@ -215,12 +242,14 @@ class LoraWorker:
     def compute(self, unit: LoraUnit, progress=None) -> LoraResult:
         started = time.time()
         tok, settings = self.loaded.tokenizer, unit.settings
-        train_seqs = encode_pairs(tok, self.data.train[:settings.train_size])
-        val_seqs = encode_pairs(tok, self.data.val[:settings.val_size])
+        train_seqs = encode_pairs(tok, self.data.train[: settings.train_size])
+        val_seqs = encode_pairs(tok, self.data.val[: settings.val_size])
         peft_model, target = attach_adapter(self.loaded.model, unit.layer, settings)
         try:
-            self.log(f"layer {unit.layer}: LoRA on {target} "
-                     f"({sum(p.numel() for p in peft_model.parameters() if p.requires_grad)} trainable parameters)")
+            self.log(
+                f"layer {unit.layer}: LoRA on {target} "
+                f"({sum(p.numel() for p in peft_model.parameters() if p.requires_grad)} trainable parameters)"
+            )
             reset_peak_rss()
             curve = train(peft_model, train_seqs, val_seqs, unit.layer, self.pad_id, settings, self.log).as_dict()
             curve["peak_rss_mb"] = peak_rss_mb()
@@ -247,10 +276,19 @@ def save_adapter(result: LoraResult, directory: Path) -> Path:
     return directory
 
 
-def lora_sweep(loaded: LoadedModel, data_dir: str | None, pair: str, layers: list[int], settings: LoraSettings,
-               n_test: int | None, out_dir: Path, store: Store | None = None, run_id: int | None = None,
-               log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
-               executor: Executor | None = None) -> list[dict]:
+def lora_sweep(
+    loaded: LoadedModel,
+    data_dir: str | None,
+    pair: str,
+    layers: list[int],
+    settings: LoraSettings,
+    n_test: int | None,
+    out_dir: Path,
+    store: Store | None = None,
+    run_id: int | None = None,
+    log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
+    executor: Executor | None = None,
+) -> list[dict]:
     """One adapter per layer, through ``executor`` (default: this process, on ``loaded``); adapters and
     results are written here, by the driver, as each comes back; layers the store holds are skipped."""
     check_sizes(settings)
@@ -272,15 +310,26 @@ def lora_sweep(loaded: LoadedModel, data_dir: str | None, pair: str, layers: lis
     with Progress(len(units), "lora-sweep") as progress:
         for r in executor.map(units, progress):
             adapter_dir = save_adapter(r, out_dir / f"layer{r.unit.layer:02d}")
-            result = dict(layer=r.unit.layer, target=r.target, bleu=r.bleu, seconds=r.seconds, curve=r.curve,
-                          adapter=str(adapter_dir))
+            result = dict(
+                layer=r.unit.layer,
+                target=r.target,
+                bleu=r.bleu,
+                seconds=r.seconds,
+                curve=r.curve,
+                adapter=str(adapter_dir),
+            )
             results.append(result)
             progress.advance(f"layer {r.unit.layer}: zero-shot BLEU {r.bleu:.2f} ({r.seconds:.0f}s)")
             if store is not None:
-                store.add_lora(r.unit.unit_id, r.unit.layer, r.bleu,
-                               dict(r.curve, pair=pair, settings=asdict(settings), n_test=n_test, target=r.target,
-                                    seconds=r.seconds),
-                               str(adapter_dir))
+                store.add_lora(
+                    r.unit.unit_id,
+                    r.unit.layer,
+                    r.bleu,
+                    dict(
+                        r.curve, pair=pair, settings=asdict(settings), n_test=n_test, target=r.target, seconds=r.seconds
+                    ),
+                    str(adapter_dir),
+                )
     return sorted(results, key=lambda r: r["layer"])
 
 
@@ -344,10 +393,19 @@ def run_lora_sweep(run: LoraRun, command: str, ray: RaySettings | None = None) -
     settings = resolve_autocast(run.settings, loaded.info.device)
     store = Store.open(store_path, fingerprint(loaded), attach=store_path.exists())
     try:
-        run_id = store.start_run(command, dict(asdict(settings), preset=run.preset),
-                                 {"model": loaded.info.as_dict()})
-        results = lora_sweep(loaded, run.data_dir, run.pair, layers, settings, run.n_test, out_dir / "adapters",
-                             store=store, run_id=run_id, executor=executor)
+        run_id = store.start_run(command, dict(asdict(settings), preset=run.preset), {"model": loaded.info.as_dict()})
+        results = lora_sweep(
+            loaded,
+            run.data_dir,
+            run.pair,
+            layers,
+            settings,
+            run.n_test,
+            out_dir / "adapters",
+            store=store,
+            run_id=run_id,
+            executor=executor,
+        )
     finally:
         store.close()
     return results, store_path

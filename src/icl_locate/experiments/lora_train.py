@@ -33,9 +33,9 @@ import contextlib
 import math
 import tempfile
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +47,7 @@ from ..util.system import available_memory
 
 LOSSES = ("answer", "full")
 AUTOCAST = ("off", "bf16")
-HEAD_CHUNK_BYTES = 128 * 2 ** 20  # float32 logits of one LM-head chunk (a softcap needs a second buffer)
+HEAD_CHUNK_BYTES = 128 * 2**20  # float32 logits of one LM-head chunk (a softcap needs a second buffer)
 
 
 def autocast_scope(mode: str, device: torch.device):
@@ -80,7 +80,7 @@ def encode_pairs(tokenizer, pairs, max_length: int = 512) -> list[TrainingSequen
     out = []
     for ex in pairs:
         prompt = tokenizer(f"Q:{ex.source.strip()}\nA:")["input_ids"]
-        ids = tokenizer(f"Q:{ex.source.strip()}\nA:{ex.target.strip()}")["input_ids"][:max_length - 1]
+        ids = tokenizer(f"Q:{ex.source.strip()}\nA:{ex.target.strip()}")["input_ids"][: max_length - 1]
         ids = ids + [tokenizer.eos_token_id]
         start = next((i for i, (a, b) in enumerate(zip(prompt, ids)) if a != b), min(len(prompt), len(ids)))
         out.append(TrainingSequence(tuple(ids), max(1, start)))
@@ -111,17 +111,23 @@ def make_micro_batch(seqs: Sequence[TrainingSequence], loss: str, pad_id: int, d
     mask = torch.zeros_like(ids)
     rows, positions = [], []
     for i, s in enumerate(seqs):
-        ids[i, :len(s.ids)] = torch.tensor(s.ids)
-        mask[i, :len(s.ids)] = 1
+        ids[i, : len(s.ids)] = torch.tensor(s.ids)
+        mask[i, : len(s.ids)] = 1
         targets = list(s.targets(loss))
         rows += [i] * len(targets)
         positions += targets
-    return MicroBatch(ids.to(device), mask.to(device), torch.tensor(rows, device=device),
-                      torch.tensor(positions, device=device), len(positions), key)
+    return MicroBatch(
+        ids.to(device),
+        mask.to(device),
+        torch.tensor(rows, device=device),
+        torch.tensor(positions, device=device),
+        len(positions),
+        key,
+    )
 
 
 def autocast_mode(mode: str, device: str) -> str:
-    """"auto" made explicit: bf16 on a GPU that has it (bf16 matmuls are what GPUs are fast at), off
+    """ "auto" made explicit: bf16 on a GPU that has it (bf16 matmuls are what GPUs are fast at), off
     on a CPU (float32 stays the default there: this project measures and tests on CPUs)."""
     check_autocast(mode)
     if mode != "auto":
@@ -141,31 +147,45 @@ def check_batching(reuse: bool, bucketing: bool) -> None:
         raise UserError("reusing activations needs fixed micro-batches: drop --no-bucketing or add --no-reuse")
 
 
-def fixed_micro_batches(seqs: list[TrainingSequence], size: int, loss: str, pad_id: int, device,
-                        first_key: int = 0) -> list[MicroBatch]:
+def fixed_micro_batches(
+    seqs: list[TrainingSequence], size: int, loss: str, pad_id: int, device, first_key: int = 0
+) -> list[MicroBatch]:
     """Micro-batches of similar lengths, made once; keyed first_key, first_key + 1, ..."""
     order = sorted(range(len(seqs)), key=lambda i: (len(seqs[i].ids), i))
-    return [make_micro_batch([seqs[i] for i in order[s:s + size]], loss, pad_id, device, key=first_key + n)
-            for n, s in enumerate(range(0, len(order), size))]
+    return [
+        make_micro_batch([seqs[i] for i in order[s : s + size]], loss, pad_id, device, key=first_key + n)
+        for n, s in enumerate(range(0, len(order), size))
+    ]
 
 
-def epoch_steps(seqs: list[TrainingSequence], buckets: list[MicroBatch] | None, batch_size: int, micro_batch: int,
-                loss: str, pad_id: int, device, gen: torch.Generator) -> Iterator[list[MicroBatch]]:
+def epoch_steps(
+    seqs: list[TrainingSequence],
+    buckets: list[MicroBatch] | None,
+    batch_size: int,
+    micro_batch: int,
+    loss: str,
+    pad_id: int,
+    device,
+    gen: torch.Generator,
+) -> Iterator[list[MicroBatch]]:
     """One epoch's optimizer steps, each a list of micro-batches."""
     if buckets is not None:
         order = torch.randperm(len(buckets), generator=gen).tolist()
         per_step = max(1, batch_size // micro_batch)
         for s in range(0, len(order), per_step):
-            yield [buckets[i] for i in order[s:s + per_step]]
+            yield [buckets[i] for i in order[s : s + per_step]]
         return
     order = torch.randperm(len(seqs), generator=gen).tolist()
     for start in range(0, len(order), batch_size):
-        batch = sorted((seqs[i] for i in order[start:start + batch_size]), key=lambda s: len(s.ids))
-        yield [make_micro_batch(batch[m:m + micro_batch], loss, pad_id, device)
-               for m in range(0, len(batch), micro_batch)]
+        batch = sorted((seqs[i] for i in order[start : start + batch_size]), key=lambda s: len(s.ids))
+        yield [
+            make_micro_batch(batch[m : m + micro_batch], loss, pad_id, device)
+            for m in range(0, len(batch), micro_batch)
+        ]
 
 
 # --------------------------------------------------------------------------- the plain path
+
 
 def plain_loss(model: nn.Module, mb: MicroBatch, scale: float, backward: bool, autocast: str = "off") -> float:
     """Sum of the targets' cross-entropies by the model's own forward and loss; backward on
@@ -179,6 +199,7 @@ def plain_loss(model: nn.Module, mb: MicroBatch, scale: float, backward: bool, a
 
 
 # --------------------------------------------------------------------------- the reuse path
+
 
 class _Stop(Exception):
     """Ends a forward pass at the adapted layer (its input is all the cache needs)."""
@@ -215,9 +236,11 @@ class ReusedActivations:
         self.bytes_per_token: float | None = None  # what autograd keeps, measured by ``measure``
         self.layers = decoder_layers(model)
         self.decoder = model.get_decoder()
-        self.head_loss = ChunkedHeadLoss(model.get_output_embeddings(),
-                                         getattr(text_config(model), "final_logit_softcapping", None),
-                                         compute_dtype=torch.bfloat16 if autocast == "bf16" else None)
+        self.head_loss = ChunkedHeadLoss(
+            model.get_output_embeddings(),
+            getattr(text_config(model), "final_logit_softcapping", None),
+            compute_dtype=torch.bfloat16 if autocast == "bf16" else None,
+        )
         self.inputs: dict[int, torch.Tensor] = {}  # in memory
         self.spilled: dict[int, Path] = {}  # in files, beyond the memory budget
         self.disk_bytes = 0
@@ -247,8 +270,10 @@ class ReusedActivations:
             self.returns_tuple = isinstance(output, tuple)
 
         budget = memory_bytes if memory_bytes is not None else available_memory(self.device) // 2
-        handles = [self.layers[self.layer].register_forward_pre_hook(grab, with_kwargs=True),
-                   self.layers[0].register_forward_hook(output_type)]
+        handles = [
+            self.layers[self.layer].register_forward_pre_hook(grab, with_kwargs=True),
+            self.layers[0].register_forward_hook(output_type),
+        ]
         try:
             for mb in batches:
                 if mb.key in self.inputs or mb.key in self.spilled:
@@ -297,7 +322,7 @@ class ReusedActivations:
     def running(self) -> Iterator[None]:
         """While inside, the model's forward skips the layers below the adapted one and starts
         layer l from the kept input of the micro-batch ``loss`` is given."""
-        originals = list(self.layers[:self.layer])
+        originals = list(self.layers[: self.layer])
 
         def feed(module, args, kwargs):
             if self._current is None:
@@ -326,16 +351,19 @@ class ReusedActivations:
         activations autograd saves within ``activation_bytes`` (same sums, same gradients)."""
         rows = self.rows_per_piece(mb) if backward else mb.ids.shape[0]
         kept = self.kept(mb.key)  # once: a spilled input is read from its file
-        return sum(self._piece_loss(mb, kept, start, start + rows, scale, backward)
-                   for start in range(0, mb.ids.shape[0], rows))
+        return sum(
+            self._piece_loss(mb, kept, start, start + rows, scale, backward)
+            for start in range(0, mb.ids.shape[0], rows)
+        )
 
     def rows_per_piece(self, mb: MicroBatch) -> int:
         if self.activation_bytes is None or self.bytes_per_token is None:
             return mb.ids.shape[0]
         return max(1, int(self.activation_bytes // (self.bytes_per_token * mb.ids.shape[1])))
 
-    def _piece_loss(self, mb: MicroBatch, kept: torch.Tensor, start: int, stop: int, scale: float,
-                    backward: bool) -> float:
+    def _piece_loss(
+        self, mb: MicroBatch, kept: torch.Tensor, start: int, stop: int, scale: float, backward: bool
+    ) -> float:
         """Rows start..stop of ``mb`` (``kept``: its kept input), cut to their longest sequence (right
         padding: the cut columns are padding, which no kept position attends to)."""
         width = int(mb.mask[start:stop].sum(dim=1).max())
@@ -367,11 +395,15 @@ class ReusedActivations:
 
         lengths = mb.mask.sum(dim=1)
         row, width = int(lengths.argmax()), int(lengths.max())
-        self._current = kept[row:row + 1, :width]
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), \
-                autocast_scope(self.autocast, mb.ids.device):
-            hidden = self.decoder(input_ids=mb.ids[row:row + 1, :width], attention_mask=mb.mask[row:row + 1, :width],
-                                  use_cache=False).last_hidden_state
+        self._current = kept[row : row + 1, :width]
+        with (
+            torch.enable_grad(),
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor),
+            autocast_scope(self.autocast, mb.ids.device),
+        ):
+            hidden = self.decoder(
+                input_ids=mb.ids[row : row + 1, :width], attention_mask=mb.mask[row : row + 1, :width], use_cache=False
+            ).last_hidden_state
         del hidden
         self.bytes_per_token = sum(saved.values()) / width
         return self.bytes_per_token
@@ -387,8 +419,13 @@ class ChunkedHeadLoss:
     ``exp`` runs once for the loss and the gradient. Same arithmetic otherwise: logits in the head's
     dtype, then float32; the softcap ``c * tanh(z / c)`` as the model's config says."""
 
-    def __init__(self, head: nn.Module, softcap: float | None, chunk_rows: int | None = None,
-                 compute_dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        head: nn.Module,
+        softcap: float | None,
+        chunk_rows: int | None = None,
+        compute_dtype: torch.dtype | None = None,
+    ):
         """``chunk_rows``: loss positions per chunk (default: ``head_chunk_rows`` of the vocabulary)."""
         if not isinstance(head, nn.Linear):
             raise UserError(f"the output embedding is a {type(head).__name__}, not a Linear; train with --no-reuse")
@@ -404,8 +441,9 @@ class ChunkedHeadLoss:
             self._buffers.append(torch.empty(0))
         buf = self._buffers[index]
         if buf.shape[0] < rows:
-            buf = self._buffers[index] = torch.empty(rows, self.weight.shape[0], dtype=torch.float32,
-                                                     device=self.weight.device)
+            buf = self._buffers[index] = torch.empty(
+                rows, self.weight.shape[0], dtype=torch.float32, device=self.weight.device
+            )
         return buf[:rows]
 
     def chunks(self, n: int) -> list[range]:
@@ -416,13 +454,14 @@ class ChunkedHeadLoss:
         return [range(s, min(n, s + size)) for s in range(0, n, size)]
 
     @torch.no_grad()
-    def __call__(self, states: torch.Tensor, targets: torch.Tensor, scale: float,
-                 backward: bool) -> tuple[float, torch.Tensor | None]:
+    def __call__(
+        self, states: torch.Tensor, targets: torch.Tensor, scale: float, backward: bool
+    ) -> tuple[float, torch.Tensor | None]:
         """(sum of the cross-entropies, their gradient times ``scale`` w.r.t. ``states`` or None)."""
         grad = torch.empty_like(states) if backward else None
         total = 0.0
         for part in self.chunks(states.shape[0]):
-            x, t = states[part.start:part.stop].to(self.weight.dtype), targets[part.start:part.stop]
+            x, t = states[part.start : part.stop].to(self.weight.dtype), targets[part.start : part.stop]
             z = self._buffer(0, len(part))
             if self.weight.dtype == torch.float32:  # straight into the buffer
                 torch.mm(x, self.weight.t(), out=z)
@@ -443,7 +482,7 @@ class ChunkedHeadLoss:
                 p.mul_(scale)
                 if self.softcap:  # d(c tanh(z / c))/dz = 1 - tanh^2
                     p.mul_(tanh.square_().neg_().add_(1.0))
-                grad[part.start:part.stop] = (p.to(self.weight.dtype) @ self.weight).to(grad.dtype)
+                grad[part.start : part.stop] = (p.to(self.weight.dtype) @ self.weight).to(grad.dtype)
         return total, grad
 
 
@@ -459,9 +498,9 @@ def activation_budget(activation_mb: int | None, device: torch.device) -> int:
     noise, with peaks of 2482, 2811 and 3284 MiB), on a GPU a quarter of its free memory (wide pieces
     are what keeps a GPU busy)."""
     if activation_mb is not None:
-        return activation_mb * 2 ** 20
+        return activation_mb * 2**20
     if device.type == "cpu":
-        return CPU_ACTIVATION_MB * 2 ** 20
+        return CPU_ACTIVATION_MB * 2**20
     return available_memory(device) // 4
 
 
@@ -488,8 +527,15 @@ def mean_val_loss(loss_fn, batches: Sequence[MicroBatch]) -> float:
     return total / max(1, sum(mb.tokens for mb in batches))
 
 
-def train(peft_model, train_seqs: list[TrainingSequence], val_seqs: list[TrainingSequence], layer: int, pad_id: int, settings,
-          log: Callable[[str], None] = lambda m: None) -> TrainingRecord:
+def train(
+    peft_model,
+    train_seqs: list[TrainingSequence],
+    val_seqs: list[TrainingSequence],
+    layer: int,
+    pad_id: int,
+    settings,
+    log: Callable[[str], None] = lambda m: None,
+) -> TrainingRecord:
     """AdamW on the adapter, early stopping on the validation loss (the best adapter is kept)."""
     check_batching(settings.reuse, settings.bucketing)
     device = next(peft_model.parameters()).device
@@ -498,15 +544,22 @@ def train(peft_model, train_seqs: list[TrainingSequence], val_seqs: list[Trainin
     optim = torch.optim.AdamW(params, lr=settings.lr)
     gen = torch.Generator().manual_seed(settings.seed)
     loss = settings.loss
-    buckets = fixed_micro_batches(train_seqs, settings.micro_batch, loss, pad_id, device) if settings.bucketing \
-        else None
-    val = fixed_micro_batches(val_seqs, settings.micro_batch, loss, pad_id, device,
-                              first_key=len(buckets) if buckets is not None else 0)  # keys after training's
+    buckets = (
+        fixed_micro_batches(train_seqs, settings.micro_batch, loss, pad_id, device) if settings.bucketing else None
+    )
+    val = fixed_micro_batches(
+        val_seqs, settings.micro_batch, loss, pad_id, device, first_key=len(buckets) if buckets is not None else 0
+    )  # keys after training's
     record = TrainingRecord([], [], math.inf, 0, 0, 0.0, 0.0, "reuse" if settings.reuse else "plain")
     best_state, bad_epochs = adapter_state(peft_model), 0
     with contextlib.ExitStack() as scope:
-        reuse = scope.enter_context(reused_activations(peft_model, layer, buckets, val, settings.activation_mb,
-                                                       autocast, record, log)) if settings.reuse else None
+        reuse = (
+            scope.enter_context(
+                reused_activations(peft_model, layer, buckets, val, settings.activation_mb, autocast, record, log)
+            )
+            if settings.reuse
+            else None
+        )
 
         def loss_fn(mb: MicroBatch, scale: float, backward: bool) -> float:
             if reuse is not None:
@@ -517,8 +570,9 @@ def train(peft_model, train_seqs: list[TrainingSequence], val_seqs: list[Trainin
             peft_model.train()
             started = time.perf_counter()
             step_losses = []
-            for step in epoch_steps(train_seqs, buckets, settings.batch_size, settings.micro_batch, loss, pad_id,
-                                    device, gen):
+            for step in epoch_steps(
+                train_seqs, buckets, settings.batch_size, settings.micro_batch, loss, pad_id, device, gen
+            ):
                 optim.zero_grad()
                 n_tokens = sum(mb.tokens for mb in step)
                 step_losses.append(sum(loss_fn(mb, 1.0 / n_tokens, True) for mb in step) / n_tokens)
@@ -545,9 +599,16 @@ def train(peft_model, train_seqs: list[TrainingSequence], val_seqs: list[Trainin
 
 
 @contextlib.contextmanager
-def reused_activations(peft_model, layer: int, buckets: list[MicroBatch], val: list[MicroBatch],
-                       activation_mb: int | None, autocast: str, record: TrainingRecord,
-                       log: Callable[[str], None]) -> Iterator[ReusedActivations]:
+def reused_activations(
+    peft_model,
+    layer: int,
+    buckets: list[MicroBatch],
+    val: list[MicroBatch],
+    activation_mb: int | None,
+    autocast: str,
+    record: TrainingRecord,
+    log: Callable[[str], None],
+) -> Iterator[ReusedActivations]:
     """Keep the input of ``layer`` for every micro-batch, check the path on the model, measure what
     a training token keeps for backward; inside, the model runs from the kept inputs."""
     base = peft_model.get_base_model()
@@ -556,18 +617,22 @@ def reused_activations(peft_model, layer: int, buckets: list[MicroBatch], val: l
     try:
         reuse.fill(buckets + val)
         record.train_seconds, record.cache_bytes, record.cache_disk_bytes = reuse.seconds, reuse.bytes, reuse.disk_bytes
-        spilled = f" and {reuse.disk_bytes / 2 ** 20:.1f} MiB in files" if reuse.disk_bytes else ""
-        log(f"    kept the input of layer {layer}: {reuse.bytes / 2 ** 20:.1f} MiB in memory{spilled} for "
-            f"{len(buckets) + len(val)} micro-batches ({reuse.seconds:.1f}s)")
+        spilled = f" and {reuse.disk_bytes / 2**20:.1f} MiB in files" if reuse.disk_bytes else ""
+        log(
+            f"    kept the input of layer {layer}: {reuse.bytes / 2**20:.1f} MiB in memory{spilled} for "
+            f"{len(buckets) + len(val)} micro-batches ({reuse.seconds:.1f}s)"
+        )
         check_reuse(peft_model, reuse, buckets[0])
         with reuse.running():
             peft_model.train()  # dropout masks count too
             widest = max(buckets, key=lambda mb: mb.ids.shape[1])
             record.bytes_per_token = reuse.measure(widest)
-            log(f"    autograd keeps {reuse.bytes_per_token / 2 ** 10:.0f} KiB a token for layers {layer}.."
+            log(
+                f"    autograd keeps {reuse.bytes_per_token / 2**10:.0f} KiB a token for layers {layer}.."
                 f"{len(reuse.layers) - 1}; the widest micro-batch runs in pieces of "
                 f"{reuse.rows_per_piece(widest)} of {widest.ids.shape[0]} rows "
-                f"(at most {reuse.activation_bytes / 2 ** 20:.0f} MiB)")
+                f"(at most {reuse.activation_bytes / 2**20:.0f} MiB)"
+            )
             yield reuse
     finally:
         reuse.close()
@@ -586,8 +651,10 @@ def check_reuse(peft_model, reuse: ReusedActivations, mb: MicroBatch) -> None:
     finally:
         peft_model.train(was_training)
     if not math.isclose(plain, reused, rel_tol=1e-3, abs_tol=1e-3):
-        raise UserError(f"reusing activations gives loss {reused:.5f} where the model's own forward gives "
-                           f"{plain:.5f}; train with --no-reuse")
+        raise UserError(
+            f"reusing activations gives loss {reused:.5f} where the model's own forward gives "
+            f"{plain:.5f}; train with --no-reuse"
+        )
 
 
 def adapter_state(peft_model) -> dict:

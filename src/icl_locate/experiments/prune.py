@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import torch
 
@@ -46,7 +46,7 @@ class PruneSettings(ModelAndData):
     store: str | None = None
 
 
-def run_prune(s: PruneSettings, command: str, log=print) -> "PruneResult":
+def run_prune(s: PruneSettings, command: str, log=print) -> PruneResult:
     """Validate, load, measure, write the JSON and the store entry."""
     check_count("--max-new-tokens", s.max_new_tokens)
     check_count("--batch-size", s.batch_size)
@@ -61,28 +61,42 @@ def run_prune(s: PruneSettings, command: str, log=print) -> "PruneResult":
         n_layers = loaded.info.num_layers
         if not 0 <= s.layer <= n_layers:
             raise UserError(f"--layer must be in 0..{n_layers}, got {s.layer}")
-        items = build_items(task, data, loaded.tokenizer, k=s.k, seed=s.seed, n_test=s.n_test,
-                            per_query_examples=s.per_query_examples)
+        items = build_items(
+            task, data, loaded.tokenizer, k=s.k, seed=s.seed, n_test=s.n_test, per_query_examples=s.per_query_examples
+        )
         stop = stop_rule(task, s.max_new_tokens)
         check_context(items, loaded, stop.max_new_tokens)
         prompts = masked_prompts(items, condition)
         for p in prompts:
             prune_split(p)  # a condition pruning cannot run fails here, before any work
-        log(f"prune: {loaded.info.spec} ({loaded.info.dtype}, {loaded.info.device}), {task.name} {data.label}, "
-            f"{condition.name} pruned from layer {s.layer} of {n_layers}, {len(items)} requests, k={s.k}")
+        log(
+            f"prune: {loaded.info.spec} ({loaded.info.dtype}, {loaded.info.device}), {task.name} {data.label}, "
+            f"{condition.name} pruned from layer {s.layer} of {n_layers}, {len(items)} requests, k={s.k}"
+        )
         machine = hardware(loaded.info.device)
-        log(f"engine: pruned, {s.batch_size} requests a batch (--batch-size), the model's own LM head (a pruned "
-            f"request is timed as a deployment would run it: no choice measured); on {hardware_line(machine)}")
+        log(
+            f"engine: pruned, {s.batch_size} requests a batch (--batch-size), the model's own LM head (a pruned "
+            f"request is timed as a deployment would run it: no choice measured); on {hardware_line(machine)}"
+        )
         examples = [it.item for it in items]
 
         def score(texts: list[str]) -> float:
             return task.metric.score(texts, examples, data).corpus[task.metric.name]
 
         result = measure_pruning(
-            loaded, task, items, prompts, s.layer, s.k, score, stop,
+            loaded,
+            task,
+            items,
+            prompts,
+            s.layer,
+            s.k,
+            score,
+            stop,
             pruned_engine=lambda: PrunedEngine(loaded.model, loaded.tokenizer, s.batch_size),
             masked_engine=SweepEngine(loaded.model, loaded.tokenizer) if s.check else None,
-            batch_size=s.batch_size, log=log)
+            batch_size=s.batch_size,
+            log=log,
+        )
         result.data["hardware"] = machine
         if out is not None:
             write_json_atomic(out, result.data)
@@ -115,25 +129,42 @@ class PruneResult:
             ("KV cache MB, largest batch", full["kv_mb_peak"], pr["kv_mb_peak"]),
             ("peak memory MB (" + d["memory_kind"] + ")", full["peak_memory_mb"], pr["peak_memory_mb"]),
         ]
-        lines = [f"context-pruned inference: {d['condition']} processed up to layer r={d['from_layer']} of "
-                 f"{d['num_layers']}; {d['sentences']} requests, batch {d['batch_size']}, {d['device']} {d['dtype']}",
-                 f"{'':<38} {'full':>10} {'pruned':>10} {'saved':>8}"]
+        lines = [
+            f"context-pruned inference: {d['condition']} processed up to layer r={d['from_layer']} of "
+            f"{d['num_layers']}; {d['sentences']} requests, batch {d['batch_size']}, {d['device']} {d['dtype']}",
+            f"{'':<38} {'full':>10} {'pruned':>10} {'saved':>8}",
+        ]
         for name, a, b in rows:
             lines.append(f"{name:<38} {a:10.2f} {b:10.2f} {saved(a, b):>8}")
-        lines.append(f"{d['metric']:<38} {full['score']:10.2f} {pr['score']:10.2f} "
-                     f"(kept {100 * d['quality_kept']:.1f}%)")
-        lines.append(f"memory at the start of each run: {full['memory_at_start_mb']:.0f} / {pr['memory_at_start_mb']:.0f} MB "
-                     "(the model and whatever the process held before)")
+        lines.append(
+            f"{d['metric']:<38} {full['score']:10.2f} {pr['score']:10.2f} (kept {100 * d['quality_kept']:.1f}%)"
+        )
+        lines.append(
+            f"memory at the start of each run: {full['memory_at_start_mb']:.0f} / {pr['memory_at_start_mb']:.0f} MB "
+            "(the model and whatever the process held before)"
+        )
         lines.append(f"paper's estimate (L-r)/L x k/(k+1): {100 * d['paper_estimate']:.1f}% of prompt compute")
         if d.get("identical_to_masked") is not None:
-            lines.append(f"pruned == masked-from-r sweep engine: {d['identical_to_masked']}/{d['sentences']} generations")
+            lines.append(
+                f"pruned == masked-from-r sweep engine: {d['identical_to_masked']}/{d['sentences']} generations"
+            )
         return "\n".join(lines)
 
 
-def measure_pruning(loaded: LoadedModel, task: Task, items: Sequence[PromptedItem], prompts: Sequence[MaskedPrompt],
-                    from_layer: int, k: int, score: Callable[[list[str]], float], stop: StopRule,
-                    pruned_engine: Callable[[], PrunedEngine], masked_engine: Engine | None = None,
-                    batch_size: int = 8, log=lambda msg: None) -> PruneResult:
+def measure_pruning(
+    loaded: LoadedModel,
+    task: Task,
+    items: Sequence[PromptedItem],
+    prompts: Sequence[MaskedPrompt],
+    from_layer: int,
+    k: int,
+    score: Callable[[list[str]], float],
+    stop: StopRule,
+    pruned_engine: Callable[[], PrunedEngine],
+    masked_engine: Engine | None = None,
+    batch_size: int = 8,
+    log=lambda msg: None,
+) -> PruneResult:
     """Full processing vs context pruned at ``from_layer`` on the same requests: FLOPs, time, memory, quality.
 
     ``score`` maps the post-processed answers (in item order) to the task's metric; ``pruned_engine``
@@ -159,38 +190,53 @@ def measure_pruning(loaded: LoadedModel, task: Task, items: Sequence[PromptedIte
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         reset_peak_rss()
-        at_start = torch.cuda.memory_allocated() / 2 ** 20 if cuda else current_rss_mb()
+        at_start = torch.cuda.memory_allocated() / 2**20 if cuda else current_rss_mb()
         sync()
         started = time.perf_counter()
         gens = engine.generate_pruned(prompts, r, stop)
         sync()
         seconds = time.perf_counter() - started
-        peak = torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else peak_rss_mb()
+        peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_rss_mb()
         flops = [request_flops(dims, prune_split(p), _fed_back(g), r) for p, g in zip(prompts, gens)]
         runs[name] = dict(
-            from_layer=r, seconds=seconds, seconds_prefill=engine.stats["seconds_prefill"],
-            seconds_decode=engine.stats["seconds_decode"], kv_mb_peak=engine.stats["kv_bytes_peak"] / 2 ** 20,
+            from_layer=r,
+            seconds=seconds,
+            seconds_prefill=engine.stats["seconds_prefill"],
+            seconds_decode=engine.stats["seconds_decode"],
+            kv_mb_peak=engine.stats["kv_bytes_peak"] / 2**20,
             peak_memory_mb=peak if peak is not None else float("nan"),
             memory_at_start_mb=at_start if at_start is not None else float("nan"),
             gflop_prompt=sum(f["prompt"] for f in flops) / 1e9,
             gflop_total=sum(f["prompt"] + f["decode"] for f in flops) / 1e9,
             token_layers=engine.stats["token_layers"],
-            score=score([post_process(task, g.text) for g in gens]), generations=[g.text for g in gens],
-            token_ids=[g.token_ids for g in gens])
+            score=score([post_process(task, g.text) for g in gens]),
+            generations=[g.text for g in gens],
+            token_ids=[g.token_ids for g in gens],
+        )
         log(f"  {seconds:.1f}s")
 
     identical = None
     if masked_engine is not None:
         log("checking against the sweep engine masking the same range from r ...")
         fast = masked_engine.generate(prompts, [MaskFrom(from_layer)], stop)
-        identical = sum(fast[(i, MaskFrom(from_layer))].token_ids == ids
-                        for i, ids in enumerate(runs["pruned"]["token_ids"]))
+        identical = sum(
+            fast[(i, MaskFrom(from_layer))].token_ids == ids for i, ids in enumerate(runs["pruned"]["token_ids"])
+        )
     full, pruned = runs["full"], runs["pruned"]
     data = dict(
-        model=loaded.info.spec, device=loaded.info.device, dtype=loaded.info.dtype, condition=condition.name,
-        from_layer=from_layer, num_layers=n_layers, k=k, sentences=len(items), batch_size=batch_size,
-        metric=task.metric.name, memory_kind="GPU allocated" if cuda else "process RSS",
-        full=full, pruned=pruned,
+        model=loaded.info.spec,
+        device=loaded.info.device,
+        dtype=loaded.info.dtype,
+        condition=condition.name,
+        from_layer=from_layer,
+        num_layers=n_layers,
+        k=k,
+        sentences=len(items),
+        batch_size=batch_size,
+        metric=task.metric.name,
+        memory_kind="GPU allocated" if cuda else "process RSS",
+        full=full,
+        pruned=pruned,
         flops_saved_prompt=1 - pruned["gflop_prompt"] / full["gflop_prompt"],
         flops_saved_total=1 - pruned["gflop_total"] / full["gflop_total"],
         time_saved_prefill=1 - pruned["seconds_prefill"] / full["seconds_prefill"],
@@ -198,7 +244,9 @@ def measure_pruning(loaded: LoadedModel, task: Task, items: Sequence[PromptedIte
         kv_saved=1 - pruned["kv_mb_peak"] / full["kv_mb_peak"],
         quality_kept=pruned["score"] / full["score"] if full["score"] else float("nan"),
         paper_estimate=paper_savings(n_layers, from_layer, k),
-        identical_to_masked=identical, threads=torch.get_num_threads())
+        identical_to_masked=identical,
+        threads=torch.get_num_threads(),
+    )
     return PruneResult(data)
 
 

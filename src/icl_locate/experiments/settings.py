@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Callable
 
 import yaml
 
@@ -25,6 +25,7 @@ from ..tasks.data import parse_pair
 from ..tasks.registry import Task, TaskData, TaskOptions, get_task
 from ..util.errors import UserError
 from .presets import PRESETS
+
 
 @dataclass(kw_only=True)
 class ModelAndData:
@@ -81,6 +82,7 @@ def engine_request(config: SweepConfig) -> EngineRequest:
     request.check()
     return request
 
+
 def load_config(preset: str | None = None, yaml_path: str | None = None, overrides: dict | None = None) -> SweepConfig:
     """Preset, then YAML file, then command-line overrides (None values ignored)."""
     values: dict = {}
@@ -129,10 +131,16 @@ class WorkUnit:
         return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
     def label(self) -> str:
-        what = {"mask": self.condition, "ablation": "layer ablation", "knockout": f"{self.condition} head knockout",
-                "restore": f"{self.condition} head restoration from {self.from_layer}"}[self.kind]
-        return (f"{self.task} {self.pair or ''} {what} {'instr' if self.instructions else 'no-instr'} "
-                f"seed={self.seed} k={self.k}").replace("  ", " ")
+        what = {
+            "mask": self.condition,
+            "ablation": "layer ablation",
+            "knockout": f"{self.condition} head knockout",
+            "restore": f"{self.condition} head restoration from {self.from_layer}",
+        }[self.kind]
+        return (
+            f"{self.task} {self.pair or ''} {what} {'instr' if self.instructions else 'no-instr'} "
+            f"seed={self.seed} k={self.k}"
+        ).replace("  ", " ")
 
 
 def parse_layers(spec: str, n_layers: int | None = None) -> list[int]:
@@ -206,8 +214,16 @@ def load_task_data(config: SweepConfig, log: Callable[[str], None] = lambda line
     task = sweep_task(config)
     cache = {}
     for pair in task_pairs(config):
-        data = task.load(TaskOptions(data_dir=config.data_dir, pair=pair or None, bank_path=config.bank,
-                                     test_path=config.test, src_lang=config.src_lang, tgt_lang=config.tgt_lang))
+        data = task.load(
+            TaskOptions(
+                data_dir=config.data_dir,
+                pair=pair or None,
+                bank_path=config.bank,
+                test_path=config.test,
+                src_lang=config.src_lang,
+                tgt_lang=config.tgt_lang,
+            )
+        )
         for note in data.notes:
             log(note)
         cache[(task.name, pair)] = (task, data)
@@ -226,8 +242,12 @@ def head_layers(config: SweepConfig, num_layers: int, from_layer: int | None) ->
     return tuple(layers)
 
 
-def plan_units(config: SweepConfig, num_layers: int, tasks: TaskCache | None = None,
-               restore_from: Callable[[str, str, bool, int], int | None] | None = None) -> list[WorkUnit]:
+def plan_units(
+    config: SweepConfig,
+    num_layers: int,
+    tasks: TaskCache | None = None,
+    restore_from: Callable[[str, str, bool, int], int | None] | None = None,
+) -> list[WorkUnit]:
     """Expand the grid (``validate`` it first). ``tasks`` (the loaded data) gives user data its identity;
     ``restore_from(pair, condition, instructions, k)`` gives a restoration's default layer."""
     validate(config)
@@ -242,16 +262,41 @@ def plan_units(config: SweepConfig, num_layers: int, tasks: TaskCache | None = N
                 data = tasks[(task.name, pair)][1].digest[:16] if tasks else ""
                 for instr in config.instructions:
                     for cond in config.conditions:
-                        units.append(WorkUnit(task.name, pair, "mask", get_condition(cond).name, instr, seed, k,
-                                              config.n_test, layers, data))
+                        units.append(
+                            WorkUnit(
+                                task.name,
+                                pair,
+                                "mask",
+                                get_condition(cond).name,
+                                instr,
+                                seed,
+                                k,
+                                config.n_test,
+                                layers,
+                                data,
+                            )
+                        )
                 if config.layer_ablation:
-                    units.append(WorkUnit(task.name, pair, "ablation", "", True, seed, k, config.n_test,
-                                          tuple(range(num_layers + 1)), data))
+                    units.append(
+                        WorkUnit(
+                            task.name,
+                            pair,
+                            "ablation",
+                            "",
+                            True,
+                            seed,
+                            k,
+                            config.n_test,
+                            tuple(range(num_layers + 1)),
+                            data,
+                        )
+                    )
     return list(dict.fromkeys(units))
 
 
-def _plan_head_units(config: SweepConfig, task: str, num_layers: int, tasks: TaskCache | None,
-                     restore_from) -> list[WorkUnit]:
+def _plan_head_units(
+    config: SweepConfig, task: str, num_layers: int, tasks: TaskCache | None, restore_from
+) -> list[WorkUnit]:
     units = []
     for pair in task_pairs(config):
         for seed in config.seeds:
@@ -262,14 +307,30 @@ def _plan_head_units(config: SweepConfig, task: str, num_layers: int, tasks: Tas
                         name = get_condition(cond).name
                         j = None
                         if config.heads == "restore":
-                            j = config.from_layer if config.from_layer is not None else \
-                                (restore_from(pair, name, instr, k) if restore_from else None)
+                            j = (
+                                config.from_layer
+                                if config.from_layer is not None
+                                else (restore_from(pair, name, instr, k) if restore_from else None)
+                            )
                             if j is None:
-                                raise UserError(f"--heads restore needs --from-layer, or a layer sweep of {name} "
-                                                f"({pair or task}, k={k}) in the store whose recognition layer it "
-                                                f"starts below")
-                        units.append(WorkUnit(task, pair, config.heads, name, instr, seed, k, config.n_test,
-                                              head_layers(config, num_layers, j), data, j))
+                                raise UserError(
+                                    f"--heads restore needs --from-layer, or a layer sweep of {name} "
+                                    f"({pair or task}, k={k}) in the store whose recognition layer it "
+                                    f"starts below"
+                                )
+                        units.append(
+                            WorkUnit(
+                                task,
+                                pair,
+                                config.heads,
+                                name,
+                                instr,
+                                seed,
+                                k,
+                                config.n_test,
+                                head_layers(config, num_layers, j),
+                                data,
+                                j,
+                            )
+                        )
     return list(dict.fromkeys(units))
-
-

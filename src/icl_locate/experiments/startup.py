@@ -59,8 +59,9 @@ def _seconds(argv: list[str]) -> float:
 
 
 def _phases(s: StartupSettings) -> dict[str, float]:
-    done = subprocess.run([sys.executable, "-c", _CHILD, s.model, s.dtype or "", s.device or ""],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", _CHILD, s.model, s.dtype or "", s.device or ""], capture_output=True, text=True
+    )
     if done.returncode != 0:
         raise UserError(f"loading {s.model} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -82,9 +83,14 @@ def run_startup(s: StartupSettings, log=print) -> dict:
 
 
 def startup_table(result: dict) -> str:
-    rows = [("icl-locate --help (whole command)", "help"), ("import icl_locate.cli", "imports_cli"),
-            ("import torch, transformers, engines", "imports_model_stack"), ("load_model", "model_load"),
-            ("first greedy token", "first_token"), ("start to model loaded", "to_model_loaded")]
+    rows = [
+        ("icl-locate --help (whole command)", "help"),
+        ("import icl_locate.cli", "imports_cli"),
+        ("import torch, transformers, engines", "imports_model_stack"),
+        ("load_model", "model_load"),
+        ("first greedy token", "first_token"),
+        ("start to model loaded", "to_model_loaded"),
+    ]
     lines = [f"{'phase':<40} {'seconds':>8}"] + [f"{label:<40} {result[key]:8.2f}" for label, key in rows]
     lines.append(f"model {result['model']}; medians of fresh processes on {hardware_line(result['hardware'])}")
     return "\n".join(lines)

@@ -8,20 +8,35 @@ it is handed, and this driver alone writes the store, one transaction per unit.
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
 
 from ..core.models import LoadedModel, load_description, load_model
-from ..results.analysis import analyse_curve, audit_disagreement, analyse_head_map, head_summary_lines, load_curves, load_head_maps, \
-    summary_lines
+from ..results.analysis import (
+    analyse_curve,
+    analyse_head_map,
+    audit_disagreement,
+    head_summary_lines,
+    load_curves,
+    load_head_maps,
+    summary_lines,
+)
 from ..results.store import Store
 from ..util.errors import Interrupted, UserError
 from ..util.progress import Progress
 from .common import fingerprint, provenance
 from .executors import Executor, LocalExecutor, RayExecutor, RaySettings
-from .settings import SweepConfig, TaskCache, WorkUnit, audit_per_unit, engine_request, load_task_data, plan_units, \
-    validate
+from .settings import (
+    SweepConfig,
+    TaskCache,
+    WorkUnit,
+    audit_per_unit,
+    engine_request,
+    load_task_data,
+    plan_units,
+    validate,
+)
 from .units import Worker, check_units
 
 
@@ -70,8 +85,9 @@ def recognition_below(store_file: Path | None):
     return restore_from
 
 
-def prepare(config: SweepConfig, weights: bool = True,
-            store_file: Path | None = None) -> tuple[LoadedModel, TaskCache, list[WorkUnit]]:
+def prepare(
+    config: SweepConfig, weights: bool = True, store_file: Path | None = None
+) -> tuple[LoadedModel, TaskCache, list[WorkUnit]]:
     """Validate, read the data, load the model (only its description and tokenizer without ``weights``),
     plan, check the units: everything that can fail before the store opens."""
     validate(config)
@@ -97,20 +113,36 @@ def run_sweep(config: SweepConfig, store_path: str | Path, command: str, ray: Ra
         loaded, tasks, units = prepare(config, weights=False, store_file=store_file)
     else:
         loaded, tasks, units = prepare(config, store_file=store_file)
-        executor = LocalExecutor(Worker(loaded, tasks, engine_request(config), config.max_new_tokens,
-                                        audit_per_unit(config.audit), config.audit_seed))
+        executor = LocalExecutor(
+            Worker(
+                loaded,
+                tasks,
+                engine_request(config),
+                config.max_new_tokens,
+                audit_per_unit(config.audit),
+                config.audit_seed,
+            )
+        )
     with Store.open(store_file, fingerprint(loaded, config.max_new_tokens)) as store:
         files = [f for _, data in tasks.values() for f in data.files]
         run_id = store.start_run(command, asdict(config), provenance(loaded, files))
         try:
             ran, skipped = execute(executor, store, units, run_id)
         except KeyboardInterrupt:
-            raise Interrupted(f"interrupted; {len(store.done_units())} units are safely in {store_file}. "
-                                f"Rerun the same command to resume.") from None
-        lines = [line for curve in load_curves(store) for line in
-                 summary_lines(analyse_curve(curve, n_boot=SUMMARY_BOOTSTRAP), loaded.info.num_layers)]
-        lines += [line for m in load_head_maps(store) for line in
-                  head_summary_lines(analyse_head_map(m, n_boot=SUMMARY_BOOTSTRAP))]
+            raise Interrupted(
+                f"interrupted; {len(store.done_units())} units are safely in {store_file}. "
+                f"Rerun the same command to resume."
+            ) from None
+        lines = [
+            line
+            for curve in load_curves(store)
+            for line in summary_lines(analyse_curve(curve, n_boot=SUMMARY_BOOTSTRAP), loaded.info.num_layers)
+        ]
+        lines += [
+            line
+            for m in load_head_maps(store)
+            for line in head_summary_lines(analyse_head_map(m, n_boot=SUMMARY_BOOTSTRAP))
+        ]
         audit_lines, faults = audit_summary(store)
     return SweepResult(len(units), skipped, ran, loaded.info.num_layers, store_file, lines + audit_lines, faults)
 
@@ -122,8 +154,10 @@ def audit_note(result) -> str:
     agree = sum(r["agree"] for r in result.audit)
     faults = sum(r["fault"] for r in result.audit)
     fault_text = f", {faults} ENGINE FAULT(S)" if faults else ""
-    return (f"; audit {agree}/{len(result.audit)} rows agree with the reference engine{fault_text} "
-            f"({result.audit_seconds:.0f}s)")
+    return (
+        f"; audit {agree}/{len(result.audit)} rows agree with the reference engine{fault_text} "
+        f"({result.audit_seconds:.0f}s)"
+    )
 
 
 def audit_summary(store: Store) -> tuple[list[str], int]:
@@ -132,8 +166,10 @@ def audit_summary(store: Store) -> tuple[list[str], int]:
     if not rows:
         return [], 0
     faults = [r for r in rows if r["fault"]]
-    lines = [f"audit: {sum(r['agree'] for r in rows)}/{len(rows)} sampled rows agree with the reference engine; "
-             f"{len(faults)} engine fault(s) (a disagreement at a margin above the dtype's threshold)"]
+    lines = [
+        f"audit: {sum(r['agree'] for r in rows)}/{len(rows)} sampled rows agree with the reference engine; "
+        f"{len(faults)} engine fault(s) (a disagreement at a margin above the dtype's threshold)"
+    ]
     lines += [f"  unit {r['unit_id']}: {audit_disagreement(r)}" for r in rows if not r["agree"]]
     return lines, len(faults)
 
@@ -168,8 +204,17 @@ def execute(executor: Executor, store: Store, units: Sequence[WorkUnit], run_id:
             if result.choices is not None and result.choices not in seen_choices:
                 seen_choices.append(result.choices)  # each engine configuration once, with the machine
                 store.add_run_engine(run_id, result.choices)
-            store.commit_unit(result.unit.unit_id, run_id, asdict(result.unit), result.seconds, result.predictions,
-                              result.scores, result.context_tokens, result.query_tokens, result.audit)
+            store.commit_unit(
+                result.unit.unit_id,
+                run_id,
+                asdict(result.unit),
+                result.seconds,
+                result.predictions,
+                result.scores,
+                result.context_tokens,
+                result.query_tokens,
+                result.audit,
+            )
             claimed.pop(result.unit.unit_id, None)
             ran += 1
             progress.advance(f"{result.unit.label()}: {result.seconds:.0f}s{audit_note(result)}")

@@ -14,8 +14,8 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 from ..core.conditions import MaskedPrompt, get_condition
 from ..core.interventions import AblateLayers, HeadMask, MaskFrom, RowIntervention
@@ -58,8 +58,13 @@ def row_interventions(unit: WorkUnit, n_layers: int, n_heads: int) -> dict[tuple
     j = unit.from_layer
     hidden_from_j = {(l, h) for l in range(j, n_layers) for h in range(n_heads)}
     rows[("mask", j)] = MaskFrom(j)
-    rows.update({(f"restore/h{h}", l): HeadMask(frozenset(hidden_from_j - {(l, h)})) for l in unit.layers
-                 for h in range(n_heads)})
+    rows.update(
+        {
+            (f"restore/h{h}", l): HeadMask(frozenset(hidden_from_j - {(l, h)}))
+            for l in unit.layers
+            for h in range(n_heads)
+        }
+    )
     return rows
 
 
@@ -94,15 +99,22 @@ class Worker:
     seconds: dict[str, float] = field(default_factory=lambda: {"decoding": 0.0, "audit": 0.0, "audit_rows": 0})
 
     @classmethod
-    def load(cls, config: SweepConfig) -> "Worker":
+    def load(cls, config: SweepConfig) -> Worker:
         """A worker for ``config``'s sweep: its data, its model (dtype and device as configured)."""
         tasks = load_task_data(config)
         loaded = load_model(config.model, dtype=config.dtype, device=config.device)
-        return cls(loaded, tasks, engine_request(config), config.max_new_tokens, audit_per_unit(config.audit),
-                   config.audit_seed)
+        return cls(
+            loaded,
+            tasks,
+            engine_request(config),
+            config.max_new_tokens,
+            audit_per_unit(config.audit),
+            config.audit_seed,
+        )
 
-    def engine_for(self, prompts: Sequence[MaskedPrompt], rows: Sequence[RowIntervention],
-                   stop: StopRule) -> tuple[Engine, Choices | None]:
+    def engine_for(
+        self, prompts: Sequence[MaskedPrompt], rows: Sequence[RowIntervention], stop: StopRule
+    ) -> tuple[Engine, Choices | None]:
         """The engine for this shape of work: given, or measured on its first prompt (cached)."""
         if self.engine is not None:
             return self.engine, None
@@ -135,20 +147,42 @@ class Worker:
             scores += [(kind, layer, metric, value) for metric, value in scored.corpus.items()]
             masked = condition is not None and layer < n_layers
             for i, (it, prompt, g, text) in enumerate(zip(items, prompts, outputs, texts)):
-                predictions.append(dict(
-                    item=i, example_id=it.item.id, variant=kind, layer=layer,
-                    prompt_token_ids=json.dumps(prompt.ids), hidden_ranges=json.dumps(prompt.hidden if masked else []),
-                    in_context_ids=json.dumps(it.encoded.example_ids), raw_generation=g.text, generation=text,
-                    reference=it.item.target, finish=g.finish, sentence_score=scored.sentence[i],
-                    stats=json.dumps(scored.stats[i]), **span_lengths(prompt.spans)))
+                predictions.append(
+                    dict(
+                        item=i,
+                        example_id=it.item.id,
+                        variant=kind,
+                        layer=layer,
+                        prompt_token_ids=json.dumps(prompt.ids),
+                        hidden_ranges=json.dumps(prompt.hidden if masked else []),
+                        in_context_ids=json.dumps(it.encoded.example_ids),
+                        raw_generation=g.text,
+                        generation=text,
+                        reference=it.item.target,
+                        finish=g.finish,
+                        sentence_score=scored.sentence[i],
+                        stats=json.dumps(scored.stats[i]),
+                        **span_lengths(prompt.spans),
+                    )
+                )
         lengths = [span_lengths(it.encoded.spans) for it in items]
         context = sum(n["n_instructions"] + n["n_examples"] for n in lengths) / len(items)
         query = sum(n["n_query"] for n in lengths) / len(items)
-        return UnitResult(unit, seconds, predictions, scores, context, query,
-                          choices.as_dict() if choices is not None else None, audited, audit_seconds)
+        return UnitResult(
+            unit,
+            seconds,
+            predictions,
+            scores,
+            context,
+            query,
+            choices.as_dict() if choices is not None else None,
+            audited,
+            audit_seconds,
+        )
 
-    def audit_unit(self, unit: WorkUnit, prompts, rows: dict, gens, stop: StopRule,
-                   decode_seconds: float) -> tuple[list[dict], float]:
+    def audit_unit(
+        self, unit: WorkUnit, prompts, rows: dict, gens, stop: StopRule, decode_seconds: float
+    ) -> tuple[list[dict], float]:
         """Rows of the unit, drawn with the stored seed, decoded again by the reference engine: ``self.audit``
         of them, or (None) as many as keep this worker's audit within ``AUDIT_SHARE`` of its decoding
         time, at least one in its first unit."""
@@ -167,8 +201,19 @@ class Worker:
             (r,) = audit_rows(self.loaded.model, self.loaded.tokenizer, prompts, interventions, gens, stop, [pair])
             self.seconds["audit"] += time.time() - row_started
             self.seconds["audit_rows"] += 1
-            out.append(dict(item=r.item, variant=keys[pair[1]][0], layer=keys[pair[1]][1], agree=r.agree,
-                            position=r.position, margin=r.margin, threshold=r.threshold, fault=r.fault, seed=seed))
+            out.append(
+                dict(
+                    item=r.item,
+                    variant=keys[pair[1]][0],
+                    layer=keys[pair[1]][1],
+                    agree=r.agree,
+                    position=r.position,
+                    margin=r.margin,
+                    threshold=r.threshold,
+                    fault=r.fault,
+                    seed=seed,
+                )
+            )
         return out, time.time() - started
 
     def _audit_budget_left(self) -> bool:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 
@@ -21,8 +21,9 @@ DEFAULT_FRACTION = 0.95
 CONTEXT_CONDITIONS = ("instructions+examples", "examples")  # masks after which the context could be dropped
 
 
-def recognition_layer(layers: Sequence[int], scores: Sequence[float], baseline: float,
-                      fraction: float = DEFAULT_FRACTION) -> int:
+def recognition_layer(
+    layers: Sequence[int], scores: Sequence[float], baseline: float, fraction: float = DEFAULT_FRACTION
+) -> int:
     """First layer from which the score stays >= fraction x baseline for every later layer.
 
     ``layers`` ascending; the last one is normally L (no masking), which always qualifies when
@@ -113,9 +114,15 @@ def load_curves(store) -> list[Curve]:
             for p in preds:
                 if p["layer"] in index:
                     arr[s, index[p["layer"]], p["item"]] = item_stats(p)
-        curve = Curve(key=key, layers=layers, metric=metric, seeds=[u["spec"]["seed"] for u in units], item_stats=arr,
-                      context_tokens=float(np.mean([u["context_tokens"] for u in units])),
-                      query_tokens=float(np.mean([u["query_tokens"] for u in units])))
+        curve = Curve(
+            key=key,
+            layers=layers,
+            metric=metric,
+            seeds=[u["spec"]["seed"] for u in units],
+            item_stats=arr,
+            context_tokens=float(np.mean([u["context_tokens"] for u in units])),
+            query_tokens=float(np.mean([u["query_tokens"] for u in units])),
+        )
         curves.append(curve)
     return curves
 
@@ -123,8 +130,7 @@ def load_curves(store) -> list[Curve]:
 def analyse_curve(curve: Curve, fraction: float = DEFAULT_FRACTION, n_boot: int = 1000, seed: int = 0) -> Curve:
     """Fill in score per layer (mean over seeds), 95% bootstrap CIs, recognition layer and its CI."""
     S, L, N, _ = curve.item_stats.shape
-    curve.score = [float(np.mean([curve.metric.aggregate(curve.item_stats[s, l]) for s in range(S)]))
-                   for l in range(L)]
+    curve.score = [float(np.mean([curve.metric.aggregate(curve.item_stats[s, l]) for s in range(S)])) for l in range(L)]
     rng = np.random.default_rng(seed)
     boot = np.zeros((n_boot, L))
     recog = np.zeros(n_boot)
@@ -152,11 +158,15 @@ def judge(curve: Curve, recognition: int, ci: tuple[float, float], fraction: flo
         return "no recognition layer: one layer setting only"
     lo, hi = curve.gain_ci
     if lo <= 0:
-        return (f"no recognition layer: baseline {curve.baseline:.1f} is not above masked-from-{first} "
-                f"{curve.score[0]:.1f} (95% CI of the difference {lo:.1f} to {hi:.1f})")
+        return (
+            f"no recognition layer: baseline {curve.baseline:.1f} is not above masked-from-{first} "
+            f"{curve.score[0]:.1f} (95% CI of the difference {lo:.1f} to {hi:.1f})"
+        )
     if recognition >= last:
-        return (f"no recognition layer: the score stays below {fraction:.0%} of the baseline "
-                f"({curve.baseline:.1f}) until the last layer")
+        return (
+            f"no recognition layer: the score stays below {fraction:.0%} of the baseline "
+            f"({curve.baseline:.1f}) until the last layer"
+        )
     return f"recognition layer {recognition} (95% CI {ci[0]:.0f}-{ci[1]:.0f}) of {last}"
 
 
@@ -197,13 +207,19 @@ def summary_lines(curve: Curve, num_layers: int | None = None) -> list[str]:
         found = f"critical layers {critical_layers(curve) or 'none'}"
     else:
         found = curve.verdict
-    saved = f"; savings {100 * s.paper_formula:.1f}% (paper formula), {100 * s.token_exact:.1f}% (exact tokens)" \
-        if s is not None else ""
-    return [f"{head}: baseline {curve.metric.label} {curve.baseline:.1f}; {found}{saved}",
-            f"  {curve.metric.label} by layer: " + " ".join(f"{l}:{v:.1f}" for l, v in zip(curve.layers, curve.score))]
+    saved = (
+        f"; savings {100 * s.paper_formula:.1f}% (paper formula), {100 * s.token_exact:.1f}% (exact tokens)"
+        if s is not None
+        else ""
+    )
+    return [
+        f"{head}: baseline {curve.metric.label} {curve.baseline:.1f}; {found}{saved}",
+        f"  {curve.metric.label} by layer: " + " ".join(f"{l}:{v:.1f}" for l, v in zip(curve.layers, curve.score)),
+    ]
 
 
 # --------------------------------------------------------------------------- head sweeps
+
 
 @dataclass
 class HeadMap:
@@ -236,8 +252,14 @@ class HeadMap:
         out = []
         for flat in order:
             li, hi = np.unravel_index(flat, self.delta.shape)
-            out.append((self.layers[li], self.heads[hi], float(self.delta[li, hi]),
-                        (float(self.ci[li, hi, 0]), float(self.ci[li, hi, 1]))))
+            out.append(
+                (
+                    self.layers[li],
+                    self.heads[hi],
+                    float(self.delta[li, hi]),
+                    (float(self.ci[li, hi, 0]), float(self.ci[li, hi, 1])),
+                )
+            )
         return out
 
 
@@ -253,8 +275,9 @@ def load_head_maps(store) -> list[HeadMap]:
         d = len(item_stats(per_seed[0][0]))
         stats = np.zeros((len(per_seed), len(layers), len(heads), n_items, d))
         reference = np.zeros((len(per_seed), n_items, d))
-        ref_layer = max(p["layer"] for p in per_seed[0] if p["variant"] == "mask") if kind == "knockout" \
-            else key["from_layer"]
+        ref_layer = (
+            max(p["layer"] for p in per_seed[0] if p["variant"] == "mask") if kind == "knockout" else key["from_layer"]
+        )
         li, hi = {l: i for i, l in enumerate(layers)}, {h: i for i, h in enumerate(heads)}
         for s, preds in enumerate(per_seed):
             for p in preds:
@@ -274,8 +297,9 @@ def analyse_head_map(m: HeadMap, n_boot: int = 1000, seed: int = 0) -> HeadMap:
 
     def change(seeds, items):
         ref = np.mean([agg(m.reference[s, items]) for s in seeds])
-        return np.array([[np.mean([agg(m.stats[s, l, h, items]) for s in seeds]) for h in range(H)]
-                         for l in range(L)]) - ref, ref
+        return np.array(
+            [[np.mean([agg(m.stats[s, l, h, items]) for s in seeds]) for h in range(H)] for l in range(L)]
+        ) - ref, ref
 
     m.delta, m.reference_score = change(range(S), np.arange(N))
     rng = np.random.default_rng(seed)
@@ -296,5 +320,7 @@ def audit_disagreement(row: dict) -> str:
     """One audited row that disagrees with the reference engine: a near-tie or an engine fault, where."""
     kind = "ENGINE FAULT" if row["fault"] else "near-tie"
     margin = "n/a" if row["margin"] is None else f"{row['margin']:.4g}"
-    return (f"{kind}: item {row['item']} {row['variant']} layer {row['layer']}: first difference at new token "
-            f"{row['position']}, reference margin {margin} (threshold {row['threshold']:.3g})")
+    return (
+        f"{kind}: item {row['item']} {row['variant']} layer {row['layer']}: first difference at new token "
+        f"{row['position']}, reference margin {margin} (threshold {row['threshold']:.3g})"
+    )

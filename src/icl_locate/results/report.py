@@ -17,12 +17,22 @@ import numpy as np
 from ..util.errors import UserError
 from ..util.fileio import ensure_dir, write_atomic
 from ..util.system import hardware_line
-from .analysis import DEFAULT_FRACTION, HeadMap, analyse_curve, audit_disagreement, analyse_head_map, critical_layers, load_curves, \
-    load_head_maps, savings
+from .analysis import (
+    DEFAULT_FRACTION,
+    HeadMap,
+    analyse_curve,
+    analyse_head_map,
+    audit_disagreement,
+    critical_layers,
+    load_curves,
+    load_head_maps,
+    savings,
+)
 
 
-def build_report(store, out_dir: Path, fmt: str = "html", fraction: float = DEFAULT_FRACTION,
-                 n_boot: int = 1000) -> Path:
+def build_report(
+    store, out_dir: Path, fmt: str = "html", fraction: float = DEFAULT_FRACTION, n_boot: int = 1000
+) -> Path:
     import matplotlib  # lazy: plotting is only needed here, and its import costs about a second
 
     matplotlib.use("Agg")
@@ -34,13 +44,26 @@ def build_report(store, out_dir: Path, fmt: str = "html", fraction: float = DEFA
         raise UserError(f"store {store.path} holds no finished units yet")
     runs = store.runs()
     model = runs[-1]["provenance"].get("model", {}) if runs else {}
-    num_layers = model.get("num_layers") or max([max(c.layers) for c in curves] + [r["layer"] + 1 for r in lora]
-                                                + [p["num_layers"] for p in pruning] + [max(m.layers) + 1 for m in heads])
+    num_layers = model.get("num_layers") or max(
+        [max(c.layers) for c in curves]
+        + [r["layer"] + 1 for r in lora]
+        + [p["num_layers"] for p in pruning]
+        + [max(m.layers) + 1 for m in heads]
+    )
     ensure_dir(out_dir)
     figures = _figures(curves, out_dir) + _head_figures(heads, curves, out_dir) + _lora_figures(lora, curves, out_dir)
-    sections = dict(model=model, curves=curves, num_layers=num_layers, fraction=fraction, figures=figures,
-                    runs=runs, pruning=_pruning_rows(pruning), heads=heads, lora=_lora_rows(lora, curves),
-                    audit=_audit_rows(store.audits()))
+    sections = dict(
+        model=model,
+        curves=curves,
+        num_layers=num_layers,
+        fraction=fraction,
+        figures=figures,
+        runs=runs,
+        pruning=_pruning_rows(pruning),
+        heads=heads,
+        lora=_lora_rows(lora, curves),
+        audit=_audit_rows(store.audits()),
+    )
     text = _html(**sections) if fmt == "html" else _markdown(**sections)
     path = out_dir / ("report.html" if fmt == "html" else "report.md")
     write_atomic(path, text)
@@ -68,7 +91,7 @@ def _figures(curves, out_dir: Path) -> list[tuple[str, Path]]:
             for c in sorted(cs, key=lambda c: c.key["condition"]):
                 lo, hi = zip(*c.ci)
                 name = c.key["condition"] if kind == "mask" else "attention of layer removed"
-                line, = ax.plot(c.layers, c.score, marker="o", ms=3, label=name)
+                (line,) = ax.plot(c.layers, c.score, marker="o", ms=3, label=name)
                 ax.fill_between(c.layers, lo, hi, color=line.get_color(), alpha=0.15)
                 if c.recognition is not None and c.recognition < c.layers[-1]:
                     ax.axvline(c.recognition, color=line.get_color(), ls=":", lw=1)
@@ -94,8 +117,12 @@ def _recognition_curve(curves, pair: str):
     masked = [c for c in curves if c.key["kind"] == "mask" and c.key["pair"] == pair]
 
     def preference(c) -> tuple:
-        return (c.recognition is None, not c.key["instructions"], c.key["condition"] != "instructions+examples",
-                c.key["condition"])
+        return (
+            c.recognition is None,
+            not c.key["instructions"],
+            c.key["condition"] != "instructions+examples",
+            c.key["condition"],
+        )
 
     return sorted(masked, key=preference)[0] if masked else None
 
@@ -114,8 +141,14 @@ def _lora_figures(lora: list[dict], curves, out_dir: Path) -> list[tuple[str, Pa
         ax.plot(layers, [r["bleu"] for r in rows], marker="o", color="tab:blue", label="LoRA on this layer only: BLEU")
         c = _recognition_curve(curves, pair)
         if c is not None:
-            ax.plot(c.layers, c.score, marker=".", ms=3, color="tab:gray",
-                    label=f"masking {c.label()} from this layer: {c.metric.label}")
+            ax.plot(
+                c.layers,
+                c.score,
+                marker=".",
+                ms=3,
+                color="tab:gray",
+                label=f"masking {c.label()} from this layer: {c.metric.label}",
+            )
             if c.recognition is not None:
                 ax.axvline(c.recognition, color="red", ls="--", label=f"recognition layer {c.recognition}")
         ax.set_xlabel("layer")
@@ -141,9 +174,17 @@ def _lora_figures(lora: list[dict], curves, out_dir: Path) -> list[tuple[str, Pa
     return figures
 
 
-LORA_HEADERS = [("pair", "pair"), ("layer", "layer"), ("bleu", "zero-shot BLEU"), ("epochs", "epochs"),
-                ("val", "best val loss"), ("loss", "loss on"), ("rate", "train tokens/s"), ("seconds", "seconds"),
-                ("vs", "vs recognition layer")]
+LORA_HEADERS = [
+    ("pair", "pair"),
+    ("layer", "layer"),
+    ("bleu", "zero-shot BLEU"),
+    ("epochs", "epochs"),
+    ("val", "best val loss"),
+    ("loss", "loss on"),
+    ("rate", "train tokens/s"),
+    ("seconds", "seconds"),
+    ("vs", "vs recognition layer"),
+]
 
 
 def _lora_rows(lora: list[dict], curves) -> list[dict]:
@@ -152,14 +193,21 @@ def _lora_rows(lora: list[dict], curves) -> list[dict]:
         c = _recognition_curve(curves, r["pair"])
         recognition = None if c is None else c.recognition
         seconds = r.get("train_seconds")
-        rows.append(dict(
-            pair=r["pair"], layer=str(r["layer"]), bleu=f"{r['bleu']:.2f}", epochs=str(len(r.get("train_loss", []))),
-            val="—" if r.get("best_val_loss") is None else f"{r['best_val_loss']:.4f}",
-            loss=r.get("settings", {}).get("loss", "full"),
-            rate="—" if not seconds else f"{r.get('sequence_tokens', r['train_tokens']) / seconds:.0f}",
-            seconds="—" if r.get("seconds") is None else f"{r['seconds']:.0f}",
-            vs="—" if recognition is None else ("before" if r["layer"] < recognition else
-                                                 "at" if r["layer"] == recognition else "after")))
+        rows.append(
+            dict(
+                pair=r["pair"],
+                layer=str(r["layer"]),
+                bleu=f"{r['bleu']:.2f}",
+                epochs=str(len(r.get("train_loss", []))),
+                val="—" if r.get("best_val_loss") is None else f"{r['best_val_loss']:.4f}",
+                loss=r.get("settings", {}).get("loss", "full"),
+                rate="—" if not seconds else f"{r.get('sequence_tokens', r['train_tokens']) / seconds:.0f}",
+                seconds="—" if r.get("seconds") is None else f"{r['seconds']:.0f}",
+                vs="—"
+                if recognition is None
+                else ("before" if r["layer"] < recognition else "at" if r["layer"] == recognition else "after"),
+            )
+        )
     return rows
 
 
@@ -176,10 +224,21 @@ def _head_figures(maps: list[HeadMap], curves, out_dir: Path) -> list[tuple[str,
     for m in maps:
         bound = float(np.abs(m.delta).max()) or 1.0
         fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(m.heads) + 2.5), max(3.5, 0.28 * len(m.layers) + 1.5)))
-        image = ax.imshow(m.delta, cmap="RdBu", vmin=-bound, vmax=bound, aspect="auto", origin="lower",
-                          extent=(m.heads[0] - 0.5, m.heads[-1] + 0.5, m.layers[0] - 0.5, m.layers[-1] + 0.5))
-        fig.colorbar(image, ax=ax, label=f"{m.metric.label} change vs "
-                     + ("baseline" if m.key["kind"] == "knockout" else f"masked from {m.key['from_layer']}"))
+        image = ax.imshow(
+            m.delta,
+            cmap="RdBu",
+            vmin=-bound,
+            vmax=bound,
+            aspect="auto",
+            origin="lower",
+            extent=(m.heads[0] - 0.5, m.heads[-1] + 0.5, m.layers[0] - 0.5, m.layers[-1] + 0.5),
+        )
+        fig.colorbar(
+            image,
+            ax=ax,
+            label=f"{m.metric.label} change vs "
+            + ("baseline" if m.key["kind"] == "knockout" else f"masked from {m.key['from_layer']}"),
+        )
         r = recognition.get(_cell(m.key))
         if r is not None:
             ax.axhline(r - 0.5, color="black", ls="--", lw=1, label=f"recognition layer {r}")
@@ -189,26 +248,41 @@ def _head_figures(maps: list[HeadMap], curves, out_dir: Path) -> list[tuple[str,
         ax.set_xticks(m.heads)
         ax.set_title(f"{m.key['task']} {m.key['pair']}\n{m.label()}", fontsize=8)
         fig.tight_layout()
-        path = out_dir / (f"heads_{m.key['kind']}_{m.key['task']}_{m.key['pair'] or 'all'}_{m.key['condition']}_"
-                          f"k{m.key['k']}{'' if m.key['instructions'] else '_noinstr'}.png").replace("/", "-")
+        path = out_dir / (
+            f"heads_{m.key['kind']}_{m.key['task']}_{m.key['pair'] or 'all'}_{m.key['condition']}_"
+            f"k{m.key['k']}{'' if m.key['instructions'] else '_noinstr'}.png"
+        ).replace("/", "-")
         fig.savefig(path, dpi=110)
         plt.close(fig)
         figures.append((f"Heads: {m.key['task']} {m.key['pair']} {m.label()}", path))
     return figures
 
 
-HEAD_HEADERS = [("cell", "task"), ("what", "sweep"), ("reference", "reference score"), ("head", "layer / head"),
-                ("change", "change (95% CI)")]
+HEAD_HEADERS = [
+    ("cell", "task"),
+    ("what", "sweep"),
+    ("reference", "reference score"),
+    ("head", "layer / head"),
+    ("change", "change (95% CI)"),
+]
 
 
 def _head_rows(maps: list[HeadMap], n: int = 5) -> list[dict]:
     rows = []
     for m in maps:
-        ref = ("baseline " if m.key["kind"] == "knockout" else f"masked from {m.key['from_layer']}: ") + \
-            f"{m.reference_score:.2f}"
+        ref = (
+            "baseline " if m.key["kind"] == "knockout" else f"masked from {m.key['from_layer']}: "
+        ) + f"{m.reference_score:.2f}"
         for layer, head, change, (lo, hi) in m.top(n):
-            rows.append(dict(cell=f"{m.key['task']} {m.key['pair']}".strip(), what=m.label(), reference=ref,
-                             head=f"{layer} / {head}", change=f"{change:+.2f} ({lo:+.2f} to {hi:+.2f})"))
+            rows.append(
+                dict(
+                    cell=f"{m.key['task']} {m.key['pair']}".strip(),
+                    what=m.label(),
+                    reference=ref,
+                    head=f"{layer} / {head}",
+                    change=f"{change:+.2f} ({lo:+.2f} to {hi:+.2f})",
+                )
+            )
     return rows
 
 
@@ -216,25 +290,53 @@ def _rows(curves, num_layers, fraction):
     rows = []
     for c in curves:
         s = savings(c, num_layers)
-        rows.append(dict(
-            cell=f"{c.key['task']} {c.key['pair']}".strip(), what=c.label(), seeds=len(c.seeds),
-            items=c.item_stats.shape[2], metric=c.metric.name, baseline=c.baseline,
-            recognition=("—" if c.key["kind"] != "mask" else c.verdict if c.recognition is None else
-                         f"{c.recognition} (95% CI {c.recognition_ci[0]:.0f}–{c.recognition_ci[1]:.0f})"),
-            critical=", ".join(map(str, critical_layers(c, fraction))) if c.key["kind"] == "ablation" else "—",
-            savings="—" if s is None else f"{100 * s.paper_formula:.1f}% / {100 * s.token_exact:.1f}%"))
+        rows.append(
+            dict(
+                cell=f"{c.key['task']} {c.key['pair']}".strip(),
+                what=c.label(),
+                seeds=len(c.seeds),
+                items=c.item_stats.shape[2],
+                metric=c.metric.name,
+                baseline=c.baseline,
+                recognition=(
+                    "—"
+                    if c.key["kind"] != "mask"
+                    else c.verdict
+                    if c.recognition is None
+                    else f"{c.recognition} (95% CI {c.recognition_ci[0]:.0f}–{c.recognition_ci[1]:.0f})"
+                ),
+                critical=", ".join(map(str, critical_layers(c, fraction))) if c.key["kind"] == "ablation" else "—",
+                savings="—" if s is None else f"{100 * s.paper_formula:.1f}% / {100 * s.token_exact:.1f}%",
+            )
+        )
     return rows
 
 
-HEADERS = [("cell", "task"), ("what", "condition"), ("seeds", "seeds"), ("items", "test items"),
-           ("metric", "metric"), ("baseline", "baseline"), ("recognition", "recognition layer"),
-           ("critical", "critical layers"), ("savings", "savings: paper formula / exact tokens")]
+HEADERS = [
+    ("cell", "task"),
+    ("what", "condition"),
+    ("seeds", "seeds"),
+    ("items", "test items"),
+    ("metric", "metric"),
+    ("baseline", "baseline"),
+    ("recognition", "recognition layer"),
+    ("critical", "critical layers"),
+    ("savings", "savings: paper formula / exact tokens"),
+]
 
 
-PRUNING_HEADERS = [("cell", "task"), ("condition", "pruned context"), ("layer", "r / L"),
-                   ("requests", "requests (batch)"), ("device", "device"), ("flops", "FLOPs saved: prompts / all"),
-                   ("time", "time saved: prompts / all"), ("kv", "KV cache saved"), ("quality", "score: full → pruned"),
-                   ("identical", "= masking from r")]
+PRUNING_HEADERS = [
+    ("cell", "task"),
+    ("condition", "pruned context"),
+    ("layer", "r / L"),
+    ("requests", "requests (batch)"),
+    ("device", "device"),
+    ("flops", "FLOPs saved: prompts / all"),
+    ("time", "time saved: prompts / all"),
+    ("kv", "KV cache saved"),
+    ("quality", "score: full → pruned"),
+    ("identical", "= masking from r"),
+]
 
 
 def _pruning_rows(results: list[dict]) -> list[dict]:
@@ -243,23 +345,35 @@ def _pruning_rows(results: list[dict]) -> list[dict]:
     for d in results:
         full, pruned = d["full"], d["pruned"]
         identical = d.get("identical_to_masked")
-        rows.append(dict(
-            cell=f"{d['task']} {d['pair']}", condition=d["condition"], layer=f"{d['from_layer']} / {d['num_layers']}",
-            requests=f"{d['sentences']} ({d['batch_size']})", device=f"{d['device']} {d['dtype']}",
-            flops=f"{100 * d['flops_saved_prompt']:.1f}% / {100 * d['flops_saved_total']:.1f}%",
-            time=f"{100 * d['time_saved_prefill']:.1f}% / {100 * d['time_saved_total']:.1f}%",
-            kv=f"{100 * d['kv_saved']:.1f}%",
-            quality=f"{d['metric']} {full['score']:.2f} → {pruned['score']:.2f}",
-            identical="—" if identical is None else f"{identical}/{d['sentences']}"))
+        rows.append(
+            dict(
+                cell=f"{d['task']} {d['pair']}",
+                condition=d["condition"],
+                layer=f"{d['from_layer']} / {d['num_layers']}",
+                requests=f"{d['sentences']} ({d['batch_size']})",
+                device=f"{d['device']} {d['dtype']}",
+                flops=f"{100 * d['flops_saved_prompt']:.1f}% / {100 * d['flops_saved_total']:.1f}%",
+                time=f"{100 * d['time_saved_prefill']:.1f}% / {100 * d['time_saved_total']:.1f}%",
+                kv=f"{100 * d['kv_saved']:.1f}%",
+                quality=f"{d['metric']} {full['score']:.2f} → {pruned['score']:.2f}",
+                identical="—" if identical is None else f"{identical}/{d['sentences']}",
+            )
+        )
     return rows
 
 
-AUDIT_HEADERS = [("unit", "unit"), ("what", "rows"), ("agree", "agree with the reference engine"),
-                 ("disagreements", "disagreements: item, row, first differing token, reference margin (threshold)")]
-AUDIT_INTRO = ("After each unit a few of its rows, drawn at random with a stored seed, are decoded again by the "
-               "reference engine (one prompt at a time, the model's own LM head, same dtype and device). A "
-               "disagreement at a reference top-1/top-2 logit margin below the dtype's threshold is a near-tie "
-               "(rounding); above it, an ENGINE FAULT.")
+AUDIT_HEADERS = [
+    ("unit", "unit"),
+    ("what", "rows"),
+    ("agree", "agree with the reference engine"),
+    ("disagreements", "disagreements: item, row, first differing token, reference margin (threshold)"),
+]
+AUDIT_INTRO = (
+    "After each unit a few of its rows, drawn at random with a stored seed, are decoded again by the "
+    "reference engine (one prompt at a time, the model's own LM head, same dtype and device). A "
+    "disagreement at a reference top-1/top-2 logit margin below the dtype's threshold is a near-tie "
+    "(rounding); above it, an ENGINE FAULT."
+)
 
 
 def _audit_rows(audited: list[dict]) -> list[dict]:
@@ -272,8 +386,14 @@ def _audit_rows(audited: list[dict]) -> list[dict]:
         spec = checked[0]["spec"]
         what = " ".join(str(spec.get(k) or "") for k in ("task", "pair", "kind", "condition")).split()
         notes = [audit_disagreement(a) for a in checked if not a["agree"]]
-        rows.append(dict(unit=unit_id, what=" ".join(what), agree=f"{sum(a['agree'] for a in checked)}/{len(checked)}",
-                         disagreements="; ".join(notes) or "none"))
+        rows.append(
+            dict(
+                unit=unit_id,
+                what=" ".join(what),
+                agree=f"{sum(a['agree'] for a in checked)}/{len(checked)}",
+                disagreements="; ".join(notes) or "none",
+            )
+        )
     return rows
 
 
@@ -290,8 +410,9 @@ def _html_table(title: str, intro: str, headers: list[tuple[str, str]], rows: li
 
 
 def _markdown_table(title: str, headers: list[tuple[str, str]], rows: list[dict]) -> list[str]:
-    return (["", f"## {title}", "", "| " + " | ".join(h for _, h in headers) + " |", "|" + "---|" * len(headers)]
-            + ["| " + " | ".join(r[k] for k, _ in headers) + " |" for r in rows])
+    return ["", f"## {title}", "", "| " + " | ".join(h for _, h in headers) + " |", "|" + "---|" * len(headers)] + [
+        "| " + " | ".join(r[k] for k, _ in headers) + " |" for r in rows
+    ]
 
 
 def _html(model, curves, num_layers, fraction, figures, runs, pruning, heads, lora, audit) -> str:
@@ -302,41 +423,60 @@ def _html(model, curves, num_layers, fraction, figures, runs, pruning, heads, lo
     table += "</table>"
     curves_html = ""
     for c in curves:
-        cells = "".join(f"<tr><td>{l}</td><td>{s:.2f}</td><td>{lo:.2f}–{hi:.2f}</td></tr>"
-                        for l, s, (lo, hi) in zip(c.layers, c.score, c.ci))
-        curves_html += (f"<details><summary>{html.escape(c.key['task'] + ' ' + c.key['pair'] + ': ' + c.label())}"
-                        f"</summary><table><tr><th>layer</th><th>{c.metric.name}</th><th>95% CI</th></tr>{cells}"
-                        f"</table></details>")
+        cells = "".join(
+            f"<tr><td>{l}</td><td>{s:.2f}</td><td>{lo:.2f}–{hi:.2f}</td></tr>"
+            for l, s, (lo, hi) in zip(c.layers, c.score, c.ci)
+        )
+        curves_html += (
+            f"<details><summary>{html.escape(c.key['task'] + ' ' + c.key['pair'] + ': ' + c.label())}"
+            f"</summary><table><tr><th>layer</th><th>{c.metric.name}</th><th>95% CI</th></tr>{cells}"
+            f"</table></details>"
+        )
     figs = ""
     for title, path in figures:
         data = base64.b64encode(path.read_bytes()).decode()
-        figs += (f"<h3>{html.escape(title)}</h3><img alt=\"{path.name}\" title=\"{path.name}\" "
-                 f"src=\"data:image/png;base64,{data}\">")
+        figs += (
+            f'<h3>{html.escape(title)}</h3><img alt="{path.name}" title="{path.name}" '
+            f'src="data:image/png;base64,{data}">'
+        )
     sections = ""
     if pruning:
-        sections += _html_table("Context-pruned inference (measured)",
-                                "The context is processed in layers &lt; r only and its keys/values are dropped from "
-                                "r on, against full processing of the same requests by the same code "
-                                "(icl-locate prune).", PRUNING_HEADERS, pruning)
+        sections += _html_table(
+            "Context-pruned inference (measured)",
+            "The context is processed in layers &lt; r only and its keys/values are dropped from "
+            "r on, against full processing of the same requests by the same code "
+            "(icl-locate prune).",
+            PRUNING_HEADERS,
+            pruning,
+        )
     if heads:
-        sections += _html_table("Heads", "Knockout hides the context from one head at one layer (every other head "
-                                "sees it); restoration hides it from layer j on, but not from one head. The change is "
-                                "the score against the unmasked baseline (knockout: negative = the task needs that "
-                                "head) or against everything hidden from j (restoration: positive = that head alone "
-                                "brings the task back). Top heads, 95% bootstrap intervals over items and seeds:",
-                                HEAD_HEADERS, _head_rows(heads))
+        sections += _html_table(
+            "Heads",
+            "Knockout hides the context from one head at one layer (every other head "
+            "sees it); restoration hides it from layer j on, but not from one head. The change is "
+            "the score against the unmasked baseline (knockout: negative = the task needs that "
+            "head) or against everything hidden from j (restoration: positive = that head alone "
+            "brings the task back). Top heads, 95% bootstrap intervals over items and seeds:",
+            HEAD_HEADERS,
+            _head_rows(heads),
+        )
     if lora:
-        sections += _html_table("Single-layer LoRA", "One adapter on one layer's attention output projection; "
-                                "zero-shot BLEU after training, and where the layer sits against the recognition "
-                                "layer of this store's masking curve of the same pair.", LORA_HEADERS, lora)
+        sections += _html_table(
+            "Single-layer LoRA",
+            "One adapter on one layer's attention output projection; "
+            "zero-shot BLEU after training, and where the layer sits against the recognition "
+            "layer of this store's masking curve of the same pair.",
+            LORA_HEADERS,
+            lora,
+        )
     if audit:
         sections += _html_table("Audit: engine vs reference engine", html.escape(AUDIT_INTRO), AUDIT_HEADERS, audit)
     prov = runs[-1]["provenance"] if runs else {}
     return f"""<!DOCTYPE html><html><head><meta charset="utf-8"><title>icl-locate report</title>
 <style>body{{font-family:sans-serif;max-width:1200px;margin:2em auto}}table{{border-collapse:collapse;margin:1em 0}}
 td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px}}img{{max-width:100%}}</style></head><body>
-<h1>Where does in-context learning happen? — {html.escape(str(model.get('spec', '?')))}</h1>
-<p>{html.escape(str(model.get('architecture', '')))}, {num_layers} layers. Recognition layer: the first layer
+<h1>Where does in-context learning happen? — {html.escape(str(model.get("spec", "?")))}</h1>
+<p>{html.escape(str(model.get("architecture", "")))}, {num_layers} layers. Recognition layer: the first layer
 from which masking the context keeps the score at or above {fraction:.0%} of the unmasked baseline for every
 later layer. Savings: share of prompt processing saved by dropping the context after that layer,
 (L − r)/L · k/(k+1) as in the paper, and with the exact context/query token counts of these prompts.
@@ -347,24 +487,37 @@ Intervals are 95% bootstrap intervals over test items and seeds.</p>
 
 def _markdown(model, curves, num_layers, fraction, figures, runs, pruning, heads, lora, audit) -> str:
     rows = _rows(curves, num_layers, fraction)
-    lines = [f"# Where does in-context learning happen? — {model.get('spec', '?')}", "",
-             f"{model.get('architecture', '')}, {num_layers} layers; recognition threshold {fraction:.0%} of "
-             f"baseline; 95% bootstrap intervals over items and seeds.", "", "## Summary", "",
-             "| " + " | ".join(h for _, h in HEADERS) + " |", "|" + "---|" * len(HEADERS)]
+    lines = [
+        f"# Where does in-context learning happen? — {model.get('spec', '?')}",
+        "",
+        f"{model.get('architecture', '')}, {num_layers} layers; recognition threshold {fraction:.0%} of "
+        f"baseline; 95% bootstrap intervals over items and seeds.",
+        "",
+        "## Summary",
+        "",
+        "| " + " | ".join(h for _, h in HEADERS) + " |",
+        "|" + "---|" * len(HEADERS),
+    ]
     lines += ["| " + " | ".join(_fmt(r[k]) for k, _ in HEADERS) + " |" for r in rows]
     if pruning:
         lines += _markdown_table("Context-pruned inference (measured)", PRUNING_HEADERS, pruning)
     if heads:
-        lines += _markdown_table("Heads (top heads per sweep; change vs reference, 95% CI)", HEAD_HEADERS,
-                                 _head_rows(heads))
+        lines += _markdown_table(
+            "Heads (top heads per sweep; change vs reference, 95% CI)", HEAD_HEADERS, _head_rows(heads)
+        )
     if lora:
         lines += _markdown_table("Single-layer LoRA", LORA_HEADERS, lora)
     if audit:
         lines += _markdown_table("Audit: engine vs reference engine", AUDIT_HEADERS, audit) + ["", AUDIT_INTRO]
     lines += ["", "## Figures", ""] + [f"![{title}]({path.name})" for title, path in figures]
     for c in curves:
-        lines += ["", f"### {c.key['task']} {c.key['pair']}: {c.label()}", "", f"| layer | {c.metric.name} | 95% CI |",
-                  "|---|---|---|"]
+        lines += [
+            "",
+            f"### {c.key['task']} {c.key['pair']}: {c.label()}",
+            "",
+            f"| layer | {c.metric.name} | 95% CI |",
+            "|---|---|---|",
+        ]
         lines += [f"| {l} | {s:.2f} | {lo:.2f}–{hi:.2f} |" for l, s, (lo, hi) in zip(c.layers, c.score, c.ci)]
     lines += ["", "## Provenance", "", "```", _provenance_text(runs[-1]["provenance"] if runs else {}, runs), "```"]
     return "\n".join(lines) + "\n"
@@ -383,5 +536,7 @@ def _provenance_text(prov: dict, runs: list) -> str:
 def engine_line(choices: dict) -> str:
     """An engine configuration a run used, its measured reasons and the machine (see engines/calibrate.py)."""
     reasons = choices["reasons"]
-    return (f"engine {choices['engine']} ({reasons['engine']}); head {choices['head']} ({reasons['head']}); "
-            f"drafts {choices['draft_tokens'] or 'off'} ({reasons['drafts']}); on {hardware_line(choices['hardware'])}")
+    return (
+        f"engine {choices['engine']} ({reasons['engine']}); head {choices['head']} ({reasons['head']}); "
+        f"drafts {choices['draft_tokens'] or 'off'} ({reasons['drafts']}); on {hardware_line(choices['hardware'])}"
+    )

@@ -20,9 +20,9 @@ import os
 import socket
 import sqlite3
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from ..util.errors import UserError
 
@@ -69,7 +69,7 @@ class Store:
     """A study's SQLite store. ``fingerprint`` (model identity, engine settings) is fixed at creation."""
 
     @classmethod
-    def open(cls, path: str | Path, fingerprint: dict, attach: bool = False) -> "Store":
+    def open(cls, path: str | Path, fingerprint: dict, attach: bool = False) -> Store:
         """The study store at ``path`` for ``fingerprint``: created (or resumed) by a sweep; with ``attach``
         it must exist already and only the model identity must match (extra measurements)."""
         if not attach:
@@ -114,8 +114,11 @@ class Store:
             stored = self.meta("fingerprint")
         if stored != wanted:
             old, new = json.loads(stored), fingerprint
-            diff = ", ".join(f"{k}: {old.get(k)!r} (store) vs {new.get(k)!r} (now)"
-                             for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
+            diff = ", ".join(
+                f"{k}: {old.get(k)!r} (store) vs {new.get(k)!r} (now)"
+                for k in sorted(set(old) | set(new))
+                if old.get(k) != new.get(k)
+            )
             raise UserError(f"store {self.path} was written with other settings ({diff}); use another --store")
 
     def meta(self, key: str) -> str | None:
@@ -139,7 +142,8 @@ class Store:
         with self.transaction():
             cur = self.db.execute(
                 "INSERT INTO runs (started, host, pid, command, config, provenance) VALUES (?, ?, ?, ?, ?, ?)",
-                (time.time(), socket.gethostname(), os.getpid(), command, json.dumps(config), json.dumps(provenance)))
+                (time.time(), socket.gethostname(), os.getpid(), command, json.dumps(config), json.dumps(provenance)),
+            )
             return cur.lastrowid
 
     def add_run_engine(self, run_id: int, choices: dict) -> None:
@@ -165,9 +169,18 @@ class Store:
             self.db.execute("INSERT OR REPLACE INTO claims VALUES (?, ?, ?, ?)", (unit_id, host, pid, time.time()))
             return True
 
-    def commit_unit(self, unit_id: str, run_id: int, spec: dict, seconds: float, predictions: list[dict],
-                    scores: list[tuple[str, int, str, float]], context_tokens: float, query_tokens: float,
-                    audit: list[dict] = ()) -> bool:
+    def commit_unit(
+        self,
+        unit_id: str,
+        run_id: int,
+        spec: dict,
+        seconds: float,
+        predictions: list[dict],
+        scores: list[tuple[str, int, str, float]],
+        context_tokens: float,
+        query_tokens: float,
+        audit: list[dict] = (),
+    ) -> bool:
         """Write a finished unit and all its rows (and its audited rows) at once. False if someone
         committed it first."""
         with self.transaction():
@@ -177,15 +190,21 @@ class Store:
                 "INSERT INTO predictions VALUES (:unit_id, :item, :example_id, :variant, :layer, :prompt_token_ids, "
                 ":hidden_ranges, :in_context_ids, :raw_generation, :generation, :reference, :finish, "
                 ":sentence_score, :stats, :n_instructions, :n_examples, :n_query)",
-                [dict(p, unit_id=unit_id) for p in predictions])
-            self.db.executemany("INSERT INTO scores VALUES (?, ?, ?, ?, ?)",
-                                [(unit_id, v, layer, m, val) for v, layer, m, val in scores])
+                [dict(p, unit_id=unit_id) for p in predictions],
+            )
+            self.db.executemany(
+                "INSERT INTO scores VALUES (?, ?, ?, ?, ?)",
+                [(unit_id, v, layer, m, val) for v, layer, m, val in scores],
+            )
             self.db.executemany(
                 "INSERT INTO audits VALUES (:unit_id, :item, :variant, :layer, :agree, :position, :margin, :threshold, "
-                ":fault, :seed)", [dict(a, unit_id=unit_id) for a in audit])
-            self.db.execute("INSERT INTO units VALUES (?, ?, ?, ?, ?, ?, ?)",
-                            (unit_id, run_id, json.dumps(spec, sort_keys=True), time.time(), seconds,
-                             context_tokens, query_tokens))
+                ":fault, :seed)",
+                [dict(a, unit_id=unit_id) for a in audit],
+            )
+            self.db.execute(
+                "INSERT INTO units VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (unit_id, run_id, json.dumps(spec, sort_keys=True), time.time(), seconds, context_tokens, query_tokens),
+            )
             self.db.execute("DELETE FROM claims WHERE unit_id = ?", (unit_id,))
             return True
 
@@ -196,9 +215,13 @@ class Store:
     # ------------------------------------------------------------------ reading
 
     def units(self) -> list[dict]:
-        rows = self.db.execute("SELECT unit_id, spec, seconds, context_tokens, query_tokens FROM units ORDER BY unit_id")
-        return [dict(unit_id=u, spec=json.loads(s), seconds=sec, context_tokens=c, query_tokens=q)
-                for u, s, sec, c, q in rows]
+        rows = self.db.execute(
+            "SELECT unit_id, spec, seconds, context_tokens, query_tokens FROM units ORDER BY unit_id"
+        )
+        return [
+            dict(unit_id=u, spec=json.loads(s), seconds=sec, context_tokens=c, query_tokens=q)
+            for u, s, sec, c, q in rows
+        ]
 
     def predictions(self, unit_id: str) -> list[dict]:
         cur = self.db.execute("SELECT * FROM predictions WHERE unit_id = ? ORDER BY variant, layer, item", (unit_id,))
@@ -206,23 +229,41 @@ class Store:
         return [dict(zip(names, row)) for row in cur]
 
     def scores(self, unit_id: str) -> list[tuple[str, int, str, float]]:
-        return list(self.db.execute("SELECT variant, layer, metric, value FROM scores WHERE unit_id = ? "
-                                    "ORDER BY variant, layer", (unit_id,)))
+        return list(
+            self.db.execute(
+                "SELECT variant, layer, metric, value FROM scores WHERE unit_id = ? ORDER BY variant, layer", (unit_id,)
+            )
+        )
 
     def primary_metric(self, unit_id: str) -> str:
         """The unit's own metric: the first score it stored (the task's metric; extras such as chrF follow)."""
-        row = self.db.execute("SELECT metric FROM scores WHERE unit_id = ? ORDER BY rowid LIMIT 1", (unit_id,)).fetchone()
+        row = self.db.execute(
+            "SELECT metric FROM scores WHERE unit_id = ? ORDER BY rowid LIMIT 1", (unit_id,)
+        ).fetchone()
         if row is None:
             raise UserError(f"store {self.path}: unit {unit_id} has no scores")
         return row[0]
 
     def audits(self) -> list[dict]:
         """Every audited row (engine vs reference engine), with its unit's spec, in unit order."""
-        cur = self.db.execute("SELECT a.unit_id, u.spec, a.item, a.variant, a.layer, a.agree, a.position, a.margin, "
-                              "a.threshold, a.fault, a.seed FROM audits a JOIN units u USING (unit_id) "
-                              "ORDER BY u.finished, a.item, a.variant, a.layer")
-        names = ("unit_id", "spec", "item", "variant", "layer", "agree", "position", "margin", "threshold", "fault",
-                 "seed")
+        cur = self.db.execute(
+            "SELECT a.unit_id, u.spec, a.item, a.variant, a.layer, a.agree, a.position, a.margin, "
+            "a.threshold, a.fault, a.seed FROM audits a JOIN units u USING (unit_id) "
+            "ORDER BY u.finished, a.item, a.variant, a.layer"
+        )
+        names = (
+            "unit_id",
+            "spec",
+            "item",
+            "variant",
+            "layer",
+            "agree",
+            "position",
+            "margin",
+            "threshold",
+            "fault",
+            "seed",
+        )
         rows = [dict(zip(names, r)) for r in cur]
         for r in rows:
             r["spec"], r["agree"], r["fault"] = json.loads(r["spec"]), bool(r["agree"]), bool(r["fault"])
@@ -230,15 +271,26 @@ class Store:
 
     def runs(self) -> list[dict]:
         cur = self.db.execute("SELECT run_id, started, host, command, config, provenance FROM runs ORDER BY run_id")
-        return [dict(run_id=r, started=s, host=h, command=c, config=json.loads(cf), provenance=json.loads(p))
-                for r, s, h, c, cf, p in cur]
+        return [
+            dict(run_id=r, started=s, host=h, command=c, config=json.loads(cf), provenance=json.loads(p))
+            for r, s, h, c, cf, p in cur
+        ]
 
     def add_pruning(self, run_id: int, task: str, pair: str, data: dict) -> None:
         """One context-pruning measurement (pruning.measure_pruning); every measurement is kept."""
         with self.transaction():
-            self.db.execute("INSERT INTO pruning VALUES (?, ?, ?, ?, ?, ?, ?)",
-                            (time.time(), run_id, task, pair, data["condition"], data["from_layer"],
-                             json.dumps(data, default=float)))
+            self.db.execute(
+                "INSERT INTO pruning VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    time.time(),
+                    run_id,
+                    task,
+                    pair,
+                    data["condition"],
+                    data["from_layer"],
+                    json.dumps(data, default=float),
+                ),
+            )
 
     def pruning_results(self) -> list[dict]:
         rows = self.db.execute("SELECT task, pair, data FROM pruning ORDER BY measured")
@@ -250,19 +302,22 @@ class Store:
     def add_lora(self, unit_id: str, layer: int, bleu: float, curve: dict, adapter_path: str) -> None:
         """One single-layer LoRA result (its settings inside ``curve``); a rerun of the same unit replaces it."""
         with self.transaction():
-            self.db.execute("INSERT OR REPLACE INTO lora VALUES (?, ?, ?, ?, ?, ?)",
-                            (unit_id, layer, "bleu", bleu, json.dumps(curve), adapter_path))
+            self.db.execute(
+                "INSERT OR REPLACE INTO lora VALUES (?, ?, ?, ?, ?, ?)",
+                (unit_id, layer, "bleu", bleu, json.dumps(curve), adapter_path),
+            )
 
     def lora_results(self) -> list[dict]:
         """Every LoRA result: layer, bleu, pair, n_test, the training curve and settings."""
-        rows = self.db.execute("SELECT unit_id, layer, value, curve, adapter_path FROM lora WHERE metric = 'bleu' "
-                               "ORDER BY layer")
+        rows = self.db.execute(
+            "SELECT unit_id, layer, value, curve, adapter_path FROM lora WHERE metric = 'bleu' ORDER BY layer"
+        )
         return [dict(json.loads(c), unit_id=u, layer=l, bleu=v, adapter=a) for u, l, v, c, a in rows]
 
     def close(self) -> None:
         self.db.close()
 
-    def __enter__(self) -> "Store":
+    def __enter__(self) -> Store:
         return self
 
     def __exit__(self, *exc) -> None:

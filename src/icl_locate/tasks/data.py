@@ -78,8 +78,9 @@ def resolve_language(code: str) -> Language:
         return lang
     if "_" in code:  # a valid-looking FLORES-200 code we have no name for: use the code as its name
         return Language(code, code, "", code)
-    raise UserError(f"unknown language code {code!r}: use a FLORES-200 (fra_Latn), FLORES-101 (fra) "
-                    f"or ISO 639-1 (fr) code")
+    raise UserError(
+        f"unknown language code {code!r}: use a FLORES-200 (fra_Latn), FLORES-101 (fra) or ISO 639-1 (fr) code"
+    )
 
 
 def parse_pair(pair: str) -> tuple[Language, Language]:
@@ -96,6 +97,7 @@ def target_language(pair: str | None) -> str:
 
 # --------------------------------------------------------------------------- locations
 
+
 def default_data_dir() -> Path:
     if os.environ.get("ICL_LOCATE_DATA_DIR"):
         return Path(os.environ["ICL_LOCATE_DATA_DIR"]).expanduser()
@@ -106,8 +108,10 @@ def default_data_dir() -> Path:
 def data_dir_or_default(data_dir: str | Path | None) -> Path:
     path = Path(data_dir).expanduser() if data_dir else default_data_dir()
     if not path.is_dir():
-        raise UserError(f"data directory {path} does not exist (set --data-dir or ICL_LOCATE_DATA_DIR, "
-                        f"or run `icl-locate data fetch flores`)")
+        raise UserError(
+            f"data directory {path} does not exist (set --data-dir or ICL_LOCATE_DATA_DIR, "
+            f"or run `icl-locate data fetch flores`)"
+        )
     return path
 
 
@@ -124,8 +128,10 @@ def flores_file(data_dir: Path, lang: Language, split: str) -> Path:
                 if path.is_file():
                     return path
                 tried.append(path)
-    raise UserError(f"FLORES {split} file for {lang.name} ({lang.flores200}) not found under {data_dir} "
-                    f"(looked for e.g. {tried[0]})")
+    raise UserError(
+        f"FLORES {split} file for {lang.name} ({lang.flores200}) not found under {data_dir} "
+        f"(looked for e.g. {tried[0]})"
+    )
 
 
 def read_lines(path: Path) -> list[str]:
@@ -200,8 +206,9 @@ def _download(url: str, part: Path) -> None:
             with open(part, mode) as out:
                 shutil.copyfileobj(response, out, length=1 << 20)
     except OSError as err:
-        raise UserError(f"download of {url} failed ({err}); rerun to resume, or pass --data-dir "
-                        f"with an existing copy") from None
+        raise UserError(
+            f"download of {url} failed ({err}); rerun to resume, or pass --data-dir with an existing copy"
+        ) from None
 
 
 def _check_flores_tree(root: Path) -> None:

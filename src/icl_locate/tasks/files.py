@@ -43,8 +43,14 @@ class Table:
 
 
 def file_format(path: Path, declared: str | None = None) -> str:
-    fmt = declared or {".jsonl": "jsonl", ".json": "jsonl", ".tsv": "tsv", ".tab": "tsv", ".csv": "csv",
-                       ".txt": "tsv"}.get(path.suffix.lower())
+    fmt = declared or {
+        ".jsonl": "jsonl",
+        ".json": "jsonl",
+        ".tsv": "tsv",
+        ".tab": "tsv",
+        ".csv": "csv",
+        ".txt": "tsv",
+    }.get(path.suffix.lower())
     if fmt not in FORMATS:
         raise UserError(f"{path}: cannot tell the format from the name; say format: jsonl, tsv or csv")
     return fmt
@@ -67,8 +73,9 @@ def read_text(path: Path) -> str:
     return text.replace("\r\n", "\n")
 
 
-def read_table(path: str | Path, fields: dict[str, str | int], fmt: str | None = None,
-               optional: frozenset[str] = frozenset()) -> Table:
+def read_table(
+    path: str | Path, fields: dict[str, str | int], fmt: str | None = None, optional: frozenset[str] = frozenset()
+) -> Table:
     """Records of ``path`` with ``fields`` (name -> JSON key or CSV column name, or 1-based TSV column).
     JSONL fields named in ``optional`` may be absent from a record."""
     path = Path(path)
@@ -84,8 +91,14 @@ def read_table(path: str | Path, fields: dict[str, str | int], fmt: str | None =
         if line == "":
             empty += 1
             continue
-        records.append(Record(n, _tsv_fields(path, n, line, {k: v for k, v in fields.items() if k not in optional})
-                              if fmt == "tsv" else _jsonl_fields(path, n, line, fields, optional)))
+        records.append(
+            Record(
+                n,
+                _tsv_fields(path, n, line, {k: v for k, v in fields.items() if k not in optional})
+                if fmt == "tsv"
+                else _jsonl_fields(path, n, line, fields, optional),
+            )
+        )
     return Table(path, records, empty)
 
 
@@ -97,8 +110,9 @@ def _tsv_fields(path: Path, n: int, line: str, fields: dict[str, str | int]) -> 
     return {name: columns[int(c) - 1] for name, c in fields.items()}
 
 
-def _jsonl_fields(path: Path, n: int, line: str, fields: dict[str, str | int],
-                  optional: frozenset[str] = frozenset()) -> dict[str, str]:
+def _jsonl_fields(
+    path: Path, n: int, line: str, fields: dict[str, str | int], optional: frozenset[str] = frozenset()
+) -> dict[str, str]:
     try:
         row = json.loads(line)
     except ValueError as err:
@@ -167,4 +181,4 @@ def select_range(items: list, bounds: tuple[int, int] | None, what: str, source:
     first, last = bounds
     if last > len(items):
         raise UserError(f"{what} {first}-{last}: {source} has only {len(items)} records")
-    return items[first - 1:last]
+    return items[first - 1 : last]

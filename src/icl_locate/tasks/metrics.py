@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import string
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from functools import lru_cache
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 import pysbd
@@ -53,6 +54,7 @@ class Metric(Protocol):
 
 
 # --------------------------------------------------------------------------- BLEU / chrF
+
 
 @lru_cache(maxsize=8)
 def _segmenter(language: str):
@@ -126,18 +128,24 @@ class Bleu:
 
     def score(self, answers: Sequence[str], examples: Sequence, data) -> Scored:
         s = translation_scores(answers, [ex.target for ex in examples], getattr(data, "language", "") or "en")
-        details = [dict(scored_hypothesis=h, sentence_bleu=b, sentence_chrf=c)
-                   for h, b, c in zip(s.hypotheses, s.sentence_bleu, s.sentence_chrf)]
-        return Scored(sentence=s.sentence_bleu, stats=s.sentence_stats, corpus=dict(bleu=s.bleu, chrf=s.chrf),
-                      details=details,
-                      summary=f"corpus BLEU = {s.bleu:.2f}  chrF = {s.chrf:.2f}  ({len(answers)} sentences; "
-                              f"{s.signature})")
+        details = [
+            dict(scored_hypothesis=h, sentence_bleu=b, sentence_chrf=c)
+            for h, b, c in zip(s.hypotheses, s.sentence_bleu, s.sentence_chrf)
+        ]
+        return Scored(
+            sentence=s.sentence_bleu,
+            stats=s.sentence_stats,
+            corpus=dict(bleu=s.bleu, chrf=s.chrf),
+            details=details,
+            summary=f"corpus BLEU = {s.bleu:.2f}  chrF = {s.chrf:.2f}  ({len(answers)} sentences; {s.signature})",
+        )
 
     def aggregate(self, stats: np.ndarray) -> float:
         return bleu_from_statistics(stats.sum(axis=0))
 
 
 # --------------------------------------------------------------------------- pass@1
+
 
 def pass_at_1(passed: Sequence[bool]) -> float:
     """pass@1 with one greedy sample per problem: the fraction that passed, in percent."""
@@ -156,14 +164,21 @@ class PassAt1:
 
     def score(self, answers: Sequence[str], examples: Sequence, data) -> Scored:
         ids = [ex.id for ex in examples]
-        results = score_samples([{"task_id": i, "completion": a} for i, a in zip(ids, answers)], data.problems,
-                                Limits(timeout=self.timeout), workers=self.workers)
+        results = score_samples(
+            [{"task_id": i, "completion": a} for i, a in zip(ids, answers)],
+            data.problems,
+            Limits(timeout=self.timeout),
+            workers=self.workers,
+        )
         passed = [r.passed for r in results]
         score = pass_at_1(passed)
-        return Scored(sentence=[float(p) for p in passed], stats=[[float(p)] for p in passed],
-                      corpus={self.name: score},
-                      details=[dict(passed=r.passed, result=r.status, result_reason=r.reason) for r in results],
-                      summary=f"pass@1 = {score:.1f}% ({sum(passed)}/{len(passed)})")
+        return Scored(
+            sentence=[float(p) for p in passed],
+            stats=[[float(p)] for p in passed],
+            corpus={self.name: score},
+            details=[dict(passed=r.passed, result=r.status, result_reason=r.reason) for r in results],
+            summary=f"pass@1 = {score:.1f}% ({sum(passed)}/{len(passed)})",
+        )
 
     def aggregate(self, stats: np.ndarray) -> float:
         return 100.0 * float(stats[:, 0].mean())
@@ -185,15 +200,20 @@ class Chrf:
         stats = [list(map(float, row)) for row in chrf._extract_corpus_statistics(hyps, [refs])]
         sentence = [chrf.sentence_score(h, [r]).score for h, r in zip(hyps, refs)]
         corpus = self.aggregate(np.array(stats)) if stats else 0.0
-        return Scored(sentence=sentence, stats=stats, corpus={"chrf": corpus},
-                      details=[dict(scored_hypothesis=h, sentence_chrf=c) for h, c in zip(hyps, sentence)],
-                      summary=f"corpus chrF = {corpus:.2f} ({len(answers)} sentences)")
+        return Scored(
+            sentence=sentence,
+            stats=stats,
+            corpus={"chrf": corpus},
+            details=[dict(scored_hypothesis=h, sentence_chrf=c) for h, c in zip(hyps, sentence)],
+            summary=f"corpus chrF = {corpus:.2f} ({len(answers)} sentences)",
+        )
 
     def aggregate(self, stats: np.ndarray) -> float:
         return CHRF()._compute_score_from_stats([int(round(x)) for x in stats.sum(axis=0)]).score
 
 
 # --------------------------------------------------------------------------- short answers and labels
+
 
 @dataclass(frozen=True)
 class Normalise:
@@ -210,8 +230,9 @@ class Normalise:
         if self.lowercase:
             text = text.lower()
         if self.strip_punctuation:
-            text = "".join(" " if unicodedata.category(c).startswith("P") or c in string.punctuation else c
-                           for c in text)
+            text = "".join(
+                " " if unicodedata.category(c).startswith("P") or c in string.punctuation else c for c in text
+            )
         if self.collapse_whitespace:
             text = " ".join(text.split())
         return text
@@ -229,9 +250,13 @@ class ExactMatch:
     def score(self, answers: Sequence[str], examples: Sequence, data) -> Scored:
         hits = [float(self.normalise(a) == self.normalise(ex.target)) for a, ex in zip(answers, examples)]
         value = 100.0 * sum(hits) / len(hits) if hits else 0.0
-        return Scored(sentence=hits, stats=[[h] for h in hits], corpus={self.name: value},
-                      details=[dict(normalised_answer=self.normalise(a), correct=bool(h)) for a, h in zip(answers, hits)],
-                      summary=f"exact match = {value:.1f}% ({int(sum(hits))}/{len(hits)})")
+        return Scored(
+            sentence=hits,
+            stats=[[h] for h in hits],
+            corpus={self.name: value},
+            details=[dict(normalised_answer=self.normalise(a), correct=bool(h)) for a, h in zip(answers, hits)],
+            summary=f"exact match = {value:.1f}% ({int(sum(hits))}/{len(hits)})",
+        )
 
     def aggregate(self, stats: np.ndarray) -> float:
         return 100.0 * float(stats[:, 0].mean())
@@ -264,18 +289,23 @@ class Accuracy:
         known = {self.normalise(label) for label in self.labels}
         for i, target in enumerate(targets, 1):
             if self.normalise(target) not in known:
-                raise UserError(f"{where}: label {target!r} of record {i} is not one of the labels "
-                                f"{list(self.labels)}")
+                raise UserError(f"{where}: label {target!r} of record {i} is not one of the labels {list(self.labels)}")
 
     def score(self, answers: Sequence[str], examples: Sequence, data) -> Scored:
         predicted = [self.predicted(a) for a in answers]
-        hits = [float(p is not None and self.normalise(p) == self.normalise(ex.target))
-                for p, ex in zip(predicted, examples)]
+        hits = [
+            float(p is not None and self.normalise(p) == self.normalise(ex.target))
+            for p, ex in zip(predicted, examples)
+        ]
         value = 100.0 * sum(hits) / len(hits) if hits else 0.0
         unknown = sum(p is None for p in predicted)
-        return Scored(sentence=hits, stats=[[h] for h in hits], corpus={self.name: value},
-                      details=[dict(predicted_label=p, correct=bool(h)) for p, h in zip(predicted, hits)],
-                      summary=f"accuracy = {value:.1f}% ({int(sum(hits))}/{len(hits)}; {unknown} answers named no label)")
+        return Scored(
+            sentence=hits,
+            stats=[[h] for h in hits],
+            corpus={self.name: value},
+            details=[dict(predicted_label=p, correct=bool(h)) for p, h in zip(predicted, hits)],
+            summary=f"accuracy = {value:.1f}% ({int(sum(hits))}/{len(hits)}; {unknown} answers named no label)",
+        )
 
     def aggregate(self, stats: np.ndarray) -> float:
         return 100.0 * float(stats[:, 0].mean())
@@ -283,8 +313,13 @@ class Accuracy:
 
 # --------------------------------------------------------------------------- registry
 
-METRICS: dict[str, type] = {"bleu": Bleu, "chrf": Chrf, "exact_match": ExactMatch, "accuracy": Accuracy,
-                             "pass@1": PassAt1}
+METRICS: dict[str, type] = {
+    "bleu": Bleu,
+    "chrf": Chrf,
+    "exact_match": ExactMatch,
+    "accuracy": Accuracy,
+    "pass@1": PassAt1,
+}
 
 
 def metric_named(name: str) -> Metric:
@@ -317,8 +352,9 @@ def make_metric(spec: str | dict, where: str = "metric") -> Metric:
     if cls is Accuracy:
         labels = options.pop("labels", None)
         words = options.pop("label_words", None) or {}
-        if not isinstance(words, dict) or not all(isinstance(w, list) and all(isinstance(x, str) for x in w)
-                                                  for w in words.values()):
+        if not isinstance(words, dict) or not all(
+            isinstance(w, list) and all(isinstance(x, str) for x in w) for w in words.values()
+        ):
             raise UserError(f"{where}: label_words maps each label to a list of words")
         labels = labels if labels is not None else list(words)
         if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(x, str) and x for x in labels):

@@ -42,12 +42,27 @@ from typing import Any
 
 import yaml
 
-from ..core.prompts import EncodedPrompt, Example, Prompt, PromptFormat, build_prompt, encode_prompt, \
-    render_header, sample_examples
+from ..core.prompts import (
+    EncodedPrompt,
+    Example,
+    Prompt,
+    PromptFormat,
+    build_prompt,
+    encode_prompt,
+    render_header,
+    sample_examples,
+)
 from ..util.errors import UserError
 from ..util.fileio import file_sha256
-from .data import data_dir_or_default, flores_bitext, flores_file, humaneval_problems, mbpp_problems, parse_pair, \
-    resolve_language
+from .data import (
+    data_dir_or_default,
+    flores_bitext,
+    flores_file,
+    humaneval_problems,
+    mbpp_problems,
+    parse_pair,
+    resolve_language,
+)
 from .files import parse_range, read_table, select_range
 from .metrics import Accuracy, Metric, make_metric
 
@@ -121,6 +136,7 @@ class Task:
 
 # --------------------------------------------------------------------------- loaders
 
+
 def humaneval_query(prompt: str) -> str:
     """The paper's query text: the first triple-double-quoted docstring, else the whole prompt."""
     return prompt.split('"""')[1].strip() if '"""' in prompt else prompt
@@ -134,24 +150,40 @@ def load_flores(task: Task, opts: TaskOptions) -> TaskData:
     dev = flores_bitext(data_dir, src, tgt, "dev")
     devtest = flores_bitext(data_dir, src, tgt, "devtest")
     files = [flores_file(data_dir, lang, split) for split in ("dev", "devtest") for lang in (src, tgt)]
-    return TaskData(bank=select_range(dev, task.data.bank_lines, "bank_lines", "FLORES dev"),
-                    test=select_range(devtest, task.data.test_lines, "test_lines", "FLORES devtest"),
-                    l1=src.name, l2=tgt.name, files=files, label=f"{src.flores200}-{tgt.flores200}", language=tgt.iso1)
+    return TaskData(
+        bank=select_range(dev, task.data.bank_lines, "bank_lines", "FLORES dev"),
+        test=select_range(devtest, task.data.test_lines, "test_lines", "FLORES devtest"),
+        l1=src.name,
+        l2=tgt.name,
+        files=files,
+        label=f"{src.flores200}-{tgt.flores200}",
+        language=tgt.iso1,
+    )
 
 
 def load_code(task: Task, opts: TaskOptions) -> TaskData:
     """MBPP problems with task ids in ``bank_lines`` as examples, HumanEval as the test set."""
     data_dir = data_dir_or_default(opts.data_dir)
-    lo, hi = task.data.bank_lines or (1, 10 ** 9)
-    bank = [Example(id=f"mbpp:{p['task_id']}", source=p["text"], target=p["code"])
-            for p in mbpp_problems(data_dir) if lo <= int(p["task_id"]) <= hi]
+    lo, hi = task.data.bank_lines or (1, 10**9)
+    bank = [
+        Example(id=f"mbpp:{p['task_id']}", source=p["text"], target=p["code"])
+        for p in mbpp_problems(data_dir)
+        if lo <= int(p["task_id"]) <= hi
+    ]
     if not bank:
         raise UserError(f"MBPP under {data_dir} has no problems {lo}-{hi}")
     problems = {p["task_id"]: p for p in humaneval_problems()}
-    test = [Example(id=tid, source=humaneval_query(p["prompt"]), target=p["canonical_solution"])
-            for tid, p in problems.items()]
-    return TaskData(bank=bank, test=select_range(test, task.data.test_lines, "test_lines", "HumanEval"),
-                    problems=problems, files=[data_dir / "mbpp" / "mbpp.jsonl"], label="mbpp-humaneval")
+    test = [
+        Example(id=tid, source=humaneval_query(p["prompt"]), target=p["canonical_solution"])
+        for tid, p in problems.items()
+    ]
+    return TaskData(
+        bank=bank,
+        test=select_range(test, task.data.test_lines, "test_lines", "HumanEval"),
+        problems=problems,
+        files=[data_dir / "mbpp" / "mbpp.jsonl"],
+        label="mbpp-humaneval",
+    )
 
 
 def read_examples(path: Path, spec: DataSpec, notes: list[str]) -> list[Example]:
@@ -159,15 +191,20 @@ def read_examples(path: Path, spec: DataSpec, notes: list[str]) -> list[Example]
     fmt = spec.format
     fields = dict(spec.fields)
     if not fields:
-        fields = {"source": 1, "target": 2} if (fmt or path.suffix.lower()) in ("tsv", ".tsv", ".tab", ".txt") else \
-            {"source": "source", "target": "target", "id": "id"}
+        fields = (
+            {"source": 1, "target": 2}
+            if (fmt or path.suffix.lower()) in ("tsv", ".tsv", ".tab", ".txt")
+            else {"source": "source", "target": "target", "id": "id"}
+        )
     optional = frozenset({"id"}) if "id" in fields and not spec.fields else frozenset()
     table = read_table(path, fields, fmt, optional)
     if not table.records:
         raise UserError(f"{path} holds no records")
     notes.append(table.summary("pairs"))
-    return [Example(id=r.fields.get("id") or f"{path.name}:{r.line}", source=r.fields["source"],
-                    target=r.fields["target"]) for r in table.records]
+    return [
+        Example(id=r.fields.get("id") or f"{path.name}:{r.line}", source=r.fields["source"], target=r.fields["target"])
+        for r in table.records
+    ]
 
 
 def load_files(task: Task, opts: TaskOptions) -> TaskData:
@@ -184,11 +221,30 @@ def load_files(task: Task, opts: TaskOptions) -> TaskData:
     tgt_name = opts.tgt_lang or spec.tgt_lang
     src = resolve_language(src_name) if src_name else None
     tgt = resolve_language(tgt_name) if tgt_name else None
-    digest = hashlib.sha256(json.dumps([task.digest, file_sha256(bank_path), file_sha256(test_path),
-                                        spec.bank_lines, spec.test_lines, src_name, tgt_name]).encode()).hexdigest()
-    return TaskData(bank=bank, test=test, l1=src.name if src else "", l2=tgt.name if tgt else "",
-                    files=[bank_path, test_path], label=test_path.stem, language=tgt.iso1 if tgt else "",
-                    notes=notes, digest=digest)
+    digest = hashlib.sha256(
+        json.dumps(
+            [
+                task.digest,
+                file_sha256(bank_path),
+                file_sha256(test_path),
+                spec.bank_lines,
+                spec.test_lines,
+                src_name,
+                tgt_name,
+            ]
+        ).encode()
+    ).hexdigest()
+    return TaskData(
+        bank=bank,
+        test=test,
+        l1=src.name if src else "",
+        l2=tgt.name if tgt else "",
+        files=[bank_path, test_path],
+        label=test_path.stem,
+        language=tgt.iso1 if tgt else "",
+        notes=notes,
+        digest=digest,
+    )
 
 
 LOADERS = {"flores": load_flores, "mbpp-humaneval": load_code, "files": load_files}
@@ -221,8 +277,10 @@ def _check_keys(mapping, allowed: set[str], where: str) -> dict:
 def _split_file(folder: Path, split: str, where: str) -> str:
     matches = sorted(p for p in folder.glob(f"{split}.*") if p.suffix.lower() in (".jsonl", ".json", ".tsv", ".csv"))
     if len(matches) != 1:
-        raise UserError(f"{where}: expected one file {split}.jsonl, .tsv or .csv in {folder}, found "
-                        f"{[p.name for p in matches] or 'none'}")
+        raise UserError(
+            f"{where}: expected one file {split}.jsonl, .tsv or .csv in {folder}, found "
+            f"{[p.name for p in matches] or 'none'}"
+        )
     return str(matches[0])
 
 
@@ -251,8 +309,11 @@ def parse_data(raw: dict, where: str, base: Path | None) -> DataSpec:
         if value is not None and not Path(value).is_file():
             raise UserError(f"{where}: data.{key}: file not found: {value}")
     fields = raw.get("fields") or {}
-    if not isinstance(fields, dict) or not {"source", "target"} <= set(fields) or \
-            not set(fields) <= {"source", "target", "id"}:
+    if (
+        not isinstance(fields, dict)
+        or not {"source", "target"} <= set(fields)
+        or not set(fields) <= {"source", "target", "id"}
+    ):
         if fields:
             raise UserError(f"{where}: data.fields maps source and target (and optionally id) to keys or columns")
     fmt = raw.get("format")
@@ -265,10 +326,17 @@ def parse_data(raw: dict, where: str, base: Path | None) -> DataSpec:
     for key in ("src_lang", "tgt_lang"):
         if raw.get(key) is not None:
             resolve_language(str(raw[key]))
-    return DataSpec(loader=loader, bank=bank, test=test,
-                    bank_lines=parse_range(raw.get("bank_lines"), f"{where}: data.bank_lines"),
-                    test_lines=parse_range(raw.get("test_lines"), f"{where}: data.test_lines"),
-                    format=fmt, fields=tuple(fields.items()), src_lang=raw.get("src_lang"), tgt_lang=raw.get("tgt_lang"))
+    return DataSpec(
+        loader=loader,
+        bank=bank,
+        test=test,
+        bank_lines=parse_range(raw.get("bank_lines"), f"{where}: data.bank_lines"),
+        test_lines=parse_range(raw.get("test_lines"), f"{where}: data.test_lines"),
+        format=fmt,
+        fields=tuple(fields.items()),
+        src_lang=raw.get("src_lang"),
+        tgt_lang=raw.get("tgt_lang"),
+    )
 
 
 def parse_task(raw: dict, where: str, base: Path | None = None, digest: str = "") -> Task:
@@ -286,17 +354,29 @@ def parse_task(raw: dict, where: str, base: Path | None = None, digest: str = ""
             raise UserError(f"{where}: prompt.{key} must be a string, got {value!r}")
     if "q" not in prompt or "a" not in prompt:
         raise UserError(f"{where}: prompt needs q and a (question and answer markers)")
-    fmt = PromptFormat(name=f"{name}-format", header=prompt.get("header", ""), q=prompt["q"], a=prompt["a"],
-                       sep=prompt.get("sep", "\n"), example_suffix=prompt.get("example_suffix", " "))
+    fmt = PromptFormat(
+        name=f"{name}-format",
+        header=prompt.get("header", ""),
+        q=prompt["q"],
+        a=prompt["a"],
+        sep=prompt.get("sep", "\n"),
+        example_suffix=prompt.get("example_suffix", " "),
+    )
     max_new = raw.get("max_new_tokens", 50)
     if not isinstance(max_new, int) or isinstance(max_new, bool) or max_new < 1:
         raise UserError(f"{where}: max_new_tokens must be a positive integer, got {max_new!r}")
-    return Task(name=name, description=str(raw.get("description", "")), prompt_format=fmt,
-                metric=make_metric(raw["metric"], f"{where}: metric"),
-                stop_strings=_strings(raw.get("stop", []), f"{where}: stop") if raw.get("stop") else (),
-                cut_strings=_strings(raw.get("cut", []), f"{where}: cut") if raw.get("cut") else (),
-                max_new_tokens=max_new, data=parse_data(raw["data"], where, base),
-                origin=where if base is not None else "built-in", digest=digest)
+    return Task(
+        name=name,
+        description=str(raw.get("description", "")),
+        prompt_format=fmt,
+        metric=make_metric(raw["metric"], f"{where}: metric"),
+        stop_strings=_strings(raw.get("stop", []), f"{where}: stop") if raw.get("stop") else (),
+        cut_strings=_strings(raw.get("cut", []), f"{where}: cut") if raw.get("cut") else (),
+        max_new_tokens=max_new,
+        data=parse_data(raw["data"], where, base),
+        origin=where if base is not None else "built-in",
+        digest=digest,
+    )
 
 
 def load_task_file(path: str | Path) -> Task:
@@ -321,19 +401,37 @@ MT_PROMPT = {"header": "Translate <L1> to <L2>:", "q": "Q:", "a": "A:", "sep": "
 QA_PROMPT = {"header": "", "q": "Q:", "a": "\nA:", "sep": "\n"}
 
 BUILTIN: dict[str, dict] = {
-    "flores": dict(name="flores", description="FLORES-200 translation (--pair fra-eng); examples from dev 801-997, "
-                                              "test on devtest",
-                   data=dict(loader="flores", bank_lines="801-997"), prompt=MT_PROMPT, stop=["\n"], cut=["Q:"],
-                   max_new_tokens=50, metric="bleu"),
-    "humaneval": dict(name="humaneval", description="HumanEval code generation prompted with MBPP 801-974 examples; "
-                                                    "pass@1",
-                      data=dict(loader="mbpp-humaneval", bank_lines="801-974"),
-                      prompt={"header": "Write a program for the following task:\n", "q": "Q:", "a": "\nA:",
-                              "sep": "\n"}, stop=["\nQ:"], cut=["Q:"], max_new_tokens=256, metric="pass@1"),
-    "bitext": dict(name="bitext", description="your own (source, target) pairs: --bank FILE --test FILE (JSONL, TSV "
-                                              "or CSV); --src-lang/--tgt-lang give the paper's translation format",
-                   data=dict(loader="files"), prompt=QA_PROMPT, stop=["\nQ:"], cut=["Q:"], max_new_tokens=100,
-                   metric="bleu"),
+    "flores": dict(
+        name="flores",
+        description="FLORES-200 translation (--pair fra-eng); examples from dev 801-997, test on devtest",
+        data=dict(loader="flores", bank_lines="801-997"),
+        prompt=MT_PROMPT,
+        stop=["\n"],
+        cut=["Q:"],
+        max_new_tokens=50,
+        metric="bleu",
+    ),
+    "humaneval": dict(
+        name="humaneval",
+        description="HumanEval code generation prompted with MBPP 801-974 examples; pass@1",
+        data=dict(loader="mbpp-humaneval", bank_lines="801-974"),
+        prompt={"header": "Write a program for the following task:\n", "q": "Q:", "a": "\nA:", "sep": "\n"},
+        stop=["\nQ:"],
+        cut=["Q:"],
+        max_new_tokens=256,
+        metric="pass@1",
+    ),
+    "bitext": dict(
+        name="bitext",
+        description="your own (source, target) pairs: --bank FILE --test FILE (JSONL, TSV "
+        "or CSV); --src-lang/--tgt-lang give the paper's translation format",
+        data=dict(loader="files"),
+        prompt=QA_PROMPT,
+        stop=["\nQ:"],
+        cut=["Q:"],
+        max_new_tokens=100,
+        metric="bleu",
+    ),
 }
 TASKS: dict[str, Task] = {name: parse_task(spec, f"built-in task {name}") for name, spec in BUILTIN.items()}
 
@@ -348,8 +446,9 @@ def get_task(name_or_path: str, src_lang: str | None = None, tgt_lang: str | Non
             if not (src_lang and tgt_lang):
                 raise UserError("give both --src-lang and --tgt-lang")
             resolve_language(src_lang), resolve_language(tgt_lang)
-            mt = parse_task(dict(BUILTIN["bitext"], prompt=MT_PROMPT, stop=["\n"], max_new_tokens=50),
-                            "built-in task bitext")
+            mt = parse_task(
+                dict(BUILTIN["bitext"], prompt=MT_PROMPT, stop=["\n"], max_new_tokens=50), "built-in task bitext"
+            )
             task = replace(mt, data=replace(mt.data, src_lang=src_lang, tgt_lang=tgt_lang))
         return task
     if name_or_path.endswith((".yaml", ".yml")) or Path(name_or_path).is_file():
@@ -359,6 +458,7 @@ def get_task(name_or_path: str, src_lang: str | None = None, tgt_lang: str | Non
 
 # --------------------------------------------------------------------------- prompts for a task
 
+
 @dataclass
 class PromptedItem:
     item: Example
@@ -366,8 +466,16 @@ class PromptedItem:
     encoded: EncodedPrompt
 
 
-def build_items(task: Task, data: TaskData, tokenizer, k: int, seed: int, n_test: int | None = None,
-                instructions: bool = True, per_query_examples: bool = False) -> list[PromptedItem]:
+def build_items(
+    task: Task,
+    data: TaskData,
+    tokenizer,
+    k: int,
+    seed: int,
+    n_test: int | None = None,
+    instructions: bool = True,
+    per_query_examples: bool = False,
+) -> list[PromptedItem]:
     """Prompts for the first ``n_test`` test items (all if None).
 
     As the paper: one set of k examples per seed shared by every query; with

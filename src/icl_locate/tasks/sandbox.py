@@ -117,14 +117,27 @@ class Sandbox:
         nonce = secrets.token_hex(16)
         status_r, status_w = os.pipe()
         full = program + f"\nimport os as _icl_os\n_icl_os.write({status_w}, b'pass:{nonce}\\n')\n"
-        cfg = dict(uid=uid, python=self.python, status_fd=status_w, cpu_seconds=max(1, int(lim.timeout + 0.999)),
-                   memory_mb=lim.memory_mb, file_mb=lim.file_mb, tmpfs_mb=lim.tmpfs_mb,
-                   max_processes=lim.max_processes)
+        cfg = dict(
+            uid=uid,
+            python=self.python,
+            status_fd=status_w,
+            cpu_seconds=max(1, int(lim.timeout + 0.999)),
+            memory_mb=lim.memory_mb,
+            file_mb=lim.file_mb,
+            tmpfs_mb=lim.tmpfs_mb,
+            max_processes=lim.max_processes,
+        )
         started = time.monotonic()
         proc = subprocess.Popen(
-            [sys.executable, "-I", str(CHILD), json.dumps(cfg)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, pass_fds=(status_w,), env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
-            start_new_session=True, close_fds=True)
+            [sys.executable, "-I", str(CHILD), json.dumps(cfg)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            pass_fds=(status_w,),
+            env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+            start_new_session=True,
+            close_fds=True,
+        )
         os.close(status_w)
         feeder = threading.Thread(target=_feed, args=(proc.stdin, full.encode()), daemon=True)
         feeder.start()
@@ -189,8 +202,12 @@ class Sandbox:
         return bytes(bufs[out_fd]), bytes(bufs[err_fd]), bytes(bufs[status_r]), verdict
 
     def _kill_uid(self, uid: int) -> None:
-        subprocess.run([sys.executable, "-I", str(CHILD), json.dumps({"kill_uid": uid})],
-                       env={"PATH": "/usr/bin:/bin"}, timeout=10, check=False)
+        subprocess.run(
+            [sys.executable, "-I", str(CHILD), json.dumps({"kill_uid": uid})],
+            env={"PATH": "/usr/bin:/bin"},
+            timeout=10,
+            check=False,
+        )
 
 
 def _feed(pipe, data: bytes) -> None:
@@ -217,8 +234,9 @@ def _failure_reason(stderr: str, returncode: int) -> str:
     return f"exited (code {returncode}) without passing the tests"
 
 
-def score_samples(samples: list[dict], problems: dict[str, dict], limits: Limits = Limits(),
-                  workers: int = 2) -> list[SampleResult]:
+def score_samples(
+    samples: list[dict], problems: dict[str, dict], limits: Limits = Limits(), workers: int = 2
+) -> list[SampleResult]:
     """Run each ``{"task_id", "completion"}`` against its HumanEval problem."""
     jobs = []
     for s in samples:

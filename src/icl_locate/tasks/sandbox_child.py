@@ -34,8 +34,10 @@ def _check(ret, what):
 
 def _mount_tmpfs(path, size_mb):
     if os.path.isdir(path):
-        _check(_libc.mount(b"tmpfs", path.encode(), b"tmpfs", 0, f"size={size_mb}m,mode=1777".encode()),
-               f"mount tmpfs {path}")
+        _check(
+            _libc.mount(b"tmpfs", path.encode(), b"tmpfs", 0, f"size={size_mb}m,mode=1777".encode()),
+            f"mount tmpfs {path}",
+        )
 
 
 def _isolate_as_root(cfg):

@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import Callable, TextIO
+from collections.abc import Callable
+from typing import TextIO
 
 from tqdm import tqdm
 
@@ -27,8 +28,11 @@ class Progress:
         self.total, self.label, self.done = total, label, 0
         self.stream = stream or sys.stderr
         self.started = time.time()
-        self.bar = tqdm(total=total, desc=label, file=self.stream, dynamic_ncols=True, leave=True) \
-            if (interactive(self.stream) if bar is None else bar) else None
+        self.bar = (
+            tqdm(total=total, desc=label, file=self.stream, dynamic_ncols=True, leave=True)
+            if (interactive(self.stream) if bar is None else bar)
+            else None
+        )
 
     def advance(self, note: str = "", n: int = 1) -> None:
         """``n`` more steps finished; ``note`` says which (shown in the line or after the bar)."""
@@ -39,8 +43,11 @@ class Progress:
             return
         elapsed = time.time() - self.started
         eta = elapsed / self.done * (self.total - self.done) if self.done else 0.0
-        print(f"{self.label} [{self.done}/{self.total}] {note}  ({elapsed:.0f}s elapsed, ~{eta:.0f}s left)".rstrip(),
-              file=self.stream, flush=True)
+        print(
+            f"{self.label} [{self.done}/{self.total}] {note}  ({elapsed:.0f}s elapsed, ~{eta:.0f}s left)".rstrip(),
+            file=self.stream,
+            flush=True,
+        )
 
     def inner(self, label: str) -> Callable[[int, int], None] | None:
         """A ``(done, total)`` callback for progress inside one step: a second bar on a terminal, else None."""
@@ -68,7 +75,7 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -45,7 +45,7 @@ def available_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     kb = _proc_kb("/proc/meminfo", "MemAvailable:")
-    return kb * 1024 if kb is not None else 8 * 2 ** 30  # not Linux: assume 8 GiB
+    return kb * 1024 if kb is not None else 8 * 2**30  # not Linux: assume 8 GiB
 
 
 def cpu_model() -> str:
@@ -65,8 +65,14 @@ def hardware(device: torch.device | str) -> dict:
     dispatch to (``ATEN_CPU_CAPABILITY`` can lower it), the GPU in use and the thread count."""
     device = torch.device(device)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    return dict(cpu=cpu_model(), cpu_capability=torch.backends.cpu.get_cpu_capability(), gpu=gpu,
-                threads=torch.get_num_threads(), device=str(device), torch=torch.__version__)
+    return dict(
+        cpu=cpu_model(),
+        cpu_capability=torch.backends.cpu.get_cpu_capability(),
+        gpu=gpu,
+        threads=torch.get_num_threads(),
+        device=str(device),
+        torch=torch.__version__,
+    )
 
 
 def hardware_line(info: dict) -> str:
