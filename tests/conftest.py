@@ -1,4 +1,4 @@
-"""Shared fixtures: the offline data directory and the embedded model."""
+"""Shared fixtures and helpers: the offline data directory, the embedded model, tiny random models."""
 
 from __future__ import annotations
 
@@ -27,6 +27,32 @@ def data_dir() -> Path:
     if path is None:
         pytest.skip("no FLORES/MBPP data: set ICL_LOCATE_DATA_DIR (CI sets it to ../shared/data)")
     return path
+
+
+_TINY: dict = {}
+
+
+def tiny(family: str, attn: str | None = None):
+    """A tiny random model of ``family`` (``tiny:<family>``), loaded once per session and attention
+    implementation; tests import it (``from conftest import tiny``) to share the loaded models."""
+    from icl_locate.core.models import load_model
+
+    if (family, attn) not in _TINY:
+        _TINY[(family, attn)] = load_model(f"tiny:{family}", attn_implementation=attn)
+    return _TINY[(family, attn)]
+
+
+def tiny_worker(config, fast_engine: bool = False, **options):
+    """A sweep ``Worker`` for ``config`` (model ``tiny:<family>``, shared through ``tiny``) with its task
+    data loaded; ``fast_engine``: every unit on the fast engine instead of a measured choice."""
+    from icl_locate.engines.fast import FastEngine
+    from icl_locate.experiments.settings import load_task_data
+    from icl_locate.experiments.units import Worker
+
+    loaded = tiny(config.model.removeprefix("tiny:"))
+    if fast_engine:
+        options["engine"] = FastEngine(loaded.model, loaded.tokenizer)
+    return Worker(loaded, load_task_data(config), **options)
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from conftest import tiny, tiny_worker
 from icl_locate.cli import main
 from icl_locate.core.conditions import get_condition
 from icl_locate.core.interventions import MaskFrom
@@ -18,7 +19,7 @@ from icl_locate.engines.audit import audit_rows, margin_threshold, reference_mar
 from icl_locate.engines.base import StopRule
 from icl_locate.engines.tree import TreeEngine
 from icl_locate.experiments import units
-from test_fast_engine import encoded_prompts, masked, tiny
+from test_fast_engine import encoded_prompts, masked
 
 STOP = StopRule((), 6)
 
@@ -159,7 +160,7 @@ def test_auto_audits_within_its_share_of_the_decoding_time(tmp_path, data_dir):
     """--audit auto: the first unit audits one row; later rows only while the audit's time (at its
     measured cost per row) stays within AUDIT_SHARE of the decoding time."""
     from icl_locate.experiments.settings import SweepConfig, load_task_data
-    from icl_locate.experiments.units import AUDIT_SHARE, Worker
+    from icl_locate.experiments.units import AUDIT_SHARE
 
     config = SweepConfig(
         model="tiny:llama",
@@ -170,12 +171,10 @@ def test_auto_audits_within_its_share_of_the_decoding_time(tmp_path, data_dir):
         layers="0,2,4",
         data_dir=str(data_dir),
     )
-    from icl_locate.core.models import load_model
     from icl_locate.experiments.settings import plan_units
 
-    loaded = load_model(config.model)
-    worker = Worker(loaded, load_task_data(config), audit=None)
-    (unit,) = plan_units(config, loaded.info.num_layers, load_task_data(config))
+    worker = tiny_worker(config, audit=None)
+    (unit,) = plan_units(config, worker.loaded.info.num_layers, load_task_data(config))
     worker.seconds.update(decoding=0.0, audit=0.0, audit_rows=0)
     first = worker.compute(unit)
     assert len(first.audit) >= 1

@@ -9,6 +9,7 @@ import sqlite3
 
 import pytest
 
+from conftest import tiny
 from icl_locate.cli import main
 from icl_locate.core.conditions import get_condition
 from icl_locate.core.interventions import MaskFrom
@@ -16,13 +17,13 @@ from icl_locate.core.models import load_model
 from icl_locate.engines import calibrate
 from icl_locate.engines.base import StopRule
 from icl_locate.engines.calibrate import Calibrator, Choices, build_engine
+from icl_locate.engines.fast import FastEngine
 from icl_locate.engines.head import ScreenedHead
 from icl_locate.engines.reference import ReferenceEngine
 from icl_locate.engines.request import EngineRequest, parse_draft_tokens
-from icl_locate.engines.sweep import SweepEngine
 from icl_locate.engines.tree import TreeEngine
 from icl_locate.util.errors import UserError
-from test_fast_engine import FAMILIES, encoded_prompts, masked, tiny
+from test_fast_engine import FAMILIES, encoded_prompts, masked
 
 STOP = StopRule((), 6)
 
@@ -85,7 +86,7 @@ def test_the_faster_engine_is_chosen_and_the_fast_engine_takes_the_plain_head(tm
     )
     assert (choices.engine, choices.head, choices.draft_tokens) == ("fast", "plain", 0)
     assert "3.0x faster than the tree engine" in choices.reasons["engine"]
-    assert isinstance(build_engine(tiny("llama").model, tiny("llama").tokenizer, choices), SweepEngine)
+    assert isinstance(build_engine(tiny("llama").model, tiny("llama").tokenizer, choices), FastEngine)
 
 
 @pytest.mark.parametrize(
@@ -170,7 +171,7 @@ def configurations(lm):
     yield Choices("tree", "plain", 0, None, {})
     yield Choices("tree", "plain", 3, None, {})
     yield Choices("tree", "plain", 0, 2, {})
-    if ScreenedHead.supported(lm.model) is None:
+    if ScreenedHead.unsupported_reason(lm.model) is None:
         yield Choices("tree", "screen", 0, None, {})
         yield Choices("tree", "screen", 3, None, {})
 

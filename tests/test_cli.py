@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
 
 from icl_locate.cli import main
+from icl_locate.cli_args import build_parser, settings_from
 
 
 def run_cli(capsys, *argv):
@@ -149,3 +151,37 @@ def test_listing_commands(capsys):
     assert run_cli(capsys, "tasks")[1].count("\n") >= 3
     assert "TTF" in run_cli(capsys, "conditions")[1]
     assert "meta-llama/Llama-3.1-8B" in run_cli(capsys, "models")[1]
+
+
+def _parsers(parser: argparse.ArgumentParser):
+    """The parser and every subparser below it."""
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):
+                yield from _parsers(sub)
+
+
+def test_every_option_has_help():
+    missing = [
+        f"{parser.prog} {action.dest}"
+        for parser in _parsers(build_parser())
+        for action in parser._actions
+        if not isinstance(action, (argparse._HelpAction, argparse._SubParsersAction))
+        and not (action.help or "").strip()
+    ]
+    assert missing == []
+
+
+def test_help_shows_the_settings_defaults(capsys):
+    """argparse leaves options at None; the settings dataclasses own the defaults --help shows."""
+    from icl_locate.core.catalog import EMBEDDED
+    from icl_locate.experiments.options import PruneSettings, RunSettings
+
+    for command, cls in (("run", RunSettings), ("prune", PruneSettings)):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert f"(default {EMBEDDED})" in text and f"{cls.__dataclass_fields__['k'].default}" in text
+    args = build_parser().parse_args(["prune", "--layer", "3"])
+    assert args.n_test is None and settings_from(args, PruneSettings).n_test == PruneSettings(layer=3).n_test

@@ -5,8 +5,11 @@ from __future__ import annotations
 import pytest
 
 from icl_locate.tasks.data import flores_bitext, flores_file, parse_pair, resolve_language
+from icl_locate.tasks.items import build_items, post_process
+from icl_locate.tasks.loaders import humaneval_query, load_data
 from icl_locate.tasks.metrics import first_sentence, pass_at_1, translation_scores
-from icl_locate.tasks.registry import TASKS, TaskOptions, build_items, get_task, humaneval_query, post_process
+from icl_locate.tasks.registry import TASKS, get_task
+from icl_locate.tasks.spec import TaskOptions
 from icl_locate.util.errors import UserError
 
 
@@ -47,15 +50,15 @@ def test_flores_missing_language_and_file(tmp_path):
 
 def test_real_flores_splits(data_dir):
     task = get_task("flores")
-    data = task.load(TaskOptions(data_dir=str(data_dir), pair="fr-en"))
+    data = load_data(task, TaskOptions(data_dir=str(data_dir), pair="fr-en"))
     assert len(data.bank) == 997 - 800 and data.bank[0].id == "dev:801" and data.bank[-1].id == "dev:997"
     assert len(data.test) == 1012 and (data.l1, data.l2) == ("French", "English")
-    pt = task.load(TaskOptions(data_dir=str(data_dir), pair="eng-por"))
+    pt = load_data(task, TaskOptions(data_dir=str(data_dir), pair="eng-por"))
     assert pt.l2 == "Portuguese" and pt.test[0].source == data.test[0].target
 
 
 def test_real_code_task(data_dir):
-    data = get_task("humaneval").load(TaskOptions(data_dir=str(data_dir)))
+    data = load_data(get_task("humaneval"), TaskOptions(data_dir=str(data_dir)))
     assert len(data.bank) == 974 - 800 and data.bank[0].id == "mbpp:801"
     assert len(data.test) == 164 and set(data.problems) == {t.id for t in data.test}
     assert data.test[0].source.startswith("Check if in given list of numbers, are any two numbers closer")
@@ -68,7 +71,7 @@ def test_humaneval_query_extraction():
 
 def test_build_items_and_bad_inputs(data_dir, bpe_tokenizer):
     task = get_task("flores")
-    data = task.load(TaskOptions(data_dir=str(data_dir), pair="fra-eng"))
+    data = load_data(task, TaskOptions(data_dir=str(data_dir), pair="fra-eng"))
     items = build_items(task, data, bpe_tokenizer, k=5, seed=0, n_test=3)
     assert len(items) == 3 and all(it.encoded.example_ids == items[0].encoded.example_ids for it in items)
     per_query = build_items(task, data, bpe_tokenizer, k=5, seed=0, n_test=3, per_query_examples=True)
@@ -85,12 +88,12 @@ def test_bitext_task(tmp_path):
     bank.write_text("chat\tcat\nchien\tdog\n")
     test = tmp_path / "test.jsonl"
     test.write_text('{"source": "oiseau", "target": "bird"}\n')
-    data = get_task("bitext").load(TaskOptions(bank_path=str(bank), test_path=str(test)))
+    data = load_data(get_task("bitext"), TaskOptions(bank_path=str(bank), test_path=str(test)))
     assert [e.source for e in data.bank] == ["chat", "chien"] and data.test[0].target == "bird"
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"src": 1}\n')
     with pytest.raises(UserError, match="bad.jsonl:1"):
-        get_task("bitext").load(TaskOptions(bank_path=str(bad), test_path=str(test)))
+        load_data(get_task("bitext"), TaskOptions(bank_path=str(bad), test_path=str(test)))
 
 
 def test_registry_and_post_processing():

@@ -9,13 +9,11 @@ import sqlite3
 import numpy as np
 import pytest
 
+from conftest import tiny_worker
 from icl_locate.cli import main
-from icl_locate.core.models import load_model
-from icl_locate.engines.sweep import SweepEngine
 from icl_locate.experiments import bench, decode, prune, sweep
 from icl_locate.experiments.executors import LocalExecutor
-from icl_locate.experiments.settings import SweepConfig, load_task_data, plan_units
-from icl_locate.experiments.units import Worker
+from icl_locate.experiments.settings import SweepConfig, plan_units
 from icl_locate.results.store import Store
 from icl_locate.tasks.metrics import Bleu, PassAt1, translation_scores
 from icl_locate.util.progress import Progress
@@ -56,16 +54,6 @@ def test_settings_fail_before_any_model_loads(argv, message, no_model_loads, cap
     assert not (tmp_path / "s.sqlite").exists()
 
 
-def tiny_worker(data_dir, config):
-    loaded = load_model(config.model)
-    return Worker(
-        loaded,
-        load_task_data(config),
-        max_new_tokens=config.max_new_tokens,
-        engine=SweepEngine(loaded.model, loaded.tokenizer),
-    )
-
-
 class FailingSecond:
     """An executor that computes the first unit, then fails as a crashed worker would."""
 
@@ -91,7 +79,7 @@ def test_driver_commits_what_comes_back_and_releases_the_rest(tmp_path, data_dir
         max_new_tokens=3,
         data_dir=str(data_dir),
     )
-    worker = tiny_worker(data_dir, config)
+    worker = tiny_worker(config, fast_engine=True, max_new_tokens=config.max_new_tokens)
     units = plan_units(config, worker.loaded.info.num_layers)
     path = tmp_path / "s.sqlite"
     with Store(path, {"model": "tiny:llama"}) as store:
@@ -119,7 +107,7 @@ def test_computing_a_unit_writes_nothing_and_is_repeatable(tmp_path, data_dir):
         max_new_tokens=3,
         data_dir=str(data_dir),
     )
-    worker = tiny_worker(data_dir, config)
+    worker = tiny_worker(config, fast_engine=True, max_new_tokens=config.max_new_tokens)
     unit = plan_units(config, worker.loaded.info.num_layers)[0]
     first, second = worker.compute(unit), worker.compute(unit)
     assert first.predictions == second.predictions and first.scores == second.scores

@@ -1,4 +1,4 @@
-"""The fast sweep engine equals the reference engine, row for row."""
+"""The fast engine equals the reference engine, row for row."""
 
 from __future__ import annotations
 
@@ -6,26 +6,18 @@ import json
 
 import pytest
 
+from conftest import tiny
 from icl_locate.cli import main
 from icl_locate.core.conditions import MaskedPrompt, get_condition, hidden_ranges
 from icl_locate.core.interventions import UNCHANGED, AblateLayers, AttentionAblation, ColumnMask, MaskFrom
-from icl_locate.core.models import load_model
 from icl_locate.core.prompts import FORMATS, EncodedPrompt, Example, build_prompt, encode_prompt
 from icl_locate.engines.base import StopRule
+from icl_locate.engines.fast import FastEngine
 from icl_locate.engines.reference import ReferenceEngine, greedy_decode
-from icl_locate.engines.sweep import SweepEngine
 
 FAMILIES = ["llama", "gemma3", "qwen2", "starcoder2", "gpt_neo", "bloom", "gpt2"]
 BANK = [Example(str(i), f"phrase numero {i} ici", f"phrase number {i} here") for i in range(6)]
 QUERIES = ["une question", "une autre question un peu plus longue", "court"]
-
-_models: dict = {}
-
-
-def tiny(family):
-    if family not in _models:
-        _models[family] = load_model(f"tiny:{family}")
-    return _models[family]
 
 
 def encoded_prompts(tokenizer, shared: bool = True):
@@ -55,7 +47,7 @@ def masked(encs, condition):
 
 
 def assert_same(lm, encs, condition, variants, stop=(), max_new=6, batch_size=None):
-    engine = SweepEngine(lm.model, lm.tokenizer, batch_size=batch_size)
+    engine = FastEngine(lm.model, lm.tokenizer, batch_size=batch_size)
     fast = engine.generate(masked(encs, condition), variants, StopRule(tuple(stop), max_new))
     assert len(fast) == len(encs) * len(variants)
     for i, enc in enumerate(encs):
@@ -125,8 +117,8 @@ def test_memory_bound_shrinks_batches_not_results():
     encs = encoded_prompts(lm.tokenizer)
     variants = [MaskFrom(j) for j in (0, 2, 4)]
     condition = get_condition("instructions+examples")
-    big = SweepEngine(lm.model, lm.tokenizer).generate(masked(encs, condition), variants, StopRule((), 6))
-    small_engine = SweepEngine(lm.model, lm.tokenizer, kv_memory_fraction=1e-12)
+    big = FastEngine(lm.model, lm.tokenizer).generate(masked(encs, condition), variants, StopRule((), 6))
+    small_engine = FastEngine(lm.model, lm.tokenizer, kv_memory_fraction=1e-12)
     small = small_engine.generate(masked(encs, condition), variants, StopRule((), 6))
     assert {k: v.token_ids for k, v in small.items()} == {k: v.token_ids for k, v in big.items()}
     assert small_engine.stats["steps"] >= len(encs) * len(variants)  # one batch per row

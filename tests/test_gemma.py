@@ -10,10 +10,13 @@ from icl_locate.cli import main
 from icl_locate.core.conditions import MaskedPrompt, get_condition, hidden_ranges
 from icl_locate.core.interventions import ColumnMask, MaskFrom
 from icl_locate.engines.base import StopRule
+from icl_locate.engines.fast import FastEngine
 from icl_locate.engines.reference import ReferenceEngine, greedy_decode
-from icl_locate.engines.sweep import SweepEngine
+from icl_locate.tasks.items import build_items, post_process
+from icl_locate.tasks.loaders import load_data
 from icl_locate.tasks.metrics import translation_scores
-from icl_locate.tasks.registry import TaskOptions, build_items, get_task, post_process
+from icl_locate.tasks.registry import get_task
+from icl_locate.tasks.spec import TaskOptions
 
 pytestmark = pytest.mark.slow
 
@@ -21,7 +24,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def mt_items(gemma, data_dir):
     task = get_task("flores")
-    data = task.load(TaskOptions(data_dir=str(data_dir), pair="fra-eng"))
+    data = load_data(task, TaskOptions(data_dir=str(data_dir), pair="fra-eng"))
     return task, build_items(task, data, gemma.tokenizer, k=5, seed=0, n_test=8)
 
 
@@ -119,7 +122,7 @@ def test_fast_engine_matches_reference_on_gemma(gemma, mt_items):
     cond = get_condition("instructions+examples")
     layers = [0, 6, 12, 18]
     stop = StopRule(task.stop_strings, task.max_new_tokens)
-    fast = SweepEngine(gemma.model, gemma.tokenizer).generate(
+    fast = FastEngine(gemma.model, gemma.tokenizer).generate(
         [MaskedPrompt.of(it.encoded, cond) for it in items], [MaskFrom(j) for j in layers], stop
     )
     for i, it in enumerate(items):

@@ -8,13 +8,13 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
+from conftest import tiny
 from icl_locate.core.conditions import get_condition
 from icl_locate.core.interventions import ColumnMask, HeadMask, MaskFrom
-from icl_locate.core.models import load_model
 from icl_locate.core.structure import attention_module, decoder_layers
 from icl_locate.engines.base import StopRule, forward
+from icl_locate.engines.fast import FastEngine
 from icl_locate.engines.reference import ReferenceEngine
-from icl_locate.engines.sweep import SweepEngine
 from test_fast_engine import encoded_prompts, masked
 
 INTERFACE = ["llama", "qwen2", "gemma3", "starcoder2", "mistral"]  # llama/qwen2/...: 4 query heads, 2 KV heads
@@ -22,14 +22,6 @@ LEGACY = ["gpt_neo", "bloom"]
 SEQ = 18
 HIDDEN = [[(1, 7), (9, 11)], [(0, 5)]]  # row 1 hides from the first token: heads left seeing nothing
 HEADS = {1: frozenset({0, 3}), 2: frozenset({1})}
-
-_models: dict = {}
-
-
-def tiny(family: str, attn: str | None = None):
-    if (family, attn) not in _models:
-        _models[(family, attn)] = load_model(f"tiny:{family}", attn_implementation=attn)
-    return _models[(family, attn)]
 
 
 def ids_pair(seed: int = 0) -> torch.Tensor:
@@ -157,7 +149,7 @@ def test_bad_head_index_is_refused():
     with pytest.raises(ValueError, match="head 7 out of range"):
         forward(lm.model, ids_pair(), interventions=[ColumnMask.at_heads(HIDDEN, [{1: frozenset({7})}] * 2)])
     with pytest.raises(ValueError, match="outside 0..3"):
-        SweepEngine(lm.model, lm.tokenizer).generate(
+        FastEngine(lm.model, lm.tokenizer).generate(
             masked(encoded_prompts(lm.tokenizer), get_condition("examples")),
             [HeadMask(frozenset({(9, 0)}))],
             StopRule((), 2),
@@ -181,7 +173,7 @@ def test_fast_engine_equals_reference_for_head_rows(family, condition):
     prompts = masked(encoded_prompts(lm.tokenizer, shared=family != "gemma3"), get_condition(condition))
     rows = knockout_and_restore_rows(lm.info.num_layers, lm.info.num_heads)
     stop = StopRule((), 6)
-    fast = SweepEngine(lm.model, lm.tokenizer, batch_size=5).generate(prompts, rows, stop)
+    fast = FastEngine(lm.model, lm.tokenizer, batch_size=5).generate(prompts, rows, stop)
     ref = ReferenceEngine(lm.model, lm.tokenizer).generate(prompts, rows, stop)
     assert {k: (g.token_ids, g.finish) for k, g in fast.items()} == {k: (g.token_ids, g.finish) for k, g in ref.items()}
     knocked = [
@@ -197,7 +189,7 @@ def test_head_rows_keep_few_context_caches_alive():
     lm = tiny("llama")
     prompts = masked(encoded_prompts(lm.tokenizer), get_condition("instructions+examples"))
     rows = [HeadMask(frozenset({(l, h)})) for l in range(4) for h in range(4)]
-    engine = SweepEngine(lm.model, lm.tokenizer, batch_size=3)
+    engine = FastEngine(lm.model, lm.tokenizer, batch_size=3)
     engine.generate(prompts, rows, StopRule((), 3))
     assert engine.stats["prefix_forwards"] == len(rows)  # each context computed once
     assert engine.stats["prefix_caches_alive_max"] <= 2  # a batch of 3 rows spans at most 2 interventions

@@ -20,16 +20,10 @@ from icl_locate.experiments.lora import (
     output_projection_name,
     resolve_autocast,
 )
-from icl_locate.experiments.lora_train import (
-    ChunkedHeadLoss,
-    ReusedActivations,
-    encode_pairs,
-    fixed_micro_batches,
-    make_micro_batch,
-    mean_val_loss,
-    plain_loss,
-    train,
-)
+from icl_locate.experiments.lora_batches import encode_pairs, fixed_micro_batches, make_micro_batch
+from icl_locate.experiments.lora_loss import ChunkedHeadLoss, plain_loss
+from icl_locate.experiments.lora_reuse import ReusedActivations
+from icl_locate.experiments.lora_train import mean_val_loss, train
 from icl_locate.results.store import Store
 from icl_locate.util.errors import UserError
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
+from conftest import tiny
 from icl_locate.core.conditions import get_condition, hidden_ranges, merge_ranges
 from icl_locate.core.interventions import AttentionAblation, ColumnDrop, ColumnMask, intervene
-from icl_locate.core.models import load_model
 from icl_locate.core.structure import decoder_layers
 from icl_locate.engines.base import StopRule, forward
 from icl_locate.engines.reference import greedy_decode
@@ -18,15 +18,6 @@ FAMILIES = ["llama", "qwen2", "starcoder2", "gemma3", "gpt_neo", "bloom", "gpt2"
 SEQ = 20
 # row 0 hides a middle stretch, row 1 hides from the very first token (no BOS: "dead" rows)
 HIDDEN = [[(2, 7), (9, 11)], [(0, 6)]]
-
-_cache: dict = {}
-
-
-def tiny(family: str, attn: str | None = None):
-    key = (family, attn)
-    if key not in _cache:
-        _cache[key] = load_model(f"tiny:{family}", attn_implementation=attn).model
-    return _cache[key]
 
 
 def ids_pair(seed: int = 0) -> torch.Tensor:
@@ -53,7 +44,7 @@ def n_layers(model) -> int:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_mask_from_last_layer_is_no_mask(family):
-    model = tiny(family)
+    model = tiny(family).model
     ids = ids_pair()
     plain = forward(model, ids).logits
     past_end = forward(
@@ -72,7 +63,7 @@ def test_mask_from_last_layer_is_no_mask(family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_hidden_tokens_are_invisible_from_layer_0(family):
-    model = tiny(family)
+    model = tiny(family).model
     ids = ids_pair()
     swapped = replace_hidden(ids)
     plan = ColumnMask.from_layer(HIDDEN, 0, n_layers(model))
@@ -87,7 +78,7 @@ def test_hidden_tokens_are_invisible_from_layer_0(family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_hidden_tokens_matter_when_masked_from_later_layer(family):
-    model = tiny(family)
+    model = tiny(family).model
     ids = ids_pair()
     swapped = replace_hidden(ids)
     plan = ColumnMask.from_layer(HIDDEN, 2, n_layers(model))
@@ -100,7 +91,7 @@ def test_hidden_tokens_matter_when_masked_from_later_layer(family):
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("from_layer", [0, 2])
 def test_kv_cache_decoding_equals_full_forward(family, from_layer):
-    model = tiny(family)
+    model = tiny(family).model
     ids = ids_pair()
     plan = ColumnMask.from_layer(HIDDEN, from_layer, n_layers(model))
     full = forward(model, ids, interventions=[plan]).logits
@@ -116,7 +107,7 @@ def test_kv_cache_decoding_equals_full_forward(family, from_layer):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_decode_cache_and_no_cache_agree(family):
-    model = tiny(family)
+    model = tiny(family).model
     prompt = ids_pair()[0].tolist()
     plan = ColumnMask.at_layers([HIDDEN[0]], range(1, n_layers(model)))
     with_cache = greedy_decode(model, None, prompt, [plan], StopRule(max_new_tokens=8), use_cache=True)
@@ -126,7 +117,7 @@ def test_greedy_decode_cache_and_no_cache_agree(family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_eager_attention_weights_are_zero_on_hidden_columns(family):
-    model = tiny(family, attn="eager")
+    model = tiny(family, attn="eager").model
     ids = ids_pair()
     from_layer = 2
     plan = ColumnMask.from_layer(HIDDEN, from_layer, n_layers(model))
@@ -144,7 +135,7 @@ def test_eager_attention_weights_are_zero_on_hidden_columns(family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_left_padded_batch_equals_rows_alone(family):
-    model = tiny(family)
+    model = tiny(family).model
     g = torch.Generator().manual_seed(1)
     lengths = [SEQ, 13]
     rows = [torch.randint(3, 200, (n,), generator=g) for n in lengths]
@@ -178,7 +169,7 @@ OUT_PROJ = {
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_whole_layer_ablation_equals_zeroed_attention(family):
-    model = tiny(family)
+    model = tiny(family).model
     ids = ids_pair()
     layer = 1
     ablated = forward(model, ids, interventions=[AttentionAblation(frozenset([layer]))]).logits
@@ -213,13 +204,13 @@ def test_plan_validation():
         ColumnMask.from_layer([[(0, 2)]], 7, 4)
     with pytest.raises(ValueError):
         ColumnMask.from_layer([[(3, 2)]], 0, 4)
-    model = tiny("llama")
+    model = tiny("llama").model
     with pytest.raises(ValueError, match="out of range"):
         forward(model, ids_pair(), interventions=[AttentionAblation(frozenset([9]))])
 
 
 def test_interventions_are_separate_values_that_refuse_bad_combinations():
-    model = tiny("llama")
+    model = tiny("llama").model
     mask = ColumnMask.from_layer(HIDDEN, 1, n_layers(model))
     with pytest.raises(ValueError, match="two ColumnMask"):
         forward(model, ids_pair(), interventions=[mask, mask])

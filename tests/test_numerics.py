@@ -16,9 +16,9 @@ from icl_locate.core.models import load_model
 from icl_locate.core.structure import attention_window
 from icl_locate.engines.audit import audit_rows, margin_threshold
 from icl_locate.engines.base import StopRule, forward
+from icl_locate.engines.fast import FastEngine
 from icl_locate.engines.head import ScreenedHead
 from icl_locate.engines.reference import ReferenceEngine
-from icl_locate.engines.sweep import SweepEngine
 from icl_locate.engines.tree import TreeEngine
 from test_fast_engine import FAMILIES, encoded_prompts, masked
 
@@ -147,7 +147,7 @@ def test_bf16_models_every_engine_equals_the_reference_up_to_near_ties(family):
     all_pairs = [(i, r) for i in range(len(prompts)) for r in range(len(rows))]
     threshold = margin_threshold(torch.bfloat16)
     engines = [
-        SweepEngine(lm.model, lm.tokenizer),
+        FastEngine(lm.model, lm.tokenizer),
         TreeEngine(lm.model, lm.tokenizer),
         TreeEngine(lm.model, lm.tokenizer, draft_tokens=3),
         ReferenceEngine(lm.model, lm.tokenizer),

@@ -5,20 +5,23 @@ from __future__ import annotations
 import json
 import sqlite3
 
-import numpy as np
 import pytest
 import torch
 
+from conftest import tiny
 from icl_locate.cli import main
 from icl_locate.core.conditions import MaskedPrompt, get_condition, hidden_ranges
 from icl_locate.core.interventions import ColumnMask, MaskFrom, PruneFrom
 from icl_locate.core.structure import decoder_layers
 from icl_locate.engines.base import StopRule, forward
-from icl_locate.engines.pruned import ModelDims, PrunedEngine, PruneSplit, paper_savings, prune_split, request_flops
-from icl_locate.engines.sweep import SweepEngine
-from icl_locate.tasks.registry import TaskOptions, build_items, get_task
+from icl_locate.engines.fast import FastEngine
+from icl_locate.engines.pruned import PrunedEngine, prune_split
+from icl_locate.tasks.items import build_items
+from icl_locate.tasks.loaders import load_data
+from icl_locate.tasks.registry import get_task
+from icl_locate.tasks.spec import TaskOptions
 from icl_locate.util.errors import UserError
-from test_fast_engine import encoded_prompts, masked, reference, tiny
+from test_fast_engine import encoded_prompts, masked, reference
 
 FAMILIES = ["llama", "gemma3", "qwen2", "starcoder2", "gpt2", "gpt_neox", "mistral"]
 
@@ -144,59 +147,6 @@ def test_refuses_what_it_cannot_prune():
         )
 
 
-# --------------------------------------------------------------------------- analytic FLOPs
-
-
-def brute_force_flops(dims: ModelDims, split: PruneSplit, fed: int, r: int) -> float:
-    """Token by token, layer by layer, key by key."""
-    total = 0.0
-    n = split.length + fed
-    for layer, params in enumerate(dims.layer_params):
-        pruned = layer >= r and split.width > 0
-        stored = [c for c in range(n) if not (pruned and split.start <= c < split.end)]
-        for t in range(n):
-            if pruned and split.start <= t < split.end:
-                continue
-            window = dims.windows[layer]
-            visible = [c for c in stored if c <= t and (window is None or c > t - window)]
-            total += 2 * params + 4 * dims.attention_width * len(visible)
-    return total + 2 * dims.lm_head * (1 + fed)
-
-
-@pytest.mark.parametrize("window", [None, 7])
-def test_request_flops_matches_brute_force(window):
-    dims = ModelDims(
-        layer_params=(100, 200, 300, 400), attention_width=8, windows=(window, None, window, None), lm_head=50
-    )
-    for split in (PruneSplit(1, 20, 25), PruneSplit(24, 24, 25), PruneSplit(0, 10, 12)):
-        for r in range(5):
-            f = request_flops(dims, split, 6, r)
-            assert f["prompt"] + f["decode"] == pytest.approx(brute_force_flops(dims, split, 6, r))
-
-
-def test_paper_formula_is_the_weights_only_limit():
-    """Without attention FLOPs and with k examples of equal length as the whole context, the
-    prompt saving is exactly the paper's (L - r)/L x k/(k + 1)."""
-    L, k, ex = 32, 5, 40
-    dims = ModelDims(layer_params=(1000,) * L, attention_width=0, windows=(None,) * L, lm_head=0)
-    split = PruneSplit(0, k * ex, (k + 1) * ex)  # k examples pruned, the query (one example long) kept
-    for r in (0, 14, 32):
-        full = request_flops(dims, split, 0, L)["prompt"]
-        pruned = request_flops(dims, split, 0, r)["prompt"]
-        assert 1 - pruned / full == pytest.approx(paper_savings(L, r, k))
-
-
-def test_model_dims_of_gemma_like_config():
-    lm = tiny("gemma3")
-    dims = ModelDims.of(lm.model)
-    assert len(dims.layer_params) == lm.info.num_layers
-    assert sum(dims.layer_params) < sum(p.numel() for p in lm.model.parameters())
-    assert any(w is not None for w in dims.windows) == any(
-        t == "sliding_attention" for t in lm.model.config.layer_types
-    )
-    assert np.all(np.array(dims.layer_params) > 0)
-
-
 # --------------------------------------------------------------------------- the command
 
 
@@ -261,13 +211,13 @@ def test_prune_command_bad_input(tmp_path, capsys, data_dir):
 @pytest.mark.slow
 def test_pruned_gemma_equals_sweep_engine(gemma, data_dir):
     task = get_task("flores")
-    data = task.load(TaskOptions(data_dir=str(data_dir), pair="fra-eng"))
+    data = load_data(task, TaskOptions(data_dir=str(data_dir), pair="fra-eng"))
     items = build_items(task, data, gemma.tokenizer, k=5, seed=0, n_test=2)
     prompts = masked([it.encoded for it in items], get_condition("instructions+examples"))
     stop = StopRule(task.stop_strings, 50)
     for r in (0, 6, 12):
         pruned = PrunedEngine(gemma.model, gemma.tokenizer).generate_pruned(prompts, r, stop)
-        swept = SweepEngine(gemma.model, gemma.tokenizer).generate(prompts, [MaskFrom(r)], stop)
+        swept = FastEngine(gemma.model, gemma.tokenizer).generate(prompts, [MaskFrom(r)], stop)
         assert [g.token_ids for g in pruned] == [swept[(i, MaskFrom(r))].token_ids for i in range(2)]
 
 

@@ -105,3 +105,85 @@ def test_the_embedded_model_loads_as_its_checkpoint_does(gemma):
         return {k: v for k, v in config.to_dict().items() if "attn_implementation" not in k}
 
     assert settings(gemma.model.config) == settings(plain.config)
+
+
+def _checkpoint_with_byte_tokenizer(directory):
+    from icl_locate.core.models import byte_tokenizer
+
+    byte_tokenizer().save_pretrained(directory)
+    return directory
+
+
+def test_a_checkpoint_tokenizer_loads_directly_only_after_it_was_compared(tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
+    from icl_locate.core import tokenizer_files
+    from icl_locate.core.models import byte_tokenizer
+
+    directory = _checkpoint_with_byte_tokenizer(tmp_path)
+    auto_loads = []
+    real_auto = AutoTokenizer.from_pretrained
+    monkeypatch.setattr(
+        tokenizer_files.AutoTokenizer, "from_pretrained", lambda *a, **k: auto_loads.append(1) or real_auto(*a, **k)
+    )
+    prepare = lambda t: t  # noqa: E731
+    first = tokenizer_files.load_tokenizer(directory, prepare)
+    verdict = json.loads((directory / tokenizer_files.VERDICT).read_text())
+    assert verdict["same"] and verdict["difference"] is None and len(auto_loads) == 1
+    second = tokenizer_files.load_tokenizer(directory, prepare)
+    assert len(auto_loads) == 1  # the verdict is trusted: no AutoTokenizer load
+    text = "Q: Bonjour ça va ?\nA: <eos> hello"
+    expected = byte_tokenizer()(text)["input_ids"]
+    assert first(text)["input_ids"] == second(text)["input_ids"] == expected
+
+    # the tokenizer file changes: the old verdict no longer applies, so the loads are compared again
+    (directory / "tokenizer_config.json").write_text(
+        (directory / "tokenizer_config.json").read_text().replace("}", ', "model_max_length": 77}', 1)
+    )
+    tokenizer_files.load_tokenizer(directory, prepare)
+    assert len(auto_loads) == 2
+    assert json.loads((directory / tokenizer_files.VERDICT).read_text())["key"] != verdict["key"]
+
+
+def test_a_direct_load_that_differs_is_refused_and_said(tmp_path, monkeypatch):
+    from icl_locate.core import tokenizer_files
+
+    directory = _checkpoint_with_byte_tokenizer(tmp_path)
+    # the direct load drops the configured special tokens: its pad (EOS by the preparation) differs
+    monkeypatch.setattr(tokenizer_files, "PASSED_SETTINGS", ())
+
+    def prepare(t):
+        if t.pad_token is None:
+            t.pad_token = t.eos_token
+        return t
+
+    loaded = tokenizer_files.load_tokenizer(directory, prepare)
+    verdict = json.loads((directory / tokenizer_files.VERDICT).read_text())
+    assert verdict["same"] is False and "token" in verdict["difference"]
+    assert loaded.pad_token == "<pad>"  # the AutoTokenizer load, not the direct one
+    again = tokenizer_files.load_tokenizer(directory, prepare)
+    assert again.pad_token == "<pad>"
+
+
+@pytest.mark.slow
+def test_the_embedded_tokenizer_loads_directly_and_tokenizes_as_its_class_does(gemma, data_dir):
+    """The embedded checkpoint's verdict is 'same', and on FLORES text in every language the direct load
+    (what load_model returned) gives the ids, offsets and decodings of transformers' own tokenizer class."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from icl_locate.core.tokenizer_files import VERDICT
+    from icl_locate.tasks.data import flores_file, resolve_language
+
+    directory = Path(gemma.info.source)
+    assert json.loads((directory / VERDICT).read_text())["same"]
+    reference = AutoTokenizer.from_pretrained(str(directory))
+    assert type(reference).__name__ != type(gemma.tokenizer).__name__  # two different load paths compared
+    for lang in ("eng_Latn", "fra_Latn", "por_Latn", "deu_Latn"):
+        lines = flores_file(data_dir, resolve_language(lang), "dev").read_text(encoding="utf-8").splitlines()[:60]
+        for text in lines:
+            a = reference(text, return_offsets_mapping=True)
+            b = gemma.tokenizer(text, return_offsets_mapping=True)
+            assert a["input_ids"] == b["input_ids"] and a["offset_mapping"] == b["offset_mapping"], text
+            assert reference.decode(a["input_ids"]) == gemma.tokenizer.decode(a["input_ids"])

@@ -16,8 +16,11 @@ from icl_locate.core.prompts import FORMATS, Example, build_prompt
 from icl_locate.experiments.settings import WorkUnit
 from icl_locate.results.analysis import Curve, analyse_curve, savings
 from icl_locate.tasks.files import read_table
+from icl_locate.tasks.loaders import load_data
 from icl_locate.tasks.metrics import Chrf, ExactMatch, Normalise, make_metric
-from icl_locate.tasks.registry import TaskOptions, get_task, load_task_file
+from icl_locate.tasks.registry import get_task
+from icl_locate.tasks.spec import TaskOptions
+from icl_locate.tasks.taskfile import load_task_file
 from icl_locate.util.errors import UserError
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -92,7 +95,7 @@ def test_jsonl_with_tabs_and_newlines_in_fields(tmp_path):
     rows = [{"source": "a\tb", "target": "line1\nline2"}, {"source": '"q"', "target": "«»", "id": "x7"}]
     path = tmp_path / "pairs.jsonl"
     path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n\n", encoding="utf-8")
-    data = get_task("bitext").load(TaskOptions(bank_path=str(path), test_path=str(path)))
+    data = load_data(get_task("bitext"), TaskOptions(bank_path=str(path), test_path=str(path)))
     assert [(e.source, e.target) for e in data.bank] == [(r["source"], r["target"]) for r in rows]
     assert [e.id for e in data.test] == ["pairs.jsonl:1", "x7"]
     assert data.notes == [f"read 2 pairs from {path}, 1 empty line skipped"] * 2
@@ -110,7 +113,7 @@ def test_malformed_data_files_one_line(tmp_path, content, message):
     path = tmp_path / "pairs.tsv"
     path.write_bytes(content)
     with pytest.raises(UserError, match=message.replace(".", r"\.")):
-        get_task("bitext").load(TaskOptions(bank_path=str(path), test_path=str(path)))
+        load_data(get_task("bitext"), TaskOptions(bank_path=str(path), test_path=str(path)))
 
 
 # --------------------------------------------------------------------------- task files
@@ -178,10 +181,11 @@ def test_paper_prompts_unchanged_through_task_specs():
 def test_bitext_with_languages_gets_the_translation_format(tmp_path):
     (tmp_path / "p.tsv").write_text("chat\tcat\nchien\tdog\n")
     task = get_task("bitext", "fra", "eng_Latn")
-    data = task.load(
+    data = load_data(
+        task,
         TaskOptions(
             bank_path=str(tmp_path / "p.tsv"), test_path=str(tmp_path / "p.tsv"), src_lang="fra", tgt_lang="eng_Latn"
-        )
+        ),
     )
     assert task.prompt_format.header == "Translate <L1> to <L2>:" and (data.l1, data.l2) == ("French", "English")
     assert task.stop_strings == ("\n",) and data.language == "en"
@@ -189,10 +193,10 @@ def test_bitext_with_languages_gets_the_translation_format(tmp_path):
 
 def test_example_task_files_load(data_dir):
     capitals = load_task_file(EXAMPLES / "capitals" / "capitals.yaml")
-    data = capitals.load(TaskOptions())
+    data = load_data(capitals, TaskOptions())
     assert (len(data.bank), len(data.test)) == (36, 64) and data.test[0].target == "Doha"
     sentiment = load_task_file(EXAMPLES / "sentiment" / "sentiment.yaml")
-    data = sentiment.load(TaskOptions())
+    data = load_data(sentiment, TaskOptions())
     assert {e.target for e in data.test} == {"positive", "negative"} and data.test[0].id.startswith(("pos", "neg"))
 
 

@@ -1,4 +1,4 @@
-"""The tree engine (cross-layer sharing) equals the sweep engine and the reference, token for token;
+"""The tree engine (cross-layer sharing) equals the fast engine and the reference, token for token;
 its shared states are the unmasked run's, stored once; the screened head is the full head's argmax."""
 
 from __future__ import annotations
@@ -10,17 +10,19 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+from conftest import tiny
 from icl_locate.cli import main
 from icl_locate.core.conditions import get_condition
 from icl_locate.core.interventions import UNCHANGED, AblateLayers, HeadMask, MaskFrom
 from icl_locate.engines import head as head_module
 from icl_locate.engines.base import StopRule, forward, last_hidden
 from icl_locate.engines.drafts import Drafter
+from icl_locate.engines.fast import FastEngine
 from icl_locate.engines.head import ScreenedHead
 from icl_locate.engines.reference import ReferenceEngine, batch_interventions
-from icl_locate.engines.sweep import SweepEngine, _PrefixCaches
-from icl_locate.engines.tree import TreeEngine, _TreeDecode
-from test_fast_engine import FAMILIES, encoded_prompts, masked, reference, tiny
+from icl_locate.engines.tree import TreeEngine
+from icl_locate.engines.tree_decode import TreeDecode
+from test_fast_engine import FAMILIES, encoded_prompts, masked, reference
 
 
 def generations(engine, encs, condition, rows, stop=(), max_new=8):
@@ -31,7 +33,7 @@ def generations(engine, encs, condition, rows, stop=(), max_new=8):
 def assert_tree_equals(lm, encs, condition, rows, stop=(), max_new=8, batch_size=None, check_reference=True):
     tree = TreeEngine(lm.model, lm.tokenizer, batch_size=batch_size)
     got = generations(tree, encs, condition, rows, stop, max_new)
-    fast = generations(SweepEngine(lm.model, lm.tokenizer, batch_size=batch_size), encs, condition, rows, stop, max_new)
+    fast = generations(FastEngine(lm.model, lm.tokenizer, batch_size=batch_size), encs, condition, rows, stop, max_new)
     assert got == fast
     if check_reference:  # the engine-level oracle: one prompt, one row at a time
         ref = generations(ReferenceEngine(lm.model, lm.tokenizer), encs, condition, rows, stop, max_new)
@@ -150,8 +152,8 @@ def test_shared_states_are_the_unmasked_run_and_stored_once(family):
     L = lm.info.num_layers
     enc = encoded_prompts(lm.tokenizer)[1]
     engine = TreeEngine(lm.model, lm.tokenizer)
-    rows = engine._plan_rows(masked([enc], get_condition("instructions+examples")), [MaskFrom(j) for j in range(L + 1)])
-    decode = _TreeDecode(engine, rows, _PrefixCaches(engine._prefix_cache, rows, engine.stats), StopRule((), 4))
+    rows = engine.plan(masked([enc], get_condition("instructions+examples")), [MaskFrom(j) for j in range(L + 1)])
+    decode = TreeDecode(engine, rows, engine.prefix_caches(rows), StopRule((), 4))
     with engine._slot_hooks():
         decode.forward(0)
     plain = forward(lm.model, torch.tensor([enc.ids]), cache=DynamicCache())
@@ -215,9 +217,9 @@ def test_screened_head_ties_go_to_the_first_token_and_crowds_fall_back(monkeypat
 def test_screened_head_refuses_what_it_cannot_certify():
     model = _head_model()
     model.lm_head = torch.nn.Linear(64, 100, bias=True)
-    assert "bias" in ScreenedHead.supported(model)
+    assert "bias" in ScreenedHead.unsupported_reason(model)
     model.lm_head = torch.nn.Linear(64, 100, bias=False).to(torch.bfloat16)
-    assert "bfloat16" in ScreenedHead.supported(model)
+    assert "bfloat16" in ScreenedHead.unsupported_reason(model)
 
 
 def test_engine_checks_the_screen_on_the_model():
@@ -357,7 +359,7 @@ def test_drafts_right_partly_right_wrong_and_too_long(family, length, wrong_at):
     rows = [MaskFrom(j) for j in range(lm.info.num_layers + 1)] + [UNCHANGED]
     engine = _oracle_engine(lm, encs, rows, condition, length, wrong_at)
     got = generations(engine, encs, condition, rows, max_new=16)
-    assert got == generations(SweepEngine(lm.model, lm.tokenizer), encs, condition, rows, max_new=16)
+    assert got == generations(FastEngine(lm.model, lm.tokenizer), encs, condition, rows, max_new=16)
     stats = engine.stats
     assert engine.drafter.proposed > 0 and stats["draft_tokens"] > 0
     if wrong_at == 0:
@@ -377,7 +379,7 @@ def test_stop_string_and_eos_inside_drafts(family, position):
     stop = (lm.tokenizer.decode(first.token_ids[position : position + 1]),)
     engine = _oracle_engine(lm, encs, rows, condition, 6)  # drafts run past the stop string
     got = generations(engine, encs, condition, rows, stop=stop, max_new=16)
-    assert got == generations(SweepEngine(lm.model, lm.tokenizer), encs, condition, rows, stop=stop, max_new=16)
+    assert got == generations(FastEngine(lm.model, lm.tokenizer), encs, condition, rows, stop=stop, max_new=16)
     assert any(finish == "stop" for _, finish in got.values()) and engine.stats["draft_accepted"] > 0
     config = lm.model.generation_config
     saved = config.eos_token_id
@@ -386,7 +388,7 @@ def test_stop_string_and_eos_inside_drafts(family, position):
         config.eos_token_id = first.token_ids[position]
         engine.eos = {first.token_ids[position]}
         got = generations(engine, encs, condition, rows, max_new=16)
-        assert got == generations(SweepEngine(lm.model, lm.tokenizer), encs, condition, rows, max_new=16)
+        assert got == generations(FastEngine(lm.model, lm.tokenizer), encs, condition, rows, max_new=16)
     finally:
         config.eos_token_id = saved
     assert any(finish == "eos" for _, finish in got.values()) and engine.stats["draft_accepted"] > 0
@@ -402,7 +404,7 @@ def test_ngram_drafts_exact_on_every_condition():
     for condition in ("instructions+examples", "instructions", "query", "baseline"):
         engine = TreeEngine(lm.model, lm.tokenizer, draft_tokens=4)
         got = generations(engine, encs, get_condition(condition), rows, max_new=20)
-        assert got == generations(SweepEngine(lm.model, lm.tokenizer), encs, get_condition(condition), rows, max_new=20)
+        assert got == generations(FastEngine(lm.model, lm.tokenizer), encs, get_condition(condition), rows, max_new=20)
         assert engine.stats["draft_tokens"] > 0
 
 
@@ -460,13 +462,13 @@ def test_every_live_slot_equals_a_batch_of_one_run_of_its_row(family, wrong_at):
     interventions = [MaskFrom(j) for j in range(L + 1)]
     engine = _oracle_engine(lm, encs, interventions, condition, 3, wrong_at)
     engine.head = RecordingHead(lm.model)
-    rows = engine._plan_rows(prompts, interventions)
-    decode = _TreeDecode(engine, rows, _PrefixCaches(engine._prefix_cache, rows, engine.stats), StopRule((), 12))
+    rows = engine.plan(prompts, interventions)
+    decode = TreeDecode(engine, rows, engine.prefix_caches(rows), StopRule((), 12))
     checked_steps = splits_seen = holes_seen = 0
     with engine._slot_hooks():
         step = 0
         while decode.alive:
-            drafts = decode._drafts() if step else {}
+            drafts = decode.drafts() if step else {}
             alive = list(decode.alive)
             before = {m: len(decode.members[m].tokens) for m in alive}
             predicted = decode.forward(step, drafts)
@@ -485,7 +487,7 @@ def test_every_live_slot_equals_a_batch_of_one_run_of_its_row(family, wrong_at):
                 forward(lm.model, ids, cache=reference, interventions=interventions_m)
                 group = decode.groups[member.group]
                 visible = torch.cat(
-                    [decode.prompt_mask[member.query], torch.tensor(group.columns, dtype=torch.long)]
+                    [decode.layout.mask[member.query], torch.tensor(group.columns, dtype=torch.long)]
                 ).bool()
                 holes_seen += int((torch.tensor(group.columns) == 0).sum()) if group.columns else 0
                 # columns hidden from layer j on are never read there: their states may differ (shared context)
@@ -494,7 +496,7 @@ def test_every_live_slot_equals_a_batch_of_one_run_of_its_row(family, wrong_at):
                     hidden_cols[a:b] = True
                 for layer in range(L):
                     read = ~hidden_cols if layer >= row.layer else torch.ones_like(hidden_cols)
-                    slot = decode.keys[layer].index(decode._key(m, layer))
+                    slot = decode.keys[layer].index(decode.slot_key(m, layer))
                     cached = decode.cache.layers[layer]
                     for ours, theirs in (
                         (cached.keys[slot][:, visible], reference.layers[layer].keys[0]),

@@ -14,6 +14,16 @@ from pathlib import Path
 from .cli_args import build_parser, csv_list, settings_from, short
 from .core.catalog import ALIASES, EMBEDDED, TINY_CONFIGS
 from .core.conditions import CONDITIONS
+from .experiments.options import (
+    BenchSettings,
+    DemoSettings,
+    LoraRun,
+    LoraSettings,
+    PruneSettings,
+    RaySettings,
+    RunSettings,
+    StartupSettings,
+)
 from .experiments.settings import SweepConfig, load_config, validate
 from .util.errors import Interrupted, UserError
 from .util.fileio import write_json_atomic
@@ -31,11 +41,9 @@ def command_line() -> str:
 
 
 def cmd_run(args) -> int:
-    from .experiments.decode import RunSettings, run_decode  # lazy: torch (see the module docstring)
+    from .experiments.decode import run_decode  # lazy: torch (see the module docstring)
 
-    result = run_decode(
-        settings_from(args, RunSettings, instructions=not args.no_instructions, task=args.task or "flores"), log=err
-    )
+    result = run_decode(settings_from(args, RunSettings, instructions=not args.no_instructions), log=err)
     err(result.description)
     print(f"{'id':<16} {'generation':<44} {'reference':<44} {result.metric:>7}")
     for r in result.rows:
@@ -90,7 +98,7 @@ def cmd_data_fetch(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .experiments.bench import BenchSettings, run_bench  # lazy: torch
+    from .experiments.bench import run_bench  # lazy: torch
 
     result = run_bench(settings_from(args, BenchSettings), log=err)
     print(result.table())
@@ -104,7 +112,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_prune(args) -> int:
-    from .experiments.prune import PruneSettings, run_prune  # lazy: torch
+    from .experiments.prune import run_prune  # lazy: torch
 
     result = run_prune(settings_from(args, PruneSettings, check=not args.no_check), command_line(), log=err)
     print(result.table())
@@ -131,16 +139,9 @@ def sweep_config_from_args(args) -> SweepConfig:
 
 def ray_settings(args):
     """RaySettings, or None for the local executor."""
-    from .experiments.executors import RaySettings  # lazy: torch (the executors compute units)
-
     if args.executor != "ray":
         return None
-    return RaySettings(
-        address=args.ray_address,
-        workers=args.workers,
-        cpus_per_worker=args.cpus_per_worker,
-        gpus_per_worker=args.gpus_per_worker,
-    )
+    return settings_from(args, RaySettings, rename={"ray_address": "address"})
 
 
 def cmd_sweep(args) -> int:
@@ -177,11 +178,12 @@ LORA_RENAME = {"epochs": "max_epochs"}
 
 
 def cmd_lora_sweep(args) -> int:
-    from .experiments.lora import LoraRun, LoraSettings, lora_settings, run_lora_sweep  # lazy: torch, peft
+    from .experiments.lora import lora_settings, run_lora_sweep  # lazy: torch, peft
 
     given = {LORA_RENAME.get(k, k): v for k, v in vars(args).items()}
     settings = lora_settings(args.preset, {k: given[k] for k in LoraSettings.__dataclass_fields__ if k in given})
-    results, store = run_lora_sweep(settings_from(args, LoraRun, settings=settings), command_line(), ray_settings(args))
+    run = settings_from(args, LoraRun, settings=settings)
+    results, store = run_lora_sweep(run, command_line(), ray_settings(args))
     print(f"{'layer':>5} {'zero-shot BLEU':>15} {'epochs':>7} {'best val loss':>14} {'seconds':>8} {'train tok/s':>12}")
     for r in results:  # training tokens: the training sequences' tokens, whichever positions the loss scores
         c = r["curve"]
@@ -190,12 +192,12 @@ def cmd_lora_sweep(args) -> int:
             f"{r['layer']:>5} {r['bleu']:15.2f} {len(c['train_loss']):>7} {c['best_val_loss']:14.4f} "
             f"{r['seconds']:8.0f} {rate:12.0f}"
         )
-    print(f"adapters in {Path(args.out_dir) / 'adapters'}; results in the store {store}")
+    print(f"adapters in {Path(run.out_dir) / 'adapters'}; results in the store {store}")
     return 0
 
 
 def cmd_startup(args) -> int:
-    from .experiments.startup import StartupSettings, run_startup, startup_table  # lazy: with the command
+    from .experiments.startup import run_startup, startup_table  # lazy: with the command
 
     result = run_startup(settings_from(args, StartupSettings), log=err)
     print(startup_table(result))
@@ -205,7 +207,7 @@ def cmd_startup(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .experiments.demo import DemoSettings, run_demo  # lazy: torch
+    from .experiments.demo import run_demo  # lazy: torch
 
     run_demo(settings_from(args, DemoSettings))
     return 0

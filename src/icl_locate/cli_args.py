@@ -5,7 +5,19 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
+from .core.catalog import EMBEDDED
+from .experiments.options import (
+    BenchSettings,
+    DemoSettings,
+    LoraRun,
+    LoraSettings,
+    PruneSettings,
+    RaySettings,
+    RunSettings,
+    StartupSettings,
+)
 from .experiments.presets import PRESETS
+from .experiments.settings import SweepConfig
 from .util.errors import UserError
 
 
@@ -32,6 +44,12 @@ def settings_from(args, cls, rename: dict[str, str] | None = None, **extra):
     return cls(**({k: v for k, v in values.items() if k in names} | extra))
 
 
+def default(cls, name: str) -> str:
+    """The default a settings dataclass gives ``name``, for help text: argparse itself defaults to None
+    (an option left out), so that the dataclass is the one place the default is written."""
+    return str(cls.__dataclass_fields__[name].default)
+
+
 def csv_list(value: str | None, cast: Callable = str) -> list | None:
     if value is None:
         return None
@@ -42,6 +60,46 @@ def csv_list(value: str | None, cast: Callable = str) -> list | None:
 
 
 # --------------------------------------------------------------------------- parsers
+
+MODEL_HELP = f"alias, hub id, local dir, .gguf file or tiny:<family> (default {EMBEDDED})"
+TASK_HELP = f"task name (see `icl-locate tasks`) or task file (.yaml); default {default(SweepConfig, 'task')}"
+INSTRUCTIONS = {(True,): "yes", (False,): "no", (True, False): "both"}
+
+# lora-sweep's numeric options: flag, type, LoraSettings field, help (the default is appended)
+LORA_NUMBERS = [
+    ("--train-size", int, "train_size", "training pairs from dev 1-800"),
+    ("--val-size", int, "val_size", "validation pairs from dev 801-997"),
+    ("--epochs", int, "max_epochs", "maximum epochs; early stopping usually ends sooner"),
+    ("--patience", int, "patience", "early stopping: epochs without improvement"),
+    ("--threshold", float, "threshold", "early stopping: the least validation-loss gain that counts"),
+    ("--r", int, "r", "LoRA rank"),
+    ("--alpha", int, "alpha", "LoRA alpha"),
+    ("--dropout", float, "dropout", "LoRA dropout"),
+    ("--lr", float, "lr", "learning rate"),
+    ("--batch-size", int, "batch_size", "examples per optimiser update"),
+    ("--micro-batch", int, "micro_batch", "examples per forward (gradient accumulation)"),
+    ("--seed", int, "seed", "training seed"),
+]
+
+
+def _listed(name: str) -> str:
+    """A SweepConfig list field's default as the comma list the flag takes."""
+    return ",".join(map(str, SweepConfig.__dataclass_fields__[name].default_factory()))
+
+
+def _add_study_options(parser: argparse.ArgumentParser, cls, condition: str = "masking condition") -> None:
+    """--model, --task, --pair, --condition, --n-test, --k, --seed of bench and prune, defaults from ``cls``."""
+    parser.add_argument("--model", default=None, help=MODEL_HELP)
+    parser.add_argument("--task", default=None, help=TASK_HELP)
+    parser.add_argument("--pair", default=None, help=f"translation direction [{default(cls, 'pair')}]")
+    parser.add_argument("--condition", default=None, help=f"{condition} [{default(cls, 'condition')}]")
+    parser.add_argument(
+        "--n-test", type=int, default=None, help=f"use the first N test items [{default(cls, 'n_test')}]"
+    )
+    parser.add_argument("--k", type=int, default=None, help=f"number of in-context examples [{default(cls, 'k')}]")
+    parser.add_argument(
+        "--seed", type=int, default=None, help=f"seed for sampling the examples [{default(cls, 'seed')}]"
+    )
 
 
 def _add_data_and_device_options(parser: argparse.ArgumentParser) -> None:
@@ -98,13 +156,21 @@ def _add_executor_options(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="default: start a local Ray instance; 'auto': join the running cluster; or its address",
     )
-    parser.add_argument("--workers", type=int, default=2, help="ray: number of workers (actors)")
-    parser.add_argument("--cpus-per-worker", type=float, default=1.0, help="ray: CPUs reserved per worker")
+    parser.add_argument(
+        "--workers", type=int, default=None, help=f"ray: number of workers (actors) [{default(RaySettings, 'workers')}]"
+    )
+    parser.add_argument(
+        "--cpus-per-worker",
+        type=float,
+        default=None,
+        help=f"ray: CPUs reserved per worker [{default(RaySettings, 'cpus_per_worker')}]",
+    )
     parser.add_argument(
         "--gpus-per-worker",
         type=float,
-        default=0.0,
-        help="ray: GPUs per worker; fractions (0.25) pack small models several to a GPU",
+        default=None,
+        help="ray: GPUs per worker; fractions (0.25) pack small models several to a GPU "
+        f"[{default(RaySettings, 'gpus_per_worker')}]",
     )
 
 
@@ -113,17 +179,26 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     run = sub.add_parser("run", help="decode a test set under one masking condition and layer; score it")
-    run.add_argument("--model", default="gemma-3-270m", help="alias, hub id, local dir, .gguf file or tiny:<family>")
-    run.add_argument(
-        "--task", default=None, help="task name (see `icl-locate tasks`) or task file (.yaml); default flores"
-    )
+    run.add_argument("--model", default=None, help=MODEL_HELP)
+    run.add_argument("--task", default=None, help=TASK_HELP)
     run.add_argument("--pair", help="translation direction, e.g. fra-eng, fr-en, fra_Latn-eng_Latn")
-    run.add_argument("--condition", default="baseline", help="masking condition (see `icl-locate conditions`)")
+    run.add_argument(
+        "--condition",
+        default=None,
+        help=f"masking condition (see `icl-locate conditions`; default {default(RunSettings, 'condition')})",
+    )
     run.add_argument(
         "--from-layer", type=int, default=None, help="mask in every layer >= this one; = number of layers masks nothing"
     )
-    run.add_argument("--k", type=int, default=5, help="number of in-context examples (default 5)")
-    run.add_argument("--seed", type=int, default=0, help="seed for sampling the examples")
+    run.add_argument(
+        "--k", type=int, default=None, help=f"number of in-context examples (default {default(RunSettings, 'k')})"
+    )
+    run.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help=f"seed for sampling the examples (default {default(RunSettings, 'seed')})",
+    )
     run.add_argument("--n-test", type=int, default=None, help="use the first N test items")
     run.add_argument("--no-instructions", action="store_true", help="drop the instruction header")
     run.add_argument("--per-query-examples", action="store_true", help="sample new examples for every query")
@@ -131,21 +206,27 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="write one JSON line per prediction here")
     _add_data_and_device_options(run)
     _add_own_data_options(run)
-    run.add_argument("--workers", type=int, default=2, help="code tasks: sandbox workers")
-    run.add_argument("--timeout", type=float, default=3.0, help="code tasks: seconds per sample")
+    run.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help=f"code tasks: sandbox workers (default {default(RunSettings, 'workers')})",
+    )
+    run.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help=f"code tasks: seconds per sample (default {default(RunSettings, 'timeout')})",
+    )
     run.set_defaults(command_name="run")
 
     bench = sub.add_parser("bench", help="time the paper's sweep method against the fast engine")
-    bench.add_argument("--model", default="gemma-3-270m")
-    bench.add_argument("--task", default="flores")
-    bench.add_argument("--pair", default="fra-eng")
-    bench.add_argument("--condition", default="instructions+examples")
-    bench.add_argument("--layers", default="all", help="'all' (0..L) or a comma list")
-    bench.add_argument("--n-test", type=int, default=8)
-    bench.add_argument("--k", type=int, default=5)
-    bench.add_argument("--seed", type=int, default=0)
+    _add_study_options(bench, BenchSettings)
+    bench.add_argument(
+        "--layers", default=None, help=f"'all' (0..L) or a comma list [{default(BenchSettings, 'layers')}]"
+    )
     bench.add_argument("--batch-size", type=int, default=None, help="engine rows per batch (default: auto)")
-    bench.add_argument("--skip-paper", action="store_true", help="skip (a), the slowest")
+    bench.add_argument("--skip-paper", action="store_true", default=None, help="skip (a), the slowest")
     _add_engine_options(bench)
     bench.add_argument(
         "--require-identical",
@@ -153,22 +234,23 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="exit 1 if fewer (sentence, layer) pairs than this fraction match (b), for (c) or (d)",
     )
-    bench.add_argument("--json", help="write the measurements here")
+    bench.add_argument("--json", help="write the measurements here (JSON)")
     _add_data_and_device_options(bench)
     _add_own_data_options(bench)
     bench.set_defaults(command_name="bench")
 
     pr = sub.add_parser("prune", help="context-pruned inference: time, memory, FLOPs and quality vs full processing")
-    pr.add_argument("--model", default="gemma-3-270m")
-    pr.add_argument("--task", default="flores")
-    pr.add_argument("--pair", default="fra-eng")
-    pr.add_argument("--condition", default="instructions+examples", help="the context range to prune")
+    _add_study_options(pr, PruneSettings, condition="the context range to prune")
     pr.add_argument("--layer", type=int, required=True, help="r: the context is processed in layers < r only")
-    pr.add_argument("--n-test", type=int, default=16)
-    pr.add_argument("--k", type=int, default=5)
-    pr.add_argument("--seed", type=int, default=0)
-    pr.add_argument("--per-query-examples", action="store_true", help="sample new examples for every query")
-    pr.add_argument("--batch-size", type=int, default=8, help="requests decoded together")
+    pr.add_argument(
+        "--per-query-examples", action="store_true", default=None, help="sample new examples for every query"
+    )
+    pr.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help=f"requests decoded together [{default(PruneSettings, 'batch_size')}]",
+    )
     pr.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's (50 for MT)")
     pr.add_argument("--no-check", action="store_true", help="skip the check against masking from r")
     pr.add_argument("--json", help="write the measurements here")
@@ -180,8 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     sc = sub.add_parser("score-code", help="run HumanEval completions in the sandbox; print pass@1")
     sc.add_argument("--samples", required=True, help='JSONL lines {"task_id": ..., "completion": ...}')
     sc.add_argument("--out", help="per-sample results (default: <samples>_results.jsonl)")
-    sc.add_argument("--workers", type=int, default=2)
-    sc.add_argument("--timeout", type=float, default=3.0)
+    sc.add_argument("--workers", type=int, default=2, help="sandbox workers (default 2)")
+    sc.add_argument("--timeout", type=float, default=3.0, help="seconds per sample (default 3)")
     sc.set_defaults(command_name="score-code")
 
     sub.add_parser("tasks", help="list the registered tasks").set_defaults(command_name="tasks")
@@ -200,14 +282,20 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--store", required=True, help="SQLite results file (created if missing; reruns resume)")
     sw.add_argument("--preset", help=", ".join(PRESETS))
     sw.add_argument("--config", help="experiment YAML (keys as SweepConfig)")
-    sw.add_argument("--model", default=None)
-    sw.add_argument("--task", default=None)
-    sw.add_argument("--pairs", help="comma list, e.g. fra-eng,eng-fra")
-    sw.add_argument("--conditions", help="comma list of masking conditions")
-    sw.add_argument("--instructions", choices=["yes", "no", "both"], default=None)
-    sw.add_argument("--seeds", help="comma list")
-    sw.add_argument("--ks", help="comma list of example counts")
-    sw.add_argument("--layers", default=None, help="'all' or a comma list")
+    sw.add_argument("--model", default=None, help=MODEL_HELP)
+    sw.add_argument("--task", default=None, help=TASK_HELP)
+    sw.add_argument("--pairs", help=f"comma list, e.g. fra-eng,eng-fra [{_listed('pairs')}]")
+    sw.add_argument("--conditions", help=f"comma list of masking conditions [{_listed('conditions')}]")
+    sw.add_argument(
+        "--instructions",
+        choices=["yes", "no", "both"],
+        default=None,
+        help="with the instruction header, without, or both "
+        f"[{INSTRUCTIONS[tuple(SweepConfig.__dataclass_fields__['instructions'].default_factory())]}]",
+    )
+    sw.add_argument("--seeds", help=f"comma list of seeds for sampling the examples [{_listed('seeds')}]")
+    sw.add_argument("--ks", help=f"comma list of example counts [{_listed('ks')}]")
+    sw.add_argument("--layers", default=None, help=f"'all' or a comma list [{default(SweepConfig, 'layers')}]")
     sw.add_argument("--layer-ablation", action="store_true", help="also ablate each layer's attention")
     sw.add_argument(
         "--heads",
@@ -223,9 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="restore: hide the context from this layer on (default: the layer below the recognition "
         "layer of the store's layer sweep)",
     )
-    sw.add_argument("--n-test", type=int, default=None)
-    sw.add_argument("--max-new-tokens", type=int, default=None)
-    sw.add_argument("--batch-size", type=int, default=None)
+    sw.add_argument("--n-test", type=int, default=None, help="use the first N test items [all]")
+    sw.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's (50 for MT)")
+    sw.add_argument("--batch-size", type=int, default=None, help="engine rows per batch (default: auto)")
     _add_engine_options(sw)
     sw.add_argument(
         "--audit",
@@ -246,17 +334,17 @@ def build_parser() -> argparse.ArgumentParser:
     sw.set_defaults(command_name="sweep")
 
     rep = sub.add_parser("report", help="figures and an HTML/Markdown report from a results store")
-    rep.add_argument("store")
+    rep.add_argument("store", help="SQLite results file of a sweep (or lora-sweep, prune --store)")
     rep.add_argument("--out-dir", default=None, help="default: <store>_report/")
-    rep.add_argument("--format", choices=["html", "md"], default="html")
+    rep.add_argument("--format", choices=["html", "md"], default="html", help="html (self-contained) or md")
     rep.add_argument("--fraction", type=float, default=0.95, help="recognition threshold (share of baseline)")
     rep.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates")
     rep.set_defaults(command_name="report")
 
     lo = sub.add_parser("lora-sweep", help="train a LoRA adapter on one layer at a time; zero-shot BLEU per layer")
-    lo.add_argument("--model", default="gemma-3-270m")
-    lo.add_argument("--pair", default="fra-eng")
-    lo.add_argument("--layers", default="all", help="'all' or a comma list")
+    lo.add_argument("--model", default=None, help=MODEL_HELP)
+    lo.add_argument("--pair", default=None, help=f"translation direction [{default(LoraRun, 'pair')}]")
+    lo.add_argument("--layers", default=None, help=f"'all' or a comma list [{default(LoraRun, 'layers')}]")
     lo.add_argument(
         "--preset",
         default=None,
@@ -265,18 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
         "r 8, alpha 32, dropout 0.05, lr 1e-4, batch 32, loss on every position)",
     )
     # None = not given: the preset's value, else LoraSettings' default (shown in brackets)
-    lo.add_argument("--train-size", type=int, default=None, help="[800]")
-    lo.add_argument("--val-size", type=int, default=None, help="validation pairs from dev 801-997 [197]")
-    lo.add_argument("--epochs", type=int, default=None, help="maximum epochs; early stopping usually ends sooner [100]")
-    lo.add_argument("--patience", type=int, default=None, help="[5]")
-    lo.add_argument("--threshold", type=float, default=None, help="[0.01]")
-    lo.add_argument("--r", type=int, default=None, help="[8]")
-    lo.add_argument("--alpha", type=int, default=None, help="[32]")
-    lo.add_argument("--dropout", type=float, default=None, help="[0.05]")
-    lo.add_argument("--lr", type=float, default=None, help="[1e-4]")
-    lo.add_argument("--batch-size", type=int, default=None, help="[32]")
-    lo.add_argument("--micro-batch", type=int, default=None, help="[8]")
-    lo.add_argument("--seed", type=int, default=None, help="[0]")
+    for flag, cast, field, text in LORA_NUMBERS:
+        lo.add_argument(flag, type=cast, default=None, help=f"{text} [{default(LoraSettings, field)}]")
     lo.add_argument(
         "--loss",
         default=None,
@@ -312,8 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="activations kept for backward per training piece, MiB; a micro-batch that needs more "
         "runs in row pieces (same results) [CPU: 512; GPU: a quarter of its free memory]",
     )
-    lo.add_argument("--n-test", type=int, default=None)
-    lo.add_argument("--out-dir", default="runs/lora")
+    lo.add_argument("--n-test", type=int, default=None, help="zero-shot BLEU on the first N devtest pairs [all]")
+    lo.add_argument("--out-dir", default=None, help=f"adapters go here [{default(LoraRun, 'out_dir')}]")
     lo.add_argument("--store", default=None, help="results store (default <out-dir>/study.sqlite)")
     _add_data_and_device_options(lo)
     _add_executor_options(lo)
@@ -323,16 +401,25 @@ def build_parser() -> argparse.ArgumentParser:
         "startup",
         help="where a command's first seconds go: imports, model load, first token (fresh processes, medians)",
     )
-    st.add_argument("--model", default=None, help="model to load (default: the embedded gemma-3-270m)")
-    st.add_argument("--repeats", type=int, default=None, help="fresh processes per measurement (default 3)")
+    st.add_argument(
+        "--model", default=None, help=f"model to load (default: the embedded {default(StartupSettings, 'model')})"
+    )
+    st.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help=f"fresh processes per measurement (default {default(StartupSettings, 'repeats')})",
+    )
     st.add_argument("--json", default=None, help="also write the measurements here")
     st.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: fp32 CPU, bf16 GPU)")
     st.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
     st.set_defaults(command_name="startup")
 
     demo = sub.add_parser("demo", help="the main job: a small real study on the embedded model")
-    demo.add_argument("--out-dir", default="runs/demo")
-    demo.add_argument("--n-test", type=int, default=16)
-    demo.add_argument("--data-dir", default=None)
+    demo.add_argument("--out-dir", default=None, help=f"where the study goes [{default(DemoSettings, 'out_dir')}]")
+    demo.add_argument(
+        "--n-test", type=int, default=None, help=f"test sentences per unit [{default(DemoSettings, 'n_test')}]"
+    )
+    demo.add_argument("--data-dir", default=None, help="data directory (default $ICL_LOCATE_DATA_DIR)")
     demo.set_defaults(command_name="demo")
     return p

@@ -29,6 +29,7 @@ from ..util.fileio import file_sha256
 from .attention import prepare_model
 from .catalog import ALIASES, DTYPE_NAMES, EMBEDDED, TINY_CONFIGS, check_dtype_name
 from .structure import config_layers, decoder_config
+from .tokenizer_files import load_tokenizer
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,7 @@ def load_description(spec: str, dtype: str | torch.dtype | None = None, device: 
     source = _resolve_source(spec)
     try:
         config = AutoConfig.from_pretrained(source)
-        tokenizer = _prepared_tokenizer(AutoTokenizer.from_pretrained(source))
+        tokenizer = _tokenizer(source)
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load the config and tokenizer of {source!r} ({_first_line(err)})") from None
     architecture = (getattr(config, "architectures", None) or [type(config).__name__])[0]
@@ -184,7 +185,7 @@ def _from_pretrained(source: str, spec: str, torch_dtype: torch.dtype, attn_impl
     try:
         # the tokenizer (large vocabularies take seconds) loads while the weights do
         with ThreadPoolExecutor(1) as pool:
-            tokenizer_job = pool.submit(AutoTokenizer.from_pretrained, source)
+            tokenizer_job = pool.submit(_tokenizer, source)
             model = AutoModelForCausalLM.from_pretrained(
                 source, dtype=torch_dtype, attn_implementation=attn_implementation
             )
@@ -196,7 +197,14 @@ def _from_pretrained(source: str, spec: str, torch_dtype: torch.dtype, attn_impl
             f"cannot load {source!r} from the Hugging Face hub ({_first_line(err)}). Without network access, "
             f"download it elsewhere (`hf download {source} --local-dir DIR`) and pass --model DIR"
         ) from None
-    return model, _prepared_tokenizer(tokenizer)
+    return model, tokenizer
+
+
+def _tokenizer(source: str):
+    """The source's tokenizer, prepared for batching; a checkpoint we built loads from its tokenizer.json."""
+    if (Path(source) / MANIFEST).is_file():
+        return load_tokenizer(Path(source), _prepared_tokenizer)
+    return _prepared_tokenizer(AutoTokenizer.from_pretrained(source))
 
 
 def _prepared_tokenizer(tokenizer):

@@ -65,6 +65,16 @@ def render_header(fmt: PromptFormat, l1: str = "", l2: str = "") -> str:
     return fmt.header.replace("<L1>", l1).replace("<L2>", l2)
 
 
+def render_query(fmt: PromptFormat, source: str) -> str:
+    """One query: Q + src + A (a prompt ends here, where the answer begins)."""
+    return f"{fmt.q}{source.strip()}{fmt.a}"
+
+
+def render_answered(fmt: PromptFormat, example: Example) -> str:
+    """One query and its answer: Q + src + A + tgt (no example suffix: what a fine-tuned model reads)."""
+    return f"{render_query(fmt, example.source)}{example.target.strip()}"
+
+
 def build_prompt(fmt: PromptFormat, examples: Sequence[Example], query: str, header: str | None = None) -> Prompt:
     """Assemble the paper's prompt and remember where each part is.
 
@@ -72,9 +82,9 @@ def build_prompt(fmt: PromptFormat, examples: Sequence[Example], query: str, hea
     no-instructions variant.
     """
     header = fmt.header if header is None else header
-    shots = fmt.sep.join(f"{fmt.q}{ex.source.strip()}{fmt.a}{ex.target.strip()}{fmt.example_suffix}" for ex in examples)
+    shots = fmt.sep.join(f"{render_answered(fmt, ex)}{fmt.example_suffix}" for ex in examples)
     prefix = f"{header}{fmt.sep}{shots}" if shots else header
-    query_text = f"{fmt.q}{query.strip()}{fmt.a}"
+    query_text = render_query(fmt, query)
     text = f"{prefix}{fmt.sep}{query_text}"
     query_start = len(prefix) + len(fmt.sep)
     spans: dict[str, CharSpan | None] = {
@@ -93,6 +103,37 @@ def sample_examples(bank: Sequence[Example], k: int, seed: int) -> list[Example]
         raise UserError(f"{k} examples requested but the prompt bank has only {len(bank)}")
     rng = random.Random(seed)
     return [bank[i] for i in rng.sample(range(len(bank)), k)]
+
+
+@dataclass
+class PromptedItem:
+    item: Example
+    prompt: Prompt
+    encoded: EncodedPrompt
+
+
+def prompt_items(
+    fmt: PromptFormat,
+    bank: Sequence[Example],
+    queries: Sequence[Example],
+    tokenizer,
+    k: int,
+    seed: int,
+    header: str,
+    per_query_examples: bool = False,
+) -> list[PromptedItem]:
+    """Each query's prompt, tokenised: k examples from ``bank`` then the query.
+
+    As the paper: one set of k examples per seed shared by every query; with
+    ``per_query_examples`` each query draws its own (seeded by seed and its index).
+    """
+    shared = sample_examples(bank, k, seed)
+    items = []
+    for i, ex in enumerate(queries):
+        shots = sample_examples(bank, k, seed * 1_000_003 + i) if per_query_examples else shared
+        prompt = build_prompt(fmt, shots, ex.source, header=header)
+        items.append(PromptedItem(item=ex, prompt=prompt, encoded=encode_prompt(tokenizer, prompt)))
+    return items
 
 
 # --------------------------------------------------------------------------- tokens

@@ -1,9 +1,11 @@
 """What every engine shares: the Engine protocol, a generation, the stop rule, one forward pass.
 
 An engine takes prompts with their hidden columns (``MaskedPrompt``) and row interventions
-(``MaskFrom(j)``, ``AblateLayers``, ``PruneFrom(r)``, ``UNCHANGED``) and returns the greedy
-generation of every (prompt, intervention) pair. The reference engine decodes them one by one
-and is obviously right; the sweep and pruned engines are fast and tested against it.
+(``MaskFrom(j)``, ``HeadMask``, ``AblateLayers``, ``PruneFrom(r)``, ``UNCHANGED``) and returns the
+greedy generation of every (prompt, intervention) pair. The reference engine (``reference.py``)
+decodes them one by one and is obviously right; the fast (``fast.py``), tree (``tree.py``) and
+pruned (``pruned.py``) engines are tested against it; ``paper.py`` is the paper's own way, a
+baseline for ``bench``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from torch import nn
 from ..core.conditions import MaskedPrompt
 from ..core.interventions import BatchIntervention, RowIntervention, intervene
 
-Progress = Callable[[int, int], None]
+ProgressCallback = Callable[[int, int], None]  # (rows done, rows in all)
 
 
 @dataclass
@@ -70,7 +72,7 @@ class Engine(Protocol):
         prompts: Sequence[MaskedPrompt],
         interventions: Sequence[RowIntervention],
         stop: StopRule,
-        progress: Progress | None = None,
+        progress: ProgressCallback | None = None,
     ) -> dict[ResultKey, Generation]: ...
 
 

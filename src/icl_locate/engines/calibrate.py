@@ -1,4 +1,4 @@
-"""Measure, then choose: every hardware-dependent choice of a sweep engine, timed on the loaded model.
+"""Measure, then choose: every hardware-dependent choice of an engine, timed on the loaded model.
 
 Which engine and LM head are fastest depends on the machine, not on the method: a bf16 screen of
 the LM head pays off only where bf16 products are faster than fp32 ones (CPUs with AVX-512 BF16,
@@ -42,9 +42,9 @@ from ..util.errors import UserError
 from ..util.fileio import write_json_atomic
 from ..util.system import hardware, hardware_line
 from .base import Engine, StopRule, last_hidden
+from .fast import FastEngine
 from .head import ScreenedHead, screen_mismatch
 from .request import EngineRequest
-from .sweep import SweepEngine
 from .tree import TreeEngine
 
 DRAFT_LENGTHS = (2, 4, 8)
@@ -214,7 +214,7 @@ class Calibrator:
         if wanted == "plain":
             reasons["head"] = "forced"
             return "plain"
-        why_not = ScreenedHead.supported(self.model)
+        why_not = ScreenedHead.unsupported_reason(self.model)
         screen = ScreenedHead(self.model) if why_not is None else None
         if screen is not None:
             why_not = screen_mismatch(self.model, screen)
@@ -293,7 +293,7 @@ class Calibrator:
             rows = list(dict.fromkeys(rows[round(i * step)] for i in range(MINI_RUN_ROWS)))
         short = StopRule(stop.stop_strings, min(stop.max_new_tokens, MINI_RUN_TOKENS))
         engines = {
-            "fast": SweepEngine(self.model, self.tokenizer, batch_size=self.request.batch_size),
+            "fast": FastEngine(self.model, self.tokenizer, batch_size=self.request.batch_size),
             "tree": TreeEngine(
                 self.model,
                 self.tokenizer,
@@ -318,7 +318,7 @@ class Calibrator:
 def build_engine(model, tokenizer, choices: Choices) -> Engine:
     """The engine ``choices`` describe."""
     if choices.engine == "fast":
-        return SweepEngine(model, tokenizer, batch_size=choices.batch_size)
+        return FastEngine(model, tokenizer, batch_size=choices.batch_size)
     return TreeEngine(
         model,
         tokenizer,

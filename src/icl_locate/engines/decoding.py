@@ -1,4 +1,5 @@
-"""The one batched greedy loop and the cache buffers it writes into (shared by the sweep and pruned engines)."""
+"""The one batched greedy loop and the cache buffers it writes into (the fast and pruned engines decode
+with the loop; the tree engine, which runs its own, writes into ``SlotLayer``)."""
 
 from __future__ import annotations
 
@@ -132,3 +133,40 @@ class PreallocatedLayer(DynamicLayer):
                 self.buf_v[new, :, : self.length].copy_(self.buf_v[old, :, : self.length])
         self.buf_k, self.buf_v = self.buf_k[: len(indices)], self.buf_v[: len(indices)]
         self._views()
+
+
+class SlotLayer(PreallocatedLayer):
+    """A cache layer whose rows are slots that come and go: dropped slots are compacted away in
+    place, new slots are copies of kept ones appended at the end (the buffer grows when full)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int):
+        super().__init__(keys, values, length)
+        self.rows = keys.shape[0]
+
+    def _views(self) -> None:
+        rows = getattr(self, "rows", self.buf_k.shape[0])
+        self.keys, self.values = self.buf_k[:rows, :, : self.length], self.buf_v[:rows, :, : self.length]
+
+    def rearrange(self, keep: list[int], copies: list[int]) -> None:
+        """Keep old rows ``keep`` (ascending) in that order, then append copies of new rows ``copies``."""
+        for new, old in enumerate(keep):
+            if new != old:
+                self.buf_k[new, :, : self.length].copy_(self.buf_k[old, :, : self.length])
+                self.buf_v[new, :, : self.length].copy_(self.buf_v[old, :, : self.length])
+        rows = len(keep) + len(copies)
+        if rows > self.buf_k.shape[0]:
+            grown = max(rows, 2 * self.buf_k.shape[0])
+            self.buf_k = torch.cat(
+                [self.buf_k[: len(keep)], self.buf_k.new_empty(grown - len(keep), *self.buf_k.shape[1:])]
+            )
+            self.buf_v = torch.cat(
+                [self.buf_v[: len(keep)], self.buf_v.new_empty(grown - len(keep), *self.buf_v.shape[1:])]
+            )
+        for n, source in enumerate(copies):
+            self.buf_k[len(keep) + n, :, : self.length].copy_(self.buf_k[source, :, : self.length])
+            self.buf_v[len(keep) + n, :, : self.length].copy_(self.buf_v[source, :, : self.length])
+        self.rows = rows
+        self._views()
+
+    def used_bytes(self) -> int:
+        return 2 * self.keys.numel() * self.keys.element_size()

@@ -69,7 +69,7 @@ class ScreenedHead:
             self.stats["rebuilt"] += 1
 
     @staticmethod
-    def supported(model: nn.Module) -> str | None:
+    def unsupported_reason(model: nn.Module) -> str | None:
         """Why the screen cannot be used for ``model`` (None: it can)."""
         head = model.get_output_embeddings()
         if not isinstance(head, nn.Linear):

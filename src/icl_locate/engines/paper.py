@@ -16,7 +16,7 @@ from transformers import DynamicCache
 from ..core.conditions import MaskedPrompt
 from ..core.interventions import ColumnMask, MaskFrom, intervene
 from ..core.structure import num_layers
-from .base import Progress, StopRule
+from .base import ProgressCallback, StopRule
 
 
 class PaperEngine:
@@ -33,7 +33,7 @@ class PaperEngine:
         rows: Sequence[MaskFrom],
         max_new_tokens: int,
         stop: StopRule | None = None,
-        progress: Progress | None = None,
+        progress: ProgressCallback | None = None,
     ) -> dict[tuple[int, MaskFrom], list[int]]:
         tok, n = self.tokenizer, self.n_layers
         out: dict[tuple[int, MaskFrom], list[int]] = {}

@@ -21,7 +21,7 @@ layers (``ColumnDrop``). Architectures without ``AttentionInterface`` (GPT-Neo, 
 are not supported.
 
 Each request is processed on its own, as a deployment without prefix caching would: a shared
-context cached once (the sweep engine's trick) makes the context almost free already, and
+context cached once (the fast engine's trick) makes the context almost free already, and
 pruning then only shortens attention.
 """
 
@@ -31,19 +31,21 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from ..core import costs
 from ..core.attention import inline_attention
 from ..core.conditions import MaskedPrompt
 from ..core.interventions import ColumnDrop, PruneFrom, RowIntervention
-from ..core.structure import decoder_layers, num_layers, text_config
+from ..core.structure import num_layers
+from ..core.surgery import stop_before
 from ..util.errors import UserError
-from .base import Generation, Progress, ResultKey, StopRule, eos_ids, forward
+from .base import Generation, ProgressCallback, ResultKey, StopRule, eos_ids, forward
 from .decoding import PreallocatedLayer, decode_batch, right_aligned
+from .rows import left_padding_mask
 
 # --------------------------------------------------------------------------- what is pruned
 
@@ -103,28 +105,6 @@ class _LogicalLayer(DynamicLayer):
         return super().get_seq_length() + self.dropped
 
 
-class _StopForward(Exception):
-    """Raised before layer r: the pruned range's forward ends there."""
-
-
-class _stop_before_layer:
-    """Within the block, a forward pass ends (with _StopForward) when it reaches ``layer``."""
-
-    def __init__(self, model: nn.Module, layer: int):
-        self.layer = decoder_layers(model)[layer]
-
-    def __enter__(self):
-        def stop(module, args, kwargs):
-            raise _StopForward
-
-        self.handle = self.layer.register_forward_pre_hook(stop, with_kwargs=True)
-        return self
-
-    def __exit__(self, kind, value, tb):
-        self.handle.remove()
-        return kind is _StopForward  # swallow only our own signal
-
-
 # --------------------------------------------------------------------------- the engine
 
 
@@ -170,7 +150,7 @@ class PrunedEngine:
         prompts: Sequence[MaskedPrompt],
         interventions: Sequence[RowIntervention],
         stop: StopRule,
-        progress: Progress | None = None,
+        progress: ProgressCallback | None = None,
     ) -> dict[ResultKey, Generation]:
         """Every prompt under every ``PruneFrom(r)``."""
         out: dict[ResultKey, Generation] = {}
@@ -190,7 +170,7 @@ class PrunedEngine:
 
     @torch.no_grad()
     def generate_pruned(
-        self, prompts: Sequence[MaskedPrompt], from_layer: int, stop: StopRule, progress: Progress | None = None
+        self, prompts: Sequence[MaskedPrompt], from_layer: int, stop: StopRule, progress: ProgressCallback | None = None
     ) -> list[Generation]:
         """Every prompt with its hidden range pruned from ``from_layer``, in prompt order."""
         if not 0 <= from_layer <= self.n_layers:
@@ -226,7 +206,7 @@ class PrunedEngine:
             self._forward(ids_t[:, : split.start], cache, None, self.n_layers)
         if split.width > 0 and r > 0:
             if pruned:
-                with _stop_before_layer(self.model, r):
+                with stop_before(self.model, r):
                     self._forward(ids_t[:, split.start : split.end], cache, None, r)
             else:
                 self._forward(ids_t[:, split.start : split.end], cache, None, self.n_layers)
@@ -271,11 +251,9 @@ class PrunedEngine:
                     dropped=dropped,
                 )
             )
-        kv_bytes = sum(layer.buf_k.nbytes + layer.buf_v.nbytes for layer in cache.layers)
+        kv_bytes = costs.kv_bytes((layer.buf_k, layer.buf_v) for layer in cache.layers)
         self.stats["kv_bytes_peak"] = max(self.stats["kv_bytes_peak"], kv_bytes)
-        mask = torch.ones(len(rows), w + 1, dtype=torch.long)
-        for b, pad in enumerate(pads):
-            mask[b, :pad] = 0
+        mask = left_padding_mask(pads, w + 1)  # [B, cached columns + the last prompt token]
         drop = None
         if width and r < self.n_layers:
             drop = ColumnDrop.from_layer(
@@ -301,64 +279,3 @@ class PrunedEngine:
         )
         self.stats["token_layers"] += (self.stats["tokens_forwarded"] - before) * self.n_layers
         return gens
-
-
-# --------------------------------------------------------------------------- analytic FLOPs
-
-
-@dataclass(frozen=True)
-class ModelDims:
-    """What the FLOP count needs: per-layer weights, attention width, windows, vocabulary."""
-
-    layer_params: tuple[int, ...]
-    attention_width: int  # query heads x head dim
-    windows: tuple[int | None, ...]  # sliding window per layer (None: full attention)
-    lm_head: int  # vocabulary x hidden size
-
-    @classmethod
-    def of(cls, model: nn.Module) -> ModelDims:
-        config = text_config(model)
-        heads = config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        layer_types = getattr(config, "layer_types", None) or ["full_attention"] * num_layers(model)
-        window = getattr(config, "sliding_window", None)
-        windows = tuple(window if t == "sliding_attention" and window else None for t in layer_types)
-        emb = model.get_input_embeddings().weight
-        return cls(
-            layer_params=tuple(sum(p.numel() for p in layer.parameters()) for layer in decoder_layers(model)),
-            attention_width=heads * head_dim,
-            windows=windows,
-            lm_head=emb.numel(),
-        )
-
-
-def request_flops(dims: ModelDims, split: PruneSplit, fed_after_prompt: int, from_layer: int) -> dict[str, float]:
-    """Matmul FLOPs of one request, prompt and decoding separately.
-
-    Per token and layer: 2 x the layer's weights, plus 4 x attention width x visible keys (QK^T
-    and AV). Pruned-range tokens run only below ``from_layer``; at layers >= ``from_layer`` the
-    later tokens see the head and themselves. One logit row per forwarded step (last position).
-    ``fed_after_prompt``: generated tokens fed back (each but the last of a generation).
-    """
-    n = split.length + fed_after_prompt
-    pos = np.arange(n)
-    prompt = pos < split.length
-    in_range = (pos >= split.start) & (pos < split.end)
-    prompt_flops = decode_flops = 0.0
-    for layer, (params, window) in enumerate(zip(dims.layer_params, dims.windows)):
-        pruned = from_layer <= layer and split.width > 0
-        runs = ~in_range if pruned else np.ones(n, dtype=bool)
-        stored = (~in_range if pruned else np.ones(n, dtype=bool)).astype(np.int64)
-        before = np.cumsum(stored)  # visible keys up to and including each position
-        if window:
-            before = before - np.concatenate([np.zeros(window, dtype=np.int64), before[:-window]])[:n]
-        per_token = 2.0 * params + 4.0 * dims.attention_width * before
-        prompt_flops += float(per_token[runs & prompt].sum())
-        decode_flops += float(per_token[runs & ~prompt].sum())
-    logit_rows = 1 + fed_after_prompt
-    return {"prompt": prompt_flops + 2.0 * dims.lm_head, "decode": decode_flops + 2.0 * dims.lm_head * (logit_rows - 1)}
-
-
-def paper_savings(num_layers_: int, from_layer: int, k: int) -> float:
-    """The paper's estimate: (L - r) / L x k / (k + 1)."""
-    return (num_layers_ - from_layer) / num_layers_ * k / (k + 1)

@@ -16,43 +16,21 @@ from torch import nn
 from transformers import DynamicCache
 
 from ..core.conditions import MaskedPrompt
-from ..core.interventions import (
-    AblateLayers,
-    AttentionAblation,
-    BatchIntervention,
-    ColumnMask,
-    HeadMask,
-    MaskFrom,
-    PruneFrom,
-    RowIntervention,
-    Unchanged,
-)
+from ..core.interventions import AttentionAblation, BatchIntervention, ColumnMask, RowIntervention
 from ..core.structure import num_layers
-from .base import Generation, Progress, ResultKey, StopRule, eos_ids, forward
+from .base import Generation, ProgressCallback, ResultKey, StopRule, eos_ids, forward
+from .rows import row_plan
 
 
 def batch_interventions(prompt: MaskedPrompt, row: RowIntervention, n_layers: int) -> tuple[BatchIntervention, ...]:
-    """The one-row batch interventions that carry out ``row`` on ``prompt``, by the paper's definition.
-
-    ``PruneFrom(r)`` is, by definition, the hidden range masked from layer r: nothing at layers >= r
-    reads it (the pruned engine is tested equal to this).
-    """
-    if isinstance(row, (MaskFrom, PruneFrom)):
-        if not 0 <= row.layer <= n_layers:
-            raise ValueError(f"layer {row.layer} outside 0..{n_layers}")
-        if prompt.hidden and row.layer < n_layers:
-            return (ColumnMask.from_layer([prompt.hidden], row.layer, n_layers),)
-        return ()
-    if isinstance(row, HeadMask):
-        heads = row.by_layer()
-        if any(not 0 <= layer < n_layers for layer in heads):
-            raise ValueError(f"head mask layers {sorted(heads)} outside 0..{n_layers - 1}")
-        return (ColumnMask.at_heads([prompt.hidden], [heads]),) if prompt.hidden and heads else ()
-    if isinstance(row, AblateLayers):
-        return (AttentionAblation(row.layers),) if row.layers else ()
-    if isinstance(row, Unchanged):
-        return ()
-    raise TypeError(f"not a row intervention: {row!r}")
+    """The one-row batch interventions that carry out ``row`` on ``prompt`` (its ``row_plan``)."""
+    plan = row_plan(prompt, row, n_layers)
+    out: list[BatchIntervention] = []
+    if plan.mask_layers:
+        out.append(ColumnMask([prompt.hidden], [plan.mask_layers], [plan.mask_heads]))
+    if plan.ablate:
+        out.append(AttentionAblation(plan.ablate))
+    return tuple(out)
 
 
 @torch.no_grad()
@@ -97,7 +75,7 @@ class ReferenceEngine:
         prompts: Sequence[MaskedPrompt],
         interventions: Sequence[RowIntervention],
         stop: StopRule,
-        progress: Progress | None = None,
+        progress: ProgressCallback | None = None,
     ) -> dict[ResultKey, Generation]:
         out: dict[ResultKey, Generation] = {}
         total = len(prompts) * len(interventions)

@@ -1,4 +1,4 @@
-"""What the user asks of a sweep engine (``--engine``, ``--head``, ``--draft-tokens``, ``--batch-size``), as
+"""What the user asks of an engine (``--engine``, ``--head``, ``--draft-tokens``, ``--batch-size``), as
 plain data checked before anything loads; ``calibrate.py`` measures what is left to "auto"."""
 
 from __future__ import annotations

@@ -3,13 +3,13 @@
 (a) paper: every (sentence, layer) re-encodes the full prompt and runs HF ``generate`` with
     batch 2, ``max_new_tokens=50`` and no stopping criterion (as the paper's code does);
 (b) the same with our stopping rule (HF ``stop_strings``);
-(c) the fast engine (``engines/sweep.py``);
+(c) the fast engine (``engines/fast.py``);
 (d) the engine configuration chosen for this machine (``engines/calibrate.py``: by default the tree
     engine, ``engines/tree.py``, with the LM head and drafts measured fastest here; flags force them).
 Generations of (a) are cut at the stop rule before comparing; (c) and (d) are compared with (b).
 The JSON keys of (d) end in ``_spec`` (the name the issue that asked for it gave them).
 
-FLOPs per row are analytic: 2 x parameters for every token a layer runs and every row the LM head
+FLOPs per row are analytic (``core/costs.py``): 2 x parameters for every token a layer runs and every row the LM head
 scores (attention over the cache left out, for all methods alike).
 """
 
@@ -22,37 +22,22 @@ from dataclasses import dataclass
 import torch
 
 from ..core.conditions import MaskedPrompt, get_condition
+from ..core.costs import ModelDims, weight_flops
 from ..core.interventions import MaskFrom
 from ..core.models import LoadedModel, load_model
-from ..core.structure import decoder_layers
 from ..engines.base import StopRule, eos_ids, forward, time_breakdown
 from ..engines.calibrate import Calibrator, Choices, build_engine
+from ..engines.fast import FastEngine
 from ..engines.paper import PaperEngine
 from ..engines.reference import batch_interventions
 from ..engines.request import EngineRequest, parse_draft_tokens
-from ..engines.sweep import SweepEngine
-from ..tasks.registry import build_items
+from ..tasks.items import build_items
 from ..util.fileio import check_writable, write_json_atomic
 from ..util.progress import Progress
 from ..util.system import peak_rss_mb, reset_peak_rss
-from .common import check_context, masked_prompts, stop_rule, task_and_data
-from .settings import ModelAndData, check_count, parse_layers
-
-
-@dataclass(kw_only=True)
-class BenchSettings(ModelAndData):
-    pair: str = "fra-eng"
-    condition: str = "instructions+examples"
-    layers: str = "all"
-    n_test: int = 8
-    k: int = 5
-    seed: int = 0
-    batch_size: int | None = None
-    engine: str = "auto"  # (d): auto (measured) | tree | fast
-    head: str = "auto"  # (d): auto (measured) | screen | plain
-    draft_tokens: int | str = "auto"  # (d): auto (measured) or drafts of up to N tokens (0: none)
-    skip_paper: bool = False
-    json: str | None = None
+from .common import check_context, masked_prompts, stop_rule
+from .options import BenchSettings
+from .settings import check_count, parse_layers, task_and_data
 
 
 def logit_margin(
@@ -82,29 +67,17 @@ def matmul_gflops(
     return 2 * size**3 * repeats / (time.perf_counter() - started) / 1e9
 
 
-def layer_and_head_params(model) -> tuple[list[int], int]:
-    return (
-        [sum(p.numel() for p in layer.parameters()) for layer in decoder_layers(model)],
-        model.get_output_embeddings().weight.numel(),
-    )
-
-
-def flops(model, layer_tokens: list[int], logit_rows: int) -> float:
-    """2 x (each layer's parameters x the tokens it ran + the head's parameters x the rows it scored)."""
-    layers, head = layer_and_head_params(model)
-    return 2.0 * sum(p * t for p, t in zip(layers, layer_tokens)) + 2.0 * head * logit_rows
-
-
-def paper_flops(model, prompts: list[MaskedPrompt], n_rows: int, max_new_tokens: int, batch_size: int = 2) -> float:
+def paper_flops(
+    dims: ModelDims, prompts: list[MaskedPrompt], n_rows: int, max_new_tokens: int, batch_size: int = 2
+) -> float:
     """(a): per layer setting and batch of 2, the padded prompt plus max_new - 1 decoding steps
     through every layer, and one head row per generated token (``generate`` keeps the last position)."""
-    layers, _ = layer_and_head_params(model)
     tokens = rows = 0
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start : start + batch_size]
         tokens += len(batch) * (max(len(p.ids) for p in batch) + max_new_tokens - 1)
         rows += len(batch) * max_new_tokens
-    return n_rows * flops(model, [tokens] * len(layers), rows)
+    return n_rows * weight_flops(dims, [tokens] * len(dims.layer_params), rows)
 
 
 @dataclass
@@ -215,7 +188,7 @@ def compare_methods(
     choices = Calibrator(loaded.model, tok, request).choose(prompts, rows, stop, loaded.info.as_dict())
     log(choices.line())
     engines = {
-        "fast": SweepEngine(loaded.model, tok, batch_size=request.batch_size),
+        "fast": FastEngine(loaded.model, tok, batch_size=request.batch_size),
         "spec": build_engine(loaded.model, tok, choices),
     }
     outputs, peaks = {}, {}
@@ -268,10 +241,11 @@ def compare_methods(
     seconds_paper = timings.get("paper", float("nan"))
     fast, spec = engines["fast"], engines["spec"]
     n_layers = loaded.info.num_layers
-    flops_fast = flops(loaded.model, [fast.stats["tokens_forwarded"]] * n_layers, fast.stats["logit_rows"])
+    dims = ModelDims.of(loaded.model)
+    flops_fast = weight_flops(dims, [fast.stats["tokens_forwarded"]] * n_layers, fast.stats["logit_rows"])
     layer_tokens = spec.stats.get("slot_tokens") or [spec.stats["tokens_forwarded"]] * n_layers
-    flops_spec = flops(
-        loaded.model,
+    flops_spec = weight_flops(
+        dims,
         [t + spec.stats["prefix_tokens"] for t in layer_tokens],
         spec.stats["logit_rows"] + spec.stats["prefix_forwards"],
     )
@@ -300,7 +274,7 @@ def compare_methods(
         acceptance_rate=spec.stats.get("draft_accepted", 0) / spec.stats["draft_tokens"]
         if spec.stats.get("draft_tokens")
         else None,
-        flops_per_row_paper=paper_flops(loaded.model, prompts, len(rows), stop.max_new_tokens) / pairs,
+        flops_per_row_paper=paper_flops(dims, prompts, len(rows), stop.max_new_tokens) / pairs,
         flops_per_row_fast=flops_fast / pairs,
         flops_per_row_spec=flops_spec / pairs,
         time_breakdown_fast=time_breakdown(fast.times),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import platform
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -14,31 +14,12 @@ import transformers
 from .. import __version__
 from ..core.conditions import Condition, MaskedPrompt
 from ..core.models import LoadedModel
+from ..core.prompts import PromptedItem
 from ..engines.base import StopRule
 from ..results.store import study_fingerprint
-from ..tasks.registry import PromptedItem, Task, TaskData, TaskOptions, get_task
+from ..tasks.spec import Task
 from ..util.errors import UserError
 from ..util.fileio import file_sha256
-
-
-def task_and_data(settings, pair: str | None, log: Callable[[str], None]) -> tuple[Task, TaskData]:
-    """The settings' task (name or task file) and its data; "read N pairs from FILE" lines go to ``log``.
-
-    ``settings`` has task, data_dir, bank, test, src_lang, tgt_lang (every experiment's settings do)."""
-    task = get_task(settings.task, settings.src_lang, settings.tgt_lang)
-    data = task.load(
-        TaskOptions(
-            data_dir=settings.data_dir,
-            pair=pair,
-            bank_path=settings.bank,
-            test_path=settings.test,
-            src_lang=settings.src_lang,
-            tgt_lang=settings.tgt_lang,
-        )
-    )
-    for note in data.notes:
-        log(note)
-    return task, data
 
 
 def masked_prompts(items: Sequence[PromptedItem], condition: Condition | None) -> list[MaskedPrompt]:

@@ -11,29 +11,14 @@ from ..core.conditions import get_condition
 from ..core.interventions import MaskFrom
 from ..core.models import load_model
 from ..engines.reference import ReferenceEngine
+from ..tasks.items import build_items, post_process
 from ..tasks.metrics import PassAt1
-from ..tasks.registry import build_items, post_process
 from ..util.errors import UserError
 from ..util.fileio import check_writable, write_jsonl_atomic
 from ..util.progress import Progress
-from .common import check_context, masked_prompts, stop_rule, task_and_data
-from .settings import ModelAndData, check_count
-
-
-@dataclass(kw_only=True)
-class RunSettings(ModelAndData):
-    pair: str | None = None
-    condition: str = "baseline"
-    from_layer: int | None = None  # None: the last layer for the baseline, else required
-    k: int = 5
-    seed: int = 0
-    n_test: int | None = None
-    instructions: bool = True
-    per_query_examples: bool = False
-    max_new_tokens: int | None = None
-    out: str | None = None
-    workers: int = 2  # code tasks: sandbox workers
-    timeout: float = 3.0  # code tasks: seconds per sample
+from .common import check_context, masked_prompts, stop_rule
+from .options import RunSettings
+from .settings import check_count, task_and_data
 
 
 @dataclass

@@ -11,23 +11,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
+from ..core.catalog import EMBEDDED
 from ..results.analysis import Curve, analyse_curve, load_curves, summary_lines
 from ..results.report import build_report
 from ..results.store import Store
 from ..util.fileio import ensure_dir
-from .prune import PruneSettings, run_prune
+from .options import DemoSettings, PruneSettings
+from .prune import run_prune
 from .settings import SweepConfig
 from .sweep import run_sweep
-
-
-@dataclass
-class DemoSettings:
-    out_dir: str = "runs/demo"
-    n_test: int = 16
-    data_dir: str | None = None
 
 
 def run_demo(s: DemoSettings, say: Callable[[str], None] = print) -> Path:
@@ -35,7 +29,7 @@ def run_demo(s: DemoSettings, say: Callable[[str], None] = print) -> Path:
     out_dir = ensure_dir(s.out_dir)
     started = time.time()
     config = SweepConfig(
-        model="gemma-3-270m",
+        model=EMBEDDED,
         task="flores",
         pairs=["fra-eng"],
         conditions=["instructions+examples", "examples"],

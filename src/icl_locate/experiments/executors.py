@@ -15,13 +15,13 @@ import os
 import socket
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 
 from ..util.errors import UserError
 from ..util.progress import Progress
+from .options import RaySettings
 
 RAY_INSTALL = "the ray executor needs Ray: pip install 'icl-locate[ray]'"
 
@@ -46,26 +46,6 @@ class LocalExecutor:
     def map(self, units: Iterable[Any], progress: Progress) -> Iterator[Any]:
         for unit in units:
             yield self.worker.compute(unit, progress.inner(unit.label()))
-
-
-@dataclass(frozen=True)
-class RaySettings:
-    """Where and how wide: ``address`` None starts a local Ray instance, "auto" joins the running
-    cluster, anything else is that cluster's address."""
-
-    address: str | None = None
-    workers: int = 2
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 0.0  # fractions pack several small models onto one GPU
-    max_attempts: int = 3  # per unit: a unit that fails this often (error or lost worker) stops the sweep
-
-    def check(self) -> None:
-        if self.workers < 1:
-            raise UserError(f"--workers must be >= 1, got {self.workers}")
-        if self.cpus_per_worker <= 0 or self.gpus_per_worker < 0:
-            raise UserError("--cpus-per-worker must be > 0 and --gpus-per-worker >= 0")
-        if self.max_attempts < 1:
-            raise UserError(f"attempts per unit must be >= 1, got {self.max_attempts}")
 
 
 def require_ray():

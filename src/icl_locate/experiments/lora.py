@@ -2,7 +2,7 @@
 
 For each layer l: a fresh LoRA adapter on that layer's attention output projection only,
 trained on FLORES dev lines 1..N in the zero-shot format ``Q:{src}\\nA:{tgt}<eos>`` (loss on the
-answer tokens, or on every position as the paper's code; see ``lora_train``), early-stopped on
+answer tokens, or on every position as the paper's code; see ``lora_batches``), early-stopped on
 the same loss over dev lines 801-997, then evaluated by greedy zero-shot decoding (no
 instructions, no examples) on devtest. One unit per layer: an executor can run them anywhere.
 """
@@ -26,10 +26,10 @@ from torch import nn
 from ..core.conditions import MaskedPrompt
 from ..core.interventions import UNCHANGED
 from ..core.models import LoadedModel, load_description, load_model
-from ..core.prompts import EncodedPrompt, Example
+from ..core.prompts import EncodedPrompt, Example, render_query
 from ..core.structure import attention_module, decoder_layers
 from ..engines.base import Engine, StopRule
-from ..engines.sweep import SweepEngine
+from ..engines.fast import FastEngine
 from ..results.store import Store
 from ..tasks.data import data_dir_or_default, flores_bitext, parse_pair
 from ..tasks.metrics import translation_scores
@@ -38,35 +38,14 @@ from ..util.fileio import ensure_dir
 from ..util.progress import Progress
 from ..util.system import peak_rss_mb, reset_peak_rss
 from .common import fingerprint
-from .executors import Executor, LocalExecutor, RayExecutor, RaySettings
-from .lora_train import LOSSES, autocast_mode, check_autocast, check_batching, encode_pairs, train
+from .executors import Executor, LocalExecutor, RayExecutor
+from .lora_batches import LOSSES, ZERO_SHOT, check_batching, encode_pairs
+from .lora_loss import autocast_mode, check_autocast
+from .lora_train import train
+from .options import LoraRun, LoraSettings, RaySettings
 from .settings import check_count, parse_layers
 
 OUT_PROJ_NAMES = ("o_proj", "out_proj", "dense", "c_proj")  # llama-likes, gpt_neo, bloom/gpt_neox, gpt2
-
-
-@dataclass
-class LoraSettings:
-    """Defaults: the paper's (configs/training + its LoRA script), except the loss (see ``loss``);
-    every one overridable."""
-
-    r: int = 8
-    alpha: int = 32
-    dropout: float = 0.05
-    lr: float = 1e-4
-    batch_size: int = 32
-    micro_batch: int = 8  # gradient accumulation keeps memory bounded; the update sees batch_size
-    val_size: int = 197  # validation pairs from dev 801-997
-    max_epochs: int = 100
-    patience: int = 5
-    threshold: float = 0.01
-    train_size: int = 800
-    seed: int = 0
-    loss: str = "answer"  # "answer": answer tokens only; "full": every position (the paper's code)
-    bucketing: bool = True  # fixed micro-batches of similar length, shuffled each epoch
-    reuse: bool = True  # keep the frozen layers' output once instead of recomputing it (same results)
-    activation_mb: int | None = None  # saved activations per training piece (None: lora_train.activation_budget)
-    autocast: str = "auto"  # "bf16": forward passes under bf16 autocast; "auto": bf16 on a GPU (resolve_autocast)
 
 
 # ``--preset paper``: the paper's LoRA settings, loss included (its collator scores every position).
@@ -146,7 +125,7 @@ def zero_shot_prompts(tokenizer, test: Sequence[Example]) -> list[MaskedPrompt]:
     """Prompts ``Q:{src}\\nA:`` (no instructions, no examples), nothing hidden."""
     items = []
     for ex in test:
-        text = f"Q:{ex.source.strip()}\nA:"
+        text = render_query(ZERO_SHOT, ex.source)
         ids = tokenizer(text)["input_ids"]
         bos = 1 if ids and ids[0] == tokenizer.bos_token_id else 0
         encoded = EncodedPrompt(
@@ -254,7 +233,7 @@ class LoraWorker:
             curve = train(peft_model, train_seqs, val_seqs, unit.layer, self.pad_id, settings, self.log).as_dict()
             curve["peak_rss_mb"] = peak_rss_mb()
             peft_model.eval()
-            bleu, _ = evaluate_zero_shot(SweepEngine(peft_model, tok), tok, self.data.test, self.data.language)
+            bleu, _ = evaluate_zero_shot(FastEngine(peft_model, tok), tok, self.data.test, self.data.language)
             from peft import get_peft_model_state_dict  # lazy: see attach_adapter
 
             state = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(peft_model).items()}
@@ -345,23 +324,6 @@ def lora_unit_id(pair: str, layer: int, settings: LoraSettings, n_test) -> str:
             values.pop(name)
     key = json.dumps(dict(pair=pair, layer=layer, settings=values, n_test=n_test), sort_keys=True)
     return "lora-" + hashlib.sha1(key.encode()).hexdigest()[:12]
-
-
-@dataclass
-class LoraRun:
-    """``icl-locate lora-sweep``: which model, pair and layers, where results go."""
-
-    settings: LoraSettings
-    preset: str | None = None
-    model: str = "gemma-3-270m"
-    pair: str = "fra-eng"
-    layers: str = "all"
-    n_test: int | None = None
-    out_dir: str = "runs/lora"
-    store: str | None = None
-    data_dir: str | None = None
-    dtype: str | None = None
-    device: str | None = None
 
 
 def validate_lora(run: LoraRun) -> None:

@@ -16,34 +16,22 @@ from dataclasses import dataclass, field
 import torch
 
 from ..core.conditions import MaskedPrompt, get_condition
+from ..core.costs import ModelDims, paper_savings, request_flops
 from ..core.interventions import MaskFrom
 from ..core.models import LoadedModel, load_model
+from ..core.prompts import PromptedItem
 from ..engines.base import Engine, Generation, StopRule
-from ..engines.pruned import ModelDims, PrunedEngine, check_supported, paper_savings, prune_split, request_flops
-from ..engines.sweep import SweepEngine
+from ..engines.fast import FastEngine
+from ..engines.pruned import PrunedEngine, check_supported, prune_split
 from ..results.store import Store
-from ..tasks.registry import PromptedItem, Task, build_items, post_process
+from ..tasks.items import build_items, post_process
+from ..tasks.spec import Task
 from ..util.errors import UserError
 from ..util.fileio import check_writable, write_json_atomic
 from ..util.system import current_rss_mb, hardware, hardware_line, peak_rss_mb, reset_peak_rss
-from .common import check_context, fingerprint, masked_prompts, provenance, stop_rule, task_and_data
-from .settings import ModelAndData, check_count
-
-
-@dataclass(kw_only=True)
-class PruneSettings(ModelAndData):
-    layer: int  # r: the context is processed in layers < r only
-    pair: str = "fra-eng"
-    condition: str = "instructions+examples"
-    n_test: int = 16
-    k: int = 5
-    seed: int = 0
-    per_query_examples: bool = False
-    batch_size: int = 8
-    max_new_tokens: int | None = None
-    check: bool = True
-    json: str | None = None
-    store: str | None = None
+from .common import check_context, fingerprint, masked_prompts, provenance, stop_rule
+from .options import PruneSettings
+from .settings import check_count, task_and_data
 
 
 def run_prune(s: PruneSettings, command: str, log=print) -> PruneResult:
@@ -93,7 +81,7 @@ def run_prune(s: PruneSettings, command: str, log=print) -> PruneResult:
             score,
             stop,
             pruned_engine=lambda: PrunedEngine(loaded.model, loaded.tokenizer, s.batch_size),
-            masked_engine=SweepEngine(loaded.model, loaded.tokenizer) if s.check else None,
+            masked_engine=FastEngine(loaded.model, loaded.tokenizer) if s.check else None,
             batch_size=s.batch_size,
             log=log,
         )
@@ -197,7 +185,7 @@ def measure_pruning(
         sync()
         seconds = time.perf_counter() - started
         peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_rss_mb()
-        flops = [request_flops(dims, prune_split(p), _fed_back(g), r) for p, g in zip(prompts, gens)]
+        flops = [_request_flops(dims, p, g, r) for p, g in zip(prompts, gens)]
         runs[name] = dict(
             from_layer=r,
             seconds=seconds,
@@ -248,6 +236,12 @@ def measure_pruning(
         threads=torch.get_num_threads(),
     )
     return PruneResult(data)
+
+
+def _request_flops(dims: ModelDims, prompt: MaskedPrompt, gen: Generation, from_layer: int) -> dict[str, float]:
+    """The analytic FLOPs of one pruned request (``costs.request_flops``)."""
+    split = prune_split(prompt)
+    return request_flops(dims, split.length, (split.start, split.end), _fed_back(gen), from_layer)
 
 
 def _fed_back(gen: Generation) -> int:

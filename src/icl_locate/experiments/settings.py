@@ -18,11 +18,13 @@ from pathlib import Path
 
 import yaml
 
-from ..core.catalog import check_dtype_name
+from ..core.catalog import EMBEDDED, check_dtype_name
 from ..core.conditions import get_condition
 from ..engines.request import EngineRequest, auto_or_count, parse_draft_tokens
 from ..tasks.data import parse_pair
-from ..tasks.registry import Task, TaskData, TaskOptions, get_task
+from ..tasks.loaders import load_data
+from ..tasks.registry import get_task
+from ..tasks.spec import Task, TaskData, TaskOptions
 from ..util.errors import UserError
 from .presets import PRESETS
 
@@ -31,7 +33,7 @@ from .presets import PRESETS
 class ModelAndData:
     """Settings every experiment shares: the model, the task, where it runs and where the data is."""
 
-    model: str = "gemma-3-270m"
+    model: str = EMBEDDED
     task: str = "flores"  # a built-in task or a task file
     data_dir: str | None = None
     dtype: str | None = None
@@ -202,32 +204,42 @@ def task_pairs(config: SweepConfig) -> list[str]:
     return config.pairs if sweep_task(config).needs_pair else [""]
 
 
-TaskCache = dict[tuple[str, str], tuple[Task, TaskData]]
+LoadedTasks = dict[tuple[str, str], tuple[Task, TaskData]]  # (task name, pair) -> the task and its data
 
 
 def sweep_task(config: SweepConfig) -> Task:
     return get_task(config.task, config.src_lang, config.tgt_lang)
 
 
-def load_task_data(config: SweepConfig, log: Callable[[str], None] = lambda line: None) -> TaskCache:
-    """Read each (task, pair) of the grid once; bad paths or files fail here, before the model loads."""
-    task = sweep_task(config)
-    cache = {}
+def task_and_data(
+    settings: ModelAndData, pair: str | None, log: Callable[[str], None] = lambda line: None
+) -> tuple[Task, TaskData]:
+    """The settings' task (name or task file) and its data for ``pair``; bad paths or files fail here,
+    before any model loads. "read N pairs from FILE" lines go to ``log``."""
+    task = get_task(settings.task, settings.src_lang, settings.tgt_lang)
+    data = load_data(
+        task,
+        TaskOptions(
+            data_dir=settings.data_dir,
+            pair=pair,
+            bank_path=settings.bank,
+            test_path=settings.test,
+            src_lang=settings.src_lang,
+            tgt_lang=settings.tgt_lang,
+        ),
+    )
+    for note in data.notes:
+        log(note)
+    return task, data
+
+
+def load_task_data(config: SweepConfig, log: Callable[[str], None] = lambda line: None) -> LoadedTasks:
+    """Read each (task, pair) of the grid once (``task_and_data``)."""
+    loaded = {}
     for pair in task_pairs(config):
-        data = task.load(
-            TaskOptions(
-                data_dir=config.data_dir,
-                pair=pair or None,
-                bank_path=config.bank,
-                test_path=config.test,
-                src_lang=config.src_lang,
-                tgt_lang=config.tgt_lang,
-            )
-        )
-        for note in data.notes:
-            log(note)
-        cache[(task.name, pair)] = (task, data)
-    return cache
+        task, data = task_and_data(config, pair or None, log)
+        loaded[(task.name, pair)] = (task, data)
+    return loaded
 
 
 def head_layers(config: SweepConfig, num_layers: int, from_layer: int | None) -> tuple[int, ...]:
@@ -245,7 +257,7 @@ def head_layers(config: SweepConfig, num_layers: int, from_layer: int | None) ->
 def plan_units(
     config: SweepConfig,
     num_layers: int,
-    tasks: TaskCache | None = None,
+    tasks: LoadedTasks | None = None,
     restore_from: Callable[[str, str, bool, int], int | None] | None = None,
 ) -> list[WorkUnit]:
     """Expand the grid (``validate`` it first). ``tasks`` (the loaded data) gives user data its identity;
@@ -295,7 +307,7 @@ def plan_units(
 
 
 def _plan_head_units(
-    config: SweepConfig, task: str, num_layers: int, tasks: TaskCache | None, restore_from
+    config: SweepConfig, task: str, num_layers: int, tasks: LoadedTasks | None, restore_from
 ) -> list[WorkUnit]:
     units = []
     for pair in task_pairs(config):

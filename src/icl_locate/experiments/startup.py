@@ -16,10 +16,10 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 
 from ..util.errors import UserError
 from ..util.system import hardware, hardware_line
+from .options import StartupSettings
 
 # Runs in a fresh interpreter; prints one JSON line of seconds per phase.
 _CHILD = """
@@ -40,14 +40,6 @@ first = time.perf_counter()
 print(json.dumps(dict(imports_cli=cli - started, imports_model_stack=stack - cli, model_load=load - stack,
                       first_token=first - load, to_model_loaded=load - started)))
 """
-
-
-@dataclass(kw_only=True)
-class StartupSettings:
-    model: str = "gemma-3-270m"  # what `run`/`sweep` load by default
-    dtype: str | None = None
-    device: str | None = None
-    repeats: int = 3  # fresh processes per measurement (the median is reported)
 
 
 def _seconds(argv: list[str]) -> float:

@@ -26,10 +26,11 @@ from ..results.store import Store
 from ..util.errors import Interrupted, UserError
 from ..util.progress import Progress
 from .common import fingerprint, provenance
-from .executors import Executor, LocalExecutor, RayExecutor, RaySettings
+from .executors import Executor, LocalExecutor, RayExecutor
+from .options import RaySettings
 from .settings import (
+    LoadedTasks,
     SweepConfig,
-    TaskCache,
     WorkUnit,
     audit_per_unit,
     engine_request,
@@ -60,7 +61,7 @@ def check_store_path(path: str | Path) -> Path:
     return store_file
 
 
-def check_k(config: SweepConfig, tasks: TaskCache) -> None:
+def check_k(config: SweepConfig, tasks: LoadedTasks) -> None:
     for task, data in tasks.values():
         for k in config.ks:
             if k > len(data.bank):
@@ -87,7 +88,7 @@ def recognition_below(store_file: Path | None):
 
 def prepare(
     config: SweepConfig, weights: bool = True, store_file: Path | None = None
-) -> tuple[LoadedModel, TaskCache, list[WorkUnit]]:
+) -> tuple[LoadedModel, LoadedTasks, list[WorkUnit]]:
     """Validate, read the data, load the model (only its description and tokenizer without ``weights``),
     plan, check the units: everything that can fail before the store opens."""
     validate(config)

@@ -21,12 +21,12 @@ from ..core.conditions import MaskedPrompt, get_condition
 from ..core.interventions import AblateLayers, HeadMask, MaskFrom, RowIntervention
 from ..core.models import LoadedModel, load_model
 from ..engines.audit import audit_rows, sample_rows
-from ..engines.base import Engine, Progress, StopRule
+from ..engines.base import Engine, ProgressCallback, StopRule
 from ..engines.calibrate import Calibrator, Choices, build_engine
 from ..engines.request import EngineRequest
-from ..tasks.registry import build_items, post_process
+from ..tasks.items import build_items, post_process
 from .common import check_context, masked_prompts, stop_rule
-from .settings import SweepConfig, TaskCache, WorkUnit, audit_per_unit, engine_request, load_task_data
+from .settings import LoadedTasks, SweepConfig, WorkUnit, audit_per_unit, engine_request, load_task_data
 
 
 @dataclass
@@ -88,7 +88,7 @@ class Worker:
     kinds) gets the engine ``Calibrator`` measures best for it, once, and says so through ``log``."""
 
     loaded: LoadedModel
-    tasks: TaskCache
+    tasks: LoadedTasks
     request: EngineRequest = field(default_factory=EngineRequest)
     max_new_tokens: int | None = None
     audit: int | None = 0  # rows per unit decoded again by the reference engine; None: within AUDIT_SHARE
@@ -126,7 +126,7 @@ class Worker:
             self.engines[shape] = build_engine(model, tokenizer, choices), choices
         return self.engines[shape]
 
-    def compute(self, unit: WorkUnit, progress: Progress | None = None) -> UnitResult:
+    def compute(self, unit: WorkUnit, progress: ProgressCallback | None = None) -> UnitResult:
         task, data, items = unit_items(self.loaded.tokenizer, self.tasks, unit)
         n_layers = self.loaded.info.num_layers
         condition = get_condition(unit.condition) if unit.kind != "ablation" else None
@@ -224,13 +224,13 @@ class Worker:
         return self.seconds["audit"] * (done + 1) / done <= AUDIT_SHARE * self.seconds["decoding"]
 
 
-def unit_items(tokenizer, tasks: TaskCache, unit: WorkUnit):
+def unit_items(tokenizer, tasks: LoadedTasks, unit: WorkUnit):
     """The unit's task, data and prompted test items (deterministic: seeded example sampling)."""
     task, data = tasks[(unit.task, unit.pair)]
     return task, data, build_items(task, data, tokenizer, unit.k, unit.seed, unit.n_test, unit.instructions)
 
 
-def check_units(loaded: LoadedModel, tasks: TaskCache, units: Sequence[WorkUnit], max_new_tokens: int | None) -> None:
+def check_units(loaded: LoadedModel, tasks: LoadedTasks, units: Sequence[WorkUnit], max_new_tokens: int | None) -> None:
     """Prompt + answer must fit the model's context in every unit, checked before any decoding
     (k against the bank was checked before the model loaded: ``sweep.check_k``)."""
     for unit in units:

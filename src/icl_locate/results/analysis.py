@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..core.costs import paper_savings
 from ..tasks.metrics import Metric, metric_named
 
 DEFAULT_FRACTION = 0.95
@@ -196,7 +197,7 @@ def savings(curve: Curve, num_layers: int) -> Savings | None:
     after = (L - r) / L
     total = curve.context_tokens + curve.query_tokens
     exact = after * curve.context_tokens / total if total else math.nan
-    return Savings(r, L, k, after * k / (k + 1), exact)
+    return Savings(r, L, k, paper_savings(L, r, k), exact)
 
 
 def summary_lines(curve: Curve, num_layers: int | None = None) -> list[str]:

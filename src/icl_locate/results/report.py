@@ -1,32 +1,33 @@
 """``icl-locate report STORE``: PNG figures and a self-contained HTML (or Markdown) report.
 
-Figures follow the paper's Figs 2-4: score per masking layer, one line per condition, the
-unmasked baseline dashed, 95% bootstrap bands, the recognition layer marked. The HTML embeds
-every figure (base64), so it opens offline on its own; the PNG files sit beside it.
+The figures come from ``figures``, the tables' rows from ``tables``; this module assembles them.
+The HTML embeds every figure (base64), so it opens offline on its own; the PNG files sit beside it.
 """
 
 from __future__ import annotations
 
 import base64
 import html
-from collections import defaultdict
 from pathlib import Path
-
-import numpy as np
 
 from ..util.errors import UserError
 from ..util.fileio import ensure_dir, write_atomic
 from ..util.system import hardware_line
-from .analysis import (
-    DEFAULT_FRACTION,
-    HeadMap,
-    analyse_curve,
-    analyse_head_map,
-    audit_disagreement,
-    critical_layers,
-    load_curves,
-    load_head_maps,
-    savings,
+from .analysis import DEFAULT_FRACTION, analyse_curve, analyse_head_map, load_curves, load_head_maps
+from .figures import curve_figures, head_figures, lora_figures
+from .tables import (
+    AUDIT_HEADERS,
+    AUDIT_INTRO,
+    HEAD_HEADERS,
+    LORA_HEADERS,
+    PRUNING_HEADERS,
+    SUMMARY_HEADERS,
+    audit_rows,
+    fmt_cell,
+    head_rows,
+    lora_rows,
+    pruning_rows,
+    summary_rows,
 )
 
 
@@ -51,7 +52,9 @@ def build_report(
         + [max(m.layers) + 1 for m in heads]
     )
     ensure_dir(out_dir)
-    figures = _figures(curves, out_dir) + _head_figures(heads, curves, out_dir) + _lora_figures(lora, curves, out_dir)
+    figures = (
+        curve_figures(curves, out_dir) + head_figures(heads, curves, out_dir) + lora_figures(lora, curves, out_dir)
+    )
     sections = dict(
         model=model,
         curves=curves,
@@ -59,346 +62,15 @@ def build_report(
         fraction=fraction,
         figures=figures,
         runs=runs,
-        pruning=_pruning_rows(pruning),
+        pruning=pruning_rows(pruning),
         heads=heads,
-        lora=_lora_rows(lora, curves),
-        audit=_audit_rows(store.audits()),
+        lora=lora_rows(lora, curves),
+        audit=audit_rows(store.audits()),
     )
     text = _html(**sections) if fmt == "html" else _markdown(**sections)
     path = out_dir / ("report.html" if fmt == "html" else "report.md")
     write_atomic(path, text)
     return path
-
-
-def _group(curves):
-    groups = defaultdict(list)
-    for c in curves:
-        groups[(c.key["task"], c.key["pair"], c.key["kind"], c.key["k"])].append(c)
-    return groups
-
-
-def _figures(curves, out_dir: Path) -> list[tuple[str, Path]]:
-    import matplotlib.pyplot as plt  # lazy: see build_report
-    from matplotlib.ticker import MaxNLocator  # lazy: see build_report
-
-    figures = []
-    for (task, pair, kind, k), group in sorted(_group(curves).items()):
-        by_instr = defaultdict(list)
-        for c in group:
-            by_instr[c.key["instructions"]].append(c)
-        fig, axes = plt.subplots(1, len(by_instr), figsize=(6 * len(by_instr), 4), squeeze=False)
-        for ax, (instr, cs) in zip(axes[0], sorted(by_instr.items(), reverse=True)):
-            for c in sorted(cs, key=lambda c: c.key["condition"]):
-                lo, hi = zip(*c.ci)
-                name = c.key["condition"] if kind == "mask" else "attention of layer removed"
-                (line,) = ax.plot(c.layers, c.score, marker="o", ms=3, label=name)
-                ax.fill_between(c.layers, lo, hi, color=line.get_color(), alpha=0.15)
-                if c.recognition is not None and c.recognition < c.layers[-1]:
-                    ax.axvline(c.recognition, color=line.get_color(), ls=":", lw=1)
-            ax.axhline(cs[0].baseline, color="black", ls="--", lw=1, label="baseline (no mask)")
-            ax.set_xlabel("layer masked from" if kind == "mask" else "ablated layer")
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.set_ylabel(cs[0].metric.label)
-            ax.set_title(f"{task} {pair} k={k} — {'with' if instr else 'without'} instructions", fontsize=10)
-            ax.legend(fontsize=7)
-            ax.grid(alpha=0.3)
-        fig.tight_layout()
-        name = f"{kind}_{task}_{pair or 'all'}_k{k}.png".replace("/", "-")
-        path = out_dir / name
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        figures.append((f"{'Masking' if kind == 'mask' else 'Layer ablation'}: {task} {pair} k={k}", path))
-    return figures
-
-
-def _recognition_curve(curves, pair: str):
-    """The masking curve of ``pair`` whose recognition layer the LoRA results are read against
-    (instructions+examples with instructions first, as in the paper), or None."""
-    masked = [c for c in curves if c.key["kind"] == "mask" and c.key["pair"] == pair]
-
-    def preference(c) -> tuple:
-        return (
-            c.recognition is None,
-            not c.key["instructions"],
-            c.key["condition"] != "instructions+examples",
-            c.key["condition"],
-        )
-
-    return sorted(masked, key=preference)[0] if masked else None
-
-
-def _lora_figures(lora: list[dict], curves, out_dir: Path) -> list[tuple[str, Path]]:
-    """Per layer: zero-shot BLEU of single-layer LoRA and the masking curve of the same pair on one
-    BLEU axis, the best validation loss on a second axis, the recognition layer marked."""
-    import matplotlib.pyplot as plt  # lazy: see build_report
-    from matplotlib.ticker import MaxNLocator  # lazy: see build_report
-
-    figures = []
-    for pair in sorted({r["pair"] for r in lora}):
-        rows = sorted((r for r in lora if r["pair"] == pair), key=lambda r: r["layer"])
-        fig, ax = plt.subplots(figsize=(7, 4.6))
-        layers = [r["layer"] for r in rows]
-        ax.plot(layers, [r["bleu"] for r in rows], marker="o", color="tab:blue", label="LoRA on this layer only: BLEU")
-        c = _recognition_curve(curves, pair)
-        if c is not None:
-            ax.plot(
-                c.layers,
-                c.score,
-                marker=".",
-                ms=3,
-                color="tab:gray",
-                label=f"masking {c.label()} from this layer: {c.metric.label}",
-            )
-            if c.recognition is not None:
-                ax.axvline(c.recognition, color="red", ls="--", label=f"recognition layer {c.recognition}")
-        ax.set_xlabel("layer")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel("zero-shot BLEU (LoRA) / score (masking)")
-        handles, labels = ax.get_legend_handles_labels()
-        losses = [(r["layer"], r.get("best_val_loss")) for r in rows if r.get("best_val_loss") is not None]
-        if losses:
-            twin = ax.twinx()
-            twin.plot(*zip(*losses), marker="s", ms=4, ls=":", color="tab:orange", label="LoRA: best validation loss")
-            twin.set_ylabel("best validation loss")
-            more, more_labels = twin.get_legend_handles_labels()
-            handles, labels = handles + more, labels + more_labels
-        # below the axes: inside, it hides points of the curves (they span the whole plot)
-        ax.legend(handles, labels, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
-        ax.set_title(f"single-layer LoRA, {pair}", fontsize=10)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        path = out_dir / f"lora_{pair}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        figures.append((f"Single-layer LoRA: {pair}", path))
-    return figures
-
-
-LORA_HEADERS = [
-    ("pair", "pair"),
-    ("layer", "layer"),
-    ("bleu", "zero-shot BLEU"),
-    ("epochs", "epochs"),
-    ("val", "best val loss"),
-    ("loss", "loss on"),
-    ("rate", "train tokens/s"),
-    ("seconds", "seconds"),
-    ("vs", "vs recognition layer"),
-]
-
-
-def _lora_rows(lora: list[dict], curves) -> list[dict]:
-    rows = []
-    for r in sorted(lora, key=lambda r: (r["pair"], r["layer"])):
-        c = _recognition_curve(curves, r["pair"])
-        recognition = None if c is None else c.recognition
-        seconds = r.get("train_seconds")
-        rows.append(
-            dict(
-                pair=r["pair"],
-                layer=str(r["layer"]),
-                bleu=f"{r['bleu']:.2f}",
-                epochs=str(len(r.get("train_loss", []))),
-                val="—" if r.get("best_val_loss") is None else f"{r['best_val_loss']:.4f}",
-                loss=r.get("settings", {}).get("loss", "full"),
-                rate="—" if not seconds else f"{r.get('sequence_tokens', r['train_tokens']) / seconds:.0f}",
-                seconds="—" if r.get("seconds") is None else f"{r['seconds']:.0f}",
-                vs="—"
-                if recognition is None
-                else ("before" if r["layer"] < recognition else "at" if r["layer"] == recognition else "after"),
-            )
-        )
-    return rows
-
-
-def _cell(key: dict) -> tuple:
-    return key["task"], key["pair"], key["condition"], key["instructions"], key["k"]
-
-
-def _head_figures(maps: list[HeadMap], curves, out_dir: Path) -> list[tuple[str, Path]]:
-    """One layers x heads heatmap per head sweep: the score change of each single head's intervention."""
-    import matplotlib.pyplot as plt  # lazy: see build_report
-
-    recognition = {_cell(c.key): c.recognition for c in curves if c.key["kind"] == "mask"}
-    figures = []
-    for m in maps:
-        bound = float(np.abs(m.delta).max()) or 1.0
-        fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(m.heads) + 2.5), max(3.5, 0.28 * len(m.layers) + 1.5)))
-        image = ax.imshow(
-            m.delta,
-            cmap="RdBu",
-            vmin=-bound,
-            vmax=bound,
-            aspect="auto",
-            origin="lower",
-            extent=(m.heads[0] - 0.5, m.heads[-1] + 0.5, m.layers[0] - 0.5, m.layers[-1] + 0.5),
-        )
-        fig.colorbar(
-            image,
-            ax=ax,
-            label=f"{m.metric.label} change vs "
-            + ("baseline" if m.key["kind"] == "knockout" else f"masked from {m.key['from_layer']}"),
-        )
-        r = recognition.get(_cell(m.key))
-        if r is not None:
-            ax.axhline(r - 0.5, color="black", ls="--", lw=1, label=f"recognition layer {r}")
-            ax.legend(fontsize=7, loc="upper right")
-        ax.set_xlabel("query head")
-        ax.set_ylabel("layer")
-        ax.set_xticks(m.heads)
-        ax.set_title(f"{m.key['task']} {m.key['pair']}\n{m.label()}", fontsize=8)
-        fig.tight_layout()
-        path = out_dir / (
-            f"heads_{m.key['kind']}_{m.key['task']}_{m.key['pair'] or 'all'}_{m.key['condition']}_"
-            f"k{m.key['k']}{'' if m.key['instructions'] else '_noinstr'}.png"
-        ).replace("/", "-")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        figures.append((f"Heads: {m.key['task']} {m.key['pair']} {m.label()}", path))
-    return figures
-
-
-HEAD_HEADERS = [
-    ("cell", "task"),
-    ("what", "sweep"),
-    ("reference", "reference score"),
-    ("head", "layer / head"),
-    ("change", "change (95% CI)"),
-]
-
-
-def _head_rows(maps: list[HeadMap], n: int = 5) -> list[dict]:
-    rows = []
-    for m in maps:
-        ref = (
-            "baseline " if m.key["kind"] == "knockout" else f"masked from {m.key['from_layer']}: "
-        ) + f"{m.reference_score:.2f}"
-        for layer, head, change, (lo, hi) in m.top(n):
-            rows.append(
-                dict(
-                    cell=f"{m.key['task']} {m.key['pair']}".strip(),
-                    what=m.label(),
-                    reference=ref,
-                    head=f"{layer} / {head}",
-                    change=f"{change:+.2f} ({lo:+.2f} to {hi:+.2f})",
-                )
-            )
-    return rows
-
-
-def _rows(curves, num_layers, fraction):
-    rows = []
-    for c in curves:
-        s = savings(c, num_layers)
-        rows.append(
-            dict(
-                cell=f"{c.key['task']} {c.key['pair']}".strip(),
-                what=c.label(),
-                seeds=len(c.seeds),
-                items=c.item_stats.shape[2],
-                metric=c.metric.name,
-                baseline=c.baseline,
-                recognition=(
-                    "—"
-                    if c.key["kind"] != "mask"
-                    else c.verdict
-                    if c.recognition is None
-                    else f"{c.recognition} (95% CI {c.recognition_ci[0]:.0f}–{c.recognition_ci[1]:.0f})"
-                ),
-                critical=", ".join(map(str, critical_layers(c, fraction))) if c.key["kind"] == "ablation" else "—",
-                savings="—" if s is None else f"{100 * s.paper_formula:.1f}% / {100 * s.token_exact:.1f}%",
-            )
-        )
-    return rows
-
-
-HEADERS = [
-    ("cell", "task"),
-    ("what", "condition"),
-    ("seeds", "seeds"),
-    ("items", "test items"),
-    ("metric", "metric"),
-    ("baseline", "baseline"),
-    ("recognition", "recognition layer"),
-    ("critical", "critical layers"),
-    ("savings", "savings: paper formula / exact tokens"),
-]
-
-
-PRUNING_HEADERS = [
-    ("cell", "task"),
-    ("condition", "pruned context"),
-    ("layer", "r / L"),
-    ("requests", "requests (batch)"),
-    ("device", "device"),
-    ("flops", "FLOPs saved: prompts / all"),
-    ("time", "time saved: prompts / all"),
-    ("kv", "KV cache saved"),
-    ("quality", "score: full → pruned"),
-    ("identical", "= masking from r"),
-]
-
-
-def _pruning_rows(results: list[dict]) -> list[dict]:
-    """Measured context-pruned inference (icl-locate prune), one row per measurement."""
-    rows = []
-    for d in results:
-        full, pruned = d["full"], d["pruned"]
-        identical = d.get("identical_to_masked")
-        rows.append(
-            dict(
-                cell=f"{d['task']} {d['pair']}",
-                condition=d["condition"],
-                layer=f"{d['from_layer']} / {d['num_layers']}",
-                requests=f"{d['sentences']} ({d['batch_size']})",
-                device=f"{d['device']} {d['dtype']}",
-                flops=f"{100 * d['flops_saved_prompt']:.1f}% / {100 * d['flops_saved_total']:.1f}%",
-                time=f"{100 * d['time_saved_prefill']:.1f}% / {100 * d['time_saved_total']:.1f}%",
-                kv=f"{100 * d['kv_saved']:.1f}%",
-                quality=f"{d['metric']} {full['score']:.2f} → {pruned['score']:.2f}",
-                identical="—" if identical is None else f"{identical}/{d['sentences']}",
-            )
-        )
-    return rows
-
-
-AUDIT_HEADERS = [
-    ("unit", "unit"),
-    ("what", "rows"),
-    ("agree", "agree with the reference engine"),
-    ("disagreements", "disagreements: item, row, first differing token, reference margin (threshold)"),
-]
-AUDIT_INTRO = (
-    "After each unit a few of its rows, drawn at random with a stored seed, are decoded again by the "
-    "reference engine (one prompt at a time, the model's own LM head, same dtype and device). A "
-    "disagreement at a reference top-1/top-2 logit margin below the dtype's threshold is a near-tie "
-    "(rounding); above it, an ENGINE FAULT."
-)
-
-
-def _audit_rows(audited: list[dict]) -> list[dict]:
-    """One row per audited unit: its agreement and every disagreement with its margin."""
-    by_unit: dict[str, list[dict]] = {}
-    for a in audited:
-        by_unit.setdefault(a["unit_id"], []).append(a)
-    rows = []
-    for unit_id, checked in by_unit.items():
-        spec = checked[0]["spec"]
-        what = " ".join(str(spec.get(k) or "") for k in ("task", "pair", "kind", "condition")).split()
-        notes = [audit_disagreement(a) for a in checked if not a["agree"]]
-        rows.append(
-            dict(
-                unit=unit_id,
-                what=" ".join(what),
-                agree=f"{sum(a['agree'] for a in checked)}/{len(checked)}",
-                disagreements="; ".join(notes) or "none",
-            )
-        )
-    return rows
-
-
-def _fmt(v):
-    return f"{v:.2f}" if isinstance(v, float) else str(v)
 
 
 def _html_table(title: str, intro: str, headers: list[tuple[str, str]], rows: list[dict]) -> str:
@@ -416,10 +88,10 @@ def _markdown_table(title: str, headers: list[tuple[str, str]], rows: list[dict]
 
 
 def _html(model, curves, num_layers, fraction, figures, runs, pruning, heads, lora, audit) -> str:
-    rows = _rows(curves, num_layers, fraction)
-    table = "<table><tr>" + "".join(f"<th>{h}</th>" for _, h in HEADERS) + "</tr>"
+    rows = summary_rows(curves, num_layers, fraction)
+    table = "<table><tr>" + "".join(f"<th>{h}</th>" for _, h in SUMMARY_HEADERS) + "</tr>"
     for r in rows:
-        table += "<tr>" + "".join(f"<td>{html.escape(_fmt(r[k]))}</td>" for k, _ in HEADERS) + "</tr>"
+        table += "<tr>" + "".join(f"<td>{html.escape(fmt_cell(r[k]))}</td>" for k, _ in SUMMARY_HEADERS) + "</tr>"
     table += "</table>"
     curves_html = ""
     for c in curves:
@@ -458,7 +130,7 @@ def _html(model, curves, num_layers, fraction, figures, runs, pruning, heads, lo
             "head) or against everything hidden from j (restoration: positive = that head alone "
             "brings the task back). Top heads, 95% bootstrap intervals over items and seeds:",
             HEAD_HEADERS,
-            _head_rows(heads),
+            head_rows(heads),
         )
     if lora:
         sections += _html_table(
@@ -486,7 +158,7 @@ Intervals are 95% bootstrap intervals over test items and seeds.</p>
 
 
 def _markdown(model, curves, num_layers, fraction, figures, runs, pruning, heads, lora, audit) -> str:
-    rows = _rows(curves, num_layers, fraction)
+    rows = summary_rows(curves, num_layers, fraction)
     lines = [
         f"# Where does in-context learning happen? — {model.get('spec', '?')}",
         "",
@@ -495,15 +167,15 @@ def _markdown(model, curves, num_layers, fraction, figures, runs, pruning, heads
         "",
         "## Summary",
         "",
-        "| " + " | ".join(h for _, h in HEADERS) + " |",
-        "|" + "---|" * len(HEADERS),
+        "| " + " | ".join(h for _, h in SUMMARY_HEADERS) + " |",
+        "|" + "---|" * len(SUMMARY_HEADERS),
     ]
-    lines += ["| " + " | ".join(_fmt(r[k]) for k, _ in HEADERS) + " |" for r in rows]
+    lines += ["| " + " | ".join(fmt_cell(r[k]) for k, _ in SUMMARY_HEADERS) + " |" for r in rows]
     if pruning:
         lines += _markdown_table("Context-pruned inference (measured)", PRUNING_HEADERS, pruning)
     if heads:
         lines += _markdown_table(
-            "Heads (top heads per sweep; change vs reference, 95% CI)", HEAD_HEADERS, _head_rows(heads)
+            "Heads (top heads per sweep; change vs reference, 95% CI)", HEAD_HEADERS, head_rows(heads)
         )
     if lora:
         lines += _markdown_table("Single-layer LoRA", LORA_HEADERS, lora)

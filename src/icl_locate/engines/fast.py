@@ -1,0 +1,193 @@
+"""The fast engine: exact greedy generations for many (prompt, intervention) rows at once.
+
+Exact shortcuts (each checked against the reference engine in tests/test_fast_engine.py):
+
+* The context (BOS + instructions + examples) before the query does not depend on the query,
+  so its KV cache is computed once per distinct prefix and shared by every query.
+* Masking from layer j hides the masked columns at layers >= j, so their keys/values there
+  are never read: the *unmasked* prefix cache is exact for every j as long as no visible
+  prefix token comes after a hidden one (true for every paper condition except
+  "instructions": the examples then see no instructions and need their own cache per j).
+* Rows (query, j) for many queries and layers decode together in one batch; a finished row
+  (stop string, EOS, token limit) leaves the batch at once.
+* Logits are computed for the last position only.
+
+Layout of a batch row: [left padding | prefix | query | generated...] (``rows.BatchLayout``).
+Padding columns are excluded through the 2D attention mask; positions come from the mask's
+cumulative sum, so every real token keeps the position it has in the full prompt.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from ..core.conditions import MaskedPrompt
+from ..core.interventions import AttentionAblation, ColumnMask, PruneFrom, RowIntervention
+from ..core.structure import num_layers
+from ..util.system import available_memory
+from .base import Generation, ProgressCallback, ResultKey, StopRule, eos_ids, forward, head_timer
+from .decoding import decode_batch
+from .rows import KV, BatchLayout, PrefixCaches, Row, plan_rows
+
+
+class FastEngine:
+    """Decode every (prompt, intervention) row; supports ``MaskFrom``, ``HeadMask``, ``AblateLayers``, ``UNCHANGED``."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        batch_size: int | None = None,
+        max_batch_tokens: int = 32_000,
+        kv_memory_fraction: float = 0.3,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.n_layers = num_layers(model)
+        self.device = next(model.parameters()).device
+        self.eos = eos_ids(model, tokenizer)
+        self.batch_size = batch_size
+        # Automatic batches are bounded in rows x (prefix + query + new) tokens, and their KV
+        # cache in bytes by a fraction of the memory available when decoding starts.
+        self.max_batch_tokens = max_batch_tokens
+        self.kv_memory_fraction = kv_memory_fraction
+        self.stats = {
+            "prefix_forwards": 0,
+            "prefix_tokens": 0,
+            "tokens_forwarded": 0,
+            "logit_rows": 0,
+            "steps": 0,
+            "prefix_caches_alive_max": 0,
+        }
+        # seconds: total, prefix (context caches), query_prefill, decode_forward, head (see base.time_breakdown)
+        self.times: dict[str, float] = defaultdict(float)
+
+    # ------------------------------------------------------------------ public
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Sequence[MaskedPrompt],
+        interventions: Sequence[RowIntervention],
+        stop: StopRule,
+        progress: ProgressCallback | None = None,
+    ) -> dict[ResultKey, Generation]:
+        started = time.perf_counter()
+        rows = self.plan(prompts, interventions)
+        prefix_caches = self.prefix_caches(rows)
+        results: dict[ResultKey, Generation] = {}
+        with head_timer(self.model, self.times):
+            for chunk in self._chunks(rows, prefix_caches, stop.max_new_tokens):
+                for row, gen in zip(chunk, self._decode_chunk(chunk, prefix_caches, stop), strict=True):
+                    results[(row.item, row.intervention)] = gen
+                prefix_caches.done(chunk)
+                if progress is not None:
+                    progress(len(results), len(rows))
+        self.times["total"] += time.perf_counter() - started
+        return results
+
+    # ------------------------------------------------------------------ planning
+
+    def plan(self, prompts: Sequence[MaskedPrompt], interventions: Sequence[RowIntervention]) -> list[Row]:
+        """The rows to decode (``PruneFrom`` rows are the pruned engine's)."""
+        for row in interventions:
+            if isinstance(row, PruneFrom):
+                raise ValueError("the fast engine does not run PruneFrom rows (the pruned engine does)")
+        return plan_rows(prompts, interventions, self.n_layers)
+
+    def prefix_caches(self, rows: list[Row]) -> PrefixCaches:
+        """The prefix caches of ``rows``, each computed when first needed."""
+        return PrefixCaches(self._prefix_cache, rows, self.stats)
+
+    def _prefix_cache(self, row: Row) -> KV:
+        """Per-layer (keys, values) of a row's prefix (batch of 1), under the row's own intervention
+        when its prefix needs one."""
+        prefix, own = row.prefix_key
+        interventions = []
+        if own is not None:
+            if row.prefix_hidden:
+                interventions.append(ColumnMask([row.prefix_hidden], [row.mask_layers], [row.mask_heads]))
+            if row.ablate:
+                interventions.append(AttentionAblation(row.ablate))
+        cache = DynamicCache()
+        ids = torch.tensor([list(prefix)], device=self.device)
+        started = time.perf_counter()
+        forward(self.model, ids, cache=cache, interventions=interventions, last_only=True)
+        self.times["prefix"] += time.perf_counter() - started
+        self.stats["prefix_forwards"] += 1
+        self.stats["prefix_tokens"] += len(prefix)
+        self.stats["tokens_forwarded"] += len(prefix)
+        return [(layer.keys, layer.values) for layer in cache.layers]
+
+    def _chunks(self, rows: list[Row], prefix_caches: PrefixCaches, max_new_tokens: int):
+        """Batches of rows with one prefix length and one ablation each, bounded in rows x tokens
+        and in KV bytes, and of even sizes (a small last batch would decode as long as a full one).
+        Rows of one prefix cache stay together (then by query length), so that only a few caches
+        are alive at a time: a head sweep has one per intervention."""
+        for plen, group in self._groups(rows):
+            first_seen = {key: n for n, key in enumerate(dict.fromkeys(r.prefix_key for r in group))}
+            group.sort(key=lambda r: (first_seen[r.prefix_key], len(r.query_ids)))
+            size = self._rows_per_batch(plen, group, prefix_caches, max_new_tokens)
+            n_batches = -(-len(group) // size)
+            even = -(-len(group) // n_batches)
+            for start in range(0, len(group), even):
+                yield group[start : start + even]
+
+    @staticmethod
+    def _groups(rows: list[Row]) -> list[tuple[int, list[Row]]]:
+        """(prefix length, rows) for each (prefix length, ablation): what one batch may mix."""
+        groups: dict[tuple, list[Row]] = {}
+        for row in rows:
+            groups.setdefault((len(row.prefix_key[0]), tuple(sorted(row.ablate))), []).append(row)
+        return [(plen, group) for (plen, _), group in groups.items()]
+
+    def _rows_per_batch(self, plen: int, group: list[Row], prefix_caches: PrefixCaches, max_new_tokens: int) -> int:
+        """``batch_size``, else as many rows as the token and KV-memory bounds allow."""
+        longest = plen + max(len(r.query_ids) for r in group) + max_new_tokens
+        return self.batch_size or self._auto_rows(longest, prefix_caches.get(group[0]))
+
+    def _auto_rows(self, longest: int, prefix_kv) -> int:
+        kv_bytes_per_token = sum(k.shape[1] * k.shape[3] * k.element_size() * 2 for k, _ in prefix_kv)
+        by_memory = int(self.kv_memory_fraction * available_memory(self.device)) // max(1, kv_bytes_per_token)
+        return max(1, min(256, min(self.max_batch_tokens, by_memory) // longest))
+
+    # ------------------------------------------------------------------ decoding
+
+    def _decode_chunk(self, chunk: list[Row], prefix_caches: PrefixCaches, stop: StopRule) -> list[Generation]:
+        pad_id = self.tokenizer.pad_token_id or 0
+        layout = BatchLayout.of([r.prefix_key[0] for r in chunk], [r.query_ids for r in chunk], pad_id)
+        hidden = [layout.hidden(b, row) for b, row in enumerate(chunk)]
+        interventions = [
+            ColumnMask(
+                hidden,
+                [r.mask_layers if h else frozenset() for r, h in zip(chunk, hidden, strict=True)],
+                [r.mask_heads if h else None for r, h in zip(chunk, hidden, strict=True)],
+            )
+        ]
+        if chunk[0].ablate:
+            interventions.append(AttentionAblation(chunk[0].ablate))
+        per_row = [prefix_caches.get(r) for r in chunk]
+        capacity = layout.width + stop.max_new_tokens
+        cache = DynamicCache()
+        cache.layers = [
+            layout.cache_layer([kv[layer] for kv in per_row], range(len(chunk)), capacity)
+            for layer in range(len(per_row[0]))
+        ]
+        return decode_batch(
+            self.model,
+            self.tokenizer,
+            self.eos,
+            cache,
+            layout.inputs.to(self.device),
+            layout.mask.to(self.device),
+            interventions,
+            stop,
+            self.stats,
+            times=self.times,
+        )

@@ -1,0 +1,195 @@
+"""What the engines share about rows: one row intervention's plan on a prompt, the rows of a request,
+their shared prefix caches, and the layout of a batch of rows with left padding.
+
+A row intervention means, on one prompt, the layers at which the prompt's hidden columns are masked
+(from some query heads or from all) and the layers whose attention is ablated (``row_plan``). The
+reference engine turns that plan into batch interventions; the fast and tree engines decode many
+rows at once, each row = a prefix (BOS + context, whose KV cache is computed once and shared) + the
+query, laid out as ``[left padding | prefix | query]`` (``BatchLayout``).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..core.conditions import MaskedPrompt, Range
+from ..core.interventions import AblateLayers, HeadMask, HeadSets, MaskFrom, PruneFrom, RowIntervention, Unchanged
+from .decoding import PreallocatedLayer, right_aligned
+
+NO_LAYERS: frozenset[int] = frozenset()
+
+# --------------------------------------------------------------------------- one row's plan
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    """What a row intervention does to one prompt."""
+
+    mask_layers: frozenset[int]  # layers where the row hides the prompt's hidden columns (empty: no mask)
+    mask_heads: HeadSets | None  # per masked layer, the query heads that hide them (None: all heads)
+    ablate: frozenset[int]  # layers whose attention sublayer is removed
+
+
+def row_plan(prompt: MaskedPrompt, row: RowIntervention, n_layers: int) -> RowPlan:
+    """The plan of ``row`` on ``prompt``, by the paper's definitions.
+
+    ``PruneFrom(r)`` is, by definition, the hidden range masked from layer r: nothing at layers >= r
+    reads it (the pruned engine is tested equal to this).
+    """
+    if isinstance(row, (MaskFrom, PruneFrom)):
+        if not 0 <= row.layer <= n_layers:
+            raise ValueError(f"layer {row.layer} outside 0..{n_layers}")
+        return RowPlan(frozenset(range(row.layer, n_layers)) if prompt.hidden else NO_LAYERS, None, NO_LAYERS)
+    if isinstance(row, HeadMask):
+        heads = row.by_layer()
+        if any(not 0 <= layer < n_layers for layer in heads):
+            raise ValueError(f"head mask layers {sorted(heads)} outside 0..{n_layers - 1}")
+        if not prompt.hidden:
+            return RowPlan(NO_LAYERS, None, NO_LAYERS)
+        return RowPlan(frozenset(heads), heads, NO_LAYERS)
+    if isinstance(row, AblateLayers):
+        return RowPlan(NO_LAYERS, None, row.layers)
+    if isinstance(row, Unchanged):
+        return RowPlan(NO_LAYERS, None, NO_LAYERS)
+    raise TypeError(f"not a row intervention: {row!r}")
+
+
+# --------------------------------------------------------------------------- the rows of a request
+
+
+@dataclass
+class Row:
+    """One (prompt, intervention) row of a batched engine: the prompt cut into a shared prefix and the query."""
+
+    item: int
+    intervention: RowIntervention
+    prefix_key: tuple  # which prefix cache this row continues: (prefix ids, intervention or None)
+    query_ids: list[int]
+    query_hidden: list[Range]  # hidden ranges inside the query, relative to the query start
+    prefix_hidden: list[Range]  # hidden ranges inside the prefix
+    mask_layers: frozenset[int]  # layers where this row hides its columns (empty: no mask)
+    mask_heads: HeadSets | None  # per masked layer, the query heads that hide (None: all)
+    ablate: frozenset[int]
+
+
+def needs_own_prefix_cache(prefix_hidden: Sequence[Range], prefix_len: int) -> bool:
+    """True if some visible prefix token comes after a hidden one (its states then depend on the mask)."""
+    if not prefix_hidden:
+        return False
+    first_hidden = min(a for a, _ in prefix_hidden)
+    hidden = {i for a, b in prefix_hidden for i in range(a, b)}
+    return any(i not in hidden for i in range(first_hidden, prefix_len))
+
+
+def plan_rows(prompts: Sequence[MaskedPrompt], interventions: Sequence[RowIntervention], n_layers: int) -> list[Row]:
+    """Every (prompt, intervention) row, prompt by prompt; rows share a prefix cache where they can."""
+    rows = []
+    for i, prompt in enumerate(prompts):
+        start = max(1, prompt.query_start())  # a prompt without BOS or context: share 1 token
+        prefix, query = tuple(prompt.ids[:start]), list(prompt.ids[start:])
+        for v in interventions:
+            plan = row_plan(prompt, v, n_layers)
+            ranges = prompt.hidden if plan.mask_layers else ()
+            p_hidden = [(a, min(b, start)) for a, b in ranges if a < start]
+            q_hidden = [(max(a, start) - start, b - start) for a, b in ranges if b > start]
+            # A head mask lets other heads read the hidden columns, whose own states it changed:
+            # such a row's context is computed under its own intervention.
+            own = bool(plan.ablate) or plan.mask_heads is not None or needs_own_prefix_cache(p_hidden, start)
+            key = (prefix, v) if own else (prefix, None)
+            rows.append(Row(i, v, key, query, q_hidden, p_hidden, plan.mask_layers, plan.mask_heads, plan.ablate))
+    return rows
+
+
+KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [1, heads, tokens, head dim]
+
+
+class PrefixCaches:
+    """Prefix caches made when a batch first needs them and dropped once their last row is decoded."""
+
+    def __init__(self, make: Callable[[Row], KV], rows: list[Row], stats: dict):
+        self.make, self.stats = make, stats
+        self.caches: dict[tuple, KV] = {}
+        self.pending = Counter(r.prefix_key for r in rows)
+
+    def get(self, row: Row) -> KV:
+        if row.prefix_key not in self.caches:
+            self.caches[row.prefix_key] = self.make(row)
+            self.stats["prefix_caches_alive_max"] = max(self.stats["prefix_caches_alive_max"], len(self.caches))
+        return self.caches[row.prefix_key]
+
+    def done(self, rows: list[Row]) -> None:
+        for row in rows:
+            self.pending[row.prefix_key] -= 1
+            if not self.pending[row.prefix_key]:
+                self.caches.pop(row.prefix_key, None)
+
+
+# --------------------------------------------------------------------------- the batch layout
+
+
+def left_padding_mask(pads: Sequence[int], width: int) -> torch.Tensor:
+    """[len(pads), width] 2D attention mask: row b is 0 on its first pads[b] columns, 1 after."""
+    mask = torch.ones(len(pads), width, dtype=torch.long)
+    for b, pad in enumerate(pads):
+        mask[b, :pad] = 0
+    return mask
+
+
+@dataclass
+class BatchLayout:
+    """Batch rows ``[pad_b padding | prefix | query_b]``, all ``prefix_len + query_len`` columns wide.
+
+    Padding only on the far left keeps column distances equal to position distances (sliding windows
+    and GPT-Neo's local attention work in columns); positions come from the mask, so every real token
+    keeps its position in the full prompt. The first ``prefix_len`` columns come from prefix caches;
+    the rest are fed as input (for a padded row: the prefix tail, then the query).
+    """
+
+    prefix_len: int
+    query_len: int  # the longest query
+    pads: list[int]
+    inputs: torch.Tensor  # [B, query_len]: each row's columns after the cached part
+    mask: torch.Tensor  # [B, prefix_len + query_len]: 0 on padding
+
+    @classmethod
+    def of(cls, prefixes: Sequence[Sequence[int]], queries: Sequence[Sequence[int]], pad_id: int) -> BatchLayout:
+        """The layout of rows ``prefixes[b] + queries[b]`` (prefixes of one length)."""
+        plen, qmax = len(prefixes[0]), max(len(q) for q in queries)
+        pads = [qmax - len(q) for q in queries]
+        inputs = torch.empty(len(queries), qmax, dtype=torch.long)
+        for b, (pad, prefix, query) in enumerate(zip(pads, prefixes, queries, strict=True)):
+            inputs[b] = torch.tensor(([pad_id] * pad + list(prefix) + list(query))[plen:])
+        return cls(plen, qmax, pads, inputs, left_padding_mask(pads, plen + qmax))
+
+    @property
+    def width(self) -> int:
+        return self.prefix_len + self.query_len
+
+    def cached(self, b: int) -> int:
+        """How many prefix tokens of row b sit in the cache part (the rest is fed as input)."""
+        return max(0, self.prefix_len - self.pads[b])
+
+    def hidden(self, b: int, row: Row) -> list[Range]:
+        """``row``'s hidden ranges as columns of batch row b."""
+        pad, plen = self.pads[b], self.prefix_len
+        return [(pad + s, pad + e) for s, e in row.prefix_hidden] + [
+            (pad + plen + s, pad + plen + e) for s, e in row.query_hidden
+        ]
+
+    def cache_layer(
+        self,
+        kv: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        rows: Sequence[int],
+        capacity: int,
+        kind=PreallocatedLayer,
+    ) -> PreallocatedLayer:
+        """A cache layer of ``kind`` whose row n holds the prefix keys/values ``kv[n]`` right-aligned as
+        batch row ``rows[n]`` places them, with room for ``capacity`` columns."""
+        cached = [self.cached(b) for b in rows]
+        keys = right_aligned([k for k, _ in kv], cached, self.prefix_len, capacity)  # [N, heads, capacity, dim]
+        values = right_aligned([v for _, v in kv], cached, self.prefix_len, capacity)
+        return kind(keys, values, self.prefix_len)

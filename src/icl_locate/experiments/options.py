@@ -1,0 +1,135 @@
+"""The settings of every command but ``sweep`` (whose ``SweepConfig`` lives in ``settings``): typed
+dataclasses whose field defaults are the command line's defaults. Torch-free, so that the parser
+reads its defaults and help text from here without importing the model stack."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..core.catalog import EMBEDDED
+from ..util.errors import UserError
+from .settings import ModelAndData
+
+
+@dataclass(kw_only=True)
+class RunSettings(ModelAndData):
+    pair: str | None = None
+    condition: str = "baseline"
+    from_layer: int | None = None  # None: the last layer for the baseline, else required
+    k: int = 5
+    seed: int = 0
+    n_test: int | None = None
+    instructions: bool = True
+    per_query_examples: bool = False
+    max_new_tokens: int | None = None
+    out: str | None = None
+    workers: int = 2  # code tasks: sandbox workers
+    timeout: float = 3.0  # code tasks: seconds per sample
+
+
+@dataclass(kw_only=True)
+class BenchSettings(ModelAndData):
+    pair: str = "fra-eng"
+    condition: str = "instructions+examples"
+    layers: str = "all"
+    n_test: int = 8
+    k: int = 5
+    seed: int = 0
+    batch_size: int | None = None
+    engine: str = "auto"  # (d): auto (measured) | tree | fast
+    head: str = "auto"  # (d): auto (measured) | screen | plain
+    draft_tokens: int | str = "auto"  # (d): auto (measured) or drafts of up to N tokens (0: none)
+    skip_paper: bool = False
+    json: str | None = None
+
+
+@dataclass(kw_only=True)
+class PruneSettings(ModelAndData):
+    layer: int  # r: the context is processed in layers < r only
+    pair: str = "fra-eng"
+    condition: str = "instructions+examples"
+    n_test: int = 16
+    k: int = 5
+    seed: int = 0
+    per_query_examples: bool = False
+    batch_size: int = 8
+    max_new_tokens: int | None = None
+    check: bool = True
+    json: str | None = None
+    store: str | None = None
+
+
+@dataclass
+class DemoSettings:
+    out_dir: str = "runs/demo"
+    n_test: int = 16
+    data_dir: str | None = None
+
+
+@dataclass(kw_only=True)
+class StartupSettings:
+    model: str = EMBEDDED  # what `run`/`sweep` load by default
+    dtype: str | None = None
+    device: str | None = None
+    repeats: int = 3  # fresh processes per measurement (the median is reported)
+
+
+@dataclass
+class LoraSettings:
+    """Defaults: the paper's (configs/training + its LoRA script), except the loss (see ``loss``);
+    every one overridable."""
+
+    r: int = 8
+    alpha: int = 32
+    dropout: float = 0.05
+    lr: float = 1e-4
+    batch_size: int = 32
+    micro_batch: int = 8  # gradient accumulation keeps memory bounded; the update sees batch_size
+    val_size: int = 197  # validation pairs from dev 801-997
+    max_epochs: int = 100
+    patience: int = 5
+    threshold: float = 0.01
+    train_size: int = 800
+    seed: int = 0
+    loss: str = "answer"  # "answer": answer tokens only; "full": every position (the paper's code)
+    bucketing: bool = True  # fixed micro-batches of similar length, shuffled each epoch
+    reuse: bool = True  # keep the frozen layers' output once instead of recomputing it (same results)
+    activation_mb: int | None = None  # saved activations per training piece (None: lora_reuse.activation_budget)
+    autocast: str = "auto"  # "bf16": forward passes under bf16 autocast; "auto": bf16 on a GPU (resolve_autocast)
+
+
+@dataclass
+class LoraRun:
+    """``icl-locate lora-sweep``: which model, pair and layers, where results go."""
+
+    settings: LoraSettings
+    preset: str | None = None
+    model: str = EMBEDDED
+    pair: str = "fra-eng"
+    layers: str = "all"
+    n_test: int | None = None
+    out_dir: str = "runs/lora"
+    store: str | None = None
+    data_dir: str | None = None
+    dtype: str | None = None
+    device: str | None = None
+
+
+@dataclass(frozen=True)
+class RaySettings:
+    """Where and how wide: ``address`` None starts a local Ray instance, "auto" joins the running
+    cluster, anything else is that cluster's address."""
+
+    address: str | None = None
+    workers: int = 2
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0  # fractions pack several small models onto one GPU
+    max_attempts: int = 3  # per unit: a unit that fails this often (error or lost worker) stops the sweep
+
+    def check(self) -> None:
+        if self.workers < 1:
+            raise UserError(f"--workers must be >= 1, got {self.workers}")
+        if self.cpus_per_worker <= 0 or self.gpus_per_worker < 0:
+            raise UserError("--cpus-per-worker must be > 0 and --gpus-per-worker >= 0")
+        if self.max_attempts < 1:
+            raise UserError(f"attempts per unit must be >= 1, got {self.max_attempts}")

@@ -1,0 +1,148 @@
+"""The report's figures, after the paper's Figs 2-4: score per masking layer (one line per condition,
+the unmasked baseline dashed, 95% bootstrap bands, the recognition layer marked), head heatmaps and
+single-layer LoRA against the masking curve. Each is written as a PNG beside the report."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from .analysis import HeadMap
+from .tables import recognition_curve
+
+
+def _group(curves):
+    groups = defaultdict(list)
+    for c in curves:
+        groups[(c.key["task"], c.key["pair"], c.key["kind"], c.key["k"])].append(c)
+    return groups
+
+
+def curve_figures(curves, out_dir: Path) -> list[tuple[str, Path]]:
+    import matplotlib.pyplot as plt  # lazy: plotting is only needed for the report
+    from matplotlib.ticker import MaxNLocator  # lazy: plotting is only needed for the report
+
+    figures = []
+    for (task, pair, kind, k), group in sorted(_group(curves).items()):
+        by_instr = defaultdict(list)
+        for c in group:
+            by_instr[c.key["instructions"]].append(c)
+        fig, axes = plt.subplots(1, len(by_instr), figsize=(6 * len(by_instr), 4), squeeze=False)
+        for ax, (instr, cs) in zip(axes[0], sorted(by_instr.items(), reverse=True)):
+            for c in sorted(cs, key=lambda c: c.key["condition"]):
+                lo, hi = zip(*c.ci)
+                name = c.key["condition"] if kind == "mask" else "attention of layer removed"
+                (line,) = ax.plot(c.layers, c.score, marker="o", ms=3, label=name)
+                ax.fill_between(c.layers, lo, hi, color=line.get_color(), alpha=0.15)
+                if c.recognition is not None and c.recognition < c.layers[-1]:
+                    ax.axvline(c.recognition, color=line.get_color(), ls=":", lw=1)
+            ax.axhline(cs[0].baseline, color="black", ls="--", lw=1, label="baseline (no mask)")
+            ax.set_xlabel("layer masked from" if kind == "mask" else "ablated layer")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_ylabel(cs[0].metric.label)
+            ax.set_title(f"{task} {pair} k={k} — {'with' if instr else 'without'} instructions", fontsize=10)
+            ax.legend(fontsize=7)
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        name = f"{kind}_{task}_{pair or 'all'}_k{k}.png".replace("/", "-")
+        path = out_dir / name
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        figures.append((f"{'Masking' if kind == 'mask' else 'Layer ablation'}: {task} {pair} k={k}", path))
+    return figures
+
+
+def lora_figures(lora: list[dict], curves, out_dir: Path) -> list[tuple[str, Path]]:
+    """Per layer: zero-shot BLEU of single-layer LoRA and the masking curve of the same pair on one
+    BLEU axis, the best validation loss on a second axis, the recognition layer marked."""
+    import matplotlib.pyplot as plt  # lazy: plotting is only needed for the report
+    from matplotlib.ticker import MaxNLocator  # lazy: plotting is only needed for the report
+
+    figures = []
+    for pair in sorted({r["pair"] for r in lora}):
+        rows = sorted((r for r in lora if r["pair"] == pair), key=lambda r: r["layer"])
+        fig, ax = plt.subplots(figsize=(7, 4.6))
+        layers = [r["layer"] for r in rows]
+        ax.plot(layers, [r["bleu"] for r in rows], marker="o", color="tab:blue", label="LoRA on this layer only: BLEU")
+        c = recognition_curve(curves, pair)
+        if c is not None:
+            ax.plot(
+                c.layers,
+                c.score,
+                marker=".",
+                ms=3,
+                color="tab:gray",
+                label=f"masking {c.label()} from this layer: {c.metric.label}",
+            )
+            if c.recognition is not None:
+                ax.axvline(c.recognition, color="red", ls="--", label=f"recognition layer {c.recognition}")
+        ax.set_xlabel("layer")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel("zero-shot BLEU (LoRA) / score (masking)")
+        handles, labels = ax.get_legend_handles_labels()
+        losses = [(r["layer"], r.get("best_val_loss")) for r in rows if r.get("best_val_loss") is not None]
+        if losses:
+            twin = ax.twinx()
+            twin.plot(*zip(*losses), marker="s", ms=4, ls=":", color="tab:orange", label="LoRA: best validation loss")
+            twin.set_ylabel("best validation loss")
+            more, more_labels = twin.get_legend_handles_labels()
+            handles, labels = handles + more, labels + more_labels
+        # below the axes: inside, it hides points of the curves (they span the whole plot)
+        ax.legend(handles, labels, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
+        ax.set_title(f"single-layer LoRA, {pair}", fontsize=10)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = out_dir / f"lora_{pair}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        figures.append((f"Single-layer LoRA: {pair}", path))
+    return figures
+
+
+def _cell(key: dict) -> tuple:
+    return key["task"], key["pair"], key["condition"], key["instructions"], key["k"]
+
+
+def head_figures(maps: list[HeadMap], curves, out_dir: Path) -> list[tuple[str, Path]]:
+    """One layers x heads heatmap per head sweep: the score change of each single head's intervention."""
+    import matplotlib.pyplot as plt  # lazy: plotting is only needed for the report
+
+    recognition = {_cell(c.key): c.recognition for c in curves if c.key["kind"] == "mask"}
+    figures = []
+    for m in maps:
+        bound = float(np.abs(m.delta).max()) or 1.0
+        fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(m.heads) + 2.5), max(3.5, 0.28 * len(m.layers) + 1.5)))
+        image = ax.imshow(
+            m.delta,
+            cmap="RdBu",
+            vmin=-bound,
+            vmax=bound,
+            aspect="auto",
+            origin="lower",
+            extent=(m.heads[0] - 0.5, m.heads[-1] + 0.5, m.layers[0] - 0.5, m.layers[-1] + 0.5),
+        )
+        fig.colorbar(
+            image,
+            ax=ax,
+            label=f"{m.metric.label} change vs "
+            + ("baseline" if m.key["kind"] == "knockout" else f"masked from {m.key['from_layer']}"),
+        )
+        r = recognition.get(_cell(m.key))
+        if r is not None:
+            ax.axhline(r - 0.5, color="black", ls="--", lw=1, label=f"recognition layer {r}")
+            ax.legend(fontsize=7, loc="upper right")
+        ax.set_xlabel("query head")
+        ax.set_ylabel("layer")
+        ax.set_xticks(m.heads)
+        ax.set_title(f"{m.key['task']} {m.key['pair']}\n{m.label()}", fontsize=8)
+        fig.tight_layout()
+        path = out_dir / (
+            f"heads_{m.key['kind']}_{m.key['task']}_{m.key['pair'] or 'all'}_{m.key['condition']}_"
+            f"k{m.key['k']}{'' if m.key['instructions'] else '_noinstr'}.png"
+        ).replace("/", "-")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        figures.append((f"Heads: {m.key['task']} {m.key['pair']} {m.label()}", path))
+    return figures

@@ -1,0 +1,203 @@
+"""The report's tables as rows of text cells, one list of (key, header) per table: the summary per
+curve, heads, single-layer LoRA, context-pruned inference and the engine audit. Shared by the
+HTML and the Markdown report."""
+
+from __future__ import annotations
+
+from .analysis import HeadMap, audit_disagreement, critical_layers, savings
+
+
+def recognition_curve(curves, pair: str):
+    """The masking curve of ``pair`` whose recognition layer the LoRA results are read against
+    (instructions+examples with instructions first, as in the paper), or None."""
+    masked = [c for c in curves if c.key["kind"] == "mask" and c.key["pair"] == pair]
+
+    def preference(c) -> tuple:
+        return (
+            c.recognition is None,
+            not c.key["instructions"],
+            c.key["condition"] != "instructions+examples",
+            c.key["condition"],
+        )
+
+    return sorted(masked, key=preference)[0] if masked else None
+
+
+LORA_HEADERS = [
+    ("pair", "pair"),
+    ("layer", "layer"),
+    ("bleu", "zero-shot BLEU"),
+    ("epochs", "epochs"),
+    ("val", "best val loss"),
+    ("loss", "loss on"),
+    ("rate", "train tokens/s"),
+    ("seconds", "seconds"),
+    ("vs", "vs recognition layer"),
+]
+
+
+def lora_rows(lora: list[dict], curves) -> list[dict]:
+    rows = []
+    for r in sorted(lora, key=lambda r: (r["pair"], r["layer"])):
+        c = recognition_curve(curves, r["pair"])
+        recognition = None if c is None else c.recognition
+        seconds = r.get("train_seconds")
+        rows.append(
+            dict(
+                pair=r["pair"],
+                layer=str(r["layer"]),
+                bleu=f"{r['bleu']:.2f}",
+                epochs=str(len(r.get("train_loss", []))),
+                val="—" if r.get("best_val_loss") is None else f"{r['best_val_loss']:.4f}",
+                loss=r.get("settings", {}).get("loss", "full"),
+                rate="—" if not seconds else f"{r.get('sequence_tokens', r['train_tokens']) / seconds:.0f}",
+                seconds="—" if r.get("seconds") is None else f"{r['seconds']:.0f}",
+                vs="—"
+                if recognition is None
+                else ("before" if r["layer"] < recognition else "at" if r["layer"] == recognition else "after"),
+            )
+        )
+    return rows
+
+
+HEAD_HEADERS = [
+    ("cell", "task"),
+    ("what", "sweep"),
+    ("reference", "reference score"),
+    ("head", "layer / head"),
+    ("change", "change (95% CI)"),
+]
+
+
+def head_rows(maps: list[HeadMap], n: int = 5) -> list[dict]:
+    rows = []
+    for m in maps:
+        ref = (
+            "baseline " if m.key["kind"] == "knockout" else f"masked from {m.key['from_layer']}: "
+        ) + f"{m.reference_score:.2f}"
+        for layer, head, change, (lo, hi) in m.top(n):
+            rows.append(
+                dict(
+                    cell=f"{m.key['task']} {m.key['pair']}".strip(),
+                    what=m.label(),
+                    reference=ref,
+                    head=f"{layer} / {head}",
+                    change=f"{change:+.2f} ({lo:+.2f} to {hi:+.2f})",
+                )
+            )
+    return rows
+
+
+def summary_rows(curves, num_layers, fraction):
+    rows = []
+    for c in curves:
+        s = savings(c, num_layers)
+        rows.append(
+            dict(
+                cell=f"{c.key['task']} {c.key['pair']}".strip(),
+                what=c.label(),
+                seeds=len(c.seeds),
+                items=c.item_stats.shape[2],
+                metric=c.metric.name,
+                baseline=c.baseline,
+                recognition=(
+                    "—"
+                    if c.key["kind"] != "mask"
+                    else c.verdict
+                    if c.recognition is None
+                    else f"{c.recognition} (95% CI {c.recognition_ci[0]:.0f}–{c.recognition_ci[1]:.0f})"
+                ),
+                critical=", ".join(map(str, critical_layers(c, fraction))) if c.key["kind"] == "ablation" else "—",
+                savings="—" if s is None else f"{100 * s.paper_formula:.1f}% / {100 * s.token_exact:.1f}%",
+            )
+        )
+    return rows
+
+
+SUMMARY_HEADERS = [
+    ("cell", "task"),
+    ("what", "condition"),
+    ("seeds", "seeds"),
+    ("items", "test items"),
+    ("metric", "metric"),
+    ("baseline", "baseline"),
+    ("recognition", "recognition layer"),
+    ("critical", "critical layers"),
+    ("savings", "savings: paper formula / exact tokens"),
+]
+
+
+PRUNING_HEADERS = [
+    ("cell", "task"),
+    ("condition", "pruned context"),
+    ("layer", "r / L"),
+    ("requests", "requests (batch)"),
+    ("device", "device"),
+    ("flops", "FLOPs saved: prompts / all"),
+    ("time", "time saved: prompts / all"),
+    ("kv", "KV cache saved"),
+    ("quality", "score: full → pruned"),
+    ("identical", "= masking from r"),
+]
+
+
+def pruning_rows(results: list[dict]) -> list[dict]:
+    """Measured context-pruned inference (icl-locate prune), one row per measurement."""
+    rows = []
+    for d in results:
+        full, pruned = d["full"], d["pruned"]
+        identical = d.get("identical_to_masked")
+        rows.append(
+            dict(
+                cell=f"{d['task']} {d['pair']}",
+                condition=d["condition"],
+                layer=f"{d['from_layer']} / {d['num_layers']}",
+                requests=f"{d['sentences']} ({d['batch_size']})",
+                device=f"{d['device']} {d['dtype']}",
+                flops=f"{100 * d['flops_saved_prompt']:.1f}% / {100 * d['flops_saved_total']:.1f}%",
+                time=f"{100 * d['time_saved_prefill']:.1f}% / {100 * d['time_saved_total']:.1f}%",
+                kv=f"{100 * d['kv_saved']:.1f}%",
+                quality=f"{d['metric']} {full['score']:.2f} → {pruned['score']:.2f}",
+                identical="—" if identical is None else f"{identical}/{d['sentences']}",
+            )
+        )
+    return rows
+
+
+AUDIT_HEADERS = [
+    ("unit", "unit"),
+    ("what", "rows"),
+    ("agree", "agree with the reference engine"),
+    ("disagreements", "disagreements: item, row, first differing token, reference margin (threshold)"),
+]
+AUDIT_INTRO = (
+    "After each unit a few of its rows, drawn at random with a stored seed, are decoded again by the "
+    "reference engine (one prompt at a time, the model's own LM head, same dtype and device). A "
+    "disagreement at a reference top-1/top-2 logit margin below the dtype's threshold is a near-tie "
+    "(rounding); above it, an ENGINE FAULT."
+)
+
+
+def audit_rows(audited: list[dict]) -> list[dict]:
+    """One row per audited unit: its agreement and every disagreement with its margin."""
+    by_unit: dict[str, list[dict]] = {}
+    for a in audited:
+        by_unit.setdefault(a["unit_id"], []).append(a)
+    rows = []
+    for unit_id, checked in by_unit.items():
+        spec = checked[0]["spec"]
+        what = " ".join(str(spec.get(k) or "") for k in ("task", "pair", "kind", "condition")).split()
+        notes = [audit_disagreement(a) for a in checked if not a["agree"]]
+        rows.append(
+            dict(
+                unit=unit_id,
+                what=" ".join(what),
+                agree=f"{sum(a['agree'] for a in checked)}/{len(checked)}",
+                disagreements="; ".join(notes) or "none",
+            )
+        )
+    return rows
+
+
+def fmt_cell(v):
+    return f"{v:.2f}" if isinstance(v, float) else str(v)
