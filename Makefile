@@ -9,7 +9,7 @@ ifneq ($(wildcard $(SHARED_DATA)),)
 export ICL_LOCATE_DATA_DIR ?= $(SHARED_DATA)
 endif
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup check demo test test-fast clean
 
 setup: $(VENV)/.installed
 
@@ -28,12 +28,17 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/icl-locate demo
 
-test: setup
+# The checks a reviewer would otherwise do by hand, before any test runs: format, lint, types, layers.
+check: setup
+	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests
+	$(BIN)/pyright
 	$(BIN)/lint-imports
+
+test: check
 	$(BIN)/python -m pytest
 
-test-fast: setup
-	$(BIN)/lint-imports
+test-fast: check
 	$(BIN)/python -m pytest -m "not slow"
 
 clean:

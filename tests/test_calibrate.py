@@ -20,7 +20,7 @@ from icl_locate.engines.calibrate import Calibrator, Choices, build_engine
 from icl_locate.engines.fast import FastEngine
 from icl_locate.engines.head import ScreenedHead
 from icl_locate.engines.reference import ReferenceEngine
-from icl_locate.engines.request import EngineRequest, parse_draft_tokens
+from icl_locate.engines.request import AUTO_REQUEST, EngineRequest, parse_draft_tokens
 from icl_locate.engines.tree import TreeEngine
 from icl_locate.util.errors import UserError
 from test_fast_engine import FAMILIES, encoded_prompts, masked
@@ -47,7 +47,7 @@ def work(lm):
     return prompts, [MaskFrom(j) for j in range(lm.info.num_layers + 1)]
 
 
-def choose(lm, tmp_path, timer, request=EngineRequest(), use_cache=True):
+def choose(lm, tmp_path, timer, request=AUTO_REQUEST, use_cache=True):
     prompts, rows = work(lm)
     return Calibrator(lm.model, lm.tokenizer, request, cache=tmp_path / "cal", timer=timer, use_cache=use_cache).choose(
         prompts, rows, STOP

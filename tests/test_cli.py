@@ -42,7 +42,7 @@ def test_run_writes_predictions(tmp_path, capsys, data_dir):
         str(out),
     )
     assert code == 0 and "corpus BLEU" in stdout
-    rows = [json.loads(l) for l in out.read_text().splitlines()]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 2
     for key in (
         "example_id",
@@ -110,7 +110,7 @@ def test_bad_input_one_line_exit_2(argv, message, capsys, data_dir):
         argv = argv + ["--data-dir", str(data_dir)]
     code, _, err = run_cli(capsys, *argv)
     assert code == 2
-    lines = [l for l in err.splitlines() if l.strip()]
+    lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0] and lines[0].startswith("icl-locate: error:")
 
 
@@ -138,12 +138,12 @@ def test_score_code_command(tmp_path, capsys):
 
     problems = humaneval_problems()[:3]
     samples = tmp_path / "samples.jsonl"
-    lines = [{"task_id": p["task_id"], "completion": p["prompt"] + p["canonical_solution"]} for p in problems[:2]]
-    lines.append({"task_id": problems[2]["task_id"], "completion": "while True:\n    pass\n"})
-    samples.write_text("\n".join(json.dumps(l) for l in lines) + "\n")
+    records = [{"task_id": p["task_id"], "completion": p["prompt"] + p["canonical_solution"]} for p in problems[:2]]
+    records.append({"task_id": problems[2]["task_id"], "completion": "while True:\n    pass\n"})
+    samples.write_text("\n".join(json.dumps(record) for record in records) + "\n")
     code, out, _ = run_cli(capsys, "score-code", "--samples", str(samples))
     assert code == 0 and "pass@1 = 66.7%" in out and "1 timed out" in out
-    results = [json.loads(l) for l in (tmp_path / "samples_results.jsonl").read_text().splitlines()]
+    results = [json.loads(line) for line in (tmp_path / "samples_results.jsonl").read_text().splitlines()]
     assert [r["status"] for r in results] == ["passed", "passed", "timed out"]
 
 
@@ -185,3 +185,26 @@ def test_help_shows_the_settings_defaults(capsys):
         assert f"(default {EMBEDDED})" in text and f"{cls.__dataclass_fields__['k'].default}" in text
     args = build_parser().parse_args(["prune", "--layer", "3"])
     assert args.n_test is None and settings_from(args, PruneSettings).n_test == PruneSettings(layer=3).n_test
+
+
+def test_score_code_report_and_executor_defaults_come_from_the_settings():
+    """score-code's, report's and the executor's defaults are the settings dataclasses' (argparse: None)."""
+    import inspect
+
+    from icl_locate.experiments.options import ExecutorSettings, ReportSettings, ScoreCodeSettings
+    from icl_locate.results.analysis import DEFAULT_FRACTION
+    from icl_locate.results.report import build_report
+
+    parser = build_parser()
+    args = parser.parse_args(["score-code", "--samples", "s.jsonl"])
+    assert args.workers is None and args.timeout is None
+    assert settings_from(args, ScoreCodeSettings) == ScoreCodeSettings(samples="s.jsonl", workers=2, timeout=3.0)
+    args = parser.parse_args(["report", "study.db"])
+    assert args.fraction is None and args.bootstrap is None
+    report = settings_from(args, ReportSettings)
+    assert (report.format, report.fraction, report.bootstrap) == ("html", 0.95, 1000)
+    library = inspect.signature(build_report).parameters  # the report library's own defaults agree
+    assert (library["fraction"].default, library["n_boot"].default) == (DEFAULT_FRACTION, report.bootstrap)
+    assert report.fraction == DEFAULT_FRACTION
+    args = parser.parse_args(["sweep", "--store", "s.db"])
+    assert args.executor is None and settings_from(args, ExecutorSettings).executor == "local"

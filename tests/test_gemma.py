@@ -80,7 +80,7 @@ def test_cli_run_translation(gemma, data_dir, tmp_path, capsys, condition, layer
         str(out),
     ] + (["--from-layer", str(layer)] if layer else [])
     assert main(argv) == 0
-    rows = [json.loads(l) for l in out.read_text().splitlines()]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 2 and all(r["generation"] for r in rows)
     assert "corpus BLEU" in capsys.readouterr().out
 
@@ -109,7 +109,7 @@ def test_cli_run_code_generation(gemma, data_dir, tmp_path, capsys, condition, l
     ]
     argv += ["--from-layer", str(layer)] if layer is not None else []
     assert main(argv) == 0
-    rows = [json.loads(l) for l in out.read_text().splitlines()]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["example_id"] for r in rows] == ["HumanEval/0", "HumanEval/1"]
     assert all(r["result"] in ("passed", "failed", "timed out") for r in rows)
     assert "pass@1" in capsys.readouterr().out

@@ -160,9 +160,11 @@ def test_bad_head_index_is_refused():
 
 
 def knockout_and_restore_rows(n_layers: int, n_heads: int, j: int = 2) -> list:
-    knockout = [HeadMask(frozenset({(l, h)})) for l in range(n_layers) for h in range(n_heads)]
-    masked_from_j = {(l, h) for l in range(j, n_layers) for h in range(n_heads)}
-    restore = [HeadMask(frozenset(masked_from_j - {(l, h)})) for l in range(j, n_layers) for h in range(n_heads)]
+    knockout = [HeadMask(frozenset({(layer, h)})) for layer in range(n_layers) for h in range(n_heads)]
+    masked_from_j = {(layer, h) for layer in range(j, n_layers) for h in range(n_heads)}
+    restore = [
+        HeadMask(frozenset(masked_from_j - {(layer, h)})) for layer in range(j, n_layers) for h in range(n_heads)
+    ]
     return knockout[::3] + restore[::2] + [MaskFrom(j), MaskFrom(n_layers)]
 
 
@@ -188,7 +190,7 @@ def test_head_rows_keep_few_context_caches_alive():
     """One context cache per head intervention, but only those of the batch being decoded are kept."""
     lm = tiny("llama")
     prompts = masked(encoded_prompts(lm.tokenizer), get_condition("instructions+examples"))
-    rows = [HeadMask(frozenset({(l, h)})) for l in range(4) for h in range(4)]
+    rows = [HeadMask(frozenset({(layer, h)})) for layer in range(4) for h in range(4)]
     engine = FastEngine(lm.model, lm.tokenizer, batch_size=3)
     engine.generate(prompts, rows, StopRule((), 3))
     assert engine.stats["prefix_forwards"] == len(rows)  # each context computed once

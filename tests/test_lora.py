@@ -68,7 +68,7 @@ def test_mini_sweep_end_to_end(tmp_path, data_dir):
         lm, str(data_dir), "fra-eng", [0, 3], settings, 2, tmp_path / "adapters", store=store, log=lambda m: None
     )
     assert [r["layer"] for r in results] == [0, 3]
-    assert all((tmp_path / "adapters" / f"layer{l:02d}" / "adapter_config.json").exists() for l in (0, 3))
+    assert all((tmp_path / "adapters" / f"layer{layer:02d}" / "adapter_config.json").exists() for layer in (0, 3))
     assert all(len(r["curve"]["val_loss"]) == len(r["curve"]["train_loss"]) >= 1 for r in results)
     again = lora_sweep(
         lm, str(data_dir), "fra-eng", [0, 3], settings, 2, tmp_path / "adapters", store=store, log=lambda m: None
@@ -117,7 +117,7 @@ def test_reused_activations_give_the_plain_loss_and_gradients(family, layer, los
     peft_model, _ = attach_adapter(lm.model, layer, settings)
     try:
         with torch.no_grad():  # a non-zero adapter, so that gradients reach both of its matrices
-            for n, p in peft_model.named_parameters():
+            for p in peft_model.parameters():
                 if p.requires_grad:
                     p.normal_(0, 0.05)
         seqs = encode_pairs(lm.tokenizer, PAIRS)

@@ -8,14 +8,16 @@ import time
 import pytest
 import torch
 
-from icl_locate.core.models import ALIASES, _build_checkpoint, _checkpoint_ok, load_model
+from icl_locate.core.checkpoints import build_checkpoint, checkpoint_ok
+from icl_locate.core.interventions import is_prepared
+from icl_locate.core.models import ALIASES, load_model
 from icl_locate.util.errors import UserError
 
 
 def test_tiny_model_description():
     lm = load_model("tiny:gpt_neo")
     assert lm.info.num_layers == 4 and lm.info.model_type == "gpt_neo" and lm.info.dtype == "float32"
-    assert not lm.model.training and lm.model._icl_locate_prepared
+    assert not lm.model.training and is_prepared(lm.model)
     assert lm.tokenizer("ab")["input_ids"][0] == lm.tokenizer.bos_token_id
 
 
@@ -65,17 +67,17 @@ def test_checkpoint_cache_detects_partial_and_corrupt_files(tmp_path):
         (d / "model.safetensors").write_bytes(os.urandom(4096))
         (d / "config.json").write_text("{}")
 
-    _build_checkpoint(target, build, source_hash="x")
-    assert _checkpoint_ok(target) and len(builds) == 1
+    build_checkpoint(target, build, source_hash="x")
+    assert checkpoint_ok(target) and len(builds) == 1
     weights = target / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[100] ^= 0xFF  # corrupt, same size
     time.sleep(0.01)
     weights.write_bytes(bytes(data))
-    assert not _checkpoint_ok(target)
-    _build_checkpoint(target, build, source_hash="x")
-    assert _checkpoint_ok(target) and len(builds) == 2
+    assert not checkpoint_ok(target)
+    build_checkpoint(target, build, source_hash="x")
+    assert checkpoint_ok(target) and len(builds) == 2
     weights.write_bytes(weights.read_bytes()[:100])  # truncated
-    assert not _checkpoint_ok(target)
+    assert not checkpoint_ok(target)
     (target / "icl-locate-manifest.json").unlink()  # interrupted build
-    assert not _checkpoint_ok(target)
+    assert not checkpoint_ok(target)

@@ -73,17 +73,17 @@ def test_the_nan_prone_kernel_does_return_nan():
 )
 def test_an_unknown_per_row_argument_inside_a_container_is_refused(value):
     with pytest.raises(RuntimeError, match="'mystery_embeddings'"):
-        TreeEngine._slice("mystery_embeddings", value, torch.tensor([0]), 2)
+        TreeEngine.slice_argument("mystery_embeddings", value, torch.tensor([0]), 2)
 
 
 def test_known_per_row_arguments_in_containers_are_sliced():
     rows = torch.arange(6.0).view(3, 2)
     leaf = torch.tensor([2, 0])
-    cos_sin = TreeEngine._slice("position_embeddings", (rows, rows + 1), leaf, 3)
+    cos_sin = TreeEngine.slice_argument("position_embeddings", (rows, rows + 1), leaf, 3)
     assert torch.equal(cos_sin[0], rows[[2, 0]]) and torch.equal(cos_sin[1], rows[[2, 0]] + 1)
-    both = TreeEngine._slice("position_embeddings", {"global": (rows,), "local": (rows,)}, leaf, 3)
+    both = TreeEngine.slice_argument("position_embeddings", {"global": (rows,), "local": (rows,)}, leaf, 3)
     assert torch.equal(both["local"][0], rows[[2, 0]])
-    assert TreeEngine._slice("use_cache", True, leaf, 3) is True
+    assert TreeEngine.slice_argument("use_cache", True, leaf, 3) is True
 
 
 def test_chunked_attention_gets_no_hole_based_drafts():

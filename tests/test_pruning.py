@@ -209,7 +209,7 @@ def test_prune_command_bad_input(tmp_path, capsys, data_dir):
 
 
 @pytest.mark.slow
-def test_pruned_gemma_equals_sweep_engine(gemma, data_dir):
+def test_pruned_gemma_equals_fast_engine(gemma, data_dir):
     task = get_task("flores")
     data = load_data(task, TaskOptions(data_dir=str(data_dir), pair="fra-eng"))
     items = build_items(task, data, gemma.tokenizer, k=5, seed=0, n_test=2)
@@ -217,8 +217,8 @@ def test_pruned_gemma_equals_sweep_engine(gemma, data_dir):
     stop = StopRule(task.stop_strings, 50)
     for r in (0, 6, 12):
         pruned = PrunedEngine(gemma.model, gemma.tokenizer).generate_pruned(prompts, r, stop)
-        swept = FastEngine(gemma.model, gemma.tokenizer).generate(prompts, [MaskFrom(r)], stop)
-        assert [g.token_ids for g in pruned] == [swept[(i, MaskFrom(r))].token_ids for i in range(2)]
+        fast = FastEngine(gemma.model, gemma.tokenizer).generate(prompts, [MaskFrom(r)], stop)
+        assert [g.token_ids for g in pruned] == [fast[(i, MaskFrom(r))].token_ids for i in range(2)]
 
 
 def test_prune_result_kept_in_study_store_and_reported(tmp_path, capsys, data_dir):

@@ -144,7 +144,7 @@ def test_a_unit_that_keeps_failing_stops_with_one_line(tmp_path, data_dir, capsy
             "meta",
         ]
     )
-    err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("icl-locate: error")]
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("icl-locate: error")]
     assert code == 2 and len(err) == 1, err
     assert "flores" in err[0] and "times" in err[0]
     assert n_units(store) == 0

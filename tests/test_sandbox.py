@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -17,8 +18,9 @@ P0 = PROBLEMS["HumanEval/0"]
 CORRECT = P0["prompt"] + P0["canonical_solution"]
 
 
-def run(completion: str, limits: Limits = Limits()):
-    return Sandbox(limits, workers=1).run("HumanEval/0", check_program(P0, completion))
+def run(completion: str, limits: Limits | None = None):
+    sandbox = Sandbox(limits if limits is not None else Limits(), workers=1)
+    return sandbox.run("HumanEval/0", check_program(P0, completion))
 
 
 def sandbox_uid_processes() -> list[int]:
@@ -137,10 +139,8 @@ def test_no_network():
     accepted = []
 
     def accept():
-        try:
+        with contextlib.suppress(OSError):
             accepted.append(server.accept())
-        except OSError:
-            pass
 
     thread = threading.Thread(target=accept)
     thread.start()

@@ -87,7 +87,8 @@ def test_tsv_read_verbatim(tmp_path, crlf, bom):
     path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + text.encode("utf-8"))
     table = read_table(path, {"source": 1, "target": 2})
     assert len(table.records) == len(NASTY) and table.empty_lines == 3
-    assert [(r.fields["source"], r.fields["target"]) for r in table.records] == [tuple(l.split("\t")) for l in NASTY]
+    expected = [tuple(line.split("\t")) for line in NASTY]
+    assert [(r.fields["source"], r.fields["target"]) for r in table.records] == expected
     assert table.summary("pairs") == f"read 4 pairs from {path}, 3 empty lines skipped"
 
 

@@ -154,7 +154,7 @@ def test_shared_states_are_the_unmasked_run_and_stored_once(family):
     engine = TreeEngine(lm.model, lm.tokenizer)
     rows = engine.plan(masked([enc], get_condition("instructions+examples")), [MaskFrom(j) for j in range(L + 1)])
     decode = TreeDecode(engine, rows, engine.prefix_caches(rows), StopRule((), 4))
-    with engine._slot_hooks():
+    with engine.slot_hooks():
         decode.forward(0)
     plain = forward(lm.model, torch.tensor([enc.ids]), cache=DynamicCache())
     for layer in range(L):
@@ -167,15 +167,15 @@ def test_shared_states_are_the_unmasked_run_and_stored_once(family):
         torch.testing.assert_close(cached.keys[shared], expected_k, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(cached.values[shared], expected_v, atol=1e-5, rtol=1e-5)
     per_slot = [c.used_bytes() // c.rows for c in decode.cache.layers]
-    assert sum(c.used_bytes() for c in decode.cache.layers) == sum((l + 2) * b for l, b in enumerate(per_slot))
+    assert sum(c.used_bytes() for c in decode.cache.layers) == sum((layer + 2) * b for layer, b in enumerate(per_slot))
     assert sum(c.used_bytes() for c in decode.cache.layers) < (L + 1) * sum(per_slot)
 
 
 def test_slicing_refuses_an_unknown_per_row_argument():
     with pytest.raises(RuntimeError, match="does not know whether"):
-        TreeEngine._slice("mystery", torch.zeros(3, 2), torch.tensor([0, 2]), 3)
+        TreeEngine.slice_argument("mystery", torch.zeros(3, 2), torch.tensor([0, 2]), 3)
     alibi = torch.arange(3 * 2 * 5.0).view(6, 1, 5)  # 3 rows x 2 heads
-    sliced = TreeEngine._slice("alibi", alibi, torch.tensor([2, 0]), 3)
+    sliced = TreeEngine.slice_argument("alibi", alibi, torch.tensor([2, 0]), 3)
     assert torch.equal(sliced, torch.cat([alibi[4:6], alibi[0:2]]))
 
 
@@ -465,7 +465,7 @@ def test_every_live_slot_equals_a_batch_of_one_run_of_its_row(family, wrong_at):
     rows = engine.plan(prompts, interventions)
     decode = TreeDecode(engine, rows, engine.prefix_caches(rows), StopRule((), 12))
     checked_steps = splits_seen = holes_seen = 0
-    with engine._slot_hooks():
+    with engine.slot_hooks():
         step = 0
         while decode.alive:
             drafts = decode.drafts() if step else {}

@@ -2,7 +2,7 @@
 
 User mistakes -> one error line, exit code 2; Ctrl-C -> exit code 130. Parsing, ``--help``, the
 listing commands and settings validation import no torch or transformers: each command imports
-the experiment code it runs inside its function (seconds of imports only where a model is used).
+the experiment code it runs inside its function (the model stack is imported only where a model is used).
 """
 
 from __future__ import annotations
@@ -17,11 +17,14 @@ from .core.conditions import CONDITIONS
 from .experiments.options import (
     BenchSettings,
     DemoSettings,
+    ExecutorSettings,
     LoraRun,
     LoraSettings,
     PruneSettings,
     RaySettings,
+    ReportSettings,
     RunSettings,
+    ScoreCodeSettings,
     StartupSettings,
 )
 from .experiments.settings import SweepConfig, load_config, validate
@@ -60,7 +63,7 @@ def cmd_run(args) -> int:
 def cmd_score_code(args) -> int:
     from .experiments.code import score_code_file  # lazy: the sandbox and HumanEval
 
-    scores = score_code_file(args.samples, args.out, workers=args.workers, timeout=args.timeout)
+    scores = score_code_file(settings_from(args, ScoreCodeSettings))
     print(scores.summary())
     print(f"per-sample results: {scores.out}")
     return 0
@@ -91,8 +94,6 @@ def cmd_models(args) -> int:
 def cmd_data_fetch(args) -> int:
     from .tasks.data import default_data_dir, fetch_flores  # lazy: only this command downloads
 
-    if args.dataset != "flores":
-        raise UserError(f"unknown dataset {args.dataset!r}; available: flores")
     fetch_flores(Path(args.data_dir).expanduser() if args.data_dir else default_data_dir(), sha256=args.sha256)
     return 0
 
@@ -139,7 +140,7 @@ def sweep_config_from_args(args) -> SweepConfig:
 
 def ray_settings(args):
     """RaySettings, or None for the local executor."""
-    if args.executor != "ray":
+    if settings_from(args, ExecutorSettings).executor != "ray":
         return None
     return settings_from(args, RaySettings, rename={"ray_address": "address"})
 
@@ -166,10 +167,9 @@ def cmd_report(args) -> int:
     from .results.report import build_report  # lazy: matplotlib and the analysis
     from .results.store import Store  # lazy: with the report
 
-    store_path = Path(args.store)
-    out_dir = Path(args.out_dir) if args.out_dir else store_path.with_name(store_path.stem + "_report")
-    with Store(store_path, create=False) as store:
-        path = build_report(store, out_dir, fmt=args.format, fraction=args.fraction, n_boot=args.bootstrap)
+    s = settings_from(args, ReportSettings)
+    with Store(Path(s.store), create=False) as store:
+        path = build_report(store, s.output_dir(), fmt=s.format, fraction=s.fraction, n_boot=s.bootstrap)
     print(f"report: {path}")
     return 0
 

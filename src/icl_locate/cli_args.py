@@ -7,13 +7,17 @@ from collections.abc import Callable
 
 from .core.catalog import EMBEDDED
 from .experiments.options import (
+    EXECUTORS,
     BenchSettings,
     DemoSettings,
+    ExecutorSettings,
     LoraRun,
     LoraSettings,
     PruneSettings,
     RaySettings,
+    ReportSettings,
     RunSettings,
+    ScoreCodeSettings,
     StartupSettings,
 )
 from .experiments.presets import PRESETS
@@ -36,7 +40,7 @@ def short(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def settings_from(args, cls, rename: dict[str, str] | None = None, **extra):
+def settings_from(args: argparse.Namespace, cls, rename: dict[str, str] | None = None, **extra):
     """The dataclass ``cls`` filled from same-named arguments (``rename``: argument -> field)."""
     names = set(cls.__dataclass_fields__)
     # an option left out (None) keeps the settings' own default
@@ -126,7 +130,8 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
         default=None,
         choices=["auto", "tree", "fast"],
         help="auto (default): the faster on this machine, measured at start (cached); tree: shares "
-        "every layer below a row's mask layer; fast: the sweep engine; same generations",
+        "every layer below a row's mask layer; fast: shares the context's KV cache across rows; "
+        "same generations",
     )
     parser.add_argument(
         "--head",
@@ -147,9 +152,10 @@ def _add_executor_options(parser: argparse.ArgumentParser) -> None:
     """Where units are computed: here (default) or on Ray workers (pip install 'icl-locate[ray]')."""
     parser.add_argument(
         "--executor",
-        choices=["local", "ray"],
-        default="local",
-        help="local: this process; ray: Ray actors, each loading the model once",
+        choices=EXECUTORS,
+        default=None,
+        help="local: this process; ray: Ray actors, each loading the model once "
+        f"[{default(ExecutorSettings, 'executor')}]",
     )
     parser.add_argument(
         "--ray-address",
@@ -262,8 +268,15 @@ def build_parser() -> argparse.ArgumentParser:
     sc = sub.add_parser("score-code", help="run HumanEval completions in the sandbox; print pass@1")
     sc.add_argument("--samples", required=True, help='JSONL lines {"task_id": ..., "completion": ...}')
     sc.add_argument("--out", help="per-sample results (default: <samples>_results.jsonl)")
-    sc.add_argument("--workers", type=int, default=2, help="sandbox workers (default 2)")
-    sc.add_argument("--timeout", type=float, default=3.0, help="seconds per sample (default 3)")
+    sc.add_argument(
+        "--workers", type=int, default=None, help=f"sandbox workers (default {default(ScoreCodeSettings, 'workers')})"
+    )
+    sc.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help=f"seconds per sample (default {default(ScoreCodeSettings, 'timeout')})",
+    )
     sc.set_defaults(command_name="score-code")
 
     sub.add_parser("tasks", help="list the registered tasks").set_defaults(command_name="tasks")
@@ -273,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="datasets")
     data_sub = data.add_subparsers(dest="data_command", required=True, parser_class=Parser)
     fetch = data_sub.add_parser("fetch", help="download a public dataset (needs internet)")
-    fetch.add_argument("dataset", help="flores")
+    fetch.add_argument("dataset", choices=["flores"], help="the dataset to download: flores (FLORES-200)")
     fetch.add_argument("--data-dir", help="where to put it (default $ICL_LOCATE_DATA_DIR or the XDG data dir)")
     fetch.add_argument("--sha256", help="expected sha256 of the archive")
     fetch.set_defaults(command_name="data-fetch")
@@ -336,9 +349,21 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="figures and an HTML/Markdown report from a results store")
     rep.add_argument("store", help="SQLite results file of a sweep (or lora-sweep, prune --store)")
     rep.add_argument("--out-dir", default=None, help="default: <store>_report/")
-    rep.add_argument("--format", choices=["html", "md"], default="html", help="html (self-contained) or md")
-    rep.add_argument("--fraction", type=float, default=0.95, help="recognition threshold (share of baseline)")
-    rep.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates")
+    rep.add_argument(
+        "--format",
+        choices=["html", "md"],
+        default=None,
+        help=f"html (self-contained) or md [{default(ReportSettings, 'format')}]",
+    )
+    rep.add_argument(
+        "--fraction",
+        type=float,
+        default=None,
+        help=f"recognition threshold (share of baseline) [{default(ReportSettings, 'fraction')}]",
+    )
+    rep.add_argument(
+        "--bootstrap", type=int, default=None, help=f"bootstrap replicates [{default(ReportSettings, 'bootstrap')}]"
+    )
     rep.set_defaults(command_name="report")
 
     lo = sub.add_parser("lora-sweep", help="train a LoRA adapter on one layer at a time; zero-shot BLEU per layer")

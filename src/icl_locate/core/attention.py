@@ -30,7 +30,7 @@ from transformers.masking_utils import AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from . import legacy
-from .interventions import PREPARED_FLAG, active, keep_blind_rows_finite, zero_dead_rows
+from .interventions import PREPARED_FLAG, active, is_prepared, keep_blind_rows_finite, zero_dead_rows
 from .structure import attention_module, decoder_layers
 
 IMPLEMENTATIONS = {"sdpa": "icl_sdpa", "eager": "icl_eager"}
@@ -52,9 +52,9 @@ def _make_attention(base: str) -> Callable:
         stock = _stock_attention(module, base)
         state = active()
         layer = getattr(module, "layer_idx", None)
-        drop = state.drop is not None and state.drop.applies_to(layer)
-        mask = state.mask is not None and state.mask.applies_to(layer)
-        if not (drop or mask):
+        drop = state.drop if state.drop is not None and state.drop.applies_to(layer) else None
+        mask = state.mask if state.mask is not None and state.mask.applies_to(layer) else None
+        if drop is None and mask is None:
             # one query position is the token just fed, which sees itself: only a prefill (several
             # positions) can hold left padding rows that see nothing
             if attention_mask is None or attention_mask.dim() != 4 or attention_mask.shape[-2] == 1:
@@ -64,8 +64,8 @@ def _make_attention(base: str) -> Callable:
             return zero_dead_rows(out, weights, blind)
         if attention_mask is None:  # never drop the hiding silently
             raise RuntimeError("intervened layer received no attention mask; the mask function was bypassed")
-        if drop:  # the mask spans every prompt column; this layer's cache lacks the pruned ones
-            attention_mask = state.drop.without_dropped_columns(attention_mask)
+        if drop is not None:  # the mask spans every prompt column; this layer's cache lacks the pruned ones
+            attention_mask = drop.without_dropped_columns(attention_mask)
             if attention_mask.shape[-1] != key.shape[-2]:
                 raise RuntimeError(
                     f"pruned layer {layer}: mask has {attention_mask.shape[-1]} columns, cache {key.shape[-2]}"
@@ -73,7 +73,8 @@ def _make_attention(base: str) -> Callable:
             attention_mask, blind = keep_blind_rows_finite(attention_mask)
             out, weights = stock(module, query, key, value, attention_mask, **kwargs)
             return zero_dead_rows(out, weights, blind)
-        hidden_mask, dead = state.mask.apply(attention_mask, layer, n_heads=query.shape[1])
+        assert mask is not None and layer is not None  # applies_to() holds only for a layer index
+        hidden_mask, dead = mask.apply(attention_mask, layer, n_heads=query.shape[1])
         out, weights = stock(module, query, key, value, hidden_mask, **kwargs)
         return zero_dead_rows(out, weights, dead)
 
@@ -82,17 +83,14 @@ def _make_attention(base: str) -> Callable:
 
 
 def _make_mask(base: str) -> Callable:
-    if base == "sdpa":
+    def sdpa_mask(*args, **kwargs):
+        kwargs["allow_is_causal_skip"] = False
+        return masking_utils.sdpa_mask(*args, **kwargs)
 
-        def mask(*args, **kwargs):
-            kwargs["allow_is_causal_skip"] = False
-            return masking_utils.sdpa_mask(*args, **kwargs)
-    else:
+    def eager_mask(*args, **kwargs):
+        return masking_utils.eager_mask(*args, **kwargs)
 
-        def mask(*args, **kwargs):
-            return masking_utils.eager_mask(*args, **kwargs)
-
-    return mask
+    return sdpa_mask if base == "sdpa" else eager_mask
 
 
 # Registered once, when this module is imported (transformers' documented extension point).
@@ -121,20 +119,20 @@ def _ablation_hook(layer_idx: int, residual_in_output: bool):
 
 def prepare_model(model: nn.Module) -> nn.Module:
     """Make ``model`` obey interventions. Idempotent; with none active it behaves as before."""
-    if getattr(model, PREPARED_FLAG, False):
+    if is_prepared(model):
         return model
     adapter = legacy.adapter_for(model)
     layers = decoder_layers(model)
     if adapter is not None:
         adapter.install(model, layers)
     else:
-        current = model.config._attn_implementation
+        current = model.config._attn_implementation  # pyright: ignore[reportAttributeAccessIssue]
         base = "eager" if current in ("eager", "icl_eager") else "sdpa"
         if current not in ("sdpa", "eager", "icl_sdpa", "icl_eager", None):
             raise RuntimeError(
                 f"attention implementation {current!r} is not supported for masking; load with sdpa or eager"
             )
-        model.set_attn_implementation(IMPLEMENTATIONS[base])
+        model.set_attn_implementation(IMPLEMENTATIONS[base])  # pyright: ignore[reportCallIssue]
     for idx, layer in enumerate(layers):
         attention_module(layer).register_forward_hook(
             _ablation_hook(idx, residual_in_output=adapter is not None and adapter.residual_in_attention),

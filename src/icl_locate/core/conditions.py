@@ -76,8 +76,8 @@ def hidden_ranges(condition: Condition, spans: dict[str, Range | None], prompt_l
         bos = spans.get("bos")
         start = bos[1] if bos else 0
         return [(start, prompt_len - 1)] if prompt_len - 1 > start else []
-    ranges = [spans[p] for p in ("instructions", "examples", "query") if p in condition.parts and spans.get(p)]
-    return merge_ranges([r for r in ranges if r[1] > r[0]])
+    ranges = [spans.get(p) for p in ("instructions", "examples", "query") if p in condition.parts]
+    return merge_ranges([r for r in ranges if r and r[1] > r[0]])
 
 
 def merge_ranges(ranges: Sequence[Range]) -> list[Range]:

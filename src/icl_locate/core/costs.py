@@ -34,8 +34,8 @@ class ModelDims:
         layer_types = getattr(config, "layer_types", None) or ["full_attention"] * num_layers(model)
         window = getattr(config, "sliding_window", None)
         windows = tuple(window if t == "sliding_attention" and window else None for t in layer_types)
-        head = model.get_output_embeddings()
-        head = head if head is not None else model.get_input_embeddings()
+        head = model.get_output_embeddings()  # pyright: ignore[reportCallIssue]
+        head = head if head is not None else model.get_input_embeddings()  # pyright: ignore[reportCallIssue]
         return cls(
             layer_params=tuple(sum(p.numel() for p in layer.parameters()) for layer in decoder_layers(model)),
             attention_width=heads * head_dim,

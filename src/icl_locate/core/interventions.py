@@ -20,7 +20,6 @@ import contextlib
 import contextvars
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Union
 
 import torch
 from torch import nn
@@ -73,7 +72,7 @@ class Unchanged:
 
 
 UNCHANGED = Unchanged()
-RowIntervention = Union[MaskFrom, HeadMask, AblateLayers, PruneFrom, Unchanged]
+RowIntervention = MaskFrom | HeadMask | AblateLayers | PruneFrom | Unchanged
 
 
 # --------------------------------------------------------------------------- batch interventions
@@ -291,7 +290,7 @@ class ColumnDrop:
         return mask.gather(-1, index[:, None, None, :].expand(*mask.shape[:-1], kv - width))
 
 
-BatchIntervention = Union[ColumnMask, LayerColumnMasks, AttentionAblation, ColumnDrop]
+BatchIntervention = ColumnMask | LayerColumnMasks | AttentionAblation | ColumnDrop
 
 
 # --------------------------------------------------------------------------- mask surgery
@@ -383,7 +382,11 @@ class Active:
     drop: ColumnDrop | None = None
 
     def select_rows(self, rows: Sequence[int]) -> Active:
-        return Active(*(x.select_rows(rows) if x is not None else None for x in (self.mask, self.ablation, self.drop)))
+        return Active(
+            self.mask.select_rows(rows) if self.mask is not None else None,
+            self.ablation.select_rows(rows) if self.ablation is not None else None,
+            self.drop.select_rows(rows) if self.drop is not None else None,
+        )
 
     def values(self) -> tuple[BatchIntervention, ...]:
         return tuple(x for x in (self.mask, self.ablation, self.drop) if x is not None)
@@ -394,22 +397,31 @@ _ACTIVE: contextvars.ContextVar[Active] = contextvars.ContextVar("icl_locate_int
 PREPARED_FLAG = "_icl_locate_prepared"
 
 
+def is_prepared(model) -> bool:
+    """Whether ``prepare_model`` wired this model's attention for interventions."""
+    return bool(getattr(model, PREPARED_FLAG, False))
+
+
 def collect(interventions: Sequence[BatchIntervention | None]) -> Active:
     """Sort interventions by kind; refuse two of a kind, and a mask and a drop on the same layer
     (a pruned layer's columns are already gone: there is nothing left to hide)."""
-    slots: dict[str, BatchIntervention] = {}
+    mask: ColumnMask | LayerColumnMasks | None = None
+    ablation: AttentionAblation | None = None
+    drop: ColumnDrop | None = None
     for x in interventions:
         if x is None:
             continue
-        slot = {ColumnMask: "mask", LayerColumnMasks: "mask", AttentionAblation: "ablation", ColumnDrop: "drop"}.get(
-            type(x)
-        )
-        if slot is None:
+        if type(x) not in (ColumnMask, LayerColumnMasks, AttentionAblation, ColumnDrop):
             raise TypeError(f"not a batch intervention: {x!r}")
-        if slot in slots:
+        if isinstance(x, (ColumnMask, LayerColumnMasks)) and mask is None:
+            mask = x
+        elif isinstance(x, AttentionAblation) and ablation is None:
+            ablation = x
+        elif isinstance(x, ColumnDrop) and drop is None:
+            drop = x
+        else:
             raise ValueError(f"two {type(x).__name__} interventions at once")
-        slots[slot] = x
-    active = Active(**slots)
+    active = Active(mask, ablation, drop)
     if active.mask is not None and active.drop is not None and active.mask.active_layers & active.drop.layers:
         raise ValueError("an intervention cannot both prune and mask the same layer")
     return active
@@ -425,7 +437,7 @@ def intervene(model: nn.Module, *interventions: BatchIntervention | None) -> Ite
     state = collect(interventions)
     layers = frozenset().union(*(x.all_layers() for x in state.values()))
     if layers:
-        if not getattr(model, PREPARED_FLAG, False):
+        if not is_prepared(model):
             raise RuntimeError("model is not prepared for interventions: call icl_locate.core.attention.prepare_model")
         n = num_layers(model)
         bad = sorted(x for x in layers if not 0 <= x < n)

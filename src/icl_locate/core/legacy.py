@@ -82,7 +82,7 @@ class LegacyAdapter:
 ADAPTERS: dict[str, LegacyAdapter] = {
     "gpt_neo": LegacyAdapter(
         model_type="gpt_neo",
-        inner_attention=lambda layer: layer.attn.attention,
+        inner_attention=lambda layer: layer.get_submodule("attn.attention"),
         out_proj="out_proj",
         mask_arg_index=1,
         residual_in_attention=False,

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 LAYER_LIST_NAMES = ("layers", "h", "blocks")
 ATTENTION_NAMES = ("self_attn", "self_attention", "attn", "attention")
 
 
-def decoder_config(config):
-    """The config that describes the decoder (multimodal models nest it as ``text_config``)."""
+def decoder_config(config: Any) -> Any:
+    """The config that describes the decoder (multimodal models nest it as ``text_config``).
+
+    Any: a transformers config, whose fields differ from one architecture to the next."""
     return getattr(config, "text_config", None) or config
 
 
-def text_config(model: nn.Module):
+def text_config(model: nn.Module) -> Any:
     return decoder_config(model.config)
 
 

@@ -1,13 +1,13 @@
 """A checkpoint's tokenizer loaded straight from its ``tokenizer.json`` where that is shown to be the same.
 
 ``AutoTokenizer`` builds a model's tokenizer class (``GemmaTokenizer``, ...), and in transformers 5 such a
-class rebuilds the tokenizer from the vocabulary and merges in Python: seconds for a 262k vocabulary, paid by
-every command and every sweep worker. The same file loads into ``PreTrainedTokenizerFast`` directly, in the
-Rust library alone. Whether the two tokenize alike is not assumed: the first load of a checkpoint under given
-library versions loads both, compares them on ``PROBES`` (ids, offsets, decoding, padding, special tokens)
-and writes the verdict beside the checkpoint. Later loads take the direct path only under a verdict of
-"same" for the same tokenizer files and the same library versions; anything else loads through
-``AutoTokenizer`` as before.
+class rebuilds the tokenizer from the vocabulary and merges in Python, a cost that grows with the vocabulary
+(262k tokens for Gemma 3) and is paid by every command and every sweep worker. The same file loads into
+``PreTrainedTokenizerFast`` directly, in the Rust library alone. Whether the two tokenize alike is not
+assumed: the first load of a checkpoint under given library versions loads both, compares them on ``PROBES``
+(ids, offsets, decoding, padding, special tokens) and writes the verdict beside the checkpoint. Later loads
+take the direct path only under a verdict of "same" for the same tokenizer files and the same library
+versions; anything else loads through ``AutoTokenizer``.
 
 Used for the checkpoints icl-locate builds itself (the embedded model, dequantized .gguf files), whose
 directory it owns; a hub model or a user's directory always loads through ``AutoTokenizer``.

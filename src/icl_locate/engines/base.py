@@ -61,6 +61,9 @@ class StopRule:
         return out
 
 
+DEFAULT_STOP = StopRule()  # EOS or the default token limit, no stop strings
+
+
 ResultKey = tuple[int, RowIntervention]
 
 
@@ -90,7 +93,7 @@ def eos_ids(model: nn.Module, tokenizer) -> set[int]:
 def head_timer(model: nn.Module, times: dict) -> Iterator[None]:
     """Add the seconds spent in the LM head to ``times["head"]`` while the block runs (on a GPU
     each call synchronises, which costs a little: it is for the time breakdown)."""
-    head = model.get_output_embeddings()
+    head = model.get_output_embeddings()  # pyright: ignore[reportCallIssue]
     device = next(model.parameters()).device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     started: list[float] = []
@@ -135,7 +138,7 @@ def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def _accepts(model: nn.Module, name: str) -> bool:
     # A PEFT wrapper passes keyword arguments through to the model it wraps: ask that one.
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # pyright: ignore[reportCallIssue]
     return name in _forward_parameters(type(base))
 
 
@@ -203,7 +206,7 @@ def last_hidden(
 ) -> torch.Tensor:
     """Like ``forward``, without the LM head: the decoder's final hidden states (after its final
     norm) at the last ``positions`` positions, [B, positions, hidden]."""
-    decoder = model.get_decoder()
+    decoder = model.get_decoder()  # pyright: ignore[reportCallIssue]
     with intervene(model, *interventions):
         out = decoder(**_model_inputs(decoder, input_ids, attention_mask, cache))
     return out.last_hidden_state[:, -positions:]

@@ -36,15 +36,15 @@ import torch
 import transformers
 
 from .. import __version__
+from ..core.checkpoints import cache_dir
 from ..core.conditions import MaskedPrompt
-from ..core.models import cache_dir
 from ..util.errors import UserError
 from ..util.fileio import write_json_atomic
 from ..util.system import hardware, hardware_line
 from .base import Engine, StopRule, last_hidden
 from .fast import FastEngine
 from .head import ScreenedHead, screen_mismatch
-from .request import EngineRequest
+from .request import AUTO_REQUEST, EngineRequest
 from .tree import TreeEngine
 
 DRAFT_LENGTHS = (2, 4, 8)
@@ -129,7 +129,7 @@ class Calibrator:
         self,
         model,
         tokenizer,
-        request: EngineRequest = EngineRequest(),
+        request: EngineRequest = AUTO_REQUEST,
         cache: Path | None = None,
         timer: Timer = measure_seconds,
         use_cache: bool = True,
@@ -223,6 +223,7 @@ class Calibrator:
                 raise UserError(f"cannot screen the LM head of this model: {why_not}")
             reasons["head"] = f"no screen: {why_not}"
             return "plain"
+        assert screen is not None  # why_not is None only where the screen was built
         hidden = self._sample_hidden(prompt)
         lm_head = self.model.get_output_embeddings()
         with torch.no_grad():

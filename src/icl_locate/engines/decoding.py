@@ -169,4 +169,5 @@ class SlotLayer(PreallocatedLayer):
         self._views()
 
     def used_bytes(self) -> int:
+        assert self.keys is not None  # _views() always sets it
         return 2 * self.keys.numel() * self.keys.element_size()

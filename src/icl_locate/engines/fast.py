@@ -22,13 +22,14 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 from transformers import DynamicCache
 
 from ..core.conditions import MaskedPrompt
-from ..core.interventions import AttentionAblation, ColumnMask, PruneFrom, RowIntervention
+from ..core.interventions import AttentionAblation, BatchIntervention, ColumnMask, PruneFrom, RowIntervention
 from ..core.structure import num_layers
 from ..util.system import available_memory
 from .base import Generation, ProgressCallback, ResultKey, StopRule, eos_ids, forward, head_timer
@@ -57,7 +58,7 @@ class FastEngine:
         # cache in bytes by a fraction of the memory available when decoding starts.
         self.max_batch_tokens = max_batch_tokens
         self.kv_memory_fraction = kv_memory_fraction
-        self.stats = {
+        self.stats: dict[str, Any] = {  # counters; subclasses add per-layer lists
             "prefix_forwards": 0,
             "prefix_tokens": 0,
             "tokens_forwarded": 0,
@@ -123,7 +124,10 @@ class FastEngine:
         self.stats["prefix_forwards"] += 1
         self.stats["prefix_tokens"] += len(prefix)
         self.stats["tokens_forwarded"] += len(prefix)
-        return [(layer.keys, layer.values) for layer in cache.layers]
+        # the forward filled every layer with a DynamicLayer (keys and values set); transformers
+        # types the list as any kind of cache layer
+        layers: list[Any] = cache.layers
+        return [(layer.keys, layer.values) for layer in layers]
 
     def _chunks(self, rows: list[Row], prefix_caches: PrefixCaches, max_new_tokens: int):
         """Batches of rows with one prefix length and one ablation each, bounded in rows x tokens
@@ -163,7 +167,7 @@ class FastEngine:
         pad_id = self.tokenizer.pad_token_id or 0
         layout = BatchLayout.of([r.prefix_key[0] for r in chunk], [r.query_ids for r in chunk], pad_id)
         hidden = [layout.hidden(b, row) for b, row in enumerate(chunk)]
-        interventions = [
+        interventions: list[BatchIntervention] = [
             ColumnMask(
                 hidden,
                 [r.mask_layers if h else frozenset() for r, h in zip(chunk, hidden, strict=True)],
@@ -175,7 +179,7 @@ class FastEngine:
         per_row = [prefix_caches.get(r) for r in chunk]
         capacity = layout.width + stop.max_new_tokens
         cache = DynamicCache()
-        cache.layers = [
+        cache.layers = [  # pyright: ignore[reportAttributeAccessIssue]  (list invariance: a list of one layer kind)
             layout.cache_layer([kv[layer] for kv in per_row], range(len(chunk)), capacity)
             for layer in range(len(per_row[0]))
         ]

@@ -16,11 +16,11 @@ top token, so:
 So the result is the argmax of the fp32 logits: it can differ from the plain head only where two
 logits tie to within fp32 rounding (the same kind of difference a different batch size makes).
 Rows with too many candidates fall back to the full fp32 product. The screen follows the head: a
-weight replaced or changed in place (through the tensor, not through ``.data``) rebuilds it. The bound assumes fp32 accumulation, so on a GPU
-the bf16 product runs with reduced-precision reductions switched off, and every few calls one
-row's exact logits verify it: if it is ever exceeded, the screen switches itself off with a
-warning and the full head decides from then on. Used only where it is checked
-to be exact: the model's logits must be ``head(final hidden state)``, softcapped by
+weight replaced or changed in place (through the tensor, not through ``.data``) rebuilds it. The
+bound assumes fp32 accumulation, so on a GPU the bf16 product runs with reduced-precision
+reductions switched off, and every few calls one row's exact logits verify it: if it is ever
+exceeded, the screen switches itself off with a warning and the full head decides from then on.
+Used only where it is checked to be exact: the model's logits must be ``head(final hidden state)``, softcapped by
 ``final_logit_softcapping`` when the config sets it, with no bias (``screen_mismatch``).
 """
 
@@ -46,7 +46,7 @@ class ScreenedHead:
 
     def __init__(self, model: nn.Module, check_every: int = CHECK_EVERY):
         """``check_every``: every this many calls, one row's full logits verify the bound (0: never)."""
-        self.head = model.get_output_embeddings()
+        self.head = model.get_output_embeddings()  # pyright: ignore[reportCallIssue]
         self.softcap = getattr(text_config(model), "final_logit_softcapping", None)
         self.check_every, self.calls, self.disabled = check_every, 0, False
         self.stats = {"rows": 0, "candidates": 0, "full_rows": 0, "rebuilt": 0, "checked_rows": 0}
@@ -71,7 +71,7 @@ class ScreenedHead:
     @staticmethod
     def unsupported_reason(model: nn.Module) -> str | None:
         """Why the screen cannot be used for ``model`` (None: it can)."""
-        head = model.get_output_embeddings()
+        head = model.get_output_embeddings()  # pyright: ignore[reportCallIssue]
         if not isinstance(head, nn.Linear):
             return "the output embedding is not a plain linear layer"
         if head.bias is not None:
@@ -115,7 +115,8 @@ class ScreenedHead:
             return True
         warnings.warn(
             f"the bf16-screened LM head's error bound was exceeded on this device ({error:.3g} > "
-            f"{float(bound[row]):.3g}); the screen is switched off and the full head used from now on"
+            f"{float(bound[row]):.3g}); the screen is switched off and the full head used from now on",
+            stacklevel=2,
         )
         self.disabled = True
         return False

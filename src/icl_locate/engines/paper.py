@@ -8,6 +8,7 @@ but the token limit, as in the paper; a StopRule passes its stop strings to ``ge
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -36,6 +37,7 @@ class PaperEngine:
         progress: ProgressCallback | None = None,
     ) -> dict[tuple[int, MaskFrom], list[int]]:
         tok, n = self.tokenizer, self.n_layers
+        model: Any = self.model  # a transformers model: generate() and .device are not nn.Module's
         out: dict[tuple[int, MaskFrom], list[int]] = {}
         for row in rows:
             for start in range(0, len(prompts), self.batch_size):
@@ -51,15 +53,13 @@ class PaperEngine:
                     pads.append(pad)
                 hidden = [p.hidden if row.layer < n else () for p in batch]
                 column_mask = ColumnMask.from_layer(hidden, row.layer, n).shifted(pads)
-                kwargs = dict(
+                kwargs: dict[str, Any] = dict(
                     max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id, cache=DynamicCache()
                 )
                 if stop is not None and stop.stop_strings:
                     kwargs.update(stop_strings=list(stop.stop_strings), tokenizer=tok)
                 with intervene(self.model, column_mask):  # holds for every forward of generate
-                    seqs = self.model.generate(
-                        ids.to(self.model.device), attention_mask=mask.to(self.model.device), **kwargs
-                    )
+                    seqs = model.generate(ids.to(model.device), attention_mask=mask.to(model.device), **kwargs)
                 for b in range(len(batch)):
                     out[(start + b, row)] = seqs[b, width:].tolist()
                 if progress is not None:

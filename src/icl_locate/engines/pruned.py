@@ -67,8 +67,9 @@ def prune_split(prompt: MaskedPrompt) -> PruneSplit:
     """Where the prompt's condition cuts it; one contiguous range that leaves the last token visible."""
     ranges, length = prompt.hidden, len(prompt.ids)
     condition = prompt.condition
-    if not ranges:
+    if len(ranges) == 0:
         return PruneSplit(length - 1, length - 1, length)  # nothing to prune (e.g. the baseline)
+    assert condition is not None  # only a condition hides ranges
     if len(ranges) > 1:
         raise UserError(
             f"condition {condition.name!r} hides {len(ranges)} separate ranges; "
@@ -87,11 +88,18 @@ def check_supported(model: nn.Module) -> None:
     if inline_attention(model):
         raise UserError(
             f"context pruning needs a model that uses transformers' AttentionInterface; "
-            f"{model.config.model_type} computes attention inline"
+            f"{model.config.model_type} computes attention inline"  # pyright: ignore[reportAttributeAccessIssue]
         )
 
 
 # --------------------------------------------------------------------------- cache layers
+
+
+def offset_progress(progress: ProgressCallback | None, base: int, total: int) -> ProgressCallback | None:
+    """``progress`` for one part of a larger job: the part's rows done count from ``base``, of ``total``."""
+    if progress is None:
+        return None
+    return lambda done, _part_total: progress(base + done, total)
 
 
 class _LogicalLayer(DynamicLayer):
@@ -154,17 +162,11 @@ class PrunedEngine:
     ) -> dict[ResultKey, Generation]:
         """Every prompt under every ``PruneFrom(r)``."""
         out: dict[ResultKey, Generation] = {}
+        total = len(prompts) * len(interventions)
         for row in interventions:
             if not isinstance(row, PruneFrom):
                 raise ValueError(f"the pruned engine runs PruneFrom rows only, got {type(row).__name__}")
-            gens = self.generate_pruned(
-                prompts,
-                row.layer,
-                stop,
-                None
-                if progress is None
-                else (lambda done, total, base=len(out): progress(base + done, len(prompts) * len(interventions))),
-            )
+            gens = self.generate_pruned(prompts, row.layer, stop, offset_progress(progress, len(out), total))
             out.update(((i, row), g) for i, g in enumerate(gens))
         return out
 
@@ -199,7 +201,8 @@ class PrunedEngine:
     def _prefill(self, ids: Sequence[int], split: PruneSplit, r: int) -> _Prefilled:
         """Head through every layer, pruned range below r, tail (but its last token) through every layer."""
         cache = DynamicCache()
-        cache.layers = [_LogicalLayer() for _ in range(self.n_layers)]
+        layers = [_LogicalLayer() for _ in range(self.n_layers)]
+        cache.layers = layers  # pyright: ignore[reportAttributeAccessIssue]  (list invariance)
         ids_t = torch.tensor([list(ids)], device=self.device)
         pruned = split.width > 0 and r < self.n_layers
         if split.start > 0:
@@ -211,12 +214,12 @@ class PrunedEngine:
             else:
                 self._forward(ids_t[:, split.start : split.end], cache, None, self.n_layers)
         if pruned:
-            for layer in cache.layers[r:]:
+            for layer in layers[r:]:
                 layer.dropped = split.width
         drop = ColumnDrop.from_layer([(split.start, split.end)], r, self.n_layers) if pruned else None
         if split.end < split.length - 1:
             self._forward(ids_t[:, split.end : -1], cache, drop, self.n_layers)
-        kv = [(layer.keys, layer.values) if layer.is_initialized else (None, None) for layer in cache.layers]
+        kv = [(layer.keys, layer.values) if layer.is_initialized else (None, None) for layer in layers]
         return _Prefilled(kv=kv, split=split, last_token=int(ids[-1]))
 
     def _forward(self, ids: torch.Tensor, cache, drop: ColumnDrop | None, layers_run: int) -> None:
@@ -239,8 +242,8 @@ class PrunedEngine:
         cache.layers = []
         for layer in range(self.n_layers):
             dropped = width if layer >= r else 0
-            keys = [row.kv[layer][0] if row.kv[layer][0] is not None else empty for row in rows]
-            values = [row.kv[layer][1] if row.kv[layer][1] is not None else empty for row in rows]
+            keys = [k if k is not None else empty for k, _ in (row.kv[layer] for row in rows)]
+            values = [v if v is not None else empty for _, v in (row.kv[layer] for row in rows)]
             kept = [c - dropped for c in cached]
             capacity = w - dropped + max_new_tokens
             cache.layers.append(

@@ -18,7 +18,7 @@ from transformers import DynamicCache
 from ..core.conditions import MaskedPrompt
 from ..core.interventions import AttentionAblation, BatchIntervention, ColumnMask, RowIntervention
 from ..core.structure import num_layers
-from .base import Generation, ProgressCallback, ResultKey, StopRule, eos_ids, forward
+from .base import DEFAULT_STOP, Generation, ProgressCallback, ResultKey, StopRule, eos_ids, forward
 from .rows import row_plan
 
 
@@ -39,7 +39,7 @@ def greedy_decode(
     tokenizer,
     prompt_ids: Sequence[int],
     interventions: Sequence[BatchIntervention] = (),
-    stop: StopRule = StopRule(),
+    stop: StopRule = DEFAULT_STOP,
     use_cache: bool = True,
 ) -> Generation:
     """Greedy decoding of one prompt under one-row ``interventions``."""

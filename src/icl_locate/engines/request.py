@@ -33,6 +33,9 @@ class EngineRequest:
             raise UserError("--head screen is for the tree engine (--engine fast uses the model's own head)")
 
 
+AUTO_REQUEST = EngineRequest()  # everything left to "auto" (the default of functions taking a request)
+
+
 def auto_or_count(flag: str, value: str | int | None) -> int | None:
     """A setting that is 'auto' (or None: not given) -> None, else a count >= 0 (``flag`` names it in errors)."""
     if value is None or value == "auto":

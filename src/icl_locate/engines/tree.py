@@ -98,7 +98,8 @@ class TreeEngine(FastEngine):
             return None, "the model's own LM head (screening off)"
         why_not = ScreenedHead.unsupported_reason(self.model)
         head = ScreenedHead(self.model) if why_not is None else None
-        why_not = why_not or screen_mismatch(self.model, head)
+        if head is not None:
+            why_not = screen_mismatch(self.model, head)
         if why_not is None:
             return head, "bf16-screened LM head, candidates in full precision"
         if screen_head:
@@ -115,7 +116,7 @@ class TreeEngine(FastEngine):
         stop: StopRule,
         progress: ProgressCallback | None = None,
     ) -> dict[ResultKey, Generation]:
-        with self._slot_hooks():
+        with self.slot_hooks():
             return super().generate(prompts, interventions, stop, progress)
 
     # ------------------------------------------------------------------ planning
@@ -154,7 +155,10 @@ class TreeEngine(FastEngine):
             self._routes = None
 
     @contextmanager
-    def _slot_hooks(self) -> Iterator[None]:
+    def slot_hooks(self) -> Iterator[None]:
+        """Within the block, a pre-hook on every decoder layer maps its inputs onto the layer's slots
+        whenever ``routing`` is active (a ``TreeDecode`` forward); ``generate`` holds it, and so must
+        any caller that drives a ``TreeDecode`` itself."""
         handles = [
             layer.register_forward_pre_hook(self._pre_hook(idx), with_kwargs=True)
             for idx, layer in enumerate(self.layers)
@@ -176,16 +180,21 @@ class TreeEngine(FastEngine):
             hidden, kwargs = call.split(args, kwargs)
             hidden = hidden.index_select(0, routes.parent[idx])  # [slots at idx, T, d]
             leaf = routes.leaf[idx]
-            return (hidden,), {name: self._slice(name, value, leaf, routes.leaves) for name, value in kwargs.items()}
+            return (hidden,), {
+                name: self.slice_argument(name, value, leaf, routes.leaves) for name, value in kwargs.items()
+            }
 
         return hook
 
     @staticmethod
-    def _slice(name: str, value, leaf: torch.Tensor, leaves: int):
+    def slice_argument(name: str, value, leaf: torch.Tensor, leaves: int):
+        """Decoder-layer argument ``name`` for the layer's slots: per-row values (``PER_ROW``, and
+        ``PER_ROW_TIMES_HEADS`` with ``leaves`` rows of heads) take the rows ``leaf`` picks; values shared
+        by every row (``NOT_PER_ROW``) pass unchanged; an unknown argument holding tensors is refused."""
         if isinstance(value, (tuple, list)) and (name in PER_ROW or name in PER_ROW_TIMES_HEADS):
-            return type(value)(TreeEngine._slice(name, v, leaf, leaves) for v in value)
+            return type(value)(TreeEngine.slice_argument(name, v, leaf, leaves) for v in value)
         if isinstance(value, dict) and (name in PER_ROW or name in PER_ROW_TIMES_HEADS):
-            return {key: TreeEngine._slice(name, v, leaf, leaves) for key, v in value.items()}
+            return {key: TreeEngine.slice_argument(name, v, leaf, leaves) for key, v in value.items()}
         if name not in NOT_PER_ROW and _holds_tensor(value) and not isinstance(value, torch.Tensor):
             raise RuntimeError(
                 f"the tree engine does not know whether the decoder layer argument {name!r} (a "

@@ -147,6 +147,11 @@ class TreeDecode:
         cache.layers = layers
         return cache
 
+    @property
+    def slot_layers(self) -> list[SlotLayer]:
+        """The cache's layers, SlotLayers all (``_initial_cache``)."""
+        return self.cache.layers  # pyright: ignore[reportReturnType]
+
     def _restructure(self) -> None:
         """Bring every layer's slots in line with the alive members and their groups."""
         for layer in range(self.L):
@@ -171,7 +176,7 @@ class TreeDecode:
             position = {old_index: new for new, old_index in enumerate(order)}
             new_keys = [kept[i] for i in order] + [key for key, _ in copies]
             if new_keys != self.keys[layer]:
-                self.cache.layers[layer].rearrange(order, [position[s] for _, s in copies])
+                self.slot_layers[layer].rearrange(order, [position[s] for _, s in copies])
                 self.keys[layer] = new_keys
 
     def _build_routes(self) -> tuple[SlotRoutes, list[int]]:
@@ -202,7 +207,12 @@ class TreeDecode:
             for key in keys:
                 member = self.members[key[1]] if key[0] == "own" else None
                 row = member.row if member is not None else None
-                if row is not None and layer in row.mask_layers and (row.prefix_hidden or row.query_hidden):
+                if (
+                    member is not None
+                    and row is not None
+                    and layer in row.mask_layers
+                    and (row.prefix_hidden or row.query_hidden)
+                ):
                     hidden.append(self.layout.hidden(member.query, row))
                     layers.append(frozenset({layer}))
                     heads.append({layer: row.mask_heads[layer]} if row.mask_heads else None)
@@ -322,8 +332,8 @@ class TreeDecode:
             stats["row_tokens"][layer] += len(self.alive) * width
 
     def _track_memory(self, stats: dict) -> None:
-        used = sum(layer.used_bytes() for layer in self.cache.layers)
-        per_row = sum(layer.used_bytes() // max(1, layer.rows) for layer in self.cache.layers)
+        used = sum(layer.used_bytes() for layer in self.slot_layers)
+        per_row = sum(layer.used_bytes() // max(1, layer.rows) for layer in self.slot_layers)
         stats["kv_bytes_peak"] = max(stats["kv_bytes_peak"], used)
         stats["kv_bytes_unshared_peak"] = max(stats["kv_bytes_unshared_peak"], per_row * len(self.alive))
 
@@ -353,6 +363,7 @@ class TreeDecode:
                 stats["draft_tokens"] += len(draft)
                 stats["draft_accepted"] += len(out) - 1
             if draft:
+                assert self.engine.drafter is not None  # drafts come from it
                 self.engine.drafter.feedback(self.groups[g], max(len(out) for out in by_output) - 1)
             # the part with the deepest divergence layer keeps the group (and its shared slots)
             parts = sorted(by_output.items(), key=lambda kv: -max(self.members[m].d for m in kv[1]))

@@ -7,7 +7,8 @@
 (d) the engine configuration chosen for this machine (``engines/calibrate.py``: by default the tree
     engine, ``engines/tree.py``, with the LM head and drafts measured fastest here; flags force them).
 Generations of (a) are cut at the stop rule before comparing; (c) and (d) are compared with (b).
-The JSON keys of (d) end in ``_spec`` (the name the issue that asked for it gave them).
+The JSON keys of (d) end in ``_spec`` (the engine configuration chosen for this machine), those of (c)
+in ``_fast``.
 
 FLOPs per row are analytic (``core/costs.py``): 2 x parameters for every token a layer runs and every row the LM head
 scores (attention over the cache left out, for all methods alike).
@@ -18,6 +19,7 @@ from __future__ import annotations
 import resource
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -30,7 +32,7 @@ from ..engines.calibrate import Calibrator, Choices, build_engine
 from ..engines.fast import FastEngine
 from ..engines.paper import PaperEngine
 from ..engines.reference import batch_interventions
-from ..engines.request import EngineRequest, parse_draft_tokens
+from ..engines.request import AUTO_REQUEST, EngineRequest, parse_draft_tokens
 from ..tasks.items import build_items
 from ..util.fileio import check_writable, write_json_atomic
 from ..util.progress import Progress
@@ -44,8 +46,9 @@ def logit_margin(
     loaded: LoadedModel, prompt: MaskedPrompt, from_layer: int, common: list[int], a: int, b: int
 ) -> float:
     """|logit(a) - logit(b)| at the first differing position, by the reference forward."""
+    assert loaded.model is not None  # a loaded model, not a description
     interventions = batch_interventions(prompt, MaskFrom(from_layer), loaded.info.num_layers)
-    ids = torch.tensor([prompt.ids + common], device=loaded.model.device)
+    ids = torch.tensor([prompt.ids + common], device=loaded.model.device)  # pyright: ignore[reportArgumentType]
     logits = forward(loaded.model, ids, interventions=interventions, last_only=True).logits[0, -1]
     return float((logits[a] - logits[b]).abs())
 
@@ -169,9 +172,10 @@ def compare_methods(
     stop: StopRule,
     skip_paper: bool = False,
     log=print,
-    request: EngineRequest = EngineRequest(),
+    request: EngineRequest = AUTO_REQUEST,
 ) -> BenchResult:
-    tok = loaded.tokenizer
+    assert loaded.model is not None  # a loaded model, not a description
+    tok: Any = loaded.tokenizer
     eos = eos_ids(loaded.model, tok)
     rows = [MaskFrom(j) for j in layers]
     paper = PaperEngine(loaded.model, tok)

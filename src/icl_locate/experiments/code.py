@@ -11,6 +11,7 @@ from ..tasks.metrics import pass_at_1
 from ..tasks.sandbox import Limits, SampleResult, score_samples
 from ..util.errors import UserError
 from ..util.fileio import check_writable, write_jsonl_atomic
+from .options import ScoreCodeSettings
 
 
 @dataclass
@@ -47,12 +48,14 @@ def read_samples(path: Path, problems: dict) -> list[dict]:
     return samples
 
 
-def score_code_file(samples_path: str, out: str | None = None, workers: int = 2, timeout: float = 3.0) -> CodeScores:
-    path = Path(samples_path)
+def score_code_file(settings: ScoreCodeSettings) -> CodeScores:
+    """Every sample of ``settings.samples`` run in the sandbox; the per-sample results are written out."""
+    path = Path(settings.samples)
     if not path.is_file():
         raise UserError(f"samples file not found: {path}")
-    out_path = check_writable(out or str(path.with_name(path.stem + "_results.jsonl")))
+    out_path = check_writable(settings.out or str(path.with_name(path.stem + "_results.jsonl")))
     problems = {p["task_id"]: p for p in humaneval_problems()}
-    results = score_samples(read_samples(path, problems), problems, Limits(timeout=timeout), workers=workers)
+    limits = Limits(timeout=settings.timeout)
+    results = score_samples(read_samples(path, problems), problems, limits, workers=settings.workers)
     write_jsonl_atomic(out_path, [r.as_dict() for r in results])
     return CodeScores(results, out_path)

@@ -39,6 +39,7 @@ def run_decode(s: RunSettings, log=print) -> RunResult:
     if isinstance(task.metric, PassAt1):
         task = dataclasses.replace(task, metric=dataclasses.replace(task.metric, workers=s.workers, timeout=s.timeout))
     loaded = load_model(s.model, dtype=s.dtype, device=s.device)
+    assert loaded.model is not None  # load_model always loads the weights
     n_layers = loaded.info.num_layers
     from_layer = n_layers if s.from_layer is None and condition.name == "baseline" else s.from_layer
     if from_layer is None:

@@ -35,6 +35,7 @@ class Computes(Protocol):
 class Executor(Protocol):
     def map(self, units: Iterable[Any], progress: Progress) -> Iterator[Any]:
         """Compute ``units`` (pulled lazily: each is claimed as it is pulled) and yield each result as it is done."""
+        ...
 
 
 class LocalExecutor:

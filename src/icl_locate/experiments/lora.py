@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import safetensors.torch
 import torch
@@ -70,7 +71,7 @@ def lora_settings(preset: str | None, overrides: dict) -> LoraSettings:
     """The preset's settings (or the defaults), then the options given (None: not given)."""
     if preset is not None and preset not in LORA_PRESETS:
         raise UserError(f"unknown LoRA preset {preset!r} (known: {', '.join(LORA_PRESETS)})")
-    values = dict(LORA_PRESETS.get(preset, {}))
+    values = dict(LORA_PRESETS[preset]) if preset is not None else {}
     values.update({k: v for k, v in overrides.items() if v is not None})
     return LoraSettings(**values)
 
@@ -98,7 +99,7 @@ def output_projection_name(model: nn.Module, layer: int) -> str:
         raise UserError(f"layer {layer} out of range: the model has layers 0..{len(layers) - 1}")
     attn = attention_module(layers[layer])
     names = {id(m): n for n, m in model.named_modules()}
-    for name, module in attn.named_modules():
+    for name, _module in attn.named_modules():
         if name.split(".")[-1] in OUT_PROJ_NAMES:
             return f"{names[id(attn)]}.{name}"
     raise UserError(f"no attention output projection ({', '.join(OUT_PROJ_NAMES)}) in layer {layer}")
@@ -106,7 +107,7 @@ def output_projection_name(model: nn.Module, layer: int) -> str:
 
 def attach_adapter(model: nn.Module, layer: int, settings: LoraSettings):
     """A PEFT model with one fresh LoRA adapter on ``layer``'s output projection (base weights frozen)."""
-    from peft import LoraConfig, get_peft_model  # lazy: peft's import takes seconds and only LoRA needs it
+    from peft import LoraConfig, get_peft_model  # lazy: only LoRA needs peft, a heavy import
 
     target = output_projection_name(model, layer)
     config = LoraConfig(
@@ -177,7 +178,7 @@ class LoraResult:
     curve: dict
     seconds: float
     state: dict  # the adapter's tensors, as PEFT saves them
-    config: object  # its peft LoraConfig
+    config: Any  # its peft LoraConfig (peft is imported lazily)
 
 
 @dataclass
@@ -208,7 +209,7 @@ class LoraWorker:
 
     def __init__(self, loaded: LoadedModel, data: LoraData, log: Callable[[str], None] = lambda m: None):
         self.loaded, self.data, self.log = loaded, data, log
-        tok = loaded.tokenizer
+        tok: Any = loaded.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self._encoded: dict[int, tuple[list, list]] = {}
 
@@ -219,6 +220,7 @@ class LoraWorker:
         return cls(loaded, LoraData.load(run.data_dir, run.pair, run.settings, run.n_test))
 
     def compute(self, unit: LoraUnit, progress=None) -> LoraResult:
+        assert self.loaded.model is not None  # a loaded model, not a description
         started = time.time()
         tok, settings = self.loaded.tokenizer, unit.settings
         train_seqs = encode_pairs(tok, self.data.train[: settings.train_size])
@@ -272,7 +274,7 @@ def lora_sweep(
     results are written here, by the driver, as each comes back; layers the store holds are skipped."""
     check_sizes(settings)
     n_layers = loaded.info.num_layers
-    bad = [l for l in layers if not 0 <= l < n_layers]
+    bad = [layer for layer in layers if not 0 <= layer < n_layers]
     if bad:
         raise UserError(f"layers {bad} out of range: the model has layers 0..{n_layers - 1}")
     settings = resolve_autocast(settings, loaded.info.device)
@@ -314,13 +316,13 @@ def lora_sweep(
 
 def lora_unit_id(pair: str, layer: int, settings: LoraSettings, n_test) -> str:
     """Stable id of one (pair, layer, settings, test size): the store skips what it holds. ``reuse``
-    and ``activation_mb`` are left out (they change how, not what, is computed); settings of earlier
-    versions keep their ids."""
+    and ``activation_mb`` are left out (they change how, not what, is computed), and so is a setting at
+    the value that matches results computed without it, so that ids already in a store stay valid."""
     values = asdict(settings)
     values.pop("reuse")
     values.pop("activation_mb")
     for name, old_default in (("loss", "full"), ("bucketing", False), ("autocast", "off")):
-        if values[name] == old_default:  # what earlier versions did, before these settings existed
+        if values[name] == old_default:  # the behaviour of results stored without this setting
             values.pop(name)
     key = json.dumps(dict(pair=pair, layer=layer, settings=values, n_test=n_test), sort_keys=True)
     return "lora-" + hashlib.sha1(key.encode()).hexdigest()[:12]

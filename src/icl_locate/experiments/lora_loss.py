@@ -124,7 +124,7 @@ class ChunkedHeadLoss:
             top = z.amax(dim=1)
             sums = z.sub_(top[:, None]).exp_().sum(dim=1)  # z now holds exp(z - max)
             total += float((sums.log() + top - picked).sum())
-            if backward:
+            if grad is not None:  # backward
                 p = z.div_(sums[:, None])  # softmax
                 p[torch.arange(len(part), device=p.device), t] -= 1.0
                 p.mul_(scale)

@@ -45,9 +45,9 @@ class ReusedActivations:
         self.activation_bytes = activation_bytes  # None: no split
         self.bytes_per_token: float | None = None  # what autograd keeps, measured by ``measure``
         self.layers = decoder_layers(model)
-        self.decoder = model.get_decoder()
+        self.decoder = model.get_decoder()  # pyright: ignore[reportCallIssue]
         self.head_loss = ChunkedHeadLoss(
-            model.get_output_embeddings(),
+            model.get_output_embeddings(),  # pyright: ignore[reportCallIssue]
             getattr(text_config(model), "final_logit_softcapping", None),
             compute_dtype=torch.bfloat16 if autocast == "bf16" else None,
         )
@@ -83,6 +83,7 @@ class ReusedActivations:
                 with stop_before(self.model, self.layer) as stopped, autocast_scope(self.autocast, mb.ids.device):
                     self.decoder(input_ids=mb.ids, attention_mask=mb.mask, use_cache=False)
                 kept = stopped.hidden
+                assert kept is not None  # the forward stopped at the adapted layer
                 if self.bytes + _nbytes(kept) <= budget:
                     self.inputs[mb.key] = kept
                 else:
@@ -228,7 +229,8 @@ def reused_activations(
     the seconds they took and the bytes per token are the object's fields)."""
     base = peft_model.get_base_model()
     device = next(base.parameters()).device
-    reuse = ReusedActivations(base, layer, activation_budget(activation_mb, device), autocast)
+    budget = activation_budget(activation_mb, device)
+    reuse = ReusedActivations(base, layer, budget, autocast)
     try:
         reuse.fill(buckets + val)
         spilled = f" and {reuse.disk_bytes / 2**20:.1f} MiB in files" if reuse.disk_bytes else ""
@@ -240,12 +242,12 @@ def reused_activations(
         with reuse.running():
             peft_model.train()  # dropout masks count too
             widest = max(buckets, key=lambda mb: mb.ids.shape[1])
-            reuse.measure(widest)
+            per_token = reuse.measure(widest)
             log(
-                f"    autograd keeps {reuse.bytes_per_token / 2**10:.0f} KiB a token for layers {layer}.."
+                f"    autograd keeps {per_token / 2**10:.0f} KiB a token for layers {layer}.."
                 f"{len(reuse.layers) - 1}; the widest micro-batch runs in pieces of "
                 f"{reuse.rows_per_piece(widest)} of {widest.ids.shape[0]} rows "
-                f"(at most {reuse.activation_bytes / 2**20:.0f} MiB)"
+                f"(at most {budget / 2**20:.0f} MiB)"
             )
             yield reuse
     finally:

@@ -75,13 +75,12 @@ def train(
     record = TrainingRecord([], [], math.inf, 0, 0, 0.0, 0.0, "reuse" if settings.reuse else "plain")
     best_state, bad_epochs = adapter_state(peft_model), 0
     with contextlib.ExitStack() as scope:
-        reuse = (
-            scope.enter_context(
+        reuse = None
+        if settings.reuse:
+            assert buckets is not None  # reuse needs fixed micro-batches (check_batching)
+            reuse = scope.enter_context(
                 reused_activations(peft_model, layer, buckets, val, settings.activation_mb, autocast, log)
             )
-            if settings.reuse
-            else None
-        )
         if reuse is not None:
             record.train_seconds, record.cache_bytes = reuse.seconds, reuse.bytes
             record.cache_disk_bytes, record.bytes_per_token = reuse.disk_bytes, reuse.bytes_per_token

@@ -5,6 +5,7 @@ reads its defaults and help text from here without importing the model stack."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..core.catalog import EMBEDDED
 from ..util.errors import UserError
@@ -57,6 +58,32 @@ class PruneSettings(ModelAndData):
     check: bool = True
     json: str | None = None
     store: str | None = None
+
+
+@dataclass(kw_only=True)
+class ScoreCodeSettings:
+    """``icl-locate score-code``: HumanEval completions from a samples file, run in the sandbox."""
+
+    samples: str  # JSONL lines {"task_id": ..., "completion": ...}
+    out: str | None = None  # per-sample results; None: <samples>_results.jsonl
+    workers: int = 2  # sandbox workers
+    timeout: float = 3.0  # seconds per sample
+
+
+@dataclass(kw_only=True)
+class ReportSettings:
+    """``icl-locate report``: figures and a report from a results store."""
+
+    store: str
+    out_dir: str | None = None  # None: <store>_report/
+    format: str = "html"  # html (self-contained) or md
+    fraction: float = 0.95  # recognition threshold (share of the baseline); analysis.DEFAULT_FRACTION
+    bootstrap: int = 1000  # bootstrap replicates
+
+    def output_dir(self) -> Path:
+        """Where the report goes: ``out_dir``, else ``<store>_report/`` beside the store."""
+        store = Path(self.store)
+        return Path(self.out_dir) if self.out_dir else store.with_name(store.stem + "_report")
 
 
 @dataclass
@@ -113,6 +140,16 @@ class LoraRun:
     data_dir: str | None = None
     dtype: str | None = None
     device: str | None = None
+
+
+EXECUTORS = ("local", "ray")
+
+
+@dataclass(frozen=True)
+class ExecutorSettings:
+    """Where units are computed: "local" (this process) or "ray" (Ray workers, sized by ``RaySettings``)."""
+
+    executor: str = "local"
 
 
 @dataclass(frozen=True)

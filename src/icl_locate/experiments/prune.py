@@ -3,7 +3,7 @@
 Full processing is the same engine with r = L, so the comparison isolates pruning: analytic
 FLOPs, measured time (prompt processing and decoding), KV cache bytes, peak memory, the task
 score and the share kept, the paper's estimate, and (by default) a check that every pruned
-generation equals the sweep engine masking the same range from r.
+generation equals the fast engine masking the same range from r.
 """
 
 from __future__ import annotations
@@ -43,7 +43,9 @@ def run_prune(s: PruneSettings, command: str, log=print) -> PruneResult:
     out = check_writable(s.json) if s.json else None
     task, data = task_and_data(s, s.pair, log)
     loaded = load_model(s.model, dtype=s.dtype, device=s.device)
-    check_supported(loaded.model)
+    model = loaded.model
+    assert model is not None  # load_model always loads the weights
+    check_supported(model)
     store = Store.open(s.store, fingerprint(loaded), attach=True) if s.store else None
     try:
         n_layers = loaded.info.num_layers
@@ -80,8 +82,8 @@ def run_prune(s: PruneSettings, command: str, log=print) -> PruneResult:
             s.k,
             score,
             stop,
-            pruned_engine=lambda: PrunedEngine(loaded.model, loaded.tokenizer, s.batch_size),
-            masked_engine=FastEngine(loaded.model, loaded.tokenizer) if s.check else None,
+            pruned_engine=lambda: PrunedEngine(model, loaded.tokenizer, s.batch_size),
+            masked_engine=FastEngine(model, loaded.tokenizer) if s.check else None,
             batch_size=s.batch_size,
             log=log,
         )
@@ -134,7 +136,7 @@ class PruneResult:
         lines.append(f"paper's estimate (L-r)/L x k/(k+1): {100 * d['paper_estimate']:.1f}% of prompt compute")
         if d.get("identical_to_masked") is not None:
             lines.append(
-                f"pruned == masked-from-r sweep engine: {d['identical_to_masked']}/{d['sentences']} generations"
+                f"pruned == masked-from-r fast engine: {d['identical_to_masked']}/{d['sentences']} generations"
             )
         return "\n".join(lines)
 
@@ -160,6 +162,7 @@ def measure_pruning(
     same range masked from r, which pruning must equal.
     """
     model = loaded.model
+    assert model is not None  # a loaded model, not a description
     n_layers = loaded.info.num_layers
     condition = prompts[0].condition
     dims = ModelDims.of(model)
@@ -205,12 +208,13 @@ def measure_pruning(
 
     identical = None
     if masked_engine is not None:
-        log("checking against the sweep engine masking the same range from r ...")
+        log("checking against the fast engine masking the same range from r ...")
         fast = masked_engine.generate(prompts, [MaskFrom(from_layer)], stop)
         identical = sum(
             fast[(i, MaskFrom(from_layer))].token_ids == ids for i, ids in enumerate(runs["pruned"]["token_ids"])
         )
     full, pruned = runs["full"], runs["pruned"]
+    assert condition is not None  # pruning runs a condition's prompts
     data = dict(
         model=loaded.info.spec,
         device=loaded.info.device,

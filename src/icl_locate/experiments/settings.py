@@ -244,9 +244,12 @@ def load_task_data(config: SweepConfig, log: Callable[[str], None] = lambda line
 
 def head_layers(config: SweepConfig, num_layers: int, from_layer: int | None) -> tuple[int, ...]:
     """The layers whose heads a head sweep visits: --layers (all: every layer; restore: from j on)."""
-    first = from_layer if config.heads == "restore" else 0
-    if config.heads == "restore" and not 0 <= first < num_layers:
-        raise UserError(f"--from-layer must be in 0..{num_layers - 1}, got {first}")
+    first = 0
+    if config.heads == "restore":
+        assert from_layer is not None  # restoration starts at a layer (_plan_head_units)
+        first = from_layer
+        if not 0 <= first < num_layers:
+            raise UserError(f"--from-layer must be in 0..{num_layers - 1}, got {first}")
     layers = range(first, num_layers) if config.layers == "all" else parse_layers(config.layers, num_layers - 1)
     bad = [layer for layer in layers if layer < first]
     if bad:
@@ -309,6 +312,7 @@ def plan_units(
 def _plan_head_units(
     config: SweepConfig, task: str, num_layers: int, tasks: LoadedTasks | None, restore_from
 ) -> list[WorkUnit]:
+    assert config.heads is not None  # a head sweep
     units = []
     for pair in task_pairs(config):
         for seed in config.seeds:

@@ -67,7 +67,7 @@ def run_startup(s: StartupSettings, log=print) -> dict:
     _phases(s)  # builds the model cache on first use and warms the file cache: not counted
     helps = [_seconds([sys.executable, "-m", "icl_locate.cli", "--help"]) for _ in range(s.repeats)]
     runs = [_phases(s) for _ in range(s.repeats)]
-    result = {name: statistics.median(r[name] for r in runs) for name in runs[0]}
+    result: dict = {name: statistics.median(r[name] for r in runs) for name in runs[0]}
     result["help"] = statistics.median(helps)
     result["hardware"] = hardware(s.device or "cpu")
     result["model"] = s.model

@@ -53,15 +53,22 @@ def row_interventions(unit: WorkUnit, n_layers: int, n_heads: int) -> dict[tuple
         return {("ablate", j): AblateLayers(frozenset({j}) if j < n_layers else frozenset()) for j in unit.layers}
     rows: dict[tuple[str, int], RowIntervention] = {("mask", n_layers): MaskFrom(n_layers)}
     if unit.kind == "knockout":
-        rows.update({(f"knockout/h{h}", l): HeadMask(frozenset({(l, h)})) for l in unit.layers for h in range(n_heads)})
+        rows.update(
+            {
+                (f"knockout/h{h}", layer): HeadMask(frozenset({(layer, h)}))
+                for layer in unit.layers
+                for h in range(n_heads)
+            }
+        )
         return rows
     j = unit.from_layer
-    hidden_from_j = {(l, h) for l in range(j, n_layers) for h in range(n_heads)}
+    assert j is not None  # a restoration unit has its layer (plan_units)
+    hidden_from_j = {(layer, h) for layer in range(j, n_layers) for h in range(n_heads)}
     rows[("mask", j)] = MaskFrom(j)
     rows.update(
         {
-            (f"restore/h{h}", l): HeadMask(frozenset(hidden_from_j - {(l, h)}))
-            for l in unit.layers
+            (f"restore/h{h}", layer): HeadMask(frozenset(hidden_from_j - {(layer, h)}))
+            for layer in unit.layers
             for h in range(n_heads)
         }
     )
@@ -189,6 +196,7 @@ class Worker:
         self.seconds["decoding"] += decode_seconds
         if self.audit == 0:
             return [], 0.0
+        assert self.loaded.model is not None  # a loaded model, not a description
         started = time.time()
         keys, interventions = list(rows), list(rows.values())
         seed = f"{self.audit_seed}:{unit.unit_id}"

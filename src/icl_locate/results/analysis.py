@@ -40,7 +40,7 @@ def recognition_layer(
     return r
 
 
-def percentile_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
+def percentile_interval(values: Sequence[float] | np.ndarray, level: float = 0.95) -> tuple[float, float]:
     lo, hi = np.percentile(np.asarray(values, dtype=float), [50 * (1 - level), 50 * (1 + level)])
     return float(lo), float(hi)
 
@@ -107,6 +107,7 @@ def load_curves(store) -> list[Curve]:
             unit_layers = sorted({p["layer"] for p in preds})
             layers = unit_layers if layers is None else sorted(set(layers) & set(unit_layers))
             per_seed.append(preds)
+        assert layers is not None  # a cell has at least one unit
         n_items = max(p["item"] for p in per_seed[0]) + 1
         d = len(item_stats(per_seed[0][0]))
         arr = np.zeros((len(per_seed), len(layers), n_items, d))
@@ -131,17 +132,19 @@ def load_curves(store) -> list[Curve]:
 def analyse_curve(curve: Curve, fraction: float = DEFAULT_FRACTION, n_boot: int = 1000, seed: int = 0) -> Curve:
     """Fill in score per layer (mean over seeds), 95% bootstrap CIs, recognition layer and its CI."""
     S, L, N, _ = curve.item_stats.shape
-    curve.score = [float(np.mean([curve.metric.aggregate(curve.item_stats[s, l]) for s in range(S)])) for l in range(L)]
+    curve.score = [
+        float(np.mean([curve.metric.aggregate(curve.item_stats[s, layer]) for s in range(S)])) for layer in range(L)
+    ]
     rng = np.random.default_rng(seed)
     boot = np.zeros((n_boot, L))
     recog = np.zeros(n_boot)
     for b in range(n_boot):
         items = rng.integers(0, N, N)
         seeds = rng.integers(0, S, S)
-        for l in range(L):
-            boot[b, l] = np.mean([curve.metric.aggregate(curve.item_stats[s, l, items]) for s in seeds])
+        for layer in range(L):
+            boot[b, layer] = np.mean([curve.metric.aggregate(curve.item_stats[s, layer, items]) for s in seeds])
         recog[b] = recognition_layer(curve.layers, boot[b], boot[b, -1], fraction)
-    curve.ci = [percentile_interval(boot[:, l]) for l in range(L)]
+    curve.ci = [percentile_interval(boot[:, layer]) for layer in range(L)]
     if curve.key["kind"] == "mask":
         curve.gain_ci = percentile_interval(boot[:, -1] - boot[:, 0])
         recognition = recognition_layer(curve.layers, curve.score, curve.baseline, fraction)
@@ -157,6 +160,7 @@ def judge(curve: Curve, recognition: int, ci: tuple[float, float], fraction: flo
     first, last = curve.layers[0], curve.layers[-1]
     if len(curve.layers) < 2:
         return "no recognition layer: one layer setting only"
+    assert curve.gain_ci is not None  # analyse_curve sets it before judging
     lo, hi = curve.gain_ci
     if lo <= 0:
         return (
@@ -213,9 +217,10 @@ def summary_lines(curve: Curve, num_layers: int | None = None) -> list[str]:
         if s is not None
         else ""
     )
+    by_layer = " ".join(f"{layer}:{v:.1f}" for layer, v in zip(curve.layers, curve.score))
     return [
         f"{head}: baseline {curve.metric.label} {curve.baseline:.1f}; {found}{saved}",
-        f"  {curve.metric.label} by layer: " + " ".join(f"{l}:{v:.1f}" for l, v in zip(curve.layers, curve.score)),
+        f"  {curve.metric.label} by layer: {by_layer}",
     ]
 
 
@@ -279,7 +284,7 @@ def load_head_maps(store) -> list[HeadMap]:
         ref_layer = (
             max(p["layer"] for p in per_seed[0] if p["variant"] == "mask") if kind == "knockout" else key["from_layer"]
         )
-        li, hi = {l: i for i, l in enumerate(layers)}, {h: i for i, h in enumerate(heads)}
+        li, hi = {layer: i for i, layer in enumerate(layers)}, {h: i for i, h in enumerate(heads)}
         for s, preds in enumerate(per_seed):
             for p in preds:
                 if p["variant"] == "mask" and p["layer"] == ref_layer:
@@ -297,9 +302,9 @@ def analyse_head_map(m: HeadMap, n_boot: int = 1000, seed: int = 0) -> HeadMap:
     agg = m.metric.aggregate
 
     def change(seeds, items):
-        ref = np.mean([agg(m.reference[s, items]) for s in seeds])
+        ref = float(np.mean([agg(m.reference[s, items]) for s in seeds]))
         return np.array(
-            [[np.mean([agg(m.stats[s, l, h, items]) for s in seeds]) for h in range(H)] for l in range(L)]
+            [[np.mean([agg(m.stats[s, layer, h, items]) for s in seeds]) for h in range(H)] for layer in range(L)]
         ) - ref, ref
 
     m.delta, m.reference_score = change(range(S), np.arange(N))
@@ -313,7 +318,7 @@ def head_summary_lines(m: HeadMap, n: int = 3) -> list[str]:
     """The heads that matter most, for a terminal."""
     head = f"{m.key['task']} {m.key['pair']} {m.label()}".replace("  ", " ")
     ref = "baseline" if m.key["kind"] == "knockout" else f"masked from {m.key['from_layer']}"
-    tops = "; ".join(f"L{l}H{h} {d:+.1f} ({lo:+.1f} to {hi:+.1f})" for l, h, d, (lo, hi) in m.top(n))
+    tops = "; ".join(f"L{layer}H{h} {d:+.1f} ({lo:+.1f} to {hi:+.1f})" for layer, h, d, (lo, hi) in m.top(n))
     return [f"{head}: {m.metric.label} {ref} {m.reference_score:.1f}; top heads: {tops}"]
 
 

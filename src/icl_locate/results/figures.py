@@ -112,32 +112,7 @@ def head_figures(maps: list[HeadMap], curves, out_dir: Path) -> list[tuple[str, 
     recognition = {_cell(c.key): c.recognition for c in curves if c.key["kind"] == "mask"}
     figures = []
     for m in maps:
-        bound = float(np.abs(m.delta).max()) or 1.0
-        fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(m.heads) + 2.5), max(3.5, 0.28 * len(m.layers) + 1.5)))
-        image = ax.imshow(
-            m.delta,
-            cmap="RdBu",
-            vmin=-bound,
-            vmax=bound,
-            aspect="auto",
-            origin="lower",
-            extent=(m.heads[0] - 0.5, m.heads[-1] + 0.5, m.layers[0] - 0.5, m.layers[-1] + 0.5),
-        )
-        fig.colorbar(
-            image,
-            ax=ax,
-            label=f"{m.metric.label} change vs "
-            + ("baseline" if m.key["kind"] == "knockout" else f"masked from {m.key['from_layer']}"),
-        )
-        r = recognition.get(_cell(m.key))
-        if r is not None:
-            ax.axhline(r - 0.5, color="black", ls="--", lw=1, label=f"recognition layer {r}")
-            ax.legend(fontsize=7, loc="upper right")
-        ax.set_xlabel("query head")
-        ax.set_ylabel("layer")
-        ax.set_xticks(m.heads)
-        ax.set_title(f"{m.key['task']} {m.key['pair']}\n{m.label()}", fontsize=8)
-        fig.tight_layout()
+        fig = head_figure(m, recognition.get(_cell(m.key)))
         path = out_dir / (
             f"heads_{m.key['kind']}_{m.key['task']}_{m.key['pair'] or 'all'}_{m.key['condition']}_"
             f"k{m.key['k']}{'' if m.key['instructions'] else '_noinstr'}.png"
@@ -146,3 +121,47 @@ def head_figures(maps: list[HeadMap], curves, out_dir: Path) -> list[tuple[str, 
         plt.close(fig)
         figures.append((f"Heads: {m.key['task']} {m.key['pair']} {m.label()}", path))
     return figures
+
+
+def head_figure(m: HeadMap, recognition: int | None):
+    """The heatmap of one head sweep, a matplotlib Figure.
+
+    Cells sit at row/column indices labelled with the layer and head numbers they hold, so the
+    ticks are the swept layers and heads whatever their spacing (``--layers 8,9`` or ``0,4,8``).
+    """
+    import matplotlib.pyplot as plt  # lazy: plotting is only needed for the report
+
+    bound = float(np.abs(m.delta).max()) or 1.0
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(m.heads) + 2.5), max(3.5, 0.28 * len(m.layers) + 1.5)))
+    image = ax.imshow(
+        m.delta,  # [layers, heads]
+        cmap="RdBu",
+        vmin=-bound,
+        vmax=bound,
+        aspect="auto",
+        origin="lower",
+        extent=(-0.5, len(m.heads) - 0.5, -0.5, len(m.layers) - 0.5),
+    )
+    fig.colorbar(
+        image,
+        ax=ax,
+        label=f"{m.metric.label} change vs "
+        + ("baseline" if m.key["kind"] == "knockout" else f"masked from {m.key['from_layer']}"),
+    )
+    if recognition is not None and m.layers[0] <= recognition <= m.layers[-1]:
+        below = sum(1 for layer in m.layers if layer < recognition)  # rows drawn below the line
+        ax.axhline(below - 0.5, color="black", ls="--", lw=1, label=f"recognition layer {recognition}")
+        ax.legend(fontsize=7, loc="upper right")
+    ax.set_xlabel("query head")
+    ax.set_ylabel("layer")
+    _label_cells(ax.set_xticks, m.heads, most=32)
+    _label_cells(ax.set_yticks, m.layers, most=24)
+    ax.set_title(f"{m.key['task']} {m.key['pair']}\n{m.label()}", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _label_cells(set_ticks, values: list[int], most: int) -> None:
+    """Tick each cell with the integer it holds; every n-th cell where more than ``most`` would crowd."""
+    step = max(1, -(-len(values) // most))
+    set_ticks(range(0, len(values), step), [str(v) for v in values[::step]])

@@ -34,7 +34,7 @@ from .tables import (
 def build_report(
     store, out_dir: Path, fmt: str = "html", fraction: float = DEFAULT_FRACTION, n_boot: int = 1000
 ) -> Path:
-    import matplotlib  # lazy: plotting is only needed here, and its import costs about a second
+    import matplotlib  # lazy: only the report plots, and matplotlib is a heavy import
 
     matplotlib.use("Agg")
     curves = [analyse_curve(c, fraction, n_boot) for c in load_curves(store)]
@@ -96,8 +96,8 @@ def _html(model, curves, num_layers, fraction, figures, runs, pruning, heads, lo
     curves_html = ""
     for c in curves:
         cells = "".join(
-            f"<tr><td>{l}</td><td>{s:.2f}</td><td>{lo:.2f}–{hi:.2f}</td></tr>"
-            for l, s, (lo, hi) in zip(c.layers, c.score, c.ci)
+            f"<tr><td>{layer}</td><td>{s:.2f}</td><td>{lo:.2f}–{hi:.2f}</td></tr>"
+            for layer, s, (lo, hi) in zip(c.layers, c.score, c.ci)
         )
         curves_html += (
             f"<details><summary>{html.escape(c.key['task'] + ' ' + c.key['pair'] + ': ' + c.label())}"
@@ -190,7 +190,7 @@ def _markdown(model, curves, num_layers, fraction, figures, runs, pruning, heads
             f"| layer | {c.metric.name} | 95% CI |",
             "|---|---|---|",
         ]
-        lines += [f"| {l} | {s:.2f} | {lo:.2f}–{hi:.2f} |" for l, s, (lo, hi) in zip(c.layers, c.score, c.ci)]
+        lines += [f"| {layer} | {s:.2f} | {lo:.2f}–{hi:.2f} |" for layer, s, (lo, hi) in zip(c.layers, c.score, c.ci)]
     lines += ["", "## Provenance", "", "```", _provenance_text(runs[-1]["provenance"] if runs else {}, runs), "```"]
     return "\n".join(lines) + "\n"
 

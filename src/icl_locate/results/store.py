@@ -20,7 +20,7 @@ import os
 import socket
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -51,7 +51,8 @@ CREATE TABLE IF NOT EXISTS lora (
     adapter_path TEXT, PRIMARY KEY (unit_id, layer, metric));
 CREATE TABLE IF NOT EXISTS audits (
     unit_id TEXT NOT NULL, item INTEGER NOT NULL, variant TEXT NOT NULL, layer INTEGER NOT NULL, agree INTEGER,
-    position INTEGER, margin REAL, threshold REAL, fault INTEGER, seed TEXT, PRIMARY KEY (unit_id, item, variant, layer));
+    position INTEGER, margin REAL, threshold REAL, fault INTEGER, seed TEXT,
+    PRIMARY KEY (unit_id, item, variant, layer));
 CREATE TABLE IF NOT EXISTS pruning (
     measured REAL NOT NULL, run_id INTEGER, task TEXT, pair TEXT, condition TEXT, from_layer INTEGER, data TEXT);
 """
@@ -112,6 +113,7 @@ class Store:
                     self.db.execute("INSERT INTO meta VALUES ('fingerprint', ?)", (wanted,))
                     self.db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
             stored = self.meta("fingerprint")
+            assert stored is not None  # written just above, or by the process that got there first
         if stored != wanted:
             old, new = json.loads(stored), fingerprint
             diff = ", ".join(
@@ -144,7 +146,9 @@ class Store:
                 "INSERT INTO runs (started, host, pid, command, config, provenance) VALUES (?, ?, ?, ?, ?, ?)",
                 (time.time(), socket.gethostname(), os.getpid(), command, json.dumps(config), json.dumps(provenance)),
             )
-            return cur.lastrowid
+            run_id = cur.lastrowid
+            assert run_id is not None  # an INSERT sets it
+            return run_id
 
     def add_run_engine(self, run_id: int, choices: dict) -> None:
         """Keep an engine configuration a run used (choices, reasons, measurements, hardware) in its record."""
@@ -179,7 +183,7 @@ class Store:
         scores: list[tuple[str, int, str, float]],
         context_tokens: float,
         query_tokens: float,
-        audit: list[dict] = (),
+        audit: Sequence[dict] = (),
     ) -> bool:
         """Write a finished unit and all its rows (and its audited rows) at once. False if someone
         committed it first."""
@@ -312,7 +316,7 @@ class Store:
         rows = self.db.execute(
             "SELECT unit_id, layer, value, curve, adapter_path FROM lora WHERE metric = 'bleu' ORDER BY layer"
         )
-        return [dict(json.loads(c), unit_id=u, layer=l, bleu=v, adapter=a) for u, l, v, c, a in rows]
+        return [dict(json.loads(c), unit_id=u, layer=layer, bleu=v, adapter=a) for u, layer, v, c, a in rows]
 
     def close(self) -> None:
         self.db.close()

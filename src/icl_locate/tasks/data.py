@@ -217,6 +217,7 @@ def _check_flores_tree(root: Path) -> None:
         if not files:
             raise UserError(f"archive has no {split} files")
         for path in files:
-            n = sum(1 for _ in open(path, encoding="utf-8"))
+            with open(path, encoding="utf-8") as f:
+                n = sum(1 for _ in f)
             if n != expected:
                 raise UserError(f"{path.name}: {n} lines, expected {expected}")

@@ -115,7 +115,7 @@ def _jsonl_fields(
 ) -> dict[str, str]:
     try:
         row = json.loads(line)
-    except ValueError as err:
+    except json.JSONDecodeError as err:
         raise UserError(f"{path}:{n}: not a JSON object ({err.msg})") from None
     if not isinstance(row, dict):
         raise UserError(f"{path}:{n}: expected a JSON object, found {type(row).__name__}")

@@ -77,7 +77,7 @@ def load_code(task: Task, opts: TaskOptions) -> TaskData:
 def read_examples(path: Path, spec: DataSpec, notes: list[str]) -> list[Example]:
     """(source, target) records of a user file, verbatim; ids from the id field, else file:line."""
     fmt = spec.format
-    fields = dict(spec.fields)
+    fields: dict[str, str | int] = dict(spec.fields)
     if not fields:
         fields = (
             {"source": 1, "target": 2}

