@@ -8,7 +8,8 @@ import json
 import pytest
 
 from icl_locate.cli import main
-from icl_locate.cli_args import build_parser, settings_from
+from icl_locate.cli_args import build_parser
+from icl_locate.cli_values import settings_from
 
 
 def run_cli(capsys, *argv):
@@ -208,3 +209,29 @@ def test_score_code_report_and_executor_defaults_come_from_the_settings():
     assert report.fraction == DEFAULT_FRACTION
     args = parser.parse_args(["sweep", "--store", "s.db"])
     assert args.executor is None and settings_from(args, ExecutorSettings).executor == "local"
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"n_test: 4\nmodel: caf\xe9\n", "not UTF-8 at byte offset"),
+        (b"n_test: [4\n", "is not valid YAML"),
+        (b"- 1\n- 2\n", "a sweep config holds a mapping"),
+        (b"n_tset: 4\n", "unknown sweep setting(s) n_tset"),
+    ],
+)
+def test_a_bad_sweep_config_is_one_error_line(tmp_path, capsys, content, message):
+    config = tmp_path / "sweep.yaml"
+    config.write_bytes(content)
+    assert main(["sweep", "--store", str(tmp_path / "s.sqlite"), "--config", str(config), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert not (tmp_path / "s.sqlite").exists()
+
+
+def test_an_empty_sweep_config_keeps_the_defaults(tmp_path, capsys):
+    config = tmp_path / "empty.yaml"
+    config.write_bytes(b"")
+    from icl_locate.experiments.settings import SweepConfig, load_config
+
+    assert load_config(None, str(config)) == SweepConfig()

@@ -11,7 +11,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .cli_args import build_parser, csv_list, settings_from, short
+from .cli_args import build_parser
+from .cli_values import csv_list, settings_from, short
 from .core.catalog import ALIASES, EMBEDDED, TINY_CONFIGS
 from .core.conditions import CONDITIONS
 from .experiments.options import (

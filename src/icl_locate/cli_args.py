@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 
+from .cli_values import Parser, default
 from .core.catalog import EMBEDDED
 from .experiments.options import (
     EXECUTORS,
@@ -22,46 +22,6 @@ from .experiments.options import (
 )
 from .experiments.presets import PRESETS
 from .experiments.settings import SweepConfig
-from .util.errors import UserError
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse, but a usage mistake is one line and exit code 2."""
-
-    def error(self, message: str):
-        raise UserError(f"{self.prog}: {message}")
-
-
-# --------------------------------------------------------------------------- arguments -> values
-
-
-def short(text: str, width: int) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
-def settings_from(args: argparse.Namespace, cls, rename: dict[str, str] | None = None, **extra):
-    """The dataclass ``cls`` filled from same-named arguments (``rename``: argument -> field)."""
-    names = set(cls.__dataclass_fields__)
-    # an option left out (None) keeps the settings' own default
-    values = {(rename or {}).get(k, k): v for k, v in vars(args).items() if v is not None}
-    return cls(**({k: v for k, v in values.items() if k in names} | extra))
-
-
-def default(cls, name: str) -> str:
-    """The default a settings dataclass gives ``name``, for help text: argparse itself defaults to None
-    (an option left out), so that the dataclass is the one place the default is written."""
-    return str(cls.__dataclass_fields__[name].default)
-
-
-def csv_list(value: str | None, cast: Callable = str) -> list | None:
-    if value is None:
-        return None
-    try:
-        return [cast(x.strip()) for x in value.split(",") if x.strip()]
-    except ValueError:
-        raise UserError(f"bad list {value!r}") from None
-
 
 # --------------------------------------------------------------------------- parsers
 
@@ -180,10 +140,8 @@ def _add_executor_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="icl-locate", description="Find where in-context learning happens inside a decoder LLM.")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
-
+def _add_run(sub) -> None:
+    """``run``: one condition and layer, decoded by the reference engine and scored."""
     run = sub.add_parser("run", help="decode a test set under one masking condition and layer; score it")
     run.add_argument("--model", default=None, help=MODEL_HELP)
     run.add_argument("--task", default=None, help=TASK_HELP)
@@ -226,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.set_defaults(command_name="run")
 
+
+def _add_bench(sub) -> None:
+    """``bench``: the paper's method against the fast and the chosen engines."""
     bench = sub.add_parser("bench", help="time the paper's sweep method against the fast engine")
     _add_study_options(bench, BenchSettings)
     bench.add_argument(
@@ -245,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_own_data_options(bench)
     bench.set_defaults(command_name="bench")
 
+
+def _add_prune(sub) -> None:
+    """``prune``: context-pruned inference against full processing."""
     pr = sub.add_parser("prune", help="context-pruned inference: time, memory, FLOPs and quality vs full processing")
     _add_study_options(pr, PruneSettings, condition="the context range to prune")
     pr.add_argument("--layer", type=int, required=True, help="r: the context is processed in layers < r only")
@@ -265,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_own_data_options(pr)
     pr.set_defaults(command_name="prune")
 
+
+def _add_score_code(sub) -> None:
+    """``score-code``: HumanEval completions run in the sandbox."""
     sc = sub.add_parser("score-code", help="run HumanEval completions in the sandbox; print pass@1")
     sc.add_argument("--samples", required=True, help='JSONL lines {"task_id": ..., "completion": ...}')
     sc.add_argument("--out", help="per-sample results (default: <samples>_results.jsonl)")
@@ -279,10 +246,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sc.set_defaults(command_name="score-code")
 
+
+def _add_listings(sub) -> None:
+    """``tasks``, ``conditions``, ``models``: listings that load nothing."""
     sub.add_parser("tasks", help="list the registered tasks").set_defaults(command_name="tasks")
     sub.add_parser("conditions", help="list the masking conditions").set_defaults(command_name="conditions")
     sub.add_parser("models", help="list model aliases").set_defaults(command_name="models")
 
+
+def _add_data(sub) -> None:
+    """``data fetch``: download a public dataset."""
     data = sub.add_parser("data", help="datasets")
     data_sub = data.add_subparsers(dest="data_command", required=True, parser_class=Parser)
     fetch = data_sub.add_parser("fetch", help="download a public dataset (needs internet)")
@@ -291,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--sha256", help="expected sha256 of the archive")
     fetch.set_defaults(command_name="data-fetch")
 
+
+def _add_sweep(sub) -> None:
+    """``sweep``: a grid of units into a resumable store."""
     sw = sub.add_parser("sweep", help="run a grid of conditions x layers x seeds into a results store")
     sw.add_argument("--store", required=True, help="SQLite results file (created if missing; reruns resume)")
     sw.add_argument("--preset", help=", ".join(PRESETS))
@@ -346,6 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_executor_options(sw)
     sw.set_defaults(command_name="sweep")
 
+
+def _add_report(sub) -> None:
+    """``report``: figures and a report from a store."""
     rep = sub.add_parser("report", help="figures and an HTML/Markdown report from a results store")
     rep.add_argument("store", help="SQLite results file of a sweep (or lora-sweep, prune --store)")
     rep.add_argument("--out-dir", default=None, help="default: <store>_report/")
@@ -366,6 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rep.set_defaults(command_name="report")
 
+
+def _add_lora_sweep(sub) -> None:
+    """``lora-sweep``: one LoRA adapter per layer."""
     lo = sub.add_parser("lora-sweep", help="train a LoRA adapter on one layer at a time; zero-shot BLEU per layer")
     lo.add_argument("--model", default=None, help=MODEL_HELP)
     lo.add_argument("--pair", default=None, help=f"translation direction [{default(LoraRun, 'pair')}]")
@@ -422,24 +404,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_executor_options(lo)
     lo.set_defaults(command_name="lora-sweep")
 
+
+def _add_startup(sub) -> None:
+    """``startup``: where a command's first seconds go."""
     st = sub.add_parser(
         "startup",
         help="where a command's first seconds go: imports, model load, first token (fresh processes, medians)",
     )
-    st.add_argument(
-        "--model", default=None, help=f"model to load (default: the embedded {default(StartupSettings, 'model')})"
-    )
-    st.add_argument(
-        "--repeats",
-        type=int,
-        default=None,
-        help=f"fresh processes per measurement (default {default(StartupSettings, 'repeats')})",
-    )
+    st.add_argument("--model", default=None, help=MODEL_HELP)
+    repeats = default(StartupSettings, "repeats")
+    st.add_argument("--repeats", type=int, default=None, help=f"fresh processes per measurement (default {repeats})")
     st.add_argument("--json", default=None, help="also write the measurements here")
     st.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: fp32 CPU, bf16 GPU)")
     st.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
     st.set_defaults(command_name="startup")
 
+
+def _add_demo(sub) -> None:
+    """``demo``: the main job on the embedded model."""
     demo = sub.add_parser("demo", help="the main job: a small real study on the embedded model")
     demo.add_argument("--out-dir", default=None, help=f"where the study goes [{default(DemoSettings, 'out_dir')}]")
     demo.add_argument(
@@ -447,4 +429,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--data-dir", default=None, help="data directory (default $ICL_LOCATE_DATA_DIR)")
     demo.set_defaults(command_name="demo")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="icl-locate", description="Find where in-context learning happens inside a decoder LLM.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+    _add_run(sub)
+    _add_bench(sub)
+    _add_prune(sub)
+    _add_score_code(sub)
+    _add_listings(sub)
+    _add_data(sub)
+    _add_sweep(sub)
+    _add_report(sub)
+    _add_lora_sweep(sub)
+    _add_startup(sub)
+    _add_demo(sub)
     return p

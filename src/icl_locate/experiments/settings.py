@@ -14,9 +14,6 @@ import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
-
-import yaml
 
 from ..core.catalog import EMBEDDED, check_dtype_name
 from ..core.conditions import get_condition
@@ -26,6 +23,7 @@ from ..tasks.loaders import load_data
 from ..tasks.registry import get_task
 from ..tasks.spec import Task, TaskData, TaskOptions
 from ..util.errors import UserError
+from ..util.fileio import read_yaml_mapping
 from .presets import PRESETS
 
 
@@ -93,15 +91,9 @@ def load_config(preset: str | None = None, yaml_path: str | None = None, overrid
             raise UserError(f"unknown preset {preset!r}; available: {', '.join(PRESETS)}")
         values.update(PRESETS[preset])
     if yaml_path:
-        try:
-            loaded = yaml.safe_load(Path(yaml_path).read_text()) or {}
-        except OSError as err:
-            raise UserError(f"cannot read {yaml_path}: {err.strerror}") from None
-        except yaml.YAMLError as err:
-            raise UserError(f"{yaml_path} is not valid YAML: {str(err).splitlines()[0]}") from None
-        if not isinstance(loaded, dict):
-            raise UserError(f"{yaml_path} must hold a mapping of sweep settings")
-        values.update(loaded)
+        values.update(
+            read_yaml_mapping(yaml_path, "a sweep config holds a mapping of sweep settings", empty_ok=True)[0]
+        )
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     known = {f.name for f in fields(SweepConfig)}
     unknown = sorted(set(values) - known)

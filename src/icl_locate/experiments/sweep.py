@@ -32,8 +32,6 @@ from .settings import (
     LoadedTasks,
     SweepConfig,
     WorkUnit,
-    audit_per_unit,
-    engine_request,
     load_task_data,
     plan_units,
     validate,
@@ -114,16 +112,7 @@ def run_sweep(config: SweepConfig, store_path: str | Path, command: str, ray: Ra
         loaded, tasks, units = prepare(config, weights=False, store_file=store_file)
     else:
         loaded, tasks, units = prepare(config, store_file=store_file)
-        executor = LocalExecutor(
-            Worker(
-                loaded,
-                tasks,
-                engine_request(config),
-                config.max_new_tokens,
-                audit_per_unit(config.audit),
-                config.audit_seed,
-            )
-        )
+        executor = LocalExecutor(Worker.of(config, loaded, tasks))
     with Store.open(store_file, fingerprint(loaded, config.max_new_tokens)) as store:
         files = [f for _, data in tasks.values() for f in data.files]
         run_id = store.start_run(command, asdict(config), provenance(loaded, files))

@@ -109,7 +109,11 @@ class Worker:
     def load(cls, config: SweepConfig) -> Worker:
         """A worker for ``config``'s sweep: its data, its model (dtype and device as configured)."""
         tasks = load_task_data(config)
-        loaded = load_model(config.model, dtype=config.dtype, device=config.device)
+        return cls.of(config, load_model(config.model, dtype=config.dtype, device=config.device), tasks)
+
+    @classmethod
+    def of(cls, config: SweepConfig, loaded: LoadedModel, tasks: LoadedTasks) -> Worker:
+        """A worker for ``config``'s sweep on a model and data already loaded."""
         return cls(
             loaded,
             tasks,

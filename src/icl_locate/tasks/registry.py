@@ -59,7 +59,8 @@ def get_task(name_or_path: str, src_lang: str | None = None, tgt_lang: str | Non
         if name_or_path == "bitext" and (src_lang or tgt_lang):
             if not (src_lang and tgt_lang):
                 raise UserError("give both --src-lang and --tgt-lang")
-            resolve_language(src_lang), resolve_language(tgt_lang)
+            for language in (src_lang, tgt_lang):  # an unknown language fails here, with one line
+                resolve_language(language)
             mt = parse_task(
                 dict(BUILTIN["bitext"], prompt=MT_PROMPT, stop=["\n"], max_new_tokens=50), "built-in task bitext"
             )

@@ -37,10 +37,9 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-import yaml
-
 from ..core.prompts import PromptFormat
 from ..util.errors import UserError
+from ..util.fileio import read_yaml_mapping
 from .data import resolve_language
 from .files import parse_range
 from .loaders import LOADERS
@@ -177,13 +176,5 @@ def load_task_file(path: str | Path) -> Task:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"task file not found: {path}")
-    text = path.read_bytes()
-    try:
-        raw = yaml.safe_load(text.decode("utf-8"))
-    except UnicodeDecodeError as err:
-        raise UserError(f"{path}: not UTF-8 at byte offset {err.start}") from None
-    except yaml.YAMLError as err:
-        raise UserError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{path}: a task file holds a mapping (name, data, prompt, metric, ...)")
+    raw, text = read_yaml_mapping(path, "a task file holds a mapping (name, data, prompt, metric, ...)")
     return parse_task(raw, str(path), path.parent, hashlib.sha256(text).hexdigest())

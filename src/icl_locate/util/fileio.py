@@ -8,6 +8,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import yaml
+
 from .errors import UserError
 
 
@@ -60,3 +62,26 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def read_yaml_mapping(path: str | Path, what: str, empty_ok: bool = False) -> tuple[dict, bytes]:
+    """A YAML file that must hold a mapping, and its bytes; one error line for each way it can be wrong.
+
+    ``what`` completes the error when the file holds something else ("a task file holds a mapping ...");
+    ``empty_ok``: an empty file is an empty mapping.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise UserError(f"cannot read {path}: {err.strerror}") from None
+    try:
+        loaded = yaml.safe_load(data.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 at byte offset {err.start}") from None
+    except yaml.YAMLError as err:
+        raise UserError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if loaded is None and empty_ok:
+        loaded = {}
+    if not isinstance(loaded, dict):
+        raise UserError(f"{path}: {what}")
+    return loaded, data

@@ -1,0 +1,46 @@
+"""The command line's values: a parser that fails in one line, and arguments turned into settings.
+
+``cli_args`` builds the parser with these; ``cli`` turns what it parsed into settings with them.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+from .util.errors import UserError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line and exit code 2."""
+
+    def error(self, message: str):
+        raise UserError(f"{self.prog}: {message}")
+
+
+def short(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def settings_from(args: argparse.Namespace, cls, rename: dict[str, str] | None = None, **extra):
+    """The dataclass ``cls`` filled from same-named arguments (``rename``: argument -> field)."""
+    names = set(cls.__dataclass_fields__)
+    # an option left out (None) keeps the settings' own default
+    values = {(rename or {}).get(k, k): v for k, v in vars(args).items() if v is not None}
+    return cls(**({k: v for k, v in values.items() if k in names} | extra))
+
+
+def default(cls, name: str) -> str:
+    """The default a settings dataclass gives ``name``, for help text: argparse itself defaults to None
+    (an option left out), so that the dataclass is the one place the default is written."""
+    return str(cls.__dataclass_fields__[name].default)
+
+
+def csv_list(value: str | None, cast: Callable = str) -> list | None:
+    if value is None:
+        return None
+    try:
+        return [cast(x.strip()) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"bad list {value!r}") from None
