@@ -113,9 +113,9 @@ class FastEngine:
         interventions = []
         if own is not None:
             if row.prefix_hidden:
-                interventions.append(ColumnMask([row.prefix_hidden], [row.mask_layers], [row.mask_heads]))
-            if row.ablate:
-                interventions.append(AttentionAblation(row.ablate))
+                interventions.append(ColumnMask([row.prefix_hidden], [row.plan.mask_layers], [row.plan.mask_heads]))
+            if row.plan.ablate:
+                interventions.append(AttentionAblation(row.plan.ablate))
         cache = DynamicCache()
         ids = torch.tensor([list(prefix)], device=self.device)
         started = time.perf_counter()
@@ -148,7 +148,7 @@ class FastEngine:
         """(prefix length, rows) for each (prefix length, ablation): what one batch may mix."""
         groups: dict[tuple, list[Row]] = {}
         for row in rows:
-            groups.setdefault((len(row.prefix_key[0]), tuple(sorted(row.ablate))), []).append(row)
+            groups.setdefault((len(row.prefix_key[0]), tuple(sorted(row.plan.ablate))), []).append(row)
         return [(plen, group) for (plen, _), group in groups.items()]
 
     def _rows_per_batch(self, plen: int, group: list[Row], prefix_caches: PrefixCaches, max_new_tokens: int) -> int:
@@ -170,12 +170,12 @@ class FastEngine:
         interventions: list[BatchIntervention] = [
             ColumnMask(
                 hidden,
-                [r.mask_layers if h else frozenset() for r, h in zip(chunk, hidden, strict=True)],
-                [r.mask_heads if h else None for r, h in zip(chunk, hidden, strict=True)],
+                [r.plan.mask_layers if h else frozenset() for r, h in zip(chunk, hidden, strict=True)],
+                [r.plan.mask_heads if h else None for r, h in zip(chunk, hidden, strict=True)],
             )
         ]
-        if chunk[0].ablate:
-            interventions.append(AttentionAblation(chunk[0].ablate))
+        if chunk[0].plan.ablate:
+            interventions.append(AttentionAblation(chunk[0].plan.ablate))
         per_row = [prefix_caches.get(r) for r in chunk]
         capacity = layout.width + stop.max_new_tokens
         cache = DynamicCache()

@@ -71,9 +71,7 @@ class Row:
     query_ids: list[int]
     query_hidden: list[Range]  # hidden ranges inside the query, relative to the query start
     prefix_hidden: list[Range]  # hidden ranges inside the prefix
-    mask_layers: frozenset[int]  # layers where this row hides its columns (empty: no mask)
-    mask_heads: HeadSets | None  # per masked layer, the query heads that hide (None: all)
-    ablate: frozenset[int]
+    plan: RowPlan  # what the intervention does on this row's prompt
 
 
 def needs_own_prefix_cache(prefix_hidden: Sequence[Range], prefix_len: int) -> bool:
@@ -100,7 +98,7 @@ def plan_rows(prompts: Sequence[MaskedPrompt], interventions: Sequence[RowInterv
             # such a row's context is computed under its own intervention.
             own = bool(plan.ablate) or plan.mask_heads is not None or needs_own_prefix_cache(p_hidden, start)
             key = (prefix, v) if own else (prefix, None)
-            rows.append(Row(i, v, key, query, q_hidden, p_hidden, plan.mask_layers, plan.mask_heads, plan.ablate))
+            rows.append(Row(i, v, key, query, q_hidden, p_hidden, plan))
     return rows
 
 

@@ -57,7 +57,7 @@ class _Group:
 
 def divergence_layer(row: Row, n_layers: int) -> int:
     """The first layer at which the row computes something the unmasked run does not."""
-    return min(row.mask_layers | row.ablate | {n_layers})
+    return min(row.plan.mask_layers | row.plan.ablate | {n_layers})
 
 
 @dataclass
@@ -210,12 +210,12 @@ class TreeDecode:
                 if (
                     member is not None
                     and row is not None
-                    and layer in row.mask_layers
+                    and layer in row.plan.mask_layers
                     and (row.prefix_hidden or row.query_hidden)
                 ):
                     hidden.append(self.layout.hidden(member.query, row))
                     layers.append(frozenset({layer}))
-                    heads.append({layer: row.mask_heads[layer]} if row.mask_heads else None)
+                    heads.append({layer: row.plan.mask_heads[layer]} if row.plan.mask_heads else None)
                 else:
                     hidden.append([])
                     layers.append(frozenset())
@@ -252,7 +252,7 @@ class TreeDecode:
         step_input, mask = self._fed(step, drafts, groups)
         width = 1 if step == 0 else step_input.shape[1]
         self._count(self.engine.stats, step_input.shape[1], width)
-        ablation = self.members[0].row.ablate  # one per batch
+        ablation = self.members[0].row.plan.ablate  # one per batch
         interventions = [self.masks] + ([AttentionAblation(ablation)] if ablation else [])
         started = time.perf_counter()
         with self.engine.routing(self.routes):

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..core.catalog import EMBEDDED
+from ..tasks import sandbox
 from ..util.errors import UserError
 from .settings import ModelAndData
 
@@ -24,8 +25,8 @@ class RunSettings(ModelAndData):
     per_query_examples: bool = False
     max_new_tokens: int | None = None
     out: str | None = None
-    workers: int = 2  # code tasks: sandbox workers
-    timeout: float = 3.0  # code tasks: seconds per sample
+    workers: int = sandbox.WORKERS  # code tasks: samples run at once
+    timeout: float = sandbox.TIMEOUT  # code tasks: seconds per sample
 
 
 @dataclass(kw_only=True)
@@ -66,8 +67,8 @@ class ScoreCodeSettings:
 
     samples: str  # JSONL lines {"task_id": ..., "completion": ...}
     out: str | None = None  # per-sample results; None: <samples>_results.jsonl
-    workers: int = 2  # sandbox workers
-    timeout: float = 3.0  # seconds per sample
+    workers: int = sandbox.WORKERS  # samples run at once
+    timeout: float = sandbox.TIMEOUT  # seconds per sample
 
 
 @dataclass(kw_only=True)

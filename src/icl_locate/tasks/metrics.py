@@ -27,6 +27,7 @@ from sacrebleu.metrics.bleu import BLEU
 from sacrebleu.metrics.chrf import CHRF
 
 from ..util.errors import UserError
+from . import sandbox
 from .sandbox import Limits, score_samples
 
 
@@ -168,8 +169,8 @@ class PassAt1:
     name: str = "pass@1"
     label: str = "pass@1 (%)"
     higher_is_better: bool = True
-    workers: int = 2
-    timeout: float = 3.0
+    workers: int = sandbox.WORKERS
+    timeout: float = sandbox.TIMEOUT
 
     def score(self, answers: Sequence[str], examples: Sequence, data) -> Scored:
         ids = [ex.id for ex in examples]

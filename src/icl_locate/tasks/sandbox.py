@@ -33,9 +33,13 @@ from queue import Queue
 CHILD = Path(__file__).with_name("sandbox_child.py")
 
 
+TIMEOUT = 3.0  # seconds of wall and CPU time per sample (the paper's default)
+WORKERS = 2  # samples run at once
+
+
 @dataclass(frozen=True)
 class Limits:
-    timeout: float = 3.0  # seconds of wall and CPU time (the paper's default)
+    timeout: float = TIMEOUT
     memory_mb: int = 2048
     file_mb: int = 16
     tmpfs_mb: int = 64
@@ -85,7 +89,7 @@ def sandbox_python(as_root: bool) -> str:
 class Sandbox:
     """A pool of isolated runners. As root each slot has its own uid, so slots cannot see each other."""
 
-    def __init__(self, limits: Limits = Limits(), workers: int = 2):
+    def __init__(self, limits: Limits = Limits(), workers: int = WORKERS):
         self.limits = limits
         self.workers = max(1, workers)
         self.as_root = os.geteuid() == 0
@@ -231,7 +235,7 @@ def _failure_reason(stderr: str, returncode: int) -> str:
 
 
 def score_samples(
-    samples: list[dict], problems: dict[str, dict], limits: Limits = Limits(), workers: int = 2
+    samples: list[dict], problems: dict[str, dict], limits: Limits = Limits(), workers: int = WORKERS
 ) -> list[SampleResult]:
     """Run each ``{"task_id", "completion"}`` against its HumanEval problem."""
     jobs = []
