@@ -12,9 +12,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .cli_args import build_parser
-from .cli_values import csv_list, settings_from, short
+from .cli_values import settings_from, short, sweep_config_from_args
 from .core.catalog import ALIASES, EMBEDDED, TINY_CONFIGS
-from .core.conditions import CONDITIONS
+from .core.conditions import CONDITION_PATTERNS, CONDITIONS
 from .experiments.options import (
     BenchSettings,
     DemoSettings,
@@ -28,7 +28,7 @@ from .experiments.options import (
     ScoreCodeSettings,
     StartupSettings,
 )
-from .experiments.settings import SweepConfig, load_config, validate
+from .experiments.settings import validate
 from .util.errors import Interrupted, UserError
 from .util.fileio import write_json_atomic
 
@@ -81,6 +81,8 @@ def cmd_tasks(args) -> int:
 def cmd_conditions(args) -> int:
     for c in CONDITIONS.values():
         print(f"{c.name:<28} {c.paper_code:<9} {c.description}")
+    for pattern, description in CONDITION_PATTERNS.items():
+        print(f"{pattern:<28} {'':<9} {description}")
     return 0
 
 
@@ -123,20 +125,6 @@ def cmd_prune(args) -> int:
     if args.store:
         print(f"stored in {args.store}")
     return 0
-
-
-def sweep_config_from_args(args) -> SweepConfig:
-    """Preset, then YAML, then the flags given (a flag left out keeps the preset's or YAML's value)."""
-    overrides = {name: getattr(args, name) for name in SweepConfig.__dataclass_fields__ if hasattr(args, name)}
-    overrides |= dict(
-        pairs=csv_list(args.pairs),
-        conditions=csv_list(args.conditions),
-        instructions={None: None, "yes": [True], "no": [False], "both": [True, False]}[args.instructions],
-        seeds=csv_list(args.seeds, int),
-        ks=csv_list(args.ks, int),
-        layer_ablation=True if args.layer_ablation else None,
-    )
-    return load_config(args.preset, args.config, overrides)
 
 
 def ray_settings(args):

@@ -6,6 +6,7 @@ import argparse
 
 from .cli_values import Parser, default
 from .core.catalog import EMBEDDED
+from .core.labels import VARIANTS_HELP
 from .experiments.options import (
     EXECUTORS,
     BenchSettings,
@@ -166,6 +167,7 @@ def _add_run(sub) -> None:
     run.add_argument("--n-test", type=int, default=None, help="use the first N test items")
     run.add_argument("--no-instructions", action="store_true", help="drop the instruction header")
     run.add_argument("--per-query-examples", action="store_true", help="sample new examples for every query")
+    run.add_argument("--labels", help=f"one of the {VARIANTS_HELP} (default {default(RunSettings, 'labels')})")
     run.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's (50 for MT)")
     run.add_argument("--out", help="write one JSON line per prediction here")
     _add_data_and_device_options(run)
@@ -282,6 +284,7 @@ def _add_sweep(sub) -> None:
         help="with the instruction header, without, or both "
         f"[{INSTRUCTIONS[tuple(SweepConfig.__dataclass_fields__['instructions'].default_factory())]}]",
     )
+    sw.add_argument("--labels", help=f"comma list of {VARIANTS_HELP} [{_listed('labels')}]")
     sw.add_argument("--seeds", help=f"comma list of seeds for sampling the examples [{_listed('seeds')}]")
     sw.add_argument("--ks", help=f"comma list of example counts [{_listed('ks')}]")
     sw.add_argument("--layers", default=None, help=f"'all' or a comma list [{default(SweepConfig, 'layers')}]")

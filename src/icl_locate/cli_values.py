@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
+from .experiments.settings import SweepConfig, load_config
 from .util.errors import UserError
 
 
@@ -44,3 +45,18 @@ def csv_list(value: str | None, cast: Callable = str) -> list | None:
         return [cast(x.strip()) for x in value.split(",") if x.strip()]
     except ValueError:
         raise UserError(f"bad list {value!r}") from None
+
+
+def sweep_config_from_args(args) -> SweepConfig:
+    """Preset, then YAML, then the flags given (a flag left out keeps the preset's or YAML's value)."""
+    overrides = {name: getattr(args, name) for name in SweepConfig.__dataclass_fields__ if hasattr(args, name)}
+    overrides |= dict(
+        pairs=csv_list(args.pairs),
+        conditions=csv_list(args.conditions),
+        instructions={None: None, "yes": [True], "no": [False], "both": [True, False]}[args.instructions],
+        labels=csv_list(args.labels),
+        seeds=csv_list(args.seeds, int),
+        ks=csv_list(args.ks, int),
+        layer_ablation=True if args.layer_ablation else None,
+    )
+    return load_config(args.preset, args.config, overrides)

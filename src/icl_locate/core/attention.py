@@ -30,7 +30,8 @@ from transformers.masking_utils import AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from . import legacy
-from .interventions import PREPARED_FLAG, active, is_prepared, keep_blind_rows_finite, zero_dead_rows
+from .interventions import PREPARED_FLAG, active, is_prepared
+from .mask_surgery import keep_blind_rows_finite, zero_dead_rows
 from .structure import attention_module, decoder_layers
 
 IMPLEMENTATIONS = {"sdpa": "icl_sdpa", "eager": "icl_eager"}

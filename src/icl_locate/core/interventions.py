@@ -4,8 +4,10 @@ Two levels, both plain values:
 
 * **Row interventions** say what one (prompt, setting) row of a sweep does to the model:
   ``MaskFrom(j)`` (the paper's layer-from mask: hide the prompt's hidden columns at every layer
-  >= j), ``AblateLayers(ls)`` (remove those layers' attention sublayer), ``PruneFrom(r)``
-  (context-pruned inference: the hidden range is processed below r only) and ``UNCHANGED``.
+  >= j), ``MaskBelow(j)`` (the converse window: hide them at every layer < j, for the ``-below``
+  conditions; ``mask_row`` picks one of the two by a condition's window), ``AblateLayers(ls)``
+  (remove those layers' attention sublayer), ``PruneFrom(r)`` (context-pruned inference: the
+  hidden range is processed below r only) and ``UNCHANGED``.
   They are hashable: engines key their results by them.
 * **Batch interventions** are what the attention hooks read while a batch runs forward:
   ``ColumnMask`` (per-row hidden columns at per-row layers), ``AttentionAblation`` and
@@ -24,7 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .conditions import Range
+from .conditions import Condition, Range
+from .mask_surgery import hide_columns
 from .structure import num_layers
 
 # --------------------------------------------------------------------------- row interventions
@@ -35,6 +38,19 @@ class MaskFrom:
     """Hide the prompt's hidden columns in every layer >= ``layer`` (= number of layers: nothing)."""
 
     layer: int
+
+
+@dataclass(frozen=True)
+class MaskBelow:
+    """Hide the prompt's hidden columns in every layer < ``layer`` (0: nothing; the number of layers: every
+    layer); the converse of ``MaskFrom``, for the conditions whose window is "below"."""
+
+    layer: int
+
+
+def mask_row(condition: Condition | None, layer: int) -> MaskFrom | MaskBelow:
+    """The row that masks ``condition``'s columns at layer ``layer`` as its window says (no condition: MaskFrom)."""
+    return MaskBelow(layer) if condition is not None and condition.window == "below" else MaskFrom(layer)
 
 
 @dataclass(frozen=True)
@@ -72,7 +88,7 @@ class Unchanged:
 
 
 UNCHANGED = Unchanged()
-RowIntervention = MaskFrom | HeadMask | AblateLayers | PruneFrom | Unchanged
+RowIntervention = MaskFrom | MaskBelow | HeadMask | AblateLayers | PruneFrom | Unchanged
 
 
 # --------------------------------------------------------------------------- batch interventions
@@ -98,6 +114,11 @@ class ColumnMask:
     row b hides them at such a layer only from the query heads ``heads[b][layer]`` (layers it does
     not list: every head).
 
+    With ``others_only[b]`` (the converse window), row b hides its columns from the positions outside
+    them only: a hidden position still attends as usual, so the hidden tokens' own states are computed
+    as without the mask and only their reading by the rest is held back. A forward's query positions
+    are taken to be the newest columns of its keys (true of prefills and of every cached step).
+
     Columns are those of the batch as fed to the model (left padding included). Immutable;
     the bool column matrix is built once per device on first use (``_columns``).
     """
@@ -107,9 +128,13 @@ class ColumnMask:
         hidden: Sequence[Sequence[Range]],
         layers: Sequence[frozenset[int]],
         heads: Sequence[HeadSets | None] | None = None,
+        others_only: Sequence[bool] | None = None,
     ):
         if len(hidden) != len(layers) or (heads is not None and len(heads) != len(hidden)):
             raise ValueError("one layer set (and head map) per row")
+        if others_only is not None and len(others_only) != len(hidden):
+            raise ValueError("one others_only flag per row")
+        self.others_only = tuple(bool(x) for x in others_only) if others_only is not None else (False,) * len(hidden)
         self.hidden = _freeze(hidden)
         self.layers = tuple(frozenset(x) for x in layers)
         self.heads = tuple(dict(h) if h else None for h in heads) if heads is not None else (None,) * len(hidden)
@@ -155,6 +180,20 @@ class ColumnMask:
 
     def columns(self, layer: int, kv_len: int, device: torch.device) -> torch.Tensor:
         """Bool [batch, kv_len]: True where a row may not look at ``layer``."""
+        rows = torch.tensor([layer in ls for ls in self.layers], device=device)
+        return self.hidden_columns(kv_len, device) & rows[:, None]
+
+    def readers(self, q_len: int, kv_len: int, device: torch.device) -> torch.Tensor | None:
+        """Bool [batch, q_len]: the query positions (the newest ``q_len`` columns) a row hides its columns
+        from; None where every row hides them from every position."""
+        if not any(self.others_only):
+            return None
+        own = self.hidden_columns(kv_len, device)[:, kv_len - q_len :]  # [B, q]: the position is itself hidden
+        exempt = torch.tensor(self.others_only, device=device)[:, None] & own
+        return ~exempt
+
+    def hidden_columns(self, kv_len: int, device: torch.device) -> torch.Tensor:
+        """Bool [batch, kv_len]: every row's hidden columns, whatever the layer."""
         base = self._columns.get(str(device))
         if base is None:
             width = max([1] + [end for row in self.hidden for _, end in row])
@@ -164,10 +203,8 @@ class ColumnMask:
                     base[row, start:end] = True
             base = base.to(device)
             self._columns[str(device)] = base
-        rows = torch.tensor([layer in ls for ls in self.layers], device=device)
         width = base.shape[1]
-        cols = base[:, :kv_len] if kv_len <= width else torch.cat([base, base.new_zeros(len(base), kv_len - width)], 1)
-        return cols & rows[:, None]
+        return base[:, :kv_len] if kv_len <= width else torch.cat([base, base.new_zeros(len(base), kv_len - width)], 1)
 
     def head_rows(self, layer: int, n_heads: int, device: torch.device) -> torch.Tensor | None:
         """Bool [batch, n_heads]: which query heads of each row hide at ``layer``; None when all do."""
@@ -187,24 +224,30 @@ class ColumnMask:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The 4D mask without this layer's hidden columns (per query head where heads are given; the
         result is then [B, n_heads, q, kv]), and the (row, head, position)s left seeing nothing."""
-        cols = self.columns(layer, attention_mask.shape[-1], attention_mask.device)
-        heads = self.head_rows(layer, n_heads, attention_mask.device) if n_heads else None
+        q_len, kv_len, device = attention_mask.shape[-2], attention_mask.shape[-1], attention_mask.device
+        cols = self.columns(layer, kv_len, device)
+        readers = self.readers(q_len, kv_len, device)
+        heads = self.head_rows(layer, n_heads, device) if n_heads else None
         if heads is None:
             if any(row and layer in row for row in self.heads):
                 raise RuntimeError("a head-restricted mask needs the number of query heads")
-            return hide_columns(attention_mask, cols)
-        return hide_columns(attention_mask, cols[:, None, :] & heads[:, :, None])
+            return hide_columns(attention_mask, cols, readers)
+        return hide_columns(attention_mask, cols[:, None, :] & heads[:, :, None], readers)
 
     def shifted(self, offsets: Sequence[int]) -> ColumnMask:
         """The same mask with each row's ranges moved right by its left-padding offset."""
         if len(offsets) != len(self.hidden):
             raise ValueError("one offset per batch row")
-        return ColumnMask(
-            [[(a + o, b + o) for a, b in row] for row, o in zip(self.hidden, offsets)], self.layers, self.heads
-        )
+        moved = [[(a + o, b + o) for a, b in row] for row, o in zip(self.hidden, offsets)]
+        return ColumnMask(moved, self.layers, self.heads, self.others_only)
 
     def select_rows(self, rows: Sequence[int]) -> ColumnMask:
-        return ColumnMask([self.hidden[i] for i in rows], [self.layers[i] for i in rows], [self.heads[i] for i in rows])
+        return ColumnMask(
+            [self.hidden[i] for i in rows],
+            [self.layers[i] for i in rows],
+            [self.heads[i] for i in rows],
+            [self.others_only[i] for i in rows],
+        )
 
 
 class LayerColumnMasks:
@@ -291,83 +334,6 @@ class ColumnDrop:
 
 
 BatchIntervention = ColumnMask | LayerColumnMasks | AttentionAblation | ColumnDrop
-
-
-# --------------------------------------------------------------------------- mask surgery
-
-
-def hide_columns(attention_mask: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Remove hidden columns from a 4D attention mask.
-
-    attention_mask: [B|1, H|1, q, kv], bool (True = may attend) or additive float (0 / large negative).
-    hidden: bool [B, kv] (every head), or [B, H, kv] (per query head).
-    Returns the new mask ([B, 1 or H, q, kv]) and ``dead`` (bool [B, 1 or H, q]: query positions of
-    a head that could see something before and nothing now; None if there are none). Dead rows keep
-    their old mask row so that the kernel stays NaN-free; the caller zeroes their output.
-    """
-    if attention_mask.dim() != 4:
-        raise RuntimeError(f"expected a 4D attention mask, got shape {tuple(attention_mask.shape)}")
-    kv = attention_mask.shape[-1]
-    if hidden.shape[-1] != kv:
-        raise RuntimeError(f"hidden columns for {hidden.shape[-1]} keys, mask has {kv}")
-    if attention_mask.shape[0] not in (1, hidden.shape[0]):
-        raise RuntimeError(f"mask has {hidden.shape[0]} rows, batch has {attention_mask.shape[0]}")
-    if hidden.dim() == 2:
-        hidden = hidden[:, None, :]  # every head alike
-    if attention_mask.dtype == torch.bool:
-        visible = attention_mask
-    else:
-        visible = attention_mask > torch.finfo(attention_mask.dtype).min / 2
-    hide = hidden[:, :, None, :] & visible  # [B, 1|H, q, kv]
-    still_visible = visible & ~hide
-    dead = visible.any(-1) & ~still_visible.any(-1)  # [B, 1|H, q]
-    if dead.any():
-        hide = hide & ~dead[..., None]
-        dead_rows = dead
-    else:
-        dead_rows = None
-    if attention_mask.dtype == torch.bool:
-        new_mask = attention_mask & ~hide
-    else:
-        new_mask = torch.where(hide, torch.finfo(attention_mask.dtype).min, attention_mask)
-    return keep_blind_rows_finite(new_mask, dead_rows)
-
-
-def keep_blind_rows_finite(
-    attention_mask: torch.Tensor, dead: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Rows that may attend to nothing at all (left padding) get one visible column, and join ``dead``.
-
-    Some fused attention kernels return NaN for a fully masked row, and a NaN in a padding
-    position's output spreads to real rows through 0 x NaN once its keys/values are read with
-    weight 0. The visible column keeps the kernel finite; the caller zeroes the row's output.
-    attention_mask: [B|1, H|1, q, kv]; dead: [B, 1|H, q] or None. Returns (mask, dead rows or None).
-    """
-    if attention_mask.dtype == torch.bool:
-        blind = ~attention_mask.any(-1)  # [B|1, H|1, q]
-    else:
-        blind = ~(attention_mask > torch.finfo(attention_mask.dtype).min / 2).any(-1)
-    if not blind.any():
-        return attention_mask, dead
-    first = torch.zeros(attention_mask.shape[-1], dtype=torch.bool, device=attention_mask.device)
-    first[0] = True
-    opened = blind[..., None] & first  # [B|1, H|1, q, kv]: column 0 of each blind row
-    if attention_mask.dtype == torch.bool:
-        attention_mask = attention_mask | opened
-    else:
-        attention_mask = attention_mask.masked_fill(opened, 0.0)
-    return attention_mask, blind if dead is None else dead | blind
-
-
-def zero_dead_rows(attn_output: torch.Tensor, attn_weights: torch.Tensor | None, dead: torch.Tensor | None):
-    """Zero attention output ([B, q, H, D]) and weights ([B, H, q, kv]) of dead (row, head, position)s
-    (``dead``: [B, 1|H, q])."""
-    if dead is None:
-        return attn_output, attn_weights
-    attn_output = attn_output.masked_fill(dead.permute(0, 2, 1)[..., None], 0.0)
-    if attn_weights is not None:
-        attn_weights = attn_weights.masked_fill(dead[..., None], 0.0)
-    return attn_output, attn_weights
 
 
 # --------------------------------------------------------------------------- the scope

@@ -7,7 +7,10 @@ Exact shortcuts (each checked against the reference engine in tests/test_fast_en
 * Masking from layer j hides the masked columns at layers >= j, so their keys/values there
   are never read: the *unmasked* prefix cache is exact for every j as long as no visible
   prefix token comes after a hidden one (true for every paper condition except
-  "instructions": the examples then see no instructions and need their own cache per j).
+  "instructions": the examples then see no instructions and need their own cache per j; so
+  do the conditions inside the examples, "answers", "inputs", "example:i"). A mask below
+  layer j (``MaskBelow``) that hides prefix columns changes keys/values read above it: such a
+  row has its own prefix cache (``rows.needs_own_prefix_cache``).
 * Rows (query, j) for many queries and layers decode together in one batch; a finished row
   (stop string, EOS, token limit) leaves the batch at once.
 * Logits are computed for the last position only.
@@ -38,7 +41,8 @@ from .rows import KV, BatchLayout, PrefixCaches, Row, plan_rows
 
 
 class FastEngine:
-    """Decode every (prompt, intervention) row; supports ``MaskFrom``, ``HeadMask``, ``AblateLayers``, ``UNCHANGED``."""
+    """Decode every (prompt, intervention) row; supports ``MaskFrom``, ``MaskBelow``, ``HeadMask``,
+    ``AblateLayers``, ``UNCHANGED``."""
 
     def __init__(
         self,
@@ -113,7 +117,10 @@ class FastEngine:
         interventions = []
         if own is not None:
             if row.prefix_hidden:
-                interventions.append(ColumnMask([row.prefix_hidden], [row.plan.mask_layers], [row.plan.mask_heads]))
+                plan = row.plan
+                interventions.append(
+                    ColumnMask([row.prefix_hidden], [plan.mask_layers], [plan.mask_heads], [plan.others_only])
+                )
             if row.plan.ablate:
                 interventions.append(AttentionAblation(row.plan.ablate))
         cache = DynamicCache()
@@ -172,6 +179,7 @@ class FastEngine:
                 hidden,
                 [r.plan.mask_layers if h else frozenset() for r, h in zip(chunk, hidden, strict=True)],
                 [r.plan.mask_heads if h else None for r, h in zip(chunk, hidden, strict=True)],
+                [r.plan.others_only for r in chunk],
             )
         ]
         if chunk[0].plan.ablate:

@@ -20,6 +20,16 @@ from ..core.structure import num_layers
 from .base import ProgressCallback, StopRule
 
 
+def check_layer_from(prompts: Sequence[MaskedPrompt], rows: Sequence[MaskFrom]) -> None:
+    """The paper's code masks from a layer on only: refuse other rows and "-below" conditions."""
+    for row in rows:
+        if not isinstance(row, MaskFrom):
+            raise ValueError(f"the paper engine runs MaskFrom rows only, got {type(row).__name__}")
+    for prompt in prompts:
+        if prompt.window != "from":
+            raise ValueError(f"the paper engine masks from a layer on; the prompt's condition masks {prompt.window}")
+
+
 class PaperEngine:
     """Full prompts through ``model.generate``; returns raw token ids per (prompt index, MaskFrom)."""
 
@@ -37,6 +47,7 @@ class PaperEngine:
         progress: ProgressCallback | None = None,
     ) -> dict[tuple[int, MaskFrom], list[int]]:
         tok, n = self.tokenizer, self.n_layers
+        check_layer_from(prompts, rows)
         model: Any = self.model  # a transformers model: generate() and .device are not nn.Module's
         out: dict[tuple[int, MaskFrom], list[int]] = {}
         for row in rows:

@@ -67,6 +67,11 @@ def prune_split(prompt: MaskedPrompt) -> PruneSplit:
     """Where the prompt's condition cuts it; one contiguous range that leaves the last token visible."""
     ranges, length = prompt.hidden, len(prompt.ids)
     condition = prompt.condition
+    if condition is not None and condition.window != "from":
+        raise UserError(
+            f"condition {condition.name!r} hides its columns below a layer only; "
+            "context pruning drops a range from a layer on"
+        )
     if len(ranges) == 0:
         return PruneSplit(length - 1, length - 1, length)  # nothing to prune (e.g. the baseline)
     assert condition is not None  # only a condition hides ranges

@@ -27,7 +27,7 @@ def batch_interventions(prompt: MaskedPrompt, row: RowIntervention, n_layers: in
     plan = row_plan(prompt, row, n_layers)
     out: list[BatchIntervention] = []
     if plan.mask_layers:
-        out.append(ColumnMask([prompt.hidden], [plan.mask_layers], [plan.mask_heads]))
+        out.append(ColumnMask([prompt.hidden], [plan.mask_layers], [plan.mask_heads], [plan.others_only]))
     if plan.ablate:
         out.append(AttentionAblation(plan.ablate))
     return tuple(out)

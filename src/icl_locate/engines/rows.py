@@ -2,7 +2,9 @@
 their shared prefix caches, and the layout of a batch of rows with left padding.
 
 A row intervention means, on one prompt, the layers at which the prompt's hidden columns are masked
-(from some query heads or from all) and the layers whose attention is ablated (``row_plan``). The
+(from some query heads or from all) and the layers whose attention is ablated (``row_plan``); a mask
+row must have the window of the prompt's condition (``MaskBelow`` for a "-below" condition, the
+others for the rest), so that a row never carries out a condition other than the one asked for. The
 reference engine turns that plan into batch interventions; the fast and tree engines decode many
 rows at once, each row = a prefix (BOS + context, whose KV cache is computed once and shared) + the
 query, laid out as ``[left padding | prefix | query]`` (``BatchLayout``).
@@ -17,7 +19,16 @@ from dataclasses import dataclass
 import torch
 
 from ..core.conditions import MaskedPrompt, Range
-from ..core.interventions import AblateLayers, HeadMask, HeadSets, MaskFrom, PruneFrom, RowIntervention, Unchanged
+from ..core.interventions import (
+    AblateLayers,
+    HeadMask,
+    HeadSets,
+    MaskBelow,
+    MaskFrom,
+    PruneFrom,
+    RowIntervention,
+    Unchanged,
+)
 from .decoding import PreallocatedLayer, right_aligned
 
 NO_LAYERS: frozenset[int] = frozenset()
@@ -32,18 +43,22 @@ class RowPlan:
     mask_layers: frozenset[int]  # layers where the row hides the prompt's hidden columns (empty: no mask)
     mask_heads: HeadSets | None  # per masked layer, the query heads that hide them (None: all heads)
     ablate: frozenset[int]  # layers whose attention sublayer is removed
+    others_only: bool = False  # converse window: the hidden positions themselves still attend as usual
 
 
 def row_plan(prompt: MaskedPrompt, row: RowIntervention, n_layers: int) -> RowPlan:
     """The plan of ``row`` on ``prompt``, by the paper's definitions.
 
     ``PruneFrom(r)`` is, by definition, the hidden range masked from layer r: nothing at layers >= r
-    reads it (the pruned engine is tested equal to this).
+    reads it (the pruned engine is tested equal to this). ``MaskBelow(j)`` masks layers 0..j-1.
     """
-    if isinstance(row, (MaskFrom, PruneFrom)):
+    check_window(prompt, row)
+    if isinstance(row, (MaskFrom, PruneFrom, MaskBelow)):
         if not 0 <= row.layer <= n_layers:
             raise ValueError(f"layer {row.layer} outside 0..{n_layers}")
-        return RowPlan(frozenset(range(row.layer, n_layers)) if prompt.hidden else NO_LAYERS, None, NO_LAYERS)
+        below = isinstance(row, MaskBelow)
+        layers = range(0, row.layer) if below else range(row.layer, n_layers)
+        return RowPlan(frozenset(layers) if prompt.hidden else NO_LAYERS, None, NO_LAYERS, others_only=below)
     if isinstance(row, HeadMask):
         heads = row.by_layer()
         if any(not 0 <= layer < n_layers for layer in heads):
@@ -56,6 +71,26 @@ def row_plan(prompt: MaskedPrompt, row: RowIntervention, n_layers: int) -> RowPl
     if isinstance(row, Unchanged):
         return RowPlan(NO_LAYERS, None, NO_LAYERS)
     raise TypeError(f"not a row intervention: {row!r}")
+
+
+def check_window(prompt: MaskedPrompt, row: RowIntervention) -> None:
+    """Refuse a mask row whose window is not the one of the prompt's condition: ``MaskBelow`` carries out
+    the "-below" conditions, ``MaskFrom``/``PruneFrom``/``HeadMask`` the others."""
+    if not isinstance(row, (MaskFrom, PruneFrom, HeadMask, MaskBelow)) or prompt.condition is None:
+        return
+    name = prompt.condition.name
+    if isinstance(row, MaskBelow) and prompt.window != "below":
+        raise ValueError(f"MaskBelow rows mask below a layer; condition {name!r} masks from a layer on")
+    if not isinstance(row, MaskBelow) and prompt.window != "from":
+        raise ValueError(
+            f"{type(row).__name__} rows mask from a layer on; condition {name!r} masks below a layer "
+            "(use MaskBelow rows: interventions.mask_row)"
+        )
+
+
+def upward_closed(layers: frozenset[int], n_layers: int) -> bool:
+    """Whether ``layers`` is every layer from its lowest up (a layer-from mask), or empty."""
+    return not layers or layers == frozenset(range(min(layers), n_layers))
 
 
 # --------------------------------------------------------------------------- the rows of a request
@@ -74,10 +109,21 @@ class Row:
     plan: RowPlan  # what the intervention does on this row's prompt
 
 
-def needs_own_prefix_cache(prefix_hidden: Sequence[Range], prefix_len: int) -> bool:
-    """True if some visible prefix token comes after a hidden one (its states then depend on the mask)."""
+def needs_own_prefix_cache(
+    prefix_hidden: Sequence[Range], prefix_len: int, mask_layers: frozenset[int], n_layers: int
+) -> bool:
+    """Whether the unmasked prefix cache would be wrong for a row hiding ``prefix_hidden`` of its prefix
+    at ``mask_layers``.
+
+    It is exact under a layer-from mask (upward-closed layers): the hidden columns' keys/values are
+    never read at the masked layers and the states below them are unmasked, as long as no visible
+    prefix token comes after a hidden one (its states would depend on the mask). Under any other mask
+    (``MaskBelow``) some hidden columns' keys/values are read at a layer above a masked one.
+    """
     if not prefix_hidden:
         return False
+    if not upward_closed(mask_layers, n_layers):
+        return True
     first_hidden = min(a for a, _ in prefix_hidden)
     hidden = {i for a, b in prefix_hidden for i in range(a, b)}
     return any(i not in hidden for i in range(first_hidden, prefix_len))
@@ -94,9 +140,15 @@ def plan_rows(prompts: Sequence[MaskedPrompt], interventions: Sequence[RowInterv
             ranges = prompt.hidden if plan.mask_layers else ()
             p_hidden = [(a, min(b, start)) for a, b in ranges if a < start]
             q_hidden = [(max(a, start) - start, b - start) for a, b in ranges if b > start]
+            if plan.others_only and q_hidden:  # the engines take a forward's queries as never hidden there
+                raise ValueError("a converse window hides context columns only, not the query's")
             # A head mask lets other heads read the hidden columns, whose own states it changed:
             # such a row's context is computed under its own intervention.
-            own = bool(plan.ablate) or plan.mask_heads is not None or needs_own_prefix_cache(p_hidden, start)
+            own = (
+                bool(plan.ablate)
+                or plan.mask_heads is not None
+                or needs_own_prefix_cache(p_hidden, start, plan.mask_layers, n_layers)
+            )
             key = (prefix, v) if own else (prefix, None)
             rows.append(Row(i, v, key, query, q_hidden, p_hidden, plan))
     return rows

@@ -3,12 +3,12 @@
 Row (q, j) of a layer sweep computes, at every layer l < j, exactly what the unmasked run of
 query q computes, as long as its generated tokens so far are the same. In general a row's
 *divergence layer* d is the first layer its intervention touches (``MaskFrom(j)``: j, a head
-mask or an ablation: its first layer, none: L). Two rows of one query with the same tokens so
-far (one *history group*) compute the same states and keys/values at every layer below both
-their divergence layers. So at layer l a history group needs one *shared slot* for its rows
-with d > l, and each row with d <= l needs its own slot: a 19-row sweep runs 1 + (l + 1) states
-at layer l instead of 19, in the query's prefill and in every decoding step, and the keys/values
-of a shared slot are stored once.
+mask or an ablation: its first layer, ``MaskBelow(j)`` with j > 0: 0, none: L). Two rows of one
+query with the same tokens so far (one *history group*) compute the same states and keys/values
+at every layer below both their divergence layers. So at layer l a history group needs one
+*shared slot* for its rows with d > l, and each row with d <= l needs its own slot: a 19-row
+sweep runs 1 + (l + 1) states at layer l instead of 19, in the query's prefill and in every
+decoding step, and the keys/values of a shared slot are stored once.
 
 When the rows of a group pick different tokens, the group splits; the new group's shared slots
 start as copies of the old group's (their history up to the split is the same), own slots stay
@@ -124,8 +124,9 @@ class TreeEngine(FastEngine):
     def _chunks(self, rows: list[Row], prefix_caches: PrefixCaches, max_new_tokens: int):
         """Rows that continue a shared context cache: every row of a query in one batch (they share
         states), unless one query alone has more rows than a batch holds. Rows with a context cache
-        of their own (head masks, the "instructions" condition) batch as in the fast engine, by
-        cache, so that only a few such caches are alive at a time; they share little anyway."""
+        of their own (head masks, ``MaskBelow`` rows that hide context, conditions with visible context
+        after hidden context: "instructions", "answers", "inputs", "example:i") batch as in the fast
+        engine, by cache, so that only a few such caches are alive at a time; they share little anyway."""
         yield from super()._chunks([r for r in rows if r.prefix_key[1] is not None], prefix_caches, max_new_tokens)
         for plen, group in self._groups([r for r in rows if r.prefix_key[1] is None]):
             by_query: dict[int, list[Row]] = {}

@@ -203,7 +203,7 @@ class TreeDecode:
         """Per layer, one mask row per slot: an own slot hides its row's columns where the row masks them."""
         by_layer = {}
         for layer, keys in enumerate(self.keys):
-            hidden, layers, heads = [], [], []
+            hidden, layers, heads, others_only = [], [], [], []
             for key in keys:
                 member = self.members[key[1]] if key[0] == "own" else None
                 row = member.row if member is not None else None
@@ -216,11 +216,13 @@ class TreeDecode:
                     hidden.append(self.layout.hidden(member.query, row))
                     layers.append(frozenset({layer}))
                     heads.append({layer: row.plan.mask_heads[layer]} if row.plan.mask_heads else None)
+                    others_only.append(row.plan.others_only)
                 else:
                     hidden.append([])
                     layers.append(frozenset())
                     heads.append(None)
-            by_layer[layer] = ColumnMask(hidden, layers, heads)
+                    others_only.append(False)
+            by_layer[layer] = ColumnMask(hidden, layers, heads, others_only)
         return LayerColumnMasks(by_layer)
 
     # -------------------------------------------------------------- the loop

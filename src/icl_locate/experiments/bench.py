@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ..core.conditions import MaskedPrompt, get_condition
+from ..core.conditions import MaskedPrompt
 from ..core.costs import ModelDims, weight_flops
 from ..core.interventions import MaskFrom
 from ..core.models import LoadedModel, load_model
@@ -37,7 +37,7 @@ from ..tasks.items import build_items
 from ..util.fileio import check_writable, write_json_atomic
 from ..util.progress import Progress
 from ..util.system import peak_rss_mb, reset_peak_rss
-from .common import check_context, masked_prompts, stop_rule
+from .common import check_context, layer_from_condition, masked_prompts, stop_rule
 from .options import BenchSettings
 from .settings import check_count, parse_layers, task_and_data
 
@@ -141,7 +141,7 @@ class BenchResult:
 
 def run_bench(s: BenchSettings, log=print) -> BenchResult:
     """Validate, load, run (a) to (d) on the same prompts and compare them."""
-    condition = get_condition(s.condition)
+    condition = layer_from_condition(s.condition, "bench")
     parse_layers(s.layers)
     check_count("--n-test", s.n_test)
     check_count("--batch-size", s.batch_size)

@@ -12,7 +12,7 @@ import torch
 import transformers
 
 from .. import __version__
-from ..core.conditions import Condition, MaskedPrompt
+from ..core.conditions import Condition, MaskedPrompt, get_condition
 from ..core.models import LoadedModel
 from ..core.prompts import PromptedItem
 from ..engines.base import StopRule
@@ -25,6 +25,14 @@ from ..util.fileio import file_sha256
 def masked_prompts(items: Sequence[PromptedItem], condition: Condition | None) -> list[MaskedPrompt]:
     """Each item's prompt with the columns ``condition`` hides (None: nothing)."""
     return [MaskedPrompt.of(it.encoded, condition) for it in items]
+
+
+def layer_from_condition(name: str, command: str) -> Condition:
+    """A condition for a command that masks from a layer on (bench, prune, head sweeps): not a converse window."""
+    condition = get_condition(name)
+    if condition.window != "from":
+        raise UserError(f"{command} masks the context from a layer on; {name} hides it below j (drop '-below')")
+    return condition
 
 
 def stop_rule(task: Task, max_new_tokens: int | None = None) -> StopRule:

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..core.conditions import get_condition
-from ..core.interventions import MaskFrom
+from ..core.interventions import mask_row
 from ..core.models import load_model
 from ..engines.reference import ReferenceEngine
-from ..tasks.items import build_items, post_process
+from ..tasks.items import build_items, check_label_variant, labelled_task, post_process
 from ..tasks.metrics import PassAt1
 from ..util.errors import UserError
 from ..util.fileio import check_writable, write_jsonl_atomic
@@ -36,6 +36,7 @@ def run_decode(s: RunSettings, log=print) -> RunResult:
     check_count("--max-new-tokens", s.max_new_tokens)
     out = check_writable(s.out) if s.out else None
     task, data = task_and_data(s, s.pair, log)
+    check_label_variant(task, s.labels)
     if isinstance(task.metric, PassAt1):
         task = dataclasses.replace(task, metric=dataclasses.replace(task.metric, workers=s.workers, timeout=s.timeout))
     loaded = load_model(s.model, dtype=s.dtype, device=s.device)
@@ -55,16 +56,18 @@ def run_decode(s: RunSettings, log=print) -> RunResult:
         n_test=s.n_test,
         instructions=s.instructions,
         per_query_examples=s.per_query_examples,
+        labels=s.labels,
     )
+    task = labelled_task(task, data, s.labels, s.seed)
     stop = stop_rule(task, s.max_new_tokens)
     check_context(items, loaded, stop.max_new_tokens)
     description = (
         f"{loaded.info.spec}: {loaded.info.architecture}, {n_layers} layers, {loaded.info.dtype} on "
-        f"{loaded.info.device} | task {task.name} {data.label} | condition {condition.name} from layer "
-        f"{from_layer} | k={s.k} seed={s.seed} | {len(items)} test items"
+        f"{loaded.info.device} | task {task.name} {data.label} | condition {condition.name} {condition.window} layer "
+        f"{from_layer} | k={s.k} seed={s.seed} {s.labels} labels | {len(items)} test items"
     )
     prompts = masked_prompts(items, condition)
-    row = MaskFrom(from_layer)
+    row = mask_row(condition, from_layer)
     started = time.time()
     with Progress(len(prompts), "decoding") as progress:
         gens = ReferenceEngine(loaded.model, loaded.tokenizer).generate(

@@ -23,6 +23,7 @@ class RunSettings(ModelAndData):
     n_test: int | None = None
     instructions: bool = True
     per_query_examples: bool = False
+    labels: str = "gold"  # the examples' label variant (core/labels.py)
     max_new_tokens: int | None = None
     out: str | None = None
     workers: int = sandbox.WORKERS  # code tasks: samples run at once

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..core.conditions import MaskedPrompt, get_condition
+from ..core.conditions import MaskedPrompt
 from ..core.costs import ModelDims, paper_savings, request_flops
 from ..core.interventions import MaskFrom
 from ..core.models import LoadedModel, load_model
@@ -29,7 +29,7 @@ from ..tasks.spec import Task
 from ..util.errors import UserError
 from ..util.fileio import check_writable, write_json_atomic
 from ..util.system import current_rss_mb, hardware, hardware_line, peak_rss_mb, reset_peak_rss
-from .common import check_context, fingerprint, masked_prompts, provenance, stop_rule
+from .common import check_context, fingerprint, layer_from_condition, masked_prompts, provenance, stop_rule
 from .options import PruneSettings
 from .settings import check_count, task_and_data
 
@@ -39,7 +39,7 @@ def run_prune(s: PruneSettings, command: str, log=print) -> PruneResult:
     check_count("--max-new-tokens", s.max_new_tokens)
     check_count("--batch-size", s.batch_size)
     check_count("--n-test", s.n_test)
-    condition = get_condition(s.condition)
+    condition = layer_from_condition(s.condition, "prune")
     out = check_writable(s.json) if s.json else None
     task, data = task_and_data(s, s.pair, log)
     loaded = load_model(s.model, dtype=s.dtype, device=s.device)

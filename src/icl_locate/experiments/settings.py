@@ -19,6 +19,7 @@ from ..core.catalog import EMBEDDED, check_dtype_name
 from ..core.conditions import get_condition
 from ..engines.request import EngineRequest, auto_or_count, parse_draft_tokens
 from ..tasks.data import parse_pair
+from ..tasks.items import check_label_variant
 from ..tasks.loaders import load_data
 from ..tasks.registry import get_task
 from ..tasks.spec import Task, TaskData, TaskOptions
@@ -47,6 +48,8 @@ class SweepConfig(ModelAndData):
     pairs: list[str] = field(default_factory=lambda: ["fra-eng"])
     conditions: list[str] = field(default_factory=lambda: ["instructions+examples"])
     instructions: list[bool] = field(default_factory=lambda: [True])
+    # what the examples' answers say (core/labels.py): gold, random, shuffled, abstract; one unit each
+    labels: list[str] = field(default_factory=lambda: ["gold"])
     seeds: list[int] = field(default_factory=lambda: [0])
     ks: list[int] = field(default_factory=lambda: [5])
     layers: str = "all"  # "all" = 0..L, or "0,4,8"
@@ -102,6 +105,9 @@ def load_config(preset: str | None = None, yaml_path: str | None = None, overrid
     return SweepConfig(**values)
 
 
+UNIT_FIELDS_ADDED = {"data": "", "from_layer": None, "labels": "gold"}  # field -> the value older units had
+
+
 @dataclass(frozen=True)
 class WorkUnit:
     task: str
@@ -115,12 +121,13 @@ class WorkUnit:
     layers: tuple[int, ...]
     data: str = ""  # identity of user data (task file, files); "" for the built-in datasets
     from_layer: int | None = None  # restore: the layer from which the context is hidden
+    labels: str = "gold"  # the examples' label variant (core/labels.py)
 
     @property
     def unit_id(self) -> str:
         spec = asdict(self)
-        for key in ("data", "from_layer"):  # fields added later: ids of older kinds stay as they were
-            if spec[key] in ("", None):
+        for key, default in UNIT_FIELDS_ADDED.items():  # fields added later: ids of older kinds stay as they were
+            if spec[key] == default:
                 del spec[key]
         return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -131,9 +138,10 @@ class WorkUnit:
             "knockout": f"{self.condition} head knockout",
             "restore": f"{self.condition} head restoration from {self.from_layer}",
         }[self.kind]
+        labels = f" labels={self.labels}" if self.labels != "gold" else ""
         return (
             f"{self.task} {self.pair or ''} {what} {'instr' if self.instructions else 'no-instr'} "
-            f"seed={self.seed} k={self.k}"
+            f"seed={self.seed} k={self.k}{labels}"
         ).replace("  ", " ")
 
 
@@ -165,8 +173,12 @@ def validate(config: SweepConfig) -> None:
         raise UserError("nothing to run: no conditions and no layer ablation")
     if any(k < 0 for k in config.ks):
         raise UserError("k must be >= 0")
-    if not config.seeds or not config.ks or not config.instructions:
-        raise UserError("seeds, ks and instructions must each hold at least one value")
+    if not config.seeds or not config.ks or not config.instructions or not config.labels:
+        raise UserError("seeds, ks, instructions and labels must each hold at least one value")
+    for variant in config.labels:
+        check_label_variant(task, variant)
+    if config.labels != ["gold"] and (config.heads is not None or config.layer_ablation):
+        raise UserError("--labels other than gold are for layer-from masking sweeps (not --heads or --layer-ablation)")
     check_count("--n-test", config.n_test)
     if config.heads is not None:
         if config.heads not in HEAD_SWEEPS:
@@ -175,6 +187,8 @@ def validate(config: SweepConfig) -> None:
             raise UserError("--heads needs a condition (the columns hidden from the heads)")
         if config.layer_ablation:
             raise UserError("--heads and --layer-ablation are separate sweeps; run them one after the other")
+        if any(get_condition(c).window != "from" for c in config.conditions):
+            raise UserError("--heads hides the context from heads at layers >= j; drop the '-below' conditions")
     if config.from_layer is not None and config.heads != "restore":
         raise UserError("--from-layer is for --heads restore")
     check_count("--from-layer", config.from_layer, minimum=0)
@@ -269,20 +283,22 @@ def plan_units(
                 data = tasks[(task.name, pair)][1].digest[:16] if tasks else ""
                 for instr in config.instructions:
                     for cond in config.conditions:
-                        units.append(
-                            WorkUnit(
-                                task.name,
-                                pair,
-                                "mask",
-                                get_condition(cond).name,
-                                instr,
-                                seed,
-                                k,
-                                config.n_test,
-                                layers,
-                                data,
+                        for variant in config.labels:
+                            units.append(
+                                WorkUnit(
+                                    task.name,
+                                    pair,
+                                    "mask",
+                                    get_condition(cond).name,
+                                    instr,
+                                    seed,
+                                    k,
+                                    config.n_test,
+                                    layers,
+                                    data,
+                                    labels=variant,
+                                )
                             )
-                        )
                 if config.layer_ablation:
                     units.append(
                         WorkUnit(

@@ -18,13 +18,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from ..core.conditions import MaskedPrompt, get_condition
-from ..core.interventions import AblateLayers, HeadMask, MaskFrom, RowIntervention
+from ..core.interventions import AblateLayers, HeadMask, MaskFrom, RowIntervention, mask_row
 from ..core.models import LoadedModel, load_model
 from ..engines.audit import audit_rows, sample_rows
 from ..engines.base import Engine, ProgressCallback, StopRule
 from ..engines.calibrate import Calibrator, Choices, build_engine
 from ..engines.request import EngineRequest
-from ..tasks.items import build_items, post_process
+from ..tasks.items import build_items, labelled_task, post_process
 from .common import check_context, masked_prompts, stop_rule
 from .settings import LoadedTasks, SweepConfig, WorkUnit, audit_per_unit, engine_request, load_task_data
 
@@ -47,8 +47,8 @@ class UnitResult:
 def row_interventions(unit: WorkUnit, n_layers: int, n_heads: int) -> dict[tuple[str, int], RowIntervention]:
     """(variant, layer) as stored -> the row intervention that computes it. Head sweeps store the head
     in the variant ("knockout/h3") and keep their references (baseline; restore: masked from j) beside."""
-    if unit.kind == "mask":
-        return {("mask", j): MaskFrom(j) for j in unit.layers}
+    if unit.kind == "mask":  # the condition's window: masked from j (the paper's), or below j
+        return {("mask", j): mask_row(get_condition(unit.condition), j) for j in unit.layers}
     if unit.kind == "ablation":
         return {("ablate", j): AblateLayers(frozenset({j}) if j < n_layers else frozenset()) for j in unit.layers}
     rows: dict[tuple[str, int], RowIntervention] = {("mask", n_layers): MaskFrom(n_layers)}
@@ -156,7 +156,7 @@ class Worker:
             texts = [post_process(task, g.text) for g in outputs]
             scored = task.metric.score(texts, examples, data)
             scores += [(kind, layer, metric, value) for metric, value in scored.corpus.items()]
-            masked = condition is not None and layer < n_layers
+            masked = condition is not None and (layer > 0 if condition.window == "below" else layer < n_layers)
             for i, (it, prompt, g, text) in enumerate(zip(items, prompts, outputs, texts)):
                 predictions.append(
                     dict(
@@ -239,7 +239,8 @@ class Worker:
 def unit_items(tokenizer, tasks: LoadedTasks, unit: WorkUnit):
     """The unit's task, data and prompted test items (deterministic: seeded example sampling)."""
     task, data = tasks[(unit.task, unit.pair)]
-    return task, data, build_items(task, data, tokenizer, unit.k, unit.seed, unit.n_test, unit.instructions)
+    items = build_items(task, data, tokenizer, unit.k, unit.seed, unit.n_test, unit.instructions, labels=unit.labels)
+    return labelled_task(task, data, unit.labels, unit.seed), data, items
 
 
 def check_units(loaded: LoadedModel, tasks: LoadedTasks, units: Sequence[WorkUnit], max_new_tokens: int | None) -> None:

@@ -20,6 +20,7 @@ from ..tasks.metrics import Metric, metric_named
 
 DEFAULT_FRACTION = 0.95
 CONTEXT_CONDITIONS = ("instructions+examples", "examples")  # masks after which the context could be dropped
+CONVERSE_SUFFIX = "-below"  # a condition hidden below j, visible from j on (core/conditions.py)
 
 
 def recognition_layer(
@@ -65,16 +66,30 @@ class Curve:
     verdict: str = ""  # the recognition layer, or why there is none, in words
 
     @property
+    def converse(self) -> bool:
+        """A converse-window curve: the columns are hidden *below* j, so j = 0 hides nothing."""
+        return self.key["kind"] == "mask" and is_converse(self.key["condition"])
+
+    @property
     def baseline(self) -> float:
-        return self.score[-1]
+        """The score with nothing hidden: at j = L for a layer-from curve, at j = 0 for a converse one."""
+        return self.score[0] if self.converse else self.score[-1]
 
     def label(self) -> str:
         k = self.key
         what = k["condition"] if k["kind"] == "mask" else "layer ablation"
-        return f"{what} ({'instr' if k['instructions'] else 'no instr'}, k={k['k']})"
+        labels = f", {k['labels']} labels" if k.get("labels", "gold") != "gold" else ""
+        return f"{what} ({'instr' if k['instructions'] else 'no instr'}, k={k['k']}{labels})"
 
 
-CELL_FIELDS = ("task", "pair", "kind", "condition", "instructions", "k", "n_test", "data")  # data: user data's digest
+def is_converse(condition: str) -> bool:
+    """Whether a stored condition name hides its columns below j (``core/conditions.py``'s window)."""
+    return condition.endswith(CONVERSE_SUFFIX)
+
+
+# data: user data's digest; labels: the examples' label variant
+CELL_FIELDS = ("task", "pair", "kind", "condition", "instructions", "k", "n_test", "data", "labels")
+FIELD_DEFAULTS = {"labels": "gold"}  # what units stored before a field existed had
 
 
 def _cells(store, kinds: tuple[str, ...], fields: tuple[str, ...]) -> list[tuple[dict, list[dict], Metric]]:
@@ -84,7 +99,8 @@ def _cells(store, kinds: tuple[str, ...], fields: tuple[str, ...]) -> list[tuple
     for unit in store.units():
         spec = unit["spec"]
         if spec["kind"] in kinds:
-            cells.setdefault(json.dumps({k: spec.get(k, "") for k in fields}, sort_keys=True), []).append(unit)
+            key = {k: spec.get(k, FIELD_DEFAULTS.get(k, "")) for k in fields}
+            cells.setdefault(json.dumps(key, sort_keys=True), []).append(unit)
     out = []
     for key_json, units in sorted(cells.items()):
         units.sort(key=lambda u: u["spec"]["seed"])
@@ -143,15 +159,40 @@ def analyse_curve(curve: Curve, fraction: float = DEFAULT_FRACTION, n_boot: int 
         seeds = rng.integers(0, S, S)
         for layer in range(L):
             boot[b, layer] = np.mean([curve.metric.aggregate(curve.item_stats[s, layer, items]) for s in seeds])
-        recog[b] = recognition_layer(curve.layers, boot[b], boot[b, -1], fraction)
+        recog[b] = locate(curve, boot[b], fraction)
     curve.ci = [percentile_interval(boot[:, layer]) for layer in range(L)]
     if curve.key["kind"] == "mask":
-        curve.gain_ci = percentile_interval(boot[:, -1] - boot[:, 0])
-        recognition = recognition_layer(curve.layers, curve.score, curve.baseline, fraction)
-        curve.verdict = judge(curve, recognition, percentile_interval(recog), fraction)
-        if not curve.verdict.startswith("no recognition layer"):
-            curve.recognition, curve.recognition_ci = recognition, percentile_interval(recog)
+        nothing, everything = (0, -1) if curve.converse else (-1, 0)
+        curve.gain_ci = percentile_interval(boot[:, nothing] - boot[:, everything])
+        located = locate(curve, curve.score, fraction)
+        curve.verdict = judge(curve, located, percentile_interval(recog), fraction)
+        if not curve.verdict.startswith("no "):
+            curve.recognition, curve.recognition_ci = located, percentile_interval(recog)
     return curve
+
+
+def locate(curve: Curve, scores: Sequence[float], fraction: float) -> int:
+    """The layer a masking curve points to, for one set of scores (the curve's or a bootstrap replicate's):
+    layer-from: the recognition layer; converse window: ``unharmed_until``."""
+    if curve.converse:
+        return unharmed_until(curve.layers, scores, scores[0], fraction)
+    return recognition_layer(curve.layers, scores, scores[-1], fraction)
+
+
+def unharmed_until(
+    layers: Sequence[int], scores: Sequence[float], baseline: float, fraction: float = DEFAULT_FRACTION
+) -> int:
+    """Converse window: the last layer w such that hiding the columns below every j <= w keeps the score
+    >= fraction x baseline (``layers`` ascending from 0 = nothing hidden). The columns are then not
+    needed below w, and are read from w on; with a layer-from curve's r: read in layers w..r-1."""
+    threshold = fraction * baseline
+    w = layers[0]
+    for layer, score in zip(layers, scores):
+        if score >= threshold - 1e-12:
+            w = layer
+        else:
+            break
+    return w
 
 
 def judge(curve: Curve, recognition: int, ci: tuple[float, float], fraction: float) -> str:
@@ -162,6 +203,13 @@ def judge(curve: Curve, recognition: int, ci: tuple[float, float], fraction: flo
         return "no recognition layer: one layer setting only"
     assert curve.gain_ci is not None  # analyse_curve sets it before judging
     lo, hi = curve.gain_ci
+    if curve.converse:
+        if lo <= 0:
+            return (
+                f"no layer: nothing hidden ({curve.baseline:.1f}) is not above hidden below {last} "
+                f"({curve.score[-1]:.1f}) (95% CI of the difference {lo:.1f} to {hi:.1f})"
+            )
+        return f"unharmed if hidden below layers <= {recognition} (95% CI {ci[0]:.0f}-{ci[1]:.0f}) of {last}"
     if lo <= 0:
         return (
             f"no recognition layer: baseline {curve.baseline:.1f} is not above masked-from-{first} "

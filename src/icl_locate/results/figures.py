@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.labels import LABEL_VARIANTS
 from .analysis import HeadMap
 from .tables import recognition_curve
 
@@ -26,23 +27,29 @@ def curve_figures(curves, out_dir: Path) -> list[tuple[str, Path]]:
 
     figures = []
     for (task, pair, kind, k), group in sorted(_group(curves).items()):
-        by_instr = defaultdict(list)
+        # one panel per (instructions, label variant): label variants side by side, gold first
+        by_panel = defaultdict(list)
         for c in group:
-            by_instr[c.key["instructions"]].append(c)
-        fig, axes = plt.subplots(1, len(by_instr), figsize=(6 * len(by_instr), 4), squeeze=False)
-        for ax, (instr, cs) in zip(axes[0], sorted(by_instr.items(), reverse=True)):
+            by_panel[(not c.key["instructions"], LABEL_VARIANTS.index(c.key.get("labels", "gold")))].append(c)
+        several_labels = len({c.key.get("labels", "gold") for c in group}) > 1
+        fig, axes = plt.subplots(1, len(by_panel), figsize=(6 * len(by_panel), 4), squeeze=False)
+        for ax, (_, cs) in zip(axes[0], sorted(by_panel.items())):
+            instr = cs[0].key["instructions"]
             for c in sorted(cs, key=lambda c: c.key["condition"]):
                 lo, hi = zip(*c.ci)
                 name = c.key["condition"] if kind == "mask" else "attention of layer removed"
+                name = f"{name.removesuffix('-below')} (hidden below j)" if c.converse else name
                 (line,) = ax.plot(c.layers, c.score, marker="o", ms=3, label=name)
                 ax.fill_between(c.layers, lo, hi, color=line.get_color(), alpha=0.15)
                 if c.recognition is not None and c.recognition < c.layers[-1]:
                     ax.axvline(c.recognition, color=line.get_color(), ls=":", lw=1)
             ax.axhline(cs[0].baseline, color="black", ls="--", lw=1, label="baseline (no mask)")
-            ax.set_xlabel("layer masked from" if kind == "mask" else "ablated layer")
+            ax.set_xlabel("layer j masked from (or below)" if kind == "mask" else "ablated layer")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_ylabel(cs[0].metric.label)
-            ax.set_title(f"{task} {pair} k={k} — {'with' if instr else 'without'} instructions", fontsize=10)
+            labels = f", {cs[0].key.get('labels', 'gold')} labels" if several_labels else ""
+            title = f"{task} {pair} k={k} — {'with' if instr else 'without'} instructions{labels}"
+            ax.set_title(title, fontsize=10)
             ax.legend(fontsize=7)
             ax.grid(alpha=0.3)
         fig.tight_layout()

@@ -19,12 +19,15 @@ from .tables import (
     AUDIT_HEADERS,
     AUDIT_INTRO,
     HEAD_HEADERS,
+    LABEL_HEADERS,
+    LABEL_INTRO,
     LORA_HEADERS,
     PRUNING_HEADERS,
     SUMMARY_HEADERS,
     audit_rows,
     fmt_cell,
     head_rows,
+    label_rows,
     lora_rows,
     pruning_rows,
     summary_rows,
@@ -66,6 +69,7 @@ def build_report(
         heads=heads,
         lora=lora_rows(lora, curves),
         audit=audit_rows(store.audits()),
+        labels=label_rows(curves),
     )
     text = _html(**sections) if fmt == "html" else _markdown(**sections)
     path = out_dir / ("report.html" if fmt == "html" else "report.md")
@@ -87,7 +91,7 @@ def _markdown_table(title: str, headers: list[tuple[str, str]], rows: list[dict]
     ]
 
 
-def _html(model, curves, num_layers, fraction, figures, runs, pruning, heads, lora, audit) -> str:
+def _html(model, curves, num_layers, fraction, figures, runs, pruning, heads, lora, audit, labels) -> str:
     rows = summary_rows(curves, num_layers, fraction)
     table = "<table><tr>" + "".join(f"<th>{h}</th>" for _, h in SUMMARY_HEADERS) + "</tr>"
     for r in rows:
@@ -112,6 +116,8 @@ def _html(model, curves, num_layers, fraction, figures, runs, pruning, heads, lo
             f'src="data:image/png;base64,{data}">'
         )
     sections = ""
+    if labels:
+        sections += _html_table("Label variants", html.escape(LABEL_INTRO), LABEL_HEADERS, labels)
     if pruning:
         sections += _html_table(
             "Context-pruned inference (measured)",
@@ -157,7 +163,7 @@ Intervals are 95% bootstrap intervals over test items and seeds.</p>
 <h2>Provenance</h2><pre>{html.escape(_provenance_text(prov, runs))}</pre></body></html>"""
 
 
-def _markdown(model, curves, num_layers, fraction, figures, runs, pruning, heads, lora, audit) -> str:
+def _markdown(model, curves, num_layers, fraction, figures, runs, pruning, heads, lora, audit, labels) -> str:
     rows = summary_rows(curves, num_layers, fraction)
     lines = [
         f"# Where does in-context learning happen? — {model.get('spec', '?')}",
@@ -171,6 +177,8 @@ def _markdown(model, curves, num_layers, fraction, figures, runs, pruning, heads
         "|" + "---|" * len(SUMMARY_HEADERS),
     ]
     lines += ["| " + " | ".join(fmt_cell(r[k]) for k, _ in SUMMARY_HEADERS) + " |" for r in rows]
+    if labels:
+        lines += _markdown_table("Label variants", LABEL_HEADERS, labels) + ["", LABEL_INTRO]
     if pruning:
         lines += _markdown_table("Context-pruned inference (measured)", PRUNING_HEADERS, pruning)
     if heads:

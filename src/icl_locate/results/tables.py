@@ -4,13 +4,18 @@ HTML and the Markdown report."""
 
 from __future__ import annotations
 
+from ..core.labels import LABEL_VARIANTS
 from .analysis import HeadMap, audit_disagreement, critical_layers, savings
 
 
 def recognition_curve(curves, pair: str):
     """The masking curve of ``pair`` whose recognition layer the LoRA results are read against
     (instructions+examples with instructions first, as in the paper), or None."""
-    masked = [c for c in curves if c.key["kind"] == "mask" and c.key["pair"] == pair]
+    masked = [
+        c
+        for c in curves
+        if c.key["kind"] == "mask" and c.key["pair"] == pair and not c.converse and c.key.get("labels") == "gold"
+    ]
 
     def preference(c) -> tuple:
         return (
@@ -104,7 +109,7 @@ def summary_rows(curves, num_layers, fraction):
                     "—"
                     if c.key["kind"] != "mask"
                     else c.verdict
-                    if c.recognition is None
+                    if c.recognition is None or c.converse
                     else f"{c.recognition} (95% CI {c.recognition_ci[0]:.0f}–{c.recognition_ci[1]:.0f})"
                 ),
                 critical=", ".join(map(str, critical_layers(c, fraction))) if c.key["kind"] == "ablation" else "—",
@@ -139,6 +144,54 @@ PRUNING_HEADERS = [
     ("quality", "score: full → pruned"),
     ("identical", "= masking from r"),
 ]
+
+
+LABEL_HEADERS = [
+    ("cell", "task"),
+    ("condition", "condition"),
+    ("labels", "labels"),
+    ("baseline", "score, nothing hidden (95% CI)"),
+    ("floor", "score, hidden from layer 0"),
+    ("vs_gold", "vs gold"),
+    ("recognition", "recognition layer"),
+]
+LABEL_INTRO = (
+    "Task recognition vs task learning (Pan et al., 2023): the same prompts with the examples' answers "
+    "gold, random (drawn from the label set, or other bank answers), shuffled among the examples, or "
+    "abstract (labels mapped to meaningless symbols; the references mapped alike). Random or shuffled "
+    "labels that keep the gold score mean the examples serve to recognise the task; an abstract score "
+    "above chance means the model learns the mapping from the examples."
+)
+
+
+def label_rows(curves) -> list[dict]:
+    """One row per layer-from masking curve of a cell swept under several label variants, gold first."""
+    cells: dict[tuple, list] = {}
+    for c in curves:
+        if c.key["kind"] == "mask" and not c.converse:
+            cell = tuple(c.key[f] for f in ("task", "pair", "condition", "instructions", "k", "n_test", "data"))
+            cells.setdefault(cell, []).append(c)
+    rows = []
+    for group in cells.values():
+        if len({c.key.get("labels", "gold") for c in group}) < 2:
+            continue
+        group.sort(key=lambda c: LABEL_VARIANTS.index(c.key.get("labels", "gold")))
+        gold = next((c for c in group if c.key.get("labels", "gold") == "gold"), None)
+        for c in group:
+            lo, hi = c.ci[-1]
+            rows.append(
+                dict(
+                    cell=f"{c.key['task']} {c.key['pair']}".strip(),
+                    condition=f"{c.key['condition']} ({'instr' if c.key['instructions'] else 'no instr'}, "
+                    f"k={c.key['k']})",
+                    labels=c.key.get("labels", "gold"),
+                    baseline=f"{c.baseline:.1f} ({lo:.1f}–{hi:.1f})",
+                    floor=f"{c.score[0]:.1f}",
+                    vs_gold="—" if gold is None or c is gold else f"{c.baseline - gold.baseline:+.1f}",
+                    recognition=c.verdict.removeprefix("recognition layer "),
+                )
+            )
+    return rows
 
 
 def pruning_rows(results: list[dict]) -> list[dict]:

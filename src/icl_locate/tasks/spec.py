@@ -59,6 +59,7 @@ class Task:
     max_new_tokens: int
     data: DataSpec
     origin: str = "built-in"  # or the task file's path
+    abstract_labels: tuple[str, ...] = ()  # symbols of the "abstract" label variant ("": core.labels' default)
     digest: str = ""  # sha256 of the task file ("" for built-ins)
 
     @property

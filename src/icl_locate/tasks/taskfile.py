@@ -30,6 +30,7 @@ Task file keys::
     cut: ["Q:"]                    # the answer ends before the first of these
     max_new_tokens: 50
     metric: bleu                   # bleu | chrf | exact_match | accuracy | pass@1, or {name: ..., options}
+    abstract_labels: ["0", "1"]    # optional: the symbols of --labels abstract (one per label, distinct)
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from .loaders import LOADERS
 from .metrics import make_metric
 from .spec import DataSpec, Task
 
-TOP_KEYS = {"name", "description", "data", "prompt", "stop", "cut", "max_new_tokens", "metric"}
+TOP_KEYS = {"name", "description", "data", "prompt", "stop", "cut", "max_new_tokens", "metric", "abstract_labels"}
 DATA_KEYS = {"loader", "bank", "test", "dir", "bank_lines", "test_lines", "format", "fields", "src_lang", "tgt_lang"}
 PROMPT_KEYS = {"header", "q", "a", "sep", "example_suffix"}
 
@@ -158,6 +159,9 @@ def parse_task(raw: dict, where: str, base: Path | None = None, digest: str = ""
     max_new = raw.get("max_new_tokens", 50)
     if not isinstance(max_new, int) or isinstance(max_new, bool) or max_new < 1:
         raise UserError(f"{where}: max_new_tokens must be a positive integer, got {max_new!r}")
+    abstract = _strings(raw["abstract_labels"], f"{where}: abstract_labels") if "abstract_labels" in raw else ()
+    if len(set(abstract)) != len(abstract):
+        raise UserError(f"{where}: abstract_labels must be distinct, got {list(abstract)}")
     return Task(
         name=name,
         description=str(raw.get("description", "")),
@@ -169,6 +173,7 @@ def parse_task(raw: dict, where: str, base: Path | None = None, digest: str = ""
         data=parse_data(raw["data"], where, base),
         origin=where if base is not None else "built-in",
         digest=digest,
+        abstract_labels=abstract,
     )
 
 
