@@ -10,6 +10,7 @@
   us ``None`` and the hiding would be silently lost.
 * GPT-Neo and Bloom compute attention inline: ``legacy.py`` covers them with module hooks.
 * ``AttentionAblation`` is a forward hook on every attention sublayer, for every family.
+* Patches and readings (``patches.py``) are carried out by ``patch_hooks``, hooked on the decoder body.
 
 A position whose every visible column is hidden (a hidden token at the very start of a prompt
 without BOS) attends to nothing: its attention output is zero. Nothing visible ever reads that
@@ -32,6 +33,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from . import legacy
 from .interventions import PREPARED_FLAG, active, is_prepared
 from .mask_surgery import keep_blind_rows_finite, zero_dead_rows
+from .patch_hooks import install_patch_hooks
 from .structure import attention_module, decoder_layers
 
 IMPLEMENTATIONS = {"sdpa": "icl_sdpa", "eager": "icl_eager"}
@@ -139,6 +141,7 @@ def prepare_model(model: nn.Module) -> nn.Module:
             _ablation_hook(idx, residual_in_output=adapter is not None and adapter.residual_in_attention),
             with_kwargs=True,
         )
+    install_patch_hooks(model)
     setattr(model, PREPARED_FLAG, True)
     return model
 

@@ -14,6 +14,8 @@ Two levels, both plain values:
   ``ColumnDrop`` (a pruned cache lacks some columns at some layers). ``intervene(model, ...)``
   makes them active for the ``with`` block only (a context variable, so nothing leaks out);
   without an active intervention a prepared model behaves exactly as before.
+* **Patches** (``patches.py``: ``ReplaceHidden``, ``AddHidden``, ``ReplaceHeadOutput``) are batch
+  interventions too, any number at once, composing with the others in the same scope.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from torch import nn
 
 from .conditions import Condition, Range
 from .mask_surgery import hide_columns
+from .patches import PATCH_TYPES, Patch, check_patches, patch_rows
 from .structure import num_layers
 
 # --------------------------------------------------------------------------- row interventions
@@ -333,7 +336,7 @@ class ColumnDrop:
         return mask.gather(-1, index[:, None, None, :].expand(*mask.shape[:-1], kv - width))
 
 
-BatchIntervention = ColumnMask | LayerColumnMasks | AttentionAblation | ColumnDrop
+BatchIntervention = ColumnMask | LayerColumnMasks | AttentionAblation | ColumnDrop | Patch
 
 
 # --------------------------------------------------------------------------- the scope
@@ -341,21 +344,23 @@ BatchIntervention = ColumnMask | LayerColumnMasks | AttentionAblation | ColumnDr
 
 @dataclass(frozen=True)
 class Active:
-    """The interventions in force: at most one of each kind."""
+    """The interventions in force: at most one of each kind, and any number of patches."""
 
     mask: ColumnMask | LayerColumnMasks | None = None
     ablation: AttentionAblation | None = None
     drop: ColumnDrop | None = None
+    patches: tuple[Patch, ...] = ()
 
     def select_rows(self, rows: Sequence[int]) -> Active:
         return Active(
             self.mask.select_rows(rows) if self.mask is not None else None,
             self.ablation.select_rows(rows) if self.ablation is not None else None,
             self.drop.select_rows(rows) if self.drop is not None else None,
+            patch_rows(self.patches, rows),
         )
 
     def values(self) -> tuple[BatchIntervention, ...]:
-        return tuple(x for x in (self.mask, self.ablation, self.drop) if x is not None)
+        return tuple(x for x in (self.mask, self.ablation, self.drop) if x is not None) + self.patches
 
 
 NOTHING = Active()
@@ -374,8 +379,12 @@ def collect(interventions: Sequence[BatchIntervention | None]) -> Active:
     mask: ColumnMask | LayerColumnMasks | None = None
     ablation: AttentionAblation | None = None
     drop: ColumnDrop | None = None
+    patches: list[Patch] = []
     for x in interventions:
         if x is None:
+            continue
+        if isinstance(x, PATCH_TYPES):  # patches compose: any number at once
+            patches.append(x)
             continue
         if type(x) not in (ColumnMask, LayerColumnMasks, AttentionAblation, ColumnDrop):
             raise TypeError(f"not a batch intervention: {x!r}")
@@ -387,7 +396,7 @@ def collect(interventions: Sequence[BatchIntervention | None]) -> Active:
             drop = x
         else:
             raise ValueError(f"two {type(x).__name__} interventions at once")
-    active = Active(mask, ablation, drop)
+    active = Active(mask, ablation, drop, tuple(patches))
     if active.mask is not None and active.drop is not None and active.mask.active_layers & active.drop.layers:
         raise ValueError("an intervention cannot both prune and mask the same layer")
     return active
@@ -409,6 +418,8 @@ def intervene(model: nn.Module, *interventions: BatchIntervention | None) -> Ite
         bad = sorted(x for x in layers if not 0 <= x < n)
         if bad:
             raise ValueError(f"layers {bad} out of range for a model with {n} layers")
+    if state.patches:
+        check_patches(model, state.patches)
     token = _ACTIVE.set(state)
     try:
         yield state

@@ -8,6 +8,8 @@ from torch import nn
 
 LAYER_LIST_NAMES = ("layers", "h", "blocks")
 ATTENTION_NAMES = ("self_attn", "self_attention", "attn", "attention")
+OUTPUT_PROJECTION_NAMES = ("o_proj", "out_proj", "dense", "c_proj")
+HEAD_COUNT_NAMES = ("num_attention_heads", "num_heads", "n_head")
 
 
 def decoder_config(config: Any) -> Any:
@@ -41,6 +43,34 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
         if isinstance(module, nn.ModuleList) and len(module) == n and name.split(".")[-1] in LAYER_LIST_NAMES:
             return module
     raise RuntimeError(f"could not find the {n} decoder layers of {type(model).__name__}")
+
+
+def decoder_body(model: nn.Module) -> nn.Module:
+    """The module that runs the decoder layers (LlamaModel, GPTNeoModel, ...): its forward receives
+    every forward's input ids, 2D attention mask and cache, whoever calls it."""
+    n = num_layers(model)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n and name.split(".")[-1] in LAYER_LIST_NAMES:
+            return model.get_submodule(name.rpartition(".")[0])
+    raise RuntimeError(f"could not find the {n} decoder layers of {type(model).__name__}")
+
+
+def num_heads(model: nn.Module) -> int:
+    """Number of query heads per attention layer."""
+    config = text_config(model)
+    for attr in HEAD_COUNT_NAMES:
+        if isinstance(getattr(config, attr, None), int):
+            return getattr(config, attr)
+    raise RuntimeError(f"cannot tell the number of attention heads of a {type(config).__name__}")
+
+
+def output_projection(attention: nn.Module) -> nn.Module:
+    """The attention's output projection (o_proj, out_proj, dense or c_proj): its input is the heads'
+    outputs side by side, [B, T, H * D] with head h in columns [h*D, (h+1)*D)."""
+    found = [m for name, m in attention.named_modules() if name.split(".")[-1] in OUTPUT_PROJECTION_NAMES]
+    if len(found) != 1:
+        raise RuntimeError(f"{type(attention).__name__} has {len(found)} output projections, not one")
+    return found[0]
 
 
 def attention_module(layer: nn.Module) -> nn.Module:
