@@ -203,8 +203,13 @@ def test_without_ray_one_install_line(monkeypatch, tmp_path, data_dir, capsys):
 def test_ctrl_c_stops_workers_and_exits_130(tmp_path, data_dir):
     store = tmp_path / "ray.sqlite"
     argv = cli(store, data_dir, *RAY)
-    argv[argv.index("--n-test") + 1] = "96"  # units long enough (seconds each) that the signal lands mid-sweep
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    argv[argv.index("--n-test") + 1] = "24"  # units long enough to interrupt one
+    # As a terminal's Ctrl-C: a shell that starts the tests in the background (`cmd &` without job control)
+    # leaves SIGINT ignored, and an ignored signal stays ignored across exec, so the sweep would never see it.
+    restore_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=restore_sigint
+    )
     seen = []
     for line in proc.stderr:  # this driver's own progress: the first unit is done, the others are running
         seen.append(line)
