@@ -85,3 +85,18 @@ def bpe_tokenizer(data_dir):
     )
     tk.train_from_iterator(lines + ["Translate French to English:\nQ:A:\n"] * 50, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+# The attention output projection of each tiny family, written out by hand (not taken from core/structure.py)
+# so that tests can hook or zero it as an independent reference: its input is the heads' outputs side by side.
+OUT_PROJ = {
+    "llama": "self_attn.o_proj",
+    "qwen2": "self_attn.o_proj",
+    "starcoder2": "self_attn.o_proj",
+    "gemma3": "self_attn.o_proj",
+    "mistral": "self_attn.o_proj",
+    "gpt2": "attn.c_proj",
+    "gpt_neox": "attention.dense",
+    "gpt_neo": "attn.attention.out_proj",
+    "bloom": "self_attention.dense",
+}

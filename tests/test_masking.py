@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from conftest import tiny
+from conftest import OUT_PROJ, tiny
 from icl_locate.core.conditions import get_condition, hidden_ranges, merge_ranges
 from icl_locate.core.interventions import AttentionAblation, ColumnDrop, ColumnMask, intervene
 from icl_locate.core.structure import decoder_layers
@@ -151,20 +151,6 @@ def test_left_padded_batch_equals_rows_alone(family):
     for i, r in enumerate(rows):
         alone = forward(model, r[None], interventions=[ColumnMask.from_layer([hidden[i]], 1, n_layers(model))]).logits
         torch.testing.assert_close(batched[i, pad - len(r) :], alone[0], atol=1e-5, rtol=1e-5)
-
-
-# output projection of each family's attention, zeroed by hand as the reference for ablation
-OUT_PROJ = {
-    "llama": "self_attn.o_proj",
-    "qwen2": "self_attn.o_proj",
-    "starcoder2": "self_attn.o_proj",
-    "gemma3": "self_attn.o_proj",
-    "mistral": "self_attn.o_proj",
-    "gpt2": "attn.c_proj",
-    "gpt_neox": "attention.dense",
-    "gpt_neo": "attn.attention.out_proj",
-    "bloom": "self_attention.dense",
-}
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, BloomConfig, DynamicCache
 
-from conftest import tiny
+from conftest import OUT_PROJ, tiny
 from icl_locate.core.attention import prepare_model
 from icl_locate.core.interventions import ColumnMask, collect, intervene
 from icl_locate.core.patch_hooks import record
@@ -22,18 +22,6 @@ from icl_locate.engines.reference import greedy_decode
 FAMILIES = ["llama", "qwen2", "starcoder2", "gemma3", "gpt_neo", "bloom", "gpt2", "gpt_neox", "mistral"]
 SEQ, PAD = 20, 4  # row 1 is left-padded by PAD columns
 LAYER, HEAD, COLUMN = 2, 1, 9
-# the output projection of each family's attention: its input is the heads' outputs side by side
-OUT_PROJ = {
-    "llama": "self_attn.o_proj",
-    "qwen2": "self_attn.o_proj",
-    "starcoder2": "self_attn.o_proj",
-    "gemma3": "self_attn.o_proj",
-    "mistral": "self_attn.o_proj",
-    "gpt2": "attn.c_proj",
-    "gpt_neox": "attention.dense",
-    "gpt_neo": "attn.attention.out_proj",
-    "bloom": "self_attention.dense",
-}
 
 
 def padded_batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
