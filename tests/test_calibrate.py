@@ -18,7 +18,7 @@ from icl_locate.engines import calibrate
 from icl_locate.engines.base import StopRule
 from icl_locate.engines.calibrate import Calibrator, Choices, build_engine
 from icl_locate.engines.fast import FastEngine
-from icl_locate.engines.head import ScreenedHead
+from icl_locate.engines.head import SCREENS
 from icl_locate.engines.reference import ReferenceEngine
 from icl_locate.engines.request import AUTO_REQUEST, EngineRequest, parse_draft_tokens
 from icl_locate.engines.tree import TreeEngine
@@ -54,13 +54,20 @@ def choose(lm, tmp_path, timer, request=AUTO_REQUEST, use_cache=True):
     )
 
 
-@pytest.mark.parametrize("plain, screen, expected", [(1.0, 0.5, "screen"), (0.5, 1.0, "plain")])
-def test_the_faster_head_is_chosen(tmp_path, plain, screen, expected):
-    timer = FakeTimer(head__plain=plain, head__screen=screen, engine__fast=2.0, engine__tree=1.0)
+@pytest.mark.parametrize(
+    "plain, bf16, int8, expected",
+    [(1.0, 0.5, 0.7, "bf16"), (1.0, 0.7, 0.5, "int8"), (0.4, 0.5, 0.6, "plain")],
+)
+def test_the_fastest_head_is_chosen(tmp_path, plain, bf16, int8, expected):
+    timer = FakeTimer(head__plain=plain, head__bf16=bf16, head__int8=int8, engine__fast=2.0, engine__tree=1.0)
     choices = choose(tiny("llama"), tmp_path, timer)
     assert choices.head == expected and choices.engine == "tree"
-    assert choices.measured["head/plain"] == plain and choices.measured["head/screen"] == screen
-    assert ("faster" if expected == "screen" else "slower") in choices.reasons["head"]
+    assert (choices.measured["head/plain"], choices.measured["head/bf16"], choices.measured["head/int8"]) == (
+        plain,
+        bf16,
+        int8,
+    )
+    assert ("faster" if expected != "plain" else "slower") in choices.reasons["head"]
 
 
 @pytest.mark.parametrize(
@@ -80,9 +87,7 @@ def test_the_faster_engine_is_chosen_and_the_fast_engine_takes_the_plain_head(tm
     choices = choose(
         tiny("llama"),
         tmp_path,
-        FakeTimer(
-            head__plain=1.0, head__screen=0.1, body__1=1.0, body__1_plus_2=1.0, engine__fast=1.0, engine__tree=3.0
-        ),
+        FakeTimer(head__plain=1.0, head__bf16=0.1, body__1=1.0, body__1_plus_2=1.0, engine__fast=1.0, engine__tree=3.0),
     )
     assert (choices.engine, choices.head, choices.draft_tokens) == ("fast", "plain", 0)
     assert "3.0x faster than the tree engine" in choices.reasons["engine"]
@@ -94,13 +99,14 @@ def test_the_faster_engine_is_chosen_and_the_fast_engine_takes_the_plain_head(tm
     [
         (EngineRequest(engine="fast"), set(), ("fast", "plain", 0)),
         (EngineRequest(engine="tree", head="plain", draft_tokens=3), set(), ("tree", "plain", 3)),
-        (EngineRequest(engine="tree", head="screen", draft_tokens=0), set(), ("tree", "screen", 0)),
+        (EngineRequest(engine="tree", head="bf16", draft_tokens=0), set(), ("tree", "bf16", 0)),
+        (EngineRequest(engine="tree", head="int8", draft_tokens=0), set(), ("tree", "int8", 0)),
         (EngineRequest(head="plain", draft_tokens=0), {"engine"}, None),
         (EngineRequest(engine="tree"), {"head", "body"}, None),
     ],
 )
 def test_forcing_flags_are_honoured_and_not_measured(tmp_path, request_, measured_prefixes, expected):
-    timer = FakeTimer(head__plain=0.1, head__screen=1.0, engine__fast=2.0, engine__tree=1.0)
+    timer = FakeTimer(head__plain=0.1, head__bf16=1.0, head__int8=1.0, engine__fast=2.0, engine__tree=1.0)
     choices = choose(tiny("llama"), tmp_path, timer, request_)
     assert {name.split("/")[0] for name in timer.calls} == measured_prefixes
     if expected is not None:
@@ -114,7 +120,9 @@ def test_bad_requests_are_one_line_errors():
     for request in (
         EngineRequest(engine="gpu"),
         EngineRequest(head="int4"),
-        EngineRequest(engine="fast", head="screen"),
+        EngineRequest(engine="fast", head="bf16"),
+        EngineRequest(engine="fast", head="int8"),
+        EngineRequest(head="screen"),
         EngineRequest(engine="fast", draft_tokens=2),
     ):
         with pytest.raises(UserError):
@@ -126,20 +134,22 @@ def test_bad_requests_are_one_line_errors():
 
 def test_a_forced_screen_on_a_model_that_cannot_take_it_is_refused(tmp_path):
     lm = load_model("tiny:llama", dtype="bfloat16")  # a bf16 head: nothing for a bf16 screen to gain
-    with pytest.raises(UserError, match="cannot screen"):
-        choose(lm, tmp_path, FakeTimer(), EngineRequest(head="screen"))
+    for kind in ("bf16", "int8"):
+        with pytest.raises(UserError, match=f"cannot screen the LM head of this model with {kind}"):
+            choose(lm, tmp_path, FakeTimer(), EngineRequest(head=kind))
     auto = choose(lm, tmp_path, FakeTimer(engine__fast=2.0, engine__tree=1.0))
-    assert auto.head == "plain" and auto.reasons["head"].startswith("no screen: the LM head is torch.bfloat16")
+    assert auto.head == "plain" and auto.reasons["head"].startswith("no bf16 screen: the LM head is torch.bfloat16")
+    assert "no int8 screen" in auto.reasons["head"]
 
 
 def test_the_cache_is_keyed_and_reused_and_a_changed_key_measures_again(tmp_path, monkeypatch):
     lm = tiny("llama")
-    first = FakeTimer(head__plain=1.0, head__screen=0.5)
+    first = FakeTimer(head__plain=1.0, head__bf16=0.5)
     measured = choose(lm, tmp_path, first)
     assert not measured.cached and first.calls
-    again = FakeTimer(head__plain=0.5, head__screen=1.0)  # would choose otherwise: not asked
+    again = FakeTimer(head__plain=0.5, head__bf16=1.0)  # would choose otherwise: not asked
     cached = choose(lm, tmp_path, again)
-    assert cached.cached and not again.calls and cached.head == measured.head == "screen"
+    assert cached.cached and not again.calls and cached.head == measured.head == "bf16"
     assert len(list((tmp_path / "cal").glob("*.json"))) == 1
     # another request, another shape of work, another machine: each measures again
     forced = FakeTimer()
@@ -151,14 +161,14 @@ def test_the_cache_is_keyed_and_reused_and_a_changed_key_measures_again(tmp_path
     assert other_shape.calls
     real = calibrate.hardware
     monkeypatch.setattr(calibrate, "hardware", lambda device: dict(real(device), cpu_capability="AVX2"))
-    other_machine = FakeTimer(head__plain=0.5, head__screen=1.0)
+    other_machine = FakeTimer(head__plain=0.5, head__bf16=1.0, head__int8=1.0)
     assert choose(lm, tmp_path, other_machine).head == "plain" and other_machine.calls
     assert len(list((tmp_path / "cal").glob("*.json"))) == 4
 
 
 def test_a_real_measurement_records_its_timings_and_hardware(tmp_path):
     choices = choose(tiny("llama"), tmp_path, calibrate.measure_seconds)
-    assert {"head/plain", "head/screen", "body/1", "engine/fast", "engine/tree"} <= set(choices.measured)
+    assert {"head/plain", "head/bf16", "head/int8", "body/1", "engine/fast", "engine/tree"} <= set(choices.measured)
     assert all(v > 0 for v in choices.measured.values())
     assert choices.hardware["cpu_capability"] and choices.hardware["threads"] >= 1
     line = choices.line()
@@ -171,9 +181,10 @@ def configurations(lm):
     yield Choices("tree", "plain", 0, None, {})
     yield Choices("tree", "plain", 3, None, {})
     yield Choices("tree", "plain", 0, 2, {})
-    if ScreenedHead.unsupported_reason(lm.model) is None:
-        yield Choices("tree", "screen", 0, None, {})
-        yield Choices("tree", "screen", 3, None, {})
+    for kind, screen in SCREENS.items():
+        if screen.unsupported_reason(lm.model) is None:
+            yield Choices("tree", kind, 0, None, {})
+            yield Choices("tree", kind, 3, None, {})
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -186,7 +197,7 @@ def test_every_choice_decodes_the_reference_tokens(family):
     seen = set()
     for choices in configurations(lm):
         engine = build_engine(lm.model, lm.tokenizer, choices)
-        if isinstance(engine, TreeEngine) and choices.head == "screen" and engine.head is None:
+        if isinstance(engine, TreeEngine) and choices.head != "plain" and engine.head is None:
             continue  # the model's logits are not head(hidden): the engine refuses to screen
         seen.add(choices.summary())
         got = engine.generate(prompts, rows, stop)

@@ -64,8 +64,8 @@ def test_the_refusing_hook_does_refuse():
         (["sweep", "--store", "x.sqlite", "--conditions", "bogus"], "unknown condition"),
         (["sweep", "--store", "x.sqlite", "--dtype", "float8"], "unknown dtype"),
         (
-            ["sweep", "--store", "x.sqlite", "--engine", "fast", "--head", "screen"],
-            "--head screen is for the tree engine",
+            ["sweep", "--store", "x.sqlite", "--engine", "fast", "--head", "int8"],
+            "--head int8 is for the tree engine",
         ),
         (["sweep", "--store", "x.sqlite", "--draft-tokens", "lots"], "--draft-tokens must be 'auto' or a number"),
         (["sweep", "--store", "x.sqlite", "--preset", "nope"], "unknown preset"),

@@ -1,5 +1,5 @@
 """The tree engine (cross-layer sharing) equals the fast engine and the reference, token for token;
-its shared states are the unmasked run's, stored once; the screened head is the full head's argmax."""
+its shared states are the unmasked run's, stored once; its screened head is checked on the model."""
 
 from __future__ import annotations
 
@@ -14,11 +14,10 @@ from conftest import tiny
 from icl_locate.cli import main
 from icl_locate.core.conditions import get_condition
 from icl_locate.core.interventions import UNCHANGED, AblateLayers, HeadMask, MaskFrom
-from icl_locate.engines import head as head_module
 from icl_locate.engines.base import StopRule, forward, last_hidden
 from icl_locate.engines.drafts import Drafter
 from icl_locate.engines.fast import FastEngine
-from icl_locate.engines.head import ScreenedHead
+from icl_locate.engines.head import Bf16ScreenedHead
 from icl_locate.engines.reference import ReferenceEngine, batch_interventions
 from icl_locate.engines.tree import TreeEngine
 from icl_locate.engines.tree_decode import TreeDecode
@@ -182,50 +181,11 @@ def test_slicing_refuses_an_unknown_per_row_argument():
 # --------------------------------------------------------------------------- the screened head
 
 
-def _head_model(vocab=5000, d=64, softcap=None, seed=0):
-    torch.manual_seed(seed)
-    model = torch.nn.Module()
-    model.lm_head = torch.nn.Linear(d, vocab, bias=False)
-    model.get_output_embeddings = lambda: model.lm_head
-    model.config = type("C", (), {"final_logit_softcapping": softcap})()
-    return model
-
-
-@pytest.mark.parametrize("softcap", [None, 30.0])
-def test_screened_head_is_the_argmax_of_the_full_logits(softcap):
-    model = _head_model(softcap=softcap)
-    head = ScreenedHead(model)
-    hidden = torch.randn(300, 64) * torch.logspace(-1, 2, 300)[:, None]  # small to large logits
-    expected = head.full_logits(hidden).argmax(-1)
-    assert torch.equal(head.argmax(hidden), expected)
-    assert head.stats["candidates"] >= 300 and head.stats["full_rows"] == 0
-
-
-def test_screened_head_ties_go_to_the_first_token_and_crowds_fall_back(monkeypatch):
-    model = _head_model()
-    with torch.no_grad():
-        model.lm_head.weight[4000] = model.lm_head.weight[17]  # an exact tie: the reference picks 17
-    head = ScreenedHead(model)
-    hidden = model.lm_head.weight[17][None].clone() * 5
-    assert int(head.argmax(hidden)[0]) == int(head.full_logits(hidden).argmax(-1)[0]) == 17
-    monkeypatch.setattr(head_module, "MAX_CANDIDATES_PER_ROW", 0)  # every row crowded: full product
-    hidden = torch.randn(7, 64)
-    assert torch.equal(head.argmax(hidden), head.full_logits(hidden).argmax(-1))
-    assert head.stats["full_rows"] == 7
-
-
-def test_screened_head_refuses_what_it_cannot_certify():
-    model = _head_model()
-    model.lm_head = torch.nn.Linear(64, 100, bias=True)
-    assert "bias" in ScreenedHead.unsupported_reason(model)
-    model.lm_head = torch.nn.Linear(64, 100, bias=False).to(torch.bfloat16)
-    assert "bfloat16" in ScreenedHead.unsupported_reason(model)
-
-
 def test_engine_checks_the_screen_on_the_model():
     lm = tiny("gemma3")
     assert TreeEngine(lm.model, lm.tokenizer).head is not None
-    assert TreeEngine(lm.model, lm.tokenizer, screen_head=False).head is None
+    assert TreeEngine(lm.model, lm.tokenizer, head_kind="plain").head is None
+    assert TreeEngine(lm.model, lm.tokenizer, head_kind="int8").head.kind == "int8"
     head = lm.model.get_output_embeddings()
     original = head.forward
     try:  # a model whose logits are not the plain head's: the screen is refused
@@ -233,7 +193,7 @@ def test_engine_checks_the_screen_on_the_model():
         engine = TreeEngine(lm.model, lm.tokenizer)
         assert engine.head is None and "not softcap" in engine.head_note
         with pytest.raises(ValueError, match="cannot screen"):
-            TreeEngine(lm.model, lm.tokenizer, screen_head=True)
+            TreeEngine(lm.model, lm.tokenizer, head_kind="bf16")
     finally:
         head.forward = original
 
@@ -260,6 +220,8 @@ def test_bench_reports_the_tree_engine(tmp_path, data_dir):
             str(out),
             "--require-identical",
             "1.0",
+            "--engine",
+            "tree",  # (d) as the tree engine, whatever the calibration would measure on this tiny model
         ]
     )
     assert code == 0
@@ -439,7 +401,7 @@ class RecordingHead:
     """The model's own head, computed in full, recording the final hidden states it is given."""
 
     def __init__(self, model):
-        self.full = ScreenedHead(model)
+        self.full = Bf16ScreenedHead(model)
         self.hidden: torch.Tensor | None = None
 
     def argmax(self, hidden):

@@ -97,9 +97,9 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--head",
         default=None,
-        choices=["auto", "screen", "plain"],
-        help="tree engine's LM head: auto (default, measured), screen (bf16 screen + exact "
-        "candidates; pays where bf16 is fast), plain (the model's own); same tokens",
+        choices=["auto", "bf16", "int8", "plain"],
+        help="tree engine's LM head: auto (default, measured), bf16 or int8 (a screen + exact candidates; "
+        "pays where that product is fast), plain (the model's own); same tokens",
     )
     parser.add_argument(
         "--draft-tokens",

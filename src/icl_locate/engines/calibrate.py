@@ -2,12 +2,14 @@
 
 Which engine and LM head are fastest depends on the machine, not on the method: a bf16 screen of
 the LM head pays off only where bf16 products are faster than fp32 ones (CPUs with AVX-512 BF16,
-GPUs), sharing across mask layers pays off when the body is what costs, and drafts pay off only
-where a forward of a few more tokens costs about as much as one (latency-bound decoding, GPUs).
+GPUs), an int8 screen where int8 products are (most x86 CPUs), sharing across mask layers pays off
+when the body is what costs, and drafts pay off only where a forward of a few more tokens costs
+about as much as one (latency-bound decoding, GPUs).
 So an engine starts by timing each choice on the model itself, briefly, and picks the faster:
 
-- head: the model's own LM head vs the bf16-screened head (``engines/head.py``), on final hidden
-  states of the first prompt (and the screen must give the same tokens there, or it is refused);
+- head: the model's own LM head vs each screened head (bf16, int8: ``engines/head.py``) this model
+  can take, on final hidden states of the first prompt (a screen must give the same tokens there,
+  or it is refused);
 - drafts: the body's forward of 1 + N tokens against 1 token, per row; drafts of N tokens are used
   where the longer forward costs at most ``DRAFT_COST_LIMIT`` times the shorter (so even one token
   accepted in every few steps pays), the largest such N of ``DRAFT_LENGTHS`` (tried shortest first);
@@ -43,7 +45,7 @@ from ..util.fileio import write_json_atomic
 from ..util.system import hardware, hardware_line
 from .base import Engine, StopRule, last_hidden
 from .fast import FastEngine
-from .head import ScreenedHead, screen_mismatch
+from .head import SCREENS, CertifiedHead, build_screen
 from .request import AUTO_REQUEST, EngineRequest
 from .tree import TreeEngine
 
@@ -53,7 +55,7 @@ HEAD_SAMPLE_ROWS = 16  # final hidden states the heads are timed on (per-row cos
 MINI_RUN_TOKENS = 3  # new tokens in the engine comparison: the query's prefill and two decoding steps
 MINI_RUN_ROWS = 10  # at most this many rows of the first query (a spread of them) in the engine comparison
 REPEATS = 3  # timings are the median of this many runs after one warm-up
-CALIBRATION_VERSION = 3  # part of the cache key: a change of the procedure re-measures
+CALIBRATION_VERSION = 4  # part of the cache key: a change of the procedure re-measures
 
 
 @dataclass
@@ -61,7 +63,7 @@ class Choices:
     """What an engine runs with, why, and what was measured (seconds) to decide it."""
 
     engine: str  # "tree" or "fast"
-    head: str  # "screen" or "plain"
+    head: str  # "plain", or a screened head: "bf16" or "int8"
     draft_tokens: int
     batch_size: int | None
     reasons: dict[str, str]
@@ -84,7 +86,7 @@ class Choices:
         """The configuration in a few words, e.g. "tree engine, screened head, no drafts"."""
         if self.engine == "fast":
             return "fast engine"
-        head = "screened head" if self.head == "screen" else "plain head"
+        head = "plain head" if self.head == "plain" else f"{self.head}-screened head"
         drafts = f"drafts <= {self.draft_tokens}" if self.draft_tokens else "no drafts"
         return f"tree engine, {head}, {drafts}"
 
@@ -123,7 +125,7 @@ class Calibrator:
     """Chooses an engine's configuration for the rows at hand (see the module docstring).
 
     ``timer(name, fn, repeats)`` runs ``fn`` and returns its seconds (tests inject fake timings by
-    name: "head/plain", "head/screen", "body/1", "body/1+N", "engine/fast", "engine/tree")."""
+    name: "head/plain", "head/bf16", "head/int8", "body/1", "body/1+N", "engine/fast", "engine/tree")."""
 
     def __init__(
         self,
@@ -210,43 +212,41 @@ class Calibrator:
         return hidden.repeat(reps, 1)[:HEAD_SAMPLE_ROWS].contiguous()
 
     def _choose_head(self, prompt: MaskedPrompt, reasons: dict, measured: dict) -> str:
+        """The fastest of the plain head and the screens this model can take (each checked on a sample)."""
         wanted = self.request.head
         if wanted == "plain":
             reasons["head"] = "forced"
             return "plain"
-        why_not = ScreenedHead.unsupported_reason(self.model)
-        screen = ScreenedHead(self.model) if why_not is None else None
-        if screen is not None:
-            why_not = screen_mismatch(self.model, screen)
-        if why_not is not None:
-            if wanted == "screen":
-                raise UserError(f"cannot screen the LM head of this model: {why_not}")
-            reasons["head"] = f"no screen: {why_not}"
-            return "plain"
-        assert screen is not None  # why_not is None only where the screen was built
         hidden = self._sample_hidden(prompt)
-        lm_head = self.model.get_output_embeddings()
+        screens: dict[str, CertifiedHead] = {}
+        refused: list[str] = []
+        for kind in [wanted] if wanted in SCREENS else list(SCREENS):
+            screen, why_not = build_screen(self.model, kind)
+            if screen is not None and not torch.equal(screen.argmax(hidden), screen.full_logits(hidden).argmax(-1)):
+                screen, why_not = None, "it disagreed with the plain head on a sample"
+            if screen is None:
+                if wanted == kind:
+                    raise UserError(f"cannot screen the LM head of this model with {kind}: {why_not}; use --head plain")
+                refused.append(f"no {kind} screen: {why_not}")
+            else:
+                screens[kind] = screen
+        if wanted in SCREENS:
+            reasons["head"] = "forced"
+            return wanted
+        if not screens:
+            reasons["head"] = "; ".join(refused)
+            return "plain"
+        lm_head, cap = self.model.get_output_embeddings(), next(iter(screens.values())).cap
         with torch.no_grad():
-            plain_tokens = screen.full_logits(hidden).argmax(-1)
-            if not torch.equal(screen.argmax(hidden), plain_tokens):
-                if wanted == "screen":
-                    raise UserError(
-                        "the screened LM head disagreed with the plain head on this model's own "
-                        "hidden states; use --head plain"
-                    )
-                reasons["head"] = "no screen: it disagreed with the plain head on a sample"
-                return "plain"
-            if wanted == "screen":
-                reasons["head"] = "forced"
-                return "screen"
-            cap = screen.cap
-            measured["head/plain"] = self.timer("head/plain", lambda: cap(lm_head(hidden)).argmax(-1), REPEATS)
-            measured["head/screen"] = self.timer("head/screen", lambda: screen.argmax(hidden), REPEATS)
-        plain, screened = measured["head/plain"], measured["head/screen"]
-        if screened < plain:
-            reasons["head"] = f"bf16 screen {_ratio(plain, screened)} faster than the full product here"
-            return "screen"
-        reasons["head"] = f"bf16 screen {_ratio(screened, plain)} slower than the full product here"
+            plain = measured["head/plain"] = self.timer("head/plain", lambda: cap(lm_head(hidden)).argmax(-1), REPEATS)
+            for kind, screen in screens.items():
+                measured[f"head/{kind}"] = self.timer(f"head/{kind}", lambda s=screen: s.argmax(hidden), REPEATS)
+        fastest = min(screens, key=lambda kind: measured[f"head/{kind}"])
+        seconds = measured[f"head/{fastest}"]
+        if seconds < plain:
+            reasons["head"] = f"{fastest} screen {_ratio(plain, seconds)} faster than the full product here"
+            return fastest
+        reasons["head"] = f"{fastest} screen {_ratio(seconds, plain)} slower than the full product here"
         return "plain"
 
     def _choose_drafts(self, prompt: MaskedPrompt, rows: int, reasons: dict, measured: dict) -> int:
@@ -299,7 +299,7 @@ class Calibrator:
                 self.model,
                 self.tokenizer,
                 batch_size=self.request.batch_size,
-                screen_head=head == "screen",
+                head_kind=head,
                 draft_tokens=drafts,
             ),
         }
@@ -324,6 +324,6 @@ def build_engine(model, tokenizer, choices: Choices) -> Engine:
         model,
         tokenizer,
         batch_size=choices.batch_size,
-        screen_head=choices.head == "screen",
+        head_kind=choices.head,
         draft_tokens=choices.draft_tokens,
     )

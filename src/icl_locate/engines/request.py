@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from ..util.errors import UserError
 
 ENGINES = ("auto", "tree", "fast")
-HEADS = ("auto", "screen", "plain")
+HEADS = ("auto", "bf16", "int8", "plain")  # bf16 / int8: the screened heads of head.py
 
 
 @dataclass(frozen=True)
@@ -16,7 +16,7 @@ class EngineRequest:
     """What the user asked for; "auto" (and draft_tokens None) means measure and choose."""
 
     engine: str = "auto"  # auto | tree | fast
-    head: str = "auto"  # auto | screen | plain (the tree engine's LM head; the fast engine uses the model's)
+    head: str = "auto"  # auto | bf16 | int8 | plain (the tree engine's LM head; the fast engine uses the model's)
     draft_tokens: int | None = None  # None: measure; 0: no drafts; N: drafts of up to N tokens (tree engine)
     batch_size: int | None = None  # rows per batch; None: the engines' memory rule
 
@@ -29,8 +29,8 @@ class EngineRequest:
             raise UserError(f"--draft-tokens must be 'auto' or >= 0, got {self.draft_tokens}")
         if self.engine == "fast" and self.draft_tokens:
             raise UserError("--draft-tokens is for the tree engine (--engine fast has no drafts)")
-        if self.engine == "fast" and self.head == "screen":
-            raise UserError("--head screen is for the tree engine (--engine fast uses the model's own head)")
+        if self.engine == "fast" and self.head in ("bf16", "int8"):
+            raise UserError(f"--head {self.head} is for the tree engine (--engine fast uses the model's own head)")
 
 
 AUTO_REQUEST = EngineRequest()  # everything left to "auto" (the default of functions taking a request)

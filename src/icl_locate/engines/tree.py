@@ -38,7 +38,7 @@ from ..core.surgery import LayerCall
 from .base import Generation, ProgressCallback, ResultKey, StopRule
 from .drafts import Drafter
 from .fast import FastEngine
-from .head import ScreenedHead, screen_mismatch
+from .head import CertifiedHead, build_screen
 from .rows import PrefixCaches, Row
 from .tree_decode import SlotRoutes, TreeDecode
 
@@ -71,12 +71,13 @@ class TreeEngine(FastEngine):
         batch_size: int | None = None,
         max_batch_tokens: int = 32_000,
         kv_memory_fraction: float = 0.3,
-        screen_head: bool | None = None,
+        head_kind: str | None = None,
         draft_tokens: int = 0,
     ):
-        """``screen_head``: pick greedy tokens with ``ScreenedHead`` (True), with the model's own
-        head (False), or the former where ``ScreenedHead.unsupported_reason`` and ``screen_mismatch``
-        find nothing against it on this model (None).
+        """``head_kind``: pick greedy tokens with the model's own head ("plain") or a screened head
+        ("bf16", "int8": ``head.py``; refused with ValueError where it cannot be used on this model);
+        None: the bf16 screen where it can be used, else the model's own head (``calibrate.py`` chooses
+        by measuring instead).
         ``draft_tokens``: verify drafts of up to this many tokens per step (0: none; see drafts.py)."""
         super().__init__(model, tokenizer, batch_size, max_batch_tokens, kv_memory_fraction)
         self.layers = decoder_layers(model)
@@ -91,18 +92,15 @@ class TreeEngine(FastEngine):
             draft_accepted=0,
         )
         self.drafter = Drafter(draft_tokens) if draft_tokens else None
-        self.head, self.head_note = self._choose_head(screen_head)
+        self.head, self.head_note = self._choose_head(head_kind)
 
-    def _choose_head(self, screen_head: bool | None) -> tuple[ScreenedHead | None, str]:
-        if screen_head is False:
+    def _choose_head(self, head_kind: str | None) -> tuple[CertifiedHead | None, str]:
+        if head_kind == "plain":
             return None, "the model's own LM head (screening off)"
-        why_not = ScreenedHead.unsupported_reason(self.model)
-        head = ScreenedHead(self.model) if why_not is None else None
+        head, why_not = build_screen(self.model, head_kind or "bf16")
         if head is not None:
-            why_not = screen_mismatch(self.model, head)
-        if why_not is None:
-            return head, "bf16-screened LM head, candidates in full precision"
-        if screen_head:
+            return head, f"{head.kind}-screened LM head, candidates in full precision"
+        if head_kind:
             raise ValueError(f"cannot screen the LM head of this model: {why_not}")
         return None, f"the model's own LM head ({why_not})"
 

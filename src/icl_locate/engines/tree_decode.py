@@ -24,7 +24,7 @@ from ..core.structure import attention_window
 from .base import Generation, StopRule, forward, last_hidden
 from .decoding import SlotLayer
 from .drafts import Drafter
-from .head import ScreenedHead
+from .head import CertifiedHead
 from .rows import BatchLayout, PrefixCaches, Row
 
 Key = tuple  # ("shared", group) or ("own", member)
@@ -78,7 +78,7 @@ class TreeHost(Protocol):
     device: torch.device
     n_layers: int
     eos: set[int]
-    head: ScreenedHead | None
+    head: CertifiedHead | None
     drafter: Drafter | None
     stats: dict
     times: dict[str, float]

@@ -40,7 +40,7 @@ class BenchSettings(ModelAndData):
     seed: int = 0
     batch_size: int | None = None
     engine: str = "auto"  # (d): auto (measured) | tree | fast
-    head: str = "auto"  # (d): auto (measured) | screen | plain
+    head: str = "auto"  # (d): auto (measured) | bf16 | int8 | plain
     draft_tokens: int | str = "auto"  # (d): auto (measured) or drafts of up to N tokens (0: none)
     skip_paper: bool = False
     json: str | None = None

@@ -1,0 +1,202 @@
+"""The screened LM heads (bf16, int8) are the argmax of the full fp32 logits: on random states of every
+scale, on adversarial near-ties (logits a few fp32 ulps apart, computed exactly so that the full
+argmax is well defined), with ties going to the first token; they fall back to the full product
+where their bound cannot certify, follow a head changed in place, switch themselves off when a
+bound is exceeded, and the int8 screen measures whether this machine's int8 products are exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from icl_locate.core.models import load_model
+from icl_locate.engines import head as head_module
+from icl_locate.engines.head import SCREENS, Int8ScreenedHead, exact_int8_levels
+
+KINDS = list(SCREENS)
+
+
+def head_model(vocab=5000, d=64, softcap=None, seed=0, weight=None):
+    """A bare module with an LM head (the screens need only ``get_output_embeddings`` and the config)."""
+    torch.manual_seed(seed)
+    model = torch.nn.Module()
+    model.lm_head = torch.nn.Linear(d, vocab, bias=False)
+    if weight is not None:
+        model.lm_head.weight = torch.nn.Parameter(weight)
+    model.get_output_embeddings = lambda: model.lm_head
+    model.config = type("C", (), {"final_logit_softcapping": softcap})()
+    return model
+
+
+def with_outlier_channels(hidden: torch.Tensor) -> torch.Tensor:
+    """States like a real model's final ones: a few channels far larger than the rest."""
+    hidden = hidden.clone()
+    hidden[:, :3] *= 20
+    return hidden
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_a_screen_is_the_argmax_of_the_full_logits(kind, softcap):
+    head = SCREENS[kind](head_model(softcap=softcap))
+    hidden = with_outlier_channels(torch.randn(300, 64) * torch.logspace(-1, 2, 300)[:, None])  # small to large
+    logits = head.full_logits(hidden)
+    expected = logits.argmax(-1)
+    for rows in (hidden[:1], hidden[:16], hidden):
+        assert torch.equal(head.argmax(rows), expected[: len(rows)])
+    assert head.stats["candidates"] >= 300
+    # rows in full: only where the cap is flat (a token outside could reach the best capped value)
+    top = logits.max(-1).values
+    saturated, near_cap = (top >= (softcap or float("inf"))), (top >= 0.99 * (softcap or float("inf")))
+    assert int(saturated.sum()) <= head.stats["full_rows"] - int(saturated[:16].sum()) <= int(near_cap.sum())
+
+
+def near_tie_model(vocab=3000, d=64, seed=0):
+    """Integer weights and states whose every partial sum stays below 2^24, so fp32 computes each
+    logit exactly in any order; logits lie near 2^23 (one ulp = 1), and tokens come in groups one or
+    two units (ulps) apart or exactly equal: the full argmax is well defined, yet a screen's bound
+    is hundreds of ulps wide."""
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randint(100, 128, (vocab, d), generator=generator).float()
+    hidden = torch.randint(1000, 1100, (8, d), generator=generator).float()
+    for i in range(0, vocab - 4, 5):  # token i, then i+1..i+4 within a unit or two of it for row 0
+        for j, delta in zip(range(1, 5), (0, 1, -1, 2)):
+            weight[i + j] = weight[i]
+            a, b = torch.randperm(d, generator=generator)[:2]
+            # move one unit of weight between two channels whose states differ by `delta`
+            hidden_ab = hidden[0, a] - hidden[0, b]
+            if hidden_ab == delta and weight[i + j, a] < 127 and weight[i + j, b] > 100:
+                weight[i + j, a] += 1
+                weight[i + j, b] -= 1
+    return weight, hidden
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_screen_decides_adversarial_near_ties_as_the_full_argmax(kind):
+    weight, hidden = near_tie_model()
+    # the winning token and its near-ties: copies of the best row, one and two ulps either side
+    full = hidden @ weight.T
+    best = int(full[0].argmax())
+    weight[best + 1 :: 997] = weight[best]  # exact ties after the winner: the first must win
+    hidden = torch.cat([hidden, hidden[:1] + torch.tensor([0.0] * 63 + [1.0])])
+    assert float((hidden @ weight.T).max()) < 2**24  # every sum exact in fp32
+    head = SCREENS[kind](head_model(vocab=len(weight), weight=weight))
+    expected = (hidden @ weight.T).argmax(-1)
+    logits = hidden @ weight.T
+    top2 = logits.topk(2, dim=-1).values
+    assert float((top2[:, 0] - top2[:, 1]).min()) <= 2  # the test has ties within two ulps
+    assert torch.equal(head.argmax(hidden), expected)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_ties_go_to_the_first_token_and_crowded_rows_fall_back(kind, monkeypatch):
+    model = head_model()
+    with torch.no_grad():
+        model.lm_head.weight[4000] = model.lm_head.weight[17]  # an exact tie: the reference picks 17
+    head = SCREENS[kind](model)
+    hidden = model.lm_head.weight[17][None].clone() * 5
+    assert int(head.argmax(hidden)[0]) == int(head.full_logits(hidden).argmax(-1)[0]) == 17
+    monkeypatch.setattr(head_module, "MAX_CANDIDATES_PER_ROW", 0)  # every row crowded: full product
+    hidden = torch.randn(7, 64)
+    assert torch.equal(head.argmax(hidden), head.full_logits(hidden).argmax(-1))
+    assert head.stats["full_rows"] == 7
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_row_the_bound_cannot_separate_falls_back_to_the_full_product(kind):
+    """Thousands of tokens within a few ulps of each other: more candidates than a row may have, so
+    the row is computed in full, and still exactly."""
+    generator = torch.Generator().manual_seed(1)
+    row = torch.randint(100, 128, (64,), generator=generator).float()
+    weight = row.repeat(6000, 1)
+    channel = torch.arange(6000) % 64
+    weight[torch.arange(6000), channel] += torch.randint(-1, 2, (6000,), generator=generator).float()
+    hidden = torch.randint(1000, 1100, (2, 64), generator=generator).float()
+    head = SCREENS[kind](head_model(vocab=6000, weight=weight))
+    assert torch.equal(head.argmax(hidden), (hidden @ weight.T).argmax(-1))
+    assert head.stats["full_rows"] == 2
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_screen_refuses_what_it_cannot_certify(kind):
+    model = head_model()
+    model.lm_head = torch.nn.Linear(64, 100, bias=True)
+    assert "bias" in SCREENS[kind].unsupported_reason(model)
+    model.lm_head = torch.nn.Linear(64, 100, bias=False).to(torch.bfloat16)
+    assert "bfloat16" in SCREENS[kind].unsupported_reason(model)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_screen_follows_a_head_changed_in_place(kind):
+    torch.manual_seed(0)
+    lm = load_model("tiny:llama")
+    head = SCREENS[kind](lm.model)
+    hidden = torch.randn(16, lm.model.config.hidden_size)
+    weight = lm.model.get_output_embeddings().weight
+    before = head.argmax(hidden)
+    with torch.no_grad():
+        weight.copy_(weight.flip(0))  # every token's row moves: the argmax changes
+    try:
+        after = head.argmax(hidden)
+        assert torch.equal(after, (hidden @ weight.T).argmax(-1)) and not torch.equal(before, after)
+        assert head.stats["rebuilt"] == 1
+    finally:
+        with torch.no_grad():
+            weight.copy_(weight.flip(0))
+
+
+def break_the_bound(head) -> None:
+    """Make the screen's bound one that no real product keeps."""
+    if head.kind == "bf16":
+        head.input_term = head.output_term = 0.0
+    else:
+        head.w_norm.zero_()
+        head.e_norm.zero_()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_screen_switches_itself_off_when_its_bound_is_exceeded(kind):
+    torch.manual_seed(0)
+    lm = load_model("tiny:llama")
+    head = SCREENS[kind](lm.model, check_every=1)
+    hidden = torch.randn(8, lm.model.config.hidden_size)
+    assert torch.equal(head.argmax(hidden), head.full_logits(hidden).argmax(-1)) and not head.disabled
+    break_the_bound(head)
+    with pytest.warns(UserWarning, match="bound was exceeded"):
+        tokens = head.argmax(hidden)
+    assert head.disabled and torch.equal(tokens, head.full_logits(hidden).argmax(-1))
+    assert torch.equal(head.argmax(hidden), head.full_logits(hidden).argmax(-1))
+
+
+# --------------------------------------------------------------------------- int8 products
+
+
+def saturating_int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """What an AVX2 int8 kernel without VNNI computes: ``a`` shifted to unsigned (a + 128), pairs of
+    products summed in int16 with saturation, the shift compensated afterwards."""
+    shifted = a.long() + 128  # [M, K]
+    k = a.shape[1] + a.shape[1] % 2
+    shifted = torch.nn.functional.pad(shifted, (0, k - a.shape[1]))
+    b_long = torch.nn.functional.pad(b.long(), (0, 0, 0, k - b.shape[0]))  # [K, N]
+    products = shifted[:, :, None] * b_long[None]  # [M, K, N]
+    pairs = (products[:, 0::2] + products[:, 1::2]).clamp(-(2**15), 2**15 - 1)
+    return (pairs.sum(1) - 128 * b_long.sum(0)[None]).int()
+
+
+def test_the_int8_levels_follow_what_this_machine_computes_exactly(monkeypatch):
+    assert exact_int8_levels() in (63, 127)  # torch's own kernel: exact at least for 7-bit operands
+    exact_int8_levels.cache_clear()
+    monkeypatch.setattr(torch, "_int_mm", saturating_int_mm)
+    try:
+        assert exact_int8_levels() == 63
+        weight = torch.randn(3000, 64)
+        head = Int8ScreenedHead(head_model(vocab=3000, weight=weight), check_every=1)
+        assert head.levels == 63
+        hidden = with_outlier_channels(torch.randn(40, 64) * 4)
+        assert torch.equal(head.argmax(hidden), (hidden @ weight.T).argmax(-1)) and not head.disabled
+        monkeypatch.setattr(torch, "_int_mm", lambda a, b: saturating_int_mm(a, b) * 0)
+        exact_int8_levels.cache_clear()
+        assert exact_int8_levels() == 0
+        assert "not exact" in Int8ScreenedHead.unsupported_reason(head_model())
+    finally:
+        exact_int8_levels.cache_clear()
