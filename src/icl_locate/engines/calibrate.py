@@ -199,6 +199,8 @@ class Calibrator:
             engine = self._choose_engine(prompts[0], interventions, stop, head, drafts, reasons, measured)
             if engine == "fast":
                 head, drafts = "plain", 0
+                reasons["head"] = f"the fast engine uses the model's own head (tree engine: {reasons['head']})"
+                reasons["drafts"] = f"the fast engine has no drafts (tree engine: {reasons['drafts']})"
         else:
             reasons["engine"] = "forced"
         reasons["batch"] = "forced" if self.request.batch_size else "memory rule: rows x tokens and free memory"
@@ -293,15 +295,14 @@ class Calibrator:
             step = (len(rows) - 1) / (MINI_RUN_ROWS - 1)
             rows = list(dict.fromkeys(rows[round(i * step)] for i in range(MINI_RUN_ROWS)))
         short = StopRule(stop.stop_strings, min(stop.max_new_tokens, MINI_RUN_TOKENS))
+        tree_engine = TreeEngine(
+            self.model, self.tokenizer, batch_size=self.request.batch_size, head_kind=head, draft_tokens=drafts
+        )
+        if tree_engine.head is not None:  # a screen's one-time set-up (the int8 copy of the head) is no per-token cost
+            tree_engine.head.argmax(self._sample_hidden(prompt))
         engines = {
             "fast": FastEngine(self.model, self.tokenizer, batch_size=self.request.batch_size),
-            "tree": TreeEngine(
-                self.model,
-                self.tokenizer,
-                batch_size=self.request.batch_size,
-                head_kind=head,
-                draft_tokens=drafts,
-            ),
+            "tree": tree_engine,
         }
         for name, engine in engines.items():
             measured[f"engine/{name}"] = self.timer(  # seconds of work: timed once

@@ -282,23 +282,35 @@ class Int8ScreenedHead(CertifiedHead):
         self._quantise()
 
     def _quantise(self) -> None:
-        """W split into fp32 outlier columns and int8 rows, with each token's norms for the bound."""
+        """W split into fp32 outlier columns and int8 rows, with each token's norms for the bound (in
+        blocks of CHUNK_TOKENS tokens, so that a large vocabulary costs no large temporaries)."""
         assert self.outliers is not None
-        weight = self.weight.detach().float()  # [V, d]
-        rest = torch.ones(weight.shape[1], dtype=torch.bool, device=weight.device)
+        weight = self.weight.detach()  # [V, d] fp32
+        vocab, d = weight.shape
+        rest = torch.ones(d, dtype=torch.bool, device=weight.device)
         rest[self.outliers] = False
         self.rest = rest
         self.w_outliers = weight[:, self.outliers].contiguous()  # [V, k]
-        w_rest = weight[:, rest]  # [V, d - k]
-        scale = (w_rest.abs().amax(1) / 127).clamp(min=torch.finfo(torch.float32).tiny)  # [V]
-        q = torch.round(w_rest / scale[:, None]).clamp(-127, 127)
-        residual = w_rest.double() - scale.double()[:, None] * q.double()  # e_v, exact in float64
-        self.w_int8 = q.to(torch.int8).contiguous()  # [V, d - k]
-        self.w_scale = scale[:, None]  # [V, 1]
-        self.w_norm = (weight.double().norm(dim=1) * (1 + 1e-6)).float()  # ||W_v||, rounded up
-        self.e_norm = (residual.norm(dim=1) * (1 + 1e-6)).float()  # ||e_v||, rounded up
+        self.w_int8 = torch.empty(vocab, d - len(self.outliers), dtype=torch.int8, device=weight.device)
+        self.w_scale = torch.empty(vocab, 1, device=weight.device)
+        self.w_norm = torch.empty(vocab, device=weight.device)
+        self.e_norm = torch.empty(vocab, device=weight.device)
+        norm_rounding = 1 + (d + 2) * UNIT_FP32  # an fp32 norm of d terms is within this factor of the true one
+        for start in range(0, vocab, CHUNK_TOKENS):
+            block = weight[start : start + CHUNK_TOKENS].float()  # [C, d]
+            w_rest = block[:, rest]
+            scale = (w_rest.abs().amax(1, keepdim=True) / 127).clamp(min=torch.finfo(torch.float32).tiny)
+            q = torch.round(w_rest / scale).clamp(-127, 127)
+            residual = w_rest - scale * q  # e_v up to two roundings: |error_i| <= u (|w_i| + 2 |e_i|)
+            w_norm = block.norm(dim=1) * norm_rounding
+            self.w_int8[start : start + CHUNK_TOKENS] = q.to(torch.int8)
+            self.w_scale[start : start + CHUNK_TOKENS] = scale
+            self.w_norm[start : start + CHUNK_TOKENS] = w_norm
+            self.e_norm[start : start + CHUNK_TOKENS] = (
+                residual.norm(dim=1) * norm_rounding * (1 + 2 * UNIT_FP32) + UNIT_FP32 * w_norm
+            ) * SAFETY
         self.w_norm_max, self.e_norm_max = float(self.w_norm.max()), float(self.e_norm.max())
-        self.rounding = 2 * (weight.shape[1] + 16) * UNIT_FP32
+        self.rounding = 2 * (d + 16) * UNIT_FP32
 
     def _approx(self, hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The screen's logits in units of t, [chunks, CHUNK_TOKENS, B] (-inf past V), t [B], and the
