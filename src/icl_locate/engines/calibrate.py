@@ -55,7 +55,7 @@ HEAD_SAMPLE_ROWS = 16  # final hidden states the heads are timed on (per-row cos
 MINI_RUN_TOKENS = 3  # new tokens in the engine comparison: the query's prefill and two decoding steps
 MINI_RUN_ROWS = 10  # at most this many rows of the first query (a spread of them) in the engine comparison
 REPEATS = 3  # timings are the median of this many runs after one warm-up
-CALIBRATION_VERSION = 4  # part of the cache key: a change of the procedure re-measures
+CALIBRATION_VERSION = 5  # part of the cache key: a change of the procedure re-measures
 
 
 @dataclass
