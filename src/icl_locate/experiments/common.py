@@ -40,8 +40,10 @@ def stop_rule(task: Task, max_new_tokens: int | None = None) -> StopRule:
     return StopRule(task.stop_strings, max_new_tokens or task.max_new_tokens)
 
 
-def check_context(items: Sequence[PromptedItem], loaded: LoadedModel, max_new_tokens: int, what: str = "") -> None:
-    """Prompt + answer must fit the model's context, checked before any decoding."""
+def check_context(
+    items: Sequence[PromptedItem] | Sequence[MaskedPrompt], loaded: LoadedModel, max_new_tokens: int, what: str = ""
+) -> None:
+    """Prompt + answer must fit the model's context, checked before any decoding (prompted items, or prompts)."""
     limit = loaded.info.context_length
     longest = max(len(it.encoded.ids) for it in items)
     if limit and longest + max_new_tokens > limit:

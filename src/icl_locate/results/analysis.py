@@ -92,6 +92,11 @@ CELL_FIELDS = ("task", "pair", "kind", "condition", "instructions", "k", "n_test
 FIELD_DEFAULTS = {"labels": "gold"}  # what units stored before a field existed had
 
 
+def cell_key(spec: dict, fields: tuple[str, ...] = CELL_FIELDS) -> dict:
+    """A stored unit's cell: its ``fields`` (a field the unit predates: the value units had before it)."""
+    return {k: spec.get(k, FIELD_DEFAULTS.get(k, "")) for k in fields}
+
+
 def _cells(store, kinds: tuple[str, ...], fields: tuple[str, ...]) -> list[tuple[dict, list[dict], Metric]]:
     """The store's units of ``kinds`` grouped by ``fields`` (seeds of one cell together, in seed order),
     with the cell's metric."""
@@ -99,7 +104,7 @@ def _cells(store, kinds: tuple[str, ...], fields: tuple[str, ...]) -> list[tuple
     for unit in store.units():
         spec = unit["spec"]
         if spec["kind"] in kinds:
-            key = {k: spec.get(k, FIELD_DEFAULTS.get(k, "")) for k in fields}
+            key = cell_key(spec, fields)
             cells.setdefault(json.dumps(key, sort_keys=True), []).append(unit)
     out = []
     for key_json, units in sorted(cells.items()):

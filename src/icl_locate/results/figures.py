@@ -1,6 +1,7 @@
 """The report's figures, after the paper's Figs 2-4: score per masking layer (one line per condition,
 the unmasked baseline dashed, 95% bootstrap bands, the recognition layer marked), head heatmaps and
-single-layer LoRA against the masking curve. Each is written as a PNG beside the report."""
+single-layer LoRA against the masking curve. Each is drawn as a matplotlib Figure (``curve_figure``,
+``head_figure``, ``lora_figure``: what the Python API returns) and written as a PNG beside the report."""
 
 from __future__ import annotations
 
@@ -14,93 +15,75 @@ from .analysis import HeadMap
 from .tables import recognition_curve
 
 
-def _group(curves):
+def curve_groups(curves) -> dict[tuple, list]:
+    """The curves drawn in one figure, by (task, pair, kind, k): the panels of one figure."""
     groups = defaultdict(list)
     for c in curves:
         groups[(c.key["task"], c.key["pair"], c.key["kind"], c.key["k"])].append(c)
-    return groups
+    return dict(groups)
+
+
+def curve_title(task: str, pair: str, kind: str, k: int) -> str:
+    """The title a curve figure goes by in the report."""
+    return f"{'Masking' if kind == 'mask' else 'Layer ablation'}: {task} {pair} k={k}"
 
 
 def curve_figures(curves, out_dir: Path) -> list[tuple[str, Path]]:
+    """Every curve figure (``curve_figure``) written as a PNG in ``out_dir``: (title, path) each."""
     import matplotlib.pyplot as plt  # lazy: plotting is only needed for the report
-    from matplotlib.ticker import MaxNLocator  # lazy: plotting is only needed for the report
 
     figures = []
-    for (task, pair, kind, k), group in sorted(_group(curves).items()):
-        # one panel per (instructions, label variant): label variants side by side, gold first
-        by_panel = defaultdict(list)
-        for c in group:
-            by_panel[(not c.key["instructions"], LABEL_VARIANTS.index(c.key.get("labels", "gold")))].append(c)
-        several_labels = len({c.key.get("labels", "gold") for c in group}) > 1
-        fig, axes = plt.subplots(1, len(by_panel), figsize=(6 * len(by_panel), 4), squeeze=False)
-        for ax, (_, cs) in zip(axes[0], sorted(by_panel.items())):
-            instr = cs[0].key["instructions"]
-            for c in sorted(cs, key=lambda c: c.key["condition"]):
-                lo, hi = zip(*c.ci)
-                name = c.key["condition"] if kind == "mask" else "attention of layer removed"
-                name = f"{name.removesuffix('-below')} (hidden below j)" if c.converse else name
-                (line,) = ax.plot(c.layers, c.score, marker="o", ms=3, label=name)
-                ax.fill_between(c.layers, lo, hi, color=line.get_color(), alpha=0.15)
-                if c.recognition is not None and c.recognition < c.layers[-1]:
-                    ax.axvline(c.recognition, color=line.get_color(), ls=":", lw=1)
-            ax.axhline(cs[0].baseline, color="black", ls="--", lw=1, label="baseline (no mask)")
-            ax.set_xlabel("layer j masked from (or below)" if kind == "mask" else "ablated layer")
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.set_ylabel(cs[0].metric.label)
-            labels = f", {cs[0].key.get('labels', 'gold')} labels" if several_labels else ""
-            title = f"{task} {pair} k={k} — {'with' if instr else 'without'} instructions{labels}"
-            ax.set_title(title, fontsize=10)
-            ax.legend(fontsize=7)
-            ax.grid(alpha=0.3)
-        fig.tight_layout()
-        name = f"{kind}_{task}_{pair or 'all'}_k{k}.png".replace("/", "-")
-        path = out_dir / name
+    for (task, pair, kind, k), group in sorted(curve_groups(curves).items()):
+        fig = curve_figure(group)
+        path = out_dir / f"{kind}_{task}_{pair or 'all'}_k{k}.png".replace("/", "-")
         fig.savefig(path, dpi=110)
         plt.close(fig)
-        figures.append((f"{'Masking' if kind == 'mask' else 'Layer ablation'}: {task} {pair} k={k}", path))
+        figures.append((curve_title(task, pair, kind, k), path))
     return figures
 
 
-def lora_figures(lora: list[dict], curves, out_dir: Path) -> list[tuple[str, Path]]:
-    """Per layer: zero-shot BLEU of single-layer LoRA and the masking curve of the same pair on one
-    BLEU axis, the best validation loss on a second axis, the recognition layer marked."""
+def curve_figure(group):
+    """The curves of one (task, pair, kind, k) (``curve_groups``), a matplotlib Figure: one panel per
+    (instructions, label variant), label variants side by side, gold first."""
     import matplotlib.pyplot as plt  # lazy: plotting is only needed for the report
     from matplotlib.ticker import MaxNLocator  # lazy: plotting is only needed for the report
 
+    task, pair, kind, k = (group[0].key[f] for f in ("task", "pair", "kind", "k"))
+    by_panel = defaultdict(list)
+    for c in group:
+        by_panel[(not c.key["instructions"], LABEL_VARIANTS.index(c.key.get("labels", "gold")))].append(c)
+    several_labels = len({c.key.get("labels", "gold") for c in group}) > 1
+    fig, axes = plt.subplots(1, len(by_panel), figsize=(6 * len(by_panel), 4), squeeze=False)
+    for ax, (_, cs) in zip(axes[0], sorted(by_panel.items())):
+        instr = cs[0].key["instructions"]
+        for c in sorted(cs, key=lambda c: c.key["condition"]):
+            lo, hi = zip(*c.ci)
+            name = c.key["condition"] if kind == "mask" else "attention of layer removed"
+            name = f"{name.removesuffix('-below')} (hidden below j)" if c.converse else name
+            (line,) = ax.plot(c.layers, c.score, marker="o", ms=3, label=name)
+            ax.fill_between(c.layers, lo, hi, color=line.get_color(), alpha=0.15)
+            if c.recognition is not None and c.recognition < c.layers[-1]:
+                ax.axvline(c.recognition, color=line.get_color(), ls=":", lw=1)
+        ax.axhline(cs[0].baseline, color="black", ls="--", lw=1, label="baseline (no mask)")
+        ax.set_xlabel("layer j masked from (or below)" if kind == "mask" else "ablated layer")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(cs[0].metric.label)
+        labels = f", {cs[0].key.get('labels', 'gold')} labels" if several_labels else ""
+        title = f"{task} {pair} k={k} — {'with' if instr else 'without'} instructions{labels}"
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def lora_figures(lora: list[dict], curves, out_dir: Path) -> list[tuple[str, Path]]:
+    """Every pair's LoRA figure (``lora_figure``) written as a PNG in ``out_dir``: (title, path) each."""
+    import matplotlib.pyplot as plt  # lazy: plotting is only needed for the report
+
     figures = []
     for pair in sorted({r["pair"] for r in lora}):
-        rows = sorted((r for r in lora if r["pair"] == pair), key=lambda r: r["layer"])
-        fig, ax = plt.subplots(figsize=(7, 4.6))
-        layers = [r["layer"] for r in rows]
-        ax.plot(layers, [r["bleu"] for r in rows], marker="o", color="tab:blue", label="LoRA on this layer only: BLEU")
-        c = recognition_curve(curves, pair)
-        if c is not None:
-            ax.plot(
-                c.layers,
-                c.score,
-                marker=".",
-                ms=3,
-                color="tab:gray",
-                label=f"masking {c.label()} from this layer: {c.metric.label}",
-            )
-            if c.recognition is not None:
-                ax.axvline(c.recognition, color="red", ls="--", label=f"recognition layer {c.recognition}")
-        ax.set_xlabel("layer")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel("zero-shot BLEU (LoRA) / score (masking)")
-        handles, labels = ax.get_legend_handles_labels()
-        losses = [(r["layer"], r.get("best_val_loss")) for r in rows if r.get("best_val_loss") is not None]
-        if losses:
-            twin = ax.twinx()
-            twin.plot(*zip(*losses), marker="s", ms=4, ls=":", color="tab:orange", label="LoRA: best validation loss")
-            twin.set_ylabel("best validation loss")
-            more, more_labels = twin.get_legend_handles_labels()
-            handles, labels = handles + more, labels + more_labels
-        # below the axes: inside, it hides points of the curves (they span the whole plot)
-        ax.legend(handles, labels, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
-        ax.set_title(f"single-layer LoRA, {pair}", fontsize=10)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
+        fig = lora_figure(pair, lora, curves)
         path = out_dir / f"lora_{pair}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
@@ -108,18 +91,65 @@ def lora_figures(lora: list[dict], curves, out_dir: Path) -> list[tuple[str, Pat
     return figures
 
 
+def lora_figure(pair: str, lora: list[dict], curves):
+    """Per layer: zero-shot BLEU of single-layer LoRA and the masking curve of the same pair on one
+    BLEU axis, the best validation loss on a second axis, the recognition layer marked; a matplotlib
+    Figure of ``pair``'s rows of ``lora`` (``Store.lora_results``)."""
+    import matplotlib.pyplot as plt  # lazy: plotting is only needed for the report
+    from matplotlib.ticker import MaxNLocator  # lazy: plotting is only needed for the report
+
+    rows = sorted((r for r in lora if r["pair"] == pair), key=lambda r: r["layer"])
+    fig, ax = plt.subplots(figsize=(7, 4.6))
+    layers = [r["layer"] for r in rows]
+    ax.plot(layers, [r["bleu"] for r in rows], marker="o", color="tab:blue", label="LoRA on this layer only: BLEU")
+    c = recognition_curve(curves, pair)
+    if c is not None:
+        ax.plot(
+            c.layers,
+            c.score,
+            marker=".",
+            ms=3,
+            color="tab:gray",
+            label=f"masking {c.label()} from this layer: {c.metric.label}",
+        )
+        if c.recognition is not None:
+            ax.axvline(c.recognition, color="red", ls="--", label=f"recognition layer {c.recognition}")
+    ax.set_xlabel("layer")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("zero-shot BLEU (LoRA) / score (masking)")
+    handles, labels = ax.get_legend_handles_labels()
+    losses = [(r["layer"], r.get("best_val_loss")) for r in rows if r.get("best_val_loss") is not None]
+    if losses:
+        twin = ax.twinx()
+        twin.plot(*zip(*losses), marker="s", ms=4, ls=":", color="tab:orange", label="LoRA: best validation loss")
+        twin.set_ylabel("best validation loss")
+        more, more_labels = twin.get_legend_handles_labels()
+        handles, labels = handles + more, labels + more_labels
+    # below the axes: inside, it hides points of the curves (they span the whole plot)
+    ax.legend(handles, labels, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
+    ax.set_title(f"single-layer LoRA, {pair}", fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
 def _cell(key: dict) -> tuple:
     return key["task"], key["pair"], key["condition"], key["instructions"], key["k"]
+
+
+def head_recognition(m: HeadMap, curves) -> int | None:
+    """The recognition layer of the layer sweep of ``m``'s cell among ``curves`` (analysed), or None."""
+    recognition = {_cell(c.key): c.recognition for c in curves if c.key["kind"] == "mask"}
+    return recognition.get(_cell(m.key))
 
 
 def head_figures(maps: list[HeadMap], curves, out_dir: Path) -> list[tuple[str, Path]]:
     """One layers x heads heatmap per head sweep: the score change of each single head's intervention."""
     import matplotlib.pyplot as plt  # lazy: plotting is only needed for the report
 
-    recognition = {_cell(c.key): c.recognition for c in curves if c.key["kind"] == "mask"}
     figures = []
     for m in maps:
-        fig = head_figure(m, recognition.get(_cell(m.key)))
+        fig = head_figure(m, head_recognition(m, curves))
         path = out_dir / (
             f"heads_{m.key['kind']}_{m.key['task']}_{m.key['pair'] or 'all'}_{m.key['condition']}_"
             f"k{m.key['k']}{'' if m.key['instructions'] else '_noinstr'}.png"

@@ -1,0 +1,254 @@
+"""The Python API: icl-locate from a notebook or a script, over the same code the command line runs.
+
+* ``load_model(spec)``: any ``--model`` spec (alias, hub id, directory, ``.gguf`` file, ``tiny:<family>``);
+* ``prompts(lm, task, ...)``: a task's test items as prompts under a masking condition (``Item``: the
+  prompt text, the reference, the token ids and the token ranges the condition hides);
+* ``generate(lm, items, interventions)``: greedy generations under row interventions (``MaskFrom(j)``,
+  ``MaskBelow(j)``, ``HeadMask``, ``AblateLayers``, ``UNCHANGED``): text, answer and token ids (``Output``);
+* ``sweep(config, store)``: a grid into a resumable SQLite store, as ``icl-locate sweep`` (``SweepConfig``);
+* ``open_store(path)``: a ``Study``: the store's curves, recognition layers, head maps, generations, LoRA
+  and pruning results as pandas DataFrames with tidy columns, and its figures as matplotlib Figures.
+
+Nothing is computed here: each function hands its arguments to the code the commands use, so the API
+and the command line give the same results (tested). This module imports torch and pandas; the package
+exposes its names lazily (``icl_locate/__init__.py``), so ``import icl_locate`` stays light.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .core import models
+from .core.catalog import EMBEDDED
+from .core.conditions import MaskedPrompt, get_condition
+from .core.interventions import UNCHANGED, AblateLayers, HeadMask, MaskBelow, MaskFrom, RowIntervention
+from .core.models import LoadedModel
+from .engines.base import DEFAULT_STOP, Engine, StopRule
+from .engines.calibrate import Calibrator, build_engine
+from .engines.reference import ReferenceEngine
+from .engines.request import ENGINES, EngineRequest
+from .experiments.common import check_context, masked_prompts, stop_rule
+from .experiments.options import RaySettings
+from .experiments.settings import ModelAndData, SweepConfig, load_config, task_and_data
+from .experiments.sweep import SweepResult, run_sweep
+from .results.study import Study
+from .tasks.items import build_items, check_label_variant, labelled_task, post_process
+from .tasks.spec import Task
+from .util.errors import UserError
+
+__all__ = [
+    "load_model",
+    "prompts",
+    "generate",
+    "sweep",
+    "open_store",
+    "Item",
+    "Output",
+    "Study",
+    "LoadedModel",
+    "SweepConfig",
+    "SweepResult",
+    "RaySettings",
+    "MaskFrom",
+    "MaskBelow",
+    "HeadMask",
+    "AblateLayers",
+    "UNCHANGED",
+    "UserError",
+]
+
+
+def load_model(spec: str = EMBEDDED, dtype: str | None = None, device: str | None = None) -> LoadedModel:
+    """A model prepared for masking, by any ``--model`` spec: an alias (``icl-locate models``), a hub id,
+    a checkpoint directory, a ``.gguf`` file or ``tiny:<family>`` (random, for tests).
+
+    The result has ``.model`` (the torch module, eval mode), ``.tokenizer`` and ``.info`` (layers, heads,
+    context length, dtype, device). ``dtype`` None: float32 on a CPU, bfloat16 on a GPU; ``device`` None:
+    the GPU if there is one."""
+    return models.load_model(spec, dtype=dtype, device=device)
+
+
+# --------------------------------------------------------------------------- prompts and generations
+
+
+@dataclass(frozen=True)
+class Item:
+    """One test item's prompt under a masking condition: what ``generate`` takes.
+
+    ``prompt`` is what the engines take: the token ids (``prompt.ids``), the token spans of the prompt's
+    parts (``prompt.spans``: bos, instructions, examples, query) and the token ranges [start, end) the
+    condition hides (``prompt.hidden``). ``task`` is the task as scored: its stop strings, answer clean-up
+    and metric.
+    """
+
+    id: str  # the test item's id in its data
+    source: str  # the test input
+    reference: str  # the expected answer (label variant "abstract": in the examples' symbols)
+    text: str  # the whole prompt: instructions, examples, query
+    prompt: MaskedPrompt = field(repr=False)
+    task: Task = field(repr=False)
+    example_ids: tuple[str, ...]  # the in-context examples, in prompt order
+
+    @property
+    def hidden_text(self) -> list[str]:
+        """The prompt's text in each hidden token range, in order: what the condition hides."""
+        offsets = self.prompt.encoded.offsets
+        return [self.text[offsets[start][0] : offsets[end - 1][1]] for start, end in self.prompt.hidden]
+
+
+def prompts(
+    lm: LoadedModel,
+    task: str = "flores",
+    *,
+    pair: str | None = "fra-eng",
+    condition: str | None = "instructions+examples",
+    k: int = 5,
+    seed: int = 0,
+    n_test: int | None = None,
+    instructions: bool = True,
+    labels: str = "gold",
+    per_query_examples: bool = False,
+    data_dir: str | Path | None = None,
+    bank: str | None = None,
+    test: str | None = None,
+    src_lang: str | None = None,
+    tgt_lang: str | None = None,
+) -> list[Item]:
+    """The first ``n_test`` test items of ``task`` (all if None) as prompts, exactly as a sweep builds them.
+
+    ``task``: a built-in task (``icl-locate tasks``) or a task file; ``pair`` is for translation tasks
+    (ignored by the others). ``condition``: the masking condition (``icl-locate conditions``; None: nothing
+    hidden, for layer ablation). ``k`` examples drawn with ``seed`` (one set shared by every query, or one
+    per query with ``per_query_examples``), with or without the task's ``instructions``; ``labels``: the
+    examples' label variant (gold, random, shuffled, abstract). ``data_dir`` defaults to
+    ``$ICL_LOCATE_DATA_DIR``; ``bank``/``test``/``src_lang``/``tgt_lang`` are the bitext task's files and
+    languages. Raises ``UserError`` for a bad setting, before any decoding.
+    """
+    settings = ModelAndData(
+        task=task,
+        data_dir=None if data_dir is None else str(data_dir),
+        bank=bank,
+        test=test,
+        src_lang=src_lang,
+        tgt_lang=tgt_lang,
+    )
+    the_task, data = task_and_data(settings, pair)
+    check_label_variant(the_task, labels)
+    masking = get_condition(condition) if condition is not None else None
+    built = build_items(the_task, data, lm.tokenizer, k, seed, n_test, instructions, per_query_examples, labels)
+    scored = labelled_task(the_task, data, labels, seed)
+    return [
+        Item(it.item.id, it.item.source, it.item.target, it.prompt.text, masked, scored, tuple(it.encoded.example_ids))
+        for it, masked in zip(built, masked_prompts(built, masking))
+    ]
+
+
+@dataclass(frozen=True)
+class Output:
+    """The greedy generation of one (prompt, intervention) pair."""
+
+    item: int  # the prompt's index in what ``generate`` was given
+    intervention: RowIntervention
+    text: str  # the continuation as decoded (a stop string it hit included)
+    answer: str  # what the task scores: ``text`` cut at the task's delimiters and trimmed
+    token_ids: tuple[int, ...]  # the generated tokens (EOS not included)
+    finish: str  # "stop" (a stop string), "eos" or "length" (the token limit)
+
+
+def generate(
+    lm: LoadedModel,
+    items: Sequence[Item] | Sequence[MaskedPrompt],
+    interventions: RowIntervention | Sequence[RowIntervention],
+    max_new_tokens: int | None = None,
+    engine: str = "reference",
+) -> list[Output]:
+    """Greedy generations of every prompt under every intervention: items outer, interventions inner.
+
+    ``items``: ``Item``s from ``prompts`` (one task: its stop strings and token limit apply), or
+    ``MaskedPrompt``s (decoding stops at EOS or the limit). ``interventions``: one row intervention or
+    several, e.g. ``MaskFrom(j)`` (the hidden columns hidden from every layer >= j; j = the number of
+    layers hides nothing), ``MaskBelow(j)`` (below j, for "-below" conditions), ``HeadMask`` (from chosen
+    (layer, head) pairs only), ``AblateLayers`` (whole attention sublayers removed), ``UNCHANGED``.
+    ``max_new_tokens`` overrides the task's limit. ``engine``: "reference" (one prompt at a time: the
+    oracle), "auto" (the engine a sweep would measure fastest for this work on this machine), "fast" or
+    "tree"; all give the same tokens.
+    """
+    given = list(items)
+    if not given:
+        raise UserError("generate needs at least one prompt")
+    rows = [interventions] if isinstance(interventions, RowIntervention) else list(interventions)
+    task = _one_task(given)
+    stop = stop_rule(task, max_new_tokens) if task else StopRule((), max_new_tokens or DEFAULT_STOP.max_new_tokens)
+    masked = [it.prompt if isinstance(it, Item) else it for it in given]
+    check_context(masked, lm, stop.max_new_tokens)
+    gens = _engine_for(lm, engine, masked, rows, stop).generate(masked, rows, stop)
+    return [
+        Output(i, row, g.text, _answer(task, g.text), tuple(g.token_ids), g.finish)
+        for i in range(len(masked))
+        for row in rows
+        for g in [gens[(i, row)]]
+    ]
+
+
+def _answer(task: Task | None, text: str) -> str:
+    """What the task scores of a continuation (bare prompts: the continuation trimmed)."""
+    return post_process(task, text) if task is not None else text.strip()
+
+
+def _one_task(given: Sequence[Item | MaskedPrompt]) -> Task | None:
+    """The task of the ``Item``s given (None for bare prompts); items of different tasks are refused."""
+    tasks = [it.task for it in given if isinstance(it, Item)]
+    if len(tasks) not in (0, len(given)) or any(t != tasks[0] for t in tasks):
+        raise UserError("generate takes the items of one task (one prompts() call), or bare MaskedPrompts")
+    return tasks[0] if tasks else None
+
+
+def _engine_for(
+    lm: LoadedModel, name: str, masked: Sequence[MaskedPrompt], rows: Sequence[RowIntervention], stop: StopRule
+) -> Engine:
+    """The reference engine, or the engine ``Calibrator`` chooses for this work (``name``: auto, fast, tree)."""
+    model = lm.model
+    if model is None:
+        raise UserError(f"{lm.info.spec} was loaded without its weights; use load_model")
+    if name == "reference":
+        return ReferenceEngine(model, lm.tokenizer)
+    if name not in ENGINES:
+        raise UserError(f"engine must be 'reference' or one of {', '.join(ENGINES)}, got {name!r}")
+    choices = Calibrator(model, lm.tokenizer, EngineRequest(engine=name)).choose(masked, rows, stop, lm.info.as_dict())
+    return build_engine(model, lm.tokenizer, choices)
+
+
+# --------------------------------------------------------------------------- sweeps
+
+
+def sweep(
+    config: SweepConfig | Mapping[str, Any] | None,
+    store: str | Path,
+    *,
+    preset: str | None = None,
+    ray: RaySettings | Mapping[str, Any] | None = None,
+) -> SweepResult:
+    """Run a sweep into the SQLite ``store`` (created, or resumed: units it holds are skipped), as
+    ``icl-locate sweep`` does with the same settings.
+
+    ``config``: a ``SweepConfig``, or a dict of its fields (on top of ``preset``, e.g. "paper-mt"), as a
+    ``--config`` YAML file holds them: ``{"model": "tiny:llama", "pairs": ["fra-eng"], "layers": "0,2,4"}``.
+    ``ray``: ``RaySettings`` (or a dict of its fields) to compute units on Ray workers; None: here.
+    Returns the counts of units planned, skipped and run, and the summary lines the command prints.
+    """
+    if isinstance(config, SweepConfig):
+        if preset is not None:
+            raise UserError("a preset goes with a dict of settings, not with a SweepConfig")
+        settings = config
+    else:
+        settings = load_config(preset, None, dict(config or {}))
+    executor = RaySettings(**ray) if isinstance(ray, Mapping) else ray
+    return run_sweep(settings, store, "icl_locate.api.sweep", executor)
+
+
+def open_store(path: str | Path) -> Study:
+    """The study store at ``path`` (written by ``sweep``, ``prune``, ``lora-sweep``), opened for reading."""
+    return Study(path)
