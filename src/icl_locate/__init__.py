@@ -13,7 +13,7 @@ import importlib
 
 __version__ = "0.1.0"
 
-# The names of icl_locate.api, as its own __all__ lists them (a test checks that the two lists agree). They
+# The names of icl_locate.api, listed here once (api.py imports this list as its own __all__). They
 # are provided by __getattr__ below, which pyright cannot see, hence the file-level setting that follows.
 # pyright: reportUnsupportedDunderAll=false
 __all__ = [

@@ -21,10 +21,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import __all__ as __all__  # the public names, listed once in the package, which exposes them lazily
 from .core import models
 from .core.catalog import EMBEDDED
 from .core.conditions import MaskedPrompt, get_condition
-from .core.interventions import UNCHANGED, AblateLayers, HeadMask, MaskBelow, MaskFrom, RowIntervention
+from .core.interventions import UNCHANGED as UNCHANGED  # re-exported: the row interventions generate takes
+from .core.interventions import AblateLayers as AblateLayers
+from .core.interventions import HeadMask as HeadMask
+from .core.interventions import MaskBelow as MaskBelow
+from .core.interventions import MaskFrom as MaskFrom
+from .core.interventions import RowIntervention
 from .core.models import LoadedModel
 from .engines.base import DEFAULT_STOP, Engine, StopRule
 from .engines.calibrate import Calibrator, build_engine
@@ -38,27 +44,6 @@ from .results.study import Study
 from .tasks.items import build_items, check_label_variant, labelled_task, post_process
 from .tasks.spec import Task
 from .util.errors import UserError
-
-__all__ = [
-    "load_model",
-    "prompts",
-    "generate",
-    "sweep",
-    "open_store",
-    "Item",
-    "Output",
-    "Study",
-    "LoadedModel",
-    "SweepConfig",
-    "SweepResult",
-    "RaySettings",
-    "MaskFrom",
-    "MaskBelow",
-    "HeadMask",
-    "AblateLayers",
-    "UNCHANGED",
-    "UserError",
-]
 
 
 def load_model(spec: str = EMBEDDED, dtype: str | None = None, device: str | None = None) -> LoadedModel:

@@ -141,6 +141,7 @@ class Calibrator:
         self.cache = cache if cache is not None else cache_dir() / "calibration"
         self.timer, self.use_cache = timer, use_cache
         self.device = next(model.parameters()).device
+        self._sample: tuple[MaskedPrompt, torch.Tensor] | None = None  # (prompt, its final hidden states)
 
     # ------------------------------------------------------------------ entry
 
@@ -207,11 +208,16 @@ class Calibrator:
         return Choices(engine, head, drafts, self.request.batch_size, reasons, measured, hardware(self.device))
 
     def _sample_hidden(self, prompt: MaskedPrompt) -> torch.Tensor:
-        """Final hidden states of the prompt's last positions: rows like those the head decodes."""
+        """Final hidden states of the prompt's last positions: rows like those the head decodes (computed
+        once per prompt: the head choice and the engine mini-run both use them)."""
+        if self._sample is not None and self._sample[0] is prompt:
+            return self._sample[1]
         ids = torch.tensor([prompt.ids], device=self.device)
         hidden = last_hidden(self.model, ids, positions=min(len(prompt.ids), HEAD_SAMPLE_ROWS))[0]
         reps = -(-HEAD_SAMPLE_ROWS // hidden.shape[0])
-        return hidden.repeat(reps, 1)[:HEAD_SAMPLE_ROWS].contiguous()
+        sample = hidden.repeat(reps, 1)[:HEAD_SAMPLE_ROWS].contiguous()
+        self._sample = (prompt, sample)
+        return sample
 
     def _choose_head(self, prompt: MaskedPrompt, reasons: dict, measured: dict) -> str:
         """The fastest of the plain head and the screens this model can take (each checked on a sample)."""

@@ -344,7 +344,7 @@ class Int8ScreenedHead(CertifiedHead):
         columns = torch.arange(rows, device=hidden.device)
         where = best_chunk * CHUNK_TOKENS + chunks[best_chunk, :, columns].argmax(1)  # [B]
         lower = top - (self.w_norm[where] * alpha + self.e_norm[where] * beta)  # <= the top fp32 logit / t
-        row = self._row_to_check(hidden.shape[0])
+        row = self._row_to_check(rows)
         if row is not None:
             vocab = self.w_int8.shape[0]
             error = (flat[:vocab, row] * t[row] - hidden[row] @ self.weight.T).abs()
