@@ -171,7 +171,7 @@ def test_auto_audits_within_its_share_of_the_decoding_time(tmp_path, data_dir):
         layers="0,2,4",
         data_dir=str(data_dir),
     )
-    from icl_locate.experiments.settings import plan_units
+    from icl_locate.experiments.planning import plan_units
 
     worker = tiny_worker(config, audit=None)
     (unit,) = plan_units(config, worker.loaded.info.num_layers, load_task_data(config))

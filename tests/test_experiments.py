@@ -13,7 +13,8 @@ from conftest import tiny_worker
 from icl_locate.cli import main
 from icl_locate.experiments import bench, decode, prune, sweep
 from icl_locate.experiments.executors import LocalExecutor
-from icl_locate.experiments.settings import SweepConfig, plan_units
+from icl_locate.experiments.planning import plan_units
+from icl_locate.experiments.settings import SweepConfig
 from icl_locate.results.store import Store
 from icl_locate.tasks.metrics import Bleu, PassAt1, translation_scores
 from icl_locate.util.progress import Progress

@@ -10,7 +10,8 @@ import pytest
 
 from icl_locate.core.labels import LabelSpace, abstract_map, derangement, relabel
 from icl_locate.core.prompts import Example
-from icl_locate.experiments.settings import SweepConfig, WorkUnit, plan_units, validate
+from icl_locate.experiments.planning import plan_units
+from icl_locate.experiments.settings import SweepConfig, WorkUnit, validate
 from icl_locate.tasks.items import build_items, label_space, labelled_task
 from icl_locate.tasks.loaders import load_data
 from icl_locate.tasks.spec import TaskData, TaskOptions

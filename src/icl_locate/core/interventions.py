@@ -7,7 +7,8 @@ Two levels, both plain values:
   >= j), ``MaskBelow(j)`` (the converse window: hide them at every layer < j, for the ``-below``
   conditions; ``mask_row`` picks one of the two by a condition's window), ``AblateLayers(ls)``
   (remove those layers' attention sublayer), ``PruneFrom(r)`` (context-pruned inference: the
-  hidden range is processed below r only) and ``UNCHANGED``.
+  hidden range is processed below r only), ``PatchLastPosition`` (a vector written into the prompt's
+  last position at one layer: task and function vectors, ``patches.py``) and ``UNCHANGED``.
   They are hashable: engines key their results by them.
 * **Batch interventions** are what the attention hooks read while a batch runs forward:
   ``ColumnMask`` (per-row hidden columns at per-row layers), ``AttentionAblation`` and
@@ -30,7 +31,7 @@ from torch import nn
 
 from .conditions import Condition, Range
 from .mask_surgery import hide_columns
-from .patches import PATCH_TYPES, Patch, check_patches, patch_rows
+from .patches import PATCH_TYPES, Patch, PatchLastPosition, check_patches, patch_rows
 from .structure import num_layers
 
 # --------------------------------------------------------------------------- row interventions
@@ -91,7 +92,7 @@ class Unchanged:
 
 
 UNCHANGED = Unchanged()
-RowIntervention = MaskFrom | MaskBelow | HeadMask | AblateLayers | PruneFrom | Unchanged
+RowIntervention = MaskFrom | MaskBelow | HeadMask | AblateLayers | PruneFrom | Unchanged | PatchLastPosition
 
 
 # --------------------------------------------------------------------------- batch interventions

@@ -92,6 +92,35 @@ Patch = ReplaceHidden | AddHidden | ReplaceHeadOutput
 PATCH_TYPES = (ReplaceHidden, AddHidden, ReplaceHeadOutput)
 
 
+@dataclass(frozen=True, eq=False)
+class PatchLastPosition:
+    """A row intervention (what a sweep row does, like ``MaskFrom``): at the input of decoder layer
+    ``layer``, each prompt's last position gets ``vector`` (``add``) or has its hidden state replaced
+    by it (``replace``). ``vectors`` is one [hidden_size] vector for every prompt, or [prompts,
+    hidden_size], one per prompt index. The task-vector sweep replaces with the vector read from
+    another query's ICL prompt; the function-vector sweep adds the task's function vector. Equality
+    is identity (engines key rows by it)."""
+
+    layer: int
+    mode: str  # "replace" | "add"
+    vectors: torch.Tensor  # [hidden_size] or [prompts, hidden_size]
+
+    def __post_init__(self):
+        if self.mode not in ("replace", "add"):
+            raise ValueError(f"mode must be 'replace' or 'add', got {self.mode!r}")
+        if self.layer < 0 or self.vectors.dim() not in (1, 2):
+            raise ValueError(
+                f"need layer >= 0 and vectors of 1 or 2 dimensions, got {self.layer}, {self.vectors.dim()}"
+            )
+        object.__setattr__(self, "vectors", self.vectors.detach().clone())
+
+    def patches(self, item: int, prompt_len: int) -> tuple[Patch, ...]:
+        """The patch on prompt ``item`` (``prompt_len`` tokens), at its own columns (no padding, every row)."""
+        vector = self.vectors if self.vectors.dim() == 1 else self.vectors[item]
+        kind = ReplaceHidden if self.mode == "replace" else AddHidden
+        return (kind(self.layer, prompt_len - 1, vector),)
+
+
 def patch_rows(patches: Sequence[Patch], rows: Sequence[int]) -> tuple[Patch, ...]:
     """The patches of the batch made of ``rows`` of this one: a patch of row ``rows[i]`` moves to row i,
     a patch of a row left out is gone, an every-row patch stays."""

@@ -241,3 +241,18 @@ def token_span(offsets: Sequence[tuple[int, int]], n_bos: int, char_span: CharSp
     lo, hi = char_span
     toks = [i for i in range(n_bos, len(offsets)) if lo <= offsets[i][0] < hi]
     return (toks[0], toks[-1] + 1) if toks else None
+
+
+def answer_first_token(tokenizer, encoded: EncodedPrompt, target: str) -> int:
+    """The first token of the answer ``target`` as it continues the prompt: tokenise prompt + answer (as an
+    answered example is written) and take the token after the prompt's own, when the prompt's tokens
+    stay as they were; where the answer merges into the prompt's last token, the answer's first token
+    on its own. What the logit lens ranks and the function vector's indirect effect measures."""
+    answer = target.strip()
+    if not answer:
+        raise ValueError("an empty answer has no first token")
+    full = list(tokenizer(encoded.text + answer, add_special_tokens=True)["input_ids"])
+    n = len(encoded.ids)
+    if full[:n] == list(encoded.ids) and len(full) > n:
+        return int(full[n])
+    return int(tokenizer(answer, add_special_tokens=False)["input_ids"][0])

@@ -55,6 +55,20 @@ def decoder_body(model: nn.Module) -> nn.Module:
     raise RuntimeError(f"could not find the {n} decoder layers of {type(model).__name__}")
 
 
+FINAL_NORM_NAMES = ("norm", "ln_f", "final_layernorm", "final_layer_norm")  # after the last layer, by family
+
+
+def final_norm(model: nn.Module) -> nn.Module:
+    """The norm the decoder body applies after its last layer (what the LM head reads; the logit lens
+    applies it to earlier layers' states too)."""
+    body = decoder_body(model)
+    for name in FINAL_NORM_NAMES:
+        module = getattr(body, name, None)
+        if isinstance(module, nn.Module):
+            return module
+    raise ValueError(f"{type(model).__name__}: no final norm found (looked for {', '.join(FINAL_NORM_NAMES)})")
+
+
 def num_heads(model: nn.Module) -> int:
     """Number of query heads per attention layer."""
     config = text_config(model)

@@ -63,12 +63,15 @@ def sample_rows(n_items: int, rows: Sequence[RowIntervention], n: int, seed: int
 
 
 @torch.no_grad()
-def reference_margin(model: nn.Module, prompt: MaskedPrompt, row: RowIntervention, tokens: Sequence[int]) -> float:
-    """Top-1 minus top-2 logit of the reference forward after ``prompt + tokens`` under ``row``."""
+def reference_margin(
+    model: nn.Module, prompt: MaskedPrompt, row: RowIntervention, tokens: Sequence[int], item: int = 0
+) -> float:
+    """Top-1 minus top-2 logit of the reference forward after ``prompt + tokens`` (prompt number ``item``)
+    under ``row``."""
     device = next(model.parameters()).device
     ids = torch.tensor([list(prompt.ids) + list(tokens)], device=device)
     logits = (
-        forward(model, ids, interventions=batch_interventions(prompt, row, num_layers(model)), last_only=True)
+        forward(model, ids, interventions=batch_interventions(prompt, row, num_layers(model), item), last_only=True)
         .logits[0, -1]
         .float()
     )
@@ -92,13 +95,13 @@ def audit_rows(
     out = []
     for item, index in picked:
         prompt, row = prompts[item], rows[index]
-        reference = greedy_decode(model, tokenizer, prompt.ids, batch_interventions(prompt, row, n_layers), stop)
+        reference = greedy_decode(model, tokenizer, prompt.ids, batch_interventions(prompt, row, n_layers, item), stop)
         ours = generations[(item, row)].token_ids
         theirs = reference.token_ids
         agree = ours == theirs and generations[(item, row)].finish == reference.finish
         position = margin = None
         if not agree:
             position = next((p for p, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
-            margin = reference_margin(model, prompt, row, theirs[:position])
+            margin = reference_margin(model, prompt, row, theirs[:position], item)
         out.append(AuditedRow(item, row, agree, position, margin, threshold, len(ours), len(theirs)))
     return out

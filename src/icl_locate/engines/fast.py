@@ -25,6 +25,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -42,7 +43,7 @@ from .rows import KV, BatchLayout, PrefixCaches, Row, plan_rows
 
 class FastEngine:
     """Decode every (prompt, intervention) row; supports ``MaskFrom``, ``MaskBelow``, ``HeadMask``,
-    ``AblateLayers``, ``UNCHANGED``."""
+    ``AblateLayers``, ``PatchLastPosition``, ``UNCHANGED``."""
 
     def __init__(
         self,
@@ -123,6 +124,7 @@ class FastEngine:
                 )
             if row.plan.ablate:
                 interventions.append(AttentionAblation(row.plan.ablate))
+            interventions.extend(p for p in row.plan.patches if p.position < len(prefix))
         cache = DynamicCache()
         ids = torch.tensor([list(prefix)], device=self.device)
         started = time.perf_counter()
@@ -184,6 +186,11 @@ class FastEngine:
         ]
         if chunk[0].plan.ablate:
             interventions.append(AttentionAblation(chunk[0].plan.ablate))
+        # a row's patches move to its batch row and columns; those in its cached prefix part already
+        # acted when its own prefix cache was made (plan_rows) and are outside every forward here
+        interventions.extend(
+            replace(p, row=b, position=layout.pads[b] + p.position) for b, r in enumerate(chunk) for p in r.plan.patches
+        )
         per_row = [prefix_caches.get(r) for r in chunk]
         capacity = layout.width + stop.max_new_tokens
         cache = DynamicCache()

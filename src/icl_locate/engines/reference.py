@@ -22,14 +22,18 @@ from .base import DEFAULT_STOP, Generation, ProgressCallback, ResultKey, StopRul
 from .rows import row_plan
 
 
-def batch_interventions(prompt: MaskedPrompt, row: RowIntervention, n_layers: int) -> tuple[BatchIntervention, ...]:
-    """The one-row batch interventions that carry out ``row`` on ``prompt`` (its ``row_plan``)."""
-    plan = row_plan(prompt, row, n_layers)
+def batch_interventions(
+    prompt: MaskedPrompt, row: RowIntervention, n_layers: int, item: int = 0
+) -> tuple[BatchIntervention, ...]:
+    """The one-row batch interventions that carry out ``row`` on ``prompt``, prompt number ``item`` of the
+    request (its ``row_plan``)."""
+    plan = row_plan(prompt, row, n_layers, item)
     out: list[BatchIntervention] = []
     if plan.mask_layers:
         out.append(ColumnMask([prompt.hidden], [plan.mask_layers], [plan.mask_heads], [plan.others_only]))
     if plan.ablate:
         out.append(AttentionAblation(plan.ablate))
+    out.extend(plan.patches)  # one row, no padding: the prompt's columns are the batch's
     return tuple(out)
 
 
@@ -85,7 +89,7 @@ class ReferenceEngine:
                     self.model,
                     self.tokenizer,
                     prompt.ids,
-                    batch_interventions(prompt, row, self.n_layers),
+                    batch_interventions(prompt, row, self.n_layers, i),
                     stop,
                     self.use_cache,
                 )

@@ -25,10 +25,12 @@ from ..core.interventions import (
     HeadSets,
     MaskBelow,
     MaskFrom,
+    PatchLastPosition,
     PruneFrom,
     RowIntervention,
     Unchanged,
 )
+from ..core.patches import Patch
 from .decoding import PreallocatedLayer, right_aligned
 
 NO_LAYERS: frozenset[int] = frozenset()
@@ -44,10 +46,11 @@ class RowPlan:
     mask_heads: HeadSets | None  # per masked layer, the query heads that hide them (None: all heads)
     ablate: frozenset[int]  # layers whose attention sublayer is removed
     others_only: bool = False  # converse window: the hidden positions themselves still attend as usual
+    patches: tuple[Patch, ...] = ()  # at the prompt's own columns (engines move them to their batch columns)
 
 
-def row_plan(prompt: MaskedPrompt, row: RowIntervention, n_layers: int) -> RowPlan:
-    """The plan of ``row`` on ``prompt``, by the paper's definitions.
+def row_plan(prompt: MaskedPrompt, row: RowIntervention, n_layers: int, item: int = 0) -> RowPlan:
+    """The plan of ``row`` on ``prompt`` (prompt number ``item`` of the request), by the paper's definitions.
 
     ``PruneFrom(r)`` is, by definition, the hidden range masked from layer r: nothing at layers >= r
     reads it (the pruned engine is tested equal to this). ``MaskBelow(j)`` masks layers 0..j-1.
@@ -70,6 +73,10 @@ def row_plan(prompt: MaskedPrompt, row: RowIntervention, n_layers: int) -> RowPl
         return RowPlan(NO_LAYERS, None, row.layers)
     if isinstance(row, Unchanged):
         return RowPlan(NO_LAYERS, None, NO_LAYERS)
+    if isinstance(row, PatchLastPosition):
+        if not 0 <= row.layer < n_layers:
+            raise ValueError(f"patch layer {row.layer} outside 0..{n_layers - 1}")
+        return RowPlan(NO_LAYERS, None, NO_LAYERS, patches=row.patches(item, len(prompt.ids)))
     raise TypeError(f"not a row intervention: {row!r}")
 
 
@@ -136,7 +143,7 @@ def plan_rows(prompts: Sequence[MaskedPrompt], interventions: Sequence[RowInterv
         start = max(1, prompt.query_start())  # a prompt without BOS or context: share 1 token
         prefix, query = tuple(prompt.ids[:start]), list(prompt.ids[start:])
         for v in interventions:
-            plan = row_plan(prompt, v, n_layers)
+            plan = row_plan(prompt, v, n_layers, i)
             ranges = prompt.hidden if plan.mask_layers else ()
             p_hidden = [(a, min(b, start)) for a, b in ranges if a < start]
             q_hidden = [(max(a, start) - start, b - start) for a, b in ranges if b > start]
@@ -148,6 +155,7 @@ def plan_rows(prompts: Sequence[MaskedPrompt], interventions: Sequence[RowInterv
                 bool(plan.ablate)
                 or plan.mask_heads is not None
                 or needs_own_prefix_cache(p_hidden, start, plan.mask_layers, n_layers)
+                or any(p.position < start for p in plan.patches)  # the shared prefix cache is unpatched
             )
             key = (prefix, v) if own else (prefix, None)
             rows.append(Row(i, v, key, query, q_hidden, p_hidden, plan))

@@ -2,8 +2,8 @@
 
 Everything here runs before any model loads, so a bad setting costs nothing: ``validate``
 checks names, numbers and layer syntax; ``load_task_data`` reads the data (bad paths and
-language codes fail here); ``plan_units`` (pure) turns a config into ``WorkUnit``s with stable
-ids once the model's number of layers is known. A unit = one (task, pair, condition or layer
+language codes fail here); ``planning.plan_units`` (pure) turns a config into ``WorkUnit``s with
+stable ids once the model's number of layers is known. A unit = one (task, pair, condition or layer
 ablation, instructions on/off, seed, k) over all requested layers and test items; the engine
 decodes its (item, layer) rows together, and the store commits it in one transaction.
 """
@@ -69,9 +69,14 @@ class SweepConfig(ModelAndData):
     audit_seed: int = 0  # the rows are drawn with this seed and the unit's id (stored with each row)
     heads: str | None = None  # "knockout" or "restore": head-level sweeps instead of layer-from masks
     from_layer: int | None = None  # restore: the context is hidden from this layer on (default: below recognition)
+    # "mask": the layer sweeps above; "task-vector", "function-vector", "logit-lens": the same depth axis by
+    # another method (experiments/methods.py), one unit per (pair, seed, k, instructions; lens: condition)
+    method: str = "mask"
+    top_heads: int | None = None  # function vectors: heads summed (None: Todd et al.'s share, methods.py)
 
 
 HEAD_SWEEPS = ("knockout", "restore")
+METHODS = ("mask", "task-vector", "function-vector", "logit-lens")  # "mask": the layer sweeps of --conditions
 
 
 def audit_per_unit(setting: int | str | None) -> int | None:
@@ -105,7 +110,12 @@ def load_config(preset: str | None = None, yaml_path: str | None = None, overrid
     return SweepConfig(**values)
 
 
-UNIT_FIELDS_ADDED = {"data": "", "from_layer": None, "labels": "gold"}  # field -> the value older units had
+UNIT_FIELDS_ADDED = {
+    "data": "",
+    "from_layer": None,
+    "labels": "gold",
+    "top_heads": None,
+}  # field -> the value older units had
 
 
 @dataclass(frozen=True)
@@ -122,6 +132,7 @@ class WorkUnit:
     data: str = ""  # identity of user data (task file, files); "" for the built-in datasets
     from_layer: int | None = None  # restore: the layer from which the context is hidden
     labels: str = "gold"  # the examples' label variant (core/labels.py)
+    top_heads: int | None = None  # function-vector units: the heads summed into the vector
 
     @property
     def unit_id(self) -> str:
@@ -137,6 +148,9 @@ class WorkUnit:
             "ablation": "layer ablation",
             "knockout": f"{self.condition} head knockout",
             "restore": f"{self.condition} head restoration from {self.from_layer}",
+            "task-vector": "task vector",
+            "function-vector": f"function vector of {self.top_heads} heads",
+            "logit-lens": f"logit lens, {self.condition} visible and hidden",
         }[self.kind]
         labels = f" labels={self.labels}" if self.labels != "gold" else ""
         return (
@@ -189,6 +203,7 @@ def validate(config: SweepConfig) -> None:
             raise UserError("--heads and --layer-ablation are separate sweeps; run them one after the other")
         if any(get_condition(c).window != "from" for c in config.conditions):
             raise UserError("--heads hides the context from heads at layers >= j; drop the '-below' conditions")
+    check_method(config)
     if config.from_layer is not None and config.heads != "restore":
         raise UserError("--from-layer is for --heads restore")
     check_count("--from-layer", config.from_layer, minimum=0)
@@ -203,6 +218,27 @@ def validate(config: SweepConfig) -> None:
             raise UserError(f"task {config.task} needs at least one language pair (--pairs)")
         for pair in config.pairs:
             parse_pair(pair)
+
+
+def check_method(config: SweepConfig) -> None:
+    """--method and what it can be combined with."""
+    if config.method not in METHODS:
+        raise UserError(f"--method must be one of {', '.join(METHODS)}, got {config.method!r}")
+    check_count("--top-heads", config.top_heads)
+    if config.top_heads is not None and config.method != "function-vector":
+        raise UserError("--top-heads is for --method function-vector")
+    if config.method == "mask":
+        return
+    if config.heads is not None or config.layer_ablation or config.labels != ["gold"]:
+        raise UserError(f"--method {config.method} runs alone: drop --heads, --layer-ablation and --labels")
+    if config.method != "logit-lens" and config.engine == "tree":
+        raise UserError(
+            f"--method {config.method} decodes with patches, which the tree engine does not take: --engine fast"
+        )
+    if config.method == "function-vector" and any(k < 2 for k in config.ks):
+        raise UserError("--method function-vector corrupts prompts by shuffling the examples' answers: --k >= 2")
+    if config.method == "task-vector" and any(k < 1 for k in config.ks):
+        raise UserError("--method task-vector reads its vector from an ICL prompt: --k >= 1")
 
 
 def task_pairs(config: SweepConfig) -> list[str]:
@@ -246,115 +282,3 @@ def load_task_data(config: SweepConfig, log: Callable[[str], None] = lambda line
         task, data = task_and_data(config, pair or None, log)
         loaded[(task.name, pair)] = (task, data)
     return loaded
-
-
-def head_layers(config: SweepConfig, num_layers: int, from_layer: int | None) -> tuple[int, ...]:
-    """The layers whose heads a head sweep visits: --layers (all: every layer; restore: from j on)."""
-    first = 0
-    if config.heads == "restore":
-        assert from_layer is not None  # restoration starts at a layer (_plan_head_units)
-        first = from_layer
-        if not 0 <= first < num_layers:
-            raise UserError(f"--from-layer must be in 0..{num_layers - 1}, got {first}")
-    layers = range(first, num_layers) if config.layers == "all" else parse_layers(config.layers, num_layers - 1)
-    bad = [layer for layer in layers if layer < first]
-    if bad:
-        raise UserError(f"restoration gives the context back at layers >= {first} (where it is hidden); got {bad}")
-    return tuple(layers)
-
-
-def plan_units(
-    config: SweepConfig,
-    num_layers: int,
-    tasks: LoadedTasks | None = None,
-    restore_from: Callable[[str, str, bool, int], int | None] | None = None,
-) -> list[WorkUnit]:
-    """Expand the grid (``validate`` it first). ``tasks`` (the loaded data) gives user data its identity;
-    ``restore_from(pair, condition, instructions, k)`` gives a restoration's default layer."""
-    validate(config)
-    task = sweep_task(config)
-    if config.heads is not None:
-        return _plan_head_units(config, task.name, num_layers, tasks, restore_from)
-    layers = tuple(parse_layers(config.layers, num_layers))
-    units = []
-    for pair in task_pairs(config):
-        for seed in config.seeds:
-            for k in config.ks:
-                data = tasks[(task.name, pair)][1].digest[:16] if tasks else ""
-                for instr in config.instructions:
-                    for cond in config.conditions:
-                        for variant in config.labels:
-                            units.append(
-                                WorkUnit(
-                                    task.name,
-                                    pair,
-                                    "mask",
-                                    get_condition(cond).name,
-                                    instr,
-                                    seed,
-                                    k,
-                                    config.n_test,
-                                    layers,
-                                    data,
-                                    labels=variant,
-                                )
-                            )
-                if config.layer_ablation:
-                    units.append(
-                        WorkUnit(
-                            task.name,
-                            pair,
-                            "ablation",
-                            "",
-                            True,
-                            seed,
-                            k,
-                            config.n_test,
-                            tuple(range(num_layers + 1)),
-                            data,
-                        )
-                    )
-    return list(dict.fromkeys(units))
-
-
-def _plan_head_units(
-    config: SweepConfig, task: str, num_layers: int, tasks: LoadedTasks | None, restore_from
-) -> list[WorkUnit]:
-    assert config.heads is not None  # a head sweep
-    units = []
-    for pair in task_pairs(config):
-        for seed in config.seeds:
-            for k in config.ks:
-                data = tasks[(task, pair)][1].digest[:16] if tasks else ""
-                for instr in config.instructions:
-                    for cond in config.conditions:
-                        name = get_condition(cond).name
-                        j = None
-                        if config.heads == "restore":
-                            j = (
-                                config.from_layer
-                                if config.from_layer is not None
-                                else (restore_from(pair, name, instr, k) if restore_from else None)
-                            )
-                            if j is None:
-                                raise UserError(
-                                    f"--heads restore needs --from-layer, or a layer sweep of {name} "
-                                    f"({pair or task}, k={k}) in the store whose recognition layer it "
-                                    f"starts below"
-                                )
-                        units.append(
-                            WorkUnit(
-                                task,
-                                pair,
-                                config.heads,
-                                name,
-                                instr,
-                                seed,
-                                k,
-                                config.n_test,
-                                head_layers(config, num_layers, j),
-                                data,
-                                j,
-                            )
-                        )
-    return list(dict.fromkeys(units))

@@ -28,12 +28,12 @@ from ..util.progress import Progress
 from .common import fingerprint, provenance
 from .executors import Executor, LocalExecutor, RayExecutor
 from .options import RaySettings
+from .planning import plan_units
 from .settings import (
     LoadedTasks,
     SweepConfig,
     WorkUnit,
     load_task_data,
-    plan_units,
     validate,
 )
 from .units import Worker, check_units
@@ -94,7 +94,7 @@ def prepare(
     check_k(config, tasks)
     loaded = (load_model if weights else load_description)(config.model, dtype=config.dtype, device=config.device)
     restore_from = recognition_below(store_file) if config.heads == "restore" and config.from_layer is None else None
-    units = plan_units(config, loaded.info.num_layers, tasks, restore_from)
+    units = plan_units(config, loaded.info.num_layers, tasks, restore_from, loaded.info.num_heads)
     check_units(loaded, tasks, units, config.max_new_tokens)  # context length, before the store is touched
     return loaded, tasks, units
 

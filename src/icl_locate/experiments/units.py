@@ -11,7 +11,6 @@ Ray actors) and the store keeps one writer.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -23,9 +22,12 @@ from ..core.models import LoadedModel, load_model
 from ..engines.audit import audit_rows, sample_rows
 from ..engines.base import Engine, ProgressCallback, StopRule
 from ..engines.calibrate import Calibrator, Choices, build_engine
+from ..engines.fast import FastEngine
 from ..engines.request import EngineRequest
-from ..tasks.items import build_items, labelled_task, post_process
+from ..tasks.items import build_items, labelled_task
 from .common import check_context, masked_prompts, stop_rule
+from .methods import METHOD_KINDS, MethodInputs, run_method
+from .scoring import Decoded, score_rows, span_lengths
 from .settings import LoadedTasks, SweepConfig, WorkUnit, audit_per_unit, engine_request, load_task_data
 
 
@@ -75,11 +77,6 @@ def row_interventions(unit: WorkUnit, n_layers: int, n_heads: int) -> dict[tuple
     return rows
 
 
-def span_lengths(spans: dict) -> dict:
-    length = lambda p: (spans[p][1] - spans[p][0]) if spans.get(p) else 0  # noqa: E731
-    return dict(n_instructions=length("instructions"), n_examples=length("examples"), n_query=length("query"))
-
-
 AUDIT_SHARE = 0.05  # --audit auto: the audit's share of a worker's decoding time
 
 
@@ -103,6 +100,7 @@ class Worker:
     engine: Engine | None = None
     log: Callable[[str], None] = _stderr
     engines: dict[tuple, tuple[Engine, Choices]] = field(default_factory=dict)
+    patching: Engine | None = None  # method units' engine (patch_engine)
     seconds: dict[str, float] = field(default_factory=lambda: {"decoding": 0.0, "audit": 0.0, "audit_rows": 0})
 
     @classmethod
@@ -138,6 +136,8 @@ class Worker:
         return self.engines[shape]
 
     def compute(self, unit: WorkUnit, progress: ProgressCallback | None = None) -> UnitResult:
+        if unit.kind in METHOD_KINDS:
+            return self.compute_method(unit, progress)
         task, data, items = unit_items(self.loaded.tokenizer, self.tasks, unit)
         n_layers = self.loaded.info.num_layers
         condition = get_condition(unit.condition) if unit.kind != "ablation" else None
@@ -149,33 +149,47 @@ class Worker:
         gens = engine.generate(prompts, list(rows.values()), stop, progress)
         seconds = time.time() - started
         audited, audit_seconds = self.audit_unit(unit, prompts, rows, gens, stop, seconds)
-        predictions, scores = [], []
-        examples = [it.item for it in items]
-        for (kind, layer), row in rows.items():
-            outputs = [gens[(i, row)] for i in range(len(items))]
-            texts = [post_process(task, g.text) for g in outputs]
-            scored = task.metric.score(texts, examples, data)
-            scores += [(kind, layer, metric, value) for metric, value in scored.corpus.items()]
-            masked = condition is not None and (layer > 0 if condition.window == "below" else layer < n_layers)
-            for i, (it, prompt, g, text) in enumerate(zip(items, prompts, outputs, texts)):
-                predictions.append(
-                    dict(
-                        item=i,
-                        example_id=it.item.id,
-                        variant=kind,
-                        layer=layer,
-                        prompt_token_ids=json.dumps(prompt.ids),
-                        hidden_ranges=json.dumps(prompt.hidden if masked else []),
-                        in_context_ids=json.dumps(it.encoded.example_ids),
-                        raw_generation=g.text,
-                        generation=text,
-                        reference=it.item.target,
-                        finish=g.finish,
-                        sentence_score=scored.sentence[i],
-                        stats=json.dumps(scored.stats[i]),
-                        **span_lengths(prompt.spans),
-                    )
-                )
+        decoded = {
+            (kind, layer): Decoded(
+                items,
+                prompts,
+                [gens[(i, row)] for i in range(len(items))],
+                masked=condition is not None and (layer > 0 if condition.window == "below" else layer < n_layers),
+            )
+            for (kind, layer), row in rows.items()
+        }
+        predictions, scores = score_rows(task, data, decoded)
+        return self.result(unit, items, seconds, predictions, scores, choices, audited, audit_seconds)
+
+    def compute_method(self, unit: WorkUnit, progress: ProgressCallback | None = None) -> UnitResult:
+        """A task-vector, function-vector or logit-lens unit (``methods.py``): decoded on the fast engine
+        (or the one given), whose rows can carry patches."""
+        task, data, items = unit_items(self.loaded.tokenizer, self.tasks, unit)
+        stop = stop_rule(task, self.max_new_tokens)
+        started = time.time()
+        output = run_method(unit, MethodInputs(self.loaded, self.patch_engine, task, data, items, stop, progress))
+        seconds = time.time() - started
+        predictions, scores = score_rows(task, data, output.decoded)
+        audited, audit_seconds = [], 0.0
+        if output.audit_rows:
+            audited, audit_seconds = self.audit_unit(
+                unit, output.audit_prompts, output.audit_rows, output.audit_generations, stop, seconds
+            )
+        return self.result(
+            unit, items, seconds, predictions + output.predictions, scores + output.scores, None, audited, audit_seconds
+        )
+
+    def patch_engine(self) -> Engine:
+        """The engine of method units: the one given, else a fast engine (the tree engine takes no patches)."""
+        if self.engine is not None:
+            return self.engine
+        if self.patching is None:
+            assert self.loaded.model is not None  # a loaded model, not a description
+            self.patching = FastEngine(self.loaded.model, self.loaded.tokenizer, self.request.batch_size)
+        return self.patching
+
+    @staticmethod
+    def result(unit, items, seconds, predictions, scores, choices, audited, audit_seconds) -> UnitResult:
         lengths = [span_lengths(it.encoded.spans) for it in items]
         context = sum(n["n_instructions"] + n["n_examples"] for n in lengths) / len(items)
         query = sum(n["n_query"] for n in lengths) / len(items)

@@ -1,0 +1,220 @@
+"""Other methods on the same depth axis as context masking: the task vector, the function vector and
+the logit lens, as unit kinds of a sweep (same tasks, prompts, metric and store).
+
+Protocols (what a unit of each kind computes, on the unit's test items, k examples, one seed):
+
+* ``task-vector`` (Hendel et al., 2023, with their dummy query): theta_l of query i is the input of
+  decoder layer l at the last position of the ICL prompt of query i+1 (the next test item, cyclically:
+  the same k examples with a different query). It replaces the hidden state at the last position of
+  query i's zero-shot prompt (the same instructions, no examples) at layer l; then greedy decoding and
+  the task's metric as usual, for every l in 0..L-1. Stored beside: the zero-shot prompt unpatched and
+  the full ICL prompt (variants "zero-shot" and "icl" at layer L).
+* ``function-vector`` (Todd et al., 2024): each head's output at the last position averaged over the
+  unit's ICL prompts (gold labels); on the same prompts with the examples' answers shuffled among the
+  examples (the "shuffled" label variant: no example keeps its answer), the indirect effect of head
+  (l, h) = the probability of the reference answer's first token with that head's output replaced by
+  its mean, minus without; averaged over the prompts (AIE, stored per prompt as "aie/h<h>"). The
+  function vector = the sum of the top-K heads' mean outputs through the output projection, added at
+  the last position of the zero-shot prompt at layer l, for every l; baselines as above.
+* ``logit-lens``: at the query's last position, the final norm and LM head applied to the residual
+  stream at every layer 0..L (L: the model's own output): the reference answer's first token's top-1,
+  probability and rank, with the context visible ("lens/visible") and with the unit's condition
+  hidden at every layer ("lens/hidden").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..core.conditions import get_condition
+from ..core.interventions import UNCHANGED, MaskBelow, MaskFrom, RowIntervention
+from ..core.models import LoadedModel
+from ..core.patches import PatchLastPosition
+from ..core.prompts import PromptedItem, answer_first_token
+from ..engines.base import Engine, ProgressCallback, StopRule
+from ..engines.readout import (
+    function_vector,
+    head_indirect_effects,
+    last_position_states,
+    logit_lens,
+    mean_head_outputs,
+)
+from ..engines.reference import batch_interventions
+from ..tasks.items import build_items
+from ..tasks.spec import Task, TaskData
+from ..util.errors import UserError
+from .common import masked_prompts
+from .scoring import Decoded, prediction_row
+from .settings import METHODS
+
+METHOD_KINDS = tuple(m for m in METHODS if m != "mask")
+
+
+@dataclass
+class MethodOutput:
+    """What a method unit gives the worker: decoded rows to score with the task's metric, rows stored as
+    they are (indirect effects, lens readings), and the decoding an audit may check."""
+
+    decoded: dict[tuple[str, int], Decoded] = field(default_factory=dict)
+    predictions: list[dict] = field(default_factory=list)
+    scores: list[tuple[str, int, str, float]] = field(default_factory=list)
+    audit_prompts: list = field(default_factory=list)
+    audit_rows: dict[tuple[str, int], RowIntervention] = field(default_factory=dict)
+    audit_generations: dict = field(default_factory=dict)
+
+
+@dataclass
+class MethodInputs:
+    """A method unit's model, data and decoding settings."""
+
+    loaded: LoadedModel
+    engine: Callable[[], Engine]  # built when a method decodes (the lens does not)
+    task: Task
+    data: TaskData
+    items: list[PromptedItem]  # the unit's ICL prompts (k examples, gold labels)
+    stop: StopRule
+    progress: ProgressCallback | None = None
+
+    @property
+    def model(self) -> nn.Module:
+        assert self.loaded.model is not None  # a loaded model, not a description
+        return self.loaded.model
+
+    @property
+    def tokenizer(self) -> Any:  # a transformers tokenizer (LoadedModel keeps it untyped)
+        return self.loaded.tokenizer
+
+
+def run_method(unit, inputs: MethodInputs) -> MethodOutput:
+    """Compute a ``task-vector``, ``function-vector`` or ``logit-lens`` unit (module docstring)."""
+    if unit.kind == "logit-lens":
+        return logit_lens_rows(inputs, unit.condition, unit.layers)
+    if len(inputs.items) < 2 and unit.kind == "task-vector":
+        raise UserError("--method task-vector reads each query's vector from another query's prompt: --n-test >= 2")
+    zero = build_items(inputs.task, inputs.data, inputs.tokenizer, 0, unit.seed, unit.n_test, unit.instructions)
+    if unit.kind == "task-vector":
+        states = last_position_states(inputs.model, [it.encoded.ids for it in inputs.items], unit.layers)
+        donors = [(i + 1) % len(inputs.items) for i in range(len(inputs.items))]
+        rows: dict[tuple[str, int], RowIntervention] = {
+            ("task-vector", layer): PatchLastPosition(layer, "replace", states[donors, n])  # [items, d]
+            for n, layer in enumerate(unit.layers)
+        }
+        return decode_with_baselines(inputs, zero, rows)
+    if unit.kind == "function-vector":
+        vector, output = function_vector_of(inputs, unit)
+        rows: dict[tuple[str, int], RowIntervention] = {
+            ("function-vector", layer): PatchLastPosition(layer, "add", vector) for layer in unit.layers
+        }
+        decoded = decode_with_baselines(inputs, zero, rows)
+        decoded.predictions, decoded.scores = output.predictions, output.scores
+        return decoded
+    raise ValueError(f"not a method unit: {unit.kind}")
+
+
+def decode_with_baselines(
+    inputs: MethodInputs, zero: list[PromptedItem], rows: dict[tuple[str, int], RowIntervention]
+) -> MethodOutput:
+    """``rows`` decoded on the zero-shot prompts, with the zero-shot prompts unpatched and the ICL
+    prompts as baselines (at layer L)."""
+    engine, n_layers = inputs.engine(), inputs.loaded.info.num_layers
+    rows = {**rows, ("zero-shot", n_layers): UNCHANGED}
+    zero_prompts, icl_prompts = masked_prompts(zero, None), masked_prompts(inputs.items, None)
+    gens = engine.generate(zero_prompts, list(rows.values()), inputs.stop, inputs.progress)
+    icl = engine.generate(icl_prompts, [UNCHANGED], inputs.stop)
+    decoded = {
+        key: Decoded(zero, zero_prompts, [gens[(i, row)] for i in range(len(zero))]) for key, row in rows.items()
+    }
+    decoded[("icl", n_layers)] = Decoded(inputs.items, icl_prompts, [icl[(i, UNCHANGED)] for i in range(len(zero))])
+    return MethodOutput(decoded, audit_prompts=zero_prompts, audit_rows=rows, audit_generations=gens)
+
+
+def function_vector_of(inputs: MethodInputs, unit) -> tuple[torch.Tensor, MethodOutput]:
+    """The function vector of the unit's prompts and the stored per-head indirect effects."""
+    model, tokenizer = inputs.model, inputs.tokenizer
+    if unit.k < 2:
+        raise UserError("--method function-vector corrupts prompts by shuffling the examples' answers: --k >= 2")
+    shuffled = build_items(
+        inputs.task, inputs.data, tokenizer, unit.k, unit.seed, unit.n_test, unit.instructions, labels="shuffled"
+    )
+    answers = [answer_first_token(tokenizer, it.encoded, it.item.target) for it in shuffled]
+    means = mean_head_outputs(model, [it.encoded.ids for it in inputs.items])  # [L, H, head_dim]
+    effects = head_indirect_effects(model, [it.encoded.ids for it in shuffled], answers, means)  # [items, L, H]
+    average = effects.mean(0)  # [L, H]
+    n_heads = average.shape[1]
+    order = torch.argsort(average.flatten(), descending=True, stable=True)[: unit.top_heads]
+    heads = [divmod(int(flat), n_heads) for flat in order]
+    output = MethodOutput()
+    prompts = masked_prompts(shuffled, None)
+    for (layer, h), value in zip(
+        [(layer, h) for layer in range(average.shape[0]) for h in range(n_heads)], average.flatten().tolist()
+    ):
+        output.scores.append((f"aie/h{h}", layer, "aie", value))
+        for i, (it, prompt) in enumerate(zip(shuffled, prompts, strict=True)):
+            effect = float(effects[i, layer, h])
+            output.predictions.append(
+                prediction_row(
+                    i,
+                    it,
+                    prompt,
+                    f"aie/h{h}",
+                    layer,
+                    masked=False,
+                    raw="",
+                    text="",
+                    finish="",
+                    score=effect,
+                    stats=[effect],
+                )
+            )
+    return function_vector(model, means, heads), output
+
+
+def logit_lens_rows(inputs: MethodInputs, condition_name: str, layers: Sequence[int]) -> MethodOutput:
+    """The lens at ``layers`` for every item, context visible and hidden (the condition at every layer)."""
+    model, tokenizer = inputs.model, inputs.tokenizer
+    n_layers = inputs.loaded.info.num_layers
+    condition = get_condition(condition_name)
+    hide = MaskBelow(n_layers) if condition.window == "below" else MaskFrom(0)
+    prompts = masked_prompts(inputs.items, condition)
+    output = MethodOutput()
+    readings: dict[tuple[str, int], list[torch.Tensor]] = {}
+    for i, (it, prompt) in enumerate(zip(inputs.items, prompts, strict=True)):
+        answer = answer_first_token(tokenizer, it.encoded, it.item.target)
+        for variant, interventions, masked in (
+            ("lens/visible", (), False),
+            ("lens/hidden", batch_interventions(prompt, hide, n_layers, i), True),
+        ):
+            stats, top = logit_lens(model, prompt.ids, answer, interventions)  # [L+1, 3]
+            for layer in layers:
+                readings.setdefault((variant, layer), []).append(stats[layer])
+                word = tokenizer.decode([top[layer]])
+                output.predictions.append(
+                    prediction_row(
+                        i,
+                        it,
+                        prompt,
+                        variant,
+                        layer,
+                        masked=masked,
+                        raw=word,
+                        text=word,
+                        finish="lens",
+                        score=float(stats[layer, 0]),
+                        stats=stats[layer].tolist(),
+                    )
+                )
+        if inputs.progress is not None:
+            inputs.progress(i + 1, len(inputs.items))
+    for (variant, layer), values in readings.items():
+        stacked = torch.stack(values)  # [items, 3]
+        output.scores += [
+            (variant, layer, "top1", float(stacked[:, 0].mean())),
+            (variant, layer, "prob", float(stacked[:, 1].mean())),
+            (variant, layer, "rank", float(stacked[:, 2].median())),
+        ]
+    return output

@@ -1,0 +1,217 @@
+"""Task vectors, function vectors and the logit lens (experiments/methods.py, engines/readout.py).
+
+Patch rows decode the same on the reference and fast engines as under plain hooks written here; the
+readings equal the model's own states and logits; the per-head indirect effects equal full forwards;
+the method units are planned, stored, resumed and drawn."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import OUT_PROJ, tiny
+from icl_locate.core.conditions import MaskedPrompt
+from icl_locate.core.interventions import UNCHANGED
+from icl_locate.core.patches import PatchLastPosition, ReplaceHeadOutput
+from icl_locate.core.prompts import FORMATS, Example, answer_first_token, build_prompt, encode_prompt
+from icl_locate.core.structure import decoder_layers, final_norm
+from icl_locate.engines.base import StopRule, forward
+from icl_locate.engines.fast import FastEngine
+from icl_locate.engines.readout import (
+    function_vector,
+    head_indirect_effects,
+    last_position_states,
+    logit_lens,
+    mean_head_outputs,
+)
+from icl_locate.engines.reference import ReferenceEngine, greedy_decode
+from icl_locate.engines.tree import TreeEngine
+from icl_locate.experiments.planning import default_top_heads, plan_units
+from icl_locate.experiments.settings import SweepConfig
+from icl_locate.util.errors import UserError
+
+FAMILIES = ["llama", "gemma3", "qwen2", "gpt_neo", "bloom", "starcoder2"]
+BANK = [Example(str(i), f"phrase numero {i} ici", f"phrase number {i} here") for i in range(4)]
+QUERIES = ["une question", "une autre question un peu plus longue", "court"]
+STOP = StopRule((), 5)
+
+
+def prompts(tokenizer) -> list[MaskedPrompt]:
+    """Three prompts of different lengths (the fast engine left-pads them in one batch)."""
+    fmt = FORMATS["instr_machine_translation"]
+    return [
+        MaskedPrompt.of(encode_prompt(tokenizer, build_prompt(fmt, BANK[:3], q, header="Translate:")), None)
+        for q in QUERIES
+    ]
+
+
+def hidden_size(lm) -> int:
+    return lm.model.config.hidden_size
+
+
+def plain_patched_decode(lm, ids, layer: int, edit):
+    """Greedy decoding with ``edit`` applied by a plain pre-hook to decoder layer ``layer``'s input at the
+    prompt's last position, in the prompt's forward only (later tokens read its cached keys/values)."""
+
+    def hook(module, args, kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        if x.shape[1] == len(ids):
+            x = x.clone()
+            x[:, -1] = edit(x[:, -1])
+        return ((x,) + tuple(args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
+
+    handle = decoder_layers(lm.model)[layer].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        return greedy_decode(lm.model, lm.tokenizer, ids, (), STOP)
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_patch_rows_decode_as_plain_hooks_on_the_reference_and_fast_engines(family):
+    lm = tiny(family)
+    ps = prompts(lm.tokenizer)
+    g = torch.Generator().manual_seed(0)
+    per_prompt = 3 * torch.randn(len(ps), hidden_size(lm), generator=g)
+    shared = 3 * torch.randn(hidden_size(lm), generator=g)
+    rows = [PatchLastPosition(1, "replace", per_prompt), PatchLastPosition(2, "add", shared), UNCHANGED]
+    reference = ReferenceEngine(lm.model, lm.tokenizer).generate(ps, rows, STOP)
+    # one batch (the shorter prompts left-padded beside the longest), and batches of two rows
+    fast = [FastEngine(lm.model, lm.tokenizer, batch_size=size).generate(ps, rows, STOP) for size in (None, 2)]
+    for i, p in enumerate(ps):
+        plain = [
+            plain_patched_decode(lm, p.ids, 1, lambda x, i=i: per_prompt[i].to(x.dtype).expand_as(x)),
+            plain_patched_decode(lm, p.ids, 2, lambda x: x + shared.to(x.dtype)),
+            greedy_decode(lm.model, lm.tokenizer, p.ids, (), STOP),
+        ]
+        for row, want in zip(rows, plain, strict=True):
+            assert reference[(i, row)].token_ids == want.token_ids, (family, i, row)
+            assert [f[(i, row)].token_ids for f in fast] == [want.token_ids] * 2, (family, i, row)
+    assert any(reference[(i, rows[0])].token_ids != reference[(i, UNCHANGED)].token_ids for i in range(len(ps)))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neo"])
+def test_a_models_own_state_or_a_zero_vector_changes_nothing(family):
+    lm = tiny(family)
+    ps = prompts(lm.tokenizer)
+    layers = list(range(lm.info.num_layers))
+    states = last_position_states(lm.model, [p.ids for p in ps], layers)  # [prompts, layers, d]
+    rows = [PatchLastPosition(layer, "replace", states[:, layer]) for layer in layers]
+    rows += [PatchLastPosition(1, "add", torch.zeros(hidden_size(lm))), UNCHANGED]
+    got = FastEngine(lm.model, lm.tokenizer).generate(ps, rows, StopRule((), 4))
+    for i in range(len(ps)):
+        assert {tuple(got[(i, row)].token_ids) for row in rows} == {tuple(got[(i, UNCHANGED)].token_ids)}
+
+
+def test_last_position_states_are_the_models_hidden_states():
+    lm = tiny("llama")
+    ids = prompts(lm.tokenizer)[0].ids
+    out = lm.model(torch.tensor([ids]), output_hidden_states=True)
+    states = last_position_states(lm.model, [ids], [0, 1, 2])
+    for layer in (0, 1, 2):
+        torch.testing.assert_close(states[0, layer], out.hidden_states[layer][0, -1], rtol=0, atol=0)
+
+
+def test_the_tree_engine_refuses_patch_rows():
+    lm = tiny("llama")
+    row = PatchLastPosition(1, "add", torch.zeros(hidden_size(lm)))
+    with pytest.raises(ValueError, match="tree engine does not decode patch rows"):
+        TreeEngine(lm.model, lm.tokenizer).generate(prompts(lm.tokenizer), [row], STOP)
+
+
+def answer_probability(lm, ids, answer, patches=()) -> float:
+    logits = forward(lm.model, torch.tensor([ids]), interventions=patches, last_only=True).logits[0, -1]
+    return float(logits.float().softmax(-1)[answer])
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt_neo"])
+def test_indirect_effects_equal_full_forwards_with_the_head_patched(family):
+    lm = tiny(family)
+    ids = [p.ids for p in prompts(lm.tokenizer)]
+    means = mean_head_outputs(lm.model, ids[:2])  # [L, H, head_dim]
+    answer = 7
+    effects = head_indirect_effects(lm.model, ids[2:], [answer], means)[0]  # [L, H]
+    base = answer_probability(lm, ids[2], answer)
+    last = len(ids[2]) - 1
+    for layer, head in [(0, 0), (1, 3), (lm.info.num_layers - 1, 2)]:
+        patch = ReplaceHeadOutput(layer, head, last, means[layer, head])
+        want = answer_probability(lm, ids[2], answer, [patch]) - base
+        assert abs(float(effects[layer, head]) - want) < 1e-5, (family, layer, head)
+    own = mean_head_outputs(lm.model, ids[2:])  # the prompt's own head outputs: no effect anywhere
+    assert float(head_indirect_effects(lm.model, ids[2:], [answer], own).abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neo"])
+def test_the_function_vector_is_the_heads_means_through_the_output_projection(family):
+    lm = tiny(family)
+    means = mean_head_outputs(lm.model, [p.ids for p in prompts(lm.tokenizer)])
+    heads = [(0, 1), (2, 3)]
+    weight = {
+        layer: decoder_layers(lm.model)[layer].get_submodule(OUT_PROJ[family]).weight.float() for layer, _ in heads
+    }
+    d = means.shape[-1]
+    want = sum(weight[layer][:, h * d : (h + 1) * d] @ means[layer, h] for layer, h in heads)
+    torch.testing.assert_close(function_vector(lm.model, means, heads), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt_neo"])
+def test_the_lens_is_the_models_own_output_at_the_last_layer(family):
+    lm = tiny(family)
+    ids = prompts(lm.tokenizer)[1].ids
+    n = lm.info.num_layers
+    with torch.no_grad():
+        out = lm.model(torch.tensor([ids]), output_hidden_states=True)
+    logits = out.logits[0, -1].float()
+    answer = int(logits.topk(3).indices[2])  # the third most likely token: rank 3 at the last layer
+    stats, top = logit_lens(lm.model, ids, answer)  # [L+1, 3]
+    assert stats.shape == (n + 1, 3) and top[n] == int(logits.argmax())
+    assert stats[n, 2] == 3 and stats[n, 0] == 0
+    assert abs(float(stats[n, 1]) - float(logits.softmax(-1)[answer])) < 1e-5
+    head, norm = lm.model.get_output_embeddings(), final_norm(lm.model)
+    with torch.no_grad():
+        lens_1 = head(norm(out.hidden_states[1][0, -1])).float()
+    cap = getattr(lm.model.config, "final_logit_softcapping", None)
+    if cap:
+        lens_1 = torch.tanh(lens_1 / cap) * cap
+    assert abs(float(stats[1, 1]) - float(lens_1.softmax(-1)[answer])) < 1e-5
+    assert top[1] == int(lens_1.argmax())
+
+
+def test_the_answers_first_token_continues_the_prompt():
+    tokenizer = tiny("llama").tokenizer
+    enc = encode_prompt(tokenizer, build_prompt(FORMATS["instr_machine_translation"], BANK[:2], "court"))
+    first = answer_first_token(tokenizer, enc, " short answer ")
+    full = tokenizer(enc.text + "short answer")["input_ids"]
+    assert full[: len(enc.ids)] == enc.ids and first == full[len(enc.ids)]
+    with pytest.raises(ValueError, match="empty answer"):
+        answer_first_token(tokenizer, enc, "  ")
+
+
+def test_default_top_heads_keeps_todd_et_al_share():
+    assert default_top_heads(28, 16) == 10  # GPT-J, as in the paper
+    assert default_top_heads(32, 32) == 23  # Llama-7B
+    assert default_top_heads(18, 4) == 3  # Gemma-3-270M: at least three
+
+
+def test_method_units_plan_and_bad_combinations_fail_in_one_line():
+    lens = plan_units(SweepConfig(method="logit-lens", conditions=["instructions+examples", "examples"]), 4)
+    assert [(u.kind, u.condition, u.layers) for u in lens] == [
+        ("logit-lens", "instructions+examples", (0, 1, 2, 3, 4)),
+        ("logit-lens", "examples", (0, 1, 2, 3, 4)),
+    ]
+    (fv,) = plan_units(SweepConfig(method="function-vector"), 4, num_heads=16)
+    assert (fv.kind, fv.condition, fv.layers, fv.top_heads) == ("function-vector", "", (0, 1, 2, 3), 3)
+    (mask,) = plan_units(SweepConfig(), 4)
+    assert mask.unit_id == plan_units(SweepConfig(top_heads=None), 4)[0].unit_id and "top_heads" not in str(
+        mask.unit_id
+    )
+    bad = [
+        (dict(method="nope"), "--method must be one of"),
+        (dict(method="task-vector", engine="tree"), "tree engine"),
+        (dict(method="logit-lens", top_heads=4), "--top-heads is for --method function-vector"),
+        (dict(method="function-vector", ks=[1]), "--k >= 2"),
+        (dict(method="task-vector", heads="knockout"), "runs alone"),
+    ]
+    for settings, message in bad:
+        with pytest.raises(UserError, match=message):
+            plan_units(SweepConfig(**settings), 4, num_heads=4)
