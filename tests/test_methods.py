@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from conftest import OUT_PROJ, tiny
-from icl_locate.core.conditions import MaskedPrompt
-from icl_locate.core.interventions import UNCHANGED
+from icl_locate.core.conditions import MaskedPrompt, get_condition
+from icl_locate.core.interventions import UNCHANGED, ColumnMask, MaskFrom, intervene
 from icl_locate.core.patches import PatchLastPosition, ReplaceHeadOutput
 from icl_locate.core.prompts import FORMATS, Example, answer_first_token, build_prompt, encode_prompt
 from icl_locate.core.structure import decoder_layers, final_norm
@@ -21,10 +21,11 @@ from icl_locate.engines.readout import (
     function_vector,
     head_indirect_effects,
     last_position_states,
+    lens_states,
     logit_lens,
     mean_head_outputs,
 )
-from icl_locate.engines.reference import ReferenceEngine, greedy_decode
+from icl_locate.engines.reference import ReferenceEngine, batch_interventions, greedy_decode
 from icl_locate.engines.tree import TreeEngine
 from icl_locate.experiments.planning import default_top_heads, plan_units
 from icl_locate.experiments.settings import SweepConfig
@@ -76,8 +77,10 @@ def test_patch_rows_decode_as_plain_hooks_on_the_reference_and_fast_engines(fami
     shared = 3 * torch.randn(hidden_size(lm), generator=g)
     rows = [PatchLastPosition(1, "replace", per_prompt), PatchLastPosition(2, "add", shared), UNCHANGED]
     reference = ReferenceEngine(lm.model, lm.tokenizer).generate(ps, rows, STOP)
-    # one batch (the shorter prompts left-padded beside the longest), and batches of two rows
+    # one batch (the shorter prompts left-padded beside the longest), batches of two rows, the tree engine
     fast = [FastEngine(lm.model, lm.tokenizer, batch_size=size).generate(ps, rows, STOP) for size in (None, 2)]
+    fast.append(TreeEngine(lm.model, lm.tokenizer, head_kind="plain", draft_tokens=0).generate(ps, rows, STOP))
+    fast.append(TreeEngine(lm.model, lm.tokenizer, head_kind="plain", draft_tokens=3).generate(ps, rows, STOP))
     for i, p in enumerate(ps):
         plain = [
             plain_patched_decode(lm, p.ids, 1, lambda x, i=i: per_prompt[i].to(x.dtype).expand_as(x)),
@@ -86,7 +89,7 @@ def test_patch_rows_decode_as_plain_hooks_on_the_reference_and_fast_engines(fami
         ]
         for row, want in zip(rows, plain, strict=True):
             assert reference[(i, row)].token_ids == want.token_ids, (family, i, row)
-            assert [f[(i, row)].token_ids for f in fast] == [want.token_ids] * 2, (family, i, row)
+            assert [f[(i, row)].token_ids for f in fast] == [want.token_ids] * len(fast), (family, i, row)
     assert any(reference[(i, rows[0])].token_ids != reference[(i, UNCHANGED)].token_ids for i in range(len(ps)))
 
 
@@ -112,11 +115,43 @@ def test_last_position_states_are_the_models_hidden_states():
         torch.testing.assert_close(states[0, layer], out.hidden_states[layer][0, -1], rtol=0, atol=0)
 
 
-def test_the_tree_engine_refuses_patch_rows():
-    lm = tiny("llama")
-    row = PatchLastPosition(1, "add", torch.zeros(hidden_size(lm)))
-    with pytest.raises(ValueError, match="tree engine does not decode patch rows"):
-        TreeEngine(lm.model, lm.tokenizer).generate(prompts(lm.tokenizer), [row], STOP)
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt_neo"])
+def test_readings_that_run_the_shared_context_once_equal_full_forwards(family):
+    lm = tiny(family)
+    n = lm.info.num_layers
+    ps = prompts(lm.tokenizer)
+    ids, starts = [p.ids for p in ps], [p.query_start() for p in ps]
+    close = dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        last_position_states(lm.model, ids, range(n), starts), last_position_states(lm.model, ids, range(n)), **close
+    )
+    means = mean_head_outputs(lm.model, ids, starts)
+    torch.testing.assert_close(means, mean_head_outputs(lm.model, ids), **close)
+    torch.testing.assert_close(
+        head_indirect_effects(lm.model, ids, [5, 6, 7], means, starts),
+        head_indirect_effects(lm.model, ids, [5, 6, 7], means),
+        **close,
+    )
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt_neo", "bloom"])
+def test_lens_states_of_a_right_padded_batch_equal_one_full_forward_each(family):
+    lm = tiny(family)
+    n = lm.info.num_layers
+    ps = prompts(lm.tokenizer)
+    starts = [p.query_start() for p in ps]
+    for name in (None, "instructions+examples", "instructions"):  # "instructions": examples visible after it
+        hidden = [MaskedPrompt.of(p.encoded, get_condition(name) if name else None) for p in ps]
+        mask = ColumnMask.from_layer([h.hidden for h in hidden], 0, n) if name else None
+        batch = lens_states(lm.model, [p.ids for p in ps], starts, mask)
+        for i, h in enumerate(hidden):
+            with torch.no_grad(), intervene(lm.model, *(batch_interventions(h, MaskFrom(0), n, i) if name else ())):
+                out = lm.model(torch.tensor([h.ids]), output_hidden_states=True)
+            want = [out.hidden_states[layer][0, -1] for layer in range(n)]
+            torch.testing.assert_close(batch[i, :n], torch.stack(want), rtol=1e-5, atol=1e-5)
+            if name is None:  # the last layer's output: what the model's head reads (after its final norm)
+                lens_logits = lm.model.get_output_embeddings()(final_norm(lm.model)(batch[i, n]))
+                torch.testing.assert_close(lens_logits, out.logits[0, -1], rtol=1e-4, atol=1e-4)
 
 
 def answer_probability(lm, ids, answer, patches=()) -> float:
@@ -207,7 +242,6 @@ def test_method_units_plan_and_bad_combinations_fail_in_one_line():
     )
     bad = [
         (dict(method="nope"), "--method must be one of"),
-        (dict(method="task-vector", engine="tree"), "tree engine"),
         (dict(method="logit-lens", top_heads=4), "--top-heads is for --method function-vector"),
         (dict(method="function-vector", ks=[1]), "--k >= 2"),
         (dict(method="task-vector", heads="knockout"), "runs alone"),

@@ -152,6 +152,17 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_atlas(args) -> int:
+    config = sweep_config_from_args(args)
+    validate(config)  # bad settings fail here, before the model stack is imported
+    from .experiments.atlas import run_atlas  # lazy: torch
+
+    out = args.out_dir or f"{Path(args.store).with_suffix('')}_atlas"
+    result = run_atlas(config, args.store, out, command_line(), ray_settings(args))
+    print("\n".join(result.lines + [f"atlas: {path}" for path in result.figures]))
+    return 0
+
+
 def cmd_report(args) -> int:
     from .results.report import build_report  # lazy: matplotlib and the analysis
     from .results.store import Store  # lazy: with the report
@@ -212,6 +223,7 @@ COMMANDS: dict[str, Callable] = {
     "bench": cmd_bench,
     "prune": cmd_prune,
     "sweep": cmd_sweep,
+    "atlas": cmd_atlas,
     "report": cmd_report,
     "lora-sweep": cmd_lora_sweep,
     "demo": cmd_demo,

@@ -4,31 +4,34 @@ from __future__ import annotations
 
 import argparse
 
+from .cli_options import (
+    INSTRUCTIONS,
+    MODEL_HELP,
+    TASK_HELP,
+    add_data_and_device_options,
+    add_engine_options,
+    add_executor_options,
+    add_own_data_options,
+    add_study_options,
+    listed,
+)
 from .cli_values import Parser, default
-from .core.catalog import EMBEDDED
 from .core.labels import VARIANTS_HELP
 from .experiments.options import (
-    EXECUTORS,
     BenchSettings,
     DemoSettings,
-    ExecutorSettings,
     LoraRun,
     LoraSettings,
     PruneSettings,
-    RaySettings,
     ReportSettings,
     RunSettings,
     ScoreCodeSettings,
     StartupSettings,
 )
 from .experiments.presets import PRESETS
-from .experiments.settings import SweepConfig
+from .experiments.settings import METHODS, SweepConfig
 
 # --------------------------------------------------------------------------- parsers
-
-MODEL_HELP = f"alias, hub id, local dir, .gguf file or tiny:<family> (default {EMBEDDED})"
-TASK_HELP = f"task name (see `icl-locate tasks`) or task file (.yaml); default {default(SweepConfig, 'task')}"
-INSTRUCTIONS = {(True,): "yes", (False,): "no", (True, False): "both"}
 
 # lora-sweep's numeric options: flag, type, LoraSettings field, help (the default is appended)
 LORA_NUMBERS = [
@@ -45,100 +48,6 @@ LORA_NUMBERS = [
     ("--micro-batch", int, "micro_batch", "examples per forward (gradient accumulation)"),
     ("--seed", int, "seed", "training seed"),
 ]
-
-
-def _listed(name: str) -> str:
-    """A SweepConfig list field's default as the comma list the flag takes."""
-    return ",".join(map(str, SweepConfig.__dataclass_fields__[name].default_factory()))
-
-
-def _add_study_options(parser: argparse.ArgumentParser, cls, condition: str = "masking condition") -> None:
-    """--model, --task, --pair, --condition, --n-test, --k, --seed of bench and prune, defaults from ``cls``."""
-    parser.add_argument("--model", default=None, help=MODEL_HELP)
-    parser.add_argument("--task", default=None, help=TASK_HELP)
-    parser.add_argument("--pair", default=None, help=f"translation direction [{default(cls, 'pair')}]")
-    parser.add_argument("--condition", default=None, help=f"{condition} [{default(cls, 'condition')}]")
-    parser.add_argument(
-        "--n-test", type=int, default=None, help=f"use the first N test items [{default(cls, 'n_test')}]"
-    )
-    parser.add_argument("--k", type=int, default=None, help=f"number of in-context examples [{default(cls, 'k')}]")
-    parser.add_argument(
-        "--seed", type=int, default=None, help=f"seed for sampling the examples [{default(cls, 'seed')}]"
-    )
-
-
-def _add_data_and_device_options(parser: argparse.ArgumentParser) -> None:
-    """--data-dir, --dtype, --device: the same for every command that loads a model and data."""
-    parser.add_argument("--data-dir", default=None, help="data directory (default $ICL_LOCATE_DATA_DIR)")
-    parser.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: fp32 CPU, bf16 GPU)")
-    parser.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
-
-
-def _add_own_data_options(parser: argparse.ArgumentParser) -> None:
-    """Your own translation pairs with the built-in bitext task (task files name their data themselves)."""
-    parser.add_argument("--bank", help="bitext task: prompt-bank file (JSONL, TSV or CSV)")
-    parser.add_argument("--test", help="bitext task: test file (JSONL, TSV or CSV)")
-    parser.add_argument(
-        "--src-lang", help="bitext task: source language (name or FLORES code): the paper's 'Translate X to Y:' format"
-    )
-    parser.add_argument("--tgt-lang", help="bitext task: target language")
-
-
-def _add_engine_options(parser: argparse.ArgumentParser) -> None:
-    """The engine's hardware-dependent choices: measured on this machine and model unless forced."""
-    parser.add_argument(
-        "--engine",
-        default=None,
-        choices=["auto", "tree", "fast"],
-        help="auto (default): the faster on this machine, measured at start (cached); tree: shares "
-        "every layer below a row's mask layer; fast: shares the context's KV cache across rows; "
-        "same generations",
-    )
-    parser.add_argument(
-        "--head",
-        default=None,
-        choices=["auto", "bf16", "int8", "plain"],
-        help="tree engine's LM head: auto (default, measured), bf16 or int8 (a screen + exact candidates; "
-        "pays where that product is fast), plain (the model's own); same tokens",
-    )
-    parser.add_argument(
-        "--draft-tokens",
-        default=None,
-        help="tree engine: auto (default: drafts only where a forward of a few more tokens costs "
-        "about one token's, measured) or N: verify drafts of up to N tokens per step (0: none)",
-    )
-
-
-def _add_executor_options(parser: argparse.ArgumentParser) -> None:
-    """Where units are computed: here (default) or on Ray workers (pip install 'icl-locate[ray]')."""
-    parser.add_argument(
-        "--executor",
-        choices=EXECUTORS,
-        default=None,
-        help="local: this process; ray: Ray actors, each loading the model once "
-        f"[{default(ExecutorSettings, 'executor')}]",
-    )
-    parser.add_argument(
-        "--ray-address",
-        default=None,
-        help="default: start a local Ray instance; 'auto': join the running cluster; or its address",
-    )
-    parser.add_argument(
-        "--workers", type=int, default=None, help=f"ray: number of workers (actors) [{default(RaySettings, 'workers')}]"
-    )
-    parser.add_argument(
-        "--cpus-per-worker",
-        type=float,
-        default=None,
-        help=f"ray: CPUs reserved per worker [{default(RaySettings, 'cpus_per_worker')}]",
-    )
-    parser.add_argument(
-        "--gpus-per-worker",
-        type=float,
-        default=None,
-        help="ray: GPUs per worker; fractions (0.25) pack small models several to a GPU "
-        f"[{default(RaySettings, 'gpus_per_worker')}]",
-    )
 
 
 def _add_run(sub) -> None:
@@ -170,8 +79,8 @@ def _add_run(sub) -> None:
     run.add_argument("--labels", help=f"one of the {VARIANTS_HELP} (default {default(RunSettings, 'labels')})")
     run.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's (50 for MT)")
     run.add_argument("--out", help="write one JSON line per prediction here")
-    _add_data_and_device_options(run)
-    _add_own_data_options(run)
+    add_data_and_device_options(run)
+    add_own_data_options(run)
     run.add_argument(
         "--workers",
         type=int,
@@ -190,13 +99,13 @@ def _add_run(sub) -> None:
 def _add_bench(sub) -> None:
     """``bench``: the paper's method against the fast and the chosen engines."""
     bench = sub.add_parser("bench", help="time the paper's sweep method against the fast engine")
-    _add_study_options(bench, BenchSettings)
+    add_study_options(bench, BenchSettings)
     bench.add_argument(
         "--layers", default=None, help=f"'all' (0..L) or a comma list [{default(BenchSettings, 'layers')}]"
     )
     bench.add_argument("--batch-size", type=int, default=None, help="engine rows per batch (default: auto)")
     bench.add_argument("--skip-paper", action="store_true", default=None, help="skip (a), the slowest")
-    _add_engine_options(bench)
+    add_engine_options(bench)
     bench.add_argument(
         "--require-identical",
         type=float,
@@ -204,15 +113,15 @@ def _add_bench(sub) -> None:
         help="exit 1 if fewer (sentence, layer) pairs than this fraction match (b), for (c) or (d)",
     )
     bench.add_argument("--json", help="write the measurements here (JSON)")
-    _add_data_and_device_options(bench)
-    _add_own_data_options(bench)
+    add_data_and_device_options(bench)
+    add_own_data_options(bench)
     bench.set_defaults(command_name="bench")
 
 
 def _add_prune(sub) -> None:
     """``prune``: context-pruned inference against full processing."""
     pr = sub.add_parser("prune", help="context-pruned inference: time, memory, FLOPs and quality vs full processing")
-    _add_study_options(pr, PruneSettings, condition="the context range to prune")
+    add_study_options(pr, PruneSettings, condition="the context range to prune")
     pr.add_argument("--layer", type=int, required=True, help="r: the context is processed in layers < r only")
     pr.add_argument(
         "--per-query-examples", action="store_true", default=None, help="sample new examples for every query"
@@ -227,8 +136,8 @@ def _add_prune(sub) -> None:
     pr.add_argument("--no-check", action="store_true", help="skip the check against masking from r")
     pr.add_argument("--json", help="write the measurements here")
     pr.add_argument("--store", help="also keep the measurement in this study store (shown by `report`)")
-    _add_data_and_device_options(pr)
-    _add_own_data_options(pr)
+    add_data_and_device_options(pr)
+    add_own_data_options(pr)
     pr.set_defaults(command_name="prune")
 
 
@@ -270,13 +179,45 @@ def _add_data(sub) -> None:
 def _add_sweep(sub) -> None:
     """``sweep``: a grid of units into a resumable store."""
     sw = sub.add_parser("sweep", help="run a grid of conditions x layers x seeds into a results store")
+    _add_grid_options(sw)
+    sw.add_argument(
+        "--method",
+        choices=METHODS,
+        default=None,
+        help="mask: layer-from context masking (the paper); task-vector, function-vector, logit-lens: the same "
+        f"depth axis by another method, one unit per grid cell [{default(SweepConfig, 'method')}]",
+    )
+    sw.add_argument(
+        "--top-heads",
+        type=int,
+        default=None,
+        help="function-vector: heads summed into the vector (default: Todd et al.'s 10 of 448 heads, scaled "
+        "to the model's head count, at least 3)",
+    )
+    sw.add_argument("--dry-run", action="store_true", help="print the planned units and exit")
+    sw.set_defaults(command_name="sweep")
+
+
+def _add_atlas(sub) -> None:
+    """``atlas``: every locating method of a grid into a store, and the depth atlas drawn."""
+    at = sub.add_parser(
+        "atlas", help="run masking, task vectors, function vectors and the logit lens into a store; draw the atlas"
+    )
+    _add_grid_options(at)
+    at.add_argument("--top-heads", type=int, default=None, help="function-vector heads (default: as sweep's)")
+    at.add_argument("--out-dir", default=None, help="where the atlas figures go (default: <store>_atlas/)")
+    at.set_defaults(command_name="atlas")
+
+
+def _add_grid_options(sw) -> None:
+    """What ``sweep`` and ``atlas`` share: the store, the grid, the engine, the data and the executor."""
     sw.add_argument("--store", required=True, help="SQLite results file (created if missing; reruns resume)")
     sw.add_argument("--preset", help=", ".join(PRESETS))
     sw.add_argument("--config", help="experiment YAML (keys as SweepConfig)")
     sw.add_argument("--model", default=None, help=MODEL_HELP)
     sw.add_argument("--task", default=None, help=TASK_HELP)
-    sw.add_argument("--pairs", help=f"comma list, e.g. fra-eng,eng-fra [{_listed('pairs')}]")
-    sw.add_argument("--conditions", help=f"comma list of masking conditions [{_listed('conditions')}]")
+    sw.add_argument("--pairs", help=f"comma list, e.g. fra-eng,eng-fra [{listed('pairs')}]")
+    sw.add_argument("--conditions", help=f"comma list of masking conditions [{listed('conditions')}]")
     sw.add_argument(
         "--instructions",
         choices=["yes", "no", "both"],
@@ -284,9 +225,9 @@ def _add_sweep(sub) -> None:
         help="with the instruction header, without, or both "
         f"[{INSTRUCTIONS[tuple(SweepConfig.__dataclass_fields__['instructions'].default_factory())]}]",
     )
-    sw.add_argument("--labels", help=f"comma list of {VARIANTS_HELP} [{_listed('labels')}]")
-    sw.add_argument("--seeds", help=f"comma list of seeds for sampling the examples [{_listed('seeds')}]")
-    sw.add_argument("--ks", help=f"comma list of example counts [{_listed('ks')}]")
+    sw.add_argument("--labels", help=f"comma list of {VARIANTS_HELP} [{listed('labels')}]")
+    sw.add_argument("--seeds", help=f"comma list of seeds for sampling the examples [{listed('seeds')}]")
+    sw.add_argument("--ks", help=f"comma list of example counts [{listed('ks')}]")
     sw.add_argument("--layers", default=None, help=f"'all' or a comma list [{default(SweepConfig, 'layers')}]")
     sw.add_argument("--layer-ablation", action="store_true", help="also ablate each layer's attention")
     sw.add_argument(
@@ -306,7 +247,7 @@ def _add_sweep(sub) -> None:
     sw.add_argument("--n-test", type=int, default=None, help="use the first N test items [all]")
     sw.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's (50 for MT)")
     sw.add_argument("--batch-size", type=int, default=None, help="engine rows per batch (default: auto)")
-    _add_engine_options(sw)
+    add_engine_options(sw)
     sw.add_argument(
         "--audit",
         default=None,
@@ -319,11 +260,9 @@ def _add_sweep(sub) -> None:
         help="exit 1 when an audited row disagrees with the reference at a margin above the dtype's "
         "threshold (an engine fault, not a near-tie)",
     )
-    _add_data_and_device_options(sw)
-    _add_own_data_options(sw)
-    sw.add_argument("--dry-run", action="store_true", help="print the planned units and exit")
-    _add_executor_options(sw)
-    sw.set_defaults(command_name="sweep")
+    add_data_and_device_options(sw)
+    add_own_data_options(sw)
+    add_executor_options(sw)
 
 
 def _add_report(sub) -> None:
@@ -403,8 +342,8 @@ def _add_lora_sweep(sub) -> None:
     lo.add_argument("--n-test", type=int, default=None, help="zero-shot BLEU on the first N devtest pairs [all]")
     lo.add_argument("--out-dir", default=None, help=f"adapters go here [{default(LoraRun, 'out_dir')}]")
     lo.add_argument("--store", default=None, help="results store (default <out-dir>/study.sqlite)")
-    _add_data_and_device_options(lo)
-    _add_executor_options(lo)
+    add_data_and_device_options(lo)
+    add_executor_options(lo)
     lo.set_defaults(command_name="lora-sweep")
 
 
@@ -444,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_listings(sub)
     _add_data(sub)
     _add_sweep(sub)
+    _add_atlas(sub)
     _add_report(sub)
     _add_lora_sweep(sub)
     _add_startup(sub)

@@ -9,62 +9,172 @@ logit-lens sweeps are made of.
   top heads' means as they enter the residual stream (through the output projection, bias left out).
 * ``logit_lens``: the final norm and LM head applied to the residual stream at every layer.
 
-Everything runs one prompt at a time, unpadded, through the same hooks as the masks (``record``,
-``intervene``), so the reference for each is a plain forward of the model.
+Readings go through the same hooks as the masks (``record``, ``intervene``), so the reference for
+each is a plain forward of the model. Prompts that share their context (BOS, instructions,
+examples) run it once and their own tokens together, right-padded (``read_last_positions``): padding
+after a prompt's last token changes none of its states.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import DynamicCache
 
-from ..core.interventions import BatchIntervention
+from ..core.interventions import ColumnMask
 from ..core.patch_hooks import record
 from ..core.patches import ReplaceHeadOutput, head_layout
 from ..core.structure import attention_module, decoder_layers, final_norm, num_layers, output_projection, text_config
-from .base import forward
+from .base import forward, last_hidden
 
-ROWS_PER_FORWARD = 64  # head patches decoded together on one prompt's cache (one row each)
+ROWS_PER_FORWARD = 128  # head patches run together on one prompt's cache (one row each)
+LENS_ROWS = 256  # states read by the LM head at once (each pass reads the whole vocabulary's weights)
+READ_BATCH = 32  # prompts read in one forward
 
 
 def _ids(model: nn.Module, ids: Sequence[int]) -> torch.Tensor:
     return torch.tensor([list(ids)], device=next(model.parameters()).device)  # [1, T]
 
 
-@torch.no_grad()
-def last_position_states(model: nn.Module, prompts: Sequence[Sequence[int]], layers: Sequence[int]) -> torch.Tensor:
-    """[prompts, len(layers), hidden]: the input of each decoder layer in ``layers`` at each prompt's last
-    position, nothing masked."""
-    out = []
-    for ids in prompts:
-        last = len(ids) - 1
-        with record(model, hidden=[(layer, last) for layer in layers]) as seen:
-            forward(model, _ids(model, ids), last_only=True)
-        out.append(torch.stack([seen.hidden[(layer, last)][0] for layer in layers]))
-    return torch.stack(out)
+def _layers_kv(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    layers: list[Any] = cache.layers  # filled by a forward: keys and values set on every layer
+    return [(layer.keys, layer.values) for layer in layers]
+
+
+class PrefixCaches:
+    """Caches of prompts whose first ``start`` tokens (BOS, instructions, examples) are shared: each
+    distinct beginning runs once; a prompt's cache then adds its own tokens only (what the keys and
+    values of a full forward hold: the shared tokens see the same tokens)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.kv: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def cache_of(self, ids: Sequence[int], start: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, the keys and values of all of ``ids`` ([1, kv heads, len(ids), head_dim] each)."""
+        start = max(0, min(start, len(ids) - 1))  # at least one token of the prompt's own
+        prefix = tuple(ids[:start])
+        if start and prefix not in self.kv:
+            cache = DynamicCache()
+            last_hidden(self.model, _ids(self.model, prefix), cache=cache)
+            self.kv[prefix] = _layers_kv(cache)
+        cache = _repeated_cache(self.kv[prefix], 1) if start else DynamicCache()
+        mask = torch.ones(1, len(ids), dtype=torch.long, device=next(self.model.parameters()).device)
+        last_hidden(self.model, _ids(self.model, ids[start:]), attention_mask=mask, cache=cache)
+        return _layers_kv(cache)
+
+
+@dataclass
+class LastPositions:
+    """What ``read_last_positions`` read at each prompt's last position."""
+
+    hidden: torch.Tensor | None  # [prompts, len(layers), hidden]: the input of each decoder layer asked for
+    heads: torch.Tensor | None  # [prompts, layers, heads, head_dim]: every head's output
+    final: torch.Tensor | None  # [prompts, hidden]: the last layer's output (before the final norm)
+
+
+def _batches(prompts: Sequence[Sequence[int]], starts: Sequence[int]) -> list[list[int]]:
+    """Indices of prompts with the same context before their own tokens, ``READ_BATCH`` at most a batch."""
+    groups: dict[tuple, list[int]] = {}
+    for i, (ids, start) in enumerate(zip(prompts, starts, strict=True)):
+        groups.setdefault(tuple(ids[: max(0, min(start, len(ids) - 1))]), []).append(i)
+    return [g[n : n + READ_BATCH] for g in groups.values() for n in range(0, len(g), READ_BATCH)]
 
 
 @torch.no_grad()
-def mean_head_outputs(model: nn.Module, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
-    """[layers, heads, head_dim]: every head's output at the last position, averaged over ``prompts``."""
+def read_last_positions(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    starts: Sequence[int] | None = None,
+    mask: ColumnMask | None = None,
+    layers: Sequence[int] = (),
+    heads: bool = False,
+    final: bool = False,
+) -> LastPositions:
+    """At each prompt's last position: the input of each decoder layer in ``layers``, with ``heads`` every
+    head's output, with ``final`` the last layer's output; under ``mask`` (one row per prompt; None:
+    nothing hidden). ``starts``: where each prompt's own tokens begin (its query); the context before
+    runs once per batch of prompts sharing it, under the mask's part there (the same for all of them)."""
     n_layers = num_layers(model)
-    n_heads, _ = head_layout(model)
-    total = None
-    for ids in prompts:
-        last = len(ids) - 1
-        sites = [(layer, h, last) for layer in range(n_layers) for h in range(n_heads)]
-        with record(model, heads=sites) as seen:
-            forward(model, _ids(model, ids), last_only=True)
-        outputs = torch.stack(
-            [torch.stack([seen.heads[(layer, h, last)][0] for h in range(n_heads)]) for layer in range(n_layers)]
-        ).float()  # [L, H, head_dim]
-        total = outputs if total is None else total + outputs
-    assert total is not None, "no prompts"
-    return total / len(prompts)
+    n_heads = head_layout(model)[0] if heads else 0
+    starts = starts if starts is not None else [0] * len(prompts)
+    out_hidden: dict[int, torch.Tensor] = {}
+    out_heads: dict[int, torch.Tensor] = {}
+    out_final: dict[int, torch.Tensor] = {}
+    for batch in _batches(prompts, starts):
+        ids = [prompts[i] for i in batch]
+        start = max(0, min(starts[batch[0]], min(len(x) for x in ids) - 1))
+        rows_mask = mask.select_rows(batch) if mask is not None else None
+        lasts = [len(x) - 1 for x in ids]
+        hidden_sites = [(layer, p) for layer in layers for p in sorted(set(lasts))]
+        head_sites = [(layer, h, p) for layer in range(n_layers) for h in range(n_heads) for p in sorted(set(lasts))]
+        captured: list[torch.Tensor] = []
+        hook = final_norm(model).register_forward_pre_hook(_keep_input(captured))
+        try:
+            with record(model, hidden=hidden_sites, heads=head_sites) as seen:
+                _right_padded_forward(model, ids, start, rows_mask)
+        finally:
+            hook.remove()
+        for b, (i, last) in enumerate(zip(batch, lasts, strict=True)):
+            if layers:
+                out_hidden[i] = torch.stack([seen.hidden[(layer, last)][b] for layer in layers])
+            if heads:
+                out_heads[i] = torch.stack(
+                    [
+                        torch.stack([seen.heads[(layer, h, last)][b] for h in range(n_heads)])
+                        for layer in range(n_layers)
+                    ]
+                )
+            if final:
+                out_final[i] = captured[-1][b, last - start].clone()
+    stack = lambda values: torch.stack([values[i] for i in range(len(prompts))]) if values else None  # noqa: E731
+    return LastPositions(stack(out_hidden), stack(out_heads), stack(out_final))
+
+
+def _keep_input(into: list[torch.Tensor]):
+    """A forward pre-hook that keeps its module's input ([B, T, d]) in ``into``."""
+    return lambda module, args: into.append(args[0])
+
+
+def _right_padded_forward(model: nn.Module, prompts: Sequence[Sequence[int]], start: int, mask: ColumnMask | None):
+    """The decoder body over ``prompts`` (sharing their first ``start`` tokens): those once, then every
+    prompt's own tokens right-padded."""
+    device = next(model.parameters()).device
+    cache = DynamicCache()
+    if start:
+        first = [mask.select_rows([0])] if mask is not None else []
+        last_hidden(model, _ids(model, prompts[0][:start]), cache=cache, interventions=first)
+        cache = _repeated_cache(_layers_kv(cache), len(prompts))
+    width = max(len(ids) for ids in prompts)
+    fed = torch.zeros(len(prompts), width - start, dtype=torch.long, device=device)  # [rows, own tokens]
+    attention = torch.zeros(len(prompts), width, dtype=torch.long, device=device)  # [rows, columns]
+    for b, ids in enumerate(prompts):
+        fed[b, : len(ids) - start] = torch.tensor(list(ids[start:]), device=device)
+        attention[b, : len(ids)] = 1
+    last_hidden(model, fed, attention, cache, [mask] if mask is not None else [])
+
+
+def last_position_states(
+    model: nn.Module, prompts: Sequence[Sequence[int]], layers: Sequence[int], starts: Sequence[int] | None = None
+) -> torch.Tensor:
+    """[prompts, len(layers), hidden]: the input of each decoder layer in ``layers`` at each prompt's last
+    position, nothing masked (``starts``: where each prompt's own tokens begin)."""
+    hidden = read_last_positions(model, prompts, starts, layers=layers).hidden
+    assert hidden is not None
+    return hidden
+
+
+def mean_head_outputs(
+    model: nn.Module, prompts: Sequence[Sequence[int]], starts: Sequence[int] | None = None
+) -> torch.Tensor:
+    """[layers, heads, head_dim]: every head's output at the last position, averaged over ``prompts``."""
+    heads = read_last_positions(model, prompts, starts, heads=True).heads
+    assert heads is not None
+    return heads.float().mean(0)
 
 
 def _repeated_cache(kv: list[tuple[torch.Tensor, torch.Tensor]], rows: int) -> DynamicCache:
@@ -77,7 +187,11 @@ def _repeated_cache(kv: list[tuple[torch.Tensor, torch.Tensor]], rows: int) -> D
 
 @torch.no_grad()
 def head_indirect_effects(
-    model: nn.Module, prompts: Sequence[Sequence[int]], answers: Sequence[int], means: torch.Tensor
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    answers: Sequence[int],
+    means: torch.Tensor,
+    starts: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """[prompts, layers, heads]: on each (corrupted) prompt, the probability of its answer token at the
     last position with head (l, h)'s output there replaced by ``means[l, h]``, minus the probability
@@ -86,11 +200,10 @@ def head_indirect_effects(
     n_layers, n_heads = means.shape[:2]
     sites = [(layer, h) for layer in range(n_layers) for h in range(n_heads)]
     out = torch.zeros(len(prompts), n_layers, n_heads)
-    for n, (ids, answer) in enumerate(zip(prompts, answers, strict=True)):
-        cache = DynamicCache()
-        forward(model, _ids(model, ids[:-1]), cache=cache, last_only=True)
-        layers: list[Any] = cache.layers  # filled by the forward: keys and values set on every layer
-        kv = [(layer.keys, layer.values) for layer in layers]
+    caches = PrefixCaches(model)
+    starts = starts if starts is not None else [0] * len(prompts)
+    for n, (ids, answer, start) in enumerate(zip(prompts, answers, starts, strict=True)):
+        kv = caches.cache_of(ids[:-1], start)  # the prompt but its last token
         base = _last_token_probs(model, ids, answer, kv, [None])
         patched = torch.cat(
             [
@@ -149,30 +262,47 @@ def function_vector(model: nn.Module, means: torch.Tensor, heads: Sequence[tuple
     return total
 
 
+def lens_states(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    starts: Sequence[int] | None = None,
+    mask: ColumnMask | None = None,
+) -> torch.Tensor:
+    """[prompts, layers + 1, hidden]: at each prompt's last position, the input of every decoder layer l
+    and (l = L) the last layer's output, under ``mask`` (one row per prompt)."""
+    read = read_last_positions(model, prompts, starts, mask, layers=range(num_layers(model)), final=True)
+    assert read.hidden is not None and read.final is not None
+    return torch.cat([read.hidden, read.final[:, None]], dim=1)
+
+
 @torch.no_grad()
+def lens_readings(model: nn.Module, states: torch.Tensor, answers: Sequence[int]) -> tuple[torch.Tensor, list[int]]:
+    """The logit lens of ``states`` ([N, hidden], residual-stream states): the final norm and the LM head
+    applied to each (softcapped as the model does), and there the answer token's top-1 (1.0/0.0),
+    probability and rank (1 = top): [N, 3]; and the top token of each."""
+    norm, head = final_norm(model), model.get_output_embeddings()  # pyright: ignore[reportCallIssue]
+    cap = getattr(text_config(model), "final_logit_softcapping", None)
+    stats, tops = [], []
+    for start in range(0, len(states), LENS_ROWS):
+        logits = head(norm(states[start : start + LENS_ROWS])).float()  # [rows, vocab]
+        if cap:  # Gemma 2/3 squash the final logits; the lens reads them as the model does
+            logits = torch.tanh(logits / cap) * cap
+        answer = torch.tensor(list(answers[start : start + LENS_ROWS]), device=logits.device)
+        target = logits.gather(1, answer[:, None])  # [rows, 1]
+        rank = (logits > target).sum(-1) + 1
+        prob = logits.softmax(-1).gather(1, answer[:, None])[:, 0]
+        top = logits.argmax(-1)
+        stats.append(torch.stack([(top == answer).float(), prob, rank.float()], dim=-1).cpu())
+        tops += top.tolist()
+    return torch.cat(stats), tops
+
+
 def logit_lens(
-    model: nn.Module, ids: Sequence[int], answer: int, interventions: Sequence[BatchIntervention] = ()
+    model: nn.Module, ids: Sequence[int], answer: int, mask: ColumnMask | None = None
 ) -> tuple[torch.Tensor, list[int]]:
     """At the last position, for l = 0..L, the final norm and the LM head applied to the input of decoder
     layer l (l = L: the last layer's output, the model's own logits): [layers + 1, 3] with the answer
-    token's top-1 (1.0/0.0), probability and rank (1 = top) there, and the top token at each layer.
-    Under ``interventions`` (a mask)."""
-    n_layers, last = num_layers(model), len(ids) - 1
-    norm, head = final_norm(model), model.get_output_embeddings()  # pyright: ignore[reportCallIssue]
-    final: list[torch.Tensor] = []
-    hook = norm.register_forward_pre_hook(lambda module, args: final.append(args[0][:, -1].detach().clone()))
-    try:
-        with record(model, hidden=[(layer, last) for layer in range(n_layers)]) as seen:
-            forward(model, _ids(model, ids), interventions=interventions, last_only=True)
-    finally:
-        hook.remove()
-    states = torch.stack([seen.hidden[(layer, last)][0] for layer in range(n_layers)] + [final[-1][0]])  # [L+1, d]
-    logits = head(norm(states)).float()  # [L+1, vocab]
-    cap = getattr(text_config(model), "final_logit_softcapping", None)
-    if cap:  # Gemma 2/3 squash the final logits; the lens reads them as the model does
-        logits = torch.tanh(logits / cap) * cap
-    target = logits[:, answer]
-    rank = (logits > target[:, None]).sum(-1) + 1
-    prob = logits.softmax(-1)[:, answer]
-    top = logits.argmax(-1)
-    return torch.stack([(top == answer).float(), prob, rank.float()], dim=-1).cpu(), top.tolist()
+    token's top-1, probability and rank there, and the top token at each layer (``lens_readings``);
+    under ``mask`` (one row)."""
+    states = lens_states(model, [ids], mask=mask)[0]
+    return lens_readings(model, states, [answer] * len(states))

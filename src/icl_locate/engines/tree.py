@@ -33,7 +33,6 @@ import torch
 
 from ..core.conditions import MaskedPrompt
 from ..core.interventions import RowIntervention
-from ..core.patches import PatchLastPosition
 from ..core.structure import decoder_layers
 from ..core.surgery import LayerCall
 from .base import Generation, ProgressCallback, ResultKey, StopRule
@@ -119,13 +118,6 @@ class TreeEngine(FastEngine):
             return super().generate(prompts, interventions, stop, progress)
 
     # ------------------------------------------------------------------ planning
-
-    def plan(self, prompts: Sequence[MaskedPrompt], interventions: Sequence[RowIntervention]) -> list[Row]:
-        """``FastEngine.plan``, refusing patch rows: rows of one query share their states below the layer
-        where their masks differ, which a patch would change."""
-        if any(isinstance(row, PatchLastPosition) for row in interventions):
-            raise ValueError("the tree engine does not decode patch rows (the fast and reference engines do)")
-        return super().plan(prompts, interventions)
 
     def _chunks(self, rows: list[Row], prefix_caches: PrefixCaches, max_new_tokens: int):
         """Rows that continue a shared context cache: every row of a query in one batch (they share

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import torch
@@ -56,8 +56,9 @@ class _Group:
 
 
 def divergence_layer(row: Row, n_layers: int) -> int:
-    """The first layer at which the row computes something the unmasked run does not."""
-    return min(row.plan.mask_layers | row.plan.ablate | {n_layers})
+    """The first layer at which the row computes something the unmasked run does not (a patch at the
+    input of layer l: from l on)."""
+    return min(row.plan.mask_layers | row.plan.ablate | {p.layer for p in row.plan.patches} | {n_layers})
 
 
 @dataclass
@@ -225,6 +226,16 @@ class TreeDecode:
             by_layer[layer] = ColumnMask(hidden, layers, heads, others_only)
         return LayerColumnMasks(by_layer)
 
+    def _slot_patches(self) -> list:
+        """Each member's patches on its own slot: a patch at layer l writes into the input of layer l,
+        where the member's own slot begins (its divergence layer), at its query's columns."""
+        out = []
+        for m, member in enumerate(self.members):
+            for patch in member.row.plan.patches:
+                slot = self.keys[patch.layer].index(("own", m))
+                out.append(replace(patch, row=slot, position=self.layout.pads[member.query] + patch.position))
+        return out
+
     # -------------------------------------------------------------- the loop
 
     def run(self) -> list[Generation]:
@@ -256,6 +267,8 @@ class TreeDecode:
         self._count(self.engine.stats, step_input.shape[1], width)
         ablation = self.members[0].row.plan.ablate  # one per batch
         interventions = [self.masks] + ([AttentionAblation(ablation)] if ablation else [])
+        if step == 0:  # the queries' prefill processes every patched column
+            interventions += self._slot_patches()
         started = time.perf_counter()
         with self.engine.routing(self.routes):
             tokens = self._greedy(step_input.to(self.device), mask.to(self.device), interventions, width)

@@ -13,7 +13,8 @@ Protocols (what a unit of each kind computes, on the unit's test items, k exampl
   unit's ICL prompts (gold labels); on the same prompts with the examples' answers shuffled among the
   examples (the "shuffled" label variant: no example keeps its answer), the indirect effect of head
   (l, h) = the probability of the reference answer's first token with that head's output replaced by
-  its mean, minus without; averaged over the prompts (AIE, stored per prompt as "aie/h<h>"). The
+  its mean, minus without; averaged over the first ``AIE_PROMPTS`` of them (AIE; Todd et al. average
+  over 25 prompts; stored per prompt as "aie/h<h>"). The
   function vector = the sum of the top-K heads' mean outputs through the output projection, added at
   the last position of the zero-shot prompt at layer l, for every l; baselines as above.
 * ``logit-lens``: at the query's last position, the final norm and LM head applied to the residual
@@ -31,8 +32,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.conditions import get_condition
-from ..core.interventions import UNCHANGED, MaskBelow, MaskFrom, RowIntervention
+from ..core.conditions import MaskedPrompt, get_condition
+from ..core.interventions import UNCHANGED, ColumnMask, MaskBelow, MaskFrom, RowIntervention
 from ..core.models import LoadedModel
 from ..core.patches import PatchLastPosition
 from ..core.prompts import PromptedItem, answer_first_token
@@ -41,10 +42,11 @@ from ..engines.readout import (
     function_vector,
     head_indirect_effects,
     last_position_states,
-    logit_lens,
+    lens_readings,
+    lens_states,
     mean_head_outputs,
 )
-from ..engines.reference import batch_interventions
+from ..engines.rows import row_plan
 from ..tasks.items import build_items
 from ..tasks.spec import Task, TaskData
 from ..util.errors import UserError
@@ -53,6 +55,7 @@ from .scoring import Decoded, prediction_row
 from .settings import METHODS
 
 METHOD_KINDS = tuple(m for m in METHODS if m != "mask")
+AIE_PROMPTS = 25  # corrupted prompts the indirect effects average over (Todd et al.'s n_trials)
 
 
 @dataclass
@@ -73,7 +76,7 @@ class MethodInputs:
     """A method unit's model, data and decoding settings."""
 
     loaded: LoadedModel
-    engine: Callable[[], Engine]  # built when a method decodes (the lens does not)
+    engine: Callable[[Sequence[MaskedPrompt], Sequence[RowIntervention], StopRule], Engine]  # for these rows
     task: Task
     data: TaskData
     items: list[PromptedItem]  # the unit's ICL prompts (k examples, gold labels)
@@ -98,7 +101,8 @@ def run_method(unit, inputs: MethodInputs) -> MethodOutput:
         raise UserError("--method task-vector reads each query's vector from another query's prompt: --n-test >= 2")
     zero = build_items(inputs.task, inputs.data, inputs.tokenizer, 0, unit.seed, unit.n_test, unit.instructions)
     if unit.kind == "task-vector":
-        states = last_position_states(inputs.model, [it.encoded.ids for it in inputs.items], unit.layers)
+        ids, starts = _ids_and_starts(inputs.items)
+        states = last_position_states(inputs.model, ids, unit.layers, starts)
         donors = [(i + 1) % len(inputs.items) for i in range(len(inputs.items))]
         rows: dict[tuple[str, int], RowIntervention] = {
             ("task-vector", layer): PatchLastPosition(layer, "replace", states[donors, n])  # [items, d]
@@ -121,11 +125,12 @@ def decode_with_baselines(
 ) -> MethodOutput:
     """``rows`` decoded on the zero-shot prompts, with the zero-shot prompts unpatched and the ICL
     prompts as baselines (at layer L)."""
-    engine, n_layers = inputs.engine(), inputs.loaded.info.num_layers
+    n_layers = inputs.loaded.info.num_layers
     rows = {**rows, ("zero-shot", n_layers): UNCHANGED}
     zero_prompts, icl_prompts = masked_prompts(zero, None), masked_prompts(inputs.items, None)
+    engine = inputs.engine(zero_prompts, list(rows.values()), inputs.stop)
     gens = engine.generate(zero_prompts, list(rows.values()), inputs.stop, inputs.progress)
-    icl = engine.generate(icl_prompts, [UNCHANGED], inputs.stop)
+    icl = engine.generate(icl_prompts, [UNCHANGED], inputs.stop)  # the same engine: identical generations anyway
     decoded = {
         key: Decoded(zero, zero_prompts, [gens[(i, row)] for i in range(len(zero))]) for key, row in rows.items()
     }
@@ -140,10 +145,11 @@ def function_vector_of(inputs: MethodInputs, unit) -> tuple[torch.Tensor, Method
         raise UserError("--method function-vector corrupts prompts by shuffling the examples' answers: --k >= 2")
     shuffled = build_items(
         inputs.task, inputs.data, tokenizer, unit.k, unit.seed, unit.n_test, unit.instructions, labels="shuffled"
-    )
+    )[:AIE_PROMPTS]
     answers = [answer_first_token(tokenizer, it.encoded, it.item.target) for it in shuffled]
-    means = mean_head_outputs(model, [it.encoded.ids for it in inputs.items])  # [L, H, head_dim]
-    effects = head_indirect_effects(model, [it.encoded.ids for it in shuffled], answers, means)  # [items, L, H]
+    means = mean_head_outputs(model, *_ids_and_starts(inputs.items))  # [L, H, head_dim]
+    ids, starts = _ids_and_starts(shuffled)
+    effects = head_indirect_effects(model, ids, answers, means, starts)  # [items, L, H]
     average = effects.mean(0)  # [L, H]
     n_heads = average.shape[1]
     order = torch.argsort(average.flatten(), descending=True, stable=True)[: unit.top_heads]
@@ -181,36 +187,45 @@ def logit_lens_rows(inputs: MethodInputs, condition_name: str, layers: Sequence[
     condition = get_condition(condition_name)
     hide = MaskBelow(n_layers) if condition.window == "below" else MaskFrom(0)
     prompts = masked_prompts(inputs.items, condition)
+    answers = [answer_first_token(tokenizer, it.encoded, it.item.target) for it in inputs.items]
+    plans = [row_plan(p, hide, n_layers, i) for i, p in enumerate(prompts)]
+    hidden = ColumnMask(
+        [p.hidden if plan.mask_layers else () for p, plan in zip(prompts, plans, strict=True)],
+        [plan.mask_layers for plan in plans],
+        [plan.mask_heads for plan in plans],
+        [plan.others_only for plan in plans],
+    )
+    ids, starts = [p.ids for p in prompts], [p.query_start() for p in prompts]
+    # the context runs once per variant: the hidden one under its mask
+    states = [lens_states(model, ids, starts), lens_states(model, ids, starts, hidden)]  # [items, L+1, d] each
+    sites = [
+        (i, variant, variant == "lens/hidden") for variant in ("lens/visible", "lens/hidden") for i in range(len(ids))
+    ]
+    answer_rows = [answer for answer in answers for _ in range(n_layers + 1)] * len(states)  # as states, flat
+    stats, top = lens_readings(model, torch.cat(states).flatten(0, 1), answer_rows)  # [items x 2 x (L+1), 3]
+    stats = stats.view(len(sites), n_layers + 1, 3)
     output = MethodOutput()
     readings: dict[tuple[str, int], list[torch.Tensor]] = {}
-    for i, (it, prompt) in enumerate(zip(inputs.items, prompts, strict=True)):
-        answer = answer_first_token(tokenizer, it.encoded, it.item.target)
-        for variant, interventions, masked in (
-            ("lens/visible", (), False),
-            ("lens/hidden", batch_interventions(prompt, hide, n_layers, i), True),
-        ):
-            stats, top = logit_lens(model, prompt.ids, answer, interventions)  # [L+1, 3]
-            for layer in layers:
-                readings.setdefault((variant, layer), []).append(stats[layer])
-                word = tokenizer.decode([top[layer]])
-                output.predictions.append(
-                    prediction_row(
-                        i,
-                        it,
-                        prompt,
-                        variant,
-                        layer,
-                        masked=masked,
-                        raw=word,
-                        text=word,
-                        finish="lens",
-                        score=float(stats[layer, 0]),
-                        stats=stats[layer].tolist(),
-                    )
+    for n, (i, variant, masked) in enumerate(sites):
+        for layer in layers:
+            readings.setdefault((variant, layer), []).append(stats[n, layer])
+            word = tokenizer.decode([top[n * (n_layers + 1) + layer]])
+            output.predictions.append(
+                prediction_row(
+                    i,
+                    inputs.items[i],
+                    prompts[i],
+                    variant,
+                    layer,
+                    masked=masked,
+                    raw=word,
+                    text=word,
+                    finish="lens",
+                    score=float(stats[n, layer, 0]),
+                    stats=stats[n, layer].tolist(),
                 )
-        if inputs.progress is not None:
-            inputs.progress(i + 1, len(inputs.items))
-    for (variant, layer), values in readings.items():
+            )
+    for (variant, layer), values in sorted(readings.items()):
         stacked = torch.stack(values)  # [items, 3]
         output.scores += [
             (variant, layer, "top1", float(stacked[:, 0].mean())),
@@ -218,3 +233,9 @@ def logit_lens_rows(inputs: MethodInputs, condition_name: str, layers: Sequence[
             (variant, layer, "rank", float(stacked[:, 2].median())),
         ]
     return output
+
+
+def _ids_and_starts(items: Sequence[PromptedItem]) -> tuple[list[list[int]], list[int]]:
+    """The items' token ids and where each one's query begins (what follows the shared context)."""
+    prompts = masked_prompts(items, None)
+    return [p.ids for p in prompts], [p.query_start() for p in prompts]

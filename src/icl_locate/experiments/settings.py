@@ -231,10 +231,6 @@ def check_method(config: SweepConfig) -> None:
         return
     if config.heads is not None or config.layer_ablation or config.labels != ["gold"]:
         raise UserError(f"--method {config.method} runs alone: drop --heads, --layer-ablation and --labels")
-    if config.method != "logit-lens" and config.engine == "tree":
-        raise UserError(
-            f"--method {config.method} decodes with patches, which the tree engine does not take: --engine fast"
-        )
     if config.method == "function-vector" and any(k < 2 for k in config.ks):
         raise UserError("--method function-vector corrupts prompts by shuffling the examples' answers: --k >= 2")
     if config.method == "task-vector" and any(k < 1 for k in config.ks):

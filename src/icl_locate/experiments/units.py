@@ -22,7 +22,6 @@ from ..core.models import LoadedModel, load_model
 from ..engines.audit import audit_rows, sample_rows
 from ..engines.base import Engine, ProgressCallback, StopRule
 from ..engines.calibrate import Calibrator, Choices, build_engine
-from ..engines.fast import FastEngine
 from ..engines.request import EngineRequest
 from ..tasks.items import build_items, labelled_task
 from .common import check_context, masked_prompts, stop_rule
@@ -100,7 +99,6 @@ class Worker:
     engine: Engine | None = None
     log: Callable[[str], None] = _stderr
     engines: dict[tuple, tuple[Engine, Choices]] = field(default_factory=dict)
-    patching: Engine | None = None  # method units' engine (patch_engine)
     seconds: dict[str, float] = field(default_factory=lambda: {"decoding": 0.0, "audit": 0.0, "audit_rows": 0})
 
     @classmethod
@@ -162,12 +160,19 @@ class Worker:
         return self.result(unit, items, seconds, predictions, scores, choices, audited, audit_seconds)
 
     def compute_method(self, unit: WorkUnit, progress: ProgressCallback | None = None) -> UnitResult:
-        """A task-vector, function-vector or logit-lens unit (``methods.py``): decoded on the fast engine
-        (or the one given), whose rows can carry patches."""
+        """A task-vector, function-vector or logit-lens unit (``methods.py``), its rows on the engine given or
+        measured best for them, as for any unit."""
         task, data, items = unit_items(self.loaded.tokenizer, self.tasks, unit)
         stop = stop_rule(task, self.max_new_tokens)
         started = time.time()
-        output = run_method(unit, MethodInputs(self.loaded, self.patch_engine, task, data, items, stop, progress))
+        chosen: list[Choices] = []
+
+        def engine(prompts: Sequence[MaskedPrompt], rows: Sequence[RowIntervention], stop: StopRule) -> Engine:
+            found, choices = self.engine_for(prompts, rows, stop)
+            chosen.extend([choices] if choices is not None else [])
+            return found
+
+        output = run_method(unit, MethodInputs(self.loaded, engine, task, data, items, stop, progress))
         seconds = time.time() - started
         predictions, scores = score_rows(task, data, output.decoded)
         audited, audit_seconds = [], 0.0
@@ -176,17 +181,15 @@ class Worker:
                 unit, output.audit_prompts, output.audit_rows, output.audit_generations, stop, seconds
             )
         return self.result(
-            unit, items, seconds, predictions + output.predictions, scores + output.scores, None, audited, audit_seconds
+            unit,
+            items,
+            seconds,
+            predictions + output.predictions,
+            scores + output.scores,
+            chosen[0] if chosen else None,  # the patched rows' engine
+            audited,
+            audit_seconds,
         )
-
-    def patch_engine(self) -> Engine:
-        """The engine of method units: the one given, else a fast engine (the tree engine takes no patches)."""
-        if self.engine is not None:
-            return self.engine
-        if self.patching is None:
-            assert self.loaded.model is not None  # a loaded model, not a description
-            self.patching = FastEngine(self.loaded.model, self.loaded.tokenizer, self.request.batch_size)
-        return self.patching
 
     @staticmethod
     def result(unit, items, seconds, predictions, scores, choices, audited, audit_seconds) -> UnitResult:

@@ -1,7 +1,9 @@
 """The report's figures, after the paper's Figs 2-4: score per masking layer (one line per condition,
 the unmasked baseline dashed, 95% bootstrap bands, the recognition layer marked), head heatmaps and
-single-layer LoRA against the masking curve. Each is drawn as a matplotlib Figure (``curve_figure``,
-``head_figure``, ``lora_figure``: what the Python API returns) and written as a PNG beside the report."""
+single-layer LoRA against the masking curve; the depth atlas (every locating method on one layer axis) and
+its function-vector heads. Each is drawn as a matplotlib Figure (``curve_figure``, ``head_figure``,
+``lora_figure``, ``atlas_figure``, ``aie_figure``: what the Python API returns) and written as a PNG beside
+the report."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import numpy as np
 
 from ..core.labels import LABEL_VARIANTS
 from .analysis import HeadMap
+from .atlas import Atlas
 from .tables import recognition_curve
 
 
@@ -161,12 +164,20 @@ def head_figures(maps: list[HeadMap], curves, out_dir: Path) -> list[tuple[str, 
 
 
 def head_figure(m: HeadMap, recognition: int | None):
-    """The heatmap of one head sweep, a matplotlib Figure.
+    """The heatmap of one head sweep, a matplotlib Figure (``heatmap_figure``)."""
+    reference = "baseline" if m.key["kind"] == "knockout" else f"masked from {m.key['from_layer']}"
+    return heatmap_figure(m, f"{m.metric.label} change vs {reference}", recognition)
+
+
+def heatmap_figure(m: HeadMap, colour_label: str, recognition: int | None, marked: int = 0):
+    """``m.delta`` per (layer, head) as a heatmap, a matplotlib Figure; the recognition layer dashed, the
+    first ``marked`` heads of ``m.top`` framed. Head sweeps and function-vector heads alike.
 
     Cells sit at row/column indices labelled with the layer and head numbers they hold, so the
     ticks are the swept layers and heads whatever their spacing (``--layers 8,9`` or ``0,4,8``).
     """
     import matplotlib.pyplot as plt  # lazy: plotting is only needed for the report
+    from matplotlib.patches import Rectangle  # lazy: plotting is only needed for the report
 
     bound = float(np.abs(m.delta).max()) or 1.0
     fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(m.heads) + 2.5), max(3.5, 0.28 * len(m.layers) + 1.5)))
@@ -179,15 +190,16 @@ def head_figure(m: HeadMap, recognition: int | None):
         origin="lower",
         extent=(-0.5, len(m.heads) - 0.5, -0.5, len(m.layers) - 0.5),
     )
-    fig.colorbar(
-        image,
-        ax=ax,
-        label=f"{m.metric.label} change vs "
-        + ("baseline" if m.key["kind"] == "knockout" else f"masked from {m.key['from_layer']}"),
-    )
+    fig.colorbar(image, ax=ax, label=colour_label)
     if recognition is not None and m.layers[0] <= recognition <= m.layers[-1]:
         below = sum(1 for layer in m.layers if layer < recognition)  # rows drawn below the line
         ax.axhline(below - 0.5, color="black", ls="--", lw=1, label=f"recognition layer {recognition}")
+    rows, columns = {layer: i for i, layer in enumerate(m.layers)}, {h: i for i, h in enumerate(m.heads)}
+    for n, (layer, head, _, _) in enumerate(m.top(marked)):
+        frame = Rectangle((columns[head] - 0.5, rows[layer] - 0.5), 1, 1, fill=False, edgecolor="black", lw=1.5)
+        frame.set_label(f"top {marked} heads" if n == 0 else "_nolegend_")
+        ax.add_patch(frame)
+    if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7, loc="upper right")
     ax.set_xlabel("query head")
     ax.set_ylabel("layer")
@@ -202,3 +214,87 @@ def _label_cells(set_ticks, values: list[int], most: int) -> None:
     """Tick each cell with the integer it holds; every n-th cell where more than ``most`` would crowd."""
     step = max(1, -(-len(values) // most))
     set_ticks(range(0, len(values), step), [str(v) for v in values[::step]])
+
+
+# --------------------------------------------------------------------------- depth atlas
+
+
+def atlas_figures(atlases: list[Atlas], out_dir: Path) -> list[tuple[str, Path]]:
+    """Every atlas figure (``atlas_figure``) written as a PNG in ``out_dir``: (title, path) each."""
+    import matplotlib.pyplot as plt  # lazy: plotting is only needed for the report
+
+    figures = []
+    for a in atlases:
+        fig = atlas_figure(a)
+        path = out_dir / f"atlas_{_atlas_name(a)}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        figures.append((a.title(), path))
+    return figures
+
+
+def aie_figures(atlases: list[Atlas], out_dir: Path) -> list[tuple[str, Path]]:
+    """The function-vector heads' heatmap (``aie_figure``) of every atlas that has one, as PNGs in ``out_dir``."""
+    import matplotlib.pyplot as plt  # lazy: plotting is only needed for the report
+
+    figures = []
+    for a in atlases:
+        if a.aie is not None:
+            fig = aie_figure(a)
+            path = out_dir / f"aie_{_atlas_name(a)}.png"
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+            figures.append((f"{a.title()}: function-vector heads", path))
+    return figures
+
+
+def _atlas_name(a: Atlas) -> str:
+    """A file name stem unique to the atlas's cell (the test set size and data digest only where set)."""
+    k = a.key
+    extra = "".join(f"_{f}{k[f]}" for f in ("n_test", "data") if k[f] not in (None, ""))
+    return f"{k['task']}_{k['pair'] or 'all'}_k{k['k']}{'' if k['instructions'] else '_noinstr'}{extra}".replace(
+        "/", "-"
+    )
+
+
+def aie_figure(a: Atlas):
+    """The average indirect effect of every (layer, head) of ``a``'s function-vector units, drawn as the head
+    sweeps are (``heatmap_figure``); the heads the function vector sums framed, the masking recognition
+    layer dashed; a matplotlib Figure."""
+    if a.aie is None:
+        raise ValueError(f"{a.title()} holds no function-vector heads")
+    masking = a.methods.get("masking")
+    recognition = None if masking is None else masking.point
+    return heatmap_figure(a.aie, "average indirect effect", recognition, marked=a.aie.top_heads)
+
+
+def atlas_figure(a: Atlas):
+    """Every method of one atlas on one layer axis, a matplotlib Figure: each method's score divided by its own
+    baseline (1 dashed) with its 95% band, the layer it points to marked with its 95% interval as a horizontal
+    error bar; the vectors' zero-shot prompt dotted in their colour."""
+    import matplotlib.pyplot as plt  # lazy: plotting is only needed for the report
+    from matplotlib.ticker import MaxNLocator  # lazy: plotting is only needed for the report
+
+    fig, ax = plt.subplots(figsize=(8.5, 4.8))
+    ax.axhline(1.0, color="black", ls="--", lw=1, label="the method's own baseline")
+    for name, m in a.methods.items():
+        points_to = f"layer {m.point} ({m.what})" if m.point is not None else m.what.split(":")[0]
+        (line,) = ax.plot(m.layers, m.normalised, marker="o", ms=3, label=f"{name}: {points_to}")
+        lo, hi = zip(*m.band)
+        ax.fill_between(m.layers, lo, hi, color=line.get_color(), alpha=0.15)
+        for what, level in m.references.items():
+            ax.axhline(level, color=line.get_color(), ls=":", lw=1, label=f"{name}: {what}")
+        if m.point is not None and m.point in m.layers:
+            y = m.normalised[m.layers.index(m.point)]
+            start, end = m.interval or (m.point, m.point)
+            error = [[max(0.0, m.point - start)], [max(0.0, end - m.point)]]
+            ax.errorbar([m.point], [y], xerr=error, fmt="D", ms=6, capsize=4, color=line.get_color())
+    ax.set_xlabel("layer")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("score / the method's own baseline")
+    ax.set_title(a.title(), fontsize=10)
+    # below the axes: inside, it hides the curves (they span every layer)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig

@@ -14,8 +14,11 @@ from ..util.errors import UserError
 from ..util.fileio import ensure_dir, write_atomic
 from ..util.system import hardware_line
 from .analysis import DEFAULT_FRACTION, analyse_curve, analyse_head_map, load_curves, load_head_maps
-from .figures import curve_figures, head_figures, lora_figures
+from .atlas import load_atlases
+from .figures import aie_figures, atlas_figures, curve_figures, head_figures, lora_figures
 from .tables import (
+    ATLAS_HEADERS,
+    ATLAS_INTRO,
     AUDIT_HEADERS,
     AUDIT_INTRO,
     HEAD_HEADERS,
@@ -24,6 +27,7 @@ from .tables import (
     LORA_HEADERS,
     PRUNING_HEADERS,
     SUMMARY_HEADERS,
+    atlas_rows,
     audit_rows,
     fmt_cell,
     head_rows,
@@ -42,9 +46,10 @@ def build_report(
     matplotlib.use("Agg")
     curves = [analyse_curve(c, fraction, n_boot) for c in load_curves(store)]
     heads = [analyse_head_map(m, n_boot) for m in load_head_maps(store)]
+    atlases = load_atlases(store, n_boot, fraction=fraction, curves=curves)
     lora = store.lora_results()
     pruning = store.pruning_results()
-    if not curves and not heads and not lora and not pruning:
+    if not curves and not heads and not atlases and not lora and not pruning:
         raise UserError(f"store {store.path} holds no finished units yet")
     runs = store.runs()
     model = runs[-1]["provenance"].get("model", {}) if runs else {}
@@ -53,6 +58,7 @@ def build_report(
         + [r["layer"] + 1 for r in lora]
         + [p["num_layers"] for p in pruning]
         + [max(m.layers) + 1 for m in heads]
+        + [a.num_layers for a in atlases]
     )
     ensure_dir(out_dir)
     figures = (
@@ -70,6 +76,7 @@ def build_report(
         lora=lora_rows(lora, curves),
         audit=audit_rows(store.audits()),
         labels=label_rows(curves),
+        atlas=_atlas_section(atlases, out_dir, fraction),
     )
     text = _html(**sections) if fmt == "html" else _markdown(**sections)
     path = out_dir / ("report.html" if fmt == "html" else "report.md")
@@ -91,7 +98,27 @@ def _markdown_table(title: str, headers: list[tuple[str, str]], rows: list[dict]
     ]
 
 
-def _html(model, curves, num_layers, fraction, figures, runs, pruning, heads, lora, audit, labels) -> str:
+def _atlas_section(atlases, out_dir: Path, fraction: float) -> dict | None:
+    """The depth atlas's introduction, table rows and figures (each atlas, then its function-vector heads),
+    or None where the store holds no atlas."""
+    if not atlases:
+        return None
+    heatmaps = iter(aie_figures(atlases, out_dir))  # one per atlas with function-vector heads, in atlas order
+    in_order = []
+    for a, figure in zip(atlases, atlas_figures(atlases, out_dir)):
+        in_order += [figure] + ([next(heatmaps)] if a.aie is not None else [])
+    return dict(intro=ATLAS_INTRO.format(fraction=fraction), rows=atlas_rows(atlases), figures=in_order)
+
+
+def _html_image(title: str, path: Path) -> str:
+    """A titled figure embedded in the HTML (base64), so the report opens offline on its own."""
+    data = base64.b64encode(path.read_bytes()).decode()
+    return (
+        f'<h3>{html.escape(title)}</h3><img alt="{path.name}" title="{path.name}" src="data:image/png;base64,{data}">'
+    )
+
+
+def _html(model, curves, num_layers, fraction, figures, runs, pruning, heads, lora, audit, labels, atlas) -> str:
     rows = summary_rows(curves, num_layers, fraction)
     table = "<table><tr>" + "".join(f"<th>{h}</th>" for _, h in SUMMARY_HEADERS) + "</tr>"
     for r in rows:
@@ -108,13 +135,7 @@ def _html(model, curves, num_layers, fraction, figures, runs, pruning, heads, lo
             f"</summary><table><tr><th>layer</th><th>{c.metric.name}</th><th>95% CI</th></tr>{cells}"
             f"</table></details>"
         )
-    figs = ""
-    for title, path in figures:
-        data = base64.b64encode(path.read_bytes()).decode()
-        figs += (
-            f'<h3>{html.escape(title)}</h3><img alt="{path.name}" title="{path.name}" '
-            f'src="data:image/png;base64,{data}">'
-        )
+    figs = "".join(_html_image(title, path) for title, path in figures)
     sections = ""
     if labels:
         sections += _html_table("Label variants", html.escape(LABEL_INTRO), LABEL_HEADERS, labels)
@@ -138,6 +159,9 @@ def _html(model, curves, num_layers, fraction, figures, runs, pruning, heads, lo
             HEAD_HEADERS,
             head_rows(heads),
         )
+    if atlas:
+        sections += _html_table("Depth atlas", html.escape(atlas["intro"]), ATLAS_HEADERS, atlas["rows"])
+        sections += "".join(_html_image(title, path) for title, path in atlas["figures"])
     if lora:
         sections += _html_table(
             "Single-layer LoRA",
@@ -163,7 +187,7 @@ Intervals are 95% bootstrap intervals over test items and seeds.</p>
 <h2>Provenance</h2><pre>{html.escape(_provenance_text(prov, runs))}</pre></body></html>"""
 
 
-def _markdown(model, curves, num_layers, fraction, figures, runs, pruning, heads, lora, audit, labels) -> str:
+def _markdown(model, curves, num_layers, fraction, figures, runs, pruning, heads, lora, audit, labels, atlas) -> str:
     rows = summary_rows(curves, num_layers, fraction)
     lines = [
         f"# Where does in-context learning happen? — {model.get('spec', '?')}",
@@ -185,6 +209,9 @@ def _markdown(model, curves, num_layers, fraction, figures, runs, pruning, heads
         lines += _markdown_table(
             "Heads (top heads per sweep; change vs reference, 95% CI)", HEAD_HEADERS, head_rows(heads)
         )
+    if atlas:
+        lines += _markdown_table("Depth atlas", ATLAS_HEADERS, atlas["rows"]) + ["", atlas["intro"], ""]
+        lines += [f"![{title}]({path.name})" for title, path in atlas["figures"]]
     if lora:
         lines += _markdown_table("Single-layer LoRA", LORA_HEADERS, lora)
     if audit:

@@ -15,6 +15,7 @@ import pandas as pd
 
 from ..util.errors import UserError
 from . import analysis, figures
+from .atlas import Atlas, load_atlases
 from .store import Store
 
 CELL = list(analysis.CELL_FIELDS)
@@ -22,6 +23,9 @@ CURVE_COLUMNS = [*CELL, "metric", "layer", "score", "ci_low", "ci_high"]
 RECOGNITION_COLUMNS = [*CELL, "metric", "baseline", "recognition_layer", "ci_low", "ci_high", "verdict"]
 HEAD_CELL = [*CELL, "from_layer"]
 HEAD_COLUMNS = [*HEAD_CELL, "metric", "reference_score", "layer", "head", "delta", "ci_low", "ci_high"]
+ATLAS_CELL = ["task", "pair", "instructions", "k"]
+ATLAS_COLUMNS = [*ATLAS_CELL, "method", "layer", "score", "normalised", "lo", "hi"]
+ATLAS_POINT_COLUMNS = [*ATLAS_CELL, "method", "layer", "lo", "hi", "what"]
 PREDICTION_FIELDS = ["item", "example_id", "variant", "layer", "generation", "raw_generation", "reference"]
 PREDICTION_COLUMNS = [*HEAD_CELL, "seed", "unit_id", *PREDICTION_FIELDS, "sentence_score", "finish"]
 LORA_COLUMNS = [
@@ -73,9 +77,11 @@ class Study:
     come with 95% bootstrap intervals over ``n_boot`` replicates that resample test items and seeds
     together (``seed`` fixes the draw), as ``icl-locate report`` computes them; the cell columns, shared
     by every table, are ``task``, ``pair`` ("" for tasks without pairs), ``kind`` ("mask", "ablation",
-    "knockout" or "restore"), ``condition`` ("" for layer ablation), ``instructions`` (bool), ``k``,
+    "knockout", "restore", "task-vector", "function-vector" or "logit-lens"), ``condition`` ("" for layer
+    ablation and the vectors), ``instructions`` (bool), ``k``,
     ``n_test`` (None: the whole test set), ``data`` (a digest of user data; "" for built-in datasets) and
-    ``labels`` (the examples' label variant).
+    ``labels`` (the examples' label variant). ``atlas`` and ``atlas_points`` lay out the depth atlas (every
+    locating method, task and function vectors and the logit lens included, on one layer axis).
     """
 
     def __init__(self, path: str | Path):
@@ -112,6 +118,16 @@ class Study:
             "heads",
             (n_boot, seed),
             lambda store: [analysis.analyse_head_map(m, n_boot, seed) for m in analysis.load_head_maps(store)],
+        )
+
+    def analysed_atlases(
+        self, fraction: float = analysis.DEFAULT_FRACTION, n_boot: int = 1000, seed: int = 0
+    ) -> list[Atlas]:
+        """The store's depth atlases as ``results.atlas`` computes them (``Atlas``: every method's
+        ``MethodCurve``, the function-vector heads' ``IndirectEffectMap``)."""
+        curves = self.analysed_curves(fraction, n_boot, seed)
+        return self._cached(
+            "atlases", (fraction, n_boot, seed), lambda store: load_atlases(store, n_boot, seed, fraction, curves)
         )
 
     def curves(self, fraction: float = analysis.DEFAULT_FRACTION, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
@@ -165,6 +181,45 @@ class Study:
             for j, head in enumerate(m.heads)
         ]
         return pd.DataFrame(rows, columns=HEAD_COLUMNS)
+
+    def atlas(self, fraction: float = analysis.DEFAULT_FRACTION, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+        """One row per (atlas, method, layer): the depth atlas, every way of locating the task on one layer axis.
+
+        An atlas is a cell (task, pair, instructions, k; gold labels) with task-vector, function-vector or
+        logit-lens units. Columns: ``task``, ``pair``, ``instructions``, ``k``, ``method`` ("masking",
+        "task-vector", "function-vector", "logit-lens", "logit-lens (context hidden)"), ``layer``, ``score``
+        (raw: the task's metric; the lens: the share of items whose answer is the top token, in %),
+        ``normalised`` (score / the method's own baseline: masking: nothing masked; vectors: the ICL prompt;
+        lens: the model's own output with the context visible), ``lo``, ``hi`` (its 95% bootstrap interval).
+        """
+        rows = [
+            {f: a.key[f] for f in ATLAS_CELL}
+            | {"method": name, "layer": layer, "score": score, "normalised": normalised, "lo": lo, "hi": hi}
+            for a in self.analysed_atlases(fraction, n_boot, seed)
+            for name, m in a.methods.items()
+            for layer, score, normalised, (lo, hi) in zip(m.layers, m.score, m.normalised, m.band)
+        ]
+        return pd.DataFrame(rows, columns=ATLAS_COLUMNS)
+
+    def atlas_points(
+        self, fraction: float = analysis.DEFAULT_FRACTION, n_boot: int = 1000, seed: int = 0
+    ) -> pd.DataFrame:
+        """One row per (atlas, method): the layer each method points to.
+
+        Columns: ``task``, ``pair``, ``instructions``, ``k``, ``method`` (as ``atlas``), ``layer`` (masking:
+        the recognition layer; vectors: the best layer, the first maximum; lens: the first layer from which
+        the answer stays top-1, at >= ``fraction`` of the last layer's rate; <NA> where a method points
+        nowhere), ``lo``, ``hi`` (its 95% bootstrap interval) and ``what`` (what the layer is, or why there
+        is none, in words).
+        """
+        rows = [
+            {f: a.key[f] for f in ATLAS_CELL}
+            | {"method": name, "layer": m.point, "what": m.what}
+            | dict(zip(("lo", "hi"), m.interval or (math.nan, math.nan)))
+            for a in self.analysed_atlases(fraction, n_boot, seed)
+            for name, m in a.methods.items()
+        ]
+        return pd.DataFrame(rows, columns=ATLAS_POINT_COLUMNS).astype({"layer": "Int64"})
 
     def predictions(self) -> pd.DataFrame:
         """One row per stored generation: what the model said for each test item at each row of a unit.
@@ -242,6 +297,24 @@ class Study:
         wanted = dict(task=task, pair=pair, kind=kind, condition=condition, instructions=instructions, k=k)
         m = maps[_only([m.key for m in maps], wanted, "head sweep")]
         return figures.head_figure(m, figures.head_recognition(m, self.analysed_curves()))
+
+    def atlas_figure(
+        self, task: str | None = None, pair: str | None = None, k: int | None = None, instructions: bool | None = None
+    ):
+        """The report's depth atlas of one cell: every method's score / its own baseline per layer with 95%
+        bands, the layer each points to with its interval; a matplotlib Figure. Filters as ``curve_figure``."""
+        atlases = self.analysed_atlases()
+        wanted = dict(task=task, pair=pair, k=k, instructions=instructions)
+        return figures.atlas_figure(atlases[_only([a.key for a in atlases], wanted, "depth atlas cell")])
+
+    def aie_figure(
+        self, task: str | None = None, pair: str | None = None, k: int | None = None, instructions: bool | None = None
+    ):
+        """The report's heatmap of one cell's function-vector heads: each head's average indirect effect, the
+        heads the function vector sums framed; a matplotlib Figure. Filters as ``curve_figure``."""
+        atlases = [a for a in self.analysed_atlases() if a.aie is not None]
+        wanted = dict(task=task, pair=pair, k=k, instructions=instructions)
+        return figures.aie_figure(atlases[_only([a.key for a in atlases], wanted, "function-vector cell")])
 
     def lora_figure(self, pair: str | None = None):
         """The report's single-layer LoRA figure of ``pair`` (BLEU and validation loss per layer, against

@@ -1,11 +1,12 @@
 """The report's tables as rows of text cells, one list of (key, header) per table: the summary per
-curve, heads, single-layer LoRA, context-pruned inference and the engine audit. Shared by the
+curve, heads, single-layer LoRA, context-pruned inference, the depth atlas and the engine audit. Shared by the
 HTML and the Markdown report."""
 
 from __future__ import annotations
 
 from ..core.labels import LABEL_VARIANTS
 from .analysis import HeadMap, audit_disagreement, critical_layers, savings
+from .atlas import Atlas
 
 
 def recognition_curve(curves, pair: str):
@@ -254,3 +255,44 @@ def audit_rows(audited: list[dict]) -> list[dict]:
 
 def fmt_cell(v):
     return f"{v:.2f}" if isinstance(v, float) else str(v)
+
+
+ATLAS_HEADERS = [
+    ("cell", "task"),
+    ("method", "method"),
+    ("point", "points to layer"),
+    ("interval", "95% interval"),
+    ("what", "what"),
+    ("baseline", "baseline"),
+]
+ATLAS_INTRO = (
+    "Every way of locating in-context learning in this store on one layer axis, each score divided by the "
+    "method's own baseline (1 = the baseline). Masking: the context hidden from layer j on, against nothing "
+    "masked; points to the recognition layer. Task and function vectors: the vector patched at layer l into "
+    "the zero-shot prompt, against the ICL prompt (the zero-shot prompt dotted); point to the best layer. "
+    "Logit lens: the final norm and LM head applied at layer l, the share of items whose answer's first token "
+    "is top-1, against the model's own output, with the context visible and hidden; points to the first layer "
+    "from which the answer stays top-1 (at least {fraction:.0%} of the last layer's rate). Bands and intervals: "
+    "95% bootstrap over test items and seeds. Function-vector heads: each head's average indirect effect (the "
+    "answer's probability on label-shuffled prompts with the head's output replaced by its mean over clean "
+    "prompts, minus without); the heads the function vector sums framed."
+)
+
+
+def atlas_rows(atlases: list[Atlas]) -> list[dict]:
+    """One row per (atlas, method): the layer the method points to, its interval, what it is, its baseline."""
+    rows = []
+    for a in atlases:
+        instructions = "instr" if a.key["instructions"] else "no instr"
+        for m in a.methods.values():
+            rows.append(
+                dict(
+                    cell=f"{a.key['task']} {a.key['pair']} (k={a.key['k']}, {instructions})".replace("  ", " "),
+                    method=m.method,
+                    point="—" if m.point is None else str(m.point),
+                    interval="—" if m.interval is None else f"{m.interval[0]:.0f}–{m.interval[1]:.0f}",
+                    what=m.what,
+                    baseline=f"{m.baseline:.2f} ({m.baseline_what})",
+                )
+            )
+    return rows

@@ -1,0 +1,63 @@
+"""``icl-locate atlas``: every locating method for one (model, task) on one depth axis.
+
+Runs what the store lacks of the four sweeps of a grid (layer-from context masking, the task
+vector, the function vector, the logit lens: ``methods.py``), one after the other into one store
+(each resumable as any sweep), then draws the depth atlas (``results/atlas.py``): one figure and
+one table per cell, and the function vector's indirect-effect heat map.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from ..results.atlas import load_atlases
+from ..results.figures import aie_figures, atlas_figures
+from ..results.store import Store
+from ..results.tables import atlas_rows
+from ..util.errors import UserError
+from .options import RaySettings
+from .settings import METHODS, SweepConfig
+from .sweep import run_sweep
+
+
+@dataclass
+class AtlasResult:
+    store: Path
+    figures: list[Path] = field(default_factory=list)
+    lines: list[str] = field(default_factory=list)  # per cell and method: where it points
+    seconds: dict[str, float] = field(default_factory=dict)  # per method: decoding seconds of its units
+
+
+def run_atlas(
+    config: SweepConfig,
+    store_path: str | Path,
+    out_dir: str | Path,
+    command: str,
+    ray: RaySettings | None = None,
+    log: Callable[[str], None] = print,
+) -> AtlasResult:
+    """The four sweeps of ``config``'s grid (its ``method`` must be left at mask), then the atlas drawn into
+    ``out_dir``."""
+    if config.method != "mask" or config.heads is not None or config.layer_ablation or config.labels != ["gold"]:
+        raise UserError(
+            "atlas runs every method on gold labels itself: drop --method, --heads, --layer-ablation, --labels"
+        )
+    for method in METHODS:
+        log(f"atlas: {method}")
+        run_sweep(replace(config, method=method), store_path, command, ray)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    result = AtlasResult(Path(store_path))
+    with Store(Path(store_path), create=False) as store:
+        atlases = load_atlases(store)
+        for unit in store.units():
+            kind = unit["spec"]["kind"]
+            result.seconds[kind] = result.seconds.get(kind, 0.0) + (unit["seconds"] or 0.0)
+    result.figures = [path for _, path in atlas_figures(atlases, out) + aie_figures(atlases, out)]
+    result.lines = [
+        f"{r['cell']} {r['method']}: {r['what']} {r['point']} (95% {r['interval']}; baseline {r['baseline']})"
+        for r in atlas_rows(atlases)
+    ]
+    return result
