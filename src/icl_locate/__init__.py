@@ -21,6 +21,7 @@ __all__ = [
     "prompts",
     "generate",
     "sweep",
+    "plan",
     "open_store",
     "Item",
     "Output",

@@ -6,6 +6,7 @@
 * ``generate(lm, items, interventions)``: greedy generations under row interventions (``MaskFrom(j)``,
   ``MaskBelow(j)``, ``HeadMask``, ``AblateLayers``, ``UNCHANGED``): text, answer and token ids (``Output``);
 * ``sweep(config, store)``: a grid into a resumable SQLite store, as ``icl-locate sweep`` (``SweepConfig``);
+* ``plan(config)``: what that sweep will cost (units, rows, tokens, FLOPs, memory, time), no weights loaded;
 * ``open_store(path)``: a ``Study``: the store's curves, recognition layers, head maps, generations, LoRA
   and pruning results as pandas DataFrames with tidy columns, and its figures as matplotlib Figures.
 
@@ -37,7 +38,8 @@ from .engines.calibrate import Calibrator, build_engine
 from .engines.reference import ReferenceEngine
 from .engines.request import ENGINES, EngineRequest
 from .experiments.common import check_context, masked_prompts, stop_rule
-from .experiments.options import RaySettings
+from .experiments.options import PlanSettings, RaySettings
+from .experiments.plan import Plan, run_plan
 from .experiments.settings import ModelAndData, SweepConfig, load_config, task_and_data
 from .experiments.sweep import SweepResult, run_sweep
 from .results.study import Study
@@ -224,14 +226,32 @@ def sweep(
     ``ray``: ``RaySettings`` (or a dict of its fields) to compute units on Ray workers; None: here.
     Returns the counts of units planned, skipped and run, and the summary lines the command prints.
     """
+    executor = RaySettings(**ray) if isinstance(ray, Mapping) else ray
+    return run_sweep(_sweep_config(config, preset), store, "icl_locate.api.sweep", executor)
+
+
+def plan(
+    config: SweepConfig | Mapping[str, Any] | None,
+    *,
+    preset: str | None = None,
+    ray: RaySettings | Mapping[str, Any] | None = None,
+    tflops: float | None = None,
+) -> Plan:
+    """What ``sweep`` would cost with the same settings, without loading weights, as ``icl-locate plan``:
+    a ``Plan`` with the units' rows, tokens, FLOPs per engine and memory, ``total(name)``, ``flops(engine)``,
+    ``seconds(engine, workers)``, ``table()`` and ``as_dict()``. ``tflops``: a worker's throughput (None:
+    measured here)."""
+    executor = RaySettings(**ray) if isinstance(ray, Mapping) else ray
+    return run_plan(_sweep_config(config, preset), PlanSettings(tflops=tflops), executor, log=lambda line: None)
+
+
+def _sweep_config(config: SweepConfig | Mapping[str, Any] | None, preset: str | None) -> SweepConfig:
+    """A ``SweepConfig`` as given, or from a dict of its fields on top of ``preset``."""
     if isinstance(config, SweepConfig):
         if preset is not None:
             raise UserError("a preset goes with a dict of settings, not with a SweepConfig")
-        settings = config
-    else:
-        settings = load_config(preset, None, dict(config or {}))
-    executor = RaySettings(**ray) if isinstance(ray, Mapping) else ray
-    return run_sweep(settings, store, "icl_locate.api.sweep", executor)
+        return config
+    return load_config(preset, None, dict(config or {}))
 
 
 def open_store(path: str | Path) -> Study:

@@ -12,23 +12,21 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .cli_args import build_parser
-from .cli_values import settings_from, short, sweep_config_from_args
+from .cli_values import ray_settings, settings_from, short, validated_sweep_config
 from .core.catalog import ALIASES, EMBEDDED, TINY_CONFIGS
 from .core.conditions import CONDITION_PATTERNS, CONDITIONS
 from .experiments.options import (
     BenchSettings,
     DemoSettings,
-    ExecutorSettings,
     LoraRun,
     LoraSettings,
+    PlanSettings,
     PruneSettings,
-    RaySettings,
     ReportSettings,
     RunSettings,
     ScoreCodeSettings,
     StartupSettings,
 )
-from .experiments.settings import validate
 from .util.errors import Interrupted, UserError
 from .util.fileio import write_json_atomic
 
@@ -127,16 +125,8 @@ def cmd_prune(args) -> int:
     return 0
 
 
-def ray_settings(args):
-    """RaySettings, or None for the local executor."""
-    if settings_from(args, ExecutorSettings).executor != "ray":
-        return None
-    return settings_from(args, RaySettings, rename={"ray_address": "address"})
-
-
 def cmd_sweep(args) -> int:
-    config = sweep_config_from_args(args)
-    validate(config)  # bad settings fail here, before the model stack is imported
+    config = validated_sweep_config(args)  # bad settings fail here, before the model stack is imported
     from .experiments.sweep import prepare, run_sweep  # lazy: torch
 
     if args.dry_run:
@@ -153,13 +143,22 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_atlas(args) -> int:
-    config = sweep_config_from_args(args)
-    validate(config)  # bad settings fail here, before the model stack is imported
+    config = validated_sweep_config(args)  # bad settings fail here, before the model stack is imported
     from .experiments.atlas import run_atlas  # lazy: torch
 
     out = args.out_dir or f"{Path(args.store).with_suffix('')}_atlas"
     result = run_atlas(config, args.store, out, command_line(), ray_settings(args))
     print("\n".join(result.lines + [f"atlas: {path}" for path in result.figures]))
+    return 0
+
+
+def cmd_plan(args) -> int:
+    config, settings = validated_sweep_config(args), settings_from(args, PlanSettings)  # bad ones fail here
+    from .experiments.plan import run_plan  # lazy: torch
+
+    print(run_plan(config, settings, ray_settings(args)).table())
+    if args.json:
+        print(f"wrote {args.json}")
     return 0
 
 
@@ -224,6 +223,7 @@ COMMANDS: dict[str, Callable] = {
     "prune": cmd_prune,
     "sweep": cmd_sweep,
     "atlas": cmd_atlas,
+    "plan": cmd_plan,
     "report": cmd_report,
     "lora-sweep": cmd_lora_sweep,
     "demo": cmd_demo,

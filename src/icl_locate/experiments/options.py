@@ -172,3 +172,20 @@ class RaySettings:
             raise UserError("--cpus-per-worker must be > 0 and --gpus-per-worker >= 0")
         if self.max_attempts < 1:
             raise UserError(f"attempts per unit must be >= 1, got {self.max_attempts}")
+
+
+@dataclass(frozen=True)
+class PlanSettings:
+    """``icl-locate plan``: how a sweep's cost is predicted (the sweep itself is a ``SweepConfig``)."""
+
+    tflops: float | None = None  # a worker's throughput in TFLOP/s; None: measured here (a matmul, cached)
+    json: str | None = None  # also write the plan here
+    store: str | None = None  # units already in this store are counted as done (and restore's layer read)
+    chars_per_token: float = 4.0  # where no tokenizer loads offline: English-like text, ~4 characters a token
+    calibration_seconds: float = 1.0  # how long the matmul is timed: a few repeats, noise within a few %
+
+    def __post_init__(self) -> None:  # checked when made: bad settings fail before the model stack is imported
+        if self.tflops is not None and self.tflops <= 0:
+            raise UserError(f"--tflops must be > 0, got {self.tflops}")
+        if self.chars_per_token <= 0 or self.calibration_seconds <= 0:
+            raise UserError("characters per token and calibration seconds must be > 0")
