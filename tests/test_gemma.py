@@ -120,7 +120,7 @@ def test_fast_engine_matches_reference_on_gemma(gemma, mt_items):
     task, items = mt_items
     items = items[:2]
     cond = get_condition("instructions+examples")
-    layers = [0, 6, 12, 18]
+    layers = [0, 9, 18]  # masked everywhere, from the middle, nowhere
     stop = StopRule(task.stop_strings, task.max_new_tokens)
     fast = FastEngine(gemma.model, gemma.tokenizer).generate(
         [MaskedPrompt.of(it.encoded, cond) for it in items], [MaskFrom(j) for j in layers], stop
