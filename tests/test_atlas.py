@@ -283,3 +283,9 @@ def test_a_vector_that_never_beats_the_zero_shot_prompt_points_nowhere(tmp_path)
     tv = the_atlas(path).methods["task-vector"]
     assert (tv.point, tv.interval, tv.what) == (None, None, "no layer scores above the zero-shot prompt")
     assert tv.normalised == pytest.approx([0.25] * L)
+
+
+def test_the_atlas_command_fails_in_one_line_before_running_anything(tmp_path, capsys):
+    assert main(["atlas", "--model", "tiny:llama", "--store", str(tmp_path / "missing" / "atlas.sqlite")]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("icl-locate: error: cannot create store") and len(err.splitlines()) == 1

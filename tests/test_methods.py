@@ -245,6 +245,7 @@ def test_method_units_plan_and_bad_combinations_fail_in_one_line():
         (dict(method="logit-lens", top_heads=4), "--top-heads is for --method function-vector"),
         (dict(method="function-vector", ks=[1]), "--k >= 2"),
         (dict(method="task-vector", heads="knockout"), "runs alone"),
+        (dict(method="task-vector", n_test=1), "--n-test >= 2"),
     ]
     for settings, message in bad:
         with pytest.raises(UserError, match=message):

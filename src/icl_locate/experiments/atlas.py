@@ -19,7 +19,7 @@ from ..results.tables import atlas_rows
 from ..util.errors import UserError
 from .options import RaySettings
 from .settings import METHODS, SweepConfig
-from .sweep import run_sweep
+from .sweep import check_store_path, run_sweep
 
 
 @dataclass
@@ -44,6 +44,7 @@ def run_atlas(
         raise UserError(
             "atlas runs every method on gold labels itself: drop --method, --heads, --layer-ablation, --labels"
         )
+    check_store_path(store_path)  # before the first sweep: a bad path fails before anything runs
     for method in METHODS:
         log(f"atlas: {method}")
         run_sweep(replace(config, method=method), store_path, command, ray)

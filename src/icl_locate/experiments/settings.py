@@ -233,6 +233,8 @@ def check_method(config: SweepConfig) -> None:
         raise UserError(f"--method {config.method} runs alone: drop --heads, --layer-ablation and --labels")
     if config.method == "function-vector" and any(k < 2 for k in config.ks):
         raise UserError("--method function-vector corrupts prompts by shuffling the examples' answers: --k >= 2")
+    if config.method == "task-vector" and config.n_test == 1:
+        raise UserError("--method task-vector reads each query's vector from another query's prompt: --n-test >= 2")
     if config.method == "task-vector" and any(k < 1 for k in config.ks):
         raise UserError("--method task-vector reads its vector from an ICL prompt: --k >= 1")
 
