@@ -40,12 +40,18 @@ def _ids(model: nn.Module, ids: Sequence[int]) -> torch.Tensor:
     return torch.tensor([list(ids)], device=next(model.parameters()).device)  # [1, T]
 
 
+def _shared_length(start: int, length: int) -> int:
+    """How many first tokens of a prompt of ``length`` run as shared context: ``start``, leaving the prompt at
+    least one token of its own."""
+    return max(0, min(start, length - 1))
+
+
 def _layers_kv(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     layers: list[Any] = cache.layers  # filled by a forward: keys and values set on every layer
     return [(layer.keys, layer.values) for layer in layers]
 
 
-class PrefixCaches:
+class ContextCaches:
     """Caches of prompts whose first ``start`` tokens (BOS, instructions, examples) are shared: each
     distinct beginning runs once; a prompt's cache then adds its own tokens only (what the keys and
     values of a full forward hold: the shared tokens see the same tokens)."""
@@ -56,7 +62,7 @@ class PrefixCaches:
 
     def cache_of(self, ids: Sequence[int], start: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer, the keys and values of all of ``ids`` ([1, kv heads, len(ids), head_dim] each)."""
-        start = max(0, min(start, len(ids) - 1))  # at least one token of the prompt's own
+        start = _shared_length(start, len(ids))
         prefix = tuple(ids[:start])
         if start and prefix not in self.kv:
             cache = DynamicCache()
@@ -81,7 +87,7 @@ def _batches(prompts: Sequence[Sequence[int]], starts: Sequence[int]) -> list[li
     """Indices of prompts with the same context before their own tokens, ``READ_BATCH`` at most a batch."""
     groups: dict[tuple, list[int]] = {}
     for i, (ids, start) in enumerate(zip(prompts, starts, strict=True)):
-        groups.setdefault(tuple(ids[: max(0, min(start, len(ids) - 1))]), []).append(i)
+        groups.setdefault(tuple(ids[: _shared_length(start, len(ids))]), []).append(i)
     return [g[n : n + READ_BATCH] for g in groups.values() for n in range(0, len(g), READ_BATCH)]
 
 
@@ -107,18 +113,19 @@ def read_last_positions(
     out_final: dict[int, torch.Tensor] = {}
     for batch in _batches(prompts, starts):
         ids = [prompts[i] for i in batch]
-        start = max(0, min(starts[batch[0]], min(len(x) for x in ids) - 1))
+        start = _shared_length(starts[batch[0]], min(len(x) for x in ids))
         rows_mask = mask.select_rows(batch) if mask is not None else None
         lasts = [len(x) - 1 for x in ids]
         hidden_sites = [(layer, p) for layer in layers for p in sorted(set(lasts))]
         head_sites = [(layer, h, p) for layer in range(n_layers) for h in range(n_heads) for p in sorted(set(lasts))]
         captured: list[torch.Tensor] = []
-        hook = final_norm(model).register_forward_pre_hook(_keep_input(captured))
+        hook = final_norm(model).register_forward_pre_hook(_keep_input(captured)) if final else None
         try:
             with record(model, hidden=hidden_sites, heads=head_sites) as seen:
                 _right_padded_forward(model, ids, start, rows_mask)
         finally:
-            hook.remove()
+            if hook is not None:
+                hook.remove()
         for b, (i, last) in enumerate(zip(batch, lasts, strict=True)):
             if layers:
                 out_hidden[i] = torch.stack([seen.hidden[(layer, last)][b] for layer in layers])
@@ -200,7 +207,7 @@ def head_indirect_effects(
     n_layers, n_heads = means.shape[:2]
     sites = [(layer, h) for layer in range(n_layers) for h in range(n_heads)]
     out = torch.zeros(len(prompts), n_layers, n_heads)
-    caches = PrefixCaches(model)
+    caches = ContextCaches(model)
     starts = starts if starts is not None else [0] * len(prompts)
     for n, (ids, answer, start) in enumerate(zip(prompts, answers, starts, strict=True)):
         kv = caches.cache_of(ids[:-1], start)  # the prompt but its last token
