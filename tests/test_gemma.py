@@ -11,7 +11,7 @@ from icl_locate.core.conditions import MaskedPrompt, get_condition, hidden_range
 from icl_locate.core.interventions import ColumnMask, MaskFrom
 from icl_locate.engines.base import StopRule
 from icl_locate.engines.fast import FastEngine
-from icl_locate.engines.reference import ReferenceEngine, greedy_decode
+from icl_locate.engines.reference import greedy_decode
 from icl_locate.tasks.items import build_items, post_process
 from icl_locate.tasks.loaders import load_data
 from icl_locate.tasks.metrics import translation_scores
@@ -28,27 +28,34 @@ def mt_items(gemma, data_dir):
     return task, build_items(task, data, gemma.tokenizer, k=5, seed=0, n_test=8)
 
 
-def decode(gemma, task, items, condition, from_layer):
-    """(post-processed answers, prompts with their hidden ranges) by the reference engine."""
-    prompts = [MaskedPrompt.of(it.encoded, condition) for it in items]
-    gens = ReferenceEngine(gemma.model, gemma.tokenizer).generate(
-        prompts, [MaskFrom(from_layer)], StopRule(task.stop_strings, task.max_new_tokens)
-    )
-    return [post_process(task, gens[(i, MaskFrom(from_layer))].text) for i in range(len(items))], prompts
+@pytest.fixture(scope="module")
+def masked_answers(gemma, mt_items):
+    """Post-processed answers of the 8 items masked from layer 0 and from layer L (= nowhere = the baseline).
 
-
-def test_baseline_translates(gemma, mt_items):
+    By the fast engine, in one call: the test below checks it against the reference engine on this model.
+    """
     task, items = mt_items
-    answers, _ = decode(gemma, task, items, get_condition("baseline"), gemma.info.num_layers)
-    bleu = translation_scores(answers, [it.item.target for it in items]).bleu
+    prompts = [MaskedPrompt.of(it.encoded, get_condition("instructions+examples")) for it in items]
+    layers = (0, gemma.info.num_layers)
+    gens = FastEngine(gemma.model, gemma.tokenizer).generate(
+        prompts, [MaskFrom(j) for j in layers], StopRule(task.stop_strings, task.max_new_tokens)
+    )
+    answers = {j: [post_process(task, gens[(i, MaskFrom(j))].text) for i in range(len(items))] for j in layers}
+    return answers, prompts
+
+
+def test_baseline_translates(gemma, mt_items, masked_answers):
+    _, items = mt_items
+    answers, _ = masked_answers
+    bleu = translation_scores(answers[gemma.info.num_layers], [it.item.target for it in items]).bleu
     print(f"gemma-3-270m fra->eng 5-shot baseline BLEU on 8 devtest sentences: {bleu:.2f}")
     assert bleu > 15
 
 
-def test_masking_context_from_layer_0_destroys_translation(gemma, mt_items):
-    task, items = mt_items
-    answers, prompts = decode(gemma, task, items, get_condition("instructions+examples"), 0)
-    bleu = translation_scores(answers, [it.item.target for it in items]).bleu
+def test_masking_context_from_layer_0_destroys_translation(gemma, mt_items, masked_answers):
+    _, items = mt_items
+    answers, prompts = masked_answers
+    bleu = translation_scores(answers[0], [it.item.target for it in items]).bleu
     print(f"gemma-3-270m fra->eng instructions+examples masked from layer 0: BLEU {bleu:.2f}")
     assert bleu < 5
     tok = gemma.tokenizer
@@ -101,7 +108,7 @@ def test_cli_run_code_generation(gemma, data_dir, tmp_path, capsys, condition, l
         "--k",
         "2",
         "--max-new-tokens",
-        "96",
+        "48",
         "--data-dir",
         str(data_dir),
         "--out",
@@ -121,16 +128,18 @@ def test_fast_engine_matches_reference_on_gemma(gemma, mt_items):
     items = items[:2]
     cond = get_condition("instructions+examples")
     layers = [0, 9, 18]  # masked everywhere, from the middle, nowhere
-    stop = StopRule(task.stop_strings, task.max_new_tokens)
+    # 32 new tokens: layers 9 and 18 end at their stop string before it; layer 0, unstoppable, ends at the bound.
+    stop = StopRule(task.stop_strings, 32)
     fast = FastEngine(gemma.model, gemma.tokenizer).generate(
         [MaskedPrompt.of(it.encoded, cond) for it in items], [MaskFrom(j) for j in layers], stop
     )
-    for i, it in enumerate(items):
-        for j in layers:
-            ranges = hidden_ranges(cond, it.encoded.spans, len(it.encoded.ids)) if j < 18 else []
-            plan = [ColumnMask.at_layers([ranges], range(j, 18))] if ranges else []
-            ref = greedy_decode(gemma.model, gemma.tokenizer, it.encoded.ids, plan, stop)
-            assert fast[(i, MaskFrom(j))].token_ids == ref.token_ids, (i, j)
+    # All six rows decode batched; three of them (each layer once, both items) go through the slow reference.
+    for i, j in [(0, 0), (1, 9), (0, 18)]:
+        encoded = items[i].encoded
+        ranges = hidden_ranges(cond, encoded.spans, len(encoded.ids)) if j < 18 else []
+        plan = [ColumnMask.at_layers([ranges], range(j, 18))] if ranges else []
+        ref = greedy_decode(gemma.model, gemma.tokenizer, encoded.ids, plan, stop)
+        assert fast[(i, MaskFrom(j))].token_ids == ref.token_ids, (i, j)
 
 
 def test_real_curve_gets_a_recognition_layer(gemma, data_dir, tmp_path, capsys):
