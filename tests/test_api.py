@@ -199,6 +199,21 @@ def test_the_api_and_the_command_line_write_the_same_store(tmp_path, data_dir):
     assert cli == from_python
 
 
+def test_run_and_report_give_what_their_commands_give(tmp_path, data_dir, study_store):
+    run = dict(model="tiny:llama", pair="fra-eng", condition="instructions+examples", from_layer=2, k=1, n_test=2)
+    argv = ["run", "--model", "tiny:llama", "--pair", "fra-eng", "--condition", "instructions+examples"]
+    argv += ["--from-layer", "2", "--k", "1", "--n-test", "2", "--data-dir", str(data_dir)]
+    assert main([*argv, "--out", str(tmp_path / "cli.jsonl")]) == 0
+    result = api.run({**run, "data_dir": str(data_dir), "out": str(tmp_path / "api.jsonl")})
+    from_cli = [json.loads(line) for line in (tmp_path / "cli.jsonl").read_text().splitlines()]
+    assert len(from_cli) == 2 and result.rows == from_cli
+    assert [json.loads(line) for line in (tmp_path / "api.jsonl").read_text().splitlines()] == from_cli
+    assert main(["report", str(study_store), "--out-dir", str(tmp_path / "cli"), "--bootstrap", "20"]) == 0
+    path = api.report(study_store, tmp_path / "api", bootstrap=20)
+    assert path == tmp_path / "api" / "report.html"
+    assert sorted(f.name for f in path.parent.iterdir()) == sorted(f.name for f in (tmp_path / "cli").iterdir())
+
+
 @pytest.mark.parametrize("engine", ["auto", "fast", "tree"])
 def test_every_engine_gives_the_reference_engines_tokens(engine, data_dir):
     lm = tiny("llama")
@@ -248,6 +263,12 @@ def test_mistakes_are_user_errors(tmp_path, data_dir):
         api.sweep({"pairz": ["fra-eng"]}, tmp_path / "s.sqlite")
     with pytest.raises(api.UserError, match="does not exist"):
         api.open_store(tmp_path / "none.sqlite")
+    with pytest.raises(api.UserError, match="unknown run setting.*pairz"):
+        api.run({"pairz": "fra-eng"})
+    with pytest.raises(api.UserError, match="prune settings: .*layer"):
+        api.prune({"model": "tiny:llama"})
+    with pytest.raises(api.UserError, match="does not exist"):
+        api.report(tmp_path / "none.sqlite")
 
 
 def test_the_package_exposes_the_api_lazily():

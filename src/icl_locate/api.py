@@ -7,17 +7,21 @@
   ``MaskBelow(j)``, ``HeadMask``, ``AblateLayers``, ``UNCHANGED``): text, answer and token ids (``Output``);
 * ``sweep(config, store)``: a grid into a resumable SQLite store, as ``icl-locate sweep`` (``SweepConfig``);
 * ``plan(config)``: what that sweep will cost (units, rows, tokens, FLOPs, memory, time), no weights loaded;
+* ``atlas(config, store)``: masking, task vectors, function vectors and the logit lens on one depth axis;
+* ``run``, ``bench``, ``prune``, ``lora_sweep``, ``report``: the commands of the same names, from their
+  settings (a dataclass of ``icl_locate.experiments.options`` or a dict of its fields);
 * ``open_store(path)``: a ``Study``: the store's curves, recognition layers, head maps, generations, LoRA
   and pruning results as pandas DataFrames with tidy columns, and its figures as matplotlib Figures.
 
-Nothing is computed here: each function hands its arguments to the code the commands use, so the API
-and the command line give the same results (tested). This module imports torch and pandas; the package
-exposes its names lazily (``icl_locate/__init__.py``), so ``import icl_locate`` stays light.
+Nothing is computed here: each function hands its arguments to the code the commands use, and the
+command line calls these functions, so the API and the command line give the same results (tested).
+This module imports torch and pandas; the package exposes its names lazily (``icl_locate/__init__.py``),
+so ``import icl_locate`` stays light.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,11 +41,26 @@ from .engines.base import DEFAULT_STOP, Engine, StopRule
 from .engines.calibrate import Calibrator, build_engine
 from .engines.reference import ReferenceEngine
 from .engines.request import ENGINES, EngineRequest
+from .experiments.atlas import AtlasResult, run_atlas
+from .experiments.bench import BenchResult, run_bench
 from .experiments.common import check_context, masked_prompts, stop_rule
-from .experiments.options import PlanSettings, RaySettings
+from .experiments.decode import RunResult, run_decode
+from .experiments.lora import run_lora_sweep
+from .experiments.options import (
+    BenchSettings,
+    LoraRun,
+    PlanSettings,
+    PruneSettings,
+    RaySettings,
+    ReportSettings,
+    RunSettings,
+)
 from .experiments.plan import Plan, run_plan
+from .experiments.prune import PruneResult, run_prune
 from .experiments.settings import ModelAndData, SweepConfig, load_config, task_and_data
 from .experiments.sweep import SweepResult, run_sweep
+from .results.report import build_report
+from .results.store import Store
 from .results.study import Study
 from .tasks.items import build_items, check_label_variant, labelled_task, post_process
 from .tasks.spec import Task
@@ -217,6 +236,7 @@ def sweep(
     *,
     preset: str | None = None,
     ray: RaySettings | Mapping[str, Any] | None = None,
+    command: str = "icl_locate.api.sweep",
 ) -> SweepResult:
     """Run a sweep into the SQLite ``store`` (created, or resumed: units it holds are skipped), as
     ``icl-locate sweep`` does with the same settings.
@@ -224,10 +244,10 @@ def sweep(
     ``config``: a ``SweepConfig``, or a dict of its fields (on top of ``preset``, e.g. "paper-mt"), as a
     ``--config`` YAML file holds them: ``{"model": "tiny:llama", "pairs": ["fra-eng"], "layers": "0,2,4"}``.
     ``ray``: ``RaySettings`` (or a dict of its fields) to compute units on Ray workers; None: here.
+    ``command``: what the store's run record names as the command that wrote it.
     Returns the counts of units planned, skipped and run, and the summary lines the command prints.
     """
-    executor = RaySettings(**ray) if isinstance(ray, Mapping) else ray
-    return run_sweep(_sweep_config(config, preset), store, "icl_locate.api.sweep", executor)
+    return run_sweep(_sweep_config(config, preset), store, command, _ray(ray))
 
 
 def plan(
@@ -236,13 +256,109 @@ def plan(
     preset: str | None = None,
     ray: RaySettings | Mapping[str, Any] | None = None,
     tflops: float | None = None,
+    settings: PlanSettings | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> Plan:
     """What ``sweep`` would cost with the same settings, without loading weights, as ``icl-locate plan``:
     a ``Plan`` with the units' rows, tokens, FLOPs per engine and memory, ``total(name)``, ``flops(engine)``,
     ``seconds(engine, workers)``, ``table()`` and ``as_dict()``. ``tflops``: a worker's throughput (None:
-    measured here)."""
-    executor = RaySettings(**ray) if isinstance(ray, Mapping) else ray
-    return run_plan(_sweep_config(config, preset), PlanSettings(tflops=tflops), executor, log=lambda line: None)
+    measured here); ``settings``: every ``PlanSettings`` field instead (``--json``, ``--store``, ...).
+    ``log``: where progress lines go (None: nowhere)."""
+    if settings is not None and tflops is not None:
+        raise UserError("give tflops inside the PlanSettings, not beside them")
+    settings = settings or PlanSettings(tflops=tflops)
+    return run_plan(_sweep_config(config, preset), settings, _ray(ray), log=log or _quiet)
+
+
+def atlas(
+    config: SweepConfig | Mapping[str, Any] | None,
+    store: str | Path,
+    out_dir: str | Path | None = None,
+    *,
+    preset: str | None = None,
+    ray: RaySettings | Mapping[str, Any] | None = None,
+    command: str = "icl_locate.api.atlas",
+    log: Callable[[str], None] | None = None,
+) -> AtlasResult:
+    """The depth atlas of ``config``'s (model, task) cells, as ``icl-locate atlas``: runs into ``store``
+    whichever of the masking, task-vector, function-vector and logit-lens units it lacks, then draws
+    the atlas figures into ``out_dir`` (None: ``<store>_atlas/``). Returns the figures' paths, one
+    line per cell and method (the layer it points to) and each method's decoding seconds."""
+    out = out_dir if out_dir is not None else f"{Path(store).with_suffix('')}_atlas"
+    return run_atlas(_sweep_config(config, preset), store, out, command, _ray(ray), log=log or _quiet)
+
+
+# --------------------------------------------------------------------------- the other commands
+
+
+def run(settings: RunSettings | Mapping[str, Any], *, log: Callable[[str], None] | None = None) -> RunResult:
+    """One condition on a task's test items, decoded and scored, as ``icl-locate run`` (``RunSettings``:
+    model, task, pair, condition, from_layer, k, seed, n_test, ..., ``out`` for a JSONL of predictions).
+    Returns the predictions' rows, the metric's summary line and the decoding seconds."""
+    return run_decode(_settings(RunSettings, settings, "run"), log=log or _quiet)
+
+
+def bench(settings: BenchSettings | Mapping[str, Any], *, log: Callable[[str], None] | None = None) -> BenchResult:
+    """The engines' benchmark, as ``icl-locate bench``: the paper's method, the fast engine and the
+    chosen engine on the same prompts; ``.data`` holds the seconds, speed-ups, agreement and hardware."""
+    return run_bench(_settings(BenchSettings, settings, "bench"), log=log or _quiet)
+
+
+def prune(
+    settings: PruneSettings | Mapping[str, Any],
+    *,
+    command: str = "icl_locate.api.prune",
+    log: Callable[[str], None] | None = None,
+) -> PruneResult:
+    """The context pruned from layer ``r`` (``settings.layer``) against the full prompt, as
+    ``icl-locate prune``: tokens, FLOPs and seconds saved, identical generations checked, stored in
+    ``settings.store`` when given."""
+    return run_prune(_settings(PruneSettings, settings, "prune"), command, log=log or _quiet)
+
+
+def lora_sweep(
+    settings: LoraRun,
+    *,
+    ray: RaySettings | Mapping[str, Any] | None = None,
+    command: str = "icl_locate.api.lora_sweep",
+) -> tuple[list[dict], Path]:
+    """One LoRA adapter per layer, trained and scored into a store, as ``icl-locate lora-sweep``
+    (``LoraRun``: model, pair, layers, its ``LoraSettings``; ``experiments.lora.lora_settings`` builds
+    those from a preset). Returns the new results and the store's path."""
+    return run_lora_sweep(settings, command, _ray(ray))
+
+
+def report(store: str | Path, out_dir: str | Path | None = None, **options: Any) -> Path:
+    """The store's report, as ``icl-locate report``: one self-contained HTML file (``format="md"``:
+    Markdown) with its figures as PNG files beside it in ``out_dir`` (None: ``<store>_report/``);
+    ``options``: the other ``ReportSettings`` fields (``format``, ``fraction``, ``bootstrap``).
+    Returns the report's path."""
+    given = {"store": str(store), "out_dir": None if out_dir is None else str(out_dir), **options}
+    s = _settings(ReportSettings, given, "report")
+    with Store(Path(s.store), create=False) as opened:
+        return build_report(opened, s.output_dir(), fmt=s.format, fraction=s.fraction, n_boot=s.bootstrap)
+
+
+def _quiet(line: str) -> None:
+    """A log that drops its lines: API calls print nothing unless given a log."""
+
+
+def _ray(ray: RaySettings | Mapping[str, Any] | None) -> RaySettings | None:
+    return RaySettings(**ray) if isinstance(ray, Mapping) else ray
+
+
+def _settings(cls, given, command: str):
+    """``given`` as the settings dataclass ``cls``: itself, or built from a dict of its fields."""
+    if isinstance(given, cls):
+        return given
+    known = set(cls.__dataclass_fields__)
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise UserError(f"unknown {command} setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    try:
+        return cls(**given)
+    except TypeError as error:  # a required field missing
+        raise UserError(f"{command} settings: {error}") from None
 
 
 def _sweep_config(config: SweepConfig | Mapping[str, Any] | None, preset: str | None) -> SweepConfig:

@@ -43,9 +43,9 @@ def command_line() -> str:
 
 
 def cmd_run(args) -> int:
-    from .experiments.decode import run_decode  # lazy: torch (see the module docstring)
+    from .api import run  # lazy: torch (see the module docstring)
 
-    result = run_decode(settings_from(args, RunSettings, instructions=not args.no_instructions), log=err)
+    result = run(settings_from(args, RunSettings, instructions=not args.no_instructions), log=err)
     err(result.description)
     print(f"{'id':<16} {'generation':<44} {'reference':<44} {result.metric:>7}")
     for r in result.rows:
@@ -100,9 +100,9 @@ def cmd_data_fetch(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .experiments.bench import run_bench  # lazy: torch
+    from .api import bench  # lazy: torch
 
-    result = run_bench(settings_from(args, BenchSettings), log=err)
+    result = bench(settings_from(args, BenchSettings), log=err)
     print(result.table())
     if args.json:
         print(f"wrote {args.json}")
@@ -114,9 +114,9 @@ def cmd_bench(args) -> int:
 
 
 def cmd_prune(args) -> int:
-    from .experiments.prune import run_prune  # lazy: torch
+    from .api import prune  # lazy: torch
 
-    result = run_prune(settings_from(args, PruneSettings, check=not args.no_check), command_line(), log=err)
+    result = prune(settings_from(args, PruneSettings, check=not args.no_check), command=command_line(), log=err)
     print(result.table())
     if args.json:
         print(f"wrote {args.json}")
@@ -127,13 +127,14 @@ def cmd_prune(args) -> int:
 
 def cmd_sweep(args) -> int:
     config = validated_sweep_config(args)  # bad settings fail here, before the model stack is imported
-    from .experiments.sweep import prepare, run_sweep  # lazy: torch
+    from .api import sweep  # lazy: torch
+    from .experiments.sweep import prepare  # with it
 
     if args.dry_run:
         for unit in prepare(config, weights=False)[2]:
             print(unit.unit_id, unit.label(), f"layers={len(unit.layers)}")
         return 0
-    result = run_sweep(config, args.store, command_line(), ray_settings(args))
+    result = sweep(config, args.store, ray=ray_settings(args), command=command_line())
     print(f"sweep finished: {result.ran} units run, {result.skipped} already done; store {args.store}")
     print("\n".join(result.summary))
     if args.audit_strict and result.audit_faults:
@@ -144,32 +145,28 @@ def cmd_sweep(args) -> int:
 
 def cmd_atlas(args) -> int:
     config = validated_sweep_config(args)  # bad settings fail here, before the model stack is imported
-    from .experiments.atlas import run_atlas  # lazy: torch
+    from .api import atlas  # lazy: torch
 
-    out = args.out_dir or f"{Path(args.store).with_suffix('')}_atlas"
-    result = run_atlas(config, args.store, out, command_line(), ray_settings(args))
+    result = atlas(config, args.store, args.out_dir, ray=ray_settings(args), command=command_line(), log=print)
     print("\n".join(result.lines + [f"atlas: {path}" for path in result.figures]))
     return 0
 
 
 def cmd_plan(args) -> int:
     config, settings = validated_sweep_config(args), settings_from(args, PlanSettings)  # bad ones fail here
-    from .experiments.plan import run_plan  # lazy: torch
+    from .api import plan  # lazy: torch
 
-    print(run_plan(config, settings, ray_settings(args)).table())
+    print(plan(config, settings=settings, ray=ray_settings(args), log=err).table())
     if args.json:
         print(f"wrote {args.json}")
     return 0
 
 
 def cmd_report(args) -> int:
-    from .results.report import build_report  # lazy: matplotlib and the analysis
-    from .results.store import Store  # lazy: with the report
+    from .api import report  # lazy: matplotlib and the analysis
 
     s = settings_from(args, ReportSettings)
-    with Store(Path(s.store), create=False) as store:
-        path = build_report(store, s.output_dir(), fmt=s.format, fraction=s.fraction, n_boot=s.bootstrap)
-    print(f"report: {path}")
+    print(f"report: {report(s.store, s.out_dir, format=s.format, fraction=s.fraction, bootstrap=s.bootstrap)}")
     return 0
 
 
@@ -177,12 +174,13 @@ LORA_RENAME = {"epochs": "max_epochs"}
 
 
 def cmd_lora_sweep(args) -> int:
-    from .experiments.lora import lora_settings, run_lora_sweep  # lazy: torch, peft
+    from .api import lora_sweep  # lazy: torch, peft
+    from .experiments.lora import lora_settings  # with it
 
     given = {LORA_RENAME.get(k, k): v for k, v in vars(args).items()}
     settings = lora_settings(args.preset, {k: given[k] for k in LoraSettings.__dataclass_fields__ if k in given})
     run = settings_from(args, LoraRun, settings=settings)
-    results, store = run_lora_sweep(run, command_line(), ray_settings(args))
+    results, store = lora_sweep(run, ray=ray_settings(args), command=command_line())
     print(f"{'layer':>5} {'zero-shot BLEU':>15} {'epochs':>7} {'best val loss':>14} {'seconds':>8} {'train tok/s':>12}")
     for r in results:  # training tokens: the training sequences' tokens, whichever positions the loss scores
         c = r["curve"]
