@@ -1,8 +1,10 @@
-"""Shared fixtures and helpers: the offline data directory, the embedded model, tiny random models."""
+"""Shared fixtures and helpers: the offline data directory, the embedded model, tiny random models, a headless
+Chromium."""
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 # Tests never touch the network: the hub client reads this at import time.
@@ -100,3 +102,29 @@ OUT_PROJ = {
     "gpt_neo": "attn.attention.out_proj",
     "bloom": "self_attention.dense",
 }
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """A headless Chromium driven by Playwright: Debian's ``chromium`` (``make test`` installs it with apt), or
+    the one ``$ICL_LOCATE_CHROMIUM`` names. Missing, the tests that use it skip with the reason, or fail under
+    ``CI=true``: CI must run them."""
+    path = os.environ.get("ICL_LOCATE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _no_browser("playwright is not installed (pip install -e '.[test]')")
+        raise
+    if path is None:
+        _no_browser("no chromium on PATH (make test installs it: apt-get install chromium)")
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=path)
+        yield launched
+        launched.close()
+
+
+def _no_browser(reason: str) -> None:
+    """Skip the browser tests, saying why; under ``CI=true`` fail them instead."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"browser tests cannot run in CI: {reason}")
+    pytest.skip(reason)

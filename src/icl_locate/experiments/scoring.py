@@ -66,6 +66,15 @@ def prediction_row(
     )
 
 
+def prompt_rows(items: Sequence[PromptedItem]) -> list[dict]:
+    """Each test item's prompt as the store keeps it beside the prediction rows: its text and the character
+    range of each token (special tokens: (0, 0)), so the report can mark the tokens a row hid."""
+    return [
+        dict(item=i, text=it.encoded.text, token_offsets=json.dumps([list(o) for o in it.encoded.offsets]))
+        for i, it in enumerate(items)
+    ]
+
+
 def score_rows(
     task: Task, data: TaskData, decoded: dict[tuple[str, int], Decoded]
 ) -> tuple[list[dict], list[tuple[str, int, str, float]]]:

@@ -204,6 +204,7 @@ def execute(executor: Executor, store: Store, units: Sequence[WorkUnit], run_id:
                 result.context_tokens,
                 result.query_tokens,
                 result.audit,
+                result.prompts,
             )
             claimed.pop(result.unit.unit_id, None)
             ran += 1

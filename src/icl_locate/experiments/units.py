@@ -26,7 +26,7 @@ from ..engines.request import EngineRequest
 from ..tasks.items import build_items, labelled_task
 from .common import check_context, masked_prompts, stop_rule
 from .methods import METHOD_KINDS, MethodInputs, run_method
-from .scoring import Decoded, score_rows, span_lengths
+from .scoring import Decoded, prompt_rows, score_rows, span_lengths
 from .settings import LoadedTasks, SweepConfig, WorkUnit, audit_per_unit, engine_request, load_task_data
 
 
@@ -43,6 +43,7 @@ class UnitResult:
     choices: dict | None = None  # the engine's configuration and the measurements behind it (Choices)
     audit: list[dict] = field(default_factory=list)  # rows decoded again by the reference engine (audit.py)
     audit_seconds: float = 0.0
+    prompts: list[dict] = field(default_factory=list)  # layer and head sweeps: each item's prompt (prompt_rows)
 
 
 def row_interventions(unit: WorkUnit, n_layers: int, n_heads: int) -> dict[tuple[str, int], RowIntervention]:
@@ -157,7 +158,9 @@ class Worker:
             for (kind, layer), row in rows.items()
         }
         predictions, scores = score_rows(task, data, decoded)
-        return self.result(unit, items, seconds, predictions, scores, choices, audited, audit_seconds)
+        result = self.result(unit, items, seconds, predictions, scores, choices, audited, audit_seconds)
+        result.prompts = prompt_rows(items)  # every row of the unit was decoded from these prompts
+        return result
 
     def compute_method(self, unit: WorkUnit, progress: ProgressCallback | None = None) -> UnitResult:
         """A task-vector, function-vector or logit-lens unit (``methods.py``), its rows on the engine given or

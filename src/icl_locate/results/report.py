@@ -1,7 +1,9 @@
 """``icl-locate report STORE``: PNG figures and a self-contained HTML (or Markdown) report.
 
 The figures come from ``figures``, the tables' rows from ``tables``; this module assembles them.
-The HTML embeds every figure (base64), so it opens offline on its own; the PNG files sit beside it.
+The HTML embeds every figure (base64), so it opens offline on its own; the PNG files sit beside it. It also
+has an interactive Explore section (``explore`` gathers its data from the store, ``interactive`` inlines it
+with plotly.js and the page's script): hover for intervals, click for the stored generations, filters.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from ..util.fileio import ensure_dir, write_atomic
 from ..util.system import hardware_line
 from .analysis import DEFAULT_FRACTION, analyse_curve, analyse_head_map, load_curves, load_head_maps
 from .atlas import load_atlases
+from .explore import explore_data
 from .figures import aie_figures, atlas_figures, curve_figures, head_figures, lora_figures
+from .interactive import explore_section
 from .tables import (
     ATLAS_HEADERS,
     ATLAS_INTRO,
@@ -78,7 +82,10 @@ def build_report(
         labels=label_rows(curves),
         atlas=_atlas_section(atlases, out_dir, fraction),
     )
-    text = _html(**sections) if fmt == "html" else _markdown(**sections)
+    if fmt == "html":
+        text = _html(**sections, explore=explore_data(store, curves, heads, num_layers, fraction, n_boot))
+    else:
+        text = _markdown(**sections)
     path = out_dir / ("report.html" if fmt == "html" else "report.md")
     write_atomic(path, text)
     return path
@@ -118,7 +125,9 @@ def _html_image(title: str, path: Path) -> str:
     )
 
 
-def _html(model, curves, num_layers, fraction, figures, runs, pruning, heads, lora, audit, labels, atlas) -> str:
+def _html(
+    model, curves, num_layers, fraction, figures, runs, pruning, heads, lora, audit, labels, atlas, explore
+) -> str:
     rows = summary_rows(curves, num_layers, fraction)
     table = "<table><tr>" + "".join(f"<th>{h}</th>" for _, h in SUMMARY_HEADERS) + "</tr>"
     for r in rows:
@@ -183,7 +192,7 @@ from which masking the context keeps the score at or above {fraction:.0%} of the
 later layer. Savings: share of prompt processing saved by dropping the context after that layer,
 (L − r)/L · k/(k+1) as in the paper, and with the exact context/query token counts of these prompts.
 Intervals are 95% bootstrap intervals over test items and seeds.</p>
-<h2>Summary</h2>{table}{sections}<h2>Figures</h2>{figs}<h2>Per-layer scores</h2>{curves_html}
+<h2>Summary</h2>{table}{explore_section(explore)}{sections}<h2>Figures</h2>{figs}<h2>Per-layer scores</h2>{curves_html}
 <h2>Provenance</h2><pre>{html.escape(_provenance_text(prov, runs))}</pre></body></html>"""
 
 

@@ -1,10 +1,13 @@
 """The results store: one SQLite file per study (one model); every table is read and written here.
 
 Every prediction is kept (prompt token ids, hidden ranges, generation, reference, sentence
-scores) with the run's provenance. A work unit commits in one transaction, so a killed sweep
-leaves either the whole unit or nothing; rerunning skips finished units. Concurrent sweeps on
-one store are safe: SQLite's WAL mode serialises writers, a unit is committed only if no one
-committed it first, and live claims keep two processes from computing the same unit.
+scores) with the run's provenance; a layer or head sweep's unit also keeps each test item's prompt text
+and the character range of each of its tokens (``prompts``), so that a report can show the prompt with
+the hidden tokens marked without a tokenizer (stores written before that table have none). A work unit
+commits in one transaction, so a killed sweep leaves either the whole unit or nothing; rerunning skips
+finished units. Concurrent sweeps on one store are safe: SQLite's WAL mode serialises writers, a unit
+is committed only if no one committed it first, and live claims keep two processes from computing the
+same unit.
 
 Study identity (one rule, ``Store.open``): a store is fixed at creation to a fingerprint (the
 model, its source, its dtype, the sweep's token limit). A sweep must match it exactly, since its
@@ -46,6 +49,9 @@ CREATE TABLE IF NOT EXISTS predictions (
     raw_generation TEXT, generation TEXT, reference TEXT, finish TEXT, sentence_score REAL, stats TEXT,
     n_instructions INTEGER, n_examples INTEGER, n_query INTEGER,
     PRIMARY KEY (unit_id, item, variant, layer));
+CREATE TABLE IF NOT EXISTS prompts (
+    unit_id TEXT NOT NULL, item INTEGER NOT NULL, text TEXT NOT NULL, token_offsets TEXT NOT NULL,
+    PRIMARY KEY (unit_id, item));
 CREATE TABLE IF NOT EXISTS lora (
     unit_id TEXT NOT NULL, layer INTEGER NOT NULL, metric TEXT NOT NULL, value REAL, curve TEXT,
     adapter_path TEXT, PRIMARY KEY (unit_id, layer, metric));
@@ -184,9 +190,10 @@ class Store:
         context_tokens: float,
         query_tokens: float,
         audit: Sequence[dict] = (),
+        prompts: Sequence[dict] = (),
     ) -> bool:
-        """Write a finished unit and all its rows (and its audited rows) at once. False if someone
-        committed it first."""
+        """Write a finished unit and all its rows (its audited rows, its items' prompts: ``item``, ``text``,
+        ``token_offsets``) at once. False if someone committed it first."""
         with self.transaction():
             if self.db.execute("SELECT 1 FROM units WHERE unit_id = ?", (unit_id,)).fetchone():
                 return False
@@ -204,6 +211,10 @@ class Store:
                 "INSERT INTO audits VALUES (:unit_id, :item, :variant, :layer, :agree, :position, :margin, :threshold, "
                 ":fault, :seed)",
                 [dict(a, unit_id=unit_id) for a in audit],
+            )
+            self.db.executemany(
+                "INSERT INTO prompts VALUES (:unit_id, :item, :text, :token_offsets)",
+                [dict(p, unit_id=unit_id) for p in prompts],
             )
             self.db.execute(
                 "INSERT INTO units VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -231,6 +242,12 @@ class Store:
         cur = self.db.execute("SELECT * FROM predictions WHERE unit_id = ? ORDER BY variant, layer, item", (unit_id,))
         names = [d[0] for d in cur.description]
         return [dict(zip(names, row)) for row in cur]
+
+    def prompts(self, unit_id: str) -> dict[int, dict]:
+        """The unit's prompts by item: ``text`` and ``token_offsets`` (the character range [start, end) of each
+        prompt token, as stored with the prediction rows' token ids). Empty for units stored without them."""
+        rows = self.db.execute("SELECT item, text, token_offsets FROM prompts WHERE unit_id = ?", (unit_id,))
+        return {item: dict(text=text, token_offsets=json.loads(offsets)) for item, text, offsets in rows}
 
     def scores(self, unit_id: str) -> list[tuple[str, int, str, float]]:
         return list(
