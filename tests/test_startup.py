@@ -58,6 +58,18 @@ def test_the_refusing_hook_does_refuse():
     assert done.returncode != 0 and "refused in this test" in done.stderr
 
 
+def test_a_model_command_imports_only_what_it_needs():
+    """The model commands import the API (and so the model stack), not what only some commands use:
+    pandas (the Study's DataFrames), matplotlib (figures), peft (LoRA), ray (the Ray executor)."""
+    check = (
+        "import sys, icl_locate.api; "
+        "extra = {'pandas', 'matplotlib', 'peft', 'ray'} & {m.split('.')[0] for m in sys.modules}; "
+        "assert not extra, extra"
+    )
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

@@ -1,7 +1,8 @@
 """``icl-locate startup``: where a command's first seconds go, each part measured in a fresh process.
 
 - ``--help``: the whole command, start to exit (parsing imports no torch);
-- imports: ``import icl_locate.cli`` alone, then torch, transformers and the engines on top;
+- imports: ``import icl_locate.cli`` alone, then what a model command imports on top: the API
+  (``icl_locate.api``: torch, transformers, the engines and the experiments' code);
 - model load: ``load_model`` (the embedded model: its cached checkpoint), after those imports;
 - first token: one greedy token of a short prompt with the reference engine.
 
@@ -27,7 +28,7 @@ import json, sys, time
 started = time.perf_counter()
 import icl_locate.cli
 cli = time.perf_counter()
-import torch, transformers
+import icl_locate.api
 from icl_locate.core.models import load_model
 from icl_locate.engines.base import StopRule
 from icl_locate.engines.reference import greedy_decode
@@ -78,7 +79,7 @@ def startup_table(result: dict) -> str:
     rows = [
         ("icl-locate --help (whole command)", "help"),
         ("import icl_locate.cli", "imports_cli"),
-        ("import torch, transformers, engines", "imports_model_stack"),
+        ("import icl_locate.api (model stack)", "imports_model_stack"),
         ("load_model", "model_load"),
         ("first greedy token", "first_token"),
         ("start to model loaded", "to_model_loaded"),

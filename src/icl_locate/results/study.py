@@ -10,13 +10,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from ..util.errors import UserError
 from . import analysis, figures
 from .atlas import Atlas, load_atlases
 from .store import Store
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 CELL = list(analysis.CELL_FIELDS)
 CURVE_COLUMNS = [*CELL, "metric", "layer", "score", "ci_low", "ci_high"]
@@ -142,7 +144,7 @@ class Study:
             for c in self.analysed_curves(fraction, n_boot, seed)
             for layer, score, (lo, hi) in zip(c.layers, c.score, c.ci)
         ]
-        return pd.DataFrame(rows, columns=CURVE_COLUMNS)
+        return _frame(rows, columns=CURVE_COLUMNS)
 
     def recognition(
         self, fraction: float = analysis.DEFAULT_FRACTION, n_boot: int = 1000, seed: int = 0
@@ -163,7 +165,7 @@ class Study:
                     {**c.key, "metric": c.metric.name, "baseline": c.baseline, "recognition_layer": c.recognition}
                     | {"ci_low": lo, "ci_high": hi, "verdict": c.verdict}
                 )
-        return pd.DataFrame(rows, columns=RECOGNITION_COLUMNS).astype({"recognition_layer": "Int64"})
+        return _frame(rows, columns=RECOGNITION_COLUMNS).astype({"recognition_layer": "Int64"})
 
     def head_maps(self, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
         """One row per (cell, layer, head) of the head sweeps (``--heads knockout|restore``).
@@ -180,7 +182,7 @@ class Study:
             for i, layer in enumerate(m.layers)
             for j, head in enumerate(m.heads)
         ]
-        return pd.DataFrame(rows, columns=HEAD_COLUMNS)
+        return _frame(rows, columns=HEAD_COLUMNS)
 
     def atlas(self, fraction: float = analysis.DEFAULT_FRACTION, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
         """One row per (atlas, method, layer): the depth atlas, every way of locating the task on one layer axis.
@@ -199,7 +201,7 @@ class Study:
             for name, m in a.methods.items()
             for layer, score, normalised, (lo, hi) in zip(m.layers, m.score, m.normalised, m.band)
         ]
-        return pd.DataFrame(rows, columns=ATLAS_COLUMNS)
+        return _frame(rows, columns=ATLAS_COLUMNS)
 
     def atlas_points(
         self, fraction: float = analysis.DEFAULT_FRACTION, n_boot: int = 1000, seed: int = 0
@@ -219,7 +221,7 @@ class Study:
             for a in self.analysed_atlases(fraction, n_boot, seed)
             for name, m in a.methods.items()
         ]
-        return pd.DataFrame(rows, columns=ATLAS_POINT_COLUMNS).astype({"layer": "Int64"})
+        return _frame(rows, columns=ATLAS_POINT_COLUMNS).astype({"layer": "Int64"})
 
     def predictions(self) -> pd.DataFrame:
         """One row per stored generation: what the model said for each test item at each row of a unit.
@@ -236,7 +238,7 @@ class Study:
                 for u in store.units()
                 for p in store.predictions(u["unit_id"])
             ]
-        return pd.DataFrame(rows, columns=PREDICTION_COLUMNS)
+        return _frame(rows, columns=PREDICTION_COLUMNS)
 
     def lora(self) -> pd.DataFrame:
         """One row per single-layer LoRA result (``icl-locate lora-sweep``).
@@ -253,7 +255,7 @@ class Study:
             | {"epochs": len(r.get("train_loss", [])), "loss": r.get("settings", {}).get("loss", "full")}
             for r in results
         ]
-        return pd.DataFrame(rows, columns=LORA_COLUMNS)
+        return _frame(rows, columns=LORA_COLUMNS)
 
     def pruning(self) -> pd.DataFrame:
         """One row per context-pruning measurement (``icl-locate prune``).
@@ -267,7 +269,7 @@ class Study:
         """
         with self._store() as store:
             rows = [_flat_measurement(d) for d in store.pruning_results()]
-        frame = pd.DataFrame(rows)
+        frame = _frame(rows)
         return frame.reindex(columns=[*PRUNING_COLUMNS, *(c for c in frame.columns if c not in PRUNING_COLUMNS)])
 
     # ------------------------------------------------------------------ figures
@@ -324,6 +326,14 @@ class Study:
         pairs = sorted({r["pair"] for r in lora})
         chosen = pairs[_only([{"pair": p} for p in pairs], {"pair": pair}, "LoRA pair")]
         return figures.lora_figure(chosen, lora, self.analysed_curves())
+
+
+def _frame(rows: list, columns: list[str] | None = None) -> pd.DataFrame:
+    """A DataFrame of ``rows``. pandas is imported here, on first use: the model commands import the API
+    (and so this module) but never build a DataFrame, and importing pandas costs them ~0.4 s."""
+    import pandas as pd  # lazy: see the docstring
+
+    return pd.DataFrame(rows, columns=columns)
 
 
 def _flat_measurement(data: dict) -> dict:
