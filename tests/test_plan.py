@@ -125,6 +125,27 @@ def test_plan_equals_the_sweep(grid, units, rows, data_dir, tmp_path, monkeypatc
     assert plan.flops("fast") <= plan.flops("fast", bound=True)
 
 
+@pytest.mark.parametrize("method", ["task-vector", "function-vector", "logit-lens"])
+def test_plan_of_a_method_unit_equals_its_sweep(method, data_dir, tmp_path, monkeypatch):
+    """Method units: rows and their prompt tokens exact, generated tokens within the bound, FLOPs above the
+    forward they cannot do without."""
+    from icl_locate import api
+
+    config = dict(
+        model="tiny:llama", pairs=["fra-eng"], ks=[2], n_test=3, max_new_tokens=4, data_dir=str(data_dir),
+        layers="0,1,3", method=method, audit=0, **({"top_heads": 2} if method == "function-vector" else {}),
+    )  # fmt: skip
+    plan = api.plan(config, tflops=1.0)
+    monkeypatch.setenv("ICL_LOCATE_CACHE", str(tmp_path / "cache"))
+    api.sweep(config, tmp_path / "study.sqlite")
+    with sqlite3.connect(tmp_path / "study.sqlite") as db:
+        stored = db.execute("SELECT prompt_token_ids, raw_generation FROM predictions").fetchall()
+    assert len(plan.units) == 1 and plan.total("rows") == len(stored) > 0
+    assert plan.total("prompt_tokens") == sum(len(json.loads(ids)) for ids, _ in stored)
+    assert plan.total("generated_bound") == (0 if method == "logit-lens" else 3 * (3 + 2) * 4)
+    assert plan.flops("tree") <= plan.flops("fast") <= plan.flops("paper")
+
+
 def test_plan_of_an_alias_offline(data_dir, tmp_path, monkeypatch, capsys):
     """llama-3.1-8b with paper-mt on 8 Ray workers: planned from the shipped numbers (no hub, no
     tokenizer: tokens estimated, and said so), printed and written."""

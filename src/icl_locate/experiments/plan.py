@@ -1,14 +1,15 @@
 """``icl-locate plan``: what a sweep will cost, before any weights load.
 
 The sweep's own planner gives the units (``planning.plan_units``) and each unit's rows
-(``units.row_interventions``: item x layer x variant, as the sweep decodes and stores them), so rows
-are exact. Prompt tokens are counted with the model's tokenizer where it loads without weights and
-without a network (tiny models, the embedded model once built, local and cached hub checkpoints),
-else estimated from characters (``PlanSettings.chars_per_token``), and the plan says which. FLOPs,
-KV-cache and activation bytes come from the cost model (``core/costs.py``) on the model's shape (its
-config, or an alias's shipped numbers: ``core/shapes.py``). Time = FLOPs / a throughput, measured
-here (a matmul of the model's sizes in the dtype, cached) or given (``--tflops``); with N Ray workers
-the units go, in the sweep's order, to the worker free first, and the longest worker's share counts.
+(``units.row_interventions``: item x layer x variant, as the sweep decodes and stores them; method units
+as ``unit_costs`` describes), so rows are exact. Prompt tokens are counted with the model's tokenizer
+where it loads without weights and without a network (tiny models, the embedded model once built, local
+and cached hub checkpoints), else estimated from characters (``PlanSettings.chars_per_token``), and the
+plan says which. FLOPs, KV-cache and activation bytes come from the cost model (``core/costs.py``) on
+the model's shape (its config, or an alias's shipped numbers: ``core/shapes.py``). Time = FLOPs / a
+throughput, measured here (a matmul of the model's sizes in the dtype, cached) or given (``--tflops``);
+with N Ray workers the units go, in the sweep's order, to the worker free first, and the longest
+worker's share counts.
 
 Engines, per unit (padding left out; G generated tokens a row, G - 1 of them fed back):
 
@@ -23,46 +24,33 @@ Engines, per unit (padding left out; G generated tokens a row, G - 1 of them fed
 from __future__ import annotations
 
 import heapq
-import inspect
-import math
 import sys
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from huggingface_hub import try_to_load_from_cache
 from transformers import AutoConfig
 
 from ..core.catalog import ALIASES, DTYPE_NAMES, EMBEDDED
 from ..core.checkpoints import built_embedded_checkpoint
-from ..core.conditions import MaskedPrompt, get_condition
-from ..core.costs import ModelDims, activation_bytes, segment_flops, shape_of_config
+from ..core.costs import shape_of_config
 from ..core.models import load_description, load_model
-from ..core.prompts import PromptedItem
 from ..core.shapes import ALIAS_SHAPES, DTYPE_BYTES, ModelShape
 from ..engines.calibrate import matmul_tflops
-from ..engines.fast import FastEngine
-from ..engines.rows import plan_rows
-from ..engines.tree_decode import divergence_layer
 from ..results.store import Store
-from ..tasks.items import build_items
 from ..util.errors import UserError
 from ..util.fileio import check_writable, write_json_atomic
 from ..util.system import hardware, hardware_line
 from .common import stop_rule
 from .options import PlanSettings, RaySettings
 from .planning import plan_units
-from .settings import LoadedTasks, SweepConfig, WorkUnit, load_task_data, sweep_task, validate
+from .settings import SweepConfig, WorkUnit, load_task_data, sweep_task, validate
 from .sweep import check_k, recognition_below
-from .units import row_interventions
+from .unit_costs import ENGINES, CharTokens, ItemSet, UnitCost, unit_cost, unit_items
 
-ENGINES = ("paper", "fast", "tree")
-MAX_BATCH_TOKENS = inspect.signature(FastEngine.__init__).parameters["max_batch_tokens"].default
-MAX_BATCH_ROWS = 256  # FastEngine._auto_rows' cap on automatic batches
 HEAD_SLICE = 32_768  # vocabulary columns the LM head's product is timed on (as fast per FLOP, less memory)
 
 
@@ -116,145 +104,6 @@ def offline_source(spec: str) -> str | None:
         cached = try_to_load_from_cache(ALIASES[spec], "config.json")
         return str(Path(cached).parent) if isinstance(cached, str) else None
     return spec
-
-
-# --------------------------------------------------------------------------- token counts
-
-
-class _TextOnly:
-    """Stands in for a tokenizer where only the prompts' texts are wanted: one token per text, so that
-    building a unit's items costs nothing per token (the texts are then counted all at once)."""
-
-    all_special_ids: list[int] = []
-
-    def __call__(self, text: str, **_) -> dict:
-        return {"input_ids": [0], "offset_mapping": [(0, len(text))]}
-
-
-class CharTokens:
-    """An estimating tokenizer for a model whose own is not here: a BOS, then one token per ``chars``
-    characters, with offsets (so prompt parts and hidden ranges map as with a real tokenizer)."""
-
-    all_special_ids = [1]
-
-    def __init__(self, chars: float):
-        self.chars = chars
-
-    def __call__(self, text: str, add_special_tokens: bool = True, **_) -> dict:
-        cuts = [math.floor(i * self.chars) for i in range(math.ceil(len(text) / self.chars))] + [len(text)]
-        offsets = [(0, 0)] * add_special_tokens + list(zip(cuts[:-1], cuts[1:]))
-        return {"input_ids": [1] * add_special_tokens + [2] * (len(cuts) - 1), "offset_mapping": offsets}
-
-
-def token_counts(tokenizer, texts: list[str], special: bool = True) -> np.ndarray:
-    """Each text's token count as ``prompts.encode_prompt`` keeps its ids: special tokens a tokenizer
-    appends at the end (EOS, with empty offsets) are dropped. [len(texts)]"""
-    if isinstance(tokenizer, CharTokens):  # what its __call__ gives, without building the offsets
-        return np.array([special + math.ceil(len(t) / tokenizer.chars) for t in texts], dtype=np.int64)
-    enc = tokenizer(texts, add_special_tokens=special, return_offsets_mapping=True)
-    ends = set(tokenizer.all_special_ids)
-    counts = []
-    for ids, offsets in zip(enc["input_ids"], enc["offset_mapping"]):
-        n = len(ids)
-        while n > 1 and ids[n - 1] in ends and tuple(offsets[n - 1]) == (0, 0):
-            n -= 1
-        counts.append(n)
-    return np.array(counts, dtype=np.int64)
-
-
-@dataclass
-class ItemSet:
-    """A unit's test items as token counts (units that differ only in their condition share them)."""
-
-    prompt: np.ndarray  # [items] prompt tokens
-    context: int  # tokens before the query (BOS, instructions, examples): what the fast engine shares
-    answer: np.ndarray  # [items] estimated generated tokens: the reference's tokens + 1, within the limit
-    first: PromptedItem  # the first item, tokenised, for the plans of the unit's rows
-
-
-def item_set(unit: WorkUnit, tasks: LoadedTasks, tokenizer, max_new: int) -> ItemSet:
-    """The unit's prompts built by the sweep's own ``build_items`` (texts first, counted together)."""
-    task, data = tasks[(unit.task, unit.pair)]
-    build = lambda tok, n: build_items(task, data, tok, unit.k, unit.seed, n, unit.instructions, labels=unit.labels)
-    items = build(_TextOnly(), unit.n_test)
-    first = build(tokenizer, 1)[0]
-    answers = token_counts(tokenizer, [it.item.target for it in items], special=False) + 1  # + the stop token
-    context = max(1, MaskedPrompt.of(first.encoded, None).query_start())  # as engines.rows.plan_rows
-    return ItemSet(
-        token_counts(tokenizer, [it.prompt.text for it in items]), context, np.minimum(answers, max_new), first
-    )
-
-
-# --------------------------------------------------------------------------- one unit's cost
-
-
-@dataclass
-class UnitCost:
-    """What one unit costs on each engine, with the engines' batching and memory."""
-
-    label: str
-    items: int
-    rows: int  # item x layer x variant
-    prompt_tokens: int  # every row's prompt (what the paper's method runs)
-    generated_bound: int  # rows x the token limit
-    generated_estimate: int  # rows x (the reference's tokens + 1)
-    flops: dict[str, float]  # engine -> FLOPs, answers as estimated
-    flops_bound: dict[str, float]  # engine -> FLOPs, every row to the token limit
-    batch_rows: int  # the largest batch the engines' automatic rule (or --batch-size) makes
-    kv_bytes: int  # that batch's KV buffers + the shared context's cache
-    activation_bytes: int  # estimate: the largest forward's working set
-
-
-def unit_cost(
-    unit: WorkUnit, items: ItemSet, shape: ModelShape, max_new: int, batch_size: int | None, dtype: str
-) -> UnitCost:
-    """``unit``'s rows, tokens, FLOPs per engine and memory (module docstring)."""
-    n_layers, dims = shape.layers, ModelDims.of_shape(shape)
-    interventions = list(row_interventions(unit, n_layers, shape.heads).values())
-    condition = get_condition(unit.condition) if unit.kind != "ablation" else None
-    planned = plan_rows([MaskedPrompt.of(items.first.encoded, condition)], interventions, n_layers)  # one query
-    shared = [divergence_layer(r, n_layers) for r in planned if r.prefix_key[1] is None]
-    own = len(planned) - len(shared)
-    copies = {  # engine -> rows (states) each layer runs per query
-        "fast": [len(planned)] * n_layers,
-        "tree": [own + sum(d <= lay for d in shared) + any(d > lay for d in shared) for lay in range(n_layers)],
-    }
-    n, prompt, context = len(items.prompt), items.prompt, items.context
-    head = 2.0 * dims.lm_head  # one scored position
-
-    def flops(fed: np.ndarray) -> dict[str, float]:  # fed [items]: generated tokens
-        out = {
-            "paper": len(planned)
-            * float((segment_flops(dims, 0, prompt) + segment_flops(dims, prompt, fed - 1) + head * fed).sum())
-        }
-        prefix = ((len(shared) > 0) + own) * (float(segment_flops(dims, 0, context)) + head)
-        for engine, rows in copies.items():
-            query = segment_flops(dims, context, prompt - context, rows) + segment_flops(dims, prompt, fed - 1, rows)
-            out[engine] = prefix + float((query + head * rows[-1] * fed).sum())
-        return out
-
-    longest = context + int((prompt - context).max()) + max_new
-    size = batch_size or max(1, min(MAX_BATCH_ROWS, MAX_BATCH_TOKENS // longest))
-    groups = Counter(tuple(sorted(r.plan.ablate)) for r in planned)  # what one batch may mix
-    batch = min(size, n * max(groups.values()))
-    per_token, width = shape.kv_bytes_per_token(DTYPE_BYTES[dtype]), int((prompt - context).max())
-    activations = max(
-        activation_bytes(shape, batch, width, context + width, DTYPE_BYTES[dtype]),
-        activation_bytes(shape, 1, context, context, DTYPE_BYTES[dtype]),
-    )
-    return UnitCost(
-        unit.label(),
-        n,
-        n * len(planned),
-        len(planned) * int(prompt.sum()),
-        n * len(planned) * max_new,
-        len(planned) * int(items.answer.sum()),
-        flops(items.answer),
-        flops(np.full(n, max_new)),
-        batch,
-        (batch * longest + context) * per_token,
-        activations,
-    )
 
 
 def makespan(costs: list[float], workers: int) -> float:
@@ -370,8 +219,6 @@ def run_plan(
         check_writable(settings.json)
     if ray is not None:
         ray.check()
-    if config.method != "mask":
-        raise UserError(f"plan costs masking sweeps (layer and head) only; --method {config.method} is not planned")
     tasks = load_task_data(config, log=log or (lambda line: print(line, file=sys.stderr, flush=True)))
     check_k(config, tasks)
     device, dtype = _device_and_dtype(config, ray)
@@ -385,10 +232,8 @@ def run_plan(
     sets: dict[tuple, ItemSet] = {}
     costs = []
     for unit in (u for u in units if u.unit_id not in done):
-        key = (unit.task, unit.pair, unit.seed, unit.k, unit.instructions, unit.labels, unit.n_test)
-        sets[key] = sets.get(key) or item_set(unit, tasks, tokenizer, max_new)
-        _check_context(sets[key], view.shape, max_new, unit)
-        costs.append(unit_cost(unit, sets[key], view.shape, max_new, config.batch_size, dtype))
+        _check_context(unit_items(unit, tasks, tokenizer, max_new, sets), view.shape, max_new, unit)
+        costs.append(unit_cost(unit, tasks, tokenizer, view.shape, max_new, config.batch_size, dtype, sets))
     notes = list(NOTES)
     tflops, tflops_from = _throughput(settings, view.shape, dtype, device, costs, notes)
     workers = ray.workers if ray is not None else 1
