@@ -8,6 +8,7 @@ import json
 import sqlite3
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -16,6 +17,7 @@ import icl_locate
 from conftest import REPO, tiny
 from icl_locate import api
 from icl_locate.cli import main
+from icl_locate.experiments.lora import lora_settings
 from icl_locate.results import analysis
 from icl_locate.results.store import Store
 
@@ -269,6 +271,38 @@ def test_mistakes_are_user_errors(tmp_path, data_dir):
         api.prune({"model": "tiny:llama"})
     with pytest.raises(api.UserError, match="does not exist"):
         api.report(tmp_path / "none.sqlite")
+
+
+def test_settings_of_the_wrong_shape_are_user_errors(tmp_path, monkeypatch, capsys):
+    """Found in review: a bad Ray key, another command's dataclass, a report format the command line's choices
+    refuse, --bootstrap 0 or --fraction 1.5, and a LoRA dict (which the README says every command takes) raised
+    TypeError, AttributeError or IndexError, or wrote a Markdown report; none of these loads a model."""
+    with pytest.raises(api.UserError, match="unknown ray setting.*wrkers"):
+        api.plan({"model": "tiny:llama"}, ray={"wrkers": 2})
+    with pytest.raises(api.UserError, match="must be a RunSettings or a dict"):
+        api.run(api.BenchSettings(model="tiny:llama"))
+    with pytest.raises(api.UserError, match="report format must be one of html, md, got 'pdf'"):
+        api.report(tmp_path / "none.sqlite", format="pdf")
+    with pytest.raises(api.UserError, match="--bootstrap must be >= 1"):  # was an IndexError from numpy
+        api.report(tmp_path / "none.sqlite", bootstrap=0)
+    assert main(["report", str(tmp_path / "none.sqlite"), "--fraction", "1.5"]) == 2
+    assert "--fraction must be in (0, 1]" in capsys.readouterr().err
+    with pytest.raises(api.UserError, match="unknown lora_sweep setting.*epochs"):
+        api.lora_sweep({"model": "tiny:llama", "epochs": 1})  # the field is max_epochs (--epochs on the command line)
+    seen = []
+    monkeypatch.setattr(api, "run_lora_sweep", lambda run, command, ray: seen.append(run) or ([], Path("s")))
+    flat = {"model": "tiny:llama", "layers": "0,2", "train_size": 4, "max_epochs": 1, "preset": "paper"}
+    api.lora_sweep(flat)
+    api.lora_sweep(
+        {"model": "tiny:llama", "layers": "0,2", "preset": "paper", "settings": {"train_size": 4, "max_epochs": 1}}
+    )
+    expected = api.LoraRun(
+        settings=lora_settings("paper", {"train_size": 4, "max_epochs": 1}),
+        preset="paper",
+        model="tiny:llama",
+        layers="0,2",
+    )
+    assert seen == [expected, expected]
 
 
 def test_the_package_exposes_the_api_lazily():

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny
+from conftest import REPO, tiny
 from icl_locate import api
 from icl_locate.results.explore import N_ITEMS
 from icl_locate.results.interactive import inline_script, script_json
@@ -161,7 +161,8 @@ def test_curves_per_seed_pool_to_the_report_curve(explored):
     assert single["views"] == ["all", "0"]  # one seed: shown pooled and under its seed
 
 
-def test_a_store_without_prompts_still_reports(explored, tmp_path):
+def report_without_prompts(explored, tmp_path) -> Path:
+    """The fixture's store with its prompts table dropped (as written before prompts were kept), reported."""
     old = tmp_path / "old.sqlite"
     old.write_bytes(explored.store.read_bytes())
     db = sqlite3.connect(old)
@@ -174,6 +175,53 @@ def test_a_store_without_prompts_still_reports(explored, tmp_path):
     assert shown["prompts"] == [] and shown["curves"]
     assert all(i["prompt"] is None for u in shown["units"].values() for i in u["items"])
     assert all(r["hidden"] is None for u in shown["units"].values() for rows in u["rows"].values() for r in rows)
+    return tmp_path / "rep" / "report.html"
+
+
+def test_a_store_without_prompts_still_reports(explored, tmp_path):
+    report_without_prompts(explored, tmp_path)
+
+
+def test_prompt_not_stored_reads_as_a_note_in_the_browser(browser, explored, tmp_path):
+    """Found in review: "prompt not stored" was a bare paragraph in the page's default 16px, larger than the
+    prompts and generations around it (12px), so it read like a heading."""
+    report = report_without_prompts(explored, tmp_path)
+    page = browser.new_page(viewport=dict(width=1280, height=900))
+    try:
+        page.goto(report.as_uri())
+        page.wait_for_selector("#explore[data-ready=yes]")
+        click(page, GROUP, curve_point(page, f"{IE} (instr, k=1)", 2), f"{IE} (instr, k=1)")
+        missing = group(page, GROUP).locator(".detail .prompt.missing")
+        assert missing.count() == 2 and missing.first.text_content().startswith("prompt not stored")
+        size = missing.first.evaluate("e => getComputedStyle(e).fontSize")
+        assert size == group(page, GROUP).locator(".detail pre.text").first.evaluate(
+            "e => getComputedStyle(e).fontSize"
+        )
+    finally:
+        page.close()
+
+
+def test_a_cell_swept_again_with_other_layers_is_one_curve(explored, tmp_path, data_dir):
+    """Found in review: a cell swept again with other layers (--layers 0,2,4, then 1,3) made a second unit of
+    the same seed, stacked as if it were another seed; with no layer in common the report failed (IndexError),
+    a head sweep's extra layer failed with KeyError. The rows of one seed are one curve / one map now."""
+    store = tmp_path / "again.sqlite"
+    store.write_bytes(explored.store.read_bytes())
+    base = {**COMMON, **FORCED, "data_dir": str(data_dir), "seeds": [0]}
+    api.sweep({**base, "conditions": ["examples"], "layers": "1,3"}, store)
+    api.sweep({**base, "conditions": [IE], "heads": "knockout", "layers": "3"}, store)
+    with Store(store, create=False) as s:
+        page = build_report(s, tmp_path / "rep", n_boot=N_BOOT).read_text()
+    data = page_data(page)
+    (examples,) = [c for c in data["curves"] if c["condition"] == "examples"]
+    assert examples["layers"] == [0, 1, 2, 3, 4] and examples["seeds"] == ["0"] and examples["views"] == ["all", "0"]
+    assert set(data["units"][examples["unit"]]["rows"]) == {f"mask@{layer}" for layer in range(5)}
+    (knockout,) = [m for m in data["heads"] if m["seed"] == "all"]
+    assert knockout["layers"] == [1, 2, 3] and "knockout/h0@3" in data["units"][knockout["unit"]]["rows"]
+    with pytest.raises(api.UserError, match="share no swept layers"):  # stored, then its summary says why not
+        api.sweep({**base, "conditions": [IE], "seeds": [2], "layers": "1,3"}, store)  # none shared with seeds 0, 1
+    with Store(store, create=False) as s, pytest.raises(api.UserError, match="share no swept layers"):
+        build_report(s, tmp_path / "rep", n_boot=N_BOOT)
 
 
 # --------------------------------------------------------------------------- the page in a browser
@@ -374,3 +422,36 @@ def test_a_screenshot_has_the_pages_structure(viewer, tmp_path):
         assert box is not None and box["width"] > 0 and box["height"] > 0, f"{what} ({selector}) not drawn"
         assert box["x"] + box["width"] <= width + 1 and box["y"] + page.evaluate("scrollY") >= 0, what
     assert height > 900
+
+
+def test_a_layer_ablation_of_a_task_without_pairs_reads_as_such(browser, tmp_path):
+    """Found in review: a task without pairs was titled "Masking: capitals  k=1" (two spaces), and a click on a
+    layer-ablation point called its reference row "nothing hidden" and promised marked tokens."""
+    settings = dict(COMMON, **FORCED, task=str(REPO / "examples" / "capitals" / "capitals.yaml"), pairs=None)
+    api.sweep(
+        {**settings, "n_test": 1, "conditions": [IE], "layer_ablation": True, "layers": "0,4"}, tmp_path / "s.sqlite"
+    )
+    report = api.report(tmp_path / "s.sqlite", tmp_path / "report", bootstrap=N_BOOT)
+    groups = [c["group"] for c in page_data(report.read_text())["curves"]]
+    assert groups == ["Layer ablation: capitals k=1", "Masking: capitals k=1"]
+    page = browser.new_page(viewport=dict(width=1280, height=900))
+    try:
+        page.goto(report.as_uri())
+        page.wait_for_selector("#explore[data-ready=yes]")
+        title = groups[0]
+        group(page, title).locator(".chart").scroll_into_view_if_needed()
+        point = group(page, title).locator(".scatterlayer .trace .points path").first.bounding_box()
+        assert point is not None
+        click(page, title, (point["x"] + point["width"] / 2, point["y"] + point["height"] / 2), "layer 0")
+        panel = group(page, title).locator(".detail")
+        panel.wait_for()
+        assert "layer 0's attention removed" in panel.locator(".note").first.text_content()
+        assert "Marked" not in panel.locator(".note").first.text_content()
+        assert (
+            panel.locator(".baseline .generation-title")
+            .first.text_content()
+            .startswith("no attention removed (layer 4)")
+        )
+        assert panel.locator("mark.hidden").count() == 0
+    finally:
+        page.close()

@@ -45,10 +45,11 @@ from .experiments.atlas import AtlasResult, run_atlas
 from .experiments.bench import BenchResult, run_bench
 from .experiments.common import check_context, masked_prompts, stop_rule
 from .experiments.decode import RunResult, run_decode
-from .experiments.lora import run_lora_sweep
+from .experiments.lora import lora_settings, run_lora_sweep
 from .experiments.options import (
     BenchSettings,
     LoraRun,
+    LoraSettings,
     PlanSettings,
     PruneSettings,
     RaySettings,
@@ -317,15 +318,17 @@ def prune(
 
 
 def lora_sweep(
-    settings: LoraRun,
+    settings: LoraRun | Mapping[str, Any],
     *,
     ray: RaySettings | Mapping[str, Any] | None = None,
     command: str = "icl_locate.api.lora_sweep",
 ) -> tuple[list[dict], Path]:
     """One LoRA adapter per layer, trained and scored into a store, as ``icl-locate lora-sweep``
     (``LoraRun``: model, pair, layers, its ``LoraSettings``; ``experiments.lora.lora_settings`` builds
-    those from a preset). Returns the new results and the store's path."""
-    return run_lora_sweep(settings, command, _ray(ray))
+    those from a preset). A dict takes ``LoraRun``'s fields and ``LoraSettings``' beside them (or as a
+    ``settings`` dict), on top of its ``preset``, as the command's options do. Returns the new results and
+    the store's path."""
+    return run_lora_sweep(_lora_run(settings), command, _ray(ray))
 
 
 def report(store: str | Path, out_dir: str | Path | None = None, **options: Any) -> Path:
@@ -344,13 +347,37 @@ def _quiet(line: str) -> None:
 
 
 def _ray(ray: RaySettings | Mapping[str, Any] | None) -> RaySettings | None:
-    return RaySettings(**ray) if isinstance(ray, Mapping) else ray
+    return None if ray is None else _settings(RaySettings, ray, "ray")
+
+
+def _lora_run(given: LoraRun | Mapping[str, Any]) -> LoraRun:
+    """A ``LoraRun`` as given, or from a dict of its fields and of ``LoraSettings``' (flat, or in ``settings``)."""
+    if isinstance(given, LoraRun):
+        return given
+    if not isinstance(given, Mapping):
+        raise UserError(f"lora_sweep settings must be a LoraRun or a dict of its fields, not {type(given).__name__}")
+    run_fields, values = set(LoraRun.__dataclass_fields__), dict(given)
+    training = values.pop("settings", None)
+    if not isinstance(training, LoraSettings):
+        if not isinstance(training, (Mapping, type(None))):
+            raise UserError(f"lora_sweep's settings must be LoraSettings or a dict, not {type(training).__name__}")
+        chosen = {**(training or {}), **{k: values.pop(k) for k in list(values) if k not in run_fields}}
+        unknown = sorted(set(chosen) - set(LoraSettings.__dataclass_fields__))
+        if unknown:
+            known = sorted(run_fields | set(LoraSettings.__dataclass_fields__))
+            raise UserError(f"unknown lora_sweep setting(s) {', '.join(unknown)}; known: {', '.join(known)}")
+        training = lora_settings(values.get("preset"), chosen)
+    return _settings(LoraRun, {**values, "settings": training}, "lora_sweep")
 
 
 def _settings(cls, given, command: str):
     """``given`` as the settings dataclass ``cls``: itself, or built from a dict of its fields."""
     if isinstance(given, cls):
         return given
+    if not isinstance(given, Mapping):
+        raise UserError(
+            f"{command} settings must be a {cls.__name__} or a dict of its fields, not {type(given).__name__}"
+        )
     known = set(cls.__dataclass_fields__)
     unknown = sorted(set(given) - known)
     if unknown:

@@ -18,6 +18,7 @@ from .cli_options import (
 from .cli_values import Parser, default
 from .core.labels import VARIANTS_HELP
 from .experiments.options import (
+    REPORT_FORMATS,
     BenchSettings,
     DemoSettings,
     LoraRun,
@@ -299,7 +300,7 @@ def _add_report(sub) -> None:
     rep.add_argument("--out-dir", default=None, help="default: <store>_report/")
     rep.add_argument(
         "--format",
-        choices=["html", "md"],
+        choices=REPORT_FORMATS,
         default=None,
         help=f"html (self-contained) or md [{default(ReportSettings, 'format')}]",
     )

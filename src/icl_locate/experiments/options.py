@@ -72,6 +72,9 @@ class ScoreCodeSettings:
     timeout: float = sandbox.TIMEOUT  # seconds per sample
 
 
+REPORT_FORMATS = ("html", "md")
+
+
 @dataclass(kw_only=True)
 class ReportSettings:
     """``icl-locate report``: figures and a report from a results store."""
@@ -81,6 +84,14 @@ class ReportSettings:
     format: str = "html"  # html (self-contained) or md
     fraction: float = 0.95  # recognition threshold (share of the baseline); analysis.DEFAULT_FRACTION
     bootstrap: int = 1000  # bootstrap replicates
+
+    def __post_init__(self) -> None:  # the API takes any value the command line's choices would refuse
+        if self.format not in REPORT_FORMATS:
+            raise UserError(f"report format must be one of {', '.join(REPORT_FORMATS)}, got {self.format!r}")
+        if self.bootstrap < 1:
+            raise UserError(f"--bootstrap must be >= 1 (replicates of the intervals), got {self.bootstrap}")
+        if not 0 < self.fraction <= 1:
+            raise UserError(f"--fraction must be in (0, 1] (a share of the baseline), got {self.fraction}")
 
     def output_dir(self) -> Path:
         """Where the report goes: ``out_dir``, else ``<store>_report/`` beside the store."""

@@ -17,6 +17,7 @@ import numpy as np
 
 from ..core.costs import paper_savings
 from ..tasks.metrics import Metric, metric_named
+from ..util.errors import UserError
 
 DEFAULT_FRACTION = 0.95
 CONTEXT_CONDITIONS = ("instructions+examples", "examples")  # masks after which the context could be dropped
@@ -113,22 +114,40 @@ def _cells(store, kinds: tuple[str, ...], fields: tuple[str, ...]) -> list[tuple
     return out
 
 
+def _per_seed(store, units: list[dict]) -> tuple[list[int], list[list[dict]]]:
+    """A cell's seeds and each seed's prediction rows: the units of one seed (the cell swept again with other
+    layers or heads) merged into one, not stacked as if they were two seeds."""
+    seeds: list[int] = []
+    rows: list[list[dict]] = []
+    for unit in units:  # in seed order
+        if not seeds or seeds[-1] != unit["spec"]["seed"]:
+            seeds.append(unit["spec"]["seed"])
+            rows.append([])
+        rows[-1].extend(store.predictions(unit["unit_id"]))
+    return seeds, rows
+
+
+def _shared(key: dict, per_seed: list[set[int]], what: str) -> list[int]:
+    """The layers (or heads) every seed of a cell has; an error naming the cell where they share none."""
+    common = sorted(set.intersection(*per_seed))
+    if not common:
+        cell = ", ".join(f"{f}={key[f]}" for f in key if key[f] not in ("", None))
+        raise UserError(f"the seeds of cell {cell} share no swept {what}: sweep every seed over the same {what}")
+    return common
+
+
 def item_stats(prediction: dict) -> list[float]:
     """A stored prediction's sufficient statistics (stores written before pass@1 kept them: the item's score)."""
     return json.loads(prediction["stats"]) if prediction["stats"] else [prediction["sentence_score"]]
 
 
 def load_curves(store) -> list[Curve]:
-    """Group the store's layer-sweep units into curves (one per cell; seeds stacked)."""
+    """Group the store's layer-sweep units into curves (one per cell; seeds stacked, a seed's units merged;
+    the layers every seed has)."""
     curves = []
     for key, units, metric in _cells(store, ("mask", "ablation"), CELL_FIELDS):
-        per_seed, layers = [], None
-        for unit in units:
-            preds = store.predictions(unit["unit_id"])
-            unit_layers = sorted({p["layer"] for p in preds})
-            layers = unit_layers if layers is None else sorted(set(layers) & set(unit_layers))
-            per_seed.append(preds)
-        assert layers is not None  # a cell has at least one unit
+        seeds, per_seed = _per_seed(store, units)
+        layers = _shared(key, [{p["layer"] for p in preds} for preds in per_seed], "layers")
         n_items = max(p["item"] for p in per_seed[0]) + 1
         d = len(item_stats(per_seed[0][0]))
         arr = np.zeros((len(per_seed), len(layers), n_items, d))
@@ -141,7 +160,7 @@ def load_curves(store) -> list[Curve]:
             key=key,
             layers=layers,
             metric=metric,
-            seeds=[u["spec"]["seed"] for u in units],
+            seeds=seeds,
             item_stats=arr,
             context_tokens=float(np.mean([u["context_tokens"] for u in units])),
             query_tokens=float(np.mean([u["query_tokens"] for u in units])),
@@ -325,11 +344,11 @@ class HeadMap:
 def load_head_maps(store) -> list[HeadMap]:
     maps = []
     for key, units, metric in _cells(store, ("knockout", "restore"), CELL_FIELDS + ("from_layer",)):
-        per_seed = [store.predictions(u["unit_id"]) for u in units]
         kind = key["kind"]
-        head_rows = [p for p in per_seed[0] if p["variant"].startswith(kind + "/h")]
-        layers = sorted({p["layer"] for p in head_rows})
-        heads = sorted({int(p["variant"].split("/h")[1]) for p in head_rows})
+        per_seed = _per_seed(store, units)[1]
+        head_rows = [[p for p in preds if p["variant"].startswith(kind + "/h")] for preds in per_seed]
+        layers = _shared(key, [{p["layer"] for p in rows} for rows in head_rows], "layers")
+        heads = _shared(key, [{int(p["variant"].split("/h")[1]) for p in rows} for rows in head_rows], "heads")
         n_items = max(p["item"] for p in per_seed[0]) + 1
         d = len(item_stats(per_seed[0][0]))
         stats = np.zeros((len(per_seed), len(layers), len(heads), n_items, d))
@@ -342,8 +361,10 @@ def load_head_maps(store) -> list[HeadMap]:
             for p in preds:
                 if p["variant"] == "mask" and p["layer"] == ref_layer:
                     reference[s, p["item"]] = item_stats(p)
-                elif p["variant"].startswith(kind + "/h"):
-                    stats[s, li[p["layer"]], hi[int(p["variant"].split("/h")[1])], p["item"]] = item_stats(p)
+                elif p["variant"].startswith(kind + "/h") and p["layer"] in li:
+                    head = int(p["variant"].split("/h")[1])
+                    if head in hi:
+                        stats[s, li[p["layer"]], hi[head], p["item"]] = item_stats(p)
         maps.append(HeadMap(key, layers, heads, metric, stats, reference))
     return maps
 

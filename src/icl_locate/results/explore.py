@@ -47,13 +47,14 @@ def explore_data(
 
 
 def _unit_index(store) -> dict[tuple[str, str], dict[int, str]]:
-    """(kind group, cell key as JSON) -> {seed: unit id}, for the layer and the head sweeps' units."""
+    """(kind group, cell key as JSON) -> {seed: unit id}, for the layer and the head sweeps' units; a seed swept
+    in several units (other layers or heads) has their ids joined by "+" (``unit_rows`` merges them)."""
     index: dict[tuple[str, str], dict[int, str]] = {}
     for u in store.units():
         spec = u["spec"]
         fields = CELL_FIELDS if spec["kind"] in ("mask", "ablation") else HEAD_FIELDS
-        key = json.dumps(cell_key(spec, fields), sort_keys=True)
-        index.setdefault((spec["kind"], key), {})[spec["seed"]] = u["unit_id"]
+        seeds = index.setdefault((spec["kind"], json.dumps(cell_key(spec, fields), sort_keys=True)), {})
+        seeds[spec["seed"]] = "+".join(filter(None, (seeds.get(spec["seed"]), u["unit_id"])))
     return index
 
 
@@ -177,13 +178,21 @@ def head_entry(m: HeadMap, seed, seeds: dict[int, str], unit_id: str, unit: dict
 def unit_rows(store, unit_id: str, prompts: dict[str, int]) -> dict:
     """The first ``N_ITEMS`` items of a unit (example id, reference, prompt: an index into ``prompts``, each
     text added once, or None where the store has no prompt) and every row's generations of them, by
-    ``variant@layer``: generation, sentence score and the hidden characters of the prompt."""
-    stored = store.prompts(unit_id)
+    ``variant@layer``: generation, sentence score and the hidden characters of the prompt. ``unit_id`` may join
+    several units of one cell and seed with "+": their rows together (a row in two: the first's)."""
+    stored: dict[int, dict] = {}
+    predictions: list[dict] = []
+    for one in unit_id.split("+"):
+        stored = store.prompts(one) | stored
+        predictions += store.predictions(one)
     items: dict[int, dict] = {}
     rows: dict[str, list[dict]] = {}
-    for p in store.predictions(unit_id):
-        if p["item"] >= N_ITEMS:
+    seen: set[tuple[str, int]] = set()
+    for p in predictions:
+        key = f"{p['variant']}@{p['layer']}"
+        if p["item"] >= N_ITEMS or (key, p["item"]) in seen:
             continue
+        seen.add((key, p["item"]))
         prompt = stored.get(p["item"])
         if p["item"] not in items:
             items[p["item"]] = dict(
@@ -192,7 +201,7 @@ def unit_rows(store, unit_id: str, prompts: dict[str, int]) -> dict:
                 reference=p["reference"],
                 prompt=None if prompt is None else prompts.setdefault(prompt["text"], len(prompts)),
             )
-        rows.setdefault(f"{p['variant']}@{p['layer']}", []).append(
+        rows.setdefault(key, []).append(
             dict(
                 item=p["item"],
                 generation=p["generation"],

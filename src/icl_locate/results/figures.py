@@ -28,7 +28,8 @@ def curve_groups(curves) -> dict[tuple, list]:
 
 def curve_title(task: str, pair: str, kind: str, k: int) -> str:
     """The title a curve figure goes by in the report."""
-    return f"{'Masking' if kind == 'mask' else 'Layer ablation'}: {task} {pair} k={k}"
+    cell = " ".join(part for part in (task, pair, f"k={k}") if part)  # a task without pairs: no double space
+    return f"{'Masking' if kind == 'mask' else 'Layer ablation'}: {cell}"
 
 
 def curve_figures(curves, out_dir: Path) -> list[tuple[str, Path]]:

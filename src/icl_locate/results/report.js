@@ -123,20 +123,22 @@
 
   function curveClick(panel, c, layer) {
     var what;
-    if (c.baseline_row === c.variant + "@" + layer) what = "nothing hidden or removed (the baseline row)";
+    if (c.baseline_row === c.variant + "@" + layer) what = (c.kind === "mask" ? "nothing hidden" : "no attention removed") + " (the baseline row)";
     else if (c.kind !== "mask") what = "layer " + layer + "'s attention removed";
     else if (c.converse) what = c.condition + " hidden from the other positions in the layers below " + layer;
     else what = c.condition + " hidden in layers " + layer + " and up";
     var baseLayer = c.baseline_row ? c.baseline_row.split("@")[1] : null;
+    var nothing = c.kind === "mask" ? "nothing hidden" : "no attention removed";
+    var marked = c.kind === "mask" ? " Marked: the prompt tokens this row hid." : " Nothing is hidden in an ablation row.";
     showRows(
       panel,
       c.name + ": layer " + layer,
-      what + "; " + seedNote(c) + "; the first " + data.n_items + " test items. Marked: the prompt tokens this row hid.",
+      what + "; " + seedNote(c) + "; the first " + data.n_items + " test items." + marked,
       c.unit,
       c.variant + "@" + layer,
       c.baseline_row,
-      "nothing hidden (layer " + baseLayer + ")",
-      "nothing hidden"
+      nothing + " (layer " + baseLayer + ")",
+      nothing
     );
   }
 
