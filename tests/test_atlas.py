@@ -214,6 +214,21 @@ def test_the_report_has_a_depth_atlas_section(atlas_store, tmp_path):
     assert (tmp_path / "md" / "aie_qa_all_k2_n_test4.png").is_file()
 
 
+def test_a_store_without_masking_curves_says_so(atlas_store, tmp_path):
+    import sqlite3
+
+    from icl_locate.results.report import NO_CURVES
+
+    with sqlite3.connect(atlas_store) as db:  # the methods' units only
+        masking = [u for (u,) in db.execute("SELECT unit_id FROM units WHERE json_extract(spec, '$.kind') = 'mask'")]
+        db.executemany("DELETE FROM predictions WHERE unit_id = ?", [(u,) for u in masking])
+        db.executemany("DELETE FROM units WHERE unit_id = ?", [(u,) for u in masking])
+    with Store(atlas_store, create=False) as store:
+        html = build_report(store, tmp_path / "html", n_boot=20).read_text()
+        markdown = build_report(store, tmp_path / "md", fmt="md", n_boot=20).read_text()
+    assert NO_CURVES in html and NO_CURVES in markdown and "## Depth atlas" in markdown
+
+
 def test_the_study_lays_the_atlas_out_as_tidy_frames(atlas_store):
     import matplotlib.pyplot as plt
     from matplotlib.figure import Figure

@@ -169,7 +169,7 @@ def test_plan_of_an_alias_offline(data_dir, tmp_path, monkeypatch, capsys):
     "argv, message",
     [
         (["plan", "--tflops", "0"], "--tflops must be > 0"),
-        (["plan", "--method", "logit-lens"], "masking sweeps"),
+        (["plan", "--method", "task-vector", "--n-test", "1"], "--n-test >= 2"),
         (["plan", "--executor", "ray", "--workers", "0"], "--workers must be >= 1"),
         (["plan", "--n-test", "0"], "--n-test must be >= 1"),
     ],

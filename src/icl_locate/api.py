@@ -343,7 +343,8 @@ def report(store: str | Path, out_dir: str | Path | None = None, **options: Any)
 
 
 def _quiet(line: str) -> None:
-    """A log that drops its lines: API calls print nothing unless given a log."""
+    """A log that drops its lines: an API call returns what its command prints (a sweep's per-unit progress
+    still goes to stderr, as the command's does)."""
 
 
 def _ray(ray: RaySettings | Mapping[str, Any] | None) -> RaySettings | None:

@@ -9,6 +9,7 @@ generation equals the fast engine masking the same range from r.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -99,6 +100,11 @@ def run_prune(s: PruneSettings, command: str, log=print) -> PruneResult:
             store.close()
 
 
+def _kept(share: float) -> str:
+    """The pruned score as a share of the full one; none where the full score is 0."""
+    return "kept n/a: the full score is 0" if math.isnan(share) else f"kept {100 * share:.1f}%"
+
+
 @dataclass
 class PruneResult:
     data: dict = field(default_factory=dict)
@@ -126,9 +132,7 @@ class PruneResult:
         ]
         for name, a, b in rows:
             lines.append(f"{name:<38} {a:10.2f} {b:10.2f} {saved(a, b):>8}")
-        lines.append(
-            f"{d['metric']:<38} {full['score']:10.2f} {pr['score']:10.2f} (kept {100 * d['quality_kept']:.1f}%)"
-        )
+        lines.append(f"{d['metric']:<38} {full['score']:10.2f} {pr['score']:10.2f} ({_kept(d['quality_kept'])})")
         lines.append(
             f"memory at the start of each run: {full['memory_at_start_mb']:.0f} / {pr['memory_at_start_mb']:.0f} MB "
             "(the model and whatever the process held before)"

@@ -41,6 +41,8 @@ from .tables import (
     summary_rows,
 )
 
+NO_CURVES = "No layer-masking curves in this store: its other results follow."
+
 
 def build_report(
     store, out_dir: Path, fmt: str = "html", fraction: float = DEFAULT_FRACTION, n_boot: int = 1000
@@ -132,7 +134,7 @@ def _html(
     table = "<table><tr>" + "".join(f"<th>{h}</th>" for _, h in SUMMARY_HEADERS) + "</tr>"
     for r in rows:
         table += "<tr>" + "".join(f"<td>{html.escape(fmt_cell(r[k]))}</td>" for k, _ in SUMMARY_HEADERS) + "</tr>"
-    table += "</table>"
+    table += "</table>" if rows else f"</table><p>{NO_CURVES}</p>"
     curves_html = ""
     for c in curves:
         cells = "".join(
@@ -210,6 +212,7 @@ def _markdown(model, curves, num_layers, fraction, figures, runs, pruning, heads
         "|" + "---|" * len(SUMMARY_HEADERS),
     ]
     lines += ["| " + " | ".join(fmt_cell(r[k]) for k, _ in SUMMARY_HEADERS) + " |" for r in rows]
+    lines += [] if rows else ["", NO_CURVES]
     if labels:
         lines += _markdown_table("Label variants", LABEL_HEADERS, labels) + ["", LABEL_INTRO]
     if pruning:
