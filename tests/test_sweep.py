@@ -14,6 +14,7 @@ import pytest
 
 from icl_locate.cli import main
 from icl_locate.results.analysis import Curve, analyse_curve, recognition_layer, savings
+from icl_locate.results.store import Store
 from icl_locate.tasks.metrics import PassAt1
 
 BASE = [
@@ -139,6 +140,35 @@ def test_unwritable_store_path(tmp_path, data_dir, capsys):
     code = main([*BASE, "--store", str(tmp_path / "missing" / "s.sqlite"), "--data-dir", str(data_dir)])
     assert code == 2 and "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "missing").exists()
+
+
+def test_ctrl_c_between_begin_and_block_leaves_no_open_transaction(tmp_path):
+    """Ctrl-C can land right after a transaction's BEGIN (a sweep interrupted while claiming a unit): the
+    transaction is rolled back, and releasing the claims afterwards (what the sweep's cleanup does) works."""
+
+    class InterruptedAfterBegin:  # the connection, with Ctrl-C arriving as its BEGIN returns (once)
+        def __init__(self, db: sqlite3.Connection):
+            self.db, self.armed = db, True
+
+        def execute(self, sql, *args):
+            result = self.db.execute(sql, *args)
+            if sql == "BEGIN IMMEDIATE" and self.armed:
+                self.armed = False
+                raise KeyboardInterrupt
+            return result
+
+        def __getattr__(self, name):
+            return getattr(self.db, name)
+
+    with Store(tmp_path / "s.sqlite", {"model": "x"}) as store:
+        real = store.db
+        store.db = InterruptedAfterBegin(real)  # pyright: ignore[reportAttributeAccessIssue]
+        with pytest.raises(KeyboardInterrupt):
+            store.claim("unit-1")
+        store.db = real
+        assert not real.in_transaction
+        store.release("unit-1")  # the sweep's cleanup after Ctrl-C
+        assert store.claim("unit-1")
 
 
 def test_report_from_store(tmp_path, reference_store, capsys):

@@ -135,11 +135,14 @@ class Store:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        self.db.execute("BEGIN IMMEDIATE")
+        """One write transaction. An exception anywhere in it, Ctrl-C included (which may land between the
+        BEGIN and the block), rolls back whatever is open, so the connection can start the next one."""
         try:
+            self.db.execute("BEGIN IMMEDIATE")
             yield self.db
         except BaseException:
-            self.db.execute("ROLLBACK")
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
             raise
         else:
             self.db.execute("COMMIT")
