@@ -263,6 +263,10 @@ def test_mistakes_are_user_errors(tmp_path, data_dir):
         api.prompts(lm, "flores", pair="fra-eng", condition="bogus", data_dir=data_dir)
     with pytest.raises(api.UserError, match="unknown sweep setting"):
         api.sweep({"pairz": ["fra-eng"]}, tmp_path / "s.sqlite")
+    with pytest.raises(api.UserError, match="sweep setting ks must be a list of int, got '2'"):
+        api.sweep({"ks": "2"}, tmp_path / "s.sqlite")
+    with pytest.raises(api.UserError, match="sweep setting n_test must be int or null, got '8'"):
+        api.plan({"n_test": "8"}, tflops=1.0)
     with pytest.raises(api.UserError, match="does not exist"):
         api.open_store(tmp_path / "none.sqlite")
     with pytest.raises(api.UserError, match="unknown run setting.*pairz"):

@@ -14,6 +14,8 @@ import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
+from types import UnionType
+from typing import get_args, get_origin, get_type_hints
 
 from ..core.catalog import EMBEDDED, check_dtype_name
 from ..core.conditions import get_condition
@@ -107,7 +109,35 @@ def load_config(preset: str | None = None, yaml_path: str | None = None, overrid
     unknown = sorted(set(values) - known)
     if unknown:
         raise UserError(f"unknown sweep setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    hints = get_type_hints(SweepConfig)
+    for name, value in values.items():
+        check_setting_type(name, value, hints[name])
     return SweepConfig(**values)
+
+
+def _type_name(hint) -> str:
+    if hint is type(None):
+        return "null"
+    if get_origin(hint) is list:
+        return f"a list of {_type_name(get_args(hint)[0])}"
+    return getattr(hint, "__name__", str(hint))
+
+
+def check_setting_type(name: str, value, hint) -> None:
+    """A setting from a dict or a YAML file must have its field's type (``ks: 2`` where a list is wanted, or
+    ``n_test: "8"``, would fail later with a TypeError, or be taken apart character by character)."""
+    options = get_args(hint) if isinstance(hint, UnionType) else (hint,)
+    for option in options:
+        if option is type(None) and value is None:
+            return
+        if get_origin(option) is list and isinstance(value, list):
+            (element,) = get_args(option)
+            if all(type(v) is element or (element is float and type(v) is int) for v in value):
+                return
+        elif option in (int, str, bool, float) and (type(value) is option or (option is float and type(value) is int)):
+            return
+    wanted = " or ".join(_type_name(o) for o in options)
+    raise UserError(f"sweep setting {name} must be {wanted}, got {value!r}")
 
 
 UNIT_FIELDS_ADDED = {
