@@ -15,6 +15,7 @@ import json
 import math
 from dataclasses import replace
 
+from ..core.conditions import merge_ranges
 from .analysis import CELL_FIELDS, Curve, HeadMap, analyse_curve, analyse_head_map, cell_key
 from .figures import curve_title
 
@@ -215,14 +216,8 @@ def unit_rows(store, unit_id: str, prompts: dict[str, int]) -> dict:
 def hidden_characters(hidden_ranges: str | None, offsets: list[list[int]]) -> list[list[int]]:
     """A row's hidden token ranges (as stored, JSON) as character ranges of its prompt: from the first hidden
     token's first character to the last one's end, overlapping ranges merged."""
-    spans = []
+    spans: list[tuple[int, int]] = []
     for start, end in json.loads(hidden_ranges or "[]"):
         if 0 <= start < end <= len(offsets):
-            spans.append([offsets[start][0], offsets[end - 1][1]])
-    merged: list[list[int]] = []
-    for a, b in sorted(spans):
-        if merged and a <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], b)
-        else:
-            merged.append([a, b])
-    return merged
+            spans.append((offsets[start][0], offsets[end - 1][1]))
+    return [list(r) for r in merge_ranges(spans)]

@@ -189,17 +189,24 @@
     };
   }
 
-  function curveGroup(title, members) {
-    var section = el("div", "explore-group curve-group");
+  // One chart's section: its title, the chart, and the (hidden) panel a click fills.
+  function groupSection(kind, title, chartClass) {
+    var section = el("div", "explore-group " + kind);
     section.dataset.group = title;
     section.appendChild(el("h3", null, title));
-    var chart = el("div", "chart");
+    var chart = el("div", chartClass);
     var panel = el("div", "detail");
     panel.hidden = true;
     section.appendChild(chart);
     section.appendChild(panel);
     charts.appendChild(section);
     panels.push(panel);
+    return { section: section, chart: chart, panel: panel };
+  }
+
+  function curveGroup(title, members) {
+    var g = groupSection("curve-group", title, "chart");
+    var section = g.section, chart = g.chart, panel = g.panel;
     var drawn = false;
     return function render() {
       var visible = members.filter(function (i) {
@@ -241,16 +248,8 @@
   }
 
   function headGroup(m) {
-    var section = el("div", "explore-group head-group");
-    section.dataset.group = m.title;
-    section.appendChild(el("h3", null, m.title));
-    var chart = el("div", "chart heatmap");
-    var panel = el("div", "detail");
-    panel.hidden = true;
-    section.appendChild(chart);
-    section.appendChild(panel);
-    charts.appendChild(section);
-    panels.push(panel);
+    var g = groupSection("head-group", m.title, "chart heatmap");
+    var section = g.section, chart = g.chart, panel = g.panel;
     var drawn = false;
     return function render() {
       section.hidden = !shown(m);
