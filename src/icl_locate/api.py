@@ -58,7 +58,7 @@ from .experiments.options import (
 )
 from .experiments.plan import Plan, run_plan
 from .experiments.prune import PruneResult, run_prune
-from .experiments.settings import ModelAndData, SweepConfig, load_config, task_and_data
+from .experiments.settings import ModelAndData, SweepConfig, check_known, load_config, task_and_data
 from .experiments.sweep import SweepResult, run_sweep
 from .results.report import build_report
 from .results.store import Store
@@ -379,10 +379,7 @@ def _settings(cls, given, command: str):
         raise UserError(
             f"{command} settings must be a {cls.__name__} or a dict of its fields, not {type(given).__name__}"
         )
-    known = set(cls.__dataclass_fields__)
-    unknown = sorted(set(given) - known)
-    if unknown:
-        raise UserError(f"unknown {command} setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    check_known(given, set(cls.__dataclass_fields__), command)
     try:
         return cls(**given)
     except TypeError as error:  # a required field missing

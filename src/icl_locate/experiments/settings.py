@@ -105,14 +105,18 @@ def load_config(preset: str | None = None, yaml_path: str | None = None, overrid
             read_yaml_mapping(yaml_path, "a sweep config holds a mapping of sweep settings", empty_ok=True)[0]
         )
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    known = {f.name for f in fields(SweepConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise UserError(f"unknown sweep setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    check_known(values, {f.name for f in fields(SweepConfig)}, "sweep")
     hints = get_type_hints(SweepConfig)
     for name, value in values.items():
         check_setting_type(name, value, hints[name])
     return SweepConfig(**values)
+
+
+def check_known(values, known: set[str], what: str) -> None:
+    """One error line naming the settings in ``values`` that are not ``known`` (and those that are)."""
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UserError(f"unknown {what} setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
 
 
 def _type_name(hint) -> str:
