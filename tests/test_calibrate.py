@@ -166,6 +166,39 @@ def test_the_cache_is_keyed_and_reused_and_a_changed_key_measures_again(tmp_path
     assert len(list((tmp_path / "cal").glob("*.json"))) == 4
 
 
+def test_the_head_alone_is_chosen_forced_and_cached(tmp_path):
+    """What `prune` asks: the LM head only (no engine, no drafts measured), cached apart from engine choices."""
+    lm = tiny("llama")
+    prompts, _ = work(lm)
+
+    def head_only(timer, request=AUTO_REQUEST):
+        calibrator = Calibrator(lm.model, lm.tokenizer, request, cache=tmp_path / "cal", timer=timer)
+        kind, reason = calibrator.choose_head(prompts)
+        return kind, reason, calibrator.screen(kind)
+
+    first = FakeTimer(head__plain=1.0, head__bf16=0.7, head__int8=0.5)
+    kind, reason, screen = head_only(first)
+    assert (kind, screen.kind) == ("int8", "int8") and "int8 screen 2.0x faster" in reason
+    assert {name.split("/")[0] for name in first.calls} == {"head"}
+    again = FakeTimer(head__plain=0.1)
+    kind, reason, _ = head_only(again)
+    assert kind == "int8" and reason.endswith("calibration cached") and not again.calls
+    forced = FakeTimer()
+    assert head_only(forced, EngineRequest(head="plain"))[::2] == ("plain", None) and not forced.calls
+    choose(lm, tmp_path, FakeTimer(head__plain=0.1))  # an engine's choices: another entry
+    assert len(list((tmp_path / "cal").glob("*.json"))) == 3
+
+
+def test_the_engine_takes_the_screen_the_calibration_built(tmp_path):
+    lm = tiny("llama")
+    prompts, rows = work(lm)
+    calibrator = Calibrator(lm.model, lm.tokenizer, EngineRequest(engine="tree", head="int8"), cache=tmp_path)
+    choices = calibrator.choose(prompts, rows, STOP)
+    engine = build_engine(lm.model, lm.tokenizer, choices, calibrator)
+    assert isinstance(engine, TreeEngine) and engine.head is calibrator.screens["int8"]
+    assert engine.head.stats["rows"] == 0  # its counts start with the engine, not the calibration
+
+
 def test_a_real_measurement_records_its_timings_and_hardware(tmp_path):
     choices = choose(tiny("llama"), tmp_path, calibrate.measure_seconds)
     assert {"head/plain", "head/bf16", "head/int8", "body/1", "engine/fast", "engine/tree"} <= set(choices.measured)

@@ -15,6 +15,7 @@ from icl_locate.core.interventions import ColumnMask, MaskFrom, PruneFrom
 from icl_locate.core.structure import decoder_layers
 from icl_locate.engines.base import StopRule, forward
 from icl_locate.engines.fast import FastEngine
+from icl_locate.engines.head import SCREENS, build_screen
 from icl_locate.engines.pruned import PrunedEngine, prune_split
 from icl_locate.tasks.items import build_items
 from icl_locate.tasks.loaders import load_data
@@ -69,6 +70,24 @@ def test_pruned_other_ranges_and_per_query_prompts(family, condition):
             (0, 1, 3, lm.info.num_layers),
             batch_size=3,
         )
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("kind", sorted(SCREENS))
+def test_a_screened_head_decodes_the_reference_tokens(family, kind):
+    """Full and pruned runs with a screened LM head pick the model's own head's tokens."""
+    lm = tiny(family)
+    screen, why_not = build_screen(lm.model, kind)
+    assert screen is not None, why_not
+    encs, condition, stop = encoded_prompts(lm.tokenizer), get_condition("instructions+examples"), StopRule((), 6)
+    for r in (0, 2, lm.info.num_layers):
+        gens = PrunedEngine(lm.model, lm.tokenizer, batch_size=2, head=screen).generate_pruned(
+            masked(encs, condition), r, stop
+        )
+        for i, enc in enumerate(encs):
+            ref = reference(lm, enc, condition, MaskFrom(r), (), 6)
+            assert (gens[i].token_ids, gens[i].finish) == (ref.token_ids, ref.finish), (kind, r, i)
+    assert screen.stats["rows"] > 0  # the screen picked the tokens
 
 
 def test_pruned_early_stopping():
@@ -178,6 +197,17 @@ def test_prune_command_on_tiny_model(tmp_path, capsys, data_dir):
     assert data["full"]["token_layers"] > data["pruned"]["token_layers"]
     assert "pruned == masked-from-r" in capsys.readouterr().out
     assert [p.name for p in tmp_path.iterdir()] == ["prune.json"]  # no temporary file left behind
+    assert data["head"]["kind"] in ("plain", *SCREENS) and data["head"]["reason"]
+
+
+def test_prune_command_honours_a_forced_head(tmp_path, capsys, data_dir):
+    out = tmp_path / "prune.json"
+    args = ["prune", "--model", "tiny:llama", "--n-test", "2", "--layer", "2", "--k", "2", "--max-new-tokens", "6"]
+    assert main([*args, "--head", "int8", "--data-dir", str(data_dir), "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["head"]["kind"] == "int8" and data["head"]["reason"].startswith("forced")
+    assert data["identical_to_masked"] == 2
+    assert "head: int8 (forced" in capsys.readouterr().err
 
 
 def test_prune_command_bad_input(tmp_path, capsys, data_dir):
@@ -215,8 +245,12 @@ def test_pruned_gemma_equals_fast_engine(gemma, data_dir):
     items = build_items(task, data, gemma.tokenizer, k=5, seed=0, n_test=2)
     prompts = masked([it.encoded for it in items], get_condition("instructions+examples"))
     stop = StopRule(task.stop_strings, 24)  # equal tokens, not whole translations, are what is compared
-    for r in (0, 9):  # nothing of the context processed; pruned from the middle (the curve's recognition layer)
-        pruned = PrunedEngine(gemma.model, gemma.tokenizer).generate_pruned(prompts, r, stop)
+    screen, why_not = build_screen(gemma.model, "int8")
+    assert screen is not None, why_not
+    # nothing of the context processed (the model's own head); pruned from the middle (the curve's
+    # recognition layer), greedy tokens by the int8 screen as `prune` picks them on most CPUs
+    for r, head in ((0, None), (9, screen)):
+        pruned = PrunedEngine(gemma.model, gemma.tokenizer, head=head).generate_pruned(prompts, r, stop)
         fast = FastEngine(gemma.model, gemma.tokenizer).generate(prompts, [MaskFrom(r)], stop)
         assert [g.token_ids for g in pruned] == [fast[(i, MaskFrom(r))].token_ids for i in range(2)]
 

@@ -224,8 +224,9 @@ def _engine_for(
         return ReferenceEngine(model, lm.tokenizer)
     if name not in ENGINES:
         raise UserError(f"engine must be 'reference' or one of {', '.join(ENGINES)}, got {name!r}")
-    choices = Calibrator(model, lm.tokenizer, EngineRequest(engine=name)).choose(masked, rows, stop, lm.info.as_dict())
-    return build_engine(model, lm.tokenizer, choices)
+    calibrator = Calibrator(model, lm.tokenizer, EngineRequest(engine=name))
+    choices = calibrator.choose(masked, rows, stop, lm.info.as_dict())
+    return build_engine(model, lm.tokenizer, choices, calibrator)
 
 
 # --------------------------------------------------------------------------- sweeps

@@ -143,6 +143,7 @@ class Calibrator:
         self.timer, self.use_cache = timer, use_cache
         self.device = next(model.parameters()).device
         self._sample: tuple[MaskedPrompt, torch.Tensor] | None = None  # (prompt, its final hidden states)
+        self.screens: dict[str, CertifiedHead] = {}  # screens built so far, by kind (``screen``)
 
     # ------------------------------------------------------------------ entry
 
@@ -151,22 +152,63 @@ class Calibrator:
     ) -> Choices:
         """The choices for decoding ``interventions`` on ``prompts`` (cached per machine, model and work)."""
         key = self.key(prompts, interventions, model_id)
-        path = self.cache / f"{key}.json"
-        if self.use_cache and path.is_file():
+        cached = self._cached(key)
+        if cached is not None:
             try:
-                return replace(Choices.from_dict(json.loads(path.read_text())), cached=True)
-            except (ValueError, TypeError):
-                pass  # an unreadable or old entry: measure again
+                return replace(Choices.from_dict(cached), cached=True)
+            except TypeError:
+                pass  # an old entry: measure again
         started = time.perf_counter()
         choices = self.measure(prompts, interventions, stop)
         choices.calibration_seconds = time.perf_counter() - started
-        if self.use_cache:
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                write_json_atomic(path, choices.as_dict())
-            except OSError:
-                pass  # a read-only cache only costs the next run the measurement
+        self._save(key, choices.as_dict())
         return choices
+
+    def choose_head(self, prompts: Sequence[MaskedPrompt], model_id: dict | None = None) -> tuple[str, str]:
+        """The LM head alone, for an engine with no other choice (the pruned engine): its kind and the
+        measured reason (cached like ``choose``)."""
+        key = "head-" + self.key(prompts, (), model_id)
+        cached = self._cached(key)
+        if cached is not None and isinstance(cached.get("head"), str) and isinstance(cached.get("reason"), str):
+            return cached["head"], f"{cached['reason']}; calibration cached"
+        started = time.perf_counter()
+        reasons: dict[str, str] = {}
+        measured: dict[str, float] = {}
+        kind = self._choose_head(prompts[0], reasons, measured)
+        seconds = time.perf_counter() - started
+        self._save(key, dict(head=kind, reason=reasons["head"], measured=measured, calibration_seconds=seconds))
+        return kind, f"{reasons['head']}; calibration {seconds:.1f}s"
+
+    def screen(self, kind: str) -> CertifiedHead | None:
+        """The ``kind`` screen of the model's head (None for "plain"): the one the measurement built, else
+        a new one (a screen's set-up, e.g. the int8 copy of the head, is paid once)."""
+        if kind == "plain":
+            return None
+        if kind not in self.screens:
+            screen, why_not = build_screen(self.model, kind)
+            if screen is None:
+                raise UserError(f"cannot screen the LM head of this model with {kind}: {why_not}; use --head plain")
+            self.screens[kind] = screen
+        return self.screens[kind]
+
+    def _cached(self, key: str) -> dict | None:
+        path = self.cache / f"{key}.json"
+        if not (self.use_cache and path.is_file()):
+            return None
+        try:
+            data = json.loads(path.read_text())
+        except ValueError:
+            return None  # an unreadable entry: measure again
+        return data if isinstance(data, dict) else None
+
+    def _save(self, key: str, data: dict) -> None:
+        if not self.use_cache:
+            return
+        try:
+            self.cache.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.cache / f"{key}.json", data)
+        except OSError:
+            pass  # a read-only cache only costs the next run the measurement
 
     def key(self, prompts: Sequence[MaskedPrompt], interventions: Sequence, model_id: dict | None) -> str:
         """Machine + model + dtype/device + library versions + the shape of the work + the request."""
@@ -238,7 +280,7 @@ class Calibrator:
                     raise UserError(f"cannot screen the LM head of this model with {kind}: {why_not}; use --head plain")
                 refused.append(f"no {kind} screen: {why_not}")
             else:
-                screens[kind] = screen
+                screens[kind] = self.screens[kind] = screen
         if wanted in SCREENS:
             reasons["head"] = "forced"
             return wanted
@@ -303,10 +345,13 @@ class Calibrator:
             rows = list(dict.fromkeys(rows[round(i * step)] for i in range(MINI_RUN_ROWS)))
         short = StopRule(stop.stop_strings, min(stop.max_new_tokens, MINI_RUN_TOKENS))
         tree_engine = TreeEngine(
-            self.model, self.tokenizer, batch_size=self.request.batch_size, head_kind=head, draft_tokens=drafts
+            self.model,
+            self.tokenizer,
+            batch_size=self.request.batch_size,
+            head_kind=head,
+            draft_tokens=drafts,
+            screen=self.screen(head),  # measured above: set up already (the int8 copy of the head is no per-token cost)
         )
-        if tree_engine.head is not None:  # a screen's one-time set-up (the int8 copy of the head) is no per-token cost
-            tree_engine.head.argmax(self._sample_hidden(prompt))
         engines = {
             "fast": FastEngine(self.model, self.tokenizer, batch_size=self.request.batch_size),
             "tree": tree_engine,
@@ -324,8 +369,8 @@ class Calibrator:
         return "fast"
 
 
-def build_engine(model, tokenizer, choices: Choices) -> Engine:
-    """The engine ``choices`` describe."""
+def build_engine(model, tokenizer, choices: Choices, calibrator: Calibrator | None = None) -> Engine:
+    """The engine ``choices`` describe (with the screen ``calibrator`` built to measure it, if any)."""
     if choices.engine == "fast":
         return FastEngine(model, tokenizer, batch_size=choices.batch_size)
     return TreeEngine(
@@ -334,6 +379,7 @@ def build_engine(model, tokenizer, choices: Choices) -> Engine:
         batch_size=choices.batch_size,
         head_kind=choices.head,
         draft_tokens=choices.draft_tokens,
+        screen=calibrator.screen(choices.head) if calibrator is not None else None,
     )
 
 

@@ -11,7 +11,8 @@ from torch import nn
 from transformers.cache_utils import DynamicLayer
 
 from ..core.interventions import Active, BatchIntervention, collect
-from .base import Generation, StopRule, forward
+from .base import Generation, StopRule, forward, last_hidden
+from .head import CertifiedHead
 
 
 def decode_batch(
@@ -26,6 +27,7 @@ def decode_batch(
     stats: dict | None = None,
     first_logits: Callable[[torch.Tensor], None] | None = None,
     times: dict | None = None,
+    head: CertifiedHead | None = None,
 ) -> list[Generation]:
     """Greedy decoding of a batch whose prompts sit in ``cache`` up to ``step_input``.
 
@@ -33,7 +35,9 @@ def decode_batch(
     2D padding mask over cache + ``step_input``. A row leaves the batch as soon as ``stop`` ends it,
     and its rows leave every intervention with it; ``cache`` must support ``batch_select_indices``.
     ``first_logits`` receives the first step's logits [B, vocab] (for tests); ``times`` adds the
-    seconds of the first forward (the query's prefill) and of the others (decoding).
+    seconds of the first forward (the query's prefill) and of the others (decoding). ``head``: a
+    screened LM head picks the greedy tokens (the same as the model's own head's) from the final hidden
+    states; None, or ``first_logits`` wanted: the model's own head.
     """
     n = step_input.shape[0]
     device = step_input.device
@@ -43,17 +47,21 @@ def decode_batch(
     finish = ["length"] * n
     for step in range(stop.max_new_tokens):
         started = time.perf_counter()
-        logits = forward(
-            model, step_input, attention_mask=mask, cache=cache, interventions=state.values(), last_only=True
-        ).logits[:, -1]
-        tokens = logits.argmax(-1).tolist()
+        if head is not None and first_logits is None:
+            hidden = last_hidden(model, step_input, attention_mask=mask, cache=cache, interventions=state.values())
+            tokens = head.argmax(hidden[:, -1]).tolist()  # hidden [B, 1, d]
+        else:
+            logits = forward(
+                model, step_input, attention_mask=mask, cache=cache, interventions=state.values(), last_only=True
+            ).logits[:, -1]  # [B, vocab]
+            tokens = logits.argmax(-1).tolist()
+            if first_logits is not None and step == 0:
+                first_logits(logits)
         if times is not None:
             times["query_prefill" if step == 0 else "decode_forward"] += time.perf_counter() - started
-        if first_logits is not None and step == 0:
-            first_logits(logits)
         if stats is not None:
             stats["tokens_forwarded"] += step_input.numel()
-            stats["logit_rows"] += logits.shape[0]
+            stats["logit_rows"] += len(tokens)
             stats["steps"] += 1
         keep = []
         for pos, (b, token) in enumerate(zip(alive, tokens)):

@@ -45,6 +45,7 @@ from ..core.surgery import stop_before
 from ..util.errors import UserError
 from .base import Generation, ProgressCallback, ResultKey, StopRule, eos_ids, forward
 from .decoding import PreallocatedLayer, decode_batch, right_aligned
+from .head import CertifiedHead
 from .rows import left_padding_mask
 
 # --------------------------------------------------------------------------- what is pruned
@@ -137,11 +138,20 @@ class PrunedEngine:
     which is what the measurements compare against.
     """
 
-    def __init__(self, model: nn.Module, tokenizer, batch_size: int = 8, keep_first_logits: bool = False):
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        batch_size: int = 8,
+        keep_first_logits: bool = False,
+        head: CertifiedHead | None = None,
+    ):
+        """``head``: a screened LM head for the greedy tokens (``head.py``: the same tokens as the model's
+        own head, which None uses); full and pruned runs of one measurement take the same head."""
         check_supported(model)
         if batch_size < 1:
             raise UserError(f"batch size must be >= 1, got {batch_size}")
-        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.model, self.tokenizer, self.batch_size, self.head = model, tokenizer, batch_size, head
         self.n_layers = num_layers(model)
         self.device = next(model.parameters()).device
         self.eos = eos_ids(model, tokenizer)
@@ -284,6 +294,7 @@ class PrunedEngine:
             stop,
             self.stats,
             first_logits=keep if self.keep_first_logits else None,
+            head=self.head,
         )
         self.stats["token_layers"] += (self.stats["tokens_forwarded"] - before) * self.n_layers
         return gens

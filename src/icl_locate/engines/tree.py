@@ -73,12 +73,14 @@ class TreeEngine(FastEngine):
         kv_memory_fraction: float = 0.3,
         head_kind: str | None = None,
         draft_tokens: int = 0,
+        screen: CertifiedHead | None = None,
     ):
         """``head_kind``: pick greedy tokens with the model's own head ("plain") or a screened head
         ("bf16", "int8": ``head.py``; refused with ValueError where it cannot be used on this model);
         None: the bf16 screen where it can be used, else the model's own head (``calibrate.py`` chooses
         by measuring instead).
-        ``draft_tokens``: verify drafts of up to this many tokens per step (0: none; see drafts.py)."""
+        ``draft_tokens``: verify drafts of up to this many tokens per step (0: none; see drafts.py).
+        ``screen``: the ``head_kind`` screen, built already (e.g. by the calibration), else built here."""
         super().__init__(model, tokenizer, batch_size, max_batch_tokens, kv_memory_fraction)
         self.layers = decoder_layers(model)
         self._routes: SlotRoutes | None = None  # what the slot hooks follow in the forward under way
@@ -92,12 +94,16 @@ class TreeEngine(FastEngine):
             draft_accepted=0,
         )
         self.drafter = Drafter(draft_tokens) if draft_tokens else None
-        self.head, self.head_note = self._choose_head(head_kind)
+        self.head, self.head_note = self._choose_head(head_kind, screen)
+        if screen is not None:  # its counts (bench reports them) start with this engine
+            screen.stats = dict.fromkeys(screen.stats, 0)
 
-    def _choose_head(self, head_kind: str | None) -> tuple[CertifiedHead | None, str]:
+    def _choose_head(self, head_kind: str | None, screen: CertifiedHead | None) -> tuple[CertifiedHead | None, str]:
         if head_kind == "plain":
             return None, "the model's own LM head (screening off)"
-        head, why_not = build_screen(self.model, head_kind or "bf16")
+        if screen is not None and screen.kind != (head_kind or "bf16"):
+            raise ValueError(f"a {screen.kind} screen given for head {head_kind!r}")
+        head, why_not = (screen, None) if screen is not None else build_screen(self.model, head_kind or "bf16")
         if head is not None:
             return head, f"{head.kind}-screened LM head, candidates in full precision"
         if head_kind:

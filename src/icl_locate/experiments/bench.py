@@ -189,11 +189,12 @@ def compare_methods(
             results[name] = paper.generate_ids(prompts, rows, stop.max_new_tokens, rule, progress.inner(name))
             timings[name] = time.perf_counter() - started
         log(f"  {timings[name]:.1f}s")
-    choices = Calibrator(loaded.model, tok, request).choose(prompts, rows, stop, loaded.info.as_dict())
+    calibrator = Calibrator(loaded.model, tok, request)
+    choices = calibrator.choose(prompts, rows, stop, loaded.info.as_dict())
     log(choices.line())
     engines = {
         "fast": FastEngine(loaded.model, tok, batch_size=request.batch_size),
-        "spec": build_engine(loaded.model, tok, choices),
+        "spec": build_engine(loaded.model, tok, choices, calibrator),
     }
     outputs, peaks = {}, {}
     for name, engine in engines.items():

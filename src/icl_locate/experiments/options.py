@@ -56,6 +56,7 @@ class PruneSettings(ModelAndData):
     seed: int = 0
     per_query_examples: bool = False
     batch_size: int = 8
+    head: str = "auto"  # the LM head of full and pruned runs: auto (measured) | bf16 | int8 | plain
     max_new_tokens: int | None = None
     check: bool = True
     json: str | None = None

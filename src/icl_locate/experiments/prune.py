@@ -1,6 +1,7 @@
 """``icl-locate prune``: context-pruned inference against full processing of the same requests.
 
-Full processing is the same engine with r = L, so the comparison isolates pruning: analytic
+Full processing is the same engine with r = L (and the same LM head: the model's own or a screened
+one, measured or forced as in a sweep), so the comparison isolates pruning: analytic
 FLOPs, measured time (prompt processing and decoding), KV cache bytes, peak memory, the task
 score and the share kept, the paper's estimate, and (by default) a check that every pruned
 generation equals the fast engine masking the same range from r.
@@ -22,8 +23,10 @@ from ..core.interventions import MaskFrom
 from ..core.models import LoadedModel, load_model
 from ..core.prompts import PromptedItem
 from ..engines.base import Engine, Generation, StopRule
+from ..engines.calibrate import Calibrator
 from ..engines.fast import FastEngine
 from ..engines.pruned import PrunedEngine, check_supported, prune_split
+from ..engines.request import EngineRequest
 from ..results.store import Store
 from ..tasks.items import build_items, post_process
 from ..tasks.spec import Task
@@ -40,6 +43,7 @@ def run_prune(s: PruneSettings, command: str, log=print) -> PruneResult:
     check_count("--max-new-tokens", s.max_new_tokens)
     check_count("--batch-size", s.batch_size)
     check_count("--n-test", s.n_test)
+    EngineRequest(head=s.head).check()
     condition = layer_from_condition(s.condition, "prune")
     out = check_writable(s.json) if s.json else None
     task, data = task_and_data(s, s.pair, log)
@@ -65,9 +69,12 @@ def run_prune(s: PruneSettings, command: str, log=print) -> PruneResult:
             f"{condition.name} pruned from layer {s.layer} of {n_layers}, {len(items)} requests, k={s.k}"
         )
         machine = hardware(loaded.info.device)
+        calibrator = Calibrator(model, loaded.tokenizer, EngineRequest(head=s.head))
+        head_kind, head_reason = calibrator.choose_head(prompts, loaded.info.as_dict())
+        screen = calibrator.screen(head_kind)
         log(
-            f"engine: pruned, {s.batch_size} requests a batch (--batch-size), the model's own LM head (a pruned "
-            f"request is timed as a deployment would run it: no choice measured); on {hardware_line(machine)}"
+            f"engine: pruned, {s.batch_size} requests a batch (--batch-size); head: {head_kind} ({head_reason}), "
+            f"the same in the full and the pruned runs; on {hardware_line(machine)}"
         )
         examples = [it.item for it in items]
 
@@ -83,12 +90,13 @@ def run_prune(s: PruneSettings, command: str, log=print) -> PruneResult:
             s.k,
             score,
             stop,
-            pruned_engine=lambda: PrunedEngine(model, loaded.tokenizer, s.batch_size),
+            pruned_engine=lambda: PrunedEngine(model, loaded.tokenizer, s.batch_size, head=screen),
             masked_engine=FastEngine(model, loaded.tokenizer) if s.check else None,
             batch_size=s.batch_size,
             log=log,
         )
         result.data["hardware"] = machine
+        result.data["head"] = dict(kind=head_kind, reason=head_reason)
         if out is not None:
             write_json_atomic(out, result.data)
         if store is not None:
@@ -138,6 +146,8 @@ class PruneResult:
             "(the model and whatever the process held before)"
         )
         lines.append(f"paper's estimate (L-r)/L x k/(k+1): {100 * d['paper_estimate']:.1f}% of prompt compute")
+        if d.get("head"):
+            lines.append(f"LM head: {d['head']['kind']} ({d['head']['reason']})")
         if d.get("identical_to_masked") is not None:
             lines.append(
                 f"pruned == masked-from-r fast engine: {d['identical_to_masked']}/{d['sentences']} generations"

@@ -129,9 +129,10 @@ class Worker:
         shape = (len(rows), tuple(sorted({type(r).__name__ for r in rows})))
         if shape not in self.engines:
             model, tokenizer = self.loaded.model, self.loaded.tokenizer
-            choices = Calibrator(model, tokenizer, self.request).choose(prompts, rows, stop, self.loaded.info.as_dict())
+            calibrator = Calibrator(model, tokenizer, self.request)
+            choices = calibrator.choose(prompts, rows, stop, self.loaded.info.as_dict())
             self.log(choices.line())
-            self.engines[shape] = build_engine(model, tokenizer, choices), choices
+            self.engines[shape] = build_engine(model, tokenizer, choices, calibrator), choices
         return self.engines[shape]
 
     def compute(self, unit: WorkUnit, progress: ProgressCallback | None = None) -> UnitResult:
