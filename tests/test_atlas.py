@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 
 from icl_locate.cli import main
+from icl_locate.core.models import load_model
+from icl_locate.experiments import sweep
 from icl_locate.results import analysis
 from icl_locate.results.atlas import METHODS, load_atlases
 from icl_locate.results.figures import aie_figure, atlas_figure
@@ -258,11 +260,14 @@ def test_the_study_lays_the_atlas_out_as_tidy_frames(atlas_store):
     plt.close("all")
 
 
-def test_the_atlas_command_stores_resumes_and_draws(tmp_path, data_dir, capsys):
+def test_the_atlas_command_stores_resumes_and_draws(tmp_path, data_dir, capsys, monkeypatch):
     store, out = tmp_path / "atlas.sqlite", tmp_path / "drawn"
     args = ["atlas", "--model", "tiny:llama", "--n-test", "2", "--ks", "2", "--max-new-tokens", "3"]
     args += ["--data-dir", str(data_dir), "--store", str(store), "--out-dir", str(out)]
+    loads = []
+    monkeypatch.setattr(sweep, "load_model", lambda *a, **kw: loads.append(a) or load_model(*a, **kw))
     assert main(args) == 0
+    assert len(loads) == 1  # the four sweeps share one model
     printed = capsys.readouterr().out
     for method in ("masking", "task-vector", "function-vector", "logit-lens"):
         assert f"{method}:" in printed

@@ -45,9 +45,10 @@ def run_atlas(
             "atlas runs every method on gold labels itself: drop --method, --heads, --layer-ablation, --labels"
         )
     check_store_path(store_path)  # before the first sweep: a bad path fails before anything runs
+    loaded = None  # the first sweep loads the model (after checking settings and data); the others reuse it
     for method in METHODS:
         log(f"atlas: {method}")
-        run_sweep(replace(config, method=method), store_path, command, ray)
+        loaded = run_sweep(replace(config, method=method), store_path, command, ray, loaded).loaded
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     result = AtlasResult(Path(store_path))

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..core.catalog import EMBEDDED
+from ..core.models import LoadedModel
 from ..results.analysis import Curve, analyse_curve, load_curves, summary_lines
 from ..results.report import build_report
 from ..results.store import Store
@@ -41,14 +42,14 @@ def run_demo(s: DemoSettings, say: Callable[[str], None] = print) -> Path:
         data_dir=s.data_dir,
     )
     store_path = out_dir / "study.sqlite"
-    run_sweep(config, store_path, f"icl-locate demo --n-test {s.n_test}")
+    loaded = run_sweep(config, store_path, f"icl-locate demo --n-test {s.n_test}").loaded
     with Store(store_path, create=False) as store:
         curves = [analyse_curve(c) for c in load_curves(store)]
     for c in curves:
         say("")
         for line in summary_lines(c):
             say(line)
-    prune_at_recognition_layer(store_path, curves, s, say)
+    prune_at_recognition_layer(store_path, curves, s, say, loaded)
     with Store(store_path, create=False) as store:
         report = build_report(store, out_dir / "report")
     say(f"\nmain job done in {time.time() - started:.0f}s; report: {report}")
@@ -56,7 +57,11 @@ def run_demo(s: DemoSettings, say: Callable[[str], None] = print) -> Path:
 
 
 def prune_at_recognition_layer(
-    store_path: Path, curves: list[Curve], s: DemoSettings, say: Callable[[str], None]
+    store_path: Path,
+    curves: list[Curve],
+    s: DemoSettings,
+    say: Callable[[str], None],
+    loaded: LoadedModel | None = None,
 ) -> None:
     """The deployable saving: drop the context after the recognition layer, measured (once per store)."""
     curve = next((c for c in curves if c.key.get("condition") == "instructions+examples"), None)
@@ -73,4 +78,4 @@ def prune_at_recognition_layer(
         f" --data-dir {s.data_dir}" if s.data_dir else ""
     )
     say(f"\n$ {command}")
-    say(run_prune(settings, command, log=say).table())
+    say(run_prune(settings, command, log=say, loaded=loaded).table())

@@ -38,8 +38,9 @@ from .options import PruneSettings
 from .settings import check_count, task_and_data
 
 
-def run_prune(s: PruneSettings, command: str, log=print) -> PruneResult:
-    """Validate, load, measure, write the JSON and the store entry."""
+def run_prune(s: PruneSettings, command: str, log=print, loaded: LoadedModel | None = None) -> PruneResult:
+    """Validate, load (unless ``loaded``: the model as ``s`` names it, loaded already), measure, write the JSON
+    and the store entry."""
     check_count("--max-new-tokens", s.max_new_tokens)
     check_count("--batch-size", s.batch_size)
     check_count("--n-test", s.n_test)
@@ -47,7 +48,8 @@ def run_prune(s: PruneSettings, command: str, log=print) -> PruneResult:
     condition = layer_from_condition(s.condition, "prune")
     out = check_writable(s.json) if s.json else None
     task, data = task_and_data(s, s.pair, log)
-    loaded = load_model(s.model, dtype=s.dtype, device=s.device)
+    if loaded is None:
+        loaded = load_model(s.model, dtype=s.dtype, device=s.device)
     model = loaded.model
     assert model is not None  # load_model always loads the weights
     check_supported(model)

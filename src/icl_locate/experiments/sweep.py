@@ -48,6 +48,7 @@ class SweepResult:
     store: Path
     summary: list[str] = field(default_factory=list)  # per curve: the recognition layer, or why there is none
     audit_faults: int = 0  # audited rows that disagree with the reference engine beyond a near-tie
+    loaded: LoadedModel | None = field(default=None, repr=False)  # the model it ran (a next sweep may reuse it)
 
 
 def check_store_path(path: str | Path) -> Path:
@@ -85,22 +86,32 @@ def recognition_below(store_file: Path | None):
 
 
 def prepare(
-    config: SweepConfig, weights: bool = True, store_file: Path | None = None
+    config: SweepConfig, weights: bool = True, store_file: Path | None = None, loaded: LoadedModel | None = None
 ) -> tuple[LoadedModel, LoadedTasks, list[WorkUnit]]:
-    """Validate, read the data, load the model (only its description and tokenizer without ``weights``),
-    plan, check the units: everything that can fail before the store opens."""
+    """Validate, read the data, load the model (only its description and tokenizer without ``weights``;
+    ``loaded``: loaded already, as ``config`` says), plan, check the units: everything that can fail before
+    the store opens."""
     validate(config)
     tasks = load_task_data(config, log=lambda line: print(line, file=sys.stderr, flush=True))
     check_k(config, tasks)
-    loaded = (load_model if weights else load_description)(config.model, dtype=config.dtype, device=config.device)
+    if loaded is None:
+        loaded = (load_model if weights else load_description)(config.model, dtype=config.dtype, device=config.device)
     restore_from = recognition_below(store_file) if config.heads == "restore" and config.from_layer is None else None
     units = plan_units(config, loaded.info.num_layers, tasks, restore_from, loaded.info.num_heads)
     check_units(loaded, tasks, units, config.max_new_tokens)  # context length, before the store is touched
     return loaded, tasks, units
 
 
-def run_sweep(config: SweepConfig, store_path: str | Path, command: str, ray: RaySettings | None = None) -> SweepResult:
-    """Plan, validate, open the store, execute (here, or on Ray workers with ``ray``). Shared by ``sweep`` and ``demo``.
+def run_sweep(
+    config: SweepConfig,
+    store_path: str | Path,
+    command: str,
+    ray: RaySettings | None = None,
+    loaded: LoadedModel | None = None,
+) -> SweepResult:
+    """Plan, validate, open the store, execute (here, or on Ray workers with ``ray``). Shared by ``sweep``, ``atlas``
+    and ``demo``. ``loaded``: the model loaded already, as ``config`` names it (with its weights unless
+    ``ray``): the result of an earlier sweep of the same model keeps it (the atlas's sweeps share one).
 
     With Ray the driver loads no weights: each worker loads the model once; the driver plans, checks
     and commits.
@@ -109,9 +120,9 @@ def run_sweep(config: SweepConfig, store_path: str | Path, command: str, ray: Ra
     executor: Executor
     if ray is not None:
         executor = RayExecutor(ray, Worker.load, config)  # Ray missing or bad settings: fails here, first
-        loaded, tasks, units = prepare(config, weights=False, store_file=store_file)
+        loaded, tasks, units = prepare(config, weights=False, store_file=store_file, loaded=loaded)
     else:
-        loaded, tasks, units = prepare(config, store_file=store_file)
+        loaded, tasks, units = prepare(config, store_file=store_file, loaded=loaded)
         executor = LocalExecutor(Worker.of(config, loaded, tasks))
     with Store.open(store_file, fingerprint(loaded, config.max_new_tokens)) as store:
         files = [f for _, data in tasks.values() for f in data.files]
@@ -134,7 +145,9 @@ def run_sweep(config: SweepConfig, store_path: str | Path, command: str, ray: Ra
             for line in head_summary_lines(analyse_head_map(m, n_boot=SUMMARY_BOOTSTRAP))
         ]
         audit_lines, faults = audit_summary(store)
-    return SweepResult(len(units), skipped, ran, loaded.info.num_layers, store_file, lines + audit_lines, faults)
+    return SweepResult(
+        len(units), skipped, ran, loaded.info.num_layers, store_file, lines + audit_lines, faults, loaded
+    )
 
 
 def audit_note(result) -> str:
