@@ -159,7 +159,7 @@ def answer_probability(lm, ids, answer, patches=()) -> float:
     return float(logits.float().softmax(-1)[answer])
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt_neo"])
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt_neo", "bloom", "qwen2", "starcoder2", "gpt2", "mistral"])
 def test_indirect_effects_equal_full_forwards_with_the_head_patched(family):
     lm = tiny(family)
     ids = [p.ids for p in prompts(lm.tokenizer)]

@@ -29,7 +29,7 @@ from ..core.interventions import ColumnMask
 from ..core.patch_hooks import record
 from ..core.patches import ReplaceHeadOutput, head_layout
 from ..core.structure import attention_module, decoder_layers, final_norm, num_layers, output_projection, text_config
-from .base import forward, last_hidden
+from .base import last_hidden
 
 ROWS_PER_FORWARD = 128  # head patches run together on one prompt's cache (one row each)
 LENS_ROWS = 256  # states read by the LM head at once (each pass reads the whole vocabulary's weights)
@@ -185,10 +185,13 @@ def mean_head_outputs(
 
 
 def _repeated_cache(kv: list[tuple[torch.Tensor, torch.Tensor]], rows: int) -> DynamicCache:
-    """A cache holding ``rows`` copies of one prompt's keys/values (per layer [1, heads, T, dim])."""
+    """A cache holding ``rows`` copies of one prompt's keys/values (per layer [1, heads, T, dim]): views, not
+    copies; the next forward's cache update writes them out once, with the new tokens."""
     cache = DynamicCache()
     for index, (keys, values) in enumerate(kv):
-        cache.update(keys.expand(rows, -1, -1, -1).contiguous(), values.expand(rows, -1, -1, -1).contiguous(), index)
+        cache.update(keys[..., :0, :], values[..., :0, :], index)  # the layer, empty
+        layer: Any = cache.layers[index]
+        layer.keys, layer.values = keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1)
     return cache
 
 
@@ -203,51 +206,68 @@ def head_indirect_effects(
     """[prompts, layers, heads]: on each (corrupted) prompt, the probability of its answer token at the
     last position with head (l, h)'s output there replaced by ``means[l, h]``, minus the probability
     without. All of the prompt but its last token runs once; its cache is shared by one row per head
-    (a patch at the last position changes nothing before it)."""
+    and one unpatched (a patch at the last position changes nothing before it). The LM head reads the
+    final states of several prompts at once (``answer_probabilities``)."""
     n_layers, n_heads = means.shape[:2]
-    sites = [(layer, h) for layer in range(n_layers) for h in range(n_heads)]
-    out = torch.zeros(len(prompts), n_layers, n_heads)
+    sites: list[tuple[int, int] | None] = [None] + [(layer, h) for layer in range(n_layers) for h in range(n_heads)]
     caches = ContextCaches(model)
     starts = starts if starts is not None else [0] * len(prompts)
-    for n, (ids, answer, start) in enumerate(zip(prompts, answers, starts, strict=True)):
+    states = []
+    for ids, start in zip(prompts, starts, strict=True):
         kv = caches.cache_of(ids[:-1], start)  # the prompt but its last token
-        base = _last_token_probs(model, ids, answer, kv, [None])
-        patched = torch.cat(
-            [
-                _last_token_probs(model, ids, answer, kv, sites[start : start + ROWS_PER_FORWARD], means)
-                for start in range(0, len(sites), ROWS_PER_FORWARD)
-            ]
-        )
-        out[n] = (patched - base).reshape(n_layers, n_heads)
-    return out
+        states += [
+            _last_token_states(model, ids, kv, sites[first : first + ROWS_PER_FORWARD], means)
+            for first in range(0, len(sites), ROWS_PER_FORWARD)
+        ]
+    rows = [answer for answer in answers for _ in sites]
+    probs = answer_probabilities(model, torch.cat(states), rows).view(len(prompts), len(sites))
+    return (probs[:, 1:] - probs[:, :1]).reshape(len(prompts), n_layers, n_heads)
 
 
-def _last_token_probs(
+def _last_token_states(
     model: nn.Module,
     ids: Sequence[int],
-    answer: int,
     kv: list[tuple[torch.Tensor, torch.Tensor]],
     sites: Sequence[tuple[int, int] | None],
-    means: torch.Tensor | None = None,
+    means: torch.Tensor,
 ) -> torch.Tensor:
-    """[len(sites)]: the answer's probability after the prompt's last token, fed on its cached rest
-    ``kv``, one row per site: head (l, h)'s output set to ``means[l, h]`` (None: nothing patched)."""
+    """[len(sites), hidden]: the final hidden states (after the final norm) of the prompt's last token, fed
+    on its cached rest ``kv``, one row per site: head (l, h)'s output set to ``means[l, h]`` (None: nothing
+    patched)."""
     parameter = next(model.parameters())
     last, rows = len(ids) - 1, len(sites)
     patches = [
         ReplaceHeadOutput(site[0], site[1], last, means[site].to(parameter.dtype), row=r)
         for r, site in enumerate(sites)
-        if site is not None and means is not None
+        if site is not None
     ]
-    logits = forward(
+    return last_hidden(
         model,
         torch.full((rows, 1), ids[last], device=parameter.device),  # [rows, 1]
         attention_mask=torch.ones(rows, len(ids), dtype=torch.long, device=parameter.device),
         cache=_repeated_cache(kv, rows),
         interventions=patches,
-        last_only=True,
-    ).logits[:, -1]  # [rows, vocab]
-    return logits.float().softmax(-1)[:, answer].cpu()
+    )[:, -1]
+
+
+def head_logits(model: nn.Module, states: torch.Tensor) -> torch.Tensor:
+    """[N, vocab] fp32: the LM head applied to final hidden states ([N, hidden], after the final norm),
+    softcapped as the model does (Gemma 2/3 squash their final logits): the model's own logits."""
+    logits = model.get_output_embeddings()(states).float()  # pyright: ignore[reportCallIssue]
+    cap = getattr(text_config(model), "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+@torch.no_grad()
+def answer_probabilities(model: nn.Module, states: torch.Tensor, answers: Sequence[int]) -> torch.Tensor:
+    """[N]: the probability of ``answers[n]`` from the final hidden state ``states[n]``, the LM head read in
+    blocks of ``LENS_ROWS`` states (a product of many rows costs less per row than one of a few)."""
+    probs = []
+    for first in range(0, len(states), LENS_ROWS):
+        logits = head_logits(model, states[first : first + LENS_ROWS])  # [rows, vocab]
+        answer = torch.tensor(list(answers[first : first + LENS_ROWS]), device=logits.device)
+        probs.append(logits.softmax(-1).gather(1, answer[:, None])[:, 0].cpu())
+    return torch.cat(probs)
 
 
 def function_vector(model: nn.Module, means: torch.Tensor, heads: Sequence[tuple[int, int]]) -> torch.Tensor:
@@ -287,13 +307,10 @@ def lens_readings(model: nn.Module, states: torch.Tensor, answers: Sequence[int]
     """The logit lens of ``states`` ([N, hidden], residual-stream states): the final norm and the LM head
     applied to each (softcapped as the model does), and there the answer token's top-1 (1.0/0.0),
     probability and rank (1 = top): [N, 3]; and the top token of each."""
-    norm, head = final_norm(model), model.get_output_embeddings()  # pyright: ignore[reportCallIssue]
-    cap = getattr(text_config(model), "final_logit_softcapping", None)
+    norm = final_norm(model)
     stats, tops = [], []
     for start in range(0, len(states), LENS_ROWS):
-        logits = head(norm(states[start : start + LENS_ROWS])).float()  # [rows, vocab]
-        if cap:  # Gemma 2/3 squash the final logits; the lens reads them as the model does
-            logits = torch.tanh(logits / cap) * cap
+        logits = head_logits(model, norm(states[start : start + LENS_ROWS]))  # [rows, vocab]
         answer = torch.tensor(list(answers[start : start + LENS_ROWS]), device=logits.device)
         target = logits.gather(1, answer[:, None])  # [rows, 1]
         rank = (logits > target).sum(-1) + 1
