@@ -11,7 +11,7 @@ import torch
 
 from conftest import OUT_PROJ, tiny
 from icl_locate.core.conditions import MaskedPrompt, get_condition
-from icl_locate.core.interventions import UNCHANGED, ColumnMask, MaskFrom, intervene
+from icl_locate.core.interventions import UNCHANGED, AblateLayers, ColumnMask, MaskFrom, intervene
 from icl_locate.core.patches import PatchLastPosition, ReplaceHeadOutput
 from icl_locate.core.prompts import FORMATS, Example, answer_first_token, build_prompt, encode_prompt
 from icl_locate.core.structure import decoder_layers, final_norm
@@ -26,6 +26,7 @@ from icl_locate.engines.readout import (
     mean_head_outputs,
 )
 from icl_locate.engines.reference import ReferenceEngine, batch_interventions, greedy_decode
+from icl_locate.engines.rows import plan_rows
 from icl_locate.engines.tree import TreeEngine
 from icl_locate.experiments.planning import default_top_heads, plan_units
 from icl_locate.experiments.settings import SweepConfig
@@ -68,19 +69,39 @@ def plain_patched_decode(lm, ids, layer: int, edit):
         handle.remove()
 
 
+def test_rows_that_only_patch_share_every_column_before_the_patch():
+    lm = tiny("llama")
+    ps = prompts(lm.tokenizer)
+    n = lm.info.num_layers
+    patch = PatchLastPosition(1, "add", torch.ones(hidden_size(lm)))
+    for row in plan_rows(ps, [patch, UNCHANGED], n):  # the prefix cache runs up to the patched last token
+        assert (list(row.prefix_key[0]), row.query_ids, row.prefix_key[1]) == (
+            ps[row.item].ids[:-1],
+            ps[row.item].ids[-1:],
+            None,
+        )
+    masked_ps = [MaskedPrompt.of(p.encoded, get_condition("instructions+examples")) for p in ps]
+    for row in plan_rows(masked_ps, [patch, MaskFrom(2)], n):  # a mask hides context: split at the query
+        assert len(row.prefix_key[0]) == masked_ps[row.item].query_start()
+
+
+@pytest.mark.parametrize("split", ["at the patch", "at the query"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_patch_rows_decode_as_plain_hooks_on_the_reference_and_fast_engines(family):
+def test_patch_rows_decode_as_plain_hooks_on_the_reference_and_fast_engines(family, split):
     lm = tiny(family)
     ps = prompts(lm.tokenizer)
     g = torch.Generator().manual_seed(0)
     per_prompt = 3 * torch.randn(len(ps), hidden_size(lm), generator=g)
     shared = 3 * torch.randn(hidden_size(lm), generator=g)
     rows = [PatchLastPosition(1, "replace", per_prompt), PatchLastPosition(2, "add", shared), UNCHANGED]
-    reference = ReferenceEngine(lm.model, lm.tokenizer).generate(ps, rows, STOP)
-    # one batch (the shorter prompts left-padded beside the longest), batches of two rows, the tree engine
-    fast = [FastEngine(lm.model, lm.tokenizer, batch_size=size).generate(ps, rows, STOP) for size in (None, 2)]
-    fast.append(TreeEngine(lm.model, lm.tokenizer, head_kind="plain", draft_tokens=0).generate(ps, rows, STOP))
-    fast.append(TreeEngine(lm.model, lm.tokenizer, head_kind="plain", draft_tokens=3).generate(ps, rows, STOP))
+    # beside a row that does more than patch, the prompts split at the query: the patched last tokens are
+    # fed with the rest of the query, the shorter prompts left-padded beside the longest
+    run = rows + ([AblateLayers(frozenset({1}))] if split == "at the query" else [])
+    reference = ReferenceEngine(lm.model, lm.tokenizer).generate(ps, run, STOP)
+    # one batch, batches of two rows, the tree engine
+    fast = [FastEngine(lm.model, lm.tokenizer, batch_size=size).generate(ps, run, STOP) for size in (None, 2)]
+    fast.append(TreeEngine(lm.model, lm.tokenizer, head_kind="plain", draft_tokens=0).generate(ps, run, STOP))
+    fast.append(TreeEngine(lm.model, lm.tokenizer, head_kind="plain", draft_tokens=3).generate(ps, run, STOP))
     for i, p in enumerate(ps):
         plain = [
             plain_patched_decode(lm, p.ids, 1, lambda x, i=i: per_prompt[i].to(x.dtype).expand_as(x)),

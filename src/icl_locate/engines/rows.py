@@ -140,10 +140,10 @@ def plan_rows(prompts: Sequence[MaskedPrompt], interventions: Sequence[RowInterv
     """Every (prompt, intervention) row, prompt by prompt; rows share a prefix cache where they can."""
     rows = []
     for i, prompt in enumerate(prompts):
-        start = max(1, prompt.query_start())  # a prompt without BOS or context: share 1 token
+        plans = [row_plan(prompt, v, n_layers, i) for v in interventions]
+        start = max(1, prompt.query_start(), _unchanged_before(plans))  # a prompt without BOS or context: share 1 token
         prefix, query = tuple(prompt.ids[:start]), list(prompt.ids[start:])
-        for v in interventions:
-            plan = row_plan(prompt, v, n_layers, i)
+        for v, plan in zip(interventions, plans, strict=True):
             ranges = prompt.hidden if plan.mask_layers else ()
             p_hidden = [(a, min(b, start)) for a, b in ranges if a < start]
             q_hidden = [(max(a, start) - start, b - start) for a, b in ranges if b > start]
@@ -160,6 +160,15 @@ def plan_rows(prompts: Sequence[MaskedPrompt], interventions: Sequence[RowInterv
             key = (prefix, v) if own else (prefix, None)
             rows.append(Row(i, v, key, query, q_hidden, p_hidden, plan))
     return rows
+
+
+def _unchanged_before(plans: Sequence[RowPlan]) -> int:
+    """The first column any of ``plans`` changes where they only patch (no mask, ablation or head mask):
+    the columns before it are the same in every row, at every layer; 0 where a plan does more."""
+    if any(p.mask_layers or p.ablate or p.mask_heads is not None for p in plans):
+        return 0
+    positions = [patch.position for p in plans for patch in p.patches]
+    return min(positions) if positions else 0
 
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [1, heads, tokens, head dim]
