@@ -85,6 +85,23 @@ def test_rows_that_only_patch_share_every_column_before_the_patch():
         assert len(row.prefix_key[0]) == masked_ps[row.item].query_start()
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt_neo", "bloom", "gpt2"])
+def test_prefix_caches_made_together_equal_one_forward_each(family):
+    """The prefixes of patch rows (each prompt but its last token) run right-padded in one forward."""
+    lm = tiny(family)
+    ps = prompts(lm.tokenizer)
+    engine = FastEngine(lm.model, lm.tokenizer)
+    rows = engine.plan(ps, [PatchLastPosition(1, "add", torch.ones(hidden_size(lm)))])
+    together, alone = engine.prefix_caches(rows), engine.prefix_caches(rows)
+    together.prepare(rows)
+    assert len(together.caches) == len(ps) and not alone.caches
+    for row in rows:
+        for (k1, v1), (k2, v2) in zip(together.get(row), alone.get(row), strict=True):
+            assert k1.shape == k2.shape == (1, k2.shape[1], len(row.prefix_key[0]), k2.shape[3])
+            torch.testing.assert_close(k1, k2, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(v1, v2, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("split", ["at the patch", "at the query"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_patch_rows_decode_as_plain_hooks_on_the_reference_and_fast_engines(family, split):

@@ -175,12 +175,32 @@ KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [1, head
 
 
 class PrefixCaches:
-    """Prefix caches made when a batch first needs them and dropped once their last row is decoded."""
+    """Prefix caches made when a batch first needs them and dropped once their last row is decoded.
 
-    def __init__(self, make: Callable[[Row], KV], rows: list[Row], stats: dict):
-        self.make, self.stats = make, stats
+    ``make(row)`` computes one row's prefix cache; ``make_many(rows)``, where given, the caches of several
+    rows whose prefixes need no intervention of their own, in one forward (``prepare``)."""
+
+    def __init__(
+        self,
+        make: Callable[[Row], KV],
+        rows: list[Row],
+        stats: dict,
+        make_many: Callable[[list[Row]], list[KV]] | None = None,
+    ):
+        self.make, self.make_many, self.stats = make, make_many, stats
         self.caches: dict[tuple, KV] = {}
         self.pending = Counter(r.prefix_key for r in rows)
+
+    def prepare(self, rows: list[Row]) -> None:
+        """Make the missing caches of ``rows`` at once where ``make_many`` can (a batch of queries with prefixes
+        of their own, e.g. task-vector rows sharing everything but the last token, costs one forward)."""
+        missing = list({r.prefix_key: r for r in rows if r.prefix_key not in self.caches}.values())
+        plain = [r for r in missing if r.prefix_key[1] is None]
+        if self.make_many is None or len(plain) < 2:
+            return
+        for row, kv in zip(plain, self.make_many(plain), strict=True):
+            self.caches[row.prefix_key] = kv
+        self.stats["prefix_caches_alive_max"] = max(self.stats["prefix_caches_alive_max"], len(self.caches))
 
     def get(self, row: Row) -> KV:
         if row.prefix_key not in self.caches:
