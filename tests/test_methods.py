@@ -15,6 +15,7 @@ from icl_locate.core.interventions import UNCHANGED, AblateLayers, ColumnMask, M
 from icl_locate.core.patches import PatchLastPosition, ReplaceHeadOutput
 from icl_locate.core.prompts import FORMATS, Example, answer_first_token, build_prompt, encode_prompt
 from icl_locate.core.structure import decoder_layers, final_norm
+from icl_locate.engines import fast as fast_module
 from icl_locate.engines.base import StopRule, forward
 from icl_locate.engines.fast import FastEngine
 from icl_locate.engines.readout import (
@@ -86,7 +87,7 @@ def test_rows_that_only_patch_share_every_column_before_the_patch():
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3", "gpt_neo", "bloom", "gpt2"])
-def test_prefix_caches_made_together_equal_one_forward_each(family):
+def test_prefix_caches_made_together_equal_one_forward_each(family, monkeypatch):
     """The prefixes of patch rows (each prompt but its last token) run right-padded in one forward."""
     lm = tiny(family)
     ps = prompts(lm.tokenizer)
@@ -95,7 +96,12 @@ def test_prefix_caches_made_together_equal_one_forward_each(family):
     together, alone = engine.prefix_caches(rows), engine.prefix_caches(rows)
     together.prepare(rows)
     assert len(together.caches) == len(ps) and not alone.caches
+    in_pairs = engine.prefix_caches(rows)  # a token budget that holds two of them a forward
+    monkeypatch.setattr(fast_module, "PREFIX_BATCH_TOKENS", 2 * max(len(r.prefix_key[0]) for r in rows))
+    in_pairs.prepare(rows)
     for row in rows:
+        for (k1, _), (k2, _) in zip(in_pairs.get(row), together.get(row), strict=True):
+            torch.testing.assert_close(k1, k2, rtol=1e-5, atol=1e-5)
         for (k1, v1), (k2, v2) in zip(together.get(row), alone.get(row), strict=True):
             assert k1.shape == k2.shape == (1, k2.shape[1], len(row.prefix_key[0]), k2.shape[3])
             torch.testing.assert_close(k1, k2, rtol=1e-5, atol=1e-5)

@@ -40,6 +40,8 @@ from .base import Generation, ProgressCallback, ResultKey, StopRule, eos_ids, fo
 from .decoding import decode_batch
 from .rows import KV, BatchLayout, PrefixCaches, Row, plan_rows
 
+PREFIX_BATCH_TOKENS = 8192  # padded tokens of prefix caches made in one forward (``FastEngine._prefix_caches``)
+
 
 class FastEngine:
     """Decode every (prompt, intervention) row; supports ``MaskFrom``, ``MaskBelow``, ``HeadMask``,
@@ -140,9 +142,23 @@ class FastEngine:
         return [(layer.keys, layer.values) for layer in layers]
 
     def _prefix_caches(self, rows: list[Row]) -> list[KV]:
-        """The prefix caches of ``rows`` (prefixes needing no intervention), right-padded in one forward:
+        """The prefix caches of ``rows`` (prefixes needing no intervention), right-padded together:
         padding after a prefix changes none of its keys and values (causal attention; positions from the
-        mask), and one product over all of their tokens costs less per token than one per prefix."""
+        mask), and one product over all of their tokens costs less per token than one per prefix. At most
+        ``PREFIX_BATCH_TOKENS`` padded tokens a forward (attention's memory grows with rows x length^2)."""
+        order = sorted(range(len(rows)), key=lambda n: len(rows[n].prefix_key[0]))  # shortest first: little padding
+        made: dict[int, KV] = {}
+        batch: list[int] = []
+        for n in order:
+            if batch and (len(batch) + 1) * len(rows[n].prefix_key[0]) > PREFIX_BATCH_TOKENS:
+                made.update(zip(batch, self._padded_prefix_caches([rows[b] for b in batch]), strict=True))
+                batch = []
+            batch.append(n)
+        made.update(zip(batch, self._padded_prefix_caches([rows[b] for b in batch]), strict=True))
+        return [made[n] for n in range(len(rows))]
+
+    def _padded_prefix_caches(self, rows: list[Row]) -> list[KV]:
+        """``_prefix_caches`` of ``rows`` in one forward."""
         prefixes = [list(r.prefix_key[0]) for r in rows]
         width = max(len(p) for p in prefixes)
         ids = torch.full((len(rows), width), self.tokenizer.pad_token_id or 0, dtype=torch.long)  # [rows, width]
