@@ -19,6 +19,7 @@ from icl_locate.engines import fast as fast_module
 from icl_locate.engines.base import StopRule, forward
 from icl_locate.engines.fast import FastEngine
 from icl_locate.engines.readout import (
+    check_head_logits,
     function_vector,
     head_indirect_effects,
     last_position_states,
@@ -40,7 +41,7 @@ STOP = StopRule((), 5)
 
 
 def prompts(tokenizer) -> list[MaskedPrompt]:
-    """Three prompts of different lengths (the fast engine left-pads them in one batch)."""
+    """Three prompts of different lengths (the engines left-pad them in one batch)."""
     fmt = FORMATS["instr_machine_translation"]
     return [
         MaskedPrompt.of(encode_prompt(tokenizer, build_prompt(fmt, BANK[:3], q, header="Translate:")), None)
@@ -84,6 +85,21 @@ def test_rows_that_only_patch_share_every_column_before_the_patch():
     masked_ps = [MaskedPrompt.of(p.encoded, get_condition("instructions+examples")) for p in ps]
     for row in plan_rows(masked_ps, [patch, MaskFrom(2)], n):  # a mask hides context: split at the query
         assert len(row.prefix_key[0]) == masked_ps[row.item].query_start()
+
+
+def test_a_model_whose_logits_are_not_its_head_on_its_final_state_is_refused():
+    lm = tiny("gemma3")  # softcapped: accepted
+    check_head_logits(lm.model, "--method logit-lens")
+
+    def logit_scale(module, args, out) -> None:
+        out.logits.mul_(0.5)
+
+    scale = lm.model.register_forward_hook(logit_scale)
+    try:
+        with pytest.raises(UserError, match="--method logit-lens reads the LM head on hidden states"):
+            check_head_logits(lm.model, "--method logit-lens")
+    finally:
+        scale.remove()
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3", "gpt_neo", "bloom", "gpt2"])

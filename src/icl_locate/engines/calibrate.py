@@ -169,12 +169,13 @@ class Calibrator:
         measured reason (cached like ``choose``)."""
         key = "head-" + self.key(prompts, (), model_id)
         cached = self._cached(key)
-        if cached is not None and isinstance(cached.get("head"), str) and isinstance(cached.get("reason"), str):
+        if cached is not None and cached.get("head") in ("plain", *SCREENS) and isinstance(cached.get("reason"), str):
             return cached["head"], f"{cached['reason']}; calibration cached"
         started = time.perf_counter()
         reasons: dict[str, str] = {}
         measured: dict[str, float] = {}
         kind = self._choose_head(prompts[0], reasons, measured)
+        self._keep_screen(kind)
         seconds = time.perf_counter() - started
         self._save(key, dict(head=kind, reason=reasons["head"], measured=measured, calibration_seconds=seconds))
         return kind, f"{reasons['head']}; calibration {seconds:.1f}s"
@@ -190,6 +191,10 @@ class Calibrator:
                 raise UserError(f"cannot screen the LM head of this model with {kind}: {why_not}; use --head plain")
             self.screens[kind] = screen
         return self.screens[kind]
+
+    def _keep_screen(self, kind: str) -> None:
+        """Drop the screens measured but not chosen (a screen is a copy of the LM head: memory a run would carry)."""
+        self.screens = {k: screen for k, screen in self.screens.items() if k == kind}
 
     def _cached(self, key: str) -> dict | None:
         path = self.cache / f"{key}.json"
@@ -248,6 +253,7 @@ class Calibrator:
         else:
             reasons["engine"] = "forced"
         reasons["batch"] = "forced" if self.request.batch_size else "memory rule: rows x tokens and free memory"
+        self._keep_screen(head)
         return Choices(engine, head, drafts, self.request.batch_size, reasons, measured, hardware(self.device))
 
     def _sample_hidden(self, prompt: MaskedPrompt) -> torch.Tensor:

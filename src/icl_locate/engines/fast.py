@@ -3,7 +3,9 @@
 Exact shortcuts (each checked against the reference engine in tests/test_fast_engine.py):
 
 * The context (BOS + instructions + examples) before the query does not depend on the query,
-  so its KV cache is computed once per distinct prefix and shared by every query.
+  so its KV cache is computed once per distinct prefix and shared by every query. Rows that only
+  patch (task and function vectors) change nothing before the patched last token: each prompt up
+  to it is a prefix of its own, and a batch's prefixes are computed together (right-padded).
 * Masking from layer j hides the masked columns at layers >= j, so their keys/values there
   are never read: the *unmasked* prefix cache is exact for every j as long as no visible
   prefix token comes after a hidden one (true for every paper condition except
@@ -15,7 +17,8 @@ Exact shortcuts (each checked against the reference engine in tests/test_fast_en
   (stop string, EOS, token limit) leaves the batch at once.
 * Logits are computed for the last position only.
 
-Layout of a batch row: [left padding | prefix | query | generated...] (``rows.BatchLayout``).
+Layout of a batch row: [left padding | prefix | query | generated...] (``rows.BatchLayout``;
+prefixes of different lengths may share a batch, each right-aligned against its query).
 Padding columns are excluded through the 2D attention mask; positions come from the mask's
 cumulative sum, so every real token keeps the position it has in the full prompt.
 """
@@ -36,7 +39,7 @@ from ..core.conditions import MaskedPrompt
 from ..core.interventions import AttentionAblation, BatchIntervention, ColumnMask, PruneFrom, RowIntervention
 from ..core.structure import num_layers
 from ..util.system import available_memory
-from .base import Generation, ProgressCallback, ResultKey, StopRule, eos_ids, forward, head_timer, last_hidden
+from .base import Generation, ProgressCallback, ResultKey, StopRule, eos_ids, head_timer, last_hidden
 from .decoding import decode_batch
 from .rows import KV, BatchLayout, PrefixCaches, Row, plan_rows
 
@@ -131,7 +134,7 @@ class FastEngine:
         cache = DynamicCache()
         ids = torch.tensor([list(prefix)], device=self.device)
         started = time.perf_counter()
-        forward(self.model, ids, cache=cache, interventions=interventions, last_only=True)
+        last_hidden(self.model, ids, cache=cache, interventions=interventions)  # keys and values; no logits wanted
         self.times["prefix"] += time.perf_counter() - started
         self.stats["prefix_forwards"] += 1
         self.stats["prefix_tokens"] += len(prefix)
@@ -174,36 +177,40 @@ class FastEngine:
         self.stats["prefix_tokens"] += sum(len(p) for p in prefixes)
         self.stats["tokens_forwarded"] += sum(len(p) for p in prefixes)
         layers: list[Any] = cache.layers
+        # copies, not views: a cache kept for a later batch must not keep the whole forward's alive
         return [
-            [(layer.keys[b : b + 1, :, : len(p)], layer.values[b : b + 1, :, : len(p)]) for layer in layers]
+            [
+                (layer.keys[b : b + 1, :, : len(p)].clone(), layer.values[b : b + 1, :, : len(p)].clone())
+                for layer in layers
+            ]
             for b, p in enumerate(prefixes)
         ]
 
     def _chunks(self, rows: list[Row], prefix_caches: PrefixCaches, max_new_tokens: int):
-        """Batches of rows with one prefix length and one ablation each, bounded in rows x tokens
-        and in KV bytes, and of even sizes (a small last batch would decode as long as a full one).
-        Rows of one prefix cache stay together (then by query length), so that only a few caches
-        are alive at a time: a head sweep has one per intervention."""
-        for plen, group in self._groups(rows):
+        """Batches of rows with one ablation each, bounded in rows x tokens and in KV bytes, and of even
+        sizes (a small last batch would decode as long as a full one). Rows of one prefix cache stay
+        together (then by query length), so that only a few caches are alive at a time: a head sweep has
+        one per intervention; prefixes of about one length batch together (less padding)."""
+        for group in self._groups(rows):
             first_seen = {key: n for n, key in enumerate(dict.fromkeys(r.prefix_key for r in group))}
-            group.sort(key=lambda r: (first_seen[r.prefix_key], len(r.query_ids)))
-            size = self._rows_per_batch(plen, group, prefix_caches, max_new_tokens)
+            group.sort(key=lambda r: (len(r.prefix_key[0]), first_seen[r.prefix_key], len(r.query_ids)))
+            size = self._rows_per_batch(group, prefix_caches, max_new_tokens)
             n_batches = -(-len(group) // size)
             even = -(-len(group) // n_batches)
             for start in range(0, len(group), even):
                 yield group[start : start + even]
 
     @staticmethod
-    def _groups(rows: list[Row]) -> list[tuple[int, list[Row]]]:
-        """(prefix length, rows) for each (prefix length, ablation): what one batch may mix."""
+    def _groups(rows: list[Row]) -> list[list[Row]]:
+        """The rows of each ablation: what one batch may mix (one ablation is one batch-wide intervention)."""
         groups: dict[tuple, list[Row]] = {}
         for row in rows:
-            groups.setdefault((len(row.prefix_key[0]), tuple(sorted(row.plan.ablate))), []).append(row)
-        return [(plen, group) for (plen, _), group in groups.items()]
+            groups.setdefault(tuple(sorted(row.plan.ablate)), []).append(row)
+        return list(groups.values())
 
-    def _rows_per_batch(self, plen: int, group: list[Row], prefix_caches: PrefixCaches, max_new_tokens: int) -> int:
+    def _rows_per_batch(self, group: list[Row], prefix_caches: PrefixCaches, max_new_tokens: int) -> int:
         """``batch_size``, else as many rows as the token and KV-memory bounds allow."""
-        longest = plen + max(len(r.query_ids) for r in group) + max_new_tokens
+        longest = max(len(r.prefix_key[0]) + len(r.query_ids) for r in group) + max_new_tokens
         return self.batch_size or self._auto_rows(longest, prefix_caches.get(group[0]))
 
     def _auto_rows(self, longest: int, prefix_kv) -> int:

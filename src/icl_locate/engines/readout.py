@@ -29,7 +29,8 @@ from ..core.interventions import ColumnMask
 from ..core.patch_hooks import record
 from ..core.patches import ReplaceHeadOutput, head_layout
 from ..core.structure import attention_module, decoder_layers, final_norm, num_layers, output_projection, text_config
-from .base import last_hidden
+from ..util.errors import UserError
+from .base import forward, last_hidden
 
 ROWS_PER_FORWARD = 128  # head patches run together on one prompt's cache (one row each)
 LENS_ROWS = 256  # states read by the LM head at once (each pass reads the whole vocabulary's weights)
@@ -212,16 +213,21 @@ def head_indirect_effects(
     sites: list[tuple[int, int] | None] = [None] + [(layer, h) for layer in range(n_layers) for h in range(n_heads)]
     caches = ContextCaches(model)
     starts = starts if starts is not None else [0] * len(prompts)
-    states = []
-    for ids, start in zip(prompts, starts, strict=True):
+    probs: list[torch.Tensor] = []
+    states: list[torch.Tensor] = []  # final states not yet read by the head, and their answers
+    rows: list[int] = []
+    for ids, answer, start in zip(prompts, answers, starts, strict=True):
         kv = caches.cache_of(ids[:-1], start)  # the prompt but its last token
-        states += [
-            _last_token_states(model, ids, kv, sites[first : first + ROWS_PER_FORWARD], means)
-            for first in range(0, len(sites), ROWS_PER_FORWARD)
-        ]
-    rows = [answer for answer in answers for _ in sites]
-    probs = answer_probabilities(model, torch.cat(states), rows).view(len(prompts), len(sites))
-    return (probs[:, 1:] - probs[:, :1]).reshape(len(prompts), n_layers, n_heads)
+        for first in range(0, len(sites), ROWS_PER_FORWARD):
+            states.append(_last_token_states(model, ids, kv, sites[first : first + ROWS_PER_FORWARD], means))
+            rows += [answer] * len(states[-1])
+        if len(rows) >= LENS_ROWS:
+            probs.append(answer_probabilities(model, torch.cat(states), rows))
+            states, rows = [], []
+    if rows:
+        probs.append(answer_probabilities(model, torch.cat(states), rows))
+    per_site = torch.cat(probs).view(len(prompts), len(sites)) if probs else torch.zeros(0, len(sites))
+    return (per_site[:, 1:] - per_site[:, :1]).reshape(len(prompts), n_layers, n_heads)
 
 
 def _last_token_states(
@@ -256,6 +262,22 @@ def head_logits(model: nn.Module, states: torch.Tensor) -> torch.Tensor:
     logits = model.get_output_embeddings()(states).float()  # pyright: ignore[reportCallIssue]
     cap = getattr(text_config(model), "final_logit_softcapping", None)
     return torch.tanh(logits / cap) * cap if cap else logits
+
+
+@torch.no_grad()
+def check_head_logits(model: nn.Module, method: str) -> None:
+    """Refuse (one line) a model whose own logits are not ``head_logits`` of its final hidden state (e.g. a
+    logit scale the config adds): ``method`` reads the LM head on states it holds, not through the model."""
+    parameter = next(model.parameters())
+    ids = torch.arange(1, 9, device=parameter.device)[None] % text_config(model).vocab_size  # [1, 8]
+    logits = forward(model, ids, last_only=True).logits[:, -1].float()  # [1, vocab]
+    ours = head_logits(model, last_hidden(model, ids)[:, -1])
+    tolerance = max(1e-4, 16 * torch.finfo(parameter.dtype).eps) * float(logits.abs().max())
+    if not torch.allclose(logits, ours, rtol=0, atol=tolerance):
+        raise UserError(
+            f"{method} reads the LM head on hidden states, and this model's logits are not its head applied to "
+            "its final hidden state (softcapped where the config says so)"
+        )
 
 
 @torch.no_grad()

@@ -16,7 +16,9 @@ class EngineRequest:
     """What the user asked for; "auto" (and draft_tokens None) means measure and choose."""
 
     engine: str = "auto"  # auto | tree | fast
-    head: str = "auto"  # auto | bf16 | int8 | plain (the tree engine's LM head; the fast engine uses the model's)
+    head: str = (
+        "auto"  # auto | bf16 | int8 | plain (the tree and pruned engines' LM head; the fast engine uses the model's)
+    )
     draft_tokens: int | None = None  # None: measure; 0: no drafts; N: drafts of up to N tokens (tree engine)
     batch_size: int | None = None  # rows per batch; None: the engines' memory rule
 

@@ -6,8 +6,9 @@ A row intervention means, on one prompt, the layers at which the prompt's hidden
 row must have the window of the prompt's condition (``MaskBelow`` for a "-below" condition, the
 others for the rest), so that a row never carries out a condition other than the one asked for. The
 reference engine turns that plan into batch interventions; the fast and tree engines decode many
-rows at once, each row = a prefix (BOS + context, whose KV cache is computed once and shared) + the
-query, laid out as ``[left padding | prefix | query]`` (``BatchLayout``).
+rows at once, each row = a prefix (BOS + context, whose KV cache is computed once and shared; for
+rows that only patch, the prompt up to the patched token) + the rest (the query), laid out as
+``[left padding | prefix | query]`` (``BatchLayout``).
 """
 
 from __future__ import annotations
@@ -228,29 +229,34 @@ def left_padding_mask(pads: Sequence[int], width: int) -> torch.Tensor:
 
 @dataclass
 class BatchLayout:
-    """Batch rows ``[pad_b padding | prefix | query_b]``, all ``prefix_len + query_len`` columns wide.
+    """Batch rows ``[pad_b padding | prefix_b | query_b]``, all ``prefix_len + query_len`` columns wide.
 
     Padding only on the far left keeps column distances equal to position distances (sliding windows
     and GPT-Neo's local attention work in columns); positions come from the mask, so every real token
-    keeps its position in the full prompt. The first ``prefix_len`` columns come from prefix caches;
-    the rest are fed as input (for a padded row: the prefix tail, then the query).
+    keeps its position in the full prompt. The first ``prefix_len`` columns come from prefix caches
+    (the cache part: as wide as the shortest distance from a row's query to the right edge allows);
+    the rest are fed as input (for a padded row: the prefix tail, then the query). Prefixes may differ
+    in length: each is right-aligned against its query.
     """
 
-    prefix_len: int
-    query_len: int  # the longest query
-    pads: list[int]
+    prefix_len: int  # the cache part's columns
+    query_len: int  # the columns fed as input: the longest query
+    pads: list[int]  # row b's first real column
     inputs: torch.Tensor  # [B, query_len]: each row's columns after the cached part
     mask: torch.Tensor  # [B, prefix_len + query_len]: 0 on padding
+    prefix_lens: list[int]  # each row's prefix tokens
 
     @classmethod
     def of(cls, prefixes: Sequence[Sequence[int]], queries: Sequence[Sequence[int]], pad_id: int) -> BatchLayout:
-        """The layout of rows ``prefixes[b] + queries[b]`` (prefixes of one length)."""
-        plen, qmax = len(prefixes[0]), max(len(q) for q in queries)
-        pads = [qmax - len(q) for q in queries]
+        """The layout of rows ``prefixes[b] + queries[b]``."""
+        width = max(len(p) + len(q) for p, q in zip(prefixes, queries, strict=True))
+        qmax = max(len(q) for q in queries)
+        cached = width - qmax  # no query token falls into the cache part
+        pads = [width - len(p) - len(q) for p, q in zip(prefixes, queries, strict=True)]
         inputs = torch.empty(len(queries), qmax, dtype=torch.long)
         for b, (pad, prefix, query) in enumerate(zip(pads, prefixes, queries, strict=True)):
-            inputs[b] = torch.tensor(([pad_id] * pad + list(prefix) + list(query))[plen:])
-        return cls(plen, qmax, pads, inputs, left_padding_mask(pads, plen + qmax))
+            inputs[b] = torch.tensor(([pad_id] * pad + list(prefix) + list(query))[cached:])
+        return cls(cached, qmax, pads, inputs, left_padding_mask(pads, width), [len(p) for p in prefixes])
 
     @property
     def width(self) -> int:
@@ -262,7 +268,7 @@ class BatchLayout:
 
     def hidden(self, b: int, row: Row) -> list[Range]:
         """``row``'s hidden ranges as columns of batch row b."""
-        pad, plen = self.pads[b], self.prefix_len
+        pad, plen = self.pads[b], self.prefix_lens[b]
         return [(pad + s, pad + e) for s, e in row.prefix_hidden] + [
             (pad + plen + s, pad + plen + e) for s, e in row.query_hidden
         ]

@@ -132,13 +132,15 @@ class TreeEngine(FastEngine):
         after hidden context: "instructions", "answers", "inputs", "example:i") batch as in the fast
         engine, by cache, so that only a few such caches are alive at a time; they share little anyway."""
         yield from super()._chunks([r for r in rows if r.prefix_key[1] is not None], prefix_caches, max_new_tokens)
-        for plen, group in self._groups([r for r in rows if r.prefix_key[1] is None]):
+        for group in self._groups([r for r in rows if r.prefix_key[1] is None]):
             by_query: dict[int, list[Row]] = {}
             for row in group:
                 by_query.setdefault(row.item, []).append(row)
-            size = self._rows_per_batch(plen, group, prefix_caches, max_new_tokens)
+            size = self._rows_per_batch(group, prefix_caches, max_new_tokens)
             batch: list[Row] = []
-            for query_rows in sorted(by_query.values(), key=lambda rs: len(rs[0].query_ids)):
+            for query_rows in sorted(
+                by_query.values(), key=lambda rs: (len(rs[0].prefix_key[0]), len(rs[0].query_ids))
+            ):
                 for start in range(0, len(query_rows), size):
                     part = query_rows[start : start + size]
                     if len(batch) + len(part) > size:

@@ -252,7 +252,7 @@ def compare_methods(
     flops_spec = weight_flops(
         dims,
         [t + spec.stats["prefix_tokens"] for t in layer_tokens],
-        spec.stats["logit_rows"] + spec.stats["prefix_forwards"],
+        spec.stats["logit_rows"],  # prefix caches are made without the LM head
     )
     data = dict(
         model=loaded.info.spec,

@@ -39,6 +39,7 @@ from ..core.patches import PatchLastPosition
 from ..core.prompts import PromptedItem, answer_first_token
 from ..engines.base import Engine, ProgressCallback, StopRule
 from ..engines.readout import (
+    check_head_logits,
     function_vector,
     head_indirect_effects,
     last_position_states,
@@ -95,6 +96,8 @@ class MethodInputs:
 
 def run_method(unit, inputs: MethodInputs) -> MethodOutput:
     """Compute a ``task-vector``, ``function-vector`` or ``logit-lens`` unit (module docstring)."""
+    if unit.kind in ("logit-lens", "function-vector"):
+        check_head_logits(inputs.model, f"--method {unit.kind}")
     if unit.kind == "logit-lens":
         return logit_lens_rows(inputs, unit.condition, unit.layers)
     if len(inputs.items) < 2 and unit.kind == "task-vector":
