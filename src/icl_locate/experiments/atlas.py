@@ -19,7 +19,7 @@ from ..results.tables import atlas_rows
 from ..util.errors import UserError
 from .options import RaySettings
 from .settings import METHODS, SweepConfig
-from .sweep import check_store_path, run_sweep
+from .sweep import check_store_path, prepare, run_sweep
 
 
 @dataclass
@@ -44,11 +44,12 @@ def run_atlas(
         raise UserError(
             "atlas runs every method on gold labels itself: drop --method, --heads, --layer-ablation, --labels"
         )
-    check_store_path(store_path)  # before the first sweep: a bad path fails before anything runs
-    loaded = None  # the first sweep loads the model (after checking settings and data); the others reuse it
+    store_file = check_store_path(store_path)  # before the first sweep: a bad path fails before anything runs
+    # the model loads once, after the settings and the data are checked, and serves the four sweeps
+    loaded = prepare(replace(config, method=METHODS[0]), weights=ray is None, store_file=store_file)[0]
     for method in METHODS:
         log(f"atlas: {method}")
-        loaded = run_sweep(replace(config, method=method), store_path, command, ray, loaded).loaded
+        run_sweep(replace(config, method=method), store_path, command, ray, loaded)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     result = AtlasResult(Path(store_path))

@@ -22,7 +22,7 @@ from ..util.fileio import ensure_dir
 from .options import DemoSettings, PruneSettings
 from .prune import run_prune
 from .settings import SweepConfig
-from .sweep import run_sweep
+from .sweep import prepare, run_sweep
 
 
 def run_demo(s: DemoSettings, say: Callable[[str], None] = print) -> Path:
@@ -42,7 +42,8 @@ def run_demo(s: DemoSettings, say: Callable[[str], None] = print) -> Path:
         data_dir=s.data_dir,
     )
     store_path = out_dir / "study.sqlite"
-    loaded = run_sweep(config, store_path, f"icl-locate demo --n-test {s.n_test}").loaded
+    loaded = prepare(config)[0]  # loaded once for the sweep and the pruning
+    run_sweep(config, store_path, f"icl-locate demo --n-test {s.n_test}", loaded=loaded)
     with Store(store_path, create=False) as store:
         curves = [analyse_curve(c) for c in load_curves(store)]
     for c in curves:

@@ -48,7 +48,6 @@ class SweepResult:
     store: Path
     summary: list[str] = field(default_factory=list)  # per curve: the recognition layer, or why there is none
     audit_faults: int = 0  # audited rows that disagree with the reference engine beyond a near-tie
-    loaded: LoadedModel | None = field(default=None, repr=False)  # the model it ran (a next sweep may reuse it)
 
 
 def check_store_path(path: str | Path) -> Path:
@@ -111,7 +110,7 @@ def run_sweep(
 ) -> SweepResult:
     """Plan, validate, open the store, execute (here, or on Ray workers with ``ray``). Shared by ``sweep``, ``atlas``
     and ``demo``. ``loaded``: the model loaded already, as ``config`` names it (with its weights unless
-    ``ray``): the result of an earlier sweep of the same model keeps it (the atlas's sweeps share one).
+    ``ray``; ``prepare`` gives it), so that several sweeps of one model load it once.
 
     With Ray the driver loads no weights: each worker loads the model once; the driver plans, checks
     and commits.
@@ -145,9 +144,7 @@ def run_sweep(
             for line in head_summary_lines(analyse_head_map(m, n_boot=SUMMARY_BOOTSTRAP))
         ]
         audit_lines, faults = audit_summary(store)
-    return SweepResult(
-        len(units), skipped, ran, loaded.info.num_layers, store_file, lines + audit_lines, faults, loaded
-    )
+    return SweepResult(len(units), skipped, ran, loaded.info.num_layers, store_file, lines + audit_lines, faults)
 
 
 def audit_note(result) -> str:

@@ -147,28 +147,38 @@ def rows_cost(
         "fast": [len(planned)] * n_layers,
         "tree": [own + sum(d <= lay for d in shared) + any(d > lay for d in shared) for lay in range(n_layers)],
     }
-    n, prompt, context = len(items.prompt), items.prompt, items.context
+    n, prompt = len(items.prompt), items.prompt
     head = 2.0 * dims.lm_head  # one scored position
+    # rows that only patch share each prompt up to the patched last token (a prefix cache per query); others
+    # share the context (as engines.rows.plan_rows)
+    per_query = len(planned[0].prefix_key[0]) > items.context
+    context = prompt - len(planned[0].query_ids) if per_query else np.full(n, items.context)  # [items]: cached
+    context_flops = segment_flops(dims, 0, context)  # [items]
 
     def flops(fed: np.ndarray) -> dict[str, float]:  # fed [items]: generated tokens
         out = {
             "paper": len(planned)
             * float((segment_flops(dims, 0, prompt) + segment_flops(dims, prompt, fed - 1) + head * fed).sum())
         }
-        prefix = ((len(shared) > 0) + own) * (float(segment_flops(dims, 0, context)) + head)
+        prefix = ((len(shared) > 0) + own) * float(context_flops.sum() if per_query else context_flops[0])
         for engine, rows in copies.items():
             query = segment_flops(dims, context, prompt - context, rows) + segment_flops(dims, prompt, fed - 1, rows)
             out[engine] = prefix + float((query + head * rows[-1] * fed).sum())
         return out
 
-    longest = context + int((prompt - context).max()) + max_new
+    longest = int(prompt.max()) + max_new
     size = batch_size or max(1, min(MAX_BATCH_ROWS, MAX_BATCH_TOKENS // longest))
     groups = Counter(tuple(sorted(r.plan.ablate)) for r in planned)  # what one batch may mix
     batch = min(size, n * max(groups.values()))
-    per_token, width = shape.kv_bytes_per_token(DTYPE_BYTES[dtype]), int((prompt - context).max())
+    per_token, width, widest = (
+        shape.kv_bytes_per_token(DTYPE_BYTES[dtype]),
+        int((prompt - context).max()),
+        int(context.max()),
+    )
+    caches = min(n, -(-batch // len(planned))) if per_query else 1  # prefix caches a batch holds
     activations = max(
-        activation_bytes(shape, batch, width, context + width, DTYPE_BYTES[dtype]),
-        activation_bytes(shape, 1, context, context, DTYPE_BYTES[dtype]),
+        activation_bytes(shape, batch, width, widest + width, DTYPE_BYTES[dtype]),
+        activation_bytes(shape, 1, widest, widest, DTYPE_BYTES[dtype]),
     )
     return UnitCost(
         label,
@@ -180,7 +190,7 @@ def rows_cost(
         flops(items.answer),
         flops(np.full(n, max_new)),
         batch,
-        (batch * longest + context) * per_token,
+        (batch * longest + caches * widest) * per_token,
         activations,
     )
 
