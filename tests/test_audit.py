@@ -142,7 +142,9 @@ def test_audit_strict_fails_on_an_engine_fault(tmp_path, data_dir, capsys, monke
     monkeypatch.setattr(
         units,
         "build_engine",
-        lambda model, tok, choices: Corrupting(real(model, tok, choices), model.config.vocab_size),
+        lambda model, tok, choices, calibrator=None: Corrupting(
+            real(model, tok, choices, calibrator), model.config.vocab_size
+        ),
     )
     store = tmp_path / "s.sqlite"
     code = main(SWEEP + ["--store", str(store), "--data-dir", str(data_dir), "--audit", "4", "--audit-strict"])
