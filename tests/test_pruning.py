@@ -75,7 +75,8 @@ def test_pruned_other_ranges_and_per_query_prompts(family, condition):
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("kind", sorted(SCREENS))
 def test_a_screened_head_decodes_the_reference_tokens(family, kind):
-    """Full and pruned runs with a screened LM head pick the model's own head's tokens."""
+    """Full and pruned runs, and the fast engine that checks them, pick the model's own head's tokens with a
+    screened LM head."""
     lm = tiny(family)
     screen, why_not = build_screen(lm.model, kind)
     assert screen is not None, why_not
@@ -84,9 +85,13 @@ def test_a_screened_head_decodes_the_reference_tokens(family, kind):
         gens = PrunedEngine(lm.model, lm.tokenizer, batch_size=2, head=screen).generate_pruned(
             masked(encs, condition), r, stop
         )
+        before = screen.stats["rows"]
+        fast = FastEngine(lm.model, lm.tokenizer, screen=screen).generate(masked(encs, condition), [MaskFrom(r)], stop)
+        assert screen.stats["rows"] > before  # the fast engine's tokens came from the screen
         for i, enc in enumerate(encs):
             ref = reference(lm, enc, condition, MaskFrom(r), (), 6)
             assert (gens[i].token_ids, gens[i].finish) == (ref.token_ids, ref.finish), (kind, r, i)
+            assert fast[(i, MaskFrom(r))].token_ids == ref.token_ids, (kind, r, i)
     assert screen.stats["rows"] > 0  # the screen picked the tokens
 
 

@@ -41,6 +41,7 @@ from ..core.structure import num_layers
 from ..util.system import available_memory
 from .base import Generation, ProgressCallback, ResultKey, StopRule, eos_ids, head_timer, last_hidden
 from .decoding import decode_batch
+from .head import CertifiedHead
 from .rows import KV, BatchLayout, PrefixCaches, Row, plan_rows
 
 PREFIX_BATCH_TOKENS = 8192  # padded tokens of prefix caches made in one forward (``FastEngine._prefix_caches``)
@@ -57,8 +58,12 @@ class FastEngine:
         batch_size: int | None = None,
         max_batch_tokens: int = 32_000,
         kv_memory_fraction: float = 0.3,
+        screen: CertifiedHead | None = None,
     ):
+        """``screen``: a screened LM head (``head.py``) picks the greedy tokens (the model's own head's);
+        None: the model's own head."""
         self.model = model
+        self.head = screen
         self.tokenizer = tokenizer
         self.n_layers = num_layers(model)
         self.device = next(model.parameters()).device
@@ -257,4 +262,5 @@ class FastEngine:
             stop,
             self.stats,
             times=self.times,
+            head=self.head,
         )

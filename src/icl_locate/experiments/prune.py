@@ -93,7 +93,7 @@ def run_prune(s: PruneSettings, command: str, log=print, loaded: LoadedModel | N
             score,
             stop,
             pruned_engine=lambda: PrunedEngine(model, loaded.tokenizer, s.batch_size, head=screen),
-            masked_engine=FastEngine(model, loaded.tokenizer) if s.check else None,
+            masked_engine=FastEngine(model, loaded.tokenizer, screen=screen) if s.check else None,
             batch_size=s.batch_size,
             log=log,
         )
