@@ -11,6 +11,7 @@ from .cli_options import (
     add_data_and_device_options,
     add_engine_options,
     add_executor_options,
+    add_head_option,
     add_own_data_options,
     add_study_options,
     listed,
@@ -133,13 +134,7 @@ def _add_prune(sub) -> None:
         default=None,
         help=f"requests decoded together [{default(PruneSettings, 'batch_size')}]",
     )
-    pr.add_argument(
-        "--head",
-        default=None,
-        choices=["auto", "bf16", "int8", "plain"],
-        help="LM head of the full and the pruned runs: auto (default, measured), bf16 or int8 (a screen + exact "
-        "candidates), plain (the model's own); same tokens",
-    )
+    add_head_option(pr, "LM head of the full and the pruned runs")
     pr.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's (50 for MT)")
     pr.add_argument("--no-check", action="store_true", help="skip the check against masking from r")
     pr.add_argument("--json", help="write the measurements here")

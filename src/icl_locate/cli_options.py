@@ -52,6 +52,17 @@ def add_own_data_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tgt-lang", help="bitext task: target language")
 
 
+def add_head_option(parser: argparse.ArgumentParser, whose: str) -> None:
+    """--head: the LM head picking greedy tokens (``whose``, e.g. "tree engine's LM head"), measured unless forced."""
+    parser.add_argument(
+        "--head",
+        default=None,
+        choices=["auto", "bf16", "int8", "plain"],
+        help=f"{whose}: auto (default, measured), bf16 or int8 (a screen + exact candidates; pays where that "
+        "product is fast), plain (the model's own); same tokens",
+    )
+
+
 def add_engine_options(parser: argparse.ArgumentParser) -> None:
     """The engine's hardware-dependent choices: measured on this machine and model unless forced."""
     parser.add_argument(
@@ -62,13 +73,7 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
         "every layer below a row's mask layer; fast: shares the context's KV cache across rows; "
         "same generations",
     )
-    parser.add_argument(
-        "--head",
-        default=None,
-        choices=["auto", "bf16", "int8", "plain"],
-        help="tree engine's LM head: auto (default, measured), bf16 or int8 (a screen + exact candidates; "
-        "pays where that product is fast), plain (the model's own); same tokens",
-    )
+    add_head_option(parser, "tree engine's LM head")
     parser.add_argument(
         "--draft-tokens",
         default=None,
