@@ -23,6 +23,7 @@ from torch import nn
 
 from ..core.conditions import MaskedPrompt
 from ..core.interventions import BatchIntervention, RowIntervention, intervene
+from ..core.structure import text_config
 
 ProgressCallback = Callable[[int, int], None]  # (rows done, rows in all)
 
@@ -193,6 +194,14 @@ def forward(
         kwargs["logits_to_keep"] = keep
     with intervene(model, *interventions):
         return model(**kwargs)
+
+
+@torch.no_grad()
+def logits_probe(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's own fp32 logits [1, vocab] and its final hidden state [1, hidden] at the last of 8 probe
+    tokens: what a reader of the LM head on held states compares with before trusting its formula."""
+    ids = torch.arange(1, 9, device=next(model.parameters()).device)[None] % text_config(model).vocab_size  # [1, 8]
+    return forward(model, ids, last_only=True).logits[:, -1].float(), last_hidden(model, ids)[:, -1]
 
 
 @torch.no_grad()

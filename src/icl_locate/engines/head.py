@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..core.structure import text_config
-from .base import forward, last_hidden
+from .base import logits_probe
 
 UNIT_BF16 = 2.0**-8
 UNIT_FP32 = 2.0**-24
@@ -386,10 +386,8 @@ def exact_int8_levels() -> int:
 def screen_mismatch(model: nn.Module, head: CertifiedHead) -> str | None:
     """Check on ``model`` itself that its logits are the screened head's full-precision logits of the
     decoder's last hidden state (no extra scaling or bias the screen would miss); None: they are."""
-    device = next(model.parameters()).device
-    ids = torch.arange(1, 9, device=device)[None] % text_config(model).vocab_size
-    logits = forward(model, ids, last_only=True).logits[:, -1].float()
-    ours = head.full_logits(last_hidden(model, ids)[:, -1])
+    logits, hidden = logits_probe(model)
+    ours = head.full_logits(hidden)
     if not torch.allclose(logits, ours, rtol=1e-4, atol=1e-4 * float(logits.abs().max())):
         return "its logits are not softcap(lm_head(last hidden state))"
     return None

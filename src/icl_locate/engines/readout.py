@@ -30,7 +30,7 @@ from ..core.patch_hooks import record
 from ..core.patches import ReplaceHeadOutput, head_layout
 from ..core.structure import attention_module, decoder_layers, final_norm, num_layers, output_projection, text_config
 from ..util.errors import UserError
-from .base import forward, last_hidden
+from .base import last_hidden, logits_probe
 
 ROWS_PER_FORWARD = 128  # head patches run together on one prompt's cache (one row each)
 LENS_ROWS = 256  # states read by the LM head at once (each pass reads the whole vocabulary's weights)
@@ -268,11 +268,9 @@ def head_logits(model: nn.Module, states: torch.Tensor) -> torch.Tensor:
 def check_head_logits(model: nn.Module, method: str) -> None:
     """Refuse (one line) a model whose own logits are not ``head_logits`` of its final hidden state (e.g. a
     logit scale the config adds): ``method`` reads the LM head on states it holds, not through the model."""
-    parameter = next(model.parameters())
-    ids = torch.arange(1, 9, device=parameter.device)[None] % text_config(model).vocab_size  # [1, 8]
-    logits = forward(model, ids, last_only=True).logits[:, -1].float()  # [1, vocab]
-    ours = head_logits(model, last_hidden(model, ids)[:, -1])
-    tolerance = max(1e-4, 16 * torch.finfo(parameter.dtype).eps) * float(logits.abs().max())
+    logits, hidden = logits_probe(model)  # [1, vocab], [1, hidden]
+    ours = head_logits(model, hidden)
+    tolerance = max(1e-4, 16 * torch.finfo(hidden.dtype).eps) * float(logits.abs().max())
     if not torch.allclose(logits, ours, rtol=0, atol=tolerance):
         raise UserError(
             f"{method} reads the LM head on hidden states, and this model's logits are not its head applied to "
