@@ -6,6 +6,8 @@ the method units are planned, stored, resumed and drawn."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -22,6 +24,7 @@ from icl_locate.engines.readout import (
     check_head_logits,
     function_vector,
     head_indirect_effects,
+    head_logits,
     last_position_states,
     lens_states,
     logit_lens,
@@ -212,6 +215,27 @@ def test_lens_states_of_a_right_padded_batch_equal_one_full_forward_each(family)
             if name is None:  # the last layer's output: what the model's head reads (after its final norm)
                 lens_logits = lm.model.get_output_embeddings()(final_norm(lm.model)(batch[i, n]))
                 torch.testing.assert_close(lens_logits, out.logits[0, -1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_head_logits_in_either_layout_and_buffer_equal_the_head_module(softcap):
+    """The vocabulary-major product (a transposed view) and a reused buffer give the head's own logits,
+    a bias and the softcap included."""
+    model = copy.deepcopy(tiny("llama").model)
+    head = model.get_output_embeddings()
+    biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    model.set_output_embeddings(biased)
+    model.config.final_logit_softcapping = softcap
+    states = torch.randn(5, head.in_features)
+    with torch.no_grad():
+        want = biased(states)
+    want = torch.tanh(want / softcap) * softcap if softcap else want
+    buffer = torch.empty(head.out_features * 8)
+    for vocab_major in (False, True):
+        for out in (None, buffer):
+            got = head_logits(model, states, out, vocab_major)
+            assert got.shape == want.shape
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def answer_probability(lm, ids, answer, patches=()) -> float:

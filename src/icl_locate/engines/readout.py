@@ -256,10 +256,30 @@ def _last_token_states(
     )[:, -1]
 
 
-def head_logits(model: nn.Module, states: torch.Tensor) -> torch.Tensor:
+@torch.no_grad()
+def head_logits(
+    model: nn.Module, states: torch.Tensor, out: torch.Tensor | None = None, vocab_major: bool = False
+) -> torch.Tensor:
     """[N, vocab] fp32: the LM head applied to final hidden states ([N, hidden], after the final norm),
-    softcapped as the model does (Gemma 2/3 squash their final logits): the model's own logits."""
-    logits = model.get_output_embeddings()(states).float()  # pyright: ignore[reportCallIssue]
+    softcapped as the model does (Gemma 2/3 squash their final logits): the model's own logits.
+
+    For an fp32 linear head, ``out``: a flat fp32 buffer of at least vocab x N elements to write the
+    product into (a fresh result of a few hundred MB per call also pays its page faults);
+    ``vocab_major``: compute W @ states^T and return its transposed view. With a large vocabulary
+    that product runs faster on CPUs, and sums over the vocabulary (``logsumexp``) read it as fast;
+    an ``argmax`` over it does not, so the lens keeps the row-major product."""
+    head = model.get_output_embeddings()  # pyright: ignore[reportCallIssue]
+    if not (isinstance(head, nn.Linear) and head.weight.dtype == states.dtype == torch.float32):
+        logits = head(states).float()
+    else:
+        rows, vocab = len(states), head.weight.shape[0]
+        into = out[: rows * vocab].view((vocab, rows) if vocab_major else (rows, vocab)) if out is not None else None
+        if vocab_major:
+            logits = torch.mm(head.weight, states.T, out=into).T  # [N, vocab], a view
+        else:
+            logits = torch.mm(states, head.weight.T, out=into)
+        if head.bias is not None:
+            logits = logits + head.bias
     cap = getattr(text_config(model), "final_logit_softcapping", None)
     return torch.tanh(logits / cap) * cap if cap else logits
 
@@ -278,15 +298,28 @@ def check_head_logits(model: nn.Module, method: str) -> None:
         )
 
 
+def _logits_buffer(model: nn.Module, rows: int) -> torch.Tensor:
+    """A flat fp32 buffer for ``head_logits`` of up to ``rows`` states (reused block after block)."""
+    head = model.get_output_embeddings()  # pyright: ignore[reportCallIssue]
+    return torch.empty(head.weight.shape[0] * rows, device=head.weight.device)
+
+
+def _probability(logits: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
+    """[rows]: softmax(logits)[answer] (logits [rows, vocab], e.g. a vocabulary-major view), without
+    writing out the softmax."""
+    return (logits.gather(1, answer[:, None])[:, 0] - torch.logsumexp(logits, -1)).exp()
+
+
 @torch.no_grad()
 def answer_probabilities(model: nn.Module, states: torch.Tensor, answers: Sequence[int]) -> torch.Tensor:
     """[N]: the probability of ``answers[n]`` from the final hidden state ``states[n]``, the LM head read in
     blocks of ``LENS_ROWS`` states (a product of many rows costs less per row than one of a few)."""
     probs = []
+    buffer = _logits_buffer(model, min(len(states), LENS_ROWS))
     for first in range(0, len(states), LENS_ROWS):
-        logits = head_logits(model, states[first : first + LENS_ROWS])  # [rows, vocab]
+        logits = head_logits(model, states[first : first + LENS_ROWS], buffer, vocab_major=True)  # [rows, vocab]
         answer = torch.tensor(list(answers[first : first + LENS_ROWS]), device=logits.device)
-        probs.append(logits.softmax(-1).gather(1, answer[:, None])[:, 0].cpu())
+        probs.append(_probability(logits, answer).cpu())
     return torch.cat(probs)
 
 
@@ -329,12 +362,13 @@ def lens_readings(model: nn.Module, states: torch.Tensor, answers: Sequence[int]
     probability and rank (1 = top): [N, 3]; and the top token of each."""
     norm = final_norm(model)
     stats, tops = [], []
+    buffer = _logits_buffer(model, min(len(states), LENS_ROWS))
     for start in range(0, len(states), LENS_ROWS):
-        logits = head_logits(model, norm(states[start : start + LENS_ROWS]))  # [rows, vocab]
+        logits = head_logits(model, norm(states[start : start + LENS_ROWS]), buffer)  # [rows, vocab]
         answer = torch.tensor(list(answers[start : start + LENS_ROWS]), device=logits.device)
         target = logits.gather(1, answer[:, None])  # [rows, 1]
         rank = (logits > target).sum(-1) + 1
-        prob = logits.softmax(-1).gather(1, answer[:, None])[:, 0]
+        prob = logits.softmax(-1).gather(1, answer[:, None])[:, 0]  # as fast as logsumexp on this layout
         top = logits.argmax(-1)
         stats.append(torch.stack([(top == answer).float(), prob, rank.float()], dim=-1).cpu())
         tops += top.tolist()
