@@ -11,7 +11,7 @@ import copy
 import pytest
 import torch
 
-from conftest import OUT_PROJ, tiny
+from conftest import OUT_PROJ, tiny, tiny_worker
 from icl_locate.core.conditions import MaskedPrompt, get_condition
 from icl_locate.core.interventions import UNCHANGED, AblateLayers, ColumnMask, MaskFrom, intervene
 from icl_locate.core.patches import PatchLastPosition, ReplaceHeadOutput
@@ -334,3 +334,29 @@ def test_method_units_plan_and_bad_combinations_fail_in_one_line():
     for settings, message in bad:
         with pytest.raises(UserError, match=message):
             plan_units(SweepConfig(**settings), 4, num_heads=4)
+
+
+def test_a_vector_unit_takes_the_icl_baseline_from_the_masking_unit_of_its_worker(data_dir):
+    """The worker keeps the masking unit's unmasked rows; the task-vector unit after it stores them as
+    its ICL baseline without decoding them, and they equal what a fresh worker decodes."""
+    settings = dict(model="tiny:llama", pairs=["fra-eng"], seeds=[0], ks=[2], n_test=3, max_new_tokens=4)
+    config = SweepConfig(conditions=["instructions+examples"], data_dir=str(data_dir), **settings)
+    vector = SweepConfig(method="task-vector", data_dir=str(data_dir), **settings)
+    worker = tiny_worker(config, fast_engine=True, max_new_tokens=4)
+    (mask_unit,) = plan_units(config, worker.loaded.info.num_layers)
+    (vector_unit,) = plan_units(vector, worker.loaded.info.num_layers)
+    n_layers = worker.loaded.info.num_layers
+
+    def generations(result, variant, layer):
+        rows = [p for p in result.predictions if p["variant"] == variant and p["layer"] == layer]
+        return [p["raw_generation"] for p in sorted(rows, key=lambda p: p["item"])]
+
+    masked = worker.compute(mask_unit)
+    reused = worker.compute(vector_unit)
+    assert worker.unchanged.reused == 3  # every ICL prompt taken from the masking unit
+    fresh_worker = tiny_worker(config, fast_engine=True, max_new_tokens=4)
+    fresh = fresh_worker.compute(vector_unit)
+    assert fresh_worker.unchanged.reused == 0
+    want = generations(masked, "mask", n_layers)
+    assert generations(reused, "icl", n_layers) == want == generations(fresh, "icl", n_layers)
+    assert sorted(reused.scores) == sorted(fresh.scores)

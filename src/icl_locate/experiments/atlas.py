@@ -20,6 +20,7 @@ from ..util.errors import UserError
 from .options import RaySettings
 from .settings import METHODS, SweepConfig
 from .sweep import check_store_path, prepare, run_sweep
+from .units import Worker
 
 
 @dataclass
@@ -45,11 +46,13 @@ def run_atlas(
             "atlas runs every method on gold labels itself: drop --method, --heads, --layer-ablation, --labels"
         )
     store_file = check_store_path(store_path)  # before the first sweep: a bad path fails before anything runs
-    # the model loads once, after the settings and the data are checked, and serves the four sweeps
-    loaded = prepare(replace(config, method=METHODS[0]), weights=ray is None, store_file=store_file)[0]
+    # the model loads once, after the settings and the data are checked, and one worker runs the four
+    # sweeps: its engines serve them all, and the vector units reuse the masking unit's unmasked rows
+    loaded, tasks, _ = prepare(replace(config, method=METHODS[0]), weights=ray is None, store_file=store_file)
+    worker = Worker.of(config, loaded, tasks) if ray is None else None
     for method in METHODS:
         log(f"atlas: {method}")
-        run_sweep(replace(config, method=method), store_path, command, ray, loaded)
+        run_sweep(replace(config, method=method), store_path, command, ray, loaded, worker)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     result = AtlasResult(Path(store_path))

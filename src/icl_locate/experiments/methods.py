@@ -54,6 +54,7 @@ from ..util.errors import UserError
 from .common import masked_prompts
 from .scoring import Decoded, prediction_row
 from .settings import METHODS
+from .unchanged import UnchangedGenerations
 
 METHOD_KINDS = tuple(m for m in METHODS if m != "mask")
 AIE_PROMPTS = 25  # corrupted prompts the indirect effects average over (Todd et al.'s n_trials)
@@ -83,6 +84,7 @@ class MethodInputs:
     items: list[PromptedItem]  # the unit's ICL prompts (k examples, gold labels)
     stop: StopRule
     progress: ProgressCallback | None = None
+    unchanged: UnchangedGenerations = field(default_factory=UnchangedGenerations)  # the worker's, across units
 
     @property
     def model(self) -> nn.Module:
@@ -127,17 +129,22 @@ def decode_with_baselines(
     inputs: MethodInputs, zero: list[PromptedItem], rows: dict[tuple[str, int], RowIntervention]
 ) -> MethodOutput:
     """``rows`` decoded on the zero-shot prompts, with the zero-shot prompts unpatched and the ICL
-    prompts as baselines (at layer L)."""
+    prompts as baselines (at layer L); the ICL prompts' generations are taken from the worker's
+    ``unchanged`` where an earlier unit decoded them."""
     n_layers = inputs.loaded.info.num_layers
     rows = {**rows, ("zero-shot", n_layers): UNCHANGED}
     zero_prompts, icl_prompts = masked_prompts(zero, None), masked_prompts(inputs.items, None)
     engine = inputs.engine(zero_prompts, list(rows.values()), inputs.stop)
     gens = engine.generate(zero_prompts, list(rows.values()), inputs.stop, inputs.progress)
-    icl = engine.generate(icl_prompts, [UNCHANGED], inputs.stop)  # the same engine: identical generations anyway
+    icl = inputs.unchanged.find(icl_prompts, inputs.stop)  # e.g. the layer sweep's rows masked from L
+    if icl is None:
+        by_key = engine.generate(icl_prompts, [UNCHANGED], inputs.stop)  # the same engine: identical anyway
+        inputs.unchanged.keep(icl_prompts, [UNCHANGED], by_key, inputs.stop, n_layers)
+        icl = [by_key[(i, UNCHANGED)] for i in range(len(icl_prompts))]
     decoded = {
         key: Decoded(zero, zero_prompts, [gens[(i, row)] for i in range(len(zero))]) for key, row in rows.items()
     }
-    decoded[("icl", n_layers)] = Decoded(inputs.items, icl_prompts, [icl[(i, UNCHANGED)] for i in range(len(zero))])
+    decoded[("icl", n_layers)] = Decoded(inputs.items, icl_prompts, icl)
     return MethodOutput(decoded, audit_prompts=zero_prompts, audit_rows=rows, audit_generations=gens)
 
 

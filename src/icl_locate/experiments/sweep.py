@@ -107,10 +107,13 @@ def run_sweep(
     command: str,
     ray: RaySettings | None = None,
     loaded: LoadedModel | None = None,
+    worker: Worker | None = None,
 ) -> SweepResult:
     """Plan, validate, open the store, execute (here, or on Ray workers with ``ray``). Shared by ``sweep``, ``atlas``
     and ``demo``. ``loaded``: the model loaded already, as ``config`` names it (with its weights unless
-    ``ray``; ``prepare`` gives it), so that several sweeps of one model load it once.
+    ``ray``; ``prepare`` gives it), so that several sweeps of one model load it once. ``worker``: the
+    local worker to run on (made for a config that differs from ``config`` in its method at most: the
+    atlas's four sweeps share one, its engines and the generations a later unit reuses).
 
     With Ray the driver loads no weights: each worker loads the model once; the driver plans, checks
     and commits.
@@ -122,7 +125,7 @@ def run_sweep(
         loaded, tasks, units = prepare(config, weights=False, store_file=store_file, loaded=loaded)
     else:
         loaded, tasks, units = prepare(config, store_file=store_file, loaded=loaded)
-        executor = LocalExecutor(Worker.of(config, loaded, tasks))
+        executor = LocalExecutor(worker if worker is not None else Worker.of(config, loaded, tasks))
     with Store.open(store_file, fingerprint(loaded, config.max_new_tokens)) as store:
         files = [f for _, data in tasks.values() for f in data.files]
         run_id = store.start_run(command, asdict(config), provenance(loaded, files))

@@ -28,6 +28,7 @@ from .common import check_context, masked_prompts, stop_rule
 from .methods import METHOD_KINDS, MethodInputs, run_method
 from .scoring import Decoded, prompt_rows, score_rows, span_lengths
 from .settings import LoadedTasks, SweepConfig, WorkUnit, audit_per_unit, engine_request, load_task_data
+from .unchanged import UnchangedGenerations
 
 
 @dataclass
@@ -100,6 +101,7 @@ class Worker:
     engine: Engine | None = None
     log: Callable[[str], None] = _stderr
     engines: dict[tuple, tuple[Engine, Choices]] = field(default_factory=dict)
+    unchanged: UnchangedGenerations = field(default_factory=UnchangedGenerations)  # rows a later unit reuses
     seconds: dict[str, float] = field(default_factory=lambda: {"decoding": 0.0, "audit": 0.0, "audit_rows": 0})
 
     @classmethod
@@ -148,6 +150,7 @@ class Worker:
         started = time.time()
         gens = engine.generate(prompts, list(rows.values()), stop, progress)
         seconds = time.time() - started
+        self.unchanged.keep(prompts, list(rows.values()), gens, stop, n_layers)
         audited, audit_seconds = self.audit_unit(unit, prompts, rows, gens, stop, seconds)
         decoded = {
             (kind, layer): Decoded(
@@ -176,7 +179,8 @@ class Worker:
             chosen.extend([choices] if choices is not None else [])
             return found
 
-        output = run_method(unit, MethodInputs(self.loaded, engine, task, data, items, stop, progress))
+        inputs = MethodInputs(self.loaded, engine, task, data, items, stop, progress, self.unchanged)
+        output = run_method(unit, inputs)
         seconds = time.time() - started
         predictions, scores = score_rows(task, data, output.decoded)
         audited, audit_seconds = [], 0.0

@@ -1,0 +1,49 @@
+"""Generations of prompts decoded with nothing changed, kept for the next unit of the same worker.
+
+The same prompt decoded with no intervention appears in several units of one (model, task): the
+layer sweep's row masked from L (nothing masked) and the "icl" baseline that the task-vector and
+function-vector units store beside their patched rows. Every engine gives the reference engine's
+generations, so such a row decodes to the same tokens wherever it appears; a worker keeps them by
+(prompt tokens, stop rule) and a later unit takes them instead of decoding them again. What a unit
+stores does not change; only the work a worker repeats does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ..core.conditions import MaskedPrompt
+from ..core.interventions import RowIntervention
+from ..engines.base import Generation, ResultKey, StopRule
+from ..engines.rows import row_plan
+
+
+class UnchangedGenerations:
+    """Generations of unchanged prompts, by (prompt tokens, stop rule)."""
+
+    def __init__(self):
+        self.kept: dict[tuple[tuple[int, ...], StopRule], Generation] = {}
+        self.reused = 0  # prompts taken from here instead of decoded
+
+    def keep(
+        self,
+        prompts: Sequence[MaskedPrompt],
+        rows: Sequence[RowIntervention],
+        generations: dict[ResultKey, Generation],
+        stop: StopRule,
+        n_layers: int,
+    ) -> None:
+        """Keep the generations of the rows that change nothing on their prompt (e.g. masked from L)."""
+        for row in rows:
+            for i, prompt in enumerate(prompts):
+                plan = row_plan(prompt, row, n_layers, i)
+                if not (plan.mask_layers or plan.ablate or plan.patches) and (i, row) in generations:
+                    self.kept[(tuple(prompt.ids), stop)] = generations[(i, row)]
+
+    def find(self, prompts: Sequence[MaskedPrompt], stop: StopRule) -> list[Generation] | None:
+        """The kept generations of every one of ``prompts``, or None if any is missing."""
+        found = [self.kept.get((tuple(p.ids), stop)) for p in prompts]
+        if any(g is None for g in found):
+            return None
+        self.reused += len(found)
+        return [g for g in found if g is not None]
