@@ -18,6 +18,7 @@ from icl_locate.core.patches import PatchLastPosition, ReplaceHeadOutput
 from icl_locate.core.prompts import FORMATS, Example, answer_first_token, build_prompt, encode_prompt
 from icl_locate.core.structure import decoder_layers, final_norm
 from icl_locate.engines import fast as fast_module
+from icl_locate.engines import readout
 from icl_locate.engines.base import StopRule, forward
 from icl_locate.engines.fast import FastEngine
 from icl_locate.engines.readout import (
@@ -243,8 +244,10 @@ def answer_probability(lm, ids, answer, patches=()) -> float:
     return float(logits.float().softmax(-1)[answer])
 
 
+@pytest.mark.parametrize("band_rows", [1, 10**6])  # a band per layer (layers below skipped); one band
 @pytest.mark.parametrize("family", ["llama", "gemma3", "gpt_neo", "bloom", "qwen2", "starcoder2", "gpt2", "mistral"])
-def test_indirect_effects_equal_full_forwards_with_the_head_patched(family):
+def test_indirect_effects_equal_full_forwards_with_the_head_patched(family, band_rows, monkeypatch):
+    monkeypatch.setattr(readout, "BAND_ROWS", band_rows)
     lm = tiny(family)
     ids = [p.ids for p in prompts(lm.tokenizer)]
     means = mean_head_outputs(lm.model, ids[:2])  # [L, H, head_dim]

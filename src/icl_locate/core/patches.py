@@ -142,7 +142,8 @@ def head_output_refusal(model: nn.Module) -> str | None:
         # Bloom then multiplies slices of the dense weight itself: the projection module never runs
         return f"{family} with slow_but_exact and pretraining_tp > 1 bypasses its output projection module"
     try:
-        output_projection(attention_module(decoder_layers(model)[0]))
+        # the last layer: one that layer surgery never stands in for (``surgery.skip_layers_below``)
+        output_projection(attention_module(decoder_layers(model)[-1]))
     except RuntimeError as error:
         return f"{family}: {error}"
     return None
@@ -155,7 +156,7 @@ def head_layout(model: nn.Module) -> tuple[int, int]:
     if refusal is not None:
         raise ValueError(f"head outputs cannot be read or patched: {refusal}")
     heads = num_heads(model)
-    proj = output_projection(attention_module(decoder_layers(model)[0]))
+    proj = output_projection(attention_module(decoder_layers(model)[-1]))
     width = getattr(proj, "in_features", None) or getattr(proj, "nx", None)  # Linear, or GPT-2's Conv1D
     if not isinstance(width, int) or width % heads:
         raise ValueError(f"head outputs cannot be read or patched: output projection width {width}, {heads} heads")

@@ -29,10 +29,12 @@ from ..core.interventions import ColumnMask
 from ..core.patch_hooks import record
 from ..core.patches import ReplaceHeadOutput, head_layout
 from ..core.structure import attention_module, decoder_layers, final_norm, num_layers, output_projection, text_config
+from ..core.surgery import feed_input, skip_layers_below
 from ..util.errors import UserError
 from .base import last_hidden, logits_probe
 
 ROWS_PER_FORWARD = 128  # head patches run together on one prompt's cache (one row each)
+BAND_ROWS = 24  # head patches of consecutive layers that start together at the lowest (fewer: small products)
 LENS_ROWS = 256  # states read by the LM head at once (each pass reads the whole vocabulary's weights)
 READ_BATCH = 32  # prompts read in one forward
 
@@ -207,8 +209,9 @@ def head_indirect_effects(
     """[prompts, layers, heads]: on each (corrupted) prompt, the probability of its answer token at the
     last position with head (l, h)'s output there replaced by ``means[l, h]``, minus the probability
     without. All of the prompt but its last token runs once; its cache is shared by one row per head
-    and one unpatched (a patch at the last position changes nothing before it). The LM head reads the
-    final states of several prompts at once (``answer_probabilities``)."""
+    and one unpatched (a patch at the last position changes nothing before it); a row patched at layer l
+    runs from about l (``_patched_last_token_states``). The LM head reads the final states of several
+    prompts at once (``answer_probabilities``)."""
     n_layers, n_heads = means.shape[:2]
     sites: list[tuple[int, int] | None] = [None] + [(layer, h) for layer in range(n_layers) for h in range(n_heads)]
     caches = ContextCaches(model)
@@ -218,9 +221,8 @@ def head_indirect_effects(
     rows: list[int] = []
     for ids, answer, start in zip(prompts, answers, starts, strict=True):
         kv = caches.cache_of(ids[:-1], start)  # the prompt but its last token
-        for first in range(0, len(sites), ROWS_PER_FORWARD):
-            states.append(_last_token_states(model, ids, kv, sites[first : first + ROWS_PER_FORWARD], means))
-            rows += [answer] * len(states[-1])
+        states.append(_patched_last_token_states(model, ids, kv, sites, means))
+        rows += [answer] * len(sites)
         if len(rows) >= LENS_ROWS:
             probs.append(answer_probabilities(model, torch.cat(states), rows))
             states, rows = [], []
@@ -228,6 +230,65 @@ def head_indirect_effects(
         probs.append(answer_probabilities(model, torch.cat(states), rows))
     per_site = torch.cat(probs).view(len(prompts), len(sites)) if probs else torch.zeros(0, len(sites))
     return (per_site[:, 1:] - per_site[:, :1]).reshape(len(prompts), n_layers, n_heads)
+
+
+def _bands(sites: Sequence[tuple[int, int] | None]) -> list[tuple[int, list[int]]]:
+    """Sites (the first None, then by layer) in bands of consecutive patch layers, each with at least
+    ``BAND_ROWS`` rows where the layers allow: (the band's lowest layer, the sites' indices)."""
+    layers = [0 if site is None else site[0] for site in sites]
+    bands: list[tuple[int, list[int]]] = []
+    for index, layer in enumerate(layers):
+        if not bands or (len(bands[-1][1]) >= BAND_ROWS and layer != layers[index - 1]):
+            bands.append((layer, []))
+        bands[-1][1].append(index)
+    return bands
+
+
+def _patched_last_token_states(
+    model: nn.Module,
+    ids: Sequence[int],
+    kv: list[tuple[torch.Tensor, torch.Tensor]],
+    sites: Sequence[tuple[int, int] | None],
+    means: torch.Tensor,
+) -> torch.Tensor:
+    """[len(sites), hidden]: ``_last_token_states`` of every site (``sites[0]`` None, then by layer).
+
+    A row patched at layer l computes every layer below l exactly as the unpatched row does. So the
+    sites run in bands of consecutive patch layers (``_bands``): the first band, with the unpatched row,
+    from the bottom, reading the unpatched row's input at each other band's lowest layer s; each other
+    band from there, its layers below s skipped (``core.surgery``: their keys and values are not needed,
+    as only the final states are read)."""
+    last = len(ids) - 1
+    bands = _bands(sites)
+    out: list[torch.Tensor | None] = [None] * len(sites)
+    inputs: dict[int, torch.Tensor] = {}
+    returns_tuple: list[bool] = []
+    for n, (first_layer, members) in enumerate(bands):
+        for chunk in range(0, len(members), ROWS_PER_FORWARD):
+            rows = members[chunk : chunk + ROWS_PER_FORWARD]
+            band_sites = [sites[i] for i in rows]
+            if n == 0 and chunk == 0:  # the unpatched row is the first: read its inputs of the other bands
+                kind = decoder_layers(model)[0].register_forward_hook(
+                    lambda module, args, output: returns_tuple.append(isinstance(output, tuple))
+                )
+                try:
+                    with record(model, hidden=[(layer, last) for layer, _ in bands[1:]]) as seen:
+                        states = _last_token_states(model, ids, kv, band_sites, means)
+                finally:
+                    kind.remove()
+                inputs = {layer: seen.hidden[(layer, last)][0] for layer, _ in bands[1:]}  # [d] each
+            elif first_layer == 0:
+                states = _last_token_states(model, ids, kv, band_sites, means)
+            else:
+                start = inputs[first_layer][None, None].expand(len(rows), 1, -1)  # [rows, 1, d]
+                with (
+                    feed_input(model, first_layer, lambda x=start: x),
+                    skip_layers_below(model, first_layer, returns_tuple[0]),
+                ):
+                    states = _last_token_states(model, ids, kv, band_sites, means)
+            for i, state in zip(rows, states, strict=True):
+                out[i] = state
+    return torch.stack([state for state in out if state is not None])
 
 
 def _last_token_states(
