@@ -232,7 +232,7 @@ def head_indirect_effects(
     return (per_site[:, 1:] - per_site[:, :1]).reshape(len(prompts), n_layers, n_heads)
 
 
-def _bands(sites: Sequence[tuple[int, int] | None]) -> list[tuple[int, list[int]]]:
+def head_patch_bands(sites: Sequence[tuple[int, int] | None]) -> list[tuple[int, list[int]]]:
     """Sites (the first None, then by layer) in bands of consecutive patch layers, each with at least
     ``BAND_ROWS`` rows where the layers allow: (the band's lowest layer, the sites' indices)."""
     layers = [0 if site is None else site[0] for site in sites]
@@ -254,12 +254,12 @@ def _patched_last_token_states(
     """[len(sites), hidden]: ``_last_token_states`` of every site (``sites[0]`` None, then by layer).
 
     A row patched at layer l computes every layer below l exactly as the unpatched row does. So the
-    sites run in bands of consecutive patch layers (``_bands``): the first band, with the unpatched row,
+    sites run in bands of consecutive patch layers (``head_patch_bands``): the first band, with the unpatched row,
     from the bottom, reading the unpatched row's input at each other band's lowest layer s; each other
     band from there, its layers below s skipped (``core.surgery``: their keys and values are not needed,
     as only the final states are read)."""
     last = len(ids) - 1
-    bands = _bands(sites)
+    bands = head_patch_bands(sites)
     out: list[torch.Tensor | None] = [None] * len(sites)
     inputs: dict[int, torch.Tensor] = {}
     returns_tuple: list[bool] = []

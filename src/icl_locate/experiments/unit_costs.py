@@ -8,7 +8,9 @@ Layer and head units decode their rows (``units.row_interventions``) on the item
   patch at each layer and unpatched, and the ICL prompts decoded unpatched;
 * function vector: the ICL prompts' forward (head outputs), the indirect effects (on each of the first
   ``AIE_PROMPTS`` label-shuffled prompts: all but its last token once, then one row per head and one
-  unpatched, each a last token through every layer and the LM head), then decoding as for task vectors;
+  unpatched, each a last token from its band's lowest layer up and through the LM head), then decoding
+  as for task vectors. The ICL prompts' decoding is counted although the atlas takes it from its masking
+  unit when that ran first in the same process (``unchanged.py``): an upper bound there;
 * logit lens: the prompts' forward with the context visible and with it hidden, then the LM head on every
   layer's state at the last position (nothing generated).
 """
@@ -31,6 +33,7 @@ from ..core.patches import PatchLastPosition
 from ..core.prompts import PromptedItem
 from ..core.shapes import DTYPE_BYTES, ModelShape
 from ..engines.fast import FastEngine
+from ..engines.readout import head_patch_bands
 from ..engines.rows import plan_rows
 from ..engines.tree_decode import divergence_layer
 from ..tasks.items import build_items
@@ -257,7 +260,11 @@ def indirect_effects_cost(label: str, shuffled: ItemSet, shape: ModelShape, dtyp
     m, dims = min(AIE_PROMPTS, len(shuffled.prompt)), ModelDims.of_shape(shape)
     prompts = replace(shuffled, prompt=shuffled.prompt[:m], answer=shuffled.answer[:m])
     rows = 1 + shape.layers * shape.heads
-    last = segment_flops(dims, prompts.prompt - 1, np.ones(m)).sum() * rows + 2.0 * dims.lm_head * rows * m
+    sites = [None] + [(layer, h) for layer in range(shape.layers) for h in range(shape.heads)]
+    # a band of rows runs its last token from its lowest layer up: that share of the body
+    layer_rows = sum(len(members) * (shape.layers - first) for first, members in head_patch_bands(sites))
+    body = segment_flops(dims, prompts.prompt - 1, np.ones(m)).sum() * layer_rows / shape.layers
+    last = body + 2.0 * dims.lm_head * rows * m
     fast = forward_flops(dims, prompts, last=1) + float(last)
     kv = rows * int(prompts.prompt.max()) * shape.kv_bytes_per_token(DTYPE_BYTES[dtype])
     heads = shape.layers * shape.heads  # stored rows per prompt, each with the prompt's tokens
