@@ -18,13 +18,13 @@ from icl_locate.core.patches import PatchLastPosition, ReplaceHeadOutput
 from icl_locate.core.prompts import FORMATS, Example, answer_first_token, build_prompt, encode_prompt
 from icl_locate.core.structure import decoder_layers, final_norm
 from icl_locate.engines import fast as fast_module
-from icl_locate.engines import readout
-from icl_locate.engines.base import StopRule, forward
+from icl_locate.engines import indirect
+from icl_locate.engines.base import Generation, StopRule, forward
 from icl_locate.engines.fast import FastEngine
+from icl_locate.engines.indirect import head_indirect_effects, head_patch_bands, head_sites
 from icl_locate.engines.readout import (
     check_head_logits,
     function_vector,
-    head_indirect_effects,
     head_logits,
     last_position_states,
     lens_states,
@@ -36,6 +36,7 @@ from icl_locate.engines.rows import plan_rows
 from icl_locate.engines.tree import TreeEngine
 from icl_locate.experiments.planning import default_top_heads, plan_units
 from icl_locate.experiments.settings import SweepConfig
+from icl_locate.experiments.unchanged import UnchangedGenerations
 from icl_locate.util.errors import UserError
 
 FAMILIES = ["llama", "gemma3", "qwen2", "gpt_neo", "bloom", "starcoder2"]
@@ -239,6 +240,19 @@ def test_head_logits_in_either_layout_and_buffer_equal_the_head_module(softcap):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_head_patch_bands_start_at_a_layer_change_with_enough_rows(monkeypatch):
+    monkeypatch.setattr(indirect, "BAND_ROWS", 5)
+    sites = head_sites(4, 2)  # None, then (0, 0), (0, 1), (1, 0), ...
+    bands = head_patch_bands(sites)
+    assert [(first, members) for first, members in bands] == [(0, [0, 1, 2, 3, 4]), (2, [5, 6, 7, 8])]
+    for first, members in bands:  # no row of a band is patched below the band's first layer
+        assert all(sites[i] is None or sites[i][0] >= first for i in members)
+    with pytest.raises(ValueError, match="by layer"):
+        head_patch_bands([(1, 0), None])
+    with pytest.raises(ValueError, match="by layer"):
+        head_patch_bands([None, (2, 0), (1, 0)])
+
+
 def answer_probability(lm, ids, answer, patches=()) -> float:
     logits = forward(lm.model, torch.tensor([ids]), interventions=patches, last_only=True).logits[0, -1]
     return float(logits.float().softmax(-1)[answer])
@@ -247,7 +261,8 @@ def answer_probability(lm, ids, answer, patches=()) -> float:
 @pytest.mark.parametrize("band_rows", [1, 10**6])  # a band per layer (layers below skipped); one band
 @pytest.mark.parametrize("family", ["llama", "gemma3", "gpt_neo", "bloom", "qwen2", "starcoder2", "gpt2", "mistral"])
 def test_indirect_effects_equal_full_forwards_with_the_head_patched(family, band_rows, monkeypatch):
-    monkeypatch.setattr(readout, "BAND_ROWS", band_rows)
+    monkeypatch.setattr(indirect, "BAND_ROWS", band_rows)
+    monkeypatch.setattr(indirect, "ROWS_PER_FORWARD", 5)  # bands in several forwards, the first one too
     lm = tiny(family)
     ids = [p.ids for p in prompts(lm.tokenizer)]
     means = mean_head_outputs(lm.model, ids[:2])  # [L, H, head_dim]
@@ -363,3 +378,18 @@ def test_a_vector_unit_takes_the_icl_baseline_from_the_masking_unit_of_its_worke
     want = generations(masked, "mask", n_layers)
     assert generations(reused, "icl", n_layers) == want == generations(fresh, "icl", n_layers)
     assert sorted(reused.scores) == sorted(fresh.scores)
+
+
+def test_unchanged_generations_are_kept_by_prompt_and_stop_rule_and_not_when_disputed():
+    lm = tiny("llama")
+    condition = get_condition("instructions+examples")
+    ps = [MaskedPrompt.of(p.encoded, condition) for p in prompts(lm.tokenizer)]  # MaskFrom(1) hides something
+    n_layers = lm.info.num_layers
+    rows = [MaskFrom(n_layers), MaskFrom(1), PatchLastPosition(1, "add", torch.zeros(hidden_size(lm)))]
+    gens = {(i, row): Generation([i], f"g{i}", "stop") for i in range(len(ps)) for row in rows}
+    kept = UnchangedGenerations()
+    kept.keep(ps, rows, gens, STOP, n_layers, disputed={(1, rows[0])})
+    assert kept.find(ps[:1], STOP) == [gens[(0, rows[0])]]  # the unmasked row, nothing else
+    assert kept.find(ps[:2], STOP) is None  # prompt 1's was disputed by an audit
+    assert kept.find(ps[:1], StopRule((), 6)) is None  # another stop rule decodes differently
+    assert kept.find(ps[2:], STOP) == [gens[(2, rows[0])]] and kept.reused == 2

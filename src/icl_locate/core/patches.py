@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .structure import attention_module, decoder_layers, num_heads, num_layers, output_projection, text_config
+from .surgery import PassThrough
 
 
 def _check_site(layer: int, position: int, row: int | None, vector: torch.Tensor, head: int = 0) -> None:
@@ -134,6 +135,12 @@ def patch_rows(patches: Sequence[Patch], rows: Sequence[int]) -> tuple[Patch, ..
     return tuple(out)
 
 
+def _probed_layer(model: nn.Module) -> nn.Module:
+    """The decoder layer whose attention says how heads are laid out: the first, or under layer surgery
+    the first one not stood in for (``surgery.PassThrough`` has no attention)."""
+    return next(layer for layer in decoder_layers(model) if not isinstance(layer, PassThrough))
+
+
 def head_output_refusal(model: nn.Module) -> str | None:
     """Why a head's output cannot be isolated in ``model`` (None: it can)."""
     config = text_config(model)
@@ -142,8 +149,7 @@ def head_output_refusal(model: nn.Module) -> str | None:
         # Bloom then multiplies slices of the dense weight itself: the projection module never runs
         return f"{family} with slow_but_exact and pretraining_tp > 1 bypasses its output projection module"
     try:
-        # the last layer: one that layer surgery never stands in for (``surgery.skip_layers_below``)
-        output_projection(attention_module(decoder_layers(model)[-1]))
+        output_projection(attention_module(_probed_layer(model)))
     except RuntimeError as error:
         return f"{family}: {error}"
     return None
@@ -156,7 +162,7 @@ def head_layout(model: nn.Module) -> tuple[int, int]:
     if refusal is not None:
         raise ValueError(f"head outputs cannot be read or patched: {refusal}")
     heads = num_heads(model)
-    proj = output_projection(attention_module(decoder_layers(model)[-1]))
+    proj = output_projection(attention_module(_probed_layer(model)))
     width = getattr(proj, "in_features", None) or getattr(proj, "nx", None)  # Linear, or GPT-2's Conv1D
     if not isinstance(width, int) or width % heads:
         raise ValueError(f"head outputs cannot be read or patched: output projection width {width}, {heads} heads")

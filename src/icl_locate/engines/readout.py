@@ -3,10 +3,10 @@ logit-lens sweeps are made of.
 
 * ``last_position_states``: the input of decoder layer l (``output_hidden_states[l]``) at the last
   position, e.g. a task vector theta_l of an ICL prompt (Hendel et al., 2023).
-* ``mean_head_outputs``, ``head_indirect_effects``, ``function_vector``: Todd et al. (2024)'s
-  function vector: each head's mean output over clean ICL prompts; the change in the answer's
-  probability when one head's output on a corrupted prompt is replaced by that mean; the sum of the
-  top heads' means as they enter the residual stream (through the output projection, bias left out).
+* ``mean_head_outputs``, ``function_vector``: Todd et al. (2024)'s function vector: each head's mean
+  output over clean ICL prompts; the sum of the top heads' means as they enter the residual stream
+  (through the output projection, bias left out). The heads' indirect effects, which choose the top
+  heads, are ``indirect.py``'s, on ``ContextCaches`` and ``answer_probabilities`` from here.
 * ``logit_lens``: the final norm and LM head applied to the residual stream at every layer.
 
 Readings go through the same hooks as the masks (``record``, ``intervene``), so the reference for
@@ -27,14 +27,11 @@ from transformers import DynamicCache
 
 from ..core.interventions import ColumnMask
 from ..core.patch_hooks import record
-from ..core.patches import ReplaceHeadOutput, head_layout
+from ..core.patches import head_layout
 from ..core.structure import attention_module, decoder_layers, final_norm, num_layers, output_projection, text_config
-from ..core.surgery import feed_input, skip_layers_below
 from ..util.errors import UserError
 from .base import last_hidden, logits_probe
 
-ROWS_PER_FORWARD = 128  # head patches run together on one prompt's cache (one row each)
-BAND_ROWS = 24  # head patches of consecutive layers that start together at the lowest (fewer: small products)
 LENS_ROWS = 256  # states read by the LM head at once (each pass reads the whole vocabulary's weights)
 READ_BATCH = 32  # prompts read in one forward
 
@@ -71,7 +68,7 @@ class ContextCaches:
             cache = DynamicCache()
             last_hidden(self.model, _ids(self.model, prefix), cache=cache)
             self.kv[prefix] = _layers_kv(cache)
-        cache = _repeated_cache(self.kv[prefix], 1) if start else DynamicCache()
+        cache = repeated_cache(self.kv[prefix], 1) if start else DynamicCache()
         mask = torch.ones(1, len(ids), dtype=torch.long, device=next(self.model.parameters()).device)
         last_hidden(self.model, _ids(self.model, ids[start:]), attention_mask=mask, cache=cache)
         return _layers_kv(cache)
@@ -158,7 +155,7 @@ def _right_padded_forward(model: nn.Module, prompts: Sequence[Sequence[int]], st
     if start:
         first = [mask.select_rows([0])] if mask is not None else []
         last_hidden(model, _ids(model, prompts[0][:start]), cache=cache, interventions=first)
-        cache = _repeated_cache(_layers_kv(cache), len(prompts))
+        cache = repeated_cache(_layers_kv(cache), len(prompts))
     width = max(len(ids) for ids in prompts)
     fed = torch.zeros(len(prompts), width - start, dtype=torch.long, device=device)  # [rows, own tokens]
     attention = torch.zeros(len(prompts), width, dtype=torch.long, device=device)  # [rows, columns]
@@ -187,7 +184,7 @@ def mean_head_outputs(
     return heads.float().mean(0)
 
 
-def _repeated_cache(kv: list[tuple[torch.Tensor, torch.Tensor]], rows: int) -> DynamicCache:
+def repeated_cache(kv: list[tuple[torch.Tensor, torch.Tensor]], rows: int) -> DynamicCache:
     """A cache holding ``rows`` copies of one prompt's keys/values (per layer [1, heads, T, dim]): views, not
     copies; the next forward's cache update writes them out once, with the new tokens."""
     cache = DynamicCache()
@@ -196,125 +193,6 @@ def _repeated_cache(kv: list[tuple[torch.Tensor, torch.Tensor]], rows: int) -> D
         layer: Any = cache.layers[index]
         layer.keys, layer.values = keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1)
     return cache
-
-
-@torch.no_grad()
-def head_indirect_effects(
-    model: nn.Module,
-    prompts: Sequence[Sequence[int]],
-    answers: Sequence[int],
-    means: torch.Tensor,
-    starts: Sequence[int] | None = None,
-) -> torch.Tensor:
-    """[prompts, layers, heads]: on each (corrupted) prompt, the probability of its answer token at the
-    last position with head (l, h)'s output there replaced by ``means[l, h]``, minus the probability
-    without. All of the prompt but its last token runs once; its cache is shared by one row per head
-    and one unpatched (a patch at the last position changes nothing before it); a row patched at layer l
-    runs from about l (``_patched_last_token_states``). The LM head reads the final states of several
-    prompts at once (``answer_probabilities``)."""
-    n_layers, n_heads = means.shape[:2]
-    sites: list[tuple[int, int] | None] = [None] + [(layer, h) for layer in range(n_layers) for h in range(n_heads)]
-    caches = ContextCaches(model)
-    starts = starts if starts is not None else [0] * len(prompts)
-    probs: list[torch.Tensor] = []
-    states: list[torch.Tensor] = []  # final states not yet read by the head, and their answers
-    rows: list[int] = []
-    for ids, answer, start in zip(prompts, answers, starts, strict=True):
-        kv = caches.cache_of(ids[:-1], start)  # the prompt but its last token
-        states.append(_patched_last_token_states(model, ids, kv, sites, means))
-        rows += [answer] * len(sites)
-        if len(rows) >= LENS_ROWS:
-            probs.append(answer_probabilities(model, torch.cat(states), rows))
-            states, rows = [], []
-    if rows:
-        probs.append(answer_probabilities(model, torch.cat(states), rows))
-    per_site = torch.cat(probs).view(len(prompts), len(sites)) if probs else torch.zeros(0, len(sites))
-    return (per_site[:, 1:] - per_site[:, :1]).reshape(len(prompts), n_layers, n_heads)
-
-
-def head_patch_bands(sites: Sequence[tuple[int, int] | None]) -> list[tuple[int, list[int]]]:
-    """Sites (the first None, then by layer) in bands of consecutive patch layers, each with at least
-    ``BAND_ROWS`` rows where the layers allow: (the band's lowest layer, the sites' indices)."""
-    layers = [0 if site is None else site[0] for site in sites]
-    bands: list[tuple[int, list[int]]] = []
-    for index, layer in enumerate(layers):
-        if not bands or (len(bands[-1][1]) >= BAND_ROWS and layer != layers[index - 1]):
-            bands.append((layer, []))
-        bands[-1][1].append(index)
-    return bands
-
-
-def _patched_last_token_states(
-    model: nn.Module,
-    ids: Sequence[int],
-    kv: list[tuple[torch.Tensor, torch.Tensor]],
-    sites: Sequence[tuple[int, int] | None],
-    means: torch.Tensor,
-) -> torch.Tensor:
-    """[len(sites), hidden]: ``_last_token_states`` of every site (``sites[0]`` None, then by layer).
-
-    A row patched at layer l computes every layer below l exactly as the unpatched row does. So the
-    sites run in bands of consecutive patch layers (``head_patch_bands``): the first band, with the unpatched row,
-    from the bottom, reading the unpatched row's input at each other band's lowest layer s; each other
-    band from there, its layers below s skipped (``core.surgery``: their keys and values are not needed,
-    as only the final states are read)."""
-    last = len(ids) - 1
-    bands = head_patch_bands(sites)
-    out: list[torch.Tensor | None] = [None] * len(sites)
-    inputs: dict[int, torch.Tensor] = {}
-    returns_tuple: list[bool] = []
-    for n, (first_layer, members) in enumerate(bands):
-        for chunk in range(0, len(members), ROWS_PER_FORWARD):
-            rows = members[chunk : chunk + ROWS_PER_FORWARD]
-            band_sites = [sites[i] for i in rows]
-            if n == 0 and chunk == 0:  # the unpatched row is the first: read its inputs of the other bands
-                kind = decoder_layers(model)[0].register_forward_hook(
-                    lambda module, args, output: returns_tuple.append(isinstance(output, tuple))
-                )
-                try:
-                    with record(model, hidden=[(layer, last) for layer, _ in bands[1:]]) as seen:
-                        states = _last_token_states(model, ids, kv, band_sites, means)
-                finally:
-                    kind.remove()
-                inputs = {layer: seen.hidden[(layer, last)][0] for layer, _ in bands[1:]}  # [d] each
-            elif first_layer == 0:
-                states = _last_token_states(model, ids, kv, band_sites, means)
-            else:
-                start = inputs[first_layer][None, None].expand(len(rows), 1, -1)  # [rows, 1, d]
-                with (
-                    feed_input(model, first_layer, lambda x=start: x),
-                    skip_layers_below(model, first_layer, returns_tuple[0]),
-                ):
-                    states = _last_token_states(model, ids, kv, band_sites, means)
-            for i, state in zip(rows, states, strict=True):
-                out[i] = state
-    return torch.stack([state for state in out if state is not None])
-
-
-def _last_token_states(
-    model: nn.Module,
-    ids: Sequence[int],
-    kv: list[tuple[torch.Tensor, torch.Tensor]],
-    sites: Sequence[tuple[int, int] | None],
-    means: torch.Tensor,
-) -> torch.Tensor:
-    """[len(sites), hidden]: the final hidden states (after the final norm) of the prompt's last token, fed
-    on its cached rest ``kv``, one row per site: head (l, h)'s output set to ``means[l, h]`` (None: nothing
-    patched)."""
-    parameter = next(model.parameters())
-    last, rows = len(ids) - 1, len(sites)
-    patches = [
-        ReplaceHeadOutput(site[0], site[1], last, means[site].to(parameter.dtype), row=r)
-        for r, site in enumerate(sites)
-        if site is not None
-    ]
-    return last_hidden(
-        model,
-        torch.full((rows, 1), ids[last], device=parameter.device),  # [rows, 1]
-        attention_mask=torch.ones(rows, len(ids), dtype=torch.long, device=parameter.device),
-        cache=_repeated_cache(kv, rows),
-        interventions=patches,
-    )[:, -1]
 
 
 @torch.no_grad()
@@ -359,10 +237,13 @@ def check_head_logits(model: nn.Module, method: str) -> None:
         )
 
 
-def _logits_buffer(model: nn.Module, rows: int) -> torch.Tensor:
-    """A flat fp32 buffer for ``head_logits`` of up to ``rows`` states (reused block after block)."""
+def _logits_buffer(model: nn.Module, rows: int) -> torch.Tensor | None:
+    """A flat fp32 buffer for ``head_logits`` of up to ``rows`` states (reused block after block); None
+    where the head is not an fp32 linear layer (``head_logits`` then calls it as it is)."""
     head = model.get_output_embeddings()  # pyright: ignore[reportCallIssue]
-    return torch.empty(head.weight.shape[0] * rows, device=head.weight.device)
+    if not (isinstance(head, nn.Linear) and head.weight.dtype == torch.float32):
+        return None
+    return torch.empty(head.weight.shape[0] * rows, dtype=torch.float32, device=head.weight.device)
 
 
 def _probability(logits: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:

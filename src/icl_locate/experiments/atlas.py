@@ -52,7 +52,9 @@ def run_atlas(
     worker = Worker.of(config, loaded, tasks) if ray is None else None
     for method in METHODS:
         log(f"atlas: {method}")
-        run_sweep(replace(config, method=method), store_path, command, ray, loaded, worker)
+        # each sweep audits within its own share of decoding time, as a sweep of its own would
+        fresh = replace(worker, seconds=Worker.fresh_seconds()) if worker is not None else None
+        run_sweep(replace(config, method=method), store_path, command, ray, loaded, fresh)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     result = AtlasResult(Path(store_path))

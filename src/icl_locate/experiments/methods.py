@@ -38,10 +38,10 @@ from ..core.models import LoadedModel
 from ..core.patches import PatchLastPosition
 from ..core.prompts import PromptedItem, answer_first_token
 from ..engines.base import Engine, ProgressCallback, StopRule
+from ..engines.indirect import head_indirect_effects
 from ..engines.readout import (
     check_head_logits,
     function_vector,
-    head_indirect_effects,
     last_position_states,
     lens_readings,
     lens_states,

@@ -3,14 +3,15 @@
 The same prompt decoded with no intervention appears in several units of one (model, task): the
 layer sweep's row masked from L (nothing masked) and the "icl" baseline that the task-vector and
 function-vector units store beside their patched rows. Every engine gives the reference engine's
-generations, so such a row decodes to the same tokens wherever it appears; a worker keeps them by
-(prompt tokens, stop rule) and a later unit takes them instead of decoding them again. What a unit
-stores does not change; only the work a worker repeats does.
+generations (up to logits tied within rounding, which the audit looks for), so such a row decodes to
+the same tokens wherever it appears; a worker keeps them by (prompt tokens, stop rule), except rows
+an audit disputed, and a later unit takes them instead of decoding them again. What a unit stores
+does not change; only the work a worker repeats does.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from ..core.conditions import MaskedPrompt
 from ..core.interventions import RowIntervention
@@ -32,12 +33,16 @@ class UnchangedGenerations:
         generations: dict[ResultKey, Generation],
         stop: StopRule,
         n_layers: int,
+        disputed: Collection[ResultKey] = (),
     ) -> None:
-        """Keep the generations of the rows that change nothing on their prompt (e.g. masked from L)."""
+        """Keep the generations of the rows that change nothing on their prompt (e.g. masked from L), but
+        the ``disputed`` ones (an audit found the reference engine's tokens different)."""
         for row in rows:
             for i, prompt in enumerate(prompts):
                 plan = row_plan(prompt, row, n_layers, i)
-                if not (plan.mask_layers or plan.ablate or plan.patches) and (i, row) in generations:
+                if plan.mask_layers or plan.ablate or plan.patches or (i, row) in disputed:
+                    continue
+                if (i, row) in generations:
                     self.kept[(tuple(prompt.ids), stop)] = generations[(i, row)]
 
     def find(self, prompts: Sequence[MaskedPrompt], stop: StopRule) -> list[Generation] | None:

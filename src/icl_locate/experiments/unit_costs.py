@@ -33,7 +33,7 @@ from ..core.patches import PatchLastPosition
 from ..core.prompts import PromptedItem
 from ..core.shapes import DTYPE_BYTES, ModelShape
 from ..engines.fast import FastEngine
-from ..engines.readout import head_patch_bands
+from ..engines.indirect import ROWS_PER_FORWARD, head_patch_bands, head_sites
 from ..engines.rows import plan_rows
 from ..engines.tree_decode import divergence_layer
 from ..tasks.items import build_items
@@ -256,21 +256,21 @@ def reading_cost(label: str, items: ItemSet, shape: ModelShape, dtype: str) -> U
 
 
 def indirect_effects_cost(label: str, shuffled: ItemSet, shape: ModelShape, dtype: str) -> UnitCost:
-    """Per corrupted prompt: all but its last token once, then 1 + L x H rows of its last token."""
+    """Per corrupted prompt: all but its last token once, then 1 + L x H rows of its last token, each band
+    of them from its lowest layer up, at most ``ROWS_PER_FORWARD`` rows a forward."""
     m, dims = min(AIE_PROMPTS, len(shuffled.prompt)), ModelDims.of_shape(shape)
     prompts = replace(shuffled, prompt=shuffled.prompt[:m], answer=shuffled.answer[:m])
-    rows = 1 + shape.layers * shape.heads
-    sites = [None] + [(layer, h) for layer in range(shape.layers) for h in range(shape.heads)]
-    # a band of rows runs its last token from its lowest layer up: that share of the body
-    layer_rows = sum(len(members) * (shape.layers - first) for first, members in head_patch_bands(sites))
+    sites = head_sites(shape.layers, shape.heads)
+    bands = head_patch_bands(sites)
+    layer_rows = sum(len(members) * (shape.layers - first) for first, members in bands)  # the body's share
     body = segment_flops(dims, prompts.prompt - 1, np.ones(m)).sum() * layer_rows / shape.layers
-    last = body + 2.0 * dims.lm_head * rows * m
-    fast = forward_flops(dims, prompts, last=1) + float(last)
-    kv = rows * int(prompts.prompt.max()) * shape.kv_bytes_per_token(DTYPE_BYTES[dtype])
+    fast = forward_flops(dims, prompts, last=1) + float(body + 2.0 * dims.lm_head * len(sites) * m)
+    batch = min(ROWS_PER_FORWARD, max(len(members) for _, members in bands))
+    kv = batch * int(prompts.prompt.max()) * shape.kv_bytes_per_token(DTYPE_BYTES[dtype])
     heads = shape.layers * shape.heads  # stored rows per prompt, each with the prompt's tokens
     cost = _readings(label, m, m * heads, heads * int(prompts.prompt.sum()), dict(paper=fast, fast=fast, tree=fast),
                      prompts, shape, dtype)  # fmt: skip
-    return replace(cost, batch_rows=rows, kv_bytes=max(cost.kv_bytes, kv))
+    return replace(cost, batch_rows=batch, kv_bytes=max(cost.kv_bytes, kv))
 
 
 def lens_cost(unit: WorkUnit, items: ItemSet, shape: ModelShape, dtype: str) -> UnitCost:

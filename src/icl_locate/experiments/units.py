@@ -102,7 +102,12 @@ class Worker:
     log: Callable[[str], None] = _stderr
     engines: dict[tuple, tuple[Engine, Choices]] = field(default_factory=dict)
     unchanged: UnchangedGenerations = field(default_factory=UnchangedGenerations)  # rows a later unit reuses
-    seconds: dict[str, float] = field(default_factory=lambda: {"decoding": 0.0, "audit": 0.0, "audit_rows": 0})
+    seconds: dict[str, float] = field(default_factory=lambda: Worker.fresh_seconds())
+
+    @staticmethod
+    def fresh_seconds() -> dict[str, float]:
+        """The decoding and audit totals of a worker that has run nothing (the audit's budget)."""
+        return {"decoding": 0.0, "audit": 0.0, "audit_rows": 0}
 
     @classmethod
     def load(cls, config: SweepConfig) -> Worker:
@@ -150,8 +155,9 @@ class Worker:
         started = time.time()
         gens = engine.generate(prompts, list(rows.values()), stop, progress)
         seconds = time.time() - started
-        self.unchanged.keep(prompts, list(rows.values()), gens, stop, n_layers)
         audited, audit_seconds = self.audit_unit(unit, prompts, rows, gens, stop, seconds)
+        disputed = {(a["item"], rows[(a["variant"], a["layer"])]) for a in audited if not a["agree"]}
+        self.unchanged.keep(prompts, list(rows.values()), gens, stop, n_layers, disputed)
         decoded = {
             (kind, layer): Decoded(
                 items,
