@@ -87,6 +87,27 @@ def feed_input(model: nn.Module, layer: int, hidden: Callable[[], torch.Tensor])
         handle.remove()
 
 
+class output_kind:
+    """Within the block, learn from the forwards that run whether the model's decoder layers return a
+    tuple or the tensor alone (``returns_tuple``; None until a forward reaches them): what a
+    ``PassThrough`` standing in for one must return."""
+
+    def __init__(self, model: nn.Module):
+        self.layer = decoder_layers(model)[0]
+        self.returns_tuple: bool | None = None
+
+    def __enter__(self) -> output_kind:
+        def seen(module, args, output):
+            self.returns_tuple = isinstance(output, tuple)
+
+        self.handle = self.layer.register_forward_hook(seen)
+        return self
+
+    def __exit__(self, kind, value, tb) -> bool:
+        self.handle.remove()
+        return False
+
+
 class PassThrough(nn.Module):
     """Stands in for a decoder layer whose output is not needed: it returns its input."""
 

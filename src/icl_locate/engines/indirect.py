@@ -18,8 +18,7 @@ from torch import nn
 
 from ..core.patch_hooks import record
 from ..core.patches import ReplaceHeadOutput
-from ..core.structure import decoder_layers
-from ..core.surgery import feed_input, skip_layers_below
+from ..core.surgery import feed_input, output_kind, skip_layers_below
 from .base import last_hidden
 from .readout import LENS_ROWS, ContextCaches, answer_probabilities, repeated_cache
 
@@ -96,35 +95,29 @@ def _patched_last_token_states(
     as only the final states are read)."""
     last = len(ids) - 1
     bands = head_patch_bands(sites)
-    out: list[torch.Tensor | None] = [None] * len(sites)
+    out: dict[int, torch.Tensor] = {}  # by site index
     inputs: dict[int, torch.Tensor] = {}
-    returns_tuple: list[bool] = []
+    kind = output_kind(model)
     for n, (first_layer, members) in enumerate(bands):
         for chunk in range(0, len(members), ROWS_PER_FORWARD):
             rows = members[chunk : chunk + ROWS_PER_FORWARD]
             band_sites = [sites[i] for i in rows]
             if n == 0 and chunk == 0:  # the unpatched row is the first: read its inputs of the other bands
-                kind = decoder_layers(model)[0].register_forward_hook(
-                    lambda module, args, output: returns_tuple.append(isinstance(output, tuple))
-                )
-                try:
-                    with record(model, hidden=[(layer, last) for layer, _ in bands[1:]]) as seen:
-                        states = _last_token_states(model, ids, kv, band_sites, means)
-                finally:
-                    kind.remove()
+                with kind, record(model, hidden=[(layer, last) for layer, _ in bands[1:]]) as seen:
+                    states = _last_token_states(model, ids, kv, band_sites, means)
                 inputs = {layer: seen.hidden[(layer, last)][0] for layer, _ in bands[1:]}  # [d] each
             elif first_layer == 0:
                 states = _last_token_states(model, ids, kv, band_sites, means)
             else:
                 start = inputs[first_layer][None, None].expand(len(rows), 1, -1).contiguous()  # [rows, 1, d]
+                assert kind.returns_tuple is not None  # the first band's forward ran every layer
                 with (
                     feed_input(model, first_layer, lambda x=start: x),
-                    skip_layers_below(model, first_layer, returns_tuple[0]),
+                    skip_layers_below(model, first_layer, kind.returns_tuple),
                 ):
                     states = _last_token_states(model, ids, kv, band_sites, means)
-            for i, state in zip(rows, states, strict=True):
-                out[i] = state
-    return torch.stack([state for state in out if state is not None])
+            out.update(zip(rows, states, strict=True))
+    return torch.stack([out[i] for i in range(len(sites))])
 
 
 def _last_token_states(

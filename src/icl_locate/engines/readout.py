@@ -195,6 +195,13 @@ def repeated_cache(kv: list[tuple[torch.Tensor, torch.Tensor]], rows: int) -> Dy
     return cache
 
 
+def _fp32_linear_head(model: nn.Module) -> nn.Linear | None:
+    """The LM head where it is an fp32 linear layer (its product can be computed here, into a buffer and
+    in either layout), else None."""
+    head = model.get_output_embeddings()  # pyright: ignore[reportCallIssue]
+    return head if isinstance(head, nn.Linear) and head.weight.dtype == torch.float32 else None
+
+
 @torch.no_grad()
 def head_logits(
     model: nn.Module, states: torch.Tensor, out: torch.Tensor | None = None, vocab_major: bool = False
@@ -207,9 +214,9 @@ def head_logits(
     ``vocab_major``: compute W @ states^T and return its transposed view. With a large vocabulary
     that product runs faster on CPUs, and sums over the vocabulary (``logsumexp``) read it as fast;
     an ``argmax`` over it does not, so the lens keeps the row-major product."""
-    head = model.get_output_embeddings()  # pyright: ignore[reportCallIssue]
-    if not (isinstance(head, nn.Linear) and head.weight.dtype == states.dtype == torch.float32):
-        logits = head(states).float()
+    head = _fp32_linear_head(model)
+    if head is None or states.dtype != torch.float32:
+        logits = model.get_output_embeddings()(states).float()  # pyright: ignore[reportCallIssue]
     else:
         rows, vocab = len(states), head.weight.shape[0]
         into = out[: rows * vocab].view((vocab, rows) if vocab_major else (rows, vocab)) if out is not None else None
@@ -240,8 +247,8 @@ def check_head_logits(model: nn.Module, method: str) -> None:
 def _logits_buffer(model: nn.Module, rows: int) -> torch.Tensor | None:
     """A flat fp32 buffer for ``head_logits`` of up to ``rows`` states (reused block after block); None
     where the head is not an fp32 linear layer (``head_logits`` then calls it as it is)."""
-    head = model.get_output_embeddings()  # pyright: ignore[reportCallIssue]
-    if not (isinstance(head, nn.Linear) and head.weight.dtype == torch.float32):
+    head = _fp32_linear_head(model)
+    if head is None:
         return None
     return torch.empty(head.weight.shape[0] * rows, dtype=torch.float32, device=head.weight.device)
 

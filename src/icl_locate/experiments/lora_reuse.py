@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..core.structure import decoder_layers, text_config
-from ..core.surgery import feed_input, skip_layers_below, stop_before
+from ..core.surgery import feed_input, output_kind, skip_layers_below, stop_before
 from ..util.errors import UserError
 from ..util.system import available_memory
 from .lora_batches import MicroBatch
@@ -70,13 +70,8 @@ class ReusedActivations:
         ``memory_bytes`` (default: half the free memory), beyond that in files of a temporary
         directory, read back memory-mapped (exact either way; ``close`` deletes them)."""
         started = time.perf_counter()
-
-        def output_type(module, args, output):
-            self.returns_tuple = isinstance(output, tuple)
-
         budget = memory_bytes if memory_bytes is not None else available_memory(self.device) // 2
-        handle = self.layers[0].register_forward_hook(output_type)
-        try:
+        with output_kind(self.model) as kind:
             for mb in batches:
                 if mb.key in self.inputs or mb.key in self.spilled:
                     continue
@@ -88,8 +83,8 @@ class ReusedActivations:
                     self.inputs[mb.key] = kept
                 else:
                     self._spill(mb.key, kept)
-        finally:
-            handle.remove()
+        if kind.returns_tuple is not None:
+            self.returns_tuple = kind.returns_tuple
         self.seconds += time.perf_counter() - started
 
     @property
