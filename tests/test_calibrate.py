@@ -14,7 +14,7 @@ from icl_locate.cli import main
 from icl_locate.core.conditions import get_condition
 from icl_locate.core.interventions import MaskFrom
 from icl_locate.core.models import load_model
-from icl_locate.engines import calibrate
+from icl_locate.engines import batch_rows, calibrate
 from icl_locate.engines.base import StopRule
 from icl_locate.engines.calibrate import Calibrator, Choices, build_engine
 from icl_locate.engines.fast import FastEngine
@@ -97,12 +97,13 @@ def test_the_faster_engine_is_chosen_and_the_fast_engine_takes_the_plain_head(tm
 @pytest.mark.parametrize(
     "request_, measured_prefixes, expected",
     [
-        (EngineRequest(engine="fast"), set(), ("fast", "plain", 0)),
-        (EngineRequest(engine="tree", head="plain", draft_tokens=3), set(), ("tree", "plain", 3)),
-        (EngineRequest(engine="tree", head="bf16", draft_tokens=0), set(), ("tree", "bf16", 0)),
-        (EngineRequest(engine="tree", head="int8", draft_tokens=0), set(), ("tree", "int8", 0)),
-        (EngineRequest(head="plain", draft_tokens=0), {"engine"}, None),
-        (EngineRequest(engine="tree"), {"head", "body"}, None),
+        (EngineRequest(engine="fast"), {"batch"}, ("fast", "plain", 0)),
+        (EngineRequest(engine="fast", batch_size=4), set(), ("fast", "plain", 0)),
+        (EngineRequest(engine="tree", head="plain", draft_tokens=3, batch_size=4), set(), ("tree", "plain", 3)),
+        (EngineRequest(engine="tree", head="bf16", draft_tokens=0), {"batch"}, ("tree", "bf16", 0)),
+        (EngineRequest(engine="tree", head="int8", draft_tokens=0, batch_size=2), set(), ("tree", "int8", 0)),
+        (EngineRequest(head="plain", draft_tokens=0), {"engine", "batch"}, None),
+        (EngineRequest(engine="tree"), {"head", "body", "batch"}, None),
     ],
 )
 def test_forcing_flags_are_honoured_and_not_measured(tmp_path, request_, measured_prefixes, expected):
@@ -114,6 +115,41 @@ def test_forcing_flags_are_honoured_and_not_measured(tmp_path, request_, measure
     for name, value in (("engine", request_.engine), ("head", request_.head)):
         if value != "auto":
             assert getattr(choices, name) == value
+
+
+@pytest.mark.parametrize(
+    "seconds, query_rows, expected",
+    [
+        (dict(batch__8=0.8, batch__16=1.0, batch__32=1.9), 1, 16),  # one doubling pays, the next too little
+        (dict(batch__8=0.8, batch__16=0.8, batch__32=0.8), 1, 32),  # doublings pay up to the memory rule's 32
+        (dict(batch__8=0.8, batch__16=1.5, batch__4=0.5), 1, None),  # neither more nor fewer rows pay: the rule's
+        (dict(batch__8=0.8, batch__16=1.6, batch__4=0.4, batch__2=0.3), 1, 4),  # fewer rows cost no more a row
+        (dict(batch__8=0.8, batch__16=1.6), 8, None),  # ... but a halving never splits a query's rows
+    ],
+)
+def test_batch_rows_are_measured_around_the_rule(monkeypatch, seconds, query_rows, expected):
+    monkeypatch.setattr(batch_rows, "rule_rows", lambda *args: 8)
+    monkeypatch.setattr(batch_rows, "rows_by_memory", lambda *args: 32)
+    lm = tiny("llama")
+    prompts, _ = work(lm)
+    timer = FakeTimer(**seconds)
+    got, reason, measured = batch_rows.choose_batch_rows(lm.model, prompts[0].ids, 6, query_rows, None, timer, 0.3)
+    assert got == expected and set(measured) == set(timer.seconds) == set(timer.calls)
+    assert reason.startswith("the rule's 8 rows" if expected is None else f"{expected} rows, not the rule's 8")
+
+
+def test_measured_batch_rows_reach_the_engine_and_a_forced_batch_is_not_measured(tmp_path, monkeypatch):
+    monkeypatch.setattr(batch_rows, "rule_rows", lambda *args: 8)
+    monkeypatch.setattr(batch_rows, "rows_by_memory", lambda *args: 64)
+    lm = tiny("llama")
+    timer = FakeTimer(batch__8=0.8, batch__16=0.8, batch__32=3.2, engine__fast=2.0, engine__tree=1.0)
+    choices = choose(lm, tmp_path, timer)
+    assert choices.batch_rows == 16 and "16 rows" in choices.line()
+    engine = build_engine(lm.model, lm.tokenizer, choices)
+    assert isinstance(engine, TreeEngine) and engine.max_batch_rows == 16
+    forced = choose(lm, tmp_path, FakeTimer(), EngineRequest(batch_size=3))
+    assert forced.batch_rows is None and forced.batch_size == 3
+    assert not [name for name in forced.measured if name.startswith("batch/")]
 
 
 def test_bad_requests_are_one_line_errors():
@@ -214,6 +250,8 @@ def configurations(lm):
     yield Choices("tree", "plain", 0, None, {})
     yield Choices("tree", "plain", 3, None, {})
     yield Choices("tree", "plain", 0, 2, {})
+    yield Choices("tree", "plain", 0, None, {}, batch_rows=3)  # measured rows: a query's rows split
+    yield Choices("fast", "plain", 0, None, {}, batch_rows=2)
     for kind, screen in SCREENS.items():
         if screen.unsupported_reason(lm.model) is None:
             yield Choices("tree", kind, 0, None, {})

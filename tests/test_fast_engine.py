@@ -11,7 +11,9 @@ from icl_locate.cli import main
 from icl_locate.core.conditions import MaskedPrompt, get_condition, hidden_ranges
 from icl_locate.core.interventions import UNCHANGED, AblateLayers, AttentionAblation, ColumnMask, MaskFrom
 from icl_locate.core.prompts import FORMATS, EncodedPrompt, Example, build_prompt, encode_prompt
+from icl_locate.engines import fast
 from icl_locate.engines.base import StopRule
+from icl_locate.engines.decoding import decode_batch
 from icl_locate.engines.fast import FastEngine
 from icl_locate.engines.reference import ReferenceEngine, greedy_decode
 
@@ -109,6 +111,32 @@ def test_whole_layer_ablation(family):
         None,
         [AblateLayers(frozenset({layer})) for layer in range(lm.info.num_layers)],
     )
+
+
+def test_measured_batch_rows_bound_batches_not_results(monkeypatch):
+    """Rows set by the calibration (``max_batch_rows``) replace the rule's batches, with the same generations;
+    the KV-memory bound still holds over them."""
+    lm = tiny("llama")
+    encs = encoded_prompts(lm.tokenizer)
+    variants = [MaskFrom(j) for j in (0, 2, 4)]
+    prompts, stop = masked(encs, get_condition("instructions+examples")), StopRule((), 6)
+    batch_rows: list[int] = []
+
+    def counted(model, tokenizer, eos, cache, step_input, *args, **kwargs):
+        batch_rows.append(step_input.shape[0])
+        return decode_batch(model, tokenizer, eos, cache, step_input, *args, **kwargs)
+
+    monkeypatch.setattr(fast, "decode_batch", counted)
+    expected = {k: v.token_ids for k, v in FastEngine(lm.model, lm.tokenizer).generate(prompts, variants, stop).items()}
+    assert batch_rows == [9]  # the rule: every row in one batch
+    for engine, rows in (
+        (FastEngine(lm.model, lm.tokenizer, max_batch_rows=2), [2, 2, 2, 2, 1]),
+        (FastEngine(lm.model, lm.tokenizer, max_batch_rows=2, kv_memory_fraction=1e-12), [1] * 9),
+    ):
+        batch_rows.clear()
+        got = engine.generate(prompts, variants, stop)
+        assert {k: v.token_ids for k, v in got.items()} == expected
+        assert batch_rows == rows
 
 
 def test_memory_bound_shrinks_batches_not_results():

@@ -105,7 +105,13 @@ def _add_bench(sub) -> None:
     bench.add_argument(
         "--layers", default=None, help=f"'all' (0..L) or a comma list [{default(BenchSettings, 'layers')}]"
     )
-    bench.add_argument("--batch-size", type=int, default=None, help="engine rows per batch (default: auto)")
+    bench.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="engine rows per batch (default: auto: the engines' memory rule, or a doubling or halving "
+        "of its rows where the calibration measured it faster)",
+    )
     bench.add_argument("--skip-paper", action="store_true", default=None, help="skip (a), the slowest")
     add_engine_options(bench)
     bench.add_argument(
@@ -276,7 +282,13 @@ def _add_grid_options(sw, store_required: bool = True) -> None:
     )
     sw.add_argument("--n-test", type=int, default=None, help="use the first N test items [all]")
     sw.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's (50 for MT)")
-    sw.add_argument("--batch-size", type=int, default=None, help="engine rows per batch (default: auto)")
+    sw.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="engine rows per batch (default: auto: the engines' memory rule, or a doubling or halving "
+        "of its rows where the calibration measured it faster)",
+    )
     add_engine_options(sw)
     sw.add_argument(
         "--audit",

@@ -15,12 +15,15 @@ So an engine starts by timing each choice on the model itself, briefly, and pick
   accepted in every few steps pays), the largest such N of ``DRAFT_LENGTHS`` (tried shortest first);
 - engine: a short run (``MINI_RUN_TOKENS`` new tokens) of up to ``MINI_RUN_ROWS`` of the first
   query's rows on the fast engine and on the tree engine with the head and drafts chosen above;
-- batch size: the engines' memory rule (rows x tokens and a share of free memory); not timed.
+- batch size: one decoding step (with the chosen head) over the first prompt's cache, at the engines'
+  automatic rule's row count and at doublings or halvings of it; a count other than the rule's is
+  taken only where it was measured to pay (``batch_rows.py``).
 
 Every choice can be forced (``EngineRequest``); generations are the same whatever is chosen (the
 engines are tested against the reference engine). The result is cached under the cache directory,
 keyed by the machine, the model, its dtype and device, the library versions and the shape of the
-work (rows per query and their kinds), so a second run pays nothing.
+work (rows per query, their kinds, the first prompt's length to a power of two), so a second run
+pays nothing.
 """
 
 from __future__ import annotations
@@ -44,7 +47,8 @@ from ..util.errors import UserError
 from ..util.fileio import write_json_atomic
 from ..util.system import hardware, hardware_line
 from .base import Engine, StopRule, last_hidden
-from .fast import FastEngine
+from .batch_rows import choose_batch_rows
+from .fast import KV_MEMORY_FRACTION, FastEngine
 from .head import SCREENS, CertifiedHead, build_screen
 from .request import AUTO_REQUEST, EngineRequest
 from .tree import TreeEngine
@@ -55,7 +59,7 @@ HEAD_SAMPLE_ROWS = 16  # final hidden states the heads are timed on (per-row cos
 MINI_RUN_TOKENS = 3  # new tokens in the engine comparison: the query's prefill and two decoding steps
 MINI_RUN_ROWS = 10  # at most this many rows of the first query (a spread of them) in the engine comparison
 REPEATS = 3  # timings are the median of this many runs after one warm-up
-CALIBRATION_VERSION = 5  # part of the cache key: a change of the procedure re-measures
+CALIBRATION_VERSION = 6  # part of the cache key: a change of the procedure re-measures
 MATMUL_VERSION = 1  # part of matmul_tflops' cache key
 
 
@@ -66,22 +70,28 @@ class Choices:
     engine: str  # "tree" or "fast"
     head: str  # "plain", or a screened head: "bf16" or "int8"
     draft_tokens: int
-    batch_size: int | None
+    batch_size: int | None  # forced rows per batch (--batch-size), else None
     reasons: dict[str, str]
     measured: dict[str, float] = field(default_factory=dict)
     hardware: dict = field(default_factory=dict)
     calibration_seconds: float = 0.0
     cached: bool = False
+    batch_rows: int | None = None  # rows of an automatic batch where the rule's were measured slower, else None
 
     def line(self) -> str:
         """One line for the terminal: the choices and the measured reasons."""
         cost = "cached" if self.cached else f"{self.calibration_seconds:.1f}s"
         return (
             f"engine: {self.engine} ({self.reasons['engine']}); head: {self.head} ({self.reasons['head']}); "
-            f"drafts: {self.draft_tokens or 'off'} ({self.reasons['drafts']}); batch: "
-            f"{self.batch_size or 'auto'} ({self.reasons['batch']}); calibration {cost}; on "
+            f"drafts: {self.draft_tokens or 'off'} ({self.reasons['drafts']}); batch: {self.batch_line()} "
+            f"({self.reasons['batch']}); calibration {cost}; on "
             f"{hardware_line(self.hardware)}"
         )
+
+    def batch_line(self) -> str:
+        if self.batch_size:
+            return str(self.batch_size)
+        return f"{self.batch_rows} rows" if self.batch_rows else "auto"
 
     def summary(self) -> str:
         """The configuration in a few words, e.g. "tree engine, screened head, no drafts"."""
@@ -126,7 +136,8 @@ class Calibrator:
     """Chooses an engine's configuration for the rows at hand (see the module docstring).
 
     ``timer(name, fn, repeats)`` runs ``fn`` and returns its seconds (tests inject fake timings by
-    name: "head/plain", "head/bf16", "head/int8", "body/1", "body/1+N", "engine/fast", "engine/tree")."""
+    name: "head/plain", "head/bf16", "head/int8", "body/1", "body/1+N", "engine/fast", "engine/tree",
+    "batch/ROWS")."""
 
     def __init__(
         self,
@@ -227,6 +238,7 @@ class Calibrator:
             transformers=transformers.__version__,
             icl_locate=__version__,
             rows_per_query=len(interventions),
+            prompt_tokens=1 << (len(prompts[0].ids) - 1).bit_length() if prompts else 0,
             kinds=kinds,
             request=asdict(self.request),
             threads_env=os.environ.get("OMP_NUM_THREADS"),
@@ -252,9 +264,23 @@ class Calibrator:
                 reasons["drafts"] = f"the fast engine has no drafts (tree engine: {reasons['drafts']})"
         else:
             reasons["engine"] = "forced"
-        reasons["batch"] = "forced" if self.request.batch_size else "memory rule: rows x tokens and free memory"
+        rows = self._choose_batch(prompts[0], stop.max_new_tokens, len(interventions), head, reasons, measured)
         self._keep_screen(head)
-        return Choices(engine, head, drafts, self.request.batch_size, reasons, measured, hardware(self.device))
+        return Choices(
+            engine, head, drafts, self.request.batch_size, reasons, measured, hardware(self.device), batch_rows=rows
+        )
+
+    def _choose_batch(
+        self, prompt: MaskedPrompt, new_tokens: int, rows: int, head: str, reasons: dict, measured: dict
+    ) -> int | None:
+        if self.request.batch_size:
+            reasons["batch"] = "forced"
+            return None
+        cap, reasons["batch"], seconds = choose_batch_rows(
+            self.model, prompt.ids, new_tokens, rows, self.screen(head), self.timer, KV_MEMORY_FRACTION
+        )
+        measured.update(seconds)
+        return cap
 
     def _sample_hidden(self, prompt: MaskedPrompt) -> torch.Tensor:
         """Final hidden states of the prompt's last positions: rows like those the head decodes (computed
@@ -378,11 +404,12 @@ class Calibrator:
 def build_engine(model, tokenizer, choices: Choices, calibrator: Calibrator | None = None) -> Engine:
     """The engine ``choices`` describe (with the screen ``calibrator`` built to measure it, if any)."""
     if choices.engine == "fast":
-        return FastEngine(model, tokenizer, batch_size=choices.batch_size)
+        return FastEngine(model, tokenizer, batch_size=choices.batch_size, max_batch_rows=choices.batch_rows)
     return TreeEngine(
         model,
         tokenizer,
         batch_size=choices.batch_size,
+        max_batch_rows=choices.batch_rows,
         head_kind=choices.head,
         draft_tokens=choices.draft_tokens,
         screen=calibrator.screen(choices.head) if calibrator is not None else None,

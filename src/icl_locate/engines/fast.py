@@ -47,6 +47,24 @@ from .rows import KV, BatchLayout, PrefixCaches, Row, plan_rows
 PREFIX_BATCH_TOKENS = 8192  # padded tokens of prefix caches made in one forward (``FastEngine._prefix_caches``)
 
 
+MAX_BATCH_ROWS = 256  # the automatic rule's bound on a batch's rows
+MAX_BATCH_TOKENS = 32_000  # the automatic rule's bound on a batch's rows x (prefix + query + new) tokens
+KV_MEMORY_FRACTION = 0.3  # the share of the memory available at a batch's start its KV cache may take
+
+
+def rows_by_memory(kv: KV, tokens: int, fraction: float, device: torch.device) -> int:
+    """Rows of ``tokens`` positions each whose KV cache (the per-token size of ``kv``, one row's keys and
+    values per layer) fits in ``fraction`` of the memory available now."""
+    bytes_per_token = sum(k.shape[1] * k.shape[3] * k.element_size() * 2 for k, _ in kv)
+    return int(fraction * available_memory(device)) // max(1, bytes_per_token * tokens)
+
+
+def rule_rows(kv: KV, tokens: int, max_batch_tokens: int, fraction: float, device: torch.device) -> int:
+    """The automatic batch of rows of ``tokens`` positions: bounded in rows (``MAX_BATCH_ROWS``), in
+    rows x tokens and in KV memory."""
+    return max(1, min(MAX_BATCH_ROWS, max_batch_tokens // tokens, rows_by_memory(kv, tokens, fraction, device)))
+
+
 class FastEngine:
     """Decode every (prompt, intervention) row; supports ``MaskFrom``, ``MaskBelow``, ``HeadMask``,
     ``AblateLayers``, ``PatchLastPosition``, ``UNCHANGED``."""
@@ -56,12 +74,15 @@ class FastEngine:
         model: nn.Module,
         tokenizer,
         batch_size: int | None = None,
-        max_batch_tokens: int = 32_000,
-        kv_memory_fraction: float = 0.3,
+        max_batch_tokens: int = MAX_BATCH_TOKENS,
+        kv_memory_fraction: float = KV_MEMORY_FRACTION,
         screen: CertifiedHead | None = None,
+        max_batch_rows: int | None = None,
     ):
         """``screen``: a screened LM head (``head.py``) picks the greedy tokens (the model's own head's);
-        None: the model's own head."""
+        None: the model's own head. ``max_batch_rows``: the rows an automatic batch takes where the rule's
+        (``rule_rows``) were measured not to be the fastest on this machine (``calibrate.py``); its bounds
+        in rows and tokens then give way to it, its KV-memory bound does not."""
         self.model = model
         self.head = screen
         self.tokenizer = tokenizer
@@ -73,6 +94,7 @@ class FastEngine:
         # cache in bytes by a fraction of the memory available when decoding starts.
         self.max_batch_tokens = max_batch_tokens
         self.kv_memory_fraction = kv_memory_fraction
+        self.max_batch_rows = max_batch_rows
         self.stats: dict[str, Any] = {  # counters; subclasses add per-layer lists
             "prefix_forwards": 0,
             "prefix_tokens": 0,
@@ -218,10 +240,11 @@ class FastEngine:
         longest = max(len(r.prefix_key[0]) + len(r.query_ids) for r in group) + max_new_tokens
         return self.batch_size or self._auto_rows(longest, prefix_caches.get(group[0]))
 
-    def _auto_rows(self, longest: int, prefix_kv) -> int:
-        kv_bytes_per_token = sum(k.shape[1] * k.shape[3] * k.element_size() * 2 for k, _ in prefix_kv)
-        by_memory = int(self.kv_memory_fraction * available_memory(self.device)) // max(1, kv_bytes_per_token)
-        return max(1, min(256, min(self.max_batch_tokens, by_memory) // longest))
+    def _auto_rows(self, longest: int, prefix_kv: KV) -> int:
+        if self.max_batch_rows is not None:
+            by_memory = rows_by_memory(prefix_kv, longest, self.kv_memory_fraction, self.device)
+            return max(1, min(self.max_batch_rows, by_memory))
+        return rule_rows(prefix_kv, longest, self.max_batch_tokens, self.kv_memory_fraction, self.device)
 
     # ------------------------------------------------------------------ decoding
 

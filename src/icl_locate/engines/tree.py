@@ -37,7 +37,7 @@ from ..core.structure import decoder_layers
 from ..core.surgery import LayerCall
 from .base import Generation, ProgressCallback, ResultKey, StopRule
 from .drafts import Drafter
-from .fast import FastEngine
+from .fast import KV_MEMORY_FRACTION, MAX_BATCH_TOKENS, FastEngine
 from .head import CertifiedHead, build_screen
 from .rows import PrefixCaches, Row
 from .tree_decode import SlotRoutes, TreeDecode
@@ -69,19 +69,23 @@ class TreeEngine(FastEngine):
         model,
         tokenizer,
         batch_size: int | None = None,
-        max_batch_tokens: int = 32_000,
-        kv_memory_fraction: float = 0.3,
+        max_batch_tokens: int = MAX_BATCH_TOKENS,
+        kv_memory_fraction: float = KV_MEMORY_FRACTION,
         head_kind: str | None = None,
         draft_tokens: int = 0,
         screen: CertifiedHead | None = None,
+        max_batch_rows: int | None = None,
     ):
         """``head_kind``: pick greedy tokens with the model's own head ("plain") or a screened head
         ("bf16", "int8": ``head.py``; refused with ValueError where it cannot be used on this model);
         None: the bf16 screen where it can be used, else the model's own head (``calibrate.py`` chooses
         by measuring instead).
         ``draft_tokens``: verify drafts of up to this many tokens per step (0: none; see drafts.py).
-        ``screen``: the ``head_kind`` screen, built already (e.g. by the calibration), else built here."""
-        super().__init__(model, tokenizer, batch_size, max_batch_tokens, kv_memory_fraction)
+        ``screen``: the ``head_kind`` screen, built already (e.g. by the calibration), else built here.
+        ``max_batch_rows``: as in ``FastEngine``."""
+        super().__init__(
+            model, tokenizer, batch_size, max_batch_tokens, kv_memory_fraction, max_batch_rows=max_batch_rows
+        )
         self.layers = decoder_layers(model)
         self._routes: SlotRoutes | None = None  # what the slot hooks follow in the forward under way
         self.stats.update(

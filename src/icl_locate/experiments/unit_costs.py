@@ -17,7 +17,6 @@ Layer and head units decode their rows (``units.row_interventions``) on the item
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections import Counter
 from collections.abc import Sequence
@@ -32,7 +31,7 @@ from ..core.interventions import UNCHANGED, RowIntervention
 from ..core.patches import PatchLastPosition
 from ..core.prompts import PromptedItem
 from ..core.shapes import DTYPE_BYTES, ModelShape
-from ..engines.fast import FastEngine
+from ..engines.fast import MAX_BATCH_ROWS, MAX_BATCH_TOKENS
 from ..engines.indirect import ROWS_PER_FORWARD, head_patch_bands, head_sites
 from ..engines.rows import plan_rows
 from ..engines.tree_decode import divergence_layer
@@ -42,8 +41,6 @@ from .settings import LoadedTasks, WorkUnit
 from .units import row_interventions
 
 ENGINES = ("paper", "fast", "tree")
-MAX_BATCH_TOKENS = inspect.signature(FastEngine.__init__).parameters["max_batch_tokens"].default
-MAX_BATCH_ROWS = 256  # FastEngine._auto_rows' cap on automatic batches
 
 
 class _TextOnly:
@@ -125,7 +122,7 @@ class UnitCost:
     generated_estimate: int  # rows x (the reference's tokens + 1)
     flops: dict[str, float]  # engine -> FLOPs, answers as estimated
     flops_bound: dict[str, float]  # engine -> FLOPs, every row to the token limit
-    batch_rows: int  # the largest batch the engines' automatic rule (or --batch-size) makes
+    batch_rows: int  # the largest batch the engines' automatic rule (or --batch-size) makes; calibration may double it
     kv_bytes: int  # that batch's KV buffers + the shared context's cache
     activation_bytes: int  # estimate: the largest forward's working set
 

@@ -1,0 +1,114 @@
+"""How many rows an automatic batch takes: the engines' rule, checked by timing a decoding step.
+
+The rows of a batch share every product's weights, so a step's cost per row falls as rows are added,
+until the products are large enough to run at the machine's full rate; past that, attention over every
+row's cache and the memory it streams make further rows cost as much or more. Where that turns depends
+on the machine (a CPU with a few cores fills them with a few tens of rows; a GPU has many more units to
+fill) and on the prompt's length, while the engines' rule (``fast.rule_rows``) bounds a batch in rows,
+tokens and KV memory alike everywhere. So the calibration times one decoding step (body and LM head,
+the head the engine will use) over a KV cache of the work's first prompt, at the rule's row count and
+at doublings of it, and keeps doubling while a row then costs at most ``BATCH_GAIN`` of what it did
+(up to the KV-memory rule and ``BATCH_ROW_LIMIT``). Where no doubling pays, it tries halvings: fewer
+rows are taken where a row costs no more (less memory for the same speed). Rows of one query are never
+split by a halving (the tree engine shares states only within a batch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from transformers import DynamicCache
+
+from .base import forward, last_hidden
+from .decoding import PreallocatedLayer
+from .fast import MAX_BATCH_TOKENS, rows_by_memory, rule_rows
+from .head import CertifiedHead
+from .rows import KV
+
+BATCH_ROW_LIMIT = 1024  # no batch is measured (or taken) beyond this many rows
+BATCH_GAIN = 0.9  # twice the rows are taken only where a row then costs at most this share of what it did
+
+Timer = Callable[[str, Callable[[], object], int], float]
+
+
+@torch.no_grad()
+def choose_batch_rows(
+    model,
+    prompt_ids: list[int],
+    new_tokens: int,
+    query_rows: int,
+    screen: CertifiedHead | None,
+    timer: Timer,
+    memory_fraction: float,
+) -> tuple[int | None, str, dict[str, float]]:
+    """The rows an automatic batch should take where the rule's were measured slower (None: the rule's are
+    kept), the reason, and the seconds of a step at each row count tried ("batch/ROWS"). Each count is
+    timed once (a step of many rows is long enough), after one warm-up step at the first."""
+    device = next(model.parameters()).device
+    cache = DynamicCache()
+    last_hidden(model, torch.tensor([prompt_ids[:-1]], device=device), cache=cache)  # one row's keys and values
+    layers: list = cache.layers
+    kv: KV = [(layer.keys, layer.values) for layer in layers]
+    longest = len(prompt_ids) + new_tokens
+    rule = rule_rows(kv, longest, MAX_BATCH_TOKENS, memory_fraction, device)
+    limit = min(BATCH_ROW_LIMIT, rows_by_memory(kv, longest, memory_fraction, device))
+    steps = DecodingSteps(model, kv, prompt_ids[-1], screen)
+    measured: dict[str, float] = {}
+
+    def per_row(rows: int) -> float:
+        measured[f"batch/{rows}"] = timer(f"batch/{rows}", steps.step(rows), 1)
+        return measured[f"batch/{rows}"] / rows
+
+    steps.step(rule)()  # warm-up: kernels chosen, memory touched
+    best, cost = rule, per_row(rule)
+    rows = 2 * rule
+    while rows <= limit and (more := per_row(rows)) <= BATCH_GAIN * cost:
+        best, cost, rows = rows, more, 2 * rows
+    if best == rule:
+        rows = rule // 2
+        while rows >= max(1, query_rows) and (fewer := per_row(rows)) <= cost:
+            best, cost, rows = rows, fewer, rows // 2
+    tried = ", ".join(f"{n}: {1e3 * s / n:.2f}" for n, s in sorted((int(k[6:]), s) for k, s in measured.items()))
+    what = f"ms a row of a decoding step at {tried} rows"
+    if best == rule:
+        return None, f"the rule's {rule} rows ({what})", measured
+    return best, f"{best} rows, not the rule's {rule} ({what})", measured
+
+
+class DecodingSteps:
+    """Greedy steps of any number of rows, each continuing the cached prompt ``kv`` with ``token``, as
+    the engines decode (a preallocated cache; the screened head, or the model's own where ``screen`` is
+    None). One buffer serves every row count up to the largest asked so far."""
+
+    def __init__(self, model, kv: KV, token: int, screen: CertifiedHead | None):
+        self.model, self.kv, self.token, self.screen = model, kv, token, screen
+        self.length = kv[0][0].shape[2]
+        self.buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def _room(self, rows: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if not self.buffers or self.buffers[0][0].shape[0] < rows:
+            self.buffers = []  # the smaller buffer goes before the larger comes
+            for keys, values in self.kv:  # [1, kv heads, length, d] each; the rooms [rows, kv heads, length + 1, d]
+                room_k = keys.new_empty(rows, keys.shape[1], self.length + 1, keys.shape[3])
+                room_v = values.new_empty(rows, values.shape[1], self.length + 1, values.shape[3])
+                room_k[:, :, : self.length], room_v[:, :, : self.length] = keys, values
+                self.buffers.append((room_k, room_v))
+        return [(k[:rows], v[:rows]) for k, v in self.buffers]
+
+    def step(self, rows: int) -> Callable[[], torch.Tensor]:
+        """One step of ``rows`` rows; repeatable (the cache is rewound at every call)."""
+        room = self._room(rows)
+        device = room[0][0].device
+        step_input = torch.full((rows, 1), self.token, device=device)  # [rows, 1]
+        mask = torch.ones(rows, self.length + 1, dtype=torch.long, device=device)  # [rows, length + 1]
+
+        def run() -> torch.Tensor:
+            cache = DynamicCache()
+            cache.layers = [PreallocatedLayer(k, v, self.length) for k, v in room]  # pyright: ignore[reportAttributeAccessIssue]
+            if self.screen is None:
+                logits = forward(self.model, step_input, attention_mask=mask, cache=cache, last_only=True).logits
+                return logits[:, -1].argmax(-1)  # [rows]
+            return self.screen.argmax(last_hidden(self.model, step_input, attention_mask=mask, cache=cache)[:, -1])
+
+        return run
