@@ -120,9 +120,9 @@ def test_forcing_flags_are_honoured_and_not_measured(tmp_path, request_, measure
 @pytest.mark.parametrize(
     "seconds, query_rows, expected",
     [
-        (dict(batch__8=0.8, batch__16=1.0, batch__32=1.9), 1, 16),  # one doubling pays, the next too little
+        (dict(batch__8=0.8, batch__16=1.0, batch__32=2.0), 1, 16),  # one doubling costs 1.25x (taken), the next 2x
         (dict(batch__8=0.8, batch__16=0.8, batch__32=0.8), 1, 32),  # doublings pay up to the memory rule's 32
-        (dict(batch__8=0.8, batch__16=1.5, batch__4=0.5), 1, None),  # neither more nor fewer rows pay: the rule's
+        (dict(batch__8=0.8, batch__16=1.1, batch__4=0.5), 1, None),  # neither more nor fewer rows pay: the rule's
         (dict(batch__8=0.8, batch__16=1.6, batch__4=0.4, batch__2=0.3), 1, 4),  # fewer rows cost no more a row
         (dict(batch__8=0.8, batch__16=1.6), 8, None),  # ... but a halving never splits a query's rows
     ],
@@ -150,6 +150,15 @@ def test_measured_batch_rows_reach_the_engine_and_a_forced_batch_is_not_measured
     forced = choose(lm, tmp_path, FakeTimer(), EngineRequest(batch_size=3))
     assert forced.batch_rows is None and forced.batch_size == 3
     assert not [name for name in forced.measured if name.startswith("batch/")]
+
+
+def test_timings_compared_with_each_other_alternate():
+    """Choices decided by a ratio are timed in alternation, so a machine's drift slows both sides alike."""
+    ran: list[str] = []
+    timer = FakeTimer(a=2.0, b=1.0)
+    got = calibrate.interleaved(timer, {"a": lambda: ran.append("a"), "b": lambda: ran.append("b")}, 3)
+    assert got == {"a": 2.0, "b": 1.0}
+    assert timer.calls == ["a", "b"] * 3 and ran == ["a", "b"] * 4  # one warm-up each, then the rounds
 
 
 def test_bad_requests_are_one_line_errors():

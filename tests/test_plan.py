@@ -189,7 +189,7 @@ def test_plan_help_and_settings_need_no_torch():
 
 
 def test_matmul_rate_is_measured_once(tmp_path):
-    from icl_locate.engines.calibrate import matmul_tflops
+    from icl_locate.engines.matmul_rate import matmul_tflops
 
     first, what = matmul_tflops(8, 32, 64, "float32", "cpu", seconds=0.01, cache=tmp_path)
     again, cached = matmul_tflops(8, 32, 64, "float32", "cpu", seconds=0.01, cache=tmp_path)

@@ -7,10 +7,10 @@ on the machine (a CPU with a few cores fills them with a few tens of rows; a GPU
 fill) and on the prompt's length, while the engines' rule (``fast.rule_rows``) bounds a batch in rows,
 tokens and KV memory alike everywhere. So the calibration times one decoding step (body and LM head,
 the head the engine will use) over a KV cache of the work's first prompt, at the rule's row count and
-at doublings of it, and keeps doubling while a row then costs at most ``BATCH_GAIN`` of what it did
-(up to the KV-memory rule and ``BATCH_ROW_LIMIT``). Where no doubling pays, it tries halvings: fewer
-rows are taken where a row costs no more (less memory for the same speed). Rows of one query are never
-split by a halving (the tree engine shares states only within a batch).
+at doublings of it, and keeps doubling while the doubled step costs at most ``DOUBLING_COST_LIMIT``
+times the step before (up to the KV-memory rule and ``BATCH_ROW_LIMIT``). Where no doubling pays, it
+tries halvings: fewer rows are taken where a row costs no more (less memory for the same speed). Rows
+of one query are never split by a halving (the tree engine shares states only within a batch).
 """
 
 from __future__ import annotations
@@ -27,7 +27,12 @@ from .head import CertifiedHead
 from .rows import KV
 
 BATCH_ROW_LIMIT = 1024  # no batch is measured (or taken) beyond this many rows
-BATCH_GAIN = 0.9  # twice the rows are taken only where a row then costs at most this share of what it did
+# Twice the rows are taken where their step costs at most this many times the step of half as many:
+# where decoding is latency-bound (more rows come almost free), as for drafts (``calibrate.py``'s
+# DRAFT_COST_LIMIT). Smaller gains are not taken: a step over-states what more rows gain over a whole run
+# (rows finish at different lengths, and the tree engine's shared states already shrink its low layers'
+# products), while their KV cache is surely larger.
+DOUBLING_COST_LIMIT = 1.25
 
 Timer = Callable[[str, Callable[[], object], int], float]
 
@@ -63,14 +68,14 @@ def choose_batch_rows(
     steps.step(rule)()  # warm-up: kernels chosen, memory touched
     best, cost = rule, per_row(rule)
     rows = 2 * rule
-    while rows <= limit and (more := per_row(rows)) <= BATCH_GAIN * cost:
+    while rows <= limit and (more := per_row(rows)) <= DOUBLING_COST_LIMIT / 2 * cost:
         best, cost, rows = rows, more, 2 * rows
     if best == rule:
         rows = rule // 2
         while rows >= max(1, query_rows) and (fewer := per_row(rows)) <= cost:
             best, cost, rows = rows, fewer, rows // 2
-    tried = ", ".join(f"{n}: {1e3 * s / n:.2f}" for n, s in sorted((int(k[6:]), s) for k, s in measured.items()))
-    what = f"ms a row of a decoding step at {tried} rows"
+    tried = [f"{1e3 * s / n:.2f} at {n}" for n, s in sorted((int(k[6:]), s) for k, s in measured.items())]
+    what = f"a decoding step's ms a row: {', '.join(tried)} rows"
     if best == rule:
         return None, f"the rule's {rule} rows ({what})", measured
     return best, f"{best} rows, not the rule's {rule} ({what})", measured

@@ -60,7 +60,6 @@ MINI_RUN_TOKENS = 3  # new tokens in the engine comparison: the query's prefill 
 MINI_RUN_ROWS = 10  # at most this many rows of the first query (a spread of them) in the engine comparison
 REPEATS = 3  # timings are the median of this many runs after one warm-up
 CALIBRATION_VERSION = 6  # part of the cache key: a change of the procedure re-measures
-MATMUL_VERSION = 1  # part of matmul_tflops' cache key
 
 
 @dataclass
@@ -126,6 +125,18 @@ def measure_seconds(name: str, fn: Callable[[], object], repeats: int = REPEATS)
         sync()
         times.append(time.perf_counter() - started)
     return statistics.median(times)
+
+
+def interleaved(timer: Timer, fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """The median seconds of each of ``fns`` over ``rounds`` rounds that run each once in turn, after one
+    warm-up of each: a machine whose speed drifts during the measurement slows them alike."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(timer(name, fn, 1))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def _ratio(slow: float, fast: float) -> str:
@@ -320,10 +331,11 @@ class Calibrator:
             reasons["head"] = "; ".join(refused)
             return "plain"
         lm_head, cap = self.model.get_output_embeddings(), next(iter(screens.values())).cap
+        heads: dict[str, Callable[[], object]] = {"head/plain": lambda: cap(lm_head(hidden)).argmax(-1)}
+        heads.update({f"head/{kind}": (lambda s=screen: s.argmax(hidden)) for kind, screen in screens.items()})
         with torch.no_grad():
-            plain = measured["head/plain"] = self.timer("head/plain", lambda: cap(lm_head(hidden)).argmax(-1), REPEATS)
-            for kind, screen in screens.items():
-                measured[f"head/{kind}"] = self.timer(f"head/{kind}", lambda s=screen: s.argmax(hidden), REPEATS)
+            measured.update(interleaved(self.timer, heads, REPEATS))
+        plain = measured["head/plain"]
         fastest = min(screens, key=lambda kind: measured[f"head/{kind}"])
         seconds = measured[f"head/{fastest}"]
         if seconds < plain:
@@ -338,27 +350,22 @@ class Calibrator:
             return self.request.draft_tokens
         width = max(DRAFT_LENGTHS)
         ids = torch.tensor([prompt.ids[-(1 + width) :]] * max(1, min(rows, MINI_RUN_ROWS)), device=self.device)
-        one = self.timer("body/1", lambda: last_hidden(self.model, ids[:, :1]), REPEATS)
-        measured["body/1"] = one
-        best = 0
-        for n in DRAFT_LENGTHS:
-            cost = self.timer(
-                f"body/1+{n}", lambda n=n: last_hidden(self.model, ids[:, : 1 + n], positions=1 + n), REPEATS
-            )
-            measured[f"body/1+{n}"] = cost
-            if cost > DRAFT_COST_LIMIT * one:
+
+        def body(tokens: int) -> Callable[[], object]:
+            return lambda: last_hidden(self.model, ids[:, :tokens], positions=tokens)
+
+        best, ratios = 0, {}
+        for n in DRAFT_LENGTHS:  # each length against one token, in alternation: a drifting machine drifts both
+            seconds = interleaved(self.timer, {"body/1": body(1), f"body/1+{n}": body(1 + n)}, REPEATS)
+            measured.update(seconds)
+            ratios[n] = seconds[f"body/1+{n}"] / seconds["body/1"] if seconds["body/1"] > 0 else float("inf")
+            if ratios[n] > DRAFT_COST_LIMIT:
                 break  # longer drafts cost more still
             best = n
-        if best:
-            reasons["drafts"] = (
-                f"a forward of {1 + best} tokens costs {_ratio(measured[f'body/1+{best}'], one)} one token's here"
-            )
-        else:
-            n = DRAFT_LENGTHS[0]
-            reasons["drafts"] = (
-                f"a forward of {1 + n} tokens costs {_ratio(measured[f'body/1+{n}'], one)} "
-                f"one token's here (> {DRAFT_COST_LIMIT}x)"
-            )
+        n = best or DRAFT_LENGTHS[0]
+        reasons["drafts"] = f"a forward of {1 + n} tokens costs {ratios[n]:.1f}x one token's here" + (
+            "" if best else f" (> {DRAFT_COST_LIMIT}x)"
+        )
         return best
 
     def _choose_engine(
@@ -414,33 +421,3 @@ def build_engine(model, tokenizer, choices: Choices, calibrator: Calibrator | No
         draft_tokens=choices.draft_tokens,
         screen=calibrator.screen(choices.head) if calibrator is not None else None,
     )
-
-
-def matmul_tflops(
-    rows: int, k: int, n: int, dtype: str, device: str, seconds: float = 1.0, cache: Path | None = None
-) -> tuple[float, str]:
-    """TFLOP/s of a [rows x k] @ [k x n] product in ``dtype`` on ``device`` (``icl-locate plan``: the products
-    of a decoding step), and "measured in Ns" or "cached". Timed for about ``seconds`` after a warm-up,
-    once per machine and shape: cached like the engine choices."""
-    key = dict(hardware(device), dtype=dtype, rows=rows, k=k, n=n, version=MATMUL_VERSION)
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    path = (cache if cache is not None else cache_dir() / "calibration") / f"matmul-{digest}.json"
-    if path.is_file():
-        return json.loads(path.read_text())["tflops"], "cached"
-    a = torch.randn(rows, k, dtype=getattr(torch, dtype), device=device)  # [rows, k]
-    b = torch.randn(k, n, dtype=getattr(torch, dtype), device=device)  # [k, n]
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    torch.mm(a, b)  # warm-up: kernels chosen, memory touched
-    sync()
-    started, repeats = time.perf_counter(), 0
-    while (elapsed := time.perf_counter() - started) < seconds or repeats < 3:
-        torch.mm(a, b)
-        sync()
-        repeats += 1
-    tflops = 2 * rows * k * n * repeats / elapsed / 1e12
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(path, dict(key=key, tflops=tflops, seconds=elapsed))
-    except OSError:
-        pass  # a read-only cache only costs the next run the measurement
-    return tflops, f"measured in {elapsed:.1f}s"

@@ -39,7 +39,7 @@ from ..core.checkpoints import built_embedded_checkpoint
 from ..core.costs import shape_of_config
 from ..core.models import load_description, load_model
 from ..core.shapes import ALIAS_SHAPES, DTYPE_BYTES, ModelShape
-from ..engines.calibrate import matmul_tflops
+from ..engines.matmul_rate import matmul_tflops
 from ..results.store import Store
 from ..util.errors import UserError
 from ..util.fileio import check_writable, write_json_atomic
