@@ -8,14 +8,15 @@ import json
 import sqlite3
 
 import pytest
+import torch
 
 from conftest import tiny
 from icl_locate.cli import main
 from icl_locate.core.conditions import get_condition
 from icl_locate.core.interventions import MaskFrom
 from icl_locate.core.models import load_model
-from icl_locate.engines import batch_rows, calibrate
-from icl_locate.engines.base import StopRule
+from icl_locate.engines import batch_rows, calibrate, fast
+from icl_locate.engines.base import StopRule, forward
 from icl_locate.engines.calibrate import Calibrator, Choices, build_engine
 from icl_locate.engines.fast import FastEngine
 from icl_locate.engines.head import SCREENS
@@ -120,11 +121,11 @@ def test_forcing_flags_are_honoured_and_not_measured(tmp_path, request_, measure
 @pytest.mark.parametrize(
     "seconds, query_rows, expected",
     [
-        (dict(batch__8=0.8, batch__16=1.0, batch__32=2.0), 1, 16),  # one doubling costs 1.25x (taken), the next 2x
-        (dict(batch__8=0.8, batch__16=0.8, batch__32=0.8), 1, 32),  # doublings pay up to the memory rule's 32
-        (dict(batch__8=0.8, batch__16=1.1, batch__4=0.5), 1, None),  # neither more nor fewer rows pay: the rule's
-        (dict(batch__8=0.8, batch__16=1.6, batch__4=0.4, batch__2=0.3), 1, 4),  # fewer rows cost no more a row
-        (dict(batch__8=0.8, batch__16=1.6), 8, None),  # ... but a halving never splits a query's rows
+        (dict(batch__8=0.8, batch__16=0.9, batch__32=1.8), 1, 2.0),  # one doubling costs 1.125x (taken), the next 2x
+        (dict(batch__8=0.8, batch__16=0.8, batch__32=0.8), 1, 4.0),  # doublings pay up to the memory rule's 32
+        (dict(batch__8=0.8, batch__16=1.1, batch__4=0.5), 1, 1.0),  # neither more nor fewer rows pay: the rule's
+        (dict(batch__8=0.8, batch__16=1.6, batch__4=0.4, batch__2=0.3), 1, 0.5),  # fewer rows cost no more a row
+        (dict(batch__8=0.8, batch__16=1.6), 8, 1.0),  # ... but a halving never splits a query's rows
     ],
 )
 def test_batch_rows_are_measured_around_the_rule(monkeypatch, seconds, query_rows, expected):
@@ -133,22 +134,45 @@ def test_batch_rows_are_measured_around_the_rule(monkeypatch, seconds, query_row
     lm = tiny("llama")
     prompts, _ = work(lm)
     timer = FakeTimer(**seconds)
-    got, reason, measured = batch_rows.choose_batch_rows(lm.model, prompts[0].ids, 6, query_rows, None, timer, 0.3)
+    got, reason, measured = batch_rows.choose_batch_scale(lm.model, prompts[0].ids, 6, query_rows, None, timer, 0.3)
     assert got == expected and set(measured) == set(timer.seconds) == set(timer.calls)
-    assert reason.startswith("the rule's 8 rows" if expected is None else f"{expected} rows, not the rule's 8")
+    assert reason.startswith("the rule's 8 rows" if expected == 1 else f"{int(8 * expected)} rows, not the rule's 8")
 
 
-def test_measured_batch_rows_reach_the_engine_and_a_forced_batch_is_not_measured(tmp_path, monkeypatch):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_timed_decoding_step_decodes_the_prompts_next_token(family):
+    """What the batch size is timed on is a real step: every row's token is the greedy next token."""
+    lm = tiny(family)
+    ids = work(lm)[0][0].ids
+    first = int(
+        forward(lm.model, torch.tensor([ids]), last_only=True).logits[0, -1].argmax()
+    )  # the whole prompt at once
+    steps = batch_rows.DecodingSteps(lm.model, batch_rows.prompt_cache(lm.model, ids[:-1]), ids[-1], None)
+    for rows in (3, 1):  # a smaller count after a larger reuses its buffer
+        assert steps.step(rows)().tolist() == [first] * rows
+
+
+def test_the_rule_bounds_rows_tokens_and_memory_and_scales():
+    kv = batch_rows.prompt_cache(tiny("llama").model, [1, 2, 3])
+    cpu = torch.device("cpu")
+    assert fast.rule_rows(kv, 10, 32_000, 0.3, cpu) == fast.MAX_BATCH_ROWS  # 3200 by tokens: the row bound
+    assert fast.rule_rows(kv, 1000, 32_000, 0.3, cpu) == 32  # by tokens
+    assert fast.rule_rows(kv, 1000, 32_000, 0.3, cpu, scale=2) == 64
+    assert fast.rule_rows(kv, 10, 32_000, 0.3, cpu, scale=0.5) == fast.MAX_BATCH_ROWS // 2
+    assert fast.rule_rows(kv, 1000, 32_000, 1e-15, cpu, scale=2) == 1  # memory is not scaled
+
+
+def test_measured_batch_scale_reaches_the_engine_and_a_forced_batch_is_not_measured(tmp_path, monkeypatch):
     monkeypatch.setattr(batch_rows, "rule_rows", lambda *args: 8)
     monkeypatch.setattr(batch_rows, "rows_by_memory", lambda *args: 64)
     lm = tiny("llama")
     timer = FakeTimer(batch__8=0.8, batch__16=0.8, batch__32=3.2, engine__fast=2.0, engine__tree=1.0)
     choices = choose(lm, tmp_path, timer)
-    assert choices.batch_rows == 16 and "16 rows" in choices.line()
+    assert choices.batch_scale == 2 and "batch: 2x the rule's rows (16 rows, not the rule's 8" in choices.line()
     engine = build_engine(lm.model, lm.tokenizer, choices)
-    assert isinstance(engine, TreeEngine) and engine.max_batch_rows == 16
+    assert isinstance(engine, TreeEngine) and engine.batch_scale == 2
     forced = choose(lm, tmp_path, FakeTimer(), EngineRequest(batch_size=3))
-    assert forced.batch_rows is None and forced.batch_size == 3
+    assert forced.batch_scale == 1 and forced.batch_size == 3
     assert not [name for name in forced.measured if name.startswith("batch/")]
 
 
@@ -247,6 +271,7 @@ def test_the_engine_takes_the_screen_the_calibration_built(tmp_path):
 def test_a_real_measurement_records_its_timings_and_hardware(tmp_path):
     choices = choose(tiny("llama"), tmp_path, calibrate.measure_seconds)
     assert {"head/plain", "head/bf16", "head/int8", "body/1", "engine/fast", "engine/tree"} <= set(choices.measured)
+    assert [name for name in choices.measured if name.startswith("batch/")]
     assert all(v > 0 for v in choices.measured.values())
     assert choices.hardware["cpu_capability"] and choices.hardware["threads"] >= 1
     line = choices.line()
@@ -259,8 +284,8 @@ def configurations(lm):
     yield Choices("tree", "plain", 0, None, {})
     yield Choices("tree", "plain", 3, None, {})
     yield Choices("tree", "plain", 0, 2, {})
-    yield Choices("tree", "plain", 0, None, {}, batch_rows=3)  # measured rows: a query's rows split
-    yield Choices("fast", "plain", 0, None, {}, batch_rows=2)
+    yield Choices("tree", "plain", 0, None, {}, batch_scale=1 / 64)  # 4 rows: a query's rows split
+    yield Choices("fast", "plain", 0, None, {}, batch_scale=1 / 128)
     for kind, screen in SCREENS.items():
         if screen.unsupported_reason(lm.model) is None:
             yield Choices("tree", kind, 0, None, {})

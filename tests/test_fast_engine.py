@@ -113,9 +113,9 @@ def test_whole_layer_ablation(family):
     )
 
 
-def test_measured_batch_rows_bound_batches_not_results(monkeypatch):
-    """Rows set by the calibration (``max_batch_rows``) replace the rule's batches, with the same generations;
-    the KV-memory bound still holds over them."""
+def test_a_measured_batch_scale_changes_batches_not_results(monkeypatch):
+    """A scale set by the calibration (``batch_scale``) changes the rule's batches, not the generations; the
+    KV-memory bound still holds over it."""
     lm = tiny("llama")
     encs = encoded_prompts(lm.tokenizer)
     variants = [MaskFrom(j) for j in (0, 2, 4)]
@@ -130,8 +130,9 @@ def test_measured_batch_rows_bound_batches_not_results(monkeypatch):
     expected = {k: v.token_ids for k, v in FastEngine(lm.model, lm.tokenizer).generate(prompts, variants, stop).items()}
     assert batch_rows == [9]  # the rule: every row in one batch
     for engine, rows in (
-        (FastEngine(lm.model, lm.tokenizer, max_batch_rows=2), [2, 2, 2, 2, 1]),
-        (FastEngine(lm.model, lm.tokenizer, max_batch_rows=2, kv_memory_fraction=1e-12), [1] * 9),
+        (FastEngine(lm.model, lm.tokenizer, max_batch_tokens=10**6, batch_scale=1 / 128), [2, 2, 2, 2, 1]),  # 256/128
+        (FastEngine(lm.model, lm.tokenizer, batch_scale=1 / 2048), [1] * 9),  # the token bound, scaled
+        (FastEngine(lm.model, lm.tokenizer, batch_scale=2, kv_memory_fraction=1e-12), [1] * 9),  # memory: not scaled
     ):
         batch_rows.clear()
         got = engine.generate(prompts, variants, stop)

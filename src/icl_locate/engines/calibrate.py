@@ -47,7 +47,7 @@ from ..util.errors import UserError
 from ..util.fileio import write_json_atomic
 from ..util.system import hardware, hardware_line
 from .base import Engine, StopRule, last_hidden
-from .batch_rows import choose_batch_rows
+from .batch_rows import choose_batch_scale
 from .fast import KV_MEMORY_FRACTION, FastEngine
 from .head import SCREENS, CertifiedHead, build_screen
 from .request import AUTO_REQUEST, EngineRequest
@@ -59,7 +59,7 @@ HEAD_SAMPLE_ROWS = 16  # final hidden states the heads are timed on (per-row cos
 MINI_RUN_TOKENS = 3  # new tokens in the engine comparison: the query's prefill and two decoding steps
 MINI_RUN_ROWS = 10  # at most this many rows of the first query (a spread of them) in the engine comparison
 REPEATS = 3  # timings are the median of this many runs after one warm-up
-CALIBRATION_VERSION = 6  # part of the cache key: a change of the procedure re-measures
+CALIBRATION_VERSION = 7  # part of the cache key: a change of the procedure re-measures
 
 
 @dataclass
@@ -75,7 +75,7 @@ class Choices:
     hardware: dict = field(default_factory=dict)
     calibration_seconds: float = 0.0
     cached: bool = False
-    batch_rows: int | None = None  # rows of an automatic batch where the rule's were measured slower, else None
+    batch_scale: float = 1.0  # the factor on the automatic rule's rows measured fastest (1: the rule's own)
 
     def line(self) -> str:
         """One line for the terminal: the choices and the measured reasons."""
@@ -88,9 +88,10 @@ class Choices:
         )
 
     def batch_line(self) -> str:
+        """The batch size in a few words: forced, the rule's, or a multiple of the rule's."""
         if self.batch_size:
             return str(self.batch_size)
-        return f"{self.batch_rows} rows" if self.batch_rows else "auto"
+        return "auto" if self.batch_scale == 1 else f"{self.batch_scale:g}x the rule's rows"
 
     def summary(self) -> str:
         """The configuration in a few words, e.g. "tree engine, screened head, no drafts"."""
@@ -275,23 +276,23 @@ class Calibrator:
                 reasons["drafts"] = f"the fast engine has no drafts (tree engine: {reasons['drafts']})"
         else:
             reasons["engine"] = "forced"
-        rows = self._choose_batch(prompts[0], stop.max_new_tokens, len(interventions), head, reasons, measured)
+        scale = self._choose_batch(prompts[0], stop.max_new_tokens, len(interventions), head, reasons, measured)
         self._keep_screen(head)
         return Choices(
-            engine, head, drafts, self.request.batch_size, reasons, measured, hardware(self.device), batch_rows=rows
+            engine, head, drafts, self.request.batch_size, reasons, measured, hardware(self.device), batch_scale=scale
         )
 
     def _choose_batch(
         self, prompt: MaskedPrompt, new_tokens: int, rows: int, head: str, reasons: dict, measured: dict
-    ) -> int | None:
+    ) -> float:
         if self.request.batch_size:
             reasons["batch"] = "forced"
-            return None
-        cap, reasons["batch"], seconds = choose_batch_rows(
+            return 1.0
+        scale, reasons["batch"], seconds = choose_batch_scale(
             self.model, prompt.ids, new_tokens, rows, self.screen(head), self.timer, KV_MEMORY_FRACTION
         )
         measured.update(seconds)
-        return cap
+        return scale
 
     def _sample_hidden(self, prompt: MaskedPrompt) -> torch.Tensor:
         """Final hidden states of the prompt's last positions: rows like those the head decodes (computed
@@ -411,12 +412,12 @@ class Calibrator:
 def build_engine(model, tokenizer, choices: Choices, calibrator: Calibrator | None = None) -> Engine:
     """The engine ``choices`` describe (with the screen ``calibrator`` built to measure it, if any)."""
     if choices.engine == "fast":
-        return FastEngine(model, tokenizer, batch_size=choices.batch_size, max_batch_rows=choices.batch_rows)
+        return FastEngine(model, tokenizer, batch_size=choices.batch_size, batch_scale=choices.batch_scale)
     return TreeEngine(
         model,
         tokenizer,
         batch_size=choices.batch_size,
-        max_batch_rows=choices.batch_rows,
+        batch_scale=choices.batch_scale,
         head_kind=choices.head,
         draft_tokens=choices.draft_tokens,
         screen=calibrator.screen(choices.head) if calibrator is not None else None,

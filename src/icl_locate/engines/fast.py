@@ -59,10 +59,13 @@ def rows_by_memory(kv: KV, tokens: int, fraction: float, device: torch.device) -
     return int(fraction * available_memory(device)) // max(1, bytes_per_token * tokens)
 
 
-def rule_rows(kv: KV, tokens: int, max_batch_tokens: int, fraction: float, device: torch.device) -> int:
-    """The automatic batch of rows of ``tokens`` positions: bounded in rows (``MAX_BATCH_ROWS``), in
-    rows x tokens and in KV memory."""
-    return max(1, min(MAX_BATCH_ROWS, max_batch_tokens // tokens, rows_by_memory(kv, tokens, fraction, device)))
+def rule_rows(
+    kv: KV, tokens: int, max_batch_tokens: int, fraction: float, device: torch.device, scale: float = 1.0
+) -> int:
+    """The automatic batch of rows of ``tokens`` positions: bounded in rows (``MAX_BATCH_ROWS``) and in
+    rows x tokens (``max_batch_tokens``), both times ``scale``, and in KV memory."""
+    rows, in_tokens = int(MAX_BATCH_ROWS * scale), int(max_batch_tokens * scale) // tokens
+    return max(1, min(rows, in_tokens, rows_by_memory(kv, tokens, fraction, device)))
 
 
 class FastEngine:
@@ -77,12 +80,12 @@ class FastEngine:
         max_batch_tokens: int = MAX_BATCH_TOKENS,
         kv_memory_fraction: float = KV_MEMORY_FRACTION,
         screen: CertifiedHead | None = None,
-        max_batch_rows: int | None = None,
+        batch_scale: float = 1.0,
     ):
         """``screen``: a screened LM head (``head.py``) picks the greedy tokens (the model's own head's);
-        None: the model's own head. ``max_batch_rows``: the rows an automatic batch takes where the rule's
-        (``rule_rows``) were measured not to be the fastest on this machine (``calibrate.py``); its bounds
-        in rows and tokens then give way to it, its KV-memory bound does not."""
+        None: the model's own head. ``batch_scale``: the automatic rule's bounds in rows and in tokens are
+        multiplied by it (a power of two the calibration measured faster than 1 on this machine, ``batch_rows.py``);
+        the KV-memory bound is not."""
         self.model = model
         self.head = screen
         self.tokenizer = tokenizer
@@ -90,11 +93,11 @@ class FastEngine:
         self.device = next(model.parameters()).device
         self.eos = eos_ids(model, tokenizer)
         self.batch_size = batch_size
-        # Automatic batches are bounded in rows x (prefix + query + new) tokens, and their KV
+        # Automatic batches are bounded in rows, in rows x (prefix + query + new) tokens, and their KV
         # cache in bytes by a fraction of the memory available when decoding starts.
         self.max_batch_tokens = max_batch_tokens
         self.kv_memory_fraction = kv_memory_fraction
-        self.max_batch_rows = max_batch_rows
+        self.batch_scale = batch_scale
         self.stats: dict[str, Any] = {  # counters; subclasses add per-layer lists
             "prefix_forwards": 0,
             "prefix_tokens": 0,
@@ -214,7 +217,7 @@ class FastEngine:
         ]
 
     def _chunks(self, rows: list[Row], prefix_caches: PrefixCaches, max_new_tokens: int):
-        """Batches of rows with one ablation each, bounded in rows x tokens and in KV bytes, and of even
+        """Batches of rows with one ablation each, bounded as ``rule_rows`` says, and of even
         sizes (a small last batch would decode as long as a full one). Rows of one prefix cache stay
         together (then by query length), so that only a few caches are alive at a time: a head sweep has
         one per intervention; prefixes of about one length batch together (less padding)."""
@@ -236,15 +239,14 @@ class FastEngine:
         return list(groups.values())
 
     def _rows_per_batch(self, group: list[Row], prefix_caches: PrefixCaches, max_new_tokens: int) -> int:
-        """``batch_size``, else as many rows as the token and KV-memory bounds allow."""
+        """``batch_size``, else as many rows as the automatic rule allows (``rule_rows``)."""
         longest = max(len(r.prefix_key[0]) + len(r.query_ids) for r in group) + max_new_tokens
         return self.batch_size or self._auto_rows(longest, prefix_caches.get(group[0]))
 
     def _auto_rows(self, longest: int, prefix_kv: KV) -> int:
-        if self.max_batch_rows is not None:
-            by_memory = rows_by_memory(prefix_kv, longest, self.kv_memory_fraction, self.device)
-            return max(1, min(self.max_batch_rows, by_memory))
-        return rule_rows(prefix_kv, longest, self.max_batch_tokens, self.kv_memory_fraction, self.device)
+        return rule_rows(
+            prefix_kv, longest, self.max_batch_tokens, self.kv_memory_fraction, self.device, self.batch_scale
+        )
 
     # ------------------------------------------------------------------ decoding
 

@@ -20,7 +20,7 @@ class EngineRequest:
         "auto"  # auto | bf16 | int8 | plain (the tree and pruned engines' LM head; the fast engine uses the model's)
     )
     draft_tokens: int | None = None  # None: measure; 0: no drafts; N: drafts of up to N tokens (tree engine)
-    batch_size: int | None = None  # rows per batch; None: the engines' memory rule
+    batch_size: int | None = None  # rows per batch; None: the engines' automatic rule (checked by calibration)
 
     def check(self) -> None:
         if self.engine not in ENGINES:

@@ -74,7 +74,7 @@ class TreeEngine(FastEngine):
         head_kind: str | None = None,
         draft_tokens: int = 0,
         screen: CertifiedHead | None = None,
-        max_batch_rows: int | None = None,
+        batch_scale: float = 1.0,
     ):
         """``head_kind``: pick greedy tokens with the model's own head ("plain") or a screened head
         ("bf16", "int8": ``head.py``; refused with ValueError where it cannot be used on this model);
@@ -82,10 +82,8 @@ class TreeEngine(FastEngine):
         by measuring instead).
         ``draft_tokens``: verify drafts of up to this many tokens per step (0: none; see drafts.py).
         ``screen``: the ``head_kind`` screen, built already (e.g. by the calibration), else built here.
-        ``max_batch_rows``: as in ``FastEngine``."""
-        super().__init__(
-            model, tokenizer, batch_size, max_batch_tokens, kv_memory_fraction, max_batch_rows=max_batch_rows
-        )
+        ``batch_scale``: as in ``FastEngine``."""
+        super().__init__(model, tokenizer, batch_size, max_batch_tokens, kv_memory_fraction, batch_scale=batch_scale)
         self.layers = decoder_layers(model)
         self._routes: SlotRoutes | None = None  # what the slot hooks follow in the forward under way
         self.stats.update(

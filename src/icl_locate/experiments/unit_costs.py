@@ -122,7 +122,9 @@ class UnitCost:
     generated_estimate: int  # rows x (the reference's tokens + 1)
     flops: dict[str, float]  # engine -> FLOPs, answers as estimated
     flops_bound: dict[str, float]  # engine -> FLOPs, every row to the token limit
-    batch_rows: int  # the largest batch the engines' automatic rule (or --batch-size) makes; calibration may double it
+    batch_rows: (
+        int  # the largest batch the engines' automatic rule (or --batch-size) makes; the calibration may scale it
+    )
     kv_bytes: int  # that batch's KV buffers + the shared context's cache
     activation_bytes: int  # estimate: the largest forward's working set
 

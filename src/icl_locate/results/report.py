@@ -257,5 +257,18 @@ def engine_line(choices: dict) -> str:
     reasons = choices["reasons"]
     return (
         f"engine {choices['engine']} ({reasons['engine']}); head {choices['head']} ({reasons['head']}); "
-        f"drafts {choices['draft_tokens'] or 'off'} ({reasons['drafts']}); on {hardware_line(choices['hardware'])}"
+        f"drafts {choices['draft_tokens'] or 'off'} ({reasons['drafts']}); batch {_batch_words(choices)} "
+        f"({reasons.get('batch', '?')}); on {hardware_line(choices['hardware'])}"
+    )
+
+
+def _batch_words(choices: dict) -> str:
+    """As ``Choices.batch_line`` (engines/calibrate.py), from a stored record (older ones lack the scale)."""
+    scale = choices.get("batch_scale", 1)
+    return (
+        str(choices["batch_size"])
+        if choices.get("batch_size")
+        else "auto"
+        if scale == 1
+        else f"{scale:g}x the rule's rows"
     )
