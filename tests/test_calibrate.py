@@ -346,6 +346,7 @@ def test_a_sweep_stores_the_chosen_path_and_the_machine(tmp_path, data_dir, caps
     assert main(["report", str(store), "--format", "md"]) == 0
     report = (tmp_path / "s_report" / "report.md").read_text()
     assert f"engine {engines[0]['engine']} (" in report and "torch CPU capability" in report
+    assert f"; batch {Choices.from_dict(engines[0]).batch_line()} ({engines[0]['reasons']['batch']}); on " in report
 
 
 def test_bench_json_keeps_the_hardware_and_the_choices(tmp_path, data_dir):
