@@ -139,6 +139,12 @@ def test_batch_rows_are_measured_around_the_rule(monkeypatch, seconds, query_row
     assert reason.startswith("the rule's 8 rows" if expected == 1 else f"{int(8 * expected)} rows, not the rule's 8")
 
 
+def test_a_one_token_prompt_keeps_the_rule_unmeasured():
+    timer = FakeTimer()
+    scale, reason, measured = batch_rows.choose_batch_scale(tiny("llama").model, [5], 6, 1, None, timer, 0.3)
+    assert (scale, measured, timer.calls) == (1.0, {}, []) and "one-token prompt" in reason
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_timed_decoding_step_decodes_the_prompts_next_token(family):
     """What the batch size is timed on is a real step: every row's token is the greedy next token."""
