@@ -37,7 +37,7 @@ class FakeTimer:
         self.seconds = {name.replace("__", "/").replace("_plus_", "+"): s for name, s in seconds.items()}
         self.calls: list[str] = []
 
-    def __call__(self, name, fn, repeats):
+    def __call__(self, name, fn):
         fn()
         self.calls.append(name)
         return self.seconds.get(name, 1.0)

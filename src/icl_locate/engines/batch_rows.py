@@ -35,7 +35,7 @@ BATCH_ROW_LIMIT = 1024  # no batch is measured (or taken) beyond this many rows
 # products), while their KV cache is surely larger.
 DOUBLING_COST_LIMIT = 1.25
 
-Timer = Callable[[str, Callable[[], object], int], float]
+Timer = Callable[[str, Callable[[], object]], float]  # (what is timed, the work) -> seconds of one run
 
 
 @torch.no_grad()
@@ -63,7 +63,7 @@ def choose_batch_scale(
     measured: dict[str, float] = {}
 
     def per_row(rows: int) -> float:
-        measured[f"batch/{rows}"] = timer(f"batch/{rows}", steps.step(rows), 1)
+        measured[f"batch/{rows}"] = timer(f"batch/{rows}", steps.step(rows))
         return measured[f"batch/{rows}"] / rows
 
     steps.step(rule)()  # warm-up: kernels chosen, memory touched

@@ -47,7 +47,7 @@ from ..util.errors import UserError
 from ..util.fileio import write_json_atomic
 from ..util.system import hardware, hardware_line
 from .base import Engine, StopRule, last_hidden
-from .batch_rows import choose_batch_scale
+from .batch_rows import Timer, choose_batch_scale
 from .fast import KV_MEMORY_FRACTION, FastEngine
 from .head import SCREENS, CertifiedHead, build_screen
 from .request import AUTO_REQUEST, EngineRequest
@@ -58,7 +58,7 @@ DRAFT_COST_LIMIT = 1.25
 HEAD_SAMPLE_ROWS = 16  # final hidden states the heads are timed on (per-row cost is what matters)
 MINI_RUN_TOKENS = 3  # new tokens in the engine comparison: the query's prefill and two decoding steps
 MINI_RUN_ROWS = 10  # at most this many rows of the first query (a spread of them) in the engine comparison
-REPEATS = 3  # timings are the median of this many runs after one warm-up
+REPEATS = 3  # timings compared with each other: the median of this many alternating rounds after a warm-up
 CALIBRATION_VERSION = 7  # part of the cache key: a change of the procedure re-measures
 
 
@@ -109,23 +109,14 @@ class Choices:
         return cls(**data)
 
 
-Timer = Callable[[str, Callable[[], object], int], float]
-
-
-def measure_seconds(name: str, fn: Callable[[], object], repeats: int = REPEATS) -> float:
-    """Seconds ``fn`` takes (GPU work synchronised): with ``repeats`` > 1 one warm-up, then the median
-    of that many runs; with 1, a single run (for work that is long enough to time once)."""
+def measure_seconds(name: str, fn: Callable[[], object]) -> float:
+    """Seconds one run of ``fn`` takes (GPU work synchronised); ``name`` says what is timed (the ``Timer``
+    protocol: tests inject fake timings by name). Repeats and warm-ups are the caller's (``interleaved``)."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() and torch.cuda.is_initialized() else (lambda: None)
-    if repeats > 1:
-        fn()
-        sync()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+    started = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - started
 
 
 def interleaved(timer: Timer, fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
@@ -136,7 +127,7 @@ def interleaved(timer: Timer, fns: dict[str, Callable[[], object]], rounds: int)
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            times[name].append(timer(name, fn, 1))
+            times[name].append(timer(name, fn))
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -147,7 +138,7 @@ def _ratio(slow: float, fast: float) -> str:
 class Calibrator:
     """Chooses an engine's configuration for the rows at hand (see the module docstring).
 
-    ``timer(name, fn, repeats)`` runs ``fn`` and returns its seconds (tests inject fake timings by
+    ``timer(name, fn)`` runs ``fn`` once and returns its seconds (tests inject fake timings by
     name: "head/plain", "head/bf16", "head/int8", "body/1", "body/1+N", "engine/fast", "engine/tree",
     "batch/ROWS")."""
 
@@ -398,7 +389,7 @@ class Calibrator:
         }
         for name, engine in engines.items():
             measured[f"engine/{name}"] = self.timer(  # seconds of work: timed once
-                f"engine/{name}", lambda engine=engine: engine.generate([prompt], rows, short), 1
+                f"engine/{name}", lambda engine=engine: engine.generate([prompt], rows, short)
             )
         fast, tree = measured["engine/fast"], measured["engine/tree"]
         what = f"on {len(rows)} rows x {short.max_new_tokens} tokens"
