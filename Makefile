@@ -32,7 +32,7 @@ demo: setup
 check: setup
 	$(BIN)/ruff format --check src tests
 	$(BIN)/ruff check src tests
-	$(BIN)/pyright
+	$(BIN)/pyright --pythonpath $(abspath $(BIN)/python)
 	$(BIN)/lint-imports
 
 # The report's browser tests drive Debian's chromium (Playwright's own browser downloads are not used): installed
