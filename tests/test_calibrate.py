@@ -74,9 +74,10 @@ def test_the_fastest_head_is_chosen(tmp_path, plain, bf16, int8, expected):
 @pytest.mark.parametrize(
     "costs, expected",
     [
-        (dict(body__1=1.0, body__1_plus_2=1.1, body__1_plus_4=1.2, body__1_plus_8=2.0), 4),
-        (dict(body__1=1.0, body__1_plus_2=1.1, body__1_plus_4=1.2, body__1_plus_8=1.25), 8),
-        (dict(body__1=1.0, body__1_plus_2=2.0, body__1_plus_4=1.0, body__1_plus_8=1.0), 0),
+        (dict(step__1=1.0, step__1_plus_2=1.05, step__1_plus_4=1.08, step__1_plus_8=2.0), 4),
+        (dict(step__1=1.0, step__1_plus_2=1.05, step__1_plus_4=1.08, step__1_plus_8=1.1), 8),
+        (dict(step__1=1.0, step__1_plus_2=1.2, step__1_plus_4=1.0, step__1_plus_8=1.0), 0),  # a CPU's ratio
+        (dict(step__1=1.0, step__1_plus_2=2.0, step__1_plus_4=1.0, step__1_plus_8=1.0), 0),
     ],
 )
 def test_drafts_only_where_a_longer_forward_costs_about_one_token(tmp_path, costs, expected):
@@ -84,11 +85,38 @@ def test_drafts_only_where_a_longer_forward_costs_about_one_token(tmp_path, cost
     assert choices.draft_tokens == expected
 
 
+@pytest.mark.parametrize("head", ["plain", "int8"])
+def test_the_drafts_step_runs_the_chosen_head_at_every_fed_position(tmp_path, head):
+    """Verifying a draft of N tokens needs the head at 1 + N positions: the timed step must pay for them."""
+    lm = tiny("llama")
+    prompts, rows = work(lm)
+    calibrator = Calibrator(lm.model, lm.tokenizer, EngineRequest(engine="tree", head=head), cache=tmp_path / "cal")
+    lm_head = lm.model.get_output_embeddings()
+    head_rows: dict[str, int] = {}
+
+    def timer(name, fn):
+        seen: list[int] = []
+        screened = calibrator.screens[head].stats["rows"] if head != "plain" else 0
+        hook = lm_head.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
+        try:
+            fn()
+        finally:
+            hook.remove()
+        if name.startswith("step/"):
+            head_rows[name] = sum(seen) if head == "plain" else calibrator.screens[head].stats["rows"] - screened
+        return 1.0 if name == "step/1" else 2.0  # drafts never pay: every length is measured once
+
+    calibrator.timer = timer
+    calibrator.choose(prompts, rows, STOP)
+    step_rows = min(len(rows), calibrate.MINI_RUN_ROWS)
+    assert head_rows == {"step/1": step_rows, "step/1+2": 3 * step_rows}
+
+
 def test_the_faster_engine_is_chosen_and_the_fast_engine_takes_the_plain_head(tmp_path):
     choices = choose(
         tiny("llama"),
         tmp_path,
-        FakeTimer(head__plain=1.0, head__bf16=0.1, body__1=1.0, body__1_plus_2=1.0, engine__fast=1.0, engine__tree=3.0),
+        FakeTimer(head__plain=1.0, head__bf16=0.1, step__1=1.0, step__1_plus_2=1.0, engine__fast=1.0, engine__tree=3.0),
     )
     assert (choices.engine, choices.head, choices.draft_tokens) == ("fast", "plain", 0)
     assert "3.0x faster than the tree engine" in choices.reasons["engine"]
@@ -104,7 +132,7 @@ def test_the_faster_engine_is_chosen_and_the_fast_engine_takes_the_plain_head(tm
         (EngineRequest(engine="tree", head="bf16", draft_tokens=0), {"batch"}, ("tree", "bf16", 0)),
         (EngineRequest(engine="tree", head="int8", draft_tokens=0, batch_size=2), set(), ("tree", "int8", 0)),
         (EngineRequest(head="plain", draft_tokens=0), {"engine", "batch"}, None),
-        (EngineRequest(engine="tree"), {"head", "body", "batch"}, None),
+        (EngineRequest(engine="tree"), {"head", "step", "batch"}, None),
     ],
 )
 def test_forcing_flags_are_honoured_and_not_measured(tmp_path, request_, measured_prefixes, expected):
@@ -276,7 +304,7 @@ def test_the_engine_takes_the_screen_the_calibration_built(tmp_path):
 
 def test_a_real_measurement_records_its_timings_and_hardware(tmp_path):
     choices = choose(tiny("llama"), tmp_path, calibrate.measure_seconds)
-    assert {"head/plain", "head/bf16", "head/int8", "body/1", "engine/fast", "engine/tree"} <= set(choices.measured)
+    assert {"head/plain", "head/bf16", "head/int8", "step/1", "engine/fast", "engine/tree"} <= set(choices.measured)
     assert [name for name in choices.measured if name.startswith("batch/")]
     assert all(v > 0 for v in choices.measured.values())
     assert choices.hardware["cpu_capability"] and choices.hardware["threads"] >= 1

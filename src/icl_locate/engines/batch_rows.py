@@ -29,8 +29,8 @@ from .rows import KV
 
 BATCH_ROW_LIMIT = 1024  # no batch is measured (or taken) beyond this many rows
 # Twice the rows are taken where their step costs at most this many times the step of half as many:
-# where decoding is latency-bound (more rows come almost free), as for drafts (``calibrate.py``'s
-# DRAFT_COST_LIMIT). Smaller gains are not taken: a step over-states what more rows gain over a whole run
+# where decoding is latency-bound (more rows come almost free). Smaller gains are not taken: a step
+# over-states what more rows gain over a whole run
 # (rows finish at different lengths, and the tree engine's shared states already shrink its low layers'
 # products), while their KV cache is surely larger.
 DOUBLING_COST_LIMIT = 1.25

@@ -10,9 +10,10 @@ So an engine starts by timing each choice on the model itself, briefly, and pick
 - head: the model's own LM head vs each screened head (bf16, int8: ``engines/head.py``) this model
   can take, on final hidden states of the first prompt (a screen must give the same tokens there,
   or it is refused);
-- drafts: the body's forward of 1 + N tokens against 1 token, per row; drafts of N tokens are used
-  where the longer forward costs at most ``DRAFT_COST_LIMIT`` times the shorter (so even one token
-  accepted in every few steps pays), the largest such N of ``DRAFT_LENGTHS`` (tried shortest first);
+- drafts: a decoding step fed 1 + N tokens against one fed 1 token, per row: the body's forward and
+  the chosen head at every fed position (verifying a draft needs the head at each); drafts of N tokens
+  are used where the longer step costs at most ``DRAFT_COST_LIMIT`` times the shorter (so even one
+  token accepted in every ten steps pays), the largest such N of ``DRAFT_LENGTHS`` (tried shortest first);
 - engine: a short run (``MINI_RUN_TOKENS`` new tokens) of up to ``MINI_RUN_ROWS`` of the first
   query's rows on the fast engine and on the tree engine with the head and drafts chosen above;
 - batch size: one decoding step (with the chosen head) over the first prompt's cache, at the engines'
@@ -54,12 +55,16 @@ from .request import AUTO_REQUEST, EngineRequest
 from .tree import TreeEngine
 
 DRAFT_LENGTHS = (2, 4, 8)
-DRAFT_COST_LIMIT = 1.25
+# Drafts are taken where a step fed 1 + N tokens costs at most this many times a step fed one: decoding
+# that is latency-bound (a GPU: about 1.0x), not compute-bound (a CPU: 1.3x to 1.5x). Drafts that are
+# rarely accepted (short answers) then cost little; on a compute-bound machine they cost nearly the
+# whole ratio, so the limit keeps a margin below where a noisy timing of a CPU can fall.
+DRAFT_COST_LIMIT = 1.1
 HEAD_SAMPLE_ROWS = 16  # final hidden states the heads are timed on (per-row cost is what matters)
 MINI_RUN_TOKENS = 3  # new tokens in the engine comparison: the query's prefill and two decoding steps
 MINI_RUN_ROWS = 10  # at most this many rows of the first query (a spread of them) in the engine comparison
 REPEATS = 3  # timings compared with each other: the median of this many alternating rounds after a warm-up
-CALIBRATION_VERSION = 7  # part of the cache key: a change of the procedure re-measures
+CALIBRATION_VERSION = 8  # part of the cache key: a change of the procedure re-measures
 
 
 @dataclass
@@ -139,7 +144,7 @@ class Calibrator:
     """Chooses an engine's configuration for the rows at hand (see the module docstring).
 
     ``timer(name, fn)`` runs ``fn`` once and returns its seconds (tests inject fake timings by
-    name: "head/plain", "head/bf16", "head/int8", "body/1", "body/1+N", "engine/fast", "engine/tree",
+    name: "head/plain", "head/bf16", "head/int8", "step/1", "step/1+N", "engine/fast", "engine/tree",
     "batch/ROWS")."""
 
     def __init__(
@@ -255,7 +260,7 @@ class Calibrator:
         measured: dict[str, float] = {}
         engine = self.request.engine
         head = "plain" if engine == "fast" else self._choose_head(prompts[0], reasons, measured)
-        drafts = 0 if engine == "fast" else self._choose_drafts(prompts[0], len(interventions), reasons, measured)
+        drafts = 0 if engine == "fast" else self._choose_drafts(prompts[0], len(interventions), head, reasons, measured)
         if engine == "fast":
             reasons["head"] = "the fast engine uses the model's own head"
             reasons["drafts"] = "the fast engine has no drafts"
@@ -336,26 +341,35 @@ class Calibrator:
         reasons["head"] = f"{fastest} screen {_ratio(seconds, plain)} slower than the full product here"
         return "plain"
 
-    def _choose_drafts(self, prompt: MaskedPrompt, rows: int, reasons: dict, measured: dict) -> int:
+    def _choose_drafts(self, prompt: MaskedPrompt, rows: int, head: str, reasons: dict, measured: dict) -> int:
         if self.request.draft_tokens is not None:
             reasons["drafts"] = "forced"
             return self.request.draft_tokens
         width = max(DRAFT_LENGTHS)
         ids = torch.tensor([prompt.ids[-(1 + width) :]] * max(1, min(rows, MINI_RUN_ROWS)), device=self.device)
+        screen, lm_head = self.screen(head), self.model.get_output_embeddings()
 
-        def body(tokens: int) -> Callable[[], object]:
-            return lambda: last_hidden(self.model, ids[:, :tokens], positions=tokens)
+        def step(tokens: int) -> Callable[[], object]:
+            """A decoding step feeding ``tokens`` tokens (the last one and a draft): the body, then the LM head
+            at every fed position, as verifying a draft needs (with a large vocabulary the head can cost as
+            much as the body, and it grows with the tokens as the body's products do)."""
+
+            def run() -> torch.Tensor:
+                hidden = last_hidden(self.model, ids[:, :tokens], positions=tokens).flatten(0, 1)  # [rows x tokens, d]
+                return lm_head(hidden).argmax(-1) if screen is None else screen.argmax(hidden)
+
+            return run
 
         best, ratios = 0, {}
         for n in DRAFT_LENGTHS:  # each length against one token, in alternation: a drifting machine drifts both
-            seconds = interleaved(self.timer, {"body/1": body(1), f"body/1+{n}": body(1 + n)}, REPEATS)
+            seconds = interleaved(self.timer, {"step/1": step(1), f"step/1+{n}": step(1 + n)}, REPEATS)
             measured.update(seconds)
-            ratios[n] = seconds[f"body/1+{n}"] / seconds["body/1"] if seconds["body/1"] > 0 else float("inf")
+            ratios[n] = seconds[f"step/1+{n}"] / seconds["step/1"] if seconds["step/1"] > 0 else float("inf")
             if ratios[n] > DRAFT_COST_LIMIT:
                 break  # longer drafts cost more still
             best = n
         n = best or DRAFT_LENGTHS[0]
-        reasons["drafts"] = f"a forward of {1 + n} tokens costs {ratios[n]:.1f}x one token's here" + (
+        reasons["drafts"] = f"a step of {1 + n} tokens costs {ratios[n]:.1f}x one token's here" + (
             "" if best else f" (> {DRAFT_COST_LIMIT}x)"
         )
         return best
