@@ -24,6 +24,7 @@ be exact: the model's logits must be ``head(final hidden state)``, softcapped by
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 
 import torch
@@ -52,6 +53,7 @@ class CertifiedHead:
         self.softcap = getattr(text_config(model), "final_logit_softcapping", None)
         self.check_every, self.calls, self.disabled = check_every, 0, False
         self.stats = {"rows": 0, "candidates": 0, "full_rows": 0, "rebuilt": 0, "checked_rows": 0}
+        self.buffer: torch.Tensor | None = None  # the screen's logits of the last call (``_screen_buffer``)
         self.weight = self.head.weight  # [V, d], the model's own (fp32)
         self.version = self.weight._version  # in-place changes of the weight bump it
         self._build()
@@ -94,6 +96,20 @@ class CertifiedHead:
         if not self.softcap:
             return logits
         return torch.tanh(logits / self.softcap) * self.softcap
+
+    def _screen_buffer(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A tensor of ``shape`` for the screen's logits to be written into (contents undefined), from a buffer
+        kept for the next call: a fresh one of a few hundred MB pays its page faults on every call, a large
+        part of the screen's time on a CPU. It grows, never shrinks: no more memory than the largest batch took."""
+        size = math.prod(shape)
+        if (
+            self.buffer is None
+            or self.buffer.numel() < size
+            or (self.buffer.dtype, self.buffer.device) != (dtype, device)
+        ):
+            self.buffer = None  # the old one goes before the new one comes
+            self.buffer = torch.empty(size, dtype=dtype, device=device)
+        return self.buffer[:size].view(shape)
 
     def full_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.cap(hidden @ self.weight.T)
@@ -198,13 +214,14 @@ class Bf16ScreenedHead(CertifiedHead):
     def _approx(self, hidden: torch.Tensor) -> torch.Tensor:
         """bf16 logits [B, V]; on a GPU with reduced-precision reductions switched off in this scope
         (the bound assumes fp32 accumulation)."""
+        out = self._screen_buffer((hidden.shape[0], self.screen.shape[0]), torch.bfloat16, hidden.device)
         if hidden.device.type != "cuda":
-            return hidden.to(torch.bfloat16) @ self.screen.T
+            return torch.mm(hidden.to(torch.bfloat16), self.screen.T, out=out)
         flags = torch.backends.cuda.matmul
         saved = flags.allow_bf16_reduced_precision_reduction
         flags.allow_bf16_reduced_precision_reduction = False
         try:
-            return hidden.to(torch.bfloat16) @ self.screen.T
+            return torch.mm(hidden.to(torch.bfloat16), self.screen.T, out=out)
         finally:
             flags.allow_bf16_reduced_precision_reduction = saved
 
@@ -324,7 +341,8 @@ class Int8ScreenedHead(CertifiedHead):
         q_t = q.to(torch.int8).T  # [d - k, B]
         h_out_t = (hidden[:, self.outliers] / t[:, None]).T  # [k, B]
         vocab, rows = self.w_int8.shape[0], hidden.shape[0]
-        chunks = torch.full((-(-vocab // CHUNK_TOKENS), CHUNK_TOKENS, rows), -float("inf"), device=hidden.device)
+        chunks = self._screen_buffer((-(-vocab // CHUNK_TOKENS), CHUNK_TOKENS, rows), torch.float32, hidden.device)
+        chunks[-1, vocab - (len(chunks) - 1) * CHUNK_TOKENS :] = -float("inf")  # past V: never a candidate
         for c, start in enumerate(range(0, vocab, CHUNK_TOKENS)):
             stop = min(vocab, start + CHUNK_TOKENS)
             product = torch._int_mm(self.w_int8[start:stop], q_t)  # [C, B] int32, exact  # pyright: ignore[reportPrivateImportUsage]
