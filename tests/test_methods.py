@@ -393,3 +393,29 @@ def test_unchanged_generations_are_kept_by_prompt_and_stop_rule_and_not_when_dis
     assert kept.find(ps[:2], STOP) is None  # prompt 1's was disputed by an audit
     assert kept.find(ps[:1], StopRule((), 6)) is None  # another stop rule decodes differently
     assert kept.find(ps[2:], STOP) == [gens[(2, rows[0])]] and kept.reused == 2
+
+
+def test_a_units_seconds_leave_out_the_engines_calibration(data_dir, monkeypatch):
+    """Masking and method units alike: measuring the engine is its own cost (stated on its own line and in the
+    run record), not the unit's, so that the units' seconds compare."""
+    from icl_locate.experiments import units
+
+    settings = dict(model="tiny:llama", pairs=["fra-eng"], seeds=[0], ks=[2], n_test=3, max_new_tokens=4)
+    config = SweepConfig(conditions=["instructions+examples"], data_dir=str(data_dir), **settings)
+    worker = tiny_worker(config, fast_engine=True, max_new_tokens=4)
+    n_layers = worker.loaded.info.num_layers
+    unit_list = plan_units(config, n_layers)
+    for method in ("task-vector", "function-vector"):
+        method_config = SweepConfig(method=method, data_dir=str(data_dir), **settings)
+        unit_list += plan_units(method_config, n_layers, num_heads=worker.loaded.info.num_heads)
+    clock, real_time, engine_for = [0.0], units.time.time, units.Worker.engine_for
+
+    def calibrating_for_an_hour(self, *args):
+        clock[0] += 3600.0
+        return engine_for(self, *args)
+
+    monkeypatch.setattr(units, "time", type("Clock", (), {"time": staticmethod(lambda: real_time() + clock[0])}))
+    monkeypatch.setattr(units.Worker, "engine_for", calibrating_for_an_hour)
+    for unit in unit_list:
+        assert worker.compute(unit).seconds < 3600, unit.kind
+    assert clock[0] >= 3 * 3600  # every unit asked for its engine

@@ -179,15 +179,18 @@ class Worker:
         stop = stop_rule(task, self.max_new_tokens)
         started = time.time()
         chosen: list[Choices] = []
+        calibrating = [0.0]  # seconds the engine's calibration took, left out of the unit's, as for a masking unit
 
         def engine(prompts: Sequence[MaskedPrompt], rows: Sequence[RowIntervention], stop: StopRule) -> Engine:
+            asked = time.time()
             found, choices = self.engine_for(prompts, rows, stop)
+            calibrating[0] += time.time() - asked
             chosen.extend([choices] if choices is not None else [])
             return found
 
         inputs = MethodInputs(self.loaded, engine, task, data, items, stop, progress, self.unchanged)
         output = run_method(unit, inputs)
-        seconds = time.time() - started
+        seconds = time.time() - started - calibrating[0]
         predictions, scores = score_rows(task, data, output.decoded)
         audited, audit_seconds = [], 0.0
         if output.audit_rows:
