@@ -80,7 +80,7 @@ def test_the_fastest_head_is_chosen(tmp_path, plain, bf16, int8, expected):
         (dict(step__1=1.0, step__1_plus_2=2.0, step__1_plus_4=1.0, step__1_plus_8=1.0), 0),
     ],
 )
-def test_drafts_only_where_a_longer_forward_costs_about_one_token(tmp_path, costs, expected):
+def test_drafts_only_where_a_longer_step_costs_about_one_token(tmp_path, costs, expected):
     choices = choose(tiny("llama"), tmp_path, FakeTimer(**costs, engine__fast=2.0, engine__tree=1.0))
     assert choices.draft_tokens == expected
 
@@ -208,6 +208,22 @@ def test_measured_batch_scale_reaches_the_engine_and_a_forced_batch_is_not_measu
     forced = choose(lm, tmp_path, FakeTimer(), EngineRequest(batch_size=3))
     assert forced.batch_scale == 1 and forced.batch_size == 3
     assert not [name for name in forced.measured if name.startswith("batch/")]
+
+
+def test_a_screens_buffer_is_not_kept_past_the_batch_check_or_an_engines_work(tmp_path):
+    """The screen's logits buffer grows to the largest batch it saw: the batch check's largest count, then
+    the engine's batches; neither is kept once that work is done."""
+    lm = tiny("llama")
+    prompts, rows = work(lm)
+    request = EngineRequest(engine="tree", head="int8", draft_tokens=0)
+    calibrator = Calibrator(lm.model, lm.tokenizer, request, cache=tmp_path / "cal", timer=FakeTimer())
+    choices = calibrator.choose(prompts, rows, STOP)
+    screen = calibrator.screens["int8"]
+    assert screen.buffer is None
+    engine = build_engine(lm.model, lm.tokenizer, choices, calibrator)
+    engine.generate(prompts, rows, STOP)
+    assert isinstance(engine, TreeEngine) and engine.head is screen
+    assert screen.stats["rows"] > 0 and screen.buffer is None
 
 
 def test_timings_compared_with_each_other_alternate():

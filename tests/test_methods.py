@@ -34,6 +34,7 @@ from icl_locate.engines.readout import (
 from icl_locate.engines.reference import ReferenceEngine, batch_interventions, greedy_decode
 from icl_locate.engines.rows import plan_rows
 from icl_locate.engines.tree import TreeEngine
+from icl_locate.experiments import units
 from icl_locate.experiments.planning import default_top_heads, plan_units
 from icl_locate.experiments.settings import SweepConfig
 from icl_locate.experiments.unchanged import UnchangedGenerations
@@ -398,8 +399,6 @@ def test_unchanged_generations_are_kept_by_prompt_and_stop_rule_and_not_when_dis
 def test_a_units_seconds_leave_out_the_engines_calibration(data_dir, monkeypatch):
     """Masking and method units alike: measuring the engine is its own cost (stated on its own line and in the
     run record), not the unit's, so that the units' seconds compare."""
-    from icl_locate.experiments import units
-
     settings = dict(model="tiny:llama", pairs=["fra-eng"], seeds=[0], ks=[2], n_test=3, max_new_tokens=4)
     config = SweepConfig(conditions=["instructions+examples"], data_dir=str(data_dir), **settings)
     worker = tiny_worker(config, fast_engine=True, max_new_tokens=4)
@@ -417,5 +416,6 @@ def test_a_units_seconds_leave_out_the_engines_calibration(data_dir, monkeypatch
     monkeypatch.setattr(units, "time", type("Clock", (), {"time": staticmethod(lambda: real_time() + clock[0])}))
     monkeypatch.setattr(units.Worker, "engine_for", calibrating_for_an_hour)
     for unit in unit_list:
+        before = clock[0]
         assert worker.compute(unit).seconds < 3600, unit.kind
-    assert clock[0] >= 3 * 3600  # every unit asked for its engine
+        assert clock[0] > before, unit.kind  # it did ask for its engine

@@ -77,8 +77,8 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--draft-tokens",
         default=None,
-        help="tree engine: auto (default: drafts only where a forward of a few more tokens costs "
-        "about one token's, measured) or N: verify drafts of up to N tokens per step (0: none)",
+        help="tree engine: auto (default: drafts only where a decoding step fed a few more tokens costs "
+        "about one fed one, measured) or N: verify drafts of up to N tokens per step (0: none)",
     )
 
 

@@ -134,6 +134,6 @@ class DecodingSteps:
         """Free the buffers (on a GPU also from torch's cache: the engines' memory rule reads free memory)."""
         self.buffers = []
         if self.screen is not None:  # its logits' buffer grew to the largest count tried, not what the engine takes
-            self.screen.buffer = None
+            self.screen.release()
         if self.kv[0][0].is_cuda:
             torch.cuda.empty_cache()

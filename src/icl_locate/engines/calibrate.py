@@ -3,8 +3,8 @@
 Which engine and LM head are fastest depends on the machine, not on the method: a bf16 screen of
 the LM head pays off only where bf16 products are faster than fp32 ones (CPUs with AVX-512 BF16,
 GPUs), an int8 screen where int8 products are (most x86 CPUs), sharing across mask layers pays off
-when the body is what costs, and drafts pay off only where a forward of a few more tokens costs
-about as much as one (latency-bound decoding, GPUs).
+when the body is what costs, and drafts pay off only where a decoding step fed a few more tokens
+costs about as much as one fed one (latency-bound decoding, GPUs).
 So an engine starts by timing each choice on the model itself, briefly, and picks the faster:
 
 - head: the model's own LM head vs each screened head (bf16, int8: ``engines/head.py``) this model
@@ -12,7 +12,7 @@ So an engine starts by timing each choice on the model itself, briefly, and pick
   or it is refused);
 - drafts: a decoding step fed 1 + N tokens against one fed 1 token, per row: the body's forward and
   the chosen head at every fed position (verifying a draft needs the head at each); drafts of N tokens
-  are used where the longer step costs at most ``DRAFT_COST_LIMIT`` times the shorter (so even one
+  are used where the longer step costs at most ``DRAFT_COST_LIMIT`` times the shorter (so more than one
   token accepted in every ten steps pays), the largest such N of ``DRAFT_LENGTHS`` (tried shortest first);
 - engine: a short run (``MINI_RUN_TOKENS`` new tokens) of up to ``MINI_RUN_ROWS`` of the first
   query's rows on the fast engine and on the tree engine with the head and drafts chosen above;
@@ -362,7 +362,8 @@ class Calibrator:
 
         best, ratios = 0, {}
         for n in DRAFT_LENGTHS:  # each length against one token, in alternation: a drifting machine drifts both
-            seconds = interleaved(self.timer, {"step/1": step(1), f"step/1+{n}": step(1 + n)}, REPEATS)
+            with torch.no_grad():
+                seconds = interleaved(self.timer, {"step/1": step(1), f"step/1+{n}": step(1 + n)}, REPEATS)
             measured.update(seconds)
             ratios[n] = seconds[f"step/1+{n}"] / seconds["step/1"] if seconds["step/1"] > 0 else float("inf")
             if ratios[n] > DRAFT_COST_LIMIT:

@@ -131,6 +131,8 @@ class FastEngine:
                 prefix_caches.done(chunk)
                 if progress is not None:
                     progress(len(results), len(rows))
+        if self.head is not None:  # its buffer, sized for this work's batches, is not kept between units
+            self.head.release()
         self.times["total"] += time.perf_counter() - started
         return results
 

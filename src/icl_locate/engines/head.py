@@ -100,7 +100,8 @@ class CertifiedHead:
     def _screen_buffer(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """A tensor of ``shape`` for the screen's logits to be written into (contents undefined), from a buffer
         kept for the next call: a fresh one of a few hundred MB pays its page faults on every call, a large
-        part of the screen's time on a CPU. It grows, never shrinks: no more memory than the largest batch took."""
+        part of the screen's time on a CPU. It grows to the largest batch (no more memory than that batch
+        took anyway) and lives until ``release`` (an engine releases it when its ``generate`` ends)."""
         size = math.prod(shape)
         if (
             self.buffer is None
@@ -110,6 +111,10 @@ class CertifiedHead:
             self.buffer = None  # the old one goes before the new one comes
             self.buffer = torch.empty(size, dtype=dtype, device=device)
         return self.buffer[:size].view(shape)
+
+    def release(self) -> None:
+        """Drop the logits' buffer (an engine's work is done, or a measurement grew it past what comes next)."""
+        self.buffer = None
 
     def full_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.cap(hidden @ self.weight.T)
