@@ -97,7 +97,7 @@ def test_the_drafts_step_runs_the_chosen_head_at_every_fed_position(tmp_path, he
     def timer(name, fn):
         seen: list[int] = []
         screened = calibrator.screens[head].stats["rows"] if head != "plain" else 0
-        hook = lm_head.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
+        hook = lm_head.register_forward_hook(lambda module, args, out: seen.append(args[0][..., 0].numel()))
         try:
             fn()
         finally:

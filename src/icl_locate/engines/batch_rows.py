@@ -21,10 +21,10 @@ from collections.abc import Callable
 import torch
 from transformers import DynamicCache
 
-from .base import forward, last_hidden
+from .base import last_hidden
 from .decoding import PreallocatedLayer
 from .fast import MAX_BATCH_TOKENS, rows_by_memory, rule_rows
-from .head import CertifiedHead
+from .head import CertifiedHead, greedy_tokens
 from .rows import KV
 
 BATCH_ROW_LIMIT = 1024  # no batch is measured (or taken) beyond this many rows
@@ -123,10 +123,7 @@ class DecodingSteps:
         def run() -> torch.Tensor:
             cache = DynamicCache()
             cache.layers = [PreallocatedLayer(k, v, self.length) for k, v in room]  # pyright: ignore[reportAttributeAccessIssue]
-            if self.screen is None:
-                logits = forward(self.model, step_input, attention_mask=mask, cache=cache, last_only=True).logits
-                return logits[:, -1].argmax(-1)  # [rows]
-            return self.screen.argmax(last_hidden(self.model, step_input, attention_mask=mask, cache=cache)[:, -1])
+            return greedy_tokens(self.model, self.screen, step_input, attention_mask=mask, cache=cache)[:, 0]
 
         return run
 

@@ -50,7 +50,7 @@ from ..util.system import hardware, hardware_line
 from .base import Engine, StopRule, last_hidden
 from .batch_rows import Timer, choose_batch_scale
 from .fast import KV_MEMORY_FRACTION, FastEngine
-from .head import SCREENS, CertifiedHead, build_screen
+from .head import SCREENS, CertifiedHead, build_screen, greedy_tokens
 from .request import AUTO_REQUEST, EngineRequest
 from .tree import TreeEngine
 
@@ -64,7 +64,7 @@ HEAD_SAMPLE_ROWS = 16  # final hidden states the heads are timed on (per-row cos
 MINI_RUN_TOKENS = 3  # new tokens in the engine comparison: the query's prefill and two decoding steps
 MINI_RUN_ROWS = 10  # at most this many rows of the first query (a spread of them) in the engine comparison
 REPEATS = 3  # timings compared with each other: the median of this many alternating rounds after a warm-up
-CALIBRATION_VERSION = 8  # part of the cache key: a change of the procedure re-measures
+CALIBRATION_VERSION = 9  # part of the cache key: a change of the procedure re-measures
 
 
 @dataclass
@@ -347,18 +347,13 @@ class Calibrator:
             return self.request.draft_tokens
         width = max(DRAFT_LENGTHS)
         ids = torch.tensor([prompt.ids[-(1 + width) :]] * max(1, min(rows, MINI_RUN_ROWS)), device=self.device)
-        screen, lm_head = self.screen(head), self.model.get_output_embeddings()
+        screen = self.screen(head)
 
         def step(tokens: int) -> Callable[[], object]:
             """A decoding step feeding ``tokens`` tokens (the last one and a draft): the body, then the LM head
             at every fed position, as verifying a draft needs (with a large vocabulary the head can cost as
             much as the body, and it grows with the tokens as the body's products do)."""
-
-            def run() -> torch.Tensor:
-                hidden = last_hidden(self.model, ids[:, :tokens], positions=tokens).flatten(0, 1)  # [rows x tokens, d]
-                return lm_head(hidden).argmax(-1) if screen is None else screen.argmax(hidden)
-
-            return run
+            return lambda: greedy_tokens(self.model, screen, ids[:, :tokens], positions=tokens)
 
         best, ratios = 0, {}
         for n in DRAFT_LENGTHS:  # each length against one token, in alternation: a drifting machine drifts both

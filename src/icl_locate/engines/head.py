@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ..core.structure import text_config
-from .base import logits_probe
+from .base import forward, last_hidden, logits_probe
 
 UNIT_BF16 = 2.0**-8
 UNIT_FP32 = 2.0**-24
@@ -414,6 +414,17 @@ def screen_mismatch(model: nn.Module, head: CertifiedHead) -> str | None:
     if not torch.allclose(logits, ours, rtol=1e-4, atol=1e-4 * float(logits.abs().max())):
         return "its logits are not softcap(lm_head(last hidden state))"
     return None
+
+
+def greedy_tokens(
+    model: nn.Module, screen: CertifiedHead | None, ids: torch.Tensor, positions: int = 1, **inputs
+) -> torch.Tensor:
+    """[B, positions] greedy tokens at the last ``positions`` of ``ids`` [B, T] (``inputs``: ``forward``'s
+    attention mask and cache): by the model's own head (logits only there), or by ``screen`` on the final states."""
+    if screen is None:
+        return forward(model, ids, keep_last=positions, **inputs).logits[:, -positions:].argmax(-1)
+    hidden = last_hidden(model, ids, positions=positions, **inputs)  # [B, positions, d]
+    return screen.argmax(hidden.flatten(0, 1)).view(ids.shape[0], positions)
 
 
 SCREENS: dict[str, type[CertifiedHead]] = {"bf16": Bf16ScreenedHead, "int8": Int8ScreenedHead}  # --head's screens
