@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from dataclasses import replace
 
 import pytest
 import torch
@@ -17,7 +18,8 @@ from icl_locate.core.interventions import MaskFrom
 from icl_locate.core.models import load_model
 from icl_locate.engines import batch_rows, calibrate, fast
 from icl_locate.engines.base import StopRule, forward
-from icl_locate.engines.calibrate import Calibrator, Choices, build_engine
+from icl_locate.engines.calibrate import Calibrator, build_engine
+from icl_locate.engines.choices import Choices
 from icl_locate.engines.fast import FastEngine
 from icl_locate.engines.head import SCREENS
 from icl_locate.engines.reference import ReferenceEngine
@@ -81,13 +83,19 @@ def test_the_fastest_head_is_chosen(tmp_path, plain, bf16, int8, expected):
     ],
 )
 def test_drafts_only_where_a_longer_step_costs_about_one_token(tmp_path, costs, expected):
-    choices = choose(tiny("llama"), tmp_path, FakeTimer(**costs, engine__fast=2.0, engine__tree=1.0))
+    timer = FakeTimer(**costs, engine__fast=2.0, engine__tree=1.0)
+    choices = choose(tiny("llama"), tmp_path, timer)
     assert choices.draft_tokens == expected
+    # a ratio far above the limit is settled by one round; one near it takes every round
+    rounds = 1 if timer.seconds["step/1+2"] > calibrate.DRAFT_COST_CLEAR else calibrate.REPEATS
+    assert timer.calls.count("step/1+2") == rounds
 
 
-@pytest.mark.parametrize("head", ["plain", "int8"])
-def test_the_drafts_step_runs_the_chosen_head_at_every_fed_position(tmp_path, head):
-    """Verifying a draft of N tokens needs the head at 1 + N positions: the timed step must pay for them."""
+@pytest.mark.parametrize("head, rule", [("plain", 8), ("int8", 8), ("plain", 10_000)])
+def test_the_drafts_step_runs_the_chosen_head_at_every_fed_position(tmp_path, monkeypatch, head, rule):
+    """Verifying a draft of N tokens needs the head at 1 + N positions: the timed step must pay for them, on
+    as many rows as the engine decodes together (the rule's batch, or the whole work where it is smaller)."""
+    monkeypatch.setattr(batch_rows, "rule_rows", lambda *args: rule)
     lm = tiny("llama")
     prompts, rows = work(lm)
     calibrator = Calibrator(lm.model, lm.tokenizer, EngineRequest(engine="tree", head=head), cache=tmp_path / "cal")
@@ -108,8 +116,9 @@ def test_the_drafts_step_runs_the_chosen_head_at_every_fed_position(tmp_path, he
 
     calibrator.timer = timer
     calibrator.choose(prompts, rows, STOP)
-    step_rows = min(len(rows), calibrate.MINI_RUN_ROWS)
+    step_rows = min(rule, len(prompts) * len(rows))
     assert head_rows == {"step/1": step_rows, "step/1+2": 3 * step_rows}
+    assert f"on {step_rows} rows" in calibrator.choose(prompts, rows, STOP).reasons["drafts"]
 
 
 def test_the_faster_engine_is_chosen_and_the_fast_engine_takes_the_plain_head(tmp_path):
@@ -147,43 +156,54 @@ def test_forcing_flags_are_honoured_and_not_measured(tmp_path, request_, measure
 
 
 @pytest.mark.parametrize(
-    "seconds, query_rows, expected",
+    "seconds, query_rows, work_rows, expected",
     [
-        (dict(batch__8=0.8, batch__16=0.9, batch__32=1.8), 1, 2.0),  # one doubling costs 1.125x (taken), the next 2x
-        (dict(batch__8=0.8, batch__16=0.8, batch__32=0.8), 1, 4.0),  # doublings pay up to the memory rule's 32
-        (dict(batch__8=0.8, batch__16=1.1, batch__4=0.5), 1, 1.0),  # neither more nor fewer rows pay: the rule's
-        (dict(batch__8=0.8, batch__16=1.6, batch__4=0.4, batch__2=0.3), 1, 0.5),  # fewer rows cost no more a row
-        (dict(batch__8=0.8, batch__16=1.6), 8, 1.0),  # ... but a halving never splits a query's rows
+        # half the rows cost about as much (latency-bound): doublings are tried
+        (dict(batch__8=0.8, batch__4=0.7, batch__16=0.9, batch__32=1.8), 1, 99, 2.0),  # 1.125x taken, then 2x not
+        (dict(batch__8=0.8, batch__4=0.8, batch__16=0.8, batch__32=0.8), 1, 99, 4.0),  # up to the memory rule's 32
+        (dict(batch__8=0.8, batch__4=0.8, batch__16=0.8), 1, 10, 2.0),  # ... and until one batch holds the work
+        (dict(batch__8=0.8, batch__4=0.7, batch__16=1.1), 1, 99, 1.0),  # neither more nor fewer rows pay
+        # half the rows saved a real share: no doubling is tried (no doubled KV cache), halvings are
+        (dict(batch__8=0.8, batch__4=0.4, batch__2=0.3), 1, 99, 0.5),  # fewer rows cost no more a row
+        (dict(batch__8=0.8, batch__4=0.5), 1, 99, 1.0),  # a row costs more at 4: the rule's
+        (dict(batch__8=0.8, batch__4=0.4), 8, 99, 1.0),  # ... and a halving never splits a query's rows
     ],
 )
-def test_batch_rows_are_measured_around_the_rule(monkeypatch, seconds, query_rows, expected):
+def test_batch_rows_are_measured_around_the_rule(monkeypatch, seconds, query_rows, work_rows, expected):
     monkeypatch.setattr(batch_rows, "rule_rows", lambda *args: 8)
     monkeypatch.setattr(batch_rows, "rows_by_memory", lambda *args: 32)
     lm = tiny("llama")
-    prompts, _ = work(lm)
+    steps = batch_rows.DecodingSteps.over(lm.model, work(lm)[0][0].ids, 1)
     timer = FakeTimer(**seconds)
-    got, reason, measured = batch_rows.choose_batch_scale(lm.model, prompts[0].ids, 6, query_rows, None, timer, 0.3)
+    got, reason, measured = batch_rows.choose_batch_scale(steps, 6, query_rows, work_rows, None, timer, 0.3)
     assert got == expected and set(measured) == set(timer.seconds) == set(timer.calls)
     assert reason.startswith("the rule's 8 rows" if expected == 1 else f"{int(8 * expected)} rows, not the rule's 8")
 
 
-def test_a_one_token_prompt_keeps_the_rule_unmeasured():
-    timer = FakeTimer()
-    scale, reason, measured = batch_rows.choose_batch_scale(tiny("llama").model, [5], 6, 1, None, timer, 0.3)
-    assert (scale, measured, timer.calls) == (1.0, {}, []) and "one-token prompt" in reason
+def test_a_one_token_prompt_keeps_the_rule_and_no_drafts_unmeasured(tmp_path):
+    lm = tiny("llama")
+    prompts, rows = work(lm)
+    one = replace(prompts[0], encoded=replace(prompts[0].encoded, ids=prompts[0].ids[:1]), hidden=())
+    timer, request = FakeTimer(), EngineRequest(engine="tree", head="plain")  # no engine run: drafts, batch
+    choices = Calibrator(lm.model, lm.tokenizer, request, cache=tmp_path, timer=timer).choose([one], rows, STOP)
+    assert (choices.batch_scale, choices.draft_tokens) == (1.0, 0)
+    assert not [name for name in timer.calls if name.startswith(("batch/", "step/"))]
+    assert "one-token prompt" in choices.reasons["batch"] and "one-token prompt" in choices.reasons["drafts"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_a_timed_decoding_step_decodes_the_prompts_next_token(family):
-    """What the batch size is timed on is a real step: every row's token is the greedy next token."""
+def test_a_timed_decoding_step_decodes_the_prompts_next_tokens(family):
+    """What the batch size and drafts are timed on is a real step: every row's tokens are the greedy tokens
+    after each fed position, plain or screened."""
     lm = tiny(family)
     ids = work(lm)[0][0].ids
-    first = int(
-        forward(lm.model, torch.tensor([ids]), last_only=True).logits[0, -1].argmax()
-    )  # the whole prompt at once
-    steps = batch_rows.DecodingSteps(lm.model, batch_rows.prompt_cache(lm.model, ids[:-1]), ids[-1], None)
-    for rows in (3, 1):  # a smaller count after a larger reuses its buffer
-        assert steps.step(rows)().tolist() == [first] * rows
+    whole = forward(lm.model, torch.tensor([ids]), keep_last=3).logits[0, -3:].argmax(-1)  # the whole prompt at once
+    steps = batch_rows.DecodingSteps.over(lm.model, ids, 3)
+    screen = calibrate.build_screen(lm.model, "int8")[0]
+    for rows, fed, head in ((3, 3, None), (1, 1, None), (2, 2, screen)):  # smaller counts reuse the buffer
+        assert steps.step(rows, head, fed)().tolist() == [whole[:fed].tolist()] * rows
+    with pytest.raises(ValueError):
+        steps.step(1, None, 4)
 
 
 def test_the_rule_bounds_rows_tokens_and_memory_and_scales():
@@ -200,7 +220,7 @@ def test_measured_batch_scale_reaches_the_engine_and_a_forced_batch_is_not_measu
     monkeypatch.setattr(batch_rows, "rule_rows", lambda *args: 8)
     monkeypatch.setattr(batch_rows, "rows_by_memory", lambda *args: 64)
     lm = tiny("llama")
-    timer = FakeTimer(batch__8=0.8, batch__16=0.8, batch__32=3.2, engine__fast=2.0, engine__tree=1.0)
+    timer = FakeTimer(batch__8=0.8, batch__4=0.8, batch__16=0.8, batch__32=3.2, engine__fast=2.0, engine__tree=1.0)
     choices = choose(lm, tmp_path, timer)
     assert choices.batch_scale == 2 and "batch: 2x the rule's rows (16 rows, not the rule's 8" in choices.line()
     engine = build_engine(lm.model, lm.tokenizer, choices)
@@ -226,6 +246,26 @@ def test_a_screens_buffer_is_not_kept_past_the_batch_check_or_an_engines_work(tm
     assert screen.stats["rows"] > 0 and screen.buffer is None
 
 
+def test_the_screens_not_chosen_are_gone_before_the_batch_check(tmp_path):
+    """A screen is a copy of the LM head: the batch check's steps (the calibration's largest allocations) run
+    with the chosen one only."""
+    lm = tiny("llama")
+    prompts, rows = work(lm)
+    calibrator = Calibrator(lm.model, lm.tokenizer, cache=tmp_path / "cal")
+    seconds = {"head/plain": 1.0, "head/bf16": 0.7, "head/int8": 0.5, "engine/fast": 2.0, "engine/tree": 1.0}
+    held: dict[str, set[str]] = {}
+
+    def timer(name, fn):
+        fn()
+        if name.startswith("batch/"):
+            held[name] = set(calibrator.screens)
+        return seconds.get(name, 1.0)
+
+    calibrator.timer = timer
+    assert calibrator.choose(prompts, rows, STOP).head == "int8"
+    assert held and all(kinds == {"int8"} for kinds in held.values())
+
+
 def test_timings_compared_with_each_other_alternate():
     """Choices decided by a ratio are timed in alternation, so a machine's drift slows both sides alike."""
     ran: list[str] = []
@@ -233,6 +273,10 @@ def test_timings_compared_with_each_other_alternate():
     got = calibrate.interleaved(timer, {"a": lambda: ran.append("a"), "b": lambda: ran.append("b")}, 3)
     assert got == {"a": 2.0, "b": 1.0}
     assert timer.calls == ["a", "b"] * 3 and ran == ["a", "b"] * 4  # one warm-up each, then the rounds
+    settled = FakeTimer(a=2.0, b=1.0)  # a first round that decides already ends the measurement
+    fns = {"a": lambda: None, "b": lambda: None}
+    assert calibrate.interleaved(settled, fns, 3, lambda m: m["a"] > 1.5 * m["b"]) == {"a": 2.0, "b": 1.0}
+    assert settled.calls == ["a", "b"]
 
 
 def test_bad_requests_are_one_line_errors():

@@ -1,22 +1,29 @@
-"""How many rows an automatic batch takes: the engines' rule, checked by timing a decoding step.
+"""Timed decoding steps over the work's first prompt, and how many rows an automatic batch takes.
 
-The rows of a batch share every product's weights, so a step's cost per row falls as rows are added,
-until the products are large enough to run at the machine's full rate; past that, attention over every
-row's cache and the memory it streams make further rows cost as much or more. Where that turns depends
-on the machine (a CPU with a few cores fills them with a few tens of rows; a GPU has many more units to
-fill) and on the prompt's length, while the engines' rule (``fast.rule_rows``) bounds a batch in rows,
-tokens and KV memory alike everywhere. So the calibration times one decoding step (body and LM head,
-the head the engine will use) over a KV cache of the work's first prompt, at the rule's row count and
-at doublings of it, and keeps doubling while the doubled step costs at most ``DOUBLING_COST_LIMIT``
-times the step before (up to the KV-memory rule and ``BATCH_ROW_LIMIT``). Where no doubling pays, it
-tries halvings: fewer rows are taken where a row costs no more (less memory for the same speed), but
-never fewer than one query's rows (the tree engine packs whole queries into a batch, sharing their
-states). What is kept is a factor on the rule's bounds, so prompts of other lengths keep its proportions.
+A step's cost depends on the rows decoded together and on the tokens each is fed, and how it does
+depends on the machine: the rows of a batch share every product's weights, so a step's cost per row
+falls as rows are added until the products run at the machine's full rate (a CPU with a few cores
+fills them with a few tens of rows; a GPU has many more units to fill); past that, attention over
+every row's cache and the memory it streams make further rows cost as much or more. So the
+calibration times real steps (``DecodingSteps``: the body and the LM head the engine will use, over a
+KV cache of the first prompt, at the row count the engine will decode) rather than assume a machine.
+
+The batch size: the engines' rule (``fast.rule_rows``) bounds a batch in rows, tokens and KV memory
+alike everywhere. The check times a step at the rule's row count and at half of it. Where the half
+cost less than 1 / ``DOUBLING_COST_LIMIT`` of the whole, rows are not latency-bound here: a step's cost
+grows at least as fast with rows past the rule (it is convex in rows: each row costs at least what
+the one before did, once the units are full), so no doubling can pay and none is tried (a doubled KV
+cache is the calibration's largest allocation); halvings are then taken where a row costs no more (less memory
+for the same speed), but never below one query's rows (the tree engine packs whole queries into a
+batch, sharing their states). Otherwise doublings are tried while the doubled step costs at most
+``DOUBLING_COST_LIMIT`` times the step before (up to the KV-memory rule, ``BATCH_ROW_LIMIT`` and the
+work's own rows). What is kept is a factor on the rule's bounds, so prompts of other lengths keep its
+proportions.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from transformers import DynamicCache
@@ -38,51 +45,6 @@ DOUBLING_COST_LIMIT = 1.25
 Timer = Callable[[str, Callable[[], object]], float]  # (what is timed, the work) -> seconds of one run
 
 
-@torch.no_grad()
-def choose_batch_scale(
-    model,
-    prompt_ids: list[int],
-    new_tokens: int,
-    query_rows: int,
-    screen: CertifiedHead | None,
-    timer: Timer,
-    memory_fraction: float,
-) -> tuple[float, str, dict[str, float]]:
-    """The factor on the rule's rows that was measured fastest (1: the rule's; a power of two, so that
-    prompts of other lengths keep the rule's proportions), the reason, and the seconds of a step at each
-    row count tried ("batch/ROWS"). Each count is timed once (a step of many rows is long enough), after
-    one warm-up step at the first."""
-    if len(prompt_ids) < 2:
-        return 1.0, "the rule's rows (a one-token prompt leaves no cache to time a step over)", {}
-    kv = prompt_cache(model, prompt_ids[:-1])
-    device = kv[0][0].device
-    longest = len(prompt_ids) + new_tokens
-    rule = rule_rows(kv, longest, MAX_BATCH_TOKENS, memory_fraction, device)
-    limit = min(BATCH_ROW_LIMIT, rows_by_memory(kv, longest, memory_fraction, device))
-    steps = DecodingSteps(model, kv, prompt_ids[-1], screen)
-    measured: dict[str, float] = {}
-
-    def per_row(rows: int) -> float:
-        measured[f"batch/{rows}"] = timer(f"batch/{rows}", steps.step(rows))
-        return measured[f"batch/{rows}"] / rows
-
-    steps.step(rule)()  # warm-up: kernels chosen, memory touched
-    best, cost = rule, per_row(rule)
-    rows = 2 * rule
-    while rows <= limit and (more := per_row(rows)) <= DOUBLING_COST_LIMIT / 2 * cost:
-        best, cost, rows = rows, more, 2 * rows
-    if best == rule:
-        rows = rule // 2
-        while rows >= max(1, query_rows) and (fewer := per_row(rows)) <= cost:
-            best, cost, rows = rows, fewer, rows // 2
-    steps.release()
-    tried = [f"{1e3 * s / n:.2f} at {n}" for n, s in sorted((int(k[6:]), s) for k, s in measured.items())]
-    what = f"a decoding step's ms a row: {', '.join(tried)} rows"
-    if best == rule:
-        return 1.0, f"the rule's {rule} rows ({what})", measured
-    return best / rule, f"{best} rows, not the rule's {rule} ({what})", measured
-
-
 def prompt_cache(model, ids: list[int]) -> KV:
     """One row's keys and values over ``ids``, per layer ([1, kv heads, len(ids), head dim] each)."""
     cache = DynamicCache()
@@ -92,45 +54,107 @@ def prompt_cache(model, ids: list[int]) -> KV:
 
 
 class DecodingSteps:
-    """Greedy steps of any number of rows, each continuing the cached prompt ``kv`` with ``token``, as
-    the engines decode: a preallocated cache with a left-padding column (a real batch has padding, and
-    a mask to apply), the screened head, or the model's own where ``screen`` is None. One buffer serves
-    every row count up to the largest asked so far."""
+    """Greedy steps of any number of rows, each continuing the cached prompt ``kv`` with the first ``fed``
+    of ``tokens`` (one: a plain step; more: a step verifying a draft), as the engines decode: a
+    preallocated cache with a left-padding column (a real batch has padding, and a mask to apply), the
+    head at every fed position, screened where a screen is given. One buffer serves every row count up to
+    the largest asked so far."""
 
-    def __init__(self, model, kv: KV, token: int, screen: CertifiedHead | None):
-        self.model, self.kv, self.token, self.screen = model, kv, token, screen
+    def __init__(self, model, kv: KV, tokens: Sequence[int]):
+        self.model, self.kv, self.tokens = model, kv, list(tokens)
         self.length = kv[0][0].shape[2] + 1  # the padding column, then the prompt
         self.buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    @classmethod
+    def over(cls, model, prompt_ids: Sequence[int], fed: int) -> DecodingSteps:
+        """Steps over the cache of ``prompt_ids`` but its last ``fed`` tokens, which a step feeds (at most)."""
+        ids = list(prompt_ids)
+        return cls(model, prompt_cache(model, ids[:-fed]), ids[-fed:])
 
     def _room(self, rows: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if not self.buffers or self.buffers[0][0].shape[0] < rows:
             self.buffers = []  # the smaller buffer goes before the larger comes
-            for keys, values in self.kv:  # [1, kv heads, length - 1, d] each; the rooms [rows, kv heads, length + 1, d]
-                room_k = keys.new_zeros(rows, keys.shape[1], self.length + 1, keys.shape[3])
-                room_v = values.new_zeros(rows, values.shape[1], self.length + 1, values.shape[3])
+            width = self.length + len(self.tokens)
+            for keys, values in self.kv:  # [1, kv heads, length - 1, d] each; the rooms [rows, kv heads, width, d]
+                room_k = keys.new_zeros(rows, keys.shape[1], width, keys.shape[3])
+                room_v = values.new_zeros(rows, values.shape[1], width, values.shape[3])
                 room_k[:, :, 1 : self.length], room_v[:, :, 1 : self.length] = keys, values
                 self.buffers.append((room_k, room_v))
         return [(k[:rows], v[:rows]) for k, v in self.buffers]
 
-    def step(self, rows: int) -> Callable[[], torch.Tensor]:
-        """One step of ``rows`` rows; repeatable (the cache is rewound at every call). Returns their tokens."""
+    def step(self, rows: int, screen: CertifiedHead | None, fed: int = 1) -> Callable[[], torch.Tensor]:
+        """One step of ``rows`` rows fed ``fed`` tokens each; repeatable (the cache is rewound at every
+        call). Returns their greedy tokens [rows, fed]."""
+        if not 1 <= fed <= len(self.tokens):
+            raise ValueError(f"a step feeds 1 to {len(self.tokens)} tokens, not {fed}")
         room = self._room(rows)
         device = room[0][0].device
-        step_input = torch.full((rows, 1), self.token, device=device)  # [rows, 1]
-        mask = torch.ones(rows, self.length + 1, dtype=torch.long, device=device)  # [rows, length + 1]
+        step_input = torch.tensor([self.tokens[:fed]] * rows, device=device)  # [rows, fed]
+        mask = torch.ones(rows, self.length + fed, dtype=torch.long, device=device)  # [rows, length + fed]
         mask[:, 0] = 0  # the padding column: positions start after it
 
         def run() -> torch.Tensor:
             cache = DynamicCache()
             cache.layers = [PreallocatedLayer(k, v, self.length) for k, v in room]  # pyright: ignore[reportAttributeAccessIssue]
-            return greedy_tokens(self.model, self.screen, step_input, attention_mask=mask, cache=cache)[:, 0]
+            return greedy_tokens(self.model, screen, step_input, positions=fed, attention_mask=mask, cache=cache)
 
         return run
+
+    def rule_rows(self, new_tokens: int, memory_fraction: float) -> tuple[int, int]:
+        """The engines' automatic rows for this prompt and ``new_tokens`` more, and the most rows its KV
+        memory rule allows."""
+        device = self.kv[0][0].device
+        longest = self.length - 1 + len(self.tokens) + new_tokens
+        return (
+            rule_rows(self.kv, longest, MAX_BATCH_TOKENS, memory_fraction, device),
+            rows_by_memory(self.kv, longest, memory_fraction, device),
+        )
 
     def release(self) -> None:
         """Free the buffers (on a GPU also from torch's cache: the engines' memory rule reads free memory)."""
         self.buffers = []
-        if self.screen is not None:  # its logits' buffer grew to the largest count tried, not what the engine takes
-            self.screen.release()
         if self.kv[0][0].is_cuda:
             torch.cuda.empty_cache()
+
+
+@torch.no_grad()
+def choose_batch_scale(
+    steps: DecodingSteps,
+    new_tokens: int,
+    query_rows: int,
+    work_rows: int,
+    screen: CertifiedHead | None,
+    timer: Timer,
+    memory_fraction: float,
+) -> tuple[float, str, dict[str, float]]:
+    """The factor on the rule's rows that was measured fastest (1: the rule's; a power of two, so that
+    prompts of other lengths keep the rule's proportions), the reason, and the seconds of a step at each
+    row count tried ("batch/ROWS"). Each count is timed once (a step of many rows is long enough), after
+    one warm-up step at the first. ``work_rows``: the rows of the whole work (no batch can hold more)."""
+    rule, by_memory = steps.rule_rows(new_tokens, memory_fraction)
+    limit = min(BATCH_ROW_LIMIT, by_memory)
+    measured: dict[str, float] = {}
+
+    def per_row(rows: int) -> float:
+        if f"batch/{rows}" not in measured:
+            measured[f"batch/{rows}"] = timer(f"batch/{rows}", steps.step(rows, screen))
+        return measured[f"batch/{rows}"] / rows
+
+    steps.step(rule, screen)()  # warm-up: kernels chosen, memory touched
+    best, cost = rule, per_row(rule)
+    half = rule // 2
+    if half >= 1 and DOUBLING_COST_LIMIT * half * per_row(half) < rule * cost:  # not latency-bound: fewer rows?
+        rows = half
+        while rows >= max(1, query_rows) and (fewer := per_row(rows)) <= cost:
+            best, cost, rows = rows, fewer, rows // 2
+    else:  # half the rows cost about as much: more rows may come almost free (until one batch holds the work)
+        rows = 2 * rule
+        while rows <= limit and rows // 2 < work_rows and (more := per_row(rows)) <= DOUBLING_COST_LIMIT / 2 * cost:
+            best, cost, rows = rows, more, 2 * rows
+    if screen is not None:  # its logits' buffer grew to the largest count tried, not what the engine takes
+        screen.release()
+    tried = [f"{1e3 * s / n:.2f} at {n}" for n, s in sorted((int(k[6:]), s) for k, s in measured.items())]
+    what = f"a decoding step's ms a row: {', '.join(tried)} rows"
+    if best == rule:
+        return 1.0, f"the rule's {rule} rows ({what})", measured
+    return best / rule, f"{best} rows, not the rule's {rule} ({what})", measured

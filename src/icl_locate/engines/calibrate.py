@@ -10,15 +10,18 @@ So an engine starts by timing each choice on the model itself, briefly, and pick
 - head: the model's own LM head vs each screened head (bf16, int8: ``engines/head.py``) this model
   can take, on final hidden states of the first prompt (a screen must give the same tokens there,
   or it is refused);
-- drafts: a decoding step fed 1 + N tokens against one fed 1 token, per row: the body's forward and
-  the chosen head at every fed position (verifying a draft needs the head at each); drafts of N tokens
-  are used where the longer step costs at most ``DRAFT_COST_LIMIT`` times the shorter (so more than one
-  token accepted in every ten steps pays), the largest such N of ``DRAFT_LENGTHS`` (tried shortest first);
+- drafts: a decoding step fed 1 + N tokens against one fed 1 token, over the first prompt's cache at
+  the rows the engine decodes together (the rule's batch, or the whole work where it is smaller): the
+  body and the chosen head at every fed position (verifying a draft needs the head at each); drafts of
+  N tokens are used where the longer step costs at most ``DRAFT_COST_LIMIT`` times the shorter (so more
+  than one token accepted in every ten steps pays), the largest such N of ``DRAFT_LENGTHS`` (tried
+  shortest first);
 - engine: a short run (``MINI_RUN_TOKENS`` new tokens) of up to ``MINI_RUN_ROWS`` of the first
   query's rows on the fast engine and on the tree engine with the head and drafts chosen above;
 - batch size: one decoding step (with the chosen head) over the first prompt's cache, at the engines'
-  automatic rule's row count and at doublings or halvings of it; a count other than the rule's is
-  taken only where it was measured to pay (``batch_rows.py``).
+  automatic rule's row count, at half of it, and at doublings (where the half cost about as much) or
+  further halvings; a count other than the rule's is taken only where it was measured to pay
+  (``batch_rows.py``). The screens not chosen are dropped before it (a screen is a copy of the head).
 
 Every choice can be forced (``EngineRequest``); generations are the same whatever is chosen (the
 engines are tested against the reference engine). The result is cached under the cache directory,
@@ -34,8 +37,8 @@ import json
 import os
 import statistics
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -46,11 +49,12 @@ from ..core.checkpoints import cache_dir
 from ..core.conditions import MaskedPrompt
 from ..util.errors import UserError
 from ..util.fileio import write_json_atomic
-from ..util.system import hardware, hardware_line
+from ..util.system import hardware
 from .base import Engine, StopRule, last_hidden
-from .batch_rows import Timer, choose_batch_scale
+from .batch_rows import DecodingSteps, Timer, choose_batch_scale
+from .choices import Choices
 from .fast import KV_MEMORY_FRACTION, FastEngine
-from .head import SCREENS, CertifiedHead, build_screen, greedy_tokens
+from .head import SCREENS, CertifiedHead, build_screen
 from .request import AUTO_REQUEST, EngineRequest
 from .tree import TreeEngine
 
@@ -60,58 +64,15 @@ DRAFT_LENGTHS = (2, 4, 8)
 # rarely accepted (short answers) then cost little; on a compute-bound machine they cost nearly the
 # whole ratio, so the limit keeps a margin below where a noisy timing of a CPU can fall.
 DRAFT_COST_LIMIT = 1.1
+DRAFT_COST_CLEAR = (
+    1.5 * DRAFT_COST_LIMIT
+)  # a first round's ratio above this settles the drafts check (no noise reaches it)
 HEAD_SAMPLE_ROWS = 16  # final hidden states the heads are timed on (per-row cost is what matters)
 MINI_RUN_TOKENS = 3  # new tokens in the engine comparison: the query's prefill and two decoding steps
 MINI_RUN_ROWS = 10  # at most this many rows of the first query (a spread of them) in the engine comparison
 REPEATS = 3  # timings compared with each other: the median of this many alternating rounds after a warm-up
-CALIBRATION_VERSION = 9  # part of the cache key: a change of the procedure re-measures
-
-
-@dataclass
-class Choices:
-    """What an engine runs with, why, and what was measured (seconds) to decide it."""
-
-    engine: str  # "tree" or "fast"
-    head: str  # "plain", or a screened head: "bf16" or "int8"
-    draft_tokens: int
-    batch_size: int | None  # forced rows per batch (--batch-size), else None
-    reasons: dict[str, str]
-    measured: dict[str, float] = field(default_factory=dict)
-    hardware: dict = field(default_factory=dict)
-    calibration_seconds: float = 0.0
-    cached: bool = False
-    batch_scale: float = 1.0  # the factor on the automatic rule's rows measured fastest (1: the rule's own)
-
-    def line(self) -> str:
-        """One line for the terminal: the choices and the measured reasons."""
-        cost = "cached" if self.cached else f"{self.calibration_seconds:.1f}s"
-        return (
-            f"engine: {self.engine} ({self.reasons['engine']}); head: {self.head} ({self.reasons['head']}); "
-            f"drafts: {self.draft_tokens or 'off'} ({self.reasons['drafts']}); batch: {self.batch_line()} "
-            f"({self.reasons['batch']}); calibration {cost}; on "
-            f"{hardware_line(self.hardware)}"
-        )
-
-    def batch_line(self) -> str:
-        """The batch size in a few words: forced, the rule's, or a multiple of the rule's."""
-        if self.batch_size:
-            return str(self.batch_size)
-        return "auto" if self.batch_scale == 1 else f"{self.batch_scale:g}x the rule's rows"
-
-    def summary(self) -> str:
-        """The configuration in a few words, e.g. "tree engine, screened head, no drafts"."""
-        if self.engine == "fast":
-            return "fast engine"
-        head = "plain head" if self.head == "plain" else f"{self.head}-screened head"
-        drafts = f"drafts <= {self.draft_tokens}" if self.draft_tokens else "no drafts"
-        return f"tree engine, {head}, {drafts}"
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> Choices:
-        return cls(**data)
+CALIBRATION_VERSION = 10  # part of the cache key: a change of the procedure re-measures
+NO_STEPS = "a one-token prompt leaves no cache to time a step over"
 
 
 def measure_seconds(name: str, fn: Callable[[], object]) -> float:
@@ -124,15 +85,27 @@ def measure_seconds(name: str, fn: Callable[[], object]) -> float:
     return time.perf_counter() - started
 
 
-def interleaved(timer: Timer, fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+def interleaved(
+    timer: Timer,
+    fns: Mapping[str, Callable[[], object]],
+    rounds: int,
+    settled: Callable[[dict[str, float]], bool] = lambda medians: False,
+) -> dict[str, float]:
     """The median seconds of each of ``fns`` over ``rounds`` rounds that run each once in turn, after one
-    warm-up of each: a machine whose speed drifts during the measurement slows them alike."""
+    warm-up of each: a machine whose speed drifts during the measurement slows them alike. Fewer rounds
+    where ``settled`` says the medians so far decide already (a ratio far from its limit)."""
     for fn in fns.values():
         fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
             times[name].append(timer(name, fn))
+        if settled(medians(times)):
+            break
+    return medians(times)
+
+
+def medians(times: dict[str, list[float]]) -> dict[str, float]:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -258,34 +231,51 @@ class Calibrator:
     def measure(self, prompts: Sequence[MaskedPrompt], interventions: Sequence, stop: StopRule) -> Choices:
         reasons: dict[str, str] = {}
         measured: dict[str, float] = {}
-        engine = self.request.engine
-        head = "plain" if engine == "fast" else self._choose_head(prompts[0], reasons, measured)
-        drafts = 0 if engine == "fast" else self._choose_drafts(prompts[0], len(interventions), head, reasons, measured)
-        if engine == "fast":
-            reasons["head"] = "the fast engine uses the model's own head"
-            reasons["drafts"] = "the fast engine has no drafts"
-        if engine == "auto":
-            engine = self._choose_engine(prompts[0], interventions, stop, head, drafts, reasons, measured)
+        ids = prompts[0].ids
+        # steps over the first prompt's cache, fed its last tokens (as many as the longest draft verifies)
+        steps = DecodingSteps.over(self.model, ids, min(1 + max(DRAFT_LENGTHS), len(ids) - 1)) if len(ids) > 1 else None
+        work_rows = len(prompts) * len(interventions)
+        try:
+            engine = self.request.engine
+            head = "plain" if engine == "fast" else self._choose_head(prompts[0], reasons, measured)
+            drafts = 0
             if engine == "fast":
-                head, drafts = "plain", 0
-                reasons["head"] = f"the fast engine uses the model's own head (tree engine: {reasons['head']})"
-                reasons["drafts"] = f"the fast engine has no drafts (tree engine: {reasons['drafts']})"
-        else:
-            reasons["engine"] = "forced"
-        scale = self._choose_batch(prompts[0], stop.max_new_tokens, len(interventions), head, reasons, measured)
-        self._keep_screen(head)
+                reasons["head"] = "the fast engine uses the model's own head"
+                reasons["drafts"] = "the fast engine has no drafts"
+            else:
+                drafts = self._choose_drafts(steps, stop.max_new_tokens, work_rows, head, reasons, measured)
+            if engine == "auto":
+                engine = self._choose_engine(prompts[0], interventions, stop, head, drafts, reasons, measured)
+                if engine == "fast":
+                    head, drafts = "plain", 0
+                    reasons["head"] = f"the fast engine uses the model's own head (tree engine: {reasons['head']})"
+                    reasons["drafts"] = f"the fast engine has no drafts (tree engine: {reasons['drafts']})"
+            else:
+                reasons["engine"] = "forced"
+            self._keep_screen(head)
+            scale = self._choose_batch(steps, stop, len(interventions), work_rows, head, reasons, measured)
+        finally:
+            if steps is not None:
+                steps.release()
         return Choices(
             engine, head, drafts, self.request.batch_size, reasons, measured, hardware(self.device), batch_scale=scale
         )
 
     def _choose_batch(
-        self, prompt: MaskedPrompt, new_tokens: int, rows: int, head: str, reasons: dict, measured: dict
+        self,
+        steps: DecodingSteps | None,
+        stop: StopRule,
+        query_rows: int,
+        work_rows: int,
+        head: str,
+        reasons: dict,
+        measured: dict,
     ) -> float:
-        if self.request.batch_size:
-            reasons["batch"] = "forced"
+        if self.request.batch_size or steps is None:
+            reasons["batch"] = "forced" if self.request.batch_size else f"the rule's rows ({NO_STEPS})"
             return 1.0
         scale, reasons["batch"], seconds = choose_batch_scale(
-            self.model, prompt.ids, new_tokens, rows, self.screen(head), self.timer, KV_MEMORY_FRACTION
+            steps, stop.max_new_tokens, query_rows, work_rows, self.screen(head), self.timer, KV_MEMORY_FRACTION
         )
         measured.update(seconds)
         return scale
@@ -341,31 +331,34 @@ class Calibrator:
         reasons["head"] = f"{fastest} screen {_ratio(seconds, plain)} slower than the full product here"
         return "plain"
 
-    def _choose_drafts(self, prompt: MaskedPrompt, rows: int, head: str, reasons: dict, measured: dict) -> int:
+    def _choose_drafts(
+        self, steps: DecodingSteps | None, new_tokens: int, work_rows: int, head: str, reasons: dict, measured: dict
+    ) -> int:
         if self.request.draft_tokens is not None:
             reasons["drafts"] = "forced"
             return self.request.draft_tokens
-        width = max(DRAFT_LENGTHS)
-        ids = torch.tensor([prompt.ids[-(1 + width) :]] * max(1, min(rows, MINI_RUN_ROWS)), device=self.device)
+        if steps is None:
+            reasons["drafts"] = NO_STEPS
+            return 0
+        rows = max(1, min(steps.rule_rows(new_tokens, KV_MEMORY_FRACTION)[0], work_rows))  # as the engine batches
         screen = self.screen(head)
-
-        def step(tokens: int) -> Callable[[], object]:
-            """A decoding step feeding ``tokens`` tokens (the last one and a draft): the body, then the LM head
-            at every fed position, as verifying a draft needs (with a large vocabulary the head can cost as
-            much as the body, and it grows with the tokens as the body's products do)."""
-            return lambda: greedy_tokens(self.model, screen, ids[:, :tokens], positions=tokens)
-
         best, ratios = 0, {}
-        for n in DRAFT_LENGTHS:  # each length against one token, in alternation: a drifting machine drifts both
+        for n in (n for n in DRAFT_LENGTHS if 1 + n <= len(steps.tokens)):  # against one token, in alternation
             with torch.no_grad():
-                seconds = interleaved(self.timer, {"step/1": step(1), f"step/1+{n}": step(1 + n)}, REPEATS)
+                fns = {"step/1": steps.step(rows, screen), f"step/1+{n}": steps.step(rows, screen, 1 + n)}
+                seconds = interleaved(
+                    self.timer, fns, REPEATS, lambda m, n=n: m[f"step/1+{n}"] > DRAFT_COST_CLEAR * m["step/1"]
+                )
             measured.update(seconds)
             ratios[n] = seconds[f"step/1+{n}"] / seconds["step/1"] if seconds["step/1"] > 0 else float("inf")
             if ratios[n] > DRAFT_COST_LIMIT:
                 break  # longer drafts cost more still
             best = n
-        n = best or DRAFT_LENGTHS[0]
-        reasons["drafts"] = f"a step of {1 + n} tokens costs {ratios[n]:.1f}x one token's here" + (
+        if not ratios:
+            reasons["drafts"] = "the prompt is too short to time a draft's step over"
+            return 0
+        n = best or min(ratios)
+        reasons["drafts"] = f"a step of {1 + n} tokens costs {ratios[n]:.1f}x one token's on {rows} rows here" + (
             "" if best else f" (> {DRAFT_COST_LIMIT}x)"
         )
         return best

@@ -28,7 +28,8 @@ from ..core.costs import ModelDims, weight_flops
 from ..core.interventions import MaskFrom
 from ..core.models import LoadedModel, load_model
 from ..engines.base import StopRule, eos_ids, forward, time_breakdown
-from ..engines.calibrate import Calibrator, Choices, build_engine
+from ..engines.calibrate import Calibrator, build_engine
+from ..engines.choices import Choices
 from ..engines.fast import FastEngine
 from ..engines.paper import PaperEngine
 from ..engines.reference import batch_interventions

@@ -21,7 +21,8 @@ from ..core.interventions import AblateLayers, HeadMask, MaskFrom, RowInterventi
 from ..core.models import LoadedModel, load_model
 from ..engines.audit import audit_rows, sample_rows
 from ..engines.base import Engine, ProgressCallback, StopRule
-from ..engines.calibrate import Calibrator, Choices, build_engine
+from ..engines.calibrate import Calibrator, build_engine
+from ..engines.choices import Choices
 from ..engines.request import EngineRequest
 from ..tasks.items import build_items, labelled_task
 from .common import check_context, masked_prompts, stop_rule
