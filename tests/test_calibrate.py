@@ -180,6 +180,17 @@ def test_batch_rows_are_measured_around_the_rule(monkeypatch, seconds, query_row
     assert reason.startswith("the rule's 8 rows" if expected == 1 else f"{int(8 * expected)} rows, not the rule's 8")
 
 
+def test_the_scale_is_a_power_of_two_where_the_rule_is_odd(monkeypatch):
+    """The engines multiply the rule's bounds by the scale: half of 9 rows is a scale of 0.5, not 4/9."""
+    monkeypatch.setattr(batch_rows, "rule_rows", lambda *args: 9)
+    monkeypatch.setattr(batch_rows, "rows_by_memory", lambda *args: 32)
+    lm = tiny("llama")
+    steps = batch_rows.DecodingSteps.over(lm.model, work(lm)[0][0].ids, 1)
+    timer = FakeTimer(batch__9=0.9, batch__4=0.4, batch__2=0.3)
+    got, reason, _ = batch_rows.choose_batch_scale(steps, 6, 1, 99, None, timer, 0.3)
+    assert got == 0.5 and reason.startswith("4 rows, not the rule's 9")
+
+
 def test_a_one_token_prompt_keeps_the_rule_and_no_drafts_unmeasured(tmp_path):
     lm = tiny("llama")
     prompts, rows = work(lm)

@@ -141,20 +141,20 @@ def choose_batch_scale(
         return measured[f"batch/{rows}"] / rows
 
     steps.step(rule, screen)()  # warm-up: kernels chosen, memory touched
-    best, cost = rule, per_row(rule)
+    best, scale, cost = rule, 1.0, per_row(rule)
     half = rule // 2
     if half >= 1 and DOUBLING_COST_LIMIT * half * per_row(half) < rule * cost:  # not latency-bound: fewer rows?
         rows = half
         while rows >= max(1, query_rows) and (fewer := per_row(rows)) <= cost:
-            best, cost, rows = rows, fewer, rows // 2
+            best, scale, cost, rows = rows, scale / 2, fewer, rows // 2
     else:  # half the rows cost about as much: more rows may come almost free (until one batch holds the work)
         rows = 2 * rule
         while rows <= limit and rows // 2 < work_rows and (more := per_row(rows)) <= DOUBLING_COST_LIMIT / 2 * cost:
-            best, cost, rows = rows, more, 2 * rows
+            best, scale, cost, rows = rows, scale * 2, more, 2 * rows
     if screen is not None:  # its logits' buffer grew to the largest count tried, not what the engine takes
         screen.release()
     tried = [f"{1e3 * s / n:.2f} at {n}" for n, s in sorted((int(k[6:]), s) for k, s in measured.items())]
     what = f"a decoding step's ms a row: {', '.join(tried)} rows"
     if best == rule:
         return 1.0, f"the rule's {rule} rows ({what})", measured
-    return best / rule, f"{best} rows, not the rule's {rule} ({what})", measured
+    return scale, f"{best} rows, not the rule's {rule} ({what})", measured
