@@ -91,14 +91,18 @@ def test_drafts_only_where_a_longer_step_costs_about_one_token(tmp_path, costs, 
     assert timer.calls.count("step/1+2") == rounds
 
 
-@pytest.mark.parametrize("head, rule", [("plain", 8), ("int8", 8), ("plain", 10_000)])
-def test_the_drafts_step_runs_the_chosen_head_at_every_fed_position(tmp_path, monkeypatch, head, rule):
+@pytest.mark.parametrize(
+    "head, rule, forced", [("plain", 8, None), ("int8", 8, None), ("plain", 10_000, None), ("int8", 8, 5)]
+)
+def test_the_drafts_step_runs_the_chosen_head_at_every_fed_position(tmp_path, monkeypatch, head, rule, forced):
     """Verifying a draft of N tokens needs the head at 1 + N positions: the timed step must pay for them, on
-    as many rows as the engine decodes together (the rule's batch, or the whole work where it is smaller)."""
+    the rows of the engine's batches (the rule's or the forced batch size; the whole work where it is smaller)."""
     monkeypatch.setattr(batch_rows, "rule_rows", lambda *args: rule)
+    monkeypatch.setattr(calibrate, "choose_batch_scale", lambda *args: (1.0, "not timed here", {}))
     lm = tiny("llama")
     prompts, rows = work(lm)
-    calibrator = Calibrator(lm.model, lm.tokenizer, EngineRequest(engine="tree", head=head), cache=tmp_path / "cal")
+    request = EngineRequest(engine="tree", head=head, batch_size=forced)
+    calibrator = Calibrator(lm.model, lm.tokenizer, request, cache=tmp_path / "cal")
     lm_head = lm.model.get_output_embeddings()
     head_rows: dict[str, int] = {}
 
@@ -116,9 +120,11 @@ def test_the_drafts_step_runs_the_chosen_head_at_every_fed_position(tmp_path, mo
 
     calibrator.timer = timer
     calibrator.choose(prompts, rows, STOP)
-    step_rows = min(rule, len(prompts) * len(rows))
+    step_rows = min(forced or rule, len(prompts) * len(rows))
     assert head_rows == {"step/1": step_rows, "step/1+2": 3 * step_rows}
     assert f"on {step_rows} rows" in calibrator.choose(prompts, rows, STOP).reasons["drafts"]
+    if head != "plain":  # the drafts' large logits are not handed to the engine (a forced batch has no batch check)
+        assert calibrator.screens[head].buffer is None
 
 
 def test_the_faster_engine_is_chosen_and_the_fast_engine_takes_the_plain_head(tmp_path):
@@ -144,10 +150,14 @@ def test_the_faster_engine_is_chosen_and_the_fast_engine_takes_the_plain_head(tm
         (EngineRequest(engine="tree"), {"head", "step", "batch"}, None),
     ],
 )
-def test_forcing_flags_are_honoured_and_not_measured(tmp_path, request_, measured_prefixes, expected):
+def test_forcing_flags_are_honoured_and_not_measured(tmp_path, monkeypatch, request_, measured_prefixes, expected):
+    built: list[int] = []  # the steps' prefill: only where a check times steps
+    over = batch_rows.DecodingSteps.over
+    monkeypatch.setattr(batch_rows.DecodingSteps, "over", lambda *args: built.append(1) or over(*args))
     timer = FakeTimer(head__plain=0.1, head__bf16=1.0, head__int8=1.0, engine__fast=2.0, engine__tree=1.0)
     choices = choose(tiny("llama"), tmp_path, timer, request_)
     assert {name.split("/")[0] for name in timer.calls} == measured_prefixes
+    assert bool(built) == bool(measured_prefixes & {"step", "batch"})
     if expected is not None:
         assert (choices.engine, choices.head, choices.draft_tokens) == expected
     for name, value in (("engine", request_.engine), ("head", request_.head)):
@@ -173,9 +183,9 @@ def test_batch_rows_are_measured_around_the_rule(monkeypatch, seconds, query_row
     monkeypatch.setattr(batch_rows, "rule_rows", lambda *args: 8)
     monkeypatch.setattr(batch_rows, "rows_by_memory", lambda *args: 32)
     lm = tiny("llama")
-    steps = batch_rows.DecodingSteps.over(lm.model, work(lm)[0][0].ids, 1)
+    steps = batch_rows.DecodingSteps.over(lm.model, work(lm)[0][0].ids, 1, 6, 0.3)
     timer = FakeTimer(**seconds)
-    got, reason, measured = batch_rows.choose_batch_scale(steps, 6, query_rows, work_rows, None, timer, 0.3)
+    got, reason, measured = batch_rows.choose_batch_scale(steps, query_rows, work_rows, None, timer)
     assert got == expected and set(measured) == set(timer.seconds) == set(timer.calls)
     assert reason.startswith("the rule's 8 rows" if expected == 1 else f"{int(8 * expected)} rows, not the rule's 8")
 
@@ -185,10 +195,19 @@ def test_the_scale_is_a_power_of_two_where_the_rule_is_odd(monkeypatch):
     monkeypatch.setattr(batch_rows, "rule_rows", lambda *args: 9)
     monkeypatch.setattr(batch_rows, "rows_by_memory", lambda *args: 32)
     lm = tiny("llama")
-    steps = batch_rows.DecodingSteps.over(lm.model, work(lm)[0][0].ids, 1)
+    steps = batch_rows.DecodingSteps.over(lm.model, work(lm)[0][0].ids, 1, 6, 0.3)
     timer = FakeTimer(batch__9=0.9, batch__4=0.4, batch__2=0.3)
-    got, reason, _ = batch_rows.choose_batch_scale(steps, 6, 1, 99, None, timer, 0.3)
+    got, reason, _ = batch_rows.choose_batch_scale(steps, 1, 99, None, timer)
     assert got == 0.5 and reason.startswith("4 rows, not the rule's 9")
+
+
+def test_a_rule_of_one_row_tries_doublings(monkeypatch):
+    monkeypatch.setattr(batch_rows, "rule_rows", lambda *args: 1)
+    monkeypatch.setattr(batch_rows, "rows_by_memory", lambda *args: 32)
+    lm = tiny("llama")
+    steps = batch_rows.DecodingSteps.over(lm.model, work(lm)[0][0].ids, 1, 6, 0.3)
+    timer = FakeTimer(batch__1=1.0, batch__2=1.1, batch__4=2.5)  # no half of one row to compare with
+    assert batch_rows.choose_batch_scale(steps, 1, 99, None, timer)[0] == 2.0 and timer.calls == list(timer.seconds)
 
 
 def test_a_one_token_prompt_keeps_the_rule_and_no_drafts_unmeasured(tmp_path):
@@ -209,12 +228,16 @@ def test_a_timed_decoding_step_decodes_the_prompts_next_tokens(family):
     lm = tiny(family)
     ids = work(lm)[0][0].ids
     whole = forward(lm.model, torch.tensor([ids]), keep_last=3).logits[0, -3:].argmax(-1)  # the whole prompt at once
-    steps = batch_rows.DecodingSteps.over(lm.model, ids, 3)
+    steps = batch_rows.DecodingSteps.over(lm.model, ids, 3, 6, 0.3)
     screen = calibrate.build_screen(lm.model, "int8")[0]
     for rows, fed, head in ((3, 3, None), (1, 1, None), (2, 2, screen)):  # smaller counts reuse the buffer
-        assert steps.step(rows, head, fed)().tolist() == [whole[:fed].tolist()] * rows
+        step = steps.step(rows, head, fed)
+        for _ in range(2):  # repeatable: the cache is rewound at every call
+            assert step().tolist() == [whole[:fed].tolist()] * rows
     with pytest.raises(ValueError):
         steps.step(1, None, 4)
+    with pytest.raises(ValueError):
+        batch_rows.DecodingSteps.over(lm.model, ids[:3], 3, 6, 0.3)  # no cache left before the fed tokens
 
 
 def test_the_rule_bounds_rows_tokens_and_memory_and_scales():

@@ -36,7 +36,8 @@ from .rows import KV
 
 BATCH_ROW_LIMIT = 1024  # no batch is measured (or taken) beyond this many rows
 # Twice the rows are taken where their step costs at most this many times the step of half as many:
-# where decoding is latency-bound (more rows come almost free). Smaller gains are not taken: a step
+# where decoding is latency-bound (more rows come almost free); and doublings are tried only where the
+# rule's step costs at most this many times the step of half its rows. Smaller gains are not taken: a step
 # over-states what more rows gain over a whole run
 # (rows finish at different lengths, and the tree engine's shared states already shrink its low layers'
 # products), while their KV cache is surely larger.
@@ -60,16 +61,23 @@ class DecodingSteps:
     head at every fed position, screened where a screen is given. One buffer serves every row count up to
     the largest asked so far."""
 
-    def __init__(self, model, kv: KV, tokens: Sequence[int]):
+    def __init__(self, model, kv: KV, tokens: Sequence[int], new_tokens: int, memory_fraction: float):
         self.model, self.kv, self.tokens = model, kv, list(tokens)
         self.length = kv[0][0].shape[2] + 1  # the padding column, then the prompt
         self.buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # the engines' automatic rows for this prompt and ``new_tokens`` more, and the most rows their KV-memory
+        # rule allows: read now, before any buffer of a check takes memory (the engines read it at their start)
+        device, longest = kv[0][0].device, self.length - 1 + len(self.tokens) + new_tokens
+        self.rule = rule_rows(kv, longest, MAX_BATCH_TOKENS, memory_fraction, device)
+        self.by_memory = rows_by_memory(kv, longest, memory_fraction, device)
 
     @classmethod
-    def over(cls, model, prompt_ids: Sequence[int], fed: int) -> DecodingSteps:
+    def over(cls, model, prompt_ids: Sequence[int], fed: int, new_tokens: int, memory_fraction: float) -> DecodingSteps:
         """Steps over the cache of ``prompt_ids`` but its last ``fed`` tokens, which a step feeds (at most)."""
         ids = list(prompt_ids)
-        return cls(model, prompt_cache(model, ids[:-fed]), ids[-fed:])
+        if not 1 <= fed < len(ids):
+            raise ValueError(f"a prompt of {len(ids)} tokens leaves no cache before its last {fed}")
+        return cls(model, prompt_cache(model, ids[:-fed]), ids[-fed:], new_tokens, memory_fraction)
 
     def _room(self, rows: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if not self.buffers or self.buffers[0][0].shape[0] < rows:
@@ -100,16 +108,6 @@ class DecodingSteps:
 
         return run
 
-    def rule_rows(self, new_tokens: int, memory_fraction: float) -> tuple[int, int]:
-        """The engines' automatic rows for this prompt and ``new_tokens`` more, and the most rows its KV
-        memory rule allows."""
-        device = self.kv[0][0].device
-        longest = self.length - 1 + len(self.tokens) + new_tokens
-        return (
-            rule_rows(self.kv, longest, MAX_BATCH_TOKENS, memory_fraction, device),
-            rows_by_memory(self.kv, longest, memory_fraction, device),
-        )
-
     def release(self) -> None:
         """Free the buffers (on a GPU also from torch's cache: the engines' memory rule reads free memory)."""
         self.buffers = []
@@ -119,20 +117,13 @@ class DecodingSteps:
 
 @torch.no_grad()
 def choose_batch_scale(
-    steps: DecodingSteps,
-    new_tokens: int,
-    query_rows: int,
-    work_rows: int,
-    screen: CertifiedHead | None,
-    timer: Timer,
-    memory_fraction: float,
+    steps: DecodingSteps, query_rows: int, work_rows: int, screen: CertifiedHead | None, timer: Timer
 ) -> tuple[float, str, dict[str, float]]:
     """The factor on the rule's rows that was measured fastest (1: the rule's; a power of two, so that
     prompts of other lengths keep the rule's proportions), the reason, and the seconds of a step at each
     row count tried ("batch/ROWS"). Each count is timed once (a step of many rows is long enough), after
     one warm-up step at the first. ``work_rows``: the rows of the whole work (no batch can hold more)."""
-    rule, by_memory = steps.rule_rows(new_tokens, memory_fraction)
-    limit = min(BATCH_ROW_LIMIT, by_memory)
+    rule, limit = steps.rule, min(BATCH_ROW_LIMIT, steps.by_memory)
     measured: dict[str, float] = {}
 
     def per_row(rows: int) -> float:
@@ -151,6 +142,7 @@ def choose_batch_scale(
         rows = 2 * rule
         while rows <= limit and rows // 2 < work_rows and (more := per_row(rows)) <= DOUBLING_COST_LIMIT / 2 * cost:
             best, scale, cost, rows = rows, scale * 2, more, 2 * rows
+    steps.release()
     if screen is not None:  # its logits' buffer grew to the largest count tried, not what the engine takes
         screen.release()
     tried = [f"{1e3 * s / n:.2f} at {n}" for n, s in sorted((int(k[6:]), s) for k, s in measured.items())]

@@ -11,11 +11,11 @@ So an engine starts by timing each choice on the model itself, briefly, and pick
   can take, on final hidden states of the first prompt (a screen must give the same tokens there,
   or it is refused);
 - drafts: a decoding step fed 1 + N tokens against one fed 1 token, over the first prompt's cache at
-  the rows the engine decodes together (the rule's batch, or the whole work where it is smaller): the
-  body and the chosen head at every fed position (verifying a draft needs the head at each); drafts of
-  N tokens are used where the longer step costs at most ``DRAFT_COST_LIMIT`` times the shorter (so more
-  than one token accepted in every ten steps pays), the largest such N of ``DRAFT_LENGTHS`` (tried
-  shortest first);
+  the rows of the engine's batches (the rule's, or --batch-size; the whole work where it is smaller):
+  the body and the chosen head at every fed position (verifying a draft needs the head at each); drafts
+  of N tokens are used where the longer step costs at most ``DRAFT_COST_LIMIT`` times the shorter (so
+  more than one token accepted in every ten steps pays), the largest such N of ``DRAFT_LENGTHS`` (tried
+  shortest first; a first round above ``DRAFT_COST_CLEAR`` settles a length);
 - engine: a short run (``MINI_RUN_TOKENS`` new tokens) of up to ``MINI_RUN_ROWS`` of the first
   query's rows on the fast engine and on the tree engine with the head and drafts chosen above;
 - batch size: one decoding step (with the chosen head) over the first prompt's cache, at the engines'
@@ -64,14 +64,13 @@ DRAFT_LENGTHS = (2, 4, 8)
 # rarely accepted (short answers) then cost little; on a compute-bound machine they cost nearly the
 # whole ratio, so the limit keeps a margin below where a noisy timing of a CPU can fall.
 DRAFT_COST_LIMIT = 1.1
-DRAFT_COST_CLEAR = (
-    1.5 * DRAFT_COST_LIMIT
-)  # a first round's ratio above this settles the drafts check (no noise reaches it)
+# A first round's ratio above this settles a length without more rounds (an outlier can only refuse drafts).
+DRAFT_COST_CLEAR = 1.5 * DRAFT_COST_LIMIT
 HEAD_SAMPLE_ROWS = 16  # final hidden states the heads are timed on (per-row cost is what matters)
 MINI_RUN_TOKENS = 3  # new tokens in the engine comparison: the query's prefill and two decoding steps
 MINI_RUN_ROWS = 10  # at most this many rows of the first query (a spread of them) in the engine comparison
 REPEATS = 3  # timings compared with each other: the median of this many alternating rounds after a warm-up
-CALIBRATION_VERSION = 10  # part of the cache key: a change of the procedure re-measures
+CALIBRATION_VERSION = 11  # part of the cache key: a change of the procedure re-measures
 NO_STEPS = "a one-token prompt leaves no cache to time a step over"
 
 
@@ -231,10 +230,8 @@ class Calibrator:
     def measure(self, prompts: Sequence[MaskedPrompt], interventions: Sequence, stop: StopRule) -> Choices:
         reasons: dict[str, str] = {}
         measured: dict[str, float] = {}
-        ids = prompts[0].ids
-        # steps over the first prompt's cache, fed its last tokens (as many as the longest draft verifies)
-        steps = DecodingSteps.over(self.model, ids, min(1 + max(DRAFT_LENGTHS), len(ids) - 1)) if len(ids) > 1 else None
         work_rows = len(prompts) * len(interventions)
+        steps = self._steps(prompts[0].ids, stop)
         try:
             engine = self.request.engine
             head = "plain" if engine == "fast" else self._choose_head(prompts[0], reasons, measured)
@@ -243,7 +240,7 @@ class Calibrator:
                 reasons["head"] = "the fast engine uses the model's own head"
                 reasons["drafts"] = "the fast engine has no drafts"
             else:
-                drafts = self._choose_drafts(steps, stop.max_new_tokens, work_rows, head, reasons, measured)
+                drafts = self._choose_drafts(steps, work_rows, head, reasons, measured)
             if engine == "auto":
                 engine = self._choose_engine(prompts[0], interventions, stop, head, drafts, reasons, measured)
                 if engine == "fast":
@@ -261,6 +258,15 @@ class Calibrator:
             engine, head, drafts, self.request.batch_size, reasons, measured, hardware(self.device), batch_scale=scale
         )
 
+    def _steps(self, ids: list[int], stop: StopRule) -> DecodingSteps | None:
+        """Steps over the first prompt's cache, fed its last tokens (as many as the longest draft verifies);
+        None where no check will time them (forced) or the prompt leaves no cache."""
+        request = self.request
+        if len(ids) < 2 or (request.batch_size and (request.engine == "fast" or request.draft_tokens is not None)):
+            return None
+        fed = min(1 + max(DRAFT_LENGTHS), len(ids) - 1)
+        return DecodingSteps.over(self.model, ids, fed, stop.max_new_tokens, KV_MEMORY_FRACTION)
+
     def _choose_batch(
         self,
         steps: DecodingSteps | None,
@@ -275,7 +281,7 @@ class Calibrator:
             reasons["batch"] = "forced" if self.request.batch_size else f"the rule's rows ({NO_STEPS})"
             return 1.0
         scale, reasons["batch"], seconds = choose_batch_scale(
-            steps, stop.max_new_tokens, query_rows, work_rows, self.screen(head), self.timer, KV_MEMORY_FRACTION
+            steps, query_rows, work_rows, self.screen(head), self.timer
         )
         measured.update(seconds)
         return scale
@@ -332,7 +338,7 @@ class Calibrator:
         return "plain"
 
     def _choose_drafts(
-        self, steps: DecodingSteps | None, new_tokens: int, work_rows: int, head: str, reasons: dict, measured: dict
+        self, steps: DecodingSteps | None, work_rows: int, head: str, reasons: dict, measured: dict
     ) -> int:
         if self.request.draft_tokens is not None:
             reasons["drafts"] = "forced"
@@ -340,7 +346,7 @@ class Calibrator:
         if steps is None:
             reasons["drafts"] = NO_STEPS
             return 0
-        rows = max(1, min(steps.rule_rows(new_tokens, KV_MEMORY_FRACTION)[0], work_rows))  # as the engine batches
+        rows = max(1, min(self.request.batch_size or steps.rule, work_rows))  # the rows of the engine's batches
         screen = self.screen(head)
         best, ratios = 0, {}
         for n in (n for n in DRAFT_LENGTHS if 1 + n <= len(steps.tokens)):  # against one token, in alternation
@@ -354,6 +360,9 @@ class Calibrator:
             if ratios[n] > DRAFT_COST_LIMIT:
                 break  # longer drafts cost more still
             best = n
+        steps.release()  # the buffers of these rows x 9 tokens (the batch check makes its own)
+        if screen is not None:
+            screen.release()
         if not ratios:
             reasons["drafts"] = "the prompt is too short to time a draft's step over"
             return 0
