@@ -16,7 +16,7 @@ from icl_locate.cli import main
 from icl_locate.core.conditions import get_condition
 from icl_locate.core.interventions import MaskFrom
 from icl_locate.core.models import load_model
-from icl_locate.engines import batch_rows, calibrate, fast
+from icl_locate.engines import batch_rows, calibrate, fast, timing
 from icl_locate.engines.base import StopRule, forward
 from icl_locate.engines.calibrate import Calibrator, build_engine
 from icl_locate.engines.choices import Choices
@@ -304,12 +304,12 @@ def test_timings_compared_with_each_other_alternate():
     """Choices decided by a ratio are timed in alternation, so a machine's drift slows both sides alike."""
     ran: list[str] = []
     timer = FakeTimer(a=2.0, b=1.0)
-    got = calibrate.interleaved(timer, {"a": lambda: ran.append("a"), "b": lambda: ran.append("b")}, 3)
+    got = timing.interleaved(timer, {"a": lambda: ran.append("a"), "b": lambda: ran.append("b")}, 3)
     assert got == {"a": 2.0, "b": 1.0}
     assert timer.calls == ["a", "b"] * 3 and ran == ["a", "b"] * 4  # one warm-up each, then the rounds
     settled = FakeTimer(a=2.0, b=1.0)  # a first round that decides already ends the measurement
     fns = {"a": lambda: None, "b": lambda: None}
-    assert calibrate.interleaved(settled, fns, 3, lambda m: m["a"] > 1.5 * m["b"]) == {"a": 2.0, "b": 1.0}
+    assert timing.interleaved(settled, fns, 3, lambda m: m["a"] > 1.5 * m["b"]) == {"a": 2.0, "b": 1.0}
     assert settled.calls == ["a", "b"]
 
 
@@ -347,24 +347,31 @@ def test_the_cache_is_keyed_and_reused_and_a_changed_key_measures_again(tmp_path
     again = FakeTimer(head__plain=0.5, head__bf16=1.0)  # would choose otherwise: not asked
     cached = choose(lm, tmp_path, again)
     assert cached.cached and not again.calls and cached.head == measured.head == "bf16"
-    assert len(list((tmp_path / "cal").glob("*.json"))) == 1
-    # another request, another shape of work, another machine: each measures again
-    forced = FakeTimer()
-    choose(lm, tmp_path, forced, EngineRequest(engine="tree"))
-    assert forced.calls
+    entries = lambda: sorted(p.name.startswith("head-") for p in (tmp_path / "cal").glob("*.json"))  # noqa: E731
+    assert entries() == [False, True]  # the work's choices, the machine and model's head
+    # another request, another shape of work: each measures again, all but the head (the same machine and model)
+    forced = FakeTimer(head__plain=0.5, head__bf16=1.0)
+    assert choose(lm, tmp_path, forced, EngineRequest(engine="tree")).head == "bf16"
+    assert forced.calls and not [c for c in forced.calls if c.startswith("head/")]
     prompts, rows = work(lm)
-    other_shape = FakeTimer()
-    Calibrator(lm.model, lm.tokenizer, cache=tmp_path / "cal", timer=other_shape).choose(prompts, rows[:3], STOP)
-    assert other_shape.calls
+    other_shape = FakeTimer(head__plain=0.5, head__bf16=1.0)
+    choices = Calibrator(lm.model, lm.tokenizer, cache=tmp_path / "cal", timer=other_shape).choose(
+        prompts, rows[:3], STOP
+    )
+    assert other_shape.calls and not [c for c in other_shape.calls if c.startswith("head/")]
+    assert choices.head == "bf16" and choices.reasons["head"].endswith(calibrate.HEAD_CACHED)
+    assert choices.measured["head/bf16"] == 0.5  # the verdict's own timings stay on the record
+    # another machine: everything again, the head too
     real = calibrate.hardware
     monkeypatch.setattr(calibrate, "hardware", lambda device: dict(real(device), cpu_capability="AVX2"))
     other_machine = FakeTimer(head__plain=0.5, head__bf16=1.0, head__int8=1.0)
-    assert choose(lm, tmp_path, other_machine).head == "plain" and other_machine.calls
-    assert len(list((tmp_path / "cal").glob("*.json"))) == 4
+    assert choose(lm, tmp_path, other_machine).head == "plain" and "head/plain" in other_machine.calls
+    assert entries() == [False] * 4 + [True] * 2
 
 
 def test_the_head_alone_is_chosen_forced_and_cached(tmp_path):
-    """What `prune` asks: the LM head only (no engine, no drafts measured), cached apart from engine choices."""
+    """What `prune` asks: the LM head only (no engine, no drafts measured), from the same verdict as an
+    engine's choices on this machine and model."""
     lm = tiny("llama")
     prompts, _ = work(lm)
 
@@ -379,11 +386,14 @@ def test_the_head_alone_is_chosen_forced_and_cached(tmp_path):
     assert {name.split("/")[0] for name in first.calls} == {"head"}
     again = FakeTimer(head__plain=0.1)
     kind, reason, _ = head_only(again)
-    assert kind == "int8" and reason.endswith("calibration cached") and not again.calls
+    assert kind == "int8" and reason.endswith(calibrate.HEAD_CACHED) and not again.calls
     forced = FakeTimer()
     assert head_only(forced, EngineRequest(head="plain"))[::2] == ("plain", None) and not forced.calls
-    choose(lm, tmp_path, FakeTimer(head__plain=0.1))  # an engine's choices: another entry
-    assert len(list((tmp_path / "cal").glob("*.json"))) == 3
+    engine = FakeTimer(head__plain=0.1)
+    choices = choose(lm, tmp_path, engine)  # an engine's choices: another entry, the head's verdict taken
+    assert choices.head in ("int8", "plain") and not [c for c in engine.calls if c.startswith("head/")]
+    assert "int8 screen 2.0x faster" in choices.reasons["head"]
+    assert len(list((tmp_path / "cal").glob("*.json"))) == 2
 
 
 def test_the_engine_takes_the_screen_the_calibration_built(tmp_path):
@@ -397,7 +407,7 @@ def test_the_engine_takes_the_screen_the_calibration_built(tmp_path):
 
 
 def test_a_real_measurement_records_its_timings_and_hardware(tmp_path):
-    choices = choose(tiny("llama"), tmp_path, calibrate.measure_seconds)
+    choices = choose(tiny("llama"), tmp_path, timing.measure_seconds)
     assert {"head/plain", "head/bf16", "head/int8", "step/1", "engine/fast", "engine/tree"} <= set(choices.measured)
     assert [name for name in choices.measured if name.startswith("batch/")]
     assert all(v > 0 for v in choices.measured.values())

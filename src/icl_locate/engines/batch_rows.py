@@ -33,6 +33,7 @@ from .decoding import PreallocatedLayer
 from .fast import MAX_BATCH_TOKENS, rows_by_memory, rule_rows
 from .head import CertifiedHead, greedy_tokens
 from .rows import KV
+from .timing import Timer
 
 BATCH_ROW_LIMIT = 1024  # no batch is measured (or taken) beyond this many rows
 # Twice the rows are taken where their step costs at most this many times the step of half as many:
@@ -42,8 +43,6 @@ BATCH_ROW_LIMIT = 1024  # no batch is measured (or taken) beyond this many rows
 # (rows finish at different lengths, and the tree engine's shared states already shrink its low layers'
 # products), while their KV cache is surely larger.
 DOUBLING_COST_LIMIT = 1.25
-
-Timer = Callable[[str, Callable[[], object]], float]  # (what is timed, the work) -> seconds of one run
 
 
 def prompt_cache(model, ids: list[int]) -> KV:

@@ -27,7 +27,9 @@ Every choice can be forced (``EngineRequest``); generations are the same whateve
 engines are tested against the reference engine). The result is cached under the cache directory,
 keyed by the machine, the model, its dtype and device, the library versions and the shape of the
 work (rows per query, their kinds, the first prompt's length to a power of two), so a second run
-pays nothing.
+pays nothing. The head's verdict is also kept under the machine and model alone: which head is faster
+does not depend on the work (it is timed on one prompt's states either way), so work of another shape
+on the same model (another task, a method unit, ``prune``) measures only what does.
 """
 
 from __future__ import annotations
@@ -35,9 +37,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import statistics
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -51,11 +52,12 @@ from ..util.errors import UserError
 from ..util.fileio import write_json_atomic
 from ..util.system import hardware
 from .base import Engine, StopRule, last_hidden
-from .batch_rows import DecodingSteps, Timer, choose_batch_scale
+from .batch_rows import DecodingSteps, choose_batch_scale
 from .choices import Choices
 from .fast import KV_MEMORY_FRACTION, FastEngine
 from .head import SCREENS, CertifiedHead, build_screen
 from .request import AUTO_REQUEST, EngineRequest
+from .timing import Timer, interleaved, measure_seconds
 from .tree import TreeEngine
 
 DRAFT_LENGTHS = (2, 4, 8)
@@ -70,42 +72,13 @@ HEAD_SAMPLE_ROWS = 16  # final hidden states the heads are timed on (per-row cos
 MINI_RUN_TOKENS = 3  # new tokens in the engine comparison: the query's prefill and two decoding steps
 MINI_RUN_ROWS = 10  # at most this many rows of the first query (a spread of them) in the engine comparison
 REPEATS = 3  # timings compared with each other: the median of this many alternating rounds after a warm-up
-CALIBRATION_VERSION = 11  # part of the cache key: a change of the procedure re-measures
+CALIBRATION_VERSION = 12  # part of the cache key: a change of the procedure re-measures
 NO_STEPS = "a one-token prompt leaves no cache to time a step over"
+HEAD_CACHED = "; measured before for this model here"  # ends a head reason taken from an earlier verdict
 
 
-def measure_seconds(name: str, fn: Callable[[], object]) -> float:
-    """Seconds one run of ``fn`` takes (GPU work synchronised); ``name`` says what is timed (the ``Timer``
-    protocol: tests inject fake timings by name). Repeats and warm-ups are the caller's (``interleaved``)."""
-    sync = torch.cuda.synchronize if torch.cuda.is_available() and torch.cuda.is_initialized() else (lambda: None)
-    started = time.perf_counter()
-    fn()
-    sync()
-    return time.perf_counter() - started
-
-
-def interleaved(
-    timer: Timer,
-    fns: Mapping[str, Callable[[], object]],
-    rounds: int,
-    settled: Callable[[dict[str, float]], bool] = lambda medians: False,
-) -> dict[str, float]:
-    """The median seconds of each of ``fns`` over ``rounds`` rounds that run each once in turn, after one
-    warm-up of each: a machine whose speed drifts during the measurement slows them alike. Fewer rounds
-    where ``settled`` says the medians so far decide already (a ratio far from its limit)."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            times[name].append(timer(name, fn))
-        if settled(medians(times)):
-            break
-    return medians(times)
-
-
-def medians(times: dict[str, list[float]]) -> dict[str, float]:
-    return {name: statistics.median(t) for name, t in times.items()}
+def _digest(spec: dict) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
 def _ratio(slow: float, fast: float) -> str:
@@ -150,26 +123,22 @@ class Calibrator:
             except TypeError:
                 pass  # an old entry: measure again
         started = time.perf_counter()
-        choices = self.measure(prompts, interventions, stop)
+        choices = self.measure(prompts, interventions, stop, model_id)
         choices.calibration_seconds = time.perf_counter() - started
         self._save(key, choices.as_dict())
         return choices
 
     def choose_head(self, prompts: Sequence[MaskedPrompt], model_id: dict | None = None) -> tuple[str, str]:
         """The LM head alone, for an engine with no other choice (the pruned engine): its kind and the
-        measured reason (cached like ``choose``)."""
-        key = "head-" + self.key(prompts, (), model_id)
-        cached = self._cached(key)
-        if cached is not None and cached.get("head") in ("plain", *SCREENS) and isinstance(cached.get("reason"), str):
-            return cached["head"], f"{cached['reason']}; calibration cached"
+        measured reason (the head's verdict for this machine and model, measured where there is none)."""
         started = time.perf_counter()
         reasons: dict[str, str] = {}
         measured: dict[str, float] = {}
-        kind = self._choose_head(prompts[0], reasons, measured)
+        kind = self._choose_head(prompts[0], reasons, measured, model_id)
         self._keep_screen(kind)
-        seconds = time.perf_counter() - started
-        self._save(key, dict(head=kind, reason=reasons["head"], measured=measured, calibration_seconds=seconds))
-        return kind, f"{reasons['head']}; calibration {seconds:.1f}s"
+        if reasons["head"].endswith(HEAD_CACHED):
+            return kind, reasons["head"]
+        return kind, f"{reasons['head']}; calibration {time.perf_counter() - started:.1f}s"
 
     def screen(self, kind: str) -> CertifiedHead | None:
         """The ``kind`` screen of the model's head (None for "plain"): the one the measurement built, else
@@ -206,35 +175,47 @@ class Calibrator:
         except OSError:
             pass  # a read-only cache only costs the next run the measurement
 
-    def key(self, prompts: Sequence[MaskedPrompt], interventions: Sequence, model_id: dict | None) -> str:
-        """Machine + model + dtype/device + library versions + the shape of the work + the request."""
+    def identity(self, model_id: dict | None) -> dict:
+        """What every timing here depends on: the procedure, the machine, the model, its dtype and device,
+        the library versions and the threads asked for."""
         param = next(self.model.parameters())
-        kinds = sorted({type(row).__name__ for row in interventions})
-        spec = dict(
+        return dict(
             version=CALIBRATION_VERSION,
             hardware=hardware(self.device),
             model=model_id or dict(type=type(self.model).__name__, config=self.model.config.to_json_string()),
             dtype=str(param.dtype),
             transformers=transformers.__version__,
             icl_locate=__version__,
+            threads_env=os.environ.get("OMP_NUM_THREADS"),
+        )
+
+    def key(self, prompts: Sequence[MaskedPrompt], interventions: Sequence, model_id: dict | None) -> str:
+        """The identity (machine, model, ...) + the shape of the work + the request."""
+        kinds = sorted({type(row).__name__ for row in interventions})
+        spec = self.identity(model_id) | dict(
             rows_per_query=len(interventions),
             prompt_tokens=1 << (len(prompts[0].ids) - 1).bit_length() if prompts else 0,
             kinds=kinds,
             request=asdict(self.request),
-            threads_env=os.environ.get("OMP_NUM_THREADS"),
         )
-        return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:24]
+        return _digest(spec)
+
+    def head_key(self, model_id: dict | None) -> str:
+        """The head's verdict: the identity alone (the work's shape does not change which head is faster)."""
+        return "head-" + _digest(self.identity(model_id))
 
     # ------------------------------------------------------------------ measuring
 
-    def measure(self, prompts: Sequence[MaskedPrompt], interventions: Sequence, stop: StopRule) -> Choices:
+    def measure(
+        self, prompts: Sequence[MaskedPrompt], interventions: Sequence, stop: StopRule, model_id: dict | None = None
+    ) -> Choices:
         reasons: dict[str, str] = {}
         measured: dict[str, float] = {}
         work_rows = len(prompts) * len(interventions)
         steps = self._steps(prompts[0].ids, stop)
         try:
             engine = self.request.engine
-            head = "plain" if engine == "fast" else self._choose_head(prompts[0], reasons, measured)
+            head = "plain" if engine == "fast" else self._choose_head(prompts[0], reasons, measured, model_id)
             drafts = 0
             if engine == "fast":
                 reasons["head"] = "the fast engine uses the model's own head"
@@ -298,7 +279,31 @@ class Calibrator:
         self._sample = (prompt, sample)
         return sample
 
-    def _choose_head(self, prompt: MaskedPrompt, reasons: dict, measured: dict) -> str:
+    def _choose_head(self, prompt: MaskedPrompt, reasons: dict, measured: dict, model_id: dict | None) -> str:
+        """The head asked for, or (auto) this machine and model's verdict: kept from an earlier calibration,
+        else measured and kept."""
+        if self.request.head != "auto":
+            return self._measure_head(prompt, reasons, measured)
+        key = self.head_key(model_id)
+        verdict = self._cached(key)
+        if (
+            verdict is not None
+            and verdict.get("head") in ("plain", *SCREENS)
+            and isinstance(verdict.get("reason"), str)
+            and isinstance(verdict.get("measured"), dict)
+        ):
+            reasons["head"] = verdict["reason"] + HEAD_CACHED
+            measured.update(verdict["measured"])
+            return verdict["head"]
+        started = time.perf_counter()
+        timings: dict[str, float] = {}
+        kind = self._measure_head(prompt, reasons, timings)
+        measured.update(timings)
+        seconds = time.perf_counter() - started
+        self._save(key, dict(head=kind, reason=reasons["head"], measured=timings, calibration_seconds=seconds))
+        return kind
+
+    def _measure_head(self, prompt: MaskedPrompt, reasons: dict, measured: dict) -> str:
         """The fastest of the plain head and the screens this model can take (each checked on a sample)."""
         wanted = self.request.head
         if wanted == "plain":

@@ -1,0 +1,49 @@
+"""Timing for the calibration: one run of a piece of work, and pieces compared in alternation.
+
+A host's speed drifts (other work, clocks), so timings compared with each other alternate between the
+sides, after one warm-up of each (kernels chosen, memory touched); tests replace the ``Timer`` with fake
+timings by name."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Mapping
+
+import torch
+
+Timer = Callable[[str, Callable[[], object]], float]  # (what is timed, the work) -> seconds of one run
+
+
+def measure_seconds(name: str, fn: Callable[[], object]) -> float:
+    """Seconds one run of ``fn`` takes (GPU work synchronised); ``name`` says what is timed (the ``Timer``
+    protocol: tests inject fake timings by name). Repeats and warm-ups are the caller's (``interleaved``)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() and torch.cuda.is_initialized() else (lambda: None)
+    started = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - started
+
+
+def interleaved(
+    timer: Timer,
+    fns: Mapping[str, Callable[[], object]],
+    rounds: int,
+    settled: Callable[[dict[str, float]], bool] = lambda medians: False,
+) -> dict[str, float]:
+    """The median seconds of each of ``fns`` over ``rounds`` rounds that run each once in turn, after one
+    warm-up of each: a machine whose speed drifts during the measurement slows them alike. Fewer rounds
+    where ``settled`` says the medians so far decide already (a ratio far from its limit)."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(timer(name, fn))
+        if settled(medians(times)):
+            break
+    return medians(times)
+
+
+def medians(times: dict[str, list[float]]) -> dict[str, float]:
+    return {name: statistics.median(t) for name, t in times.items()}
