@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -394,6 +395,63 @@ def test_the_head_alone_is_chosen_forced_and_cached(tmp_path):
     assert choices.head in ("int8", "plain") and not [c for c in engine.calls if c.startswith("head/")]
     assert "int8 screen 2.0x faster" in choices.reasons["head"]
     assert len(list((tmp_path / "cal").glob("*.json"))) == 2
+
+
+def head_verdicts(tmp_path) -> list[Path]:
+    return list((tmp_path / "cal").glob("head-*.json"))
+
+
+@pytest.mark.parametrize(
+    "kept",
+    [
+        {"head": "fp4", "reason": "?", "measured": {}},
+        {"head": "int8"},
+        {"head": "int8", "reason": "?", "measured": {"head/int8": "fast"}},
+        [1, 2],
+        "x",
+    ],
+)
+def test_a_malformed_head_verdict_is_measured_again_and_overwritten(tmp_path, kept):
+    lm = tiny("llama")
+    first = FakeTimer(head__plain=1.0, head__bf16=0.5)
+    choose(lm, tmp_path, first, EngineRequest(engine="tree"))
+    (verdict,) = head_verdicts(tmp_path)
+    verdict.write_text(json.dumps(kept))
+    again = FakeTimer(head__plain=1.0, head__int8=0.5)
+    assert choose(lm, tmp_path, again, EngineRequest(engine="tree", draft_tokens=0)).head == "int8"
+    assert "head/plain" in again.calls and json.loads(verdict.read_text())["head"] == "int8"
+
+
+@pytest.mark.parametrize(
+    "request_, head",
+    [
+        (EngineRequest(head="bf16"), "bf16"),
+        (EngineRequest(head="plain"), "plain"),
+        (EngineRequest(engine="fast"), "plain"),
+    ],
+)
+def test_a_forced_head_neither_keeps_nor_takes_a_verdict(tmp_path, request_, head):
+    lm = tiny("llama")
+    assert choose(lm, tmp_path, FakeTimer(), request_).head == head
+    assert not head_verdicts(tmp_path)
+    assert choose(lm, tmp_path, FakeTimer(head__plain=1.0, head__int8=0.5)).head == "int8"  # a verdict: int8
+    (verdict,) = head_verdicts(tmp_path)
+    kept = verdict.read_text()
+    assert choose(lm, tmp_path, FakeTimer(), replace(request_, batch_size=3)).head == head
+    assert verdict.read_text() == kept
+
+
+def test_a_verdict_that_does_not_hold_here_is_measured_again_and_a_prompts_refusal_is_not_kept(tmp_path, monkeypatch):
+    """A kept screen is rebuilt and checked on this work's states; a screen this prompt's sample refused
+    refuses it for this work only (another prompt may agree)."""
+    lm = tiny("llama")
+    tree = EngineRequest(engine="tree", draft_tokens=0)
+    assert choose(lm, tmp_path, FakeTimer(head__plain=1.0, head__int8=0.5), tree).head == "int8"
+    monkeypatch.setattr(calibrate, "screen_agrees", lambda screen, hidden: screen.kind != "int8")
+    again = FakeTimer(head__plain=1.0, head__bf16=0.5, head__int8=0.1)
+    choices = choose(lm, tmp_path, again, EngineRequest(engine="tree", draft_tokens=2))
+    assert choices.head == "bf16" and "head/plain" in again.calls and "head/int8" not in again.calls
+    assert json.loads(head_verdicts(tmp_path)[0].read_text())["head"] == "int8"  # not replaced by this refusal
 
 
 def test_the_engine_takes_the_screen_the_calibration_built(tmp_path):

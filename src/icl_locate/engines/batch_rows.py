@@ -38,7 +38,8 @@ from .timing import Timer
 BATCH_ROW_LIMIT = 1024  # no batch is measured (or taken) beyond this many rows
 # Twice the rows are taken where their step costs at most this many times the step of half as many:
 # where decoding is latency-bound (more rows come almost free); and doublings are tried only where the
-# rule's step costs at most this many times the step of half its rows. Smaller gains are not taken: a step
+# rule's step costs at most this many times the step of half its rows (or the rule is one row). Smaller
+# gains are not taken: a step
 # over-states what more rows gain over a whole run
 # (rows finish at different lengths, and the tree engine's shared states already shrink its low layers'
 # products), while their KV cache is surely larger.

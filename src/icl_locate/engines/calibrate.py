@@ -9,7 +9,8 @@ So an engine starts by timing each choice on the model itself, briefly, and pick
 
 - head: the model's own LM head vs each screened head (bf16, int8: ``engines/head.py``) this model
   can take, on final hidden states of the first prompt (a screen must give the same tokens there,
-  or it is refused);
+  or it is refused), or this machine and model's verdict kept from an earlier calibration (its screen
+  checked on this prompt's states);
 - drafts: a decoding step fed 1 + N tokens against one fed 1 token, over the first prompt's cache at
   the rows of the engine's batches (the rule's, or --batch-size; the whole work where it is smaller):
   the body and the chosen head at every fed position (verifying a draft needs the head at each); drafts
@@ -41,6 +42,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import TypeGuard
 
 import torch
 import transformers
@@ -79,6 +81,23 @@ HEAD_CACHED = "; measured before for this model here"  # ends a head reason take
 
 def _digest(spec: dict) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def _valid_verdict(verdict: dict | None) -> TypeGuard[dict]:
+    """A kept head verdict as ``_choose_head`` writes it (anything else is measured again and overwritten)."""
+    return (
+        verdict is not None
+        and verdict.get("head") in ("plain", *SCREENS)
+        and isinstance(verdict.get("reason"), str)
+        and isinstance(verdict.get("measured"), dict)
+        and all(isinstance(v, (int, float)) for v in verdict["measured"].values())
+    )
+
+
+@torch.no_grad()
+def screen_agrees(screen: CertifiedHead, hidden: torch.Tensor) -> bool:
+    """Whether the screen's greedy tokens are the plain head's on ``hidden`` (a self-check on real states)."""
+    return torch.equal(screen.argmax(hidden), screen.full_logits(hidden).argmax(-1))
 
 
 def _ratio(slow: float, fast: float) -> str:
@@ -280,42 +299,51 @@ class Calibrator:
         return sample
 
     def _choose_head(self, prompt: MaskedPrompt, reasons: dict, measured: dict, model_id: dict | None) -> str:
-        """The head asked for, or (auto) this machine and model's verdict: kept from an earlier calibration,
-        else measured and kept."""
+        """The head asked for, or (auto) this machine and model's verdict: kept from an earlier calibration
+        (its screen rebuilt and checked on this prompt's sample), else measured and kept."""
         if self.request.head != "auto":
-            return self._measure_head(prompt, reasons, measured)
+            return self._measure_head(prompt, reasons, measured)[0]
         key = self.head_key(model_id)
         verdict = self._cached(key)
-        if (
-            verdict is not None
-            and verdict.get("head") in ("plain", *SCREENS)
-            and isinstance(verdict.get("reason"), str)
-            and isinstance(verdict.get("measured"), dict)
-        ):
+        if _valid_verdict(verdict) and self._holds_here(verdict["head"], prompt):
             reasons["head"] = verdict["reason"] + HEAD_CACHED
             measured.update(verdict["measured"])
             return verdict["head"]
         started = time.perf_counter()
         timings: dict[str, float] = {}
-        kind = self._measure_head(prompt, reasons, timings)
+        kind, shared = self._measure_head(prompt, reasons, timings)
         measured.update(timings)
-        seconds = time.perf_counter() - started
-        self._save(key, dict(head=kind, reason=reasons["head"], measured=timings, calibration_seconds=seconds))
+        if shared:
+            seconds = time.perf_counter() - started
+            self._save(key, dict(head=kind, reason=reasons["head"], measured=timings, calibration_seconds=seconds))
         return kind
 
-    def _measure_head(self, prompt: MaskedPrompt, reasons: dict, measured: dict) -> str:
-        """The fastest of the plain head and the screens this model can take (each checked on a sample)."""
+    def _holds_here(self, kind: str, prompt: MaskedPrompt) -> bool:
+        """Whether a kept verdict's screen builds for this model and gives the plain head's tokens on this
+        prompt's sample (the model in memory may differ from the one the verdict was measured on)."""
+        if kind == "plain":
+            return True
+        screen, _ = build_screen(self.model, kind)
+        if screen is None or not screen_agrees(screen, self._sample_hidden(prompt)):
+            return False
+        self.screens[kind] = screen
+        return True
+
+    def _measure_head(self, prompt: MaskedPrompt, reasons: dict, measured: dict) -> tuple[str, bool]:
+        """The fastest of the plain head and the screens this model can take (each checked on a sample), and
+        whether the verdict holds for the model whatever the prompt (no screen refused by this prompt's sample)."""
         wanted = self.request.head
         if wanted == "plain":
             reasons["head"] = "forced"
-            return "plain"
+            return "plain", False
         hidden = self._sample_hidden(prompt)
         screens: dict[str, CertifiedHead] = {}
         refused: list[str] = []
+        shared = True
         for kind in [wanted] if wanted in SCREENS else list(SCREENS):
             screen, why_not = build_screen(self.model, kind)
-            if screen is not None and not torch.equal(screen.argmax(hidden), screen.full_logits(hidden).argmax(-1)):
-                screen, why_not = None, "it disagreed with the plain head on a sample"
+            if screen is not None and not screen_agrees(screen, hidden):
+                screen, why_not, shared = None, "it disagreed with the plain head on a sample", False
             if screen is None:
                 if wanted == kind:
                     raise UserError(f"cannot screen the LM head of this model with {kind}: {why_not}; use --head plain")
@@ -324,10 +352,10 @@ class Calibrator:
                 screens[kind] = self.screens[kind] = screen
         if wanted in SCREENS:
             reasons["head"] = "forced"
-            return wanted
+            return wanted, False
         if not screens:
             reasons["head"] = "; ".join(refused)
-            return "plain"
+            return "plain", shared
         lm_head, cap = self.model.get_output_embeddings(), next(iter(screens.values())).cap
         heads: dict[str, Callable[[], object]] = {"head/plain": lambda: cap(lm_head(hidden)).argmax(-1)}
         heads.update({f"head/{kind}": (lambda s=screen: s.argmax(hidden)) for kind, screen in screens.items()})
@@ -338,9 +366,9 @@ class Calibrator:
         seconds = measured[f"head/{fastest}"]
         if seconds < plain:
             reasons["head"] = f"{fastest} screen {_ratio(plain, seconds)} faster than the full product here"
-            return fastest
+            return fastest, shared
         reasons["head"] = f"{fastest} screen {_ratio(seconds, plain)} slower than the full product here"
-        return "plain"
+        return "plain", shared
 
     def _choose_drafts(
         self, steps: DecodingSteps | None, work_rows: int, head: str, reasons: dict, measured: dict
