@@ -454,6 +454,72 @@ def test_a_verdict_that_does_not_hold_here_is_measured_again_and_a_prompts_refus
     assert json.loads(head_verdicts(tmp_path)[0].read_text())["head"] == "int8"  # not replaced by this refusal
 
 
+def drafts_refusals(tmp_path) -> list[Path]:
+    return list((tmp_path / "cal").glob("drafts-*.json"))
+
+
+REFUSE = dict(step__1=1.0, step__1_plus_2=2.0, engine__fast=2.0, engine__tree=1.0)  # a CPU: drafts cost
+ACCEPT = dict(step__1=1.0, step__1_plus_2=1.0, step__1_plus_4=1.0, step__1_plus_8=1.0)  # would take drafts of 8
+
+
+def test_a_drafts_refusal_is_kept_and_taken_by_work_of_more_rows_over_no_longer_a_cache(tmp_path):
+    """Drafts refused on R rows over a cache of C tokens stay refused, unmeasured, for work of at least R rows
+    over at most C tokens on this machine, model and head; fewer rows, a longer cache or another head
+    measure again; drafts taken are not kept."""
+    lm = tiny("llama")
+    tree = lambda rows, head="int8": EngineRequest(engine="tree", head=head, batch_size=rows)  # noqa: E731
+    first = FakeTimer(**REFUSE)
+    assert choose(lm, tmp_path, first, tree(4)).draft_tokens == 0 and "step/1+2" in first.calls
+    (refusal,) = drafts_refusals(tmp_path)
+    kept = json.loads(refusal.read_text())
+    assert kept["rows"] == 4 and kept["measured"] == {"step/1": 1.0, "step/1+2": 2.0}
+    more = FakeTimer(**ACCEPT)
+    choices = choose(lm, tmp_path, more, tree(8))
+    assert choices.draft_tokens == 0 and not [c for c in more.calls if c.startswith("step/")]
+    assert choices.reasons["drafts"] == kept["reason"] + calibrate.DRAFTS_CACHED
+    assert choices.measured["step/1+2"] == 2.0  # the refusal's own timings stay on the record
+    for other in (tree(2), tree(16, head="plain")):  # fewer rows; another head's steps
+        timer = FakeTimer(**ACCEPT)
+        assert choose(lm, tmp_path, timer, other).draft_tokens == 8 and "step/1+8" in timer.calls
+    assert len(drafts_refusals(tmp_path)) == 1 and json.loads(refusal.read_text()) == kept  # takings not kept
+    refusal.write_text(json.dumps(kept | dict(cache_tokens=kept["cache_tokens"] - 1)))  # measured on a shorter cache
+    longer = FakeTimer(**ACCEPT)
+    assert choose(lm, tmp_path, longer, tree(32)).draft_tokens == 8 and "step/1+2" in longer.calls
+
+
+@pytest.mark.parametrize(
+    "kept",
+    [
+        {"reason": "?", "measured": {}, "cache_tokens": 10**6},
+        {"rows": "1", "reason": "?", "measured": {}, "cache_tokens": 10**6},
+        {"rows": True, "reason": "?", "measured": {}, "cache_tokens": 10**6},
+        {"rows": 1, "measured": {}, "cache_tokens": 10**6},
+        {"rows": 1, "reason": "?", "measured": {"step/1": None}, "cache_tokens": 10**6},
+        [1],
+    ],
+)
+def test_a_malformed_drafts_refusal_is_measured_again_and_overwritten(tmp_path, kept):
+    lm = tiny("llama")
+    choose(lm, tmp_path, FakeTimer(**REFUSE), EngineRequest(engine="tree", head="plain", batch_size=4))
+    (refusal,) = drafts_refusals(tmp_path)
+    refusal.write_text(json.dumps(kept))
+    again = FakeTimer(**REFUSE)
+    assert choose(lm, tmp_path, again, EngineRequest(engine="tree", head="plain", batch_size=8)).draft_tokens == 0
+    assert "step/1+2" in again.calls and json.loads(refusal.read_text())["rows"] == 8
+
+
+def test_forced_drafts_neither_take_nor_keep_a_refusal(tmp_path):
+    lm = tiny("llama")
+    forced = FakeTimer(**REFUSE)
+    assert choose(lm, tmp_path, forced, EngineRequest(engine="tree", draft_tokens=0)).draft_tokens == 0
+    assert not drafts_refusals(tmp_path) and not [c for c in forced.calls if c.startswith("step/1+")]
+    choose(lm, tmp_path, FakeTimer(**REFUSE), EngineRequest(engine="tree", batch_size=4))
+    assert len(drafts_refusals(tmp_path)) == 1
+    assert (
+        choose(lm, tmp_path, FakeTimer(), EngineRequest(engine="tree", draft_tokens=2, batch_size=8)).draft_tokens == 2
+    )
+
+
 def test_the_engine_takes_the_screen_the_calibration_built(tmp_path):
     lm = tiny("llama")
     prompts, rows = work(lm)

@@ -16,7 +16,9 @@ So an engine starts by timing each choice on the model itself, briefly, and pick
   the body and the chosen head at every fed position (verifying a draft needs the head at each); drafts
   of N tokens are used where the longer step costs at most ``DRAFT_COST_LIMIT`` times the shorter (so
   more than one token accepted in every ten steps pays), the largest such N of ``DRAFT_LENGTHS`` (tried
-  shortest first; a first round above ``DRAFT_COST_CLEAR`` settles a length);
+  shortest first; a first round above ``DRAFT_COST_CLEAR`` settles a length); or none, where a refusal
+  kept for this machine, model and head was measured on no more rows over a cache no shorter
+  (``calibration_cache.py`` says why it then holds);
 - engine: a short run (``MINI_RUN_TOKENS`` new tokens) of up to ``MINI_RUN_ROWS`` of the first
   query's rows on the fast engine and on the tree engine with the head and drafts chosen above;
 - batch size: one decoding step (with the chosen head) over the first prompt's cache, at the engines'
@@ -29,20 +31,18 @@ engines are tested against the reference engine). The result is cached under the
 keyed by the machine, the model, its dtype and device, the library versions and the shape of the
 work (rows per query, their kinds, the first prompt's length to a power of two), so a second run
 pays nothing. The head's verdict is also kept under the machine and model alone: which head is faster
-does not depend on the work (it is timed on one prompt's states either way), so work of another shape
-on the same model (another task, a method unit, ``prune``) measures only what does.
+does not depend on the work (it is timed on one prompt's states either way), and so is a refusal of
+drafts with the rows and cache it was measured on; so work of another shape on the same model
+(another task, a method unit, ``prune``) measures only what depends on it.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import TypeGuard
 
 import torch
 import transformers
@@ -51,10 +51,10 @@ from .. import __version__
 from ..core.checkpoints import cache_dir
 from ..core.conditions import MaskedPrompt
 from ..util.errors import UserError
-from ..util.fileio import write_json_atomic
 from ..util.system import hardware
 from .base import Engine, StopRule, last_hidden
 from .batch_rows import DecodingSteps, choose_batch_scale
+from .calibration_cache import CalibrationCache, digest, refusal_covers, valid_head_verdict
 from .choices import Choices
 from .fast import KV_MEMORY_FRACTION, FastEngine
 from .head import SCREENS, CertifiedHead, build_screen
@@ -74,24 +74,11 @@ HEAD_SAMPLE_ROWS = 16  # final hidden states the heads are timed on (per-row cos
 MINI_RUN_TOKENS = 3  # new tokens in the engine comparison: the query's prefill and two decoding steps
 MINI_RUN_ROWS = 10  # at most this many rows of the first query (a spread of them) in the engine comparison
 REPEATS = 3  # timings compared with each other: the median of this many alternating rounds after a warm-up
-CALIBRATION_VERSION = 12  # part of the cache key: a change of the procedure re-measures
+CALIBRATION_VERSION = 13  # part of the cache key: a change of the procedure re-measures
 NO_STEPS = "a one-token prompt leaves no cache to time a step over"
 HEAD_CACHED = "; measured before for this model here"  # ends a head reason taken from an earlier verdict
-
-
-def _digest(spec: dict) -> str:
-    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:24]
-
-
-def _valid_verdict(verdict: dict | None) -> TypeGuard[dict]:
-    """A kept head verdict as ``_choose_head`` writes it (anything else is measured again and overwritten)."""
-    return (
-        verdict is not None
-        and verdict.get("head") in ("plain", *SCREENS)
-        and isinstance(verdict.get("reason"), str)
-        and isinstance(verdict.get("measured"), dict)
-        and all(isinstance(v, (int, float)) for v in verdict["measured"].values())
-    )
+# ends a drafts reason taken from an earlier refusal (``calibration_cache.py``: why it holds for this work)
+DRAFTS_CACHED = "; measured before for this model here, on no more rows and a cache no shorter"
 
 
 @torch.no_grad()
@@ -122,8 +109,8 @@ class Calibrator:
     ):
         request.check()
         self.model, self.tokenizer, self.request = model, tokenizer, request
-        self.cache = cache if cache is not None else cache_dir() / "calibration"
-        self.timer, self.use_cache = timer, use_cache
+        self.kept = CalibrationCache(cache if cache is not None else cache_dir() / "calibration", use_cache)
+        self.timer = timer
         self.device = next(model.parameters()).device
         self._sample: tuple[MaskedPrompt, torch.Tensor] | None = None  # (prompt, its final hidden states)
         self.screens: dict[str, CertifiedHead] = {}  # screens built so far, by kind (``screen``)
@@ -135,7 +122,7 @@ class Calibrator:
     ) -> Choices:
         """The choices for decoding ``interventions`` on ``prompts`` (cached per machine, model and work)."""
         key = self.key(prompts, interventions, model_id)
-        cached = self._cached(key)
+        cached = self.kept.get(key)
         if cached is not None:
             try:
                 return replace(Choices.from_dict(cached), cached=True)
@@ -144,7 +131,7 @@ class Calibrator:
         started = time.perf_counter()
         choices = self.measure(prompts, interventions, stop, model_id)
         choices.calibration_seconds = time.perf_counter() - started
-        self._save(key, choices.as_dict())
+        self.kept.put(key, choices.as_dict())
         return choices
 
     def choose_head(self, prompts: Sequence[MaskedPrompt], model_id: dict | None = None) -> tuple[str, str]:
@@ -153,9 +140,9 @@ class Calibrator:
         started = time.perf_counter()
         reasons: dict[str, str] = {}
         measured: dict[str, float] = {}
-        kind = self._choose_head(prompts[0], reasons, measured, model_id)
+        kind, kept = self._choose_head(prompts[0], reasons, measured, model_id)
         self._keep_screen(kind)
-        if reasons["head"].endswith(HEAD_CACHED):
+        if kept:
             return kind, reasons["head"]
         return kind, f"{reasons['head']}; calibration {time.perf_counter() - started:.1f}s"
 
@@ -174,25 +161,6 @@ class Calibrator:
     def _keep_screen(self, kind: str) -> None:
         """Drop the screens measured but not chosen (a screen is a copy of the LM head: memory a run would carry)."""
         self.screens = {k: screen for k, screen in self.screens.items() if k == kind}
-
-    def _cached(self, key: str) -> dict | None:
-        path = self.cache / f"{key}.json"
-        if not (self.use_cache and path.is_file()):
-            return None
-        try:
-            data = json.loads(path.read_text())
-        except ValueError:
-            return None  # an unreadable entry: measure again
-        return data if isinstance(data, dict) else None
-
-    def _save(self, key: str, data: dict) -> None:
-        if not self.use_cache:
-            return
-        try:
-            self.cache.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(self.cache / f"{key}.json", data)
-        except OSError:
-            pass  # a read-only cache only costs the next run the measurement
 
     def identity(self, model_id: dict | None) -> dict:
         """What every timing here depends on: the procedure, the machine, the model, its dtype and device,
@@ -217,11 +185,15 @@ class Calibrator:
             kinds=kinds,
             request=asdict(self.request),
         )
-        return _digest(spec)
+        return digest(spec)
 
     def head_key(self, model_id: dict | None) -> str:
         """The head's verdict: the identity alone (the work's shape does not change which head is faster)."""
-        return "head-" + _digest(self.identity(model_id))
+        return "head-" + digest(self.identity(model_id))
+
+    def drafts_key(self, model_id: dict | None, head: str) -> str:
+        """The drafts' refusal: the identity and the head the steps ran (its rows and cache are in the entry)."""
+        return "drafts-" + digest(self.identity(model_id) | dict(head=head))
 
     # ------------------------------------------------------------------ measuring
 
@@ -234,13 +206,13 @@ class Calibrator:
         steps = self._steps(prompts[0].ids, stop)
         try:
             engine = self.request.engine
-            head = "plain" if engine == "fast" else self._choose_head(prompts[0], reasons, measured, model_id)
+            head = "plain" if engine == "fast" else self._choose_head(prompts[0], reasons, measured, model_id)[0]
             drafts = 0
             if engine == "fast":
                 reasons["head"] = "the fast engine uses the model's own head"
                 reasons["drafts"] = "the fast engine has no drafts"
             else:
-                drafts = self._choose_drafts(steps, work_rows, head, reasons, measured)
+                drafts = self._choose_drafts(steps, work_rows, head, reasons, measured, model_id)
             if engine == "auto":
                 engine = self._choose_engine(prompts[0], interventions, stop, head, drafts, reasons, measured)
                 if engine == "fast":
@@ -298,25 +270,28 @@ class Calibrator:
         self._sample = (prompt, sample)
         return sample
 
-    def _choose_head(self, prompt: MaskedPrompt, reasons: dict, measured: dict, model_id: dict | None) -> str:
+    def _choose_head(
+        self, prompt: MaskedPrompt, reasons: dict, measured: dict, model_id: dict | None
+    ) -> tuple[str, bool]:
         """The head asked for, or (auto) this machine and model's verdict: kept from an earlier calibration
-        (its screen rebuilt and checked on this prompt's sample), else measured and kept."""
+        (its screen rebuilt and checked on this prompt's sample), else measured and kept; and whether it was
+        the kept verdict."""
         if self.request.head != "auto":
-            return self._measure_head(prompt, reasons, measured)[0]
+            return self._measure_head(prompt, reasons, measured)[0], False
         key = self.head_key(model_id)
-        verdict = self._cached(key)
-        if _valid_verdict(verdict) and self._holds_here(verdict["head"], prompt):
+        verdict = self.kept.get(key)
+        if valid_head_verdict(verdict, ("plain", *SCREENS)) and self._holds_here(verdict["head"], prompt):
             reasons["head"] = verdict["reason"] + HEAD_CACHED
             measured.update(verdict["measured"])
-            return verdict["head"]
+            return verdict["head"], True
         started = time.perf_counter()
         timings: dict[str, float] = {}
         kind, shared = self._measure_head(prompt, reasons, timings)
         measured.update(timings)
         if shared:
             seconds = time.perf_counter() - started
-            self._save(key, dict(head=kind, reason=reasons["head"], measured=timings, calibration_seconds=seconds))
-        return kind
+            self.kept.put(key, dict(head=kind, reason=reasons["head"], measured=timings, calibration_seconds=seconds))
+        return kind, False
 
     def _holds_here(self, kind: str, prompt: MaskedPrompt) -> bool:
         """Whether a kept verdict's screen builds for this model and gives the plain head's tokens on this
@@ -371,8 +346,16 @@ class Calibrator:
         return "plain", shared
 
     def _choose_drafts(
-        self, steps: DecodingSteps | None, work_rows: int, head: str, reasons: dict, measured: dict
+        self,
+        steps: DecodingSteps | None,
+        work_rows: int,
+        head: str,
+        reasons: dict,
+        measured: dict,
+        model_id: dict | None,
     ) -> int:
+        """The draft length asked for, or (auto) none where a refusal kept for this machine, model and head
+        covers this work's rows and cache (``calibration_cache.py``), else the measured one (a refusal kept)."""
         if self.request.draft_tokens is not None:
             reasons["drafts"] = "forced"
             return self.request.draft_tokens
@@ -380,6 +363,31 @@ class Calibrator:
             reasons["drafts"] = NO_STEPS
             return 0
         rows = max(1, min(self.request.batch_size or steps.rule, work_rows))  # the rows of the engine's batches
+        key, cache_tokens = self.drafts_key(model_id, head), steps.length - 1
+        refusal = self.kept.get(key)
+        if refusal_covers(refusal, rows, cache_tokens):
+            reasons["drafts"] = refusal["reason"] + DRAFTS_CACHED
+            measured.update(refusal["measured"])
+            return 0
+        timings: dict[str, float] = {}
+        best, ratios = self._measure_drafts(steps, rows, head, timings)
+        measured.update(timings)
+        if not ratios:
+            reasons["drafts"] = "the prompt is too short to time a draft's step over"
+            return 0
+        n = best or min(ratios)
+        reasons["drafts"] = f"a step of {1 + n} tokens costs {ratios[n]:.1f}x one token's on {rows} rows here" + (
+            "" if best else f" (> {DRAFT_COST_LIMIT}x)"
+        )
+        if not best:
+            self.kept.put(key, dict(rows=rows, cache_tokens=cache_tokens, reason=reasons["drafts"], measured=timings))
+        return best
+
+    def _measure_drafts(
+        self, steps: DecodingSteps, rows: int, head: str, measured: dict
+    ) -> tuple[int, dict[int, float]]:
+        """The longest draft length whose step costs at most ``DRAFT_COST_LIMIT`` times a one-token step (0:
+        none), and the ratio of each length timed (shortest first, up to the first above the limit)."""
         screen = self.screen(head)
         best, ratios = 0, {}
         for n in (n for n in DRAFT_LENGTHS if 1 + n <= len(steps.tokens)):  # against one token, in alternation
@@ -396,14 +404,7 @@ class Calibrator:
         steps.release()  # the buffers of these rows x 9 tokens (the batch check makes its own)
         if screen is not None:
             screen.release()
-        if not ratios:
-            reasons["drafts"] = "the prompt is too short to time a draft's step over"
-            return 0
-        n = best or min(ratios)
-        reasons["drafts"] = f"a step of {1 + n} tokens costs {ratios[n]:.1f}x one token's on {rows} rows here" + (
-            "" if best else f" (> {DRAFT_COST_LIMIT}x)"
-        )
-        return best
+        return best, ratios
 
     def _choose_engine(
         self,
