@@ -520,6 +520,45 @@ def test_forced_drafts_neither_take_nor_keep_a_refusal(tmp_path):
     )
 
 
+@pytest.mark.parametrize(
+    "ratios, drafts, timed, kept_rows",
+    [
+        ({16: 2.0, 64: 2.0}, 0, {16}, 16),  # refused on the probe: more rows are not timed
+        ({16: 1.0, 64: 2.0}, 0, {16, 64}, 64),  # taken on the probe, refused on the engine's rows
+        ({16: 1.0, 64: 1.0}, 8, {16, 64}, None),  # taken on both: nothing kept
+    ],
+)
+def test_drafts_are_probed_on_a_few_rows_and_timed_on_the_engines_rows_only_where_they_paid(
+    tmp_path, monkeypatch, ratios, drafts, timed, kept_rows
+):
+    monkeypatch.setattr(batch_rows, "rule_rows", lambda *args: 64)
+    monkeypatch.setattr(calibrate, "choose_batch_scale", lambda *args: (1.0, "not timed here", {}))
+    rows_of_steps: list[int] = []
+    real_step = batch_rows.DecodingSteps.step
+
+    def step(self, rows, screen, fed=1):
+        rows_of_steps.append(rows)
+        return real_step(self, rows, screen, fed)
+
+    monkeypatch.setattr(batch_rows.DecodingSteps, "step", step)
+
+    def timer(name, fn):
+        fn()
+        return 1.0 if name == "step/1" else ratios[rows_of_steps[-1]]
+
+    lm = tiny("llama")
+    prompts, rows = work(lm)
+    calibrator = Calibrator(lm.model, lm.tokenizer, EngineRequest(engine="tree", head="plain"), tmp_path / "cal", timer)
+    choices = calibrator.choose(prompts * 10, rows, STOP)  # 150 rows of work: batches of the rule's 64
+    assert choices.draft_tokens == drafts and set(rows_of_steps) == timed
+    if drafts == 0:
+        assert f"on {kept_rows} rows here" in choices.reasons["drafts"]
+        assert ("at the engine's 64 rows more still" in choices.reasons["drafts"]) == (kept_rows == 16)
+        assert [json.loads(p.read_text())["rows"] for p in drafts_refusals(tmp_path)] == [kept_rows]
+    else:
+        assert not drafts_refusals(tmp_path)
+
+
 def test_the_engine_takes_the_screen_the_calibration_built(tmp_path):
     lm = tiny("llama")
     prompts, rows = work(lm)

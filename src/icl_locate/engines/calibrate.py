@@ -16,9 +16,10 @@ So an engine starts by timing each choice on the model itself, briefly, and pick
   the body and the chosen head at every fed position (verifying a draft needs the head at each); drafts
   of N tokens are used where the longer step costs at most ``DRAFT_COST_LIMIT`` times the shorter (so
   more than one token accepted in every ten steps pays), the largest such N of ``DRAFT_LENGTHS`` (tried
-  shortest first; a first round above ``DRAFT_COST_CLEAR`` settles a length); or none, where a refusal
-  kept for this machine, model and head was measured on no more rows over a cache no shorter
-  (``calibration_cache.py`` says why it then holds);
+  shortest first; a first round above ``DRAFT_COST_CLEAR`` settles a length), timed on
+  ``DRAFT_PROBE_ROWS`` rows first and on the engine's rows only where drafts paid there; or none,
+  where a refusal kept for this machine, model and head was measured on no more rows over a cache
+  no shorter (``calibration_cache.py`` says why it then holds);
 - engine: a short run (``MINI_RUN_TOKENS`` new tokens) of up to ``MINI_RUN_ROWS`` of the first
   query's rows on the fast engine and on the tree engine with the head and drafts chosen above;
 - batch size: one decoding step (with the chosen head) over the first prompt's cache, at the engines'
@@ -70,6 +71,11 @@ DRAFT_LENGTHS = (2, 4, 8)
 DRAFT_COST_LIMIT = 1.1
 # A first round's ratio above this settles a length without more rounds (an outlier can only refuse drafts).
 DRAFT_COST_CLEAR = 1.5 * DRAFT_COST_LIMIT
+# Drafts are timed on this many rows first (fewer where the engine's batches are smaller): a step's fixed
+# part weighs less the more rows it has (``calibration_cache.py``), so a refusal there holds for more rows;
+# only drafts taken there are timed again on the engine's rows. (One row is not a probe: a single row's
+# products can run other kernels, matrix-vector ones, than those of several rows.)
+DRAFT_PROBE_ROWS = 16
 HEAD_SAMPLE_ROWS = 16  # final hidden states the heads are timed on (per-row cost is what matters)
 MINI_RUN_TOKENS = 3  # new tokens in the engine comparison: the query's prefill and two decoding steps
 MINI_RUN_ROWS = 10  # at most this many rows of the first query (a spread of them) in the engine comparison
@@ -355,7 +361,8 @@ class Calibrator:
         model_id: dict | None,
     ) -> int:
         """The draft length asked for, or (auto) none where a refusal kept for this machine, model and head
-        covers this work's rows and cache (``calibration_cache.py``), else the measured one (a refusal kept)."""
+        covers this work's rows and cache (``calibration_cache.py``), else the measured one: timed on
+        ``DRAFT_PROBE_ROWS`` rows first, on the engine's rows only where drafts paid there (a refusal is kept)."""
         if self.request.draft_tokens is not None:
             reasons["drafts"] = "forced"
             return self.request.draft_tokens
@@ -370,17 +377,21 @@ class Calibrator:
             measured.update(refusal["measured"])
             return 0
         timings: dict[str, float] = {}
-        best, ratios = self._measure_drafts(steps, rows, head, timings)
+        for timed in dict.fromkeys((min(rows, DRAFT_PROBE_ROWS), rows)):  # the probe, then the engine's rows
+            best, ratios = self._measure_drafts(steps, timed, head, timings)
+            if not (ratios and best):
+                break  # refused (or not timeable) on these rows: on more rows too
         measured.update(timings)
         if not ratios:
             reasons["drafts"] = "the prompt is too short to time a draft's step over"
             return 0
         n = best or min(ratios)
-        reasons["drafts"] = f"a step of {1 + n} tokens costs {ratios[n]:.1f}x one token's on {rows} rows here" + (
-            "" if best else f" (> {DRAFT_COST_LIMIT}x)"
+        beyond = "" if timed == rows else f"; at the engine's {rows} rows more still"
+        reasons["drafts"] = f"a step of {1 + n} tokens costs {ratios[n]:.1f}x one token's on {timed} rows here" + (
+            "" if best else f" (> {DRAFT_COST_LIMIT}x{beyond})"
         )
-        if not best:
-            self.kept.put(key, dict(rows=rows, cache_tokens=cache_tokens, reason=reasons["drafts"], measured=timings))
+        if not best and timed > 1:
+            self.kept.put(key, dict(rows=timed, cache_tokens=cache_tokens, reason=reasons["drafts"], measured=timings))
         return best
 
     def _measure_drafts(
