@@ -97,7 +97,8 @@ def test_drafts_only_where_a_longer_step_costs_about_one_token(tmp_path, costs, 
 )
 def test_the_drafts_step_runs_the_chosen_head_at_every_fed_position(tmp_path, monkeypatch, head, rule, forced):
     """Verifying a draft of N tokens needs the head at 1 + N positions: the timed step must pay for them, on
-    the rows of the engine's batches (the rule's or the forced batch size; the whole work where it is smaller)."""
+    the rows of the engine's batches (the rule's or the forced batch size; the whole work where it is smaller;
+    here at most the probe's rows)."""
     monkeypatch.setattr(batch_rows, "rule_rows", lambda *args: rule)
     monkeypatch.setattr(calibrate, "choose_batch_scale", lambda *args: (1.0, "not timed here", {}))
     lm = tiny("llama")
@@ -462,12 +463,15 @@ REFUSE = dict(step__1=1.0, step__1_plus_2=2.0, engine__fast=2.0, engine__tree=1.
 ACCEPT = dict(step__1=1.0, step__1_plus_2=1.0, step__1_plus_4=1.0, step__1_plus_8=1.0)  # would take drafts of 8
 
 
-def test_a_drafts_refusal_is_kept_and_taken_by_work_of_more_rows_over_no_longer_a_cache(tmp_path):
-    """Drafts refused on R rows over a cache of C tokens stay refused, unmeasured, for work of at least R rows
-    over at most C tokens on this machine, model and head; fewer rows, a longer cache or another head
-    measure again; drafts taken are not kept."""
+def tree(rows: int, head: str = "int8") -> EngineRequest:
+    return EngineRequest(engine="tree", head=head, batch_size=rows)
+
+
+def test_a_drafts_refusal_is_kept_and_taken_by_work_of_more_rows_over_a_cache_of_its_length(tmp_path, monkeypatch):
+    """Drafts refused on R rows stay refused, unmeasured, for work of at least R rows over a cache of the same
+    length to a power of two, on this machine, model and head; fewer rows, another head or another cache
+    length measure again; drafts taken are not kept."""
     lm = tiny("llama")
-    tree = lambda rows, head="int8": EngineRequest(engine="tree", head=head, batch_size=rows)  # noqa: E731
     first = FakeTimer(**REFUSE)
     assert choose(lm, tmp_path, first, tree(4)).draft_tokens == 0 and "step/1+2" in first.calls
     (refusal,) = drafts_refusals(tmp_path)
@@ -482,29 +486,43 @@ def test_a_drafts_refusal_is_kept_and_taken_by_work_of_more_rows_over_no_longer_
         timer = FakeTimer(**ACCEPT)
         assert choose(lm, tmp_path, timer, other).draft_tokens == 8 and "step/1+8" in timer.calls
     assert len(drafts_refusals(tmp_path)) == 1 and json.loads(refusal.read_text()) == kept  # takings not kept
-    refusal.write_text(json.dumps(kept | dict(cache_tokens=kept["cache_tokens"] - 1)))  # measured on a shorter cache
+    monkeypatch.setattr(calibrate, "cache_bucket", lambda tokens: 1 << 20)  # as if the cache were far longer
     longer = FakeTimer(**ACCEPT)
     assert choose(lm, tmp_path, longer, tree(32)).draft_tokens == 8 and "step/1+2" in longer.calls
+
+
+def test_a_refusal_timed_on_one_row_is_neither_kept_nor_taken(tmp_path):
+    """A single row's step can run other kernels than several rows' (matrix-vector products)."""
+    lm = tiny("llama")
+    assert choose(lm, tmp_path, FakeTimer(**REFUSE), tree(1)).draft_tokens == 0
+    assert not drafts_refusals(tmp_path)
+    choose(lm, tmp_path, FakeTimer(**REFUSE), tree(4))
+    (refusal,) = drafts_refusals(tmp_path)
+    refusal.write_text(json.dumps(json.loads(refusal.read_text()) | dict(rows=1)))
+    again = FakeTimer(**ACCEPT)
+    assert choose(lm, tmp_path, again, tree(8)).draft_tokens == 8 and "step/1+2" in again.calls
 
 
 @pytest.mark.parametrize(
     "kept",
     [
-        {"reason": "?", "measured": {}, "cache_tokens": 10**6},
-        {"rows": "1", "reason": "?", "measured": {}, "cache_tokens": 10**6},
-        {"rows": True, "reason": "?", "measured": {}, "cache_tokens": 10**6},
-        {"rows": 1, "measured": {}, "cache_tokens": 10**6},
-        {"rows": 1, "reason": "?", "measured": {"step/1": None}, "cache_tokens": 10**6},
+        {"reason": "?", "measured": {}},
+        {"rows": "2", "reason": "?", "measured": {}},
+        {"rows": True, "reason": "?", "measured": {}},
+        {"rows": 0, "reason": "?", "measured": {}},
+        {"rows": 2, "measured": {}},
+        {"rows": 2, "reason": "?", "measured": {"step/1": None}},
+        {"rows": 2, "reason": "?", "measured": [1.0]},
         [1],
     ],
 )
 def test_a_malformed_drafts_refusal_is_measured_again_and_overwritten(tmp_path, kept):
     lm = tiny("llama")
-    choose(lm, tmp_path, FakeTimer(**REFUSE), EngineRequest(engine="tree", head="plain", batch_size=4))
+    choose(lm, tmp_path, FakeTimer(**REFUSE), tree(4, head="plain"))
     (refusal,) = drafts_refusals(tmp_path)
     refusal.write_text(json.dumps(kept))
     again = FakeTimer(**REFUSE)
-    assert choose(lm, tmp_path, again, EngineRequest(engine="tree", head="plain", batch_size=8)).draft_tokens == 0
+    assert choose(lm, tmp_path, again, tree(8, head="plain")).draft_tokens == 0
     assert "step/1+2" in again.calls and json.loads(refusal.read_text())["rows"] == 8
 
 
@@ -513,7 +531,7 @@ def test_forced_drafts_neither_take_nor_keep_a_refusal(tmp_path):
     forced = FakeTimer(**REFUSE)
     assert choose(lm, tmp_path, forced, EngineRequest(engine="tree", draft_tokens=0)).draft_tokens == 0
     assert not drafts_refusals(tmp_path) and not [c for c in forced.calls if c.startswith("step/1+")]
-    choose(lm, tmp_path, FakeTimer(**REFUSE), EngineRequest(engine="tree", batch_size=4))
+    choose(lm, tmp_path, FakeTimer(**REFUSE), tree(4))
     assert len(drafts_refusals(tmp_path)) == 1
     assert (
         choose(lm, tmp_path, FakeTimer(), EngineRequest(engine="tree", draft_tokens=2, batch_size=8)).draft_tokens == 2
@@ -548,15 +566,28 @@ def test_drafts_are_probed_on_a_few_rows_and_timed_on_the_engines_rows_only_wher
 
     lm = tiny("llama")
     prompts, rows = work(lm)
-    calibrator = Calibrator(lm.model, lm.tokenizer, EngineRequest(engine="tree", head="plain"), tmp_path / "cal", timer)
-    choices = calibrator.choose(prompts * 10, rows, STOP)  # 150 rows of work: batches of the rule's 64
+
+    def calibrate_for(request):
+        calibrator = Calibrator(lm.model, lm.tokenizer, request, tmp_path / "cal", timer)
+        return calibrator.choose(prompts * 10, rows, STOP)  # 150 rows of work
+
+    choices = calibrate_for(EngineRequest(engine="tree", head="plain"))  # batches of the rule's 64 rows
     assert choices.draft_tokens == drafts and set(rows_of_steps) == timed
-    if drafts == 0:
-        assert f"on {kept_rows} rows here" in choices.reasons["drafts"]
-        assert ("at the engine's 64 rows more still" in choices.reasons["drafts"]) == (kept_rows == 16)
-        assert [json.loads(p.read_text())["rows"] for p in drafts_refusals(tmp_path)] == [kept_rows]
-    else:
-        assert not drafts_refusals(tmp_path)
+    steps_measured = {name: s for name, s in choices.measured.items() if name.startswith("step/")}
+    if drafts:
+        assert not drafts_refusals(tmp_path) and steps_measured["step/1+8"] == 1.0
+        return
+    reason = choices.reasons["drafts"]
+    assert f"on {kept_rows} rows here (> 1.1x" in reason and ("engine's 64 rows" in reason) == (kept_rows == 16)
+    assert steps_measured == {"step/1": 1.0, "step/1+2": 2.0}  # the round that decided, on its rows
+    (refusal,) = drafts_refusals(tmp_path)
+    assert json.loads(refusal.read_text())["rows"] == kept_rows
+    rows_of_steps.clear()  # work of other rows takes the refusal as it was timed
+    again = calibrate_for(EngineRequest(engine="tree", head="plain", batch_size=kept_rows + 1))
+    assert not rows_of_steps and again.reasons["drafts"].startswith(
+        f"a step of 3 tokens costs 2.0x one token's on {kept_rows} rows here (> 1.1x);"
+    )
+    assert "engine's" not in again.reasons["drafts"]  # the rows of the work it was timed for are not replayed
 
 
 def test_the_engine_takes_the_screen_the_calibration_built(tmp_path):

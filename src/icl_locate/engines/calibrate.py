@@ -18,8 +18,8 @@ So an engine starts by timing each choice on the model itself, briefly, and pick
   more than one token accepted in every ten steps pays), the largest such N of ``DRAFT_LENGTHS`` (tried
   shortest first; a first round above ``DRAFT_COST_CLEAR`` settles a length), timed on
   ``DRAFT_PROBE_ROWS`` rows first and on the engine's rows only where drafts paid there; or none,
-  where a refusal kept for this machine, model and head was measured on no more rows over a cache
-  no shorter (``calibration_cache.py`` says why it then holds);
+  where a refusal kept for this machine, model and head was timed on no more rows over a cache of
+  the same length to a power of two (``calibration_cache.py`` says why it then holds);
 - engine: a short run (``MINI_RUN_TOKENS`` new tokens) of up to ``MINI_RUN_ROWS`` of the first
   query's rows on the fast engine and on the tree engine with the head and drafts chosen above;
 - batch size: one decoding step (with the chosen head) over the first prompt's cache, at the engines'
@@ -32,9 +32,9 @@ engines are tested against the reference engine). The result is cached under the
 keyed by the machine, the model, its dtype and device, the library versions and the shape of the
 work (rows per query, their kinds, the first prompt's length to a power of two), so a second run
 pays nothing. The head's verdict is also kept under the machine and model alone: which head is faster
-does not depend on the work (it is timed on one prompt's states either way), and so is a refusal of
-drafts with the rows and cache it was measured on; so work of another shape on the same model
-(another task, a method unit, ``prune``) measures only what depends on it.
+does not depend on the work (it is timed on one prompt's states either way). A refusal of drafts is
+kept per machine, model, head and cache length, with the rows it was timed on. So work of another
+shape on the same model (another task, a method unit, ``prune``) measures only what depends on it.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ from ..util.errors import UserError
 from ..util.system import hardware
 from .base import Engine, StopRule, last_hidden
 from .batch_rows import DecodingSteps, choose_batch_scale
-from .calibration_cache import CalibrationCache, digest, refusal_covers, valid_head_verdict
+from .calibration_cache import CalibrationCache, cache_bucket, digest, refusal_covers, valid_head_verdict
 from .choices import Choices
 from .fast import KV_MEMORY_FRACTION, FastEngine
 from .head import SCREENS, CertifiedHead, build_screen
@@ -80,11 +80,11 @@ HEAD_SAMPLE_ROWS = 16  # final hidden states the heads are timed on (per-row cos
 MINI_RUN_TOKENS = 3  # new tokens in the engine comparison: the query's prefill and two decoding steps
 MINI_RUN_ROWS = 10  # at most this many rows of the first query (a spread of them) in the engine comparison
 REPEATS = 3  # timings compared with each other: the median of this many alternating rounds after a warm-up
-CALIBRATION_VERSION = 13  # part of the cache key: a change of the procedure re-measures
+CALIBRATION_VERSION = 14  # part of the cache key: a change of the procedure re-measures
 NO_STEPS = "a one-token prompt leaves no cache to time a step over"
 HEAD_CACHED = "; measured before for this model here"  # ends a head reason taken from an earlier verdict
 # ends a drafts reason taken from an earlier refusal (``calibration_cache.py``: why it holds for this work)
-DRAFTS_CACHED = "; measured before for this model here, on no more rows and a cache no shorter"
+DRAFTS_CACHED = "; measured before for this model here, on no more rows over a cache of about this length"
 
 
 @torch.no_grad()
@@ -115,7 +115,9 @@ class Calibrator:
     ):
         request.check()
         self.model, self.tokenizer, self.request = model, tokenizer, request
-        self.kept = CalibrationCache(cache if cache is not None else cache_dir() / "calibration", use_cache)
+        self.calibration_cache = CalibrationCache(
+            cache if cache is not None else cache_dir() / "calibration", use_cache
+        )
         self.timer = timer
         self.device = next(model.parameters()).device
         self._sample: tuple[MaskedPrompt, torch.Tensor] | None = None  # (prompt, its final hidden states)
@@ -128,7 +130,7 @@ class Calibrator:
     ) -> Choices:
         """The choices for decoding ``interventions`` on ``prompts`` (cached per machine, model and work)."""
         key = self.key(prompts, interventions, model_id)
-        cached = self.kept.get(key)
+        cached = self.calibration_cache.get(key)
         if cached is not None:
             try:
                 return replace(Choices.from_dict(cached), cached=True)
@@ -137,7 +139,7 @@ class Calibrator:
         started = time.perf_counter()
         choices = self.measure(prompts, interventions, stop, model_id)
         choices.calibration_seconds = time.perf_counter() - started
-        self.kept.put(key, choices.as_dict())
+        self.calibration_cache.put(key, choices.as_dict())
         return choices
 
     def choose_head(self, prompts: Sequence[MaskedPrompt], model_id: dict | None = None) -> tuple[str, str]:
@@ -197,9 +199,10 @@ class Calibrator:
         """The head's verdict: the identity alone (the work's shape does not change which head is faster)."""
         return "head-" + digest(self.identity(model_id))
 
-    def drafts_key(self, model_id: dict | None, head: str) -> str:
-        """The drafts' refusal: the identity and the head the steps ran (its rows and cache are in the entry)."""
-        return "drafts-" + digest(self.identity(model_id) | dict(head=head))
+    def drafts_key(self, model_id: dict | None, head: str, cache_tokens: int) -> str:
+        """A refusal of drafts: the identity, the head the steps ran and the cache's length to a power of two
+        (the rows it was timed on are in the entry)."""
+        return "drafts-" + digest(self.identity(model_id) | dict(head=head, cache=cache_bucket(cache_tokens)))
 
     # ------------------------------------------------------------------ measuring
 
@@ -285,7 +288,7 @@ class Calibrator:
         if self.request.head != "auto":
             return self._measure_head(prompt, reasons, measured)[0], False
         key = self.head_key(model_id)
-        verdict = self.kept.get(key)
+        verdict = self.calibration_cache.get(key)
         if valid_head_verdict(verdict, ("plain", *SCREENS)) and self._holds_here(verdict["head"], prompt):
             reasons["head"] = verdict["reason"] + HEAD_CACHED
             measured.update(verdict["measured"])
@@ -296,7 +299,9 @@ class Calibrator:
         measured.update(timings)
         if shared:
             seconds = time.perf_counter() - started
-            self.kept.put(key, dict(head=kind, reason=reasons["head"], measured=timings, calibration_seconds=seconds))
+            self.calibration_cache.put(
+                key, dict(head=kind, reason=reasons["head"], measured=timings, calibration_seconds=seconds)
+            )
         return kind, False
 
     def _holds_here(self, kind: str, prompt: MaskedPrompt) -> bool:
@@ -370,14 +375,14 @@ class Calibrator:
             reasons["drafts"] = NO_STEPS
             return 0
         rows = max(1, min(self.request.batch_size or steps.rule, work_rows))  # the rows of the engine's batches
-        key, cache_tokens = self.drafts_key(model_id, head), steps.length - 1
-        refusal = self.kept.get(key)
-        if refusal_covers(refusal, rows, cache_tokens):
+        key = self.drafts_key(model_id, head, steps.length - 1)
+        refusal = self.calibration_cache.get(key)
+        if refusal_covers(refusal, rows):
             reasons["drafts"] = refusal["reason"] + DRAFTS_CACHED
             measured.update(refusal["measured"])
             return 0
-        timings: dict[str, float] = {}
         for timed in dict.fromkeys((min(rows, DRAFT_PROBE_ROWS), rows)):  # the probe, then the engine's rows
+            timings: dict[str, float] = {}  # the round that decides is recorded
             best, ratios = self._measure_drafts(steps, timed, head, timings)
             if not (ratios and best):
                 break  # refused (or not timeable) on these rows: on more rows too
@@ -386,13 +391,15 @@ class Calibrator:
             reasons["drafts"] = "the prompt is too short to time a draft's step over"
             return 0
         n = best or min(ratios)
-        beyond = "" if timed == rows else f"; at the engine's {rows} rows more still"
-        reasons["drafts"] = f"a step of {1 + n} tokens costs {ratios[n]:.1f}x one token's on {timed} rows here" + (
-            "" if best else f" (> {DRAFT_COST_LIMIT}x{beyond})"
-        )
-        if not best and timed > 1:
-            self.kept.put(key, dict(rows=timed, cache_tokens=cache_tokens, reason=reasons["drafts"], measured=timings))
-        return best
+        reason = f"a step of {1 + n} tokens costs {ratios[n]:.1f}x one token's on {timed} rows here"
+        if best:
+            reasons["drafts"] = reason
+            return best
+        reason += f" (> {DRAFT_COST_LIMIT}x)"
+        reasons["drafts"] = reason + ("" if timed == rows else f"; more on the engine's {rows} rows")
+        if timed > 1:
+            self.calibration_cache.put(key, dict(rows=timed, reason=reason, measured=timings))
+        return 0
 
     def _measure_drafts(
         self, steps: DecodingSteps, rows: int, head: str, measured: dict

@@ -1,14 +1,18 @@
 """What the calibration keeps between runs, in the cache directory: its choices for each shape of work,
-and two verdicts that hold for a machine and model whatever the work.
+and two verdicts that hold beyond the work they were measured on.
 
-- The head's verdict: which LM head is fastest (timed on one prompt's final states whatever the work).
-- The drafts' refusal: a step fed 1 + N tokens cost more than the drafts' limit times a step fed one,
-  on R rows over a cache of C tokens. A step's cost is a fixed part (launches, weights read once)
-  plus a part that grows with rows x fed tokens; the fixed part is what makes drafts cheap, and it
-  weighs less the more rows a step has and the shorter its cache (keys and values are read once per
-  step whatever is fed). So the refusal holds for work of at least R rows over a cache of at most C
-  tokens, and such work skips the drafts check. Drafts taken (latency-bound decoding, where steps
-  are fast) are measured again each time.
+- The head's verdict, per machine and model: which LM head is fastest (timed on one prompt's final
+  states whatever the work).
+- A refusal of drafts, per machine, model, head and cache length to a power of two: a step fed
+  1 + N tokens cost more than the drafts' limit times a step fed one, on R rows. A step's cost is
+  a fixed part (launches, weights read once) plus a part per row: one that grows with the tokens fed
+  (products, attention scores) and one that does not (the row's keys and values read). So the ratio
+  of the two steps rises with the rows (its derivative in rows has the sign of the fixed part), and
+  the refusal holds for any work of at least R rows over a cache of the same length. The cache's
+  length moves both per-row parts, so the ratio can go either way with it: a refusal is not taken
+  across lengths. Nor is one timed on a single row kept: a single row's products can run other
+  kernels (matrix-vector ones) than those of several rows. Drafts taken (latency-bound decoding,
+  where steps are fast) are measured again each time.
 
 An entry that is unreadable or malformed is measured again and overwritten.
 """
@@ -35,6 +39,7 @@ class CalibrationCache:
         self.directory, self.enabled = directory, enabled
 
     def get(self, key: str) -> dict | None:
+        """The entry kept under ``key``; None where there is none, it is unreadable or not a JSON object."""
         path = self.directory / f"{key}.json"
         if not (self.enabled and path.is_file()):
             return None
@@ -45,6 +50,7 @@ class CalibrationCache:
         return data if isinstance(data, dict) else None
 
     def put(self, key: str, data: dict) -> None:
+        """Keep ``data`` under ``key``, written all or nothing (a cache that cannot be written is skipped)."""
         if not self.enabled:
             return
         try:
@@ -72,15 +78,18 @@ def valid_head_verdict(verdict: dict | None, kinds: tuple[str, ...]) -> TypeGuar
     )
 
 
-def refusal_covers(refusal: dict | None, rows: int, cache_tokens: int) -> TypeGuard[dict]:
-    """Whether a kept drafts refusal holds for steps of ``rows`` rows over ``cache_tokens`` cached tokens:
-    it was measured on no more rows and over a cache no shorter (the module docstring says why)."""
+def cache_bucket(tokens: int) -> int:
+    """The power of two a cache's length is kept under (a refusal holds within one)."""
+    return 1 << max(tokens - 1, 0).bit_length()
+
+
+def refusal_covers(refusal: dict | None, rows: int) -> TypeGuard[dict]:
+    """Whether a kept drafts refusal (of this cache bucket) holds for steps of ``rows`` rows: it was timed on
+    at least two rows and no more than these (the module docstring says why)."""
     return (
         refusal is not None
         and _number(refusal.get("rows"))
-        and _number(refusal.get("cache_tokens"))
         and isinstance(refusal.get("reason"), str)
         and _timings(refusal.get("measured"))
-        and refusal["rows"] <= rows
-        and refusal["cache_tokens"] >= cache_tokens
+        and 2 <= refusal["rows"] <= rows
     )
