@@ -448,7 +448,7 @@ def test_a_verdict_that_does_not_hold_here_is_measured_again_and_a_prompts_refus
     lm = tiny("llama")
     tree = EngineRequest(engine="tree", draft_tokens=0)
     assert choose(lm, tmp_path, FakeTimer(head__plain=1.0, head__int8=0.5), tree).head == "int8"
-    monkeypatch.setattr(calibrate, "screen_agrees", lambda screen, hidden: screen.kind != "int8")
+    monkeypatch.setattr(calibrate, "screen_agrees", lambda screen, hidden, plain=None: screen.kind != "int8")
     again = FakeTimer(head__plain=1.0, head__bf16=0.5, head__int8=0.1)
     choices = choose(lm, tmp_path, again, EngineRequest(engine="tree", draft_tokens=2))
     assert choices.head == "bf16" and "head/plain" in again.calls and "head/int8" not in again.calls

@@ -88,9 +88,10 @@ DRAFTS_CACHED = "; measured before for this model here, on no more rows over a c
 
 
 @torch.no_grad()
-def screen_agrees(screen: CertifiedHead, hidden: torch.Tensor) -> bool:
-    """Whether the screen's greedy tokens are the plain head's on ``hidden`` (a self-check on real states)."""
-    return torch.equal(screen.argmax(hidden), screen.full_logits(hidden).argmax(-1))
+def screen_agrees(screen: CertifiedHead, hidden: torch.Tensor, plain: torch.Tensor | None = None) -> bool:
+    """Whether the screen's greedy tokens are the plain head's on ``hidden`` (a self-check on real states);
+    ``plain``: the plain head's tokens there, where computed already."""
+    return torch.equal(screen.argmax(hidden), screen.full_logits(hidden).argmax(-1) if plain is None else plain)
 
 
 def _ratio(slow: float, fast: float) -> str:
@@ -326,9 +327,12 @@ class Calibrator:
         screens: dict[str, CertifiedHead] = {}
         refused: list[str] = []
         shared = True
+        plain_tokens = None  # the plain head's tokens on the sample: computed once for every screen's check
         for kind in [wanted] if wanted in SCREENS else list(SCREENS):
             screen, why_not = build_screen(self.model, kind)
-            if screen is not None and not screen_agrees(screen, hidden):
+            if screen is not None and plain_tokens is None:
+                plain_tokens = screen.full_logits(hidden).argmax(-1)
+            if screen is not None and not screen_agrees(screen, hidden, plain_tokens):
                 screen, why_not, shared = None, "it disagreed with the plain head on a sample", False
             if screen is None:
                 if wanted == kind:
