@@ -15,6 +15,7 @@ from icl_locate.cli import main
 from icl_locate.core.conditions import get_condition
 from icl_locate.core.interventions import UNCHANGED, AblateLayers, HeadMask, MaskFrom
 from icl_locate.engines.base import StopRule, forward, last_hidden
+from icl_locate.engines.decoding import SlotLayer
 from icl_locate.engines.drafts import Drafter
 from icl_locate.engines.fast import FastEngine
 from icl_locate.engines.head import Bf16ScreenedHead
@@ -473,3 +474,18 @@ def test_every_live_slot_equals_a_batch_of_one_run_of_its_row(family, wrong_at):
     assert checked_steps >= 3 and splits_seen > 0
     if wrong_at is not None:
         assert holes_seen > 0 and engine.stats["draft_tokens"] > engine.stats["draft_accepted"]
+
+
+def test_slots_that_leave_are_filled_from_the_end_and_new_slots_copy_kept_ones():
+    """Row i takes old row keep[i] (a moved row comes from past the kept count), copies are appended (the
+    buffer grows when full), only the filled columns count; an order that would overwrite a row still to
+    move is refused."""
+    rows, width, length = 5, 6, 4
+    keys = torch.arange(rows, dtype=torch.float32)[:, None, None, None].expand(rows, 1, width, 2).contiguous()
+    layer = SlotLayer(keys, keys + 100, length)  # row r holds r (keys) and 100 + r (values)
+    layer.rearrange([0, 4, 2], [1, 0, 1])  # rows 1 and 3 left; row 4 fills row 1's place
+    assert layer.keys.shape == (6, 1, length, 2) and layer.values.shape == (6, 1, length, 2)
+    assert layer.keys[:, 0, :, 0].tolist() == [[r] * length for r in (0, 4, 2, 4, 0, 4)]
+    assert layer.values[:, 0, 0, 0].tolist() == [100 + r for r in (0, 4, 2, 4, 0, 4)]
+    with pytest.raises(ValueError, match="moves only from"):
+        layer.rearrange([1, 0], [])

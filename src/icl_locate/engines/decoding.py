@@ -156,7 +156,11 @@ class SlotLayer(PreallocatedLayer):
         self.keys, self.values = self.buf_k[:rows, :, : self.length], self.buf_v[:rows, :, : self.length]
 
     def rearrange(self, keep: list[int], copies: list[int]) -> None:
-        """Keep old rows ``keep`` (ascending) in that order, then append copies of new rows ``copies``."""
+        """Row i takes old row ``keep[i]``, then copies of new rows ``copies`` are appended. A row that moves
+        must come from at or past ``len(keep)`` (into the place of a row that left), so that copying in
+        place never overwrites a row still to move."""
+        if any(new != old and old < len(keep) for new, old in enumerate(keep)):
+            raise ValueError("a kept row moves only from at or past len(keep)")
         for new, old in enumerate(keep):
             if new != old:
                 self.buf_k[new, :, : self.length].copy_(self.buf_k[old, :, : self.length])

@@ -55,6 +55,15 @@ class _Group:
     pause: int = 0  # steps left without drafts
 
 
+def _fill_holes(kept, n: int) -> list[int]:
+    """The old slot each of the first ``n`` slots takes, ``kept`` holding ``n`` old slots: a kept slot
+    below ``n`` stays where it is, and the kept slots at or past ``n`` fill the others' places. A slot
+    that leaves then costs one move, not a move of every slot after it."""
+    order = [i if i in kept else -1 for i in range(n)]
+    movers = iter(sorted(i for i in kept if i >= n))
+    return [i if i >= 0 else next(movers) for i in order]
+
+
 def divergence_layer(row: Row, n_layers: int) -> int:
     """The first layer at which the row computes something the unmasked run does not (a patch at the
     input of layer l: from l on)."""
@@ -173,7 +182,7 @@ class TreeDecode:
                     copies.append((key, source))
                 else:  # the old group no longer needs its slot here: the new group takes it over
                     kept[source] = key
-            order = sorted(kept)
+            order = _fill_holes(kept, len(kept))
             position = {old_index: new for new, old_index in enumerate(order)}
             new_keys = [kept[i] for i in order] + [key for key, _ in copies]
             if new_keys != self.keys[layer]:
