@@ -86,6 +86,26 @@ def test_rows_share_a_history_then_diverge():
     assert shared_then_split(got, rows)
 
 
+def test_on_a_cpu_the_slots_have_room_from_the_start(monkeypatch):
+    """Slots come as rows split and go as rows finish, in each layer's buffer as it was allocated (room for
+    every member of the batch: a CPU takes its pages only when written), never a copy into a larger one."""
+    buffers: dict[int, set[int]] = {}  # by layer object: the addresses its keys' buffer had
+    real = SlotLayer.rearrange
+
+    def rearrange(self, keep, copies):
+        buffers.setdefault(id(self), set()).add(self.buf_k.data_ptr())
+        real(self, keep, copies)
+        buffers[id(self)].add(self.buf_k.data_ptr())
+
+    monkeypatch.setattr(SlotLayer, "rearrange", rearrange)
+    lm = tiny("llama")
+    rows = [MaskFrom(j) for j in range(lm.info.num_layers + 1)]
+    tree, got = assert_tree_equals(
+        lm, encoded_prompts(lm.tokenizer), get_condition("instructions+examples"), rows, max_new=12
+    )
+    assert tree.stats["splits"] > 0 and buffers and all(len(seen) == 1 for seen in buffers.values())
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma3", "gpt_neo"])
 def test_per_query_prompts_and_small_batches(family):
     """Left padding across queries of different lengths and contexts; batches smaller than a query's rows."""

@@ -87,12 +87,15 @@ def decode_batch(
     ]
 
 
-def right_aligned(tensors: list[torch.Tensor], keep: list[int], width: int, capacity: int) -> torch.Tensor:
-    """[B, H, capacity, D]: in the first ``width`` columns, row b holds the first keep[b] prefix
-    positions of tensors[b], right-aligned; the rest is room for the tokens to come."""
+def right_aligned(
+    tensors: list[torch.Tensor], keep: list[int], width: int, capacity: int, rows: int | None = None
+) -> torch.Tensor:
+    """[rows, H, capacity, D] (rows: default B = len(tensors)): in the first ``width`` columns, row b < B
+    holds the first keep[b] prefix positions of tensors[b], right-aligned; the rest is room for the tokens
+    (and the rows) to come."""
     first = tensors[0]
-    out = first.new_empty(len(tensors), first.shape[1], capacity, first.shape[3])
-    out[:, :, :width] = 0  # padding columns are masked, but must not hold NaNs (0 x NaN = NaN)
+    out = first.new_empty(rows or len(tensors), first.shape[1], capacity, first.shape[3])
+    out[: len(tensors), :, :width] = 0  # padding columns are masked, but must not hold NaNs (0 x NaN = NaN)
     for b, (t, k) in enumerate(zip(tensors, keep)):
         if k:
             out[b, :, width - k : width] = t[0, :, :k]
@@ -145,11 +148,12 @@ class PreallocatedLayer(DynamicLayer):
 
 class SlotLayer(PreallocatedLayer):
     """A cache layer whose rows are slots that come and go: dropped slots are compacted away in
-    place, new slots are copies of kept ones appended at the end (the buffer grows when full)."""
+    place, new slots are copies of kept ones appended at the end (the buffer grows when full).
+    ``rows``: the slots the buffer holds now (default: all of its rows; the rest is room for more)."""
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int):
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int, rows: int | None = None):
+        self.rows = keys.shape[0] if rows is None else rows
         super().__init__(keys, values, length)
-        self.rows = keys.shape[0]
 
     def _views(self) -> None:
         rows = getattr(self, "rows", self.buf_k.shape[0])

@@ -32,7 +32,7 @@ from ..core.interventions import (
     Unchanged,
 )
 from ..core.patches import Patch
-from .decoding import PreallocatedLayer, right_aligned
+from .decoding import PreallocatedLayer, SlotLayer, right_aligned
 
 NO_LAYERS: frozenset[int] = frozenset()
 
@@ -278,11 +278,14 @@ class BatchLayout:
         kv: Sequence[tuple[torch.Tensor, torch.Tensor]],
         rows: Sequence[int],
         capacity: int,
-        kind=PreallocatedLayer,
+        slots: int | None = None,
     ) -> PreallocatedLayer:
-        """A cache layer of ``kind`` whose row n holds the prefix keys/values ``kv[n]`` right-aligned as
-        batch row ``rows[n]`` places them, with room for ``capacity`` columns."""
+        """A cache layer whose row n holds the prefix keys/values ``kv[n]`` right-aligned as batch row
+        ``rows[n]`` places them, with room for ``capacity`` columns; with ``slots``, a ``SlotLayer`` with room
+        for that many rows (slots to come)."""
         cached = [self.cached(b) for b in rows]
-        keys = right_aligned([k for k, _ in kv], cached, self.prefix_len, capacity)  # [N, heads, capacity, dim]
-        values = right_aligned([v for _, v in kv], cached, self.prefix_len, capacity)
-        return kind(keys, values, self.prefix_len)
+        keys = right_aligned([k for k, _ in kv], cached, self.prefix_len, capacity, slots)  # [N, heads, capacity, d]
+        values = right_aligned([v for _, v in kv], cached, self.prefix_len, capacity, slots)
+        if slots is None:
+            return PreallocatedLayer(keys, values, self.prefix_len)
+        return SlotLayer(keys, values, self.prefix_len, rows=len(kv))

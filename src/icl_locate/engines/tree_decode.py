@@ -147,13 +147,20 @@ class TreeDecode:
         return self.members[key[1]].group if key[0] == "own" else key[1]
 
     def _initial_cache(self, prefix_caches: PrefixCaches) -> DynamicCache:
-        """Every layer's slots, each holding its first member's prefix cache as that member's query places it."""
+        """Every layer's slots, each holding its first member's prefix cache as that member's query places it.
+
+        A layer never needs more slots than the batch has members (each takes one, shared or its own). On a
+        CPU the buffers hold room for that many from the start: memory pages are taken when first written,
+        so room costs nothing until slots fill it, and no slot to come copies a layer into a larger buffer.
+        A GPU's allocator takes what it is asked for, so there the buffers grow as the slots come."""
         cache = DynamicCache()
         layers = []
+        room = len(self.members) if self.device.type == "cpu" else None
         for layer, keys in enumerate(self.keys):
             rows = [self.members[self._first_member(k, layer)] for k in keys]
             kv = [prefix_caches.get(m.row)[layer] for m in rows]
-            layers.append(self.layout.cache_layer(kv, [m.query for m in rows], self.capacity, SlotLayer))
+            slots = max(room, len(kv)) if room is not None else len(kv)
+            layers.append(self.layout.cache_layer(kv, [m.query for m in rows], self.capacity, slots))
         cache.layers = layers
         return cache
 
