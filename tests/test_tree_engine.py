@@ -14,6 +14,7 @@ from conftest import tiny
 from icl_locate.cli import main
 from icl_locate.core.conditions import get_condition
 from icl_locate.core.interventions import UNCHANGED, AblateLayers, HeadMask, MaskFrom
+from icl_locate.engines import tree_decode
 from icl_locate.engines.base import StopRule, forward, last_hidden
 from icl_locate.engines.decoding import SlotLayer
 from icl_locate.engines.drafts import Drafter
@@ -21,7 +22,7 @@ from icl_locate.engines.fast import FastEngine
 from icl_locate.engines.head import Bf16ScreenedHead
 from icl_locate.engines.reference import ReferenceEngine, batch_interventions
 from icl_locate.engines.tree import TreeEngine
-from icl_locate.engines.tree_decode import TreeDecode
+from icl_locate.engines.tree_decode import TreeDecode, hole_filling_order
 from test_fast_engine import FAMILIES, encoded_prompts, masked, reference
 
 
@@ -86,24 +87,53 @@ def test_rows_share_a_history_then_diverge():
     assert shared_then_split(got, rows)
 
 
-def test_on_a_cpu_the_slots_have_room_from_the_start(monkeypatch):
-    """Slots come as rows split and go as rows finish, in each layer's buffer as it was allocated (room for
-    every member of the batch: a CPU takes its pages only when written), never a copy into a larger one."""
-    buffers: dict[int, set[int]] = {}  # by layer object: the addresses its keys' buffer had
+def buffer_addresses(monkeypatch) -> dict[int, set[int]]:
+    """Per slot layer (by id; the layers are kept alive, so no id is reused), the addresses its keys' buffer
+    had before and after each ``rearrange``."""
+    seen: dict[int, set[int]] = {}
+    layers: list[SlotLayer] = []
     real = SlotLayer.rearrange
 
     def rearrange(self, keep, copies):
-        buffers.setdefault(id(self), set()).add(self.buf_k.data_ptr())
+        layers.append(self)
+        seen.setdefault(id(self), set()).add(self.buf_k.data_ptr())
         real(self, keep, copies)
-        buffers[id(self)].add(self.buf_k.data_ptr())
+        seen[id(self)].add(self.buf_k.data_ptr())
 
     monkeypatch.setattr(SlotLayer, "rearrange", rearrange)
+    return seen
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the buffers grow as slots come")
+def test_on_a_cpu_the_slots_have_room_from_the_start(monkeypatch):
+    """Slots come as rows split and go as rows finish, in each layer's buffer as it was allocated (room for
+    every member of the batch: a CPU takes its pages only when written), never a copy into a larger one."""
+    seen = buffer_addresses(monkeypatch)
     lm = tiny("llama")
     rows = [MaskFrom(j) for j in range(lm.info.num_layers + 1)]
-    tree, got = assert_tree_equals(
+    tree, _ = assert_tree_equals(
         lm, encoded_prompts(lm.tokenizer), get_condition("instructions+examples"), rows, max_new=12
     )
-    assert tree.stats["splits"] > 0 and buffers and all(len(seen) == 1 for seen in buffers.values())
+    assert tree.stats["splits"] > 0 and seen and all(len(addresses) == 1 for addresses in seen.values())
+
+
+@pytest.mark.parametrize("length,wrong_at", [(None, None), (4, 2)])
+def test_buffers_that_grow_as_slots_come_decode_the_same(monkeypatch, length, wrong_at):
+    """Where no room is reserved (a GPU), a layer's buffer grows when a slot comes to a full one: the
+    same tokens, with and without drafts."""
+    monkeypatch.setattr(tree_decode, "slot_room", lambda device, members: None)
+    seen = buffer_addresses(monkeypatch)
+    lm = tiny("llama")
+    encs = encoded_prompts(lm.tokenizer)
+    condition = get_condition("instructions+examples")
+    rows = [MaskFrom(j) for j in range(lm.info.num_layers + 1)] + [UNCHANGED]
+    if length is None:
+        engine = TreeEngine(lm.model, lm.tokenizer)
+    else:
+        engine = _oracle_engine(lm, encs, rows, condition, length, wrong_at)
+    got = generations(engine, encs, condition, rows, max_new=12)
+    assert got == generations(ReferenceEngine(lm.model, lm.tokenizer), encs, condition, rows, max_new=12)
+    assert any(len(addresses) > 1 for addresses in seen.values())  # some buffer grew
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3", "gpt_neo"])
@@ -509,3 +539,24 @@ def test_slots_that_leave_are_filled_from_the_end_and_new_slots_copy_kept_ones()
     assert layer.values[:, 0, 0, 0].tolist() == [100 + r for r in (0, 4, 2, 4, 0, 4)]
     with pytest.raises(ValueError, match="moves only from"):
         layer.rearrange([1, 0], [])
+    with pytest.raises(TypeError, match="rearranged"):
+        layer.batch_select_indices(torch.tensor([0]))
+
+
+def test_a_buffer_with_room_fills_it_before_it_grows():
+    keys = torch.arange(5, dtype=torch.float32)[:, None, None, None].expand(5, 1, 3, 1).contiguous()
+    layer = SlotLayer(keys, keys, 2, rows=3)  # rows 3 and 4: room
+    assert layer.keys.shape[0] == 3
+    layer.rearrange([0, 1, 2], [2, 0])  # into the room: the same buffer
+    assert layer.buf_k.shape[0] == 5 and layer.keys[:, 0, 0, 0].tolist() == [0, 1, 2, 2, 0]
+    layer.rearrange([0, 1, 2, 3, 4], [1])  # full: grows
+    assert layer.buf_k.shape[0] >= 6 and layer.keys[:, 0, 1, 0].tolist() == [0, 1, 2, 2, 0, 1]
+    with pytest.raises(ValueError, match="slots in a buffer"):
+        SlotLayer(keys, keys, 2, rows=6)
+
+
+@pytest.mark.parametrize("kept", [[0, 1, 2], [4, 0, 2], [1, 3, 5, 6], [7], [], [0, 2, 9, 10, 11]])
+def test_the_hole_filling_order_keeps_every_kept_slot_and_moves_only_into_holes(kept):
+    order = hole_filling_order(set(kept))
+    assert sorted(order) == sorted(kept)
+    assert all(old == new or (old >= len(kept) and new not in kept) for new, old in enumerate(order))

@@ -147,17 +147,21 @@ class PreallocatedLayer(DynamicLayer):
 
 
 class SlotLayer(PreallocatedLayer):
-    """A cache layer whose rows are slots that come and go: dropped slots are compacted away in
-    place, new slots are copies of kept ones appended at the end (the buffer grows when full).
-    ``rows``: the slots the buffer holds now (default: all of its rows; the rest is room for more)."""
+    """A cache layer whose rows are slots that come and go (``rearrange``): kept slots from the end fill
+    the places of dropped ones, new slots are copies of kept ones appended after them (the buffer grows
+    when full). ``rows``: the slots the buffer holds now (default: all of its rows; the rest is room)."""
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int, rows: int | None = None):
+        if rows is not None and not 0 <= rows <= keys.shape[0]:
+            raise ValueError(f"{rows} slots in a buffer of {keys.shape[0]} rows")
         self.rows = keys.shape[0] if rows is None else rows
         super().__init__(keys, values, length)
 
     def _views(self) -> None:
-        rows = getattr(self, "rows", self.buf_k.shape[0])
-        self.keys, self.values = self.buf_k[:rows, :, : self.length], self.buf_v[:rows, :, : self.length]
+        self.keys, self.values = self.buf_k[: self.rows, :, : self.length], self.buf_v[: self.rows, :, : self.length]
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise TypeError("a SlotLayer's slots are rearranged (rearrange), not selected")
 
     def rearrange(self, keep: list[int], copies: list[int]) -> None:
         """Row i takes old row ``keep[i]``, then copies of new rows ``copies`` are appended. A row that moves

@@ -11,6 +11,7 @@ different tokens, finished rows leave, and every layer's slots are brought in li
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
@@ -55,13 +56,22 @@ class _Group:
     pause: int = 0  # steps left without drafts
 
 
-def _fill_holes(kept, n: int) -> list[int]:
-    """The old slot each of the first ``n`` slots takes, ``kept`` holding ``n`` old slots: a kept slot
-    below ``n`` stays where it is, and the kept slots at or past ``n`` fill the others' places. A slot
+def hole_filling_order(kept: Collection[int]) -> list[int]:
+    """The old slot each of the first n = len(kept) slots takes (``SlotLayer.rearrange``'s ``keep``): a
+    kept slot below n stays where it is, and the kept slots at or past n fill the others' places. A slot
     that leaves then costs one move, not a move of every slot after it."""
+    n = len(kept)
     order = [i if i in kept else -1 for i in range(n)]
     movers = iter(sorted(i for i in kept if i >= n))
     return [i if i >= 0 else next(movers) for i in order]
+
+
+def slot_room(device: torch.device, members: int) -> int | None:
+    """The slots a layer's buffer holds room for from the start: every member's (a layer never needs
+    more: each takes one, shared or its own) on a CPU, where memory pages are taken when first written,
+    so room is virtual until slots fill it and no slot to come copies a layer into a larger buffer;
+    None (no room) on a GPU, whose allocator takes what it is asked for: there the buffers grow."""
+    return members if device.type == "cpu" else None
 
 
 def divergence_layer(row: Row, n_layers: int) -> int:
@@ -147,15 +157,11 @@ class TreeDecode:
         return self.members[key[1]].group if key[0] == "own" else key[1]
 
     def _initial_cache(self, prefix_caches: PrefixCaches) -> DynamicCache:
-        """Every layer's slots, each holding its first member's prefix cache as that member's query places it.
-
-        A layer never needs more slots than the batch has members (each takes one, shared or its own). On a
-        CPU the buffers hold room for that many from the start: memory pages are taken when first written,
-        so room costs nothing until slots fill it, and no slot to come copies a layer into a larger buffer.
-        A GPU's allocator takes what it is asked for, so there the buffers grow as the slots come."""
+        """Every layer's slots, each holding its first member's prefix cache as that member's query places it,
+        in a buffer with room for more slots where ``slot_room`` gives it."""
         cache = DynamicCache()
         layers = []
-        room = len(self.members) if self.device.type == "cpu" else None
+        room = slot_room(self.device, len(self.members))
         for layer, keys in enumerate(self.keys):
             rows = [self.members[self._first_member(k, layer)] for k in keys]
             kv = [prefix_caches.get(m.row)[layer] for m in rows]
@@ -189,7 +195,7 @@ class TreeDecode:
                     copies.append((key, source))
                 else:  # the old group no longer needs its slot here: the new group takes it over
                     kept[source] = key
-            order = _fill_holes(kept, len(kept))
+            order = hole_filling_order(kept)
             position = {old_index: new for new, old_index in enumerate(order)}
             new_keys = [kept[i] for i in order] + [key for key, _ in copies]
             if new_keys != self.keys[layer]:
