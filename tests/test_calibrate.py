@@ -486,7 +486,7 @@ def test_a_drafts_refusal_is_kept_and_taken_by_work_of_more_rows_over_a_cache_of
         timer = FakeTimer(**ACCEPT)
         assert choose(lm, tmp_path, timer, other).draft_tokens == 8 and "step/1+8" in timer.calls
     assert len(drafts_refusals(tmp_path)) == 1 and json.loads(refusal.read_text()) == kept  # takings not kept
-    monkeypatch.setattr(calibrate, "cache_bucket", lambda tokens: 1 << 20)  # as if the cache were far longer
+    monkeypatch.setattr(calibrate, "length_bucket", lambda tokens: 1 << 20)  # as if the cache were far longer
     longer = FakeTimer(**ACCEPT)
     assert choose(lm, tmp_path, longer, tree(32)).draft_tokens == 8 and "step/1+2" in longer.calls
 

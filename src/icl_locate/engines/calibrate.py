@@ -55,7 +55,7 @@ from ..util.errors import UserError
 from ..util.system import hardware
 from .base import Engine, StopRule, last_hidden
 from .batch_rows import DecodingSteps, choose_batch_scale
-from .calibration_cache import CalibrationCache, cache_bucket, digest, refusal_covers, valid_head_verdict
+from .calibration_cache import CalibrationCache, digest, length_bucket, refusal_covers, valid_head_verdict
 from .choices import Choices
 from .fast import KV_MEMORY_FRACTION, FastEngine
 from .head import SCREENS, CertifiedHead, build_screen
@@ -190,7 +190,7 @@ class Calibrator:
         kinds = sorted({type(row).__name__ for row in interventions})
         spec = self.identity(model_id) | dict(
             rows_per_query=len(interventions),
-            prompt_tokens=1 << (len(prompts[0].ids) - 1).bit_length() if prompts else 0,
+            prompt_tokens=length_bucket(len(prompts[0].ids)) if prompts else 0,
             kinds=kinds,
             request=asdict(self.request),
         )
@@ -203,7 +203,7 @@ class Calibrator:
     def drafts_key(self, model_id: dict | None, head: str, cache_tokens: int) -> str:
         """A refusal of drafts: the identity, the head the steps ran and the cache's length to a power of two
         (the rows it was timed on are in the entry)."""
-        return "drafts-" + digest(self.identity(model_id) | dict(head=head, cache=cache_bucket(cache_tokens)))
+        return "drafts-" + digest(self.identity(model_id) | dict(head=head, cache=length_bucket(cache_tokens)))
 
     # ------------------------------------------------------------------ measuring
 

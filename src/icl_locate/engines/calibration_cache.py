@@ -68,28 +68,23 @@ def _timings(value) -> bool:
     return isinstance(value, dict) and all(_number(v) for v in value.values())
 
 
+def _explained(entry: dict) -> bool:
+    """Whether a kept verdict carries its reason and its numeric timings (both go on the new run's record)."""
+    return isinstance(entry.get("reason"), str) and _timings(entry.get("measured"))
+
+
 def valid_head_verdict(verdict: dict | None, kinds: tuple[str, ...]) -> TypeGuard[dict]:
     """A head verdict as the calibration writes it: one of ``kinds``, a reason, numeric timings."""
-    return (
-        verdict is not None
-        and verdict.get("head") in kinds
-        and isinstance(verdict.get("reason"), str)
-        and _timings(verdict.get("measured"))
-    )
+    return verdict is not None and verdict.get("head") in kinds and _explained(verdict)
 
 
-def cache_bucket(tokens: int) -> int:
-    """The power of two a cache's length is kept under (a refusal holds within one)."""
+def length_bucket(tokens: int) -> int:
+    """The power of two at or above ``tokens`` (at least 1): lengths within one share a cache entry (a work's
+    first prompt, a refusal's cache)."""
     return 1 << max(tokens - 1, 0).bit_length()
 
 
 def refusal_covers(refusal: dict | None, rows: int) -> TypeGuard[dict]:
     """Whether a kept drafts refusal (of this cache bucket) holds for steps of ``rows`` rows: it was timed on
     at least two rows and no more than these (the module docstring says why)."""
-    return (
-        refusal is not None
-        and _number(refusal.get("rows"))
-        and isinstance(refusal.get("reason"), str)
-        and _timings(refusal.get("measured"))
-        and 2 <= refusal["rows"] <= rows
-    )
+    return refusal is not None and _number(refusal.get("rows")) and _explained(refusal) and 2 <= refusal["rows"] <= rows
