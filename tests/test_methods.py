@@ -262,21 +262,38 @@ def answer_probability(lm, ids, answer, patches=()) -> float:
 @pytest.mark.parametrize("band_rows", [1, 10**6])  # a band per layer (layers below skipped); one band
 @pytest.mark.parametrize("family", ["llama", "gemma3", "gpt_neo", "bloom", "qwen2", "starcoder2", "gpt2", "mistral"])
 def test_indirect_effects_equal_full_forwards_with_the_head_patched(family, band_rows, monkeypatch):
+    """Prompts of three lengths, two run together (the shorter one left-padded), then the third alone; every
+    band in several forwards."""
     monkeypatch.setattr(indirect, "BAND_ROWS", band_rows)
-    monkeypatch.setattr(indirect, "ROWS_PER_FORWARD", 5)  # bands in several forwards, the first one too
+    monkeypatch.setattr(indirect, "ROWS_PER_FORWARD", 5)
+    monkeypatch.setattr(indirect, "PROMPTS_PER_BATCH", 2)
     lm = tiny(family)
     ids = [p.ids for p in prompts(lm.tokenizer)]
     means = mean_head_outputs(lm.model, ids[:2])  # [L, H, head_dim]
-    answer = 7
-    effects = head_indirect_effects(lm.model, ids[2:], [answer], means)[0]  # [L, H]
-    base = answer_probability(lm, ids[2], answer)
-    last = len(ids[2]) - 1
-    for layer, head in [(0, 0), (1, 3), (lm.info.num_layers - 1, 2)]:
-        patch = ReplaceHeadOutput(layer, head, last, means[layer, head])
-        want = answer_probability(lm, ids[2], answer, [patch]) - base
-        assert abs(float(effects[layer, head]) - want) < 1e-5, (family, layer, head)
+    corrupted, answers = [ids[1], ids[2], ids[0]], [7, 3, 11]
+    assert len({len(x) for x in corrupted}) == 3
+    effects = head_indirect_effects(lm.model, corrupted, answers, means)  # [prompts, L, H]
+    for p, (x, answer) in enumerate(zip(corrupted, answers, strict=True)):
+        base = answer_probability(lm, x, answer)
+        for layer, head in [(0, 0), (1, 3), (lm.info.num_layers - 1, 2)]:
+            patch = ReplaceHeadOutput(layer, head, len(x) - 1, means[layer, head])
+            want = answer_probability(lm, x, answer, [patch]) - base
+            assert abs(float(effects[p, layer, head]) - want) < 1e-5, (family, p, layer, head)
     own = mean_head_outputs(lm.model, ids[2:])  # the prompt's own head outputs: no effect anywhere
-    assert float(head_indirect_effects(lm.model, ids[2:], [answer], own).abs().max()) < 1e-5
+    assert float(head_indirect_effects(lm.model, ids[2:], [answers[0]], own).abs().max()) < 1e-5
+
+
+def test_indirect_effects_fit_their_cache_copies_in_the_memory_bound(monkeypatch):
+    """A bound that holds one row's cache copy runs one prompt and one row a forward: the same effects."""
+    lm = tiny("llama")
+    ids = [p.ids for p in prompts(lm.tokenizer)]
+    means = mean_head_outputs(lm.model, ids[:2])
+    want = head_indirect_effects(lm.model, ids, [7, 3, 11], means)
+    assert indirect.batch_sizes(10, 3) == (3, indirect.ROWS_PER_FORWARD)
+    monkeypatch.setattr(indirect, "KV_BYTES_PER_FORWARD", 100)
+    assert indirect.batch_sizes(60, 3) == (1, 1)
+    assert indirect.batch_sizes(40, 3) == (2, 2)
+    torch.testing.assert_close(head_indirect_effects(lm.model, ids, [7, 3, 11], means), want, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt_neo"])

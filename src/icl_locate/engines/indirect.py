@@ -1,31 +1,40 @@
 """Todd et al. (2024)'s indirect effects: on each corrupted prompt, the change in the answer's
 probability when one head's output at the last position is replaced by its mean over clean prompts.
 
-All of a prompt but its last token runs once (``readout.ContextCaches``); one row per head and one
-unpatched then run its last token on that cache (a patch at the last position changes nothing
-before it). A row patched at layer l computes every layer below l exactly as the unpatched row
+A patch at the last position changes nothing before it, so all of a prompt but its last token runs
+once (``readout.ContextCaches``: a context shared by several prompts once); then one row per head and
+one unpatched row run its last token on that cache. The prompts run together, ``PROMPTS_PER_BATCH`` at
+a time: their caches left-padded into one batch (padding only on the far left keeps column distances
+equal to position distances; positions come from the mask), so a forward multiplies the rows of many
+prompts at once. A row patched at layer l computes every layer below l exactly as the unpatched row
 does, so the rows run in bands of consecutive patch layers (``head_patch_bands``), each from its
-lowest layer up (``core.surgery``). The LM head reads the final states of several prompts at once
-(``readout.answer_probabilities``).
+lowest layer up on the unpatched row's input there (``core.surgery``). The LM head reads the final
+states of several prompts at once (``readout.answer_probabilities``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
+from transformers import DynamicCache
 
+from ..core.costs import kv_bytes
 from ..core.patch_hooks import record
 from ..core.patches import ReplaceHeadOutput
 from ..core.surgery import feed_input, output_kind, skip_layers_below
 from .base import last_hidden
-from .readout import LENS_ROWS, ContextCaches, answer_probabilities, repeated_cache
+from .readout import ContextCaches, answer_probabilities
 
-ROWS_PER_FORWARD = 128  # head patches run together on one prompt's cache (one row each)
-BAND_ROWS = 24  # head patches of consecutive layers that start together at the lowest (fewer: small products)
+ROWS_PER_FORWARD = 128  # rows (a prompt's head patches, of several prompts) run in one forward at most
+KV_BYTES_PER_FORWARD = 1 << 30  # and at most this much of their caches' copies (a large model: fewer rows)
+BAND_ROWS = 24  # rows of consecutive patch layers that start together at the lowest (fewer: small products)
+PROMPTS_PER_BATCH = 25  # prompts whose rows run together (their left-padded caches held at once)
 
 Site = tuple[int, int] | None  # (layer, head) patched, or None: nothing patched
+KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [rows, kv heads, columns, head_dim]
 
 
 def head_sites(n_layers: int, n_heads: int) -> list[Site]:
@@ -46,101 +55,143 @@ def head_indirect_effects(
     without (the module docstring says how it runs)."""
     n_layers, n_heads = means.shape[:2]
     sites = head_sites(n_layers, n_heads)
+    if not prompts:
+        return torch.zeros(0, n_layers, n_heads)
     caches = ContextCaches(model)
     starts = starts if starts is not None else [0] * len(prompts)
+    first_kv = caches.cache_of(prompts[0][:-1], starts[0])
+    row_bytes = kv_bytes(first_kv) // max(1, len(prompts[0]) - 1) * max(len(p) for p in prompts)
+    together, size = batch_sizes(row_bytes, len(prompts))
     probs: list[torch.Tensor] = []
-    states: list[torch.Tensor] = []  # final states not yet read by the head, and their answers
-    rows: list[int] = []
-    for ids, answer, start in zip(prompts, answers, starts, strict=True):
-        kv = caches.cache_of(ids[:-1], start)  # the prompt but its last token
-        states.append(_patched_last_token_states(model, ids, kv, sites, means))
-        rows += [answer] * len(sites)
-        if len(rows) >= LENS_ROWS:
-            probs.append(answer_probabilities(model, torch.cat(states), rows))
-            states, rows = [], []
-    if rows:
-        probs.append(answer_probabilities(model, torch.cat(states), rows))
-    per_site = torch.cat(probs).view(len(prompts), len(sites)) if probs else torch.zeros(0, len(sites))
+    for first in range(0, len(prompts), together):
+        batch = range(first, min(first + together, len(prompts)))
+        kvs = [first_kv if i == 0 else caches.cache_of(prompts[i][:-1], starts[i]) for i in batch]
+        states = _patched_last_token_states(
+            model, [prompts[i][-1] for i in batch], left_padded(kvs), sites, means, size
+        )
+        probs.append(answer_probabilities(model, states.flatten(0, 1), [answers[i] for i in batch for _ in sites]))
+    per_site = torch.cat(probs).view(len(prompts), len(sites))
     return (per_site[:, 1:] - per_site[:, :1]).reshape(len(prompts), n_layers, n_heads)
 
 
-def head_patch_bands(sites: Sequence[Site]) -> list[tuple[int, list[int]]]:
+def batch_sizes(row_bytes: int, prompts: int) -> tuple[int, int]:
+    """(prompts run together, rows a forward) where a row's cache copy takes ``row_bytes``: as many as
+    ``PROMPTS_PER_BATCH`` and ``ROWS_PER_FORWARD`` allow within ``KV_BYTES_PER_FORWARD``, at least one
+    prompt, and every prompt's unpatched row in the first forward."""
+    fit = max(1, KV_BYTES_PER_FORWARD // max(1, row_bytes))
+    together = min(PROMPTS_PER_BATCH, prompts, fit)
+    return together, max(together, min(ROWS_PER_FORWARD, fit))
+
+
+def head_patch_bands(sites: Sequence[Site], copies: int = 1) -> list[tuple[int, list[int]]]:
     """Sites (``head_sites``' order: None first, then by layer) in bands of consecutive patch layers, each
-    with at least ``BAND_ROWS`` rows where the layers allow: (the band's lowest layer, the sites' indices).
-    A band must not start above a member's patch layer (its patch would never run): hence the order."""
+    with at least ``BAND_ROWS`` rows where the layers allow (``copies`` rows a site: one per prompt run
+    together): (the band's lowest layer, the sites' indices). A band must not start above a member's
+    patch layer (its patch would never run): hence the order."""
     layers = [0 if site is None else site[0] for site in sites]
     if not sites or sites[0] is not None or any(b < a for a, b in zip(layers, layers[1:])):
         raise ValueError("sites must be the unpatched row, then (layer, head) pairs by layer")
     bands: list[tuple[int, list[int]]] = []
     for index, layer in enumerate(layers):
-        if not bands or (len(bands[-1][1]) >= BAND_ROWS and layer != layers[index - 1]):
+        if not bands or (len(bands[-1][1]) * copies >= BAND_ROWS and layer != layers[index - 1]):
             bands.append((layer, []))
         bands[-1][1].append(index)
     return bands
 
 
+def left_padded(kvs: Sequence[KV]) -> tuple[KV, torch.Tensor]:
+    """Prompts' caches (per layer [1, kv heads, length, head_dim] each) in one batch, left-padded with zeros
+    to the longest, and the batch's attention mask ([prompts, columns]: 0 on each prompt's padding)."""
+    width = max(kv[0][0].shape[2] for kv in kvs)
+    mask = torch.zeros(len(kvs), width, dtype=torch.long, device=kvs[0][0][0].device)
+    for b, kv in enumerate(kvs):
+        mask[b, width - kv[0][0].shape[2] :] = 1
+    layers = []
+    for parts in zip(*kvs, strict=True):  # one layer's (keys, values) of every prompt
+        keys, values = (
+            torch.cat([nn.functional.pad(t, (0, 0, width - t.shape[2], 0)) for t in tensors])
+            for tensors in zip(*parts, strict=True)
+        )
+        layers.append((keys, values))
+    return layers, mask
+
+
 def _patched_last_token_states(
     model: nn.Module,
-    ids: Sequence[int],
-    kv: list[tuple[torch.Tensor, torch.Tensor]],
+    last_tokens: Sequence[int],
+    padded: tuple[KV, torch.Tensor],
     sites: Sequence[Site],
     means: torch.Tensor,
+    size: int,
 ) -> torch.Tensor:
-    """[len(sites), hidden]: ``_last_token_states`` of every site (``sites[0]`` None, then by layer).
+    """[prompts, len(sites), hidden]: the final hidden states (after the final norm) of each prompt's last
+    token on its cached rest (``padded``: ``left_padded``), one row per site: head (l, h)'s output set to
+    ``means[l, h]`` (None: nothing patched); ``size`` rows a forward (at least one per prompt).
 
-    A row patched at layer l computes every layer below l exactly as the unpatched row does. So the
-    sites run in bands of consecutive patch layers (``head_patch_bands``): the first band, with the unpatched row,
-    from the bottom, reading the unpatched row's input at each other band's lowest layer s; each other
-    band from there, its layers below s skipped (``core.surgery``: their keys and values are not needed,
-    as only the final states are read)."""
-    last = len(ids) - 1
-    bands = head_patch_bands(sites)
-    out: dict[int, torch.Tensor] = {}  # by site index
-    inputs: dict[int, torch.Tensor] = {}
+    The sites run in bands (``head_patch_bands``), each over every prompt. The first band, whose first
+    rows are the unpatched ones, runs from the bottom and reads the unpatched rows' input at each other
+    band's lowest layer s; each other band starts there, its layers below s skipped (their keys and values
+    are not needed, as only the final states are read)."""
+    kv, mask = padded
+    n_prompts, column = len(last_tokens), mask.shape[1]  # the last token's column, past the padded caches
+    bands = head_patch_bands(sites, n_prompts)
+    out: torch.Tensor | None = None
+    inputs: dict[int, torch.Tensor] = {}  # the unpatched rows' input of each band's lowest layer, [prompts, d]
     kind = output_kind(model)
     for n, (first_layer, members) in enumerate(bands):
-        for chunk in range(0, len(members), ROWS_PER_FORWARD):
-            rows = members[chunk : chunk + ROWS_PER_FORWARD]
-            band_sites = [sites[i] for i in rows]
-            if n == 0 and chunk == 0:  # the unpatched row is the first: read its inputs of the other bands
-                with kind, record(model, hidden=[(layer, last) for layer, _ in bands[1:]]) as seen:
-                    states = _last_token_states(model, ids, kv, band_sites, means)
-                inputs = {layer: seen.hidden[(layer, last)][0] for layer, _ in bands[1:]}  # [d] each
+        rows = [(p, s) for s in members for p in range(n_prompts)]  # by site: the unpatched rows first
+        for chunk in range(0, len(rows), size):
+            part = rows[chunk : chunk + size]
+            if n == 0 and chunk == 0:
+                with kind, record(model, hidden=[(layer, column) for layer, _ in bands[1:]]) as seen:
+                    states = _last_token_states(model, last_tokens, padded, sites, means, part, 0)
+                inputs = {layer: seen.hidden[(layer, column)][:n_prompts] for layer, _ in bands[1:]}
             elif first_layer == 0:
-                states = _last_token_states(model, ids, kv, band_sites, means)
+                states = _last_token_states(model, last_tokens, padded, sites, means, part, 0)
             else:
-                start = inputs[first_layer][None, None].expand(len(rows), 1, -1).contiguous()  # [rows, 1, d]
+                fed = inputs[first_layer][[p for p, _ in part]][:, None]  # [rows, 1, d]
                 assert kind.returns_tuple is not None  # the first band's forward ran every layer
                 with (
-                    feed_input(model, first_layer, lambda x=start: x),
+                    feed_input(model, first_layer, lambda x=fed: x),
                     skip_layers_below(model, first_layer, kind.returns_tuple),
                 ):
-                    states = _last_token_states(model, ids, kv, band_sites, means)
-            out.update(zip(rows, states, strict=True))
-    return torch.stack([out[i] for i in range(len(sites))])
+                    states = _last_token_states(model, last_tokens, padded, sites, means, part, first_layer)
+            out = states.new_empty(n_prompts, len(sites), states.shape[-1]) if out is None else out
+            for (p, s), state in zip(part, states, strict=True):
+                out[p, s] = state
+    assert out is not None
+    return out
 
 
 def _last_token_states(
     model: nn.Module,
-    ids: Sequence[int],
-    kv: list[tuple[torch.Tensor, torch.Tensor]],
+    last_tokens: Sequence[int],
+    padded: tuple[KV, torch.Tensor],
     sites: Sequence[Site],
     means: torch.Tensor,
+    rows: Sequence[tuple[int, int]],
+    first_layer: int,
 ) -> torch.Tensor:
-    """[len(sites), hidden]: the final hidden states (after the final norm) of the prompt's last token, fed
-    on its cached rest ``kv``, one row per site: head (l, h)'s output set to ``means[l, h]`` (None: nothing
-    patched)."""
+    """[len(rows), hidden]: the final hidden states (after the final norm) of row (prompt p, site s)'s last
+    token on prompt p's cache, head (l, h)'s output set to ``means[l, h]`` where site s is (l, h).
+    Layers below ``first_layer`` are skipped by the caller: their caches are views, never read."""
+    kv, mask = padded
     parameter = next(model.parameters())
-    last, rows = len(ids) - 1, len(sites)
+    column = mask.shape[1]
+    which = torch.tensor([p for p, _ in rows], device=mask.device)
+    cache = DynamicCache()
+    for index, (keys, values) in enumerate(kv):
+        cache.update(keys[:1, :, :0], values[:1, :, :0], index)  # the layer, empty
+        layer: Any = cache.layers[index]
+        if index >= first_layer:  # the rows' own copies: the forward appends the new token's to them
+            layer.keys, layer.values = keys.index_select(0, which), values.index_select(0, which)
+        else:
+            layer.keys, layer.values = (t[:1].expand(len(rows), -1, -1, -1) for t in (keys, values))
     patches = [
-        ReplaceHeadOutput(site[0], site[1], last, means[site].to(parameter.dtype), row=r)
-        for r, site in enumerate(sites)
+        ReplaceHeadOutput(site[0], site[1], column, means[site].to(parameter.dtype), row=r)
+        for r, site in enumerate(sites[s] for _, s in rows)
         if site is not None
     ]
-    return last_hidden(
-        model,
-        torch.full((rows, 1), ids[last], device=parameter.device),  # [rows, 1]
-        attention_mask=torch.ones(rows, len(ids), dtype=torch.long, device=parameter.device),
-        cache=repeated_cache(kv, rows),
-        interventions=patches,
-    )[:, -1]
+    fed = torch.tensor([[last_tokens[p]] for p, _ in rows], device=parameter.device)  # [rows, 1]
+    attention = torch.cat([mask[which], mask.new_ones(len(rows), 1)], dim=1)  # [rows, columns + 1]
+    return last_hidden(model, fed, attention_mask=attention, cache=cache, interventions=patches)[:, -1]

@@ -8,7 +8,8 @@ Layer and head units decode their rows (``units.row_interventions``) on the item
   patch at each layer and unpatched, and the ICL prompts decoded unpatched;
 * function vector: the ICL prompts' forward (head outputs), the indirect effects (on each of the first
   ``AIE_PROMPTS`` label-shuffled prompts: all but its last token once, then one row per head and one
-  unpatched, each a last token from its band's lowest layer up and through the LM head), then decoding
+  unpatched, each a last token from its band's lowest layer up, several prompts' rows a forward, and
+  through the LM head), then decoding
   as for task vectors. The ICL prompts' decoding is counted although the atlas takes it from its masking
   unit when that ran first in the same process (``unchanged.py``): an upper bound there;
 * logit lens: the prompts' forward with the context visible and with it hidden, then the LM head on every
@@ -32,7 +33,7 @@ from ..core.patches import PatchLastPosition
 from ..core.prompts import PromptedItem
 from ..core.shapes import DTYPE_BYTES, ModelShape
 from ..engines.fast import MAX_BATCH_ROWS, MAX_BATCH_TOKENS
-from ..engines.indirect import ROWS_PER_FORWARD, head_patch_bands, head_sites
+from ..engines.indirect import batch_sizes, head_patch_bands, head_sites
 from ..engines.rows import plan_rows
 from ..engines.tree_decode import divergence_layer
 from ..tasks.items import build_items
@@ -256,16 +257,19 @@ def reading_cost(label: str, items: ItemSet, shape: ModelShape, dtype: str) -> U
 
 def indirect_effects_cost(label: str, shuffled: ItemSet, shape: ModelShape, dtype: str) -> UnitCost:
     """Per corrupted prompt: all but its last token once, then 1 + L x H rows of its last token, each band
-    of them from its lowest layer up, at most ``ROWS_PER_FORWARD`` rows a forward."""
+    of them from its lowest layer up; several prompts' rows run together, their caches left-padded
+    (``batch_sizes``: how many prompts, and rows a forward)."""
     m, dims = min(AIE_PROMPTS, len(shuffled.prompt)), ModelDims.of_shape(shape)
     prompts = replace(shuffled, prompt=shuffled.prompt[:m], answer=shuffled.answer[:m])
+    row_bytes = int(prompts.prompt.max()) * shape.kv_bytes_per_token(DTYPE_BYTES[dtype])
+    together, size = batch_sizes(row_bytes, m)
     sites = head_sites(shape.layers, shape.heads)
-    bands = head_patch_bands(sites)
+    bands = head_patch_bands(sites, together)
     layer_rows = sum(len(members) * (shape.layers - first) for first, members in bands)  # the body's share
     body = segment_flops(dims, prompts.prompt - 1, np.ones(m)).sum() * layer_rows / shape.layers
     fast = forward_flops(dims, prompts, last=1) + float(body + 2.0 * dims.lm_head * len(sites) * m)
-    batch = min(ROWS_PER_FORWARD, max(len(members) for _, members in bands))
-    kv = batch * int(prompts.prompt.max()) * shape.kv_bytes_per_token(DTYPE_BYTES[dtype])
+    batch = min(size, max(len(members) for _, members in bands) * together)
+    kv = (batch + together) * row_bytes  # the rows' copies and the left-padded caches they are taken from
     heads = shape.layers * shape.heads  # stored rows per prompt, each with the prompt's tokens
     cost = _readings(label, m, m * heads, heads * int(prompts.prompt.sum()), dict(paper=fast, fast=fast, tree=fast),
                      prompts, shape, dtype)  # fmt: skip
