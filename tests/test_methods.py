@@ -37,7 +37,7 @@ from icl_locate.engines.tree import TreeEngine
 from icl_locate.experiments import units
 from icl_locate.experiments.planning import default_top_heads, plan_units
 from icl_locate.experiments.settings import SweepConfig
-from icl_locate.experiments.unchanged import UnchangedGenerations
+from icl_locate.experiments.unchanged import UnchangedGenerations, UnmaskedReadings
 from icl_locate.util.errors import UserError
 
 FAMILIES = ["llama", "gemma3", "qwen2", "gpt_neo", "bloom", "starcoder2"]
@@ -396,6 +396,45 @@ def test_a_vector_unit_takes_the_icl_baseline_from_the_masking_unit_of_its_worke
     want = generations(masked, "mask", n_layers)
     assert generations(reused, "icl", n_layers) == want == generations(fresh, "icl", n_layers)
     assert sorted(reused.scores) == sorted(fresh.scores)
+
+
+def test_the_vector_and_lens_units_of_a_worker_read_the_icl_prompts_once(data_dir):
+    """Task vector, function vector, lens: one worker reads the ICL prompts once, the later units take the
+    readings kept, and each unit stores what a fresh worker stores (readings, decoded rows, scores)."""
+    settings = dict(model="tiny:llama", pairs=["fra-eng"], seeds=[0], ks=[2], n_test=3, max_new_tokens=4)
+    methods = ["task-vector", "function-vector", "logit-lens"]
+    configs = [SweepConfig(method=m, data_dir=str(data_dir), **settings) for m in methods]
+    worker = tiny_worker(configs[0], fast_engine=True, max_new_tokens=4)
+    n_layers = worker.loaded.info.num_layers
+    units = [plan_units(config, n_layers, num_heads=worker.loaded.info.num_heads)[0] for config in configs]
+    together = [worker.compute(unit) for unit in units]
+    assert worker.readings.reused == 2
+    for config, unit, result in zip(configs, units, together, strict=True):
+        fresh_worker = tiny_worker(config, fast_engine=True, max_new_tokens=4)
+        fresh = fresh_worker.compute(unit)
+        assert fresh_worker.readings.reused == 0
+        key = lambda p: (p["variant"], p["layer"], p["item"])  # noqa: E731
+        assert [(key(p), p["raw_generation"], p["stats"]) for p in sorted(result.predictions, key=key)] == [
+            (key(p), p["raw_generation"], p["stats"]) for p in sorted(fresh.predictions, key=key)
+        ], unit.kind
+        assert sorted(result.scores) == sorted(fresh.scores), unit.kind
+
+
+def test_unmasked_readings_are_kept_for_the_same_prompts_only_and_equal_each_reading_alone():
+    lm = tiny("llama")
+    ps = prompts(lm.tokenizer)
+    ids, starts = [p.ids for p in ps], [p.query_start() for p in ps]
+    kept = UnmaskedReadings()
+    first = kept.read(lm.model, ids, starts)
+    assert kept.read(lm.model, ids, starts) is first and kept.reused == 1
+    assert kept.read(lm.model, ids, [0] * len(ids)) is not first  # the same tokens, another shared context
+    other = kept.read(lm.model, ids[:2], starts[:2])
+    assert other.final is not None and len(other.final) == 2 and kept.reused == 1
+    n = lm.info.num_layers
+    exact = dict(rtol=0, atol=0)
+    torch.testing.assert_close(first.hidden, last_position_states(lm.model, ids, range(n), starts), **exact)
+    torch.testing.assert_close(first.mean_heads(), mean_head_outputs(lm.model, ids, starts), **exact)
+    torch.testing.assert_close(first.lens(), lens_states(lm.model, ids, starts), **exact)
 
 
 def test_unchanged_generations_are_kept_by_prompt_and_stop_rule_and_not_when_disputed():

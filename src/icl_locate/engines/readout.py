@@ -82,6 +82,17 @@ class LastPositions:
     heads: torch.Tensor | None  # [prompts, layers, heads, head_dim]: every head's output
     final: torch.Tensor | None  # [prompts, hidden]: the last layer's output (before the final norm)
 
+    def mean_heads(self) -> torch.Tensor:
+        """[layers, heads, head_dim]: every head's output averaged over the prompts (fp32)."""
+        assert self.heads is not None, "head outputs not read"
+        return self.heads.float().mean(0)
+
+    def lens(self) -> torch.Tensor:
+        """[prompts, len(layers) + 1, hidden]: the layers' inputs read, then the last layer's output (read with
+        every layer: the residual stream the logit lens reads)."""
+        assert self.hidden is not None and self.final is not None, "layers and the last layer's output not read"
+        return torch.cat([self.hidden, self.final[:, None]], dim=1)
+
 
 def _batches(prompts: Sequence[Sequence[int]], starts: Sequence[int]) -> list[list[int]]:
     """Indices of prompts with the same context before their own tokens, ``READ_BATCH`` at most a batch."""
@@ -179,9 +190,15 @@ def mean_head_outputs(
     model: nn.Module, prompts: Sequence[Sequence[int]], starts: Sequence[int] | None = None
 ) -> torch.Tensor:
     """[layers, heads, head_dim]: every head's output at the last position, averaged over ``prompts``."""
-    heads = read_last_positions(model, prompts, starts, heads=True).heads
-    assert heads is not None
-    return heads.float().mean(0)
+    return read_last_positions(model, prompts, starts, heads=True).mean_heads()
+
+
+def read_everything(
+    model: nn.Module, prompts: Sequence[Sequence[int]], starts: Sequence[int] | None = None
+) -> LastPositions:
+    """Every reading at each prompt's last position, nothing masked: each decoder layer's input, every head's
+    output, the last layer's output (one forward for what the task vector, function vector and lens read)."""
+    return read_last_positions(model, prompts, starts, layers=range(num_layers(model)), heads=True, final=True)
 
 
 def repeated_cache(kv: list[tuple[torch.Tensor, torch.Tensor]], rows: int) -> DynamicCache:
@@ -299,9 +316,7 @@ def lens_states(
 ) -> torch.Tensor:
     """[prompts, layers + 1, hidden]: at each prompt's last position, the input of every decoder layer l
     and (l = L) the last layer's output, under ``mask`` (one row per prompt)."""
-    read = read_last_positions(model, prompts, starts, mask, layers=range(num_layers(model)), final=True)
-    assert read.hidden is not None and read.final is not None
-    return torch.cat([read.hidden, read.final[:, None]], dim=1)
+    return read_last_positions(model, prompts, starts, mask, layers=range(num_layers(model)), final=True).lens()
 
 
 @torch.no_grad()

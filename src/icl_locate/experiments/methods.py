@@ -39,14 +39,7 @@ from ..core.patches import PatchLastPosition
 from ..core.prompts import PromptedItem, answer_first_token
 from ..engines.base import Engine, ProgressCallback, StopRule
 from ..engines.indirect import head_indirect_effects
-from ..engines.readout import (
-    check_head_logits,
-    function_vector,
-    last_position_states,
-    lens_readings,
-    lens_states,
-    mean_head_outputs,
-)
+from ..engines.readout import check_head_logits, function_vector, lens_readings, lens_states
 from ..engines.rows import row_plan
 from ..tasks.items import build_items
 from ..tasks.spec import Task, TaskData
@@ -54,7 +47,7 @@ from ..util.errors import UserError
 from .common import masked_prompts
 from .scoring import Decoded, prediction_row
 from .settings import METHODS
-from .unchanged import UnchangedGenerations
+from .unchanged import UnchangedGenerations, UnmaskedReadings
 
 METHOD_KINDS = tuple(m for m in METHODS if m != "mask")
 AIE_PROMPTS = 25  # corrupted prompts the indirect effects average over (Todd et al.'s n_trials)
@@ -85,6 +78,7 @@ class MethodInputs:
     stop: StopRule
     progress: ProgressCallback | None = None
     unchanged: UnchangedGenerations = field(default_factory=UnchangedGenerations)  # the worker's, across units
+    readings: UnmaskedReadings = field(default_factory=UnmaskedReadings)  # the worker's, across units
 
     @property
     def model(self) -> nn.Module:
@@ -106,8 +100,9 @@ def run_method(unit, inputs: MethodInputs) -> MethodOutput:
         raise UserError("--method task-vector reads each query's vector from another query's prompt: --n-test >= 2")
     zero = build_items(inputs.task, inputs.data, inputs.tokenizer, 0, unit.seed, unit.n_test, unit.instructions)
     if unit.kind == "task-vector":
-        ids, starts = _ids_and_starts(inputs.items)
-        states = last_position_states(inputs.model, ids, unit.layers, starts)
+        hidden = inputs.readings.read(inputs.model, *_ids_and_starts(inputs.items)).hidden
+        assert hidden is not None
+        states = hidden[:, list(unit.layers)]  # [items, layers, d]
         donors = [(i + 1) % len(inputs.items) for i in range(len(inputs.items))]
         rows: dict[tuple[str, int], RowIntervention] = {
             ("task-vector", layer): PatchLastPosition(layer, "replace", states[donors, n])  # [items, d]
@@ -157,7 +152,7 @@ def function_vector_of(inputs: MethodInputs, unit) -> tuple[torch.Tensor, Method
         inputs.task, inputs.data, tokenizer, unit.k, unit.seed, unit.n_test, unit.instructions, labels="shuffled"
     )[:AIE_PROMPTS]
     answers = [answer_first_token(tokenizer, it.encoded, it.item.target) for it in shuffled]
-    means = mean_head_outputs(model, *_ids_and_starts(inputs.items))  # [L, H, head_dim]
+    means = inputs.readings.read(model, *_ids_and_starts(inputs.items)).mean_heads()  # [L, H, head_dim]
     ids, starts = _ids_and_starts(shuffled)
     effects = head_indirect_effects(model, ids, answers, means, starts)  # [items, L, H]
     average = effects.mean(0)  # [L, H]
@@ -207,7 +202,8 @@ def logit_lens_rows(inputs: MethodInputs, condition_name: str, layers: Sequence[
     )
     ids, starts = [p.ids for p in prompts], [p.query_start() for p in prompts]
     # the context runs once per variant: the hidden one under its mask
-    states = [lens_states(model, ids, starts), lens_states(model, ids, starts, hidden)]  # [items, L+1, d] each
+    visible = inputs.readings.read(model, ids, starts).lens()
+    states = [visible, lens_states(model, ids, starts, hidden)]  # [items, L+1, d] each
     sites = [
         (i, variant, variant == "lens/hidden") for variant in ("lens/visible", "lens/hidden") for i in range(len(ids))
     ]

@@ -7,15 +7,22 @@ generations (up to logits tied within rounding, which the audit looks for), so s
 the same tokens wherever it appears; a worker keeps them by (prompt tokens, stop rule), except rows
 an audit disputed, and a later unit takes them instead of decoding them again. What a unit stores
 does not change; only the work a worker repeats does.
+
+Likewise the readings of the ICL prompts with nothing masked (``UnmaskedReadings``): the task-vector
+unit reads every layer's input at their last positions, the function-vector unit every head's output
+there, the lens unit both and the last layer's output, all from one forward of the same prompts.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 
+from torch import nn
+
 from ..core.conditions import MaskedPrompt
 from ..core.interventions import RowIntervention
 from ..engines.base import Generation, ResultKey, StopRule
+from ..engines.readout import LastPositions, read_everything
 from ..engines.rows import row_plan
 
 
@@ -52,3 +59,19 @@ class UnchangedGenerations:
             return None
         self.reused += len(found)
         return [g for g in found if g is not None]
+
+
+class UnmaskedReadings:
+    """``readout.read_everything`` of the last prompts read, by (prompts, where their queries start)."""
+
+    def __init__(self):
+        self.kept: tuple[tuple, LastPositions] | None = None  # the latest only: one unit's prompts at a time
+        self.reused = 0  # times taken from here instead of read
+
+    def read(self, model: nn.Module, prompts: Sequence[Sequence[int]], starts: Sequence[int]) -> LastPositions:
+        key = (tuple(tuple(ids) for ids in prompts), tuple(starts))
+        if self.kept is not None and self.kept[0] == key:
+            self.reused += 1
+        else:
+            self.kept = (key, read_everything(model, prompts, starts))
+        return self.kept[1]

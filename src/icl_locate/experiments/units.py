@@ -29,7 +29,7 @@ from .common import check_context, masked_prompts, stop_rule
 from .methods import METHOD_KINDS, MethodInputs, run_method
 from .scoring import Decoded, prompt_rows, score_rows, span_lengths
 from .settings import LoadedTasks, SweepConfig, WorkUnit, audit_per_unit, engine_request, load_task_data
-from .unchanged import UnchangedGenerations
+from .unchanged import UnchangedGenerations, UnmaskedReadings
 
 
 @dataclass
@@ -103,6 +103,7 @@ class Worker:
     log: Callable[[str], None] = _stderr
     engines: dict[tuple, tuple[Engine, Choices]] = field(default_factory=dict)
     unchanged: UnchangedGenerations = field(default_factory=UnchangedGenerations)  # rows a later unit reuses
+    readings: UnmaskedReadings = field(default_factory=UnmaskedReadings)  # the ICL prompts' readings, likewise
     seconds: dict[str, float] = field(default_factory=lambda: Worker.fresh_seconds())
 
     @staticmethod
@@ -189,7 +190,7 @@ class Worker:
             chosen.extend([choices] if choices is not None else [])
             return found
 
-        inputs = MethodInputs(self.loaded, engine, task, data, items, stop, progress, self.unchanged)
+        inputs = MethodInputs(self.loaded, engine, task, data, items, stop, progress, self.unchanged, self.readings)
         output = run_method(unit, inputs)
         seconds = time.time() - started - calibrating[0]
         predictions, scores = score_rows(task, data, output.decoded)
