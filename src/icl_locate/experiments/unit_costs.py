@@ -9,11 +9,13 @@ Layer and head units decode their rows (``units.row_interventions``) on the item
 * function vector: the ICL prompts' forward (head outputs), the indirect effects (on each of the first
   ``AIE_PROMPTS`` label-shuffled prompts: all but its last token once, then one row per head and one
   unpatched, each a last token from its band's lowest layer up, several prompts' rows a forward, and
-  through the LM head), then decoding
-  as for task vectors. The ICL prompts' decoding is counted although the atlas takes it from its masking
-  unit when that ran first in the same process (``unchanged.py``): an upper bound there;
+  through the LM head), then decoding as for task vectors;
 * logit lens: the prompts' forward with the context visible and with it hidden, then the LM head on every
   layer's state at the last position (nothing generated).
+
+Each unit counts its own forward of the ICL prompts (and a vector unit their decoding), although in an
+atlas a worker reads them once for the three methods and takes their decoding from the masking unit when
+that ran first in the same process (``unchanged.py``): an upper bound there.
 """
 
 from __future__ import annotations
