@@ -16,10 +16,11 @@ import inspect
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
+from transformers import DynamicCache
 
 from ..core.conditions import MaskedPrompt
 from ..core.interventions import BatchIntervention, RowIntervention, intervene
@@ -219,3 +220,53 @@ def last_hidden(
     with intervene(model, *interventions):
         out = decoder(**_model_inputs(decoder, input_ids, attention_mask, cache))
     return out.last_hidden_state[:, -positions:]
+
+
+def repeated_cache(kv: list[tuple[torch.Tensor, torch.Tensor]], rows: int) -> DynamicCache:
+    """A cache holding ``rows`` copies of one prompt's keys/values (per layer [1, heads, T, dim]): views, not
+    copies; the next forward's cache update writes them out once, with the new tokens."""
+    cache = DynamicCache()
+    for index, (keys, values) in enumerate(kv):
+        cache.update(keys[..., :0, :], values[..., :0, :], index)  # the layer, empty
+        layer: Any = cache.layers[index]
+        layer.keys, layer.values = keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1)
+    return cache
+
+
+def shared_length(prefixes: Sequence[Sequence[int]]) -> int:
+    """How many first tokens all of ``prefixes`` have in common, leaving each at least one of its own."""
+    shortest = min(len(p) for p in prefixes)
+    for n in range(shortest - 1):
+        if any(p[n] != prefixes[0][n] for p in prefixes):
+            return n
+    return max(0, shortest - 1)
+
+
+@torch.no_grad()
+def caches_together(
+    model: nn.Module, prefixes: Sequence[Sequence[int]], pad_id: int = 0
+) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Per prefix, per layer (keys, values) [1, kv heads, len(prefix), head_dim]: what a forward of the prefix
+    alone caches, computed for all of them at once. The tokens they all begin with (``shared_length``: e.g.
+    BOS and instructions) run once; the rest right-padded in one forward (padding after a prefix changes
+    none of its keys and values: causal attention, positions from the mask). Copies, not views: a cache
+    kept for later must not keep the whole forward's alive."""
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prefixes)
+    shared = shared_length(prefixes) if len(prefixes) > 1 else 0
+    ids = torch.full((len(prefixes), width), pad_id, dtype=torch.long)  # [rows, width]
+    mask = torch.zeros(len(prefixes), width, dtype=torch.long)  # [rows, width]: 1 on each prefix's tokens
+    for b, prefix in enumerate(prefixes):
+        ids[b, : len(prefix)] = torch.tensor(list(prefix))
+        mask[b, : len(prefix)] = 1
+    cache = DynamicCache()
+    if shared:
+        last_hidden(model, ids[:1, :shared].to(device), cache=cache)
+        layers: list[Any] = cache.layers  # filled by the forward: keys and values set on every layer
+        cache = repeated_cache([(layer.keys, layer.values) for layer in layers], len(prefixes))
+    last_hidden(model, ids[:, shared:].to(device), attention_mask=mask.to(device), cache=cache)
+    layers = cache.layers
+    return [
+        [(layer.keys[b : b + 1, :, : len(p)].clone(), layer.values[b : b + 1, :, : len(p)].clone()) for layer in layers]
+        for b, p in enumerate(prefixes)
+    ]

@@ -5,7 +5,8 @@ Exact shortcuts (each checked against the reference engine in tests/test_fast_en
 * The context (BOS + instructions + examples) before the query does not depend on the query,
   so its KV cache is computed once per distinct prefix and shared by every query. Rows that only
   patch (task and function vectors) change nothing before the patched last token: each prompt up
-  to it is a prefix of its own, and a batch's prefixes are computed together (right-padded).
+  to it is a prefix of its own, and a batch's prefixes are computed together (right-padded), the
+  tokens they all begin with once.
 * Masking from layer j hides the masked columns at layers >= j, so their keys/values there
   are never read: the *unmasked* prefix cache is exact for every j as long as no visible
   prefix token comes after a hidden one (true for every paper condition except
@@ -39,7 +40,17 @@ from ..core.conditions import MaskedPrompt
 from ..core.interventions import AttentionAblation, BatchIntervention, ColumnMask, PruneFrom, RowIntervention
 from ..core.structure import num_layers
 from ..util.system import available_memory
-from .base import Generation, ProgressCallback, ResultKey, StopRule, eos_ids, head_timer, last_hidden
+from .base import (
+    Generation,
+    ProgressCallback,
+    ResultKey,
+    StopRule,
+    caches_together,
+    eos_ids,
+    head_timer,
+    last_hidden,
+    shared_length,
+)
 from .decoding import decode_batch
 from .head import CertifiedHead
 from .rows import KV, BatchLayout, PrefixCaches, Row, plan_rows
@@ -193,30 +204,18 @@ class FastEngine:
         return [made[n] for n in range(len(rows))]
 
     def _padded_prefix_caches(self, rows: list[Row]) -> list[KV]:
-        """``_prefix_caches`` of ``rows`` in one forward."""
-        prefixes = [list(r.prefix_key[0]) for r in rows]
-        width = max(len(p) for p in prefixes)
-        ids = torch.full((len(rows), width), self.tokenizer.pad_token_id or 0, dtype=torch.long)  # [rows, width]
-        mask = torch.zeros(len(rows), width, dtype=torch.long)  # [rows, width]: 1 on each prefix's tokens
-        for b, prefix in enumerate(prefixes):
-            ids[b, : len(prefix)] = torch.tensor(prefix)
-            mask[b, : len(prefix)] = 1
-        cache = DynamicCache()
+        """``_prefix_caches`` of ``rows`` in one forward (``caches_together``: the tokens they all begin with,
+        e.g. BOS and the instructions of zero-shot prompts, once before it)."""
+        prefixes = [r.prefix_key[0] for r in rows]
         started = time.perf_counter()
-        last_hidden(self.model, ids.to(self.device), attention_mask=mask.to(self.device), cache=cache)
+        made = caches_together(self.model, prefixes, self.tokenizer.pad_token_id or 0)
         self.times["prefix"] += time.perf_counter() - started
-        self.stats["prefix_forwards"] += 1
-        self.stats["prefix_tokens"] += sum(len(p) for p in prefixes)
-        self.stats["tokens_forwarded"] += sum(len(p) for p in prefixes)
-        layers: list[Any] = cache.layers
-        # copies, not views: a cache kept for a later batch must not keep the whole forward's alive
-        return [
-            [
-                (layer.keys[b : b + 1, :, : len(p)].clone(), layer.values[b : b + 1, :, : len(p)].clone())
-                for layer in layers
-            ]
-            for b, p in enumerate(prefixes)
-        ]
+        shared = shared_length(prefixes) if len(prefixes) > 1 else 0
+        self.stats["prefix_forwards"] += 1 + bool(shared)
+        fed = shared + sum(len(p) - shared for p in prefixes)
+        self.stats["prefix_tokens"] += fed
+        self.stats["tokens_forwarded"] += fed
+        return made
 
     def _chunks(self, rows: list[Row], prefix_caches: PrefixCaches, max_new_tokens: int):
         """Batches of rows with one ablation each, bounded as ``rule_rows`` says, and of even

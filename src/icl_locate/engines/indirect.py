@@ -2,14 +2,14 @@
 probability when one head's output at the last position is replaced by its mean over clean prompts.
 
 A patch at the last position changes nothing before it, so all of a prompt but its last token runs
-once (``readout.ContextCaches``: a context shared by several prompts once); then one row per head and
-one unpatched row run its last token on that cache. The prompts run together, ``PROMPTS_PER_BATCH`` at
-a time: their caches left-padded into one batch (padding only on the far left keeps column distances
-equal to position distances; positions come from the mask), so a forward multiplies the rows of many
-prompts at once. A row patched at layer l computes every layer below l exactly as the unpatched row
-does, so the rows run in bands of consecutive patch layers (``head_patch_bands``), each from its
-lowest layer up on the unpatched row's input there (``core.surgery``). The LM head reads the final
-states of several prompts at once (``readout.answer_probabilities``).
+once (``base.caches_together``: several prompts in one forward, what they all begin with once); then
+one row per head and one unpatched row run its last token on that cache. The prompts run together,
+``PROMPTS_PER_BATCH`` at a time: their caches left-padded into one batch (padding only on the far left
+keeps column distances equal to position distances; positions come from the mask), so a forward
+multiplies the rows of many prompts at once. A row patched at layer l computes every layer below l
+exactly as the unpatched row does, so the rows run in bands of consecutive patch layers
+(``head_patch_bands``), each from its lowest layer up on the unpatched row's input there
+(``core.surgery``). The LM head reads the final states of several prompts at once (``readout.answer_probabilities``).
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from ..core.costs import kv_bytes
 from ..core.patch_hooks import record
 from ..core.patches import ReplaceHeadOutput
 from ..core.surgery import feed_input, output_kind, skip_layers_below
-from .base import last_hidden
-from .readout import ContextCaches, answer_probabilities
+from .base import caches_together, last_hidden
+from .readout import answer_probabilities
 
 ROWS_PER_FORWARD = 128  # rows (a prompt's head patches, of several prompts) run in one forward at most
 KV_BYTES_PER_FORWARD = 1 << 30  # and at most this much of their caches' copies (a large model: fewer rows)
@@ -48,7 +48,6 @@ def head_indirect_effects(
     prompts: Sequence[Sequence[int]],
     answers: Sequence[int],
     means: torch.Tensor,
-    starts: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """[prompts, layers, heads]: on each (corrupted) prompt, the probability of its answer token at the
     last position with head (l, h)'s output there replaced by ``means[l, h]``, minus the probability
@@ -57,15 +56,14 @@ def head_indirect_effects(
     sites = head_sites(n_layers, n_heads)
     if not prompts:
         return torch.zeros(0, n_layers, n_heads)
-    caches = ContextCaches(model)
-    starts = starts if starts is not None else [0] * len(prompts)
-    first_kv = caches.cache_of(prompts[0][:-1], starts[0])
+    first_kv = caches_together(model, [prompts[0][:-1]])[0]  # its size per token bounds the batches
     row_bytes = kv_bytes(first_kv) // max(1, len(prompts[0]) - 1) * max(len(p) for p in prompts)
     together, size = batch_sizes(row_bytes, len(prompts))
     probs: list[torch.Tensor] = []
     for first in range(0, len(prompts), together):
         batch = range(first, min(first + together, len(prompts)))
-        kvs = [first_kv if i == 0 else caches.cache_of(prompts[i][:-1], starts[i]) for i in batch]
+        rest = [prompts[i][:-1] for i in batch if i]
+        kvs = ([first_kv] if first == 0 else []) + (caches_together(model, rest) if rest else [])
         states = _patched_last_token_states(
             model, [prompts[i][-1] for i in batch], left_padded(kvs), sites, means, size
         )

@@ -6,7 +6,7 @@ logit-lens sweeps are made of.
 * ``mean_head_outputs``, ``function_vector``: Todd et al. (2024)'s function vector: each head's mean
   output over clean ICL prompts; the sum of the top heads' means as they enter the residual stream
   (through the output projection, bias left out). The heads' indirect effects, which choose the top
-  heads, are ``indirect.py``'s, on ``ContextCaches`` and ``answer_probabilities`` from here.
+  heads, are ``indirect.py``'s, on ``answer_probabilities`` from here.
 * ``logit_lens``: the final norm and LM head applied to the residual stream at every layer.
 
 Readings go through the same hooks as the masks (``record``, ``intervene``), so the reference for
@@ -30,7 +30,7 @@ from ..core.patch_hooks import record
 from ..core.patches import head_layout
 from ..core.structure import attention_module, decoder_layers, final_norm, num_layers, output_projection, text_config
 from ..util.errors import UserError
-from .base import last_hidden, logits_probe
+from .base import last_hidden, logits_probe, repeated_cache
 
 LENS_ROWS = 256  # states read by the LM head at once (each pass reads the whole vocabulary's weights)
 READ_BATCH = 32  # prompts read in one forward
@@ -49,29 +49,6 @@ def _shared_length(start: int, length: int) -> int:
 def _layers_kv(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     layers: list[Any] = cache.layers  # filled by a forward: keys and values set on every layer
     return [(layer.keys, layer.values) for layer in layers]
-
-
-class ContextCaches:
-    """Caches of prompts whose first ``start`` tokens (BOS, instructions, examples) are shared: each
-    distinct beginning runs once; a prompt's cache then adds its own tokens only (what the keys and
-    values of a full forward hold: the shared tokens see the same tokens)."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-        self.kv: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-
-    def cache_of(self, ids: Sequence[int], start: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per layer, the keys and values of all of ``ids`` ([1, kv heads, len(ids), head_dim] each)."""
-        start = _shared_length(start, len(ids))
-        prefix = tuple(ids[:start])
-        if start and prefix not in self.kv:
-            cache = DynamicCache()
-            last_hidden(self.model, _ids(self.model, prefix), cache=cache)
-            self.kv[prefix] = _layers_kv(cache)
-        cache = repeated_cache(self.kv[prefix], 1) if start else DynamicCache()
-        mask = torch.ones(1, len(ids), dtype=torch.long, device=next(self.model.parameters()).device)
-        last_hidden(self.model, _ids(self.model, ids[start:]), attention_mask=mask, cache=cache)
-        return _layers_kv(cache)
 
 
 @dataclass
@@ -199,17 +176,6 @@ def read_everything(
     """Every reading at each prompt's last position, nothing masked: each decoder layer's input, every head's
     output, the last layer's output (one forward for what the task vector, function vector and lens read)."""
     return read_last_positions(model, prompts, starts, layers=range(num_layers(model)), heads=True, final=True)
-
-
-def repeated_cache(kv: list[tuple[torch.Tensor, torch.Tensor]], rows: int) -> DynamicCache:
-    """A cache holding ``rows`` copies of one prompt's keys/values (per layer [1, heads, T, dim]): views, not
-    copies; the next forward's cache update writes them out once, with the new tokens."""
-    cache = DynamicCache()
-    for index, (keys, values) in enumerate(kv):
-        cache.update(keys[..., :0, :], values[..., :0, :], index)  # the layer, empty
-        layer: Any = cache.layers[index]
-        layer.keys, layer.values = keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1)
-    return cache
 
 
 def _fp32_linear_head(model: nn.Module) -> nn.Linear | None:

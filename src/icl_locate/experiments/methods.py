@@ -153,8 +153,7 @@ def function_vector_of(inputs: MethodInputs, unit) -> tuple[torch.Tensor, Method
     )[:AIE_PROMPTS]
     answers = [answer_first_token(tokenizer, it.encoded, it.item.target) for it in shuffled]
     means = inputs.readings.read(model, *_ids_and_starts(inputs.items)).mean_heads()  # [L, H, head_dim]
-    ids, starts = _ids_and_starts(shuffled)
-    effects = head_indirect_effects(model, ids, answers, means, starts)  # [items, L, H]
+    effects = head_indirect_effects(model, _ids_and_starts(shuffled)[0], answers, means)  # [items, L, H]
     average = effects.mean(0)  # [L, H]
     n_heads = average.shape[1]
     order = torch.argsort(average.flatten(), descending=True, stable=True)[: unit.top_heads]
