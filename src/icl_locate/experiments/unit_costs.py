@@ -154,8 +154,9 @@ def rows_cost(
     }
     n, prompt = len(items.prompt), items.prompt
     head = 2.0 * dims.lm_head  # one scored position
-    # rows that only patch share each prompt up to the patched last token (a prefix cache per query); others
-    # share the context (as engines.rows.plan_rows)
+    # rows that only patch share each prompt up to the patched last token (a prefix cache per query; the
+    # engines run what a batch's prefixes all begin with once, counted per query here: an upper bound);
+    # others share the context (as engines.rows.plan_rows)
     per_query = len(planned[0].prefix_key[0]) > items.context
     context = prompt - len(planned[0].query_ids) if per_query else np.full(n, items.context)  # [items]: cached
     context_flops = segment_flops(dims, 0, context)  # [items]
