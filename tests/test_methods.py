@@ -120,7 +120,7 @@ def test_prefix_caches_made_together_equal_one_forward_each(family, monkeypatch)
     together.prepare(rows)
     assert len(together.caches) == len(ps) and not alone.caches
     prefixes = [r.prefix_key[0] for r in rows]
-    shared = base_module.shared_length(prefixes)  # BOS, the instructions, the examples: run once
+    shared = base_module.common_start(prefixes)  # BOS, the instructions, the examples: run once
     assert shared >= len(ps[0].ids) // 2
     assert engine.stats["prefix_tokens"] == shared + sum(len(p) - shared for p in prefixes)
     in_pairs = engine.prefix_caches(rows)  # a token budget that holds two of them a forward
@@ -136,10 +136,11 @@ def test_prefix_caches_made_together_equal_one_forward_each(family, monkeypatch)
 
 
 def test_the_shared_length_of_prefixes_leaves_each_a_token_of_its_own():
-    assert base_module.shared_length([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
-    assert base_module.shared_length([[1, 2, 3], [1, 2, 3]]) == 2
-    assert base_module.shared_length([[1, 2], [3, 2]]) == 0
-    assert base_module.shared_length([[7], [7, 8]]) == 0
+    assert base_module.common_start([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
+    assert base_module.common_start([[1, 2, 3], [1, 2, 3]]) == 2
+    assert base_module.common_start([[1, 2], [3, 2]]) == 0
+    assert base_module.common_start([[7], [7, 8]]) == 0
+    assert base_module.common_start([[1, 2, 3]]) == 0  # one prefix runs whole
 
 
 @pytest.mark.parametrize("split", ["at the patch", "at the query"])
@@ -269,15 +270,15 @@ def answer_probability(lm, ids, answer, patches=()) -> float:
 @pytest.mark.parametrize("band_rows", [1, 10**6])  # a band per layer (layers below skipped); one band
 @pytest.mark.parametrize("family", ["llama", "gemma3", "gpt_neo", "bloom", "qwen2", "starcoder2", "gpt2", "mistral"])
 def test_indirect_effects_equal_full_forwards_with_the_head_patched(family, band_rows, monkeypatch):
-    """Prompts of three lengths, two run together (the shorter one left-padded), then the third alone; every
-    band in several forwards."""
+    """Four prompts of three lengths: three run together (their caches made in one forward, the shorter
+    ones left-padded), then the fourth alone; every band in several forwards."""
     monkeypatch.setattr(indirect, "BAND_ROWS", band_rows)
     monkeypatch.setattr(indirect, "ROWS_PER_FORWARD", 5)
-    monkeypatch.setattr(indirect, "PROMPTS_PER_BATCH", 2)
+    monkeypatch.setattr(indirect, "PROMPTS_PER_BATCH", 3)
     lm = tiny(family)
     ids = [p.ids for p in prompts(lm.tokenizer)]
     means = mean_head_outputs(lm.model, ids[:2])  # [L, H, head_dim]
-    corrupted, answers = [ids[1], ids[2], ids[0]], [7, 3, 11]
+    corrupted, answers = [ids[1], ids[2], ids[0], ids[2]], [7, 3, 11, 5]
     assert len({len(x) for x in corrupted}) == 3
     effects = head_indirect_effects(lm.model, corrupted, answers, means)  # [prompts, L, H]
     for p, (x, answer) in enumerate(zip(corrupted, answers, strict=True)):
@@ -300,7 +301,25 @@ def test_indirect_effects_fit_their_cache_copies_in_the_memory_bound(monkeypatch
     monkeypatch.setattr(indirect, "KV_BYTES_PER_FORWARD", 100)
     assert indirect.batch_sizes(60, 3) == (1, 1)
     assert indirect.batch_sizes(40, 3) == (2, 2)
+    rows_fed: list[int] = []
+
+    def counted(model, input_ids, *args, **kwargs):
+        rows_fed.append(input_ids.shape[0])
+        return base_module.last_hidden(model, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(indirect, "last_hidden", counted)
     torch.testing.assert_close(head_indirect_effects(lm.model, ids, [7, 3, 11], means), want, rtol=0, atol=1e-6)
+    assert rows_fed and max(rows_fed) == 1
+
+
+def test_indirect_effects_refuse_mismatched_answers_and_one_token_prompts():
+    lm = tiny("llama")
+    ids = [p.ids for p in prompts(lm.tokenizer)]
+    means = mean_head_outputs(lm.model, ids[:2])
+    with pytest.raises(ValueError, match="answers"):
+        head_indirect_effects(lm.model, ids, [7, 3], means)
+    with pytest.raises(ValueError, match="a token before its last"):
+        head_indirect_effects(lm.model, [ids[0], ids[0][:1]], [7, 3], means)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt_neo"])
@@ -406,17 +425,19 @@ def test_a_vector_unit_takes_the_icl_baseline_from_the_masking_unit_of_its_worke
 
 
 def test_the_vector_and_lens_units_of_a_worker_read_the_icl_prompts_once(data_dir):
-    """Task vector, function vector, lens: one worker reads the ICL prompts once, the later units take the
+    """Task vector, function vector, lens over two cells (seeds), each method over both cells before the
+    next, as an atlas runs them: one worker reads each cell's ICL prompts once, the later units take the
     readings kept, and each unit stores what a fresh worker stores (readings, decoded rows, scores)."""
-    settings = dict(model="tiny:llama", pairs=["fra-eng"], seeds=[0], ks=[2], n_test=3, max_new_tokens=4)
+    settings = dict(model="tiny:llama", pairs=["fra-eng"], seeds=[0, 1], ks=[2], n_test=3, max_new_tokens=4)
     methods = ["task-vector", "function-vector", "logit-lens"]
     configs = [SweepConfig(method=m, data_dir=str(data_dir), **settings) for m in methods]
     worker = tiny_worker(configs[0], fast_engine=True, max_new_tokens=4)
-    n_layers = worker.loaded.info.num_layers
-    units = [plan_units(config, n_layers, num_heads=worker.loaded.info.num_heads)[0] for config in configs]
-    together = [worker.compute(unit) for unit in units]
-    assert worker.readings.reused == 2
-    for config, unit, result in zip(configs, units, together, strict=True):
+    n_layers, n_heads = worker.loaded.info.num_layers, worker.loaded.info.num_heads
+    units = [(config, unit) for config in configs for unit in plan_units(config, n_layers, num_heads=n_heads)]
+    assert len(units) == 6
+    together = [worker.compute(unit) for _, unit in units]
+    assert worker.readings.reused == 4
+    for (config, unit), result in zip(units, together, strict=True):
         fresh_worker = tiny_worker(config, fast_engine=True, max_new_tokens=4)
         fresh = fresh_worker.compute(unit)
         assert fresh_worker.readings.reused == 0
@@ -433,10 +454,14 @@ def test_unmasked_readings_are_kept_for_the_same_prompts_only_and_equal_each_rea
     ids, starts = [p.ids for p in ps], [p.query_start() for p in ps]
     kept = UnmaskedReadings()
     first = kept.read(lm.model, ids, starts)
-    assert kept.read(lm.model, ids, starts) is first and kept.reused == 1
-    assert kept.read(lm.model, ids, [0] * len(ids)) is not first  # the same tokens, another shared context
+    assert kept.read(lm.model, ids, starts).hidden is first.hidden and kept.reused == 1  # not read again
+    assert kept.read(lm.model, ids, [0] * len(ids)).hidden is not first.hidden  # another shared context
     other = kept.read(lm.model, ids[:2], starts[:2])
     assert other.final is not None and len(other.final) == 2 and kept.reused == 1
+    assert kept.read(lm.model, ids, starts).hidden.equal(first.hidden) and kept.reused == 2  # still kept
+    kept.KEPT_BYTES = first.nbytes()  # room for one: the least recently used goes
+    kept.read(lm.model, ids[1:], starts[1:])
+    assert len(kept.kept) == 1 and kept.read(lm.model, ids[1:], starts[1:]) is not None and kept.reused == 3
     n = lm.info.num_layers
     exact = dict(rtol=0, atol=0)
     torch.testing.assert_close(first.hidden, last_position_states(lm.model, ids, range(n), starts), **exact)

@@ -233,8 +233,11 @@ def repeated_cache(kv: list[tuple[torch.Tensor, torch.Tensor]], rows: int) -> Dy
     return cache
 
 
-def shared_length(prefixes: Sequence[Sequence[int]]) -> int:
-    """How many first tokens all of ``prefixes`` have in common, leaving each at least one of its own."""
+def common_start(prefixes: Sequence[Sequence[int]]) -> int:
+    """How many first tokens every one of ``prefixes`` begins with, leaving each at least one of its own:
+    what ``caches_together`` runs once (none for a single prefix, which runs whole)."""
+    if len(prefixes) < 2:
+        return 0
     shortest = min(len(p) for p in prefixes)
     for n in range(shortest - 1):
         if any(p[n] != prefixes[0][n] for p in prefixes):
@@ -247,13 +250,13 @@ def caches_together(
     model: nn.Module, prefixes: Sequence[Sequence[int]], pad_id: int = 0
 ) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
     """Per prefix, per layer (keys, values) [1, kv heads, len(prefix), head_dim]: what a forward of the prefix
-    alone caches, computed for all of them at once. The tokens they all begin with (``shared_length``: e.g.
+    alone caches, computed for all of them at once. The tokens they all begin with (``common_start``: e.g.
     BOS and instructions) run once; the rest right-padded in one forward (padding after a prefix changes
     none of its keys and values: causal attention, positions from the mask). Copies, not views: a cache
     kept for later must not keep the whole forward's alive."""
     device = next(model.parameters()).device
     width = max(len(p) for p in prefixes)
-    shared = shared_length(prefixes) if len(prefixes) > 1 else 0
+    shared = common_start(prefixes)
     ids = torch.full((len(prefixes), width), pad_id, dtype=torch.long)  # [rows, width]
     mask = torch.zeros(len(prefixes), width, dtype=torch.long)  # [rows, width]: 1 on each prefix's tokens
     for b, prefix in enumerate(prefixes):

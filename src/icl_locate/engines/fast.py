@@ -46,10 +46,10 @@ from .base import (
     ResultKey,
     StopRule,
     caches_together,
+    common_start,
     eos_ids,
     head_timer,
     last_hidden,
-    shared_length,
 )
 from .decoding import decode_batch
 from .head import CertifiedHead
@@ -210,7 +210,7 @@ class FastEngine:
         started = time.perf_counter()
         made = caches_together(self.model, prefixes, self.tokenizer.pad_token_id or 0)
         self.times["prefix"] += time.perf_counter() - started
-        shared = shared_length(prefixes) if len(prefixes) > 1 else 0
+        shared = common_start(prefixes)
         self.stats["prefix_forwards"] += 1 + bool(shared)
         fed = shared + sum(len(p) - shared for p in prefixes)
         self.stats["prefix_tokens"] += fed

@@ -3,30 +3,31 @@ probability when one head's output at the last position is replaced by its mean 
 
 A patch at the last position changes nothing before it, so all of a prompt but its last token runs
 once (``base.caches_together``: several prompts in one forward, what they all begin with once); then
-one row per head and one unpatched row run its last token on that cache. The prompts run together,
-``PROMPTS_PER_BATCH`` at a time: their caches left-padded into one batch (padding only on the far left
-keeps column distances equal to position distances; positions come from the mask), so a forward
+one row per head and one unpatched row run its last token on that cache. The prompts run together, at
+most ``PROMPTS_PER_BATCH`` at a time: their caches left-padded into one batch (padding only on the far
+left keeps column distances equal to position distances; positions come from the mask), so a forward
 multiplies the rows of many prompts at once. A row patched at layer l computes every layer below l
 exactly as the unpatched row does, so the rows run in bands of consecutive patch layers
 (``head_patch_bands``), each from its lowest layer up on the unpatched row's input there
-(``core.surgery``). The LM head reads the final states of several prompts at once (``readout.answer_probabilities``).
+(``core.surgery``). The LM head reads the final states of several forwards at once
+(``readout.answer_probabilities``); only the probabilities are kept.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import DynamicCache
 
-from ..core.costs import kv_bytes
+from ..core.costs import shape_of_config
 from ..core.patch_hooks import record
 from ..core.patches import ReplaceHeadOutput
 from ..core.surgery import feed_input, output_kind, skip_layers_below
 from .base import caches_together, last_hidden
-from .readout import answer_probabilities
+from .readout import LENS_ROWS, answer_probabilities
 
 ROWS_PER_FORWARD = 128  # rows (a prompt's head patches, of several prompts) run in one forward at most
 KV_BYTES_PER_FORWARD = 1 << 30  # and at most this much of their caches' copies (a large model: fewer rows)
@@ -52,24 +53,44 @@ def head_indirect_effects(
     """[prompts, layers, heads]: on each (corrupted) prompt, the probability of its answer token at the
     last position with head (l, h)'s output there replaced by ``means[l, h]``, minus the probability
     without (the module docstring says how it runs)."""
+    if len(answers) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
+    if any(len(ids) < 2 for ids in prompts):
+        raise ValueError("a prompt needs a token before its last (the cache the patched rows run on)")
     n_layers, n_heads = means.shape[:2]
     sites = head_sites(n_layers, n_heads)
-    if not prompts:
-        return torch.zeros(0, n_layers, n_heads)
-    first_kv = caches_together(model, [prompts[0][:-1]])[0]  # its size per token bounds the batches
-    row_bytes = kv_bytes(first_kv) // max(1, len(prompts[0]) - 1) * max(len(p) for p in prompts)
-    together, size = batch_sizes(row_bytes, len(prompts))
-    probs: list[torch.Tensor] = []
+    probs = torch.zeros(len(prompts), len(sites))  # [prompts, sites]
+    parameter = next(model.parameters())
+    per_token = shape_of_config(model.config).kv_bytes_per_token(parameter.element_size())
+    together, size = batch_sizes(per_token * max((len(ids) for ids in prompts), default=1), len(prompts))
     for first in range(0, len(prompts), together):
-        batch = range(first, min(first + together, len(prompts)))
-        rest = [prompts[i][:-1] for i in batch if i]
-        kvs = ([first_kv] if first == 0 else []) + (caches_together(model, rest) if rest else [])
-        states = _patched_last_token_states(
-            model, [prompts[i][-1] for i in batch], left_padded(kvs), sites, means, size
-        )
-        probs.append(answer_probabilities(model, states.flatten(0, 1), [answers[i] for i in batch for _ in sites]))
-    per_site = torch.cat(probs).view(len(prompts), len(sites))
-    return (per_site[:, 1:] - per_site[:, :1]).reshape(len(prompts), n_layers, n_heads)
+        batch = list(range(first, min(first + together, len(prompts))))
+        padded = left_padded(caches_together(model, [prompts[i][:-1] for i in batch]))
+        last_tokens = [prompts[i][-1] for i in batch]
+        pending: list[tuple[list[tuple[int, int]], torch.Tensor]] = []  # final states not yet read by the head
+        for rows, states in _patched_last_token_states(model, last_tokens, padded, sites, means, size):
+            pending.append(([(batch[p], s) for p, s in rows], states))
+            if sum(len(r) for r, _ in pending) >= LENS_ROWS:
+                _read_answers(model, pending, answers, probs)
+        _read_answers(model, pending, answers, probs)
+    return (probs[:, 1:] - probs[:, :1]).reshape(len(prompts), n_layers, n_heads)
+
+
+def _read_answers(
+    model: nn.Module,
+    pending: list[tuple[list[tuple[int, int]], torch.Tensor]],
+    answers: Sequence[int],
+    into: torch.Tensor,
+) -> None:
+    """Each pending row's (prompt p, site s) answer probability into ``into[p, s]``; ``pending`` emptied."""
+    if not pending:
+        return
+    rows = [row for part, _ in pending for row in part]
+    states = torch.cat([states for _, states in pending])
+    into[[p for p, _ in rows], [s for _, s in rows]] = answer_probabilities(
+        model, states, [answers[p] for p, _ in rows]
+    )
+    pending.clear()
 
 
 def batch_sizes(row_bytes: int, prompts: int) -> tuple[int, int]:
@@ -121,10 +142,10 @@ def _patched_last_token_states(
     sites: Sequence[Site],
     means: torch.Tensor,
     size: int,
-) -> torch.Tensor:
-    """[prompts, len(sites), hidden]: the final hidden states (after the final norm) of each prompt's last
-    token on its cached rest (``padded``: ``left_padded``), one row per site: head (l, h)'s output set to
-    ``means[l, h]`` (None: nothing patched); ``size`` rows a forward (at least one per prompt).
+) -> Iterator[tuple[list[tuple[int, int]], torch.Tensor]]:
+    """Per forward, its rows (prompt p, site s) and their final hidden states (after the final norm,
+    [rows, hidden]): each prompt's last token on its cached rest (``padded``: ``left_padded``), head (l, h)'s
+    output set to ``means[l, h]`` where site s is (l, h) (None: nothing patched); ``size`` rows a forward.
 
     The sites run in bands (``head_patch_bands``), each over every prompt. The first band, whose first
     rows are the unpatched ones, runs from the bottom and reads the unpatched rows' input at each other
@@ -132,8 +153,9 @@ def _patched_last_token_states(
     are not needed, as only the final states are read)."""
     kv, mask = padded
     n_prompts, column = len(last_tokens), mask.shape[1]  # the last token's column, past the padded caches
+    if size < n_prompts:
+        raise ValueError(f"{size} rows a forward cannot hold the {n_prompts} unpatched rows")
     bands = head_patch_bands(sites, n_prompts)
-    out: torch.Tensor | None = None
     inputs: dict[int, torch.Tensor] = {}  # the unpatched rows' input of each band's lowest layer, [prompts, d]
     kind = output_kind(model)
     for n, (first_layer, members) in enumerate(bands):
@@ -154,11 +176,7 @@ def _patched_last_token_states(
                     skip_layers_below(model, first_layer, kind.returns_tuple),
                 ):
                     states = _last_token_states(model, last_tokens, padded, sites, means, part, first_layer)
-            out = states.new_empty(n_prompts, len(sites), states.shape[-1]) if out is None else out
-            for (p, s), state in zip(part, states, strict=True):
-                out[p, s] = state
-    assert out is not None
-    return out
+            yield part, states
 
 
 def _last_token_states(

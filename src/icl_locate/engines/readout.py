@@ -64,6 +64,14 @@ class LastPositions:
         assert self.heads is not None, "head outputs not read"
         return self.heads.float().mean(0)
 
+    def to(self, device: torch.device | str) -> LastPositions:
+        """The same readings on ``device`` (these very tensors where they are there already)."""
+        move = lambda t: t.to(device) if t is not None else None  # noqa: E731
+        return LastPositions(move(self.hidden), move(self.heads), move(self.final))
+
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in (self.hidden, self.heads, self.final) if t is not None)
+
     def lens(self) -> torch.Tensor:
         """[prompts, len(layers) + 1, hidden]: the layers' inputs read, then the last layer's output (read with
         every layer: the residual stream the logit lens reads)."""

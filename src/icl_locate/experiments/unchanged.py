@@ -15,6 +15,7 @@ there, the lens unit both and the last layer's output, all from one forward of t
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Collection, Sequence
 
 from torch import nn
@@ -62,16 +63,23 @@ class UnchangedGenerations:
 
 
 class UnmaskedReadings:
-    """``readout.read_everything`` of the last prompts read, by (prompts, where their queries start)."""
+    """``readout.read_everything`` of ICL prompts by (prompts, where their queries start): kept on the CPU, the
+    least recently used dropped first past ``KEPT_BYTES`` (an atlas runs each method over all its cells
+    before the next method), and handed back on the model's device."""
+
+    KEPT_BYTES = 1 << 30
 
     def __init__(self):
-        self.kept: tuple[tuple, LastPositions] | None = None  # the latest only: one unit's prompts at a time
+        self.kept: OrderedDict[tuple, LastPositions] = OrderedDict()
         self.reused = 0  # times taken from here instead of read
 
     def read(self, model: nn.Module, prompts: Sequence[Sequence[int]], starts: Sequence[int]) -> LastPositions:
         key = (tuple(tuple(ids) for ids in prompts), tuple(starts))
-        if self.kept is not None and self.kept[0] == key:
+        if key in self.kept:
             self.reused += 1
+            self.kept.move_to_end(key)
         else:
-            self.kept = (key, read_everything(model, prompts, starts))
-        return self.kept[1]
+            self.kept[key] = read_everything(model, prompts, starts).to("cpu")
+            while len(self.kept) > 1 and sum(r.nbytes() for r in self.kept.values()) > self.KEPT_BYTES:
+                self.kept.popitem(last=False)
+        return self.kept[key].to(next(model.parameters()).device)
