@@ -63,16 +63,15 @@ def head_indirect_effects(
     parameter = next(model.parameters())
     per_token = shape_of_config(model.config).kv_bytes_per_token(parameter.element_size())
     together, size = batch_sizes(per_token * max((len(ids) for ids in prompts), default=1), len(prompts))
+    pending: list[tuple[list[tuple[int, int]], torch.Tensor]] = []  # final states not yet read by the head
     for first in range(0, len(prompts), together):
         batch = list(range(first, min(first + together, len(prompts))))
         padded = left_padded(caches_together(model, [prompts[i][:-1] for i in batch]))
         last_tokens = [prompts[i][-1] for i in batch]
-        pending: list[tuple[list[tuple[int, int]], torch.Tensor]] = []  # final states not yet read by the head
         for rows, states in _patched_last_token_states(model, last_tokens, padded, sites, means, size):
             pending.append(([(batch[p], s) for p, s in rows], states))
-            if sum(len(r) for r, _ in pending) >= LENS_ROWS:
-                _read_answers(model, pending, answers, probs)
-        _read_answers(model, pending, answers, probs)
+            _read_answers(model, pending, answers, probs)
+    _read_answers(model, pending, answers, probs, last=True)
     return (probs[:, 1:] - probs[:, :1]).reshape(len(prompts), n_layers, n_heads)
 
 
@@ -81,16 +80,19 @@ def _read_answers(
     pending: list[tuple[list[tuple[int, int]], torch.Tensor]],
     answers: Sequence[int],
     into: torch.Tensor,
+    last: bool = False,
 ) -> None:
-    """Each pending row's (prompt p, site s) answer probability into ``into[p, s]``; ``pending`` emptied."""
-    if not pending:
-        return
+    """Pending rows' (prompt p, site s) answer probabilities into ``into[p, s]``, in whole blocks of
+    ``LENS_ROWS`` (a product of a few rows costs about as much per row as one of many: more passes over
+    the vocabulary's weights), the rest left pending; with ``last`` every row."""
     rows = [row for part, _ in pending for row in part]
-    states = torch.cat([states for _, states in pending])
-    into[[p for p, _ in rows], [s for _, s in rows]] = answer_probabilities(
-        model, states, [answers[p] for p, _ in rows]
-    )
-    pending.clear()
+    take = len(rows) if last else len(rows) - len(rows) % LENS_ROWS
+    if not take:
+        return
+    states = torch.cat([states for _, states in pending])  # [rows, hidden]
+    read = answer_probabilities(model, states[:take], [answers[p] for p, _ in rows[:take]])  # [take]
+    into[[p for p, _ in rows[:take]], [s for _, s in rows[:take]]] = read
+    pending[:] = [(rows[take:], states[take:])] if take < len(rows) else []
 
 
 def batch_sizes(row_bytes: int, prompts: int) -> tuple[int, int]:
