@@ -16,7 +16,6 @@ exactly as the unpatched row does, so the rows run in bands of consecutive patch
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any
 
 import torch
 from torch import nn
@@ -27,6 +26,7 @@ from ..core.patch_hooks import record
 from ..core.patches import ReplaceHeadOutput
 from ..core.surgery import feed_input, output_kind, skip_layers_below
 from .base import caches_together, last_hidden
+from .decoding import PreallocatedLayer, right_aligned
 from .readout import LENS_ROWS, answer_probabilities
 
 ROWS_PER_FORWARD = 128  # rows (a prompt's head patches, of several prompts) run in one forward at most
@@ -121,18 +121,17 @@ def head_patch_bands(sites: Sequence[Site], copies: int = 1) -> list[tuple[int, 
 
 
 def left_padded(kvs: Sequence[KV]) -> tuple[KV, torch.Tensor]:
-    """Prompts' caches (per layer [1, kv heads, length, head_dim] each) in one batch, left-padded with zeros
-    to the longest, and the batch's attention mask ([prompts, columns]: 0 on each prompt's padding)."""
-    width = max(kv[0][0].shape[2] for kv in kvs)
+    """Prompts' caches (per layer [1, kv heads, length, head_dim] each) in one batch, right-aligned
+    (``decoding.right_aligned``: zeros on the left) in buffers one column wider than the longest, room for
+    the last token; and the batch's attention mask over the cached columns ([prompts, width]: 0 on padding)."""
+    lengths = [kv[0][0].shape[2] for kv in kvs]
+    width = max(lengths)
     mask = torch.zeros(len(kvs), width, dtype=torch.long, device=kvs[0][0][0].device)
-    for b, kv in enumerate(kvs):
-        mask[b, width - kv[0][0].shape[2] :] = 1
+    for b, length in enumerate(lengths):
+        mask[b, width - length :] = 1
     layers = []
     for parts in zip(*kvs, strict=True):  # one layer's (keys, values) of every prompt
-        keys, values = (
-            torch.cat([nn.functional.pad(t, (0, 0, width - t.shape[2], 0)) for t in tensors])
-            for tensors in zip(*parts, strict=True)
-        )
+        keys, values = (right_aligned(list(tensors), lengths, width, width + 1) for tensors in zip(*parts, strict=True))
         layers.append((keys, values))
     return layers, mask
 
@@ -198,13 +197,12 @@ def _last_token_states(
     column = mask.shape[1]
     which = torch.tensor([p for p, _ in rows], device=mask.device)
     cache = DynamicCache()
-    for index, (keys, values) in enumerate(kv):
-        cache.update(keys[:1, :, :0], values[:1, :, :0], index)  # the layer, empty
-        layer: Any = cache.layers[index]
-        if index >= first_layer:  # the rows' own copies: the forward appends the new token's to them
-            layer.keys, layer.values = keys.index_select(0, which), values.index_select(0, which)
-        else:
-            layer.keys, layer.values = (t[:1].expand(len(rows), -1, -1, -1) for t in (keys, values))
+    cache.layers = [  # pyright: ignore[reportAttributeAccessIssue]
+        PreallocatedLayer(keys.index_select(0, which), values.index_select(0, which), column)  # the rows' copies
+        if index >= first_layer
+        else PreallocatedLayer(keys[:1].expand(len(rows), -1, -1, -1), values[:1].expand(len(rows), -1, -1, -1), column)
+        for index, (keys, values) in enumerate(kv)
+    ]
     patches = [
         ReplaceHeadOutput(site[0], site[1], column, means[site].to(parameter.dtype), row=r)
         for r, site in enumerate(sites[s] for _, s in rows)
