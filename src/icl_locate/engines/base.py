@@ -222,7 +222,7 @@ def last_hidden(
     return out.last_hidden_state[:, -positions:]
 
 
-def repeated_cache(kv: list[tuple[torch.Tensor, torch.Tensor]], rows: int) -> DynamicCache:
+def _repeated_cache(kv: list[tuple[torch.Tensor, torch.Tensor]], rows: int) -> DynamicCache:
     """A cache holding ``rows`` copies of one prompt's keys/values (per layer [1, heads, T, dim]): views, not
     copies; the next forward's cache update writes them out once, with the new tokens."""
     cache = DynamicCache()
@@ -246,29 +246,42 @@ def common_start(prefixes: Sequence[Sequence[int]]) -> int:
 
 
 @torch.no_grad()
+def forward_sharing_start(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    shared: int,
+    pad_id: int = 0,
+    interventions: Sequence[BatchIntervention | None] = (),
+    shared_interventions: Sequence[BatchIntervention | None] = (),
+) -> DynamicCache:
+    """The decoder body over ``prompts``, whose first ``shared`` tokens are the same: those once (under
+    ``shared_interventions``, one row), then every prompt's rest right-padded in one forward (under
+    ``interventions``, a row each). Padding after a prompt changes none of its states, keys or values
+    (causal attention, positions from the mask). Returns the cache of every column."""
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)  # [rows, width]
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)  # [rows, width]: 1 on each prompt's tokens
+    for b, prompt in enumerate(prompts):
+        ids[b, : len(prompt)] = torch.tensor(list(prompt))
+        mask[b, : len(prompt)] = 1
+    cache = DynamicCache()
+    if shared:
+        last_hidden(model, ids[:1, :shared].to(device), cache=cache, interventions=shared_interventions)
+        layers: list[Any] = cache.layers  # filled by the forward: keys and values set on every layer
+        cache = _repeated_cache([(layer.keys, layer.values) for layer in layers], len(prompts))
+    last_hidden(model, ids[:, shared:].to(device), mask.to(device), cache, interventions)
+    return cache
+
+
 def caches_together(
     model: nn.Module, prefixes: Sequence[Sequence[int]], pad_id: int = 0
 ) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
     """Per prefix, per layer (keys, values) [1, kv heads, len(prefix), head_dim]: what a forward of the prefix
-    alone caches, computed for all of them at once. The tokens they all begin with (``common_start``: e.g.
-    BOS and instructions) run once; the rest right-padded in one forward (padding after a prefix changes
-    none of its keys and values: causal attention, positions from the mask). Copies, not views: a cache
-    kept for later must not keep the whole forward's alive."""
-    device = next(model.parameters()).device
-    width = max(len(p) for p in prefixes)
-    shared = common_start(prefixes)
-    ids = torch.full((len(prefixes), width), pad_id, dtype=torch.long)  # [rows, width]
-    mask = torch.zeros(len(prefixes), width, dtype=torch.long)  # [rows, width]: 1 on each prefix's tokens
-    for b, prefix in enumerate(prefixes):
-        ids[b, : len(prefix)] = torch.tensor(list(prefix))
-        mask[b, : len(prefix)] = 1
-    cache = DynamicCache()
-    if shared:
-        last_hidden(model, ids[:1, :shared].to(device), cache=cache)
-        layers: list[Any] = cache.layers  # filled by the forward: keys and values set on every layer
-        cache = repeated_cache([(layer.keys, layer.values) for layer in layers], len(prefixes))
-    last_hidden(model, ids[:, shared:].to(device), attention_mask=mask.to(device), cache=cache)
-    layers = cache.layers
+    alone caches, computed for all of them at once (``forward_sharing_start``: the tokens they all begin
+    with, ``common_start``, e.g. BOS and instructions, once). Copies, not views: a cache kept for later
+    must not keep the whole forward's alive."""
+    layers: list[Any] = forward_sharing_start(model, prefixes, common_start(prefixes), pad_id).layers
     return [
         [(layer.keys[b : b + 1, :, : len(p)].clone(), layer.values[b : b + 1, :, : len(p)].clone()) for layer in layers]
         for b, p in enumerate(prefixes)

@@ -28,6 +28,7 @@ from ..core.surgery import feed_input, output_kind, skip_layers_below
 from .base import caches_together, last_hidden
 from .decoding import PreallocatedLayer, right_aligned
 from .readout import LENS_ROWS, answer_probabilities
+from .rows import left_padding_mask
 
 ROWS_PER_FORWARD = 128  # rows (a prompt's head patches, of several prompts) run in one forward at most
 KV_BYTES_PER_FORWARD = 1 << 30  # and at most this much of their caches' copies (a large model: fewer rows)
@@ -126,9 +127,7 @@ def left_padded(kvs: Sequence[KV]) -> tuple[KV, torch.Tensor]:
     the last token; and the batch's attention mask over the cached columns ([prompts, width]: 0 on padding)."""
     lengths = [kv[0][0].shape[2] for kv in kvs]
     width = max(lengths)
-    mask = torch.zeros(len(kvs), width, dtype=torch.long, device=kvs[0][0][0].device)
-    for b, length in enumerate(lengths):
-        mask[b, width - length :] = 1
+    mask = left_padding_mask([width - length for length in lengths], width).to(kvs[0][0][0].device)
     layers = []
     for parts in zip(*kvs, strict=True):  # one layer's (keys, values) of every prompt
         keys, values = (right_aligned(list(tensors), lengths, width, width + 1) for tensors in zip(*parts, strict=True))

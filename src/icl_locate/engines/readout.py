@@ -19,36 +19,25 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
-from transformers import DynamicCache
 
 from ..core.interventions import ColumnMask
 from ..core.patch_hooks import record
 from ..core.patches import head_layout
 from ..core.structure import attention_module, decoder_layers, final_norm, num_layers, output_projection, text_config
 from ..util.errors import UserError
-from .base import last_hidden, logits_probe, repeated_cache
+from .base import forward_sharing_start, logits_probe
 
 LENS_ROWS = 256  # states read by the LM head at once (each pass reads the whole vocabulary's weights)
 READ_BATCH = 32  # prompts read in one forward
-
-
-def _ids(model: nn.Module, ids: Sequence[int]) -> torch.Tensor:
-    return torch.tensor([list(ids)], device=next(model.parameters()).device)  # [1, T]
 
 
 def _shared_length(start: int, length: int) -> int:
     """How many first tokens of a prompt of ``length`` run as shared context: ``start``, leaving the prompt at
     least one token of its own."""
     return max(0, min(start, length - 1))
-
-
-def _layers_kv(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    layers: list[Any] = cache.layers  # filled by a forward: keys and values set on every layer
-    return [(layer.keys, layer.values) for layer in layers]
 
 
 @dataclass
@@ -118,7 +107,9 @@ def read_last_positions(
         hook = final_norm(model).register_forward_pre_hook(_keep_input(captured)) if final else None
         try:
             with record(model, hidden=hidden_sites, heads=head_sites) as seen:
-                _right_padded_forward(model, ids, start, rows_mask)
+                masks = [rows_mask] if rows_mask is not None else []
+                first = [rows_mask.select_rows([0])] if rows_mask is not None else []  # the shared context's row
+                forward_sharing_start(model, ids, start, interventions=masks, shared_interventions=first)
         finally:
             if hook is not None:
                 hook.remove()
@@ -141,24 +132,6 @@ def read_last_positions(
 def _keep_input(into: list[torch.Tensor]):
     """A forward pre-hook that keeps its module's input ([B, T, d]) in ``into``."""
     return lambda module, args: into.append(args[0])
-
-
-def _right_padded_forward(model: nn.Module, prompts: Sequence[Sequence[int]], start: int, mask: ColumnMask | None):
-    """The decoder body over ``prompts`` (sharing their first ``start`` tokens): those once, then every
-    prompt's own tokens right-padded."""
-    device = next(model.parameters()).device
-    cache = DynamicCache()
-    if start:
-        first = [mask.select_rows([0])] if mask is not None else []
-        last_hidden(model, _ids(model, prompts[0][:start]), cache=cache, interventions=first)
-        cache = repeated_cache(_layers_kv(cache), len(prompts))
-    width = max(len(ids) for ids in prompts)
-    fed = torch.zeros(len(prompts), width - start, dtype=torch.long, device=device)  # [rows, own tokens]
-    attention = torch.zeros(len(prompts), width, dtype=torch.long, device=device)  # [rows, columns]
-    for b, ids in enumerate(prompts):
-        fed[b, : len(ids) - start] = torch.tensor(list(ids[start:]), device=device)
-        attention[b, : len(ids)] = 1
-    last_hidden(model, fed, attention, cache, [mask] if mask is not None else [])
 
 
 def last_position_states(
