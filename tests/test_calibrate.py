@@ -18,7 +18,7 @@ from icl_locate.core.conditions import get_condition
 from icl_locate.core.interventions import MaskFrom
 from icl_locate.core.models import load_model
 from icl_locate.engines import batch_rows, calibrate, fast, timing
-from icl_locate.engines.base import StopRule, forward
+from icl_locate.engines.base import StopRule, forward, last_hidden
 from icl_locate.engines.calibrate import Calibrator, build_engine
 from icl_locate.engines.choices import Choices
 from icl_locate.engines.fast import FastEngine
@@ -154,12 +154,12 @@ def test_the_faster_engine_is_chosen_and_the_fast_engine_takes_the_plain_head(tm
 )
 def test_forcing_flags_are_honoured_and_not_measured(tmp_path, monkeypatch, request_, measured_prefixes, expected):
     built: list[int] = []  # the steps' prefill: only where a check times steps
-    over = batch_rows.DecodingSteps.over
-    monkeypatch.setattr(batch_rows.DecodingSteps, "over", lambda *args: built.append(1) or over(*args))
+    states = calibrate.prompt_states
+    monkeypatch.setattr(calibrate, "prompt_states", lambda *args: built.append(1) or states(*args))
     timer = FakeTimer(head__plain=0.1, head__bf16=1.0, head__int8=1.0, engine__fast=2.0, engine__tree=1.0)
     choices = choose(tiny("llama"), tmp_path, timer, request_)
     assert {name.split("/")[0] for name in timer.calls} == measured_prefixes
-    assert bool(built) == bool(measured_prefixes & {"step", "batch"})
+    assert len(built) == int(bool(measured_prefixes & {"step", "batch"}))  # one prefill serves every check
     if expected is not None:
         assert (choices.engine, choices.head, choices.draft_tokens) == expected
     for name, value in (("engine", request_.engine), ("head", request_.head)):
@@ -240,6 +240,18 @@ def test_a_timed_decoding_step_decodes_the_prompts_next_tokens(family):
         steps.step(1, None, 4)
     with pytest.raises(ValueError):
         batch_rows.DecodingSteps.over(lm.model, ids[:3], 3, 6, 0.3)  # no cache left before the fed tokens
+
+
+def test_one_prefill_gives_the_steps_cache_and_the_head_sample():
+    lm = tiny("llama")
+    ids = [1, 5, 9, 13, 17, 21, 3]
+    kv, hidden = batch_rows.prompt_states(lm.model, ids, 4, 2)
+    alone = batch_rows.prompt_cache(lm.model, ids[:4])
+    for (keys, values), (keys_alone, values_alone) in zip(kv, alone, strict=True):
+        assert keys.shape == keys_alone.shape == values.shape
+        assert torch.allclose(keys, keys_alone, atol=1e-6) and torch.allclose(values, values_alone, atol=1e-6)
+    assert hidden.shape == (2, lm.model.config.hidden_size)
+    assert torch.allclose(hidden, last_hidden(lm.model, torch.tensor([ids]), positions=2)[0], atol=1e-6)
 
 
 def test_the_rule_bounds_rows_tokens_and_memory_and_scales():

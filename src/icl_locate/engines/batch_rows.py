@@ -48,10 +48,19 @@ DOUBLING_COST_LIMIT = 1.25
 
 def prompt_cache(model, ids: list[int]) -> KV:
     """One row's keys and values over ``ids``, per layer ([1, kv heads, len(ids), head dim] each)."""
+    return prompt_states(model, ids, len(ids), 1)[0]
+
+
+def prompt_states(model, ids: list[int], cached: int, positions: int) -> tuple[KV, torch.Tensor]:
+    """One forward over ``ids``: one row's keys and values over its first ``cached`` tokens, per layer
+    ([1, kv heads, cached, head dim] each; causal attention: the later tokens change none of them), and
+    the final hidden states at its last ``positions`` positions [positions, hidden]."""
     cache = DynamicCache()
-    last_hidden(model, torch.tensor([ids], device=next(model.parameters()).device), cache=cache)
+    hidden = last_hidden(
+        model, torch.tensor([ids], device=next(model.parameters()).device), cache=cache, positions=positions
+    )
     layers: list = cache.layers
-    return [(layer.keys, layer.values) for layer in layers]
+    return [(layer.keys[:, :, :cached], layer.values[:, :, :cached]) for layer in layers], hidden[0]
 
 
 class DecodingSteps:

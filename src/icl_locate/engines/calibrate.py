@@ -53,8 +53,8 @@ from ..core.checkpoints import cache_dir
 from ..core.conditions import MaskedPrompt
 from ..util.errors import UserError
 from ..util.system import hardware
-from .base import Engine, StopRule, last_hidden
-from .batch_rows import DecodingSteps, choose_batch_scale
+from .base import Engine, StopRule, last_hidden, logits_probe
+from .batch_rows import DecodingSteps, choose_batch_scale, prompt_states
 from .calibration_cache import CalibrationCache, digest, length_bucket, refusal_covers, valid_head_verdict
 from .choices import Choices
 from .fast import KV_MEMORY_FRACTION, FastEngine
@@ -92,6 +92,12 @@ def screen_agrees(screen: CertifiedHead, hidden: torch.Tensor, plain: torch.Tens
     """Whether the screen's greedy tokens are the plain head's on ``hidden`` (a self-check on real states);
     ``plain``: the plain head's tokens there, where computed already."""
     return torch.equal(screen.argmax(hidden), screen.full_logits(hidden).argmax(-1) if plain is None else plain)
+
+
+def _sample_rows(hidden: torch.Tensor) -> torch.Tensor:
+    """``HEAD_SAMPLE_ROWS`` rows of a prompt's last final states [positions, d] (repeated where it has fewer)."""
+    reps = -(-HEAD_SAMPLE_ROWS // hidden.shape[0])
+    return hidden.repeat(reps, 1)[:HEAD_SAMPLE_ROWS].contiguous()
 
 
 def _ratio(slow: float, fast: float) -> str:
@@ -213,7 +219,7 @@ class Calibrator:
         reasons: dict[str, str] = {}
         measured: dict[str, float] = {}
         work_rows = len(prompts) * len(interventions)
-        steps = self._steps(prompts[0].ids, stop)
+        steps = self._steps(prompts[0], stop)
         try:
             engine = self.request.engine
             head = "plain" if engine == "fast" else self._choose_head(prompts[0], reasons, measured, model_id)[0]
@@ -240,14 +246,17 @@ class Calibrator:
             engine, head, drafts, self.request.batch_size, reasons, measured, hardware(self.device), batch_scale=scale
         )
 
-    def _steps(self, ids: list[int], stop: StopRule) -> DecodingSteps | None:
+    def _steps(self, prompt: MaskedPrompt, stop: StopRule) -> DecodingSteps | None:
         """Steps over the first prompt's cache, fed its last tokens (as many as the longest draft verifies);
-        None where no check will time them (forced) or the prompt leaves no cache."""
-        request = self.request
+        None where no check will time them (forced) or the prompt leaves no cache. The forward that makes
+        the cache also gives the head's sample (``_sample_hidden``): one prefill of the prompt, not two."""
+        request, ids = self.request, prompt.ids
         if len(ids) < 2 or (request.batch_size and (request.engine == "fast" or request.draft_tokens is not None)):
             return None
         fed = min(1 + max(DRAFT_LENGTHS), len(ids) - 1)
-        return DecodingSteps.over(self.model, ids, fed, stop.max_new_tokens, KV_MEMORY_FRACTION)
+        kv, hidden = prompt_states(self.model, ids, len(ids) - fed, min(len(ids), HEAD_SAMPLE_ROWS))
+        self._sample = (prompt, _sample_rows(hidden))
+        return DecodingSteps(self.model, kv, ids[-fed:], stop.max_new_tokens, KV_MEMORY_FRACTION)
 
     def _choose_batch(
         self,
@@ -274,9 +283,7 @@ class Calibrator:
         if self._sample is not None and self._sample[0] is prompt:
             return self._sample[1]
         ids = torch.tensor([prompt.ids], device=self.device)
-        hidden = last_hidden(self.model, ids, positions=min(len(prompt.ids), HEAD_SAMPLE_ROWS))[0]
-        reps = -(-HEAD_SAMPLE_ROWS // hidden.shape[0])
-        sample = hidden.repeat(reps, 1)[:HEAD_SAMPLE_ROWS].contiguous()
+        sample = _sample_rows(last_hidden(self.model, ids, positions=min(len(prompt.ids), HEAD_SAMPLE_ROWS))[0])
         self._sample = (prompt, sample)
         return sample
 
@@ -328,8 +335,9 @@ class Calibrator:
         refused: list[str] = []
         shared = True
         plain_tokens = None  # the plain head's tokens on the sample: computed once for every screen's check
+        probe = logits_probe(self.model)  # the model's logits formula, checked by every screen's build
         for kind in [wanted] if wanted in SCREENS else list(SCREENS):
-            screen, why_not = build_screen(self.model, kind)
+            screen, why_not = build_screen(self.model, kind, probe)
             if screen is not None and plain_tokens is None:
                 plain_tokens = screen.full_logits(hidden).argmax(-1)
             if screen is not None and not screen_agrees(screen, hidden, plain_tokens):

@@ -250,6 +250,7 @@ class Bf16ScreenedHead(CertifiedHead):
 
 OUTLIER_CHANNELS = 64  # hidden channels kept in fp32 (at most a quarter of them): the int8 scale ignores them
 CHUNK_TOKENS = 8192  # vocabulary rows per int8 product: each chunk's results stay in cache while rescaled
+QUANTISE_TOKENS = 1024  # vocabulary rows quantised at a time: a block's dozen passes stay in a core's cache
 
 
 class Int8ScreenedHead(CertifiedHead):
@@ -305,7 +306,7 @@ class Int8ScreenedHead(CertifiedHead):
 
     def _quantise(self) -> None:
         """W split into fp32 outlier columns and int8 rows, with each token's norms for the bound (in
-        blocks of CHUNK_TOKENS tokens, so that a large vocabulary costs no large temporaries)."""
+        blocks of QUANTISE_TOKENS tokens: no large temporaries, and each block's passes run in cache)."""
         assert self.outliers is not None
         weight = self.weight.detach()  # [V, d] fp32
         vocab, d = weight.shape
@@ -318,17 +319,19 @@ class Int8ScreenedHead(CertifiedHead):
         self.w_norm = torch.empty(vocab, device=weight.device)
         self.e_norm = torch.empty(vocab, device=weight.device)
         norm_rounding = 1 + (d + 2) * UNIT_FP32  # an fp32 norm of d terms is within this factor of the true one
-        for start in range(0, vocab, CHUNK_TOKENS):
-            block = weight[start : start + CHUNK_TOKENS].float()  # [C, d]
-            w_rest = block[:, rest]
-            scale = (w_rest.abs().amax(1, keepdim=True) / 127).clamp(min=torch.finfo(torch.float32).tiny)
-            q = torch.round(w_rest / scale).clamp(-127, 127)
-            residual = w_rest - scale * q  # e_v up to two roundings: |error_i| <= u (|w_i| + 2 |e_i|)
-            w_norm = block.norm(dim=1) * norm_rounding
-            self.w_int8[start : start + CHUNK_TOKENS] = q.to(torch.int8)
-            self.w_scale[start : start + CHUNK_TOKENS] = scale
-            self.w_norm[start : start + CHUNK_TOKENS] = w_norm
-            self.e_norm[start : start + CHUNK_TOKENS] = (
+        rest_columns = rest.nonzero().squeeze(1)  # [d - k]
+        for start in range(0, vocab, QUANTISE_TOKENS):
+            stop = start + QUANTISE_TOKENS
+            block = weight[start:stop].float()  # [C, d]
+            w_rest = block.index_select(1, rest_columns)  # [C, d - k], a copy: the residual is made in it
+            scale = (w_rest.abs().amax(1, keepdim=True) / 127).clamp_(min=torch.finfo(torch.float32).tiny)
+            q = torch.div(w_rest, scale).round_().clamp_(-127, 127)
+            residual = w_rest.sub_(scale * q)  # e_v up to two roundings: |error_i| <= u (|w_i| + 2 |e_i|)
+            w_norm = block.norm(dim=1).mul_(norm_rounding)
+            self.w_int8[start:stop] = q  # integers within +-127: exact in int8
+            self.w_scale[start:stop] = scale
+            self.w_norm[start:stop] = w_norm
+            self.e_norm[start:stop] = (
                 residual.norm(dim=1) * norm_rounding * (1 + 2 * UNIT_FP32) + UNIT_FP32 * w_norm
             ) * SAFETY
         self.w_norm_max, self.e_norm_max = float(self.w_norm.max()), float(self.e_norm.max())
@@ -406,10 +409,13 @@ def exact_int8_levels() -> int:
 
 
 @torch.no_grad()
-def screen_mismatch(model: nn.Module, head: CertifiedHead) -> str | None:
+def screen_mismatch(
+    model: nn.Module, head: CertifiedHead, probe: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> str | None:
     """Check on ``model`` itself that its logits are the screened head's full-precision logits of the
-    decoder's last hidden state (no extra scaling or bias the screen would miss); None: they are."""
-    logits, hidden = logits_probe(model)
+    decoder's last hidden state (no extra scaling or bias the screen would miss); None: they are.
+    ``probe``: ``logits_probe(model)`` where computed already (one serves every screen of a model)."""
+    logits, hidden = probe if probe is not None else logits_probe(model)
     ours = head.full_logits(hidden)
     if not torch.allclose(logits, ours, rtol=1e-4, atol=1e-4 * float(logits.abs().max())):
         return "its logits are not softcap(lm_head(last hidden state))"
@@ -430,12 +436,15 @@ def greedy_tokens(
 SCREENS: dict[str, type[CertifiedHead]] = {"bf16": Bf16ScreenedHead, "int8": Int8ScreenedHead}  # --head's screens
 
 
-def build_screen(model: nn.Module, kind: str) -> tuple[CertifiedHead | None, str | None]:
-    """The ``kind`` screen of ``model``'s head, or None and why it cannot be used on this model."""
+def build_screen(
+    model: nn.Module, kind: str, probe: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> tuple[CertifiedHead | None, str | None]:
+    """The ``kind`` screen of ``model``'s head, or None and why it cannot be used on this model
+    (``probe``: as ``screen_mismatch`` takes it)."""
     screen_class = SCREENS[kind]
     why_not = screen_class.unsupported_reason(model)
     if why_not is not None:
         return None, why_not
     screen = screen_class(model)
-    why_not = screen_mismatch(model, screen)
+    why_not = screen_mismatch(model, screen, probe)
     return (screen, None) if why_not is None else (None, why_not)
