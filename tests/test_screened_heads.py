@@ -36,9 +36,12 @@ def with_outlier_channels(hidden: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("softcap", [None, 30.0])
-def test_a_screen_is_the_argmax_of_the_full_logits(kind, softcap):
-    head = SCREENS[kind](head_model(softcap=softcap))
+@pytest.mark.parametrize(
+    "softcap, vocab",
+    [(None, 5000), (30.0, 5000), (None, 2 * head_module.CHUNK_TOKENS + 100)],  # the last: several int8 chunks
+)
+def test_a_screen_is_the_argmax_of_the_full_logits(kind, softcap, vocab):
+    head = SCREENS[kind](head_model(vocab=vocab, softcap=softcap))
     hidden = with_outlier_channels(torch.randn(300, 64) * torch.logspace(-1, 2, 300)[:, None])  # small to large
     logits = head.full_logits(hidden)
     expected = logits.argmax(-1)
@@ -201,3 +204,24 @@ def test_the_int8_levels_follow_what_this_machine_computes_exactly(monkeypatch):
         assert "not exact" in Int8ScreenedHead.unsupported_reason(head_model())
     finally:
         exact_int8_levels.cache_clear()
+
+
+@pytest.mark.parametrize("vocab", [4 * head_module.SCAN_TOKENS, 3 * head_module.SCAN_TOKENS + 452, 300])
+def test_the_block_scan_finds_what_a_scan_of_every_logit_finds(vocab):
+    """The bf16 screen's extremes and candidates, taken block by block, equal the whole rows' (ties at the
+    threshold kept, a short last block, rows with no candidate, a row with a NaN: none)."""
+    generator = torch.Generator().manual_seed(3)
+    approx = (torch.randn(9, vocab, generator=generator) * 4).to(torch.bfloat16)
+    approx[1, -1] = 40  # the top in the last block
+    approx[2, :5] = 30  # ties in the first block
+    approx[3, 7] = float("nan")
+    threshold = approx.float().max(-1).values.to(torch.bfloat16) - torch.tensor([0.5, 0, 0, 0, 3, 0.1, 1, 2, 8])
+    threshold = threshold.to(torch.bfloat16)
+    threshold[5] = 1e4  # above every logit: no candidate
+    block_max, block_min = head_module.block_extremes(approx)
+    same = dict(rtol=0, atol=0, equal_nan=True)  # bitwise; the NaN row's extremes are NaN either way
+    torch.testing.assert_close(block_max.amax(-1), approx.max(-1).values, **same)
+    torch.testing.assert_close(block_min.amin(-1), approx.min(-1).values, **same)
+    expected = (approx >= threshold[:, None]).nonzero()
+    assert len(expected) > 9 and 5 not in expected[:, 0] and 3 not in expected[:, 0]
+    assert torch.equal(head_module.at_least(approx, block_max, threshold), expected)

@@ -232,8 +232,9 @@ class Bf16ScreenedHead(CertifiedHead):
 
     def _candidates(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         approx = self._approx(hidden)  # [B, V] bf16
-        top = approx.max(-1).values.float()
-        magnitude = torch.maximum(top.abs(), approx.min(-1).values.float().abs())
+        block_max, block_min = block_extremes(approx)  # [B, blocks] each
+        top = block_max.amax(-1).float()
+        magnitude = torch.maximum(top.abs(), block_min.amin(-1).float().abs())
         bound = self.output_term * magnitude + self.input_term * hidden.norm(dim=-1) * self.max_norm  # [B]
         row = self._row_to_check(hidden.shape[0])
         if row is not None:
@@ -244,8 +245,39 @@ class Bf16ScreenedHead(CertifiedHead):
         threshold = (top - 2 * bound).to(approx.dtype)
         # bf16 rounding of the threshold must not drop a candidate: step one bf16 ulp down
         threshold = torch.nextafter(threshold, torch.full_like(threshold, -float("inf")))
-        pairs = (approx >= threshold[:, None]).nonzero()  # [K, 2], row-major: rows, then tokens ascending
+        pairs = at_least(approx, block_max, threshold)  # [K, 2], row-major: rows, then tokens ascending
         return pairs, threshold.float() + bound  # a token below the threshold is below this
+
+
+SCAN_TOKENS = 1024  # tokens a block of the screen's logits: its max and min are one short reduction
+
+
+def block_extremes(approx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The max and the min of each block of ``SCAN_TOKENS`` tokens of every row of ``approx`` [B, V] (the
+    last block may be shorter): [B, ceil(V / SCAN_TOKENS)] each. Reductions over short blocks run faster on
+    a CPU than over a whole vocabulary, and the blocks' maxima tell ``at_least`` which blocks to scan."""
+    vocab = approx.shape[1]
+    whole = vocab // SCAN_TOKENS * SCAN_TOKENS
+    blocks = approx[:, :whole].unflatten(1, (whole // SCAN_TOKENS, SCAN_TOKENS))  # [B, blocks, S], a view
+    block_max, block_min = blocks.amax(-1), blocks.amin(-1)
+    if whole < vocab:
+        tail = approx[:, whole:]
+        block_max = torch.cat([block_max, tail.amax(-1, keepdim=True)], 1)
+        block_min = torch.cat([block_min, tail.amin(-1, keepdim=True)], 1)
+    return block_max, block_min
+
+
+def at_least(approx: torch.Tensor, block_max: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """The (row, token) pairs [K, 2] with ``approx[row, token] >= threshold[row]``, row-major with tokens
+    ascending (``(approx >= threshold[:, None]).nonzero()``), comparing only the blocks whose max reaches
+    the threshold (``block_extremes``): a row's candidates lie in a few blocks."""
+    vocab = approx.shape[1]
+    rows, blocks = (block_max >= threshold[:, None]).nonzero().unbind(1)  # row-major, blocks ascending
+    columns = blocks[:, None] * SCAN_TOKENS + torch.arange(SCAN_TOKENS, device=approx.device)  # [K', S]
+    inside = columns < vocab  # the last block may be shorter
+    values = approx[rows[:, None], columns.clamp(max=vocab - 1)]  # [K', S]
+    hit, offset = ((values >= threshold[rows, None]) & inside).nonzero().unbind(1)
+    return torch.stack([rows[hit], columns[hit, offset]], 1)
 
 
 OUTLIER_CHANNELS = 64  # hidden channels kept in fp32 (at most a quarter of them): the int8 scale ignores them
@@ -366,7 +398,8 @@ class Int8ScreenedHead(CertifiedHead):
         rows = hidden.shape[0]
         flat = chunks.view(-1, rows)  # [n C, B], token-major (no copy)
         # the screen's top logit and token per row, without a max-with-indices pass over all of them
-        top, best_chunk = chunks.amax(1).max(0)  # [B]
+        chunk_max = chunks.amax(1)  # [n, B]
+        top, best_chunk = chunk_max.max(0)  # [B]
         columns = torch.arange(rows, device=hidden.device)
         where = best_chunk * CHUNK_TOKENS + chunks[best_chunk, :, columns].argmax(1)  # [B]
         lower = top - (self.w_norm[where] * alpha + self.e_norm[where] * beta)  # <= the top fp32 logit / t
@@ -380,7 +413,10 @@ class Int8ScreenedHead(CertifiedHead):
             if not self._bound_held(float(excess[worst]), detail):
                 return None
         loose = lower - (self.w_norm_max * alpha + self.e_norm_max * beta)  # [B]: with every token's largest bound
-        token, r = (flat >= loose).nonzero().unbind(1)
+        # the tokens at or above ``loose``, scanned only in the chunks whose max reaches it (a row's few)
+        chunk, r = (chunk_max >= loose).nonzero().unbind(1)  # [K']
+        hit, offset = (chunks[chunk, :, r] >= loose[r, None]).nonzero().unbind(1)  # in the [K', C] gathered
+        token, r = chunk[hit] * CHUNK_TOKENS + offset, r[hit]
         keep = flat[token, r] + self.w_norm[token] * alpha[r] + self.e_norm[token] * beta[r] >= lower[r]
         r, token = r[keep], token[keep]
         order = torch.argsort(r * flat.shape[0] + token)  # row-major, tokens ascending
