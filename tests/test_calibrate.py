@@ -74,6 +74,30 @@ def test_the_fastest_head_is_chosen(tmp_path, plain, bf16, int8, expected):
     assert ("faster" if expected != "plain" else "slower") in choices.reasons["head"]
 
 
+def test_the_heads_are_timed_on_the_engines_batch_rows_and_kept_per_rows(tmp_path, monkeypatch):
+    monkeypatch.setattr(batch_rows, "rule_rows", lambda *args: 8)  # the engine's batches: 8 rows (the work has 15)
+    sizes: list[int] = []
+    argmax = SCREENS["int8"].argmax
+    monkeypatch.setattr(
+        SCREENS["int8"], "argmax", lambda self, hidden: sizes.append(len(hidden)) or argmax(self, hidden)
+    )
+    timer = FakeTimer(head__plain=1.0, head__bf16=0.7, head__int8=0.5, engine__fast=2.0, engine__tree=1.0)
+    choices = choose(tiny("llama"), tmp_path, timer)
+    assert choices.head == "int8" and "on 8 rows" in choices.reasons["head"]
+    assert sizes and set(sizes[:5]) == {8}  # the agreement check, the warm-up and the timed rounds
+
+    def again(rows: int) -> Choices:
+        """The work measured again with the engine's batches at ``rows``, but for the head's verdicts kept."""
+        for whole_work in (tmp_path / "cal").glob("[!h]*.json"):
+            whole_work.unlink()
+        monkeypatch.setattr(batch_rows, "rule_rows", lambda *args: rows)
+        return choose(tiny("llama"), tmp_path, timer)
+
+    timer = FakeTimer(head__plain=1.0, head__bf16=0.5, head__int8=0.7, engine__fast=2.0, engine__tree=1.0)
+    assert again(7).head == "int8" and not any("head" in c for c in timer.calls)  # the same power of two: kept
+    assert again(12).head == "bf16" and "head/bf16" in timer.calls  # more rows: measured again
+
+
 @pytest.mark.parametrize(
     "costs, expected",
     [

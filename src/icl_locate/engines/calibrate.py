@@ -8,9 +8,10 @@ costs about as much as one fed one (latency-bound decoding, GPUs).
 So an engine starts by timing each choice on the model itself, briefly, and picks the faster:
 
 - head: the model's own LM head vs each screened head (bf16, int8: ``engines/head.py``) this model
-  can take, on final hidden states of the first prompt (a screen must give the same tokens there,
-  or it is refused), or this machine and model's verdict kept from an earlier calibration (its screen
-  checked on this prompt's states);
+  can take, on as many final hidden states of the first prompt as the engine's batches have rows (a
+  screen's cost per row depends on the rows; a screen must give the same tokens there, or it is
+  refused), or this machine and model's verdict for about as many rows kept from an earlier
+  calibration (its screen checked on this prompt's states);
 - drafts: a decoding step fed 1 + N tokens against one fed 1 token, over the first prompt's cache at
   the rows of the engine's batches (the rule's, or --batch-size; the whole work where it is smaller):
   the body and the chosen head at every fed position (verifying a draft needs the head at each); drafts
@@ -31,8 +32,8 @@ Every choice can be forced (``EngineRequest``); generations are the same whateve
 engines are tested against the reference engine). The result is cached under the cache directory,
 keyed by the machine, the model, its dtype and device, the library versions and the shape of the
 work (rows per query, their kinds, the first prompt's length to a power of two), so a second run
-pays nothing. The head's verdict is also kept under the machine and model alone: which head is faster
-does not depend on the work (it is timed on one prompt's states either way). A refusal of drafts is
+pays nothing. The head's verdict is also kept under the machine, the model and the rows it was timed on
+to a power of two: of the work's shape only the rows of a head call change which head is faster. A refusal of drafts is
 kept per machine, model, head and cache length, with the rows it was timed on. So work of another
 shape on the same model (another task, a method unit, ``prune``) measures only what depends on it.
 """
@@ -76,7 +77,10 @@ DRAFT_COST_CLEAR = 1.5 * DRAFT_COST_LIMIT
 # only drafts taken there are timed again on the engine's rows. (One row is not a probe: a single row's
 # products can run other kernels, matrix-vector ones, than those of several rows.)
 DRAFT_PROBE_ROWS = 16
-HEAD_SAMPLE_ROWS = 16  # final hidden states the heads are timed on (per-row cost is what matters)
+# final hidden states the heads are timed on where the engine's batch rows are not known (``choose_head``); else
+# on as many as the engine's batches hold: a screen's cost per row depends on the rows (a product of a few rows
+# streams the whole head for each; of many, it is bound by arithmetic, where bf16 and int8 units differ)
+HEAD_SAMPLE_ROWS = 16
 MINI_RUN_TOKENS = 3  # new tokens in the engine comparison: the query's prefill and two decoding steps
 MINI_RUN_ROWS = 10  # at most this many rows of the first query (a spread of them) in the engine comparison
 REPEATS = 3  # timings compared with each other: the median of this many alternating rounds after a warm-up
@@ -94,10 +98,12 @@ def screen_agrees(screen: CertifiedHead, hidden: torch.Tensor, plain: torch.Tens
     return torch.equal(screen.argmax(hidden), screen.full_logits(hidden).argmax(-1) if plain is None else plain)
 
 
-def _sample_rows(hidden: torch.Tensor) -> torch.Tensor:
-    """``HEAD_SAMPLE_ROWS`` rows of a prompt's last final states [positions, d] (repeated where it has fewer)."""
-    reps = -(-HEAD_SAMPLE_ROWS // hidden.shape[0])
-    return hidden.repeat(reps, 1)[:HEAD_SAMPLE_ROWS].contiguous()
+def _sample_rows(states: torch.Tensor, rows: int) -> torch.Tensor:
+    """``rows`` final states [rows, d] from a prompt's [positions, d]: its last positions, repeated where it has
+    fewer."""
+    states = states[-rows:]
+    reps = -(-rows // states.shape[0])
+    return states.repeat(reps, 1)[:rows].contiguous()
 
 
 def _ratio(slow: float, fast: float) -> str:
@@ -127,7 +133,7 @@ class Calibrator:
         )
         self.timer = timer
         self.device = next(model.parameters()).device
-        self._sample: tuple[MaskedPrompt, torch.Tensor] | None = None  # (prompt, its final hidden states)
+        self._states: tuple[MaskedPrompt, torch.Tensor] | None = None  # (prompt, its final states [positions, d])
         self.screens: dict[str, CertifiedHead] = {}  # screens built so far, by kind (``screen``)
 
     # ------------------------------------------------------------------ entry
@@ -155,7 +161,7 @@ class Calibrator:
         started = time.perf_counter()
         reasons: dict[str, str] = {}
         measured: dict[str, float] = {}
-        kind, kept = self._choose_head(prompts[0], reasons, measured, model_id)
+        kind, kept = self._choose_head(prompts[0], HEAD_SAMPLE_ROWS, reasons, measured, model_id)
         self._keep_screen(kind)
         if kept:
             return kind, reasons["head"]
@@ -202,9 +208,10 @@ class Calibrator:
         )
         return digest(spec)
 
-    def head_key(self, model_id: dict | None) -> str:
-        """The head's verdict: the identity alone (the work's shape does not change which head is faster)."""
-        return "head-" + digest(self.identity(model_id))
+    def head_key(self, model_id: dict | None, rows: int) -> str:
+        """The head's verdict: the identity and the rows it was timed on, to a power of two (of the work's shape,
+        only the rows a head call takes change which head is faster)."""
+        return "head-" + digest(self.identity(model_id) | dict(rows=length_bucket(rows)))
 
     def drafts_key(self, model_id: dict | None, head: str, cache_tokens: int) -> str:
         """A refusal of drafts: the identity, the head the steps ran and the cache's length to a power of two
@@ -220,15 +227,16 @@ class Calibrator:
         measured: dict[str, float] = {}
         work_rows = len(prompts) * len(interventions)
         steps = self._steps(prompts[0], stop)
+        rows = self._batch_rows(steps, work_rows)
         try:
             engine = self.request.engine
-            head = "plain" if engine == "fast" else self._choose_head(prompts[0], reasons, measured, model_id)[0]
+            head = "plain" if engine == "fast" else self._choose_head(prompts[0], rows, reasons, measured, model_id)[0]
             drafts = 0
             if engine == "fast":
                 reasons["head"] = "the fast engine uses the model's own head"
                 reasons["drafts"] = "the fast engine has no drafts"
             else:
-                drafts = self._choose_drafts(steps, work_rows, head, reasons, measured, model_id)
+                drafts = self._choose_drafts(steps, rows, head, reasons, measured, model_id)
             if engine == "auto":
                 engine = self._choose_engine(prompts[0], interventions, stop, head, drafts, reasons, measured)
                 if engine == "fast":
@@ -246,16 +254,22 @@ class Calibrator:
             engine, head, drafts, self.request.batch_size, reasons, measured, hardware(self.device), batch_scale=scale
         )
 
+    def _batch_rows(self, steps: DecodingSteps | None, work_rows: int) -> int:
+        """The rows of the engine's batches: --batch-size, else the automatic rule's (``HEAD_SAMPLE_ROWS`` where
+        no steps were made to read it from); the whole work where it is smaller."""
+        rows = self.request.batch_size or (steps.rule if steps is not None else HEAD_SAMPLE_ROWS)
+        return max(1, min(rows, work_rows))
+
     def _steps(self, prompt: MaskedPrompt, stop: StopRule) -> DecodingSteps | None:
         """Steps over the first prompt's cache, fed its last tokens (as many as the longest draft verifies);
         None where no check will time them (forced) or the prompt leaves no cache. The forward that makes
-        the cache also gives the head's sample (``_sample_hidden``): one prefill of the prompt, not two."""
+        the cache also gives the head's samples (``_sample_hidden``): one prefill of the prompt, not two."""
         request, ids = self.request, prompt.ids
         if len(ids) < 2 or (request.batch_size and (request.engine == "fast" or request.draft_tokens is not None)):
             return None
         fed = min(1 + max(DRAFT_LENGTHS), len(ids) - 1)
-        kv, hidden = prompt_states(self.model, ids, len(ids) - fed, min(len(ids), HEAD_SAMPLE_ROWS))
-        self._sample = (prompt, _sample_rows(hidden))
+        kv, states = prompt_states(self.model, ids, len(ids) - fed, len(ids))
+        self._states = (prompt, states)
         return DecodingSteps(self.model, kv, ids[-fed:], stop.max_new_tokens, KV_MEMORY_FRACTION)
 
     def _choose_batch(
@@ -277,25 +291,23 @@ class Calibrator:
         measured.update(seconds)
         return scale
 
-    def _sample_hidden(self, prompt: MaskedPrompt) -> torch.Tensor:
-        """Final hidden states of the prompt's last positions: rows like those the head decodes (computed
-        once per prompt: the head choice and the engine mini-run both use them)."""
-        if self._sample is not None and self._sample[0] is prompt:
-            return self._sample[1]
-        ids = torch.tensor([prompt.ids], device=self.device)
-        sample = _sample_rows(last_hidden(self.model, ids, positions=min(len(prompt.ids), HEAD_SAMPLE_ROWS))[0])
-        self._sample = (prompt, sample)
-        return sample
+    def _sample_hidden(self, prompt: MaskedPrompt, rows: int = HEAD_SAMPLE_ROWS) -> torch.Tensor:
+        """``rows`` final hidden states of the prompt's last positions: rows like those the head decodes (the
+        prompt's forward runs once: ``_steps`` keeps its states, or the first call here)."""
+        if self._states is None or self._states[0] is not prompt:
+            ids = torch.tensor([prompt.ids], device=self.device)
+            self._states = (prompt, last_hidden(self.model, ids, positions=len(prompt.ids))[0])
+        return _sample_rows(self._states[1], rows)
 
     def _choose_head(
-        self, prompt: MaskedPrompt, reasons: dict, measured: dict, model_id: dict | None
+        self, prompt: MaskedPrompt, rows: int, reasons: dict, measured: dict, model_id: dict | None
     ) -> tuple[str, bool]:
-        """The head asked for, or (auto) this machine and model's verdict: kept from an earlier calibration
-        (its screen rebuilt and checked on this prompt's sample), else measured and kept; and whether it was
-        the kept verdict."""
+        """The head asked for, or (auto) this machine and model's verdict for head calls of about ``rows`` rows:
+        kept from an earlier calibration (its screen rebuilt and checked on this prompt's sample), else measured
+        on ``rows`` rows and kept; and whether it was the kept verdict."""
         if self.request.head != "auto":
-            return self._measure_head(prompt, reasons, measured)[0], False
-        key = self.head_key(model_id)
+            return self._measure_head(prompt, rows, reasons, measured)[0], False
+        key = self.head_key(model_id, rows)
         verdict = self.calibration_cache.get(key)
         if valid_head_verdict(verdict, ("plain", *SCREENS)) and self._holds_here(verdict["head"], prompt):
             reasons["head"] = verdict["reason"] + HEAD_CACHED
@@ -303,7 +315,7 @@ class Calibrator:
             return verdict["head"], True
         started = time.perf_counter()
         timings: dict[str, float] = {}
-        kind, shared = self._measure_head(prompt, reasons, timings)
+        kind, shared = self._measure_head(prompt, rows, reasons, timings)
         measured.update(timings)
         if shared:
             seconds = time.perf_counter() - started
@@ -323,14 +335,15 @@ class Calibrator:
         self.screens[kind] = screen
         return True
 
-    def _measure_head(self, prompt: MaskedPrompt, reasons: dict, measured: dict) -> tuple[str, bool]:
-        """The fastest of the plain head and the screens this model can take (each checked on a sample), and
-        whether the verdict holds for the model whatever the prompt (no screen refused by this prompt's sample)."""
+    def _measure_head(self, prompt: MaskedPrompt, rows: int, reasons: dict, measured: dict) -> tuple[str, bool]:
+        """The fastest of the plain head and the screens this model can take (each checked on a sample), timed
+        on ``rows`` rows, and whether the verdict holds for the model whatever the prompt (no screen refused by
+        this prompt's sample)."""
         wanted = self.request.head
         if wanted == "plain":
             reasons["head"] = "forced"
             return "plain", False
-        hidden = self._sample_hidden(prompt)
+        hidden = self._sample_hidden(prompt, rows)
         screens: dict[str, CertifiedHead] = {}
         refused: list[str] = []
         shared = True
@@ -359,19 +372,19 @@ class Calibrator:
         heads.update({f"head/{kind}": (lambda s=screen: s.argmax(hidden)) for kind, screen in screens.items()})
         with torch.no_grad():
             measured.update(interleaved(self.timer, heads, REPEATS))
-        plain = measured["head/plain"]
+        plain, on = measured["head/plain"], f"on {len(hidden)} rows"
         fastest = min(screens, key=lambda kind: measured[f"head/{kind}"])
         seconds = measured[f"head/{fastest}"]
         if seconds < plain:
-            reasons["head"] = f"{fastest} screen {_ratio(plain, seconds)} faster than the full product here"
+            reasons["head"] = f"{fastest} screen {_ratio(plain, seconds)} faster than the full product {on} here"
             return fastest, shared
-        reasons["head"] = f"{fastest} screen {_ratio(seconds, plain)} slower than the full product here"
+        reasons["head"] = f"{fastest} screen {_ratio(seconds, plain)} slower than the full product {on} here"
         return "plain", shared
 
     def _choose_drafts(
         self,
         steps: DecodingSteps | None,
-        work_rows: int,
+        rows: int,
         head: str,
         reasons: dict,
         measured: dict,
@@ -386,7 +399,6 @@ class Calibrator:
         if steps is None:
             reasons["drafts"] = NO_STEPS
             return 0
-        rows = max(1, min(self.request.batch_size or steps.rule, work_rows))  # the rows of the engine's batches
         key = self.drafts_key(model_id, head, steps.length - 1)
         refusal = self.calibration_cache.get(key)
         if refusal_covers(refusal, rows):
