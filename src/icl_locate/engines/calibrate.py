@@ -84,7 +84,7 @@ HEAD_SAMPLE_ROWS = 16
 MINI_RUN_TOKENS = 3  # new tokens in the engine comparison: the query's prefill and two decoding steps
 MINI_RUN_ROWS = 10  # at most this many rows of the first query (a spread of them) in the engine comparison
 REPEATS = 3  # timings compared with each other: the median of this many alternating rounds after a warm-up
-CALIBRATION_VERSION = 15  # part of the cache key: a change of the procedure re-measures
+CALIBRATION_VERSION = 16  # part of the cache key: a change of the procedure re-measures
 NO_STEPS = "a one-token prompt leaves no cache to time a step over"
 HEAD_CACHED = "; measured before for this model here"  # ends a head reason taken from an earlier verdict
 # ends a drafts reason taken from an earlier refusal (``calibration_cache.py``: why it holds for this work)
