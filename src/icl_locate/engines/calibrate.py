@@ -155,13 +155,16 @@ class Calibrator:
         self.calibration_cache.put(key, choices.as_dict())
         return choices
 
-    def choose_head(self, prompts: Sequence[MaskedPrompt], model_id: dict | None = None) -> tuple[str, str]:
-        """The LM head alone, for an engine with no other choice (the pruned engine): its kind and the
-        measured reason (the head's verdict for this machine and model, measured where there is none)."""
+    def choose_head(
+        self, prompts: Sequence[MaskedPrompt], model_id: dict | None = None, rows: int = HEAD_SAMPLE_ROWS
+    ) -> tuple[str, str]:
+        """The LM head alone, for an engine with no other choice (the pruned engine, whose head calls take up
+        to ``rows`` rows): its kind and the measured reason (the head's verdict for this machine, model and
+        rows, measured where there is none)."""
         started = time.perf_counter()
         reasons: dict[str, str] = {}
         measured: dict[str, float] = {}
-        kind, kept = self._choose_head(prompts[0], HEAD_SAMPLE_ROWS, reasons, measured, model_id)
+        kind, kept = self._choose_head(prompts[0], max(1, rows), reasons, measured, model_id)
         self._keep_screen(kind)
         if kept:
             return kind, reasons["head"]

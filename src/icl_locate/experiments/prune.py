@@ -72,7 +72,8 @@ def run_prune(s: PruneSettings, command: str, log=print, loaded: LoadedModel | N
         )
         machine = hardware(loaded.info.device)
         calibrator = Calibrator(model, loaded.tokenizer, EngineRequest(head=s.head))
-        head_kind, head_reason = calibrator.choose_head(prompts, loaded.info.as_dict())
+        # the pruned engine's head calls: a batch of requests, one row each
+        head_kind, head_reason = calibrator.choose_head(prompts, loaded.info.as_dict(), min(s.batch_size, len(prompts)))
         screen = calibrator.screen(head_kind)
         log(
             f"engine: pruned, {s.batch_size} requests a batch (--batch-size); head: {head_kind} ({head_reason}), "
