@@ -74,6 +74,30 @@ def test_the_fastest_head_is_chosen(tmp_path, plain, bf16, int8, expected):
     assert ("faster" if expected != "plain" else "slower") in choices.reasons["head"]
 
 
+@pytest.mark.parametrize(
+    "runs, expected, timed",
+    [
+        (dict(fast=[2.0], tree=[1.0]), "tree", 1),  # clear: one run each
+        (dict(fast=[0.9], tree=[2.0]), "fast", 1),
+        (dict(fast=[1.0, 1.0], tree=[1.1, 0.7]), "tree", 2),  # a near tie: each again, the faster run counts
+        (dict(fast=[1.1, 0.9], tree=[1.0, 1.0]), "fast", 2),
+    ],
+)
+def test_the_engines_run_again_where_their_mini_runs_nearly_tie(tmp_path, runs, expected, timed):
+    class Timer(FakeTimer):
+        def __call__(self, name, fn):
+            if name.startswith("engine/"):
+                self.calls.append(name)
+                return runs[name[7:]][self.calls.count(name) - 1]
+            return super().__call__(name, fn)
+
+    timer = Timer()
+    choices = choose(tiny("llama"), tmp_path, timer)
+    assert choices.engine == expected
+    assert [timer.calls.count(f"engine/{name}") for name in ("fast", "tree")] == [timed, timed]
+    assert (choices.measured["engine/fast"], choices.measured["engine/tree"]) == (min(runs["fast"]), min(runs["tree"]))
+
+
 def test_the_heads_are_timed_on_the_engines_batch_rows_and_kept_per_rows(tmp_path, monkeypatch):
     monkeypatch.setattr(batch_rows, "rule_rows", lambda *args: 8)  # the engine's batches: 8 rows (the work has 15)
     sizes: list[int] = []
