@@ -82,6 +82,7 @@ DRAFT_PROBE_ROWS = 16
 # on as many as the engine's batches hold: a screen's cost per row depends on the rows (a product of a few rows
 # streams the whole head for each; of many, it is bound by arithmetic, where bf16 and int8 units differ)
 HEAD_SAMPLE_ROWS = 16
+HEAD_CLEAR = 1.3  # the heads' timings stop after a round where the fastest is this many times faster than the rest
 MINI_RUN_TOKENS = 3  # new tokens in the engine comparison: the query's prefill and two decoding steps
 MINI_RUN_ROWS = 10  # at most this many rows of the first query (a spread of them) in the engine comparison
 # The engines' mini-runs are timed once each; where the slower took less than this many times the faster, each
@@ -89,7 +90,7 @@ MINI_RUN_ROWS = 10  # at most this many rows of the first query (a spread of the
 # run's noise, e.g. a first run's set-up or another process, would decide)
 ENGINE_CLEAR = 1.25
 REPEATS = 3  # timings compared with each other: the median of this many alternating rounds after a warm-up
-CALIBRATION_VERSION = 17  # part of the cache key: a change of the procedure re-measures
+CALIBRATION_VERSION = 18  # part of the cache key: a change of the procedure re-measures
 NO_STEPS = "a one-token prompt leaves no cache to time a step over"
 HEAD_CACHED = "; measured before for this model here"  # ends a head reason taken from an earlier verdict
 # ends a drafts reason taken from an earlier refusal (``calibration_cache.py``: why it holds for this work)
@@ -109,6 +110,13 @@ def _sample_rows(states: torch.Tensor, rows: int) -> torch.Tensor:
     states = states[-rows:]
     reps = -(-rows // states.shape[0])
     return states.repeat(reps, 1)[:rows].contiguous()
+
+
+def _clear_winner(seconds: dict[str, float]) -> bool:
+    """Whether the fastest of the timings is ``HEAD_CLEAR`` times faster than each of the others (more rounds
+    would not change the verdict)."""
+    fastest = min(seconds.values())
+    return sorted(seconds.values())[1] >= HEAD_CLEAR * fastest
 
 
 def _ratio(slow: float, fast: float) -> str:
@@ -379,7 +387,7 @@ class Calibrator:
         heads: dict[str, Callable[[], object]] = {"head/plain": lambda: cap(lm_head(hidden)).argmax(-1)}
         heads.update({f"head/{kind}": (lambda s=screen: s.argmax(hidden)) for kind, screen in screens.items()})
         with torch.no_grad():
-            measured.update(interleaved(self.timer, heads, REPEATS))
+            measured.update(interleaved(self.timer, heads, REPEATS, _clear_winner))
         plain, on = measured["head/plain"], f"on {len(hidden)} rows"
         fastest = min(screens, key=lambda kind: measured[f"head/{kind}"])
         seconds = measured[f"head/{fastest}"]
