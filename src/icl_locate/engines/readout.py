@@ -179,19 +179,21 @@ def head_logits(
     that product runs faster on CPUs, and sums over the vocabulary (``logsumexp``) read it as fast;
     an ``argmax`` over it does not, so the lens keeps the row-major product."""
     head = _fp32_linear_head(model)
+    cap = getattr(text_config(model), "final_logit_softcapping", None)
     if head is None or states.dtype != torch.float32:
         logits = model.get_output_embeddings()(states).float()  # pyright: ignore[reportCallIssue]
+        return torch.tanh(logits / cap) * cap if cap else logits
+    rows, vocab = len(states), head.weight.shape[0]
+    into = out[: rows * vocab].view((vocab, rows) if vocab_major else (rows, vocab)) if out is not None else None
+    if vocab_major:
+        logits = torch.mm(head.weight, states.T, out=into).T  # [N, vocab], a view
     else:
-        rows, vocab = len(states), head.weight.shape[0]
-        into = out[: rows * vocab].view((vocab, rows) if vocab_major else (rows, vocab)) if out is not None else None
-        if vocab_major:
-            logits = torch.mm(head.weight, states.T, out=into).T  # [N, vocab], a view
-        else:
-            logits = torch.mm(states, head.weight.T, out=into)
-        if head.bias is not None:
-            logits = logits + head.bias
-    cap = getattr(text_config(model), "final_logit_softcapping", None)
-    return torch.tanh(logits / cap) * cap if cap else logits
+        logits = torch.mm(states, head.weight.T, out=into)
+    if head.bias is not None:
+        logits = logits + head.bias
+    # the product is this function's own: capped in place, the same values as tanh(logits / cap) * cap without
+    # three more tensors of the product's size (each a pass over memory and, fresh, its page faults)
+    return logits.div_(cap).tanh_().mul_(cap) if cap else logits
 
 
 @torch.no_grad()
