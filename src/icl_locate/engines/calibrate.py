@@ -33,10 +33,11 @@ Every choice can be forced (``EngineRequest``); generations are the same whateve
 engines are tested against the reference engine). The result is cached under the cache directory,
 keyed by the machine, the model, its dtype and device, the library versions and the shape of the
 work (rows per query, their kinds, the first prompt's length to a power of two), so a second run
-pays nothing. The head's verdict is also kept under the machine, the model and the rows it was timed on
-to a power of two: of the work's shape only the rows of a head call change which head is faster. A refusal of drafts is
-kept per machine, model, head and cache length, with the rows it was timed on. So work of another
-shape on the same model (another task, a method unit, ``prune``) measures only what depends on it.
+pays nothing. The head's verdict is also kept under the machine, the model and the rows it was timed
+on to a power of two: of the work's shape only the rows of a head call change which head is faster. A
+refusal of drafts is kept per machine, model, head and cache length, with the rows it was timed on. So
+work of another shape on the same model (another task, a method unit, ``prune``) measures only what
+depends on it.
 """
 
 from __future__ import annotations
