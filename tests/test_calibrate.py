@@ -207,8 +207,8 @@ def test_the_faster_engine_is_chosen_and_the_fast_engine_takes_the_plain_head(tm
 )
 def test_forcing_flags_are_honoured_and_not_measured(tmp_path, monkeypatch, request_, measured_prefixes, expected):
     built: list[int] = []  # the steps' prefill: only where a check times steps
-    states = calibrate.prompt_states
-    monkeypatch.setattr(calibrate, "prompt_states", lambda *args: built.append(1) or states(*args))
+    over = batch_rows.DecodingSteps.over
+    monkeypatch.setattr(batch_rows.DecodingSteps, "over", lambda *args: built.append(1) or over(*args))
     timer = FakeTimer(head__plain=0.1, head__bf16=1.0, head__int8=1.0, engine__fast=2.0, engine__tree=1.0)
     choices = choose(tiny("llama"), tmp_path, timer, request_)
     assert {name.split("/")[0] for name in timer.calls} == measured_prefixes
@@ -299,16 +299,20 @@ def test_one_prefill_gives_the_steps_cache_and_the_head_sample():
     lm = tiny("llama")
     ids = [1, 5, 9, 13, 17, 21, 3]
     kv, hidden = batch_rows.prompt_states(lm.model, ids, 4, 2)
-    alone = batch_rows.prompt_cache(lm.model, ids[:4])
+    alone = batch_rows.prompt_states(lm.model, ids[:4], 4, 1)[0]  # a forward of the first four alone
     for (keys, values), (keys_alone, values_alone) in zip(kv, alone, strict=True):
         assert keys.shape == keys_alone.shape == values.shape
         assert torch.allclose(keys, keys_alone, atol=1e-6) and torch.allclose(values, values_alone, atol=1e-6)
     assert hidden.shape == (2, lm.model.config.hidden_size)
     assert torch.allclose(hidden, last_hidden(lm.model, torch.tensor([ids]), positions=2)[0], atol=1e-6)
+    steps = batch_rows.DecodingSteps.over(lm.model, ids, 3, 6, 0.3)  # the steps keep that forward's states
+    assert steps.final_states is not None and steps.final_states.shape == (len(ids), lm.model.config.hidden_size)
+    assert torch.allclose(steps.final_states[-2:], hidden, atol=1e-6)
+    assert torch.allclose(steps.kv[0][0], kv[0][0], atol=1e-6)  # the cache of all but the 3 fed tokens
 
 
 def test_the_rule_bounds_rows_tokens_and_memory_and_scales():
-    kv = batch_rows.prompt_cache(tiny("llama").model, [1, 2, 3])
+    kv = batch_rows.prompt_states(tiny("llama").model, [1, 2, 3], 3, 1)[0]
     cpu = torch.device("cpu")
     assert fast.rule_rows(kv, 10, 32_000, 0.3, cpu) == fast.MAX_BATCH_ROWS  # 3200 by tokens: the row bound
     assert fast.rule_rows(kv, 1000, 32_000, 0.3, cpu) == 32  # by tokens

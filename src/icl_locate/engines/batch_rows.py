@@ -46,11 +46,6 @@ BATCH_ROW_LIMIT = 1024  # no batch is measured (or taken) beyond this many rows
 DOUBLING_COST_LIMIT = 1.25
 
 
-def prompt_cache(model, ids: list[int]) -> KV:
-    """One row's keys and values over ``ids``, per layer ([1, kv heads, len(ids), head dim] each)."""
-    return prompt_states(model, ids, len(ids), 1)[0]
-
-
 def prompt_states(model, ids: list[int], cached: int, positions: int) -> tuple[KV, torch.Tensor]:
     """One forward over ``ids``: one row's keys and values over its first ``cached`` tokens, per layer
     ([1, kv heads, cached, head dim] each; causal attention: the later tokens change none of them), and
@@ -74,6 +69,7 @@ class DecodingSteps:
         self.model, self.kv, self.tokens = model, kv, list(tokens)
         self.length = kv[0][0].shape[2] + 1  # the padding column, then the prompt
         self.buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.final_states: torch.Tensor | None = None  # the prompt's, where ``over`` made the cache
         # the engines' automatic rows for this prompt and ``new_tokens`` more, and the most rows their KV-memory
         # rule allows: read now, before any buffer of a check takes memory (the engines read it at their start)
         device, longest = kv[0][0].device, self.length - 1 + len(self.tokens) + new_tokens
@@ -82,11 +78,16 @@ class DecodingSteps:
 
     @classmethod
     def over(cls, model, prompt_ids: Sequence[int], fed: int, new_tokens: int, memory_fraction: float) -> DecodingSteps:
-        """Steps over the cache of ``prompt_ids`` but its last ``fed`` tokens, which a step feeds (at most)."""
+        """Steps over the cache of ``prompt_ids`` but its last ``fed`` tokens, which a step feeds (at most);
+        the same forward's final hidden states at every position are kept as ``final_states`` [len, hidden]
+        (rows like those a head decodes: the calibration's sample)."""
         ids = list(prompt_ids)
         if not 1 <= fed < len(ids):
             raise ValueError(f"a prompt of {len(ids)} tokens leaves no cache before its last {fed}")
-        return cls(model, prompt_cache(model, ids[:-fed]), ids[-fed:], new_tokens, memory_fraction)
+        kv, states = prompt_states(model, ids, len(ids) - fed, len(ids))
+        steps = cls(model, kv, ids[-fed:], new_tokens, memory_fraction)
+        steps.final_states = states
+        return steps
 
     def _room(self, rows: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if not self.buffers or self.buffers[0][0].shape[0] < rows:

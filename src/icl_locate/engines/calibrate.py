@@ -57,7 +57,7 @@ from ..core.conditions import MaskedPrompt
 from ..util.errors import UserError
 from ..util.system import hardware
 from .base import Engine, StopRule, last_hidden, logits_probe
-from .batch_rows import DecodingSteps, choose_batch_scale, prompt_states
+from .batch_rows import DecodingSteps, choose_batch_scale
 from .calibration_cache import CalibrationCache, digest, length_bucket, refusal_covers, valid_head_verdict
 from .choices import Choices
 from .fast import KV_MEMORY_FRACTION, FastEngine
@@ -285,9 +285,10 @@ class Calibrator:
         if len(ids) < 2 or (request.batch_size and (request.engine == "fast" or request.draft_tokens is not None)):
             return None
         fed = min(1 + max(DRAFT_LENGTHS), len(ids) - 1)
-        kv, states = prompt_states(self.model, ids, len(ids) - fed, len(ids))
-        self._states = (prompt, states)
-        return DecodingSteps(self.model, kv, ids[-fed:], stop.max_new_tokens, KV_MEMORY_FRACTION)
+        steps = DecodingSteps.over(self.model, ids, fed, stop.max_new_tokens, KV_MEMORY_FRACTION)
+        assert steps.final_states is not None  # ``over`` keeps them
+        self._states = (prompt, steps.final_states)
+        return steps
 
     def _choose_batch(
         self,
