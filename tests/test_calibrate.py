@@ -58,19 +58,23 @@ def choose(lm, tmp_path, timer, request=AUTO_REQUEST, use_cache=True):
     )
 
 
+R = calibrate.REPEATS
+
+
 @pytest.mark.parametrize(
     "plain, bf16, int8, expected, rounds",
     [
-        (1.0, 0.5, 0.7, "bf16", 1),  # the fastest 1.4x faster than the rest: one round decides
-        (1.0, 0.7, 0.5, "int8", 1),
-        (0.4, 0.5, 0.6, "plain", calibrate.REPEATS),  # 1.25x: every round
+        (1.0, 0.5, 0.7, "bf16", (1, 1, 1)),  # the fastest 1.4x faster than the rest: one round decides
+        (1.0, 0.7, 0.5, "int8", (1, 1, 1)),
+        (0.4, 0.5, 0.6, "plain", (R, R, 1)),  # 1.25x: every round for the two closest; 1.5x: one round
+        (1.0, 0.5, 0.6, "bf16", (1, R, R)),  # the plain head out after one round, the screens' near tie timed on
     ],
 )
 def test_the_fastest_head_is_chosen(tmp_path, plain, bf16, int8, expected, rounds):
     timer = FakeTimer(head__plain=plain, head__bf16=bf16, head__int8=int8, engine__fast=2.0, engine__tree=1.0)
     choices = choose(tiny("llama"), tmp_path, timer)
     assert choices.head == expected and choices.engine == "tree"
-    assert timer.calls.count("head/plain") == rounds
+    assert tuple(timer.calls.count(f"head/{kind}") for kind in ("plain", "bf16", "int8")) == rounds
     assert (choices.measured["head/plain"], choices.measured["head/bf16"], choices.measured["head/int8"]) == (
         plain,
         bf16,
@@ -101,6 +105,24 @@ def test_the_engines_run_again_where_their_mini_runs_nearly_tie(tmp_path, runs, 
     assert choices.engine == expected
     assert [timer.calls.count(f"engine/{name}") for name in ("fast", "tree")] == [timed, timed]
     assert (choices.measured["engine/fast"], choices.measured["engine/tree"]) == (min(runs["fast"]), min(runs["tree"]))
+
+
+def test_the_engines_mini_runs_continue_one_prefix_cache_made_before_them(tmp_path, monkeypatch):
+    """Every engine makes the same prefix caches: the comparison makes them once, untimed, and each mini-run
+    continues them (it times what differs between the engines)."""
+    events: list[str] = []
+    make = FastEngine._prefix_cache
+    monkeypatch.setattr(FastEngine, "_prefix_cache", lambda self, row: events.append("made") or make(self, row))
+
+    class Timer(FakeTimer):
+        def __call__(self, name, fn):
+            if name.startswith("engine/"):
+                events.append(f"{name} started")
+            return super().__call__(name, fn)
+
+    choices = choose(tiny("llama"), tmp_path, Timer(engine__fast=2.0, engine__tree=1.0))
+    assert events == ["made", "engine/fast started", "engine/tree started"]
+    assert choices.engine == "tree" and "after their prefix cache" in choices.reasons["engine"]
 
 
 def test_the_heads_are_timed_on_the_engines_batch_rows_and_kept_per_rows(tmp_path, monkeypatch):
@@ -378,10 +400,24 @@ def test_timings_compared_with_each_other_alternate():
     got = timing.interleaved(timer, {"a": lambda: ran.append("a"), "b": lambda: ran.append("b")}, 3)
     assert got == {"a": 2.0, "b": 1.0}
     assert timer.calls == ["a", "b"] * 3 and ran == ["a", "b"] * 4  # one warm-up each, then the rounds
+    ran.clear()  # functions that ran just before (warmed up) are timed at once
+    timing.interleaved(FakeTimer(), {"a": lambda: ran.append("a"), "b": lambda: ran.append("b")}, 3, warmed=True)
+    assert ran == ["a", "b"] * 3
     settled = FakeTimer(a=2.0, b=1.0)  # a first round that decides already ends the measurement
     fns = {"a": lambda: None, "b": lambda: None}
-    assert timing.interleaved(settled, fns, 3, lambda m: m["a"] > 1.5 * m["b"]) == {"a": 2.0, "b": 1.0}
+    assert timing.interleaved(settled, fns, 3, lambda m: {"a"} if m["a"] > 1.5 * m["b"] else set()) == {
+        "a": 2.0,
+        "b": 1.0,
+    }
     assert settled.calls == ["a", "b"]
+    three = FakeTimer(a=3.0, b=1.0, c=1.1)  # one out of contention: the others are timed on
+    fns = {"a": lambda: None, "b": lambda: None, "c": lambda: None}
+    assert timing.interleaved(three, fns, 3, lambda m: {n for n, s in m.items() if s > 2 * min(m.values())}) == {
+        "a": 3.0,
+        "b": 1.0,
+        "c": 1.1,
+    }
+    assert three.calls == ["a", "b", "c"] + ["b", "c"] * 2
 
 
 def test_bad_requests_are_one_line_errors():

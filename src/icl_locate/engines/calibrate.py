@@ -22,8 +22,9 @@ So an engine starts by timing each choice on the model itself, briefly, and pick
   where a refusal kept for this machine, model and head was timed on no more rows over a cache of
   the same length to a power of two (``calibration_cache.py`` says why it then holds);
 - engine: a short run (``MINI_RUN_TOKENS`` new tokens) of up to ``MINI_RUN_ROWS`` of the first
-  query's rows on the fast engine and on the tree engine with the head and drafts chosen above (a near
-  tie, ``ENGINE_CLEAR``, runs each again in the other order);
+  query's rows on the fast engine and on the tree engine with the head and drafts chosen above, both
+  continuing prefix caches made once before (the engines make them alike: they are not what differs; a
+  near tie, ``ENGINE_CLEAR``, runs each again in the other order);
 - batch size: one decoding step (with the chosen head) over the first prompt's cache, at the engines'
   automatic rule's row count, at half of it, and at doublings (where the half cost about as much) or
   further halvings; a count other than the rule's is taken only where it was measured to pay
@@ -72,8 +73,9 @@ DRAFT_LENGTHS = (2, 4, 8)
 # rarely accepted (short answers) then cost little; on a compute-bound machine they cost nearly the
 # whole ratio, so the limit keeps a margin below where a noisy timing of a CPU can fall.
 DRAFT_COST_LIMIT = 1.1
-# A first round's ratio above this settles a length without more rounds (an outlier can only refuse drafts).
-DRAFT_COST_CLEAR = 1.5 * DRAFT_COST_LIMIT
+# A first round's ratio above this settles a length without more rounds (an outlier can only refuse drafts;
+# a ratio this far above the limit takes a round slowed by nearly a third).
+DRAFT_COST_CLEAR = 1.3 * DRAFT_COST_LIMIT
 # Drafts are timed on this many rows first (fewer where the engine's batches are smaller): a step's fixed
 # part weighs less the more rows it has (``calibration_cache.py``), so a refusal there holds for more rows;
 # only drafts taken there are timed again on the engine's rows. (One row is not a probe: a single row's
@@ -83,7 +85,7 @@ DRAFT_PROBE_ROWS = 16
 # on as many as the engine's batches hold: a screen's cost per row depends on the rows (a product of a few rows
 # streams the whole head for each; of many, it is bound by arithmetic, where bf16 and int8 units differ)
 HEAD_SAMPLE_ROWS = 16
-HEAD_CLEAR = 1.3  # the heads' timings stop after a round where the fastest is this many times faster than the rest
+HEAD_CLEAR = 1.3  # after a round, a head this many times slower than the fastest is timed no more
 MINI_RUN_TOKENS = 3  # new tokens in the engine comparison: the query's prefill and two decoding steps
 MINI_RUN_ROWS = 10  # at most this many rows of the first query (a spread of them) in the engine comparison
 # The engines' mini-runs are timed once each; where the slower took less than this many times the faster, each
@@ -91,7 +93,7 @@ MINI_RUN_ROWS = 10  # at most this many rows of the first query (a spread of the
 # run's noise, e.g. a first run's set-up or another process, would decide)
 ENGINE_CLEAR = 1.25
 REPEATS = 3  # timings compared with each other: the median of this many alternating rounds after a warm-up
-CALIBRATION_VERSION = 18  # part of the cache key: a change of the procedure re-measures
+CALIBRATION_VERSION = 19  # part of the cache key: a change of the procedure re-measures
 NO_STEPS = "a one-token prompt leaves no cache to time a step over"
 HEAD_CACHED = "; measured before for this model here"  # ends a head reason taken from an earlier verdict
 # ends a drafts reason taken from an earlier refusal (``calibration_cache.py``: why it holds for this work)
@@ -113,11 +115,11 @@ def _sample_rows(states: torch.Tensor, rows: int) -> torch.Tensor:
     return states.repeat(reps, 1)[:rows].contiguous()
 
 
-def _clear_winner(seconds: dict[str, float]) -> bool:
-    """Whether the fastest of the timings is ``HEAD_CLEAR`` times faster than each of the others (more rounds
-    would not change the verdict)."""
+def _beaten_heads(seconds: dict[str, float]) -> set[str]:
+    """The heads ``HEAD_CLEAR`` times slower than the fastest so far: more rounds would not make them the
+    fastest (the plain head's rounds, on the engine's rows, are long)."""
     fastest = min(seconds.values())
-    return sorted(seconds.values())[1] >= HEAD_CLEAR * fastest
+    return {name for name, s in seconds.items() if s >= HEAD_CLEAR * fastest}
 
 
 def _ratio(slow: float, fast: float) -> str:
@@ -388,8 +390,8 @@ class Calibrator:
         lm_head, cap = self.model.get_output_embeddings(), next(iter(screens.values())).cap
         heads: dict[str, Callable[[], object]] = {"head/plain": lambda: cap(lm_head(hidden)).argmax(-1)}
         heads.update({f"head/{kind}": (lambda s=screen: s.argmax(hidden)) for kind, screen in screens.items()})
-        with torch.no_grad():
-            measured.update(interleaved(self.timer, heads, REPEATS, _clear_winner))
+        with torch.no_grad():  # each head ran on ``hidden`` above (the screens' checks): warmed up
+            measured.update(interleaved(self.timer, heads, REPEATS, _beaten_heads, warmed=True))
         plain, on = measured["head/plain"], f"on {len(hidden)} rows"
         fastest = min(screens, key=lambda kind: measured[f"head/{kind}"])
         seconds = measured[f"head/{fastest}"]
@@ -454,7 +456,10 @@ class Calibrator:
             with torch.no_grad():
                 fns = {"step/1": steps.step(rows, screen), f"step/1+{n}": steps.step(rows, screen, 1 + n)}
                 seconds = interleaved(
-                    self.timer, fns, REPEATS, lambda m, n=n: m[f"step/1+{n}"] > DRAFT_COST_CLEAR * m["step/1"]
+                    self.timer,
+                    fns,
+                    REPEATS,
+                    lambda m, n=n: {f"step/1+{n}"} if m[f"step/1+{n}"] > DRAFT_COST_CLEAR * m["step/1"] else set(),
                 )
             measured.update(seconds)
             ratios[n] = seconds[f"step/1+{n}"] / seconds["step/1"] if seconds["step/1"] > 0 else float("inf")
@@ -493,6 +498,13 @@ class Calibrator:
             "fast": FastEngine(self.model, self.tokenizer, batch_size=self.request.batch_size),
             "tree": tree_engine,
         }
+        # Every engine continues the same prefix caches, made by the same forward: made once here, untimed, the
+        # runs time what differs between the engines (and the comparison costs one prefix forward, not two)
+        planned = engines["fast"].plan([prompt], rows)
+        made = engines["fast"].prefix_caches(planned)
+        known = {row.prefix_key: made.get(row) for row in planned}
+        for engine in engines.values():
+            engine.known_prefixes = known
         runs = {
             f"engine/{name}": (lambda engine=engine: engine.generate([prompt], rows, short))
             for name, engine in engines.items()
@@ -503,7 +515,7 @@ class Calibrator:
                 seconds[name].append(self.timer(name, runs[name]))
         measured.update({name: min(s) for name, s in seconds.items()})
         fast, tree = measured["engine/fast"], measured["engine/tree"]
-        what = f"on {len(rows)} rows x {short.max_new_tokens} tokens"
+        what = f"on {len(rows)} rows x {short.max_new_tokens} tokens after their prefix cache"
         if tree <= fast:
             reasons["engine"] = f"{_ratio(fast, tree)} faster than the fast engine {what}"
             return "tree"

@@ -119,6 +119,9 @@ class FastEngine:
         }
         # seconds: total, prefix (context caches), query_prefill, decode_forward, head (see base.time_breakdown)
         self.times: dict[str, float] = defaultdict(float)
+        # prefix caches made before, by prefix key, that ``generate`` takes instead of making them (the
+        # calibration's engine comparison: every engine makes the same ones, so they are made once, untimed)
+        self.known_prefixes: dict[tuple, KV] = {}
 
     # ------------------------------------------------------------------ public
 
@@ -158,7 +161,7 @@ class FastEngine:
 
     def prefix_caches(self, rows: list[Row]) -> PrefixCaches:
         """The prefix caches of ``rows``, each computed when first needed."""
-        return PrefixCaches(self._prefix_cache, rows, self.stats, self._prefix_caches)
+        return PrefixCaches(self._prefix_cache, rows, self.stats, self._prefix_caches, self.known_prefixes)
 
     def _prefix_cache(self, row: Row) -> KV:
         """Per-layer (keys, values) of a row's prefix (batch of 1), under the row's own intervention

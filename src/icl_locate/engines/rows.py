@@ -14,7 +14,7 @@ rows that only patch, the prompt up to the patched token) + the rest (the query)
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -179,7 +179,8 @@ class PrefixCaches:
     """Prefix caches made when a batch first needs them and dropped once their last row is decoded.
 
     ``make(row)`` computes one row's prefix cache; ``make_many(rows)``, where given, the caches of several
-    rows whose prefixes need no intervention of their own, in one forward (``prepare``)."""
+    rows whose prefixes need no intervention of their own, in one forward (``prepare``); ``known``: caches
+    made before, by prefix key (only this object's references to them are dropped)."""
 
     def __init__(
         self,
@@ -187,9 +188,10 @@ class PrefixCaches:
         rows: list[Row],
         stats: dict,
         make_many: Callable[[list[Row]], list[KV]] | None = None,
+        known: Mapping[tuple, KV] | None = None,
     ):
         self.make, self.make_many, self.stats = make, make_many, stats
-        self.caches: dict[tuple, KV] = {}
+        self.caches: dict[tuple, KV] = dict(known or {})
         self.pending = Counter(r.prefix_key for r in rows)
 
     def prepare(self, rows: list[Row]) -> None:

@@ -29,18 +29,24 @@ def interleaved(
     timer: Timer,
     fns: Mapping[str, Callable[[], object]],
     rounds: int,
-    settled: Callable[[dict[str, float]], bool] = lambda medians: False,
+    beaten: Callable[[dict[str, float]], set[str]] = lambda medians: set(),
+    warmed: bool = False,
 ) -> dict[str, float]:
-    """The median seconds of each of ``fns`` over ``rounds`` rounds that run each once in turn, after one
-    warm-up of each: a machine whose speed drifts during the measurement slows them alike. Fewer rounds
-    where ``settled`` says the medians so far decide already (a ratio far from its limit)."""
-    for fn in fns.values():
+    """The median seconds of each of ``fns`` over up to ``rounds`` rounds that run each once in turn, after
+    one warm-up of each (none where ``warmed``: each ran once just before, e.g. a check on the same input):
+    a machine whose speed drifts during the measurement slows them alike. After a round, the names
+    ``beaten`` picks from the medians so far (out of contention already: a ratio far from its limit) are
+    timed no more; the rounds end where fewer than two are left to compare."""
+    for fn in () if warmed else fns.values():
         fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
+    timed = list(fns)
     for _ in range(rounds):
-        for name, fn in fns.items():
-            times[name].append(timer(name, fn))
-        if settled(medians(times)):
+        for name in timed:
+            times[name].append(timer(name, fns[name]))
+        out = beaten(medians(times))
+        timed = [name for name in timed if name not in out]
+        if len(timed) < 2:
             break
     return medians(times)
 
