@@ -17,14 +17,14 @@ from icl_locate.cli import main
 from icl_locate.core.conditions import get_condition
 from icl_locate.core.interventions import MaskFrom
 from icl_locate.core.models import load_model
-from icl_locate.engines import batch_rows, calibrate, fast, timing
+from icl_locate.engines import batch_rows, calibrate, draft_timing, fast, head_timing, timing
 from icl_locate.engines.base import StopRule, forward, last_hidden
 from icl_locate.engines.calibrate import Calibrator, build_engine
 from icl_locate.engines.choices import Choices
 from icl_locate.engines.fast import FastEngine
-from icl_locate.engines.head import SCREENS
 from icl_locate.engines.reference import ReferenceEngine
 from icl_locate.engines.request import AUTO_REQUEST, EngineRequest, parse_draft_tokens
+from icl_locate.engines.screens import SCREENS
 from icl_locate.engines.tree import TreeEngine
 from icl_locate.util.errors import UserError
 from test_fast_engine import FAMILIES, encoded_prompts, masked
@@ -58,7 +58,7 @@ def choose(lm, tmp_path, timer, request=AUTO_REQUEST, use_cache=True):
     )
 
 
-R = calibrate.REPEATS
+R = timing.REPEATS
 
 
 @pytest.mark.parametrize(
@@ -163,7 +163,7 @@ def test_drafts_only_where_a_longer_step_costs_about_one_token(tmp_path, costs, 
     choices = choose(tiny("llama"), tmp_path, timer)
     assert choices.draft_tokens == expected
     # a ratio far above the limit is settled by one round; one near it takes every round
-    rounds = 1 if timer.seconds["step/1+2"] > calibrate.DRAFT_COST_CLEAR else calibrate.REPEATS
+    rounds = 1 if timer.seconds["step/1+2"] > draft_timing.DRAFT_COST_CLEAR else timing.REPEATS
     assert timer.calls.count("step/1+2") == rounds
 
 
@@ -553,7 +553,8 @@ def test_a_verdict_that_does_not_hold_here_is_measured_again_and_a_prompts_refus
     lm = tiny("llama")
     tree = EngineRequest(engine="tree", draft_tokens=0)
     assert choose(lm, tmp_path, FakeTimer(head__plain=1.0, head__int8=0.5), tree).head == "int8"
-    monkeypatch.setattr(calibrate, "screen_agrees", lambda screen, hidden, plain=None: screen.kind != "int8")
+    for module in (calibrate, head_timing):  # the kept verdict's check and the measurement's
+        monkeypatch.setattr(module, "screen_agrees", lambda screen, hidden, plain=None: screen.kind != "int8")
     again = FakeTimer(head__plain=1.0, head__bf16=0.5, head__int8=0.1)
     choices = choose(lm, tmp_path, again, EngineRequest(engine="tree", draft_tokens=2))
     assert choices.head == "bf16" and "head/plain" in again.calls and "head/int8" not in again.calls

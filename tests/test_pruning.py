@@ -15,8 +15,8 @@ from icl_locate.core.interventions import ColumnMask, MaskFrom, PruneFrom
 from icl_locate.core.structure import decoder_layers
 from icl_locate.engines.base import StopRule, forward
 from icl_locate.engines.fast import FastEngine
-from icl_locate.engines.head import SCREENS, build_screen
 from icl_locate.engines.pruned import PrunedEngine, prune_split
+from icl_locate.engines.screens import SCREENS, build_screen
 from icl_locate.tasks.items import build_items
 from icl_locate.tasks.loaders import load_data
 from icl_locate.tasks.registry import get_task

@@ -11,7 +11,9 @@ import torch
 
 from icl_locate.core.models import load_model
 from icl_locate.engines import head as head_module
-from icl_locate.engines.head import SCREENS, Int8ScreenedHead, exact_int8_levels
+from icl_locate.engines import head_int8
+from icl_locate.engines.head_int8 import Int8ScreenedHead, exact_int8_levels
+from icl_locate.engines.screens import SCREENS
 
 KINDS = list(SCREENS)
 
@@ -38,7 +40,7 @@ def with_outlier_channels(hidden: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize(
     "softcap, vocab",
-    [(None, 5000), (30.0, 5000), (None, 2 * head_module.CHUNK_TOKENS + 100)],  # the last: several int8 chunks
+    [(None, 5000), (30.0, 5000), (None, 2 * head_int8.CHUNK_TOKENS + 100)],  # the last: several int8 chunks
 )
 def test_a_screen_is_the_argmax_of_the_full_logits(kind, softcap, vocab):
     head = SCREENS[kind](head_model(vocab=vocab, softcap=softcap))

@@ -8,19 +8,14 @@ costs about as much as one fed one (latency-bound decoding, GPUs).
 So an engine starts by timing each choice on the model itself, briefly, and picks the faster:
 
 - head: the model's own LM head vs each screened head (bf16, int8: ``engines/head.py``) this model
-  can take, on as many final hidden states of the first prompt as the engine's batches have rows (a
-  screen's cost per row depends on the rows; a screen must give the same tokens there, or it is
-  refused), or this machine and model's verdict for about as many rows kept from an earlier
-  calibration (its screen checked on this prompt's states);
+  can take, on as many final hidden states of the first prompt as the engine's batches have rows
+  (``head_timing.py``), or this machine and model's verdict for about as many rows kept from an
+  earlier calibration (its screen checked on this prompt's states);
 - drafts: a decoding step fed 1 + N tokens against one fed 1 token, over the first prompt's cache at
-  the rows of the engine's batches (the rule's, or --batch-size; the whole work where it is smaller):
-  the body and the chosen head at every fed position (verifying a draft needs the head at each); drafts
-  of N tokens are used where the longer step costs at most ``DRAFT_COST_LIMIT`` times the shorter (so
-  more than one token accepted in every ten steps pays), the largest such N of ``DRAFT_LENGTHS`` (tried
-  shortest first; a first round above ``DRAFT_COST_CLEAR`` settles a length), timed on
-  ``DRAFT_PROBE_ROWS`` rows first and on the engine's rows only where drafts paid there; or none,
-  where a refusal kept for this machine, model and head was timed on no more rows over a cache of
-  the same length to a power of two (``calibration_cache.py`` says why it then holds);
+  ``DRAFT_PROBE_ROWS`` rows first and at the engine's rows (the rule's, or --batch-size; the whole
+  work where it is smaller) only where drafts paid there (``draft_timing.py``); or none, where a
+  refusal kept for this machine, model and head was timed on no more rows over a cache of the same
+  length to a power of two (``calibration_cache.py`` says why it then holds);
 - engine: a short run (``MINI_RUN_TOKENS`` new tokens) of up to ``MINI_RUN_ROWS`` of the first
   query's rows on the fast engine and on the tree engine with the head and drafts chosen above, both
   continuing prefix caches made once before (the engines make them alike: they are not what differs; a
@@ -45,7 +40,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -57,73 +52,34 @@ from ..core.checkpoints import cache_dir
 from ..core.conditions import MaskedPrompt
 from ..util.errors import UserError
 from ..util.system import hardware
-from .base import Engine, StopRule, last_hidden, logits_probe
+from .base import Engine, StopRule, last_hidden
 from .batch_rows import DecodingSteps, choose_batch_scale
 from .calibration_cache import CalibrationCache, digest, length_bucket, refusal_covers, valid_head_verdict
 from .choices import Choices
+from .draft_timing import DRAFT_COST_LIMIT, DRAFT_LENGTHS, DRAFT_PROBE_ROWS, time_drafts
 from .fast import KV_MEMORY_FRACTION, FastEngine
-from .head import SCREENS, CertifiedHead, build_screen
+from .head import CertifiedHead
+from .head_timing import head_sample, screen_agrees, time_heads
 from .request import AUTO_REQUEST, EngineRequest
-from .timing import Timer, interleaved, measure_seconds
+from .screens import SCREENS, build_screen
+from .timing import Timer, measure_seconds, ratio
 from .tree import TreeEngine
 
-DRAFT_LENGTHS = (2, 4, 8)
-# Drafts are taken where a step fed 1 + N tokens costs at most this many times a step fed one: decoding
-# that is latency-bound (a GPU: about 1.0x), not compute-bound (a CPU: 1.3x to 1.5x). Drafts that are
-# rarely accepted (short answers) then cost little; on a compute-bound machine they cost nearly the
-# whole ratio, so the limit keeps a margin below where a noisy timing of a CPU can fall.
-DRAFT_COST_LIMIT = 1.1
-# A first round's ratio above this settles a length without more rounds (an outlier can only refuse drafts;
-# a ratio this far above the limit takes a round slowed by nearly a third).
-DRAFT_COST_CLEAR = 1.3 * DRAFT_COST_LIMIT
-# Drafts are timed on this many rows first (fewer where the engine's batches are smaller): a step's fixed
-# part weighs less the more rows it has (``calibration_cache.py``), so a refusal there holds for more rows;
-# only drafts taken there are timed again on the engine's rows. (One row is not a probe: a single row's
-# products can run other kernels, matrix-vector ones, than those of several rows.)
-DRAFT_PROBE_ROWS = 16
 # final hidden states the heads are timed on where the engine's batch rows are not known (``choose_head``); else
 # on as many as the engine's batches hold: a screen's cost per row depends on the rows (a product of a few rows
 # streams the whole head for each; of many, it is bound by arithmetic, where bf16 and int8 units differ)
 HEAD_SAMPLE_ROWS = 16
-HEAD_CLEAR = 1.3  # after a round, a head this many times slower than the fastest is timed no more
 MINI_RUN_TOKENS = 3  # new tokens in the engine comparison: the query's prefill and two decoding steps
 MINI_RUN_ROWS = 10  # at most this many rows of the first query (a spread of them) in the engine comparison
 # The engines' mini-runs are timed once each; where the slower took less than this many times the faster, each
 # runs once more in the other order and the faster of each engine's two runs counts (a near tie is where one
 # run's noise, e.g. a first run's set-up or another process, would decide)
 ENGINE_CLEAR = 1.25
-REPEATS = 3  # timings compared with each other: the median of this many alternating rounds after a warm-up
 CALIBRATION_VERSION = 19  # part of the cache key: a change of the procedure re-measures
 NO_STEPS = "a one-token prompt leaves no cache to time a step over"
 HEAD_CACHED = "; measured before for this model here"  # ends a head reason taken from an earlier verdict
 # ends a drafts reason taken from an earlier refusal (``calibration_cache.py``: why it holds for this work)
 DRAFTS_CACHED = "; measured before for this model here, on no more rows over a cache of about this length"
-
-
-@torch.no_grad()
-def screen_agrees(screen: CertifiedHead, hidden: torch.Tensor, plain: torch.Tensor | None = None) -> bool:
-    """Whether the screen's greedy tokens are the plain head's on ``hidden`` (a self-check on real states);
-    ``plain``: the plain head's tokens there, where computed already."""
-    return torch.equal(screen.argmax(hidden), screen.full_logits(hidden).argmax(-1) if plain is None else plain)
-
-
-def _sample_rows(states: torch.Tensor, rows: int) -> torch.Tensor:
-    """``rows`` final states [rows, d] from a prompt's [positions, d]: its last positions, repeated where it has
-    fewer."""
-    states = states[-rows:]
-    reps = -(-rows // states.shape[0])
-    return states.repeat(reps, 1)[:rows].contiguous()
-
-
-def _beaten_heads(seconds: dict[str, float]) -> set[str]:
-    """The heads ``HEAD_CLEAR`` times slower than the fastest so far: more rounds would not make them the
-    fastest (the plain head's rounds, on the engine's rows, are long)."""
-    fastest = min(seconds.values())
-    return {name for name, s in seconds.items() if s >= HEAD_CLEAR * fastest}
-
-
-def _ratio(slow: float, fast: float) -> str:
-    return f"{slow / fast:.1f}x" if fast > 0 else "inf"
 
 
 class Calibrator:
@@ -317,7 +273,7 @@ class Calibrator:
         if self._states is None or self._states[0] is not prompt:
             ids = torch.tensor([prompt.ids], device=self.device)
             self._states = (prompt, last_hidden(self.model, ids, positions=len(prompt.ids))[0])
-        return _sample_rows(self._states[1], rows)
+        return head_sample(self._states[1], rows)
 
     def _choose_head(
         self, prompt: MaskedPrompt, rows: int, reasons: dict, measured: dict, model_id: dict | None
@@ -356,50 +312,16 @@ class Calibrator:
         return True
 
     def _measure_head(self, prompt: MaskedPrompt, rows: int, reasons: dict, measured: dict) -> tuple[str, bool]:
-        """The fastest of the plain head and the screens this model can take (each checked on a sample), timed
-        on ``rows`` rows, and whether the verdict holds for the model whatever the prompt (no screen refused by
-        this prompt's sample)."""
-        wanted = self.request.head
-        if wanted == "plain":
+        """The head asked for, or the fastest (``head_timing.py``) timed on ``rows`` rows of the prompt's sample,
+        and whether the verdict holds for the model whatever the prompt; the screens built are kept."""
+        if self.request.head == "plain":
             reasons["head"] = "forced"
             return "plain", False
-        hidden = self._sample_hidden(prompt, rows)
-        screens: dict[str, CertifiedHead] = {}
-        refused: list[str] = []
-        shared = True
-        plain_tokens = None  # the plain head's tokens on the sample: computed once for every screen's check
-        probe = logits_probe(self.model)  # the model's logits formula, checked by every screen's build
-        for kind in [wanted] if wanted in SCREENS else list(SCREENS):
-            screen, why_not = build_screen(self.model, kind, probe)
-            if screen is not None and plain_tokens is None:
-                plain_tokens = screen.full_logits(hidden).argmax(-1)
-            if screen is not None and not screen_agrees(screen, hidden, plain_tokens):
-                screen, why_not, shared = None, "it disagreed with the plain head on a sample", False
-            if screen is None:
-                if wanted == kind:
-                    raise UserError(f"cannot screen the LM head of this model with {kind}: {why_not}; use --head plain")
-                refused.append(f"no {kind} screen: {why_not}")
-            else:
-                screens[kind] = self.screens[kind] = screen
-        if wanted in SCREENS:
-            reasons["head"] = "forced"
-            return wanted, False
-        if not screens:
-            reasons["head"] = "; ".join(refused)
-            return "plain", shared
-        lm_head, cap = self.model.get_output_embeddings(), next(iter(screens.values())).cap
-        heads: dict[str, Callable[[], object]] = {"head/plain": lambda: cap(lm_head(hidden)).argmax(-1)}
-        heads.update({f"head/{kind}": (lambda s=screen: s.argmax(hidden)) for kind, screen in screens.items()})
-        with torch.no_grad():  # each head ran on ``hidden`` above (the screens' checks): warmed up
-            measured.update(interleaved(self.timer, heads, REPEATS, _beaten_heads, warmed=True))
-        plain, on = measured["head/plain"], f"on {len(hidden)} rows"
-        fastest = min(screens, key=lambda kind: measured[f"head/{kind}"])
-        seconds = measured[f"head/{fastest}"]
-        if seconds < plain:
-            reasons["head"] = f"{fastest} screen {_ratio(plain, seconds)} faster than the full product {on} here"
-            return fastest, shared
-        reasons["head"] = f"{fastest} screen {_ratio(seconds, plain)} slower than the full product {on} here"
-        return "plain", shared
+        timing = time_heads(self.model, self._sample_hidden(prompt, rows), self.request.head, self.timer)
+        self.screens.update(timing.screens)
+        reasons["head"] = timing.reason
+        measured.update(timing.measured)
+        return timing.kind, timing.shared
 
     def _choose_drafts(
         self,
@@ -427,7 +349,7 @@ class Calibrator:
             return 0
         for timed in dict.fromkeys((min(rows, DRAFT_PROBE_ROWS), rows)):  # the probe, then the engine's rows
             timings: dict[str, float] = {}  # the round that decides is recorded
-            best, ratios = self._measure_drafts(steps, timed, head, timings)
+            best, ratios = time_drafts(steps, timed, self.screen(head), self.timer, timings)
             if not (ratios and best):
                 break  # refused (or not timeable) on these rows: on more rows too
         measured.update(timings)
@@ -444,32 +366,6 @@ class Calibrator:
         if timed > 1:
             self.calibration_cache.put(key, dict(rows=timed, reason=reason, measured=timings))
         return 0
-
-    def _measure_drafts(
-        self, steps: DecodingSteps, rows: int, head: str, measured: dict
-    ) -> tuple[int, dict[int, float]]:
-        """The longest draft length whose step costs at most ``DRAFT_COST_LIMIT`` times a one-token step (0:
-        none), and the ratio of each length timed (shortest first, up to the first above the limit)."""
-        screen = self.screen(head)
-        best, ratios = 0, {}
-        for n in (n for n in DRAFT_LENGTHS if 1 + n <= len(steps.tokens)):  # against one token, in alternation
-            with torch.no_grad():
-                fns = {"step/1": steps.step(rows, screen), f"step/1+{n}": steps.step(rows, screen, 1 + n)}
-                seconds = interleaved(
-                    self.timer,
-                    fns,
-                    REPEATS,
-                    lambda m, n=n: {f"step/1+{n}"} if m[f"step/1+{n}"] > DRAFT_COST_CLEAR * m["step/1"] else set(),
-                )
-            measured.update(seconds)
-            ratios[n] = seconds[f"step/1+{n}"] / seconds["step/1"] if seconds["step/1"] > 0 else float("inf")
-            if ratios[n] > DRAFT_COST_LIMIT:
-                break  # longer drafts cost more still
-            best = n
-        steps.release()  # the buffers of these rows x 9 tokens (the batch check makes its own)
-        if screen is not None:
-            screen.release()
-        return best, ratios
 
     def _choose_engine(
         self,
@@ -517,9 +413,9 @@ class Calibrator:
         fast, tree = measured["engine/fast"], measured["engine/tree"]
         what = f"on {len(rows)} rows x {short.max_new_tokens} tokens after their prefix cache"
         if tree <= fast:
-            reasons["engine"] = f"{_ratio(fast, tree)} faster than the fast engine {what}"
+            reasons["engine"] = f"{ratio(fast, tree)} faster than the fast engine {what}"
             return "tree"
-        reasons["engine"] = f"{_ratio(tree, fast)} faster than the tree engine {what}"
+        reasons["engine"] = f"{ratio(tree, fast)} faster than the tree engine {what}"
         return "fast"
 
 

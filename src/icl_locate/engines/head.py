@@ -4,12 +4,12 @@ A model with a large vocabulary spends much of each generated token in the LM he
 needs only the top token, so a screen computes every logit cheaply together with a rigorous bound
 on its error, and only the tokens that might still be the top one are computed in full precision
 (fp32, the model's own arithmetic); the first largest of those wins, as ``argmax`` over all logits
-would pick it. Two screens, each kept only where ``calibrate.py`` measures it faster on the
-machine at hand:
+would pick it. Two screens (``screens.py`` lists them), each kept only where ``calibrate.py``
+measures it faster on the machine at hand:
 
-- ``Bf16ScreenedHead``: the product in bf16, for CPUs with bf16 instructions and GPUs;
-- ``Int8ScreenedHead``: the product in int8 with the hidden state's outlier channels in fp32, for
-  CPUs without fast bf16 (int8 products are fast on x86 CPUs with AVX2 alone).
+- ``Bf16ScreenedHead`` (here): the product in bf16, for CPUs with bf16 instructions and GPUs;
+- ``Int8ScreenedHead`` (``head_int8.py``): the product in int8 with the hidden state's outlier
+  channels in fp32, for CPUs without fast bf16 (int8 products are fast on x86 CPUs with AVX2 alone).
 
 So the result is the argmax of the fp32 logits: it can differ from the plain head only where two
 logits tie to within fp32 rounding (the same kind of difference a different batch size makes).
@@ -18,12 +18,11 @@ weight replaced or changed in place (through the tensor, not through ``.data``) 
 few calls one row's exact logits verify the bound: if it is ever exceeded, the screen switches
 itself off with a warning and the full head decides from then on. Used only where it is checked to
 be exact: the model's logits must be ``head(final hidden state)``, softcapped by
-``final_logit_softcapping`` when the config sets it, with no bias (``screen_mismatch``).
+``final_logit_softcapping`` when the config sets it, with no bias (``screens.screen_mismatch``).
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import warnings
 
@@ -31,7 +30,7 @@ import torch
 from torch import nn
 
 from ..core.structure import text_config
-from .base import forward, last_hidden, logits_probe
+from .base import forward, last_hidden
 
 UNIT_BF16 = 2.0**-8
 UNIT_FP32 = 2.0**-24
@@ -280,184 +279,6 @@ def at_least(approx: torch.Tensor, block_max: torch.Tensor, threshold: torch.Ten
     return torch.stack([rows[hit], columns[hit, offset]], 1)
 
 
-OUTLIER_CHANNELS = 64  # hidden channels kept in fp32 (at most a quarter of them): the int8 scale ignores them
-CHUNK_TOKENS = 8192  # vocabulary rows per int8 product: each chunk's results stay in cache while rescaled
-QUANTISE_TOKENS = 1024  # vocabulary rows quantised at a time: a block's dozen passes stay in a core's cache
-
-
-class Int8ScreenedHead(CertifiedHead):
-    """The screen in int8, for CPUs where bf16 products are slow but int8 ones are fast (AVX2, VNNI).
-
-    Final hidden states carry a few channels far larger than the rest (up to ~20x their rms, mostly
-    the same channels in every state), which would swamp an int8 scale; so the ``OUTLIER_CHANNELS``
-    largest channels of the first states seen (set S) stay in fp32 and the rest (R) go to int8:
-
-    - W's columns R, per token v: ``W_vR = s_v q_v + e_v`` (|q_v| <= 127, s_v = max|W_vR| / 127);
-    - h's channels R, per row: ``h_R = t q_h + f`` (|q_h| <= L, t = max|h_R| / L);
-    - ``approx_v = W_vS . h_S + s_v t (q_v . q_h)``, the integer product exact in int32;
-    - then ``W_v . h - approx_v = W_vR . f + e_v . (h_R - f)``, so by Cauchy-Schwarz
-      ``|error_v| <= ||W_v|| ||f|| + ||e_v|| (||h_R|| + ||f||)``, plus fp32 rounding (of the plain head's
-      own sum and of ours) of at most ``2 (d + 16) 2^-24 ||W_v|| ||h||``.
-
-    L is 127 where this machine's int8 product is exact for every int8 input and 63 otherwise:
-    AVX2 kernels without VNNI add pairs of (shifted, unsigned) u8 x s8 products in int16, which
-    saturates unless the second operand stays within 7 bits (``exact_int8_levels`` tests it).
-
-    The bound is per token (``||W_v||``, ``||e_v||``). Any token's lower bound bounds the top logit
-    from below, so the candidates are the tokens whose upper bound reaches the lower bound of the
-    screen's top token: a first pass with the largest per-token norms, a second with each token's own.
-    Everything is computed in units of t (h / t) to save a pass over the [V, B] logits."""
-
-    kind = "int8"
-
-    def __init__(self, model: nn.Module, check_every: int = CHECK_EVERY):
-        self.outliers: torch.Tensor | None = None  # channel set S: chosen by the first call's states
-        self.levels = exact_int8_levels()  # L
-        super().__init__(model, check_every)
-
-    @staticmethod
-    def unsupported_reason(model: nn.Module) -> str | None:
-        why = CertifiedHead.unsupported_reason(model)
-        if why is not None:
-            return why
-        if model.get_output_embeddings().weight.device.type != "cpu":  # pyright: ignore[reportCallIssue]
-            return "the int8 screen is written for CPUs (GPUs have fast bf16 products)"
-        if exact_int8_levels() == 0:
-            return "this machine's int8 products are not exact"
-        return None
-
-    def _build(self) -> None:
-        if self.outliers is not None:
-            self._quantise()
-
-    def _choose_outliers(self, hidden: torch.Tensor) -> None:
-        k = min(OUTLIER_CHANNELS, hidden.shape[1] // 4)
-        peaks = hidden.abs().amax(0)  # [d]
-        self.outliers = torch.sort(peaks, descending=True, stable=True).indices[:k].sort().values
-        self._quantise()
-
-    def _quantise(self) -> None:
-        """W split into fp32 outlier columns and int8 rows, with each token's norms for the bound (in
-        blocks of QUANTISE_TOKENS tokens: no large temporaries, and each block's passes run in cache)."""
-        assert self.outliers is not None
-        weight = self.weight.detach()  # [V, d] fp32
-        vocab, d = weight.shape
-        rest = torch.ones(d, dtype=torch.bool, device=weight.device)
-        rest[self.outliers] = False
-        self.rest = rest
-        self.w_outliers = weight[:, self.outliers].contiguous()  # [V, k]
-        self.w_int8 = torch.empty(vocab, d - len(self.outliers), dtype=torch.int8, device=weight.device)
-        self.w_scale = torch.empty(vocab, 1, device=weight.device)
-        self.w_norm = torch.empty(vocab, device=weight.device)
-        self.e_norm = torch.empty(vocab, device=weight.device)
-        norm_rounding = 1 + (d + 2) * UNIT_FP32  # an fp32 norm of d terms is within this factor of the true one
-        rest_columns = rest.nonzero().squeeze(1)  # [d - k]
-        for start in range(0, vocab, QUANTISE_TOKENS):
-            stop = start + QUANTISE_TOKENS
-            block = weight[start:stop].float()  # [C, d]
-            w_rest = block.index_select(1, rest_columns)  # [C, d - k], a copy: the residual is made in it
-            scale = (w_rest.abs().amax(1, keepdim=True) / 127).clamp_(min=torch.finfo(torch.float32).tiny)
-            q = torch.div(w_rest, scale).round_().clamp_(-127, 127)
-            residual = w_rest.sub_(scale * q)  # e_v up to two roundings: |error_i| <= u (|w_i| + 2 |e_i|)
-            w_norm = block.norm(dim=1).mul_(norm_rounding)
-            self.w_int8[start:stop] = q  # integers within +-127: exact in int8
-            self.w_scale[start:stop] = scale
-            self.w_norm[start:stop] = w_norm
-            self.e_norm[start:stop] = (
-                residual.norm(dim=1) * norm_rounding * (1 + 2 * UNIT_FP32) + UNIT_FP32 * w_norm
-            ) * SAFETY
-        self.w_norm_max, self.e_norm_max = float(self.w_norm.max()), float(self.e_norm.max())
-        self.rounding = 2 * (d + 16) * UNIT_FP32
-
-    def _approx(self, hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The screen's logits in units of t, [chunks, CHUNK_TOKENS, B] (-inf past V), t [B], and the
-        bound's per-row factors alpha, beta [B]: |error_v| / t <= ||W_v|| alpha + ||e_v|| beta."""
-        h_rest = hidden[:, self.rest]  # [B, d - k]
-        t = (h_rest.abs().amax(1) / self.levels).clamp(min=torch.finfo(torch.float32).tiny)  # [B]
-        q = torch.round(h_rest / t[:, None]).clamp(-self.levels, self.levels)
-        f = (h_rest.double() - t.double()[:, None] * q.double()).norm(dim=1)  # ||f||, float64
-        alpha = (f + self.rounding * hidden.double().norm(dim=1)) / t * SAFETY
-        beta = (h_rest.double().norm(dim=1) + f) / t * SAFETY
-        q_t = q.to(torch.int8).T  # [d - k, B]
-        h_out_t = (hidden[:, self.outliers] / t[:, None]).T  # [k, B]
-        vocab, rows = self.w_int8.shape[0], hidden.shape[0]
-        chunks = self._screen_buffer((-(-vocab // CHUNK_TOKENS), CHUNK_TOKENS, rows), torch.float32, hidden.device)
-        chunks[-1, vocab - (len(chunks) - 1) * CHUNK_TOKENS :] = -float("inf")  # past V: never a candidate
-        for c, start in enumerate(range(0, vocab, CHUNK_TOKENS)):
-            stop = min(vocab, start + CHUNK_TOKENS)
-            product = torch._int_mm(self.w_int8[start:stop], q_t)  # [C, B] int32, exact  # pyright: ignore[reportPrivateImportUsage]
-            out = chunks[c, : stop - start]
-            torch.mul(product, self.w_scale[start:stop], out=out)
-            out.addmm_(self.w_outliers[start:stop], h_out_t)
-        return chunks, t, alpha.float(), beta.float()
-
-    def _candidates(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if self.outliers is None:
-            self._choose_outliers(hidden)
-        chunks, t, alpha, beta = self._approx(hidden)  # chunks [n, C, B]
-        rows = hidden.shape[0]
-        flat = chunks.view(-1, rows)  # [n C, B], token-major (no copy)
-        # the screen's top logit and token per row, without a max-with-indices pass over all of them
-        chunk_max = chunks.amax(1)  # [n, B]
-        top, best_chunk = chunk_max.max(0)  # [B]
-        columns = torch.arange(rows, device=hidden.device)
-        where = best_chunk * CHUNK_TOKENS + chunks[best_chunk, :, columns].argmax(1)  # [B]
-        lower = top - (self.w_norm[where] * alpha + self.e_norm[where] * beta)  # <= the top fp32 logit / t
-        row = self._row_to_check(rows)
-        if row is not None:
-            vocab = self.w_int8.shape[0]
-            error = (flat[:vocab, row] * t[row] - hidden[row] @ self.weight.T).abs()
-            excess = error - (self.w_norm * alpha[row] + self.e_norm * beta[row]) * t[row]
-            worst = int(excess.argmax())
-            detail = f"token {worst} off by {float(error[worst]):.3g}"
-            if not self._bound_held(float(excess[worst]), detail):
-                return None
-        loose = lower - (self.w_norm_max * alpha + self.e_norm_max * beta)  # [B]: with every token's largest bound
-        # the tokens at or above ``loose``, scanned only in the chunks whose max reaches it (a row's few)
-        chunk, r = (chunk_max >= loose).nonzero().unbind(1)  # [K']
-        hit, offset = (chunks[chunk, :, r] >= loose[r, None]).nonzero().unbind(1)  # in the [K', C] gathered
-        token, r = chunk[hit] * CHUNK_TOKENS + offset, r[hit]
-        keep = flat[token, r] + self.w_norm[token] * alpha[r] + self.e_norm[token] * beta[r] >= lower[r]
-        r, token = r[keep], token[keep]
-        order = torch.argsort(r * flat.shape[0] + token)  # row-major, tokens ascending
-        return torch.stack([r[order], token[order]], 1), lower * t  # a token left out is below ``lower``
-
-
-@functools.cache
-def exact_int8_levels() -> int:
-    """The largest L (127 or 63) such that ``torch._int_mm(a, b)`` is exact on this machine for any int8
-    ``a`` and ``b`` within +-L, tried on the worst cases for int16 pair sums; 0 if neither is."""
-    if not hasattr(torch, "_int_mm"):
-        return 0
-    generator = torch.Generator().manual_seed(0)
-    for levels in (127, 63):
-        for rows in (1, 16, 64):
-            a = torch.randint(-127, 128, (256, 96), dtype=torch.int8, generator=generator)
-            a[:64] = 127
-            a[64:128] = -127
-            b = torch.randint(-levels, levels + 1, (96, rows), dtype=torch.int8, generator=generator)
-            b[:, : rows // 2 + 1] = levels
-            if not torch.equal(torch._int_mm(a, b).long(), a.long() @ b.long()):  # pyright: ignore[reportPrivateImportUsage]
-                break
-        else:
-            return levels
-    return 0
-
-
-@torch.no_grad()
-def screen_mismatch(
-    model: nn.Module, head: CertifiedHead, probe: tuple[torch.Tensor, torch.Tensor] | None = None
-) -> str | None:
-    """Check on ``model`` itself that its logits are the screened head's full-precision logits of the
-    decoder's last hidden state (no extra scaling or bias the screen would miss); None: they are.
-    ``probe``: ``logits_probe(model)`` where computed already (one serves every screen of a model)."""
-    logits, hidden = probe if probe is not None else logits_probe(model)
-    ours = head.full_logits(hidden)
-    if not torch.allclose(logits, ours, rtol=1e-4, atol=1e-4 * float(logits.abs().max())):
-        return "its logits are not softcap(lm_head(last hidden state))"
-    return None
-
-
 def greedy_tokens(
     model: nn.Module, screen: CertifiedHead | None, ids: torch.Tensor, positions: int = 1, **inputs
 ) -> torch.Tensor:
@@ -467,20 +288,3 @@ def greedy_tokens(
         return forward(model, ids, keep_last=positions, **inputs).logits[:, -positions:].argmax(-1)
     hidden = last_hidden(model, ids, positions=positions, **inputs)  # [B, positions, d]
     return screen.argmax(hidden.flatten(0, 1)).view(ids.shape[0], positions)
-
-
-SCREENS: dict[str, type[CertifiedHead]] = {"bf16": Bf16ScreenedHead, "int8": Int8ScreenedHead}  # --head's screens
-
-
-def build_screen(
-    model: nn.Module, kind: str, probe: tuple[torch.Tensor, torch.Tensor] | None = None
-) -> tuple[CertifiedHead | None, str | None]:
-    """The ``kind`` screen of ``model``'s head, or None and why it cannot be used on this model
-    (``probe``: as ``screen_mismatch`` takes it)."""
-    screen_class = SCREENS[kind]
-    why_not = screen_class.unsupported_reason(model)
-    if why_not is not None:
-        return None, why_not
-    screen = screen_class(model)
-    why_not = screen_mismatch(model, screen, probe)
-    return (screen, None) if why_not is None else (None, why_not)

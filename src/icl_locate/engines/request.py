@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from ..util.errors import UserError
 
 ENGINES = ("auto", "tree", "fast")
-HEADS = ("auto", "bf16", "int8", "plain")  # bf16 / int8: the screened heads of head.py
+HEADS = ("auto", "bf16", "int8", "plain")  # bf16 / int8: the screened heads of screens.py
 
 
 @dataclass(frozen=True)

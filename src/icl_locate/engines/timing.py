@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 import torch
 
 Timer = Callable[[str, Callable[[], object]], float]  # (what is timed, the work) -> seconds of one run
+REPEATS = 3  # timings compared with each other: the median of at most this many alternating rounds after a warm-up
 
 
 def measure_seconds(name: str, fn: Callable[[], object]) -> float:
@@ -53,3 +54,8 @@ def interleaved(
 
 def medians(times: dict[str, list[float]]) -> dict[str, float]:
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def ratio(slow: float, fast: float) -> str:
+    """How many times slower ``slow`` seconds are than ``fast``, as a reason says it."""
+    return f"{slow / fast:.1f}x" if fast > 0 else "inf"

@@ -38,8 +38,9 @@ from ..core.surgery import LayerCall
 from .base import Generation, ProgressCallback, ResultKey, StopRule
 from .drafts import Drafter
 from .fast import KV_MEMORY_FRACTION, MAX_BATCH_TOKENS, FastEngine
-from .head import CertifiedHead, build_screen
+from .head import CertifiedHead
 from .rows import PrefixCaches, Row
+from .screens import build_screen
 from .tree_decode import SlotRoutes, TreeDecode
 
 # Keyword arguments of a decoder layer that carry one row per batch row, by name. Any other
@@ -77,7 +78,7 @@ class TreeEngine(FastEngine):
         batch_scale: float = 1.0,
     ):
         """``head_kind``: pick greedy tokens with the model's own head ("plain") or a screened head
-        ("bf16", "int8": ``head.py``; refused with ValueError where it cannot be used on this model);
+        ("bf16", "int8": ``screens.py``; refused with ValueError where it cannot be used on this model);
         None: the bf16 screen where it can be used, else the model's own head (``calibrate.py`` chooses
         by measuring instead).
         ``draft_tokens``: verify drafts of up to this many tokens per step (0: none; see drafts.py).
