@@ -138,12 +138,21 @@ def test_a_checkpoint_tokenizer_loads_directly_only_after_it_was_compared(tmp_pa
     monkeypatch.setattr(
         tokenizer_files.AutoTokenizer, "from_pretrained", lambda *a, **k: auto_loads.append(1) or real_auto(*a, **k)
     )
+    direct_loads: list = []  # the direct loads, recorded to tell the two apart
+
+    class RecordedFast(tokenizer_files.PreTrainedTokenizerFast):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            direct_loads.append(self)
+
+    monkeypatch.setattr(tokenizer_files, "PreTrainedTokenizerFast", RecordedFast)
     prepare = lambda t: t  # noqa: E731
     first = tokenizer_files.load_tokenizer(directory, prepare)
     verdict = json.loads((directory / tokenizer_files.VERDICT).read_text())
     assert verdict["same"] and verdict["difference"] is None and len(auto_loads) == 1
     second = tokenizer_files.load_tokenizer(directory, prepare)
     assert len(auto_loads) == 1  # the verdict is trusted: no AutoTokenizer load
+    assert first is direct_loads[0] and second is direct_loads[1]  # the comparing load returns the direct one too
     text = "Q: Bonjour ça va ?\nA: <eos> hello"
     expected = byte_tokenizer()(text)["input_ids"]
     assert first(text)["input_ids"] == second(text)["input_ids"] == expected

@@ -5,9 +5,9 @@ class rebuilds the tokenizer from the vocabulary and merges in Python, a cost th
 (262k tokens for Gemma 3) and is paid by every command and every sweep worker. The same file loads into
 ``PreTrainedTokenizerFast`` directly, in the Rust library alone. Whether the two tokenize alike is not
 assumed: the first load of a checkpoint under given library versions loads both, compares them on ``PROBES``
-(ids, offsets, decoding, padding, special tokens) and writes the verdict beside the checkpoint. Later loads
-take the direct path only under a verdict of "same" for the same tokenizer files and the same library
-versions; anything else loads through ``AutoTokenizer``.
+(ids, offsets, decoding, padding, special tokens), writes the verdict beside the checkpoint and returns the
+direct load where they are the same. Later loads take the direct path only under a verdict of "same" for the
+same tokenizer files and the same library versions; anything else loads through ``AutoTokenizer``.
 
 Used for the checkpoints icl-locate builds itself (the embedded model, dequantized .gguf files), whose
 directory it owns; a hub model or a user's directory always loads through ``AutoTokenizer``.
@@ -69,9 +69,12 @@ def load_tokenizer(directory: Path, prepare: Callable) -> object:
         return prepare(_direct(directory))
     reference = prepare(AutoTokenizer.from_pretrained(str(directory)))
     if verdict is None or verdict.get("key") != key:
-        difference = _difference(reference, prepare(_direct(directory)))
+        direct = prepare(_direct(directory))
+        difference = _difference(reference, direct)
         with contextlib.suppress(OSError):  # a read-only cache: the next load compares again
             write_json_atomic(directory / VERDICT, {"key": key, "same": difference is None, "difference": difference})
+        if difference is None:  # what every later load returns: one tokenizer whatever the cache held before
+            return direct
     return reference
 
 
