@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import sqlite3
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,10 +13,12 @@ from icl_locate.cli import main
 from icl_locate.core.conditions import MaskedPrompt, get_condition, hidden_ranges
 from icl_locate.core.interventions import ColumnMask, MaskFrom, PruneFrom
 from icl_locate.core.structure import decoder_layers
-from icl_locate.engines.base import StopRule, forward
+from icl_locate.engines.base import Generation, StopRule, forward
 from icl_locate.engines.fast import FastEngine
 from icl_locate.engines.pruned import PrunedEngine, prune_split
 from icl_locate.engines.screens import SCREENS, build_screen
+from icl_locate.experiments.prune import check_masked, stored_masked
+from icl_locate.results.store import Store
 from icl_locate.tasks.items import build_items
 from icl_locate.tasks.loaders import load_data
 from icl_locate.tasks.registry import get_task
@@ -302,14 +304,56 @@ def test_prune_result_kept_in_study_store_and_reported(tmp_path, capsys, data_di
         )
         == 0
     )
+    # the sweep stored both prompts masked from 2: the check reads them instead of decoding them again
     assert main(["prune", *common, "--layer", "2", "--store", str(store)]) == 0
+    assert "(2 settled by the store's layer-sweep rows, 0 by the fast engine)" in capsys.readouterr().out
     # another model's store is refused, and the store is left as it was
     assert main(["prune", *common[2:], "--model", "tiny:gemma3", "--layer", "2", "--store", str(store)]) == 2
     assert "holds model 'tiny:llama'" in capsys.readouterr().err
-    db = sqlite3.connect(store)
-    assert db.execute("SELECT COUNT(*) FROM pruning").fetchone()[0] == 1
-    db.close()
+    with Store(store, create=False) as db:
+        (result,) = db.pruning_results()
+        assert result["identical_to_masked"] == 2 and result["masked_checked_by"] == dict(store=2, fast_engine=0)
+        sweep_rows = db.predictions_at("mask", 2, dict(condition="instructions+examples"))
+        assert [row["raw_generation"] for row in sweep_rows] == result["pruned"]["generations"]
+        # the stored rows apply to the very prompts, layer and token limit only
+        task = get_task("flores")
+        data = load_data(task, TaskOptions(data_dir=str(data_dir), pair="fra-eng"))
+        items = build_items(task, data, tiny("llama").tokenizer, k=1, seed=0, n_test=2)
+        prompts = masked([it.encoded for it in items], get_condition("instructions+examples"))
+        stop = StopRule(task.stop_strings, 6)
+        found = stored_masked(db, task, "instructions+examples", prompts, 2, stop)
+        assert [found[i][0] for i in range(2)] == result["pruned"]["generations"]
+        assert stored_masked(db, task, "examples", prompts, 2, stop) == {}
+        assert stored_masked(db, task, "instructions+examples", prompts, 1, stop) == {}
+        assert stored_masked(db, task, "instructions+examples", prompts, 2, StopRule(task.stop_strings, 7)) == {}
+        assert stored_masked(db, task, "instructions+examples", prompts[1:], 2, stop) == {0: found[1]}
     out = tmp_path / "report"
     assert main(["report", str(store), "--out-dir", str(out), "--format", "md", "--bootstrap", "20"]) == 0
     text = (out / "report.md").read_text()
     assert "Context-pruned inference (measured)" in text and "| 2 / 4 |" in text and "2/2" in text
+    # a layer the sweep did not run, another token limit: nothing stored applies, the fast engine decodes all
+    for args in (["--layer", "1"], ["--layer", "2", "--max-new-tokens", "5"]):
+        assert main(["prune", *common, *args, "--store", str(store)]) == 0
+        assert "(0 settled by the store's layer-sweep rows, 2 by the fast engine)" in capsys.readouterr().out
+
+
+class _Decoder:
+    """A masked engine that returns given tokens and records the prompts it was asked for."""
+
+    def __init__(self, tokens: dict[int, list[int]]):
+        self.tokens, self.asked = tokens, []
+
+    def generate(self, prompts, rows, stop):
+        self.asked = [p.ids[0] for p in prompts]  # each prompt's first id is its number here
+        return {(n, row): Generation(self.tokens[p.ids[0]], "", "stop") for n, p in enumerate(prompts) for row in rows}
+
+
+def test_the_check_settles_by_stored_rows_and_decodes_the_rest():
+    pruned = [Generation([5, 6], "a b", "stop"), Generation([7], "c", "stop"), Generation([8], "d", "length")]
+    prompts = [SimpleNamespace(ids=(i, 9)) for i in range(3)]  # the check hands prompts to the engine only
+    # prompt 0 stored alike; prompt 1 stored with another finish (decoded again: the engine agrees); prompt 2
+    # not stored (decoded: the engine disagrees)
+    engine = _Decoder({1: [7], 2: [3]})
+    stored = {0: ("a b", "stop"), 1: ("c", "length")}
+    identical, by = check_masked(pruned, prompts, 1, StopRule(), engine, stored)  # pyright: ignore[reportArgumentType]
+    assert (identical, by, engine.asked) == (2, dict(store=1, fast_engine=2), [1, 2])

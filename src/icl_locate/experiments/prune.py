@@ -4,15 +4,17 @@ Full processing is the same engine with r = L (and the same LM head: the model's
 one, measured or forced as in a sweep), so the comparison isolates pruning: analytic
 FLOPs, measured time (prompt processing and decoding), KV cache bytes, peak memory, the task
 score and the share kept, the paper's estimate, and (by default) a check that every pruned
-generation equals the fast engine masking the same range from r.
+generation equals masking the same range from r: the layer sweep's own rows where ``--store`` holds
+them for the very same prompts and token limit (``stored_masked``), else the fast engine's.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -97,6 +99,9 @@ def run_prune(s: PruneSettings, command: str, log=print, loaded: LoadedModel | N
             masked_engine=FastEngine(model, loaded.tokenizer, screen=screen) if s.check else None,
             batch_size=s.batch_size,
             log=log,
+            stored=stored_masked(store, task, condition.name, prompts, s.layer, stop)
+            if store is not None and s.check
+            else None,
         )
         result.data["hardware"] = machine
         result.data["head"] = dict(kind=head_kind, reason=head_reason)
@@ -152,8 +157,10 @@ class PruneResult:
         if d.get("head"):
             lines.append(f"LM head: {d['head']['kind']} ({d['head']['reason']})")
         if d.get("identical_to_masked") is not None:
+            by = d.get("masked_checked_by") or dict(store=0, fast_engine=d["sentences"])
             lines.append(
-                f"pruned == masked-from-r fast engine: {d['identical_to_masked']}/{d['sentences']} generations"
+                f"pruned == masked-from-r: {d['identical_to_masked']}/{d['sentences']} generations "
+                f"({by['store']} settled by the store's layer-sweep rows, {by['fast_engine']} by the fast engine)"
             )
         return "\n".join(lines)
 
@@ -171,12 +178,14 @@ def measure_pruning(
     masked_engine: Engine | None = None,
     batch_size: int = 8,
     log=lambda msg: None,
+    stored: Mapping[int, tuple[str, str]] | None = None,
 ) -> PruneResult:
     """Full processing vs context pruned at ``from_layer`` on the same requests: FLOPs, time, memory, quality.
 
     ``score`` maps the post-processed answers (in item order) to the task's metric; ``pruned_engine``
     makes a fresh engine per run (its counters are per run); ``masked_engine``, when given, decodes the
-    same range masked from r, which pruning must equal.
+    same range masked from r, which pruning must equal, for every prompt ``stored`` lacks or disagrees
+    with (``stored_masked``: a layer sweep's generations of the same prompts masked from r).
     """
     model = loaded.model
     assert model is not None  # a loaded model, not a description
@@ -191,7 +200,7 @@ def measure_pruning(
     pruned_engine().generate_pruned(prompts[:1], from_layer, warm_up)
     pruned_engine().generate_pruned(prompts[:1], n_layers, warm_up)
 
-    runs = {}
+    runs, decoded = {}, {}
     for name, r in (("full", n_layers), ("pruned", from_layer)):
         log(f"running {name} (context through {r} of {n_layers} layers) ...")
         engine = pruned_engine()
@@ -201,7 +210,7 @@ def measure_pruning(
         at_start = torch.cuda.memory_allocated() / 2**20 if cuda else current_rss_mb()
         sync()
         started = time.perf_counter()
-        gens = engine.generate_pruned(prompts, r, stop)
+        gens = decoded[name] = engine.generate_pruned(prompts, r, stop)
         sync()
         seconds = time.perf_counter() - started
         peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_rss_mb()
@@ -223,13 +232,9 @@ def measure_pruning(
         )
         log(f"  {seconds:.1f}s")
 
-    identical = None
+    identical, checked_by = None, None
     if masked_engine is not None:
-        log("checking against the fast engine masking the same range from r ...")
-        fast = masked_engine.generate(prompts, [MaskFrom(from_layer)], stop)
-        identical = sum(
-            fast[(i, MaskFrom(from_layer))].token_ids == ids for i, ids in enumerate(runs["pruned"]["token_ids"])
-        )
+        identical, checked_by = check_masked(decoded["pruned"], prompts, from_layer, stop, masked_engine, stored, log)
     full, pruned = runs["full"], runs["pruned"]
     assert condition is not None  # pruning runs a condition's prompts
     data = dict(
@@ -254,9 +259,60 @@ def measure_pruning(
         quality_kept=pruned["score"] / full["score"] if full["score"] else float("nan"),
         paper_estimate=paper_savings(n_layers, from_layer, k),
         identical_to_masked=identical,
+        masked_checked_by=checked_by,
         threads=torch.get_num_threads(),
     )
     return PruneResult(data)
+
+
+def stored_masked(
+    store: Store, task: Task, condition: str, prompts: Sequence[MaskedPrompt], layer: int, stop: StopRule
+) -> dict[int, tuple[str, str]]:
+    """The (text, finish) of each prompt masked from ``layer`` as a layer sweep in ``store`` decoded it: the
+    same task, condition and token limit, the very prompt tokens and hidden columns (model and dtype are
+    the store's, checked when it was opened). Prompts the store lacks are left out."""
+    limit = json.loads(store.meta("fingerprint") or "{}").get("max_new_tokens") or task.max_new_tokens
+    if limit != stop.max_new_tokens:
+        return {}
+    rows = store.predictions_at("mask", layer, dict(task=task.name, condition=condition))
+    by_prompt = {
+        (tuple(json.loads(row["prompt_token_ids"])), _ranges(json.loads(row["hidden_ranges"]))): (
+            row["raw_generation"],
+            row["finish"],
+        )
+        for row in rows
+    }
+    found = ((i, by_prompt.get((tuple(p.ids), _ranges(p.hidden)))) for i, p in enumerate(prompts))
+    return {i: g for i, g in found if g is not None}
+
+
+def _ranges(ranges) -> tuple[tuple[int, int], ...]:
+    return tuple((int(a), int(b)) for a, b in ranges)
+
+
+def check_masked(
+    pruned: Sequence[Generation],
+    prompts: Sequence[MaskedPrompt],
+    from_layer: int,
+    stop: StopRule,
+    masked_engine: Engine,
+    stored: Mapping[int, tuple[str, str]] | None,
+    log=lambda msg: None,
+) -> tuple[int, dict[str, int]]:
+    """How many pruned generations equal masking the same range from r, and by what each was settled: a
+    stored sweep row with the same text and finish, else the masked engine's tokens (decoded here for
+    the prompts without a stored row, and for any whose stored row differs: a sweep made on another
+    machine may part at a rounding near-tie)."""
+    agree = {i: row == (pruned[i].text, pruned[i].finish) for i, row in (stored or {}).items()}
+    again = [i for i in range(len(prompts)) if not agree.get(i)]
+    settled = len(prompts) - len(again)
+    if settled:
+        log(f"{settled} of {len(prompts)} equal to the store's layer-sweep rows masked from r")
+    if again:
+        log(f"checking {len(again)} against the fast engine masking the same range from r ...")
+        fast = masked_engine.generate([prompts[i] for i in again], [MaskFrom(from_layer)], stop)
+        agree |= {i: fast[(n, MaskFrom(from_layer))].token_ids == pruned[i].token_ids for n, i in enumerate(again)}
+    return sum(agree.values()), dict(store=settled, fast_engine=len(again))
 
 
 def _request_flops(dims: ModelDims, prompt: MaskedPrompt, gen: Generation, from_layer: int) -> dict[str, float]:

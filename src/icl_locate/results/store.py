@@ -246,6 +246,16 @@ class Store:
         names = [d[0] for d in cur.description]
         return [dict(zip(names, row)) for row in cur]
 
+    def predictions_at(self, variant: str, layer: int, spec: dict) -> list[dict]:
+        """The prediction rows of ``variant`` at ``layer`` in every unit whose spec has ``spec``'s values."""
+        units = [u["unit_id"] for u in self.units() if all(u["spec"].get(k) == v for k, v in spec.items())]
+        cur = self.db.execute(
+            f"SELECT * FROM predictions WHERE variant = ? AND layer = ? AND unit_id IN ({', '.join('?' * len(units))})",
+            (variant, layer, *units),
+        )
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, row)) for row in cur]
+
     def prompts(self, unit_id: str) -> dict[int, dict]:
         """The unit's prompts by item: ``text`` and ``token_offsets`` (the character range [start, end) of each
         prompt token, as stored with the prediction rows' token ids). Empty for units stored without them."""
