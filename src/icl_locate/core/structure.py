@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 LAYER_LIST_NAMES = ("layers", "h", "blocks")
@@ -21,6 +22,23 @@ def decoder_config(config: Any) -> Any:
 
 def text_config(model: nn.Module) -> Any:
     return decoder_config(model.config)
+
+
+def logit_softcap(model: nn.Module) -> float | None:
+    """The cap c of the model's final logits, squashed to c * tanh(z / c) (Gemma 2 and 3's
+    ``final_logit_softcapping``), or None where the model leaves them as they are."""
+    return getattr(text_config(model), "final_logit_softcapping", None) or None
+
+
+def softcapped(logits: torch.Tensor, cap: float | None, in_place: bool = False) -> torch.Tensor:
+    """The logits squashed as the model squashes its final ones (``logit_softcap``; None: as they are).
+    ``in_place`` writes into ``logits``: on a vocabulary-sized product that is one pass over memory, not
+    three fresh tensors of its size."""
+    if not cap:
+        return logits
+    if in_place:
+        return logits.div_(cap).tanh_().mul_(cap)
+    return torch.tanh(logits / cap) * cap
 
 
 def config_layers(config) -> int:

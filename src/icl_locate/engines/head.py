@@ -29,7 +29,7 @@ import warnings
 import torch
 from torch import nn
 
-from ..core.structure import text_config
+from ..core.structure import logit_softcap, softcapped
 from .base import forward, last_hidden
 
 UNIT_BF16 = 2.0**-8
@@ -49,7 +49,7 @@ class CertifiedHead:
     def __init__(self, model: nn.Module, check_every: int = CHECK_EVERY):
         """``check_every``: every this many calls, one row's full logits verify the bound (0: never)."""
         self.head = model.get_output_embeddings()  # pyright: ignore[reportCallIssue]
-        self.softcap = getattr(text_config(model), "final_logit_softcapping", None)
+        self.softcap = logit_softcap(model)
         self.check_every, self.calls, self.disabled = check_every, 0, False
         self.stats = {"rows": 0, "candidates": 0, "full_rows": 0, "rebuilt": 0, "checked_rows": 0}
         self.buffer: torch.Tensor | None = None  # the screen's logits of the last call (``_screen_buffer``)
@@ -92,9 +92,7 @@ class CertifiedHead:
 
     def cap(self, logits: torch.Tensor) -> torch.Tensor:
         """The model's final logit softcap (``final_logit_softcapping``), or the logits as they are."""
-        if not self.softcap:
-            return logits
-        return torch.tanh(logits / self.softcap) * self.softcap
+        return softcapped(logits, self.softcap)
 
     def _screen_buffer(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """A tensor of ``shape`` for the screen's logits to be written into (contents undefined), from a buffer

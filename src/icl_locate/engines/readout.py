@@ -26,7 +26,15 @@ from torch import nn
 from ..core.interventions import ColumnMask
 from ..core.patch_hooks import record
 from ..core.patches import head_layout
-from ..core.structure import attention_module, decoder_layers, final_norm, num_layers, output_projection, text_config
+from ..core.structure import (
+    attention_module,
+    decoder_layers,
+    final_norm,
+    logit_softcap,
+    num_layers,
+    output_projection,
+    softcapped,
+)
 from ..util.errors import UserError
 from .base import forward_sharing_start, logits_probe
 
@@ -179,10 +187,10 @@ def head_logits(
     that product runs faster on CPUs, and sums over the vocabulary (``logsumexp``) read it as fast;
     an ``argmax`` over it does not, so the lens keeps the row-major product."""
     head = _fp32_linear_head(model)
-    cap = getattr(text_config(model), "final_logit_softcapping", None)
+    cap = logit_softcap(model)
     if head is None or states.dtype != torch.float32:
         logits = model.get_output_embeddings()(states).float()  # pyright: ignore[reportCallIssue]
-        return torch.tanh(logits / cap) * cap if cap else logits
+        return softcapped(logits, cap)
     rows, vocab = len(states), head.weight.shape[0]
     into = out[: rows * vocab].view((vocab, rows) if vocab_major else (rows, vocab)) if out is not None else None
     if vocab_major:
@@ -191,9 +199,7 @@ def head_logits(
         logits = torch.mm(states, head.weight.T, out=into)
     if head.bias is not None:
         logits = logits + head.bias
-    # the product is this function's own: capped in place, the same values as tanh(logits / cap) * cap without
-    # three more tensors of the product's size (each a pass over memory and, fresh, its page faults)
-    return logits.div_(cap).tanh_().mul_(cap) if cap else logits
+    return softcapped(logits, cap, in_place=True)  # the product is this function's own
 
 
 @torch.no_grad()

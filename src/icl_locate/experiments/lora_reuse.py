@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..core.structure import decoder_layers, text_config
+from ..core.structure import decoder_layers, logit_softcap
 from ..core.surgery import feed_input, output_kind, skip_layers_below, stop_before
 from ..util.errors import UserError
 from ..util.system import available_memory
@@ -48,7 +48,7 @@ class ReusedActivations:
         self.decoder = model.get_decoder()  # pyright: ignore[reportCallIssue]
         self.head_loss = ChunkedHeadLoss(
             model.get_output_embeddings(),  # pyright: ignore[reportCallIssue]
-            getattr(text_config(model), "final_logit_softcapping", None),
+            logit_softcap(model),
             compute_dtype=torch.bfloat16 if autocast == "bf16" else None,
         )
         self.inputs: dict[int, torch.Tensor] = {}  # in memory
