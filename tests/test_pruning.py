@@ -327,6 +327,13 @@ def test_prune_result_kept_in_study_store_and_reported(tmp_path, capsys, data_di
         assert stored_masked(db, task, "instructions+examples", prompts, 1, stop) == {}
         assert stored_masked(db, task, "instructions+examples", prompts, 2, StopRule(task.stop_strings, 7)) == {}
         assert stored_masked(db, task, "instructions+examples", prompts[1:], 2, stop) == {0: found[1]}
+        # a row without the prompt's tokens (not written by this version) is passed over, not read
+        first, where = sweep_rows[0], "WHERE unit_id = ? AND item = ? AND variant = 'mask' AND layer = 2"
+        key = (first["unit_id"], first["item"])
+        db.db.execute(f"UPDATE predictions SET prompt_token_ids = NULL {where}", key)
+        other = 1 - first["item"]
+        assert stored_masked(db, task, "instructions+examples", prompts, 2, stop) == {other: found[other]}
+        db.db.execute(f"UPDATE predictions SET prompt_token_ids = ? {where}", (first["prompt_token_ids"], *key))
     out = tmp_path / "report"
     assert main(["report", str(store), "--out-dir", str(out), "--format", "md", "--bootstrap", "20"]) == 0
     text = (out / "report.md").read_text()

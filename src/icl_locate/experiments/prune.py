@@ -281,6 +281,7 @@ def stored_masked(
             row["finish"],
         )
         for row in rows
+        if row["prompt_token_ids"] is not None and row["hidden_ranges"] is not None and row["finish"] is not None
     }
     found = ((i, by_prompt.get((tuple(p.ids), _ranges(p.hidden)))) for i, p in enumerate(prompts))
     return {i: g for i, g in found if g is not None}

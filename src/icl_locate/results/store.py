@@ -247,10 +247,12 @@ class Store:
         return [dict(zip(names, row)) for row in cur]
 
     def predictions_at(self, variant: str, layer: int, spec: dict) -> list[dict]:
-        """The prediction rows of ``variant`` at ``layer`` in every unit whose spec has ``spec``'s values."""
+        """The prediction rows of ``variant`` at ``layer`` in every unit whose spec has ``spec``'s values (by unit,
+        then item)."""
         units = [u["unit_id"] for u in self.units() if all(u["spec"].get(k) == v for k, v in spec.items())]
         cur = self.db.execute(
-            f"SELECT * FROM predictions WHERE variant = ? AND layer = ? AND unit_id IN ({', '.join('?' * len(units))})",
+            f"SELECT * FROM predictions WHERE variant = ? AND layer = ? AND unit_id IN ({', '.join('?' * len(units))}) "
+            "ORDER BY unit_id, item",
             (variant, layer, *units),
         )
         names = [d[0] for d in cur.description]
