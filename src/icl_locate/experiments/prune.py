@@ -157,10 +157,10 @@ class PruneResult:
         if d.get("head"):
             lines.append(f"LM head: {d['head']['kind']} ({d['head']['reason']})")
         if d.get("identical_to_masked") is not None:
-            by = d.get("masked_checked_by") or dict(store=0, fast_engine=d["sentences"])
             lines.append(
                 f"pruned == masked-from-r: {d['identical_to_masked']}/{d['sentences']} generations "
-                f"({by['store']} settled by the store's layer-sweep rows, {by['fast_engine']} by the fast engine)"
+                f"({d.get('checked_by_store', 0)} settled by the store's layer-sweep rows, "
+                f"{d.get('checked_by_fast_engine', d['sentences'])} by the fast engine)"
             )
         return "\n".join(lines)
 
@@ -259,7 +259,8 @@ def measure_pruning(
         quality_kept=pruned["score"] / full["score"] if full["score"] else float("nan"),
         paper_estimate=paper_savings(n_layers, from_layer, k),
         identical_to_masked=identical,
-        masked_checked_by=checked_by,
+        checked_by_store=checked_by["store"] if checked_by else None,
+        checked_by_fast_engine=checked_by["fast_engine"] if checked_by else None,
         threads=torch.get_num_threads(),
     )
     return PruneResult(data)

@@ -264,7 +264,8 @@ class Study:
         ``sentences``, ``metric``, ``full_score``, ``pruned_score``, ``quality_kept``, the shares saved
         (``flops_saved_prompt``, ``flops_saved_total``, ``time_saved_prefill``, ``time_saved_total``,
         ``kv_saved``), ``paper_estimate`` ((L - r)/L * k/(k+1)), ``identical_to_masked`` (generations equal
-        to masking from r; None: not checked); then every other measurement, those of the two runs
+        to masking from r; None: not checked; ``checked_by_store`` of them settled by the store's layer-sweep
+        rows, ``checked_by_fast_engine`` decoded again); then every other measurement, those of the two runs
         prefixed ``full_`` and ``pruned_`` (seconds, memory, GFLOPs, ...). Generations are left out.
         """
         with self._store() as store:

@@ -212,10 +212,16 @@ def pruning_rows(results: list[dict]) -> list[dict]:
                 time=f"{100 * d['time_saved_prefill']:.1f}% / {100 * d['time_saved_total']:.1f}%",
                 kv=f"{100 * d['kv_saved']:.1f}%",
                 quality=f"{d['metric']} {full['score']:.2f} → {pruned['score']:.2f}",
-                identical="—" if identical is None else f"{identical}/{d['sentences']}",
+                identical="—" if identical is None else f"{identical}/{d['sentences']}" + _settled(d),
             )
         )
     return rows
+
+
+def _settled(measurement: dict) -> str:
+    """What settled the pruning check where the store's sweep rows did some of it (the rest: the fast engine)."""
+    stored = measurement.get("checked_by_store")
+    return f" ({stored} by the sweep's stored rows)" if stored else ""
 
 
 AUDIT_HEADERS = [
