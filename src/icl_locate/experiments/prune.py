@@ -272,8 +272,7 @@ def stored_masked(
     """The (text, finish) of each prompt masked from ``layer`` as a layer sweep in ``store`` decoded it: the
     same task, condition and token limit, the very prompt tokens and hidden columns (model and dtype are
     the store's, checked when it was opened). Prompts the store lacks are left out."""
-    limit = json.loads(store.meta("fingerprint") or "{}").get("max_new_tokens") or task.max_new_tokens
-    if limit != stop.max_new_tokens:
+    if stop_rule(task, store.fingerprint().get("max_new_tokens")) != stop:  # the sweep's rule, as it ran
         return {}
     rows = store.predictions_at("mask", layer, dict(task=task.name, condition=condition))
     by_prompt = {

@@ -82,7 +82,7 @@ class Store:
         if not attach:
             return cls(path, fingerprint)
         store = cls(path, create=False)
-        stored = json.loads(store.meta("fingerprint") or "{}")
+        stored = store.fingerprint()
         for key in MODEL_IDENTITY:
             if key in stored and stored[key] != fingerprint.get(key):
                 store.close()
@@ -132,6 +132,10 @@ class Store:
     def meta(self, key: str) -> str | None:
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return row[0] if row else None
+
+    def fingerprint(self) -> dict:
+        """What the store was fixed to at creation (``study_fingerprint``); empty before a sweep fixed it."""
+        return json.loads(self.meta("fingerprint") or "{}")
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -242,9 +246,9 @@ class Store:
         ]
 
     def predictions(self, unit_id: str) -> list[dict]:
-        cur = self.db.execute("SELECT * FROM predictions WHERE unit_id = ? ORDER BY variant, layer, item", (unit_id,))
-        names = [d[0] for d in cur.description]
-        return [dict(zip(names, row)) for row in cur]
+        return _dicts(
+            self.db.execute("SELECT * FROM predictions WHERE unit_id = ? ORDER BY variant, layer, item", (unit_id,))
+        )
 
     def predictions_at(self, variant: str, layer: int, spec: dict) -> list[dict]:
         """The prediction rows of ``variant`` at ``layer`` in every unit whose spec has ``spec``'s values (by unit,
@@ -255,8 +259,7 @@ class Store:
             "ORDER BY unit_id, item",
             (variant, layer, *units),
         )
-        names = [d[0] for d in cur.description]
-        return [dict(zip(names, row)) for row in cur]
+        return _dicts(cur)
 
     def prompts(self, unit_id: str) -> dict[int, dict]:
         """The unit's prompts by item: ``text`` and ``token_offsets`` (the character range [start, end) of each
@@ -358,6 +361,12 @@ class Store:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _dicts(cursor: sqlite3.Cursor) -> list[dict]:
+    """A query's rows, each as {column: value}."""
+    names = [d[0] for d in cursor.description]
+    return [dict(zip(names, row)) for row in cursor]
 
 
 def _alive(pid: int) -> bool:
