@@ -1,7 +1,9 @@
-"""Process and device memory, read in one place (Linux ``/proc``; CUDA through torch)."""
+"""The machine, read in one place: process and device memory, the CPU and what its speed depends on (Linux
+``/proc``; CUDA through torch)."""
 
 from __future__ import annotations
 
+import os
 import platform
 
 import torch
@@ -48,26 +50,82 @@ def available_memory(device: torch.device) -> int:
     return kb * 1024 if kb is not None else 8 * 2**30  # not Linux: assume 8 GiB
 
 
-def cpu_model() -> str:
-    """The CPU's marketing name (Linux ``/proc/cpuinfo``; else what ``platform`` knows)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("model name", "Model", "Hardware")) and ":" in line:
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
+# The CPU features that decide which of torch's kernels run fast, as /proc/cpuinfo names them (x86 "flags", ARM
+# "Features"): the vector width of fp32 products (avx2, avx512f; ARM sve), bf16 products (avx512_bf16, amx_bf16;
+# ARM bf16), int8 products (avx512_vnni, avx_vnni, amx_int8; ARM asimddp, i8mm) and fp16 ones (avx512_fp16,
+# amx_fp16; ARM fphp). A VM's model name is often generic ("Intel(R) Xeon(R) Processor"), and the same name
+# covers CPUs with and without fast bf16, so these are part of what a calibration is kept for.
+SPEED_FLAGS = (
+    "avx2",
+    "avx512f",
+    "avx512_bf16",
+    "avx512_vnni",
+    "avx_vnni",
+    "avx512_fp16",
+    "amx_bf16",
+    "amx_int8",
+    "amx_fp16",
+    "asimddp",
+    "i8mm",
+    "bf16",
+    "fphp",
+    "sve",
+)
+# Settings that make torch's kernels use less of the instruction set than the CPU has (``ATEN_CPU_CAPABILITY``
+# shows in torch's CPU capability; oneDNN's and MKL's do not show anywhere else, yet change bf16 and int8 speed)
+ISA_SETTINGS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
+
+def cpu_description(cpuinfo: str | None = None) -> dict:
+    """The CPU: its marketing name (``model``), what identifies its design (``id``: x86 vendor, family, model
+    and stepping; ARM implementer and part) and which ``SPEED_FLAGS`` it has (``flags``, in that order).
+    ``cpuinfo``: the text of Linux ``/proc/cpuinfo`` (read where None; elsewhere what ``platform`` knows)."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            cpuinfo = ""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():  # each field's first value: the first core's (ARM boards name the model last)
+        name, _, value = line.partition(":")
+        fields.setdefault(name.strip(), value.strip())
+    model = fields.get("model name") or fields.get("Model") or fields.get("Hardware")
+    model = model or platform.processor() or platform.machine() or "unknown CPU"
+    if "vendor_id" in fields:
+        parts = [
+            fields["vendor_id"],
+            fields.get("cpu family", "?"),
+            fields.get("model", "?"),
+            fields.get("stepping", "?"),
+        ]
+        design = "{} {}/{}/{}".format(*parts)
+    elif "CPU implementer" in fields:
+        design = f"ARM implementer {fields['CPU implementer']} part {fields.get('CPU part', '?')}"
+    else:
+        design = platform.machine() or "unknown"
+    present = set((fields.get("flags") or fields.get("Features") or "").split())
+    return dict(model=model, id=design, flags=[flag for flag in SPEED_FLAGS if flag in present])
+
+
+def isa_settings() -> dict[str, str]:
+    """The ``ISA_SETTINGS`` set in this process's environment."""
+    return {name: os.environ[name] for name in ISA_SETTINGS if os.environ.get(name)}
 
 
 def hardware(device: torch.device | str) -> dict:
-    """What the speed of this run depends on: CPU model, the instruction set torch's CPU kernels
-    dispatch to (``ATEN_CPU_CAPABILITY`` can lower it), the GPU in use and the thread count."""
+    """What the speed of this run depends on: the CPU (model name, design, speed-relevant features), the
+    instruction set torch's CPU kernels dispatch to and the settings that lower it, the GPU in use and the
+    thread count."""
     device = torch.device(device)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    cpu = cpu_description()
     return dict(
-        cpu=cpu_model(),
+        cpu=cpu["model"],
+        cpu_id=cpu["id"],
+        cpu_flags=cpu["flags"],
         cpu_capability=torch.backends.cpu.get_cpu_capability(),
+        isa_settings=isa_settings(),
         gpu=gpu,
         threads=torch.get_num_threads(),
         device=str(device),
@@ -78,4 +136,7 @@ def hardware(device: torch.device | str) -> dict:
 def hardware_line(info: dict) -> str:
     """One line naming the machine (for logs and reports)."""
     gpu = f"GPU {info['gpu']}" if info.get("gpu") else "no GPU"
-    return f"{info['cpu']} (torch CPU capability {info['cpu_capability']}, {info['threads']} threads), {gpu}"
+    design = ", ".join(filter(None, [info.get("cpu_id"), " ".join(info.get("cpu_flags") or [])]))
+    settings = "".join(f", {name}={value}" for name, value in (info.get("isa_settings") or {}).items())
+    cpu = f"{info['cpu']} [{design}]" if design else info["cpu"]
+    return f"{cpu} (torch CPU capability {info['cpu_capability']}{settings}, {info['threads']} threads), {gpu}"

@@ -1,0 +1,100 @@
+"""The machine's description: what a calibration is kept for and what every figure is reported beside."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import tiny
+from icl_locate.engines.calibrate import Calibrator
+from icl_locate.util import system
+
+SAPPHIRE_RAPIDS_VM = """processor\t: 0
+vendor_id\t: GenuineIntel
+cpu family\t: 6
+model\t\t: 167
+model name\t: Intel(R) Xeon(R) Processor
+stepping\t: 1
+flags\t\t: fpu sse2 avx2 fma avx512f avx512bw avx_vnni avx512_bf16 amx_bf16 avx512_vnni avx512_fp16 amx_tile amx_int8
+
+processor\t: 1
+vendor_id\t: GenuineIntel
+model name\t: the first core's name is taken
+"""
+SKYLAKE_VM = (
+    SAPPHIRE_RAPIDS_VM.replace("167", "85")
+    .replace(" avx_vnni avx512_bf16 amx_bf16 avx512_vnni", "")
+    .replace(" avx512_fp16 amx_tile amx_int8", "")
+)
+MASKED_VM = SAPPHIRE_RAPIDS_VM.replace(" avx512_bf16 amx_bf16", "").replace(" amx_tile amx_int8", "")
+DESCRIBE = system.cpu_description  # the real parser (the tests replace what the machine reads)
+GRAVITON = """processor\t: 0
+BogoMIPS\t: 2100.00
+Features\t: fp asimd aes asimddp sha512 sve i8mm bf16 svebf16
+CPU implementer\t: 0x41
+CPU architecture: 8
+CPU part\t: 0xd40
+"""
+BOARD = GRAVITON + "\nHardware\t: BCM2835\nModel\t: Raspberry Pi 4 Model B Rev 1.4\n"  # the model after the cores
+
+
+def test_the_cpu_is_described_by_its_design_and_speed_features():
+    intel = system.cpu_description(SAPPHIRE_RAPIDS_VM)
+    assert intel["model"] == "Intel(R) Xeon(R) Processor"
+    assert intel["id"] == "GenuineIntel 6/167/1"
+    assert intel["flags"] == [
+        "avx2",
+        "avx512f",
+        "avx512_bf16",
+        "avx512_vnni",
+        "avx_vnni",
+        "avx512_fp16",
+        "amx_bf16",
+        "amx_int8",
+    ]
+    older = system.cpu_description(SKYLAKE_VM)  # the same model name, no bf16 or int8 units
+    assert older["model"] == intel["model"] and older["flags"] == ["avx2", "avx512f"] and older["id"] != intel["id"]
+    arm = system.cpu_description(GRAVITON)
+    assert arm["id"] == "ARM implementer 0x41 part 0xd40"
+    assert arm["flags"] == ["asimddp", "i8mm", "bf16", "sve"]  # svebf16 is not bf16
+    assert DESCRIBE(BOARD)["model"] == "Raspberry Pi 4 Model B Rev 1.4"
+    assert system.cpu_description("")["flags"] == []
+
+
+def test_the_machine_line_names_the_design_and_the_settings_that_lower_the_instruction_set(monkeypatch):
+    monkeypatch.setattr(system, "cpu_description", lambda: DESCRIBE(SAPPHIRE_RAPIDS_VM))
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    info = system.hardware("cpu")
+    assert info["isa_settings"] == {"ONEDNN_MAX_CPU_ISA": "AVX2"}
+    line = system.hardware_line(info)
+    assert line.startswith("Intel(R) Xeon(R) Processor [GenuineIntel 6/167/1, avx2 avx512f avx512_bf16 ")
+    assert ", ONEDNN_MAX_CPU_ISA=AVX2, " in line and line.endswith("threads), no GPU")
+    # a record written before the design was kept still reads
+    old = {k: info[k] for k in ("cpu", "cpu_capability", "threads", "gpu")}
+    assert system.hardware_line(
+        old
+    ) == f"Intel(R) Xeon(R) Processor (torch CPU capability {info['cpu_capability']}, " + (
+        f"{info['threads']} threads), no GPU"
+    )
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda mp: mp.setattr(system, "cpu_description", lambda: DESCRIBE(SKYLAKE_VM)),
+        lambda mp: mp.setattr(system, "cpu_description", lambda: DESCRIBE(MASKED_VM)),
+        lambda mp: mp.setenv("ONEDNN_MAX_CPU_ISA", "AVX2"),
+        lambda mp: mp.setenv("MKL_ENABLE_INSTRUCTIONS", "AVX2"),
+    ],
+    ids=["another CPU of the same name", "bf16 and AMX hidden by the hypervisor", "oneDNN lowered", "MKL lowered"],
+)
+def test_a_calibration_is_kept_for_the_cpu_design_and_the_instruction_set_settings(change, monkeypatch, tmp_path):
+    lm = tiny("llama")
+    monkeypatch.setattr(system, "cpu_description", lambda: DESCRIBE(SAPPHIRE_RAPIDS_VM))
+    for name in system.ISA_SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+    calibrator = Calibrator(lm.model, lm.tokenizer, cache=tmp_path)
+    here = calibrator.identity(None)
+    assert calibrator.identity(None) == here
+    change(monkeypatch)
+    assert calibrator.identity(None) != here
