@@ -11,7 +11,7 @@ import pytest
 
 from conftest import tiny_worker
 from icl_locate.cli import main
-from icl_locate.experiments import bench, decode, prune, sweep
+from icl_locate.experiments import bench, decode, prune, sweep, units
 from icl_locate.experiments.executors import LocalExecutor
 from icl_locate.experiments.planning import plan_units
 from icl_locate.experiments.settings import SweepConfig
@@ -114,6 +114,30 @@ def test_computing_a_unit_writes_nothing_and_is_repeatable(tmp_path, data_dir):
     assert first.predictions == second.predictions and first.scores == second.scores
     assert len(first.predictions) == 2 * 3 and {p["layer"] for p in first.predictions} == {0, 2, 4}
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_worker_hands_back_the_memory_of_each_unit_it_computed(data_dir, monkeypatch):
+    config = SweepConfig(
+        model="tiny:llama",
+        pairs=["fra-eng"],
+        conditions=["instructions+examples"],
+        seeds=[0],
+        ks=[1],
+        layers="0,4",
+        n_test=1,
+        max_new_tokens=2,
+        data_dir=str(data_dir),
+    )
+    worker = tiny_worker(config, fast_engine=True, max_new_tokens=config.max_new_tokens)
+    unit = plan_units(config, worker.loaded.info.num_layers)[0]
+    handed_back = []
+    monkeypatch.setattr(units, "return_free_memory", lambda: handed_back.append(unit.unit_id))
+    worker.compute(unit)
+    assert handed_back == [unit.unit_id]
+    monkeypatch.setattr(worker, "compute_rows", lambda *args: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        worker.compute(unit)
+    assert len(handed_back) == 2  # a unit that failed freed its memory too
 
 
 def test_bleu_metric_statistics_aggregate_to_the_corpus_score():

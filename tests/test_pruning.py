@@ -17,6 +17,7 @@ from icl_locate.engines.base import Generation, StopRule, forward
 from icl_locate.engines.fast import FastEngine
 from icl_locate.engines.pruned import PrunedEngine, prune_split
 from icl_locate.engines.screens import SCREENS, build_screen
+from icl_locate.experiments import prune
 from icl_locate.experiments.prune import check_masked, stored_masked
 from icl_locate.results.store import Store
 from icl_locate.tasks.items import build_items
@@ -207,14 +208,18 @@ def test_prune_command_on_tiny_model(tmp_path, capsys, data_dir):
     assert data["head"]["kind"] in ("plain", *SCREENS) and data["head"]["reason"]
 
 
-def test_prune_command_honours_a_forced_head(tmp_path, capsys, data_dir):
+def test_prune_command_honours_a_forced_head(tmp_path, capsys, data_dir, monkeypatch):
     out = tmp_path / "prune.json"
     args = ["prune", "--model", "tiny:llama", "--n-test", "2", "--layer", "2", "--k", "2", "--max-new-tokens", "6"]
+    events = []  # each run's memory is measured from what the process needs: freed memory handed back first
+    monkeypatch.setattr(prune, "return_free_memory", lambda: events.append("hand back"))
+    monkeypatch.setattr(prune, "reset_peak_rss", lambda: events.append("reset peak"))
     assert main([*args, "--head", "int8", "--data-dir", str(data_dir), "--json", str(out)]) == 0
     data = json.loads(out.read_text())
     assert data["head"]["kind"] == "int8" and data["head"]["reason"].startswith("forced")
     assert data["identical_to_masked"] == 2
     assert "head: int8 (forced" in capsys.readouterr().err
+    assert events == ["hand back", "reset peak"] * 2  # the full run, the pruned run
 
 
 def test_prune_command_bad_input(tmp_path, capsys, data_dir):

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
+import subprocess
+import sys
+
 import pytest
 
 from conftest import tiny
@@ -98,3 +102,27 @@ def test_a_calibration_is_kept_for_the_cpu_design_and_the_instruction_set_settin
     assert calibrator.identity(None) == here
     change(monkeypatch)
     assert calibrator.identity(None) != here
+
+
+HEAP_HELD = """
+import ctypes
+from icl_locate.util import system
+libc = ctypes.CDLL(None)
+libc.mallopt(-3, 4 * 2**20)  # M_MMAP_THRESHOLD: 1 MB blocks from the heap, as glibc's dynamic threshold makes them
+libc.mallopt(-1, 2**30)  # M_TRIM_THRESHOLD: no trimming on free, as a long-running process sees it
+blocks = [ctypes.create_string_buffer(2**20) for _ in range(256)]  # 256 MB, touched (zeroed)
+del blocks[:-1]  # all but the last block: the heap's top stays in use, free() cannot shrink it
+held = system.current_rss_mb()
+system.return_free_memory()
+print(held - system.current_rss_mb())
+"""
+
+
+def test_memory_freed_inside_the_heap_is_handed_back():
+    """glibc keeps freed blocks below its mmap threshold in the heap, resident; ``return_free_memory`` hands
+    their pages back (what a worker does after each unit). In a process of its own: the allocator's settings
+    it changes would stay."""
+    if system.current_rss_mb() is None or not hasattr(ctypes.CDLL(None), "malloc_trim"):
+        pytest.skip("needs Linux's /proc and glibc")
+    handed_back = subprocess.run([sys.executable, "-c", HEAP_HELD], capture_output=True, text=True, check=True)
+    assert float(handed_back.stdout) > 128  # MB of the 255 freed

@@ -34,7 +34,14 @@ from ..tasks.items import build_items, post_process
 from ..tasks.spec import Task
 from ..util.errors import UserError
 from ..util.fileio import check_writable, write_json_atomic
-from ..util.system import current_rss_mb, hardware, hardware_line, peak_rss_mb, reset_peak_rss
+from ..util.system import (
+    current_rss_mb,
+    hardware,
+    hardware_line,
+    peak_rss_mb,
+    reset_peak_rss,
+    return_free_memory,
+)
 from .common import check_context, fingerprint, layer_from_condition, masked_prompts, provenance, stop_rule
 from .options import PruneSettings
 from .settings import check_count, task_and_data
@@ -204,6 +211,7 @@ def measure_pruning(
     for name, r in (("full", n_layers), ("pruned", from_layer)):
         log(f"running {name} (context through {r} of {n_layers} layers) ...")
         engine = pruned_engine()
+        return_free_memory()  # each run's memory is measured from what the process needs, not what it kept
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         reset_peak_rss()

@@ -25,6 +25,7 @@ from ..engines.calibrate import Calibrator, build_engine
 from ..engines.choices import Choices
 from ..engines.request import EngineRequest
 from ..tasks.items import build_items, labelled_task
+from ..util.system import return_free_memory
 from .common import check_context, masked_prompts, stop_rule
 from .methods import METHOD_KINDS, MethodInputs, run_method
 from .scoring import Decoded, prompt_rows, score_rows, span_lengths
@@ -145,8 +146,18 @@ class Worker:
         return self.engines[shape]
 
     def compute(self, unit: WorkUnit, progress: ProgressCallback | None = None) -> UnitResult:
-        if unit.kind in METHOD_KINDS:
-            return self.compute_method(unit, progress)
+        """The unit's rows decoded and scored; then the memory its batches took is handed back to the system
+        (``return_free_memory``): between units a worker holds its model, engines and screens, not gigabytes
+        of freed activations and caches."""
+        try:
+            if unit.kind in METHOD_KINDS:
+                return self.compute_method(unit, progress)
+            return self.compute_rows(unit, progress)
+        finally:
+            return_free_memory()
+
+    def compute_rows(self, unit: WorkUnit, progress: ProgressCallback | None = None) -> UnitResult:
+        """A unit of masked or ablated rows (layer sweeps, head sweeps)."""
         task, data, items = unit_items(self.loaded.tokenizer, self.tasks, unit)
         n_layers = self.loaded.info.num_layers
         condition = get_condition(unit.condition) if unit.kind != "ablation" else None

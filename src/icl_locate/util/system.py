@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import gc
 import os
 import platform
 
@@ -40,6 +43,28 @@ def current_rss_mb() -> float | None:
     """Resident set size now (Linux VmRSS), in MB."""
     kb = _proc_kb("/proc/self/status", "VmRSS:")
     return None if kb is None else kb / 1024
+
+
+def return_free_memory() -> None:
+    """Hand back to the system the memory this process freed: glibc keeps freed heap memory for reuse, and
+    after a unit of decoding that is often gigabytes (every batch's activations and KV caches) that the
+    process would keep resident, and a measurement of the next phase would start from; on a GPU, the blocks
+    torch's allocator keeps cached. Where the C library is not glibc, only the GPU's cache is emptied."""
+    gc.collect()  # tensors held only by reference cycles go first
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim`` (None elsewhere: musl, macOS, Windows)."""
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError):
+        return None
 
 
 def available_memory(device: torch.device) -> int:
