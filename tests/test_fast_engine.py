@@ -16,6 +16,7 @@ from icl_locate.engines.base import StopRule
 from icl_locate.engines.decoding import decode_batch
 from icl_locate.engines.fast import FastEngine
 from icl_locate.engines.reference import ReferenceEngine, greedy_decode
+from icl_locate.experiments import bench
 
 FAMILIES = ["llama", "gemma3", "qwen2", "starcoder2", "gpt_neo", "bloom", "gpt2"]
 BANK = [Example(str(i), f"phrase numero {i} ici", f"phrase number {i} here") for i in range(6)]
@@ -155,8 +156,12 @@ def test_memory_bound_shrinks_batches_not_results():
     assert small_engine.stats["logit_rows"] == sum(len(g.token_ids) + (g.finish == "eos") for g in small.values())
 
 
-def test_bench_command_on_tiny_model(tmp_path, capsys, data_dir):
+def test_bench_command_on_tiny_model(tmp_path, capsys, data_dir, monkeypatch):
     out = tmp_path / "bench.json"
+    # the peak read before (c) (the model, (a), (b), the calibration), then during (c) and during (d): the
+    # process's peak is the largest, though reading a phase's peak resets the kernel's maximum
+    peaks = iter([900.0, 300.0, 400.0])
+    monkeypatch.setattr(bench, "peak_rss_mb", lambda: next(peaks))
     code = main(
         [
             "bench",
@@ -192,7 +197,9 @@ def test_bench_command_on_tiny_model(tmp_path, capsys, data_dir):
     ):
         assert key in data
     assert data["identical_fraction"] == 1.0 and data["pairs"] == 6
-    assert "(c) fast engine" in capsys.readouterr().out
+    assert (data["peak_rss_mb"], data["peak_rss_mb_fast"], data["peak_rss_mb_spec"]) == (900, 300, 400)
+    printed = capsys.readouterr().out
+    assert "(c) fast engine" in printed and "peak RSS 900 MB (whole process), 300 MB during (c)" in printed
 
 
 @pytest.mark.parametrize("family", ["llama", "bloom"])
