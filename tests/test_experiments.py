@@ -96,18 +96,23 @@ def test_driver_commits_what_comes_back_and_releases_the_rest(tmp_path, data_dir
         assert (ran, skipped) == (1, 1) and store.done_units() == {u.unit_id for u in units}
 
 
-def test_computing_a_unit_writes_nothing_and_is_repeatable(tmp_path, data_dir):
-    config = SweepConfig(
-        model="tiny:qwen2",
+def small_sweep(data_dir, model: str, layers: str, n_test: int, max_new_tokens: int) -> SweepConfig:
+    """One fra->eng unit of a tiny model: instructions+examples, k=1, seed 0."""
+    return SweepConfig(
+        model=model,
         pairs=["fra-eng"],
         conditions=["instructions+examples"],
         seeds=[0],
         ks=[1],
-        layers="0,2,4",
-        n_test=2,
-        max_new_tokens=3,
+        layers=layers,
+        n_test=n_test,
+        max_new_tokens=max_new_tokens,
         data_dir=str(data_dir),
     )
+
+
+def test_computing_a_unit_writes_nothing_and_is_repeatable(tmp_path, data_dir):
+    config = small_sweep(data_dir, "tiny:qwen2", "0,2,4", n_test=2, max_new_tokens=3)
     worker = tiny_worker(config, fast_engine=True, max_new_tokens=config.max_new_tokens)
     unit = plan_units(config, worker.loaded.info.num_layers)[0]
     first, second = worker.compute(unit), worker.compute(unit)
@@ -117,17 +122,7 @@ def test_computing_a_unit_writes_nothing_and_is_repeatable(tmp_path, data_dir):
 
 
 def test_a_worker_hands_back_the_memory_of_each_unit_it_computed(data_dir, monkeypatch):
-    config = SweepConfig(
-        model="tiny:llama",
-        pairs=["fra-eng"],
-        conditions=["instructions+examples"],
-        seeds=[0],
-        ks=[1],
-        layers="0,4",
-        n_test=1,
-        max_new_tokens=2,
-        data_dir=str(data_dir),
-    )
+    config = small_sweep(data_dir, "tiny:llama", "0,4", n_test=1, max_new_tokens=2)
     worker = tiny_worker(config, fast_engine=True, max_new_tokens=config.max_new_tokens)
     unit = plan_units(config, worker.loaded.info.num_layers)[0]
     handed_back = []
@@ -138,6 +133,9 @@ def test_a_worker_hands_back_the_memory_of_each_unit_it_computed(data_dir, monke
     with pytest.raises(ZeroDivisionError):
         worker.compute(unit)
     assert len(handed_back) == 2  # a unit that failed freed its memory too
+    monkeypatch.setattr(units, "return_free_memory", lambda: 1 / [])  # e.g. a GPU left in an error state
+    with pytest.raises(ZeroDivisionError):  # the unit's own error, not the freeing's TypeError
+        worker.compute(unit)
 
 
 def test_bleu_metric_statistics_aggregate_to_the_corpus_score():

@@ -212,14 +212,14 @@ def test_prune_command_honours_a_forced_head(tmp_path, capsys, data_dir, monkeyp
     out = tmp_path / "prune.json"
     args = ["prune", "--model", "tiny:llama", "--n-test", "2", "--layer", "2", "--k", "2", "--max-new-tokens", "6"]
     events = []  # each run's memory is measured from what the process needs: freed memory handed back first
-    monkeypatch.setattr(prune, "return_free_memory", lambda: events.append("hand back"))
+    monkeypatch.setattr(prune, "return_free_memory", lambda gpu_cache: events.append(f"hand back, gpu {gpu_cache}"))
     monkeypatch.setattr(prune, "reset_peak_rss", lambda: events.append("reset peak"))
     assert main([*args, "--head", "int8", "--data-dir", str(data_dir), "--json", str(out)]) == 0
     data = json.loads(out.read_text())
     assert data["head"]["kind"] == "int8" and data["head"]["reason"].startswith("forced")
     assert data["identical_to_masked"] == 2
     assert "head: int8 (forced" in capsys.readouterr().err
-    assert events == ["hand back", "reset peak"] * 2  # the full run, the pruned run
+    assert events == ["hand back, gpu False", "reset peak"] * 2  # the full run, the pruned run (GPU cache kept)
 
 
 def test_prune_command_bad_input(tmp_path, capsys, data_dir):

@@ -66,7 +66,8 @@ def test_the_cpu_is_described_by_its_design_and_speed_features():
 
 def test_the_machine_line_names_the_design_and_the_settings_that_lower_the_instruction_set(monkeypatch):
     monkeypatch.setattr(system, "cpu_description", lambda: DESCRIBE(SAPPHIRE_RAPIDS_VM))
-    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    for name in system.ISA_SETTINGS:
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
     info = system.hardware("cpu")
     assert info["isa_settings"] == {"ONEDNN_MAX_CPU_ISA": "AVX2"}
@@ -89,8 +90,15 @@ def test_the_machine_line_names_the_design_and_the_settings_that_lower_the_instr
         lambda mp: mp.setattr(system, "cpu_description", lambda: DESCRIBE(MASKED_VM)),
         lambda mp: mp.setenv("ONEDNN_MAX_CPU_ISA", "AVX2"),
         lambda mp: mp.setenv("MKL_ENABLE_INSTRUCTIONS", "AVX2"),
+        lambda mp: mp.setenv("ONEDNN_DEFAULT_FPMATH_MODE", "BF16"),
     ],
-    ids=["another CPU of the same name", "bf16 and AMX hidden by the hypervisor", "oneDNN lowered", "MKL lowered"],
+    ids=[
+        "another CPU of the same name",
+        "bf16 and AMX hidden by the hypervisor",
+        "oneDNN lowered",
+        "MKL lowered",
+        "fp32 products in bf16",
+    ],
 )
 def test_a_calibration_is_kept_for_the_cpu_design_and_the_instruction_set_settings(change, monkeypatch, tmp_path):
     lm = tiny("llama")

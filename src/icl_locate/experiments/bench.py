@@ -301,7 +301,7 @@ def compare_methods(
         head_spec=getattr(spec, "head_note", "the model's own LM head"),
         head_screen_stats=spec.head.stats if getattr(spec, "head", None) is not None else None,
         hardware=dict(choices.hardware, choices=choices.as_dict()),
-        peak_rss_mb=whole_process_peak([before, *peaks.values()]),
+        peak_rss_mb=whole_process_peak([before, *peaks.values(), peak_rss_mb()]),  # the last: (d) and after
         peak_rss_mb_fast=peaks["fast"],
         peak_rss_mb_spec=peaks["spec"],
         gflops_achieved=flops_fast / timings["fast"] / 1e9,

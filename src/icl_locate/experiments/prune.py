@@ -211,7 +211,7 @@ def measure_pruning(
     for name, r in (("full", n_layers), ("pruned", from_layer)):
         log(f"running {name} (context through {r} of {n_layers} layers) ...")
         engine = pruned_engine()
-        return_free_memory()  # each run's memory is measured from what the process needs, not what it kept
+        return_free_memory(gpu_cache=False)  # each run's memory measured from what it needs, not what was kept
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         reset_peak_rss()

@@ -11,6 +11,7 @@ Ray actors) and the store keeps one writer.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -150,11 +151,13 @@ class Worker:
         (``return_free_memory``): between units a worker holds its model, engines and screens, not gigabytes
         of freed activations and caches."""
         try:
-            if unit.kind in METHOD_KINDS:
-                return self.compute_method(unit, progress)
-            return self.compute_rows(unit, progress)
-        finally:
-            return_free_memory()
+            result = (self.compute_method if unit.kind in METHOD_KINDS else self.compute_rows)(unit, progress)
+        except BaseException:
+            with contextlib.suppress(Exception):  # the unit's own error is the one to report
+                return_free_memory()
+            raise
+        return_free_memory()
+        return result
 
     def compute_rows(self, unit: WorkUnit, progress: ProgressCallback | None = None) -> UnitResult:
         """A unit of masked or ablated rows (layer sweeps, head sweeps)."""

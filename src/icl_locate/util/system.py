@@ -45,13 +45,15 @@ def current_rss_mb() -> float | None:
     return None if kb is None else kb / 1024
 
 
-def return_free_memory() -> None:
+def return_free_memory(gpu_cache: bool = True) -> None:
     """Hand back to the system the memory this process freed: glibc keeps freed heap memory for reuse, and
     after a unit of decoding that is often gigabytes (every batch's activations and KV caches) that the
-    process would keep resident, and a measurement of the next phase would start from; on a GPU, the blocks
-    torch's allocator keeps cached. Where the C library is not glibc, only the GPU's cache is emptied."""
+    process would keep resident, and a measurement of the next phase would start from; with ``gpu_cache``,
+    also the blocks torch's allocator keeps cached on a GPU (not where a timed run follows: it would pay for
+    them again, and torch's allocated-memory figures leave them out anyway). Where the C library is not
+    glibc, only the GPU's cache is emptied."""
     gc.collect()  # tensors held only by reference cycles go first
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if gpu_cache and torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.empty_cache()
     trim = _malloc_trim()
     if trim is not None:
@@ -63,7 +65,7 @@ def _malloc_trim():
     """glibc's ``malloc_trim`` (None elsewhere: musl, macOS, Windows)."""
     try:
         return ctypes.CDLL(None).malloc_trim
-    except (AttributeError, OSError):
+    except (AttributeError, OSError, TypeError):  # TypeError: Windows has no handle for the running program
         return None
 
 
@@ -96,9 +98,19 @@ SPEED_FLAGS = (
     "fphp",
     "sve",
 )
-# Settings that make torch's kernels use less of the instruction set than the CPU has (``ATEN_CPU_CAPABILITY``
-# shows in torch's CPU capability; oneDNN's and MKL's do not show anywhere else, yet change bf16 and int8 speed)
-ISA_SETTINGS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+# Settings that change which kernels torch's products run on the CPU: less of the instruction set than the CPU has
+# (``ATEN_CPU_CAPABILITY`` shows in torch's CPU capability; oneDNN's, MKL's and OpenBLAS's do not show anywhere
+# else, yet change bf16 and int8 speed), or fp32 products computed in lower precision (oneDNN's fpmath mode)
+ISA_SETTINGS = (
+    "ATEN_CPU_CAPABILITY",
+    "ONEDNN_MAX_CPU_ISA",
+    "DNNL_MAX_CPU_ISA",
+    "ONEDNN_DEFAULT_FPMATH_MODE",
+    "MKL_ENABLE_INSTRUCTIONS",
+    "MKL_CBWR",
+    "MKL_DEBUG_CPU_TYPE",
+    "OPENBLAS_CORETYPE",
+)
 
 
 def cpu_description(cpuinfo: str | None = None) -> dict:
@@ -106,11 +118,7 @@ def cpu_description(cpuinfo: str | None = None) -> dict:
     and stepping; ARM implementer and part) and which ``SPEED_FLAGS`` it has (``flags``, in that order).
     ``cpuinfo``: the text of Linux ``/proc/cpuinfo`` (read where None; elsewhere what ``platform`` knows)."""
     if cpuinfo is None:
-        try:
-            with open("/proc/cpuinfo") as f:
-                cpuinfo = f.read()
-        except OSError:
-            cpuinfo = ""
+        cpuinfo = _cpuinfo()
     fields: dict[str, str] = {}
     for line in cpuinfo.splitlines():  # each field's first value: the first core's (ARM boards name the model last)
         name, _, value = line.partition(":")
@@ -131,6 +139,16 @@ def cpu_description(cpuinfo: str | None = None) -> dict:
         design = platform.machine() or "unknown"
     present = set((fields.get("flags") or fields.get("Features") or "").split())
     return dict(model=model, id=design, flags=[flag for flag in SPEED_FLAGS if flag in present])
+
+
+@functools.cache
+def _cpuinfo() -> str:
+    """Linux's /proc/cpuinfo, read once (long on a large host; the CPU does not change); "" elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return f.read()
+    except OSError:
+        return ""
 
 
 def isa_settings() -> dict[str, str]:
