@@ -8,7 +8,6 @@ import functools
 import gc
 import os
 import platform
-import sys
 
 import torch
 
@@ -38,18 +37,6 @@ def peak_rss_mb() -> float | None:
     """Peak resident set size since the last reset (Linux VmHWM), in MB."""
     kb = _proc_kb("/proc/self/status", "VmHWM:")
     return None if kb is None else kb / 1024
-
-
-def process_peak_mb(read_peaks: list[float | None]) -> float:
-    """The process's peak RSS in MB, where it may have been reset: the largest of ``peak_rss_mb`` read before
-    each reset and at the end, or, where there is no /proc to read or reset it, the kernel's lifetime maximum
-    (``ru_maxrss``: kB on Linux, bytes on macOS)."""
-    if None not in read_peaks:
-        return max(p for p in read_peaks if p is not None)
-    import resource  # Unix only: read here, not where this module is imported
-
-    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return maxrss / 2**20 if sys.platform == "darwin" else maxrss / 1024
 
 
 def current_rss_mb() -> float | None:
