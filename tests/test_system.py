@@ -134,3 +134,10 @@ def test_memory_freed_inside_the_heap_is_handed_back():
         pytest.skip("needs Linux's /proc and glibc")
     handed_back = subprocess.run([sys.executable, "-c", HEAP_HELD], capture_output=True, text=True, check=True)
     assert float(handed_back.stdout) > 128  # MB of the 255 freed
+
+
+def test_the_process_peak_is_the_largest_peak_read_between_resets():
+    assert system.process_peak_mb([300.0, 900.0, 400.0, 450.0]) == 900.0
+    now = system.current_rss_mb()
+    if now is not None:  # no reading (no /proc): the kernel's maximum, in MB (it lags the current RSS a little)
+        assert system.process_peak_mb([300.0, None]) >= 0.9 * now > 10

@@ -16,8 +16,6 @@ scores (attention over the cache left out, for all methods alike).
 
 from __future__ import annotations
 
-import resource
-import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -38,7 +36,7 @@ from ..engines.request import AUTO_REQUEST, EngineRequest, parse_draft_tokens
 from ..tasks.items import build_items
 from ..util.fileio import check_writable, write_json_atomic
 from ..util.progress import Progress
-from ..util.system import peak_rss_mb, reset_peak_rss
+from ..util.system import peak_rss_mb, process_peak_mb, reset_peak_rss
 from .common import check_context, layer_from_condition, masked_prompts, stop_rule
 from .options import BenchSettings
 from .settings import check_count, parse_layers, task_and_data
@@ -167,16 +165,6 @@ def run_bench(s: BenchSettings, log=print) -> BenchResult:
     return result
 
 
-def whole_process_peak(phase_peaks: list[float | None]) -> float:
-    """The process's peak RSS in MB: the largest of the peaks read before each reset of the peak (Linux), or,
-    where there is no /proc to read or reset it, the kernel's lifetime maximum (``ru_maxrss``: kB on Linux,
-    bytes on macOS)."""
-    if None not in phase_peaks:
-        return max(p for p in phase_peaks if p is not None)
-    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return maxrss / 2**20 if sys.platform == "darwin" else maxrss / 1024
-
-
 def compare_methods(
     loaded: LoadedModel,
     prompts: list[MaskedPrompt],
@@ -301,7 +289,7 @@ def compare_methods(
         head_spec=getattr(spec, "head_note", "the model's own LM head"),
         head_screen_stats=spec.head.stats if getattr(spec, "head", None) is not None else None,
         hardware=dict(choices.hardware, choices=choices.as_dict()),
-        peak_rss_mb=whole_process_peak([before, *peaks.values(), peak_rss_mb()]),  # the last: (d) and after
+        peak_rss_mb=process_peak_mb([before, *peaks.values(), peak_rss_mb()]),  # the last: (d) and after
         peak_rss_mb_fast=peaks["fast"],
         peak_rss_mb_spec=peaks["spec"],
         gflops_achieved=flops_fast / timings["fast"] / 1e9,

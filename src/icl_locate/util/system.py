@@ -8,6 +8,12 @@ import functools
 import gc
 import os
 import platform
+import sys
+
+try:
+    import resource  # Unix only; the fallback of process_peak_mb reads it
+except ImportError:  # Windows
+    resource = None
 
 import torch
 
@@ -37,6 +43,16 @@ def peak_rss_mb() -> float | None:
     """Peak resident set size since the last reset (Linux VmHWM), in MB."""
     kb = _proc_kb("/proc/self/status", "VmHWM:")
     return None if kb is None else kb / 1024
+
+
+def process_peak_mb(read_peaks: list[float | None]) -> float:
+    """The process's peak RSS in MB, where it may have been reset: the largest of ``peak_rss_mb`` read before
+    each reset and at the end, or, where there is no /proc to read or reset it, the kernel's lifetime maximum
+    (``ru_maxrss``: kB on Linux, bytes on macOS)."""
+    if None not in read_peaks or resource is None:
+        return max((p for p in read_peaks if p is not None), default=float("nan"))
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maxrss / 2**20 if sys.platform == "darwin" else maxrss / 1024
 
 
 def current_rss_mb() -> float | None:
