@@ -7,6 +7,7 @@ the method units are planned, stored, resumed and drawn."""
 from __future__ import annotations
 
 import copy
+import types
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ from icl_locate.core.prompts import FORMATS, Example, answer_first_token, build_
 from icl_locate.core.structure import decoder_layers, final_norm
 from icl_locate.engines import base as base_module
 from icl_locate.engines import fast as fast_module
-from icl_locate.engines import indirect
+from icl_locate.engines import indirect, readout
 from icl_locate.engines.base import Generation, StopRule, forward
 from icl_locate.engines.fast import FastEngine
 from icl_locate.engines.indirect import head_indirect_effects, head_patch_bands, head_sites
@@ -228,25 +229,109 @@ def test_lens_states_of_a_right_padded_batch_equal_one_full_forward_each(family)
                 torch.testing.assert_close(lens_logits, out.logits[0, -1], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("softcap", [None, 3.0])
-def test_head_logits_in_either_layout_and_buffer_equal_the_head_module(softcap):
-    """The vocabulary-major product (a transposed view) and a reused buffer give the head's own logits,
-    a bias and the softcap included."""
+def biased_head_model(softcap: float | None) -> torch.nn.Module:
+    """A tiny llama whose LM head has a bias, softcapped by ``softcap``."""
     model = copy.deepcopy(tiny("llama").model)
     head = model.get_output_embeddings()
-    biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
-    model.set_output_embeddings(biased)
+    model.set_output_embeddings(torch.nn.Linear(head.in_features, head.out_features, bias=True))
     model.config.final_logit_softcapping = softcap
-    states = torch.randn(5, head.in_features)
+    return model
+
+
+def plain_logits(model: torch.nn.Module, states: torch.Tensor) -> torch.Tensor:
+    """The head module's logits, softcapped as the config says: what the readings must equal."""
     with torch.no_grad():
-        want = biased(states)
-    want = torch.tanh(want / softcap) * softcap if softcap else want
-    buffer = torch.empty(head.out_features * 8)
-    for vocab_major in (False, True):
-        for out in (None, buffer):
-            got = head_logits(model, states, out, vocab_major)
-            assert got.shape == want.shape
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        logits = model.get_output_embeddings()(states)
+    cap = model.config.final_logit_softcapping
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_head_logits_of_a_vocabulary_block_equal_the_head_module(softcap):
+    """Any block of the vocabulary (the last one ragged) and the whole of it give the head's own logits, a bias
+    and the softcap included."""
+    model = biased_head_model(softcap)
+    states = torch.randn(5, model.get_output_embeddings().in_features)
+    want = plain_logits(model, states)
+    vocab = want.shape[1]
+    for first, last in [(0, None), (0, 7), (7, 30), (vocab - 5, vocab)]:
+        got = head_logits(model, states, first, last)
+        torch.testing.assert_close(got, want[:, first:last], rtol=1e-5, atol=1e-5)
+
+
+def test_head_readings_block_by_block_equal_the_full_logits(monkeypatch):
+    """Rank, top token and probability read a block of the vocabulary at a time equal those of the full logits,
+    with exact ties across blocks (the first largest wins; a tie with the answer does not count above it)."""
+    monkeypatch.setattr(readout, "VOCAB_BLOCK", 7)
+    torch.manual_seed(0)
+    model = biased_head_model(None)
+    head = model.get_output_embeddings()
+    vocab, hidden = head.out_features, head.in_features
+    with torch.no_grad():  # small integers: every logit exact, so twin rows tie exactly whatever the order
+        head.weight.copy_(torch.randint(-3, 4, head.weight.shape).float())
+        head.bias.zero_()
+        head.weight[2] = 3 * torch.randint(0, 2, (hidden,)).float().mul(2).sub(1)  # +-3: the largest norm there is
+        head.weight[12] = head.weight[vocab - 3] = head.weight[2]  # twins in a middle and the last (ragged) block
+    states = torch.randint(-2, 3, (6, hidden)).float()
+    states[:3] = head.weight[2] * torch.tensor([[1.0], [2.0], [0.5]])  # rows 0-2: the twins' logits are the largest
+    logits = plain_logits(model, states)
+    answers = torch.tensor([2, vocab - 3, 12, int(logits[3].argmax()), 0, vocab - 1])
+    read = readout.head_readings(model, states, answers)
+    assert read.rank is not None and read.top is not None
+    assert read.top.tolist() == logits.argmax(-1).tolist()
+    assert read.top[:3].tolist() == [2, 2, 2]
+    assert read.rank.tolist() == ((logits > logits.gather(1, answers[:, None])).sum(-1) + 1).tolist()
+    assert read.rank[:4].tolist() == [1, 1, 1, 1]  # tied with the top: nothing above
+    torch.testing.assert_close(read.probability, logits.softmax(-1).gather(1, answers[:, None])[:, 0])
+    alone = readout.head_readings(model, states, answers, ranks=False)
+    assert alone.rank is None and torch.equal(alone.probability, read.probability)
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_head_readings_of_any_head_equal_its_full_logits(monkeypatch, softcap):
+    """Blocks or not (an fp32 linear head is read in blocks, any other head whole), with a bias and a softcap:
+    the readings of the head's own logits."""
+    monkeypatch.setattr(readout, "VOCAB_BLOCK", 7)
+    torch.manual_seed(1)
+    model = biased_head_model(softcap)
+    states = torch.randn(5, model.get_output_embeddings().in_features)
+    logits = plain_logits(model, states)
+    answers = torch.tensor([0, 5, 9, int(logits[3].argmax()), logits.shape[1] - 1])
+    for blocks in (True, False):
+        if not blocks:  # a head that is not a plain linear layer
+            model.set_output_embeddings(torch.nn.Sequential(model.get_output_embeddings()))
+        read = readout.head_readings(model, states, answers)
+        assert read.rank is not None and read.top is not None
+        assert read.top.tolist() == logits.argmax(-1).tolist()
+        assert read.rank.tolist() == ((logits > logits.gather(1, answers[:, None])).sum(-1) + 1).tolist()
+        torch.testing.assert_close(read.probability, logits.softmax(-1).gather(1, answers[:, None])[:, 0])
+
+
+class HeadOnly(torch.nn.Module):
+    """Just an LM head (no softcap): what ``head_readings`` reads of a model."""
+
+    def __init__(self, vocab: int, hidden: int):
+        super().__init__()
+        self.lm_head = torch.nn.Linear(hidden, vocab, bias=False)
+        self.config = types.SimpleNamespace()
+
+    def get_output_embeddings(self) -> torch.nn.Linear:
+        return self.lm_head
+
+
+def test_head_readings_sum_their_blocks_without_adding_up_rounding(monkeypatch):
+    """Over 256 blocks a probability stays within a few fp32 units of the float64 one (the blocks' normalisers
+    chained in fp32 drift 20 times as far: ~5e-6)."""
+    monkeypatch.setattr(readout, "VOCAB_BLOCK", 256)
+    torch.manual_seed(0)
+    model = HeadOnly(65536, 16)
+    with torch.no_grad():
+        model.lm_head.weight.normal_()
+        logits = model.lm_head(states := 0.8 * torch.randn(8, 16))
+    answers = logits.argmax(-1)
+    want = logits.double().softmax(-1).gather(1, answers[:, None])[:, 0]
+    got = readout.head_readings(model, states, answers, ranks=False).probability
+    assert float(((got.double() - want) / want).abs().max()) < 1e-6
 
 
 def test_head_patch_bands_start_at_a_layer_change_with_enough_rows(monkeypatch):

@@ -39,6 +39,7 @@ from ..util.errors import UserError
 from .base import forward_sharing_start, logits_probe
 
 LENS_ROWS = 256  # states read by the LM head at once (each pass reads the whole vocabulary's weights)
+VOCAB_BLOCK = 1024  # tokens whose logits head_readings computes at a time: LENS_ROWS states' fit in a core's cache
 READ_BATCH = 32  # prompts read in one forward
 
 
@@ -168,37 +169,26 @@ def read_everything(
 
 
 def _fp32_linear_head(model: nn.Module) -> nn.Linear | None:
-    """The LM head where it is an fp32 linear layer (its product can be computed here, into a buffer and
-    in either layout), else None."""
+    """The LM head where it is an fp32 linear layer (its product can be computed here, a block of the
+    vocabulary at a time), else None."""
     head = model.get_output_embeddings()  # pyright: ignore[reportCallIssue]
     return head if isinstance(head, nn.Linear) and head.weight.dtype == torch.float32 else None
 
 
 @torch.no_grad()
-def head_logits(
-    model: nn.Module, states: torch.Tensor, out: torch.Tensor | None = None, vocab_major: bool = False
-) -> torch.Tensor:
-    """[N, vocab] fp32: the LM head applied to final hidden states ([N, hidden], after the final norm),
-    softcapped as the model does (Gemma 2/3 squash their final logits): the model's own logits.
-
-    For an fp32 linear head, ``out``: a flat fp32 buffer of at least vocab x N elements to write the
-    product into (a fresh result of a few hundred MB per call also pays its page faults);
-    ``vocab_major``: compute W @ states^T and return its transposed view. With a large vocabulary
-    that product runs faster on CPUs, and sums over the vocabulary (``logsumexp``) read it as fast;
-    an ``argmax`` over it does not, so the lens keeps the row-major product."""
+def head_logits(model: nn.Module, states: torch.Tensor, first: int = 0, last: int | None = None) -> torch.Tensor:
+    """[N, last - first] fp32: the LM head applied to final hidden states ([N, hidden], after the final norm),
+    softcapped as the model does (Gemma 2/3 squash their final logits): the model's own logits of the
+    vocabulary's tokens ``first`` to ``last`` (None: to the end). A block of the vocabulary is computed
+    alone only for an fp32 linear head; any other head computes all its logits and is sliced."""
     head = _fp32_linear_head(model)
     cap = logit_softcap(model)
     if head is None or states.dtype != torch.float32:
         logits = model.get_output_embeddings()(states).float()  # pyright: ignore[reportCallIssue]
-        return softcapped(logits, cap)
-    rows, vocab = len(states), head.weight.shape[0]
-    into = out[: rows * vocab].view((vocab, rows) if vocab_major else (rows, vocab)) if out is not None else None
-    if vocab_major:
-        logits = torch.mm(head.weight, states.T, out=into).T  # [N, vocab], a view
-    else:
-        logits = torch.mm(states, head.weight.T, out=into)
+        return softcapped(logits[:, first:last], cap)
+    logits = torch.mm(states, head.weight[first:last].T)  # [N, last - first]
     if head.bias is not None:
-        logits = logits + head.bias
+        logits += head.bias[first:last]
     return softcapped(logits, cap, in_place=True)  # the product is this function's own
 
 
@@ -216,19 +206,63 @@ def check_head_logits(model: nn.Module, method: str) -> None:
         )
 
 
-def _logits_buffer(model: nn.Module, rows: int) -> torch.Tensor | None:
-    """A flat fp32 buffer for ``head_logits`` of up to ``rows`` states (reused block after block); None
-    where the head is not an fp32 linear layer (``head_logits`` then calls it as it is)."""
+@dataclass
+class HeadReadings:
+    """What the lens and the indirect effects read of each state's logits over the whole vocabulary (on the
+    CPU: a few numbers per state)."""
+
+    answer_logit: torch.Tensor  # [N] the answer token's logit
+    log_normaliser: torch.Tensor  # [N] float64: logsumexp of all the logits
+    rank: torch.Tensor | None  # [N] int32: 1 + how many tokens' logits exceed the answer's (None: not read)
+    top: torch.Tensor | None  # [N] int64: the first token with the largest logit, as argmax picks it
+
+    @property
+    def probability(self) -> torch.Tensor:
+        """[N] softmax(logits)[answer]."""
+        return (self.answer_logit.double() - self.log_normaliser).exp().float()
+
+
+@torch.no_grad()
+def head_readings(model: nn.Module, states: torch.Tensor, answers: torch.Tensor, ranks: bool = True) -> HeadReadings:
+    """The answer's logit, the log normaliser and (``ranks``) the answer's rank and the top token of each final
+    hidden state (``states`` [N, hidden], ``answers`` [N] token ids), the logits computed ``VOCAB_BLOCK``
+    tokens at a time: each block's passes (max, count, exp) then read it from cache, where one
+    vocabulary-sized product per state would be read from memory once per pass. The blocks that hold an
+    answer are computed first and kept, so that the rank compares the very values the other passes read."""
+    answers = answers.to(states.device)
     head = _fp32_linear_head(model)
-    if head is None:
-        return None
-    return torch.empty(head.weight.shape[0] * rows, dtype=torch.float32, device=head.weight.device)
-
-
-def _probability(logits: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
-    """[rows]: softmax(logits)[answer] (logits [rows, vocab], e.g. a vocabulary-major view), without
-    writing out the softmax."""
-    return (logits.gather(1, answer[:, None])[:, 0] - torch.logsumexp(logits, -1)).exp()
+    kept: dict[int, torch.Tensor] = {}  # first token -> that block's logits [N, block]
+    if head is None or states.dtype != torch.float32:  # any other head: all its logits, one block
+        kept[0] = head_logits(model, states)
+        vocab = size = kept[0].shape[1]
+    else:
+        vocab, size = head.weight.shape[0], VOCAB_BLOCK
+    answer_logit = torch.empty(len(states), device=states.device)
+    for first in sorted({int(a) // size * size for a in answers}):
+        if first not in kept:
+            kept[first] = head_logits(model, states, first, first + size)
+        own = (answers >= first) & (answers < first + size)
+        answer_logit[own] = kept[first][own].gather(1, (answers[own] - first)[:, None])[:, 0]
+    target = answer_logit[:, None]
+    block_lse, best, rank, top = [], None, None, None
+    for first in range(0, vocab, size):
+        logits = kept.pop(first, None)
+        logits = head_logits(model, states, first, first + size) if logits is None else logits  # [N, block]
+        block_lse.append(torch.logsumexp(logits, -1))  # [N]: exact to a unit of fp32 over a block
+        if not ranks:
+            continue
+        block_best, block_top = logits.max(-1)  # the first largest of the block, as argmax
+        above = (logits > target).sum(-1, dtype=torch.int32)
+        if best is None or rank is None or top is None:
+            best, top, rank = block_best, block_top, above + 1
+            continue
+        top = torch.where(block_best > best, block_top + first, top)  # a tie keeps the earlier block's token
+        best, rank = torch.maximum(best, block_best), rank + above
+    # the blocks' sums in float64 (on the CPU: not every GPU has it): chained in fp32, each block's rounding
+    # would add up (to ~1e-4 in a probability)
+    log_normaliser = torch.logsumexp(torch.stack(block_lse, -1).cpu().double(), -1)  # [N]
+    on_cpu = [None if t is None else t.cpu() for t in (rank, top)]
+    return HeadReadings(answer_logit.cpu(), log_normaliser, *on_cpu)
 
 
 @torch.no_grad()
@@ -236,11 +270,9 @@ def answer_probabilities(model: nn.Module, states: torch.Tensor, answers: Sequen
     """[N]: the probability of ``answers[n]`` from the final hidden state ``states[n]``, the LM head read in
     blocks of ``LENS_ROWS`` states (a product of many rows costs less per row than one of a few)."""
     probs = []
-    buffer = _logits_buffer(model, min(len(states), LENS_ROWS))
     for first in range(0, len(states), LENS_ROWS):
-        logits = head_logits(model, states[first : first + LENS_ROWS], buffer, vocab_major=True)  # [rows, vocab]
-        answer = torch.tensor(list(answers[first : first + LENS_ROWS]), device=logits.device)
-        probs.append(_probability(logits, answer).cpu())
+        answer = torch.tensor(list(answers[first : first + LENS_ROWS]))
+        probs.append(head_readings(model, states[first : first + LENS_ROWS], answer, ranks=False).probability)
     return torch.cat(probs)
 
 
@@ -281,16 +313,12 @@ def lens_readings(model: nn.Module, states: torch.Tensor, answers: Sequence[int]
     probability and rank (1 = top): [N, 3]; and the top token of each."""
     norm = final_norm(model)
     stats, tops = [], []
-    buffer = _logits_buffer(model, min(len(states), LENS_ROWS))
     for start in range(0, len(states), LENS_ROWS):
-        logits = head_logits(model, norm(states[start : start + LENS_ROWS]), buffer)  # [rows, vocab]
-        answer = torch.tensor(list(answers[start : start + LENS_ROWS]), device=logits.device)
-        target = logits.gather(1, answer[:, None])  # [rows, 1]
-        rank = (logits > target).sum(-1, dtype=torch.int32) + 1  # int32: the count fits, and its sum is the cheaper
-        prob = logits.softmax(-1).gather(1, answer[:, None])[:, 0]  # as fast as logsumexp on this layout
-        top = logits.argmax(-1)
-        stats.append(torch.stack([(top == answer).float(), prob, rank.float()], dim=-1).cpu())
-        tops += top.tolist()
+        answer = torch.tensor(list(answers[start : start + LENS_ROWS]))
+        read = head_readings(model, norm(states[start : start + LENS_ROWS]), answer)
+        assert read.rank is not None and read.top is not None
+        stats.append(torch.stack([(read.top == answer).float(), read.probability, read.rank.float()], -1))
+        tops += read.top.tolist()
     return torch.cat(stats), tops
 
 
