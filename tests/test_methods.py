@@ -238,6 +238,12 @@ def biased_head_model(softcap: float | None) -> torch.nn.Module:
     return model
 
 
+def small_vocabulary_blocks(monkeypatch, size: int) -> None:
+    """``head_readings`` reads blocks of ``size`` tokens, whatever the number of states."""
+    monkeypatch.setattr(readout, "VOCAB_BLOCK", size)
+    monkeypatch.setattr(readout, "LENS_ROWS", 1)
+
+
 def plain_logits(model: torch.nn.Module, states: torch.Tensor) -> torch.Tensor:
     """The head module's logits, softcapped as the config says: what the readings must equal."""
     with torch.no_grad():
@@ -254,7 +260,7 @@ def test_head_logits_of_a_vocabulary_block_equal_the_head_module(softcap):
     states = torch.randn(5, model.get_output_embeddings().in_features)
     want = plain_logits(model, states)
     vocab = want.shape[1]
-    for first, last in [(0, None), (0, 7), (7, 30), (vocab - 5, vocab)]:
+    for first, last in [(0, None), (0, 7), (7, 30), (vocab - 5, vocab), (vocab - 3, vocab + 5)]:
         got = head_logits(model, states, first, last)
         torch.testing.assert_close(got, want[:, first:last], rtol=1e-5, atol=1e-5)
 
@@ -262,7 +268,7 @@ def test_head_logits_of_a_vocabulary_block_equal_the_head_module(softcap):
 def test_head_readings_block_by_block_equal_the_full_logits(monkeypatch):
     """Rank, top token and probability read a block of the vocabulary at a time equal those of the full logits,
     with exact ties across blocks (the first largest wins; a tie with the answer does not count above it)."""
-    monkeypatch.setattr(readout, "VOCAB_BLOCK", 7)
+    small_vocabulary_blocks(monkeypatch, 8)
     torch.manual_seed(0)
     model = biased_head_model(None)
     head = model.get_output_embeddings()
@@ -272,6 +278,7 @@ def test_head_readings_block_by_block_equal_the_full_logits(monkeypatch):
         head.bias.zero_()
         head.weight[2] = 3 * torch.randint(0, 2, (hidden,)).float().mul(2).sub(1)  # +-3: the largest norm there is
         head.weight[12] = head.weight[vocab - 3] = head.weight[2]  # twins in a middle and the last (ragged) block
+    assert vocab % 8 and vocab - 3 >= vocab // 8 * 8, "token vocab - 3 in a ragged last block"
     states = torch.randint(-2, 3, (6, hidden)).float()
     states[:3] = head.weight[2] * torch.tensor([[1.0], [2.0], [0.5]])  # rows 0-2: the twins' logits are the largest
     logits = plain_logits(model, states)
@@ -291,7 +298,7 @@ def test_head_readings_block_by_block_equal_the_full_logits(monkeypatch):
 def test_head_readings_of_any_head_equal_its_full_logits(monkeypatch, softcap):
     """Blocks or not (an fp32 linear head is read in blocks, any other head whole), with a bias and a softcap:
     the readings of the head's own logits."""
-    monkeypatch.setattr(readout, "VOCAB_BLOCK", 7)
+    small_vocabulary_blocks(monkeypatch, 8)
     torch.manual_seed(1)
     model = biased_head_model(softcap)
     states = torch.randn(5, model.get_output_embeddings().in_features)
@@ -321,17 +328,24 @@ class HeadOnly(torch.nn.Module):
 
 def test_head_readings_sum_their_blocks_without_adding_up_rounding(monkeypatch):
     """Over 256 blocks a probability stays within a few fp32 units of the float64 one (the blocks' normalisers
-    chained in fp32 drift 20 times as far: ~5e-6)."""
-    monkeypatch.setattr(readout, "VOCAB_BLOCK", 256)
+    chained in fp32 drift 20 times as far: ~5e-6). Weights and states on a grid of 1/8: every logit exact,
+    whatever the product's shape, so only the normaliser is measured."""
+    small_vocabulary_blocks(monkeypatch, 256)
     torch.manual_seed(0)
     model = HeadOnly(65536, 16)
     with torch.no_grad():
-        model.lm_head.weight.normal_()
-        logits = model.lm_head(states := 0.8 * torch.randn(8, 16))
+        model.lm_head.weight.copy_(torch.randn(65536, 16).mul(8).round().div(8))
+        logits = model.lm_head(states := torch.randn(8, 16).mul(6).round().div(8))
     answers = logits.argmax(-1)
     want = logits.double().softmax(-1).gather(1, answers[:, None])[:, 0]
     got = readout.head_readings(model, states, answers, ranks=False).probability
     assert float(((got.double() - want) / want).abs().max()) < 1e-6
+
+
+def test_head_readings_refuse_an_answer_outside_the_vocabulary():
+    model = HeadOnly(100, 4)
+    with pytest.raises(ValueError, match=r"\[0, 100\)"):
+        readout.head_readings(model, torch.randn(2, 4), torch.tensor([3, 100]))
 
 
 def test_head_patch_bands_start_at_a_layer_change_with_enough_rows(monkeypatch):

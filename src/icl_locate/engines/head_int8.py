@@ -15,8 +15,9 @@ from .head import CHECK_EVERY, SAFETY, UNIT_FP32, CertifiedHead
 
 OUTLIER_CHANNELS = 64  # hidden channels kept in fp32 (at most a quarter of them): the int8 scale ignores them
 CHUNK_TOKENS = 8192  # vocabulary rows per int8 product: each chunk's results stay in cache while rescaled
-SCAN_TOKENS = 256  # tokens per block whose max is taken in cache after each product: the candidates' scan
+MAX_BLOCK_TOKENS = 256  # tokens per block whose max is taken in cache after each product: the candidates' scan
 # then reads only the blocks whose max reaches a row's threshold (a column of a token-major block: strided)
+assert CHUNK_TOKENS % MAX_BLOCK_TOKENS == 0, "a chunk is whole blocks"
 QUANTISE_TOKENS = 1024  # vocabulary rows quantised at a time: a block's dozen passes stay in a core's cache
 
 
@@ -106,7 +107,7 @@ class Int8ScreenedHead(CertifiedHead):
 
     def _approx(self, hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The screen's logits in units of t, [chunks, CHUNK_TOKENS, B] (-inf past V), the max of each block of
-        ``SCAN_TOKENS`` of them [blocks, B], t [B], and the bound's per-row factors alpha, beta [B]:
+        ``MAX_BLOCK_TOKENS`` of them [blocks, B], t [B], and the bound's per-row factors alpha, beta [B]:
         |error_v| / t <= ||W_v|| alpha + ||e_v|| beta."""
         h_rest = hidden[:, self.rest]  # [B, d - k]
         t = (h_rest.abs().amax(1) / self.levels).clamp(min=torch.finfo(torch.float32).tiny)  # [B]
@@ -119,14 +120,16 @@ class Int8ScreenedHead(CertifiedHead):
         vocab, rows = self.w_int8.shape[0], hidden.shape[0]
         chunks = self._screen_buffer((-(-vocab // CHUNK_TOKENS), CHUNK_TOKENS, rows), torch.float32, hidden.device)
         chunks[-1, vocab - (len(chunks) - 1) * CHUNK_TOKENS :] = -float("inf")  # past V: never a candidate
-        block_max = torch.empty(len(chunks), CHUNK_TOKENS // SCAN_TOKENS, rows, device=hidden.device)
+        block_max = torch.empty(
+            len(chunks), CHUNK_TOKENS // MAX_BLOCK_TOKENS, rows, dtype=chunks.dtype, device=hidden.device
+        )
         for c, start in enumerate(range(0, vocab, CHUNK_TOKENS)):
             stop = min(vocab, start + CHUNK_TOKENS)
             product = torch._int_mm(self.w_int8[start:stop], q_t)  # [C, B] int32, exact  # pyright: ignore[reportPrivateImportUsage]
             out = chunks[c, : stop - start]
             torch.mul(product, self.w_scale[start:stop], out=out)
             out.addmm_(self.w_outliers[start:stop], h_out_t)
-            torch.amax(chunks[c].view(-1, SCAN_TOKENS, rows), 1, out=block_max[c])  # the chunk still in cache
+            torch.amax(chunks[c].view(-1, MAX_BLOCK_TOKENS, rows), 1, out=block_max[c])  # the chunk still in cache
         return chunks, block_max.view(-1, rows), t, alpha.float(), beta.float()
 
     def _candidates(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -135,11 +138,11 @@ class Int8ScreenedHead(CertifiedHead):
         chunks, block_max, t, alpha, beta = self._approx(hidden)  # chunks [n, C, B], block_max [n C / S, B]
         rows = hidden.shape[0]
         flat = chunks.view(-1, rows)  # [n C, B], token-major (no copy)
-        blocks = flat.view(-1, SCAN_TOKENS, rows)  # [n C / S, S, B]
+        blocks = flat.view(-1, MAX_BLOCK_TOKENS, rows)  # [n C / S, S, B]
         # the screen's top logit and token per row, without a max-with-indices pass over all of them
         top, best_block = block_max.max(0)  # [B]
         columns = torch.arange(rows, device=hidden.device)
-        where = best_block * SCAN_TOKENS + blocks[best_block, :, columns].argmax(1)  # [B]
+        where = best_block * MAX_BLOCK_TOKENS + blocks[best_block, :, columns].argmax(1)  # [B]
         lower = top - (self.w_norm[where] * alpha + self.e_norm[where] * beta)  # <= the top fp32 logit / t
         row = self._row_to_check(rows)
         if row is not None:
@@ -154,7 +157,9 @@ class Int8ScreenedHead(CertifiedHead):
         # the tokens at or above ``loose``, scanned only in the blocks whose max reaches it (a row's few)
         block, r = (block_max >= loose).nonzero().unbind(1)  # [K']
         hit, offset = (blocks[block, :, r] >= loose[r, None]).nonzero().unbind(1)  # in the [K', S] gathered
-        token, r = block[hit] * SCAN_TOKENS + offset, r[hit]
+        token, r = block[hit] * MAX_BLOCK_TOKENS + offset, r[hit]
+        inside = token < self.w_int8.shape[0]  # the -inf past V is reached only by a -inf (overflowed) threshold
+        token, r = token[inside], r[inside]
         keep = flat[token, r] + self.w_norm[token] * alpha[r] + self.e_norm[token] * beta[r] >= lower[r]
         r, token = r[keep], token[keep]
         order = torch.argsort(r * flat.shape[0] + token)  # row-major, tokens ascending

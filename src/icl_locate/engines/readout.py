@@ -8,6 +8,8 @@ logit-lens sweeps are made of.
   (through the output projection, bias left out). The heads' indirect effects, which choose the top
   heads, are ``indirect.py``'s, on ``answer_probabilities`` from here.
 * ``logit_lens``: the final norm and LM head applied to the residual stream at every layer.
+* ``head_readings``: what the lens and ``answer_probabilities`` read of a state's logits (the answer's
+  probability, its rank, the top token), computed a block of the vocabulary at a time.
 
 Readings go through the same hooks as the masks (``record``, ``intervene``), so the reference for
 each is a plain forward of the model. Prompts that share their context (BOS, instructions,
@@ -225,24 +227,32 @@ class HeadReadings:
 @torch.no_grad()
 def head_readings(model: nn.Module, states: torch.Tensor, answers: torch.Tensor, ranks: bool = True) -> HeadReadings:
     """The answer's logit, the log normaliser and (``ranks``) the answer's rank and the top token of each final
-    hidden state (``states`` [N, hidden], ``answers`` [N] token ids), the logits computed ``VOCAB_BLOCK``
-    tokens at a time: each block's passes (max, count, exp) then read it from cache, where one
-    vocabulary-sized product per state would be read from memory once per pass. The blocks that hold an
-    answer are computed first and kept, so that the rank compares the very values the other passes read."""
-    answers = answers.to(states.device)
+    hidden state (``states`` [N, hidden], ``answers`` [N] token ids). On a CPU the logits are computed a
+    block of the vocabulary at a time (``VOCAB_BLOCK`` tokens for ``LENS_ROWS`` states, wider for fewer): each
+    block's passes (max, count, exp) then read it from cache, where one vocabulary-sized product per state
+    would be read from memory once per pass; a GPU takes the whole vocabulary at once. The blocks that
+    hold an answer are computed first and kept (at most the whole product, when the answers spread over
+    every block), so that the rank compares the very values the other passes read."""
+    answer_ids = answers.long().cpu()
     head = _fp32_linear_head(model)
     kept: dict[int, torch.Tensor] = {}  # first token -> that block's logits [N, block]
     if head is None or states.dtype != torch.float32:  # any other head: all its logits, one block
         kept[0] = head_logits(model, states)
         vocab = size = kept[0].shape[1]
     else:
-        vocab, size = head.weight.shape[0], VOCAB_BLOCK
+        vocab = head.weight.shape[0]
+        size = VOCAB_BLOCK * max(1, LENS_ROWS // max(1, len(states))) if states.device.type == "cpu" else vocab
+    if len(answer_ids) and not 0 <= int(answer_ids.min()) <= int(answer_ids.max()) < vocab:
+        lowest, highest = int(answer_ids.min()), int(answer_ids.max())
+        raise ValueError(f"answer token ids must lie in [0, {vocab}): got {lowest}..{highest}")
     answer_logit = torch.empty(len(states), device=states.device)
-    for first in sorted({int(a) // size * size for a in answers}):
+    for first in sorted({a // size * size for a in answer_ids.tolist()}):
         if first not in kept:
             kept[first] = head_logits(model, states, first, first + size)
-        own = (answers >= first) & (answers < first + size)
-        answer_logit[own] = kept[first][own].gather(1, (answers[own] - first)[:, None])[:, 0]
+        own = ((answer_ids >= first) & (answer_ids < first + size)).nonzero()[:, 0]  # [n] rows, on the CPU
+        within = (answer_ids[own] - first).to(states.device)
+        own = own.to(states.device)
+        answer_logit[own] = kept[first][own, within]
     target = answer_logit[:, None]
     block_lse, best, rank, top = [], None, None, None
     for first in range(0, vocab, size):

@@ -48,7 +48,7 @@ def peak_rss_mb() -> float | None:
 def process_peak_mb(read_peaks: list[float | None]) -> float:
     """The process's peak RSS in MB, where it may have been reset: the largest of ``peak_rss_mb`` read before
     each reset and at the end, or, where there is no /proc to read or reset it, the kernel's lifetime maximum
-    (``ru_maxrss``: kB on Linux, bytes on macOS)."""
+    (``ru_maxrss``: kB on Linux, bytes on macOS); NaN where neither can be read (Windows without readings)."""
     if None not in read_peaks or resource is None:
         return max((p for p in read_peaks if p is not None), default=float("nan"))
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
