@@ -115,8 +115,8 @@ SPEED_FLAGS = (
     "sve",
 )
 # Settings that change which kernels torch's products run on the CPU: less of the instruction set than the CPU has
-# (``ATEN_CPU_CAPABILITY`` shows in torch's CPU capability; oneDNN's, MKL's and OpenBLAS's do not show anywhere
-# else, yet change bf16 and int8 speed), or fp32 products computed in lower precision (oneDNN's fpmath mode)
+# (``ATEN_CPU_CAPABILITY`` shows in torch's CPU capability; oneDNN's, MKL's, FBGEMM's and OpenBLAS's do not show
+# anywhere else, yet change bf16 and int8 speed), or fp32 products computed in lower precision (oneDNN's fpmath mode)
 ISA_SETTINGS = (
     "ATEN_CPU_CAPABILITY",
     "ONEDNN_MAX_CPU_ISA",
@@ -126,6 +126,7 @@ ISA_SETTINGS = (
     "MKL_CBWR",
     "MKL_DEBUG_CPU_TYPE",
     "OPENBLAS_CORETYPE",
+    "FBGEMM_ENABLE_INSTRUCTIONS",
 )
 
 
