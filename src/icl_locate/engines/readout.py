@@ -242,8 +242,8 @@ def head_readings(model: nn.Module, states: torch.Tensor, answers: torch.Tensor,
     else:
         vocab = head.weight.shape[0]
         size = VOCAB_BLOCK * max(1, LENS_ROWS // max(1, len(states))) if states.device.type == "cpu" else vocab
-    if len(answer_ids) and not 0 <= int(answer_ids.min()) <= int(answer_ids.max()) < vocab:
-        lowest, highest = int(answer_ids.min()), int(answer_ids.max())
+    lowest, highest = (int(answer_ids.min()), int(answer_ids.max())) if len(answer_ids) else (0, 0)
+    if lowest < 0 or highest >= vocab:
         raise ValueError(f"answer token ids must lie in [0, {vocab}): got {lowest}..{highest}")
     answer_logit = torch.empty(len(states), device=states.device)
     for first in sorted({a // size * size for a in answer_ids.tolist()}):
@@ -254,7 +254,10 @@ def head_readings(model: nn.Module, states: torch.Tensor, answers: torch.Tensor,
         own = own.to(states.device)
         answer_logit[own] = kept[first][own, within]
     target = answer_logit[:, None]
-    block_lse, best, rank, top = [], None, None, None
+    block_lse = []
+    best = torch.full((len(states),), -float("inf"), device=states.device)  # the largest logit so far
+    top = torch.zeros(len(states), dtype=torch.long, device=states.device)  # its first token (argmax's 0 if none)
+    rank = torch.ones(len(states), dtype=torch.int32, device=states.device)
     for first in range(0, vocab, size):
         logits = kept.pop(first, None)
         logits = head_logits(model, states, first, first + size) if logits is None else logits  # [N, block]
@@ -262,17 +265,15 @@ def head_readings(model: nn.Module, states: torch.Tensor, answers: torch.Tensor,
         if not ranks:
             continue
         block_best, block_top = logits.max(-1)  # the first largest of the block, as argmax
-        above = (logits > target).sum(-1, dtype=torch.int32)
-        if best is None or rank is None or top is None:
-            best, top, rank = block_best, block_top, above + 1
-            continue
         top = torch.where(block_best > best, block_top + first, top)  # a tie keeps the earlier block's token
-        best, rank = torch.maximum(best, block_best), rank + above
+        best = torch.maximum(best, block_best)
+        rank += (logits > target).sum(-1, dtype=torch.int32)
     # the blocks' sums in float64 (on the CPU: not every GPU has it): chained in fp32, each block's rounding
     # would add up (to ~1e-4 in a probability)
     log_normaliser = torch.logsumexp(torch.stack(block_lse, -1).cpu().double(), -1)  # [N]
-    on_cpu = [None if t is None else t.cpu() for t in (rank, top)]
-    return HeadReadings(answer_logit.cpu(), log_normaliser, *on_cpu)
+    if not ranks:
+        return HeadReadings(answer_logit.cpu(), log_normaliser, None, None)
+    return HeadReadings(answer_logit.cpu(), log_normaliser, rank.cpu(), top.cpu())
 
 
 @torch.no_grad()
