@@ -105,13 +105,8 @@ def atlas_store(tmp_path):
                 commit(store, run, kind, spec, rows, indirect_effect_rows())
             else:
                 commit(store, run, kind, dict(kind=kind, condition="", layers=layers), rows)
-        lens = []
-        for variant, top1 in LENS_TOP1.items():
-            for layer, right in enumerate(top1):
-                stats = [[float(i < right), 0.5, 1.0 if i < right else 3.0] for i in range(N)]  # top1, prob, rank
-                preds = [prediction(variant, layer, i, s) for i, s in enumerate(stats)]
-                lens.append((preds, (variant, layer, "top1", 100.0 * right / N)))
-        commit(store, run, "lens", dict(kind="logit-lens", condition="instructions+examples", layers=layers), lens)
+        spec = dict(kind="logit-lens", condition="instructions+examples", layers=layers)
+        commit(store, run, "lens", spec, lens_rows(LENS_TOP1))
     return path
 
 
@@ -150,6 +145,35 @@ def test_each_method_is_normalised_to_its_own_baseline_and_points_where_its_rule
     assert hidden.normalised == pytest.approx([0, 0.25, 0.5, 0.5, 0.5])  # / the visible lens's final rate
     assert (visible.point, hidden.point) == (3, 2)  # from there on >= 95% of the curve's own final rate
     assert visible.what == "first layer where the answer is top-1" and contains(visible.interval, 3)
+
+
+def lens_rows(top1: dict[str, list[int]]) -> list:
+    """The lens unit's rows: per variant and layer, the first ``right`` items' answer top-1 (rank 1)."""
+    rows = []
+    for variant, per_layer in top1.items():
+        for layer, right in enumerate(per_layer):
+            stats = [[float(i < right), 0.5, 1.0 if i < right else 3.0] for i in range(N)]  # top1, prob, rank
+            rows.append(
+                (
+                    [prediction(variant, layer, i, s) for i, s in enumerate(stats)],
+                    (variant, layer, "top1", 100.0 * right / N),
+                )
+            )
+    return rows
+
+
+def test_the_lens_shows_every_stored_condition_hidden(atlas_store):
+    examples_hidden = {"lens/visible": LENS_TOP1["lens/visible"], "lens/hidden": [0, 0, 0, 1, 3]}
+    with Store(atlas_store, create=False) as store:
+        run = store.start_run("test", {}, {"model": {"spec": "synthetic", "num_layers": L}})
+        spec = dict(kind="logit-lens", condition="examples", layers=list(range(L + 1)))
+        commit(store, run, "lens-examples", spec, lens_rows(examples_hidden))
+    atlas = the_atlas(atlas_store)
+    assert list(atlas.methods) == [*METHODS, "logit-lens (hidden: examples)"]
+    first, other = atlas.methods["logit-lens (context hidden)"], atlas.methods["logit-lens (hidden: examples)"]
+    assert first.normalised == pytest.approx([0, 0.25, 0.5, 0.5, 0.5])  # instructions+examples: drawn first
+    assert other.method == "logit-lens (hidden: examples)" and other.baseline_what.endswith("hidden: examples")
+    assert other.normalised == pytest.approx([0, 0, 0, 0.25, 0.75]) and other.point == 4
 
 
 def test_the_masking_method_is_the_reports_recognition_layer(atlas_store):
@@ -291,6 +315,25 @@ def test_the_atlas_command_stores_resumes_and_draws(tmp_path, data_dir, capsys, 
     db.close()
     assert main(args) == 0
     assert capsys.readouterr().err.count("1 already in the store, 0 to run") == 4
+
+
+def test_the_atlas_lens_reads_under_every_masking_condition_the_store_holds(tmp_path, data_dir):
+    store = tmp_path / "atlas.sqlite"
+    common = ["--model", "tiny:llama", "--n-test", "2", "--max-new-tokens", "3", "--data-dir", str(data_dir)]
+    common += ["--store", str(store)]
+    assert main(["sweep", *common, "--ks", "2", "--conditions", "examples"]) == 0
+    other_cell = ["--ks", "3", "--conditions", "instructions+examples,instructions"]
+    assert main(["sweep", *common, *other_cell]) == 0  # another cell (k): its conditions are not read
+    assert main(["atlas", *common, "--ks", "2", "--out-dir", str(tmp_path / "drawn")]) == 0
+    db = sqlite3.connect(store)
+    lens = db.execute(
+        "SELECT json_extract(spec, '$.condition') FROM units WHERE json_extract(spec, '$.kind') = 'logit-lens'"
+    ).fetchall()
+    db.close()
+    assert sorted(c for (c,) in lens) == ["examples", "instructions+examples"]
+    with Store(store, create=False) as opened:
+        (atlas,) = load_atlases(opened, n_boot=N_BOOT)
+    assert "logit-lens (hidden: examples)" in atlas.methods
 
 
 def test_a_vector_that_never_beats_the_zero_shot_prompt_points_nowhere(tmp_path):

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from ..core.conditions import get_condition
 from ..results.atlas import load_atlases
 from ..results.figures import aie_figures, atlas_figures
 from ..results.store import Store
@@ -54,7 +55,8 @@ def run_atlas(
         log(f"atlas: {method}")
         # each sweep audits within its own share of decoding time, as a sweep of its own would
         fresh = replace(worker, seconds=Worker.fresh_seconds()) if worker is not None else None
-        run_sweep(replace(config, method=method), store_path, command, ray, loaded, fresh)
+        conditions = stored_conditions(store_file, config) if method == "logit-lens" else config.conditions
+        run_sweep(replace(config, method=method, conditions=conditions), store_path, command, ray, loaded, fresh)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     result = AtlasResult(Path(store_path))
@@ -69,3 +71,30 @@ def run_atlas(
         for r in atlas_rows(atlases)
     ]
     return result
+
+
+def stored_conditions(store_path: Path, config: SweepConfig) -> list[str]:
+    """``config``'s masking conditions, then every other one the store holds a masking unit of for the same
+    cells (task, pair, data, test items, seed, k, instructions; gold labels): the lens reads under each, so
+    that it shows when the answer appears with and without each context the store has masked."""
+    ours = [get_condition(c).name for c in config.conditions]
+    with Store(store_path, create=False) as store:
+        masks = [u["spec"] for u in store.units() if u["spec"]["kind"] == "mask"]
+    masks = [spec for spec in masks if spec.get("labels", "gold") == "gold"]
+    cells = {masking_cell(spec) for spec in masks if spec["condition"] in ours and in_grid(spec, config)}
+    return list(dict.fromkeys(ours + [spec["condition"] for spec in masks if masking_cell(spec) in cells]))
+
+
+def masking_cell(spec: dict) -> tuple:
+    """A stored masking unit's cell: what its lens unit shares with it but the condition."""
+    return tuple(spec[key] for key in ("task", "pair", "data", "n_test", "seed", "k", "instructions"))
+
+
+def in_grid(spec: dict, config: SweepConfig) -> bool:
+    """Whether a stored unit is of ``config``'s grid (its seeds, ks, instructions and test items)."""
+    return (
+        spec["k"] in config.ks
+        and spec["seed"] in config.seeds
+        and spec["instructions"] in config.instructions
+        and spec["n_test"] == config.n_test
+    )

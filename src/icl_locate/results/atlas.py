@@ -8,9 +8,10 @@ the method's own baseline, so methods with different metrics share one axis (1 =
   points to the recognition layer, exactly as ``analysis.analyse_curve`` locates it;
 - task vector, function vector (patched at layer l into the zero-shot prompt): / the ICL prompt's score;
   points to the best layer (the first maximum);
-- logit lens (the final norm and LM head applied at layer l, context visible or hidden): the answer's
-  top-1 rate / the visible lens's at the last layer (the model's own output); points to the first layer
-  from which the answer stays top-1 (``analysis.recognition_layer`` with the curve's final rate).
+- logit lens (the final norm and LM head applied at layer l, context visible or hidden, under each masking
+  condition stored): the answer's top-1 rate / the visible lens's at the last layer (the model's own
+  output); points to the first layer from which the answer stays top-1 (``analysis.recognition_layer``
+  with the curve's final rate).
 
 Bootstrap as ``analysis``: each replicate resamples test items and seeds once for every row of a method
 (so its layers and its baseline stay paired); the same seed draws the same replicates as
@@ -23,7 +24,7 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -152,12 +153,13 @@ def load_atlases(
                 methods[kind], last = _vector_method(store, kind, _by_seed(by_kind[kind]), n_boot, seed)
                 lasts.append(last)
         if LENS_KIND in by_kind:
-            methods |= _lens_methods(store, _lens_units(by_kind[LENS_KIND]), n_boot, seed, fraction)
+            methods |= _lens_conditions(store, by_kind[LENS_KIND], n_boot, seed, fraction)
             lasts.append(methods["logit-lens"].layers[-1])
         aie = None
         if "function-vector" in by_kind:
             aie = load_indirect_effects(store, key, _by_seed(by_kind["function-vector"]), n_boot, seed)
-        atlases.append(Atlas(key, max(lasts), {m: methods[m] for m in METHODS if m in methods}, aie))
+        ordered = [m for m in METHODS if m in methods] + [m for m in methods if m not in METHODS]
+        atlases.append(Atlas(key, max(lasts), {m: methods[m] for m in ordered}, aie))
     return atlases
 
 
@@ -230,12 +232,23 @@ def _by_seed(units: list[dict]) -> list[dict]:
     return sorted(units, key=lambda u: u["spec"]["seed"])
 
 
-def _lens_units(units: list[dict]) -> list[dict]:
-    """The lens units an atlas reads (one condition, every seed): the condition first in
-    CONTEXT_CONDITIONS, else the first stored."""
-    conditions = sorted({u["spec"]["condition"] for u in units})
-    chosen = next((c for c in CONTEXT_CONDITIONS if c in conditions), conditions[0])
-    return _by_seed([u for u in units if u["spec"]["condition"] == chosen])
+def _lens_conditions(store, units: list[dict], n_boot: int, seed: int, fraction: float) -> dict[str, MethodCurve]:
+    """The lens of every condition stored (every seed of each): the visible lens and the context hidden of the
+    condition first in CONTEXT_CONDITIONS (else the first stored), then each other condition's hidden lens as
+    "logit-lens (hidden: <condition>)" (its visible rows are the same prompts': one visible curve is drawn)."""
+    stored = sorted({u["spec"]["condition"] for u in units})
+    conditions = [c for c in CONTEXT_CONDITIONS if c in stored] + [c for c in stored if c not in CONTEXT_CONDITIONS]
+    methods: dict[str, MethodCurve] = {}
+    for condition in conditions:
+        lens = _lens_methods(
+            store, _by_seed([u for u in units if u["spec"]["condition"] == condition]), n_boot, seed, fraction
+        )
+        if not methods:
+            methods = lens
+        else:
+            name = f"logit-lens (hidden: {condition})"
+            methods[name] = replace(lens["logit-lens (context hidden)"], method=name)
+    return methods
 
 
 def _stack(per_seed: list[list[dict]], rows: list[tuple[str, int]]) -> Stats:
