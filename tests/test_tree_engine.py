@@ -14,14 +14,14 @@ from conftest import tiny
 from icl_locate.cli import main
 from icl_locate.core.conditions import get_condition
 from icl_locate.core.interventions import UNCHANGED, AblateLayers, HeadMask, MaskFrom
-from icl_locate.engines import tree_decode
+from icl_locate.engines import tree, tree_decode
 from icl_locate.engines.base import StopRule, forward, last_hidden
 from icl_locate.engines.decoding import SlotLayer
 from icl_locate.engines.drafts import Drafter
 from icl_locate.engines.fast import FastEngine
 from icl_locate.engines.head import Bf16ScreenedHead
 from icl_locate.engines.reference import ReferenceEngine, batch_interventions
-from icl_locate.engines.tree import TreeEngine
+from icl_locate.engines.tree import TreeEngine, query_batches, query_states
 from icl_locate.engines.tree_decode import TreeDecode, hole_filling_order
 from test_fast_engine import FAMILIES, encoded_prompts, masked, reference
 
@@ -560,3 +560,60 @@ def test_the_hole_filling_order_keeps_every_kept_slot_and_moves_only_into_holes(
     order = hole_filling_order(set(kept))
     assert sorted(order) == sorted(kept)
     assert all(old == new or (old >= len(kept) and new not in kept) for new, old in enumerate(order))
+
+
+def queries_of(rows: list[int]) -> list[list[str]]:
+    """Queries of the given row counts, their rows named query:row."""
+    return [[f"{q}:{r}" for r in range(n)] for q, n in enumerate(rows)]
+
+
+@pytest.mark.parametrize(
+    "rows, per_batch, batches",
+    [
+        ([19] * 8, 6, [4, 4]),  # spread evenly: not 6 + 2
+        ([19] * 8, 3, [3, 3, 2]),
+        ([19] * 16, 6, [6, 5, 5]),
+        ([19] * 5, 4, [3, 2]),
+        ([19] * 3, 8, [3]),
+    ],
+)
+def test_query_batches_are_whole_queries_spread_evenly(rows, per_batch, batches):
+    queries = queries_of(rows)
+    packed = list(query_batches(queries, per_batch, 64))
+    assert [len(b) // rows[0] for b in packed] == batches
+    assert [row for b in packed for row in b] == [row for q in queries for row in q]  # each once, in order
+
+
+def test_a_query_wider_than_a_batch_is_split_and_the_rest_stay_whole():
+    queries = queries_of([10, 3, 3])
+    packed = list(query_batches(queries, 1, 4))
+    assert [len(b) for b in packed] == [4, 4, 2, 3, 3]
+    assert sorted(row for b in packed for row in b) == sorted(row for q in queries for row in q)
+
+
+def test_a_query_holds_a_slot_per_diverged_row_and_one_shared():
+    lm = tiny("llama")
+    n = lm.info.num_layers
+    engine = TreeEngine(lm.model, lm.tokenizer)
+    prompts = masked(encoded_prompts(lm.tokenizer)[:1], get_condition("examples"))
+    sweep = engine.plan(prompts, [MaskFrom(j) for j in range(n + 1)])
+    assert query_states(sweep, n) == pytest.approx((n + 3) / 2)  # layer l: l + 1 diverged rows and the shared slot
+    assert query_states(engine.plan(prompts, [UNCHANGED, UNCHANGED]), n) == 1  # nothing diverges: one slot
+    assert query_states(engine.plan(prompts, [MaskFrom(0), MaskFrom(0)]), n) == 2  # both diverge at once
+
+
+def test_automatic_batches_count_a_querys_states_and_forced_ones_its_rows(monkeypatch):
+    lm = tiny("llama")
+    n = lm.info.num_layers
+    asked = []
+    real = tree.query_batches
+    monkeypatch.setattr(tree, "query_batches", lambda q, per, size: asked.append((per, size)) or real(q, per, size))
+    prompts = masked(encoded_prompts(lm.tokenizer), get_condition("examples"))
+    rows = [MaskFrom(j) for j in range(n + 1)]
+    for batch_size in (None, 2 * (n + 1)):
+        asked.clear()
+        engine = TreeEngine(lm.model, lm.tokenizer, batch_size=batch_size, max_batch_tokens=4000)
+        engine.generate(prompts, rows, StopRule((), 2))
+        ((per_batch, size),) = asked
+        expected = int(size / ((n + 3) / 2)) if batch_size is None else 2
+        assert per_batch == max(1, expected)

@@ -37,11 +37,11 @@ from ..core.structure import decoder_layers
 from ..core.surgery import LayerCall
 from .base import Generation, ProgressCallback, ResultKey, StopRule
 from .drafts import Drafter
-from .fast import KV_MEMORY_FRACTION, MAX_BATCH_TOKENS, FastEngine
+from .fast import KV_MEMORY_FRACTION, MAX_BATCH_TOKENS, FastEngine, rows_by_memory
 from .head import CertifiedHead
 from .rows import PrefixCaches, Row
 from .screens import build_screen
-from .tree_decode import SlotRoutes, TreeDecode
+from .tree_decode import SlotRoutes, TreeDecode, divergence_layer
 
 # Keyword arguments of a decoder layer that carry one row per batch row, by name. Any other
 # tensor argument is refused (we cannot know whether its first dimension is the batch).
@@ -129,29 +129,37 @@ class TreeEngine(FastEngine):
     # ------------------------------------------------------------------ planning
 
     def _chunks(self, rows: list[Row], prefix_caches: PrefixCaches, max_new_tokens: int):
-        """Rows that continue a shared context cache: every row of a query in one batch (they share
-        states), unless one query alone has more rows than a batch holds. Rows with a context cache
-        of their own (head masks, ``MaskBelow`` rows that hide context, conditions with visible context
-        after hidden context: "instructions", "answers", "inputs", "example:i") batch as in the fast
-        engine, by cache, so that only a few such caches are alive at a time; they share little anyway."""
+        """Rows that continue a shared context cache: whole queries (their rows share states), as many a batch
+        as ``_queries_per_batch`` says, spread evenly (``query_batches``). Rows with a context cache of their
+        own (head masks, ``MaskBelow`` rows that hide context, conditions with visible context after hidden
+        context: "instructions", "answers", "inputs", "example:i") batch as in the fast engine, by cache, so
+        that only a few such caches are alive at a time; they share little anyway."""
         yield from super()._chunks([r for r in rows if r.prefix_key[1] is not None], prefix_caches, max_new_tokens)
         for group in self._groups([r for r in rows if r.prefix_key[1] is None]):
             by_query: dict[int, list[Row]] = {}
             for row in group:
                 by_query.setdefault(row.item, []).append(row)
+            queries = sorted(by_query.values(), key=lambda rs: (len(rs[0].prefix_key[0]), len(rs[0].query_ids)))
             size = self._rows_per_batch(group, prefix_caches, max_new_tokens)
-            batch: list[Row] = []
-            for query_rows in sorted(
-                by_query.values(), key=lambda rs: (len(rs[0].prefix_key[0]), len(rs[0].query_ids))
-            ):
-                for start in range(0, len(query_rows), size):
-                    part = query_rows[start : start + size]
-                    if len(batch) + len(part) > size:
-                        yield batch
-                        batch = []
-                    batch += part
-            if batch:
-                yield batch
+            yield from query_batches(
+                queries, self._queries_per_batch(queries, size, prefix_caches, max_new_tokens), size
+            )
+
+    def _queries_per_batch(
+        self, queries: list[list[Row]], size: int, prefix_caches: PrefixCaches, max_new_tokens: int
+    ) -> int:
+        """Whole queries a batch takes. ``--batch-size`` counts rows. The automatic rule's ``size`` counts
+        what a batch stores and computes per layer, which here is a query's states (``query_states``: a slot
+        per diverged row and one shared, before any split), not its rows; and never more rows than the KV
+        memory bound allows unshared (splits can leave every row a slot of its own)."""
+        whole = [rows for rows in queries if len(rows) <= size] or queries  # wider ones are split (``query_batches``)
+        widest = max(len(rows) for rows in whole)
+        if self.batch_size:
+            return max(1, size // widest)
+        states = max(query_states(rows, self.n_layers) for rows in whole)
+        longest = max(len(r.prefix_key[0]) + len(r.query_ids) for rows in whole for r in rows) + max_new_tokens
+        unshared = rows_by_memory(prefix_caches.get(whole[0][0]), longest, self.kv_memory_fraction, self.device)
+        return max(1, min(int(size / states), unshared // widest))
 
     # ------------------------------------------------------------------ the hooks
 
@@ -227,3 +235,33 @@ class TreeEngine(FastEngine):
 
     def _decode_chunk(self, chunk: list[Row], prefix_caches: PrefixCaches, stop: StopRule) -> list[Generation]:
         return TreeDecode(self, chunk, prefix_caches, stop).run()
+
+
+def query_states(rows: list[Row], n_layers: int) -> float:
+    """The slots one query's rows hold per layer, on average over the layers, while they share one history:
+    at layer l one for each row diverged at or below l (``divergence_layer``), and one shared by the rest."""
+    layers = [divergence_layer(row, n_layers) for row in rows]
+    per_layer = [sum(d <= layer for d in layers) + any(d > layer for d in layers) for layer in range(n_layers)]
+    return sum(per_layer) / n_layers
+
+
+def query_batches(queries: list[list[Row]], per_batch: int, size: int) -> Iterator[list[Row]]:
+    """Batches of whole queries (the rows of a query share states), at most ``per_batch`` a batch, spread
+    evenly over the fewest such batches (a small last batch would decode as long as a full one). A query of
+    more than ``size`` rows is split into batches of ``size`` rows."""
+    whole = []
+    for rows in queries:
+        if len(rows) > size:
+            for start in range(0, len(rows), size):
+                yield rows[start : start + size]
+        else:
+            whole.append(rows)
+    if not whole:
+        return
+    batches = -(-len(whole) // max(1, per_batch))
+    base, extra = divmod(len(whole), batches)
+    start = 0
+    for b in range(batches):
+        count = base + (b < extra)
+        yield [row for rows in whole[start : start + count] for row in rows]
+        start += count
