@@ -13,12 +13,15 @@ import pytest
 from icl_locate.cli import main
 from icl_locate.core.models import load_model
 from icl_locate.experiments import sweep
+from icl_locate.experiments.atlas import stored_conditions
+from icl_locate.experiments.settings import SweepConfig
 from icl_locate.results import analysis
 from icl_locate.results.atlas import METHODS, load_atlases
 from icl_locate.results.figures import aie_figure, atlas_figure
 from icl_locate.results.report import build_report
 from icl_locate.results.store import Store
 from icl_locate.results.study import Study
+from icl_locate.tasks.spec import TaskData
 from icl_locate.util.errors import UserError
 
 L = 4  # decoder layers: masking and the lens run 0..L, the vectors 0..L-1
@@ -334,6 +337,32 @@ def test_the_atlas_lens_reads_under_every_masking_condition_the_store_holds(tmp_
     with Store(store, create=False) as opened:
         (atlas,) = load_atlases(opened, n_boot=N_BOOT)
     assert "logit-lens (hidden: examples)" in atlas.methods
+
+
+def test_the_lens_conditions_are_those_of_the_atlas_cells_only(tmp_path):
+    path = tmp_path / "shared.sqlite"
+    masks = [
+        ("instructions+examples", {}),  # the atlas's own
+        ("examples-below", {}),  # the lens hides a condition at every layer: the plain form
+        ("examples", {}),
+        ("answers", {"k": 3}),  # the same condition of another cell: only with it
+        ("instructions+examples", {"k": 3}),
+        ("instructions", {"task": "other"}),
+        ("instructions+examples", {"task": "other"}),
+        ("inputs", {"data": "older" + "0" * 11}),
+        ("instructions+examples", {"data": "older" + "0" * 11}),
+        ("answers", {"labels": "random"}),
+    ]
+    with Store(path, {"model": "synthetic"}) as store:
+        run = store.start_run("test", {}, {"model": {"spec": "synthetic", "num_layers": L}})
+        for n, (condition, other) in enumerate(masks):
+            rows = [exact_match_rows("mask", j, 1) for j in range(L + 1)]
+            commit(store, run, f"m{n}", dict(kind="mask", condition=condition, layers=list(range(L + 1))) | other, rows)
+    config = SweepConfig(ks=[2], n_test=N)
+    tasks = {("qa", ""): (None, TaskData(bank=[], test=[], digest=""))}  # built-in data: "" as stored in CELL
+    assert stored_conditions(path, config, tasks) == ["instructions+examples", "examples"]
+    tasks = {("qa", ""): (None, TaskData(bank=[], test=[], digest="older" + "0" * 11))}  # the older data's cell
+    assert stored_conditions(path, config, tasks) == ["instructions+examples", "inputs"]
 
 
 def test_a_vector_that_never_beats_the_zero_shot_prompt_points_nowhere(tmp_path):

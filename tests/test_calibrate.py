@@ -19,7 +19,7 @@ from icl_locate.core.interventions import MaskFrom
 from icl_locate.core.models import load_model
 from icl_locate.engines import batch_rows, calibrate, draft_timing, fast, head_timing, timing
 from icl_locate.engines.base import StopRule, forward, last_hidden
-from icl_locate.engines.calibrate import Calibrator, build_engine
+from icl_locate.engines.calibrate import TREE_BATCH_NOTE, Calibrator, build_engine
 from icl_locate.engines.choices import Choices
 from icl_locate.engines.fast import FastEngine
 from icl_locate.engines.reference import ReferenceEngine
@@ -679,6 +679,7 @@ def test_drafts_are_probed_on_a_few_rows_and_timed_on_the_engines_rows_only_wher
 
     choices = calibrate_for(EngineRequest(engine="tree", head="plain"))  # batches of the rule's 64 rows
     assert choices.draft_tokens == drafts and set(rows_of_steps) == timed
+    assert choices.reasons["batch"].endswith(TREE_BATCH_NOTE)  # the tree engine's batches count states
     steps_measured = {name: s for name, s in choices.measured.items() if name.startswith("step/")}
     if drafts:
         assert not drafts_refusals(tmp_path) and steps_measured["step/1+8"] == 1.0

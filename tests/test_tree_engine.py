@@ -14,7 +14,7 @@ from conftest import tiny
 from icl_locate.cli import main
 from icl_locate.core.conditions import get_condition
 from icl_locate.core.interventions import UNCHANGED, AblateLayers, HeadMask, MaskFrom
-from icl_locate.engines import tree, tree_decode
+from icl_locate.engines import fast, tree, tree_decode
 from icl_locate.engines.base import StopRule, forward, last_hidden
 from icl_locate.engines.decoding import SlotLayer
 from icl_locate.engines.drafts import Drafter
@@ -575,20 +575,14 @@ def queries_of(rows: list[int]) -> list[list[str]]:
         ([19] * 16, 6, [6, 5, 5]),
         ([19] * 5, 4, [3, 2]),
         ([19] * 3, 8, [3]),
+        ([], 3, []),
     ],
 )
 def test_query_batches_are_whole_queries_spread_evenly(rows, per_batch, batches):
     queries = queries_of(rows)
-    packed = list(query_batches(queries, per_batch, 64))
-    assert [len(b) // rows[0] for b in packed] == batches
+    packed = list(query_batches(queries, per_batch))
+    assert [len(b) // 19 for b in packed] == batches
     assert [row for b in packed for row in b] == [row for q in queries for row in q]  # each once, in order
-
-
-def test_a_query_wider_than_a_batch_is_split_and_the_rest_stay_whole():
-    queries = queries_of([10, 3, 3])
-    packed = list(query_batches(queries, 1, 4))
-    assert [len(b) for b in packed] == [4, 4, 2, 3, 3]
-    assert sorted(row for b in packed for row in b) == sorted(row for q in queries for row in q)
 
 
 def test_a_query_holds_a_slot_per_diverged_row_and_one_shared():
@@ -602,18 +596,28 @@ def test_a_query_holds_a_slot_per_diverged_row_and_one_shared():
     assert query_states(engine.plan(prompts, [MaskFrom(0), MaskFrom(0)]), n) == 2  # both diverge at once
 
 
-def test_automatic_batches_count_a_querys_states_and_forced_ones_its_rows(monkeypatch):
+@pytest.mark.parametrize(
+    "rule, memory, batch_size, per_batch, whole",
+    [
+        (4, 1000, None, 2, True),  # two queries' states (2 x 1.75) fit 4: six rows a batch
+        (4, 4, None, 1, True),  # unshared, two queries' rows (6) would pass the KV-memory bound
+        (1, 1000, None, None, False),  # one query's states (1.75) pass the rule: its rows are split
+        (None, 1000, 6, 2, True),  # --batch-size counts rows
+        (None, 1000, 2, None, False),
+    ],
+)
+def test_automatic_batches_count_states_and_forced_ones_rows(monkeypatch, rule, memory, batch_size, per_batch, whole):
     lm = tiny("llama")
-    n = lm.info.num_layers
-    asked = []
+    assert lm.info.num_layers == 4  # each query: 3 rows diverging at 2, 3, 4: 1, 1, 2, 3 slots a layer
+    packed = []
     real = tree.query_batches
-    monkeypatch.setattr(tree, "query_batches", lambda q, per, size: asked.append((per, size)) or real(q, per, size))
-    prompts = masked(encoded_prompts(lm.tokenizer), get_condition("examples"))
-    rows = [MaskFrom(j) for j in range(n + 1)]
-    for batch_size in (None, 2 * (n + 1)):
-        asked.clear()
-        engine = TreeEngine(lm.model, lm.tokenizer, batch_size=batch_size, max_batch_tokens=4000)
-        engine.generate(prompts, rows, StopRule((), 2))
-        ((per_batch, size),) = asked
-        expected = int(size / ((n + 3) / 2)) if batch_size is None else 2
-        assert per_batch == max(1, expected)
+    monkeypatch.setattr(tree, "query_batches", lambda q, per: packed.append((len(q), per)) or real(q, per))
+    monkeypatch.setattr(fast, "rule_rows", lambda *args, **kwargs: rule)
+    monkeypatch.setattr(tree, "rows_by_memory", lambda *args, **kwargs: memory)
+    encs, condition = encoded_prompts(lm.tokenizer), get_condition("examples")
+    rows = [MaskFrom(j) for j in (2, 3, 4)]
+    assert_tree_equals(lm, encs, condition, rows, batch_size=batch_size, check_reference=False)
+    ((queries, got),) = packed
+    assert queries == (len(encs) if whole else 0)
+    if whole:
+        assert got == per_batch

@@ -77,6 +77,8 @@ MINI_RUN_ROWS = 10  # at most this many rows of the first query (a spread of the
 ENGINE_CLEAR = 1.25
 CALIBRATION_VERSION = 19  # part of the cache key: a change of the procedure re-measures
 NO_STEPS = "a one-token prompt leaves no cache to time a step over"
+# ends the tree engine's batch reason: its batches take whole queries by their states (``tree.query_states``)
+TREE_BATCH_NOTE = "; the tree engine fills them with whole queries, counting each query's states, not its rows"
 HEAD_CACHED = "; measured before for this model here"  # ends a head reason taken from an earlier verdict
 # ends a drafts reason taken from an earlier refusal (``calibration_cache.py``: why it holds for this work)
 DRAFTS_CACHED = "; measured before for this model here, on no more rows over a cache of about this length"
@@ -222,6 +224,8 @@ class Calibrator:
                 reasons["engine"] = "forced"
             self._keep_screen(head)
             scale = self._choose_batch(steps, stop, len(interventions), work_rows, head, reasons, measured)
+            if engine == "tree" and not self.request.batch_size:
+                reasons["batch"] += TREE_BATCH_NOTE
         finally:
             if steps is not None:
                 steps.release()

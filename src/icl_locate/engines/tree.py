@@ -130,7 +130,7 @@ class TreeEngine(FastEngine):
 
     def _chunks(self, rows: list[Row], prefix_caches: PrefixCaches, max_new_tokens: int):
         """Rows that continue a shared context cache: whole queries (their rows share states), as many a batch
-        as ``_queries_per_batch`` says, spread evenly (``query_batches``). Rows with a context cache of their
+        as ``_packing`` says, spread evenly (``query_batches``). Rows with a context cache of their
         own (head masks, ``MaskBelow`` rows that hide context, conditions with visible context after hidden
         context: "instructions", "answers", "inputs", "example:i") batch as in the fast engine, by cache, so
         that only a few such caches are alive at a time; they share little anyway."""
@@ -141,25 +141,31 @@ class TreeEngine(FastEngine):
                 by_query.setdefault(row.item, []).append(row)
             queries = sorted(by_query.values(), key=lambda rs: (len(rs[0].prefix_key[0]), len(rs[0].query_ids)))
             size = self._rows_per_batch(group, prefix_caches, max_new_tokens)
-            yield from query_batches(
-                queries, self._queries_per_batch(queries, size, prefix_caches, max_new_tokens), size
-            )
+            whole, wide, per_batch = self._packing(queries, size, prefix_caches, max_new_tokens)
+            for rows in wide:
+                yield from (rows[start : start + size] for start in range(0, len(rows), size))
+            yield from query_batches(whole, per_batch)
 
-    def _queries_per_batch(
+    def _packing(
         self, queries: list[list[Row]], size: int, prefix_caches: PrefixCaches, max_new_tokens: int
-    ) -> int:
-        """Whole queries a batch takes. ``--batch-size`` counts rows. The automatic rule's ``size`` counts
-        what a batch stores and computes per layer, which here is a query's states (``query_states``: a slot
-        per diverged row and one shared, before any split), not its rows; and never more rows than the KV
+    ) -> tuple[list[list[Row]], list[list[Row]], int]:
+        """The queries a batch takes whole, those split into batches of ``size`` rows, and how many whole
+        queries a batch takes. ``--batch-size`` counts rows. The automatic rule's ``size`` counts what a batch
+        stores and computes per layer, which here is a query's states (``query_states``: a slot per diverged
+        row and one shared, before any split), not its rows; and a batch never holds more rows than the KV
         memory bound allows unshared (splits can leave every row a slot of its own)."""
-        whole = [rows for rows in queries if len(rows) <= size] or queries  # wider ones are split (``query_batches``)
-        widest = max(len(rows) for rows in whole)
         if self.batch_size:
-            return max(1, size // widest)
-        states = max(query_states(rows, self.n_layers) for rows in whole)
-        longest = max(len(r.prefix_key[0]) + len(r.query_ids) for rows in whole for r in rows) + max_new_tokens
-        unshared = rows_by_memory(prefix_caches.get(whole[0][0]), longest, self.kv_memory_fraction, self.device)
-        return max(1, min(int(size / states), unshared // widest))
+            states, unshared = [float(len(rows)) for rows in queries], size  # rows, and no more
+        else:
+            longest = max(len(r.prefix_key[0]) + len(r.query_ids) for rows in queries for r in rows) + max_new_tokens
+            unshared = rows_by_memory(prefix_caches.get(queries[0][0]), longest, self.kv_memory_fraction, self.device)
+            states = [query_states(rows, self.n_layers) for rows in queries]
+        fits = [len(rows) <= unshared and n <= size for rows, n in zip(queries, states, strict=True)]
+        whole = [rows for rows, fit in zip(queries, fits, strict=True) if fit]
+        wide = [rows for rows, fit in zip(queries, fits, strict=True) if not fit]
+        most = max((n for n, fit in zip(states, fits, strict=True) if fit), default=1.0)
+        per_batch = min(int(size / most), unshared // max((len(rows) for rows in whole), default=1))
+        return whole, wide, max(1, per_batch)
 
     # ------------------------------------------------------------------ the hooks
 
@@ -242,26 +248,18 @@ def query_states(rows: list[Row], n_layers: int) -> float:
     at layer l one for each row diverged at or below l (``divergence_layer``), and one shared by the rest."""
     layers = [divergence_layer(row, n_layers) for row in rows]
     per_layer = [sum(d <= layer for d in layers) + any(d > layer for d in layers) for layer in range(n_layers)]
-    return sum(per_layer) / n_layers
+    return sum(per_layer) / max(1, n_layers)
 
 
-def query_batches(queries: list[list[Row]], per_batch: int, size: int) -> Iterator[list[Row]]:
+def query_batches(queries: list[list[Row]], per_batch: int) -> Iterator[list[Row]]:
     """Batches of whole queries (the rows of a query share states), at most ``per_batch`` a batch, spread
-    evenly over the fewest such batches (a small last batch would decode as long as a full one). A query of
-    more than ``size`` rows is split into batches of ``size`` rows."""
-    whole = []
-    for rows in queries:
-        if len(rows) > size:
-            for start in range(0, len(rows), size):
-                yield rows[start : start + size]
-        else:
-            whole.append(rows)
-    if not whole:
+    evenly over the fewest such batches (a small last batch would decode as long as a full one)."""
+    if not queries:
         return
-    batches = -(-len(whole) // max(1, per_batch))
-    base, extra = divmod(len(whole), batches)
+    batches = -(-len(queries) // max(1, per_batch))
+    base, extra = divmod(len(queries), batches)
     start = 0
     for b in range(batches):
         count = base + (b < extra)
-        yield [row for rows in whole[start : start + count] for row in rows]
+        yield [row for rows in queries[start : start + count] for row in rows]
         start += count

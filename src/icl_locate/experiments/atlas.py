@@ -12,14 +12,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ..core.conditions import get_condition
+from ..core.conditions import BELOW_SUFFIX, get_condition
+from ..results.analysis import cell_key
 from ..results.atlas import load_atlases
 from ..results.figures import aie_figures, atlas_figures
 from ..results.store import Store
 from ..results.tables import atlas_rows
 from ..util.errors import UserError
 from .options import RaySettings
-from .settings import METHODS, SweepConfig
+from .settings import METHODS, LoadedTasks, SweepConfig
 from .sweep import check_store_path, prepare, run_sweep
 from .units import Worker
 
@@ -55,7 +56,7 @@ def run_atlas(
         log(f"atlas: {method}")
         # each sweep audits within its own share of decoding time, as a sweep of its own would
         fresh = replace(worker, seconds=Worker.fresh_seconds()) if worker is not None else None
-        conditions = stored_conditions(store_file, config) if method == "logit-lens" else config.conditions
+        conditions = stored_conditions(store_file, config, tasks) if method == "logit-lens" else config.conditions
         run_sweep(replace(config, method=method, conditions=conditions), store_path, command, ray, loaded, fresh)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -73,21 +74,27 @@ def run_atlas(
     return result
 
 
-def stored_conditions(store_path: Path, config: SweepConfig) -> list[str]:
-    """``config``'s masking conditions, then every other one the store holds a masking unit of for the same
-    cells (task, pair, data, test items, seed, k, instructions; gold labels): the lens reads under each, so
-    that it shows when the answer appears with and without each context the store has masked."""
+def stored_conditions(store_path: Path, config: SweepConfig, tasks: LoadedTasks) -> list[str]:
+    """``config``'s masking conditions, then every other one the store holds a masking unit of in the atlas's
+    cells (its tasks, pairs and data, test items, seeds, ks and instructions; gold labels): the lens reads
+    under each, so that it shows when the answer appears with and without each context the store has
+    masked. The lens hides a condition at every layer, so a ``-below`` one is its plain form there."""
     ours = [get_condition(c).name for c in config.conditions]
+    data = {(name, pair, task_data.digest[:16]) for (name, pair), (_, task_data) in tasks.items()}
     with Store(store_path, create=False) as store:
-        masks = [u["spec"] for u in store.units() if u["spec"]["kind"] == "mask"]
-    masks = [spec for spec in masks if spec.get("labels", "gold") == "gold"]
+        masks = [cell_key(u["spec"], MASK_FIELDS) for u in store.units() if u["spec"]["kind"] == "mask"]
+    masks = [spec for spec in masks if spec["labels"] == "gold" and (spec["task"], spec["pair"], spec["data"]) in data]
     cells = {masking_cell(spec) for spec in masks if spec["condition"] in ours and in_grid(spec, config)}
-    return list(dict.fromkeys(ours + [spec["condition"] for spec in masks if masking_cell(spec) in cells]))
+    found = [spec["condition"] for spec in masks if masking_cell(spec) in cells]
+    return list(dict.fromkeys(c.removesuffix(BELOW_SUFFIX) for c in ours + found))
+
+
+MASK_FIELDS = ("task", "pair", "data", "n_test", "seed", "k", "instructions", "condition", "labels")
 
 
 def masking_cell(spec: dict) -> tuple:
     """A stored masking unit's cell: what its lens unit shares with it but the condition."""
-    return tuple(spec[key] for key in ("task", "pair", "data", "n_test", "seed", "k", "instructions"))
+    return tuple(spec[key] for key in MASK_FIELDS if key not in ("condition", "labels"))
 
 
 def in_grid(spec: dict, config: SweepConfig) -> bool:

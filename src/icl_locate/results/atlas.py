@@ -47,6 +47,7 @@ VECTOR_KINDS = ("task-vector", "function-vector")  # the stored variant of the p
 LENS_KIND = "logit-lens"
 AIE_PREFIX = "aie/h"  # function-vector units: one head's average indirect effect per row
 LENS_METHODS = {"lens/visible": "logit-lens", "lens/hidden": "logit-lens (context hidden)"}
+FURTHER_LENS = "logit-lens (hidden: "  # + condition + ")": the hidden lens of each further condition stored
 METHODS = ("masking", *VECTOR_KINDS, *LENS_METHODS.values())  # the order methods are drawn and listed in
 
 Stats = np.ndarray  # [seeds, rows, items, d]: per-item statistics of one method's rows
@@ -246,7 +247,7 @@ def _lens_conditions(store, units: list[dict], n_boot: int, seed: int, fraction:
         if not methods:
             methods = lens
         else:
-            name = f"logit-lens (hidden: {condition})"
+            name = f"{FURTHER_LENS}{condition})"
             methods[name] = replace(lens["logit-lens (context hidden)"], method=name)
     return methods
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..core.labels import LABEL_VARIANTS
 from .analysis import HeadMap
-from .atlas import Atlas
+from .atlas import FURTHER_LENS, Atlas
 from .tables import recognition_curve
 
 
@@ -280,7 +280,8 @@ def atlas_figure(a: Atlas):
     ax.axhline(1.0, color="black", ls="--", lw=1, label="the method's own baseline")
     for name, m in a.methods.items():
         points_to = f"layer {m.point} ({m.what})" if m.point is not None else m.what.split(":")[0]
-        (line,) = ax.plot(m.layers, m.normalised, marker="o", ms=3, label=f"{name}: {points_to}")
+        style = ":" if name.startswith(FURTHER_LENS) else "-"  # colours repeat past ten methods: styles tell
+        (line,) = ax.plot(m.layers, m.normalised, marker="o", ms=3, ls=style, label=f"{name}: {points_to}")
         lo, hi = zip(*m.band)
         ax.fill_between(m.layers, lo, hi, color=line.get_color(), alpha=0.15)
         for what, level in m.references.items():

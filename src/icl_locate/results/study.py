@@ -189,7 +189,9 @@ class Study:
 
         An atlas is a cell (task, pair, instructions, k; gold labels) with task-vector, function-vector or
         logit-lens units. Columns: ``task``, ``pair``, ``instructions``, ``k``, ``method`` ("masking",
-        "task-vector", "function-vector", "logit-lens", "logit-lens (context hidden)"), ``layer``, ``score``
+        "task-vector", "function-vector", "logit-lens", "logit-lens (context hidden)", and
+        "logit-lens (hidden: <condition>)" for each further masking condition the lens was run under),
+        ``layer``, ``score``
         (raw: the task's metric; the lens: the share of items whose answer is the top token, in %),
         ``normalised`` (score / the method's own baseline: masking: nothing masked; vectors: the ICL prompt;
         lens: the model's own output with the context visible), ``lo``, ``hi`` (its 95% bootstrap interval).
