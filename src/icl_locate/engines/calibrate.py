@@ -23,7 +23,9 @@ So an engine starts by timing each choice on the model itself, briefly, and pick
 - batch size: one decoding step (with the chosen head) over the first prompt's cache, at the engines'
   automatic rule's row count, at half of it, and at doublings (where the half cost about as much) or
   further halvings; a count other than the rule's is taken only where it was measured to pay
-  (``batch_rows.py``). The screens not chosen are dropped before it (a screen is a copy of the head).
+  (``batch_rows.py``); the factor applies to the rule's bounds, which the tree engine counts in a
+  query's states rather than its rows (``tree.query_states``). The screens not chosen are dropped
+  before it (a screen is a copy of the head).
 
 Every choice can be forced (``EngineRequest``); generations are the same whatever is chosen (the
 engines are tested against the reference engine). The result is cached under the cache directory,
