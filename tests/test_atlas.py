@@ -345,6 +345,8 @@ def test_the_lens_conditions_are_those_of_the_atlas_cells_only(tmp_path):
         ("instructions+examples", {}),  # the atlas's own
         ("examples-below", {}),  # the lens hides a condition at every layer: the plain form
         ("examples", {}),
+        ("example:3", {}),  # the grid's k of 2 has no third example: left out
+        ("example:2", {}),
         ("answers", {"k": 3}),  # the same condition of another cell: only with it
         ("instructions+examples", {"k": 3}),
         ("instructions", {"task": "other"}),
@@ -360,7 +362,7 @@ def test_the_lens_conditions_are_those_of_the_atlas_cells_only(tmp_path):
             commit(store, run, f"m{n}", dict(kind="mask", condition=condition, layers=list(range(L + 1))) | other, rows)
     config = SweepConfig(ks=[2], n_test=N)
     tasks = {("qa", ""): (None, TaskData(bank=[], test=[], digest=""))}  # built-in data: "" as stored in CELL
-    assert stored_conditions(path, config, tasks) == ["instructions+examples", "examples"]
+    assert stored_conditions(path, config, tasks) == ["instructions+examples", "examples", "example:2"]
     tasks = {("qa", ""): (None, TaskData(bank=[], test=[], digest="older" + "0" * 11))}  # the older data's cell
     assert stored_conditions(path, config, tasks) == ["instructions+examples", "inputs"]
 

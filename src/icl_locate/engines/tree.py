@@ -141,19 +141,20 @@ class TreeEngine(FastEngine):
                 by_query.setdefault(row.item, []).append(row)
             queries = sorted(by_query.values(), key=lambda rs: (len(rs[0].prefix_key[0]), len(rs[0].query_ids)))
             size = self._rows_per_batch(group, prefix_caches, max_new_tokens)
-            whole, wide, per_batch = self._packing(queries, size, prefix_caches, max_new_tokens)
+            whole, wide, per_batch, part = self._packing(queries, size, prefix_caches, max_new_tokens)
             for rows in wide:
-                yield from (rows[start : start + size] for start in range(0, len(rows), size))
+                yield from (rows[start : start + part] for start in range(0, len(rows), part))
             yield from query_batches(whole, per_batch)
 
     def _packing(
         self, queries: list[list[Row]], size: int, prefix_caches: PrefixCaches, max_new_tokens: int
-    ) -> tuple[list[list[Row]], list[list[Row]], int]:
-        """The queries a batch takes whole, those split into batches of ``size`` rows, and how many whole
-        queries a batch takes. ``--batch-size`` counts rows. The automatic rule's ``size`` counts what a batch
-        stores and computes per layer, which here is a query's states (``query_states``: a slot per diverged
-        row and one shared, before any split), not its rows; and a batch never holds more rows than the KV
-        memory bound allows unshared (splits can leave every row a slot of its own)."""
+    ) -> tuple[list[list[Row]], list[list[Row]], int, int]:
+        """The queries a batch takes whole, those split, how many whole queries a batch takes, and the rows
+        of a split query's batches (``size``, within the KV-memory bound). ``--batch-size`` counts rows. The
+        automatic rule's ``size`` counts what a batch stores and computes per layer, which here is a query's
+        states (``query_states``: a slot per diverged row and one shared, before any split), not its rows;
+        and a batch never holds more rows than the KV memory bound allows unshared (splits can leave every
+        row a slot of its own)."""
         if self.batch_size:
             states, unshared = [float(len(rows)) for rows in queries], size  # rows, and no more
         else:
@@ -165,7 +166,7 @@ class TreeEngine(FastEngine):
         wide = [rows for rows, fit in zip(queries, fits, strict=True) if not fit]
         most = max((n for n, fit in zip(states, fits, strict=True) if fit), default=1.0)
         per_batch = min(int(size / most), unshared // max((len(rows) for rows in whole), default=1))
-        return whole, wide, max(1, per_batch)
+        return whole, wide, max(1, per_batch), max(1, min(size, unshared))
 
     # ------------------------------------------------------------------ the hooks
 

@@ -86,6 +86,8 @@ def stored_conditions(store_path: Path, config: SweepConfig, tasks: LoadedTasks)
     masks = [spec for spec in masks if spec["labels"] == "gold" and (spec["task"], spec["pair"], spec["data"]) in data]
     cells = {masking_cell(spec) for spec in masks if spec["condition"] in ours and in_grid(spec, config)}
     found = [spec["condition"] for spec in masks if masking_cell(spec) in cells]
+    # an ``example:i`` masked in a cell of k >= i is left out where the grid has a smaller k (no i-th example)
+    found = [c for c in found if (get_condition(c).example or 0) <= min(config.ks)]
     return list(dict.fromkeys(c.removesuffix(BELOW_SUFFIX) for c in ours + found))
 
 
