@@ -244,8 +244,12 @@ class FastEngine:
 
     def _rows_per_batch(self, group: list[Row], prefix_caches: PrefixCaches, max_new_tokens: int) -> int:
         """``batch_size``, else as many rows as the automatic rule allows (``rule_rows``)."""
-        longest = max(len(r.prefix_key[0]) + len(r.query_ids) for r in group) + max_new_tokens
-        return self.batch_size or self._auto_rows(longest, prefix_caches.get(group[0]))
+        return self.batch_size or self._auto_rows(self._longest(group, max_new_tokens), prefix_caches.get(group[0]))
+
+    @staticmethod
+    def _longest(rows: list[Row], max_new_tokens: int) -> int:
+        """The positions of the longest of ``rows`` once decoded: its prefix, its query and the new tokens."""
+        return max(len(r.prefix_key[0]) + len(r.query_ids) for r in rows) + max_new_tokens
 
     def _auto_rows(self, longest: int, prefix_kv: KV) -> int:
         return rule_rows(

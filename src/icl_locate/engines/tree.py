@@ -158,7 +158,7 @@ class TreeEngine(FastEngine):
         if self.batch_size:
             states, unshared = [float(len(rows)) for rows in queries], size  # rows, and no more
         else:
-            longest = max(len(r.prefix_key[0]) + len(r.query_ids) for rows in queries for r in rows) + max_new_tokens
+            longest = self._longest([r for rows in queries for r in rows], max_new_tokens)
             unshared = rows_by_memory(prefix_caches.get(queries[0][0]), longest, self.kv_memory_fraction, self.device)
             states = [query_states(rows, self.n_layers) for rows in queries]
         fits = [len(rows) <= unshared and n <= size for rows, n in zip(queries, states, strict=True)]

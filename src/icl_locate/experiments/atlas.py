@@ -82,7 +82,11 @@ def stored_conditions(store_path: Path, config: SweepConfig, tasks: LoadedTasks)
     ours = [get_condition(c).name for c in config.conditions]
     data = {(name, pair, task_data.digest[:16]) for (name, pair), (_, task_data) in tasks.items()}
     with Store(store_path, create=False) as store:
-        masks = [cell_key(u["spec"], MASK_FIELDS) for u in store.units() if u["spec"]["kind"] == "mask"]
+        masks = [
+            cell_key(u["spec"], (*MASKING_CELL, "condition", "labels"))
+            for u in store.units()
+            if u["spec"]["kind"] == "mask"
+        ]
     masks = [spec for spec in masks if spec["labels"] == "gold" and (spec["task"], spec["pair"], spec["data"]) in data]
     cells = {masking_cell(spec) for spec in masks if spec["condition"] in ours and in_grid(spec, config)}
     found = [spec["condition"] for spec in masks if masking_cell(spec) in cells]
@@ -91,12 +95,12 @@ def stored_conditions(store_path: Path, config: SweepConfig, tasks: LoadedTasks)
     return list(dict.fromkeys(c.removesuffix(BELOW_SUFFIX) for c in ours + found))
 
 
-MASK_FIELDS = ("task", "pair", "data", "n_test", "seed", "k", "instructions", "condition", "labels")
+MASKING_CELL = ("task", "pair", "data", "n_test", "seed", "k", "instructions")  # what a lens unit shares with it
 
 
 def masking_cell(spec: dict) -> tuple:
     """A stored masking unit's cell: what its lens unit shares with it but the condition."""
-    return tuple(spec[key] for key in MASK_FIELDS if key not in ("condition", "labels"))
+    return tuple(spec[key] for key in MASKING_CELL)
 
 
 def in_grid(spec: dict, config: SweepConfig) -> bool:
