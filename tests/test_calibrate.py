@@ -126,7 +126,8 @@ def test_the_engines_mini_runs_continue_one_prefix_cache_made_before_them(tmp_pa
 
 
 def test_the_heads_are_timed_on_the_engines_batch_rows_and_kept_per_rows(tmp_path, monkeypatch):
-    monkeypatch.setattr(batch_rows, "rule_rows", lambda *args: 8)  # the engine's batches: 8 rows (the work has 15)
+    # the tree engine's batches: whole queries whose states fit the rule's 4: one query of 5 rows (3.5 states)
+    monkeypatch.setattr(batch_rows, "rule_rows", lambda *args: 4)
     sizes: list[int] = []
     argmax = SCREENS["int8"].argmax
     monkeypatch.setattr(
@@ -134,8 +135,8 @@ def test_the_heads_are_timed_on_the_engines_batch_rows_and_kept_per_rows(tmp_pat
     )
     timer = FakeTimer(head__plain=1.0, head__bf16=0.7, head__int8=0.5, engine__fast=2.0, engine__tree=1.0)
     choices = choose(tiny("llama"), tmp_path, timer)
-    assert choices.head == "int8" and "on 8 rows" in choices.reasons["head"]
-    assert sizes and set(sizes[:3]) == {8}  # the agreement check, the warm-up and the timed round(s)
+    assert choices.head == "int8" and "on 5 rows" in choices.reasons["head"]
+    assert sizes and set(sizes[:3]) == {5}  # the agreement check, the warm-up and the timed round(s)
 
     def again(rows: int) -> Choices:
         """The work measured again with the engine's batches at ``rows``, but for the head's verdicts kept."""
@@ -145,8 +146,8 @@ def test_the_heads_are_timed_on_the_engines_batch_rows_and_kept_per_rows(tmp_pat
         return choose(tiny("llama"), tmp_path, timer)
 
     timer = FakeTimer(head__plain=1.0, head__bf16=0.5, head__int8=0.7, engine__fast=2.0, engine__tree=1.0)
-    assert again(7).head == "int8" and not any("head" in c for c in timer.calls)  # the same power of two: kept
-    assert again(12).head == "bf16" and "head/bf16" in timer.calls  # more rows: measured again
+    assert again(6).head == "int8" and not any("head" in c for c in timer.calls)  # one query again: kept
+    assert again(12).head == "bf16" and "head/bf16" in timer.calls  # three queries, 15 rows: measured again
 
 
 @pytest.mark.parametrize(
@@ -168,12 +169,16 @@ def test_drafts_only_where_a_longer_step_costs_about_one_token(tmp_path, costs, 
 
 
 @pytest.mark.parametrize(
-    "head, rule, forced", [("plain", 8, None), ("int8", 8, None), ("plain", 10_000, None), ("int8", 8, 5)]
+    "head, rule, forced, step_rows",
+    # 3 queries of 5 rows, 3.5 states each: a rule of 8 takes 2 queries a batch (10 rows), 10,000 all 3 (15)
+    [("plain", 8, None, 10), ("int8", 8, None, 10), ("plain", 10_000, None, 15), ("int8", 8, 5, 5)],
 )
-def test_the_drafts_step_runs_the_chosen_head_at_every_fed_position(tmp_path, monkeypatch, head, rule, forced):
+def test_the_drafts_step_runs_the_chosen_head_at_every_fed_position(
+    tmp_path, monkeypatch, head, rule, forced, step_rows
+):
     """Verifying a draft of N tokens needs the head at 1 + N positions: the timed step must pay for them, on
-    the rows of the engine's batches (the rule's or the forced batch size; the whole work where it is smaller;
-    here at most the probe's rows)."""
+    the rows of the tree engine's batches (whole queries whose states fit the rule, or the forced batch size;
+    the whole work where it is smaller; here at most the probe's rows)."""
     monkeypatch.setattr(batch_rows, "rule_rows", lambda *args: rule)
     monkeypatch.setattr(calibrate, "choose_batch_scale", lambda *args: (1.0, "not timed here", {}))
     lm = tiny("llama")
@@ -197,7 +202,6 @@ def test_the_drafts_step_runs_the_chosen_head_at_every_fed_position(tmp_path, mo
 
     calibrator.timer = timer
     calibrator.choose(prompts, rows, STOP)
-    step_rows = min(forced or rule, len(prompts) * len(rows))
     assert head_rows == {"step/1": step_rows, "step/1+2": 3 * step_rows}
     assert f"on {step_rows} rows" in calibrator.choose(prompts, rows, STOP).reasons["drafts"]
     if head != "plain":  # the drafts' large logits are not handed to the engine (a forced batch has no batch check)
@@ -213,6 +217,28 @@ def test_the_faster_engine_is_chosen_and_the_fast_engine_takes_the_plain_head(tm
     assert (choices.engine, choices.head, choices.draft_tokens) == ("fast", "plain", 0)
     assert "3.0x faster than the tree engine" in choices.reasons["engine"]
     assert isinstance(build_engine(tiny("llama").model, tiny("llama").tokenizer, choices), FastEngine)
+
+
+@pytest.mark.parametrize(
+    "request_, expected, reason",
+    [
+        (EngineRequest(head="int8"), ("tree", "int8"), "--head int8 (the tree engine's alone)"),
+        (EngineRequest(head="bf16", draft_tokens=2), ("tree", "bf16"), "--head bf16 --draft-tokens 2 (the tree"),
+        (EngineRequest(draft_tokens=2), ("tree", None), "--draft-tokens 2 (the tree engine's alone)"),
+    ],
+)
+def test_a_flag_only_the_tree_engine_honours_chooses_it_under_auto(tmp_path, request_, expected, reason):
+    """The fast engine would win the comparison, but it has no screened head and no drafts: the flag is kept,
+    and the engine follows it without being measured."""
+    timer = FakeTimer(
+        head__plain=1.0, head__bf16=0.1, head__int8=0.1, step__1=1.0, step__1_plus_2=2.0, engine__fast=1.0,
+        engine__tree=3.0,
+    )  # fmt: skip
+    choices = choose(tiny("llama"), tmp_path, timer, request_)
+    assert choices.engine == expected[0] and (expected[1] is None or choices.head == expected[1])
+    assert choices.draft_tokens == (request_.draft_tokens or 0)
+    assert choices.reasons["engine"].startswith(reason)
+    assert not any(name.startswith("engine") for name in timer.calls)
 
 
 @pytest.mark.parametrize(
@@ -647,9 +673,9 @@ def test_forced_drafts_neither_take_nor_keep_a_refusal(tmp_path):
 @pytest.mark.parametrize(
     "ratios, drafts, timed, kept_rows",
     [
-        ({16: 2.0, 64: 2.0}, 0, {16}, 16),  # refused on the probe: more rows are not timed
-        ({16: 1.0, 64: 2.0}, 0, {16, 64}, 64),  # taken on the probe, refused on the engine's rows
-        ({16: 1.0, 64: 1.0}, 8, {16, 64}, None),  # taken on both: nothing kept
+        ({16: 2.0, 75: 2.0}, 0, {16}, 16),  # refused on the probe: more rows are not timed
+        ({16: 1.0, 75: 2.0}, 0, {16, 75}, 75),  # taken on the probe, refused on the engine's rows
+        ({16: 1.0, 75: 1.0}, 8, {16, 75}, None),  # taken on both: nothing kept
     ],
 )
 def test_drafts_are_probed_on_a_few_rows_and_timed_on_the_engines_rows_only_where_they_paid(
@@ -677,7 +703,8 @@ def test_drafts_are_probed_on_a_few_rows_and_timed_on_the_engines_rows_only_wher
         calibrator = Calibrator(lm.model, lm.tokenizer, request, tmp_path / "cal", timer)
         return calibrator.choose(prompts * 10, rows, STOP)  # 150 rows of work
 
-    choices = calibrate_for(EngineRequest(engine="tree", head="plain"))  # batches of the rule's 64 rows
+    # the rule's 64 states take 18 of the 30 queries (3.5 states each), spread evenly: batches of 15 (75 rows)
+    choices = calibrate_for(EngineRequest(engine="tree", head="plain"))
     assert choices.draft_tokens == drafts and set(rows_of_steps) == timed
     assert choices.reasons["batch"].endswith(TREE_BATCH_NOTE)  # the tree engine's batches count states
     steps_measured = {name: s for name, s in choices.measured.items() if name.startswith("step/")}
@@ -685,7 +712,7 @@ def test_drafts_are_probed_on_a_few_rows_and_timed_on_the_engines_rows_only_wher
         assert not drafts_refusals(tmp_path) and steps_measured["step/1+8"] == 1.0
         return
     reason = choices.reasons["drafts"]
-    assert f"on {kept_rows} rows here (> 1.1x" in reason and ("engine's 64 rows" in reason) == (kept_rows == 16)
+    assert f"on {kept_rows} rows here (> 1.1x" in reason and ("engine's 75 rows" in reason) == (kept_rows == 16)
     assert steps_measured == {"step/1": 1.0, "step/1+2": 2.0}  # the round that decided, on its rows
     (refusal,) = drafts_refusals(tmp_path)
     assert json.loads(refusal.read_text())["rows"] == kept_rows

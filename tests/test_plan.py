@@ -194,3 +194,39 @@ def test_matmul_rate_is_measured_once(tmp_path):
     first, what = matmul_tflops(8, 32, 64, "float32", "cpu", seconds=0.01, cache=tmp_path)
     again, cached = matmul_tflops(8, 32, 64, "float32", "cpu", seconds=0.01, cache=tmp_path)
     assert first > 0 and again == first and "cached" in cached and "cached" not in what
+
+
+@pytest.mark.parametrize(
+    "grid, rule",
+    [
+        (dict(conditions=["instructions+examples"], layers="0,1,2,3,4"), 8),  # 3.5 states a query: 2 queries
+        (dict(conditions=["instructions+examples"], layers="0,1,2,3,4"), 4),  # 1 query a batch
+        (dict(conditions=["examples"], layers="2,4", layer_ablation=True), 6),  # ablation groups batch apart
+    ],
+)
+def test_plan_gives_the_tree_engines_largest_batch(grid, rule, data_dir, tmp_path, monkeypatch):
+    """The tree engine's batches hold whole queries whose states fit the rule: the plan's largest is the
+    engine's, with the rule pinned on both sides."""
+    from icl_locate import api
+    from icl_locate.engines import fast, tree
+    from icl_locate.experiments import unit_costs
+
+    config = dict(
+        model="tiny:llama", pairs=["fra-eng"], ks=[1], n_test=4, max_new_tokens=4, data_dir=str(data_dir),
+        engine="tree", audit=0, **grid,
+    )  # fmt: skip
+    monkeypatch.setattr(unit_costs, "MAX_BATCH_ROWS", rule)
+    plan = api.plan(config, tflops=1.0)
+
+    batches: list[int] = []
+    real = tree.query_batches
+    monkeypatch.setattr(tree, "query_batches", lambda q, per: (b for b in real(q, per) if not batches.append(len(b))))
+    monkeypatch.setattr(fast, "rule_rows", lambda *args, **kwargs: rule)
+    monkeypatch.setattr(tree, "rows_by_memory", lambda *args, **kwargs: 1000)
+    monkeypatch.setenv("ICL_LOCATE_CACHE", str(tmp_path / "cache"))
+    api.sweep(config, tmp_path / "study.sqlite")
+
+    assert batches and plan.peak("tree_batch_rows") == max(batches)
+    # more rows a batch than the fast engine's: more KV once they have all split
+    bigger = plan.peak("tree_batch_rows") > plan.peak("batch_rows")
+    assert (plan.peak("tree_kv_bytes") > plan.peak("kv_bytes")) == bigger

@@ -348,6 +348,10 @@ def test_prune_result_kept_in_study_store_and_reported(tmp_path, capsys, data_di
     text = (out / "report.md").read_text()
     assert "Context-pruned inference (measured)" in text and "| 2 / 4 |" in text
     assert "2/2 (2 by the sweep's stored rows)" in text
+    # prune's engine, its measured head and the machine are in its run record, and in the report's footer
+    pruned_line = text.split("engine pruned (")[1].split("\n")[0]
+    assert "head " in pruned_line and "the same in the full and the pruned runs" in pruned_line
+    assert "threads" in pruned_line
     # a layer the sweep did not run, another token limit: nothing stored applies, the fast engine decodes all
     for args in (["--layer", "1"], ["--layer", "2", "--max-new-tokens", "5"]):
         assert main(["prune", *common, *args, "--store", str(store)]) == 0

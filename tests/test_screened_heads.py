@@ -208,6 +208,21 @@ def test_the_int8_levels_follow_what_this_machine_computes_exactly(monkeypatch):
         exact_int8_levels.cache_clear()
 
 
+def test_the_int8_levels_are_tried_at_the_screens_depth_and_a_large_batchs_rows(monkeypatch):
+    """A kernel chosen by shape could saturate only at the screen's shapes: the check runs those."""
+    real = torch._int_mm  # pyright: ignore[reportPrivateImportUsage]
+    for wide in (lambda a, b: a.shape[1] > 96, lambda a, b: b.shape[1] > 64):
+        monkeypatch.setattr(
+            torch, "_int_mm", lambda a, b, wide=wide: saturating_int_mm(a, b) if wide(a, b) else real(a, b)
+        )
+        exact_int8_levels.cache_clear()
+        try:
+            assert exact_int8_levels(200) == 63 and exact_int8_levels(96) in (63, 127)
+            assert Int8ScreenedHead(head_model(vocab=300, d=256)).levels == 63  # 192 int8 channels
+        finally:
+            exact_int8_levels.cache_clear()
+
+
 @pytest.mark.parametrize("vocab", [4 * head_module.SCAN_TOKENS, 3 * head_module.SCAN_TOKENS + 452, 300])
 def test_the_block_scan_finds_what_a_scan_of_every_logit_finds(vocab):
     """The bf16 screen's extremes and candidates, taken block by block, equal the whole rows' (ties at the

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import tiny
 from icl_locate.engines.calibrate import Calibrator
@@ -74,6 +75,9 @@ def test_the_machine_line_names_the_design_and_the_settings_that_lower_the_instr
     line = system.hardware_line(info)
     assert line.startswith("Intel(R) Xeon(R) Processor [GenuineIntel 6/167/1, avx2 avx512f avx512_bf16 ")
     assert ", ONEDNN_MAX_CPU_ISA=AVX2, " in line and line.endswith("threads), no GPU")
+    assert "precision" not in line  # torch's default, "highest"
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "medium")
+    assert ", fp32 matmul precision medium, " in system.hardware_line(system.hardware("cpu"))
     # a record written before the design was kept still reads
     old = {k: info[k] for k in ("cpu", "cpu_capability", "threads", "gpu")}
     assert system.hardware_line(
@@ -91,6 +95,7 @@ def test_the_machine_line_names_the_design_and_the_settings_that_lower_the_instr
         lambda mp: mp.setenv("ONEDNN_MAX_CPU_ISA", "AVX2"),
         lambda mp: mp.setenv("MKL_ENABLE_INSTRUCTIONS", "AVX2"),
         lambda mp: mp.setenv("ONEDNN_DEFAULT_FPMATH_MODE", "BF16"),
+        lambda mp: mp.setattr(torch, "get_float32_matmul_precision", lambda: "high"),
     ],
     ids=[
         "another CPU of the same name",
@@ -98,6 +103,7 @@ def test_the_machine_line_names_the_design_and_the_settings_that_lower_the_instr
         "oneDNN lowered",
         "MKL lowered",
         "fp32 products in bf16",
+        "fp32 products in TF32 (torch's setting)",
     ],
 )
 def test_a_calibration_is_kept_for_the_cpu_design_and_the_instruction_set_settings(change, monkeypatch, tmp_path):

@@ -8,14 +8,15 @@ costs about as much as one fed one (latency-bound decoding, GPUs).
 So an engine starts by timing each choice on the model itself, briefly, and picks the faster:
 
 - head: the model's own LM head vs each screened head (bf16, int8: ``engines/head.py``) this model
-  can take, on as many final hidden states of the first prompt as the engine's batches have rows
+  can take, on as many final hidden states of the first prompt as the tree engine's batches have rows
   (``head_timing.py``), or this machine and model's verdict for about as many rows kept from an
   earlier calibration (its screen checked on this prompt's states);
 - drafts: a decoding step fed 1 + N tokens against one fed 1 token, over the first prompt's cache at
-  ``DRAFT_PROBE_ROWS`` rows first and at the engine's rows (the rule's, or --batch-size; the whole
-  work where it is smaller) only where drafts paid there (``draft_timing.py``); or none, where a
-  refusal kept for this machine, model and head was timed on no more rows over a cache of the same
-  length to a power of two (``calibration_cache.py`` says why it then holds);
+  ``DRAFT_PROBE_ROWS`` rows first and at the engine's rows (whole queries whose states fit the rule,
+  or --batch-size; the whole work where it is smaller) only where drafts paid there
+  (``draft_timing.py``); or none, where a refusal kept for this machine, model and head was timed on
+  no more rows over a cache of the same length to a power of two (``calibration_cache.py`` says why it
+  then holds);
 - engine: a short run (``MINI_RUN_TOKENS`` new tokens) of up to ``MINI_RUN_ROWS`` of the first
   query's rows on the fast engine and on the tree engine with the head and drafts chosen above, both
   continuing prefix caches made once before (the engines make them alike: they are not what differs; a
@@ -52,6 +53,7 @@ import transformers
 from .. import __version__
 from ..core.checkpoints import cache_dir
 from ..core.conditions import MaskedPrompt
+from ..core.structure import num_layers
 from ..util.errors import UserError
 from ..util.system import hardware
 from .base import Engine, StopRule, last_hidden
@@ -63,9 +65,10 @@ from .fast import KV_MEMORY_FRACTION, FastEngine
 from .head import CertifiedHead
 from .head_timing import head_sample, screen_agrees, time_heads
 from .request import AUTO_REQUEST, EngineRequest
+from .rows import plan_rows
 from .screens import SCREENS, build_screen
 from .timing import Timer, measure_seconds, ratio
-from .tree import TreeEngine
+from .tree import TreeEngine, largest_batch_rows, query_states
 
 # final hidden states the heads are timed on where the engine's batch rows are not known (``choose_head``); else
 # on as many as the engine's batches hold: a screen's cost per row depends on the rows (a product of a few rows
@@ -109,6 +112,7 @@ class Calibrator:
         )
         self.timer = timer
         self.device = next(model.parameters()).device
+        self.n_layers = num_layers(model)
         self._states: tuple[MaskedPrompt, torch.Tensor] | None = None  # (prompt, its final states [positions, d])
         self.screens: dict[str, CertifiedHead] = {}  # screens built so far, by kind (``screen``)
 
@@ -206,9 +210,13 @@ class Calibrator:
         measured: dict[str, float] = {}
         work_rows = len(prompts) * len(interventions)
         steps = self._steps(prompts[0], stop)
-        rows = self._batch_rows(steps, work_rows)
+        rows = self._batch_rows(steps, work_rows, prompts, interventions)
         try:
             engine = self.request.engine
+            tree_only = self.tree_only_flags()
+            if engine == "auto" and tree_only:  # the fast engine has neither: the flag decides the engine
+                engine = "tree"
+                reasons["engine"] = f"{tree_only} (the tree engine's alone)"
             head = "plain" if engine == "fast" else self._choose_head(prompts[0], rows, reasons, measured, model_id)[0]
             drafts = 0
             if engine == "fast":
@@ -222,7 +230,7 @@ class Calibrator:
                     head, drafts = "plain", 0
                     reasons["head"] = f"the fast engine uses the model's own head (tree engine: {reasons['head']})"
                     reasons["drafts"] = f"the fast engine has no drafts (tree engine: {reasons['drafts']})"
-            else:
+            elif "engine" not in reasons:
                 reasons["engine"] = "forced"
             self._keep_screen(head)
             scale = self._choose_batch(steps, stop, len(interventions), work_rows, head, reasons, measured)
@@ -235,10 +243,24 @@ class Calibrator:
             engine, head, drafts, self.request.batch_size, reasons, measured, hardware(self.device), batch_scale=scale
         )
 
-    def _batch_rows(self, steps: DecodingSteps | None, work_rows: int) -> int:
-        """The rows of the engine's batches: --batch-size, else the automatic rule's (``HEAD_SAMPLE_ROWS`` where
-        no steps were made to read it from); the whole work where it is smaller."""
-        rows = self.request.batch_size or (steps.rule if steps is not None else HEAD_SAMPLE_ROWS)
+    def tree_only_flags(self) -> str:
+        """The flags given that only the tree engine honours (a screened head, drafts), as the user wrote them."""
+        flags = [f"--head {self.request.head}"] if self.request.head in ("bf16", "int8") else []
+        if self.request.draft_tokens:
+            flags.append(f"--draft-tokens {self.request.draft_tokens}")
+        return " ".join(flags)
+
+    def _batch_rows(
+        self, steps: DecodingSteps | None, work_rows: int, prompts: Sequence[MaskedPrompt], interventions: Sequence
+    ) -> int:
+        """The rows of the tree engine's batches, whose head and drafts are chosen here: --batch-size, else
+        whole queries whose states fit the automatic rule (``tree.largest_batch_rows``; ``HEAD_SAMPLE_ROWS``
+        where no steps were made to read the rule from); the whole work where it is smaller."""
+        if self.request.batch_size or steps is None:
+            rows = self.request.batch_size or HEAD_SAMPLE_ROWS
+        else:
+            query = plan_rows(prompts[:1], interventions, self.n_layers)
+            rows = largest_batch_rows(len(prompts), len(query), query_states(query, self.n_layers), steps.rule)
         return max(1, min(rows, work_rows))
 
     def _steps(self, prompt: MaskedPrompt, stop: StopRule) -> DecodingSteps | None:

@@ -1,8 +1,8 @@
 """What the calibration keeps between runs, in the cache directory: its choices for each shape of work,
 and two verdicts that hold beyond the work they were measured on.
 
-- The head's verdict, per machine and model: which LM head is fastest (timed on one prompt's final
-  states whatever the work).
+- The head's verdict, per machine, model and the rows a head call takes (to a power of two): which LM
+  head is fastest (timed on one prompt's final states, whatever else the work is).
 - A refusal of drafts, per machine, model, head and cache length to a power of two: a step fed
   1 + N tokens cost more than the drafts' limit times a step fed one, on R rows. A step's cost is
   a fixed part (launches, weights read once) plus a part per row: one that grows with the tokens fed

@@ -48,7 +48,7 @@ class Int8ScreenedHead(CertifiedHead):
 
     def __init__(self, model: nn.Module, check_every: int = CHECK_EVERY):
         self.outliers: torch.Tensor | None = None  # channel set S: chosen by the first call's states
-        self.levels = exact_int8_levels()  # L
+        self.levels = exact_int8_levels(int8_depth(model))  # L
         super().__init__(model, check_every)
 
     @staticmethod
@@ -58,7 +58,7 @@ class Int8ScreenedHead(CertifiedHead):
             return why
         if model.get_output_embeddings().weight.device.type != "cpu":  # pyright: ignore[reportCallIssue]
             return "the int8 screen is written for CPUs (GPUs have fast bf16 products)"
-        if exact_int8_levels() == 0:
+        if exact_int8_levels(int8_depth(model)) == 0:
             return "this machine's int8 products are not exact"
         return None
 
@@ -67,7 +67,7 @@ class Int8ScreenedHead(CertifiedHead):
             self._quantise()
 
     def _choose_outliers(self, hidden: torch.Tensor) -> None:
-        k = min(OUTLIER_CHANNELS, hidden.shape[1] // 4)
+        k = outlier_count(hidden.shape[1])
         peaks = hidden.abs().amax(0)  # [d]
         self.outliers = torch.sort(peaks, descending=True, stable=True).indices[:k].sort().values
         self._quantise()
@@ -166,21 +166,35 @@ class Int8ScreenedHead(CertifiedHead):
         return torch.stack([r[order], token[order]], 1), lower * t  # a token left out is below ``lower``
 
 
+def outlier_count(d: int) -> int:
+    """The hidden channels kept in fp32: ``OUTLIER_CHANNELS``, at most a quarter of them."""
+    return min(OUTLIER_CHANNELS, d // 4)
+
+
+def int8_depth(model: nn.Module) -> int:
+    """The channels the screen's int8 product runs over: the hidden size less the outliers."""
+    d = model.get_output_embeddings().weight.shape[1]  # pyright: ignore[reportCallIssue]
+    return d - outlier_count(d)
+
+
 @functools.cache
-def exact_int8_levels() -> int:
+def exact_int8_levels(depth: int = 96) -> int:
     """The largest L (127 or 63) such that ``torch._int_mm(a, b)`` is exact on this machine for any int8
-    ``a`` and ``b`` within +-L, tried on the worst cases for int16 pair sums; 0 if neither is."""
+    ``a`` and ``b`` within +-L, tried on the worst cases for int16 pair sums, with the screen's ``depth``
+    (its int8 channels) and from one state to a large batch's, as kernels may be chosen by shape; 0 if
+    neither is."""
     if not hasattr(torch, "_int_mm"):
         return 0
     generator = torch.Generator().manual_seed(0)
     for levels in (127, 63):
-        for rows in (1, 16, 64):
-            a = torch.randint(-127, 128, (256, 96), dtype=torch.int8, generator=generator)
+        for rows in (1, 16, 64, 256):
+            a = torch.randint(-127, 128, (256, depth), dtype=torch.int8, generator=generator)
             a[:64] = 127
             a[64:128] = -127
-            b = torch.randint(-levels, levels + 1, (96, rows), dtype=torch.int8, generator=generator)
+            b = torch.randint(-levels, levels + 1, (depth, rows), dtype=torch.int8, generator=generator)
             b[:, : rows // 2 + 1] = levels
-            if not torch.equal(torch._int_mm(a, b).long(), a.long() @ b.long()):  # pyright: ignore[reportPrivateImportUsage]
+            exact = a.double() @ b.double()  # |sums| < 2^53: exact in float64, and a BLAS product
+            if not torch.equal(torch._int_mm(a, b).double(), exact):  # pyright: ignore[reportPrivateImportUsage]
                 break
         else:
             return levels

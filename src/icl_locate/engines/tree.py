@@ -252,6 +252,17 @@ def query_states(rows: list[Row], n_layers: int) -> float:
     return sum(per_layer) / max(1, n_layers)
 
 
+def largest_batch_rows(n_queries: int, query_rows: int, states: float, size: float) -> int:
+    """The rows of the largest batch ``_packing`` and ``query_batches`` make of ``n_queries`` queries alike
+    (``query_rows`` rows, ``states`` states each) under the automatic rule's ``size`` (its KV-memory bound
+    aside): whole queries, as many as their states fit, spread evenly; a query whose states pass the rule
+    is split into parts of ``size`` rows."""
+    if states > size:
+        return max(1, min(query_rows, int(size)))
+    per_batch = min(n_queries, max(1, int(size / states)))
+    return -(-n_queries // -(-n_queries // per_batch)) * query_rows
+
+
 def query_batches(queries: list[list[Row]], per_batch: int) -> Iterator[list[Row]]:
     """Batches of whole queries (the rows of a query share states), at most ``per_batch`` a batch, spread
     evenly over the fewest such batches (a small last batch would decode as long as a full one)."""

@@ -161,6 +161,7 @@ class Plan:
             generated_tokens_estimate=self.total("generated_estimate"),
             weights_bytes=self.weights_bytes(),
             kv_bytes_per_worker=self.peak("kv_bytes"),
+            kv_bytes_per_worker_tree=self.peak("tree_kv_bytes"),
             activation_bytes_per_worker_estimate=self.peak("activation_bytes"),
             flops={e: self.flops(e) for e in ENGINES},
             flops_upper_bound={e: self.flops(e, bound=True) for e in ENGINES},
@@ -181,8 +182,10 @@ class Plan:
             f"  generated tokens, estimate     {self.total('generated_estimate'):>16,}  "
             "each row as long as its reference + 1 (masked rows may run to the limit)",
             f"  weights                        {_gib(self.weights_bytes()):>17}  {self.shape.params:,} parameters",
-            f"  KV cache per worker            {_gib(self.peak('kv_bytes')):>17}  largest batch: "
-            f"{self.peak('batch_rows')} rows (the tree engine's shared slots use less)",
+            f"  KV cache per worker, fast      {_gib(self.peak('kv_bytes')):>17}  largest batch: "
+            f"{self.peak('batch_rows')} rows",
+            f"  KV cache per worker, tree      {_gib(self.peak('tree_kv_bytes')):>17}  largest batch: "
+            f"{self.peak('tree_batch_rows')} rows, once all have split (they start sharing)",
             f"  activations per worker (est.)  {_gib(self.peak('activation_bytes')):>17}  one layer's working "
             "set of the largest forward",
             f"  {'engine':<12} {'TFLOP (est.)':>13} {'TFLOP (limit)':>14} {'1 worker':>10} {self.workers:>3} worker(s)",

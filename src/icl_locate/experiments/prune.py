@@ -116,11 +116,24 @@ def run_prune(s: PruneSettings, command: str, log=print, loaded: LoadedModel | N
             write_json_atomic(out, result.data)
         if store is not None:
             run_id = store.start_run(command, dataclasses.asdict(s) | {"func": "prune"}, provenance(loaded, data.files))
+            store.add_run_engine(run_id, pruned_engine_record(head_kind, head_reason, s.batch_size, machine))
             store.add_pruning(run_id, task.name, s.pair if task.needs_pair else "", result.data)
         return result
     finally:
         if store is not None:
             store.close()
+
+
+def pruned_engine_record(head: str, head_reason: str, batch_size: int, machine: dict) -> dict:
+    """prune's engines in the run record's form (``Store.add_run_engine``, the report's footer): the pruned
+    engine (and the fast one checking it) with the measured head, on this machine."""
+    reasons = dict(
+        engine="prune runs the pruned engine (and the masked check on the fast engine)",
+        head=f"{head_reason}; the same in the full and the pruned runs",
+        drafts="prune decodes without drafts",
+        batch="--batch-size",
+    )
+    return dict(engine="pruned", head=head, draft_tokens=0, batch_size=batch_size, reasons=reasons, hardware=machine)
 
 
 def _kept(share: float) -> str:

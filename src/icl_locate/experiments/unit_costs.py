@@ -36,7 +36,8 @@ from ..core.prompts import PromptedItem
 from ..core.shapes import DTYPE_BYTES, ModelShape
 from ..engines.fast import MAX_BATCH_ROWS, MAX_BATCH_TOKENS
 from ..engines.indirect import batch_sizes, head_patch_bands, head_sites
-from ..engines.rows import plan_rows
+from ..engines.rows import Row, plan_rows
+from ..engines.tree import largest_batch_rows, query_states
 from ..engines.tree_decode import divergence_layer
 from ..tasks.items import build_items
 from .methods import AIE_PROMPTS, METHOD_KINDS
@@ -130,6 +131,8 @@ class UnitCost:
     )
     kv_bytes: int  # that batch's KV buffers + the shared context's cache
     activation_bytes: int  # estimate: the largest forward's working set
+    tree_batch_rows: int  # the tree engine's largest batch: whole queries whose states fit the rule
+    tree_kv_bytes: int  # its KV buffers once every row has split (their upper bound) + the context's cache
 
 
 def rows_cost(
@@ -176,6 +179,7 @@ def rows_cost(
     size = batch_size or max(1, min(MAX_BATCH_ROWS, MAX_BATCH_TOKENS // longest))
     groups = Counter(tuple(sorted(r.plan.ablate)) for r in planned)  # what one batch may mix
     batch = min(size, n * max(groups.values()))
+    tree_batch = batch if batch_size or not shared else max(batch * (own > 0), tree_rows(planned, n, size, n_layers))
     per_token, width, widest = (
         shape.kv_bytes_per_token(DTYPE_BYTES[dtype]),
         int((prompt - context).max()),
@@ -198,7 +202,22 @@ def rows_cost(
         batch,
         (batch * longest + caches * widest) * per_token,
         activations,
+        tree_batch,
+        (tree_batch * longest + caches * widest) * per_token,
     )
+
+
+def tree_rows(planned: Sequence[Row], n: int, size: int, n_layers: int) -> int:
+    """The rows of the tree engine's largest batch of rows that continue the shared context (``tree._packing``):
+    per group of rows a batch may mix, whole queries, as many as their states fit the rule's ``size``
+    (``tree.query_states``), spread evenly over the fewest batches (``tree.query_batches``). At run time a
+    batch also holds no more rows than 30% of the free memory holds unshared."""
+    shared = [r for r in planned if r.prefix_key[1] is None]
+    largest = 0
+    for group in Counter(tuple(sorted(r.plan.ablate)) for r in shared):
+        rows = [r for r in shared if tuple(sorted(r.plan.ablate)) == group]
+        largest = max(largest, largest_batch_rows(n, len(rows), query_states(rows, n_layers), size))
+    return largest
 
 
 def unit_cost(
@@ -276,7 +295,8 @@ def indirect_effects_cost(label: str, shuffled: ItemSet, shape: ModelShape, dtyp
     heads = shape.layers * shape.heads  # stored rows per prompt, each with the prompt's tokens
     cost = _readings(label, m, m * heads, heads * int(prompts.prompt.sum()), dict(paper=fast, fast=fast, tree=fast),
                      prompts, shape, dtype)  # fmt: skip
-    return replace(cost, batch_rows=batch, kv_bytes=max(cost.kv_bytes, kv))
+    kv = max(cost.kv_bytes, kv)  # every engine runs the indirect effects alike
+    return replace(cost, batch_rows=batch, kv_bytes=kv, tree_batch_rows=batch, tree_kv_bytes=kv)
 
 
 def lens_cost(unit: WorkUnit, items: ItemSet, shape: ModelShape, dtype: str) -> UnitCost:
@@ -299,7 +319,7 @@ def _readings(
     longest = int(items.prompt.max())
     return UnitCost(
         label, n, rows, prompt_tokens, 0, 0, flops, dict(flops), 1, longest * shape.kv_bytes_per_token(width),
-        activation_bytes(shape, 1, longest, longest, width),
+        activation_bytes(shape, 1, longest, longest, width), 1, longest * shape.kv_bytes_per_token(width),
     )  # fmt: skip
 
 
@@ -319,4 +339,6 @@ def combined(parts: list[UnitCost]) -> UnitCost:
         max(p.batch_rows for p in parts),
         max(p.kv_bytes for p in parts),
         max(p.activation_bytes for p in parts),
+        max(p.tree_batch_rows for p in parts),
+        max(p.tree_kv_bytes for p in parts),
     )

@@ -175,8 +175,8 @@ def isa_settings() -> dict[str, str]:
 
 def hardware(device: torch.device | str) -> dict:
     """What the speed of this run depends on: the CPU (model name, design, speed-relevant features), the
-    instruction set torch's CPU kernels dispatch to and the settings that lower it, the GPU in use and the
-    thread count."""
+    instruction set torch's CPU kernels dispatch to and the settings that lower it, the precision fp32
+    products may drop to, the GPU in use and the thread count."""
     device = torch.device(device)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     cpu = cpu_description()
@@ -186,6 +186,8 @@ def hardware(device: torch.device | str) -> dict:
         cpu_flags=cpu["flags"],
         cpu_capability=torch.backends.cpu.get_cpu_capability(),
         isa_settings=isa_settings(),
+        # "high" / "medium" let fp32 products run in TF32 or bf16 (set by a user's code, never by ours)
+        fp32_matmul_precision=torch.get_float32_matmul_precision(),
         gpu=gpu,
         threads=torch.get_num_threads(),
         device=str(device),
@@ -198,5 +200,7 @@ def hardware_line(info: dict) -> str:
     gpu = f"GPU {info['gpu']}" if info.get("gpu") else "no GPU"
     design = ", ".join(filter(None, [info.get("cpu_id"), " ".join(info.get("cpu_flags") or [])]))
     settings = "".join(f", {name}={value}" for name, value in (info.get("isa_settings") or {}).items())
+    if info.get("fp32_matmul_precision", "highest") != "highest":
+        settings += f", fp32 matmul precision {info['fp32_matmul_precision']}"
     cpu = f"{info['cpu']} [{design}]" if design else info["cpu"]
     return f"{cpu} (torch CPU capability {info['cpu_capability']}{settings}, {info['threads']} threads), {gpu}"
