@@ -18,7 +18,7 @@ from icl_locate.engines.fast import FastEngine
 from icl_locate.engines.reference import ReferenceEngine, greedy_decode
 from icl_locate.experiments import bench
 
-FAMILIES = ["llama", "gemma3", "qwen2", "starcoder2", "gpt_neo", "bloom", "gpt2"]
+FAMILIES = ["llama", "gemma3", "qwen2", "starcoder2", "gpt_neo", "bloom", "gpt2", "mistral", "gpt_neox"]
 BANK = [Example(str(i), f"phrase numero {i} ici", f"phrase number {i} here") for i in range(6)]
 QUERIES = ["une question", "une autre question un peu plus longue", "court"]
 
