@@ -502,6 +502,19 @@ def test_the_cache_is_keyed_and_reused_and_a_changed_key_measures_again(tmp_path
     assert entries() == [False] * 4 + [True] * 2
 
 
+def test_the_works_key_follows_what_sets_its_rows(tmp_path):
+    """Work of another condition, token limit or number of prompts (each to a power of two) is measured again:
+    they change what the rows share and how many a batch holds."""
+    lm = tiny("llama")
+    prompts, rows = work(lm)  # 3 prompts
+    calibrator = Calibrator(lm.model, lm.tokenizer, cache=tmp_path)
+    key = lambda ps=prompts, stop=STOP: calibrator.key(ps, rows, None, stop)  # noqa: E731
+    assert key() == key(prompts + prompts[:1]) and key(stop=StopRule((), 7)) == key()  # 4 prompts; 8 tokens
+    assert key(prompts + prompts) != key() and key(prompts[:2]) != key()
+    assert key(stop=StopRule((), 9)) != key()
+    assert key(masked(encoded_prompts(lm.tokenizer), get_condition("examples"))) != key()
+
+
 def test_the_head_alone_is_chosen_forced_and_cached(tmp_path):
     """What `prune` asks: the LM head only (no engine, no drafts measured), from the same verdict as an
     engine's choices on this machine and model."""
@@ -849,3 +862,16 @@ def test_bench_json_keeps_the_hardware_and_the_choices(tmp_path, data_dir):
     assert {"cpu", "cpu_capability", "gpu", "threads"} <= set(hardware)
     assert (hardware["choices"]["engine"], hardware["choices"]["head"]) == ("tree", "plain")
     assert data["identical_fraction_spec"] == 1.0
+
+
+def test_a_sweep_measures_once_per_shape_of_work(tmp_path, data_dir):
+    """Units of another condition are measured again (what their rows share differs); units of another seed
+    only are not (the same shape); each measurement is stored with the run."""
+    store = tmp_path / "s.sqlite"
+    common = ["--model", "tiny:llama", "--data-dir", str(data_dir), "--pairs", "fra-eng", "--ks", "1"]
+    args = [*common, "--n-test", "2", "--max-new-tokens", "4", "--layers", "0,2,4", "--seeds", "0,1"]
+    assert main(["sweep", "--store", str(store), "--conditions", "examples,instructions+examples", *args]) == 0
+    db = sqlite3.connect(store)
+    assert db.execute("SELECT COUNT(*) FROM units").fetchone()[0] == 4
+    (provenance,) = db.execute("SELECT provenance FROM runs").fetchone()
+    assert len(json.loads(provenance)["engines"]) == 2

@@ -31,12 +31,12 @@ So an engine starts by timing each choice on the model itself, briefly, and pick
 Every choice can be forced (``EngineRequest``); generations are the same whatever is chosen (the
 engines are tested against the reference engine). The result is cached under the cache directory,
 keyed by the machine, the model, its dtype and device, the library versions and the shape of the
-work (rows per query, their kinds, the first prompt's length to a power of two), so a second run
-pays nothing. The head's verdict is also kept under the machine, the model and the rows it was timed
-on to a power of two: of the work's shape only the rows of a head call change which head is faster. A
-refusal of drafts is kept per machine, model, head and cache length, with the rows it was timed on. So
-work of another shape on the same model (another task, a method unit, ``prune``) measures only what
-depends on it.
+work (rows per query, their kinds, the condition, the first prompt's length, the token limit and the
+number of prompts, each of these three to a power of two), so a second run pays nothing. The head's
+verdict is also kept under the machine, the model and the rows it was timed on to a power of two: of
+the work's shape only the rows of a head call change which head is faster. A refusal of drafts is
+kept per machine, model, head and cache length, with the rows it was timed on. So work of another
+shape on the same model (another task, a method unit, ``prune``) measures only what depends on it.
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ class Calibrator:
         self, prompts: Sequence[MaskedPrompt], interventions: Sequence, stop: StopRule, model_id: dict | None = None
     ) -> Choices:
         """The choices for decoding ``interventions`` on ``prompts`` (cached per machine, model and work)."""
-        key = self.key(prompts, interventions, model_id)
+        key = self.key(prompts, interventions, model_id, stop)
         cached = self.calibration_cache.get(key)
         if cached is not None:
             try:
@@ -180,13 +180,22 @@ class Calibrator:
             threads_env=os.environ.get("OMP_NUM_THREADS"),
         )
 
-    def key(self, prompts: Sequence[MaskedPrompt], interventions: Sequence, model_id: dict | None) -> str:
-        """The identity (machine, model, ...) + the shape of the work + the request."""
+    def key(
+        self, prompts: Sequence[MaskedPrompt], interventions: Sequence, model_id: dict | None, stop: StopRule
+    ) -> str:
+        """The identity (machine, model, ...) + the shape of the work + the request. The shape: the rows a query
+        has and their kinds, the condition (what the rows share depends on what it hides), the first prompt's
+        length and the token limit to a power of two (they set the rule's rows) and the number of prompts to one
+        (the tree engine's batches hold whole queries)."""
         kinds = sorted({type(row).__name__ for row in interventions})
+        first = prompts[0] if prompts else None
         spec = self.identity(model_id) | dict(
             rows_per_query=len(interventions),
-            prompt_tokens=length_bucket(len(prompts[0].ids)) if prompts else 0,
+            prompt_tokens=length_bucket(len(first.ids)) if first else 0,
             kinds=kinds,
+            condition=first.condition.name if first and first.condition else None,
+            max_new_tokens=length_bucket(stop.max_new_tokens),
+            prompts=length_bucket(len(prompts)),
             request=asdict(self.request),
         )
         return digest(spec)

@@ -92,8 +92,9 @@ def _stderr(line: str) -> None:
 class Worker:
     """A loaded model with its task data and engine choices: computes units, writes nothing.
 
-    ``engine`` given: every unit runs on it. Otherwise each shape of work (rows per query and their
-    kinds) gets the engine ``Calibrator`` measures best for it, once, and says so through ``log``."""
+    ``engine`` given: every unit runs on it. Otherwise each shape of work (``Calibrator.key``: rows per
+    query and their kinds, the condition, the prompts' length and number, the token limit) gets the engine
+    ``Calibrator`` measures best for it, once, and says so through ``log``."""
 
     loaded: LoadedModel
     tasks: LoadedTasks
@@ -103,7 +104,8 @@ class Worker:
     audit_seed: int = 0
     engine: Engine | None = None
     log: Callable[[str], None] = _stderr
-    engines: dict[tuple, tuple[Engine, Choices]] = field(default_factory=dict)
+    engines: dict[str, tuple[Engine, Choices]] = field(default_factory=dict)  # by the calibration's key
+    calibrator: Calibrator | None = None  # made for the first unit that measures
     unchanged: UnchangedGenerations = field(default_factory=UnchangedGenerations)  # rows a later unit reuses
     readings: UnmaskedReadings = field(default_factory=UnmaskedReadings)  # the ICL prompts' readings, likewise
     seconds: dict[str, float] = field(default_factory=lambda: Worker.fresh_seconds())
@@ -134,16 +136,18 @@ class Worker:
     def engine_for(
         self, prompts: Sequence[MaskedPrompt], rows: Sequence[RowIntervention], stop: StopRule
     ) -> tuple[Engine, Choices | None]:
-        """The engine for this shape of work: given, or measured on its first prompt (cached)."""
+        """The engine for this shape of work (the calibration's key): given, or measured on its first prompt
+        (cached). One calibrator serves the worker, so a screen it built serves every engine that takes it."""
         if self.engine is not None:
             return self.engine, None
-        shape = (len(rows), tuple(sorted({type(r).__name__ for r in rows})))
+        model, tokenizer, model_id = self.loaded.model, self.loaded.tokenizer, self.loaded.info.as_dict()
+        if self.calibrator is None:
+            self.calibrator = Calibrator(model, tokenizer, self.request)
+        shape = self.calibrator.key(prompts, rows, model_id, stop)
         if shape not in self.engines:
-            model, tokenizer = self.loaded.model, self.loaded.tokenizer
-            calibrator = Calibrator(model, tokenizer, self.request)
-            choices = calibrator.choose(prompts, rows, stop, self.loaded.info.as_dict())
+            choices = self.calibrator.choose(prompts, rows, stop, model_id)
             self.log(choices.line())
-            self.engines[shape] = build_engine(model, tokenizer, choices, calibrator), choices
+            self.engines[shape] = build_engine(model, tokenizer, choices, self.calibrator), choices
         return self.engines[shape]
 
     def compute(self, unit: WorkUnit, progress: ProgressCallback | None = None) -> UnitResult:
