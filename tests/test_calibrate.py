@@ -18,6 +18,7 @@ from icl_locate.core.conditions import get_condition
 from icl_locate.core.interventions import MaskFrom
 from icl_locate.core.models import load_model
 from icl_locate.engines import batch_rows, calibrate, draft_timing, fast, head_timing, timing
+from icl_locate.engines import tree as tree_engine
 from icl_locate.engines.base import StopRule, forward, last_hidden
 from icl_locate.engines.calibrate import TREE_BATCH_NOTE, Calibrator, build_engine
 from icl_locate.engines.choices import Choices
@@ -667,8 +668,8 @@ def test_a_malformed_drafts_refusal_is_measured_again_and_overwritten(tmp_path, 
     (refusal,) = drafts_refusals(tmp_path)
     refusal.write_text(json.dumps(kept))
     again = FakeTimer(**REFUSE)
-    assert choose(lm, tmp_path, again, tree(8, head="plain")).draft_tokens == 0
-    assert "step/1+2" in again.calls and json.loads(refusal.read_text())["rows"] == 8
+    assert choose(lm, tmp_path, again, tree(8, head="plain")).draft_tokens == 0  # whole queries: 5 rows a batch
+    assert "step/1+2" in again.calls and json.loads(refusal.read_text())["rows"] == 5
 
 
 def test_forced_drafts_neither_take_nor_keep_a_refusal(tmp_path):
@@ -730,7 +731,8 @@ def test_drafts_are_probed_on_a_few_rows_and_timed_on_the_engines_rows_only_wher
     (refusal,) = drafts_refusals(tmp_path)
     assert json.loads(refusal.read_text())["rows"] == kept_rows
     rows_of_steps.clear()  # work of other rows takes the refusal as it was timed
-    again = calibrate_for(EngineRequest(engine="tree", head="plain", batch_size=kept_rows + 1))
+    # forced batches count rows in whole queries of 5: kept_rows + 5 holds at least kept_rows
+    again = calibrate_for(EngineRequest(engine="tree", head="plain", batch_size=kept_rows + 5))
     assert not rows_of_steps and again.reasons["drafts"].startswith(
         f"a step of 3 tokens costs 2.0x one token's on {kept_rows} rows here (> 1.1x);"
     )
@@ -875,3 +877,54 @@ def test_a_sweep_measures_once_per_shape_of_work(tmp_path, data_dir):
     assert db.execute("SELECT COUNT(*) FROM units").fetchone()[0] == 4
     (provenance,) = db.execute("SELECT provenance FROM runs").fetchone()
     assert len(json.loads(provenance)["engines"]) == 2
+
+
+@pytest.mark.parametrize(
+    "condition, forced, memory, expected",
+    [
+        ("instructions+examples", None, 1000, 10),  # whole queries of 3.5 states: 2 a batch of the rule's 8
+        ("instructions+examples", None, 7, 5),  # ... but the KV-memory bound holds 7 rows unshared: 1 query
+        ("instructions", None, 1000, 8),  # a context cache a row: the fast engine's batches of the rule's rows
+        ("instructions+examples", 8, 1000, 5),  # --batch-size counts rows: one whole query of 5 a batch
+    ],
+)
+def test_the_head_is_timed_on_the_rows_of_the_tree_engines_largest_batch(
+    tmp_path, monkeypatch, condition, forced, memory, expected
+):
+    for module in (batch_rows, fast):
+        monkeypatch.setattr(module, "rule_rows", lambda *args, **kwargs: 8)
+    monkeypatch.setattr(batch_rows, "rows_by_memory", lambda *args, **kwargs: memory)
+    monkeypatch.setattr(tree_engine, "rows_by_memory", lambda *args, **kwargs: memory)
+    lm = tiny("llama")
+    prompts = masked(encoded_prompts(lm.tokenizer), get_condition(condition)) * 2  # 6 queries
+    rows = work(lm)[1]  # 5 a query
+    timer = FakeTimer(head__plain=1.0, head__bf16=0.5, head__int8=0.7, step__1=1.0, step__1_plus_2=2.0)
+    request = EngineRequest(engine="tree", batch_size=forced)
+    choices = Calibrator(lm.model, lm.tokenizer, request, tmp_path, timer).choose(prompts, rows, STOP)
+    chunks: list[int] = []
+    real = tree_engine.TreeDecode
+    monkeypatch.setattr(
+        tree_engine, "TreeDecode", lambda engine, chunk, *args: chunks.append(len(chunk)) or real(engine, chunk, *args)
+    )
+    build_engine(lm.model, lm.tokenizer, choices).generate(prompts, rows, STOP)
+    assert max(chunks) == expected and f"on {expected} rows" in choices.reasons["head"]
+
+
+def test_one_calibrator_builds_each_screen_once(tmp_path, monkeypatch):
+    """A screen is a copy of the head: work of another shape measured by the same calibrator takes the screen
+    it kept, when it times the heads again."""
+    built: list[str] = []
+    real = head_timing.build_screen
+    monkeypatch.setattr(
+        head_timing, "build_screen", lambda model, kind, *a: built.append(kind) or real(model, kind, *a)
+    )
+    monkeypatch.setattr(calibrate, "build_screen", lambda model, kind, *a: built.append(kind) or real(model, kind, *a))
+    lm = tiny("llama")
+    timer = FakeTimer(head__plain=1.0, head__bf16=0.5, head__int8=0.7, engine__fast=2.0, engine__tree=1.0)
+    calibrator = Calibrator(lm.model, lm.tokenizer, EngineRequest(engine="tree"), tmp_path, timer, use_cache=False)
+    rows = work(lm)[1]
+    for condition in ("instructions+examples", "examples"):
+        choices = calibrator.choose(masked(encoded_prompts(lm.tokenizer), get_condition(condition)), rows, STOP)
+        assert choices.head == "bf16" and build_engine(lm.model, lm.tokenizer, choices, calibrator).head is not None
+    # the chosen screen: timed twice, built once (the other is dropped after each choice: memory)
+    assert built.count("bf16") == 1 and timer.calls.count("head/bf16") > 1

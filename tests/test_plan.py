@@ -201,12 +201,13 @@ def test_matmul_rate_is_measured_once(tmp_path):
     [
         (dict(conditions=["instructions+examples"], layers="0,1,2,3,4"), 8),  # 3.5 states a query: 2 queries
         (dict(conditions=["instructions+examples"], layers="0,1,2,3,4"), 4),  # 1 query a batch
+        (dict(conditions=["instructions"], layers="0,1,2,3,4"), 8),  # a context cache a row: batched by rows
         (dict(conditions=["examples"], layers="2,4", layer_ablation=True), 6),  # ablation groups batch apart
+        (dict(conditions=["instructions+examples"], layers="0,1,2,3,4", batch_size=8), 8),  # rows, whole queries
     ],
 )
 def test_plan_gives_the_tree_engines_largest_batch(grid, rule, data_dir, tmp_path, monkeypatch):
-    """The tree engine's batches hold whole queries whose states fit the rule: the plan's largest is the
-    engine's, with the rule pinned on both sides."""
+    """The plan's largest tree batch is the largest the engine decodes, with the rule pinned on both sides."""
     from icl_locate import api
     from icl_locate.engines import fast, tree
     from icl_locate.experiments import unit_costs
@@ -219,14 +220,13 @@ def test_plan_gives_the_tree_engines_largest_batch(grid, rule, data_dir, tmp_pat
     plan = api.plan(config, tflops=1.0)
 
     batches: list[int] = []
-    real = tree.query_batches
-    monkeypatch.setattr(tree, "query_batches", lambda q, per: (b for b in real(q, per) if not batches.append(len(b))))
+    real = tree.TreeDecode
+    monkeypatch.setattr(
+        tree, "TreeDecode", lambda engine, chunk, *args: batches.append(len(chunk)) or real(engine, chunk, *args)
+    )
     monkeypatch.setattr(fast, "rule_rows", lambda *args, **kwargs: rule)
     monkeypatch.setattr(tree, "rows_by_memory", lambda *args, **kwargs: 1000)
     monkeypatch.setenv("ICL_LOCATE_CACHE", str(tmp_path / "cache"))
     api.sweep(config, tmp_path / "study.sqlite")
 
     assert batches and plan.peak("tree_batch_rows") == max(batches)
-    # more rows a batch than the fast engine's: more KV once they have all split
-    bigger = plan.peak("tree_batch_rows") > plan.peak("batch_rows")
-    assert (plan.peak("tree_kv_bytes") > plan.peak("kv_bytes")) == bigger

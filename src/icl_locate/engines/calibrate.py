@@ -68,7 +68,7 @@ from .request import AUTO_REQUEST, EngineRequest
 from .rows import plan_rows
 from .screens import SCREENS, build_screen
 from .timing import Timer, measure_seconds, ratio
-from .tree import TreeEngine, largest_batch_rows, query_states
+from .tree import TreeEngine, tree_batch_rows
 
 # final hidden states the heads are timed on where the engine's batch rows are not known (``choose_head``); else
 # on as many as the engine's batches hold: a screen's cost per row depends on the rows (a product of a few rows
@@ -80,7 +80,7 @@ MINI_RUN_ROWS = 10  # at most this many rows of the first query (a spread of the
 # runs once more in the other order and the faster of each engine's two runs counts (a near tie is where one
 # run's noise, e.g. a first run's set-up or another process, would decide)
 ENGINE_CLEAR = 1.25
-CALIBRATION_VERSION = 19  # part of the cache key: a change of the procedure re-measures
+CALIBRATION_VERSION = 20  # part of the cache key: a change of the procedure re-measures
 NO_STEPS = "a one-token prompt leaves no cache to time a step over"
 # ends the tree engine's batch reason: its batches take whole queries by their states (``tree.query_states``)
 TREE_BATCH_NOTE = "; the tree engine fills them with whole queries, counting each query's states, not its rows"
@@ -185,8 +185,8 @@ class Calibrator:
     ) -> str:
         """The identity (machine, model, ...) + the shape of the work + the request. The shape: the rows a query
         has and their kinds, the condition (what the rows share depends on what it hides), the first prompt's
-        length and the token limit to a power of two (they set the rule's rows) and the number of prompts to one
-        (the tree engine's batches hold whole queries)."""
+        length and the token limit to a power of two (they set the rule's rows), and the number of prompts to a
+        power of two (the tree engine's batches hold whole queries)."""
         kinds = sorted({type(row).__name__ for row in interventions})
         first = prompts[0] if prompts else None
         spec = self.identity(model_id) | dict(
@@ -219,8 +219,8 @@ class Calibrator:
         measured: dict[str, float] = {}
         work_rows = len(prompts) * len(interventions)
         steps = self._steps(prompts[0], stop)
-        rows = self._batch_rows(steps, work_rows, prompts, interventions)
         try:
+            rows = self._batch_rows(steps, work_rows, prompts, interventions)
             engine = self.request.engine
             tree_only = self.tree_only_flags()
             if engine == "auto" and tree_only:  # the fast engine has neither: the flag decides the engine
@@ -262,14 +262,19 @@ class Calibrator:
     def _batch_rows(
         self, steps: DecodingSteps | None, work_rows: int, prompts: Sequence[MaskedPrompt], interventions: Sequence
     ) -> int:
-        """The rows of the tree engine's batches, whose head and drafts are chosen here: --batch-size, else
-        whole queries whose states fit the automatic rule (``tree.largest_batch_rows``; ``HEAD_SAMPLE_ROWS``
-        where no steps were made to read the rule from); the whole work where it is smaller."""
-        if self.request.batch_size or steps is None:
-            rows = self.request.batch_size or HEAD_SAMPLE_ROWS
+        """The rows of the tree engine's largest batch, whose head and drafts are chosen here
+        (``tree.tree_batch_rows``: the rule's rows, or --batch-size, filled as the engine fills them; at the
+        rule's own scale, before the batch check); ``HEAD_SAMPLE_ROWS`` where no steps were made to read the
+        rule from; the whole work where it is smaller."""
+        forced = self.request.batch_size
+        if forced:
+            size, unshared = forced, None
+        elif steps is not None:
+            size, unshared = steps.rule, steps.by_memory
         else:
-            query = plan_rows(prompts[:1], interventions, self.n_layers)
-            rows = largest_batch_rows(len(prompts), len(query), query_states(query, self.n_layers), steps.rule)
+            return max(1, min(HEAD_SAMPLE_ROWS, work_rows))
+        query = plan_rows(prompts[:1], interventions, self.n_layers)
+        rows = tree_batch_rows(query, len(prompts), size, self.n_layers, unshared, forced=bool(forced))
         return max(1, min(rows, work_rows))
 
     def _steps(self, prompt: MaskedPrompt, stop: StopRule) -> DecodingSteps | None:
@@ -342,7 +347,7 @@ class Calibrator:
         prompt's sample (the model in memory may differ from the one the verdict was measured on)."""
         if kind == "plain":
             return True
-        screen, _ = build_screen(self.model, kind)
+        screen = self.screens.get(kind) or build_screen(self.model, kind)[0]
         if screen is None or not screen_agrees(screen, self._sample_hidden(prompt)):
             return False
         self.screens[kind] = screen
@@ -354,7 +359,7 @@ class Calibrator:
         if self.request.head == "plain":
             reasons["head"] = "forced"
             return "plain", False
-        timing = time_heads(self.model, self._sample_hidden(prompt, rows), self.request.head, self.timer)
+        timing = time_heads(self.model, self._sample_hidden(prompt, rows), self.request.head, self.timer, self.screens)
         self.screens.update(timing.screens)
         reasons["head"] = timing.reason
         measured.update(timing.measured)

@@ -70,6 +70,12 @@ def rows_by_memory(kv: KV, tokens: int, fraction: float, device: torch.device) -
     return int(fraction * available_memory(device)) // max(1, bytes_per_token * tokens)
 
 
+def even_batch(rows: int, size: int) -> int:
+    """The rows of each batch (the last may hold fewer) when ``rows`` rows go in batches of at most ``size``,
+    spread evenly over the fewest such batches: a small last batch would decode as long as a full one."""
+    return -(-rows // -(-rows // max(1, size))) if rows > 0 else 0
+
+
 def rule_rows(
     kv: KV, tokens: int, max_batch_tokens: int, fraction: float, device: torch.device, scale: float = 1.0
 ) -> int:
@@ -225,17 +231,15 @@ class FastEngine:
         sizes (a small last batch would decode as long as a full one). Rows of one prefix cache stay
         together (then by query length), so that only a few caches are alive at a time: a head sweep has
         one per intervention; prefixes of about one length batch together (less padding)."""
-        for group in self._groups(rows):
+        for group in self.ablation_groups(rows):
             first_seen = {key: n for n, key in enumerate(dict.fromkeys(r.prefix_key for r in group))}
             group.sort(key=lambda r: (len(r.prefix_key[0]), first_seen[r.prefix_key], len(r.query_ids)))
-            size = self._rows_per_batch(group, prefix_caches, max_new_tokens)
-            n_batches = -(-len(group) // size)
-            even = -(-len(group) // n_batches)
+            even = even_batch(len(group), self._rows_per_batch(group, prefix_caches, max_new_tokens))
             for start in range(0, len(group), even):
                 yield group[start : start + even]
 
     @staticmethod
-    def _groups(rows: list[Row]) -> list[list[Row]]:
+    def ablation_groups(rows: list[Row]) -> list[list[Row]]:
         """The rows of each ablation: what one batch may mix (one ablation is one batch-wide intervention)."""
         groups: dict[tuple, list[Row]] = {}
         for row in rows:

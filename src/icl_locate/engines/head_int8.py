@@ -191,7 +191,8 @@ def exact_int8_levels(depth: int = 96) -> int:
             a = torch.randint(-127, 128, (256, depth), dtype=torch.int8, generator=generator)
             a[:64] = 127
             a[64:128] = -127
-            b = torch.randint(-levels, levels + 1, (depth, rows), dtype=torch.int8, generator=generator)
+            # the states' operand as the screen passes it: a transposed view ([rows, depth] -> [depth, rows])
+            b = torch.randint(-levels, levels + 1, (rows, depth), dtype=torch.int8, generator=generator).T
             b[:, : rows // 2 + 1] = levels
             exact = a.double() @ b.double()  # |sums| < 2^53: exact in float64, and a BLAS product
             if not torch.equal(torch._int_mm(a, b).double(), exact):  # pyright: ignore[reportPrivateImportUsage]

@@ -56,17 +56,21 @@ class HeadTiming:
     screens: dict[str, CertifiedHead] = field(default_factory=dict)  # the screens built and checked, by kind
 
 
-def time_heads(model, hidden: torch.Tensor, wanted: str, timer: Timer) -> HeadTiming:
+def time_heads(
+    model, hidden: torch.Tensor, wanted: str, timer: Timer, built: dict[str, CertifiedHead] | None = None
+) -> HeadTiming:
     """The fastest on ``hidden`` [rows, d] of the plain head and each screen this model can take (``wanted`` =
-    "auto"), or the screen ``wanted`` (checked on the sample, not timed). A forced screen that cannot build or
-    check is a ``UserError``."""
+    "auto"), or the screen ``wanted`` (checked on the sample, not timed). ``built``: screens of this model
+    built before, taken instead of building them again (each a copy of the head). A forced screen that cannot
+    build or check is a ``UserError``."""
+    built = built or {}
     screens: dict[str, CertifiedHead] = {}
     refused: list[str] = []
     shared = True
     plain_tokens = None  # the plain head's tokens on the sample: computed once for every screen's check
     probe = logits_probe(model)  # the model's logits formula, checked by every screen's build
     for kind in [wanted] if wanted in SCREENS else list(SCREENS):
-        screen, why_not = build_screen(model, kind, probe)
+        screen, why_not = (built[kind], None) if kind in built else build_screen(model, kind, probe)
         if screen is not None and plain_tokens is None:
             plain_tokens = screen.full_logits(hidden).argmax(-1)
         if screen is not None and not screen_agrees(screen, hidden, plain_tokens):

@@ -37,7 +37,7 @@ from ..core.structure import decoder_layers
 from ..core.surgery import LayerCall
 from .base import Generation, ProgressCallback, ResultKey, StopRule
 from .drafts import Drafter
-from .fast import KV_MEMORY_FRACTION, MAX_BATCH_TOKENS, FastEngine, rows_by_memory
+from .fast import KV_MEMORY_FRACTION, MAX_BATCH_TOKENS, FastEngine, even_batch, rows_by_memory
 from .head import CertifiedHead
 from .rows import PrefixCaches, Row
 from .screens import build_screen
@@ -135,7 +135,7 @@ class TreeEngine(FastEngine):
         context: "instructions", "answers", "inputs", "example:i") batch as in the fast engine, by cache, so
         that only a few such caches are alive at a time; they share little anyway."""
         yield from super()._chunks([r for r in rows if r.prefix_key[1] is not None], prefix_caches, max_new_tokens)
-        for group in self._groups([r for r in rows if r.prefix_key[1] is None]):
+        for group in self.ablation_groups([r for r in rows if r.prefix_key[1] is None]):
             by_query: dict[int, list[Row]] = {}
             for row in group:
                 by_query.setdefault(row.item, []).append(row)
@@ -252,15 +252,37 @@ def query_states(rows: list[Row], n_layers: int) -> float:
     return sum(per_layer) / max(1, n_layers)
 
 
-def largest_batch_rows(n_queries: int, query_rows: int, states: float, size: float) -> int:
+def largest_batch_rows(n_queries: int, query_rows: int, states: float, size: float, unshared: int | None = None) -> int:
     """The rows of the largest batch ``_packing`` and ``query_batches`` make of ``n_queries`` queries alike
-    (``query_rows`` rows, ``states`` states each) under the automatic rule's ``size`` (its KV-memory bound
-    aside): whole queries, as many as their states fit, spread evenly; a query whose states pass the rule
-    is split into parts of ``size`` rows."""
-    if states > size:
-        return max(1, min(query_rows, int(size)))
-    per_batch = min(n_queries, max(1, int(size / states)))
-    return -(-n_queries // -(-n_queries // per_batch)) * query_rows
+    (``query_rows`` rows, ``states`` states each) under the rule's ``size``, with at most ``unshared`` rows a
+    batch (the KV-memory bound; None: unbounded): whole queries, as many as fit, spread evenly; a query that
+    does not fit is split into parts of min(``size``, ``unshared``) rows."""
+    if n_queries <= 0 or query_rows <= 0:
+        return 0
+    bound = query_rows * n_queries if unshared is None else max(1, unshared)
+    if states > size or query_rows > bound:
+        return max(1, min(query_rows, int(size), bound))
+    per_batch = min(int(size / states), bound // query_rows)
+    return even_batch(n_queries, per_batch) * query_rows
+
+
+def tree_batch_rows(
+    query: Sequence[Row], n_queries: int, size: int, n_layers: int, unshared: int | None = None, forced: bool = False
+) -> int:
+    """The rows of the largest batch the tree engine makes of ``n_queries`` queries whose rows are like
+    ``query``'s (``_chunks``): per ablation, rows with a context cache of their own as the fast engine batches
+    them, and whole queries of the rest by their states (``largest_batch_rows``). ``forced``: ``size`` is
+    --batch-size, which counts rows (and bounds them)."""
+    largest = 0
+    for group in FastEngine.ablation_groups(list(query)):
+        own = [r for r in group if r.prefix_key[1] is not None]
+        shared = [r for r in group if r.prefix_key[1] is None]
+        largest = max(largest, even_batch(n_queries * len(own), size))
+        if shared:
+            states = float(len(shared)) if forced else query_states(shared, n_layers)
+            bound = size if forced else unshared
+            largest = max(largest, largest_batch_rows(n_queries, len(shared), states, size, bound))
+    return largest
 
 
 def query_batches(queries: list[list[Row]], per_batch: int) -> Iterator[list[Row]]:

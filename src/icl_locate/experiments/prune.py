@@ -116,7 +116,8 @@ def run_prune(s: PruneSettings, command: str, log=print, loaded: LoadedModel | N
             write_json_atomic(out, result.data)
         if store is not None:
             run_id = store.start_run(command, dataclasses.asdict(s) | {"func": "prune"}, provenance(loaded, data.files))
-            store.add_run_engine(run_id, pruned_engine_record(head_kind, head_reason, s.batch_size, machine))
+            record = pruned_engine_record(head_kind, head_reason, s.batch_size, machine, result.data)
+            store.add_run_engine(run_id, record)
             store.add_pruning(run_id, task.name, s.pair if task.needs_pair else "", result.data)
         return result
     finally:
@@ -124,14 +125,15 @@ def run_prune(s: PruneSettings, command: str, log=print, loaded: LoadedModel | N
             store.close()
 
 
-def pruned_engine_record(head: str, head_reason: str, batch_size: int, machine: dict) -> dict:
+def pruned_engine_record(head: str, head_reason: str, batch_size: int, machine: dict, data: dict) -> dict:
     """prune's engines in the run record's form (``Store.add_run_engine``, the report's footer): the pruned
-    engine (and the fast one checking it) with the measured head, on this machine."""
+    engine (and the fast one where it decoded the masked check) with the measured head, on this machine."""
+    fast = data.get("checked_by_fast_engine") or 0
     reasons = dict(
-        engine="prune runs the pruned engine (and the masked check on the fast engine)",
+        engine="prune's full and pruned runs" + (f"; the fast engine decoded {fast} masked check(s)" if fast else ""),
         head=f"{head_reason}; the same in the full and the pruned runs",
         drafts="prune decodes without drafts",
-        batch="--batch-size",
+        batch=f"{batch_size} requests a batch (--batch-size)",
     )
     return dict(engine="pruned", head=head, draft_tokens=0, batch_size=batch_size, reasons=reasons, hardware=machine)
 

@@ -36,8 +36,8 @@ from ..core.prompts import PromptedItem
 from ..core.shapes import DTYPE_BYTES, ModelShape
 from ..engines.fast import MAX_BATCH_ROWS, MAX_BATCH_TOKENS
 from ..engines.indirect import batch_sizes, head_patch_bands, head_sites
-from ..engines.rows import Row, plan_rows
-from ..engines.tree import largest_batch_rows, query_states
+from ..engines.rows import plan_rows
+from ..engines.tree import tree_batch_rows
 from ..engines.tree_decode import divergence_layer
 from ..tasks.items import build_items
 from .methods import AIE_PROMPTS, METHOD_KINDS
@@ -179,15 +179,16 @@ def rows_cost(
     size = batch_size or max(1, min(MAX_BATCH_ROWS, MAX_BATCH_TOKENS // longest))
     groups = Counter(tuple(sorted(r.plan.ablate)) for r in planned)  # what one batch may mix
     batch = min(size, n * max(groups.values()))
-    tree_batch = batch if batch_size or not shared else max(batch * (own > 0), tree_rows(planned, n, size, n_layers))
+    tree_batch = tree_batch_rows(planned, n, size, n_layers, forced=bool(batch_size))
     per_token, width, widest = (
         shape.kv_bytes_per_token(DTYPE_BYTES[dtype]),
         int((prompt - context).max()),
         int(context.max()),
     )
     caches = min(n, -(-batch // len(planned))) if per_query else 1  # prefix caches a batch holds
+    tree_caches = min(n, -(-tree_batch // len(planned))) if per_query else 1
     activations = max(
-        activation_bytes(shape, batch, width, widest + width, DTYPE_BYTES[dtype]),
+        activation_bytes(shape, max(batch, tree_batch), width, widest + width, DTYPE_BYTES[dtype]),
         activation_bytes(shape, 1, widest, widest, DTYPE_BYTES[dtype]),
     )
     return UnitCost(
@@ -203,21 +204,8 @@ def rows_cost(
         (batch * longest + caches * widest) * per_token,
         activations,
         tree_batch,
-        (tree_batch * longest + caches * widest) * per_token,
+        (tree_batch * longest + tree_caches * widest) * per_token,
     )
-
-
-def tree_rows(planned: Sequence[Row], n: int, size: int, n_layers: int) -> int:
-    """The rows of the tree engine's largest batch of rows that continue the shared context (``tree._packing``):
-    per group of rows a batch may mix, whole queries, as many as their states fit the rule's ``size``
-    (``tree.query_states``), spread evenly over the fewest batches (``tree.query_batches``). At run time a
-    batch also holds no more rows than 30% of the free memory holds unshared."""
-    shared = [r for r in planned if r.prefix_key[1] is None]
-    largest = 0
-    for group in Counter(tuple(sorted(r.plan.ablate)) for r in shared):
-        rows = [r for r in shared if tuple(sorted(r.plan.ablate)) == group]
-        largest = max(largest, largest_batch_rows(n, len(rows), query_states(rows, n_layers), size))
-    return largest
 
 
 def unit_cost(

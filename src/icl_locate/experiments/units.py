@@ -104,11 +104,16 @@ class Worker:
     audit_seed: int = 0
     engine: Engine | None = None
     log: Callable[[str], None] = _stderr
-    engines: dict[str, tuple[Engine, Choices]] = field(default_factory=dict)  # by the calibration's key
-    calibrator: Calibrator | None = None  # made for the first unit that measures
+    choices: dict[str, Choices] = field(default_factory=dict)  # by the calibration's key (the shape of work)
+    engines: dict[tuple, Engine] = field(default_factory=dict)  # by configuration: shapes that chose alike share one
+    calibrator: Calibrator | None = None  # one for the worker (copies made by ``replace`` share it)
     unchanged: UnchangedGenerations = field(default_factory=UnchangedGenerations)  # rows a later unit reuses
     readings: UnmaskedReadings = field(default_factory=UnmaskedReadings)  # the ICL prompts' readings, likewise
     seconds: dict[str, float] = field(default_factory=lambda: Worker.fresh_seconds())
+
+    def __post_init__(self):
+        if self.engine is None and self.calibrator is None:
+            self.calibrator = Calibrator(self.loaded.model, self.loaded.tokenizer, self.request)
 
     @staticmethod
     def fresh_seconds() -> dict[str, float]:
@@ -137,18 +142,21 @@ class Worker:
         self, prompts: Sequence[MaskedPrompt], rows: Sequence[RowIntervention], stop: StopRule
     ) -> tuple[Engine, Choices | None]:
         """The engine for this shape of work (the calibration's key): given, or measured on its first prompt
-        (cached). One calibrator serves the worker, so a screen it built serves every engine that takes it."""
+        (cached). Shapes that chose the same configuration share its engine, and one calibrator serves the
+        worker, so a screen it built is built once."""
         if self.engine is not None:
             return self.engine, None
         model, tokenizer, model_id = self.loaded.model, self.loaded.tokenizer, self.loaded.info.as_dict()
-        if self.calibrator is None:
-            self.calibrator = Calibrator(model, tokenizer, self.request)
+        assert self.calibrator is not None  # __post_init__ makes it where no engine is given
         shape = self.calibrator.key(prompts, rows, model_id, stop)
-        if shape not in self.engines:
-            choices = self.calibrator.choose(prompts, rows, stop, model_id)
-            self.log(choices.line())
-            self.engines[shape] = build_engine(model, tokenizer, choices, self.calibrator), choices
-        return self.engines[shape]
+        if shape not in self.choices:
+            self.choices[shape] = self.calibrator.choose(prompts, rows, stop, model_id)
+            self.log(self.choices[shape].line())
+        choices = self.choices[shape]
+        configuration = (choices.engine, choices.head, choices.draft_tokens, choices.batch_size, choices.batch_scale)
+        if configuration not in self.engines:
+            self.engines[configuration] = build_engine(model, tokenizer, choices, self.calibrator)
+        return self.engines[configuration], choices
 
     def compute(self, unit: WorkUnit, progress: ProgressCallback | None = None) -> UnitResult:
         """The unit's rows decoded and scored; then the memory its batches took is handed back to the system

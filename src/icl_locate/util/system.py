@@ -188,6 +188,7 @@ def hardware(device: torch.device | str) -> dict:
         isa_settings=isa_settings(),
         # "high" / "medium" let fp32 products run in TF32 or bf16 (set by a user's code, never by ours)
         fp32_matmul_precision=torch.get_float32_matmul_precision(),
+        onednn_fp32_precision=getattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision", None),
         gpu=gpu,
         threads=torch.get_num_threads(),
         device=str(device),
@@ -202,5 +203,7 @@ def hardware_line(info: dict) -> str:
     settings = "".join(f", {name}={value}" for name, value in (info.get("isa_settings") or {}).items())
     if info.get("fp32_matmul_precision", "highest") != "highest":
         settings += f", fp32 matmul precision {info['fp32_matmul_precision']}"
+    if info.get("onednn_fp32_precision") not in (None, "none", "ieee"):
+        settings += f", oneDNN fp32 precision {info['onednn_fp32_precision']}"
     cpu = f"{info['cpu']} [{design}]" if design else info["cpu"]
     return f"{cpu} (torch CPU capability {info['cpu_capability']}{settings}, {info['threads']} threads), {gpu}"
