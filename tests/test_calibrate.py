@@ -453,7 +453,8 @@ def test_bad_requests_are_one_line_errors():
         EngineRequest(head="int4"),
         EngineRequest(engine="fast", head="bf16"),
         EngineRequest(engine="fast", head="int8"),
-        EngineRequest(head="screen"),
+        EngineRequest(head="int4"),
+        EngineRequest(engine="fast", head="screen"),
         EngineRequest(engine="fast", draft_tokens=2),
     ):
         with pytest.raises(UserError):
@@ -468,9 +469,20 @@ def test_a_forced_screen_on_a_model_that_cannot_take_it_is_refused(tmp_path):
     for kind in ("bf16", "int8"):
         with pytest.raises(UserError, match=f"cannot screen the LM head of this model with {kind}"):
             choose(lm, tmp_path, FakeTimer(), EngineRequest(head=kind))
+    with pytest.raises(UserError, match="--head screen: no screen of this model's LM head"):
+        choose(lm, tmp_path, FakeTimer(), EngineRequest(head="screen"))
     auto = choose(lm, tmp_path, FakeTimer(engine__fast=2.0, engine__tree=1.0))
     assert auto.head == "plain" and auto.reasons["head"].startswith("no bf16 screen: the LM head is torch.bfloat16")
     assert "no int8 screen" in auto.reasons["head"]
+
+
+@pytest.mark.parametrize("bf16, int8, expected", [(0.5, 0.7, "bf16"), (3.0, 2.0, "int8")])
+def test_head_screen_takes_the_fastest_screen_even_where_the_plain_head_is_faster(tmp_path, bf16, int8, expected):
+    timer = FakeTimer(head__plain=1.0, head__bf16=bf16, head__int8=int8, step__1=1.0, step__1_plus_2=2.0)
+    choices = choose(tiny("llama"), tmp_path, timer, EngineRequest(head="screen"))
+    assert (choices.engine, choices.head) == ("tree", expected)  # the flag needs the tree engine
+    assert choices.reasons["head"].startswith("--head screen: the fastest screen, ")
+    assert ("slower than the full product" in choices.reasons["head"]) == (expected == "int8")
 
 
 def test_the_cache_is_keyed_and_reused_and_a_changed_key_measures_again(tmp_path, monkeypatch):

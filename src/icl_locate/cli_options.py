@@ -7,6 +7,7 @@ import argparse
 
 from .cli_values import default
 from .core.catalog import EMBEDDED
+from .engines.request import HEADS
 from .experiments.options import EXECUTORS, ExecutorSettings, RaySettings
 from .experiments.settings import SweepConfig
 
@@ -57,9 +58,10 @@ def add_head_option(parser: argparse.ArgumentParser, whose: str) -> None:
     parser.add_argument(
         "--head",
         default=None,
-        choices=["auto", "bf16", "int8", "plain"],
-        help=f"{whose}: auto (default, measured), bf16 or int8 (a screen + exact candidates; pays where that "
-        "product is fast), plain (the model's own); same tokens",
+        choices=list(HEADS),
+        help=f"{whose}: auto (default, measured), screen (the screen measured fastest, even where the plain head "
+        "is faster), bf16 or int8 (that screen + exact candidates; pays where its product is fast), plain (the "
+        "model's own); same tokens",
     )
 
 

@@ -64,7 +64,7 @@ from .draft_timing import DRAFT_COST_LIMIT, DRAFT_LENGTHS, DRAFT_PROBE_ROWS, tim
 from .fast import KV_MEMORY_FRACTION, FastEngine
 from .head import CertifiedHead
 from .head_timing import head_sample, screen_agrees, time_heads
-from .request import AUTO_REQUEST, EngineRequest
+from .request import AUTO_REQUEST, SCREENED, EngineRequest
 from .rows import plan_rows
 from .screens import SCREENS, build_screen
 from .timing import Timer, measure_seconds, ratio
@@ -254,7 +254,7 @@ class Calibrator:
 
     def tree_only_flags(self) -> str:
         """The flags given that only the tree engine honours (a screened head, drafts), as the user wrote them."""
-        flags = [f"--head {self.request.head}"] if self.request.head in ("bf16", "int8") else []
+        flags = [f"--head {self.request.head}"] if self.request.head in SCREENED else []
         if self.request.draft_tokens:
             flags.append(f"--draft-tokens {self.request.draft_tokens}")
         return " ".join(flags)

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from ..util.errors import UserError
 
 ENGINES = ("auto", "tree", "fast")
-HEADS = ("auto", "bf16", "int8", "plain")  # bf16 / int8: the screened heads of screens.py
+HEADS = ("auto", "screen", "bf16", "int8", "plain")  # bf16 / int8: the screened heads of screens.py; screen: either
+SCREENED = ("screen", "bf16", "int8")  # heads only the tree (and pruned) engines have
 
 
 @dataclass(frozen=True)
@@ -17,7 +18,7 @@ class EngineRequest:
 
     engine: str = "auto"  # auto | tree | fast
     head: str = (
-        "auto"  # auto | bf16 | int8 | plain (the tree and pruned engines' LM head; the fast engine uses the model's)
+        "auto"  # auto | screen | bf16 | int8 | plain (the tree and pruned engines'; the fast engine: the model's)
     )
     draft_tokens: int | None = None  # None: measure; 0: no drafts; N: drafts of up to N tokens (tree engine)
     batch_size: int | None = None  # rows per batch; None: the engines' automatic rule (checked by calibration)
@@ -31,7 +32,7 @@ class EngineRequest:
             raise UserError(f"--draft-tokens must be 'auto' or >= 0, got {self.draft_tokens}")
         if self.engine == "fast" and self.draft_tokens:
             raise UserError("--draft-tokens is for the tree engine (--engine fast has no drafts)")
-        if self.engine == "fast" and self.head in ("bf16", "int8"):
+        if self.engine == "fast" and self.head in SCREENED:
             raise UserError(f"--head {self.head} is for the tree engine (--engine fast uses the model's own head)")
 
 
