@@ -61,9 +61,8 @@ def time_heads(
 ) -> HeadTiming:
     """The fastest on ``hidden`` [rows, d] of the plain head and each screen this model can take (``wanted`` =
     "auto"), the fastest screen (``wanted`` = "screen"), or the screen ``wanted`` (checked on the sample, not
-    timed). ``built``: screens of this model
-    built before, taken instead of building them again (each a copy of the head). A forced screen that cannot
-    build or check is a ``UserError``."""
+    timed). ``built``: screens of this model built before, taken instead of building them again (each a copy
+    of the head). A forced screen that cannot build or check is a ``UserError``."""
     built = built or {}
     screens: dict[str, CertifiedHead] = {}
     refused: list[str] = []

@@ -161,12 +161,10 @@ class TreeEngine(FastEngine):
             longest = self._longest([r for rows in queries for r in rows], max_new_tokens)
             unshared = rows_by_memory(prefix_caches.get(queries[0][0]), longest, self.kv_memory_fraction, self.device)
             states = [query_states(rows, self.n_layers) for rows in queries]
-        fits = [len(rows) <= unshared and n <= size for rows, n in zip(queries, states, strict=True)]
+        fits, per_batch, part = packing([len(rows) for rows in queries], states, size, unshared)
         whole = [rows for rows, fit in zip(queries, fits, strict=True) if fit]
         wide = [rows for rows, fit in zip(queries, fits, strict=True) if not fit]
-        most = max((n for n, fit in zip(states, fits, strict=True) if fit), default=1.0)
-        per_batch = min(int(size / most), unshared // max((len(rows) for rows in whole), default=1))
-        return whole, wide, max(1, per_batch), max(1, min(size, unshared))
+        return whole, wide, per_batch, part
 
     # ------------------------------------------------------------------ the hooks
 
@@ -252,18 +250,27 @@ def query_states(rows: list[Row], n_layers: int) -> float:
     return sum(per_layer) / max(1, n_layers)
 
 
+def packing(query_rows: list[int], states: list[float], size: float, unshared: int) -> tuple[list[bool], int, int]:
+    """The tree engine's packing rule, for queries of ``query_rows`` rows and ``states`` states each under the
+    rule's ``size`` and at most ``unshared`` rows a batch: which queries a batch takes whole (their states
+    within ``size``, their rows within ``unshared``), how many whole queries a batch takes, and the rows of
+    each part a query that does not fit is split into."""
+    fits = [rows <= unshared and n <= size for rows, n in zip(query_rows, states, strict=True)]
+    most = max((n for n, fit in zip(states, fits, strict=True) if fit), default=1.0)
+    widest = max((rows for rows, fit in zip(query_rows, fits, strict=True) if fit), default=1)
+    return fits, max(1, min(int(size / most), unshared // widest)), max(1, min(int(size), unshared))
+
+
 def largest_batch_rows(n_queries: int, query_rows: int, states: float, size: float, unshared: int | None = None) -> int:
     """The rows of the largest batch ``_packing`` and ``query_batches`` make of ``n_queries`` queries alike
     (``query_rows`` rows, ``states`` states each) under the rule's ``size``, with at most ``unshared`` rows a
     batch (the KV-memory bound; None: unbounded): whole queries, as many as fit, spread evenly; a query that
-    does not fit is split into parts of min(``size``, ``unshared``) rows."""
+    does not fit is split into parts (``packing``)."""
     if n_queries <= 0 or query_rows <= 0:
         return 0
     bound = query_rows * n_queries if unshared is None else max(1, unshared)
-    if states > size or query_rows > bound:
-        return max(1, min(query_rows, int(size), bound))
-    per_batch = min(int(size / states), bound // query_rows)
-    return even_batch(n_queries, per_batch) * query_rows
+    (fit,), per_batch, part = packing([query_rows], [states], size, bound)
+    return even_batch(n_queries, per_batch) * query_rows if fit else min(query_rows, part)
 
 
 def tree_batch_rows(
