@@ -12,7 +12,7 @@ import torch
 from icl_locate.core.models import load_model
 from icl_locate.engines import head as head_module
 from icl_locate.engines import head_int8
-from icl_locate.engines.head_int8 import Int8ScreenedHead, exact_int8_levels
+from icl_locate.engines.head_int8 import PROBE_ROWS, Int8ScreenedHead, exact_int8_levels, int_mm_in_probed_rows
 from icl_locate.engines.screens import SCREENS
 
 KINDS = list(SCREENS)
@@ -211,7 +211,7 @@ def test_the_int8_levels_follow_what_this_machine_computes_exactly(monkeypatch):
 def test_the_int8_levels_are_tried_at_the_screens_depth_and_a_large_batchs_rows(monkeypatch):
     """A kernel chosen by shape could saturate only at the screen's shapes: the check runs those."""
     real = torch._int_mm  # pyright: ignore[reportPrivateImportUsage]
-    for wide in (lambda a, b: a.shape[1] > 96, lambda a, b: b.shape[1] > 64):
+    for wide in (lambda a, b: a.shape[1] > 96, lambda a, b: b.shape[1] > 64, lambda a, b: b.shape[1] > 256):
         monkeypatch.setattr(
             torch, "_int_mm", lambda a, b, wide=wide: saturating_int_mm(a, b) if wide(a, b) else real(a, b)
         )
@@ -221,6 +221,20 @@ def test_the_int8_levels_are_tried_at_the_screens_depth_and_a_large_batchs_rows(
             assert Int8ScreenedHead(head_model(vocab=300, d=256)).levels == 63  # 192 int8 channels
         finally:
             exact_int8_levels.cache_clear()
+
+
+def test_a_product_of_more_states_than_the_levels_were_tried_on_is_cut_into_tried_sizes(monkeypatch):
+    """Beyond the probe's largest state count the kernel is unchecked: the screen never gives it more."""
+    real, widths = torch._int_mm, []  # pyright: ignore[reportPrivateImportUsage]
+    monkeypatch.setattr(torch, "_int_mm", lambda a, b: widths.append(b.shape[1]) or real(a, b))
+    generator = torch.Generator().manual_seed(5)
+    a = torch.randint(-127, 128, (40, 96), dtype=torch.int8, generator=generator)
+    states = PROBE_ROWS[-1] * 2 + 37
+    b = torch.randint(-63, 64, (states, 96), dtype=torch.int8, generator=generator).T  # as the screen passes it
+    assert torch.equal(int_mm_in_probed_rows(a, b).double(), a.double() @ b.double())
+    assert widths == [PROBE_ROWS[-1], PROBE_ROWS[-1], 37]
+    widths.clear()
+    assert torch.equal(int_mm_in_probed_rows(a, b[:, :5]), real(a, b[:, :5])) and widths == [5]
 
 
 @pytest.mark.parametrize("vocab", [4 * head_module.SCAN_TOKENS, 3 * head_module.SCAN_TOKENS + 452, 300])

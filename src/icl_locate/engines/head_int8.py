@@ -19,6 +19,7 @@ MAX_BLOCK_TOKENS = 256  # tokens per block whose max is taken in cache after eac
 # then reads only the blocks whose max reaches a row's threshold (a column of a token-major block: strided)
 assert CHUNK_TOKENS % MAX_BLOCK_TOKENS == 0, "a chunk is whole blocks"
 QUANTISE_TOKENS = 1024  # vocabulary rows quantised at a time: a block's dozen passes stay in a core's cache
+PROBE_ROWS = (1, 16, 64, 256, 1024)  # state counts ``exact_int8_levels`` tries; a larger call is cut into these
 
 
 class Int8ScreenedHead(CertifiedHead):
@@ -125,7 +126,7 @@ class Int8ScreenedHead(CertifiedHead):
         )
         for c, start in enumerate(range(0, vocab, CHUNK_TOKENS)):
             stop = min(vocab, start + CHUNK_TOKENS)
-            product = torch._int_mm(self.w_int8[start:stop], q_t)  # [C, B] int32, exact  # pyright: ignore[reportPrivateImportUsage]
+            product = int_mm_in_probed_rows(self.w_int8[start:stop], q_t)  # [C, B] int32, exact
             out = chunks[c, : stop - start]
             torch.mul(product, self.w_scale[start:stop], out=out)
             out.addmm_(self.w_outliers[start:stop], h_out_t)
@@ -181,13 +182,13 @@ def int8_depth(model: nn.Module) -> int:
 def exact_int8_levels(depth: int = 96) -> int:
     """The largest L (127 or 63) such that ``torch._int_mm(a, b)`` is exact on this machine for any int8
     ``a`` and ``b`` within +-L, tried on the worst cases for int16 pair sums, with the screen's ``depth``
-    (its int8 channels) and from one state to a large batch's, as kernels may be chosen by shape; 0 if
-    neither is."""
+    (its int8 channels) and from one state to ``PROBE_ROWS[-1]`` (the most a product is given, see
+    ``int_mm_in_probed_rows``), as kernels may be chosen by shape; 0 if neither is."""
     if not hasattr(torch, "_int_mm"):
         return 0
     generator = torch.Generator().manual_seed(0)
     for levels in (127, 63):
-        for rows in (1, 16, 64, 256):
+        for rows in PROBE_ROWS:
             a = torch.randint(-127, 128, (256, depth), dtype=torch.int8, generator=generator)
             a[:64] = 127
             a[64:128] = -127
@@ -200,3 +201,14 @@ def exact_int8_levels(depth: int = 96) -> int:
         else:
             return levels
     return 0
+
+
+def int_mm_in_probed_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``torch._int_mm(a, b)`` [M, N] int32 for ``a`` [M, K] and the states' ``b`` [K, N], in products of at most
+    ``PROBE_ROWS[-1]`` states: ``exact_int8_levels`` found the kernel exact up to there, not beyond (a tree
+    engine's head call can take more, its batch's leaves times the positions a draft feeds)."""
+    most = PROBE_ROWS[-1]
+    if b.shape[1] <= most:
+        return torch._int_mm(a, b)  # pyright: ignore[reportPrivateImportUsage]
+    pieces = [torch._int_mm(a, b[:, i : i + most]) for i in range(0, b.shape[1], most)]  # pyright: ignore[reportPrivateImportUsage]
+    return torch.cat(pieces, 1)
