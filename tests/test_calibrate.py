@@ -129,6 +129,7 @@ def test_the_engines_mini_runs_continue_one_prefix_cache_made_before_them(tmp_pa
 def test_the_heads_are_timed_on_the_engines_batch_rows_and_kept_per_rows(tmp_path, monkeypatch):
     # the tree engine's batches: whole queries whose states fit the rule's 4: one query of 5 rows (3.5 states)
     monkeypatch.setattr(batch_rows, "rule_rows", lambda *args: 4)
+    monkeypatch.setattr(calibrate, "choose_batch_scale", lambda *args: (1.0, "the rule's rows", {}))  # kept
     sizes: list[int] = []
     argmax = SCREENS["int8"].argmax
     monkeypatch.setattr(
@@ -891,26 +892,35 @@ def test_a_sweep_measures_once_per_shape_of_work(tmp_path, data_dir):
     assert len(json.loads(provenance)["engines"]) == 2
 
 
+RULE_KEPT = dict(batch__8=0.8, batch__4=0.5)  # the batch check's step costs: half the rows cost more a row
+RULE_TIMES_4 = dict(batch__4=0.8, batch__8=0.8, batch__16=0.8, batch__32=0.8)  # doubling is free up to the work's
+
+
 @pytest.mark.parametrize(
-    "condition, forced, memory, expected",
+    "condition, forced, memory, batch_costs, expected",
     [
-        ("instructions+examples", None, 1000, 10),  # whole queries of 3.5 states: 2 a batch of the rule's 8
-        ("instructions+examples", None, 7, 5),  # ... but the KV-memory bound holds 7 rows unshared: 1 query
-        ("instructions", None, 1000, 8),  # a context cache a row: the fast engine's batches of the rule's rows
-        ("instructions+examples", 8, 1000, 5),  # --batch-size counts rows: one whole query of 5 a batch
+        ("instructions+examples", None, 1000, RULE_KEPT, 10),  # whole queries of 3.5 states: 2 a batch of 8
+        ("instructions+examples", None, 7, RULE_KEPT, 5),  # ... but the KV-memory bound holds 7 rows unshared
+        ("instructions", None, 1000, RULE_KEPT, 8),  # a context cache a row: the fast engine's batches of 8
+        ("instructions+examples", 8, 1000, RULE_KEPT, 5),  # --batch-size counts rows: one whole query of 5
+        ("instructions+examples", None, 1000, RULE_TIMES_4, 30),  # 4x the rule's 8: all 6 queries a batch
     ],
 )
 def test_the_head_is_timed_on_the_rows_of_the_tree_engines_largest_batch(
-    tmp_path, monkeypatch, condition, forced, memory, expected
+    tmp_path, monkeypatch, condition, forced, memory, batch_costs, expected
 ):
+    def rule(*args):  # the rule's 8 rows, times the engine's measured scale (its sixth argument)
+        return int(8 * (args[5] if len(args) > 5 else 1))
+
     for module in (batch_rows, fast):
-        monkeypatch.setattr(module, "rule_rows", lambda *args, **kwargs: 8)
+        monkeypatch.setattr(module, "rule_rows", rule)
     monkeypatch.setattr(batch_rows, "rows_by_memory", lambda *args, **kwargs: memory)
     monkeypatch.setattr(tree_engine, "rows_by_memory", lambda *args, **kwargs: memory)
     lm = tiny("llama")
     prompts = masked(encoded_prompts(lm.tokenizer), get_condition(condition)) * 2  # 6 queries
     rows = work(lm)[1]  # 5 a query
-    timer = FakeTimer(head__plain=1.0, head__bf16=0.5, head__int8=0.7, step__1=1.0, step__1_plus_2=2.0)
+    costs = dict(head__plain=1.0, head__bf16=0.5, head__int8=0.7, step__1=1.0, step__1_plus_2=2.0)
+    timer = FakeTimer(**costs, **batch_costs)
     request = EngineRequest(engine="tree", batch_size=forced)
     choices = Calibrator(lm.model, lm.tokenizer, request, tmp_path, timer).choose(prompts, rows, STOP)
     chunks: list[int] = []
@@ -920,6 +930,8 @@ def test_the_head_is_timed_on_the_rows_of_the_tree_engines_largest_batch(
     )
     build_engine(lm.model, lm.tokenizer, choices).generate(prompts, rows, STOP)
     assert max(chunks) == expected and f"on {expected} rows" in choices.reasons["head"]
+    rescaled = batch_costs is RULE_TIMES_4  # the head and drafts were chosen at the rule's rows, then again
+    assert all(("chosen again for the" in choices.reasons[name]) == rescaled for name in ("head", "drafts"))
 
 
 def test_one_calibrator_builds_each_screen_once(tmp_path, monkeypatch):

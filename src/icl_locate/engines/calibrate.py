@@ -26,7 +26,8 @@ So an engine starts by timing each choice on the model itself, briefly, and pick
   further halvings; a count other than the rule's is taken only where it was measured to pay
   (``batch_rows.py``); the factor applies to the rule's bounds, which the tree engine counts in a
   query's states rather than its rows (``tree.query_states``). The screens not chosen are dropped
-  before it (a screen is a copy of the head).
+  before it (a screen is a copy of the head). Where the factor changes the rows of the tree engine's
+  batches, the head and drafts are chosen again for those rows.
 
 Every choice can be forced (``EngineRequest``); generations are the same whatever is chosen (the
 engines are tested against the reference engine). The result is cached under the cache directory,
@@ -80,7 +81,7 @@ MINI_RUN_ROWS = 10  # at most this many rows of the first query (a spread of the
 # runs once more in the other order and the faster of each engine's two runs counts (a near tie is where one
 # run's noise, e.g. a first run's set-up or another process, would decide)
 ENGINE_CLEAR = 1.25
-CALIBRATION_VERSION = 20  # part of the cache key: a change of the procedure re-measures
+CALIBRATION_VERSION = 21  # part of the cache key: a change of the procedure re-measures
 NO_STEPS = "a one-token prompt leaves no cache to time a step over"
 # ends the tree engine's batch reason: its batches take whole queries by their states (``tree.query_states``)
 TREE_BATCH_NOTE = "; the tree engine fills them with whole queries, counting each query's states, not its rows"
@@ -243,6 +244,10 @@ class Calibrator:
                 reasons["engine"] = "forced"
             self._keep_screen(head)
             scale = self._choose_batch(steps, stop, len(interventions), work_rows, head, reasons, measured)
+            if engine == "tree" and scale != 1:
+                head, drafts = self._at_batch_scale(
+                    steps, scale, prompts, interventions, (head, drafts), reasons, measured, model_id
+                )
             if engine == "tree" and not self.request.batch_size:
                 reasons["batch"] += TREE_BATCH_NOTE
         finally:
@@ -260,22 +265,58 @@ class Calibrator:
         return " ".join(flags)
 
     def _batch_rows(
-        self, steps: DecodingSteps | None, work_rows: int, prompts: Sequence[MaskedPrompt], interventions: Sequence
+        self,
+        steps: DecodingSteps | None,
+        work_rows: int,
+        prompts: Sequence[MaskedPrompt],
+        interventions: Sequence,
+        scale: float = 1.0,
     ) -> int:
         """The rows of the tree engine's largest batch, whose head and drafts are chosen here
-        (``tree.tree_batch_rows``: the rule's rows, or --batch-size, filled as the engine fills them; at the
-        rule's own scale, before the batch check); ``HEAD_SAMPLE_ROWS`` where no steps were made to read the
-        rule from; the whole work where it is smaller."""
+        (``tree.tree_batch_rows``: the rule's rows times ``scale`` within the KV-memory bound, or --batch-size,
+        filled as the engine fills them); ``HEAD_SAMPLE_ROWS`` where no steps were made to read the rule from;
+        the whole work where it is smaller."""
         forced = self.request.batch_size
         if forced:
             size, unshared = forced, None
         elif steps is not None:
-            size, unshared = steps.rule, steps.by_memory
+            size, unshared = max(1, min(int(steps.rule * scale), steps.by_memory)), steps.by_memory
         else:
             return max(1, min(HEAD_SAMPLE_ROWS, work_rows))
         query = plan_rows(prompts[:1], interventions, self.n_layers)
         rows = tree_batch_rows(query, len(prompts), size, self.n_layers, unshared, forced=bool(forced))
         return max(1, min(rows, work_rows))
+
+    def _at_batch_scale(
+        self,
+        steps: DecodingSteps | None,
+        scale: float,
+        prompts: Sequence[MaskedPrompt],
+        interventions: Sequence,
+        chosen: tuple[str, int],
+        reasons: dict,
+        measured: dict,
+        model_id: dict | None,
+    ) -> tuple[str, int]:
+        """The head and drafts chosen again (those not forced) for the rows the tree engine's batches hold at
+        the batch check's ``scale``, where that changes their power of two: they were chosen at the rule's own
+        rows, and which is faster depends on the rows (a verdict kept for rows of the same power of two serves, as
+        everywhere). The batch check's timings stay those of the head it ran."""
+        head, drafts = chosen
+        work_rows = len(prompts) * len(interventions)
+        before = self._batch_rows(steps, work_rows, prompts, interventions)
+        rows = self._batch_rows(steps, work_rows, prompts, interventions, scale)
+        if rows == before:
+            return head, drafts
+        note = f" (chosen again for the {rows} rows a batch holds at the batch check's scale)"
+        if self.request.head in ("auto", "screen"):  # the others take no measurement
+            head = self._choose_head(prompts[0], rows, reasons, measured, model_id)[0]
+            reasons["head"] += note
+            self._keep_screen(head)
+        if self.request.draft_tokens is None:
+            drafts = self._choose_drafts(steps, rows, head, reasons, measured, model_id)
+            reasons["drafts"] += note
+        return head, drafts
 
     def _steps(self, prompt: MaskedPrompt, stop: StopRule) -> DecodingSteps | None:
         """Steps over the first prompt's cache, fed its last tokens (as many as the longest draft verifies);
