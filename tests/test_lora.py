@@ -12,9 +12,13 @@ from torch import nn
 from icl_locate.cli import main
 from icl_locate.core.models import load_model
 from icl_locate.core.prompts import Example
+from icl_locate.engines.fast import FastEngine
 from icl_locate.experiments.lora import (
+    LoraData,
     LoraSettings,
+    LoraWorker,
     attach_adapter,
+    evaluate_zero_shot,
     lora_sweep,
     lora_unit_id,
     output_projection_name,
@@ -78,6 +82,29 @@ def test_mini_sweep_end_to_end(tmp_path, data_dir):
 
     page = build_report(store, tmp_path / "rep", n_boot=10).read_text()
     assert "lora_fra-eng.png" in page
+
+
+def test_the_measured_evaluation_engine_decodes_with_the_adapter_in_place(data_dir):
+    """The worker's engine runs the base model, into which PEFT put the adapter: its generations are the PEFT
+    model's own (the fast engine on it), not the base model's."""
+    lm = load_model("tiny:llama")
+    settings = LoraSettings(train_size=8, val_size=4)
+    data = LoraData.load(str(data_dir), "fra-eng", settings, 4)
+    worker = LoraWorker(lm, data)
+    before = evaluate_zero_shot(worker.evaluation_engine(), lm.tokenizer, data.test)[1]
+    peft_model, _ = attach_adapter(lm.model, 1, settings)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:  # a fresh adapter adds zero: give it weights that change the generations
+                p.normal_(0, 1.0)
+    peft_model.eval()
+    try:
+        measured = evaluate_zero_shot(worker.evaluation_engine(), lm.tokenizer, data.test)[1]
+        plain = evaluate_zero_shot(FastEngine(peft_model, lm.tokenizer), lm.tokenizer, data.test)[1]
+    finally:
+        peft_model.unload()
+    assert measured == plain and measured != before
+    assert worker.choices is not None and worker.choices.hardware["threads"] >= 1
 
 
 @pytest.mark.parametrize("layers,train_size,message", [([7], 16, "out of range"), ([0], 900, "--train-size")])
@@ -331,7 +358,9 @@ def test_preset_paper_is_in_the_stored_run_config(tmp_path, data_dir):
     assert code == 0
     with Store(store, create=False) as s:
         config = s.runs()[-1]["config"]
+        engines = s.runs()[-1]["provenance"]["engines"]
         result = s.lora_results()[0]
+    assert len(engines) == 1 and engines[0]["engine"] in ("fast", "tree") and engines[0]["hardware"]["cpu"]
     assert config["preset"] == "paper" and config["loss"] == "full" and config["autocast"] == "off"  # auto on a CPU
     assert (
         config["r"],

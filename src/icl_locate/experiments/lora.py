@@ -4,7 +4,8 @@ For each layer l: a fresh LoRA adapter on that layer's attention output projecti
 trained on FLORES dev lines 1..N in the zero-shot format ``Q:{src}\\nA:{tgt}<eos>`` (loss on the
 answer tokens, or on every position as the paper's code; see ``lora_batches``), early-stopped on
 the same loss over dev lines 801-997, then evaluated by greedy zero-shot decoding (no
-instructions, no examples) on devtest. One unit per layer: an executor can run them anywhere.
+instructions, no examples) on devtest, with the engine measured fastest on the worker's machine (its
+choices and the machine go into the run record). One unit per layer: an executor can run them anywhere.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from ..core.models import LoadedModel, load_description, load_model
 from ..core.prompts import EncodedPrompt, Example, render_query
 from ..core.structure import attention_module, decoder_layers
 from ..engines.base import Engine, StopRule
-from ..engines.fast import FastEngine
+from ..engines.calibrate import Calibrator, build_engine
+from ..engines.choices import Choices
 from ..results.store import Store
 from ..tasks.data import data_dir_or_default, flores_bitext, parse_pair
 from ..tasks.metrics import translation_scores
@@ -179,6 +181,7 @@ class LoraResult:
     seconds: float
     state: dict  # the adapter's tensors, as PEFT saves them
     config: Any  # its peft LoraConfig (peft is imported lazily)
+    choices: dict | None = None  # the evaluation's engine, its measured reasons and the machine (Choices)
 
 
 @dataclass
@@ -212,6 +215,8 @@ class LoraWorker:
         tok: Any = loaded.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self._encoded: dict[int, tuple[list, list]] = {}
+        self.calibrator: Calibrator | None = None  # made at the first evaluation (a driver's worker may hold none)
+        self.choices: Choices | None = None  # the evaluation's engine, measured at the first unit
 
     @classmethod
     def load(cls, run: LoraRun) -> LoraWorker:
@@ -235,14 +240,28 @@ class LoraWorker:
             curve = train(peft_model, train_seqs, val_seqs, unit.layer, self.pad_id, settings, self.log).as_dict()
             curve["peak_rss_mb"] = peak_rss_mb()
             peft_model.eval()
-            bleu, _ = evaluate_zero_shot(FastEngine(peft_model, tok), tok, self.data.test, self.data.language)
+            bleu, _ = evaluate_zero_shot(self.evaluation_engine(), tok, self.data.test, self.data.language)
             from peft import get_peft_model_state_dict  # lazy: see attach_adapter
 
             state = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(peft_model).items()}
             config = peft_model.peft_config["default"]
         finally:
             peft_model.unload()  # back to the untouched base model for the next unit
-        return LoraResult(unit, target, bleu, curve, time.time() - started, state, config)
+        choices = self.choices.as_dict() if self.choices is not None else None
+        return LoraResult(unit, target, bleu, curve, time.time() - started, state, config, choices)
+
+    def evaluation_engine(self) -> Engine:
+        """The engine that decodes the test set with the unit's adapter in place (PEFT puts it into the base
+        model's layer), chosen by measuring on this machine at the first unit (``Calibrator``): an adapter
+        changes one layer's projection, not which engine, head or batch is faster. Exact whatever is chosen."""
+        model, tok = self.loaded.model, self.loaded.tokenizer
+        if self.calibrator is None or self.choices is None:
+            self.calibrator = Calibrator(model, tok)
+            with torch.no_grad():  # the adapter's weights require gradients: no graph for the measurements
+                prompts = zero_shot_prompts(tok, self.data.test)
+                self.choices = self.calibrator.choose(prompts, [UNCHANGED], ZERO_SHOT_STOP, self.loaded.info.as_dict())
+            self.log(f"evaluation {self.choices.line()}")
+        return build_engine(model, tok, self.choices, self.calibrator)
 
 
 def save_adapter(result: LoraResult, directory: Path) -> Path:
@@ -288,8 +307,12 @@ def lora_sweep(
             units.append(unit)
     executor = executor or LocalExecutor(LoraWorker(loaded, data, log))
     results = []
+    seen_choices: list[dict] = []
     with Progress(len(units), "lora-sweep") as progress:
         for r in executor.map(units, progress):
+            if store is not None and run_id is not None and r.choices is not None and r.choices not in seen_choices:
+                seen_choices.append(r.choices)  # each evaluation engine once, with the machine it ran on
+                store.add_run_engine(run_id, r.choices)
             adapter_dir = save_adapter(r, out_dir / f"layer{r.unit.layer:02d}")
             result = dict(
                 layer=r.unit.layer,
