@@ -934,6 +934,40 @@ def test_the_head_is_timed_on_the_rows_of_the_tree_engines_largest_batch(
     assert all(("chosen again for the" in choices.reasons[name]) == rescaled for name in ("head", "drafts"))
 
 
+def test_a_halved_memory_bound_rule_is_what_the_engine_takes_and_the_head_follows_it(tmp_path, monkeypatch):
+    """The rule bound by KV memory (40 rows): the batch check finds half of it faster a row, the engine's
+    batches are made of the rows it timed (the factor scales the rule's rows, within the memory bound), and
+    the head, chosen first for the rule's batches (30 rows), is chosen again for those (15 rows, another power
+    of two), where another screen is faster."""
+    monkeypatch.setattr(fast, "MAX_BATCH_ROWS", 64)
+    for module in (batch_rows, fast, tree_engine):
+        monkeypatch.setattr(module, "rows_by_memory", lambda *args, **kwargs: 40)
+    lm = tiny("llama")
+    prompts = masked(encoded_prompts(lm.tokenizer), get_condition("instructions+examples")) * 2  # 6 queries
+    rows = work(lm)[1]  # 5 a query, 3.5 states
+    checked: list[str] = []
+
+    def timer(name, fn):  # bf16 the faster head until the batch check has run, then int8
+        fn()
+        checked.extend([name] if name.startswith("batch/") else [])
+        costs = {"head/plain": 1.0, "head/bf16": 0.9 if checked else 0.5, "head/int8": 0.7, "batch/40": 4.0}
+        return dict(costs, **{"batch/20": 1.0, "step/1": 1.0, "step/1+2": 2.0}).get(name, 1.0)
+
+    calibrator = Calibrator(lm.model, lm.tokenizer, EngineRequest(engine="tree"), tmp_path, timer)
+    choices = calibrator.choose(prompts, rows, STOP)
+    assert choices.batch_scale == 0.5 and "20 rows, not the rule's 40" in choices.reasons["batch"]
+    assert choices.head == "int8" and set(calibrator.screens) == {"int8"} and choices.measured["head/bf16"] == 0.9
+    assert "on 15 rows" in choices.reasons["head"] and "chosen again for the 15 rows" in choices.reasons["head"]
+    chunks: list[int] = []
+    real = tree_engine.TreeDecode
+    monkeypatch.setattr(
+        tree_engine, "TreeDecode", lambda engine, chunk, *args: chunks.append(len(chunk)) or real(engine, chunk, *args)
+    )
+    engine = build_engine(lm.model, lm.tokenizer, choices, calibrator)
+    engine.generate(prompts, rows, STOP)
+    assert max(chunks) == 15 and isinstance(engine, TreeEngine) and engine.head is calibrator.screens["int8"]
+
+
 def test_one_calibrator_builds_each_screen_once(tmp_path, monkeypatch):
     """A screen is a copy of the head: work of another shape measured by the same calibrator takes the screen
     it kept, when it times the heads again."""

@@ -12,7 +12,10 @@ from torch import nn
 from icl_locate.cli import main
 from icl_locate.core.models import load_model
 from icl_locate.core.prompts import Example
+from icl_locate.engines.calibrate import Calibrator
 from icl_locate.engines.fast import FastEngine
+from icl_locate.engines.request import EngineRequest
+from icl_locate.experiments import lora as lora_module
 from icl_locate.experiments.lora import (
     LoraData,
     LoraSettings,
@@ -84,14 +87,18 @@ def test_mini_sweep_end_to_end(tmp_path, data_dir):
     assert "lora_fra-eng.png" in page
 
 
-def test_the_measured_evaluation_engine_decodes_with_the_adapter_in_place(data_dir):
-    """The worker's engine runs the base model, into which PEFT put the adapter: its generations are the PEFT
-    model's own (the fast engine on it), not the base model's."""
+def test_the_measured_evaluation_engine_decodes_with_the_adapter_in_place(data_dir, tmp_path, monkeypatch):
+    """The worker measures its engine at the first unit, the adapter in place (PEFT puts it into the base model,
+    which the engine runs): its generations are the PEFT model's own, and once the adapter is unloaded the
+    base model's again. Forced to the tree engine and the int8 screen: not the plain comparison's engine."""
+    monkeypatch.setenv("ICL_LOCATE_CACHE", str(tmp_path))
+    forced = EngineRequest(engine="tree", head="int8", draft_tokens=0)
+    monkeypatch.setattr(lora_module, "Calibrator", lambda model, tokenizer: Calibrator(model, tokenizer, forced))
     lm = load_model("tiny:llama")
     settings = LoraSettings(train_size=8, val_size=4)
     data = LoraData.load(str(data_dir), "fra-eng", settings, 4)
+    base = evaluate_zero_shot(FastEngine(lm.model, lm.tokenizer), lm.tokenizer, data.test)[1]
     worker = LoraWorker(lm, data)
-    before = evaluate_zero_shot(worker.evaluation_engine(), lm.tokenizer, data.test)[1]
     peft_model, _ = attach_adapter(lm.model, 1, settings)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
@@ -103,8 +110,9 @@ def test_the_measured_evaluation_engine_decodes_with_the_adapter_in_place(data_d
         plain = evaluate_zero_shot(FastEngine(peft_model, lm.tokenizer), lm.tokenizer, data.test)[1]
     finally:
         peft_model.unload()
-    assert measured == plain and measured != before
-    assert worker.choices is not None and worker.choices.hardware["threads"] >= 1
+    after = evaluate_zero_shot(worker.evaluation_engine(), lm.tokenizer, data.test)[1]
+    assert measured == plain and measured != base and after == base
+    assert worker.choices is not None and (worker.choices.engine, worker.choices.head) == ("tree", "int8")
 
 
 @pytest.mark.parametrize("layers,train_size,message", [([7], 16, "out of range"), ([0], 900, "--train-size")])

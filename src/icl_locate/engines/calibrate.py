@@ -62,7 +62,7 @@ from .batch_rows import DecodingSteps, choose_batch_scale
 from .calibration_cache import CalibrationCache, digest, length_bucket, refusal_covers, valid_head_verdict
 from .choices import Choices
 from .draft_timing import DRAFT_COST_LIMIT, DRAFT_LENGTHS, DRAFT_PROBE_ROWS, time_drafts
-from .fast import KV_MEMORY_FRACTION, FastEngine
+from .fast import KV_MEMORY_FRACTION, FastEngine, scaled_rows
 from .head import CertifiedHead
 from .head_timing import head_sample, screen_agrees, time_heads
 from .request import AUTO_REQUEST, SCREENED, EngineRequest
@@ -280,7 +280,7 @@ class Calibrator:
         if forced:
             size, unshared = forced, None
         elif steps is not None:
-            size, unshared = max(1, min(int(steps.rule * scale), steps.by_memory)), steps.by_memory
+            size, unshared = scaled_rows(steps.rule, steps.by_memory, scale), steps.by_memory
         else:
             return max(1, min(HEAD_SAMPLE_ROWS, work_rows))
         query = plan_rows(prompts[:1], interventions, self.n_layers)
@@ -299,21 +299,26 @@ class Calibrator:
         model_id: dict | None,
     ) -> tuple[str, int]:
         """The head and drafts chosen again (those not forced) for the rows the tree engine's batches hold at
-        the batch check's ``scale``, where that changes their power of two: they were chosen at the rule's own
-        rows, and which is faster depends on the rows (a verdict kept for rows of the same power of two serves, as
-        everywhere). The batch check's timings stay those of the head it ran."""
+        the batch check's ``scale``, where those are of another power of two than the rule's: they were chosen at
+        the rule's rows, and which is faster depends on the rows (a head's verdict kept for rows of the same
+        power of two serves, as everywhere; the screens dropped before the batch check are built again to be
+        timed). The timings of the first choice leave ``measured``; the batch check's stay, with the head it ran."""
         head, drafts = chosen
         work_rows = len(prompts) * len(interventions)
         before = self._batch_rows(steps, work_rows, prompts, interventions)
         rows = self._batch_rows(steps, work_rows, prompts, interventions, scale)
-        if rows == before:
+        if length_bucket(rows) == length_bucket(before):  # the verdicts kept for ``before`` serve
             return head, drafts
-        note = f" (chosen again for the {rows} rows a batch holds at the batch check's scale)"
+        note = f" (chosen again for the {rows} rows a batch holds at the batch check's scale, which ran with {head})"
         if self.request.head in ("auto", "screen"):  # the others take no measurement
+            for name in [name for name in measured if name.startswith("head/")]:
+                del measured[name]
             head = self._choose_head(prompts[0], rows, reasons, measured, model_id)[0]
             reasons["head"] += note
             self._keep_screen(head)
         if self.request.draft_tokens is None:
+            for name in [name for name in measured if name.startswith("step/")]:
+                del measured[name]
             drafts = self._choose_drafts(steps, rows, head, reasons, measured, model_id)
             reasons["drafts"] += note
         return head, drafts

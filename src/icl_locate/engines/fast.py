@@ -79,10 +79,16 @@ def even_batch(rows: int, size: int) -> int:
 def rule_rows(
     kv: KV, tokens: int, max_batch_tokens: int, fraction: float, device: torch.device, scale: float = 1.0
 ) -> int:
-    """The automatic batch of rows of ``tokens`` positions: bounded in rows (``MAX_BATCH_ROWS``) and in
-    rows x tokens (``max_batch_tokens``), both times ``scale``, and in KV memory."""
-    rows, in_tokens = int(MAX_BATCH_ROWS * scale), int(max_batch_tokens * scale) // tokens
-    return max(1, min(rows, in_tokens, rows_by_memory(kv, tokens, fraction, device)))
+    """The automatic batch of rows of ``tokens`` positions: bounded in rows (``MAX_BATCH_ROWS``), in rows x
+    tokens (``max_batch_tokens``) and in KV memory; then times ``scale`` (``scaled_rows``)."""
+    memory = rows_by_memory(kv, tokens, fraction, device)
+    return scaled_rows(max(1, min(MAX_BATCH_ROWS, max_batch_tokens // tokens, memory)), memory, scale)
+
+
+def scaled_rows(rule: int, by_memory: int, scale: float) -> int:
+    """The rule's rows times a factor the batch check measured (``batch_rows.choose_batch_scale``, which times
+    these very rows), within the KV-memory bound, which no factor scales."""
+    return max(1, min(int(rule * scale), by_memory))
 
 
 class FastEngine:

@@ -19,7 +19,7 @@ MAX_BLOCK_TOKENS = 256  # tokens per block whose max is taken in cache after eac
 # then reads only the blocks whose max reaches a row's threshold (a column of a token-major block: strided)
 assert CHUNK_TOKENS % MAX_BLOCK_TOKENS == 0, "a chunk is whole blocks"
 QUANTISE_TOKENS = 1024  # vocabulary rows quantised at a time: a block's dozen passes stay in a core's cache
-PROBE_ROWS = (1, 16, 64, 256, 1024)  # state counts ``exact_int8_levels`` tries; a larger call is cut into these
+PROBE_ROWS = (1, 16, 64, 256, 1024)  # state counts ``exact_int8_levels`` tries; no product takes more than the last
 
 
 class Int8ScreenedHead(CertifiedHead):
@@ -205,8 +205,8 @@ def exact_int8_levels(depth: int = 96) -> int:
 
 def int_mm_in_probed_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``torch._int_mm(a, b)`` [M, N] int32 for ``a`` [M, K] and the states' ``b`` [K, N], in products of at most
-    ``PROBE_ROWS[-1]`` states: ``exact_int8_levels`` found the kernel exact up to there, not beyond (a tree
-    engine's head call can take more, its batch's leaves times the positions a draft feeds)."""
+    ``PROBE_ROWS[-1]`` states: ``exact_int8_levels`` tried the kernel at state counts up to there, none beyond
+    (a tree engine's head call can take more, its batch's leaves times the positions a draft feeds)."""
     most = PROBE_ROWS[-1]
     if b.shape[1] <= most:
         return torch._int_mm(a, b)  # pyright: ignore[reportPrivateImportUsage]

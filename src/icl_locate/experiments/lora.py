@@ -215,7 +215,7 @@ class LoraWorker:
         tok: Any = loaded.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self._encoded: dict[int, tuple[list, list]] = {}
-        self.calibrator: Calibrator | None = None  # made at the first evaluation (a driver's worker may hold none)
+        self.calibrator: Calibrator | None = None  # made at the first evaluation, on the model loaded by then
         self.choices: Choices | None = None  # the evaluation's engine, measured at the first unit
 
     @classmethod
@@ -257,10 +257,9 @@ class LoraWorker:
         model, tok = self.loaded.model, self.loaded.tokenizer
         if self.calibrator is None or self.choices is None:
             self.calibrator = Calibrator(model, tok)
+            prompts = zero_shot_prompts(tok, self.data.test)
             with torch.no_grad():  # the adapter's weights require gradients: no graph for the measurements
-                prompts = zero_shot_prompts(tok, self.data.test)
                 self.choices = self.calibrator.choose(prompts, [UNCHANGED], ZERO_SHOT_STOP, self.loaded.info.as_dict())
-            self.log(f"evaluation {self.choices.line()}")
         return build_engine(model, tok, self.choices, self.calibrator)
 
 
@@ -310,9 +309,11 @@ def lora_sweep(
     seen_choices: list[dict] = []
     with Progress(len(units), "lora-sweep") as progress:
         for r in executor.map(units, progress):
-            if store is not None and run_id is not None and r.choices is not None and r.choices not in seen_choices:
+            if r.choices is not None and r.choices not in seen_choices:
                 seen_choices.append(r.choices)  # each evaluation engine once, with the machine it ran on
-                store.add_run_engine(run_id, r.choices)
+                log(f"evaluation {Choices.from_dict(r.choices).line()}")
+                if store is not None and run_id is not None:
+                    store.add_run_engine(run_id, r.choices)
             adapter_dir = save_adapter(r, out_dir / f"layer{r.unit.layer:02d}")
             result = dict(
                 layer=r.unit.layer,
