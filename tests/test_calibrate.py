@@ -939,7 +939,6 @@ def test_a_halved_memory_bound_rule_is_what_the_engine_takes_and_the_head_follow
     batches are made of the rows it timed (the factor scales the rule's rows, within the memory bound), and
     the head, chosen first for the rule's batches (30 rows), is chosen again for those (15 rows, another power
     of two), where another screen is faster."""
-    monkeypatch.setattr(fast, "MAX_BATCH_ROWS", 64)
     for module in (batch_rows, fast, tree_engine):
         monkeypatch.setattr(module, "rows_by_memory", lambda *args, **kwargs: 40)
     lm = tiny("llama")
@@ -957,7 +956,8 @@ def test_a_halved_memory_bound_rule_is_what_the_engine_takes_and_the_head_follow
     choices = calibrator.choose(prompts, rows, STOP)
     assert choices.batch_scale == 0.5 and "20 rows, not the rule's 40" in choices.reasons["batch"]
     assert choices.head == "int8" and set(calibrator.screens) == {"int8"} and choices.measured["head/bf16"] == 0.9
-    assert "on 15 rows" in choices.reasons["head"] and "chosen again for the 15 rows" in choices.reasons["head"]
+    assert "on 15 rows" in choices.reasons["head"] and "15 rows a batch holds" in choices.reasons["head"]
+    assert choices.reasons["drafts"].endswith("scale, which ran with bf16)")
     chunks: list[int] = []
     real = tree_engine.TreeDecode
     monkeypatch.setattr(

@@ -132,7 +132,7 @@ def test_a_measured_batch_scale_changes_batches_not_results(monkeypatch):
     assert batch_rows == [9]  # the rule: every row in one batch
     for engine, rows in (
         (FastEngine(lm.model, lm.tokenizer, max_batch_tokens=10**6, batch_scale=1 / 128), [2, 2, 2, 2, 1]),  # 256/128
-        (FastEngine(lm.model, lm.tokenizer, batch_scale=1 / 2048), [1] * 9),  # the token bound, scaled
+        (FastEngine(lm.model, lm.tokenizer, batch_scale=1 / 2048), [1] * 9),  # 256/2048 rows: at least one
         (FastEngine(lm.model, lm.tokenizer, batch_scale=2, kv_memory_fraction=1e-12), [1] * 9),  # memory: not scaled
     ):
         batch_rows.clear()

@@ -71,10 +71,12 @@ def test_mini_sweep_end_to_end(tmp_path, data_dir):
     lm = load_model("tiny:llama")
     store = Store(tmp_path / "s.sqlite", dict(model="tiny:llama"))
     settings = LoraSettings(batch_size=8, micro_batch=4, max_epochs=2, train_size=16, lr=1e-3)
+    logged: list[str] = []
     results = lora_sweep(
-        lm, str(data_dir), "fra-eng", [0, 3], settings, 2, tmp_path / "adapters", store=store, log=lambda m: None
+        lm, str(data_dir), "fra-eng", [0, 3], settings, 2, tmp_path / "adapters", store=store, log=logged.append
     )
     assert [r["layer"] for r in results] == [0, 3]
+    assert len([line for line in logged if line.startswith("evaluation engine: ")]) == 1  # measured once, said once
     assert all((tmp_path / "adapters" / f"layer{layer:02d}" / "adapter_config.json").exists() for layer in (0, 3))
     assert all(len(r["curve"]["val_loss"]) == len(r["curve"]["train_loss"]) >= 1 for r in results)
     again = lora_sweep(

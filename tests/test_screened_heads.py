@@ -235,12 +235,12 @@ def test_a_product_of_more_states_than_the_levels_were_tried_on_is_cut_into_trie
     assert widths == [PROBE_ROWS[-1], PROBE_ROWS[-1], 37]
     widths.clear()
     assert torch.equal(int_mm_in_probed_rows(a, b[:, :5]), real(a, b[:, :5])) and widths == [5]
-    widths.clear()
     weight = torch.randn(300, 64)
-    head = Int8ScreenedHead(head_model(vocab=300, weight=weight))
+    head = Int8ScreenedHead(head_model(vocab=300, weight=weight))  # its exactness probe calls _int_mm too
     hidden = with_outlier_channels(torch.randn(states, 64) * 4)
-    assert torch.equal(head.argmax(hidden), (hidden @ weight.T).argmax(-1))  # the screen's own call
-    assert widths and max(widths) == PROBE_ROWS[-1]
+    widths.clear()
+    assert torch.equal(head.argmax(hidden), (hidden @ weight.T).argmax(-1)) and not head.disabled  # the screen's call
+    assert head.levels > 0 and widths and max(widths) == PROBE_ROWS[-1]
 
 
 @pytest.mark.parametrize("vocab", [4 * head_module.SCAN_TOKENS, 3 * head_module.SCAN_TOKENS + 452, 300])

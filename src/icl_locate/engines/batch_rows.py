@@ -17,8 +17,8 @@ cache is the calibration's largest allocation); halvings are then taken where a 
 for the same speed), but never below one query's rows (the tree engine packs whole queries into a
 batch, sharing their states). Otherwise doublings are tried while the doubled step costs at most
 ``DOUBLING_COST_LIMIT`` times the step before (up to the KV-memory rule, ``BATCH_ROW_LIMIT`` and the
-work's own rows). What is kept is a factor on the rule's bounds, so prompts of other lengths keep its
-proportions.
+work's own rows). What is kept is a factor on the rule's rows (within the KV-memory bound: ``fast.scaled_rows``,
+as the engines apply it), so prompts of other lengths keep its proportions.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from .head import CertifiedHead, greedy_tokens
 from .rows import KV
 from .timing import Timer
 
-BATCH_ROW_LIMIT = 1024  # no batch is measured (or taken) beyond this many rows
+BATCH_ROW_LIMIT = 1024  # no batch is measured beyond this many rows
 # Twice the rows are taken where their step costs at most this many times the step of half as many:
 # where decoding is latency-bound (more rows come almost free); and doublings are tried only where the
 # rule's step costs at most this many times the step of half its rows (or the rule is one row). Smaller

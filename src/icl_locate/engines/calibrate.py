@@ -24,10 +24,11 @@ So an engine starts by timing each choice on the model itself, briefly, and pick
 - batch size: one decoding step (with the chosen head) over the first prompt's cache, at the engines'
   automatic rule's row count, at half of it, and at doublings (where the half cost about as much) or
   further halvings; a count other than the rule's is taken only where it was measured to pay
-  (``batch_rows.py``); the factor applies to the rule's bounds, which the tree engine counts in a
-  query's states rather than its rows (``tree.query_states``). The screens not chosen are dropped
+  (``batch_rows.py``); the factor applies to the rule's rows (within the KV-memory bound), which the
+  tree engine counts in a query's states (``tree.query_states``). The screens not chosen are dropped
   before it (a screen is a copy of the head). Where the factor changes the rows of the tree engine's
-  batches, the head and drafts are chosen again for those rows.
+  batches, the drafts are chosen again for those rows, and the head where they are of another power of
+  two.
 
 Every choice can be forced (``EngineRequest``); generations are the same whatever is chosen (the
 engines are tested against the reference engine). The result is cached under the cache directory,
@@ -298,25 +299,25 @@ class Calibrator:
         measured: dict,
         model_id: dict | None,
     ) -> tuple[str, int]:
-        """The head and drafts chosen again (those not forced) for the rows the tree engine's batches hold at
-        the batch check's ``scale``, where those are of another power of two than the rule's: they were chosen at
-        the rule's rows, and which is faster depends on the rows (a head's verdict kept for rows of the same
-        power of two serves, as everywhere; the screens dropped before the batch check are built again to be
-        timed). The timings of the first choice leave ``measured``; the batch check's stay, with the head it ran."""
+        """The drafts and head chosen again (those not forced) for the rows the tree engine's batches hold at the
+        batch check's ``scale``, where those differ from the rule's: they were chosen for the rule's rows, and
+        which is faster depends on the rows. The head only where the rows are of another power of two (a verdict
+        is kept per power of two, as everywhere; the screens dropped before the batch check are built again to
+        be timed); the drafts wherever they changed (a refusal holds for at least as many rows, an acceptance
+        for no others: ``_choose_drafts`` asks the cache). The first choice's timings leave ``measured``; the
+        batch check's stay, with the head it ran."""
         head, drafts = chosen
         work_rows = len(prompts) * len(interventions)
         before = self._batch_rows(steps, work_rows, prompts, interventions)
         rows = self._batch_rows(steps, work_rows, prompts, interventions, scale)
-        if length_bucket(rows) == length_bucket(before):  # the verdicts kept for ``before`` serve
-            return head, drafts
         note = f" (chosen again for the {rows} rows a batch holds at the batch check's scale, which ran with {head})"
-        if self.request.head in ("auto", "screen"):  # the others take no measurement
+        if self.request.head in ("auto", "screen") and length_bucket(rows) != length_bucket(before):
             for name in [name for name in measured if name.startswith("head/")]:
                 del measured[name]
             head = self._choose_head(prompts[0], rows, reasons, measured, model_id)[0]
             reasons["head"] += note
             self._keep_screen(head)
-        if self.request.draft_tokens is None:
+        if self.request.draft_tokens is None and rows != before:
             for name in [name for name in measured if name.startswith("step/")]:
                 del measured[name]
             drafts = self._choose_drafts(steps, rows, head, reasons, measured, model_id)

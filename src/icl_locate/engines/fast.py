@@ -106,9 +106,9 @@ class FastEngine:
         batch_scale: float = 1.0,
     ):
         """``screen``: a screened LM head (``head.py``) picks the greedy tokens (the model's own head's);
-        None: the model's own head. ``batch_scale``: the automatic rule's bounds in rows and in tokens are
-        multiplied by it (a power of two the calibration measured faster than 1 on this machine, ``batch_rows.py``);
-        the KV-memory bound is not."""
+        None: the model's own head. ``batch_scale``: the automatic rule's rows are multiplied by it, within the
+        KV-memory bound (``scaled_rows``; a power of two the calibration measured faster than 1 on this machine,
+        ``batch_rows.py``)."""
         self.model = model
         self.head = screen
         self.tokenizer = tokenizer
