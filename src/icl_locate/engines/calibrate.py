@@ -246,8 +246,9 @@ class Calibrator:
             self._keep_screen(head)
             scale = self._choose_batch(steps, stop, len(interventions), work_rows, head, reasons, measured)
             if engine == "tree" and scale != 1:
+                scaled = self._batch_rows(steps, work_rows, prompts, interventions, scale)
                 head, drafts = self._at_batch_scale(
-                    steps, scale, prompts, interventions, (head, drafts), reasons, measured, model_id
+                    steps, prompts[0], (rows, scaled), (head, drafts), reasons, measured, model_id
                 )
             if engine == "tree" and not self.request.batch_size:
                 reasons["batch"] += TREE_BATCH_NOTE
@@ -291,30 +292,26 @@ class Calibrator:
     def _at_batch_scale(
         self,
         steps: DecodingSteps | None,
-        scale: float,
-        prompts: Sequence[MaskedPrompt],
-        interventions: Sequence,
+        prompt: MaskedPrompt,
+        batch_rows: tuple[int, int],
         chosen: tuple[str, int],
         reasons: dict,
         measured: dict,
         model_id: dict | None,
     ) -> tuple[str, int]:
-        """The drafts and head chosen again (those not forced) for the rows the tree engine's batches hold at the
-        batch check's ``scale``, where those differ from the rule's: they were chosen for the rule's rows, and
-        which is faster depends on the rows. The head only where the rows are of another power of two (a verdict
-        is kept per power of two, as everywhere; the screens dropped before the batch check are built again to
-        be timed); the drafts wherever they changed (a refusal holds for at least as many rows, an acceptance
-        for no others: ``_choose_drafts`` asks the cache). The first choice's timings leave ``measured``; the
-        batch check's stay, with the head it ran."""
-        head, drafts = chosen
-        work_rows = len(prompts) * len(interventions)
-        before = self._batch_rows(steps, work_rows, prompts, interventions)
-        rows = self._batch_rows(steps, work_rows, prompts, interventions, scale)
+        """The drafts and head chosen again (those not forced) where the batch check's factor changed the rows
+        of the tree engine's batches (``batch_rows``: at the rule's rows, then at the factor): they were chosen
+        for the rule's rows, and which is faster depends on the rows. The head only where the rows are of
+        another power of two (a verdict is kept per power of two, as everywhere; the screens dropped before the
+        batch check are built again to be timed); the drafts wherever they changed (a refusal holds for at
+        least as many rows, an acceptance for no others: ``_choose_drafts`` asks the cache). The first choice's
+        timings leave ``measured``; the batch check's stay, with the head it ran."""
+        (head, drafts), (before, rows) = chosen, batch_rows
         note = f" (chosen again for the {rows} rows a batch holds at the batch check's scale, which ran with {head})"
         if self.request.head in ("auto", "screen") and length_bucket(rows) != length_bucket(before):
             for name in [name for name in measured if name.startswith("head/")]:
                 del measured[name]
-            head = self._choose_head(prompts[0], rows, reasons, measured, model_id)[0]
+            head = self._choose_head(prompt, rows, reasons, measured, model_id)[0]
             reasons["head"] += note
             self._keep_screen(head)
         if self.request.draft_tokens is None and rows != before:
