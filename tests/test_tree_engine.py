@@ -21,8 +21,9 @@ from icl_locate.engines.drafts import Drafter
 from icl_locate.engines.fast import FastEngine
 from icl_locate.engines.head import Bf16ScreenedHead
 from icl_locate.engines.reference import ReferenceEngine, batch_interventions
+from icl_locate.engines.slot_order import hole_filling_order
 from icl_locate.engines.tree import TreeEngine, query_batches, query_states
-from icl_locate.engines.tree_decode import TreeDecode, hole_filling_order
+from icl_locate.engines.tree_decode import TreeDecode
 from test_fast_engine import FAMILIES, encoded_prompts, masked, reference
 
 

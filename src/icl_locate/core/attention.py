@@ -7,7 +7,9 @@
   attention mask; where a ``ColumnDrop`` applies, they drop the pruned columns from it. A mask
   function of the same name is registered in ``AttentionMaskInterface`` that always
   materialises the mask: SDPA's "no mask needed, use is_causal" shortcut would otherwise hand
-  us ``None`` and the hiding would be silently lost.
+  us ``None`` and the hiding would be silently lost. Where the active mask says that the first
+  rows of a layer see only a narrow window of columns (``narrow_attention``), the SDPA wrapper runs
+  those rows over the window alone.
 * GPT-Neo and Bloom compute attention inline: ``legacy.py`` covers them with module hooks.
 * ``AttentionAblation`` is a forward hook on every attention sublayer, for every family.
 * Patches and readings (``patches.py``) are carried out by ``patch_hooks``, hooked on the decoder body.
@@ -33,6 +35,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from . import legacy
 from .interventions import PREPARED_FLAG, active, is_prepared
 from .mask_surgery import keep_blind_rows_finite, zero_dead_rows
+from .narrow_attention import attend_narrow
 from .patch_hooks import install_patch_hooks
 from .structure import attention_module, decoder_layers
 
@@ -78,6 +81,10 @@ def _make_attention(base: str) -> Callable:
             return zero_dead_rows(out, weights, blind)
         assert mask is not None and layer is not None  # applies_to() holds only for a layer index
         hidden_mask, dead = mask.apply(attention_mask, layer, n_heads=query.shape[1])
+        narrow = mask.narrow_at(layer)
+        # eager returns weights over every column, and a position bias is one per column: both whole
+        if narrow is not None and base == "sdpa" and kwargs.get("position_bias") is None:
+            return attend_narrow(stock, module, query, key, value, hidden_mask, dead, narrow, **kwargs)
         out, weights = stock(module, query, key, value, hidden_mask, **kwargs)
         return zero_dead_rows(out, weights, dead)
 

@@ -31,6 +31,7 @@ from torch import nn
 
 from .conditions import Condition, Range
 from .mask_surgery import hide_columns
+from .narrow_attention import NarrowRows
 from .patches import PATCH_TYPES, Patch, PatchLastPosition, check_patches, patch_rows
 from .structure import num_layers
 
@@ -238,6 +239,10 @@ class ColumnMask:
             return hide_columns(attention_mask, cols, readers)
         return hide_columns(attention_mask, cols[:, None, :] & heads[:, :, None], readers)
 
+    def narrow_at(self, layer: int) -> NarrowRows | None:
+        """Rows that may attend over a narrow window of columns (``narrow_attention``): none here."""
+        return None
+
     def shifted(self, offsets: Sequence[int]) -> ColumnMask:
         """The same mask with each row's ranges moved right by its left-padding offset."""
         if len(offsets) != len(self.hidden):
@@ -256,11 +261,13 @@ class ColumnMask:
 
 class LayerColumnMasks:
     """A different ``ColumnMask`` at each layer, for engines whose batch differs from layer to layer
-    (the tree engine runs N_l states at layer l): ``by_layer[l]`` has one row per state there."""
+    (the tree engine runs N_l states at layer l): ``by_layer[l]`` has one row per state there;
+    ``narrow[l]``: the first rows there see only a narrow window of columns (``narrow_attention``)."""
 
-    def __init__(self, by_layer: dict[int, ColumnMask]):
+    def __init__(self, by_layer: dict[int, ColumnMask], narrow: dict[int, NarrowRows] | None = None):
         self.by_layer = {layer: mask for layer, mask in by_layer.items() if mask.applies_to(layer)}
         self.active_layers = frozenset(self.by_layer)
+        self.narrow = {layer: n for layer, n in (narrow or {}).items() if layer in self.by_layer and n.rows}
 
     def applies_to(self, layer: int | None) -> bool:
         return layer in self.active_layers
@@ -272,6 +279,9 @@ class LayerColumnMasks:
         self, attention_mask: torch.Tensor, layer: int, n_heads: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.by_layer[layer].apply(attention_mask, layer, n_heads)
+
+    def narrow_at(self, layer: int) -> NarrowRows | None:
+        return self.narrow.get(layer)
 
     def select_rows(self, rows: Sequence[int]) -> LayerColumnMasks:
         raise TypeError("rows of per-layer masks differ from layer to layer: build a new one instead")

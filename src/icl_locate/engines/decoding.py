@@ -147,7 +147,7 @@ class PreallocatedLayer(DynamicLayer):
 
 
 class SlotLayer(PreallocatedLayer):
-    """A cache layer whose rows are slots that come and go (``rearrange``): kept slots from the end fill
+    """A cache layer whose rows are slots that come and go (``rearrange``): kept slots from later rows fill
     the places of dropped ones, new slots are copies of kept ones appended after them (the buffer grows
     when full). ``rows``: the slots the buffer holds now (default: all of its rows; the rest is room)."""
 
@@ -165,10 +165,10 @@ class SlotLayer(PreallocatedLayer):
 
     def rearrange(self, keep: list[int], copies: list[int]) -> None:
         """Row i takes old row ``keep[i]``, then copies of new rows ``copies`` are appended. A row that moves
-        must come from at or past ``len(keep)`` (into the place of a row that left), so that copying in
-        place never overwrites a row still to move."""
-        if any(new != old and old < len(keep) for new, old in enumerate(keep)):
-            raise ValueError("a kept row moves only from at or past len(keep)")
+        must come from a later row (``slot_order``), so that copying in order never overwrites a row still
+        to move."""
+        if any(old < new for new, old in enumerate(keep)) or len(set(keep)) < len(keep):
+            raise ValueError("a kept row moves only from a later row, once")
         for new, old in enumerate(keep):
             if new != old:
                 self.buf_k[new, :, : self.length].copy_(self.buf_k[old, :, : self.length])

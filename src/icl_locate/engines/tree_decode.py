@@ -11,7 +11,6 @@ different tokens, finished rows leave, and every layer's slots are brought in li
 from __future__ import annotations
 
 import time
-from collections.abc import Collection
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
@@ -21,12 +20,14 @@ from torch import nn
 from transformers import DynamicCache
 
 from ..core.interventions import AttentionAblation, ColumnMask, LayerColumnMasks
+from ..core.narrow_attention import NarrowRows
 from ..core.structure import attention_window
 from .base import Generation, StopRule, forward, last_hidden
 from .decoding import SlotLayer
 from .drafts import Drafter
 from .head import CertifiedHead
 from .rows import BatchLayout, PrefixCaches, Row
+from .slot_order import class_order
 
 Key = tuple  # ("shared", group) or ("own", member)
 
@@ -54,16 +55,6 @@ class _Group:
     columns: list[int] = field(default_factory=list)  # generated columns: 1 = a token, 0 = a rejected draft's hole
     fails: int = 0  # drafts missed in a row
     pause: int = 0  # steps left without drafts
-
-
-def hole_filling_order(kept: Collection[int]) -> list[int]:
-    """The old slot each of the first n = len(kept) slots takes (``SlotLayer.rearrange``'s ``keep``): a
-    kept slot below n stays where it is, and the kept slots at or past n fill the others' places. A slot
-    that leaves then costs one move, not a move of every slot after it."""
-    n = len(kept)
-    order = [i if i in kept else -1 for i in range(n)]
-    movers = iter(sorted(i for i in kept if i >= n))
-    return [i if i >= 0 else next(movers) for i in order]
 
 
 def slot_room(device: torch.device, members: int) -> int | None:
@@ -134,6 +125,9 @@ class TreeDecode:
         self.draft_ok = holes > 0
         self.capacity = base + max(0, holes)
         self.cache_started = False
+        # the narrow window: the columns from one before the earliest query on (core.narrow_attention)
+        self.narrow_start = self.layout.prefix_len - 1
+        self.moved = [self._moved_column(m) for m in range(len(self.members))]
         self.keys: list[list[Key]] = [self._needed(layer) for layer in range(self.L)]
         self.cache = self._initial_cache(prefix_caches)
         self.routes: SlotRoutes | None = None  # rebuilt after the slots change
@@ -148,7 +142,34 @@ class TreeDecode:
         return ("own", m) if member.d <= layer else ("shared", member.group)
 
     def _needed(self, layer: int) -> list[Key]:
-        return list(dict.fromkeys(self.slot_key(m, layer) for m in self.alive))
+        keys = dict.fromkeys(self.slot_key(m, layer) for m in self.alive)
+        return sorted(keys, key=lambda key: self._slot_class(key, layer))  # stable: member order within a class
+
+    def _slot_class(self, key: Key, layer: int) -> int:
+        """0: an own slot that attends over the narrow window at ``layer``; 1: another own slot; 2: shared."""
+        if key[0] == "shared":
+            return 2
+        return 0 if self._narrow(key[1], layer) else 1
+
+    def _moved_column(self, m: int) -> int | None:
+        """The one prefix column member ``m`` sees where it masks, as a batch column (-1: none), if the
+        narrow window can serve it: every other prefix column hidden from every head, the seen column in
+        the cached part (its keys/values are copied to the window's first column); None otherwise."""
+        member = self.members[m]
+        row, plan = member.row, member.row.plan
+        if self.narrow_start < 1 or not plan.mask_layers or plan.others_only or plan.mask_heads:
+            return None
+        pad, length = self.layout.pads[member.query], self.layout.prefix_lens[member.query]
+        seen = set(range(pad, pad + length))
+        for a, b in self.layout.hidden(member.query, row):
+            seen -= set(range(a, b))
+        if len(seen) > 1:
+            return None
+        column = min(seen, default=-1)
+        return column if column < self.narrow_start else -1  # inside the window: nothing to move
+
+    def _narrow(self, m: int, layer: int) -> bool:
+        return self.moved[m] is not None and layer in self.members[m].row.plan.mask_layers
 
     def _first_member(self, key: Key, layer: int) -> int:
         return key[1] if key[0] == "own" else next(m for m in self.alive if self.slot_key(m, layer) == key)
@@ -166,7 +187,15 @@ class TreeDecode:
             rows = [self.members[self._first_member(k, layer)] for k in keys]
             kv = [prefix_caches.get(m.row)[layer] for m in rows]
             slots = max(room, len(kv)) if room is not None else len(kv)
-            layers.append(self.layout.cache_layer(kv, [m.query for m in rows], self.capacity, slots))
+            cache_layer = self.layout.cache_layer(kv, [m.query for m in rows], self.capacity, slots)
+            for slot, key in enumerate(keys):  # the narrow slots come first
+                if self._slot_class(key, layer):
+                    break
+                column = self.moved[key[1]]
+                if column is not None and column >= 0:  # a column the row hides takes the one it sees
+                    cache_layer.buf_k[slot, :, self.narrow_start] = cache_layer.buf_k[slot, :, column]
+                    cache_layer.buf_v[slot, :, self.narrow_start] = cache_layer.buf_v[slot, :, column]
+            layers.append(cache_layer)
         cache.layers = layers
         return cache
 
@@ -195,7 +224,7 @@ class TreeDecode:
                     copies.append((key, source))
                 else:  # the old group no longer needs its slot here: the new group takes it over
                     kept[source] = key
-            order = hole_filling_order(kept)
+            order = class_order(self.keys[layer], kept, lambda key, at=layer: self._slot_class(key, at))
             position = {old_index: new for new, old_index in enumerate(order)}
             new_keys = [kept[i] for i in order] + [key for key, _ in copies]
             if new_keys != self.keys[layer]:
@@ -224,7 +253,7 @@ class TreeDecode:
 
     def _column_masks(self) -> LayerColumnMasks:
         """Per layer, one mask row per slot: an own slot hides its row's columns where the row masks them."""
-        by_layer = {}
+        by_layer, narrow = {}, {}
         for layer, keys in enumerate(self.keys):
             hidden, layers, heads, others_only = [], [], [], []
             for key in keys:
@@ -246,7 +275,10 @@ class TreeDecode:
                     heads.append(None)
                     others_only.append(False)
             by_layer[layer] = ColumnMask(hidden, layers, heads, others_only)
-        return LayerColumnMasks(by_layer)
+            first = [key[1] for key in keys if not self._slot_class(key, layer)]  # the narrow slots, first
+            moved = tuple(c for c in (self.moved[m] for m in first) if c is not None)  # all of them
+            narrow[layer] = NarrowRows(len(first), self.narrow_start, moved)
+        return LayerColumnMasks(by_layer, narrow)
 
     def _slot_patches(self) -> list:
         """Each member's patches on its own slot: a patch at layer l writes into the input of layer l,
