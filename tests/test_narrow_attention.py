@@ -15,6 +15,8 @@ from icl_locate.core.conditions import get_condition
 from icl_locate.core.interventions import MaskFrom
 from icl_locate.core.mask_surgery import hide_columns
 from icl_locate.core.narrow_attention import NarrowRows, attend_narrow, narrow_mask
+from icl_locate.engines import rows as rows_module
+from icl_locate.engines.decoding import right_aligned
 from icl_locate.engines.slot_order import class_order
 from test_fast_engine import encoded_prompts
 from test_tree_engine import assert_tree_equals
@@ -120,19 +122,38 @@ def test_class_order_keeps_each_class_a_run_and_moves_only_down():
         class_order([(1, 0), (0, 0)], {0, 1}, lambda key: key[0])
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "gemma3", "qwen2", "gpt_neo"])
 def test_the_tree_engine_attends_narrowly_where_rows_hide_the_context(family, monkeypatch):
     """A layer-from sweep on instructions+examples: at every masked layer the diverged rows see BOS and the
-    query only, so they attend over the narrow window (most calls, most rows); results equal the reference."""
+    query only, so they attend over the narrow window (most calls, most rows), and their cache rows leave the
+    other prefix columns unwritten (here: NaN, which no read may meet); results equal the reference. GPT-Neo
+    attends inline (not through the SDPA wrapper): its slots are written whole, and it reads them whole."""
     calls: list[tuple[int, int]] = []
+    unwritten: list[int] = []
 
     def counting(stock, module, query, key, value, mask, dead, narrow, **kwargs):
         calls.append((narrow.rows, query.shape[0]))
         return attend_narrow(stock, module, query, key, value, mask, dead, narrow, **kwargs)
 
+    def poisoned(tensors, keep, width, capacity, rows=None, only=None):
+        out = right_aligned(tensors, keep, width, capacity, rows, only)
+        for b, column in enumerate(only or []):
+            if column is not None:
+                written = out[b, :, column].clone() if column >= 0 else None
+                out[b, :, :width] = float("nan")
+                if written is not None:
+                    out[b, :, column] = written
+                unwritten.append(b)
+        return out
+
     monkeypatch.setattr(attention, "attend_narrow", counting)
+    monkeypatch.setattr(rows_module, "right_aligned", poisoned)
     lm = tiny(family)
     rows = [MaskFrom(j) for j in range(lm.info.num_layers + 1)]
     assert_tree_equals(lm, encoded_prompts(lm.tokenizer), get_condition("instructions+examples"), rows, max_new=8)
+    if family == "gpt_neo":
+        assert calls == [] and unwritten == []
+        return
     assert len(calls) > 8 and all(0 < narrow <= total for narrow, total in calls)
     assert sum(n for n, _ in calls) > sum(t for _, t in calls) / 2
+    assert len(unwritten) > 8

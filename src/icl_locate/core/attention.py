@@ -82,8 +82,9 @@ def _make_attention(base: str) -> Callable:
         assert mask is not None and layer is not None  # applies_to() holds only for a layer index
         hidden_mask, dead = mask.apply(attention_mask, layer, n_heads=query.shape[1])
         narrow = mask.narrow_at(layer)
-        # eager returns weights over every column, and a position bias is one per column: both whole
-        if narrow is not None and base == "sdpa" and kwargs.get("position_bias") is None:
+        if narrow is not None and base == "sdpa":  # (eager returns weights over every column: it reads all)
+            if kwargs.get("position_bias") is not None:  # one per column: the window would need its own
+                raise RuntimeError("narrow attention rows with a position bias are not supported")
             return attend_narrow(stock, module, query, key, value, hidden_mask, dead, narrow, **kwargs)
         out, weights = stock(module, query, key, value, hidden_mask, **kwargs)
         return zero_dead_rows(out, weights, dead)
@@ -151,6 +152,12 @@ def prepare_model(model: nn.Module) -> nn.Module:
     install_patch_hooks(model)
     setattr(model, PREPARED_FLAG, True)
     return model
+
+
+def serves_narrow_rows(model: nn.Module) -> bool:
+    """True where the attention honours ``NarrowRows`` (our SDPA wrapper): rows it names read no column
+    before the window, so a cache may leave those unwritten."""
+    return getattr(model.config, "_attn_implementation", None) == IMPLEMENTATIONS["sdpa"]
 
 
 def inline_attention(model: nn.Module) -> bool:

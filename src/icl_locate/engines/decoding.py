@@ -88,17 +88,28 @@ def decode_batch(
 
 
 def right_aligned(
-    tensors: list[torch.Tensor], keep: list[int], width: int, capacity: int, rows: int | None = None
+    tensors: list[torch.Tensor],
+    keep: list[int],
+    width: int,
+    capacity: int,
+    rows: int | None = None,
+    only: Sequence[int | None] | None = None,
 ) -> torch.Tensor:
     """[rows, H, capacity, D] (rows: default B = len(tensors)): in the first ``width`` columns, row b < B
     holds the first keep[b] prefix positions of tensors[b], right-aligned; the rest is room for the tokens
-    (and the rows) to come."""
+    (and the rows) to come. ``only[b]`` (not None): row b gets column ``only[b]`` alone (-1: none), its other
+    prefix columns left unwritten, for a row whose attention reads none of them (``core.narrow_attention``)."""
     first = tensors[0]
     out = first.new_empty(rows or len(tensors), first.shape[1], capacity, first.shape[3])
-    out[: len(tensors), :, :width] = 0  # padding columns are masked, but must not hold NaNs (0 x NaN = NaN)
     for b, (t, k) in enumerate(zip(tensors, keep)):
-        if k:
+        column = None if only is None else only[b]
+        if column is None:
+            out[b, :, : width - k] = 0  # padding columns are masked, but must not hold NaNs (0 x NaN = NaN)
             out[b, :, width - k : width] = t[0, :, :k]
+        elif column >= 0:
+            if not width - k <= column < width:
+                raise ValueError(f"column {column} is not among row {b}'s {k} cached prefix columns")
+            out[b, :, column] = t[0, :, column - (width - k)]
     return out
 
 

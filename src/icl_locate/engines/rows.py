@@ -281,13 +281,14 @@ class BatchLayout:
         rows: Sequence[int],
         capacity: int,
         slots: int | None = None,
+        only: Sequence[int | None] | None = None,
     ) -> PreallocatedLayer:
         """A cache layer whose row n holds the prefix keys/values ``kv[n]`` right-aligned as batch row
         ``rows[n]`` places them, with room for ``capacity`` columns; with ``slots``, a ``SlotLayer`` with room
-        for that many rows (slots to come)."""
+        for that many rows (slots to come). ``only``: as in ``right_aligned``."""
         cached = [self.cached(b) for b in rows]
-        keys = right_aligned([k for k, _ in kv], cached, self.prefix_len, capacity, slots)  # [N, heads, capacity, d]
-        values = right_aligned([v for _, v in kv], cached, self.prefix_len, capacity, slots)
+        keys = right_aligned([k for k, _ in kv], cached, self.prefix_len, capacity, slots, only)  # [N, heads, cap, d]
+        values = right_aligned([v for _, v in kv], cached, self.prefix_len, capacity, slots, only)
         if slots is None:
             return PreallocatedLayer(keys, values, self.prefix_len)
         return SlotLayer(keys, values, self.prefix_len, rows=len(kv))

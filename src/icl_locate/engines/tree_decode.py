@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from ..core.attention import serves_narrow_rows
 from ..core.interventions import AttentionAblation, ColumnMask, LayerColumnMasks
 from ..core.narrow_attention import NarrowRows
 from ..core.structure import attention_window
@@ -128,6 +129,7 @@ class TreeDecode:
         # the narrow window: the columns from one before the earliest query on (core.narrow_attention)
         self.narrow_start = self.layout.prefix_len - 1
         self.moved = [self._moved_column(m) for m in range(len(self.members))]
+        self.sparse = serves_narrow_rows(self.model)
         self.keys: list[list[Key]] = [self._needed(layer) for layer in range(self.L)]
         self.cache = self._initial_cache(prefix_caches)
         self.routes: SlotRoutes | None = None  # rebuilt after the slots change
@@ -153,8 +155,8 @@ class TreeDecode:
 
     def _moved_column(self, m: int) -> int | None:
         """The one prefix column member ``m`` sees where it masks, as a batch column (-1: none), if the
-        narrow window can serve it: every other prefix column hidden from every head, the seen column in
-        the cached part (its keys/values are copied to the window's first column); None otherwise."""
+        narrow window can serve it: every other prefix column hidden from every head; a seen column before
+        the window's first has its keys/values copied there (it is in the cached part). None otherwise."""
         member = self.members[m]
         row, plan = member.row, member.row.plan
         if self.narrow_start < 1 or not plan.mask_layers or plan.others_only or plan.mask_heads:
@@ -166,7 +168,7 @@ class TreeDecode:
         if len(seen) > 1:
             return None
         column = min(seen, default=-1)
-        return column if column < self.narrow_start else -1  # inside the window: nothing to move
+        return column if column <= self.narrow_start else -1  # past the window's first: fed, nothing to move
 
     def _narrow(self, m: int, layer: int) -> bool:
         return self.moved[m] is not None and layer in self.members[m].row.plan.mask_layers
@@ -187,11 +189,12 @@ class TreeDecode:
             rows = [self.members[self._first_member(k, layer)] for k in keys]
             kv = [prefix_caches.get(m.row)[layer] for m in rows]
             slots = max(room, len(kv)) if room is not None else len(kv)
-            cache_layer = self.layout.cache_layer(kv, [m.query for m in rows], self.capacity, slots)
-            for slot, key in enumerate(keys):  # the narrow slots come first
-                if self._slot_class(key, layer):
-                    break
-                column = self.moved[key[1]]
+            narrow = [key[1] for key in keys if not self._slot_class(key, layer)]  # the first slots
+            # where the attention serves the window, a narrow slot's other prefix columns stay unwritten
+            only = [self.moved[m] for m in narrow] + [None] * (len(keys) - len(narrow)) if self.sparse else None
+            cache_layer = self.layout.cache_layer(kv, [m.query for m in rows], self.capacity, slots, only)
+            for slot, m in enumerate(narrow):
+                column = self.moved[m]
                 if column is not None and column >= 0:  # a column the row hides takes the one it sees
                     cache_layer.buf_k[slot, :, self.narrow_start] = cache_layer.buf_k[slot, :, column]
                     cache_layer.buf_v[slot, :, self.narrow_start] = cache_layer.buf_v[slot, :, column]
