@@ -15,10 +15,12 @@ from icl_locate.core.conditions import get_condition
 from icl_locate.core.interventions import MaskFrom
 from icl_locate.core.mask_surgery import hide_columns
 from icl_locate.core.narrow_attention import NarrowRows, attend_narrow, narrow_mask
+from icl_locate.core.prompts import FORMATS, build_prompt, encode_prompt
 from icl_locate.engines import rows as rows_module
 from icl_locate.engines.decoding import right_aligned
 from icl_locate.engines.slot_order import class_order
-from test_fast_engine import encoded_prompts
+from icl_locate.engines.tree_decode import TreeDecode
+from test_fast_engine import BANK, encoded_prompts
 from test_tree_engine import assert_tree_equals
 
 MIN = torch.finfo(torch.float32).min
@@ -95,8 +97,9 @@ def test_a_row_that_sees_more_before_the_window_is_refused():
 def test_narrow_rows_are_checked():
     with pytest.raises(ValueError, match="moved columns"):
         NarrowRows(2, 4, (0,))
-    with pytest.raises(ValueError, match="before start"):
-        NarrowRows(1, 4, (5,))
+    for moved in (5, -2):
+        with pytest.raises(ValueError, match="must be -1 or a column 0..4"):
+            NarrowRows(1, 4, (moved,))
 
 
 def test_class_order_keeps_each_class_a_run_and_moves_only_down():
@@ -122,6 +125,20 @@ def test_class_order_keeps_each_class_a_run_and_moves_only_down():
         class_order([(1, 0), (0, 0)], {0, 1}, lambda key: key[0])
 
 
+def poisoned(unwritten: list[int], tensors, keep, width, capacity, rows=None, only=None):
+    """``right_aligned``, with the columns it leaves unwritten (``only``) filled with NaN; ``unwritten`` gets
+    each such row."""
+    out = right_aligned(tensors, keep, width, capacity, rows, only)
+    for b, column in enumerate(only or []):
+        if column is not None:
+            written = out[b, :, column].clone() if column >= 0 else None
+            out[b, :, :width] = float("nan")
+            if written is not None:
+                out[b, :, column] = written
+            unwritten.append(b)
+    return out
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma3", "qwen2", "gpt_neo"])
 def test_the_tree_engine_attends_narrowly_where_rows_hide_the_context(family, monkeypatch):
     """A layer-from sweep on instructions+examples: at every masked layer the diverged rows see BOS and the
@@ -135,25 +152,40 @@ def test_the_tree_engine_attends_narrowly_where_rows_hide_the_context(family, mo
         calls.append((narrow.rows, query.shape[0]))
         return attend_narrow(stock, module, query, key, value, mask, dead, narrow, **kwargs)
 
-    def poisoned(tensors, keep, width, capacity, rows=None, only=None):
-        out = right_aligned(tensors, keep, width, capacity, rows, only)
-        for b, column in enumerate(only or []):
-            if column is not None:
-                written = out[b, :, column].clone() if column >= 0 else None
-                out[b, :, :width] = float("nan")
-                if written is not None:
-                    out[b, :, column] = written
-                unwritten.append(b)
-        return out
-
     monkeypatch.setattr(attention, "attend_narrow", counting)
-    monkeypatch.setattr(rows_module, "right_aligned", poisoned)
+    monkeypatch.setattr(rows_module, "right_aligned", lambda *args: poisoned(unwritten, *args))
     lm = tiny(family)
     rows = [MaskFrom(j) for j in range(lm.info.num_layers + 1)]
     assert_tree_equals(lm, encoded_prompts(lm.tokenizer), get_condition("instructions+examples"), rows, max_new=8)
     if family == "gpt_neo":
         assert calls == [] and unwritten == []
         return
-    assert len(calls) > 8 and all(0 < narrow <= total for narrow, total in calls)
+    assert len(calls) > 8
     assert sum(n for n, _ in calls) > sum(t for _, t in calls) / 2
     assert len(unwritten) > 8
+
+
+def test_a_short_prompt_whose_padding_reaches_the_window(monkeypatch):
+    """A zero-shot prompt beside one with a long query: the short prompt's padding covers the window's first
+    column and its BOS is fed with its query (nothing moves), so that column is padding the narrow rows read:
+    written as zeros, never left as it was (NaN here); results equal the reference."""
+    unwritten: list[int] = []
+    monkeypatch.setattr(rows_module, "right_aligned", lambda *args: poisoned(unwritten, *args))
+    lm = tiny("llama")
+    fmt = FORMATS["instr_machine_translation"]
+    long_query = " ".join(["une phrase beaucoup plus longue que les autres"] * 4)
+    encs = [
+        encode_prompt(lm.tokenizer, build_prompt(fmt, [], "court", header="Traduire:")),
+        encode_prompt(lm.tokenizer, build_prompt(fmt, BANK[:1], long_query, header="Translate French to English:")),
+    ]
+    seen: list[tuple[int, int]] = []
+    original = TreeDecode.__init__
+
+    def recording(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        seen.extend((pad, self.narrow_start) for pad in self.layout.pads)
+
+    monkeypatch.setattr(TreeDecode, "__init__", recording)
+    rows = [MaskFrom(j) for j in range(lm.info.num_layers + 1)]
+    assert_tree_equals(lm, encs, get_condition("instructions+examples"), rows, max_new=6)
+    assert any(pad > start for pad, start in seen) and unwritten

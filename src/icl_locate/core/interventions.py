@@ -281,6 +281,7 @@ class LayerColumnMasks:
         return self.by_layer[layer].apply(attention_mask, layer, n_heads)
 
     def narrow_at(self, layer: int) -> NarrowRows | None:
+        """The rows of ``layer`` that see only a narrow window of columns (None: no such rows)."""
         return self.narrow.get(layer)
 
     def select_rows(self, rows: Sequence[int]) -> LayerColumnMasks:

@@ -39,8 +39,8 @@ class NarrowRows:
     def __post_init__(self):
         if len(self.moved) != self.rows:
             raise ValueError(f"{len(self.moved)} moved columns for {self.rows} narrow rows")
-        if self.start < 0 or any(c >= self.start for c in self.moved if c != self.start):
-            raise ValueError("a moved column lies before start (or is start itself, or -1)")
+        if self.start < 0 or any(not (c == -1 or 0 <= c <= self.start) for c in self.moved):
+            raise ValueError(f"a moved column must be -1 or a column 0..{self.start} (the window's first)")
 
     def source(self, device: torch.device) -> torch.Tensor:
         """[rows]: the column whose mask goes into column ``start``'s place (``start`` where none moves)."""
@@ -95,4 +95,5 @@ def attend_narrow(
 
 
 def _visible(mask: torch.Tensor) -> torch.Tensor:
+    """Bool, the mask's shape: where a bool or additive mask lets a position see a column."""
     return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2

@@ -20,9 +20,10 @@ layer has the most). A forward pre-hook on each decoder layer picks this layer's
 the previous layer's output (an ``index_select``) and slices the per-row arguments (attention
 mask, position embeddings and ids, Bloom's ALiBi) to them; cache layer l holds N_l rows, and
 the column mask of layer l (``LayerColumnMasks``) has one row per slot. A layer's own slots that
-hide the whole context but one column (BOS) come first, and attend over the columns from the query
-on, with that column's keys/values copied there (``core.narrow_attention``, ``slot_order``): under a
-layer-from mask they are most slots, and the context's keys/values are most of each slot's columns.
+hide the whole context but one column (BOS) come first, and attend over the columns from one before
+the earliest query on, with that column's keys/values copied into the first of them
+(``core.narrow_attention``, ``slot_order``): under a layer-from mask they are most slots, and the
+context's keys/values are most of each slot's columns.
 The decoding of one batch, its groups and slots, is ``tree_decode.TreeDecode``. Everything else is the fast engine's:
 shared context caches, left padding, stop rules, logits at the last position.
 """

@@ -171,6 +171,7 @@ class TreeDecode:
         return column if column <= self.narrow_start else -1  # past the window's first: fed, nothing to move
 
     def _narrow(self, m: int, layer: int) -> bool:
+        """Member ``m``'s own slot at ``layer`` attends over the narrow window (where it has one)."""
         return self.moved[m] is not None and layer in self.members[m].row.plan.mask_layers
 
     def _first_member(self, key: Key, layer: int) -> int:
@@ -191,13 +192,15 @@ class TreeDecode:
             slots = max(room, len(kv)) if room is not None else len(kv)
             narrow = [key[1] for key in keys if not self._slot_class(key, layer)]  # the first slots
             # where the attention serves the window, a narrow slot's other prefix columns stay unwritten
-            only = [self.moved[m] for m in narrow] + [None] * (len(keys) - len(narrow)) if self.sparse else None
+            only = ([self.moved[m] for m in narrow] + [None] * (len(keys) - len(narrow))) if self.sparse else None
             cache_layer = self.layout.cache_layer(kv, [m.query for m in rows], self.capacity, slots, only)
-            for slot, m in enumerate(narrow):
-                column = self.moved[m]
-                if column is not None and column >= 0:  # a column the row hides takes the one it sees
-                    cache_layer.buf_k[slot, :, self.narrow_start] = cache_layer.buf_k[slot, :, column]
-                    cache_layer.buf_v[slot, :, self.narrow_start] = cache_layer.buf_v[slot, :, column]
+            start = self.narrow_start
+            for slot, m in enumerate(narrow):  # the window's first column, which the row hides, is read:
+                column = self.moved[m]  # the one seen column's keys/values there, or zeros (never NaN)
+                source_k = cache_layer.buf_k[slot, :, column] if column is not None and column >= 0 else 0.0
+                source_v = cache_layer.buf_v[slot, :, column] if column is not None and column >= 0 else 0.0
+                cache_layer.buf_k[slot, :, start] = source_k
+                cache_layer.buf_v[slot, :, start] = source_v
             layers.append(cache_layer)
         cache.layers = layers
         return cache
