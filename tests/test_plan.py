@@ -210,13 +210,12 @@ def test_plan_gives_the_tree_engines_largest_batch(grid, rule, data_dir, tmp_pat
     """The plan's largest tree batch is the largest the engine decodes, with the rule pinned on both sides."""
     from icl_locate import api
     from icl_locate.engines import fast, tree
-    from icl_locate.experiments import unit_costs
 
     config = dict(
         model="tiny:llama", pairs=["fra-eng"], ks=[1], n_test=4, max_new_tokens=4, data_dir=str(data_dir),
         engine="tree", audit=0, **grid,
     )  # fmt: skip
-    monkeypatch.setattr(unit_costs, "MAX_BATCH_ROWS", rule)
+    monkeypatch.setattr(fast, "MAX_BATCH_ROWS", rule)  # the rule the plan reads (fast.rows_by_size)
     plan = api.plan(config, tflops=1.0)
 
     batches: list[int] = []

@@ -309,14 +309,12 @@ class Calibrator:
         (head, drafts), (before, rows) = chosen, batch_rows
         note = f" (chosen again for the {rows} rows a batch holds at the batch check's scale, which ran with {head})"
         if self.request.head in ("auto", "screen") and length_bucket(rows) != length_bucket(before):
-            for name in [name for name in measured if name.startswith("head/")]:
-                del measured[name]
+            drop_timings(measured, "head/")
             head = self._choose_head(prompt, rows, reasons, measured, model_id)[0]
             reasons["head"] += note
             self._keep_screen(head)
         if self.request.draft_tokens is None and rows != before:
-            for name in [name for name in measured if name.startswith("step/")]:
-                del measured[name]
+            drop_timings(measured, "step/")
             drafts = self._choose_drafts(steps, rows, head, reasons, measured, model_id)
             reasons["drafts"] += note
         return head, drafts
@@ -518,3 +516,9 @@ def build_engine(model, tokenizer, choices: Choices, calibrator: Calibrator | No
         draft_tokens=choices.draft_tokens,
         screen=calibrator.screen(choices.head) if calibrator is not None else None,
     )
+
+
+def drop_timings(measured: dict[str, float], prefix: str) -> None:
+    """Remove the timings named ``prefix``... from ``measured`` (a choice measured again replaces them)."""
+    for name in [name for name in measured if name.startswith(prefix)]:
+        del measured[name]

@@ -82,7 +82,13 @@ def rule_rows(
     """The automatic batch of rows of ``tokens`` positions: bounded in rows (``MAX_BATCH_ROWS``), in rows x
     tokens (``max_batch_tokens``) and in KV memory; then times ``scale`` (``scaled_rows``)."""
     memory = rows_by_memory(kv, tokens, fraction, device)
-    return scaled_rows(max(1, min(MAX_BATCH_ROWS, max_batch_tokens // tokens, memory)), memory, scale)
+    return scaled_rows(min(rows_by_size(tokens, max_batch_tokens), memory), memory, scale)
+
+
+def rows_by_size(tokens: int, max_batch_tokens: int = MAX_BATCH_TOKENS) -> int:
+    """The automatic rule's rows of ``tokens`` positions before the KV-memory bound: at most ``MAX_BATCH_ROWS``
+    and ``max_batch_tokens`` rows x tokens (what a plan without the machine's free memory can count)."""
+    return max(1, min(MAX_BATCH_ROWS, max_batch_tokens // tokens))
 
 
 def scaled_rows(rule: int, by_memory: int, scale: float) -> int:

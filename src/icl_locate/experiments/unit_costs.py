@@ -34,7 +34,7 @@ from ..core.interventions import UNCHANGED, RowIntervention
 from ..core.patches import PatchLastPosition
 from ..core.prompts import PromptedItem
 from ..core.shapes import DTYPE_BYTES, ModelShape
-from ..engines.fast import MAX_BATCH_ROWS, MAX_BATCH_TOKENS
+from ..engines.fast import rows_by_size
 from ..engines.indirect import batch_sizes, head_patch_bands, head_sites
 from ..engines.rows import plan_rows
 from ..engines.tree import tree_batch_rows
@@ -176,7 +176,7 @@ def rows_cost(
         return out
 
     longest = int(prompt.max()) + max_new
-    size = batch_size or max(1, min(MAX_BATCH_ROWS, MAX_BATCH_TOKENS // longest))
+    size = batch_size or rows_by_size(longest)
     groups = Counter(tuple(sorted(r.plan.ablate)) for r in planned)  # what one batch may mix
     batch = min(size, n * max(groups.values()))
     tree_batch = tree_batch_rows(planned, n, size, n_layers, forced=bool(batch_size))
