@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
 import signal
 import sqlite3
 import subprocess
@@ -109,6 +110,31 @@ def test_two_concurrent_sweeps(tmp_path, data_dir, reference_store):
     for p in procs:
         assert p.wait(timeout=300) == 0, p.stderr.read().decode()[-2000:]
     assert rows(store) == rows(reference_store)
+
+
+def open_store(path, barrier, results) -> None:
+    """Open (create) the store at ``path`` once every opener is ready; put "ok" or the error."""
+    barrier.wait()
+    try:
+        Store(path).close()
+        results.put("ok")
+    except Exception as err:  # reported to the test, not raised in the child
+        results.put(repr(err))
+
+
+def test_processes_creating_one_store_at_once_all_open_it(tmp_path):
+    """Eight processes create the same new store at the same moment, 20 times: every one opens it (a schema
+    read upgraded to a write, or the switch to WAL, used to meet the other's lock: "database is locked")."""
+    context = multiprocessing.get_context("fork")
+    for trial in range(20):
+        barrier, results = context.Barrier(8), context.Queue()
+        path = tmp_path / f"s{trial}.sqlite"
+        procs = [context.Process(target=open_store, args=(path, barrier, results)) for _ in range(8)]
+        for proc in procs:
+            proc.start()
+        for proc in procs:
+            proc.join(timeout=120)
+        assert [results.get(timeout=10) for _ in procs] == ["ok"] * 8, trial
 
 
 @pytest.mark.parametrize(

@@ -102,13 +102,30 @@ class Store:
             raise UserError(f"cannot create store {self.path}: directory {parent} is not writable")
         try:
             self.db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA busy_timeout=60000")
-            self.db.executescript(SCHEMA)
+            self._set_up()
         except sqlite3.DatabaseError as err:
             raise UserError(f"{self.path} is not a usable icl-locate store ({err})") from None
         if fingerprint is not None:
             self._check_fingerprint(fingerprint)
+
+    def _set_up(self, patience: float = 60.0) -> None:
+        """WAL mode and the tables. Two processes may create one store at once: the tables are created in
+        a write transaction taken first (a read of the schema upgraded to a write fails at once, not after
+        the busy timeout, when the other process wrote in between), and a locked database is tried again
+        for ``patience`` seconds (switching a new file to WAL can meet the other's lock too)."""
+        deadline = time.monotonic() + patience
+        while True:
+            try:
+                self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.execute("PRAGMA busy_timeout=60000")
+                self.db.executescript(f"BEGIN IMMEDIATE;\n{SCHEMA}\nCOMMIT;")
+                return
+            except sqlite3.OperationalError as err:
+                if self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
+                if "locked" not in str(err) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def _check_fingerprint(self, fingerprint: dict) -> None:
         stored = self.meta("fingerprint")
