@@ -32,10 +32,7 @@ def hide_columns(
         raise RuntimeError(f"mask has {hidden.shape[0]} rows, batch has {attention_mask.shape[0]}")
     if hidden.dim() == 2:
         hidden = hidden[:, None, :]  # every head alike
-    if attention_mask.dtype == torch.bool:
-        visible = attention_mask
-    else:
-        visible = attention_mask > torch.finfo(attention_mask.dtype).min / 2
+    visible = visible_columns(attention_mask)
     hide = hidden[:, :, None, :] & visible  # [B, 1|H, q, kv]
     if readers is not None:
         hide = hide & readers[:, None, :, None]
@@ -63,10 +60,7 @@ def keep_blind_rows_finite(
     weight 0. The visible column keeps the kernel finite; the caller zeroes the row's output.
     attention_mask: [B|1, H|1, q, kv]; dead: [B, 1|H, q] or None. Returns (mask, dead rows or None).
     """
-    if attention_mask.dtype == torch.bool:
-        blind = ~attention_mask.any(-1)  # [B|1, H|1, q]
-    else:
-        blind = ~(attention_mask > torch.finfo(attention_mask.dtype).min / 2).any(-1)
+    blind = ~visible_columns(attention_mask).any(-1)  # [B|1, H|1, q]
     if not blind.any():
         return attention_mask, dead
     first = torch.zeros(attention_mask.shape[-1], dtype=torch.bool, device=attention_mask.device)
@@ -77,6 +71,14 @@ def keep_blind_rows_finite(
     else:
         attention_mask = attention_mask.masked_fill(opened, 0.0)
     return attention_mask, blind if dead is None else dead | blind
+
+
+def visible_columns(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Bool, the mask's shape: where a bool (True = may attend) or additive float mask lets a position
+    see a column."""
+    if attention_mask.dtype == torch.bool:
+        return attention_mask
+    return attention_mask > torch.finfo(attention_mask.dtype).min / 2
 
 
 def zero_dead_rows(attn_output: torch.Tensor, attn_weights: torch.Tensor | None, dead: torch.Tensor | None):

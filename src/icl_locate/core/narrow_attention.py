@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .mask_surgery import keep_blind_rows_finite, zero_dead_rows
+from .mask_surgery import keep_blind_rows_finite, visible_columns, zero_dead_rows
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ def narrow_mask(mask: torch.Tensor, narrow: NarrowRows, dead: torch.Tensor | Non
     head = mask[:rows]  # [rows, 1|H, q, kv]
     source = narrow.source(mask.device)[:, None, None, None].expand(rows, head.shape[1], head.shape[2], 1)
     out = torch.cat([head.gather(-1, source), head[..., start + 1 :]], -1)
-    lost = _visible(head).sum(-1) != _visible(out).sum(-1)  # [rows, 1|H, q]
+    lost = visible_columns(head).sum(-1) != visible_columns(out).sum(-1)  # [rows, 1|H, q]
     if dead is not None:
         lost &= ~dead[:rows]
     if bool(lost.any()):
@@ -92,8 +92,3 @@ def attend_narrow(
         everywhere[:rows] = blind
         dead = everywhere if dead is None else dead | everywhere
     return zero_dead_rows(out, None, dead)[0], None
-
-
-def _visible(mask: torch.Tensor) -> torch.Tensor:
-    """Bool, the mask's shape: where a bool or additive mask lets a position see a column."""
-    return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2

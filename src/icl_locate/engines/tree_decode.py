@@ -170,6 +170,11 @@ class TreeDecode:
         column = min(seen, default=-1)
         return column if column <= self.narrow_start else -1  # past the window's first: fed, nothing to move
 
+    def _moved_columns(self, layer: int) -> tuple[int, ...]:
+        """The moved column (``_moved_column``) of each narrow slot at ``layer``, in slot order: they come first."""
+        members = [key[1] for key in self.keys[layer] if not self._slot_class(key, layer)]
+        return tuple(c for c in (self.moved[m] for m in members) if c is not None)  # not None: they are narrow
+
     def _narrow(self, m: int, layer: int) -> bool:
         """Member ``m``'s own slot at ``layer`` attends over the narrow window (where it has one)."""
         return self.moved[m] is not None and layer in self.members[m].row.plan.mask_layers
@@ -190,17 +195,15 @@ class TreeDecode:
             rows = [self.members[self._first_member(k, layer)] for k in keys]
             kv = [prefix_caches.get(m.row)[layer] for m in rows]
             slots = max(room, len(kv)) if room is not None else len(kv)
-            narrow = [key[1] for key in keys if not self._slot_class(key, layer)]  # the first slots
+            moved = self._moved_columns(layer)
             # where the attention serves the window, a narrow slot's other prefix columns stay unwritten
-            only = ([self.moved[m] for m in narrow] + [None] * (len(keys) - len(narrow))) if self.sparse else None
+            only = (list(moved) + [None] * (len(keys) - len(moved))) if self.sparse else None
             cache_layer = self.layout.cache_layer(kv, [m.query for m in rows], self.capacity, slots, only)
             start = self.narrow_start
-            for slot, m in enumerate(narrow):  # the window's first column, which the row hides, is read:
-                column = self.moved[m]  # the one seen column's keys/values there, or zeros (never NaN)
-                source_k = cache_layer.buf_k[slot, :, column] if column is not None and column >= 0 else 0.0
-                source_v = cache_layer.buf_v[slot, :, column] if column is not None and column >= 0 else 0.0
-                cache_layer.buf_k[slot, :, start] = source_k
-                cache_layer.buf_v[slot, :, start] = source_v
+            for slot, column in enumerate(moved):  # the window's first column, which the row hides, is read:
+                # the one seen column's keys/values there, or zeros (never NaN)
+                cache_layer.buf_k[slot, :, start] = cache_layer.buf_k[slot, :, column] if column >= 0 else 0.0
+                cache_layer.buf_v[slot, :, start] = cache_layer.buf_v[slot, :, column] if column >= 0 else 0.0
             layers.append(cache_layer)
         cache.layers = layers
         return cache
@@ -281,9 +284,8 @@ class TreeDecode:
                     heads.append(None)
                     others_only.append(False)
             by_layer[layer] = ColumnMask(hidden, layers, heads, others_only)
-            first = [key[1] for key in keys if not self._slot_class(key, layer)]  # the narrow slots, first
-            moved = tuple(c for c in (self.moved[m] for m in first) if c is not None)  # all of them
-            narrow[layer] = NarrowRows(len(first), self.narrow_start, moved)
+            moved = self._moved_columns(layer)
+            narrow[layer] = NarrowRows(len(moved), self.narrow_start, moved)
         return LayerColumnMasks(by_layer, narrow)
 
     def _slot_patches(self) -> list:
