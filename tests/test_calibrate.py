@@ -510,7 +510,8 @@ def test_the_cache_is_keyed_and_reused_and_a_changed_key_measures_again(tmp_path
     assert choices.measured["head/bf16"] == 0.5  # the verdict's own timings stay on the record
     # another machine: everything again, the head too
     real = calibrate.hardware
-    monkeypatch.setattr(calibrate, "hardware", lambda device: dict(real(device), cpu_capability="AVX2"))
+    other = lambda device: dict(real(device), cpu_capability=f"not {real(device)['cpu_capability']}")  # noqa: E731
+    monkeypatch.setattr(calibrate, "hardware", other)
     other_machine = FakeTimer(head__plain=0.5, head__bf16=1.0, head__int8=1.0)
     assert choose(lm, tmp_path, other_machine).head == "plain" and "head/plain" in other_machine.calls
     assert entries() == [False] * 4 + [True] * 2
@@ -543,7 +544,7 @@ def test_the_head_alone_is_chosen_forced_and_cached(tmp_path):
     first = FakeTimer(head__plain=1.0, head__bf16=0.7, head__int8=0.5)
     kind, reason, screen = head_only(first)
     assert (kind, screen.kind) == ("int8", "int8") and "int8 screen 2.0x faster" in reason
-    assert {name.split("/")[0] for name in first.calls} == {"head"}
+    assert {name.split("/")[0] for name in first.calls} == {"gate", "head"}  # the heads only, and their gate
     again = FakeTimer(head__plain=0.1)
     kind, reason, _ = head_only(again)
     assert kind == "int8" and reason.endswith(calibrate.HEAD_CACHED) and not again.calls
@@ -986,3 +987,29 @@ def test_one_calibrator_builds_each_screen_once(tmp_path, monkeypatch):
         assert choices.head == "bf16" and build_engine(lm.model, lm.tokenizer, choices, calibrator).head is not None
     # the chosen screen: timed twice, built once (the other is dropped after each choice: memory)
     assert built.count("bf16") == 1 and timer.calls.count("head/bf16") > 1
+
+
+@pytest.mark.parametrize("gate_int8, int8_on_every_row", [(2.0, False), (1.2, True)])
+def test_a_screen_far_slower_on_a_quarter_of_the_sample_is_not_run_on_all_of_it(
+    monkeypatch, gate_int8, int8_on_every_row
+):
+    """A head's call on fewer rows costs no more than on all of them: a screen already HEAD_CLEAR times slower
+    on a quarter of the sample than the full product on every row is out before its check on the whole
+    sample (a slow int8 kernel would cost several full calls there); one under the limit goes on."""
+    lm = tiny("llama")
+    prompts, _ = work(lm)
+    states = last_hidden(lm.model, torch.tensor([prompts[0].ids]), positions=len(prompts[0].ids))[0]
+    hidden = head_timing.head_sample(states, 32)
+    sizes: list[int] = []
+    argmax = SCREENS["int8"].argmax
+    monkeypatch.setattr(
+        SCREENS["int8"], "argmax", lambda self, hidden: sizes.append(len(hidden)) or argmax(self, hidden)
+    )
+    timer = FakeTimer(gate__plain=1.0, gate__int8=gate_int8, head__plain=1.0, head__bf16=0.8, head__int8=0.5)
+    timing_ = head_timing.time_heads(lm.model, hidden, "auto", timer)
+    assert sizes[:2] == [8, 8]  # the gate's check and its timed call, on a quarter of the rows
+    assert (32 in sizes) == int8_on_every_row
+    assert timing_.kind == ("int8" if int8_on_every_row else "bf16") and timing_.shared
+    gated = "int8 screen 2.0x slower on 8 rows than the full product on all 32 here"
+    assert (gated in timing_.reason) != int8_on_every_row
+    assert ("head/int8" in timing_.measured) == int8_on_every_row

@@ -5,6 +5,12 @@ machine (bf16 units, int8 units), and for the rows a head call takes: a product 
 the whole head for each; of many, it is bound by arithmetic, where bf16 and int8 units differ. So the
 heads are timed on real final states of the work's first prompt (``head_sample``), after each screen
 is checked to give the plain head's tokens there: a screen that disagrees is refused.
+
+A screen whose kernel is far slower than the full product here (int8 products without fast int8 units
+can be ten times slower than fp32 ones) would make the check alone cost several full head calls. So on
+a sample of ``GATE_MIN_ROWS`` or more rows, each screen is first run on a quarter of them: a head's call
+on fewer rows costs no more than on all of them, so a screen already ``HEAD_CLEAR`` times slower there
+than the full product on every row cannot win and is not run on the whole sample.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ from .screens import SCREENS, build_screen
 from .timing import REPEATS, Timer, interleaved, ratio
 
 HEAD_CLEAR = 1.3  # after a round, a head this many times slower than the fastest is timed no more
+GATE_MIN_ROWS = 16  # a sample of fewer rows is cheap to run through every screen: no gate
+GATE_FRACTION = 4  # the gate runs a screen on this fraction of the sample's rows
 
 
 @torch.no_grad()
@@ -66,13 +74,27 @@ def time_heads(
     built = built or {}
     screens: dict[str, CertifiedHead] = {}
     refused: list[str] = []
+    gated: list[str] = []  # screens out after the gate (too slow on part of the sample), as the reason says them
     shared = True
     plain_tokens = None  # the plain head's tokens on the sample: computed once for every screen's check
+    plain_seconds = 0.0  # that call's seconds (cold: if anything more than a warm call, so the gate errs to running)
+    gate = wanted == "auto" and len(hidden) >= GATE_MIN_ROWS
     probe = logits_probe(model)  # the model's logits formula, checked by every screen's build
     for kind in [wanted] if wanted in SCREENS else list(SCREENS):
         screen, why_not = (built[kind], None) if kind in built else build_screen(model, kind, probe)
-        if screen is not None and plain_tokens is None:
+        if screen is not None and plain_tokens is None and gate:
+            plain_tokens, plain_seconds = _timed_plain_tokens(screen, hidden, timer)
+        elif screen is not None and plain_tokens is None:
             plain_tokens = screen.full_logits(hidden).argmax(-1)
+        if screen is not None and gate and plain_tokens is not None:
+            why_out, agreed = _gate(kind, screen, hidden, plain_tokens, plain_seconds, timer)
+            shared = shared and agreed
+            if why_out is not None:
+                if agreed:
+                    gated.append(why_out)
+                else:
+                    refused.append(f"no {kind} screen: {why_out}")
+                continue
         if screen is not None and not screen_agrees(screen, hidden, plain_tokens):
             screen, why_not, shared = None, "it disagreed with the plain head on a sample", False
         if screen is None:
@@ -86,7 +108,7 @@ def time_heads(
     if not screens and wanted == "screen":
         raise UserError(f"--head screen: no screen of this model's LM head ({'; '.join(refused)}); use --head plain")
     if not screens:
-        return HeadTiming("plain", "; ".join(refused), shared)
+        return HeadTiming("plain", "; ".join(gated + refused), shared)
     lm_head, cap = model.get_output_embeddings(), next(iter(screens.values())).cap
     heads: dict[str, Callable[[], object]] = {"head/plain": lambda: cap(lm_head(hidden)).argmax(-1)}
     heads.update({f"head/{kind}": (lambda s=screen: s.argmax(hidden)) for kind, screen in screens.items()})
@@ -101,6 +123,40 @@ def time_heads(
         return HeadTiming(fastest, reason, False, measured, screens)
     if seconds < plain:
         reason = f"{fastest} screen {ratio(plain, seconds)} faster than the full product {on} here"
-        return HeadTiming(fastest, reason, shared, measured, screens)
+        return HeadTiming(fastest, "; ".join([reason, *gated]), shared, measured, screens)
     reason = f"{fastest} screen {ratio(seconds, plain)} slower than the full product {on} here"
-    return HeadTiming("plain", reason, shared, measured, screens)
+    return HeadTiming("plain", "; ".join([reason, *gated]), shared, measured, screens)
+
+
+def _timed_plain_tokens(screen: CertifiedHead, hidden: torch.Tensor, timer: Timer) -> tuple[torch.Tensor, float]:
+    """The plain head's greedy tokens on ``hidden`` [rows, d] (by the screen's full product: the model's head,
+    softcapped) and the seconds of that call, timed as "gate/plain"."""
+    out: list[torch.Tensor] = []
+    seconds = timer("gate/plain", lambda: out.append(screen.full_logits(hidden).argmax(-1)))
+    return out[0], seconds
+
+
+def _gate(
+    kind: str,
+    screen: CertifiedHead,
+    hidden: torch.Tensor,
+    plain_tokens: torch.Tensor,
+    plain_seconds: float,
+    timer: Timer,
+) -> tuple[str | None, bool]:
+    """The gate before a screen's check on the whole sample ``hidden`` [rows, d]: run on its first
+    1/``GATE_FRACTION`` rows, the screen must give the plain head's tokens there and take less than
+    ``HEAD_CLEAR`` times ``plain_seconds`` (the full product on every row). Returns why it is out (None
+    where it goes on) and whether it agreed."""
+    rows = len(hidden) // GATE_FRACTION
+    part = hidden[:rows]
+    if not screen_agrees(screen, part, plain_tokens[:rows]):  # also the screen's warm-up on these rows
+        return "it disagreed with the plain head on a sample", False
+    seconds = timer(f"gate/{kind}", lambda: screen.argmax(part))
+    if seconds < HEAD_CLEAR * plain_seconds:
+        return None, True
+    return (
+        f"{kind} screen {ratio(seconds, plain_seconds)} slower on {rows} rows than the full product on all "
+        f"{len(hidden)} here",
+        True,
+    )
