@@ -60,7 +60,8 @@ def add_head_option(parser: argparse.ArgumentParser, whose: str) -> None:
         default=None,
         choices=list(HEADS),
         help=f"{whose}: auto (default, measured), screen (the screen measured fastest, even where the plain head "
-        "is faster), bf16 or int8 (that screen + exact candidates; pays where its product is fast), plain (the "
+        "is faster), bf16, int8 or int8-linear (that screen + exact candidates; pays where its product is fast), "
+        "plain (the "
         "model's own); same tokens",
     )
 

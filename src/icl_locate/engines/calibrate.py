@@ -7,7 +7,7 @@ when the body is what costs, and drafts pay off only where a decoding step fed a
 costs about as much as one fed one (latency-bound decoding, GPUs).
 So an engine starts by timing each choice on the model itself, briefly, and picks the faster:
 
-- head: the model's own LM head vs each screened head (bf16, int8: ``engines/head.py``) this model
+- head: the model's own LM head vs each screened head (bf16, int8, int8-linear: ``engines/head.py``) this model
   can take, on as many final hidden states of the first prompt as the tree engine's batches have rows
   (``head_timing.py``), or this machine and model's verdict for about as many rows kept from an
   earlier calibration (its screen checked on this prompt's states);
@@ -82,7 +82,7 @@ MINI_RUN_ROWS = 10  # at most this many rows of the first query (a spread of the
 # runs once more in the other order and the faster of each engine's two runs counts (a near tie is where one
 # run's noise, e.g. a first run's set-up or another process, would decide)
 ENGINE_CLEAR = 1.25
-CALIBRATION_VERSION = 22  # part of the cache key: a change of the procedure re-measures
+CALIBRATION_VERSION = 23  # part of the cache key: a change of the procedure re-measures
 NO_STEPS = "a one-token prompt leaves no cache to time a step over"
 # ends the tree engine's batch reason: its batches take whole queries by their states (``tree.query_states``)
 TREE_BATCH_NOTE = "; the tree engine fills them with whole queries, counting each query's states, not its rows"

@@ -13,7 +13,7 @@ class Choices:
     """What an engine runs with, why, and what was measured (seconds) to decide it."""
 
     engine: str  # "tree" or "fast"
-    head: str  # "plain", or a screened head: "bf16" or "int8"
+    head: str  # "plain", or a screened head (``screens.py``): "bf16", "int8", "int8-linear"
     draft_tokens: int
     batch_size: int | None  # forced rows per batch (--batch-size), else None
     reasons: dict[str, str]

@@ -4,12 +4,14 @@ A model with a large vocabulary spends much of each generated token in the LM he
 needs only the top token, so a screen computes every logit cheaply together with a rigorous bound
 on its error, and only the tokens that might still be the top one are computed in full precision
 (fp32, the model's own arithmetic); the first largest of those wins, as ``argmax`` over all logits
-would pick it. Two screens (``screens.py`` lists them), each kept only where ``calibrate.py``
+would pick it. Three screens (``screens.py`` lists them), each kept only where ``calibrate.py``
 measures it faster on the machine at hand:
 
 - ``Bf16ScreenedHead`` (here): the product in bf16, for CPUs with bf16 instructions and GPUs;
 - ``Int8ScreenedHead`` (``head_int8.py``): the product in int8 with the hidden state's outlier
-  channels in fp32, for CPUs without fast bf16 (int8 products are fast on x86 CPUs with AVX2 alone).
+  channels in fp32, for CPUs without fast bf16 whose ``torch._int_mm`` is fast (VNNI);
+- ``Int8LinearScreenedHead`` (``head_int8_linear.py``): the same screen with its product in torch's
+  quantized dynamic linear, whose AVX2 kernel (FBGEMM) is fast where ``torch._int_mm``'s is not.
 
 So the result is the argmax of the fp32 logits: it can differ from the plain head only where two
 logits tie to within fp32 rounding (the same kind of difference a different batch size makes).

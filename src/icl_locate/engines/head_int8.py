@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 from torch import nn
@@ -49,18 +50,23 @@ class Int8ScreenedHead(CertifiedHead):
 
     def __init__(self, model: nn.Module, check_every: int = CHECK_EVERY):
         self.outliers: torch.Tensor | None = None  # channel set S: chosen by the first call's states
-        self.levels = exact_int8_levels(int8_depth(model))  # L
+        self.levels = self.exact_levels(int8_depth(model))  # L
         super().__init__(model, check_every)
 
     @staticmethod
-    def unsupported_reason(model: nn.Module) -> str | None:
+    def exact_levels(depth: int) -> int:
+        """L for this screen's integer product over ``depth`` channels on this machine (0: never exact)."""
+        return exact_int8_levels(depth)
+
+    @classmethod
+    def unsupported_reason(cls, model: nn.Module) -> str | None:
         why = CertifiedHead.unsupported_reason(model)
         if why is not None:
             return why
         if model.get_output_embeddings().weight.device.type != "cpu":  # pyright: ignore[reportCallIssue]
-            return "the int8 screen is written for CPUs (GPUs have fast bf16 products)"
-        if exact_int8_levels(int8_depth(model)) == 0:
-            return "this machine's int8 products are not exact"
+            return f"the {cls.kind} screen is written for CPUs (GPUs have fast bf16 products)"
+        if cls.exact_levels(int8_depth(model)) == 0:
+            return f"this machine's {cls.kind} products are not exact"
         return None
 
     def _build(self) -> None:
@@ -116,7 +122,7 @@ class Int8ScreenedHead(CertifiedHead):
         f = (h_rest.double() - t.double()[:, None] * q.double()).norm(dim=1)  # ||f||, float64
         alpha = (f + self.rounding * hidden.double().norm(dim=1)) / t * SAFETY
         beta = (h_rest.double().norm(dim=1) + f) / t * SAFETY
-        q_t = q.to(torch.int8).T  # [d - k, B]
+        states = self._states_operand(q)
         h_out_t = (hidden[:, self.outliers] / t[:, None]).T  # [k, B]
         vocab, rows = self.w_int8.shape[0], hidden.shape[0]
         chunks = self._screen_buffer((-(-vocab // CHUNK_TOKENS), CHUNK_TOKENS, rows), torch.float32, hidden.device)
@@ -126,12 +132,20 @@ class Int8ScreenedHead(CertifiedHead):
         )
         for c, start in enumerate(range(0, vocab, CHUNK_TOKENS)):
             stop = min(vocab, start + CHUNK_TOKENS)
-            product = int_mm_in_probed_rows(self.w_int8[start:stop], q_t)  # [C, B] int32, exact
+            product = self._integer_product(c, start, stop, states)  # [C, B], exact integers
             out = chunks[c, : stop - start]
             torch.mul(product, self.w_scale[start:stop], out=out)
             out.addmm_(self.w_outliers[start:stop], h_out_t)
             torch.amax(chunks[c].view(-1, MAX_BLOCK_TOKENS, rows), 1, out=block_max[c])  # the chunk still in cache
         return chunks, block_max.view(-1, rows), t, alpha.float(), beta.float()
+
+    def _states_operand(self, q: torch.Tensor) -> Any:
+        """The states' levels q [B, d - k] (integers within +-L, as floats) as ``_integer_product`` takes them."""
+        return q.to(torch.int8).T  # [d - k, B]
+
+    def _integer_product(self, chunk: int, start: int, stop: int, states: Any) -> torch.Tensor:
+        """q_v . q_h for the vocabulary rows ``start:stop`` (the ``chunk``-th) and every state: [C, B] int32."""
+        return int_mm_in_probed_rows(self.w_int8[start:stop], states)
 
     def _candidates(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         if self.outliers is None:

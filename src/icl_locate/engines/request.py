@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from ..util.errors import UserError
 
 ENGINES = ("auto", "tree", "fast")
-HEADS = ("auto", "screen", "bf16", "int8", "plain")  # bf16 / int8: the screened heads of screens.py; screen: either
-SCREENED = ("screen", "bf16", "int8")  # heads only the tree (and pruned) engines have
+# bf16, int8, int8-linear: the screened heads of screens.py; screen: the fastest of them
+HEADS = ("auto", "screen", "bf16", "int8", "int8-linear", "plain")
+SCREENED = ("screen", "bf16", "int8", "int8-linear")  # heads only the tree (and pruned) engines have
 
 
 @dataclass(frozen=True)

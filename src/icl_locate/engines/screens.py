@@ -12,6 +12,7 @@ from torch import nn
 from .base import logits_probe
 from .head import Bf16ScreenedHead, CertifiedHead
 from .head_int8 import Int8ScreenedHead
+from .head_int8_linear import Int8LinearScreenedHead
 
 
 @torch.no_grad()
@@ -28,7 +29,11 @@ def screen_mismatch(
     return None
 
 
-SCREENS: dict[str, type[CertifiedHead]] = {"bf16": Bf16ScreenedHead, "int8": Int8ScreenedHead}  # --head's screens
+SCREENS: dict[str, type[CertifiedHead]] = {  # --head's screens
+    "bf16": Bf16ScreenedHead,
+    "int8": Int8ScreenedHead,
+    "int8-linear": Int8LinearScreenedHead,
+}
 
 
 def build_screen(

@@ -82,7 +82,7 @@ class TreeEngine(FastEngine):
         batch_scale: float = 1.0,
     ):
         """``head_kind``: pick greedy tokens with the model's own head ("plain") or a screened head
-        ("bf16", "int8": ``screens.py``; refused with ValueError where it cannot be used on this model);
+        ("bf16", "int8", "int8-linear": ``screens.py``; refused with ValueError where it cannot be used on this model);
         None: the bf16 screen where it can be used, else the model's own head (``calibrate.py`` chooses
         by measuring instead).
         ``draft_tokens``: verify drafts of up to this many tokens per step (0: none; see drafts.py).

@@ -60,7 +60,7 @@ class SweepConfig(ModelAndData):
     max_new_tokens: int | None = None  # None = the task's
     batch_size: int | None = None
     # the engine, its LM head and drafts: "auto" measures each choice on this machine and model
-    # (engines/calibrate.py); "tree" / "fast", "bf16" / "int8" / "plain" and a number force one
+    # (engines/calibrate.py); "tree" / "fast", a screen / "plain" and a number force one
     engine: str = "auto"
     head: str = "auto"
     draft_tokens: int | str = "auto"
