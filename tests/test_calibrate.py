@@ -296,9 +296,10 @@ def test_forcing_flags_are_honoured_and_not_measured(tmp_path, monkeypatch, requ
         (dict(batch__8=0.8, batch__4=0.8, batch__16=0.8), 1, 10, 2.0),  # ... and until one batch holds the work
         (dict(batch__8=0.8, batch__4=0.7, batch__16=1.1), 1, 99, 1.0),  # neither more nor fewer rows pay
         # half the rows saved a real share: no doubling is tried (no doubled KV cache), halvings are
-        (dict(batch__8=0.8, batch__4=0.4, batch__2=0.3), 1, 99, 0.5),  # fewer rows cost no more a row
+        (dict(batch__8=0.8, batch__4=0.35, batch__2=0.3), 1, 99, 0.5),  # a row costs clearly less at 4, not 2
+        (dict(batch__8=0.8, batch__4=0.4), 1, 99, 1.0),  # a row costs the same at 4: the rule's (a batch's own costs)
         (dict(batch__8=0.8, batch__4=0.5), 1, 99, 1.0),  # a row costs more at 4: the rule's
-        (dict(batch__8=0.8, batch__4=0.4), 8, 99, 1.0),  # ... and a halving never splits a query's rows
+        (dict(batch__8=0.8, batch__4=0.3), 8, 99, 1.0),  # ... and a halving never splits a query's rows
     ],
 )
 def test_batch_rows_are_measured_around_the_rule(monkeypatch, seconds, query_rows, work_rows, expected):
@@ -318,7 +319,7 @@ def test_the_scale_is_a_power_of_two_where_the_rule_is_odd(monkeypatch):
     monkeypatch.setattr(batch_rows, "rows_by_memory", lambda *args: 32)
     lm = tiny("llama")
     steps = batch_rows.DecodingSteps.over(lm.model, work(lm)[0][0].ids, 1, 6, 0.3)
-    timer = FakeTimer(batch__9=0.9, batch__4=0.4, batch__2=0.3)
+    timer = FakeTimer(batch__9=0.9, batch__4=0.35, batch__2=0.3)
     got, reason, _ = batch_rows.choose_batch_scale(steps, 1, 99, None, timer)
     assert got == 0.5 and reason.startswith("4 rows, not the rule's 9")
 
@@ -561,7 +562,7 @@ def test_the_head_alone_is_chosen_forced_and_cached(tmp_path):
     first = FakeTimer(head__plain=1.0, head__bf16=0.7, head__int8=0.5)
     kind, reason, screen = head_only(first)
     assert (kind, screen.kind) == ("int8", "int8") and "int8 screen 2.0x faster" in reason
-    assert {name.split("/")[0] for name in first.calls} == {"gate", "head"}  # the heads only, and their gate
+    assert {name.split("/")[0] for name in first.calls} == {"check", "gate", "head"}  # the heads only, and their gate
     again = FakeTimer(head__plain=0.1)
     kind, reason, _ = head_only(again)
     assert kind == "int8" and reason.endswith(calibrate.HEAD_CACHED) and not again.calls
@@ -1006,27 +1007,40 @@ def test_one_calibrator_builds_each_screen_once(tmp_path, monkeypatch):
     assert built.count("bf16") == 1 and timer.calls.count("head/bf16") > 1
 
 
-@pytest.mark.parametrize("gate_int8, int8_on_every_row", [(2.0, False), (1.2, True)])
-def test_a_screen_far_slower_on_a_quarter_of_the_sample_is_not_run_on_all_of_it(
-    monkeypatch, gate_int8, int8_on_every_row
+@pytest.mark.parametrize(
+    "gate_int8, check_int8, int8_timed",
+    [(2.0, 1.0, False), (1.2, 1.0, True), (1.2, 1.4, False)],
+)
+def test_a_screen_far_slower_on_part_of_the_sample_is_not_run_on_all_of_it(
+    monkeypatch, gate_int8, check_int8, int8_timed
 ):
     """A head's call on fewer rows costs no more than on all of them: a screen already HEAD_CLEAR times slower
     on a quarter of the sample than the full product on every row is out before its check on the whole
-    sample (a slow int8 kernel would cost several full calls there); one under the limit goes on."""
+    sample (a slow int8 kernel would cost several full calls there); one that slow in that check is timed
+    no more; one under the limit in both is timed."""
     lm = tiny("llama")
     prompts, _ = work(lm)
     states = last_hidden(lm.model, torch.tensor([prompts[0].ids]), positions=len(prompts[0].ids))[0]
     hidden = head_timing.head_sample(states, 32)
+    part = 32 // head_timing.GATE_FRACTION
     sizes: list[int] = []
     argmax = SCREENS["int8"].argmax
     monkeypatch.setattr(
         SCREENS["int8"], "argmax", lambda self, hidden: int8_sizes(self, hidden, sizes) or argmax(self, hidden)
     )
-    timer = FakeTimer(gate__plain=1.0, gate__int8=gate_int8, head__plain=1.0, head__bf16=0.8, head__int8=0.5)
-    timing_ = head_timing.time_heads(lm.model, hidden, "auto", timer)
-    assert sizes[:2] == [8, 8]  # the gate's check and its timed call, on a quarter of the rows
-    assert (32 in sizes) == int8_on_every_row
-    assert timing_.kind == ("int8" if int8_on_every_row else "bf16") and timing_.shared
-    gated = "int8 screen 2.0x slower on 8 rows than the full product on all 32 here"
-    assert (gated in timing_.reason) != int8_on_every_row
-    assert ("head/int8" in timing_.measured) == int8_on_every_row
+    timer = FakeTimer(gate__plain=1.0, gate__int8=gate_int8, check__int8=check_int8, head__plain=1.0, head__bf16=0.8)
+    timer.seconds["head/int8"] = 0.5
+    int8 = SCREENS["int8"](lm.model)
+    timing_ = head_timing.time_heads(lm.model, hidden, "auto", timer, {"int8": int8})
+    whole = SCREENS["int8"](lm.model)
+    whole.prepare(hidden)
+    assert int8.outliers is not None and torch.equal(int8.outliers, whole.outliers)  # from every row, before timing
+    # the gate's timed check on a quarter of the rows, then the timed check on every row where it got there
+    assert sizes[:2] == ([part, 32] if gate_int8 < head_timing.HEAD_CLEAR else [part])
+    assert timing_.kind == ("int8" if int8_timed else "bf16") and timing_.shared
+    assert ("head/int8" in timing_.measured) == ("head/int8" in timer.calls) == int8_timed
+    gated = {
+        2.0: f"int8 screen 2.0x slower on {part} rows than the full product on all 32 here",
+        1.4: "int8 screen 1.4x slower than the full product on 32 rows here",
+    }
+    assert any(text in timing_.reason for text in gated.values()) != int8_timed

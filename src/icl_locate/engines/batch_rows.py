@@ -13,9 +13,11 @@ alike everywhere. The check times a step at the rule's row count and at half of 
 cost less than 1 / ``DOUBLING_COST_LIMIT`` of the whole, rows are not latency-bound here: a step's cost
 grows at least as fast with rows past the rule (it is convex in rows: each row costs at least what
 the one before did, once the units are full), so no doubling can pay and none is tried (a doubled KV
-cache is the calibration's largest allocation); halvings are then taken where a row costs no more (less memory
-for the same speed), but never below one query's rows (the tree engine packs whole queries into a
-batch, sharing their states). Otherwise doublings are tried while the doubled step costs at most
+cache is the calibration's largest allocation); halvings are then taken where a row clearly costs less
+(at most ``HALVING_COST_LIMIT`` of its cost at twice the rows: a step's timing leaves out what each batch
+pays beside its steps, its query prefill and its LM head calls' fixed part, which smaller batches pay more
+often), but never below one query's rows (the tree engine packs whole queries into a batch, sharing their
+states). Otherwise doublings are tried while the doubled step costs at most
 ``DOUBLING_COST_LIMIT`` times the step before (up to the KV-memory rule, ``BATCH_ROW_LIMIT`` and the
 work's own rows). What is kept is a factor on the rule's rows (within the KV-memory bound: ``fast.scaled_rows``,
 as the engines apply it), so prompts of other lengths keep its proportions.
@@ -44,6 +46,8 @@ BATCH_ROW_LIMIT = 1024  # no batch is measured beyond this many rows
 # (rows finish at different lengths, and the tree engine's shared states already shrink its low layers'
 # products), while their KV cache is surely larger.
 DOUBLING_COST_LIMIT = 1.25
+# Half the rows are taken only where a step's row costs at most this fraction of the step before's.
+HALVING_COST_LIMIT = 0.9
 
 
 def prompt_states(model, ids: list[int], cached: int, positions: int) -> tuple[KV, torch.Tensor]:
@@ -146,7 +150,7 @@ def choose_batch_scale(
     half = rule // 2
     if half >= 1 and DOUBLING_COST_LIMIT * half * per_row(half) < rule * cost:  # not latency-bound: fewer rows?
         rows = half
-        while rows >= max(1, query_rows) and (fewer := per_row(rows)) <= cost:
+        while rows >= max(1, query_rows) and (fewer := per_row(rows)) <= HALVING_COST_LIMIT * cost:
             best, scale, cost, rows = rows, scale / 2, fewer, rows // 2
     else:  # half the rows cost about as much: more rows may come almost free (until one batch holds the work)
         rows = 2 * rule

@@ -65,6 +65,10 @@ class CertifiedHead:
         """Derive the screen from ``self.weight`` as it is now."""
         raise NotImplementedError
 
+    def prepare(self, hidden: torch.Tensor) -> None:
+        """Derive now what the screen takes from the first states it sees (``hidden`` [B, d]), so that a timed
+        first call does not pay it; nothing for most screens."""
+
     def _candidates(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """hidden [B, d] fp32 -> [K, 2] (row, token) pairs, row-major with tokens ascending, that hold every
         row's fp32 argmax, and [B] an upper bound on the fp32 logit of every token not among them; None

@@ -73,6 +73,10 @@ class Int8ScreenedHead(CertifiedHead):
         if self.outliers is not None:
             self._quantise()
 
+    def prepare(self, hidden: torch.Tensor) -> None:
+        if self.outliers is None:
+            self._choose_outliers(hidden.float())
+
     def _choose_outliers(self, hidden: torch.Tensor) -> None:
         k = outlier_count(hidden.shape[1])
         peaks = hidden.abs().amax(0)  # [d]

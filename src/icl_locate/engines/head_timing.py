@@ -10,7 +10,8 @@ A screen whose kernel is far slower than the full product here (int8 products wi
 can be ten times slower than fp32 ones) would make the check alone cost several full head calls. So on
 a sample of ``GATE_MIN_ROWS`` or more rows, each screen is first run on a quarter of them: a head's call
 on fewer rows costs no more than on all of them, so a screen already ``HEAD_CLEAR`` times slower there
-than the full product on every row cannot win and is not run on the whole sample.
+than the full product on every row cannot win and is not run on the whole sample. Its check on the
+whole sample is timed too, and a screen that slow there is not timed again.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from .timing import REPEATS, Timer, interleaved, ratio
 
 HEAD_CLEAR = 1.3  # after a round, a head this many times slower than the fastest is timed no more
 GATE_MIN_ROWS = 16  # a sample of fewer rows is cheap to run through every screen: no gate
-GATE_FRACTION = 4  # the gate runs a screen on this fraction of the sample's rows
+GATE_FRACTION = 4  # the gate runs a screen on this fraction of the sample's rows first
 
 
 @torch.no_grad()
@@ -89,12 +90,13 @@ def time_heads(
         if screen is not None and gate and plain_tokens is not None:
             why_out, agreed = _gate(kind, screen, hidden, plain_tokens, plain_seconds, timer)
             shared = shared and agreed
-            if why_out is not None:
-                if agreed:
-                    gated.append(why_out)
-                else:
-                    refused.append(f"no {kind} screen: {why_out}")
-                continue
+            if why_out is not None and agreed:
+                gated.append(why_out)
+            elif why_out is not None:
+                refused.append(f"no {kind} screen: {why_out}")
+            else:
+                screens[kind] = screen  # checked on the whole sample by the gate
+            continue
         if screen is not None and not screen_agrees(screen, hidden, plain_tokens):
             screen, why_not, shared = None, "it disagreed with the plain head on a sample", False
         if screen is None:
@@ -136,6 +138,15 @@ def _timed_plain_tokens(screen: CertifiedHead, hidden: torch.Tensor, timer: Time
     return out[0], seconds
 
 
+def _timed_check(
+    name: str, screen: CertifiedHead, hidden: torch.Tensor, plain_tokens: torch.Tensor, timer: Timer
+) -> tuple[bool, float]:
+    """Whether the screen gives ``plain_tokens`` on ``hidden``, and the seconds that took (timed as ``name``)."""
+    agrees: list[bool] = []
+    seconds = timer(name, lambda: agrees.append(screen_agrees(screen, hidden, plain_tokens)))
+    return agrees[0], seconds
+
+
 def _gate(
     kind: str,
     screen: CertifiedHead,
@@ -144,19 +155,21 @@ def _gate(
     plain_seconds: float,
     timer: Timer,
 ) -> tuple[str | None, bool]:
-    """The gate before a screen's check on the whole sample ``hidden`` [rows, d]: run on its first
-    1/``GATE_FRACTION`` rows, the screen must give the plain head's tokens there and take less than
-    ``HEAD_CLEAR`` times ``plain_seconds`` (the full product on every row). Returns why it is out (None
-    where it goes on) and whether it agreed."""
-    rows = len(hidden) // GATE_FRACTION
-    part = hidden[:rows]
-    if not screen_agrees(screen, part, plain_tokens[:rows]):  # also the screen's warm-up on these rows
-        return "it disagreed with the plain head on a sample", False
-    seconds = timer(f"gate/{kind}", lambda: screen.argmax(part))
-    if seconds < HEAD_CLEAR * plain_seconds:
-        return None, True
-    return (
-        f"{kind} screen {ratio(seconds, plain_seconds)} slower on {rows} rows than the full product on all "
-        f"{len(hidden)} here",
-        True,
-    )
+    """A screen's check on the sample ``hidden`` [rows, d], gated: on its first 1/``GATE_FRACTION`` rows,
+    then on every row (each timed, "gate/KIND" and "check/KIND"), the screen must give the plain head's
+    tokens and take less than ``HEAD_CLEAR`` times ``plain_seconds`` (the full product on every row).
+    Returns why it is out (None: it passed both) and whether it agreed."""
+    screen.prepare(hidden)  # what it derives from the states (int8: its outlier channels) is not timed
+    for name, rows in ((f"gate/{kind}", len(hidden) // GATE_FRACTION), (f"check/{kind}", len(hidden))):
+        agrees, seconds = _timed_check(name, screen, hidden[:rows], plain_tokens[:rows], timer)
+        if not agrees:
+            return "it disagreed with the plain head on a sample", False
+        if seconds >= HEAD_CLEAR * plain_seconds and rows < len(hidden):
+            slower = ratio(seconds, plain_seconds)
+            return f"{kind} screen {slower} slower on {rows} rows than the full product on all {len(hidden)} here", True
+        if seconds >= HEAD_CLEAR * plain_seconds:
+            return (
+                f"{kind} screen {ratio(seconds, plain_seconds)} slower than the full product on {rows} rows here",
+                True,
+            )
+    return None, True
