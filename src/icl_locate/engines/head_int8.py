@@ -1,4 +1,4 @@
-"""The int8 screen of the LM head, for CPUs where bf16 products are slow and int8 ones fast.
+"""The int8 screen of the LM head, for CPUs where bf16 products are slow and ``torch._int_mm`` is fast.
 
 ``head.py`` describes screens and their certificate; this one's arithmetic and bound are in
 ``Int8ScreenedHead``'s docstring.
@@ -24,7 +24,7 @@ PROBE_ROWS = (1, 16, 64, 256, 1024)  # state counts ``exact_int8_levels`` tries;
 
 
 class Int8ScreenedHead(CertifiedHead):
-    """The screen in int8, for CPUs where bf16 products are slow but int8 ones are fast (AVX2, VNNI).
+    """The screen in int8, for CPUs where bf16 products are slow but ``torch._int_mm`` is fast (VNNI, AMX).
 
     Final hidden states carry a few channels far larger than the rest (up to ~20x their rms, mostly
     the same channels in every state), which would swamp an int8 scale; so the ``OUTLIER_CHANNELS``
@@ -51,6 +51,8 @@ class Int8ScreenedHead(CertifiedHead):
     def __init__(self, model: nn.Module, check_every: int = CHECK_EVERY):
         self.outliers: torch.Tensor | None = None  # channel set S: chosen by the first call's states
         self.levels = self.exact_levels(int8_depth(model))  # L
+        if self.levels == 0:
+            raise ValueError(f"this machine's {self.kind} products are not exact: no {self.kind} screen here")
         super().__init__(model, check_every)
 
     @staticmethod

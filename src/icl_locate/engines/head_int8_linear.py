@@ -6,10 +6,11 @@ quantises its input itself, per tensor, from its minimum and maximum: to make it
 levels unchanged, every call appends one range row holding -L and L + 1 (L = 63). The input's range
 is then exactly 127 wide, so its scale is 1 and its zero point L: each level q becomes the unsigned
 q + L within 0..127, and the weights are our int8 levels with scale 1. Unsigned 7-bit times signed
-8-bit pairs stay within int16 (2 x 127 x 127 < 2^15), and the kernel's int32 sums, within 2^24, are
-exact in its fp32 output. None of this is assumed: ``exact_linear_levels`` runs the product on
+8-bit pairs stay within int16 (2 x 127 x 127 < 2^15), and the kernel's int32 sums come back in fp32
+as the ``torch._int_mm`` path converts them (rounded to nearest, so exact below 2^24; the bound
+covers that rounding). None of this is assumed: ``exact_linear_levels`` runs the product on
 worst-case inputs, at the screen's depth, chunk and state counts, and the screen is refused where it
-is not exact. The rest (outlier channels, bound, candidates) is ``Int8ScreenedHead``'s.
+does not give exactly that. The rest (outlier channels, bound, candidates) is ``Int8ScreenedHead``'s.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from .head import CHECK_EVERY
 from .head_int8 import CHUNK_TOKENS, PROBE_ROWS, Int8ScreenedHead
 
 LEVELS = 63  # L: the range row's -L and L + 1 make the operator's input range 127 wide (scale 1, 7-bit unsigned)
+PROBE_TOKENS = 512  # the probe's weight rows at its larger state counts (a whole chunk at the smaller: cheap there)
 # The operator warns that quantized tensors are deprecated; their removal makes ``exact_linear_levels`` 0.
 _DEPRECATION = "torch.quantize_per_tensor, torch.quantize_per_channel and other quantized tensor creation"
 
@@ -59,20 +61,22 @@ def linear_product(packed: object, pieces: list[torch.Tensor]) -> torch.Tensor:
 
 @functools.cache
 def exact_linear_levels(depth: int) -> int:
-    """``LEVELS`` where the quantized dynamic linear gives the exact integer product on this machine (tried on
-    worst cases for int16 pair sums, at ``depth`` channels and a chunk of ``CHUNK_TOKENS`` tokens, from one state
-    to ``PROBE_ROWS[-1]``, as kernels may be chosen by shape); 0 where it does not, or torch lacks it."""
+    """``LEVELS`` where the quantized dynamic linear gives the integer product on this machine, each sum rounded
+    once to fp32 (tried on worst cases for int16 pair sums, at ``depth`` channels, from one state to
+    ``PROBE_ROWS[-1]``, on a chunk of ``CHUNK_TOKENS`` tokens where the states are few and ``PROBE_TOKENS`` where
+    they are many, as kernels may be chosen by shape); 0 where it does not, or torch lacks it."""
     generator = torch.Generator().manual_seed(0)
     weight = torch.randint(-127, 128, (CHUNK_TOKENS, depth), dtype=torch.int8, generator=generator)
     weight[:64] = 127
     weight[64:128] = -127
     try:
-        packed = pack_int8(weight)
+        packed = {CHUNK_TOKENS: pack_int8(weight), PROBE_TOKENS: pack_int8(weight[:PROBE_TOKENS])}
         for rows in PROBE_ROWS:
+            tokens = CHUNK_TOKENS if rows <= 16 else PROBE_TOKENS
             levels = torch.randint(-LEVELS, LEVELS + 1, (rows, depth), generator=generator).float()
             levels[: rows // 2 + 1] = LEVELS
-            exact = levels.double() @ weight.double().T  # |sums| < 2^53: exact in float64
-            if not torch.equal(linear_product(packed, with_range_rows(levels)).double(), exact):
+            exact = levels.double() @ weight[:tokens].double().T  # |sums| < 2^53: exact in float64
+            if not torch.equal(linear_product(packed[tokens], with_range_rows(levels)), exact.float()):
                 return 0
     except (RuntimeError, AttributeError, NotImplementedError):  # no quantized engine or operator here
         return 0
