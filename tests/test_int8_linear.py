@@ -20,9 +20,11 @@ from icl_locate.engines.head_int8_linear import (
 )
 from test_screened_heads import head_model, with_outlier_channels
 
+# FBGEMM's int8 kernels need AVX2: there the probe must find the product exact (a broken probe fails here)
 pytestmark = pytest.mark.skipif(
-    not {"x86", "fbgemm"} & set(torch.backends.quantized.supported_engines) or exact_linear_levels(96) == 0,
-    reason="no x86 quantized engine here, or its kernel is not exact on this CPU",
+    not {"x86", "fbgemm"} & set(torch.backends.quantized.supported_engines)
+    or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
+    reason="no x86 quantized engine here, or a CPU without AVX2",
 )
 
 
