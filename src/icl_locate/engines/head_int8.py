@@ -154,8 +154,7 @@ class Int8ScreenedHead(CertifiedHead):
         return int_mm_in_probed_rows(self.w_int8[start:stop], states)
 
     def _candidates(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if self.outliers is None:
-            self._choose_outliers(hidden)
+        self.prepare(hidden)  # a first call not prepared before chooses the outliers from its own states
         chunks, block_max, t, alpha, beta = self._approx(hidden)  # chunks [n, C, B], block_max [n C / S, B]
         rows = hidden.shape[0]
         flat = chunks.view(-1, rows)  # [n C, B], token-major (no copy)
