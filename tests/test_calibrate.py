@@ -29,6 +29,7 @@ from icl_locate.engines.screens import SCREENS
 from icl_locate.engines.tree import TreeEngine
 from icl_locate.util.errors import UserError
 from test_fast_engine import FAMILIES, encoded_prompts, masked
+from test_screened_heads import KINDS, head_model, with_outlier_channels
 
 STOP = StopRule((), 6)
 
@@ -271,7 +272,7 @@ def test_a_flag_only_the_tree_engine_honours_chooses_it_under_auto(tmp_path, req
         (EngineRequest(engine="tree", head="bf16", draft_tokens=0), {"batch"}, ("tree", "bf16", 0)),
         (EngineRequest(engine="tree", head="int8", draft_tokens=0, batch_size=2), set(), ("tree", "int8", 0)),
         (EngineRequest(head="plain", draft_tokens=0), {"engine", "batch"}, None),
-        (EngineRequest(engine="tree"), {"head", "step", "batch"}, None),
+        (EngineRequest(engine="tree"), {"gate", "check", "head", "step", "batch"}, None),
     ],
 )
 def test_forcing_flags_are_honoured_and_not_measured(tmp_path, monkeypatch, request_, measured_prefixes, expected):
@@ -785,7 +786,10 @@ def test_the_engine_takes_the_screen_the_calibration_built(tmp_path):
 
 def test_a_real_measurement_records_its_timings_and_hardware(tmp_path):
     choices = choose(tiny("llama"), tmp_path, timing.measure_seconds)
-    assert {"head/plain", "head/bf16", "head/int8", "step/1", "engine/fast", "engine/tree"} <= set(choices.measured)
+    assert {"gate/plain", "step/1", "engine/fast", "engine/tree"} <= set(choices.measured)
+    for kind in SCREENS:  # checked (timed), then timed against the rest or out (a tiny head's fixed costs may dominate)
+        assert f"check/{kind}" in choices.measured
+        assert f"head/{kind}" in choices.measured or f"{kind} screen " in choices.reasons["head"]
     assert [name for name in choices.measured if name.startswith("batch/")]
     assert all(v > 0 for v in choices.measured.values())
     assert choices.hardware["cpu_capability"] and choices.hardware["threads"] >= 1
@@ -1009,40 +1013,70 @@ def test_one_calibrator_builds_each_screen_once(tmp_path, monkeypatch):
     assert built.count("bf16") == 1 and timer.calls.count("head/bf16") > 1
 
 
-@pytest.mark.parametrize(
-    "gate_int8, check_int8, int8_timed",
-    [(3.0, 1.0, False), (1.2, 1.0, True), (2.0, 1.0, True), (1.2, 2.8, False)],
-)
-def test_a_screen_far_slower_on_part_of_the_sample_is_not_run_on_all_of_it(
-    monkeypatch, gate_int8, check_int8, int8_timed
-):
-    """A head's call on fewer rows costs no more than on all of them: a screen already GATE_CLEAR times slower
-    on a quarter of the sample than the full product on every row is out before its check on the whole
-    sample (a slow int8 kernel would cost several full calls there); one that slow in that check is timed
-    no more; one under the limit in both is timed."""
-    lm = tiny("llama")
+def sample(lm, rows: int = 32) -> torch.Tensor:
+    """``rows`` final states of the first test prompt's last positions (the heads' timing sample)."""
     prompts, _ = work(lm)
     states = last_hidden(lm.model, torch.tensor([prompts[0].ids]), positions=len(prompts[0].ids))[0]
-    hidden = head_timing.head_sample(states, 32)
-    part = 32 // head_timing.GATE_FRACTION
-    sizes: list[int] = []
-    argmax = SCREENS["int8"].argmax
+    return head_timing.head_sample(states, rows)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_screen_on_a_slice_of_the_vocabulary_decodes_that_slice(kind):
+    """The gate's stand-in (``VocabularySlice``): a screen built on it is the screen of the head's first tokens,
+    through a view of the model's weight, softcapped as the model's logits are."""
+    model = head_model(vocab=5000, d=64, softcap=30.0)
+    hidden = with_outlier_channels(torch.randn(24, 64) * 3)
+    part = head_timing.VocabularySlice(model, 1200)
+    screen = SCREENS[kind](part)
+    weight = model.lm_head.weight
+    assert part.lm_head.weight.data_ptr() == weight.data_ptr() and part.lm_head.weight.shape == (1200, 64)
+    plain = 30.0 * torch.tanh(hidden @ weight[:1200].T / 30.0)  # [24, 1200]
+    assert torch.allclose(screen.full_logits(hidden), plain, atol=1e-5)
+    assert torch.equal(screen.argmax(hidden), plain.argmax(-1))
+
+
+@pytest.mark.parametrize(
+    "slice_int8, check_int8, int8_timed",
+    [(3.0, 1.0, False), (1.2, 1.0, True), (2.0, 1.0, True), (1.2, 2.8, False)],
+)
+def test_a_screen_far_slower_on_a_slice_of_the_vocabulary_is_not_built_on_all_of_it(
+    monkeypatch, slice_int8, check_int8, int8_timed
+):
+    """Both products grow with the tokens they cover: a screen already GATE_CLEAR times slower than the full
+    product on a slice of the vocabulary is out before it is built on the whole head (a slow int8 kernel would
+    cost several full calls in its set-up and check); one that slow in its check on the whole sample is timed
+    no more; one under the limit in both is timed."""
+    monkeypatch.setattr(head_timing, "SLICE_MIN_TOKENS", 16)
+    lm = tiny("llama")
+    vocab = lm.model.get_output_embeddings().weight.shape[0]
+    tokens = head_timing.slice_tokens(vocab)
+    assert tokens == 16 < vocab
+    built: list[str] = []
+    real = head_timing.build_screen
     monkeypatch.setattr(
-        SCREENS["int8"], "argmax", lambda self, hidden: int8_sizes(self, hidden, sizes) or argmax(self, hidden)
+        head_timing, "build_screen", lambda model, kind, *a: built.append(kind) or real(model, kind, *a)
     )
-    timer = FakeTimer(gate__plain=1.0, gate__int8=gate_int8, check__int8=check_int8, head__plain=1.0, head__bf16=0.8)
-    timer.seconds["head/int8"] = 0.5
-    int8 = SCREENS["int8"](lm.model)
-    timing_ = head_timing.time_heads(lm.model, hidden, "auto", timer, {"int8": int8})
-    whole = SCREENS["int8"](lm.model)
-    whole.prepare(hidden)
-    assert int8.outliers is not None and torch.equal(int8.outliers, whole.outliers)  # from every row, before timing
-    # the gate's timed check on a quarter of the rows, then the timed check on every row where it got there
-    assert sizes[:2] == ([part, 32] if gate_int8 < head_timing.GATE_CLEAR else [part])
+    timer = FakeTimer(slice__plain=1.0, slice__int8=slice_int8, gate__plain=1.0, check__int8=check_int8)
+    timer.seconds |= {"head/plain": 1.0, "head/bf16": 0.8, "head/int8": 0.5}
+    hidden = sample(lm)
+    timing_ = head_timing.time_heads(lm.model, hidden, "auto", timer, {})
+    assert {name for name in timer.calls if name.startswith("slice/")} == {f"slice/{k}" for k in ("plain", *SCREENS)}
+    assert ("int8" in built) == ("check/int8" in timer.calls) == (slice_int8 < head_timing.GATE_CLEAR)
+    assert timing_.measured["slice/int8"] == slice_int8 and timing_.measured["slice/plain"] == 1.0  # kept
     assert timing_.kind == ("int8" if int8_timed else "bf16") and timing_.shared
     assert ("head/int8" in timing_.measured) == ("head/int8" in timer.calls) == int8_timed
     gated = {
-        3.0: f"int8 screen 3.0x slower on {part} rows than the full product on all 32 here",
+        3.0: f"int8 screen 3.0x slower than the full product on 16 of {vocab} tokens here",
         2.8: "int8 screen 2.8x slower than the full product on 32 rows here",
     }
     assert any(text in timing_.reason for text in gated.values()) != int8_timed
+
+
+def test_no_gate_where_the_vocabulary_is_no_larger_than_a_slice(monkeypatch):
+    """A vocabulary of ``SLICE_MIN_TOKENS`` or fewer has no slice to time apart from the whole: the screens are
+    checked and timed on the whole head at once."""
+    lm = tiny("llama")
+    assert head_timing.slice_tokens(lm.model.get_output_embeddings().weight.shape[0]) == 259
+    timer = FakeTimer(head__plain=1.0, head__bf16=0.8, head__int8=0.5)
+    timing_ = head_timing.time_heads(lm.model, sample(lm), "auto", timer, {})
+    assert timing_.kind == "int8" and not [name for name in timer.calls if name.startswith("slice/")]

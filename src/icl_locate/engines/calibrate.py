@@ -65,7 +65,7 @@ from .choices import Choices
 from .draft_timing import DRAFT_COST_LIMIT, DRAFT_LENGTHS, DRAFT_PROBE_ROWS, time_drafts
 from .fast import KV_MEMORY_FRACTION, FastEngine, scaled_rows
 from .head import CertifiedHead
-from .head_timing import head_sample, screen_agrees, time_heads
+from .head_timing import HEAD_TIMINGS, head_sample, screen_agrees, time_heads
 from .request import AUTO_REQUEST, SCREENED, EngineRequest
 from .rows import plan_rows
 from .screens import SCREENS, build_screen
@@ -82,7 +82,7 @@ MINI_RUN_ROWS = 10  # at most this many rows of the first query (a spread of the
 # runs once more in the other order and the faster of each engine's two runs counts (a near tie is where one
 # run's noise, e.g. a first run's set-up or another process, would decide)
 ENGINE_CLEAR = 1.25
-CALIBRATION_VERSION = 26  # part of the cache key: a change of the procedure re-measures
+CALIBRATION_VERSION = 27  # part of the cache key: a change of the procedure re-measures
 NO_STEPS = "a one-token prompt leaves no cache to time a step over"
 # ends the tree engine's batch reason: its batches take whole queries by their states (``tree.query_states``)
 TREE_BATCH_NOTE = "; the tree engine fills them with whole queries, counting each query's states, not its rows"
@@ -309,7 +309,8 @@ class Calibrator:
         (head, drafts), (before, rows) = chosen, batch_rows
         note = f" (chosen again for the {rows} rows a batch holds at the batch check's scale, which ran with {head})"
         if self.request.head in ("auto", "screen") and length_bucket(rows) != length_bucket(before):
-            drop_timings(measured, "head/")
+            for prefix in HEAD_TIMINGS:
+                drop_timings(measured, prefix)
             head = self._choose_head(prompt, rows, reasons, measured, model_id)[0]
             reasons["head"] += note
             self._keep_screen(head)

@@ -7,11 +7,13 @@ heads are timed on real final states of the work's first prompt (``head_sample``
 is checked to give the plain head's tokens there: a screen that disagrees is refused.
 
 A screen whose kernel is far slower than the full product here (int8 products without fast int8 units
-can be ten times slower than fp32 ones) would make the check alone cost several full head calls. So on
-a sample of ``GATE_MIN_ROWS`` or more rows, each screen is first run on a quarter of them: a head's call
-on fewer rows costs no more than on all of them, so a screen already ``GATE_CLEAR`` times slower there
-than the full product on every row cannot win and is not run on the whole sample. Its check on the
-whole sample is timed too, and a screen that slow there is not timed again.
+can be ten times slower than fp32 ones) would make its set-up and check alone cost several full head
+calls. So each screen is first built on a slice of the vocabulary (``VocabularySlice``: its first
+1/``SLICE_FRACTION`` of the tokens, a view of the head) and timed there against the full product of the
+same slice, on every row of the sample: both products grow with the tokens they cover, so a screen
+already ``GATE_CLEAR`` times slower there cannot win on the whole vocabulary, and is neither built on
+it nor checked there. The check of a screen that passes, on the whole sample, is timed too, and a
+screen that slow there is not timed again.
 """
 
 from __future__ import annotations
@@ -20,19 +22,24 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
+from ..core.structure import logit_softcap, softcapped
 from ..util.errors import UserError
 from .base import logits_probe
 from .head import CertifiedHead
 from .screens import SCREENS, build_screen
 from .timing import REPEATS, Timer, interleaved, ratio
 
+# the names of the head's timings in ``measured``: the heads' rounds and the gate's (a head measured again drops them)
+HEAD_TIMINGS = ("head/", "slice/", "gate/", "check/")
 HEAD_CLEAR = 1.3  # after a round, a head this many times slower than the fastest is timed no more
-GATE_MIN_ROWS = 16  # a sample of fewer rows is cheap to run through every screen: no gate
-GATE_FRACTION = 4  # the gate runs a screen on this fraction of the sample's rows first
-# The gate drops a screen only this many times slower than the full product: its calls there are its first at
-# those row counts (its buffers grow, kernels are chosen), while the full product's first call is like any other
-# (it allocates its logits on every call); a screen the gate passes is timed warm, and dropped at HEAD_CLEAR.
+SLICE_FRACTION = 16  # the gate times the heads on this fraction of the vocabulary (a sixteenth of a call)
+SLICE_MIN_TOKENS = 4096  # and on no fewer tokens: a product over fewer would time its fixed costs, not its kernel
+# The gate drops a screen only this many times slower than the full product: on a slice a screen's fixed costs
+# (quantising the states, finding candidates) weigh more than on the whole vocabulary, and the full product of a
+# slice may run partly from cache where the whole head's does not; a screen the gate passes is timed on the whole
+# head, and dropped at HEAD_CLEAR.
 GATE_CLEAR = 2 * HEAD_CLEAR
 
 
@@ -79,27 +86,33 @@ def time_heads(
     built = built or {}
     screens: dict[str, CertifiedHead] = {}
     refused: list[str] = []
-    gated: list[str] = []  # screens out after the gate (too slow on part of the sample), as the reason says them
+    gated: list[str] = []  # screens out after the gate (too slow on a slice of the vocabulary), as the reason says them
     shared = True
     plain_tokens = None  # the plain head's tokens on the sample: computed once for every screen's check
     plain_seconds = 0.0  # that call's seconds
-    gate = wanted == "auto" and len(hidden) >= GATE_MIN_ROWS
+    gate = wanted == "auto"
+    gate_seconds: dict[str, float] = {}  # the gate's timings ("slice/", "gate/plain", "check/"), kept with the rest
+    kinds = [wanted] if wanted in SCREENS else list(SCREENS)
+    if gate:
+        kinds, gated = slice_gate(model, hidden, [k for k in kinds if k not in built], timer, gate_seconds)
+        kinds += [k for k in SCREENS if k in built]
     probe = logits_probe(model)  # the model's logits formula, checked by every screen's build
-    for kind in [wanted] if wanted in SCREENS else list(SCREENS):
+    for kind in kinds:
         screen, why_not = (built[kind], None) if kind in built else build_screen(model, kind, probe)
         if screen is not None and plain_tokens is None and gate:
             plain_tokens, plain_seconds = _timed_plain_tokens(screen, hidden, timer)
+            gate_seconds["gate/plain"] = plain_seconds
         elif screen is not None and plain_tokens is None:
             plain_tokens = screen.full_logits(hidden).argmax(-1)
         if screen is not None and gate and plain_tokens is not None:
-            why_out, agreed = _gate(kind, screen, hidden, plain_tokens, plain_seconds, timer)
+            why_out, agreed = _timed_check(kind, screen, hidden, plain_tokens, plain_seconds, timer, gate_seconds)
             shared = shared and agreed
             if why_out is not None and agreed:
                 gated.append(why_out)
             elif why_out is not None:
                 refused.append(f"no {kind} screen: {why_out}")
             else:
-                screens[kind] = screen  # checked on the whole sample by the gate
+                screens[kind] = screen  # checked on the whole sample
             continue
         if screen is not None and not screen_agrees(screen, hidden, plain_tokens):
             screen, why_not, shared = None, "it disagreed with the plain head on a sample", False
@@ -114,12 +127,12 @@ def time_heads(
     if not screens and wanted == "screen":
         raise UserError(f"--head screen: no screen of this model's LM head ({'; '.join(refused)}); use --head plain")
     if not screens:
-        return HeadTiming("plain", "; ".join(gated + refused), shared)
+        return HeadTiming("plain", "; ".join(gated + refused), shared, gate_seconds)
     lm_head, cap = model.get_output_embeddings(), next(iter(screens.values())).cap
     heads: dict[str, Callable[[], object]] = {"head/plain": lambda: cap(lm_head(hidden)).argmax(-1)}
     heads.update({f"head/{kind}": (lambda s=screen: s.argmax(hidden)) for kind, screen in screens.items()})
     with torch.no_grad():  # each head ran on ``hidden`` above (the screens' checks): warmed up
-        measured = interleaved(timer, heads, REPEATS, _beaten_heads, warmed=True)
+        measured = gate_seconds | interleaved(timer, heads, REPEATS, _beaten_heads, warmed=True)
     plain, on = measured["head/plain"], f"on {len(hidden)} rows"
     fastest = min(screens, key=lambda kind: measured[f"head/{kind}"])
     seconds = measured[f"head/{fastest}"]
@@ -134,6 +147,61 @@ def time_heads(
     return HeadTiming("plain", "; ".join([reason, *gated]), shared, measured, screens)
 
 
+class VocabularySlice(nn.Module):
+    """A stand-in for ``model`` whose LM head is the first ``tokens`` rows of the model's (a view: nothing is
+    copied) and whose config is the model's (its logit softcap): a screen built on it covers that slice."""
+
+    def __init__(self, model: nn.Module, tokens: int):
+        super().__init__()
+        self.config = model.config
+        weight = model.get_output_embeddings().weight.detach()  # pyright: ignore[reportCallIssue]
+        self.lm_head = nn.Linear(weight.shape[1], tokens, bias=False, device="meta")
+        self.lm_head.weight = nn.Parameter(weight[:tokens], requires_grad=False)  # [tokens, d]
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+
+def slice_tokens(vocab: int) -> int:
+    """The tokens of the gate's slice of a vocabulary of ``vocab``: 1/``SLICE_FRACTION``, at least
+    ``SLICE_MIN_TOKENS`` (all of them where the vocabulary is that small: then there is no gate)."""
+    return min(vocab, max(SLICE_MIN_TOKENS, vocab // SLICE_FRACTION))
+
+
+@torch.no_grad()
+def slice_gate(
+    model, hidden: torch.Tensor, kinds: list[str], timer: Timer, measured: dict[str, float]
+) -> tuple[list[str], list[str]]:
+    """The screens of ``kinds`` not far slower than the full product here: each built on a slice of the vocabulary
+    (``VocabularySlice``) and timed on it against the full product of the same slice, on every row of ``hidden``
+    [rows, d] ("slice/plain", "slice/KIND": one round after a warm-up of each); those ``GATE_CLEAR`` times slower
+    are out. Returns the screens left (those this model cannot take included: their build says why) and why
+    each other is out; the timings go to ``measured``."""
+    head = model.get_output_embeddings()
+    vocab = head.weight.shape[0]
+    tokens = slice_tokens(vocab)
+    usable = [kind for kind in kinds if SCREENS[kind].unsupported_reason(model) is None]
+    if tokens >= vocab or not usable:
+        return kinds, []
+    part = VocabularySlice(model, tokens)
+    cap, weight = logit_softcap(model), part.lm_head.weight
+    on_slice = {kind: SCREENS[kind](part) for kind in usable}
+    for screen in on_slice.values():
+        screen.prepare(hidden)  # what it derives from the states (int8: outlier channels, the slice's copy)
+    heads: dict[str, Callable[[], object]] = {"slice/plain": lambda: softcapped(hidden @ weight.T, cap).argmax(-1)}
+    heads.update({f"slice/{kind}": (lambda s=screen: s.argmax(hidden)) for kind, screen in on_slice.items()})
+    seconds = interleaved(timer, heads, 1)
+    measured.update(seconds)
+    plain = seconds["slice/plain"]
+    slow = [kind for kind in usable if seconds[f"slice/{kind}"] >= GATE_CLEAR * plain]
+    out = [
+        f"{kind} screen {ratio(seconds[f'slice/{kind}'], plain)} slower than the full product on {tokens} of "
+        f"{vocab} tokens here"
+        for kind in slow
+    ]
+    return [kind for kind in kinds if kind not in slow], out
+
+
 def _timed_plain_tokens(screen: CertifiedHead, hidden: torch.Tensor, timer: Timer) -> tuple[torch.Tensor, float]:
     """The plain head's greedy tokens on ``hidden`` [rows, d] (by the screen's full product: the model's head,
     softcapped) and the seconds of that call, timed as "gate/plain"."""
@@ -143,37 +211,27 @@ def _timed_plain_tokens(screen: CertifiedHead, hidden: torch.Tensor, timer: Time
 
 
 def _timed_check(
-    name: str, screen: CertifiedHead, hidden: torch.Tensor, plain_tokens: torch.Tensor, timer: Timer
-) -> tuple[bool, float]:
-    """Whether the screen gives ``plain_tokens`` on ``hidden``, and the seconds that took (timed as ``name``)."""
-    agrees: list[bool] = []
-    seconds = timer(name, lambda: agrees.append(screen_agrees(screen, hidden, plain_tokens)))
-    return agrees[0], seconds
-
-
-def _gate(
     kind: str,
     screen: CertifiedHead,
     hidden: torch.Tensor,
     plain_tokens: torch.Tensor,
     plain_seconds: float,
     timer: Timer,
+    measured: dict[str, float],
 ) -> tuple[str | None, bool]:
-    """A screen's check on the sample ``hidden`` [rows, d], gated: on its first 1/``GATE_FRACTION`` rows,
-    then on every row (each timed, "gate/KIND" and "check/KIND"), the screen must give the plain head's
-    tokens and take less than ``GATE_CLEAR`` times ``plain_seconds`` (the full product on every row).
-    Returns why it is out (None: it passed both) and whether it agreed."""
+    """A screen's check on the sample ``hidden`` [rows, d], timed ("check/KIND"): the screen must give the plain
+    head's tokens and take less than ``GATE_CLEAR`` times ``plain_seconds`` (the full product on every row).
+    Returns why it is out (None: it passed) and whether it agreed; the seconds go to ``measured``."""
     screen.prepare(hidden)  # what it derives from the states (int8: its outlier channels) is not timed
-    for name, rows in ((f"gate/{kind}", len(hidden) // GATE_FRACTION), (f"check/{kind}", len(hidden))):
-        agrees, seconds = _timed_check(name, screen, hidden[:rows], plain_tokens[:rows], timer)
-        if not agrees:
-            return "it disagreed with the plain head on a sample", False
-        if seconds >= GATE_CLEAR * plain_seconds and rows < len(hidden):
-            slower = ratio(seconds, plain_seconds)
-            return f"{kind} screen {slower} slower on {rows} rows than the full product on all {len(hidden)} here", True
-        if seconds >= GATE_CLEAR * plain_seconds:
-            return (
-                f"{kind} screen {ratio(seconds, plain_seconds)} slower than the full product on {rows} rows here",
-                True,
-            )
+    agrees: list[bool] = []
+    seconds = measured[f"check/{kind}"] = timer(
+        f"check/{kind}", lambda: agrees.append(screen_agrees(screen, hidden, plain_tokens))
+    )
+    if not agrees[0]:
+        return "it disagreed with the plain head on a sample", False
+    if seconds >= GATE_CLEAR * plain_seconds:
+        return (
+            f"{kind} screen {ratio(seconds, plain_seconds)} slower than the full product on {len(hidden)} rows here",
+            True,
+        )
     return None, True
