@@ -23,6 +23,7 @@ from icl_locate.engines.base import StopRule, forward, last_hidden
 from icl_locate.engines.calibrate import TREE_BATCH_NOTE, Calibrator, build_engine
 from icl_locate.engines.choices import Choices
 from icl_locate.engines.fast import FastEngine
+from icl_locate.engines.head import CertifiedHead
 from icl_locate.engines.reference import ReferenceEngine
 from icl_locate.engines.request import AUTO_REQUEST, EngineRequest, parse_draft_tokens
 from icl_locate.engines.screens import SCREENS
@@ -1022,17 +1023,27 @@ def sample(lm, rows: int = 32) -> torch.Tensor:
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_screen_on_a_slice_of_the_vocabulary_decodes_that_slice(kind):
-    """The gate's stand-in (``VocabularySlice``): a screen built on it is the screen of the head's first tokens,
-    through a view of the model's weight, softcapped as the model's logits are."""
+    """The gate's stand-in (``VocabularySlice``): a screen built on it is the screen of every (V // tokens)-th
+    token of the head, softcapped as the model's logits are."""
     model = head_model(vocab=5000, d=64, softcap=30.0)
     hidden = with_outlier_channels(torch.randn(24, 64) * 3)
     part = head_timing.VocabularySlice(model, 1200)
     screen = SCREENS[kind](part)
-    weight = model.lm_head.weight
-    assert part.lm_head.weight.data_ptr() == weight.data_ptr() and part.lm_head.weight.shape == (1200, 64)
-    plain = 30.0 * torch.tanh(hidden @ weight[:1200].T / 30.0)  # [24, 1200]
+    rows = model.lm_head.weight[::4][:1200]  # 5000 // 1200 = 4
+    assert torch.equal(part.lm_head.weight, rows) and part.config is model.config
+    plain = 30.0 * torch.tanh(hidden @ rows.T / 30.0)  # [24, 1200]
     assert torch.allclose(screen.full_logits(hidden), plain, atol=1e-5)
     assert torch.equal(screen.argmax(hidden), plain.argmax(-1))
+
+
+def heads_called(monkeypatch) -> list[tuple[str, int]]:
+    """Record each screen call's (kind, tokens of the head it covers)."""
+    calls: list[tuple[str, int]] = []
+    argmax = CertifiedHead.argmax
+    monkeypatch.setattr(
+        CertifiedHead, "argmax", lambda self, h: calls.append((self.kind, len(self.weight))) or argmax(self, h)
+    )
+    return calls
 
 
 @pytest.mark.parametrize(
@@ -1049,34 +1060,68 @@ def test_a_screen_far_slower_on_a_slice_of_the_vocabulary_is_not_built_on_all_of
     monkeypatch.setattr(head_timing, "SLICE_MIN_TOKENS", 16)
     lm = tiny("llama")
     vocab = lm.model.get_output_embeddings().weight.shape[0]
-    tokens = head_timing.slice_tokens(vocab)
-    assert tokens == 16 < vocab
+    assert head_timing.slice_tokens(vocab) == 16
     built: list[str] = []
     real = head_timing.build_screen
     monkeypatch.setattr(
         head_timing, "build_screen", lambda model, kind, *a: built.append(kind) or real(model, kind, *a)
     )
+    calls = heads_called(monkeypatch)
     timer = FakeTimer(slice__plain=1.0, slice__int8=slice_int8, gate__plain=1.0, check__int8=check_int8)
     timer.seconds |= {"head/plain": 1.0, "head/bf16": 0.8, "head/int8": 0.5}
-    hidden = sample(lm)
-    timing_ = head_timing.time_heads(lm.model, hidden, "auto", timer, {})
+    timing_ = head_timing.time_heads(lm.model, sample(lm), "auto", timer, {})
     assert {name for name in timer.calls if name.startswith("slice/")} == {f"slice/{k}" for k in ("plain", *SCREENS)}
-    assert ("int8" in built) == ("check/int8" in timer.calls) == (slice_int8 < head_timing.GATE_CLEAR)
+    assert {kind for kind, tokens in calls if tokens == 16} == set(SCREENS)  # every screen timed on the slice
+    passed = slice_int8 < head_timing.GATE_CLEAR
+    assert ("int8" in built) == ("check/int8" in timer.calls) == (("int8", vocab) in calls) == passed
     assert timing_.measured["slice/int8"] == slice_int8 and timing_.measured["slice/plain"] == 1.0  # kept
     assert timing_.kind == ("int8" if int8_timed else "bf16") and timing_.shared
     assert ("head/int8" in timing_.measured) == ("head/int8" in timer.calls) == int8_timed
     gated = {
-        3.0: f"int8 screen 3.0x slower than the full product on 16 of {vocab} tokens here",
+        3.0: f"int8 screen 3.0x slower than the full product on 16 of {vocab} tokens (all 32 rows) here",
         2.8: "int8 screen 2.8x slower than the full product on 32 rows here",
     }
     assert any(text in timing_.reason for text in gated.values()) != int8_timed
 
 
-def test_no_gate_where_the_vocabulary_is_no_larger_than_a_slice(monkeypatch):
-    """A vocabulary of ``SLICE_MIN_TOKENS`` or fewer has no slice to time apart from the whole: the screens are
-    checked and timed on the whole head at once."""
+def test_a_screen_built_before_is_not_gated_again(monkeypatch):
+    """A screen the calibration built already (``built``: its copy of the head is paid) skips the slice and is
+    checked on the whole sample, while the others are gated."""
+    monkeypatch.setattr(head_timing, "SLICE_MIN_TOKENS", 16)
     lm = tiny("llama")
-    assert head_timing.slice_tokens(lm.model.get_output_embeddings().weight.shape[0]) == 259
+    timer = FakeTimer(slice__plain=1.0, slice__bf16=3.0, head__plain=1.0, head__int8=0.5)
+    int8 = SCREENS["int8"](lm.model)
+    timing_ = head_timing.time_heads(lm.model, sample(lm), "auto", timer, {"int8": int8})
+    assert "slice/int8" not in timer.calls and "slice/bf16" in timer.calls and "check/int8" in timer.calls
+    assert timing_.kind == "int8" and timing_.screens["int8"] is int8 and "bf16" not in timing_.screens
+
+
+@pytest.mark.parametrize("unfit", ["no linear head", "another logits formula"])
+def test_no_slice_gate_where_the_screens_cannot_take_the_head(monkeypatch, unfit):
+    """A head no screen can take, or logits that are not the head's: no slice is timed, and the screens' builds
+    say why they are refused."""
+    monkeypatch.setattr(head_timing, "SLICE_MIN_TOKENS", 16)
+    lm = tiny("llama")
+    hidden = sample(lm)
+    if unfit == "no linear head":
+        monkeypatch.setattr(lm.model, "get_output_embeddings", lambda: torch.nn.Identity())
+        why = "not a plain linear layer"
+    else:
+        monkeypatch.setattr(lm.model.config, "final_logit_softcapping", 5.0, raising=False)
+        why = "its logits are not softcap(lm_head(last hidden state))"
+    timer = FakeTimer()
+    timing_ = head_timing.time_heads(lm.model, hidden, "auto", timer, {})
+    assert timing_.kind == "plain" and not [name for name in timer.calls if name.startswith("slice/")]
+    assert all(f"no {kind} screen: " in timing_.reason for kind in SCREENS) and why in timing_.reason
+
+
+def test_no_slice_gate_where_a_slice_would_be_much_of_the_vocabulary():
+    """A slice of more than 1/SLICE_MAX_SHARE of the vocabulary would build each screen about twice: the screens
+    are checked and timed on the whole head at once."""
+    assert head_timing.slice_tokens(4 * head_timing.SLICE_MIN_TOKENS) == head_timing.SLICE_MIN_TOKENS
+    assert head_timing.slice_tokens(4 * head_timing.SLICE_MIN_TOKENS - 1) is None
+    assert head_timing.slice_tokens(262144) == 262144 // head_timing.SLICE_FRACTION
+    lm = tiny("llama")
     timer = FakeTimer(head__plain=1.0, head__bf16=0.8, head__int8=0.5)
     timing_ = head_timing.time_heads(lm.model, sample(lm), "auto", timer, {})
     assert timing_.kind == "int8" and not [name for name in timer.calls if name.startswith("slice/")]

@@ -20,7 +20,7 @@ weight replaced or changed in place (through the tensor, not through ``.data``) 
 few calls one row's exact logits verify the bound: if it is ever exceeded, the screen switches
 itself off with a warning and the full head decides from then on. Used only where it is checked to
 be exact: the model's logits must be ``head(final hidden state)``, softcapped by
-``final_logit_softcapping`` when the config sets it, with no bias (``screens.screen_mismatch``).
+``final_logit_softcapping`` when the config sets it, with no bias (``screens.logits_mismatch``).
 """
 
 from __future__ import annotations

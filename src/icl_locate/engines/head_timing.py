@@ -8,12 +8,14 @@ is checked to give the plain head's tokens there: a screen that disagrees is ref
 
 A screen whose kernel is far slower than the full product here (int8 products without fast int8 units
 can be ten times slower than fp32 ones) would make its set-up and check alone cost several full head
-calls. So each screen is first built on a slice of the vocabulary (``VocabularySlice``: its first
-1/``SLICE_FRACTION`` of the tokens, a view of the head) and timed there against the full product of the
-same slice, on every row of the sample: both products grow with the tokens they cover, so a screen
-already ``GATE_CLEAR`` times slower there cannot win on the whole vocabulary, and is neither built on
-it nor checked there. The check of a screen that passes, on the whole sample, is timed too, and a
-screen that slow there is not timed again.
+calls. So on a CPU each screen is first built on a slice of the vocabulary (``VocabularySlice``: every
+``SLICE_FRACTION``-th token) and timed there against the full product of the same tokens, on every row
+of the sample: both products grow with the tokens they cover, so a screen ``GATE_CLEAR`` times slower
+there, a margin for the fixed costs that weigh more on a slice, is not expected to win on the whole
+vocabulary, and is neither built on it nor checked there. (On a GPU a head's product is short and a
+screen's fixed costs, kernel launches and host syncs, would weigh on a slice far more than on the
+whole head: no slice there.) The check of a screen that passes, on the whole sample, is timed too, and
+a screen that slow there is not timed again.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from ..core.structure import logit_softcap, softcapped
 from ..util.errors import UserError
 from .base import logits_probe
 from .head import CertifiedHead
-from .screens import SCREENS, build_screen
+from .screens import SCREENS, build_screen, logits_mismatch
 from .timing import REPEATS, Timer, interleaved, ratio
 
 # the names of the head's timings in ``measured``: the heads' rounds and the gate's (a head measured again drops them)
@@ -36,6 +38,7 @@ HEAD_TIMINGS = ("head/", "slice/", "gate/", "check/")
 HEAD_CLEAR = 1.3  # after a round, a head this many times slower than the fastest is timed no more
 SLICE_FRACTION = 16  # the gate times the heads on this fraction of the vocabulary (a sixteenth of a call)
 SLICE_MIN_TOKENS = 4096  # and on no fewer tokens: a product over fewer would time its fixed costs, not its kernel
+SLICE_MAX_SHARE = 4  # no slice where it would be more than this fraction of the vocabulary: a screen built twice
 # The gate drops a screen only this many times slower than the full product: on a slice a screen's fixed costs
 # (quantising the states, finding candidates) weigh more than on the whole vocabulary, and the full product of a
 # slice may run partly from cache where the whole head's does not; a screen the gate passes is timed on the whole
@@ -72,7 +75,7 @@ class HeadTiming:
     kind: str  # "plain" or a screen's kind
     reason: str
     shared: bool  # whether the verdict holds for the model whatever the prompt (no screen refused by a sample)
-    measured: dict[str, float] = field(default_factory=dict)  # seconds of a head call, "head/KIND"
+    measured: dict[str, float] = field(default_factory=dict)  # seconds, by ``HEAD_TIMINGS`` names: "head/KIND", ...
     screens: dict[str, CertifiedHead] = field(default_factory=dict)  # the screens built and checked, by kind
 
 
@@ -86,17 +89,17 @@ def time_heads(
     built = built or {}
     screens: dict[str, CertifiedHead] = {}
     refused: list[str] = []
-    gated: list[str] = []  # screens out after the gate (too slow on a slice of the vocabulary), as the reason says them
+    gated: list[str] = []  # screens out as too slow (on the slice, or in their check), as the reason says them
     shared = True
     plain_tokens = None  # the plain head's tokens on the sample: computed once for every screen's check
     plain_seconds = 0.0  # that call's seconds
     gate = wanted == "auto"
     gate_seconds: dict[str, float] = {}  # the gate's timings ("slice/", "gate/plain", "check/"), kept with the rest
     kinds = [wanted] if wanted in SCREENS else list(SCREENS)
-    if gate:
-        kinds, gated = slice_gate(model, hidden, [k for k in kinds if k not in built], timer, gate_seconds)
-        kinds += [k for k in SCREENS if k in built]
     probe = logits_probe(model)  # the model's logits formula, checked by every screen's build
+    if gate and hidden.device.type == "cpu":
+        kinds, gated = slice_gate(model, hidden, [k for k in kinds if k not in built], timer, gate_seconds, probe)
+        kinds += [k for k in SCREENS if k in built]
     for kind in kinds:
         screen, why_not = (built[kind], None) if kind in built else build_screen(model, kind, probe)
         if screen is not None and plain_tokens is None and gate:
@@ -148,40 +151,50 @@ def time_heads(
 
 
 class VocabularySlice(nn.Module):
-    """A stand-in for ``model`` whose LM head is the first ``tokens`` rows of the model's (a view: nothing is
-    copied) and whose config is the model's (its logit softcap): a screen built on it covers that slice."""
+    """A stand-in for ``model`` whose LM head holds ``tokens`` of the model's head rows, every
+    ``vocab // tokens``-th (a copy: spread over the vocabulary, not its first tokens, byte pieces and
+    specials), and whose config is the model's (its logit softcap): a screen built on it covers that slice."""
 
     def __init__(self, model: nn.Module, tokens: int):
         super().__init__()
         self.config = model.config
         weight = model.get_output_embeddings().weight.detach()  # pyright: ignore[reportCallIssue]
+        rows = weight[:: len(weight) // tokens][:tokens].contiguous()  # [tokens, d]
         self.lm_head = nn.Linear(weight.shape[1], tokens, bias=False, device="meta")
-        self.lm_head.weight = nn.Parameter(weight[:tokens], requires_grad=False)  # [tokens, d]
+        self.lm_head.weight = nn.Parameter(rows, requires_grad=False)
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
 
 
-def slice_tokens(vocab: int) -> int:
+def slice_tokens(vocab: int) -> int | None:
     """The tokens of the gate's slice of a vocabulary of ``vocab``: 1/``SLICE_FRACTION``, at least
-    ``SLICE_MIN_TOKENS`` (all of them where the vocabulary is that small: then there is no gate)."""
-    return min(vocab, max(SLICE_MIN_TOKENS, vocab // SLICE_FRACTION))
+    ``SLICE_MIN_TOKENS``; None (no slice gate) where that is more than 1/``SLICE_MAX_SHARE`` of the vocabulary."""
+    tokens = max(SLICE_MIN_TOKENS, vocab // SLICE_FRACTION)
+    return tokens if tokens * SLICE_MAX_SHARE <= vocab else None
 
 
 @torch.no_grad()
 def slice_gate(
-    model, hidden: torch.Tensor, kinds: list[str], timer: Timer, measured: dict[str, float]
+    model,
+    hidden: torch.Tensor,
+    kinds: list[str],
+    timer: Timer,
+    measured: dict[str, float],
+    probe: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[list[str], list[str]]:
     """The screens of ``kinds`` not far slower than the full product here: each built on a slice of the vocabulary
     (``VocabularySlice``) and timed on it against the full product of the same slice, on every row of ``hidden``
     [rows, d] ("slice/plain", "slice/KIND": one round after a warm-up of each); those ``GATE_CLEAR`` times slower
     are out. Returns the screens left (those this model cannot take included: their build says why) and why
-    each other is out; the timings go to ``measured``."""
-    head = model.get_output_embeddings()
-    vocab = head.weight.shape[0]
-    tokens = slice_tokens(vocab)
+    each other is out; the timings go to ``measured``. No gate where no screen fits the model's head or its
+    logits are not the head's (``logits_mismatch``, ``probe`` as it takes it): the builds then say why."""
     usable = [kind for kind in kinds if SCREENS[kind].unsupported_reason(model) is None]
-    if tokens >= vocab or not usable:
+    if not usable or logits_mismatch(model, probe) is not None:
+        return kinds, []
+    vocab = model.get_output_embeddings().weight.shape[0]
+    tokens = slice_tokens(vocab)
+    if tokens is None:
         return kinds, []
     part = VocabularySlice(model, tokens)
     cap, weight = logit_softcap(model), part.lm_head.weight
@@ -196,7 +209,7 @@ def slice_gate(
     slow = [kind for kind in usable if seconds[f"slice/{kind}"] >= GATE_CLEAR * plain]
     out = [
         f"{kind} screen {ratio(seconds[f'slice/{kind}'], plain)} slower than the full product on {tokens} of "
-        f"{vocab} tokens here"
+        f"{vocab} tokens (all {len(hidden)} rows) here"
         for kind in slow
     ]
     return [kind for kind in kinds if kind not in slow], out
