@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..core.structure import logit_softcap, softcapped
 from ..util.errors import UserError
 from .base import logits_probe
 from .head import CertifiedHead
@@ -197,11 +196,11 @@ def slice_gate(
     if tokens is None:
         return kinds, []
     part = VocabularySlice(model, tokens)
-    cap, weight = logit_softcap(model), part.lm_head.weight
     on_slice = {kind: SCREENS[kind](part) for kind in usable}
     for screen in on_slice.values():
         screen.prepare(hidden)  # what it derives from the states (int8: outlier channels, the slice's copy)
-    heads: dict[str, Callable[[], object]] = {"slice/plain": lambda: softcapped(hidden @ weight.T, cap).argmax(-1)}
+    full = on_slice[usable[0]].full_logits  # the slice's full product, softcapped: the plain head on those tokens
+    heads: dict[str, Callable[[], object]] = {"slice/plain": lambda: full(hidden).argmax(-1)}
     heads.update({f"slice/{kind}": (lambda s=screen: s.argmax(hidden)) for kind, screen in on_slice.items()})
     seconds = interleaved(timer, heads, 1)
     measured.update(seconds)
