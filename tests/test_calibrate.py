@@ -5,6 +5,7 @@ the reference engine. The chosen path and the machine are stored with the run an
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 from dataclasses import replace
 from pathlib import Path
@@ -27,6 +28,7 @@ from icl_locate.engines.head import CertifiedHead
 from icl_locate.engines.reference import ReferenceEngine
 from icl_locate.engines.request import AUTO_REQUEST, EngineRequest, parse_draft_tokens
 from icl_locate.engines.screens import SCREENS
+from icl_locate.engines.timing import measure_seconds
 from icl_locate.engines.tree import TreeEngine
 from icl_locate.util.errors import UserError
 from test_fast_engine import FAMILIES, encoded_prompts, masked
@@ -36,8 +38,9 @@ STOP = StopRule((), 6)
 
 
 class FakeTimer:
-    """Runs each measured function once and returns the seconds given for its name (a head not named: 10 s,
-    out after one round; anything else: 1 s); records what was measured."""
+    """Runs each measured function once and returns the seconds given for its name; a head's check on the
+    whole sample ("check/KIND", "gate/plain": the same call as its round) not named takes the head's seconds;
+    a head not named: 10 s (out at its first timing); anything else: 1 s. Records what was measured."""
 
     def __init__(self, **seconds: float):
         self.seconds = {name.replace("__", "/").replace("_plus_", "+"): s for name, s in seconds.items()}
@@ -46,7 +49,26 @@ class FakeTimer:
     def __call__(self, name, fn):
         fn()
         self.calls.append(name)
-        return self.seconds.get(name, 10.0 if name.startswith("head/") else 1.0)
+        return self.seconds.get(name, self.seconds.get(round_name(name), 10.0 if is_head(name) else 1.0))
+
+
+def round_name(name: str) -> str:
+    """The name of a head's rounds ("head/KIND") for its timed check ("check/KIND", "gate/plain"), else ``name``."""
+    return "head/plain" if name == "gate/plain" else name.replace("check/", "head/", 1)
+
+
+def is_head(name: str) -> bool:
+    return round_name(name).startswith("head/")
+
+
+def head_timings(timer: FakeTimer, kind: str) -> int:
+    """How often ``kind``'s head was timed on the whole sample: its check (the first round) and its rounds."""
+    return sum(round_name(name) == f"head/{kind}" for name in timer.calls)
+
+
+def timed_heads(timer: FakeTimer) -> set[str]:
+    """The heads timed on the whole sample (in their checks or rounds), by kind."""
+    return {round_name(name)[5:] for name in timer.calls if round_name(name).startswith("head/")}
 
 
 def int8_sizes(screen, hidden, sizes: list[int]) -> None:
@@ -73,17 +95,19 @@ R = timing.REPEATS
 @pytest.mark.parametrize(
     "plain, bf16, int8, expected, rounds",
     [
-        (1.0, 0.5, 0.7, "bf16", (1, 1, 1)),  # the fastest 1.4x faster than the rest: one round decides
+        # the timings of each on the whole sample: its timed check, then its rounds
+        (1.0, 0.5, 0.7, "bf16", (1, 1, 1)),  # a screen 1.4x faster than the rest in the checks: they decide
         (1.0, 0.7, 0.5, "int8", (1, 1, 1)),
-        (0.4, 0.5, 0.6, "plain", (R, R, 1)),  # 1.25x: every round for the two closest; 1.5x: one round
-        (1.0, 0.5, 0.6, "bf16", (1, R, R)),  # the plain head out after one round, the screens' near tie timed on
+        (0.4, 0.5, 0.6, "plain", (1 + R, 1 + R, 2)),  # 1.25x: every round for the two closest; 1.5x: one round
+        (1.0, 0.5, 0.6, "bf16", (2, 1 + R, 1 + R)),  # the plain head out after one round, the screens' near tie
+        (0.3, 0.5, 0.6, "plain", (2, 2, 2)),  # the plain head's clear win in the checks: a round (a first call's)
     ],
 )
 def test_the_fastest_head_is_chosen(tmp_path, plain, bf16, int8, expected, rounds):
     timer = FakeTimer(head__plain=plain, head__bf16=bf16, head__int8=int8, engine__fast=2.0, engine__tree=1.0)
     choices = choose(tiny("llama"), tmp_path, timer)
     assert choices.head == expected and choices.engine == "tree"
-    assert tuple(timer.calls.count(f"head/{kind}") for kind in ("plain", "bf16", "int8")) == rounds
+    assert tuple(head_timings(timer, kind) for kind in ("plain", "bf16", "int8")) == rounds
     assert (choices.measured["head/plain"], choices.measured["head/bf16"], choices.measured["head/int8"]) == (
         plain,
         bf16,
@@ -159,7 +183,8 @@ def test_the_heads_are_timed_on_the_engines_batch_rows_and_kept_per_rows(tmp_pat
     timer = FakeTimer(head__plain=1.0, head__bf16=0.7, head__int8=0.5, engine__fast=2.0, engine__tree=1.0)
     choices = choose(tiny("llama"), tmp_path, timer)
     assert choices.head == "int8" and "on 5 rows" in choices.reasons["head"]
-    assert sizes and set(sizes[:3]) == {5}  # the agreement check, the warm-up and the timed round(s)
+    # its agreement check, timed: the first round, which decides (1.4x faster than the rest)
+    assert sizes[0] == 5 and head_timings(timer, "int8") == 1
 
     def again(rows: int) -> Choices:
         """The work measured again with the engine's batches at ``rows``, but for the head's verdicts kept."""
@@ -170,7 +195,7 @@ def test_the_heads_are_timed_on_the_engines_batch_rows_and_kept_per_rows(tmp_pat
 
     timer = FakeTimer(head__plain=1.0, head__bf16=0.5, head__int8=0.7, engine__fast=2.0, engine__tree=1.0)
     assert again(6).head == "int8" and not any("head" in c for c in timer.calls)  # one query again: kept
-    assert again(12).head == "bf16" and "head/bf16" in timer.calls  # three queries, 15 rows: measured again
+    assert again(12).head == "bf16" and "bf16" in timed_heads(timer)  # three queries, 15 rows: measured again
 
 
 @pytest.mark.parametrize(
@@ -273,7 +298,7 @@ def test_a_flag_only_the_tree_engine_honours_chooses_it_under_auto(tmp_path, req
         (EngineRequest(engine="tree", head="bf16", draft_tokens=0), {"batch"}, ("tree", "bf16", 0)),
         (EngineRequest(engine="tree", head="int8", draft_tokens=0, batch_size=2), set(), ("tree", "int8", 0)),
         (EngineRequest(head="plain", draft_tokens=0), {"engine", "batch"}, None),
-        (EngineRequest(engine="tree"), {"gate", "check", "head", "step", "batch"}, None),
+        (EngineRequest(engine="tree"), {"gate", "check", "step", "batch"}, None),  # every screen 10x slower there
     ],
 )
 def test_forcing_flags_are_honoured_and_not_measured(tmp_path, monkeypatch, request_, measured_prefixes, expected):
@@ -521,13 +546,13 @@ def test_the_cache_is_keyed_and_reused_and_a_changed_key_measures_again(tmp_path
     # another request, another shape of work: each measures again, all but the head (the same machine and model)
     forced = FakeTimer(head__plain=0.5, head__bf16=1.0)
     assert choose(lm, tmp_path, forced, EngineRequest(engine="tree")).head == "bf16"
-    assert forced.calls and not [c for c in forced.calls if c.startswith("head/")]
+    assert forced.calls and not timed_heads(forced)
     prompts, rows = work(lm)
     other_shape = FakeTimer(head__plain=0.5, head__bf16=1.0)
     choices = Calibrator(lm.model, lm.tokenizer, cache=tmp_path / "cal", timer=other_shape).choose(
         prompts, rows[:3], STOP
     )
-    assert other_shape.calls and not [c for c in other_shape.calls if c.startswith("head/")]
+    assert other_shape.calls and not timed_heads(other_shape)
     assert choices.head == "bf16" and choices.reasons["head"].endswith(calibrate.HEAD_CACHED)
     assert choices.measured["head/bf16"] == 0.5  # the verdict's own timings stay on the record
     # another machine: everything again, the head too
@@ -535,7 +560,7 @@ def test_the_cache_is_keyed_and_reused_and_a_changed_key_measures_again(tmp_path
     other = lambda device: dict(real(device), cpu_capability=f"not {real(device)['cpu_capability']}")  # noqa: E731
     monkeypatch.setattr(calibrate, "hardware", other)
     other_machine = FakeTimer(head__plain=0.5, head__bf16=1.0, head__int8=1.0)
-    assert choose(lm, tmp_path, other_machine).head == "plain" and "head/plain" in other_machine.calls
+    assert choose(lm, tmp_path, other_machine).head == "plain" and "plain" in timed_heads(other_machine)
     assert entries() == [False] * 4 + [True] * 2
 
 
@@ -566,7 +591,7 @@ def test_the_head_alone_is_chosen_forced_and_cached(tmp_path):
     first = FakeTimer(head__plain=1.0, head__bf16=0.7, head__int8=0.5)
     kind, reason, screen = head_only(first)
     assert (kind, screen.kind) == ("int8", "int8") and "int8 screen 2.0x faster" in reason
-    assert {name.split("/")[0] for name in first.calls} == {"check", "gate", "head"}  # the heads only, and their gate
+    assert {name.split("/")[0] for name in first.calls} == {"check", "gate"}  # the heads only: one round decides
     again = FakeTimer(head__plain=0.1)
     kind, reason, _ = head_only(again)
     assert kind == "int8" and reason.endswith(calibrate.HEAD_CACHED) and not again.calls
@@ -574,7 +599,7 @@ def test_the_head_alone_is_chosen_forced_and_cached(tmp_path):
     assert head_only(forced, EngineRequest(head="plain"))[::2] == ("plain", None) and not forced.calls
     engine = FakeTimer(head__plain=0.1)
     choices = choose(lm, tmp_path, engine)  # an engine's choices: another entry, the head's verdict taken
-    assert choices.head in ("int8", "plain") and not [c for c in engine.calls if c.startswith("head/")]
+    assert choices.head in ("int8", "plain") and not timed_heads(engine)
     assert "int8 screen 2.0x faster" in choices.reasons["head"]
     assert len(list((tmp_path / "cal").glob("*.json"))) == 2
 
@@ -601,7 +626,7 @@ def test_a_malformed_head_verdict_is_measured_again_and_overwritten(tmp_path, ke
     verdict.write_text(json.dumps(kept))
     again = FakeTimer(head__plain=1.0, head__int8=0.5)
     assert choose(lm, tmp_path, again, EngineRequest(engine="tree", draft_tokens=0)).head == "int8"
-    assert "head/plain" in again.calls and json.loads(verdict.read_text())["head"] == "int8"
+    assert "plain" in timed_heads(again) and json.loads(verdict.read_text())["head"] == "int8"
 
 
 @pytest.mark.parametrize(
@@ -633,7 +658,7 @@ def test_a_verdict_that_does_not_hold_here_is_measured_again_and_a_prompts_refus
         monkeypatch.setattr(module, "screen_agrees", lambda screen, hidden, plain=None: screen.kind != "int8")
     again = FakeTimer(head__plain=1.0, head__bf16=0.5, head__int8=0.1)
     choices = choose(lm, tmp_path, again, EngineRequest(engine="tree", draft_tokens=2))
-    assert choices.head == "bf16" and "head/plain" in again.calls and "head/int8" not in again.calls
+    assert choices.head == "bf16" and "plain" in timed_heads(again) and "head/int8" not in choices.measured
     assert json.loads(head_verdicts(tmp_path)[0].read_text())["head"] == "int8"  # not replaced by this refusal
 
 
@@ -1011,7 +1036,7 @@ def test_one_calibrator_builds_each_screen_once(tmp_path, monkeypatch):
         choices = calibrator.choose(masked(encoded_prompts(lm.tokenizer), get_condition(condition)), rows, STOP)
         assert choices.head == "bf16" and build_engine(lm.model, lm.tokenizer, choices, calibrator).head is not None
     # the chosen screen: timed twice, built once (the other is dropped after each choice: memory)
-    assert built.count("bf16") == 1 and timer.calls.count("head/bf16") > 1
+    assert built.count("bf16") == 1 and head_timings(timer, "bf16") > 1
 
 
 def sample(lm, rows: int = 32) -> torch.Tensor:
@@ -1086,7 +1111,7 @@ def test_a_screen_far_slower_on_a_slice_of_the_vocabulary_is_not_built_on_all_of
     assert ("int8" in built) == ("check/int8" in timer.calls) == (("int8", vocab) in calls) == passed
     assert timing_.measured["slice/int8"] == slice_int8 and timing_.measured["slice/plain"] == 1.0  # kept
     assert timing_.kind == ("int8" if int8_timed else "bf16") and timing_.shared
-    assert ("head/int8" in timing_.measured) == ("head/int8" in timer.calls) == int8_timed
+    assert ("head/int8" in timing_.measured) == int8_timed
     gated = {
         3.0: f"int8 screen 3.0x slower than the full product on 16 of {vocab} tokens (all 32 rows) here",
         2.8: "int8 screen 2.8x slower than the full product on 32 rows here",
@@ -1105,6 +1130,27 @@ def test_a_screen_built_before_is_not_gated_again(monkeypatch):
     timing_ = head_timing.time_heads(lm.model, sample(lm), "auto", timer, {"int8": int8})
     assert "slice/int8" not in timer.calls and "slice/bf16" in timer.calls and "check/int8" in timer.calls
     assert timing_.kind == "int8" and timing_.screens["int8"] is int8 and "bf16" not in timing_.screens
+
+
+def test_a_screens_timed_check_runs_on_its_logits_buffer_made_before():
+    """A screen's timed check can decide the heads' comparison (a clear win there): its logits' buffer is made
+    and touched before it is timed, so the check times the screen as later calls run it, not a fresh buffer's
+    page faults."""
+    lm = tiny("llama")
+    usable = [kind for kind in SCREENS if SCREENS[kind].unsupported_reason(lm.model) is None]
+    built = {kind: SCREENS[kind](lm.model) for kind in usable}
+    hidden = sample(lm)
+    checked: list[str] = []
+
+    def timer(name, fn):
+        if name.startswith("check/"):
+            buffer, (shape, dtype) = built[name[6:]].buffer, built[name[6:]].logits_layout(len(hidden))
+            assert buffer is not None and buffer.dtype == dtype and buffer.numel() == math.prod(shape)
+            checked.append(name[6:])
+        return measure_seconds(name, fn)
+
+    head_timing.time_heads(lm.model, hidden, "auto", timer, built)
+    assert sorted(checked) == sorted(usable) and usable
 
 
 @pytest.mark.parametrize("unfit", ["no linear head", "another logits formula"])

@@ -100,6 +100,16 @@ class CertifiedHead:
         """The model's final logit softcap (``final_logit_softcapping``), or the logits as they are."""
         return softcapped(logits, self.softcap)
 
+    def logits_layout(self, rows: int) -> tuple[tuple[int, ...], torch.dtype]:
+        """The shape and dtype of the screen's logits of ``rows`` states, as ``_screen_buffer`` holds them."""
+        raise NotImplementedError
+
+    def reserve(self, rows: int, device: torch.device) -> None:
+        """Make the logits' buffer for ``rows`` states now and touch its pages: a timed first call then times
+        the screen as later calls run it, not the page faults of a fresh buffer of a few hundred MB."""
+        shape, dtype = self.logits_layout(rows)
+        self._screen_buffer(shape, dtype, device).zero_()
+
     def _screen_buffer(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """A tensor of ``shape`` for the screen's logits to be written into (contents undefined), from a buffer
         kept for the next call: a fresh one of a few hundred MB pays its page faults on every call, a large
@@ -219,10 +229,13 @@ class Bf16ScreenedHead(CertifiedHead):
         self.input_term = (2 * UNIT_BF16 + UNIT_BF16**2 + d * UNIT_FP32 * (1 + UNIT_BF16) ** 2) * SAFETY
         self.output_term = UNIT_BF16 / (1 - UNIT_BF16) * SAFETY
 
+    def logits_layout(self, rows: int) -> tuple[tuple[int, ...], torch.dtype]:
+        return (rows, self.screen.shape[0]), torch.bfloat16  # [B, V]
+
     def _approx(self, hidden: torch.Tensor) -> torch.Tensor:
         """bf16 logits [B, V]; on a GPU with reduced-precision reductions switched off in this scope
         (the bound assumes fp32 accumulation)."""
-        out = self._screen_buffer((hidden.shape[0], self.screen.shape[0]), torch.bfloat16, hidden.device)
+        out = self._screen_buffer(*self.logits_layout(hidden.shape[0]), hidden.device)
         if hidden.device.type != "cuda":
             return torch.mm(hidden.to(torch.bfloat16), self.screen.T, out=out)
         flags = torch.backends.cuda.matmul

@@ -118,6 +118,9 @@ class Int8ScreenedHead(CertifiedHead):
         self.w_norm_max, self.e_norm_max = float(self.w_norm.max()), float(self.e_norm.max())
         self.rounding = 2 * (d + 16) * UNIT_FP32
 
+    def logits_layout(self, rows: int) -> tuple[tuple[int, ...], torch.dtype]:
+        return (-(-self.weight.shape[0] // CHUNK_TOKENS), CHUNK_TOKENS, rows), torch.float32  # [chunks, C, B]
+
     def _approx(self, hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The screen's logits in units of t, [chunks, CHUNK_TOKENS, B] (-inf past V), the max of each block of
         ``MAX_BLOCK_TOKENS`` of them [blocks, B], t [B], and the bound's per-row factors alpha, beta [B]:
@@ -131,7 +134,7 @@ class Int8ScreenedHead(CertifiedHead):
         states = self._states_operand(q)
         h_out_t = (hidden[:, self.outliers] / t[:, None]).T  # [k, B]
         vocab, rows = self.w_int8.shape[0], hidden.shape[0]
-        chunks = self._screen_buffer((-(-vocab // CHUNK_TOKENS), CHUNK_TOKENS, rows), torch.float32, hidden.device)
+        chunks = self._screen_buffer(*self.logits_layout(rows), hidden.device)
         chunks[-1, vocab - (len(chunks) - 1) * CHUNK_TOKENS :] = -float("inf")  # past V: never a candidate
         block_max = torch.empty(
             len(chunks), CHUNK_TOKENS // MAX_BLOCK_TOKENS, rows, dtype=chunks.dtype, device=hidden.device
