@@ -98,8 +98,11 @@ class DecodingSteps:
             self.buffers = []  # the smaller buffer goes before the larger comes
             width = self.length + len(self.tokens)
             for keys, values in self.kv:  # [1, kv heads, length - 1, d] each; the rooms [rows, kv heads, width, d]
-                room_k = keys.new_zeros(rows, keys.shape[1], width, keys.shape[3])
-                room_v = values.new_zeros(rows, values.shape[1], width, values.shape[3])
+                room_k = keys.new_empty(rows, keys.shape[1], width, keys.shape[3])
+                room_v = values.new_empty(rows, values.shape[1], width, values.shape[3])
+                # the padding column is masked, yet its scores must be finite: zeros; the prompt's columns are
+                # copied; the fed tokens' columns are written by each step before it reads them (one pass, not two)
+                room_k[:, :, :1], room_v[:, :, :1] = 0, 0
                 room_k[:, :, 1 : self.length], room_v[:, :, 1 : self.length] = keys, values
                 self.buffers.append((room_k, room_v))
         return [(k[:rows], v[:rows]) for k, v in self.buffers]
