@@ -36,7 +36,7 @@ from ..engines.request import AUTO_REQUEST, EngineRequest, parse_draft_tokens
 from ..tasks.items import build_items
 from ..util.fileio import check_writable, write_json_atomic
 from ..util.progress import Progress
-from ..util.system import peak_rss_mb, process_peak_mb, reset_peak_rss
+from ..util.system import peak_rss_mb, process_peak_mb, reset_peak_rss, return_free_memory
 from .common import check_context, layer_from_condition, masked_prompts, stop_rule
 from .options import BenchSettings
 from .settings import check_count, parse_layers, task_and_data
@@ -200,6 +200,7 @@ def compare_methods(
     before = peak_rss_mb()  # the process's peak so far (model, (a), (b), calibration): the resets below clear it
     for name, engine in engines.items():
         log(f"running ({'c' if name == 'fast' else 'd'}) {'fast engine' if name == 'fast' else choices.summary()} ...")
+        return_free_memory(gpu_cache=False)  # each engine's peak from what the process holds, not what (b) freed
         reset_peak_rss()
         started = time.perf_counter()
         outputs[name] = engine.generate(prompts, rows, stop)
