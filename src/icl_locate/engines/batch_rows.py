@@ -101,7 +101,7 @@ class DecodingSteps:
                 room_k = keys.new_empty(rows, keys.shape[1], width, keys.shape[3])
                 room_v = values.new_empty(rows, values.shape[1], width, values.shape[3])
                 # the padding column is masked, yet its scores must be finite: zeros; the prompt's columns are
-                # copied; the fed tokens' columns are written by each step before it reads them (one pass, not two)
+                # copied; the fed tokens' columns are written by each step before it reads them (written once)
                 room_k[:, :, :1], room_v[:, :, :1] = 0, 0
                 room_k[:, :, 1 : self.length], room_v[:, :, 1 : self.length] = keys, values
                 self.buffers.append((room_k, room_v))

@@ -100,15 +100,17 @@ class CertifiedHead:
         """The model's final logit softcap (``final_logit_softcapping``), or the logits as they are."""
         return softcapped(logits, self.softcap)
 
-    def logits_layout(self, rows: int) -> tuple[tuple[int, ...], torch.dtype]:
-        """The shape and dtype of the screen's logits of ``rows`` states, as ``_screen_buffer`` holds them."""
-        raise NotImplementedError
+    def logits_layout(self, rows: int) -> tuple[tuple[int, ...], torch.dtype] | None:
+        """The shape and dtype of the screen's logits of ``rows`` states, as ``_screen_buffer`` holds them (None:
+        a screen that keeps no logits buffer)."""
+        return None
 
     def reserve(self, rows: int, device: torch.device) -> None:
         """Make the logits' buffer for ``rows`` states now and touch its pages: a timed first call then times
-        the screen as later calls run it, not the page faults of a fresh buffer of a few hundred MB."""
-        shape, dtype = self.logits_layout(rows)
-        self._screen_buffer(shape, dtype, device).zero_()
+        the screen as later calls run it, not the page faults of a fresh buffer of tens to hundreds of MB."""
+        layout = self.logits_layout(rows)
+        if layout is not None:
+            self._screen_buffer(*layout, device).zero_()
 
     def _screen_buffer(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """A tensor of ``shape`` for the screen's logits to be written into (contents undefined), from a buffer

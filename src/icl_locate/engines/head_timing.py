@@ -16,8 +16,8 @@ vocabulary, and is neither built on it nor checked there. (On a GPU a head's pro
 screen's fixed costs, kernel launches and host syncs, would weigh on a slice far more than on the
 whole head: no slice there.) The check of a screen that passes, on the whole sample, is timed too: a
 screen that slow there is not timed again. On a CPU the checks, with the call of the full product that
-gave the tokens they are checked against, are a first round of the heads' comparison, which a screen's
-clear win there decides.
+gave the tokens they are checked against, are a preliminary round: a screen's clear win there decides;
+otherwise it is not counted, and the heads' rounds run.
 """
 
 from __future__ import annotations
@@ -72,8 +72,9 @@ def _beaten_heads(seconds: dict[str, float]) -> set[str]:
 def _clear_winner(seconds: dict[str, float]) -> str | None:
     """The head ``HEAD_CLEAR`` times faster than every other in one round (None: none, or fewer than two).
     Of the timed checks on a CPU, only a screen's clear win decides: its check is its first call on the
-    sample (its logits' buffer made before it), if anything slower than later ones, so later rounds would
-    not unseat it; a screen that loses its first call may still win later ones."""
+    sample (its logits' buffer made before it), if anything slower than later ones, while the full
+    product's call runs as each of its calls does (a fresh output every time, no kernel set up by a first
+    call), so later rounds would not unseat it; a screen that loses its first call may still win them."""
     if len(seconds) < 2:
         return None
     fastest = min(seconds, key=seconds.__getitem__)
@@ -147,8 +148,8 @@ def time_heads(
     lm_head, cap = model.get_output_embeddings(), next(iter(screens.values())).cap
     heads: dict[str, Callable[[], object]] = {"head/plain": lambda: cap(lm_head(hidden)).argmax(-1)}
     heads.update({f"head/{kind}": (lambda s=screen: s.argmax(hidden)) for kind, screen in screens.items()})
-    # The timed checks as a round of the heads (the full product's call, then each screen's), on a CPU: its long
-    # products outweigh a first call's fixed costs (on a GPU they may not).
+    # The timed checks as a preliminary round of the heads (the full product's call, then each screen's), on a
+    # CPU: its long products outweigh a first call's fixed costs (on a GPU they may not).
     checks: dict[str, float] = {}
     if gate and hidden.device.type == "cpu":
         checks = {"head/plain": gate_seconds["gate/plain"]} | {f"head/{k}": gate_seconds[f"check/{k}"] for k in screens}
@@ -257,7 +258,7 @@ def _timed_check(
     head's tokens and take less than ``GATE_CLEAR`` times ``plain_seconds`` (the full product on every row).
     Returns why it is out (None: it passed) and whether it agreed; the seconds go to ``measured``."""
     screen.prepare(hidden)  # what it derives from the states (int8: its outlier channels) is not timed,
-    screen.reserve(len(hidden), hidden.device)  # nor its logits' first page faults: this call is the first round
+    screen.reserve(len(hidden), hidden.device)  # nor its logits' first page faults (on a CPU it may decide)
     agrees: list[bool] = []
     seconds = measured[f"check/{kind}"] = timer(
         f"check/{kind}", lambda: agrees.append(screen_agrees(screen, hidden, plain_tokens))
