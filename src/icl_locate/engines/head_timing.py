@@ -77,9 +77,8 @@ def _clear_winner(seconds: dict[str, float]) -> str | None:
     call), so later rounds would not unseat it; a screen that loses its first call may still win them."""
     if len(seconds) < 2:
         return None
-    fastest = min(seconds, key=seconds.__getitem__)
-    beaten = _beaten_heads(seconds)
-    return fastest if len(beaten) == len(seconds) - 1 else None
+    left = set(seconds) - _beaten_heads(seconds)  # the fastest, and any within HEAD_CLEAR of it
+    return left.pop() if len(left) == 1 else None
 
 
 @dataclass
@@ -108,10 +107,11 @@ def time_heads(
     plain_tokens = None  # the plain head's tokens on the sample: computed once for every screen's check
     plain_seconds = 0.0  # that call's seconds
     gate = wanted == "auto"
+    on_cpu = hidden.device.type == "cpu"  # the slice and the checks' round (a GPU's short products: neither)
     gate_seconds: dict[str, float] = {}  # the gate's timings ("slice/", "gate/plain", "check/"), kept with the rest
     kinds = [wanted] if wanted in SCREENS else list(SCREENS)
     probe = logits_probe(model)  # the model's logits formula, checked by every screen's build
-    if gate and hidden.device.type == "cpu":
+    if gate and on_cpu:
         kinds, gated = slice_gate(model, hidden, [k for k in kinds if k not in built], timer, gate_seconds, probe)
         kinds += [k for k in SCREENS if k in built]
     for kind in kinds:
@@ -151,7 +151,7 @@ def time_heads(
     # The timed checks as a preliminary round of the heads (the full product's call, then each screen's), on a
     # CPU: its long products outweigh a first call's fixed costs (on a GPU they may not).
     checks: dict[str, float] = {}
-    if gate and hidden.device.type == "cpu":
+    if gate and on_cpu:
         checks = {"head/plain": gate_seconds["gate/plain"]} | {f"head/{k}": gate_seconds[f"check/{k}"] for k in screens}
     if _clear_winner(checks) not in (None, "head/plain"):
         measured = gate_seconds | checks  # a screen won that round clearly: later rounds would not unseat it

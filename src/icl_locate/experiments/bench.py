@@ -200,9 +200,8 @@ def compare_methods(
     before = peak_rss_mb()  # the process's peak so far (model, (a), (b), calibration): the resets below clear it
     for name, engine in engines.items():
         log(f"running ({'c' if name == 'fast' else 'd'}) {'fast engine' if name == 'fast' else choices.summary()} ...")
-        return_free_memory(
-            gpu_cache=False
-        )  # each engine's peak from what the process holds, not what earlier phases freed
+        # each engine's peak from what the process holds, not what earlier phases freed
+        return_free_memory(gpu_cache=False)
         reset_peak_rss()
         started = time.perf_counter()
         outputs[name] = engine.generate(prompts, rows, stop)
