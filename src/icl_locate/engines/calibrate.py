@@ -82,7 +82,7 @@ MINI_RUN_ROWS = 10  # at most this many rows of the first query (a spread of the
 # runs once more in the other order and the faster of each engine's two runs counts (a near tie is where one
 # run's noise, e.g. a first run's set-up or another process, would decide)
 ENGINE_CLEAR = 1.25
-CALIBRATION_VERSION = 29  # part of the cache key: a change of the procedure re-measures
+CALIBRATION_VERSION = 30  # part of the cache key: a change of the procedure re-measures
 NO_STEPS = "a one-token prompt leaves no cache to time a step over"
 # ends the tree engine's batch reason: its batches take whole queries by their states (``tree.query_states``)
 TREE_BATCH_NOTE = "; the tree engine fills them with whole queries, counting each query's states, not its rows"

@@ -17,7 +17,7 @@ from .head import CHECK_EVERY, SAFETY, UNIT_FP32, CertifiedHead
 OUTLIER_CHANNELS = 64  # hidden channels kept in fp32 (at most a quarter of them): the int8 scale ignores them
 CHUNK_TOKENS = 8192  # vocabulary rows per int8 product: each chunk's results stay in cache while rescaled
 MAX_BLOCK_TOKENS = 256  # tokens per block whose max is taken in cache after each product: the candidates' scan
-# then reads only the blocks whose max reaches a row's threshold (a column of a token-major block: strided)
+# then reads only the blocks whose max reaches a row's threshold (a row's block: contiguous)
 assert CHUNK_TOKENS % MAX_BLOCK_TOKENS == 0, "a chunk is whole blocks"
 QUANTISE_TOKENS = 1024  # vocabulary rows quantised at a time: a block's dozen passes stay in a core's cache
 PROBE_ROWS = (1, 16, 64, 256, 1024)  # state counts ``exact_int8_levels`` tries; no product takes more than the last
@@ -96,7 +96,7 @@ class Int8ScreenedHead(CertifiedHead):
         self.rest = rest
         self.w_outliers = weight[:, self.outliers].contiguous()  # [V, k]
         self.w_int8 = torch.empty(vocab, d - len(self.outliers), dtype=torch.int8, device=weight.device)
-        self.w_scale = torch.empty(vocab, 1, device=weight.device)
+        self.w_scale = torch.empty(vocab, device=weight.device)
         self.w_norm = torch.empty(vocab, device=weight.device)
         self.e_norm = torch.empty(vocab, device=weight.device)
         norm_rounding = 1 + (d + 2) * UNIT_FP32  # an fp32 norm of d terms is within this factor of the true one
@@ -110,7 +110,7 @@ class Int8ScreenedHead(CertifiedHead):
             residual = w_rest.sub_(scale * q)  # e_v up to two roundings: |error_i| <= u (|w_i| + 2 |e_i|)
             w_norm = block.norm(dim=1).mul_(norm_rounding)
             self.w_int8[start:stop] = q  # integers within +-127: exact in int8
-            self.w_scale[start:stop] = scale
+            self.w_scale[start:stop] = scale.squeeze(1)
             self.w_norm[start:stop] = w_norm
             self.e_norm[start:stop] = (
                 residual.norm(dim=1) * norm_rounding * (1 + 2 * UNIT_FP32) + UNIT_FP32 * w_norm
@@ -119,11 +119,12 @@ class Int8ScreenedHead(CertifiedHead):
         self.rounding = 2 * (d + 16) * UNIT_FP32
 
     def logits_layout(self, rows: int) -> tuple[tuple[int, ...], torch.dtype]:
-        return (-(-self.weight.shape[0] // CHUNK_TOKENS), CHUNK_TOKENS, rows), torch.float32  # [chunks, C, B]
+        return (-(-self.weight.shape[0] // CHUNK_TOKENS), rows, CHUNK_TOKENS), torch.float32  # [chunks, B, C]
 
     def _approx(self, hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The screen's logits in units of t, [chunks, CHUNK_TOKENS, B] (-inf past V), the max of each block of
-        ``MAX_BLOCK_TOKENS`` of them [blocks, B], t [B], and the bound's per-row factors alpha, beta [B]:
+        """The screen's logits in units of t, [chunks, B, CHUNK_TOKENS] (-inf past V; each chunk row-major, as
+        the quantized linear gives its product: no transposing pass), the max of each block of
+        ``MAX_BLOCK_TOKENS`` of them [B, blocks], t [B], and the bound's per-row factors alpha, beta [B]:
         |error_v| / t <= ||W_v|| alpha + ||e_v|| beta."""
         h_rest = hidden[:, self.rest]  # [B, d - k]
         t = (h_rest.abs().amax(1) / self.levels).clamp(min=torch.finfo(torch.float32).tiny)  # [B]
@@ -132,61 +133,66 @@ class Int8ScreenedHead(CertifiedHead):
         alpha = (f + self.rounding * hidden.double().norm(dim=1)) / t * SAFETY
         beta = (h_rest.double().norm(dim=1) + f) / t * SAFETY
         states = self._states_operand(q)
-        h_out_t = (hidden[:, self.outliers] / t[:, None]).T  # [k, B]
+        h_out = hidden[:, self.outliers] / t[:, None]  # [B, k]
         vocab, rows = self.w_int8.shape[0], hidden.shape[0]
         chunks = self._screen_buffer(*self.logits_layout(rows), hidden.device)
-        chunks[-1, vocab - (len(chunks) - 1) * CHUNK_TOKENS :] = -float("inf")  # past V: never a candidate
-        block_max = torch.empty(
-            len(chunks), CHUNK_TOKENS // MAX_BLOCK_TOKENS, rows, dtype=chunks.dtype, device=hidden.device
-        )
+        chunks[-1, :, vocab - (len(chunks) - 1) * CHUNK_TOKENS :] = -float("inf")  # past V: never a candidate
+        per_chunk = CHUNK_TOKENS // MAX_BLOCK_TOKENS
+        block_max = torch.empty(len(chunks), rows, per_chunk, dtype=chunks.dtype, device=hidden.device)
         for c, start in enumerate(range(0, vocab, CHUNK_TOKENS)):
             stop = min(vocab, start + CHUNK_TOKENS)
-            product = self._integer_product(c, start, stop, states)  # [C, B], exact integers
-            out = chunks[c, : stop - start]
+            product = self._integer_product(c, start, stop, states)  # [B, C], exact integers
+            out = chunks[c, :, : stop - start]
             torch.mul(product, self.w_scale[start:stop], out=out)
-            out.addmm_(self.w_outliers[start:stop], h_out_t)
-            torch.amax(chunks[c].view(-1, MAX_BLOCK_TOKENS, rows), 1, out=block_max[c])  # the chunk still in cache
-        return chunks, block_max.view(-1, rows), t, alpha.float(), beta.float()
+            out.addmm_(h_out, self.w_outliers[start:stop].T)
+            torch.amax(chunks[c].view(rows, per_chunk, MAX_BLOCK_TOKENS), 2, out=block_max[c])  # still in cache
+        return chunks, block_max.transpose(0, 1).reshape(rows, -1), t, alpha.float(), beta.float()
 
     def _states_operand(self, q: torch.Tensor) -> Any:
         """The states' levels q [B, d - k] (integers within +-L, as floats) as ``_integer_product`` takes them."""
         return q.to(torch.int8).T  # [d - k, B]
 
     def _integer_product(self, chunk: int, start: int, stop: int, states: Any) -> torch.Tensor:
-        """q_v . q_h for the vocabulary rows ``start:stop`` (the ``chunk``-th) and every state: [C, B] int32."""
-        return int_mm_in_probed_rows(self.w_int8[start:stop], states)
+        """q_v . q_h for every state and the vocabulary rows ``start:stop`` (the ``chunk``-th): [B, C] int32 (a
+        view of the product in the orientation ``exact_int8_levels`` tried)."""
+        return int_mm_in_probed_rows(self.w_int8[start:stop], states).T
 
     def _candidates(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         self.prepare(hidden)  # a first call not prepared before chooses the outliers from its own states
-        chunks, block_max, t, alpha, beta = self._approx(hidden)  # chunks [n, C, B], block_max [n C / S, B]
-        rows = hidden.shape[0]
-        flat = chunks.view(-1, rows)  # [n C, B], token-major (no copy)
-        blocks = flat.view(-1, MAX_BLOCK_TOKENS, rows)  # [n C / S, S, B]
+        chunks, block_max, t, alpha, beta = self._approx(hidden)  # chunks [n, B, C], block_max [B, n C / S]
+        rows, vocab = hidden.shape[0], self.w_int8.shape[0]
         # the screen's top logit and token per row, without a max-with-indices pass over all of them
-        top, best_block = block_max.max(0)  # [B]
+        top, best_block = block_max.max(1)  # [B]
         columns = torch.arange(rows, device=hidden.device)
-        where = best_block * MAX_BLOCK_TOKENS + blocks[best_block, :, columns].argmax(1)  # [B]
+        where = best_block * MAX_BLOCK_TOKENS + block_values(chunks, best_block, columns).argmax(1)  # [B]
         lower = top - (self.w_norm[where] * alpha + self.e_norm[where] * beta)  # <= the top fp32 logit / t
         row = self._row_to_check(rows)
         if row is not None:
-            vocab = self.w_int8.shape[0]
-            error = (flat[:vocab, row] * t[row] - hidden[row] @ self.weight.T).abs()
+            error = (chunks[:, row].reshape(-1)[:vocab] * t[row] - hidden[row] @ self.weight.T).abs()
             excess = error - (self.w_norm * alpha[row] + self.e_norm * beta[row]) * t[row]
             worst = int(excess.argmax())
             detail = f"token {worst} off by {float(error[worst]):.3g}"
             if not self._bound_held(float(excess[worst]), detail):
                 return None
         loose = lower - (self.w_norm_max * alpha + self.e_norm_max * beta)  # [B]: with every token's largest bound
-        # the tokens at or above ``loose``, scanned only in the blocks whose max reaches it (a row's few)
-        block, r = (block_max >= loose).nonzero().unbind(1)  # [K']
-        hit, offset = (blocks[block, :, r] >= loose[r, None]).nonzero().unbind(1)  # in the [K', S] gathered
+        # the tokens at or above ``loose``, scanned only in the blocks whose max reaches it (a row's few); row-major
+        # with tokens ascending as found: the blocks' nonzero is, and each block's offsets are
+        r, block = (block_max >= loose[:, None]).nonzero().unbind(1)  # [K']
+        hit, offset = (block_values(chunks, block, r) >= loose[r, None]).nonzero().unbind(1)  # in the [K', S] gathered
         token, r = block[hit] * MAX_BLOCK_TOKENS + offset, r[hit]
-        inside = token < self.w_int8.shape[0]  # the -inf past V is reached only by a -inf (overflowed) threshold
+        inside = token < vocab  # the -inf past V is reached only by a -inf (overflowed) threshold
         token, r = token[inside], r[inside]
-        keep = flat[token, r] + self.w_norm[token] * alpha[r] + self.e_norm[token] * beta[r] >= lower[r]
-        r, token = r[keep], token[keep]
-        order = torch.argsort(r * flat.shape[0] + token)  # row-major, tokens ascending
-        return torch.stack([r[order], token[order]], 1), lower * t  # a token left out is below ``lower``
+        value = chunks[token // CHUNK_TOKENS, r, token % CHUNK_TOKENS]
+        keep = value + self.w_norm[token] * alpha[r] + self.e_norm[token] * beta[r] >= lower[r]
+        return torch.stack([r[keep], token[keep]], 1), lower * t  # a token left out is below ``lower``
+
+
+def block_values(chunks: torch.Tensor, block: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """The screen's logits [K, S] of row ``r[i]`` in block ``block[i]`` (of ``MAX_BLOCK_TOKENS`` tokens, counted
+    over the whole vocabulary) of ``chunks`` [n, B, C] (``Int8ScreenedHead._approx``)."""
+    per_chunk = CHUNK_TOKENS // MAX_BLOCK_TOKENS
+    blocks = chunks.view(len(chunks), chunks.shape[1], per_chunk, MAX_BLOCK_TOKENS)  # [n, B, C / S, S], no copy
+    return blocks[block // per_chunk, r, block % per_chunk]
 
 
 def outlier_count(d: int) -> int:

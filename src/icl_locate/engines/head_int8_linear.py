@@ -105,4 +105,4 @@ class Int8LinearScreenedHead(Int8ScreenedHead):
         return with_range_rows(q)
 
     def _integer_product(self, chunk: int, start: int, stop: int, states: Any) -> torch.Tensor:
-        return linear_product(self.packed[chunk], states).T  # [C, B]
+        return linear_product(self.packed[chunk], states)  # [B, C]
