@@ -32,10 +32,12 @@ _DEPRECATION = "torch.quantize_per_tensor, torch.quantize_per_channel and other 
 
 
 def pack_int8(weight: torch.Tensor) -> object:
-    """The quantized linear's packed weight of int8 levels ``weight`` [N, K], scale 1 and zero point 0."""
+    """The quantized linear's packed weight of int8 levels ``weight`` [N, K], scale 1 and zero point 0 (the levels
+    taken as they are: quantising them again from floats would be a pass over the head for nothing)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_DEPRECATION)
-        return torch.ops.quantized.linear_prepack(torch.quantize_per_tensor(weight.float(), 1.0, 0, torch.qint8), None)
+        quantized = torch._make_per_tensor_quantized_tensor(weight.contiguous(), 1.0, 0)  # pyright: ignore[reportPrivateImportUsage]
+        return torch.ops.quantized.linear_prepack(quantized, None)
 
 
 def with_range_rows(levels: torch.Tensor) -> list[torch.Tensor]:
