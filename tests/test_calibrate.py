@@ -154,11 +154,16 @@ def test_the_engines_run_again_where_their_mini_runs_nearly_tie(tmp_path, runs, 
 
 
 def test_the_engines_mini_runs_continue_one_prefix_cache_made_before_them(tmp_path, monkeypatch):
-    """Every engine makes the same prefix caches: the comparison makes them once, untimed, and each mini-run
-    continues them (it times what differs between the engines)."""
+    """Every engine makes the same prefix caches: the comparison takes them, untimed, from the cache of the prompt
+    the steps hold (no forward of their own), and each mini-run continues them (it times what differs between
+    the engines)."""
     events: list[str] = []
     make = FastEngine._prefix_cache
     monkeypatch.setattr(FastEngine, "_prefix_cache", lambda self, row: events.append("made") or make(self, row))
+    read = batch_rows.DecodingSteps.prefix_kv
+    monkeypatch.setattr(
+        batch_rows.DecodingSteps, "prefix_kv", lambda self, ids: events.append("read") or read(self, ids)
+    )
 
     class Timer(FakeTimer):
         def __call__(self, name, fn):
@@ -167,7 +172,7 @@ def test_the_engines_mini_runs_continue_one_prefix_cache_made_before_them(tmp_pa
             return super().__call__(name, fn)
 
     choices = choose(tiny("llama"), tmp_path, Timer(engine__fast=2.0, engine__tree=1.0))
-    assert events == ["made", "engine/fast started", "engine/tree started"]
+    assert events == ["read", "engine/fast started", "engine/tree started"]
     assert choices.engine == "tree" and "after their prefix cache" in choices.reasons["engine"]
 
 
@@ -411,6 +416,11 @@ def test_one_prefill_gives_the_steps_cache_and_the_head_sample():
     assert steps.final_states is not None and steps.final_states.shape == (len(ids), lm.model.config.hidden_size)
     assert torch.allclose(steps.final_states[-2:], hidden, atol=1e-6)
     assert torch.allclose(steps.kv[0][0], kv[0][0], atol=1e-6)  # the cache of all but the 3 fed tokens
+    start = steps.prefix_kv(ids[:2])  # the keys and values of a prefix of the cached tokens: a view of them
+    assert start is not None and len(start) == len(steps.kv)
+    for (keys, values), (steps_keys, steps_values) in zip(start, steps.kv, strict=True):
+        assert torch.equal(keys, steps_keys[:, :, :2]) and torch.equal(values, steps_values[:, :, :2])
+    assert steps.prefix_kv([1, 9]) is None and steps.prefix_kv(ids[:5]) is None  # not the prompt's, not cached
 
 
 def test_the_rule_bounds_rows_tokens_and_memory_and_scales():

@@ -59,7 +59,7 @@ KINDS = [
     [(None, 5000), (30.0, 5000), (None, 2 * head_int8.CHUNK_TOKENS + 100)],  # the last: several int8 chunks
 )
 def test_a_screen_is_the_argmax_of_the_full_logits(kind, softcap, vocab):
-    head = SCREENS[kind](head_model(vocab=vocab, softcap=softcap))
+    head = SCREENS[kind](head_model(vocab=vocab, softcap=softcap), check_every=1)  # the bound checked every call
     hidden = with_outlier_channels(torch.randn(300, 64) * torch.logspace(-1, 2, 300)[:, None])  # small to large
     logits = head.full_logits(hidden)
     expected = logits.argmax(-1)
@@ -67,6 +67,7 @@ def test_a_screen_is_the_argmax_of_the_full_logits(kind, softcap, vocab):
     for rows in (hidden[:1], hidden[:16], hidden, hidden[:16]):
         assert torch.equal(head.argmax(rows), expected[: len(rows)])
     assert head.stats["candidates"] >= 300
+    assert head.stats["checked_rows"] == 4 and not head.disabled  # a row's screened logits read in token order
     # rows in full: only where the cap is flat (a token outside could reach the best capped value)
     top = logits.max(-1).values
     saturated, near_cap = (top >= (softcap or float("inf"))), (top >= 0.99 * (softcap or float("inf")))

@@ -74,6 +74,7 @@ class DecodingSteps:
         self.length = kv[0][0].shape[2] + 1  # the padding column, then the prompt
         self.buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.final_states: torch.Tensor | None = None  # the prompt's, where ``over`` made the cache
+        self.cached_ids: list[int] | None = None  # the tokens the cache holds, where ``over`` made it
         # the engines' automatic rows for this prompt and ``new_tokens`` more, and the most rows their KV-memory
         # rule allows: read now, before any buffer of a check takes memory (the engines read it at their start)
         device, longest = kv[0][0].device, self.length - 1 + len(self.tokens) + new_tokens
@@ -90,8 +91,15 @@ class DecodingSteps:
             raise ValueError(f"a prompt of {len(ids)} tokens leaves no cache before its last {fed}")
         kv, states = prompt_states(model, ids, len(ids) - fed, len(ids))
         steps = cls(model, kv, ids[-fed:], new_tokens, memory_fraction)
-        steps.final_states = states
+        steps.final_states, steps.cached_ids = states, ids[:-fed]
         return steps
+
+    def prefix_kv(self, ids: Sequence[int]) -> KV | None:
+        """The keys and values of ``ids`` where they begin the cached prompt (views of its cache: causal attention,
+        so the prompt's later tokens changed none of them), else None."""
+        if self.cached_ids is None or list(ids) != self.cached_ids[: len(ids)]:
+            return None
+        return [(keys[:, :, : len(ids)], values[:, :, : len(ids)]) for keys, values in self.kv]
 
     def _room(self, rows: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if not self.buffers or self.buffers[0][0].shape[0] < rows:

@@ -19,8 +19,9 @@ So an engine starts by timing each choice on the model itself, briefly, and pick
   then holds);
 - engine: a short run (``MINI_RUN_TOKENS`` new tokens) of up to ``MINI_RUN_ROWS`` of the first
   query's rows on the fast engine and on the tree engine with the head and drafts chosen above, both
-  continuing prefix caches made once before (the engines make them alike: they are not what differs; a
-  near tie, ``ENGINE_CLEAR``, runs each again in the other order);
+  continuing prefix caches made once before, or read off the cache the drafts' steps hold (the engines
+  make them alike: they are not what differs; a near tie, ``ENGINE_CLEAR``, runs each again in the other
+  order);
 - batch size: one decoding step (with the chosen head) over the first prompt's cache, at the engines'
   automatic rule's row count, at half of it, and at doublings (where the half cost about as much) or
   further halvings; a count other than the rule's is taken only where it was measured to pay
@@ -236,7 +237,7 @@ class Calibrator:
             else:
                 drafts = self._choose_drafts(steps, rows, head, reasons, measured, model_id)
             if engine == "auto":
-                engine = self._choose_engine(prompts[0], interventions, stop, head, drafts, reasons, measured)
+                engine = self._choose_engine(prompts[0], interventions, stop, (head, drafts), steps, reasons, measured)
                 if engine == "fast":
                     head, drafts = "plain", 0
                     reasons["head"] = f"the fast engine uses the model's own head (tree engine: {reasons['head']})"
@@ -457,12 +458,14 @@ class Calibrator:
         prompt: MaskedPrompt,
         interventions: Sequence,
         stop: StopRule,
-        head: str,
-        drafts: int,
+        chosen: tuple[str, int],
+        steps: DecodingSteps | None,
         reasons: dict,
         measured: dict,
     ) -> str:
-        rows = list(interventions)
+        """The faster engine on a short run of the first query's rows (``MINI_RUN_ROWS``, ``MINI_RUN_TOKENS``), the
+        tree engine with the head and drafts ``chosen``; both continue the same prefix caches, made before."""
+        (head, drafts), rows = chosen, list(interventions)
         if len(rows) > MINI_RUN_ROWS:  # a spread of the rows, first and last included
             step = (len(rows) - 1) / (MINI_RUN_ROWS - 1)
             rows = list(dict.fromkeys(rows[round(i * step)] for i in range(MINI_RUN_ROWS)))
@@ -480,8 +483,13 @@ class Calibrator:
             "tree": tree_engine,
         }
         # Every engine continues the same prefix caches, made by the same forward: made once here, untimed, the
-        # runs time what differs between the engines (and the comparison costs one prefix forward, not two)
+        # runs time what differs between the engines (and the comparison costs one prefix forward, not two); a
+        # prefix needing no intervention of its own is the start of the prompt the steps cached: no forward
         planned = engines["fast"].plan([prompt], rows)
+        if steps is not None:
+            keys = dict.fromkeys(row.prefix_key for row in planned if row.prefix_key[1] is None)
+            plain = {key: steps.prefix_kv(key[0]) for key in keys}
+            engines["fast"].known_prefixes = {key: kv for key, kv in plain.items() if kv is not None}
         made = engines["fast"].prefix_caches(planned)
         known = {row.prefix_key: made.get(row) for row in planned}
         for engine in engines.values():

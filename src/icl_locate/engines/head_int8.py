@@ -44,7 +44,7 @@ class Int8ScreenedHead(CertifiedHead):
     The bound is per token (``||W_v||``, ``||e_v||``). Any token's lower bound bounds the top logit
     from below, so the candidates are the tokens whose upper bound reaches the lower bound of the
     screen's top token: a first pass with the largest per-token norms, a second with each token's own.
-    Everything is computed in units of t (h / t) to save a pass over the [V, B] logits."""
+    Everything is computed in units of t (h / t) to save a pass over the [B, V] logits."""
 
     kind = "int8"
 
@@ -153,8 +153,9 @@ class Int8ScreenedHead(CertifiedHead):
         return q.to(torch.int8).T  # [d - k, B]
 
     def _integer_product(self, chunk: int, start: int, stop: int, states: Any) -> torch.Tensor:
-        """q_v . q_h for every state and the vocabulary rows ``start:stop`` (the ``chunk``-th): [B, C] int32 (a
-        view of the product in the orientation ``exact_int8_levels`` tried)."""
+        """q_v . q_h for every state and the vocabulary rows ``start:stop`` (the ``chunk``-th): [B, C] integers
+        (int32 here, a transposed view: ``exact_int8_levels`` tried the kernel in this orientation alone, where an
+        AVX2 kernel's int16 pair sums stay exact for 7-bit states; its rescaling then reads it strided)."""
         return int_mm_in_probed_rows(self.w_int8[start:stop], states).T
 
     def _candidates(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
