@@ -17,11 +17,8 @@ So an engine starts by timing each choice on the model itself, briefly, and pick
   (``draft_timing.py``); or none, where a refusal kept for this machine, model and head was timed on
   no more rows over a cache of the same length to a power of two (``calibration_cache.py`` says why it
   then holds);
-- engine: a short run (``MINI_RUN_TOKENS`` new tokens) of up to ``MINI_RUN_ROWS`` of the first
-  query's rows on the fast engine and on the tree engine with the head and drafts chosen above, both
-  continuing prefix caches made once before, or read off the cache the drafts' steps hold (the engines
-  make them alike: they are not what differs; a near tie, ``ENGINE_CLEAR``, runs each again in the other
-  order);
+- engine: a short run of up to 10 of the first query's rows on the fast engine and on the tree engine with
+  the head and drafts chosen above, both continuing the same prefix caches (``engine_timing.py``);
 - batch size: one decoding step (with the chosen head) over the first prompt's cache, at the engines'
   automatic rule's row count, at half of it, and at doublings (where the half cost about as much) or
   further halvings; a count other than the rule's is taken only where it was measured to pay
@@ -64,25 +61,20 @@ from .batch_rows import DecodingSteps, choose_batch_scale
 from .calibration_cache import CalibrationCache, digest, length_bucket, refusal_covers, valid_head_verdict
 from .choices import Choices
 from .draft_timing import DRAFT_COST_LIMIT, DRAFT_LENGTHS, DRAFT_PROBE_ROWS, time_drafts
+from .engine_timing import time_engines
 from .fast import KV_MEMORY_FRACTION, FastEngine, scaled_rows
 from .head import CertifiedHead
 from .head_timing import HEAD_TIMINGS, head_sample, screen_agrees, time_heads
 from .request import AUTO_REQUEST, SCREENED, EngineRequest
 from .rows import plan_rows
 from .screens import SCREENS, build_screen
-from .timing import Timer, measure_seconds, ratio
+from .timing import Timer, measure_seconds
 from .tree import TreeEngine, tree_batch_rows
 
 # final hidden states the heads are timed on where the engine's batch rows are not known (``choose_head``); else
 # on as many as the engine's batches hold: a screen's cost per row depends on the rows (a product of a few rows
 # streams the whole head for each; of many, it is bound by arithmetic, where bf16 and int8 units differ)
 HEAD_SAMPLE_ROWS = 16
-MINI_RUN_TOKENS = 3  # new tokens in the engine comparison: the query's prefill and two decoding steps
-MINI_RUN_ROWS = 10  # at most this many rows of the first query (a spread of them) in the engine comparison
-# The engines' mini-runs are timed once each; where the slower took less than this many times the faster, each
-# runs once more in the other order and the faster of each engine's two runs counts (a near tie is where one
-# run's noise, e.g. a first run's set-up or another process, would decide)
-ENGINE_CLEAR = 1.25
 CALIBRATION_VERSION = 30  # part of the cache key: a change of the procedure re-measures
 NO_STEPS = "a one-token prompt leaves no cache to time a step over"
 # ends the tree engine's batch reason: its batches take whole queries by their states (``tree.query_states``)
@@ -463,53 +455,17 @@ class Calibrator:
         reasons: dict,
         measured: dict,
     ) -> str:
-        """The faster engine on a short run of the first query's rows (``MINI_RUN_ROWS``, ``MINI_RUN_TOKENS``), the
-        tree engine with the head and drafts ``chosen``; both continue the same prefix caches, made before."""
-        (head, drafts), rows = chosen, list(interventions)
-        if len(rows) > MINI_RUN_ROWS:  # a spread of the rows, first and last included
-            step = (len(rows) - 1) / (MINI_RUN_ROWS - 1)
-            rows = list(dict.fromkeys(rows[round(i * step)] for i in range(MINI_RUN_ROWS)))
-        short = StopRule(stop.stop_strings, min(stop.max_new_tokens, MINI_RUN_TOKENS))
-        tree_engine = TreeEngine(
-            self.model,
-            self.tokenizer,
-            batch_size=self.request.batch_size,
-            head_kind=head,
-            draft_tokens=drafts,
-            screen=self.screen(head),  # measured above: set up already (the int8 copy of the head is no per-token cost)
+        """The faster engine on the first query's rows (``engine_timing.py``), the tree engine with the head and
+        drafts ``chosen`` (its screen measured above: set up already, the int8 copy of the head is no per-token
+        cost)."""
+        (head, drafts), size = chosen, self.request.batch_size
+        fast = FastEngine(self.model, self.tokenizer, batch_size=size)
+        tree = TreeEngine(
+            self.model, self.tokenizer, batch_size=size, head_kind=head, draft_tokens=drafts, screen=self.screen(head)
         )
-        engines = {
-            "fast": FastEngine(self.model, self.tokenizer, batch_size=self.request.batch_size),
-            "tree": tree_engine,
-        }
-        # Every engine continues the same prefix caches, made by the same forward: made once here, untimed, the
-        # runs time what differs between the engines (and the comparison costs one prefix forward, not two); a
-        # prefix needing no intervention of its own is the start of the prompt the steps cached: no forward
-        planned = engines["fast"].plan([prompt], rows)
-        if steps is not None:
-            keys = dict.fromkeys(row.prefix_key for row in planned if row.prefix_key[1] is None)
-            plain = {key: steps.prefix_kv(key[0]) for key in keys}
-            engines["fast"].known_prefixes = {key: kv for key, kv in plain.items() if kv is not None}
-        made = engines["fast"].prefix_caches(planned)
-        known = {row.prefix_key: made.get(row) for row in planned}
-        for engine in engines.values():
-            engine.known_prefixes = known
-        runs = {
-            f"engine/{name}": (lambda engine=engine: engine.generate([prompt], rows, short))
-            for name, engine in engines.items()
-        }
-        seconds = {name: [self.timer(name, run)] for name, run in runs.items()}  # seconds of work: once each
-        if max(s[0] for s in seconds.values()) < ENGINE_CLEAR * min(s[0] for s in seconds.values()):
-            for name in reversed(runs):  # a near tie: each again, in the other order; noise only adds time
-                seconds[name].append(self.timer(name, runs[name]))
-        measured.update({name: min(s) for name, s in seconds.items()})
-        fast, tree = measured["engine/fast"], measured["engine/tree"]
-        what = f"on {len(rows)} rows x {short.max_new_tokens} tokens after their prefix cache"
-        if tree <= fast:
-            reasons["engine"] = f"{ratio(fast, tree)} faster than the fast engine {what}"
-            return "tree"
-        reasons["engine"] = f"{ratio(tree, fast)} faster than the tree engine {what}"
-        return "fast"
+        engine, reasons["engine"], seconds = time_engines(fast, tree, prompt, interventions, stop, steps, self.timer)
+        measured.update(seconds)
+        return engine
 
 
 def build_engine(model, tokenizer, choices: Choices, calibrator: Calibrator | None = None) -> Engine:
