@@ -96,7 +96,8 @@ class DecodingSteps:
 
     def prefix_kv(self, ids: Sequence[int]) -> KV | None:
         """The keys and values of ``ids`` where they begin the cached prompt (views of its cache: causal attention,
-        so the prompt's later tokens changed none of them), else None."""
+        so the prompt's later tokens changed none of them; a forward of ``ids`` alone may round its products
+        differently, so these serve timings, not tokens that must equal another engine's), else None."""
         if self.cached_ids is None or list(ids) != self.cached_ids[: len(ids)]:
             return None
         return [(keys[:, :, : len(ids)], values[:, :, : len(ids)]) for keys, values in self.kv]
