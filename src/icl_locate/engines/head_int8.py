@@ -19,6 +19,7 @@ CHUNK_TOKENS = 8192  # vocabulary rows per int8 product: each chunk's results st
 MAX_BLOCK_TOKENS = 256  # tokens per block whose max is taken in cache after each product: the candidates' scan
 # then reads only the blocks whose max reaches a row's threshold (a row's block: contiguous)
 assert CHUNK_TOKENS % MAX_BLOCK_TOKENS == 0, "a chunk is whole blocks"
+BLOCKS_PER_CHUNK = CHUNK_TOKENS // MAX_BLOCK_TOKENS
 QUANTISE_TOKENS = 1024  # vocabulary rows quantised at a time: a block's dozen passes stay in a core's cache
 PROBE_ROWS = (1, 16, 64, 256, 1024)  # state counts ``exact_int8_levels`` tries; no product takes more than the last
 
@@ -137,16 +138,15 @@ class Int8ScreenedHead(CertifiedHead):
         vocab, rows = self.w_int8.shape[0], hidden.shape[0]
         chunks = self._screen_buffer(*self.logits_layout(rows), hidden.device)
         chunks[-1, :, vocab - (len(chunks) - 1) * CHUNK_TOKENS :] = -float("inf")  # past V: never a candidate
-        per_chunk = CHUNK_TOKENS // MAX_BLOCK_TOKENS
-        block_max = torch.empty(len(chunks), rows, per_chunk, dtype=chunks.dtype, device=hidden.device)
+        block_max = torch.empty(rows, len(chunks), BLOCKS_PER_CHUNK, dtype=chunks.dtype, device=hidden.device)
         for c, start in enumerate(range(0, vocab, CHUNK_TOKENS)):
             stop = min(vocab, start + CHUNK_TOKENS)
             product = self._integer_product(c, start, stop, states)  # [B, C], exact integers
             out = chunks[c, :, : stop - start]
             torch.mul(product, self.w_scale[start:stop], out=out)
             out.addmm_(h_out, self.w_outliers[start:stop].T)
-            torch.amax(chunks[c].view(rows, per_chunk, MAX_BLOCK_TOKENS), 2, out=block_max[c])  # still in cache
-        return chunks, block_max.transpose(0, 1).reshape(rows, -1), t, alpha.float(), beta.float()
+            torch.amax(chunks[c].view(rows, BLOCKS_PER_CHUNK, MAX_BLOCK_TOKENS), 2, out=block_max[:, c])  # in cache
+        return chunks, block_max.view(rows, -1), t, alpha.float(), beta.float()
 
     def _states_operand(self, q: torch.Tensor) -> Any:
         """The states' levels q [B, d - k] (integers within +-L, as floats) as ``_integer_product`` takes them."""
@@ -191,9 +191,8 @@ class Int8ScreenedHead(CertifiedHead):
 def block_values(chunks: torch.Tensor, block: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     """The screen's logits [K, S] of row ``r[i]`` in block ``block[i]`` (of ``MAX_BLOCK_TOKENS`` tokens, counted
     over the whole vocabulary) of ``chunks`` [n, B, C] (``Int8ScreenedHead._approx``)."""
-    per_chunk = CHUNK_TOKENS // MAX_BLOCK_TOKENS
-    blocks = chunks.view(len(chunks), chunks.shape[1], per_chunk, MAX_BLOCK_TOKENS)  # [n, B, C / S, S], no copy
-    return blocks[block // per_chunk, r, block % per_chunk]
+    blocks = chunks.view(len(chunks), chunks.shape[1], BLOCKS_PER_CHUNK, MAX_BLOCK_TOKENS)  # [n, B, C / S, S], no copy
+    return blocks[block // BLOCKS_PER_CHUNK, r, block % BLOCKS_PER_CHUNK]
 
 
 def outlier_count(d: int) -> int:
