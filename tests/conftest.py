@@ -34,6 +34,16 @@ def data_dir() -> Path:
 _TINY: dict = {}
 
 
+@pytest.fixture(autouse=True)
+def _no_kept_screens():
+    """Each test starts with no screen kept from another (the models loaded once are shared between tests)."""
+    from icl_locate.engines.screens import forget_kept_screens
+
+    forget_kept_screens()
+    yield
+    forget_kept_screens()
+
+
 def tiny(family: str, attn: str | None = None):
     """A tiny random model of ``family`` (``tiny:<family>``), loaded once per session and attention
     implementation; tests import it (``from conftest import tiny``) to share the loaded models."""

@@ -4,9 +4,11 @@ the reference engine. The chosen path and the machine are stored with the run an
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import sqlite3
+import weakref
 from dataclasses import replace
 from pathlib import Path
 
@@ -27,7 +29,7 @@ from icl_locate.engines.fast import FastEngine
 from icl_locate.engines.head import CertifiedHead
 from icl_locate.engines.reference import ReferenceEngine
 from icl_locate.engines.request import AUTO_REQUEST, EngineRequest, parse_draft_tokens
-from icl_locate.engines.screens import SCREENS
+from icl_locate.engines.screens import SCREENS, build_screen, forget_kept_screens, keep_screen, kept_screen
 from icl_locate.engines.timing import measure_seconds
 from icl_locate.engines.tree import TreeEngine
 from icl_locate.util.errors import UserError
@@ -1052,6 +1054,61 @@ def test_one_calibrator_builds_each_screen_once(tmp_path, monkeypatch):
         assert choices.head == "bf16" and build_engine(lm.model, lm.tokenizer, choices, calibrator).head is not None
     # the chosen screen: timed twice, built once (the other is dropped after each choice: memory)
     assert built.count("bf16") == 1 and head_timings(timer, "bf16") > 1
+
+
+def test_the_chosen_screen_is_kept_with_its_model_for_later_calibrations_and_engines(tmp_path, monkeypatch):
+    """A screen is a copy of the head: the one a calibration chose, or an engine was given, serves every later
+    calibrator and engine of the same model (a sweep's pruning, a notebook's engines), built once; a plain choice
+    drops it."""
+    lm = tiny("llama")
+    prompts, _ = work(lm)
+    bf16 = SCREENS["bf16"]
+    built: list[CertifiedHead] = []  # the screens built on the model's whole head (the slice gate's are on a copy)
+    init = bf16.__init__
+    monkeypatch.setattr(bf16, "__init__", lambda self, model, *a: built.append(self) or init(self, model, *a))
+
+    def head(timer):
+        calibrator = Calibrator(lm.model, lm.tokenizer, cache=tmp_path / "cal", timer=timer, use_cache=False)
+        kind, _ = calibrator.choose_head(prompts)
+        return kind, calibrator.screen(kind)
+
+    def on_the_head() -> list[CertifiedHead]:
+        return [screen for screen in built if screen.head is lm.model.get_output_embeddings()]
+
+    kind, first = head(FakeTimer(head__plain=1.0, head__bf16=0.5))
+    assert kind == "bf16" and on_the_head() == [first] and kept_screen(lm.model, "bf16") is first
+    kind, again = head(FakeTimer(head__plain=1.0, head__bf16=0.5))
+    assert kind == "bf16" and again is first and on_the_head() == [first]
+    assert TreeEngine(lm.model, lm.tokenizer, head_kind="bf16").head is first
+    assert kept_screen(lm.model, "int8") is None and build_screen(lm.model, "int8")[0] is not first
+    forget_kept_screens()  # a screen asked of a calibrator that measured nothing (cached choices) is kept too
+    made = Calibrator(lm.model, lm.tokenizer, cache=tmp_path / "cal").screen("bf16")
+    assert made is not first and kept_screen(lm.model, "bf16") is made
+    kind, _ = head(FakeTimer(head__plain=0.1, head__bf16=0.5))
+    assert kind == "plain" and kept_screen(lm.model, "bf16") is None
+
+
+def test_a_kept_screen_is_not_taken_for_another_head_or_softcap_and_does_not_keep_its_model(monkeypatch):
+    """A kept screen serves its model's head as it was built for: a head module replaced or a softcap set since
+    builds another. It holds no reference to the model: it goes with it."""
+    lm = tiny("llama")
+    screen = build_screen(lm.model, "bf16")[0]
+    keep_screen(lm.model, screen)
+    assert build_screen(lm.model, "bf16")[0] is screen
+    with monkeypatch.context() as patch:
+        patch.setattr(lm.model.config, "final_logit_softcapping", 5.0, raising=False)
+        assert kept_screen(lm.model, "bf16") is None
+    with monkeypatch.context() as patch:
+        head = lm.model.get_output_embeddings()
+        other = torch.nn.Linear(head.in_features, head.out_features, bias=False)
+        patch.setattr(lm.model, "get_output_embeddings", lambda: other)
+        assert kept_screen(lm.model, "bf16") is None
+    own = load_model("tiny:llama")
+    keep_screen(own.model, build_screen(own.model, "bf16")[0])
+    model = weakref.ref(own.model)
+    del own
+    gc.collect()
+    assert model() is None
 
 
 def sample(lm, rows: int = 32) -> torch.Tensor:

@@ -24,7 +24,8 @@ So an engine starts by timing each choice on the model itself, briefly, and pick
   further halvings; a count other than the rule's is taken only where it was measured to pay
   (``batch_rows.py``); the factor applies to the rule's rows (within the KV-memory bound), which the
   tree engine counts in a query's states (``tree.query_states``). The screens not chosen are dropped
-  before it (a screen is a copy of the head). Where the factor changes the rows of the tree engine's
+  before it (a screen is a copy of the head); the chosen one is kept with the model, for its later
+  calibrations and engines in this process (``screens.keep_screen``). Where the factor changes the rows of the tree engine's
   batches, the drafts are chosen again for those rows, and the head where they are of another power of
   two.
 
@@ -67,7 +68,7 @@ from .head import CertifiedHead
 from .head_timing import HEAD_TIMINGS, head_sample, screen_agrees, time_heads
 from .request import AUTO_REQUEST, SCREENED, EngineRequest
 from .rows import plan_rows
-from .screens import SCREENS, build_screen
+from .screens import SCREENS, build_screen, keep_screen
 from .timing import Timer, measure_seconds
 from .tree import TreeEngine, tree_batch_rows
 
@@ -146,8 +147,9 @@ class Calibrator:
         return kind, f"{reasons['head']}; calibration {time.perf_counter() - started:.1f}s"
 
     def screen(self, kind: str) -> CertifiedHead | None:
-        """The ``kind`` screen of the model's head (None for "plain"): the one the measurement built, else
-        a new one (a screen's set-up, e.g. the int8 copy of the head, is paid once)."""
+        """The ``kind`` screen of the model's head (None for "plain"): the one the measurement built, else the one
+        kept for the model or a new one (a screen's set-up, e.g. the int8 copy of the head, is paid once), kept
+        for the model's later calibrations and engines (``screens.keep_screen``)."""
         if kind == "plain":
             return None
         if kind not in self.screens:
@@ -155,11 +157,14 @@ class Calibrator:
             if screen is None:
                 raise UserError(f"cannot screen the LM head of this model with {kind}: {why_not}; use --head plain")
             self.screens[kind] = screen
+            keep_screen(self.model, screen)
         return self.screens[kind]
 
     def _keep_screen(self, kind: str) -> None:
-        """Drop the screens measured but not chosen (a screen is a copy of the LM head: memory a run would carry)."""
+        """Drop the screens measured but not chosen (a screen is a copy of the LM head: memory a run would carry);
+        the chosen one is kept with the model for later calibrations and engines (``screens.keep_screen``)."""
         self.screens = {k: screen for k, screen in self.screens.items() if k == kind}
+        keep_screen(self.model, self.screens.get(kind))
 
     def identity(self, model_id: dict | None) -> dict:
         """What every timing here depends on: the procedure, the machine, the model, its dtype and device,

@@ -2,9 +2,17 @@
 
 A screen is used only where it is checked to be exact on the model at hand (``logits_mismatch``); a new
 screen is a ``CertifiedHead`` subclass (``head.py``) listed in ``SCREENS``.
+
+A screen is a copy of the head, built by passes over all of it (the int8 screens quantise and pack it). So
+the screen a calibration chose is kept with its model for the rest
+of the process (``keep_screen``), and every later calibration or engine of that model takes it instead of
+building another copy: a sweep's units, the pruning after it, a notebook's engines. It goes with the
+model (a weak reference) or when another choice replaces it.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 from torch import nn
@@ -35,14 +43,42 @@ SCREENS: dict[str, type[CertifiedHead]] = {  # --head's screens
 }
 
 
+# the screen kept for each model alive in this process (``keep_screen``); a weak key: it does not keep the model
+_KEPT: weakref.WeakKeyDictionary[nn.Module, CertifiedHead] = weakref.WeakKeyDictionary()
+
+
+def keep_screen(model: nn.Module, screen: CertifiedHead | None) -> None:
+    """Keep ``screen`` as ``model``'s screen for later builds (None: keep none; one copy of the head at a time)."""
+    if screen is None:
+        _KEPT.pop(model, None)
+    else:
+        _KEPT[model] = screen
+
+
+def forget_kept_screens() -> None:
+    """Drop every kept screen (their memory goes with the engines still holding them)."""
+    _KEPT.clear()
+
+
+def kept_screen(model: nn.Module, kind: str) -> CertifiedHead | None:
+    """The ``kind`` screen kept for ``model`` (``keep_screen``) where it still screens the model's LM head: the same
+    module and softcap (a weight changed or replaced in that module the screen follows itself:
+    ``CertifiedHead._refresh``); else None."""
+    screen, head = _KEPT.get(model), model.get_output_embeddings()  # pyright: ignore[reportCallIssue]
+    if screen is None or screen.kind != kind or screen.head is not head:
+        return None
+    return screen if screen.softcap == logit_softcap(model) else None
+
+
 def build_screen(
     model: nn.Module, kind: str, probe: tuple[torch.Tensor, torch.Tensor] | None = None
 ) -> tuple[CertifiedHead | None, str | None]:
-    """The ``kind`` screen of ``model``'s head, or None and why it cannot be used on this model
-    (``probe``: as ``logits_mismatch`` takes it)."""
+    """The ``kind`` screen of ``model``'s head (the one kept for it, where there is one: ``kept_screen``), or None
+    and why it cannot be used on this model (``probe``: as ``logits_mismatch`` takes it)."""
     screen_class = SCREENS[kind]
     why_not = screen_class.unsupported_reason(model)
+    if why_not is None:
+        why_not = logits_mismatch(model, probe)
     if why_not is not None:
         return None, why_not
-    why_not = logits_mismatch(model, probe)
-    return (screen_class(model), None) if why_not is None else (None, why_not)
+    return kept_screen(model, kind) or screen_class(model), None
