@@ -20,7 +20,7 @@ from icl_locate.cli import main
 from icl_locate.core.conditions import get_condition
 from icl_locate.core.interventions import MaskFrom
 from icl_locate.core.models import load_model
-from icl_locate.engines import batch_rows, calibrate, draft_timing, fast, head_timing, timing
+from icl_locate.engines import batch_rows, calibrate, calibration_cache, draft_timing, fast, head_timing, timing
 from icl_locate.engines import tree as tree_engine
 from icl_locate.engines.base import StopRule, forward, last_hidden
 from icl_locate.engines.calibrate import TREE_BATCH_NOTE, Calibrator, build_engine
@@ -449,6 +449,73 @@ def test_measured_batch_scale_reaches_the_engine_and_a_forced_batch_is_not_measu
     assert not [name for name in forced.measured if name.startswith("batch/")]
 
 
+def batch_verdicts(tmp_path) -> list[Path]:
+    return list((tmp_path / "cal").glob("batch-*.json"))
+
+
+def test_a_compute_bound_batch_verdict_is_kept_for_work_of_another_shape_over_a_cache_of_its_length(
+    tmp_path, monkeypatch
+):
+    """Where half the rule's rows cost clearly less (decoding not latency-bound), the batch check's verdict stays,
+    unmeasured, for work of another shape (here another condition) with the same head, rule, query rows and cache
+    length to a power of two; another head, query rows or cache length measures again; a latency-bound verdict
+    (doublings, bounded by the free memory and the work's rows) is not kept."""
+    monkeypatch.setattr(batch_rows, "rule_rows", lambda *args: 16)
+    monkeypatch.setattr(batch_rows, "rows_by_memory", lambda *args: 64)
+    lm = tiny("llama")
+    _, rows = work(lm)
+    bf16 = EngineRequest(engine="tree", head="bf16")
+
+    def run(timer, condition="instructions+examples", request=bf16, rows=rows):
+        prompts = masked(encoded_prompts(lm.tokenizer), get_condition(condition))
+        calibrator = Calibrator(lm.model, lm.tokenizer, request, cache=tmp_path / "cal", timer=timer)
+        return calibrator.choose(prompts, rows, STOP)
+
+    halving = dict(batch__16=1.6, batch__8=0.6)  # a row costs 0.1 s at 16, 0.075 at 8 (no fewer: a query has 5)
+    first = run(FakeTimer(**halving))
+    assert first.batch_scale == 0.5 and first.measured["batch/8"] == 0.6
+    (verdict,) = batch_verdicts(tmp_path)
+    kept = json.loads(verdict.read_text())
+    assert kept["scale"] == 0.5 and kept["measured"] == {"batch/16": 1.6, "batch/8": 0.6}
+    other = FakeTimer(batch__16=1.6, batch__8=1.6)  # latency-bound, were it measured
+    choices = run(other, "examples")
+    assert choices.batch_scale == 0.5 and not [name for name in other.calls if name.startswith("batch/")]
+    assert choices.reasons["batch"].startswith(kept["reason"] + calibrate.BATCH_CACHED)
+    assert choices.measured["batch/8"] == 0.6  # the verdict's own timings stay on the record
+    plain = FakeTimer(batch__16=1.6, batch__8=1.6)
+    assert run(plain, "examples", EngineRequest(engine="tree", head="plain")).batch_scale == 1
+    assert "batch/8" in plain.calls and len(batch_verdicts(tmp_path)) == 1  # measured, latency-bound: not kept
+    fewer = FakeTimer(**halving, batch__4=0.2)  # a query of 2 rows: halvings below 8 rows may pay
+    assert run(fewer, "examples", rows=rows[:2]).batch_scale == 0.25 and "batch/4" in fewer.calls
+    monkeypatch.setattr(calibrate, "length_bucket", lambda tokens: 1 << 20)  # as if the cache were far longer
+    longer = FakeTimer(**halving)
+    assert run(longer, "examples").batch_scale == 0.5 and "batch/16" in longer.calls
+
+
+@pytest.mark.parametrize(
+    "kept",
+    [
+        {"scale": 0, "reason": "?", "measured": {}},
+        {"scale": "half", "reason": "?", "measured": {}},
+        {"scale": 0.5, "measured": {}},
+        {"scale": 0.5, "reason": "?", "measured": {"batch/8": "fast"}},
+        [0.5],
+    ],
+)
+def test_a_malformed_batch_verdict_is_measured_again_and_overwritten(tmp_path, monkeypatch, kept):
+    monkeypatch.setattr(batch_rows, "rule_rows", lambda *args: 16)
+    lm = tiny("llama")
+    request = EngineRequest(engine="tree", head="bf16")
+    choose(lm, tmp_path, FakeTimer(batch__16=1.6, batch__8=0.6), request)
+    (verdict,) = batch_verdicts(tmp_path)
+    verdict.write_text(json.dumps(kept))
+    again = FakeTimer(batch__16=1.6, batch__8=0.6)
+    prompts, rows = work(lm)
+    calibrator = Calibrator(lm.model, lm.tokenizer, request, cache=tmp_path / "cal", timer=again)
+    assert calibrator.choose(prompts[:1], rows, STOP).batch_scale == 0.5 and "batch/16" in again.calls  # new work
+    assert json.loads(verdict.read_text())["scale"] == 0.5
+
+
 def test_a_screens_buffer_is_not_kept_past_the_batch_check_or_an_engines_work(tmp_path):
     """The screen's logits buffer grows to the largest batch it saw: the batch check's largest count, then
     the engine's batches; neither is kept once that work is done."""
@@ -573,9 +640,9 @@ def test_the_cache_is_keyed_and_reused_and_a_changed_key_measures_again(tmp_path
     assert choices.head == "bf16" and choices.reasons["head"].endswith(calibrate.HEAD_CACHED)
     assert choices.measured["head/bf16"] == 0.5  # the verdict's own timings stay on the record
     # another machine: everything again, the head too
-    real = calibrate.hardware
+    real = calibration_cache.hardware
     other = lambda device: dict(real(device), cpu_capability=f"not {real(device)['cpu_capability']}")  # noqa: E731
-    monkeypatch.setattr(calibrate, "hardware", other)
+    monkeypatch.setattr(calibration_cache, "hardware", other)
     other_machine = FakeTimer(head__plain=0.5, head__bf16=1.0, head__int8=1.0)
     assert choose(lm, tmp_path, other_machine).head == "plain" and "plain" in timed_heads(other_machine)
     assert entries() == [False] * 4 + [True] * 2
@@ -704,7 +771,7 @@ def test_a_drafts_refusal_is_kept_and_taken_by_work_of_more_rows_over_a_cache_of
     more = FakeTimer(**ACCEPT)
     choices = choose(lm, tmp_path, more, tree(8))
     assert choices.draft_tokens == 0 and not [c for c in more.calls if c.startswith("step/")]
-    assert choices.reasons["drafts"] == kept["reason"] + calibrate.DRAFTS_CACHED
+    assert choices.reasons["drafts"] == kept["reason"] + draft_timing.DRAFTS_CACHED
     assert choices.measured["step/1+2"] == 2.0  # the refusal's own timings stay on the record
     for other in (tree(2), tree(16, head="plain")):  # fewer rows; another head's steps
         timer = FakeTimer(**ACCEPT)

@@ -141,6 +141,14 @@ class DecodingSteps:
             torch.cuda.empty_cache()
 
 
+def compute_bound(seconds: dict[str, float], rule: int) -> bool:
+    """Whether the batch check's steps (its "batch/ROWS" seconds) found decoding not latency-bound here: half the
+    rule's rows were timed and cost less than 1 / ``DOUBLING_COST_LIMIT`` of the rule's (then only halvings are
+    tried)."""
+    half, rule_seconds = seconds.get(f"batch/{rule // 2}"), seconds.get(f"batch/{rule}")
+    return half is not None and rule_seconds is not None and DOUBLING_COST_LIMIT * half < rule_seconds
+
+
 @torch.no_grad()
 def choose_batch_scale(
     steps: DecodingSteps, query_rows: int, work_rows: int, screen: CertifiedHead | None, timer: Timer
@@ -160,7 +168,9 @@ def choose_batch_scale(
     steps.step(rule, screen)()  # warm-up: kernels chosen, memory touched
     best, scale, cost = rule, 1.0, per_row(rule)
     half = rule // 2
-    if half >= 1 and DOUBLING_COST_LIMIT * half * per_row(half) < rule * cost:  # not latency-bound: fewer rows?
+    if half >= 1:
+        per_row(half)
+    if compute_bound(measured, rule):  # not latency-bound: fewer rows?
         rows = half
         while rows >= max(1, query_rows) and (fewer := per_row(rows)) <= HALVING_COST_LIMIT * cost:
             best, scale, cost, rows = rows, scale / 2, fewer, rows // 2

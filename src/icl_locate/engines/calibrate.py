@@ -22,46 +22,51 @@ So an engine starts by timing each choice on the model itself, briefly, and pick
 - batch size: one decoding step (with the chosen head) over the first prompt's cache, at the engines'
   automatic rule's row count, at half of it, and at doublings (where the half cost about as much) or
   further halvings; a count other than the rule's is taken only where it was measured to pay
-  (``batch_rows.py``); the factor applies to the rule's rows (within the KV-memory bound), which the
-  tree engine counts in a query's states (``tree.query_states``). The screens not chosen are dropped
-  before it (a screen is a copy of the head); the chosen one is kept with the model, for its later
-  calibrations and engines in this process (``screens.keep_screen``). Where the factor changes the rows of the tree engine's
-  batches, the drafts are chosen again for those rows, and the head where they are of another power of
-  two.
+  (``batch_rows.py``), or the verdict kept for this machine, model, head, rule and cache length where
+  decoding was found not latency-bound; the factor applies to the rule's rows (within the KV-memory
+  bound), which the tree engine counts in a query's states (``tree.query_states``). The screens not
+  chosen are dropped before it (a screen is a copy of the head); the chosen one is kept with the model,
+  for its later calibrations and engines in this process (``screens.keep_screen``). Where the factor
+  changes the rows of the tree engine's batches, the drafts are chosen again for those rows, and the
+  head where they are of another power of two.
 
 Every choice can be forced (``EngineRequest``); generations are the same whatever is chosen (the
 engines are tested against the reference engine). The result is cached under the cache directory,
 keyed by the machine, the model, its dtype and device, the library versions and the shape of the
 work (rows per query, their kinds, the condition, the first prompt's length, the token limit and the
-number of prompts, each of these three to a power of two), so a second run pays nothing. The head's
-verdict is also kept under the machine, the model and the rows it was timed on to a power of two: of
-the work's shape only the rows of a head call change which head is faster. A refusal of drafts is
-kept per machine, model, head and cache length, with the rows it was timed on. So work of another
-shape on the same model (another task, a method unit, ``prune``) measures only what depends on it.
+number of prompts, each of these three to a power of two), so a second run pays nothing. Three
+verdicts are also kept beyond the work they were measured on (``calibration_cache.py`` says under
+what and why): the head's, a refusal of drafts and the batch check's. So work of another shape on the
+same model (another condition or task, a method unit, ``prune``) measures only what depends on it.
 """
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
-import transformers
 
-from .. import __version__
 from ..core.checkpoints import cache_dir
 from ..core.conditions import MaskedPrompt
 from ..core.structure import num_layers
 from ..util.errors import UserError
 from ..util.system import hardware
 from .base import Engine, StopRule, last_hidden
-from .batch_rows import DecodingSteps, choose_batch_scale
-from .calibration_cache import CalibrationCache, digest, length_bucket, refusal_covers, valid_head_verdict
+from .batch_rows import DecodingSteps, choose_batch_scale, compute_bound
+from .calibration_cache import (
+    CalibrationCache,
+    calibration_identity,
+    digest,
+    length_bucket,
+    valid_batch_verdict,
+    valid_head_verdict,
+    verdict_key,
+)
 from .choices import Choices
-from .draft_timing import DRAFT_COST_LIMIT, DRAFT_LENGTHS, DRAFT_PROBE_ROWS, time_drafts
+from .draft_timing import DRAFT_LENGTHS, choose_drafts
 from .engine_timing import time_engines
 from .fast import KV_MEMORY_FRACTION, FastEngine, scaled_rows
 from .head import CertifiedHead
@@ -76,13 +81,11 @@ from .tree import TreeEngine, tree_batch_rows
 # on as many as the engine's batches hold: a screen's cost per row depends on the rows (a product of a few rows
 # streams the whole head for each; of many, it is bound by arithmetic, where bf16 and int8 units differ)
 HEAD_SAMPLE_ROWS = 16
-CALIBRATION_VERSION = 30  # part of the cache key: a change of the procedure re-measures
 NO_STEPS = "a one-token prompt leaves no cache to time a step over"
 # ends the tree engine's batch reason: its batches take whole queries by their states (``tree.query_states``)
 TREE_BATCH_NOTE = "; the tree engine fills them with whole queries, counting each query's states, not its rows"
 HEAD_CACHED = "; measured before for this model here"  # ends a head reason taken from an earlier verdict
-# ends a drafts reason taken from an earlier refusal (``calibration_cache.py``: why it holds for this work)
-DRAFTS_CACHED = "; measured before for this model here, on no more rows over a cache of about this length"
+BATCH_CACHED = "; measured before for this model here, over a cache of about this length"  # ends a kept batch reason
 
 
 class Calibrator:
@@ -167,18 +170,8 @@ class Calibrator:
         keep_screen(self.model, self.screens.get(kind))
 
     def identity(self, model_id: dict | None) -> dict:
-        """What every timing here depends on: the procedure, the machine, the model, its dtype and device,
-        the library versions and the threads asked for."""
-        param = next(self.model.parameters())
-        return dict(
-            version=CALIBRATION_VERSION,
-            hardware=hardware(self.device),
-            model=model_id or dict(type=type(self.model).__name__, config=self.model.config.to_json_string()),
-            dtype=str(param.dtype),
-            transformers=transformers.__version__,
-            icl_locate=__version__,
-            threads_env=os.environ.get("OMP_NUM_THREADS"),
-        )
+        """What every timing here depends on (``calibration_cache.calibration_identity``)."""
+        return calibration_identity(self.model, model_id)
 
     def key(
         self, prompts: Sequence[MaskedPrompt], interventions: Sequence, model_id: dict | None, stop: StopRule
@@ -199,16 +192,6 @@ class Calibrator:
             request=asdict(self.request),
         )
         return digest(spec)
-
-    def head_key(self, model_id: dict | None, rows: int) -> str:
-        """The head's verdict: the identity and the rows it was timed on, to a power of two (of the work's shape,
-        only the rows a head call takes change which head is faster)."""
-        return "head-" + digest(self.identity(model_id) | dict(rows=length_bucket(rows)))
-
-    def drafts_key(self, model_id: dict | None, head: str, cache_tokens: int) -> str:
-        """A refusal of drafts: the identity, the head the steps ran and the cache's length to a power of two
-        (the rows it was timed on are in the entry)."""
-        return "drafts-" + digest(self.identity(model_id) | dict(head=head, cache=length_bucket(cache_tokens)))
 
     # ------------------------------------------------------------------ measuring
 
@@ -242,7 +225,7 @@ class Calibrator:
             elif "engine" not in reasons:
                 reasons["engine"] = "forced"
             self._keep_screen(head)
-            scale = self._choose_batch(steps, stop, len(interventions), work_rows, head, reasons, measured)
+            scale = self._choose_batch(steps, len(interventions), work_rows, head, reasons, measured, model_id)
             if engine == "tree" and scale != 1:
                 scaled = self._batch_rows(steps, work_rows, prompts, interventions, scale)
                 head, drafts = self._at_batch_scale(
@@ -334,20 +317,32 @@ class Calibrator:
     def _choose_batch(
         self,
         steps: DecodingSteps | None,
-        stop: StopRule,
         query_rows: int,
         work_rows: int,
         head: str,
         reasons: dict,
         measured: dict,
+        model_id: dict | None,
     ) -> float:
+        """The factor on the rule's rows: forced (1), this machine and model's verdict where one was kept for this
+        head, rule, query rows and cache (``calibration_cache.py``), else measured (``batch_rows.py``) and kept
+        where decoding was found not latency-bound."""
         if self.request.batch_size or steps is None:
             reasons["batch"] = "forced" if self.request.batch_size else f"the rule's rows ({NO_STEPS})"
             return 1.0
+        shape = dict(head=head, rule=steps.rule, query_rows=query_rows, cache=length_bucket(steps.length - 1))
+        key = verdict_key("batch", self.identity(model_id), **shape)
+        verdict = self.calibration_cache.get(key)
+        if valid_batch_verdict(verdict):
+            reasons["batch"] = verdict["reason"] + BATCH_CACHED
+            measured.update(verdict["measured"])
+            return verdict["scale"]
         scale, reasons["batch"], seconds = choose_batch_scale(
             steps, query_rows, work_rows, self.screen(head), self.timer
         )
         measured.update(seconds)
+        if compute_bound(seconds, steps.rule):
+            self.calibration_cache.put(key, dict(scale=scale, reason=reasons["batch"], measured=seconds))
         return scale
 
     def _sample_hidden(self, prompt: MaskedPrompt, rows: int = HEAD_SAMPLE_ROWS) -> torch.Tensor:
@@ -366,7 +361,7 @@ class Calibrator:
         on ``rows`` rows and kept; and whether it was the kept verdict."""
         if self.request.head != "auto":
             return self._measure_head(prompt, rows, reasons, measured)[0], False
-        key = self.head_key(model_id, rows)
+        key = verdict_key("head", self.identity(model_id), rows=length_bucket(rows))
         verdict = self.calibration_cache.get(key)
         if valid_head_verdict(verdict, ("plain", *SCREENS)) and self._holds_here(verdict["head"], prompt):
             reasons["head"] = verdict["reason"] + HEAD_CACHED
@@ -415,40 +410,20 @@ class Calibrator:
         measured: dict,
         model_id: dict | None,
     ) -> int:
-        """The draft length asked for, or (auto) none where a refusal kept for this machine, model and head
-        covers this work's rows and cache (``calibration_cache.py``), else the measured one: timed on
-        ``DRAFT_PROBE_ROWS`` rows first, on the engine's rows only where drafts paid there (a refusal is kept)."""
+        """The draft length asked for, or (auto) ``draft_timing.choose_drafts``'s: none where a refusal kept for
+        this machine, model, head and cache length covers this work's rows, else measured (a refusal is kept)."""
         if self.request.draft_tokens is not None:
             reasons["drafts"] = "forced"
             return self.request.draft_tokens
         if steps is None:
             reasons["drafts"] = NO_STEPS
             return 0
-        key = self.drafts_key(model_id, head, steps.length - 1)
-        refusal = self.calibration_cache.get(key)
-        if refusal_covers(refusal, rows):
-            reasons["drafts"] = refusal["reason"] + DRAFTS_CACHED
-            measured.update(refusal["measured"])
-            return 0
-        for timed in dict.fromkeys((min(rows, DRAFT_PROBE_ROWS), rows)):  # the probe, then the engine's rows
-            timings: dict[str, float] = {}  # the round that decides is recorded
-            best, ratios = time_drafts(steps, timed, self.screen(head), self.timer, timings)
-            if not (ratios and best):
-                break  # refused (or not timeable) on these rows: on more rows too
-        measured.update(timings)
-        if not ratios:
-            reasons["drafts"] = "the prompt is too short to time a draft's step over"
-            return 0
-        n = best or min(ratios)
-        reason = f"a step of {1 + n} tokens costs {ratios[n]:.1f}x one token's on {timed} rows here"
-        if best:
-            reasons["drafts"] = reason
-            return best
-        reason += f" (> {DRAFT_COST_LIMIT}x)"
-        reasons["drafts"] = reason + ("" if timed == rows else f"; more on the engine's {rows} rows")
-        if timed > 1:
-            self.calibration_cache.put(key, dict(rows=timed, reason=reason, measured=timings))
-        return 0
+        key = verdict_key("drafts", self.identity(model_id), head=head, cache=length_bucket(steps.length - 1))
+        drafts, reasons["drafts"], seconds = choose_drafts(
+            steps, rows, self.screen(head), self.timer, self.calibration_cache, key
+        )
+        measured.update(seconds)
+        return drafts
 
     def _choose_engine(
         self,

@@ -13,6 +13,11 @@ and two verdicts that hold beyond the work they were measured on.
   across lengths. Nor is one timed on a single row kept: a single row's products can run other
   kernels (matrix-vector ones) than those of several rows. Drafts taken (latency-bound decoding,
   where steps are fast) are measured again each time.
+- The batch check's verdict where it found decoding not latency-bound (``batch_rows.compute_bound``),
+  per machine, model, head, the rule's rows, one query's rows and cache length to a power of two: the
+  check then times the rule's rows and its halvings down to one query's rows, steps over the same cache,
+  so nothing else of the work moves it. A latency-bound verdict (doublings, bounded by the free KV memory
+  and the work's own rows) is measured again each time.
 
 An entry that is unreadable or malformed is measured again and overwritten.
 """
@@ -21,15 +26,43 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import TypeGuard
 
+import transformers
+
+from .. import __version__
 from ..util.fileio import write_json_atomic
+from ..util.system import hardware
+
+CALIBRATION_VERSION = 31  # part of every key: a change of the procedure re-measures
 
 
 def digest(spec: dict) -> str:
     """A short stable hash of a JSON-able spec (the name of a cache entry)."""
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def calibration_identity(model, model_id: dict | None) -> dict:
+    """What every timing depends on: the procedure, the machine, the model (``model_id``, else its class and
+    config), its dtype and device, the library versions and the threads asked for."""
+    param = next(model.parameters())
+    return dict(
+        version=CALIBRATION_VERSION,
+        hardware=hardware(param.device),
+        model=model_id or dict(type=type(model).__name__, config=model.config.to_json_string()),
+        dtype=str(param.dtype),
+        transformers=transformers.__version__,
+        icl_locate=__version__,
+        threads_env=os.environ.get("OMP_NUM_THREADS"),
+    )
+
+
+def verdict_key(kind: str, identity: dict, **shape) -> str:
+    """The name of a verdict kept beyond the work it was measured on (``kind``: "head", "drafts", "batch"): the
+    identity and what of the work's shape it depends on (the module docstring says what, for each)."""
+    return f"{kind}-" + digest(identity | shape)
 
 
 class CalibrationCache:
@@ -76,6 +109,11 @@ def _explained(entry: dict) -> bool:
 def valid_head_verdict(verdict: dict | None, kinds: tuple[str, ...]) -> TypeGuard[dict]:
     """A head verdict as the calibration writes it: one of ``kinds``, a reason, numeric timings."""
     return verdict is not None and verdict.get("head") in kinds and _explained(verdict)
+
+
+def valid_batch_verdict(verdict: dict | None) -> TypeGuard[dict]:
+    """A batch verdict as the calibration writes it: a positive factor, a reason, numeric timings."""
+    return verdict is not None and _number(verdict.get("scale")) and verdict["scale"] > 0 and _explained(verdict)
 
 
 def length_bucket(tokens: int) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from .batch_rows import DecodingSteps
+from .calibration_cache import CalibrationCache, refusal_covers
 from .head import CertifiedHead
 from .timing import REPEATS, Timer, interleaved
 
@@ -29,6 +30,35 @@ DRAFT_COST_CLEAR = 1.3 * DRAFT_COST_LIMIT
 # only drafts taken there are timed again on the engine's rows. (One row is not a probe: a single row's
 # products can run other kernels, matrix-vector ones, than those of several rows.)
 DRAFT_PROBE_ROWS = 16
+# ends a drafts reason taken from an earlier refusal (``calibration_cache.py``: why it holds for this work)
+DRAFTS_CACHED = "; measured before for this model here, on no more rows over a cache of about this length"
+
+
+def choose_drafts(
+    steps: DecodingSteps, rows: int, screen: CertifiedHead | None, timer: Timer, kept: CalibrationCache, key: str
+) -> tuple[int, str, dict[str, float]]:
+    """The draft length for the engine's steps of ``rows`` rows over ``steps``' cache, why, and the seconds that
+    decided it: none where a refusal kept under ``key`` covers these rows (``calibration_cache.refusal_covers``),
+    else measured (``time_drafts``) on ``DRAFT_PROBE_ROWS`` rows first, on ``rows`` only where drafts paid there.
+    A refusal timed on more than one row is kept."""
+    refusal = kept.get(key)
+    if refusal_covers(refusal, rows):
+        return 0, refusal["reason"] + DRAFTS_CACHED, refusal["measured"]
+    for timed in dict.fromkeys((min(rows, DRAFT_PROBE_ROWS), rows)):  # the probe, then the engine's rows
+        timings: dict[str, float] = {}  # the round that decides is recorded
+        best, ratios = time_drafts(steps, timed, screen, timer, timings)
+        if not (ratios and best):
+            break  # refused (or not timeable) on these rows: on more rows too
+    if not ratios:
+        return 0, "the prompt is too short to time a draft's step over", timings
+    n = best or min(ratios)
+    reason = f"a step of {1 + n} tokens costs {ratios[n]:.1f}x one token's on {timed} rows here"
+    if best:
+        return best, reason, timings
+    reason += f" (> {DRAFT_COST_LIMIT}x)"
+    if timed > 1:
+        kept.put(key, dict(rows=timed, reason=reason, measured=timings))
+    return 0, reason + ("" if timed == rows else f"; more on the engine's {rows} rows"), timings
 
 
 def time_drafts(
