@@ -58,7 +58,7 @@ def test_a_product_of_more_states_than_the_probe_tried_is_cut_into_tried_sizes(f
     pieces = with_range_rows(levels)
     assert [len(p) for p in pieces] == [PROBE_ROWS[-1] + 1, PROBE_ROWS[-1] + 1, 38]
     assert all(p[-1, :2].tolist() == [-LEVELS, LEVELS + 1] and not p[-1, 2:].any() for p in pieces)
-    assert torch.equal(linear_product(pack_int8(weight), pieces).double(), levels.double() @ weight.double().T)
+    assert torch.equal(linear_product(pack_int8([weight])[0], pieces).double(), levels.double() @ weight.double().T)
     # the screen itself on that many states: the full argmax, its bound never exceeded
     model = head_model(vocab=3000)
     head = Int8LinearScreenedHead(model, check_every=1)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -31,13 +32,19 @@ PROBE_TOKENS = 512  # the probe's weight rows at its larger state counts (a whol
 _DEPRECATION = "torch.quantize_per_tensor, torch.quantize_per_channel and other quantized tensor creation"
 
 
-def pack_int8(weight: torch.Tensor) -> object:
-    """The quantized linear's packed weight of int8 levels ``weight`` [N, K], scale 1 and zero point 0 (the levels
-    taken as they are: quantising them again from floats would be a pass over the head for nothing)."""
-    with warnings.catch_warnings():
+def pack_int8(weights: list[torch.Tensor]) -> list[object]:
+    """The quantized linear's packed weights of int8 levels ``weights`` ([N, K] each), scale 1 and zero point 0 (the
+    levels taken as they are: quantising them again from floats would be a pass over the head for nothing). Each
+    packing keeps about one core busy, so they run side by side (in order), under one warnings filter (a filter
+    is the process's, not a thread's)."""
+    with warnings.catch_warnings(), ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
         warnings.filterwarnings("ignore", message=_DEPRECATION)
-        quantized = torch._make_per_tensor_quantized_tensor(weight.contiguous(), 1.0, 0)  # pyright: ignore[reportPrivateImportUsage]
-        return torch.ops.quantized.linear_prepack(quantized, None)
+        return list(pool.map(_prepack, weights))
+
+
+def _prepack(weight: torch.Tensor) -> object:
+    quantized = torch._make_per_tensor_quantized_tensor(weight.contiguous(), 1.0, 0)  # pyright: ignore[reportPrivateImportUsage]
+    return torch.ops.quantized.linear_prepack(quantized, None)
 
 
 def with_range_rows(levels: torch.Tensor) -> list[torch.Tensor]:
@@ -72,7 +79,7 @@ def exact_linear_levels(depth: int) -> int:
     weight[:64] = 127
     weight[64:128] = -127
     try:
-        packed = {CHUNK_TOKENS: pack_int8(weight), PROBE_TOKENS: pack_int8(weight[:PROBE_TOKENS])}
+        packed = dict(zip((CHUNK_TOKENS, PROBE_TOKENS), pack_int8([weight, weight[:PROBE_TOKENS]]), strict=True))
         for rows in PROBE_ROWS:
             tokens = CHUNK_TOKENS if rows <= 16 else PROBE_TOKENS
             levels = torch.randint(-LEVELS, LEVELS + 1, (rows, depth), generator=generator).float()
@@ -101,7 +108,7 @@ class Int8LinearScreenedHead(Int8ScreenedHead):
     def _quantise(self) -> None:
         super()._quantise()
         vocab = self.w_int8.shape[0]
-        self.packed = [pack_int8(self.w_int8[start : start + CHUNK_TOKENS]) for start in range(0, vocab, CHUNK_TOKENS)]
+        self.packed = pack_int8([self.w_int8[start : start + CHUNK_TOKENS] for start in range(0, vocab, CHUNK_TOKENS)])
 
     def _states_operand(self, q: torch.Tensor) -> list[torch.Tensor]:
         return with_range_rows(q)
