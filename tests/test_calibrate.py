@@ -1156,8 +1156,9 @@ def test_the_chosen_screen_is_kept_with_its_model_for_later_calibrations_and_eng
 
 
 def test_a_kept_screen_is_not_taken_for_another_head_or_softcap_and_does_not_keep_its_model(monkeypatch):
-    """A kept screen serves its model's head as it was built for: a head module replaced or a softcap set since
-    builds another. It holds no reference to the model: it goes with it."""
+    """A kept screen serves its model's head as it was built for: a head module replaced, a weight given new storage
+    (``.data =``, a move), a softcap set since or a screen switched off builds another. It holds no reference to
+    the model: it goes with it."""
     lm = tiny("llama")
     screen = build_screen(lm.model, "bf16")[0]
     keep_screen(lm.model, screen)
@@ -1170,12 +1171,47 @@ def test_a_kept_screen_is_not_taken_for_another_head_or_softcap_and_does_not_kee
         other = torch.nn.Linear(head.in_features, head.out_features, bias=False)
         patch.setattr(lm.model, "get_output_embeddings", lambda: other)
         assert kept_screen(lm.model, "bf16") is None
+    weight = lm.model.get_output_embeddings().weight
+    with monkeypatch.context() as patch:
+        patch.setattr(weight, "data", weight.data.clone())
+        assert kept_screen(lm.model, "bf16") is None
+    assert kept_screen(lm.model, "bf16") is screen
+    with monkeypatch.context() as patch:
+        patch.setattr(screen, "disabled", True)
+        assert kept_screen(lm.model) is None
     own = load_model("tiny:llama")
     keep_screen(own.model, build_screen(own.model, "bf16")[0])
     model = weakref.ref(own.model)
     del own
     gc.collect()
     assert model() is None
+
+
+def test_a_kept_screen_is_the_next_calibrators_until_it_disagrees_or_a_cached_plain_choice_drops_it(
+    tmp_path, monkeypatch
+):
+    """A later calibrator starts from the kept screen (no slice gate for its kind, no new copy); one that disagrees
+    with the plain head on this work's sample is dropped and a new one measured; an engine gets it with its counts
+    at zero; and work whose cached choice is the plain head keeps none."""
+    lm = tiny("llama")
+    prompts, _ = work(lm)
+
+    def calibrator(timer=None, cache="cal"):
+        return Calibrator(lm.model, lm.tokenizer, cache=tmp_path / cache, timer=timer or FakeTimer(), use_cache=True)
+
+    assert calibrator(FakeTimer(head__plain=1.0, head__bf16=0.5)).choose_head(prompts)[0] == "bf16"
+    kept = kept_screen(lm.model, "bf16")
+    assert kept is not None and kept.buffer is None  # kept without the logits buffer its check grew
+    assert calibrator().screens == {"bf16": kept}
+    kept.stats["rows"] = 5
+    assert TreeEngine(lm.model, lm.tokenizer, head_kind="bf16").head is kept and kept.stats["rows"] == 0
+    monkeypatch.setattr(calibrate, "screen_agrees", lambda screen, hidden, plain=None: screen is not kept)
+    again = calibrator(FakeTimer(head__plain=1.0, head__bf16=0.5))
+    assert again.choose_head(prompts)[0] == "bf16" and again.screen("bf16") is not kept
+    assert kept_screen(lm.model, "bf16") is again.screen("bf16")
+    assert choose(lm, tmp_path / "plain", FakeTimer(head__plain=0.1, engine__fast=0.5)).head == "plain"
+    keep_screen(lm.model, kept)
+    assert choose(lm, tmp_path / "plain", FakeTimer()).cached and kept_screen(lm.model) is None
 
 
 def sample(lm, rows: int = 32) -> torch.Tensor:

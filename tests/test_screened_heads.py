@@ -168,6 +168,22 @@ def test_a_screen_follows_a_head_changed_in_place(kind):
             weight.copy_(weight.flip(0))
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_screen_follows_a_head_given_new_storage(kind):
+    """``weight.data = ...`` (what a move to another device does) keeps the tensor and its version: the screen
+    sees the storage change and rebuilds."""
+    torch.manual_seed(0)
+    lm = load_model("tiny:llama")
+    head = SCREENS[kind](lm.model)
+    hidden = torch.randn(16, lm.model.config.hidden_size)
+    weight = lm.model.get_output_embeddings().weight
+    before = head.argmax(hidden)
+    weight.data = weight.data.flip(0).contiguous()  # every token's row moves: the argmax changes
+    after = head.argmax(hidden)
+    assert torch.equal(after, (hidden @ weight.T).argmax(-1)) and not torch.equal(before, after)
+    assert head.stats["rebuilt"] == 1
+
+
 def break_the_bound(head) -> None:
     """Make the screen's bound one that no real product keeps."""
     if head.kind == "bf16":

@@ -22,9 +22,9 @@ So an engine starts by timing each choice on the model itself, briefly, and pick
 - batch size: one decoding step (with the chosen head) over the first prompt's cache, at the engines'
   automatic rule's row count, at half of it, and at doublings (where the half cost about as much) or
   further halvings; a count other than the rule's is taken only where it was measured to pay
-  (``batch_rows.py``), or the verdict kept for this machine, model, head, rule and cache length where
-  decoding was found not latency-bound; the factor applies to the rule's rows (within the KV-memory
-  bound), which the tree engine counts in a query's states (``tree.query_states``). The screens not
+  (``batch_rows.py``), or the verdict kept for this machine, model, head, rule, query rows and cache
+  length where decoding was found not latency-bound; the factor applies to the rule's rows (within the
+  KV-memory bound), which the tree engine counts in a query's states (``tree.query_states``). The screens not
   chosen are dropped before it (a screen is a copy of the head); the chosen one is kept with the model,
   for its later calibrations and engines in this process (``screens.keep_screen``). Where the factor
   changes the rows of the tree engine's batches, the drafts are chosen again for those rows, and the
@@ -73,7 +73,7 @@ from .head import CertifiedHead
 from .head_timing import HEAD_TIMINGS, head_sample, screen_agrees, time_heads
 from .request import AUTO_REQUEST, SCREENED, EngineRequest
 from .rows import plan_rows
-from .screens import SCREENS, build_screen, keep_screen
+from .screens import SCREENS, build_screen, keep_screen, kept_screen
 from .timing import Timer, measure_seconds
 from .tree import TreeEngine, tree_batch_rows
 
@@ -113,7 +113,8 @@ class Calibrator:
         self.device = next(model.parameters()).device
         self.n_layers = num_layers(model)
         self._states: tuple[MaskedPrompt, torch.Tensor] | None = None  # (prompt, its final states [positions, d])
-        self.screens: dict[str, CertifiedHead] = {}  # screens built so far, by kind (``screen``)
+        kept = kept_screen(model)  # an earlier calibration's choice for this model (``screens.keep_screen``)
+        self.screens: dict[str, CertifiedHead] = {kept.kind: kept} if kept else {}  # built so far, by kind
 
     # ------------------------------------------------------------------ entry
 
@@ -125,9 +126,13 @@ class Calibrator:
         cached = self.calibration_cache.get(key)
         if cached is not None:
             try:
-                return replace(Choices.from_dict(cached), cached=True)
+                choices = replace(Choices.from_dict(cached), cached=True)
             except TypeError:
                 pass  # an old entry: measure again
+            else:
+                if choices.head == "plain":
+                    self._keep_screen("plain")  # no screen for this work: none kept for later work either
+                return choices
         started = time.perf_counter()
         choices = self.measure(prompts, interventions, stop, model_id)
         choices.calibration_seconds = time.perf_counter() - started
@@ -357,8 +362,8 @@ class Calibrator:
         self, prompt: MaskedPrompt, rows: int, reasons: dict, measured: dict, model_id: dict | None
     ) -> tuple[str, bool]:
         """The head asked for, or (auto) this machine and model's verdict for head calls of about ``rows`` rows:
-        kept from an earlier calibration (its screen rebuilt and checked on this prompt's sample), else measured
-        on ``rows`` rows and kept; and whether it was the kept verdict."""
+        kept from an earlier calibration (its screen, the one kept for the model or a new one, checked on this
+        prompt's sample), else measured on ``rows`` rows and kept; and whether it was the kept verdict."""
         if self.request.head != "auto":
             return self._measure_head(prompt, rows, reasons, measured)[0], False
         key = verdict_key("head", self.identity(model_id), rows=length_bucket(rows))
@@ -385,6 +390,9 @@ class Calibrator:
             return True
         screen = self.screens.get(kind) or build_screen(self.model, kind)[0]
         if screen is None or not screen_agrees(screen, self._sample_hidden(prompt)):
+            self.screens.pop(kind, None)  # measured again with a screen built anew, not this one
+            if kept_screen(self.model, kind) is screen:
+                keep_screen(self.model, None)
             return False
         self.screens[kind] = screen
         return True

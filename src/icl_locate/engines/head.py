@@ -16,7 +16,8 @@ measures it faster on the machine at hand:
 So the result is the argmax of the fp32 logits: it can differ from the plain head only where two
 logits tie to within fp32 rounding (the same kind of difference a different batch size makes).
 Rows with too many candidates fall back to the full fp32 product. A screen follows the head: a
-weight replaced or changed in place (through the tensor, not through ``.data``) rebuilds it. Every
+weight replaced, given new storage (``.data =``, a move to another device or dtype) or changed in
+place (through the tensor: a write through ``.data`` is not seen) rebuilds it. Every
 few calls one row's exact logits verify the bound: if it is ever exceeded, the screen switches
 itself off with a warning and the full head decides from then on. Used only where it is checked to
 be exact: the model's logits must be ``head(final hidden state)``, softcapped by
@@ -42,6 +43,12 @@ MAX_CANDIDATES_PER_ROW = 4096  # beyond this a row's logits are computed in full
 PAIRS_PER_BLOCK = 16384  # candidate logits gathered at a time (d floats each)
 
 
+def weight_source(weight: torch.Tensor) -> tuple:
+    """What a screen's copy of ``weight`` depends on beside the tensor object: its storage (``.data =`` and moves
+    swap it), device, dtype and version (in-place changes through the tensor bump it)."""
+    return weight.data_ptr(), weight.device, weight.dtype, weight._version
+
+
 class CertifiedHead:
     """``argmax(hidden)`` equal to ``argmax(lm_head(hidden))`` (softcapped): a subclass's screen names the
     candidates (``_candidates``), their fp32 logits decide."""
@@ -56,7 +63,7 @@ class CertifiedHead:
         self.stats = {"rows": 0, "candidates": 0, "full_rows": 0, "rebuilt": 0, "checked_rows": 0}
         self.buffer: torch.Tensor | None = None  # the screen's logits of the last call (``_screen_buffer``)
         self.weight = self.head.weight  # [V, d], the model's own (fp32)
-        self.version = self.weight._version  # in-place changes of the weight bump it
+        self.source = weight_source(self.weight)  # the weight's state the screen is derived from
         self._build()
 
     # ------------------------------------------------------------------ what a screen provides
@@ -89,10 +96,15 @@ class CertifiedHead:
 
     # ------------------------------------------------------------------ shared
 
+    def follows_head(self) -> bool:
+        """Whether the screen is derived from the head's weight as it is now (the same tensor, storage and version)."""
+        return self.head.weight is self.weight and weight_source(self.weight) == self.source
+
     def _refresh(self) -> None:
-        """Rebuild the screen if the head's weight was replaced or changed in place since it was built."""
-        if self.head.weight is not self.weight or self.head.weight._version != self.version:
-            self.weight, self.version = self.head.weight, self.head.weight._version
+        """Rebuild the screen if the head's weight was replaced, given new storage or changed in place since."""
+        if not self.follows_head():
+            self.weight = self.head.weight
+            self.source = weight_source(self.weight)
             self._build()
             self.stats["rebuilt"] += 1
 

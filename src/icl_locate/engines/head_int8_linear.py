@@ -35,8 +35,8 @@ _DEPRECATION = "torch.quantize_per_tensor, torch.quantize_per_channel and other 
 def pack_int8(weights: list[torch.Tensor]) -> list[object]:
     """The quantized linear's packed weights of int8 levels ``weights`` ([N, K] each), scale 1 and zero point 0 (the
     levels taken as they are: quantising them again from floats would be a pass over the head for nothing). Each
-    packing keeps about one core busy, so they run side by side (in order), under one warnings filter (a filter
-    is the process's, not a thread's)."""
+    packing keeps about one core busy, so they run side by side (in order), under one warnings filter set here
+    for the pool's threads too."""
     with warnings.catch_warnings(), ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
         warnings.filterwarnings("ignore", message=_DEPRECATION)
         return list(pool.map(_prepack, weights))

@@ -4,10 +4,12 @@ A screen is used only where it is checked to be exact on the model at hand (``lo
 screen is a ``CertifiedHead`` subclass (``head.py``) listed in ``SCREENS``.
 
 A screen is a copy of the head, built by passes over all of it (the int8 screens quantise and pack it). So
-the screen a calibration chose is kept with its model for the rest
-of the process (``keep_screen``), and every later calibration or engine of that model takes it instead of
-building another copy: a sweep's units, the pruning after it, a notebook's engines. It goes with the
-model (a weak reference) or when another choice replaces it.
+the screen a calibration chose is kept with its model for the rest of the process (``keep_screen``), and every
+later calibration or engine of that model takes it instead of building another copy: a sweep's units, the
+pruning after it, a notebook's engines. It goes with the model (a weak reference), when another choice (the
+plain head included) replaces it, or when the head changes under it (``kept_screen``). What a screen derived
+from the first states it saw (the int8 screens' outlier channels) then serves later work too: exact whatever
+the states, at most slower where another task's states differ.
 """
 
 from __future__ import annotations
@@ -48,10 +50,12 @@ _KEPT: weakref.WeakKeyDictionary[nn.Module, CertifiedHead] = weakref.WeakKeyDict
 
 
 def keep_screen(model: nn.Module, screen: CertifiedHead | None) -> None:
-    """Keep ``screen`` as ``model``'s screen for later builds (None: keep none; one copy of the head at a time)."""
+    """Keep ``screen`` as ``model``'s screen for later builds (None: keep none; one copy of the head at a time),
+    without its logits' buffer (sized for the last batch it saw: a later user sizes its own)."""
     if screen is None:
         _KEPT.pop(model, None)
     else:
+        screen.release()
         _KEPT[model] = screen
 
 
@@ -60,14 +64,14 @@ def forget_kept_screens() -> None:
     _KEPT.clear()
 
 
-def kept_screen(model: nn.Module, kind: str) -> CertifiedHead | None:
-    """The ``kind`` screen kept for ``model`` (``keep_screen``) where it still screens the model's LM head: the same
-    module and softcap (a weight changed or replaced in that module the screen follows itself:
-    ``CertifiedHead._refresh``); else None."""
+def kept_screen(model: nn.Module, kind: str | None = None) -> CertifiedHead | None:
+    """The screen kept for ``model`` (``keep_screen``; of ``kind``, where given) where it still screens the model's
+    LM head as it is: the same module, weight (its storage, device and version) and softcap, and not switched
+    off; else None (a new one is built, through the checks a build makes)."""
     screen, head = _KEPT.get(model), model.get_output_embeddings()  # pyright: ignore[reportCallIssue]
-    if screen is None or screen.kind != kind or screen.head is not head:
+    if screen is None or kind not in (None, screen.kind) or screen.head is not head or screen.disabled:
         return None
-    return screen if screen.softcap == logit_softcap(model) else None
+    return screen if screen.follows_head() and screen.softcap == logit_softcap(model) else None
 
 
 def build_screen(

@@ -86,7 +86,8 @@ class TreeEngine(FastEngine):
         None: the bf16 screen where it can be used, else the model's own head (``calibrate.py`` chooses
         by measuring instead).
         ``draft_tokens``: verify drafts of up to this many tokens per step (0: none; see drafts.py).
-        ``screen``: the ``head_kind`` screen, built already (e.g. by the calibration), else built here.
+        ``screen``: the ``head_kind`` screen, built already (e.g. by the calibration), else the one kept for the
+        model (``screens.kept_screen``) or one built here.
         ``batch_scale``: as in ``FastEngine``."""
         super().__init__(model, tokenizer, batch_size, max_batch_tokens, kv_memory_fraction, batch_scale=batch_scale)
         self.layers = decoder_layers(model)
@@ -102,8 +103,8 @@ class TreeEngine(FastEngine):
         )
         self.drafter = Drafter(draft_tokens) if draft_tokens else None
         self.head, self.head_note = self._choose_head(head_kind, screen)
-        if screen is not None:  # its counts (bench reports them) start with this engine
-            screen.stats = dict.fromkeys(screen.stats, 0)
+        if self.head is not None:  # its counts (bench reports them) start with this engine (a screen may be shared)
+            self.head.stats = dict.fromkeys(self.head.stats, 0)
 
     def _choose_head(self, head_kind: str | None, screen: CertifiedHead | None) -> tuple[CertifiedHead | None, str]:
         if head_kind == "plain":
