@@ -181,7 +181,7 @@ def test_the_engines_mini_runs_continue_one_prefix_cache_made_before_them(tmp_pa
 def test_the_heads_are_timed_on_the_engines_batch_rows_and_kept_per_rows(tmp_path, monkeypatch):
     # the tree engine's batches: whole queries whose states fit the rule's 4: one query of 5 rows (3.5 states)
     monkeypatch.setattr(batch_rows, "rule_rows", lambda *args: 4)
-    monkeypatch.setattr(calibrate, "choose_batch_scale", lambda *args: (1.0, "the rule's rows", {}))  # kept
+    monkeypatch.setattr(batch_rows, "choose_batch_scale", lambda *args: (1.0, "the rule's rows", {}))  # kept
     sizes: list[int] = []
     argmax = SCREENS["int8"].argmax
     monkeypatch.setattr(
@@ -235,7 +235,7 @@ def test_the_drafts_step_runs_the_chosen_head_at_every_fed_position(
     the rows of the tree engine's batches (whole queries whose states fit the rule, or the forced batch size;
     the whole work where it is smaller; here at most the probe's rows)."""
     monkeypatch.setattr(batch_rows, "rule_rows", lambda *args: rule)
-    monkeypatch.setattr(calibrate, "choose_batch_scale", lambda *args: (1.0, "not timed here", {}))
+    monkeypatch.setattr(batch_rows, "choose_batch_scale", lambda *args: (1.0, "not timed here", {}))
     lm = tiny("llama")
     prompts, rows = work(lm)
     request = EngineRequest(engine="tree", head=head, batch_size=forced)
@@ -480,7 +480,7 @@ def test_a_compute_bound_batch_verdict_is_kept_for_work_of_another_shape_over_a_
     other = FakeTimer(batch__16=1.6, batch__8=1.6)  # latency-bound, were it measured
     choices = run(other, "examples")
     assert choices.batch_scale == 0.5 and not [name for name in other.calls if name.startswith("batch/")]
-    assert choices.reasons["batch"].startswith(kept["reason"] + calibrate.BATCH_CACHED)
+    assert choices.reasons["batch"].startswith(kept["reason"] + batch_rows.BATCH_CACHED)
     assert choices.measured["batch/8"] == 0.6  # the verdict's own timings stay on the record
     plain = FakeTimer(batch__16=1.6, batch__8=1.6)
     assert run(plain, "examples", EngineRequest(engine="tree", head="plain")).batch_scale == 1
@@ -841,7 +841,7 @@ def test_drafts_are_probed_on_a_few_rows_and_timed_on_the_engines_rows_only_wher
     tmp_path, monkeypatch, ratios, drafts, timed, kept_rows
 ):
     monkeypatch.setattr(batch_rows, "rule_rows", lambda *args: 64)
-    monkeypatch.setattr(calibrate, "choose_batch_scale", lambda *args: (1.0, "not timed here", {}))
+    monkeypatch.setattr(batch_rows, "choose_batch_scale", lambda *args: (1.0, "not timed here", {}))
     rows_of_steps: list[int] = []
     real_step = batch_rows.DecodingSteps.step
 

@@ -31,6 +31,7 @@ import torch
 from transformers import DynamicCache
 
 from .base import last_hidden
+from .calibration_cache import CalibrationCache, valid_batch_verdict
 from .decoding import PreallocatedLayer
 from .fast import MAX_BATCH_TOKENS, rows_by_memory, rule_rows
 from .head import CertifiedHead, greedy_tokens
@@ -48,6 +49,8 @@ BATCH_ROW_LIMIT = 1024  # no batch is measured beyond this many rows
 DOUBLING_COST_LIMIT = 1.25
 # Half the rows are taken only where a step's row costs at most this fraction of the step before's.
 HALVING_COST_LIMIT = 0.9
+# ends a batch reason taken from an earlier verdict (``calibration_cache.py``: why it holds for this work)
+BATCH_CACHED = "; measured before for this model here, over a cache of about this length"
 
 
 def prompt_states(model, ids: list[int], cached: int, positions: int) -> tuple[KV, torch.Tensor]:
@@ -139,6 +142,27 @@ class DecodingSteps:
         self.buffers = []
         if self.kv[0][0].is_cuda:
             torch.cuda.empty_cache()
+
+
+def choose_batch(
+    steps: DecodingSteps,
+    query_rows: int,
+    work_rows: int,
+    screen: CertifiedHead | None,
+    timer: Timer,
+    kept: CalibrationCache,
+    key: str,
+) -> tuple[float, str, dict[str, float]]:
+    """``choose_batch_scale``'s factor, reason and seconds, or those of the verdict kept under ``key`` (its machine,
+    model, head, rule, query rows and cache length: ``calibration_cache.py``); a verdict measured here is kept
+    where it found decoding not latency-bound (``compute_bound``: then nothing else of the work moves it)."""
+    verdict = kept.get(key)
+    if valid_batch_verdict(verdict):
+        return verdict["scale"], verdict["reason"] + BATCH_CACHED, verdict["measured"]
+    scale, reason, seconds = choose_batch_scale(steps, query_rows, work_rows, screen, timer)
+    if compute_bound(seconds, steps.rule):
+        kept.put(key, dict(scale=scale, reason=reason, measured=seconds))
+    return scale, reason, seconds
 
 
 def compute_bound(seconds: dict[str, float], rule: int) -> bool:

@@ -55,13 +55,12 @@ from ..core.structure import num_layers
 from ..util.errors import UserError
 from ..util.system import hardware
 from .base import Engine, StopRule, last_hidden
-from .batch_rows import DecodingSteps, choose_batch_scale, compute_bound
+from .batch_rows import DecodingSteps, choose_batch
 from .calibration_cache import (
     CalibrationCache,
     calibration_identity,
     digest,
     length_bucket,
-    valid_batch_verdict,
     valid_head_verdict,
     verdict_key,
 )
@@ -85,7 +84,6 @@ NO_STEPS = "a one-token prompt leaves no cache to time a step over"
 # ends the tree engine's batch reason: its batches take whole queries by their states (``tree.query_states``)
 TREE_BATCH_NOTE = "; the tree engine fills them with whole queries, counting each query's states, not its rows"
 HEAD_CACHED = "; measured before for this model here"  # ends a head reason taken from an earlier verdict
-BATCH_CACHED = "; measured before for this model here, over a cache of about this length"  # ends a kept batch reason
 
 
 class Calibrator:
@@ -329,25 +327,17 @@ class Calibrator:
         measured: dict,
         model_id: dict | None,
     ) -> float:
-        """The factor on the rule's rows: forced (1), this machine and model's verdict where one was kept for this
-        head, rule, query rows and cache (``calibration_cache.py``), else measured (``batch_rows.py``) and kept
-        where decoding was found not latency-bound."""
+        """The factor on the rule's rows: forced (1), or ``batch_rows.choose_batch``'s: the verdict kept for this
+        machine, model, head, rule, query rows and cache length, else measured (kept where compute-bound)."""
         if self.request.batch_size or steps is None:
             reasons["batch"] = "forced" if self.request.batch_size else f"the rule's rows ({NO_STEPS})"
             return 1.0
         shape = dict(head=head, rule=steps.rule, query_rows=query_rows, cache=length_bucket(steps.length - 1))
         key = verdict_key("batch", self.identity(model_id), **shape)
-        verdict = self.calibration_cache.get(key)
-        if valid_batch_verdict(verdict):
-            reasons["batch"] = verdict["reason"] + BATCH_CACHED
-            measured.update(verdict["measured"])
-            return verdict["scale"]
-        scale, reasons["batch"], seconds = choose_batch_scale(
-            steps, query_rows, work_rows, self.screen(head), self.timer
+        scale, reasons["batch"], seconds = choose_batch(
+            steps, query_rows, work_rows, self.screen(head), self.timer, self.calibration_cache, key
         )
         measured.update(seconds)
-        if compute_bound(seconds, steps.rule):
-            self.calibration_cache.put(key, dict(scale=scale, reason=reasons["batch"], measured=seconds))
         return scale
 
     def _sample_hidden(self, prompt: MaskedPrompt, rows: int = HEAD_SAMPLE_ROWS) -> torch.Tensor:
