@@ -6,6 +6,7 @@ import ctypes
 import subprocess
 import sys
 
+import psutil
 import pytest
 import torch
 
@@ -147,3 +148,71 @@ def test_the_process_peak_is_the_largest_peak_read_between_resets():
     now = system.current_rss_mb()
     if now is not None:  # no reading (no /proc): the kernel's maximum, in MB (it lags the current RSS a little)
         assert system.process_peak_mb([300.0, None]) >= 0.9 * now > 10
+
+
+def cgroup_tree(root, folders: dict[str, dict[str, str]]) -> str:
+    """Memory cgroup files under ``root`` (folder -> file -> text), as the kernel shows them."""
+    for folder, files in folders.items():
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        for name, text in files.items():
+            (root / folder / name).write_text(text + "\n")
+    return str(root)
+
+
+GIB = 2**30
+
+
+def test_a_memory_cgroup_limit_bounds_the_memory_a_run_counts_on(tmp_path):
+    """MemAvailable counts the whole host; a container's or a batch job's cgroup limit is what the kernel kills at:
+    the headroom is the least of limit - (usage - inactive page cache) over the process's cgroup and its ancestors."""
+    root = cgroup_tree(
+        tmp_path,
+        {
+            "job": {
+                "memory.max": str(16 * GIB),
+                "memory.current": str(6 * GIB),
+                "memory.stat": "anon 1\ninactive_file 0",
+            },
+            "job/step": {
+                "memory.max": "max",  # no limit of its own: its parent's holds
+                "memory.current": str(5 * GIB),
+                "memory.stat": f"anon 5\ninactive_file {GIB}",
+            },
+        },
+    )
+    assert system.cgroup_headroom(root, "0::/job/step\n") == 10 * GIB  # the parent's 16 - 6
+    tight = cgroup_tree(
+        tmp_path / "tight",
+        {
+            "job/step": {
+                "memory.max": str(8 * GIB),
+                "memory.current": str(5 * GIB),
+                "memory.stat": f"inactive_file {GIB}",
+            },
+            "job": {"memory.max": str(16 * GIB), "memory.current": str(6 * GIB)},
+        },
+    )
+    assert system.cgroup_headroom(tight, "0::/job/step") == 4 * GIB  # its own 8 - (5 - 1 of page cache it may drop)
+    assert (
+        system.cgroup_headroom(tight, "0::/job/step/elsewhere") == 4 * GIB
+    )  # a cgroup not mounted here: its ancestors
+    full = cgroup_tree(tmp_path / "full", {"": {"memory.max": str(GIB), "memory.current": str(2 * GIB)}})
+    assert system.cgroup_headroom(full, "0::/") == 0  # over its limit: none left, not a negative count
+
+
+def test_a_cgroup_v1_limit_counts_and_its_unlimited_value_does_not(tmp_path):
+    v1 = {"memory.usage_in_bytes": str(3 * GIB), "memory.stat": f"inactive_file 7\ntotal_inactive_file {GIB}"}
+    root = cgroup_tree(tmp_path, {"memory/batch": v1 | {"memory.limit_in_bytes": str(4 * GIB)}})
+    membership = "12:pids:/batch\n4:memory:/batch\n0::/\n"
+    assert system.cgroup_headroom(root, membership) == 2 * GIB  # 4 - (3 - 1), the hierarchy's page cache
+    unlimited = cgroup_tree(tmp_path / "u", {"memory/batch": v1 | {"memory.limit_in_bytes": "9223372036854771712"}})
+    assert system.cgroup_headroom(unlimited, membership) is None
+    assert system.cgroup_headroom(str(tmp_path / "absent"), membership) is None  # no cgroup files: no bound
+
+
+def test_the_memory_a_cpu_run_counts_on_is_the_least_of_the_host_and_its_cgroups(monkeypatch):
+    monkeypatch.setattr(system, "cgroup_headroom", lambda: 2**20)  # a job given 1 MiB more
+    assert system.available_memory(torch.device("cpu")) == 2**20
+    monkeypatch.setattr(system, "cgroup_headroom", lambda: None)
+    monkeypatch.setattr(system, "_proc_kb", lambda path, field: None)  # not Linux: psutil's figure, not a guess
+    assert system.available_memory(torch.device("cpu")) == pytest.approx(psutil.virtual_memory().available, rel=0.2)

@@ -10,6 +10,8 @@ import os
 import platform
 import sys
 
+import psutil
+
 try:
     import resource  # Unix only; the fallback of process_peak_mb reads it
 except ImportError:  # Windows
@@ -86,11 +88,83 @@ def _malloc_trim():
 
 
 def available_memory(device: torch.device) -> int:
-    """Bytes free for new tensors: free GPU memory, or the kernel's MemAvailable on CPU."""
+    """Bytes free for new tensors: free GPU memory; on a CPU the system's available memory (Linux's
+    MemAvailable, elsewhere psutil's), bounded by what this process's memory cgroups leave it
+    (``cgroup_headroom``: a container's or a batch job's limit, which MemAvailable, counting the whole
+    host, does not see; past it the kernel kills the process)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     kb = _proc_kb("/proc/meminfo", "MemAvailable:")
-    return kb * 1024 if kb is not None else 8 * 2**30  # not Linux: assume 8 GiB
+    free = kb * 1024 if kb is not None else psutil.virtual_memory().available
+    headroom = cgroup_headroom()
+    return free if headroom is None else min(free, headroom)
+
+
+CGROUP_ROOT = "/sys/fs/cgroup"
+# cgroup v1 writes "no limit" as the largest page-aligned 64-bit number; anything from 2^62 on is no limit
+CGROUP_V1_UNLIMITED = 2**62
+# The files a memory cgroup's limit, usage and reclaimable page cache are read from, by cgroup version: usage
+# counts the page cache too, whose inactive part the kernel drops before it kills (as container runtimes count)
+CGROUP_FILES = {
+    2: ("memory.max", "memory.current", "inactive_file"),
+    1: ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"),
+}
+
+
+def cgroup_headroom(root: str = CGROUP_ROOT, membership: str | None = None) -> int | None:
+    """Bytes this process may still take before one of its memory cgroups reaches its limit: the least, over
+    its cgroup and each ancestor up to ``root`` (v2, and v1's memory controller), of limit - (usage - inactive
+    page cache); None where none sets a limit or none can be read (not Linux). ``membership``: the text of
+    /proc/self/cgroup (read where None); a cgroup missing under ``root`` (a container sees its own as the
+    root) is skipped."""
+    if membership is None:
+        membership = _read("/proc/self/cgroup") or ""
+    headrooms = [_headroom(folder, version) for folder, version in _cgroup_folders(root, membership)]
+    limited = [room for room in headrooms if room is not None]
+    return min(limited) if limited else None
+
+
+def _cgroup_folders(root: str, membership: str) -> list[tuple[str, int]]:
+    """The folders of this process's memory cgroups and their ancestors, with their cgroup version, from
+    /proc/self/cgroup's ``id:controllers:path`` lines (v2: ``0::path``)."""
+    folders = []
+    for line in membership.splitlines():
+        parts = line.strip().split(":", 2)
+        if len(parts) != 3:
+            continue
+        hierarchy, controllers, path = parts
+        if hierarchy == "0" and not controllers:
+            base, version = root, 2
+        elif "memory" in controllers.split(","):
+            base, version = os.path.join(root, "memory"), 1
+        else:
+            continue
+        names = [name for name in path.split("/") if name]
+        folders += [(os.path.join(base, *names[:depth]), version) for depth in range(len(names), -1, -1)]
+    return folders
+
+
+def _headroom(folder: str, version: int) -> int | None:
+    """limit - (usage - inactive page cache) of the memory cgroup in ``folder`` (0 at least); None where it
+    sets no limit or its files cannot be read."""
+    limit_file, usage_file, inactive_field = CGROUP_FILES[version]
+    limit, usage = _read(os.path.join(folder, limit_file)), _read(os.path.join(folder, usage_file))
+    if limit is None or usage is None or not limit.isdigit() or not usage.isdigit():
+        return None  # no such cgroup here, or "max": no limit
+    if version == 1 and int(limit) >= CGROUP_V1_UNLIMITED:
+        return None
+    stat = (line.split() for line in (_read(os.path.join(folder, "memory.stat")) or "").splitlines())
+    inactive = next((int(fields[1]) for fields in stat if len(fields) == 2 and fields[0] == inactive_field), 0)
+    return max(0, int(limit) - max(0, int(usage) - inactive))
+
+
+def _read(path: str) -> str | None:
+    """A small text file's stripped contents (None where it cannot be read)."""
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
 
 
 # The CPU features that decide which of torch's kernels run fast, as /proc/cpuinfo names them (x86 "flags", ARM
