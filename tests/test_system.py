@@ -216,3 +216,43 @@ def test_the_memory_a_cpu_run_counts_on_is_the_least_of_the_host_and_its_cgroups
     monkeypatch.setattr(system, "cgroup_headroom", lambda: None)
     monkeypatch.setattr(system, "_proc_kb", lambda path, field: None)  # not Linux: psutil's figure, not a guess
     assert system.available_memory(torch.device("cpu")) == pytest.approx(psutil.virtual_memory().available, rel=0.2)
+
+
+def test_a_cpu_quota_is_read_from_either_cgroup_version_and_the_tightest_counts(tmp_path):
+    root = cgroup_tree(
+        tmp_path,
+        {
+            "job": {"cpu.max": "150000 100000"},  # a job given 1.5 CPUs
+            "job/step": {"cpu.max": "max 100000"},  # no quota of its own
+            "cpu,cpuacct/pod": {"cpu.cfs_quota_us": "400000", "cpu.cfs_period_us": "100000"},
+            "cpu,cpuacct/pod/box": {"cpu.cfs_quota_us": "-1", "cpu.cfs_period_us": "100000"},
+        },
+    )
+    assert system.cpu_quota(root, "0::/job/step") == 1.5
+    assert system.cpu_quota(root, "3:cpu,cpuacct:/pod/box\n") == 4.0
+    assert system.cpu_quota(root, "3:cpu,cpuacct:/pod/box\n0::/job/step") == 1.5
+    assert system.cpu_quota(root, "3:cpu,cpuacct:/\n4:memory:/pod\n0::/") is None
+
+
+@pytest.mark.parametrize(
+    "quota, set_by_user, threads", [(1.0, None, 1), (1.5, None, 2), (None, None, 3), (1.0, "3", 3)]
+)
+def test_torch_threads_are_fitted_to_the_cpu_quota_unless_a_thread_count_was_set(
+    quota, set_by_user, threads, monkeypatch
+):
+    """torch starts a thread per core whatever the quota; threads beyond it are throttled (measured: 1 CPU's quota,
+    2 threads ran a product 1.5x slower than 1). A user's OMP_NUM_THREADS is theirs."""
+    before = torch.get_num_threads()
+    monkeypatch.setattr(system, "cpu_quota", lambda: quota)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    if set_by_user:
+        monkeypatch.setenv("OMP_NUM_THREADS", set_by_user)
+    else:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    try:
+        torch.set_num_threads(3)
+        system.fit_threads_to_cpu_quota()
+        assert torch.get_num_threads() == threads
+        assert (", CPU quota" in system.hardware_line(system.hardware("cpu"))) == (quota is not None)
+    finally:
+        torch.set_num_threads(before)

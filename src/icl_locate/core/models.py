@@ -20,6 +20,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from ..util.errors import UserError
+from ..util.system import fit_threads_to_cpu_quota
 from .attention import prepare_model
 from .catalog import ALIASES, DTYPE_NAMES, EMBEDDED, TINY_CONFIGS, check_dtype_name
 from .checkpoints import MANIFEST, embedded_checkpoint, gguf_checkpoint
@@ -61,10 +62,13 @@ def load_model(
 
     Defaults: float32 on CPU, bfloat16 on GPU. The model comes back in eval mode and prepared
     for mask plans (``masking.prepare_model``). ``attn_implementation``: "sdpa" or "eager";
-    None takes transformers' default for the architecture.
+    None takes transformers' default for the architecture. On a CPU, torch's threads are fitted to the
+    process's CPU quota first (``system.fit_threads_to_cpu_quota``).
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = resolve_dtype(dtype, device)
+    if device == "cpu":
+        fit_threads_to_cpu_quota()  # torch's default counts the cores, not a container's or job's CPU quota
     if spec.startswith("tiny:"):
         model, tokenizer, source = _tiny(spec.split(":", 1)[1], attn_implementation), byte_tokenizer(), spec
     else:

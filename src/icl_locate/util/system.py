@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import gc
+import math
 import os
 import platform
 import sys
@@ -101,6 +102,7 @@ def available_memory(device: torch.device) -> int:
 
 
 CGROUP_ROOT = "/sys/fs/cgroup"
+THREAD_SETTINGS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")  # a thread count set by the user: kept as set
 # cgroup v1 writes "no limit" as the largest page-aligned 64-bit number; anything from 2^62 on is no limit
 CGROUP_V1_UNLIMITED = 2**62
 # The files a memory cgroup's limit, usage and reclaimable page cache are read from, by cgroup version: usage
@@ -117,16 +119,38 @@ def cgroup_headroom(root: str = CGROUP_ROOT, membership: str | None = None) -> i
     page cache); None where none sets a limit or none can be read (not Linux). ``membership``: the text of
     /proc/self/cgroup (read where None); a cgroup missing under ``root`` (a container sees its own as the
     root) is skipped."""
-    if membership is None:
-        membership = _read("/proc/self/cgroup") or ""
-    headrooms = [_headroom(folder, version) for folder, version in _cgroup_folders(root, membership)]
+    headrooms = [_headroom(folder, version) for folder, version in cgroup_folders("memory", root, membership)]
     limited = [room for room in headrooms if room is not None]
     return min(limited) if limited else None
 
 
-def _cgroup_folders(root: str, membership: str) -> list[tuple[str, int]]:
-    """The folders of this process's memory cgroups and their ancestors, with their cgroup version, from
-    /proc/self/cgroup's ``id:controllers:path`` lines (v2: ``0::path``)."""
+def cpu_quota(root: str = CGROUP_ROOT, membership: str | None = None) -> float | None:
+    """The CPUs this process's cgroups let it use (quota / period), the least over its cgroup and each ancestor
+    (v2 ``cpu.max``, v1 ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``); None where none sets a quota. A container's
+    ``--cpus`` and a batch job's CPU limit are such quotas; ``membership`` as in ``cgroup_headroom``."""
+    quotas = [_quota(folder, version) for folder, version in cgroup_folders("cpu", root, membership)]
+    limited = [quota for quota in quotas if quota is not None]
+    return min(limited) if limited else None
+
+
+def fit_threads_to_cpu_quota() -> None:
+    """Lower torch's CPU threads to the CPUs the cgroup quota allows (``cpu_quota``, rounded up), unless a
+    thread count was set (``THREAD_SETTINGS``): torch starts a thread per core it may run on, quota or not, and
+    threads beyond the quota are throttled in turn, each stalling the others at every barrier of a product."""
+    quota = cpu_quota()
+    if quota is None or any(os.environ.get(name) for name in THREAD_SETTINGS):
+        return
+    threads = max(1, math.ceil(quota))
+    if torch.get_num_threads() > threads:
+        torch.set_num_threads(threads)
+
+
+def cgroup_folders(controller: str, root: str = CGROUP_ROOT, membership: str | None = None) -> list[tuple[str, int]]:
+    """The folders of this process's cgroups of ``controller`` ("memory", "cpu") and of their ancestors, with
+    their cgroup version, from /proc/self/cgroup's ``id:controllers:path`` lines (v2: ``0::path``; v1: the
+    hierarchy mounted under the name of its controllers, e.g. ``cpu,cpuacct``)."""
+    if membership is None:
+        membership = _read("/proc/self/cgroup") or ""
     folders = []
     for line in membership.splitlines():
         parts = line.strip().split(":", 2)
@@ -135,13 +159,24 @@ def _cgroup_folders(root: str, membership: str) -> list[tuple[str, int]]:
         hierarchy, controllers, path = parts
         if hierarchy == "0" and not controllers:
             base, version = root, 2
-        elif "memory" in controllers.split(","):
-            base, version = os.path.join(root, "memory"), 1
+        elif controller in controllers.split(","):
+            base, version = os.path.join(root, controllers), 1
         else:
             continue
         names = [name for name in path.split("/") if name]
         folders += [(os.path.join(base, *names[:depth]), version) for depth in range(len(names), -1, -1)]
     return folders
+
+
+def _quota(folder: str, version: int) -> float | None:
+    """quota / period of the cpu cgroup in ``folder``; None where it sets none or its files cannot be read."""
+    if version == 2:
+        quota, _, period = (_read(os.path.join(folder, "cpu.max")) or "").partition(" ")
+    else:
+        quota, period = (_read(os.path.join(folder, f"cpu.cfs_{name}_us")) or "" for name in ("quota", "period"))
+    if not quota.isdigit() or not period.isdigit() or int(period) == 0:
+        return None  # "max", -1 (no quota) or no such cgroup here
+    return int(quota) / int(period)
 
 
 def _headroom(folder: str, version: int) -> int | None:
@@ -265,6 +300,7 @@ def hardware(device: torch.device | str) -> dict:
         onednn_fp32_precision=getattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision", None),
         gpu=gpu,
         threads=torch.get_num_threads(),
+        cpu_quota=cpu_quota(),  # the CPUs a cgroup lets this process use (None: no quota)
         device=str(device),
         torch=torch.__version__,
     )
@@ -280,4 +316,6 @@ def hardware_line(info: dict) -> str:
     if info.get("onednn_fp32_precision") not in (None, "none", "ieee"):
         settings += f", oneDNN fp32 precision {info['onednn_fp32_precision']}"
     cpu = f"{info['cpu']} [{design}]" if design else info["cpu"]
-    return f"{cpu} (torch CPU capability {info['cpu_capability']}{settings}, {info['threads']} threads), {gpu}"
+    quota = f", CPU quota {info['cpu_quota']:g}" if info.get("cpu_quota") else ""
+    threads = f"{info['threads']} thread{'s' if info['threads'] != 1 else ''}"
+    return f"{cpu} (torch CPU capability {info['cpu_capability']}{settings}, {threads}{quota}), {gpu}"
