@@ -17,7 +17,7 @@ from icl_locate.core.interventions import UNCHANGED, AblateLayers, HeadMask, Mas
 from icl_locate.engines import fast, tree, tree_decode
 from icl_locate.engines.base import StopRule, forward, last_hidden
 from icl_locate.engines.decoding import SlotLayer
-from icl_locate.engines.drafts import Drafter
+from icl_locate.engines.drafts import Drafter, accepted_tokens
 from icl_locate.engines.fast import FastEngine
 from icl_locate.engines.head import Bf16ScreenedHead
 from icl_locate.engines.reference import ReferenceEngine, batch_interventions
@@ -447,6 +447,15 @@ def test_drafter_lookup_order_and_backoff():
     assert drafter.propose(group, prompt=[], siblings=[], limit=2) == [3, 1]
     drafter.feedback(group, 1)
     assert group.fails == 0
+
+
+def test_a_row_takes_its_predictions_while_they_match_the_draft_fed_and_the_one_after():
+    """A step fed [last, d1, d2, d3] predicts one token per position: the prediction at a draft position
+    counts only if every draft token before it was the model's own prediction."""
+    assert accepted_tokens([7, 8, 2, 4], [7, 8, 3]) == [7, 8, 2]  # d3 missed: the model's token replaces it
+    assert accepted_tokens([7, 8, 3, 6], [7, 8, 3]) == [7, 8, 3, 6]  # all matched: one more than drafted
+    assert accepted_tokens([5, 8, 3, 6], [7, 8, 3]) == [5]  # a first miss: later matches do not count
+    assert accepted_tokens([5], []) == [5]
 
 
 class RecordingHead:

@@ -35,6 +35,16 @@ def _continuation(source: Sequence[int], key: Sequence[int], limit: int) -> list
     return []
 
 
+def accepted_tokens(predicted: Sequence[int], draft: Sequence[int]) -> list[int]:
+    """The tokens a row takes from a step fed its last token and ``draft``: its first prediction, then, while
+    the prediction equals the draft token fed next, the prediction after it (``predicted``: one per fed
+    position); exactly what one-by-one greedy decoding would produce."""
+    out = [predicted[0]]
+    while len(out) <= len(draft) and out[-1] == draft[len(out) - 1]:
+        out.append(predicted[len(out)])
+    return out
+
+
 class Drafter:
     def __init__(self, max_tokens: int = 4, ngram: int = 3, patience: int = 2):
         if max_tokens < 1 or ngram < 1 or patience < 1:

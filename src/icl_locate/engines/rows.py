@@ -117,6 +117,12 @@ class Row:
     plan: RowPlan  # what the intervention does on this row's prompt
 
 
+def divergence_layer(row: Row, n_layers: int) -> int:
+    """The first layer at which the row computes something the unmasked run does not (a patch at the
+    input of layer l: from l on)."""
+    return min(row.plan.mask_layers | row.plan.ablate | {p.layer for p in row.plan.patches} | {n_layers})
+
+
 def needs_own_prefix_cache(
     prefix_hidden: Sequence[Range], prefix_len: int, mask_layers: frozenset[int], n_layers: int
 ) -> bool:

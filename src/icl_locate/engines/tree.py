@@ -43,9 +43,9 @@ from .base import Generation, ProgressCallback, ResultKey, StopRule
 from .drafts import Drafter
 from .fast import KV_MEMORY_FRACTION, MAX_BATCH_TOKENS, FastEngine, even_batch, rows_by_memory
 from .head import CertifiedHead
-from .rows import PrefixCaches, Row
+from .rows import PrefixCaches, Row, divergence_layer
 from .screens import build_screen
-from .tree_decode import SlotRoutes, TreeDecode, divergence_layer
+from .tree_decode import SlotRoutes, TreeDecode
 
 # Keyword arguments of a decoder layer that carry one row per batch row, by name. Any other
 # tensor argument is refused (we cannot know whether its first dimension is the batch).

@@ -25,9 +25,9 @@ from ..core.narrow_attention import NarrowRows
 from ..core.structure import attention_window
 from .base import Generation, StopRule, forward, last_hidden
 from .decoding import SlotLayer
-from .drafts import Drafter
+from .drafts import Drafter, accepted_tokens
 from .head import CertifiedHead
-from .rows import BatchLayout, PrefixCaches, Row
+from .rows import BatchLayout, PrefixCaches, Row, divergence_layer
 from .slot_order import class_order
 
 Key = tuple  # ("shared", group) or ("own", member)
@@ -64,12 +64,6 @@ def slot_room(device: torch.device, members: int) -> int | None:
     so room is virtual until slots fill it and no slot to come copies a layer into a larger buffer;
     None (no room) on a GPU, whose allocator takes what it is asked for: there the buffers grow."""
     return members if device.type == "cpu" else None
-
-
-def divergence_layer(row: Row, n_layers: int) -> int:
-    """The first layer at which the row computes something the unmasked run does not (a patch at the
-    input of layer l: from l on)."""
-    return min(row.plan.mask_layers | row.plan.ablate | {p.layer for p in row.plan.patches} | {n_layers})
 
 
 @dataclass
@@ -242,18 +236,14 @@ class TreeDecode:
 
     def _build_routes(self) -> tuple[SlotRoutes, list[int]]:
         """Index tensors for the hooks, and each alive member's leaf (slot of the last layer)."""
-        slot_of = [{} for _ in range(self.L)]
-        for layer, keys in enumerate(self.keys):
-            index = {key: i for i, key in enumerate(keys)}
-            for m in self.alive:
-                slot_of[layer][m] = index[self.slot_key(m, layer)]
-        representative = [{} for _ in range(self.L)]
-        for layer in range(self.L):
-            for m in self.alive:
-                representative[layer].setdefault(slot_of[layer][m], m)
+        index = [{key: i for i, key in enumerate(keys)} for keys in self.keys]
+        slot_of = [{m: index[layer][self.slot_key(m, layer)] for m in self.alive} for layer in range(self.L)]
         parents, leaves = [], []
         for layer in range(self.L):
-            reps = [representative[layer][s] for s in range(len(self.keys[layer]))]
+            representative = {}  # slot -> its first alive member
+            for m in self.alive:
+                representative.setdefault(slot_of[layer][m], m)
+            reps = [representative[s] for s in range(len(self.keys[layer]))]
             leaf = [slot_of[-1][m] for m in reps]
             parent = leaf if layer == 0 else [slot_of[layer - 1][m] for m in reps]
             parents.append(torch.tensor(parent, device=self.device))
@@ -264,29 +254,22 @@ class TreeDecode:
         """Per layer, one mask row per slot: an own slot hides its row's columns where the row masks them."""
         by_layer, narrow = {}, {}
         for layer, keys in enumerate(self.keys):
-            hidden, layers, heads, others_only = [], [], [], []
-            for key in keys:
-                member = self.members[key[1]] if key[0] == "own" else None
-                row = member.row if member is not None else None
-                if (
-                    member is not None
-                    and row is not None
-                    and layer in row.plan.mask_layers
-                    and (row.prefix_hidden or row.query_hidden)
-                ):
-                    hidden.append(self.layout.hidden(member.query, row))
-                    layers.append(frozenset({layer}))
-                    heads.append({layer: row.plan.mask_heads[layer]} if row.plan.mask_heads else None)
-                    others_only.append(row.plan.others_only)
-                else:
-                    hidden.append([])
-                    layers.append(frozenset())
-                    heads.append(None)
-                    others_only.append(False)
+            hidden, layers, heads, others_only = (
+                list(part) for part in zip(*(self._slot_mask(k, layer) for k in keys))
+            )
             by_layer[layer] = ColumnMask(hidden, layers, heads, others_only)
             moved = self._moved_columns(layer)
             narrow[layer] = NarrowRows(len(moved), self.narrow_start, moved)
         return LayerColumnMasks(by_layer, narrow)
+
+    def _slot_mask(self, key: Key, layer: int) -> tuple[list, frozenset, dict | None, bool]:
+        """One slot's part of ``ColumnMask`` at ``layer``: an own slot whose row masks there hides its row's
+        columns (from the heads its plan names, or from all); a shared slot, or a row not masking there, none."""
+        row = self.members[key[1]].row if key[0] == "own" else None
+        if row is None or layer not in row.plan.mask_layers or not (row.prefix_hidden or row.query_hidden):
+            return [], frozenset(), None, False
+        heads = {layer: row.plan.mask_heads[layer]} if row.plan.mask_heads else None
+        return self.layout.hidden(self.members[key[1]].query, row), frozenset({layer}), heads, row.plan.others_only
 
     def _slot_patches(self) -> list:
         """Each member's patches on its own slot: a patch at layer l writes into the input of layer l,
@@ -307,14 +290,8 @@ class TreeDecode:
             if not self.advance(self.forward(step, drafts), drafts):
                 break
             step += 1
-        return [
-            Generation(
-                token_ids=m.tokens,
-                text=self.tokenizer.decode(m.tokens, skip_special_tokens=True),
-                finish=m.finish or "length",
-            )
-            for m in self.members
-        ]
+        text = [self.tokenizer.decode(m.tokens, skip_special_tokens=True) for m in self.members]
+        return [Generation(m.tokens, t, m.finish or "length") for m, t in zip(self.members, text, strict=True)]
 
     def forward(self, step: int, drafts: dict[int, list[int]] | None = None) -> dict[int, list[int]]:
         """One forward over the leaves: step 0 is the queries' prefill; later steps feed each group's
@@ -415,11 +392,10 @@ class TreeDecode:
         stats["kv_bytes_unshared_peak"] = max(stats["kv_bytes_unshared_peak"], per_row * len(self.alive))
 
     def _take(self, predicted: dict[int, list[int]], drafts: dict[int, list[int]]) -> bool:
-        """Give each alive member the tokens it produced: its first prediction, then, while the
-        prediction equals the draft token fed next, the prediction after it (exactly what one-by-one
-        greedy decoding would produce). Members of a group that produced different sequences split
-        it; the stop rule is applied token by token (tokens after a stop are dropped). Fed columns
-        beyond a group's accepted tokens become holes its mask hides. True if the slots must change."""
+        """Give each alive member the tokens it produced (``drafts.accepted_tokens``). Members of a group that
+        produced different sequences split it; the stop rule is applied token by token (tokens after a stop are
+        dropped). Fed columns beyond a group's accepted tokens become holes its mask hides. True if the slots
+        must change."""
         changed = False
         width = len(predicted[self.alive[0]])  # columns fed this step (all groups alike)
         by_group: dict[int, list[int]] = {}
@@ -433,9 +409,7 @@ class TreeDecode:
             draft = drafts.get(g, [])
             by_output: dict[tuple[int, ...], list[int]] = {}
             for m in ms:
-                out = [predicted[m][0]]
-                while len(out) <= len(draft) and out[-1] == draft[len(out) - 1]:
-                    out.append(predicted[m][len(out)])
+                out = accepted_tokens(predicted[m], draft)
                 by_output.setdefault(tuple(out), []).append(m)
                 stats["draft_tokens"] += len(draft)
                 stats["draft_accepted"] += len(out) - 1
@@ -449,15 +423,9 @@ class TreeDecode:
                 if n == 0:
                     gid = g
                 else:
-                    gid = max(self.groups) + 1
-                    self.groups[gid] = _Group(
-                        self.groups[g].query,
-                        list(history),
-                        parent=g,
-                        gid=gid,
-                        columns=list(columns),
-                        fails=self.groups[g].fails,
-                        pause=self.groups[g].pause,
+                    gid = max(self.groups) + 1  # the query, draft failures and pause carry over
+                    self.groups[gid] = replace(
+                        self.groups[g], history=list(history), parent=g, gid=gid, columns=list(columns)
                     )
                     stats["splits"] += 1
                     changed = True
@@ -476,8 +444,7 @@ class TreeDecode:
                             finished.add(m)
                         break
         self.cache_started = True
-        if finished:
-            self.alive = [m for m in self.alive if m not in finished]
+        self.alive = [m for m in self.alive if m not in finished]
         for m in self.alive:
             self.members[m].tokens = self.groups[self.members[m].group].history
         return changed

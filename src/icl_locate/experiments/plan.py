@@ -17,7 +17,7 @@ Engines, per unit (padding left out; G generated tokens a row, G - 1 of them fed
 * fast: the shared context once per prefix cache (one, plus one per row intervention that needs its
   own: ``rows.plan_rows``), then every row's query and decoding;
 * tree: as fast, but at layer l the rows of a query that continue the shared context run one state
-  for all rows whose divergence layer is above l (``tree_decode.divergence_layer``). This assumes
+  for all rows whose divergence layer is above l (``rows.divergence_layer``). This assumes
   they keep one history: a lower bound, since rows that pick different tokens split towards fast.
 """
 

@@ -36,9 +36,8 @@ from ..core.prompts import PromptedItem
 from ..core.shapes import DTYPE_BYTES, ModelShape
 from ..engines.fast import rows_by_size
 from ..engines.indirect import batch_sizes, head_patch_bands, head_sites
-from ..engines.rows import plan_rows
+from ..engines.rows import divergence_layer, plan_rows
 from ..engines.tree import tree_batch_rows
-from ..engines.tree_decode import divergence_layer
 from ..tasks.items import build_items
 from .methods import AIE_PROMPTS, METHOD_KINDS
 from .settings import LoadedTasks, WorkUnit
