@@ -11,24 +11,19 @@ So an engine starts by timing each choice on the model itself, briefly, and pick
   can take, on as many final hidden states of the first prompt as the tree engine's batches have rows
   (``head_timing.py``), or this machine and model's verdict for about as many rows kept from an
   earlier calibration (its screen checked on this prompt's states);
-- drafts: a decoding step fed 1 + N tokens against one fed 1 token, over the first prompt's cache at
-  ``DRAFT_PROBE_ROWS`` rows first and at the engine's rows (whole queries whose states fit the rule,
-  or --batch-size; the whole work where it is smaller) only where drafts paid there
-  (``draft_timing.py``); or none, where a refusal kept for this machine, model and head was timed on
-  no more rows over a cache of the same length to a power of two (``calibration_cache.py`` says why it
-  then holds);
+- drafts: a decoding step fed 1 + N tokens against one fed 1 token, over the first prompt's cache, at
+  ``DRAFT_PROBE_ROWS`` rows first and at the engine's rows only where drafts paid there
+  (``draft_timing.py``), or a refusal kept for this machine, model and head;
 - engine: a short run of up to 10 of the first query's rows on the fast engine and on the tree engine with
   the head and drafts chosen above, both continuing the same prefix caches (``engine_timing.py``);
-- batch size: one decoding step (with the chosen head) over the first prompt's cache, at the engines'
-  automatic rule's row count, at half of it, and at doublings (where the half cost about as much) or
-  further halvings; a count other than the rule's is taken only where it was measured to pay
-  (``batch_rows.py``), or the verdict kept for this machine, model, head, rule, query rows and cache
-  length where decoding was found not latency-bound; the factor applies to the rule's rows (within the
-  KV-memory bound), which the tree engine counts in a query's states (``tree.query_states``). The screens not
-  chosen are dropped before it (a screen is a copy of the head); the chosen one is kept with the model,
-  for its later calibrations and engines in this process (``screens.keep_screen``). Where the factor
-  changes the rows of the tree engine's batches, the drafts are chosen again for those rows, and the
-  head where they are of another power of two.
+- batch size: one decoding step (with the chosen head) over the first prompt's cache at the engines'
+  automatic rule's row count, at half of it, and at doublings or further halvings; a count other than the
+  rule's only where it was measured to pay (``batch_rows.py``), or the verdict kept where decoding was found
+  not latency-bound. The factor applies to the rule's rows (within the KV-memory bound), which the tree
+  engine counts in a query's states (``tree.query_states``). The screens not chosen are dropped before it (a
+  screen is a copy of the head); the chosen one is kept with the model for its later calibrations and engines
+  in this process (``screens.keep_screen``). Where the factor changes the rows of the tree engine's batches,
+  the drafts are chosen again for those rows, and the head where they are of another power of two.
 
 Every choice can be forced (``EngineRequest``); generations are the same whatever is chosen (the
 engines are tested against the reference engine). The result is cached under the cache directory,
@@ -70,10 +65,10 @@ from .engine_timing import time_engines
 from .fast import KV_MEMORY_FRACTION, FastEngine, scaled_rows
 from .head import CertifiedHead
 from .head_timing import HEAD_TIMINGS, head_sample, screen_agrees, time_heads
-from .request import AUTO_REQUEST, SCREENED, EngineRequest
+from .request import AUTO_REQUEST, EngineRequest
 from .rows import plan_rows
 from .screens import SCREENS, build_screen, keep_screen, kept_screen
-from .timing import Timer, measure_seconds
+from .timing import Timer, drop_timings, measure_seconds
 from .tree import TreeEngine, tree_batch_rows
 
 # final hidden states the heads are timed on where the engine's batch rows are not known (``choose_head``); else
@@ -208,7 +203,7 @@ class Calibrator:
         try:
             rows = self._batch_rows(steps, work_rows, prompts, interventions)
             engine = self.request.engine
-            tree_only = self.tree_only_flags()
+            tree_only = self.request.tree_only_flags()
             if engine == "auto" and tree_only:  # the fast engine has neither: the flag decides the engine
                 engine = "tree"
                 reasons["engine"] = f"{tree_only} (the tree engine's alone)"
@@ -242,13 +237,6 @@ class Calibrator:
         return Choices(
             engine, head, drafts, self.request.batch_size, reasons, measured, hardware(self.device), batch_scale=scale
         )
-
-    def tree_only_flags(self) -> str:
-        """The flags given that only the tree engine honours (a screened head, drafts), as the user wrote them."""
-        flags = [f"--head {self.request.head}"] if self.request.head in SCREENED else []
-        if self.request.draft_tokens:
-            flags.append(f"--draft-tokens {self.request.draft_tokens}")
-        return " ".join(flags)
 
     def _batch_rows(
         self,
@@ -459,9 +447,3 @@ def build_engine(model, tokenizer, choices: Choices, calibrator: Calibrator | No
         draft_tokens=choices.draft_tokens,
         screen=calibrator.screen(choices.head) if calibrator is not None else None,
     )
-
-
-def drop_timings(measured: dict[str, float], prefix: str) -> None:
-    """Remove the timings named ``prefix``... from ``measured`` (a choice measured again replaces them)."""
-    for name in [name for name in measured if name.startswith(prefix)]:
-        del measured[name]

@@ -36,6 +36,13 @@ class EngineRequest:
         if self.engine == "fast" and self.head in SCREENED:
             raise UserError(f"--head {self.head} is for the tree engine (--engine fast uses the model's own head)")
 
+    def tree_only_flags(self) -> str:
+        """The flags given that only the tree engine honours (a screened head, drafts), as the user wrote them."""
+        flags = [f"--head {self.head}"] if self.head in SCREENED else []
+        if self.draft_tokens:
+            flags.append(f"--draft-tokens {self.draft_tokens}")
+        return " ".join(flags)
+
 
 AUTO_REQUEST = EngineRequest()  # everything left to "auto" (the default of functions taking a request)
 

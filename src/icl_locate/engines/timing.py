@@ -52,6 +52,12 @@ def interleaved(
     return medians(times)
 
 
+def drop_timings(measured: dict[str, float], prefix: str) -> None:
+    """Remove the timings named ``prefix``... from ``measured`` (a choice measured again replaces them)."""
+    for name in [name for name in measured if name.startswith(prefix)]:
+        del measured[name]
+
+
 def medians(times: dict[str, list[float]]) -> dict[str, float]:
     return {name: statistics.median(t) for name, t in times.items()}
 
