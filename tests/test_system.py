@@ -214,7 +214,7 @@ def test_the_memory_a_cpu_run_counts_on_is_the_least_of_the_host_and_its_cgroups
     monkeypatch.setattr(system, "cgroup_headroom", lambda: 2**20)  # a job given 1 MiB more
     assert system.available_memory(torch.device("cpu")) == 2**20
     monkeypatch.setattr(system, "cgroup_headroom", lambda: None)
-    monkeypatch.setattr(system, "_proc_kb", lambda path, field: None)  # not Linux: psutil's figure, not a guess
+    monkeypatch.setattr(system, "meminfo_available", lambda: None)  # not Linux: psutil's figure, not a guess
     assert system.available_memory(torch.device("cpu")) == pytest.approx(psutil.virtual_memory().available, rel=0.2)
 
 
@@ -235,24 +235,59 @@ def test_a_cpu_quota_is_read_from_either_cgroup_version_and_the_tightest_counts(
 
 
 @pytest.mark.parametrize(
-    "quota, set_by_user, threads", [(1.0, None, 1), (1.5, None, 2), (None, None, 3), (1.0, "3", 3)]
+    "quota, setting, start, threads",
+    [
+        (1.0, None, 3, 1),
+        (1.5, None, 3, 2),  # rounded up: two threads were no slower than one at 1.5 CPUs
+        (None, None, 3, 3),
+        (1.0, "OMP_NUM_THREADS", 3, 3),  # a user's thread count is theirs
+        (1.0, "MKL_NUM_THREADS", 3, 3),
+        (8.0, None, 1, 1),  # lowered, never raised
+        (8.0, None, 3, 3),  # within the quota and the 4 CPUs the process may run on
+    ],
 )
 def test_torch_threads_are_fitted_to_the_cpu_quota_unless_a_thread_count_was_set(
-    quota, set_by_user, threads, monkeypatch
+    quota, setting, start, threads, monkeypatch
 ):
     """torch starts a thread per core whatever the quota; threads beyond it are throttled (measured: 1 CPU's quota,
-    2 threads ran a product 1.5x slower than 1). A user's OMP_NUM_THREADS is theirs."""
+    2 threads ran a product 1.5x slower than 1)."""
     before = torch.get_num_threads()
     monkeypatch.setattr(system, "cpu_quota", lambda: quota)
-    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
-    if set_by_user:
-        monkeypatch.setenv("OMP_NUM_THREADS", set_by_user)
-    else:
-        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(system.os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)
+    for name in system.THREAD_SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+    if setting:
+        monkeypatch.setenv(setting, "3")
     try:
-        torch.set_num_threads(3)
+        torch.set_num_threads(start)
         system.fit_threads_to_cpu_quota()
         assert torch.get_num_threads() == threads
         assert (", CPU quota" in system.hardware_line(system.hardware("cpu"))) == (quota is not None)
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_usable_cpus_are_the_affinity_within_the_quota(monkeypatch):
+    monkeypatch.setattr(system.os, "sched_getaffinity", lambda pid: set(range(6)), raising=False)
+    for quota, cpus in [(None, 6), (2.5, 3), (0.5, 1), (16.0, 6)]:
+        monkeypatch.setattr(system, "cpu_quota", lambda quota=quota: quota)
+        assert system.usable_cpus() == cpus
+
+
+def test_cgroup_paths_outside_the_namespace_and_v2_soft_limits(tmp_path):
+    root = cgroup_tree(
+        tmp_path,
+        {
+            "": {"memory.max": str(8 * GIB), "memory.current": str(GIB), "cpu.max": "200000 100000"},
+            "job": {"memory.max": "max", "memory.high": str(3 * GIB), "memory.current": str(GIB)},
+        },
+    )
+    assert system.cgroup_headroom(root, "0::/job") == 2 * GIB  # memory.high: throttled above it
+    assert system.cgroup_folders("memory", root, "0::/../../other") == [(root, 2)]  # never read outside the root
+    assert system.cgroup_headroom(root, "0::/../../other") == 7 * GIB
+    assert system.cpu_quota(root, "0::/../x") == 2.0
+    docker_v1 = cgroup_tree(
+        tmp_path / "v1",
+        {"memory": {"memory.limit_in_bytes": str(2 * GIB), "memory.usage_in_bytes": str(GIB)}},
+    )
+    assert system.cgroup_headroom(docker_v1, "4:memory:/docker/abc\n") == GIB  # the container's own, at the root

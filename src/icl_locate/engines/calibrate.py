@@ -13,7 +13,7 @@ So an engine starts by timing each choice on the model itself, briefly, and pick
   earlier calibration (its screen checked on this prompt's states);
 - drafts: a decoding step fed 1 + N tokens against one fed 1 token, over the first prompt's cache, at
   ``DRAFT_PROBE_ROWS`` rows first and at the engine's rows only where drafts paid there
-  (``draft_timing.py``), or a refusal kept for this machine, model and head;
+  (``draft_timing.py``), or a refusal kept for this machine, model and head that covers these rows;
 - engine: a short run of up to 10 of the first query's rows on the fast engine and on the tree engine with
   the head and drafts chosen above, both continuing the same prefix caches (``engine_timing.py``);
 - batch size: one decoding step (with the chosen head) over the first prompt's cache at the engines'

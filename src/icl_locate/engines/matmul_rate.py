@@ -12,7 +12,7 @@ import torch
 
 from ..core.checkpoints import cache_dir
 from ..util.fileio import write_json_atomic
-from ..util.system import hardware
+from ..util.system import fit_threads_to_cpu_quota, hardware
 
 MATMUL_VERSION = 1  # part of the cache key: a change of the procedure measures again
 
@@ -23,6 +23,8 @@ def matmul_tflops(
     """TFLOP/s of a [rows x k] @ [k x n] product in ``dtype`` on ``device`` (``icl-locate plan``: the products
     of a decoding step), and "measured in Ns" or "cached". Timed for about ``seconds`` after a warm-up,
     once per machine and shape: cached like the engine choices."""
+    if device == "cpu":
+        fit_threads_to_cpu_quota()  # the threads a run's ``load_model`` leaves: what the rate is for
     key = dict(hardware(device), dtype=dtype, rows=rows, k=k, n=n, version=MATMUL_VERSION)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = (cache if cache is not None else cache_dir() / "calibration") / f"matmul-{digest}.json"

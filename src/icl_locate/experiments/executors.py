@@ -21,6 +21,7 @@ import torch
 
 from ..util.errors import UserError
 from ..util.progress import Progress
+from ..util.system import usable_cpus
 from .options import RaySettings
 
 RAY_INSTALL = "the ray executor needs Ray: pip install 'icl-locate[ray]'"
@@ -110,11 +111,7 @@ class RayExecutor:
                 address=s.address,
                 include_dashboard=False,
                 log_to_driver=False,
-                **(
-                    {"num_cpus": max(os.cpu_count() or 1, int(s.workers * s.cpus_per_worker))}
-                    if s.address is None
-                    else {}
-                ),
+                **({"num_cpus": max(usable_cpus(), int(s.workers * s.cpus_per_worker))} if s.address is None else {}),
             )
         actors = [self._start() for _ in range(s.workers)]
         try:

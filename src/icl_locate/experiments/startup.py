@@ -19,7 +19,7 @@ import sys
 import time
 
 from ..util.errors import UserError
-from ..util.system import hardware, hardware_line
+from ..util.system import fit_threads_to_cpu_quota, hardware, hardware_line
 from .options import StartupSettings
 
 # Runs in a fresh interpreter; prints one JSON line of seconds per phase.
@@ -70,6 +70,8 @@ def run_startup(s: StartupSettings, log=print) -> dict:
     runs = [_phases(s) for _ in range(s.repeats)]
     result: dict = {name: statistics.median(r[name] for r in runs) for name in runs[0]}
     result["help"] = statistics.median(helps)
+    if (s.device or "cpu") == "cpu":
+        fit_threads_to_cpu_quota()  # as each child's ``load_model`` did: the threads they ran with
     result["hardware"] = hardware(s.device or "cpu")
     result["model"] = s.model
     return result

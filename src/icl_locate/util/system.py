@@ -95,21 +95,28 @@ def available_memory(device: torch.device) -> int:
     host, does not see; past it the kernel kills the process)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    kb = _proc_kb("/proc/meminfo", "MemAvailable:")
-    free = kb * 1024 if kb is not None else psutil.virtual_memory().available
+    free = meminfo_available()
+    free = free if free is not None else psutil.virtual_memory().available
     headroom = cgroup_headroom()
     return free if headroom is None else min(free, headroom)
+
+
+def meminfo_available() -> int | None:
+    """Linux's MemAvailable, in bytes (None where there is no /proc/meminfo)."""
+    kb = _proc_kb("/proc/meminfo", "MemAvailable:")
+    return None if kb is None else kb * 1024
 
 
 CGROUP_ROOT = "/sys/fs/cgroup"
 THREAD_SETTINGS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")  # a thread count set by the user: kept as set
 # cgroup v1 writes "no limit" as the largest page-aligned 64-bit number; anything from 2^62 on is no limit
 CGROUP_V1_UNLIMITED = 2**62
-# The files a memory cgroup's limit, usage and reclaimable page cache are read from, by cgroup version: usage
-# counts the page cache too, whose inactive part the kernel drops before it kills (as container runtimes count)
+# The files a memory cgroup's limits, usage and reclaimable page cache are read from, by cgroup version: usage
+# counts the page cache too, whose inactive part the kernel drops before it kills (as container runtimes count);
+# v2's memory.high is a limit too: above it the kernel throttles the process, reclaiming hard
 CGROUP_FILES = {
-    2: ("memory.max", "memory.current", "inactive_file"),
-    1: ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"),
+    2: (("memory.max", "memory.high"), "memory.current", "inactive_file"),
+    1: (("memory.limit_in_bytes",), "memory.usage_in_bytes", "total_inactive_file"),
 }
 
 
@@ -133,14 +140,23 @@ def cpu_quota(root: str = CGROUP_ROOT, membership: str | None = None) -> float |
     return min(limited) if limited else None
 
 
-def fit_threads_to_cpu_quota() -> None:
-    """Lower torch's CPU threads to the CPUs the cgroup quota allows (``cpu_quota``, rounded up), unless a
-    thread count was set (``THREAD_SETTINGS``): torch starts a thread per core it may run on, quota or not, and
-    threads beyond the quota are throttled in turn, each stalling the others at every barrier of a product."""
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity, where the OS has one), no more than its CPU quota
+    allows (``cpu_quota``, rounded up: at a quota of 1.5 CPUs two threads ran a product as fast as one or
+    faster on the 2-core VM; at 1 CPU, 1.5x slower)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     quota = cpu_quota()
-    if quota is None or any(os.environ.get(name) for name in THREAD_SETTINGS):
+    return max(1, min(cpus, math.ceil(quota))) if quota is not None else cpus
+
+
+def fit_threads_to_cpu_quota() -> None:
+    """Lower torch's CPU threads to ``usable_cpus`` where a CPU quota is set, unless OMP_NUM_THREADS or
+    MKL_NUM_THREADS is (``THREAD_SETTINGS``): torch starts a thread per core it may run on, quota or not, and
+    threads beyond the quota are throttled in turn, each stalling the others at every barrier of a product.
+    A count set in code (``torch.set_num_threads``) above the quota is lowered too; never raised."""
+    if cpu_quota() is None or any(os.environ.get(name) for name in THREAD_SETTINGS):
         return
-    threads = max(1, math.ceil(quota))
+    threads = usable_cpus()
     if torch.get_num_threads() > threads:
         torch.set_num_threads(threads)
 
@@ -164,6 +180,8 @@ def cgroup_folders(controller: str, root: str = CGROUP_ROOT, membership: str | N
         else:
             continue
         names = [name for name in path.split("/") if name]
+        if ".." in names:  # a cgroup outside this namespace's root: only the root is ours to read
+            names = []
         folders += [(os.path.join(base, *names[:depth]), version) for depth in range(len(names), -1, -1)]
     return folders
 
@@ -180,17 +198,18 @@ def _quota(folder: str, version: int) -> float | None:
 
 
 def _headroom(folder: str, version: int) -> int | None:
-    """limit - (usage - inactive page cache) of the memory cgroup in ``folder`` (0 at least); None where it
-    sets no limit or its files cannot be read."""
-    limit_file, usage_file, inactive_field = CGROUP_FILES[version]
-    limit, usage = _read(os.path.join(folder, limit_file)), _read(os.path.join(folder, usage_file))
-    if limit is None or usage is None or not limit.isdigit() or not usage.isdigit():
-        return None  # no such cgroup here, or "max": no limit
-    if version == 1 and int(limit) >= CGROUP_V1_UNLIMITED:
-        return None
+    """The least limit (``CGROUP_FILES``) - (usage - inactive page cache) of the memory cgroup in ``folder`` (0 at
+    least); None where it sets no limit or its files cannot be read."""
+    limit_files, usage_file, inactive_field = CGROUP_FILES[version]
+    texts = [_read(os.path.join(folder, name)) for name in limit_files]
+    limits = [int(text) for text in texts if text is not None and text.isdigit()]  # "max": no limit
+    limits = [limit for limit in limits if version == 2 or limit < CGROUP_V1_UNLIMITED]
+    usage = _read(os.path.join(folder, usage_file))
+    if not limits or usage is None or not usage.isdigit():
+        return None  # no limit, or no such cgroup here
     stat = (line.split() for line in (_read(os.path.join(folder, "memory.stat")) or "").splitlines())
     inactive = next((int(fields[1]) for fields in stat if len(fields) == 2 and fields[0] == inactive_field), 0)
-    return max(0, int(limit) - max(0, int(usage) - inactive))
+    return max(0, min(limits) - max(0, int(usage) - inactive))
 
 
 def _read(path: str) -> str | None:
@@ -285,7 +304,7 @@ def isa_settings() -> dict[str, str]:
 def hardware(device: torch.device | str) -> dict:
     """What the speed of this run depends on: the CPU (model name, design, speed-relevant features), the
     instruction set torch's CPU kernels dispatch to and the settings that lower it, the precision fp32
-    products may drop to, the GPU in use and the thread count."""
+    products may drop to, the GPU in use, the thread count and the cgroup's CPU quota (None: none)."""
     device = torch.device(device)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     cpu = cpu_description()
