@@ -66,6 +66,45 @@ def test_the_cpu_is_described_by_its_design_and_speed_features():
     assert system.cpu_description("")["flags"] == []
 
 
+APPLE_M2 = """machdep.cpu.brand_string: Apple M2 Pro
+hw.cpufamily: -634136515
+hw.optional.arm.FEAT_BF16: 1
+hw.optional.arm.FEAT_I8MM: 1
+hw.optional.arm.FEAT_DotProd: 1
+hw.optional.arm.FEAT_FP16: 1
+hw.optional.arm.FEAT_SME: 0
+hw.optional.neon: 1
+"""
+INTEL_MAC = """machdep.cpu.brand_string: Intel(R) Core(TM) i9-9880H CPU @ 2.30GHz
+machdep.cpu.vendor: GenuineIntel
+machdep.cpu.family: 6
+machdep.cpu.model: 158
+machdep.cpu.stepping: 13
+hw.cpufamily: 260141638
+hw.optional.avx2_0: 1
+hw.optional.avx512f: 0
+"""
+
+
+def test_a_mac_is_described_from_sysctl_as_linux_describes_it_from_cpuinfo():
+    """macOS has no /proc/cpuinfo: the name, design and features come from sysctl (one M1 and one M3 must not
+    share a calibration, nor an Intel Mac with and without AVX-512)."""
+    m2 = system.cpu_description(system.sysctl_cpuinfo(APPLE_M2))
+    assert m2 == dict(
+        model="Apple M2 Pro",
+        id="ARM implementer Apple part cpufamily -634136515",
+        flags=["asimddp", "i8mm", "bf16", "fphp"],
+    )
+    m1 = system.cpu_description(
+        system.sysctl_cpuinfo(
+            APPLE_M2.replace("M2 Pro", "M1").replace("-634136515", "458787763").replace("FEAT_BF16: 1", "FEAT_BF16: 0")
+        )
+    )
+    assert m1["id"] != m2["id"] and "bf16" not in m1["flags"]
+    intel = system.cpu_description(system.sysctl_cpuinfo(INTEL_MAC))
+    assert intel["id"] == "GenuineIntel 6/158/13" and intel["flags"] == ["avx2"]
+
+
 def test_the_machine_line_names_the_design_and_the_settings_that_lower_the_instruction_set(monkeypatch):
     monkeypatch.setattr(system, "cpu_description", lambda: DESCRIBE(SAPPHIRE_RAPIDS_VM))
     for name in system.ISA_SETTINGS:

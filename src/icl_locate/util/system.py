@@ -9,6 +9,7 @@ import gc
 import math
 import os
 import platform
+import subprocess
 import sys
 
 import psutil
@@ -261,7 +262,8 @@ ISA_SETTINGS = (
 def cpu_description(cpuinfo: str | None = None) -> dict:
     """The CPU: its marketing name (``model``), what identifies its design (``id``: x86 vendor, family, model
     and stepping; ARM implementer and part) and which ``SPEED_FLAGS`` it has (``flags``, in that order).
-    ``cpuinfo``: the text of Linux ``/proc/cpuinfo`` (read where None; elsewhere what ``platform`` knows)."""
+    ``cpuinfo``: the text of Linux ``/proc/cpuinfo`` (read where None: on macOS sysctl's, elsewhere what
+    ``platform`` knows)."""
     if cpuinfo is None:
         cpuinfo = _cpuinfo()
     fields: dict[str, str] = {}
@@ -288,12 +290,53 @@ def cpu_description(cpuinfo: str | None = None) -> dict:
 
 @functools.cache
 def _cpuinfo() -> str:
-    """Linux's /proc/cpuinfo, read once (long on a large host; the CPU does not change); "" elsewhere."""
+    """Linux's /proc/cpuinfo, read once (long on a large host; the CPU does not change); on macOS the same
+    fields from ``sysctl`` (``sysctl_cpuinfo``); "" elsewhere."""
     try:
         with open("/proc/cpuinfo") as f:
             return f.read()
     except OSError:
+        pass
+    if sys.platform != "darwin":
         return ""
+    try:
+        done = subprocess.run(["sysctl", *SYSCTL_NAMES], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return sysctl_cpuinfo(done.stdout)
+
+
+# What macOS's sysctl says of the CPU: its name, its design (an Intel Mac: vendor, family, model and stepping; Apple
+# silicon: ``hw.cpufamily``, one number per core design) and its features (``hw.optional``: 1 where present),
+# named as /proc/cpuinfo names them (``SPEED_FLAGS``)
+SYSCTL_DESIGN = {
+    "machdep.cpu.vendor": "vendor_id",
+    "machdep.cpu.family": "cpu family",
+    "machdep.cpu.model": "model",
+    "machdep.cpu.stepping": "stepping",
+}
+SYSCTL_NAMES = ("machdep.cpu.brand_string", *SYSCTL_DESIGN, "hw.cpufamily", "hw.optional")
+SYSCTL_FLAGS = {
+    "hw.optional.arm.FEAT_DotProd": "asimddp",
+    "hw.optional.arm.FEAT_I8MM": "i8mm",
+    "hw.optional.arm.FEAT_BF16": "bf16",
+    "hw.optional.arm.FEAT_FP16": "fphp",
+    "hw.optional.avx2_0": "avx2",
+    "hw.optional.avx512f": "avx512f",
+}
+
+
+def sysctl_cpuinfo(text: str) -> str:
+    """``sysctl``'s ``name: value`` lines (``SYSCTL_NAMES``) as the /proc/cpuinfo fields ``cpu_description``
+    reads: ``model name``, ``flags`` and the design (x86 fields, or Apple silicon's as an implementer and part)."""
+    values = dict(line.split(": ", 1) for line in text.splitlines() if ": " in line)
+    flags = [flag for name, flag in SYSCTL_FLAGS.items() if values.get(name, "").strip() == "1"]
+    lines = [f"model name\t: {values.get('machdep.cpu.brand_string', '').strip()}", f"flags\t\t: {' '.join(flags)}"]
+    if "machdep.cpu.vendor" in values:  # an Intel Mac
+        lines += [f"{field}\t: {values.get(name, '?').strip()}" for name, field in SYSCTL_DESIGN.items()]
+    elif "hw.cpufamily" in values:
+        lines += ["CPU implementer\t: Apple", f"CPU part\t: cpufamily {values['hw.cpufamily'].strip()}"]
+    return "\n".join(lines) + "\n"
 
 
 def isa_settings() -> dict[str, str]:
