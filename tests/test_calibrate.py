@@ -552,6 +552,17 @@ def test_the_screens_not_chosen_are_gone_before_the_batch_check(tmp_path):
     assert held and all(kinds == {"int8"} for kinds in held.values())
 
 
+def test_a_timed_call_on_a_gpu_waits_for_the_work_queued_before_it(monkeypatch):
+    """GPU work runs after the host queues it: a timing synchronises before its clock starts (else it pays for
+    the work queued before it) and after its work (else it times the queueing only)."""
+    events = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: events.append("sync"))
+    measure_seconds("work", lambda: events.append("work"))
+    assert events == ["sync", "work", "sync"]
+
+
 def test_timings_compared_with_each_other_alternate():
     """Choices decided by a ratio are timed in alternation, so a machine's drift slows both sides alike."""
     ran: list[str] = []

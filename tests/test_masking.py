@@ -7,6 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from conftest import OUT_PROJ, tiny
+from icl_locate.core import mask_surgery
 from icl_locate.core.conditions import get_condition, hidden_ranges, merge_ranges
 from icl_locate.core.interventions import AttentionAblation, ColumnDrop, ColumnMask, intervene
 from icl_locate.core.structure import decoder_layers
@@ -61,8 +62,17 @@ def test_mask_from_last_layer_is_no_mask(family):
     torch.testing.assert_close(plain, reference, atol=1e-5, rtol=1e-5)
 
 
+@pytest.fixture(params=["tested", "branch-free"])
+def surgery(request, monkeypatch):
+    """Mask surgery as on a CPU (a fix-up skipped where ``.any()`` finds nothing to fix) and as on a GPU (every
+    fix-up applied, no host sync: ``mask_surgery.host_may_test``)."""
+    if request.param == "branch-free":
+        monkeypatch.setattr(mask_surgery, "host_may_test", lambda tensor: False)
+    return request.param
+
+
 @pytest.mark.parametrize("family", FAMILIES)
-def test_hidden_tokens_are_invisible_from_layer_0(family):
+def test_hidden_tokens_are_invisible_from_layer_0(family, surgery):
     model = tiny(family).model
     ids = ids_pair()
     swapped = replace_hidden(ids)
@@ -134,7 +144,7 @@ def test_eager_attention_weights_are_zero_on_hidden_columns(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_left_padded_batch_equals_rows_alone(family):
+def test_left_padded_batch_equals_rows_alone(family, surgery):
     model = tiny(family).model
     g = torch.Generator().manual_seed(1)
     lengths = [SEQ, 13]
@@ -211,3 +221,13 @@ def test_interventions_are_separate_values_that_refuse_bad_combinations():
     # select_rows keeps each row's own columns and layers
     per_row = ColumnMask.per_row(HIDDEN, [1, 3], n_layers(model)).select_rows([1])
     assert per_row.hidden == (tuple(HIDDEN[1]),) and per_row.layers == (frozenset({3}),)
+
+
+def test_a_masks_per_layer_tensors_are_made_once_per_device():
+    """They are asked for at every masked layer of every step; a copy to a GPU waits for the queued kernels."""
+    plan = ColumnMask.at_heads([[(1, 3)], [(0, 2)]], [{2: {0, 1}}, {}])
+    rows = plan.head_rows(2, 4, torch.device("cpu"))
+    assert rows is not None and rows is plan.head_rows(2, 4, torch.device("cpu"))
+    assert rows.tolist() == [[True, True, False, False], [True, True, True, True]]
+    assert plan.columns(2, 4, torch.device("cpu")).tolist() == [[False, True, True, False], [False] * 4]  # row 1: none
+    assert plan.columns(3, 4, torch.device("cpu")).tolist() == [[False] * 4, [False] * 4]  # no row masks layer 3

@@ -330,3 +330,31 @@ def test_cgroup_paths_outside_the_namespace_and_v2_soft_limits(tmp_path):
         {"memory": {"memory.limit_in_bytes": str(2 * GIB), "memory.usage_in_bytes": str(GIB)}},
     )
     assert system.cgroup_headroom(docker_v1, "4:memory:/docker/abc\n") == GIB  # the container's own, at the root
+
+
+class FakeGpu:
+    """torch.cuda's memory figures and device switch, as a GPU with a busy allocator reports them."""
+
+    def __init__(self, monkeypatch):
+        self.current = None
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * GIB, 80 * GIB))
+        monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 30 * GIB)
+        monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 18 * GIB)
+        monkeypatch.setattr(torch.cuda, "set_device", lambda device: setattr(self, "current", device))
+
+
+def test_a_gpus_available_memory_counts_what_torchs_allocator_holds_free(monkeypatch):
+    """Blocks torch freed stay reserved (the device counts them as used) and are handed out again first."""
+    FakeGpu(monkeypatch)
+    assert system.available_memory(torch.device("cuda", 0)) == (2 + 30 - 18) * GIB
+
+
+def test_a_gpu_named_by_index_becomes_the_current_device(monkeypatch):
+    """``torch.cuda.synchronize()`` (the timings) acts on the current device: it must be the model's."""
+    gpu = FakeGpu(monkeypatch)
+    system.use_device("cuda:1")
+    assert gpu.current == torch.device("cuda", 1)
+    gpu.current = None
+    system.use_device("cuda")  # the current one already
+    system.use_device("cpu")
+    assert gpu.current is None

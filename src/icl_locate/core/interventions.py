@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -125,7 +125,7 @@ class ColumnMask:
     are taken to be the newest columns of its keys (true of prefills and of every cached step).
 
     Columns are those of the batch as fed to the model (left padding included). Immutable;
-    the bool column matrix is built once per device on first use (``_columns``).
+    the bool column matrix and each layer's rows are built once per device on first use (``_device_tensor``).
     """
 
     def __init__(
@@ -149,7 +149,7 @@ class ColumnMask:
             if row_heads and any(not hs or min(hs) < 0 for hs in row_heads.values()):
                 raise ValueError("a head set must be non-empty head indices >= 0")
         self.active_layers = frozenset().union(*(ls for ls, h in zip(self.layers, self.hidden) if h))
-        self._columns: dict[str, torch.Tensor] = {}
+        self._on_device: dict[tuple, torch.Tensor] = {}
 
     @classmethod
     def from_layer(cls, hidden: Sequence[Sequence[Range]], from_layer: int, n_layers: int) -> ColumnMask:
@@ -185,7 +185,7 @@ class ColumnMask:
 
     def columns(self, layer: int, kv_len: int, device: torch.device) -> torch.Tensor:
         """Bool [batch, kv_len]: True where a row may not look at ``layer``."""
-        rows = torch.tensor([layer in ls for ls in self.layers], device=device)
+        rows = self._device_tensor(("rows", layer), device, lambda: torch.tensor([layer in ls for ls in self.layers]))
         return self.hidden_columns(kv_len, device) & rows[:, None]
 
     def readers(self, q_len: int, kv_len: int, device: torch.device) -> torch.Tensor | None:
@@ -194,22 +194,23 @@ class ColumnMask:
         if not any(self.others_only):
             return None
         own = self.hidden_columns(kv_len, device)[:, kv_len - q_len :]  # [B, q]: the position is itself hidden
-        exempt = torch.tensor(self.others_only, device=device)[:, None] & own
+        exempt = self._device_tensor(("others_only",), device, lambda: torch.tensor(self.others_only))[:, None] & own
         return ~exempt
 
     def hidden_columns(self, kv_len: int, device: torch.device) -> torch.Tensor:
         """Bool [batch, kv_len]: every row's hidden columns, whatever the layer."""
-        base = self._columns.get(str(device))
-        if base is None:
-            width = max([1] + [end for row in self.hidden for _, end in row])
-            base = torch.zeros(len(self.hidden), width, dtype=torch.bool)
-            for row, ranges in enumerate(self.hidden):
-                for start, end in ranges:
-                    base[row, start:end] = True
-            base = base.to(device)
-            self._columns[str(device)] = base
+        base = self._device_tensor(("columns",), device, self._column_matrix)  # [batch, widest hidden end]
         width = base.shape[1]
         return base[:, :kv_len] if kv_len <= width else torch.cat([base, base.new_zeros(len(base), kv_len - width)], 1)
+
+    def _column_matrix(self) -> torch.Tensor:
+        base = torch.zeros(
+            len(self.hidden), max([1] + [end for row in self.hidden for _, end in row]), dtype=torch.bool
+        )
+        for row, ranges in enumerate(self.hidden):
+            for start, end in ranges:
+                base[row, start:end] = True
+        return base
 
     def head_rows(self, layer: int, n_heads: int, device: torch.device) -> torch.Tensor | None:
         """Bool [batch, n_heads]: which query heads of each row hide at ``layer``; None when all do."""
@@ -217,12 +218,22 @@ class ColumnMask:
             return None
         if self.max_head() >= n_heads:
             raise ValueError(f"head {self.max_head()} out of range: the attention has {n_heads} query heads")
-        rows = torch.ones(len(self.hidden), n_heads, dtype=torch.bool)
+        return self._device_tensor(("heads", layer, n_heads), device, lambda: self._head_rows(layer, n_heads))
+
+    def _head_rows(self, layer: int, n_heads: int) -> torch.Tensor:
+        rows = torch.ones(len(self.hidden), n_heads, dtype=torch.bool)  # [batch, n_heads]
         for b, row in enumerate(self.heads):
             if row and layer in row:
                 rows[b] = False
                 rows[b, sorted(row[layer])] = True
-        return rows.to(device)
+        return rows
+
+    def _device_tensor(self, key: tuple, device: torch.device, build: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``build()`` on ``device``, made once per key and device (a copy to a GPU waits for the kernels queued)."""
+        found = self._on_device.get((*key, str(device)))
+        if found is None:
+            found = self._on_device[(*key, str(device))] = build().to(device)
+        return found
 
     def apply(
         self, attention_mask: torch.Tensor, layer: int, n_heads: int | None = None

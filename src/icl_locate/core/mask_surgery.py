@@ -38,11 +38,11 @@ def hide_columns(
         hide = hide & readers[:, None, :, None]
     still_visible = visible & ~hide
     dead = visible.any(-1) & ~still_visible.any(-1)  # [B, 1|H, q]
-    if dead.any():
+    if host_may_test(dead) and not dead.any():
+        dead_rows = None
+    else:  # dead rows keep their old mask row (on a GPU always applied: nothing changes where none is dead)
         hide = hide & ~dead[..., None]
         dead_rows = dead
-    else:
-        dead_rows = None
     if attention_mask.dtype == torch.bool:
         new_mask = attention_mask & ~hide
     else:
@@ -61,7 +61,7 @@ def keep_blind_rows_finite(
     attention_mask: [B|1, H|1, q, kv]; dead: [B, 1|H, q] or None. Returns (mask, dead rows or None).
     """
     blind = ~visible_columns(attention_mask).any(-1)  # [B|1, H|1, q]
-    if not blind.any():
+    if host_may_test(blind) and not blind.any():
         return attention_mask, dead
     first = torch.zeros(attention_mask.shape[-1], dtype=torch.bool, device=attention_mask.device)
     first[0] = True
@@ -71,6 +71,14 @@ def keep_blind_rows_finite(
     else:
         attention_mask = attention_mask.masked_fill(opened, 0.0)
     return attention_mask, blind if dead is None else dead | blind
+
+
+def host_may_test(tensor: torch.Tensor) -> bool:
+    """Whether the host may ask ``tensor`` a yes/no question (``.any()``) to skip a fix-up: on a CPU it is free;
+    on a GPU the answer waits for every kernel queued before it, a host sync at every layer that stops the
+    host from queueing the next layer's kernels while this one's run. There the fix-ups run whether needed or
+    not: they change nothing where no row is dead or blind."""
+    return tensor.device.type == "cpu"
 
 
 def visible_columns(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from ..util.errors import UserError
-from ..util.system import fit_threads_to_cpu_quota
+from ..util.system import fit_threads_to_cpu_quota, use_device
 from .attention import prepare_model
 from .catalog import ALIASES, DTYPE_NAMES, EMBEDDED, TINY_CONFIGS, check_dtype_name
 from .checkpoints import MANIFEST, embedded_checkpoint, gguf_checkpoint
@@ -69,6 +69,7 @@ def load_model(
     torch_dtype = resolve_dtype(dtype, device)
     if device == "cpu":
         fit_threads_to_cpu_quota()  # torch's default counts the cores, not a container's or job's CPU quota
+    use_device(device)
     if spec.startswith("tiny:"):
         model, tokenizer, source = _tiny(spec.split(":", 1)[1], attn_implementation), byte_tokenizer(), spec
     else:

@@ -20,6 +20,7 @@ def measure_seconds(name: str, fn: Callable[[], object]) -> float:
     """Seconds one run of ``fn`` takes (GPU work synchronised); ``name`` says what is timed (the ``Timer``
     protocol: tests inject fake timings by name). Repeats and warm-ups are the caller's (``interleaved``)."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() and torch.cuda.is_initialized() else (lambda: None)
+    sync()  # the work queued before is not this one's
     started = time.perf_counter()
     fn()
     sync()

@@ -90,16 +90,29 @@ def _malloc_trim():
 
 
 def available_memory(device: torch.device) -> int:
-    """Bytes free for new tensors: free GPU memory; on a CPU the system's available memory (Linux's
+    """Bytes free for new tensors: on a GPU its free memory and what torch's allocator keeps cached (freed
+    blocks it hands out again, which the device counts as used); on a CPU the system's available memory (Linux's
     MemAvailable, elsewhere psutil's), bounded by what this process's memory cgroups leave it
     (``cgroup_headroom``: a container's or a batch job's limit, which MemAvailable, counting the whole
     host, does not see; past it the kernel kills the process)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cuda":  # the device's free memory and the blocks torch's allocator holds free
+        return (
+            torch.cuda.mem_get_info(device)[0]
+            + torch.cuda.memory_reserved(device)
+            - torch.cuda.memory_allocated(device)
+        )
     free = meminfo_available()
     free = free if free is not None else psutil.virtual_memory().available
     headroom = cgroup_headroom()
     return free if headroom is None else min(free, headroom)
+
+
+def use_device(device: str) -> None:
+    """Make a GPU named with its index (``cuda:1``) the current one: what ``torch.cuda.synchronize``,
+    ``empty_cache`` and the timings' synchronisation act on when given no device."""
+    place = torch.device(device)
+    if place.type == "cuda" and place.index is not None:
+        torch.cuda.set_device(place)
 
 
 def meminfo_available() -> int | None:
