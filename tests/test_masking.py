@@ -223,6 +223,27 @@ def test_interventions_are_separate_values_that_refuse_bad_combinations():
     assert per_row.hidden == (tuple(HIDDEN[1]),) and per_row.layers == (frozenset({3}),)
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3", "bloom", "gpt_neo"])
+def test_branch_free_mask_surgery_gives_the_tested_surgerys_logits(family, monkeypatch):
+    """On a GPU the fix-ups run where no row is dead or blind (``host_may_test``): they must change nothing there,
+    and do what the tested path does where rows are (left padding, a row hiding everything before a position)."""
+    model = tiny(family).model
+    ids, mask = ids_pair(), torch.ones(2, SEQ, dtype=torch.long)
+    mask[1, :4] = 0  # row 1: left padding
+    runs = {}
+    for mode in ("tested", "branch-free"):
+        if mode == "branch-free":
+            monkeypatch.setattr(mask_surgery, "host_may_test", lambda tensor: False)
+        plan = ColumnMask.from_layer(HIDDEN, 1, n_layers(model))
+        runs[mode] = [
+            forward(model, ids, attention_mask=mask, interventions=[plan]).logits,  # dead and blind rows
+            forward(model, ids[:1], interventions=[ColumnMask.from_layer(HIDDEN[:1], 1, n_layers(model))]).logits,
+            forward(model, ids).logits,  # no intervention, no padding: nothing to fix
+        ]
+    for tested, branch_free in zip(runs["tested"], runs["branch-free"], strict=True):
+        assert torch.equal(tested, branch_free)
+
+
 def test_a_masks_per_layer_tensors_are_made_once_per_device():
     """They are asked for at every masked layer of every step; a copy to a GPU waits for the queued kernels."""
     plan = ColumnMask.at_heads([[(1, 3)], [(0, 2)]], [{2: {0, 1}}, {}])

@@ -105,6 +105,23 @@ def test_a_mac_is_described_from_sysctl_as_linux_describes_it_from_cpuinfo():
     assert intel["id"] == "GenuineIntel 6/158/13" and intel["flags"] == ["avx2"]
 
 
+def test_on_macos_the_cpu_is_read_from_sysctl_whatever_its_exit_status(monkeypatch, tmp_path):
+    """No /proc/cpuinfo: ``sysctl`` asked for nodes every Mac has; what it printed counts even where it exits
+    non-zero (a newer sysctl warns about a name it does not know and goes on)."""
+    asked = []
+
+    def sysctl(argv, **kwargs):
+        asked.append(argv)
+        return subprocess.CompletedProcess(argv, 1, stdout=APPLE_M2, stderr="sysctl: unknown oid")
+
+    monkeypatch.setattr(system.subprocess, "run", sysctl)
+    text = system.read_cpuinfo(str(tmp_path / "no-cpuinfo"), "darwin")
+    assert asked == [["sysctl", "machdep.cpu", "hw.cpufamily", "hw.optional"]]
+    assert system.cpu_description(text)["flags"] == ["asimddp", "i8mm", "bf16", "fphp"]
+    assert system.read_cpuinfo(str(tmp_path / "no-cpuinfo"), "win32") == ""  # elsewhere: what platform knows
+    assert len(asked) == 1
+
+
 def test_the_machine_line_names_the_design_and_the_settings_that_lower_the_instruction_set(monkeypatch):
     monkeypatch.setattr(system, "cpu_description", lambda: DESCRIBE(SAPPHIRE_RAPIDS_VM))
     for name in system.ISA_SETTINGS:
@@ -341,6 +358,7 @@ class FakeGpu:
         monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 30 * GIB)
         monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 18 * GIB)
         monkeypatch.setattr(torch.cuda, "set_device", lambda device: setattr(self, "current", device))
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
 
 
 def test_a_gpus_available_memory_counts_what_torchs_allocator_holds_free(monkeypatch):
@@ -357,4 +375,7 @@ def test_a_gpu_named_by_index_becomes_the_current_device(monkeypatch):
     gpu.current = None
     system.use_device("cuda")  # the current one already
     system.use_device("cpu")
+    assert gpu.current is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    system.use_device("cuda:1")  # a torch without CUDA: the model's move says so, as before
     assert gpu.current is None

@@ -91,7 +91,8 @@ def _malloc_trim():
 
 def available_memory(device: torch.device) -> int:
     """Bytes free for new tensors: on a GPU its free memory and what torch's allocator keeps cached (freed
-    blocks it hands out again, which the device counts as used); on a CPU the system's available memory (Linux's
+    blocks it hands out again, which the device counts as used; fragments of them may not fit a large tensor,
+    which the fractions callers take leave room for); on a CPU the system's available memory (Linux's
     MemAvailable, elsewhere psutil's), bounded by what this process's memory cgroups leave it
     (``cgroup_headroom``: a container's or a batch job's limit, which MemAvailable, counting the whole
     host, does not see; past it the kernel kills the process)."""
@@ -111,7 +112,7 @@ def use_device(device: str) -> None:
     """Make a GPU named with its index (``cuda:1``) the current one: what ``torch.cuda.synchronize``,
     ``empty_cache`` and the timings' synchronisation act on when given no device."""
     place = torch.device(device)
-    if place.type == "cuda" and place.index is not None:
+    if place.type == "cuda" and place.index is not None and torch.cuda.is_available():
         torch.cuda.set_device(place)
 
 
@@ -303,20 +304,24 @@ def cpu_description(cpuinfo: str | None = None) -> dict:
 
 @functools.cache
 def _cpuinfo() -> str:
-    """Linux's /proc/cpuinfo, read once (long on a large host; the CPU does not change); on macOS the same
-    fields from ``sysctl`` (``sysctl_cpuinfo``); "" elsewhere."""
+    """``read_cpuinfo``, once (long on a large host; the CPU does not change)."""
+    return read_cpuinfo()
+
+
+def read_cpuinfo(path: str = "/proc/cpuinfo", platform_name: str = sys.platform) -> str:
+    """Linux's /proc/cpuinfo; on macOS the same fields from ``sysctl`` (``sysctl_cpuinfo``); "" elsewhere."""
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(path) as f:
             return f.read()
     except OSError:
         pass
-    if sys.platform != "darwin":
+    if platform_name != "darwin":
         return ""
     try:
         done = subprocess.run(["sysctl", *SYSCTL_NAMES], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return ""
-    return sysctl_cpuinfo(done.stdout)
+    return sysctl_cpuinfo(done.stdout)  # what it printed, whatever its exit status (a name it did not know)
 
 
 # What macOS's sysctl says of the CPU: its name, its design (an Intel Mac: vendor, family, model and stepping; Apple
@@ -328,7 +333,8 @@ SYSCTL_DESIGN = {
     "machdep.cpu.model": "model",
     "machdep.cpu.stepping": "stepping",
 }
-SYSCTL_NAMES = ("machdep.cpu.brand_string", *SYSCTL_DESIGN, "hw.cpufamily", "hw.optional")
+# nodes every Mac has, each printing its subtree (an older sysctl stops at the first name it does not know)
+SYSCTL_NAMES = ("machdep.cpu", "hw.cpufamily", "hw.optional")
 SYSCTL_FLAGS = {
     "hw.optional.arm.FEAT_DotProd": "asimddp",
     "hw.optional.arm.FEAT_I8MM": "i8mm",
