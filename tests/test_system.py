@@ -305,8 +305,7 @@ def test_a_cpu_quota_is_read_from_either_cgroup_version_and_the_tightest_counts(
 def test_torch_threads_are_fitted_to_the_cpu_quota_unless_a_thread_count_was_set(
     quota, setting, start, threads, monkeypatch
 ):
-    """torch starts a thread per core whatever the quota; threads beyond it are throttled (measured: 1 CPU's quota,
-    2 threads ran a product 1.5x slower than 1)."""
+    """torch starts a thread per core whatever the quota; threads beyond it are throttled, each stalling the others."""
     before = torch.get_num_threads()
     monkeypatch.setattr(system, "cpu_quota", lambda: quota)
     monkeypatch.setattr(system.os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)

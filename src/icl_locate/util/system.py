@@ -157,8 +157,8 @@ def cpu_quota(root: str = CGROUP_ROOT, membership: str | None = None) -> float |
 
 def usable_cpus() -> int:
     """The CPUs this process may run on (its affinity, where the OS has one), no more than its CPU quota
-    allows (``cpu_quota``, rounded up: at a quota of 1.5 CPUs two threads ran a product as fast as one or
-    faster on the 2-core VM; at 1 CPU, 1.5x slower)."""
+    allows (``cpu_quota``, rounded up: half a CPU's quota more is worth a thread, a whole one less is not;
+    the README has the measurements)."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     quota = cpu_quota()
     return max(1, min(cpus, math.ceil(quota))) if quota is not None else cpus
