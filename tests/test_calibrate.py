@@ -558,9 +558,14 @@ def test_a_timed_call_on_a_gpu_waits_for_the_work_queued_before_it(monkeypatch):
     events = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: events.append("sync"))
-    measure_seconds("work", lambda: events.append("work"))
-    assert events == ["sync", "work", "sync"]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: events.append(f"sync {device}"))
+    measure_seconds("work", lambda: events.append("work"))  # the work's GPU is not known here: every one
+    assert events == ["sync 0", "sync 1", "work", "sync 0", "sync 1"]
+    events.clear()
+    timing.synchronizer("cuda:1")()  # a known device: that one only
+    timing.synchronizer("cpu")()
+    assert events == ["sync cuda:1"]
 
 
 def test_timings_compared_with_each_other_alternate():

@@ -25,6 +25,7 @@ from transformers import DynamicCache
 from ..core.conditions import MaskedPrompt
 from ..core.interventions import BatchIntervention, RowIntervention, intervene
 from ..core.structure import text_config
+from .timing import synchronizer
 
 ProgressCallback = Callable[[int, int], None]  # (rows done, rows in all)
 
@@ -97,7 +98,7 @@ def head_timer(model: nn.Module, times: dict) -> Iterator[None]:
     each call synchronises, which costs a little: it is for the time breakdown)."""
     head = model.get_output_embeddings()  # pyright: ignore[reportCallIssue]
     device = next(model.parameters()).device
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = synchronizer(device)
     started: list[float] = []
 
     def before(module, args):

@@ -13,6 +13,7 @@ import torch
 from ..core.checkpoints import cache_dir
 from ..util.fileio import write_json_atomic
 from ..util.system import fit_threads_to_cpu_quota, hardware
+from .timing import synchronizer
 
 MATMUL_VERSION = 1  # part of the cache key: a change of the procedure measures again
 
@@ -32,7 +33,7 @@ def matmul_tflops(
         return json.loads(path.read_text())["tflops"], "cached"
     a = torch.randn(rows, k, dtype=getattr(torch, dtype), device=device)  # [rows, k]
     b = torch.randn(k, n, dtype=getattr(torch, dtype), device=device)  # [k, n]
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync = synchronizer(device)
     torch.mm(a, b)  # warm-up: kernels chosen, memory touched
     sync()
     started, repeats = time.perf_counter(), 0

@@ -16,10 +16,27 @@ Timer = Callable[[str, Callable[[], object]], float]  # (what is timed, the work
 REPEATS = 3  # timings compared with each other: the median of at most this many alternating rounds after a warm-up
 
 
+def synchronizer(device: torch.device | str | None = None) -> Callable[[], None]:
+    """What waits for the work queued on ``device`` (GPU work runs after the host queues it): that GPU's
+    synchronisation, nothing on a CPU; with no device, every GPU this process has used."""
+    if device is None:
+        if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+            return lambda: None
+
+        def every_gpu() -> None:
+            for gpu in range(torch.cuda.device_count()):
+                torch.cuda.synchronize(gpu)
+
+        return every_gpu
+    place = torch.device(device)
+    return (lambda: torch.cuda.synchronize(place)) if place.type == "cuda" else (lambda: None)
+
+
 def measure_seconds(name: str, fn: Callable[[], object]) -> float:
-    """Seconds one run of ``fn`` takes (GPU work synchronised); ``name`` says what is timed (the ``Timer``
-    protocol: tests inject fake timings by name). Repeats and warm-ups are the caller's (``interleaved``)."""
-    sync = torch.cuda.synchronize if torch.cuda.is_available() and torch.cuda.is_initialized() else (lambda: None)
+    """Seconds one run of ``fn`` takes (GPU work synchronised, on every GPU in use: the work's device is not
+    known here); ``name`` says what is timed (the ``Timer`` protocol: tests inject fake timings by name).
+    Repeats and warm-ups are the caller's (``interleaved``)."""
+    sync = synchronizer()
     sync()  # the work queued before is not this one's
     started = time.perf_counter()
     fn()

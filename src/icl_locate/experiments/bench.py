@@ -33,6 +33,7 @@ from ..engines.fast import FastEngine
 from ..engines.paper import PaperEngine
 from ..engines.reference import batch_interventions
 from ..engines.request import AUTO_REQUEST, EngineRequest, parse_draft_tokens
+from ..engines.timing import synchronizer
 from ..tasks.items import build_items
 from ..util.fileio import check_writable, write_json_atomic
 from ..util.progress import Progress
@@ -60,7 +61,7 @@ def matmul_gflops(
     size = size or (2048 if device == "cpu" else 8192)
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
-    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+    sync = synchronizer(device)
     torch.mm(a, b)
     sync()
     started = time.perf_counter()

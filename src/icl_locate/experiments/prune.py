@@ -29,6 +29,7 @@ from ..engines.calibrate import Calibrator
 from ..engines.fast import FastEngine
 from ..engines.pruned import PrunedEngine, check_supported, prune_split
 from ..engines.request import EngineRequest
+from ..engines.timing import synchronizer
 from ..results.store import Store
 from ..tasks.items import build_items, post_process
 from ..tasks.spec import Task
@@ -215,7 +216,7 @@ def measure_pruning(
     condition = prompts[0].condition
     dims = ModelDims.of(model)
     cuda = str(loaded.info.device).startswith("cuda")
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync = synchronizer(loaded.info.device)
 
     # Warm-up: one request each way, so that lazy initialisation is not timed.
     warm_up = StopRule(stop.stop_strings, 2)
