@@ -11,6 +11,8 @@ import os
 import platform
 import subprocess
 import sys
+from collections.abc import Callable
+from typing import TypeVar
 
 import psutil
 
@@ -123,6 +125,7 @@ def meminfo_available() -> int | None:
 
 
 CGROUP_ROOT = "/sys/fs/cgroup"
+T = TypeVar("T", int, float)  # a limit read from a cgroup: bytes or CPUs
 THREAD_SETTINGS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")  # a thread count set by the user: kept as set
 # cgroup v1 writes "no limit" as the largest page-aligned 64-bit number; anything from 2^62 on is no limit
 CGROUP_V1_UNLIMITED = 2**62
@@ -141,18 +144,14 @@ def cgroup_headroom(root: str = CGROUP_ROOT, membership: str | None = None) -> i
     page cache); None where none sets a limit or none can be read (not Linux). ``membership``: the text of
     /proc/self/cgroup (read where None); a cgroup missing under ``root`` (a container sees its own as the
     root) is skipped."""
-    headrooms = [_headroom(folder, version) for folder, version in cgroup_folders("memory", root, membership)]
-    limited = [room for room in headrooms if room is not None]
-    return min(limited) if limited else None
+    return _tightest("memory", _headroom, root, membership)
 
 
 def cpu_quota(root: str = CGROUP_ROOT, membership: str | None = None) -> float | None:
     """The CPUs this process's cgroups let it use (quota / period), the least over its cgroup and each ancestor
     (v2 ``cpu.max``, v1 ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``); None where none sets a quota. A container's
     ``--cpus`` and a batch job's CPU limit are such quotas; ``membership`` as in ``cgroup_headroom``."""
-    quotas = [_quota(folder, version) for folder, version in cgroup_folders("cpu", root, membership)]
-    limited = [quota for quota in quotas if quota is not None]
-    return min(limited) if limited else None
+    return _tightest("cpu", _quota, root, membership)
 
 
 def usable_cpus() -> int:
@@ -199,6 +198,13 @@ def cgroup_folders(controller: str, root: str = CGROUP_ROOT, membership: str | N
             names = []
         folders += [(os.path.join(base, *names[:depth]), version) for depth in range(len(names), -1, -1)]
     return folders
+
+
+def _tightest(controller: str, read: Callable[[str, int], T | None], root: str, membership: str | None) -> T | None:
+    """The least of ``read(folder, version)`` over this process's cgroups of ``controller`` and their ancestors
+    (``cgroup_folders``), those that set a limit; None where none does."""
+    limits = [read(folder, version) for folder, version in cgroup_folders(controller, root, membership)]
+    return min((limit for limit in limits if limit is not None), default=None)
 
 
 def _quota(folder: str, version: int) -> float | None:
