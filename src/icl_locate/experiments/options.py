@@ -15,52 +15,52 @@ from .settings import ModelAndData
 
 @dataclass(kw_only=True)
 class RunSettings(ModelAndData):
-    pair: str | None = None
-    condition: str = "baseline"
+    pair: str | None = None  # a translation task's direction (FLORES: required); None for other tasks
+    condition: str = "baseline"  # what is hidden; the baseline hides nothing (the unmasked score)
     from_layer: int | None = None  # None: the last layer for the baseline, else required
-    k: int = 5
-    seed: int = 0
-    n_test: int | None = None
-    instructions: bool = True
-    per_query_examples: bool = False
+    k: int = 5  # in-context examples: the paper's setting
+    seed: int = 0  # which examples are drawn: a fixed draw makes runs comparable
+    n_test: int | None = None  # the first N test items; None: all of them
+    instructions: bool = True  # the instruction header, as in the paper's prompts
+    per_query_examples: bool = False  # one example set for every query (the paper's), or new ones per query
     labels: str = "gold"  # the examples' label variant (core/labels.py)
-    max_new_tokens: int | None = None
-    out: str | None = None
+    max_new_tokens: int | None = None  # None: the task's limit (50 for MT)
+    out: str | None = None  # one JSON line per prediction; None: the table and scores only
     workers: int = sandbox.WORKERS  # code tasks: samples run at once
     timeout: float = sandbox.TIMEOUT  # code tasks: seconds per sample
 
 
 @dataclass(kw_only=True)
 class BenchSettings(ModelAndData):
-    pair: str = "fra-eng"
-    condition: str = "instructions+examples"
-    layers: str = "all"
-    n_test: int = 8
-    k: int = 5
-    seed: int = 0
-    batch_size: int | None = None
+    pair: str = "fra-eng"  # the direction the embedded model translates
+    condition: str = "instructions+examples"  # the paper's main masking condition
+    layers: str = "all"  # every mask layer 0..L: a whole sweep unit's rows
+    n_test: int = 8  # 8 queries x 19 layers = 152 rows: (a) in about a quarter of an hour on 2 CPU cores
+    k: int = 5  # in-context examples: the paper's setting
+    seed: int = 0  # which examples are drawn
+    batch_size: int | None = None  # None: the engines' memory rule, scaled where the calibration measured it to pay
     engine: str = "auto"  # (d): auto (measured) | tree | fast
-    head: str = "auto"  # (d): auto (measured) | bf16 | int8 | plain
+    head: str = "auto"  # (d): auto (measured) | screen | bf16 | int8 | int8-linear | plain
     draft_tokens: int | str = "auto"  # (d): auto (measured) or drafts of up to N tokens (0: none)
-    skip_paper: bool = False
-    json: str | None = None
+    skip_paper: bool = False  # (a) costs about as much as (b) and ten times (c) and (d) together
+    json: str | None = None  # the measurements as JSON (with the machine and the choices); None: printed only
 
 
 @dataclass(kw_only=True)
 class PruneSettings(ModelAndData):
     layer: int  # r: the context is processed in layers < r only
-    pair: str = "fra-eng"
-    condition: str = "instructions+examples"
-    n_test: int = 16
-    k: int = 5
-    seed: int = 0
-    per_query_examples: bool = False
-    batch_size: int = 8
-    head: str = "auto"  # the LM head of full and pruned runs: auto (measured) | bf16 | int8 | plain
-    max_new_tokens: int | None = None
-    check: bool = True
-    json: str | None = None
-    store: str | None = None
+    pair: str = "fra-eng"  # the direction the embedded model translates
+    condition: str = "instructions+examples"  # the context pruned: what the sweep masked
+    n_test: int = 16  # the demo's sentences (its check then reads the demo sweep's rows)
+    k: int = 5  # in-context examples: the paper's setting
+    seed: int = 0  # which examples are drawn (the sweep's, for the check)
+    per_query_examples: bool = False  # one example set for every query (the paper's), or new ones per query
+    batch_size: int = 8  # requests decoded together, the same in the full and the pruned runs (a fair comparison)
+    head: str = "auto"  # of full and pruned runs: auto (measured) | screen | bf16 | int8 | int8-linear | plain
+    max_new_tokens: int | None = None  # None: the task's limit (50 for MT)
+    check: bool = True  # pruned generations against masking from r: the method's claim, checked on each run
+    json: str | None = None  # the measurements as JSON; None: printed only
+    store: str | None = None  # a study store to keep the measurement in (and to take the check's rows from)
 
 
 @dataclass(kw_only=True)
@@ -102,16 +102,16 @@ class ReportSettings:
 
 @dataclass
 class DemoSettings:
-    out_dir: str = "runs/demo"
-    n_test: int = 16
-    data_dir: str | None = None
+    out_dir: str = "runs/demo"  # the store and the report; a rerun resumes the store
+    n_test: int = 16  # test sentences per unit: a curve with a usable interval in a few minutes on 2 cores
+    data_dir: str | None = None  # None: $ICL_LOCATE_DATA_DIR (FLORES-200)
 
 
 @dataclass(kw_only=True)
 class StartupSettings:
     model: str = EMBEDDED  # what `run`/`sweep` load by default
-    dtype: str | None = None
-    device: str | None = None
+    dtype: str | None = None  # None: the device's default (float32 on a CPU, bfloat16 on a GPU)
+    device: str | None = None  # None: a GPU where there is one
     repeats: int = 3  # fresh processes per measurement (the median is reported)
 
 

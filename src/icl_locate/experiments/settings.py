@@ -34,11 +34,11 @@ from .presets import PRESETS
 class ModelAndData:
     """Settings every experiment shares: the model, the task, where it runs and where the data is."""
 
-    model: str = EMBEDDED
+    model: str = EMBEDDED  # the embedded Gemma-3-270M: runs offline, on a CPU
     task: str = "flores"  # a built-in task or a task file
-    data_dir: str | None = None
-    dtype: str | None = None
-    device: str | None = None
+    data_dir: str | None = None  # None: $ICL_LOCATE_DATA_DIR
+    dtype: str | None = None  # None: the device's default (float32 on a CPU, bfloat16 on a GPU)
+    device: str | None = None  # None: a GPU where there is one
     bank: str | None = None  # bitext: your prompt bank and test files, and their languages
     test: str | None = None
     src_lang: str | None = None
@@ -47,18 +47,18 @@ class ModelAndData:
 
 @dataclass(kw_only=True)
 class SweepConfig(ModelAndData):
-    pairs: list[str] = field(default_factory=lambda: ["fra-eng"])
-    conditions: list[str] = field(default_factory=lambda: ["instructions+examples"])
-    instructions: list[bool] = field(default_factory=lambda: [True])
+    pairs: list[str] = field(default_factory=lambda: ["fra-eng"])  # the direction the embedded model translates
+    conditions: list[str] = field(default_factory=lambda: ["instructions+examples"])  # the paper's main condition
+    instructions: list[bool] = field(default_factory=lambda: [True])  # with the instruction header, as the paper
     # what the examples' answers say (core/labels.py): gold, random, shuffled, abstract; one unit each
     labels: list[str] = field(default_factory=lambda: ["gold"])
-    seeds: list[int] = field(default_factory=lambda: [0])
-    ks: list[int] = field(default_factory=lambda: [5])
+    seeds: list[int] = field(default_factory=lambda: [0])  # example draws: one per unit
+    ks: list[int] = field(default_factory=lambda: [5])  # in-context examples: the paper's setting
     layers: str = "all"  # "all" = 0..L, or "0,4,8"
     layer_ablation: bool = False  # also run one unit per (pair, seed, k) ablating each layer's attention
     n_test: int | None = None  # None = the whole test set
     max_new_tokens: int | None = None  # None = the task's
-    batch_size: int | None = None
+    batch_size: int | None = None  # None: the engines' memory rule, scaled where the calibration measured it to pay
     # the engine, its LM head and drafts: "auto" measures each choice on this machine and model
     # (engines/calibrate.py); "tree" / "fast", a screen / "plain" and a number force one
     engine: str = "auto"
