@@ -664,6 +664,37 @@ def test_the_cache_is_keyed_and_reused_and_a_changed_key_measures_again(tmp_path
     assert entries() == [False] * 4 + [True] * 2
 
 
+@pytest.mark.parametrize("kept", ["{torn", "[1, 2]", "unreadable"])
+def test_a_cache_entry_that_cannot_be_read_is_measured_again(kept, tmp_path, monkeypatch):
+    """A torn entry, one that is not a JSON object, or one the process may not read (another user's, in a shared
+    cache): the calibration measures again instead of failing, and keeps what it measured."""
+    cache = calibration_cache.CalibrationCache(tmp_path)
+    cache.put("k", dict(head="plain"))
+    assert cache.get("k") == dict(head="plain")
+    entry = tmp_path / "k.json"
+    if kept == "unreadable":
+        real = Path.read_text
+
+        def refused(path, *args, **kwargs):
+            if path == entry:
+                raise PermissionError(13, "Permission denied", str(path))
+            return real(path, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "read_text", refused)
+    else:
+        entry.write_text(kept)
+    assert cache.get("k") is None
+    monkeypatch.undo()
+    lm = tiny("llama")
+    prompts, rows = work(lm)
+    calibrator = Calibrator(lm.model, lm.tokenizer, cache=tmp_path / "cal", timer=FakeTimer(head__plain=1.0))
+    key = calibrator.key(prompts, rows, None, STOP)
+    (tmp_path / "cal").mkdir()
+    (tmp_path / "cal" / f"{key}.json").write_text(kept if kept != "unreadable" else "{torn")
+    choices = calibrator.choose(prompts, rows, STOP)
+    assert not choices.cached and calibration_cache.CalibrationCache(tmp_path / "cal").get(key) is not None
+
+
 def test_the_works_key_follows_what_sets_its_rows(tmp_path):
     """Work of another condition, token limit or number of prompts (each to a power of two) is measured again:
     they change what the rows share and how many a batch holds."""

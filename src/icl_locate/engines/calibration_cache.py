@@ -78,8 +78,8 @@ class CalibrationCache:
             return None
         try:
             data = json.loads(path.read_text())
-        except ValueError:
-            return None  # an unreadable entry: measure again
+        except (OSError, ValueError):
+            return None  # an unreadable entry (another user's in a shared cache, a torn disk): measure again
         return data if isinstance(data, dict) else None
 
     def put(self, key: str, data: dict) -> None:

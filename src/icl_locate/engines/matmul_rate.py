@@ -29,8 +29,9 @@ def matmul_tflops(
     key = dict(hardware(device), dtype=dtype, rows=rows, k=k, n=n, version=MATMUL_VERSION)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = (cache if cache is not None else cache_dir() / "calibration") / f"matmul-{digest}.json"
-    if path.is_file():
-        return json.loads(path.read_text())["tflops"], "cached"
+    kept = _kept_rate(path)
+    if kept is not None:
+        return kept, "cached"
     a = torch.randn(rows, k, dtype=getattr(torch, dtype), device=device)  # [rows, k]
     b = torch.randn(k, n, dtype=getattr(torch, dtype), device=device)  # [k, n]
     sync = synchronizer(device)
@@ -48,3 +49,12 @@ def matmul_tflops(
     except OSError:
         pass  # a read-only cache only costs the next run the measurement
     return tflops, f"measured in {elapsed:.1f}s"
+
+
+def _kept_rate(path: Path) -> float | None:
+    """The rate kept at ``path``; None where there is none or it cannot be read as one (measured again)."""
+    try:
+        tflops = json.loads(path.read_text())["tflops"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return float(tflops) if isinstance(tflops, (int, float)) and not isinstance(tflops, bool) and tflops > 0 else None
