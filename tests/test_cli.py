@@ -115,6 +115,27 @@ def test_bad_input_one_line_exit_2(argv, message, capsys, data_dir):
     assert len(lines) == 1 and message in lines[0] and lines[0].startswith("icl-locate: error:")
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["run", "--model", "tiny:llama", "--pair", "fra-eng", "--out", "{file}/x.jsonl"],
+        ["sweep", "--model", "tiny:llama", "--pairs", "fra-eng", "--store", "{file}/s.sqlite"],
+        ["startup", "--model", "tiny:llama", "--json", "{file}/s.json"],
+    ],
+)
+def test_an_output_path_through_a_file_is_one_line_before_any_work(argv, tmp_path, capsys, data_dir, monkeypatch):
+    """Where a file stands where a directory should, the line says so (not that the directory does not exist), and
+    no work is started (``startup`` measures for a minute before writing)."""
+    from icl_locate.experiments import startup
+
+    monkeypatch.setattr(startup, "run_startup", lambda *a, **kw: pytest.fail("measured before checking --json"))
+    (tmp_path / "a-file").write_text("")
+    argv = [arg.format(file=tmp_path / "a-file") for arg in argv]
+    code, _, err = run_cli(capsys, *argv, *(["--data-dir", str(data_dir)] if argv[0] != "startup" else []))
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and f"{tmp_path / 'a-file'} is not a directory" in lines[0]
+
+
 def test_missing_language_file_exit_2(tmp_path, capsys):
     (tmp_path / "flores200" / "dev").mkdir(parents=True)
     code, _, err = run_cli(capsys, "run", "--model", "tiny:llama", "--pair", "fra-eng", "--data-dir", str(tmp_path))

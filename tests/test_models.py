@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 
 import pytest
 import torch
 
+from icl_locate.core import checkpoints
 from icl_locate.core.checkpoints import build_checkpoint, checkpoint_ok
 from icl_locate.core.interventions import is_prepared
 from icl_locate.core.models import ALIASES, load_model
@@ -81,3 +83,38 @@ def test_checkpoint_cache_detects_partial_and_corrupt_files(tmp_path):
     assert not checkpoint_ok(target)
     (target / "icl-locate-manifest.json").unlink()  # interrupted build
     assert not checkpoint_ok(target)
+
+
+def test_a_model_cache_that_cannot_be_written_is_one_clear_error(tmp_path):
+    """An unwritable cache directory (here: a path through a file) or a full disk during the build: a UserError
+    that says what to set, and no half-built directory left; any other failure of the build is not hidden."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(UserError, match="cannot write the model cache in .*a-file.*ICL_LOCATE_CACHE"):
+        build_checkpoint(blocker / "models" / "ckpt", lambda d: None, source_hash="x")
+
+    def fills_the_disk(d):
+        (d / "model.safetensors").write_bytes(b"0" * 64)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    target = tmp_path / "models" / "ckpt"
+    with pytest.raises(UserError, match="no room for the model cache .*No space left on device.*ICL_LOCATE_CACHE"):
+        build_checkpoint(target, fills_the_disk, source_hash="x")
+    assert list((tmp_path / "models").iterdir()) == []
+
+    def breaks(d):
+        raise OSError(errno.EIO, "Input/output error")
+
+    with pytest.raises(OSError, match="Input/output error"):
+        build_checkpoint(target, breaks, source_hash="x")
+
+
+def test_the_cli_says_where_the_model_cache_cannot_be_written(data_dir, tmp_path, monkeypatch, capsys):
+    from icl_locate.cli import main
+
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("ICL_LOCATE_CACHE", str(tmp_path / "a-file" / "cache"))
+    monkeypatch.setattr(checkpoints, "checkpoint_ok", lambda target: False)  # as on a machine without the cache
+    assert main(["run", "--pair", "fra-eng", "--n-test", "1", "--data-dir", str(data_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write the model cache" in err and err.count("\n") == 1 and "Traceback" not in err

@@ -28,7 +28,7 @@ from .experiments.options import (
     StartupSettings,
 )
 from .util.errors import Interrupted, UserError
-from .util.fileio import write_json_atomic
+from .util.fileio import check_writable, write_json_atomic
 
 
 def err(message: str) -> None:
@@ -196,10 +196,11 @@ def cmd_lora_sweep(args) -> int:
 def cmd_startup(args) -> int:
     from .experiments.startup import run_startup, startup_table  # lazy: with the command
 
+    out = check_writable(args.json) if args.json else None  # before the minute of fresh processes, not after
     result = run_startup(settings_from(args, StartupSettings), log=err)
     print(startup_table(result))
-    if args.json:
-        write_json_atomic(args.json, result)
+    if out:
+        write_json_atomic(out, result)
     return 0
 
 

@@ -7,6 +7,7 @@ and a later change to a file (partial copy, corruption) is found by ``checkpoint
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -85,16 +86,29 @@ def _dequantize_gguf(gguf: Path, out: Path) -> None:
 
 
 MANIFEST = "icl-locate-manifest.json"
+# what to do where the model cache cannot be written: a dequantized model takes 4 bytes a parameter
+WHERE = "set ICL_LOCATE_CACHE to a writable directory with room for the model in float32 (embedded: 1.1 GB)"
 
 
 def build_checkpoint(target: Path, build, source_hash: str) -> Path:
     """Build into a temp dir beside ``target``, write a manifest of file sizes and hashes, rename."""
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        building = tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-")
+    except OSError as error:  # a read-only home on a cluster node, a path through a file: the user's to choose
+        raise UserError(
+            f"cannot write the model cache in {target.parent} ({error.strerror or error}); {WHERE}"
+        ) from None
     started = time.time()
     print(f"[icl-locate] building model cache {target} (first use; about a minute)...", flush=True)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as tmp:
+    with building as tmp:
         tmp_path = Path(tmp)
-        build(tmp_path)
+        try:
+            build(tmp_path)
+        except OSError as error:
+            if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise UserError(f"no room for the model cache in {target.parent} ({error.strerror}); {WHERE}") from None
         files = {
             p.name: {"size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns, "sha256": file_sha256(p)}
             for p in sorted(tmp_path.iterdir())

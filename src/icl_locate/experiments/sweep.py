@@ -24,6 +24,7 @@ from ..results.analysis import (
 )
 from ..results.store import Store
 from ..util.errors import Interrupted, UserError
+from ..util.fileio import not_a_directory
 from ..util.progress import Progress
 from .common import fingerprint, provenance
 from .executors import Executor, LocalExecutor, RayExecutor
@@ -55,7 +56,7 @@ def check_store_path(path: str | Path) -> Path:
     if store_file.exists() and not store_file.is_file():
         raise UserError(f"store {store_file} is not a file")
     if not store_file.parent.is_dir():
-        raise UserError(f"cannot create store {store_file}: directory {store_file.parent} does not exist")
+        raise UserError(f"cannot create store {store_file}: {not_a_directory(store_file.parent)}")
     return store_file
 
 

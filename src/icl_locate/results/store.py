@@ -28,6 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..util.errors import UserError
+from ..util.fileio import not_a_directory
 
 SCHEMA_VERSION = 1
 
@@ -97,7 +98,7 @@ class Store:
             raise UserError(f"store {self.path} is a directory")
         parent = self.path.parent
         if not parent.is_dir():
-            raise UserError(f"cannot create store {self.path}: directory {parent} does not exist")
+            raise UserError(f"cannot create store {self.path}: {not_a_directory(parent)}")
         if not self.path.exists() and not os.access(parent, os.W_OK):
             raise UserError(f"cannot create store {self.path}: directory {parent} is not writable")
         try:

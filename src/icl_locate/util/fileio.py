@@ -13,12 +13,17 @@ import yaml
 from .errors import UserError
 
 
+def not_a_directory(path: Path) -> str:
+    """Why ``path`` cannot hold a file: it does not exist, or it is something else (a file)."""
+    return f"{path} is not a directory" if path.exists() else f"directory {path} does not exist"
+
+
 def check_writable(path: str | Path) -> Path:
     """Fail before any work if ``path`` cannot be written."""
     out = Path(path).expanduser()
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
-        raise UserError(f"cannot write {out}: directory {parent} does not exist")
+        raise UserError(f"cannot write {out}: {not_a_directory(parent)}")
     if not os.access(parent, os.W_OK):
         raise UserError(f"cannot write {out}: directory {parent} is not writable")
     if out.is_dir():
