@@ -6,6 +6,8 @@ import errno
 import os
 import time
 
+import gguf
+import numpy as np
 import pytest
 import torch
 
@@ -83,6 +85,27 @@ def test_checkpoint_cache_detects_partial_and_corrupt_files(tmp_path):
     assert not checkpoint_ok(target)
     (target / "icl-locate-manifest.json").unlink()  # interrupted build
     assert not checkpoint_ok(target)
+
+
+def test_a_gguf_file_that_cannot_be_read_is_one_clear_error(tmp_path, monkeypatch):
+    """Not a GGUF file at all, or one whose architecture transformers cannot read: a UserError naming the file,
+    and no model cache left behind."""
+    monkeypatch.setenv("ICL_LOCATE_CACHE", str(tmp_path / "cache"))
+    noise = tmp_path / "noise.gguf"
+    noise.write_bytes(os.urandom(1024))
+    with pytest.raises(UserError, match="noise.gguf is not a GGUF file"):
+        load_model(str(noise))
+    odd = tmp_path / "odd.gguf"
+    writer = gguf.GGUFWriter(str(odd), "nosucharch")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(UserError, match="cannot load .*odd.gguf: .*nosucharch"):
+        load_model(str(odd))
+    assert list((tmp_path / "cache" / "models").iterdir()) == []
 
 
 def test_a_model_cache_that_cannot_be_written_is_one_clear_error(tmp_path):

@@ -63,8 +63,14 @@ def _embedded_target() -> tuple[Path, Any]:
     return cache_dir() / "models" / f"gemma-3-270m-{pkg.EXPECTED_SHA256[:12]}", pkg
 
 
+GGUF_MAGIC = b"GGUF"  # the first four bytes of every GGUF file
+
+
 def gguf_checkpoint(path: Path) -> Path:
     """A user's .gguf file, dequantized once into a cached transformers checkpoint."""
+    with path.open("rb") as f:
+        if f.read(len(GGUF_MAGIC)) != GGUF_MAGIC:
+            raise UserError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
     digest = file_sha256(path)
     target = cache_dir() / "models" / f"{path.stem}-{digest[:12]}"
     if checkpoint_ok(target):
@@ -73,9 +79,12 @@ def gguf_checkpoint(path: Path) -> Path:
 
 
 def _dequantize_gguf(gguf: Path, out: Path) -> None:
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    # Any: transformers' loading flags below are plain attributes that nn.Module's typing does not know.
-    model: Any = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        # Any: transformers' loading flags below are plain attributes that nn.Module's typing does not know.
+        model: Any = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    except ValueError as error:  # transformers' word on the file: an architecture or a quantization it cannot read
+        raise UserError(f"cannot load {gguf}: {error}") from None
     # The GGUF loader marks the model as quantized; its weights are already plain float32 tensors.
     model.hf_quantizer = None
     model.is_quantized = False

@@ -108,9 +108,10 @@ def default_data_dir() -> Path:
 def data_dir_or_default(data_dir: str | Path | None) -> Path:
     path = Path(data_dir).expanduser() if data_dir else default_data_dir()
     if not path.is_dir():
+        what = "is not a directory" if path.exists() else "does not exist"
         raise UserError(
-            f"data directory {path} does not exist (set --data-dir or ICL_LOCATE_DATA_DIR, "
-            f"or run `icl-locate data fetch flores`)"
+            f"data directory {path} {what} (set --data-dir or ICL_LOCATE_DATA_DIR, "
+            "or run `icl-locate data fetch flores`)"
         )
     return path
 
