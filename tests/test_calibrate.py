@@ -1025,7 +1025,7 @@ def test_a_sweep_stores_the_chosen_path_and_the_machine(tmp_path, data_dir, caps
     assert f"; batch {Choices.from_dict(engines[0]).batch_line()} ({engines[0]['reasons']['batch']}); on " in report
 
 
-def test_bench_json_keeps_the_hardware_and_the_choices(tmp_path, data_dir):
+def test_bench_json_keeps_the_hardware_and_the_choices(tmp_path, data_dir, capsys):
     out = tmp_path / "bench.json"
     assert (
         main(
@@ -1059,6 +1059,11 @@ def test_bench_json_keeps_the_hardware_and_the_choices(tmp_path, data_dir):
     assert {"cpu", "cpu_capability", "gpu", "threads"} <= set(hardware)
     assert (hardware["choices"]["engine"], hardware["choices"]["head"]) == ("tree", "plain")
     assert data["identical_fraction_spec"] == 1.0
+    # (a) skipped: null in the JSON (NaN is not JSON), "skipped" in the table, speed-ups against (b)
+    assert data["seconds_paper"] is None and data["speedup_vs_paper"] is None and "NaN" not in out.read_text()
+    table = capsys.readouterr().out
+    assert "speed-up vs (b)" in table and "nan" not in table.lower()
+    assert [line.split()[-2] for line in table.splitlines() if line.startswith("(a) paper")] == ["skipped"]
 
 
 def test_a_sweep_measures_once_per_shape_of_work(tmp_path, data_dir):

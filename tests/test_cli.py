@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
+import numpy as np
 import pytest
+import torch
 
 from icl_locate.cli import main
 from icl_locate.cli_args import build_parser
@@ -140,6 +142,22 @@ def test_missing_language_file_exit_2(tmp_path, capsys):
     (tmp_path / "flores200" / "dev").mkdir(parents=True)
     code, _, err = run_cli(capsys, "run", "--model", "tiny:llama", "--pair", "fra-eng", "--data-dir", str(tmp_path))
     assert code == 2 and "FLORES dev file for French (fra_Latn) not found" in err
+
+
+def test_json_files_are_standard_json(tmp_path):
+    """A figure that is NaN or infinite (skipped, undefined) is written as null, numpy and torch scalars as numbers:
+    the files parse with a strict reader (Python's NaN literal is not JSON)."""
+    from icl_locate.util.fileio import write_json_atomic, write_jsonl_atomic
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))
+
+    data = dict(nan=float("nan"), inf=float("inf"), rows=[-float("inf"), np.float32(1.5), torch.tensor(2.0)], n=3)
+    write_json_atomic(tmp_path / "a.json", data)
+    write_jsonl_atomic(tmp_path / "a.jsonl", [data])
+    expected = dict(nan=None, inf=None, rows=[None, 1.5, 2.0], n=3)
+    assert strict((tmp_path / "a.json").read_text()) == expected
+    assert strict((tmp_path / "a.jsonl").read_text()) == expected
 
 
 def test_results_are_all_or_nothing(tmp_path):

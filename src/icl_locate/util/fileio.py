@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -53,12 +55,26 @@ def write_atomic(path: str | Path, text: str) -> None:
             tmp.unlink()
 
 
+def json_ready(value: Any) -> Any:
+    """``value`` as standard JSON can hold it: NaN and infinities (a figure skipped or undefined, e.g. (a) under
+    ``bench --skip-paper``) as null, which every JSON reader takes (Python's NaN literal is not JSON), and any other
+    number (numpy, torch scalars) as a float."""
+    if isinstance(value, dict):
+        return {key: json_ready(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(item) for item in value]
+    if value is None or isinstance(value, (str, bool, int)):
+        return value
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
 def write_jsonl_atomic(path: str | Path, rows: Sequence[dict]) -> None:
-    write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    write_atomic(path, "".join(json.dumps(json_ready(row), ensure_ascii=False, allow_nan=False) + "\n" for row in rows))
 
 
 def write_json_atomic(path: str | Path, data: dict) -> None:
-    write_atomic(path, json.dumps(data, indent=1, default=float))
+    write_atomic(path, json.dumps(json_ready(data), indent=1, allow_nan=False))
 
 
 def file_sha256(path: str | Path) -> str:
