@@ -138,6 +138,14 @@ def test_an_output_path_through_a_file_is_one_line_before_any_work(argv, tmp_pat
     assert code == 2 and len(lines) == 1 and f"{tmp_path / 'a-file'} is not a directory" in lines[0]
 
 
+def test_a_data_directory_that_is_a_file_is_named_as_such(tmp_path, capsys):
+    (tmp_path / "a-file").write_text("")
+    code, _, err = run_cli(
+        capsys, "run", "--model", "tiny:llama", "--pair", "fra-eng", "--data-dir", str(tmp_path / "a-file")
+    )
+    assert code == 2 and f"data directory {tmp_path / 'a-file'} is not a directory" in err
+
+
 def test_missing_language_file_exit_2(tmp_path, capsys):
     (tmp_path / "flores200" / "dev").mkdir(parents=True)
     code, _, err = run_cli(capsys, "run", "--model", "tiny:llama", "--pair", "fra-eng", "--data-dir", str(tmp_path))
@@ -152,12 +160,14 @@ def test_json_files_are_standard_json(tmp_path):
     def strict(text):
         return json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))
 
-    data = dict(nan=float("nan"), inf=float("inf"), rows=[-float("inf"), np.float32(1.5), torch.tensor(2.0)], n=3)
+    scalars = [np.float32(1.5), torch.tensor(2.0), np.int64(8), torch.tensor(True), np.float64("nan")]
+    data = dict(nan=float("nan"), inf=float("inf"), rows=[-float("inf"), *scalars], n=3)
     write_json_atomic(tmp_path / "a.json", data)
     write_jsonl_atomic(tmp_path / "a.jsonl", [data])
-    expected = dict(nan=None, inf=None, rows=[None, 1.5, 2.0], n=3)
-    assert strict((tmp_path / "a.json").read_text()) == expected
-    assert strict((tmp_path / "a.jsonl").read_text()) == expected
+    expected = dict(nan=None, inf=None, rows=[None, 1.5, 2.0, 8, True, None], n=3)
+    for name in ("a.json", "a.jsonl"):
+        kept = strict((tmp_path / name).read_text())
+        assert kept == expected and type(kept["rows"][3]) is int and kept["rows"][4] is True
 
 
 def test_results_are_all_or_nothing(tmp_path):

@@ -5,13 +5,13 @@ from __future__ import annotations
 import errno
 import os
 import time
+from pathlib import Path
 
 import gguf
 import numpy as np
 import pytest
 import torch
 
-from icl_locate.core import checkpoints
 from icl_locate.core.checkpoints import build_checkpoint, checkpoint_ok
 from icl_locate.core.interventions import is_prepared
 from icl_locate.core.models import ALIASES, load_model
@@ -103,9 +103,19 @@ def test_a_gguf_file_that_cannot_be_read_is_one_clear_error(tmp_path, monkeypatc
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(UserError, match="cannot load .*odd.gguf: .*nosucharch"):
+    with pytest.raises(UserError, match=f"cannot load {odd}: .*nosucharch"):
         load_model(str(odd))
     assert list((tmp_path / "cache" / "models").iterdir()) == []
+    real_open = Path.open
+
+    def refused(path, *args, **kwargs):
+        if path == odd:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", refused)
+    with pytest.raises(UserError, match=f"cannot read {odd} \\(Permission denied\\)"):
+        load_model(str(odd))
 
 
 def test_a_model_cache_that_cannot_be_written_is_one_clear_error(tmp_path):
@@ -116,14 +126,22 @@ def test_a_model_cache_that_cannot_be_written_is_one_clear_error(tmp_path):
     with pytest.raises(UserError, match="cannot write the model cache in .*a-file.*ICL_LOCATE_CACHE"):
         build_checkpoint(blocker / "models" / "ckpt", lambda d: None, source_hash="x")
 
-    def fills_the_disk(d):
-        (d / "model.safetensors").write_bytes(b"0" * 64)
-        raise OSError(errno.ENOSPC, "No space left on device")
+    class SafetensorError(Exception):  # safetensors' own error wraps the OS's (its base class is Exception)
+        pass
 
     target = tmp_path / "models" / "ckpt"
-    with pytest.raises(UserError, match="no room for the model cache .*No space left on device.*ICL_LOCATE_CACHE"):
-        build_checkpoint(target, fills_the_disk, source_hash="x")
-    assert list((tmp_path / "models").iterdir()) == []
+    for full in (
+        OSError(errno.ENOSPC, "No space left on device"),
+        SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space" })'),
+    ):
+
+        def fills_the_disk(d, full=full):
+            (d / "model.safetensors").write_bytes(b"0" * 64)
+            raise full
+
+        with pytest.raises(UserError, match="no room for the model cache .*full.*ICL_LOCATE_CACHE"):
+            build_checkpoint(target, fills_the_disk, source_hash="x")
+        assert list((tmp_path / "models").iterdir()) == []
 
     def breaks(d):
         raise OSError(errno.EIO, "Input/output error")
@@ -137,7 +155,6 @@ def test_the_cli_says_where_the_model_cache_cannot_be_written(data_dir, tmp_path
 
     (tmp_path / "a-file").write_text("")
     monkeypatch.setenv("ICL_LOCATE_CACHE", str(tmp_path / "a-file" / "cache"))
-    monkeypatch.setattr(checkpoints, "checkpoint_ok", lambda target: False)  # as on a machine without the cache
     assert main(["run", "--pair", "fra-eng", "--n-test", "1", "--data-dir", str(data_dir)]) == 2
     err = capsys.readouterr().err
     assert "cannot write the model cache" in err and err.count("\n") == 1 and "Traceback" not in err

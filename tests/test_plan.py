@@ -196,7 +196,9 @@ def test_matmul_rate_is_measured_once(tmp_path):
     assert first > 0 and again == first and "cached" in cached and "cached" not in what
 
 
-@pytest.mark.parametrize("kept", ["{not json", '{"key": {}}', '{"tflops": "fast"}', '{"tflops": -1}', "[1]"])
+@pytest.mark.parametrize(
+    "kept", ["{not json", '{"key": {}}', '{"tflops": "fast"}', '{"tflops": -1}', '{"tflops": Infinity}', "[1]"]
+)
 def test_a_matmul_rate_that_cannot_be_read_is_measured_again(kept, tmp_path):
     """A torn or foreign cache entry costs a measurement, never a traceback or a wrong rate."""
     from icl_locate.engines.matmul_rate import matmul_tflops

@@ -68,23 +68,31 @@ GGUF_MAGIC = b"GGUF"  # the first four bytes of every GGUF file
 
 def gguf_checkpoint(path: Path) -> Path:
     """A user's .gguf file, dequantized once into a cached transformers checkpoint."""
-    with path.open("rb") as f:
-        if f.read(len(GGUF_MAGIC)) != GGUF_MAGIC:
-            raise UserError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
+    try:
+        with path.open("rb") as f:
+            magic = f.read(len(GGUF_MAGIC))
+    except OSError as error:
+        raise UserError(f"cannot read {path} ({error.strerror or error})") from None
+    if magic != GGUF_MAGIC:
+        raise UserError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
     digest = file_sha256(path)
     target = cache_dir() / "models" / f"{path.stem}-{digest[:12]}"
     if checkpoint_ok(target):
         return target
-    return build_checkpoint(target, lambda tmp: _dequantize_gguf(path, tmp), source_hash=digest)
+
+    def build(tmp: Path) -> None:
+        try:
+            _dequantize_gguf(path, tmp)
+        except ValueError as error:  # transformers' word on the user's file: an architecture or a quantization
+            raise UserError(f"cannot load {path}: {str(error).strip().splitlines()[0]}") from None
+
+    return build_checkpoint(target, build, source_hash=digest)
 
 
 def _dequantize_gguf(gguf: Path, out: Path) -> None:
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        # Any: transformers' loading flags below are plain attributes that nn.Module's typing does not know.
-        model: Any = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    except ValueError as error:  # transformers' word on the file: an architecture or a quantization it cannot read
-        raise UserError(f"cannot load {gguf}: {error}") from None
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # Any: transformers' loading flags below are plain attributes that nn.Module's typing does not know.
+    model: Any = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     # The GGUF loader marks the model as quantized; its weights are already plain float32 tensors.
     model.hf_quantizer = None
     model.is_quantized = False
@@ -114,22 +122,31 @@ def build_checkpoint(target: Path, build, source_hash: str) -> Path:
         tmp_path = Path(tmp)
         try:
             build(tmp_path)
-        except OSError as error:
-            if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            files = {
+                p.name: {"size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns, "sha256": file_sha256(p)}
+                for p in sorted(tmp_path.iterdir())
+                if p.is_file()
+            }
+            (tmp_path / MANIFEST).write_text(json.dumps({"source_sha256": source_hash, "files": files}, indent=1))
+        except Exception as error:
+            if not out_of_room(error):
                 raise
-            raise UserError(f"no room for the model cache in {target.parent} ({error.strerror}); {WHERE}") from None
-        files = {
-            p.name: {"size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns, "sha256": file_sha256(p)}
-            for p in sorted(tmp_path.iterdir())
-            if p.is_file()
-        }
-        (tmp_path / MANIFEST).write_text(json.dumps({"source_sha256": source_hash, "files": files}, indent=1))
+            raise UserError(f"no room for the model cache in {target.parent} (disk or quota full); {WHERE}") from None
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp_path, target)
         tmp_path.mkdir()  # TemporaryDirectory cleans up the (now empty) path it created
     print(f"[icl-locate] model cache ready in {time.time() - started:.0f}s", flush=True)
     return target
+
+
+def out_of_room(error: Exception) -> bool:
+    """Whether a failed write ran out of disk space or quota: an OSError's errno, or the message of a writer that
+    wraps it in an error of its own (safetensors: ``IoError(Os { code: 28, kind: StorageFull, ... })``)."""
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    text = str(error)
+    return any(sign in text for sign in ("StorageFull", "QuotaExceeded", "No space left on device"))
 
 
 def checkpoint_ok(target: Path) -> bool:

@@ -73,11 +73,10 @@ class CalibrationCache:
 
     def get(self, key: str) -> dict | None:
         """The entry kept under ``key``; None where there is none, it is unreadable or not a JSON object."""
-        path = self.directory / f"{key}.json"
-        if not (self.enabled and path.is_file()):
+        if not self.enabled:
             return None
-        try:
-            data = json.loads(path.read_text())
+        try:  # no existence check first: on a directory the process may not read, that check raises too
+            data = json.loads((self.directory / f"{key}.json").read_text())
         except (OSError, ValueError):
             return None  # an unreadable entry (another user's in a shared cache, a torn disk): measure again
         return data if isinstance(data, dict) else None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from pathlib import Path
 
@@ -57,4 +58,5 @@ def _kept_rate(path: Path) -> float | None:
         tflops = json.loads(path.read_text())["tflops"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return float(tflops) if isinstance(tflops, (int, float)) and not isinstance(tflops, bool) and tflops > 0 else None
+    usable = isinstance(tflops, (int, float)) and not isinstance(tflops, bool) and math.isfinite(tflops) and tflops > 0
+    return float(tflops) if usable else None

@@ -42,7 +42,7 @@ class BenchSettings(ModelAndData):
     engine: str = "auto"  # (d): auto (measured) | tree | fast
     head: str = "auto"  # (d): auto (measured) | screen | bf16 | int8 | int8-linear | plain
     draft_tokens: int | str = "auto"  # (d): auto (measured) or drafts of up to N tokens (0: none)
-    skip_paper: bool = False  # (a) costs about as much as (b) and ten times (c) and (d) together
+    skip_paper: bool = False  # (a) takes about as long as (b), and 5 to 8 times (c) and (d) together
     json: str | None = None  # the measurements as JSON (with the machine and the choices); None: printed only
 
 
@@ -104,7 +104,7 @@ class ReportSettings:
 class DemoSettings:
     out_dir: str = "runs/demo"  # the store and the report; a rerun resumes the store
     n_test: int = 16  # test sentences per unit: a curve with a usable interval in a few minutes on 2 cores
-    data_dir: str | None = None  # None: $ICL_LOCATE_DATA_DIR (FLORES-200)
+    data_dir: str | None = None  # None: $ICL_LOCATE_DATA_DIR, else the XDG data directory (FLORES-200)
 
 
 @dataclass(kw_only=True)

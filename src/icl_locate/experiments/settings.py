@@ -36,7 +36,7 @@ class ModelAndData:
 
     model: str = EMBEDDED  # the embedded Gemma-3-270M: runs offline, on a CPU
     task: str = "flores"  # a built-in task or a task file
-    data_dir: str | None = None  # None: $ICL_LOCATE_DATA_DIR
+    data_dir: str | None = None  # None: $ICL_LOCATE_DATA_DIR, else the XDG data directory
     dtype: str | None = None  # None: the device's default (float32 on a CPU, bfloat16 on a GPU)
     device: str | None = None  # None: a GPU where there is one
     bank: str | None = None  # bitext: your prompt bank and test files, and their languages

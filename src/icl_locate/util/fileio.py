@@ -57,12 +57,14 @@ def write_atomic(path: str | Path, text: str) -> None:
 
 def json_ready(value: Any) -> Any:
     """``value`` as standard JSON can hold it: NaN and infinities (a figure skipped or undefined, e.g. (a) under
-    ``bench --skip-paper``) as null, which every JSON reader takes (Python's NaN literal is not JSON), and any other
-    number (numpy, torch scalars) as a float."""
+    ``bench --skip-paper``) as null, which every JSON reader takes (Python's NaN literal is not JSON), numpy and
+    torch scalars as the Python numbers they hold, and any other number as a float."""
     if isinstance(value, dict):
         return {key: json_ready(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
         return [json_ready(item) for item in value]
+    if callable(getattr(value, "item", None)):
+        value = value.item()  # a numpy or torch scalar: the Python number it holds (an int stays an int)
     if value is None or isinstance(value, (str, bool, int)):
         return value
     number = float(value)
