@@ -44,6 +44,24 @@ def _no_kept_screens():
     forget_kept_screens()
 
 
+@pytest.fixture
+def refuse_reading(monkeypatch):
+    """``refuse_reading(method, path)``: ``Path.<method>`` raises PermissionError for ``path`` alone, as for a file
+    another user owns (the tests run as root, whom no permission bits refuse)."""
+
+    def refuse(method: str, refused: Path) -> None:
+        real = getattr(Path, method)
+
+        def guarded(path, *args, **kwargs):
+            if path == refused:
+                raise PermissionError(13, "Permission denied", str(path))
+            return real(path, *args, **kwargs)
+
+        monkeypatch.setattr(Path, method, guarded)
+
+    return refuse
+
+
 def tiny(family: str, attn: str | None = None):
     """A tiny random model of ``family`` (``tiny:<family>``), loaded once per session and attention
     implementation; tests import it (``from conftest import tiny``) to share the loaded models."""

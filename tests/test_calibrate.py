@@ -665,7 +665,7 @@ def test_the_cache_is_keyed_and_reused_and_a_changed_key_measures_again(tmp_path
 
 
 @pytest.mark.parametrize("kept", ["{torn", "[1, 2]", "unreadable"])
-def test_a_cache_entry_that_cannot_be_read_is_measured_again(kept, tmp_path, monkeypatch):
+def test_a_cache_entry_that_cannot_be_read_is_measured_again(kept, tmp_path, monkeypatch, refuse_reading):
     """A torn entry, one that is not a JSON object, or one the process may not read (another user's, in a shared
     cache): the calibration measures again instead of failing, and keeps what it measured."""
     cache = calibration_cache.CalibrationCache(tmp_path)
@@ -673,14 +673,7 @@ def test_a_cache_entry_that_cannot_be_read_is_measured_again(kept, tmp_path, mon
     assert cache.get("k") == dict(head="plain")
     entry = tmp_path / "k.json"
     if kept == "unreadable":
-        real = Path.read_text
-
-        def refused(path, *args, **kwargs):
-            if path == entry:
-                raise PermissionError(13, "Permission denied", str(path))
-            return real(path, *args, **kwargs)
-
-        monkeypatch.setattr(Path, "read_text", refused)
+        refuse_reading("read_text", entry)
     else:
         entry.write_text(kept)
     assert cache.get("k") is None

@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import os
 import time
-from pathlib import Path
 
 import gguf
 import numpy as np
@@ -87,7 +86,7 @@ def test_checkpoint_cache_detects_partial_and_corrupt_files(tmp_path):
     assert not checkpoint_ok(target)
 
 
-def test_a_gguf_file_that_cannot_be_read_is_one_clear_error(tmp_path, monkeypatch):
+def test_a_gguf_file_that_cannot_be_read_is_one_clear_error(tmp_path, monkeypatch, refuse_reading):
     """Not a GGUF file at all, or one whose architecture transformers cannot read: a UserError naming the file,
     and no model cache left behind."""
     monkeypatch.setenv("ICL_LOCATE_CACHE", str(tmp_path / "cache"))
@@ -106,14 +105,7 @@ def test_a_gguf_file_that_cannot_be_read_is_one_clear_error(tmp_path, monkeypatc
     with pytest.raises(UserError, match=f"cannot load {odd}: .*nosucharch"):
         load_model(str(odd))
     assert list((tmp_path / "cache" / "models").iterdir()) == []
-    real_open = Path.open
-
-    def refused(path, *args, **kwargs):
-        if path == odd:
-            raise PermissionError(13, "Permission denied", str(path))
-        return real_open(path, *args, **kwargs)
-
-    monkeypatch.setattr(Path, "open", refused)
+    refuse_reading("open", odd)
     with pytest.raises(UserError, match=f"cannot read {odd} \\(Permission denied\\)"):
         load_model(str(odd))
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 
 from ..core.checkpoints import cache_dir
-from ..util.fileio import write_json_atomic
 from ..util.system import fit_threads_to_cpu_quota, hardware
+from .calibration_cache import CalibrationCache
 from .timing import synchronizer
 
 MATMUL_VERSION = 1  # part of the cache key: a change of the procedure measures again
@@ -29,10 +29,10 @@ def matmul_tflops(
         fit_threads_to_cpu_quota()  # the threads a run's ``load_model`` leaves: what the rate is for
     key = dict(hardware(device), dtype=dtype, rows=rows, k=k, n=n, version=MATMUL_VERSION)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    path = (cache if cache is not None else cache_dir() / "calibration") / f"matmul-{digest}.json"
-    kept = _kept_rate(path)
-    if kept is not None:
-        return kept, "cached"
+    kept_rates, name = CalibrationCache(cache if cache is not None else cache_dir() / "calibration"), f"matmul-{digest}"
+    kept = (kept_rates.get(name) or {}).get("tflops")  # an entry that cannot be read, or not a rate: measured again
+    if isinstance(kept, (int, float)) and not isinstance(kept, bool) and math.isfinite(kept) and kept > 0:
+        return float(kept), "cached"
     a = torch.randn(rows, k, dtype=getattr(torch, dtype), device=device)  # [rows, k]
     b = torch.randn(k, n, dtype=getattr(torch, dtype), device=device)  # [k, n]
     sync = synchronizer(device)
@@ -44,19 +44,5 @@ def matmul_tflops(
         sync()
         repeats += 1
     tflops = 2 * rows * k * n * repeats / elapsed / 1e12
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(path, dict(key=key, tflops=tflops, seconds=elapsed))
-    except OSError:
-        pass  # a read-only cache only costs the next run the measurement
+    kept_rates.put(name, dict(key=key, tflops=tflops, seconds=elapsed))  # a read-only cache: measured next time
     return tflops, f"measured in {elapsed:.1f}s"
-
-
-def _kept_rate(path: Path) -> float | None:
-    """The rate kept at ``path``; None where there is none or it cannot be read as one (measured again)."""
-    try:
-        tflops = json.loads(path.read_text())["tflops"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    usable = isinstance(tflops, (int, float)) and not isinstance(tflops, bool) and math.isfinite(tflops) and tflops > 0
-    return float(tflops) if usable else None
